@@ -1,0 +1,345 @@
+"""
+The agent's configuration: one frozen tree, loaded once.
+
+Precedence, lowest first: built-in defaults < TOML file (``--config``) <
+environment (``PANEL_URL``, ``NODE_ID``, ``AGENT_SECRET``, ...) < command-line
+options.  Every validation problem raises ``ConfigInvalid`` with one clear
+sentence; ``tap.Options`` turns that into ``usage.UsageError`` so twistd prints
+one line and exits non-zero.
+
+This module is pure: it reads files and the given environment mapping, and
+imports no reactor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from ctrlagent.errors import ConfigInvalid
+
+
+@dataclass(frozen=True)
+class PanelConfig:
+    """The WebSocket link to the Panel (PROTOCOL.md section 3)."""
+
+    url: str = "ws://localhost:8080"
+    enabled: bool = True
+    heartbeat_interval: float = 30.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    # Delay floor after the Panel refused our credentials (401/403), so that a
+    # wrong secret never hammers the Panel.
+    refused_backoff: float = 30.0
+    open_handshake_timeout: float = 10.0
+    auto_ping_interval: float = 20.0
+    auto_ping_timeout: float = 10.0
+    outbox_size: int = 10_000
+    console_batch_lines: int = 50
+    console_batch_window: float = 0.05
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP API the Panel calls (PROTOCOL.md section 1)."""
+
+    port: int = 8081
+    # A full twisted endpoint description; overrides ``port`` when set
+    # (``tcp:8081:interface=127.0.0.1``, ``ssl:8443:...``, ``unix:/run/x.sock``).
+    endpoint: str = ""
+    bind: str = "0.0.0.0"
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Fits a 16 MiB file as base64 inside a JSON envelope.
+    max_body_bytes: int = 24 * 1024 * 1024
+    cors_origin: str = "*"
+
+    def endpoint_description(self) -> str:
+        """The twisted ``serverFromString`` description this config means."""
+        if self.endpoint:
+            return self.endpoint
+        iface = _escape_endpoint(self.bind)
+        if self.tls_cert:
+            key = self.tls_key or self.tls_cert
+            return "ssl:{}:interface={}:certKey={}:privateKey={}".format(
+                self.port, iface, _escape_endpoint(self.tls_cert), _escape_endpoint(key)
+            )
+        return "tcp:{}:interface={}".format(self.port, iface)
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    """How the agent reaches and uses the Docker engine."""
+
+    host: str = "unix:///var/run/docker.sock"
+    # Lowest engine API the agent speaks; the real version is negotiated once.
+    min_api_version: str = "1.41"
+    call_timeout: float = 30.0
+    stream_silence_timeout: float = 0.0  # 0 = streams may be silent forever
+    network_name: str = "ctrl-alt-play"
+    network_subnet: str = ""
+    pull_policy: str = "if-not-present"
+    # registry host -> {"username": .., "password": ..} (or {"auth": base64})
+    registry_auths: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    console_line_cap: int = 16 * 1024
+
+
+@dataclass(frozen=True)
+class ServersConfig:
+    """Defaults for the game servers the agent runs."""
+
+    console_buffer_lines: int = 1000
+    console_throttle_lines: int = 2000
+    console_throttle_interval: float = 1.0
+    stats_interval: float = 2.0
+    disk_check_interval: float = 60.0
+    crash_restart_window: float = 60.0
+    stop_timeout: float = 30.0
+    pids_limit: int = 512
+    tmpfs_size_mb: int = 100
+    container_uid: int = 1000
+    container_gid: int = 1000
+    default_bind_ip: str = "0.0.0.0"
+    install_timeout: float = 900.0
+
+
+@dataclass(frozen=True)
+class FilesConfig:
+    """Limits of the file manager."""
+
+    max_read_bytes: int = 16 * 1024 * 1024
+    max_list_entries: int = 100_000
+    archive_max_ratio: float = 100.0
+    archive_max_bytes: int = 10 * 1024 * 1024 * 1024
+    mod_download_max_bytes: int = 1024 * 1024 * 1024
+    mod_download_timeout: float = 120.0
+    mods_dir: str = "mods"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The whole configuration tree."""
+
+    node_id: str = "node-1"
+    secret: str = field(default="", repr=False)
+    development: bool = False
+    # Agent state (SQLite store, logs kept by the agent).
+    state_dir: str = "/var/lib/ctrlagent"
+    # Root of the per-server data directories (``<data_dir>/<server id>``).
+    data_dir: str = "/var/lib/ctrlagent/servers"
+    panel: PanelConfig = field(default_factory=PanelConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    docker: DockerConfig = field(default_factory=DockerConfig)
+    servers: ServersConfig = field(default_factory=ServersConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
+
+    def __repr__(self) -> str:
+        # Never let the secret reach a log line through repr().
+        return "AgentConfig(node_id={!r}, development={!r}, state_dir={!r})".format(
+            self.node_id, self.development, self.state_dir
+        )
+
+
+# Environment variables: name -> dotted config path.
+ENVIRONMENT: Mapping[str, str] = {
+    "PANEL_URL": "panel.url",
+    "NODE_ID": "node_id",
+    "AGENT_SECRET": "secret",
+    "AGENT_SECRET_FILE": "secret_file",
+    "HEALTH_PORT": "http.port",
+    "DOCKER_HOST": "docker.host",
+    "CTRLAGENT_STATE_DIR": "state_dir",
+    "CTRLAGENT_DATA_DIR": "data_dir",
+    "CTRLAGENT_PANEL_ENABLED": "panel.enabled",
+    "CTRLAGENT_DEVELOPMENT": "development",
+    "CTRLAGENT_HTTP_ENDPOINT": "http.endpoint",
+    "CTRLAGENT_TLS_CERT": "http.tls_cert",
+    "CTRLAGENT_TLS_KEY": "http.tls_key",
+}
+
+
+def _escape_endpoint(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Convert ``value`` to the type of ``default``, or raise ConfigInvalid."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigInvalid("{}: expected a boolean, got {!r}".format(name, value))
+    if isinstance(default, int):
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigInvalid("{}: expected an integer, got {!r}".format(name, value)) from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigInvalid("{}: expected a number, got {!r}".format(name, value)) from None
+    if isinstance(default, str):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigInvalid("{}: expected a string, got {!r}".format(name, value))
+        return str(value)
+    if isinstance(default, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigInvalid("{}: expected a table, got {!r}".format(name, value))
+        return {str(k): v for k, v in value.items()}
+    return value
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping, refusing unknown keys."""
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = prefix + key
+        if key not in known:
+            raise ConfigInvalid("unknown configuration key {!r}".format(name))
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, Mapping):
+                raise ConfigInvalid("{}: expected a table".format(name))
+            kwargs[key] = _build(type(default), value, name + ".")
+        else:
+            kwargs[key] = _coerce(name, value, default)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_secret_file(path: str) -> str:
+    """
+    Read the shared secret from ``path``.
+
+    The file must not be readable by other users: a world-readable secret is
+    refused rather than silently accepted.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigInvalid("secret file {}: {}".format(path, e.strerror)) from None
+    if st.st_mode & stat.S_IROTH:
+        raise ConfigInvalid(
+            "secret file {} is world-readable; run: chmod 600 {}".format(path, path)
+        )
+    with open(path, encoding="utf-8") as f:
+        secret = f.read().strip()
+    if not secret:
+        raise ConfigInvalid("secret file {} is empty".format(path))
+    return secret
+
+
+def load_config(
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """
+    Load the configuration tree.
+
+    ``overrides`` maps dotted paths (``"http.port"``, ``"secret_file"``) to
+    values from the command line; ``None`` values are ignored.
+    """
+    tree: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as f:
+                tree = tomllib.load(f)
+        except OSError as e:
+            raise ConfigInvalid("config file {}: {}".format(config_file, e.strerror)) from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigInvalid("config file {}: {}".format(config_file, e)) from None
+
+    layer: dict[str, Any] = {}
+    for env_name, dotted in ENVIRONMENT.items():
+        if environ is not None and env_name in environ:
+            _set_path(layer, dotted, environ[env_name])
+    tree = _merge(tree, layer)
+
+    layer = {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(layer, dotted, value)
+    tree = _merge(tree, layer)
+
+    secret_file = tree.pop("secret_file", None)
+    config: AgentConfig = _build(AgentConfig, tree)
+    if secret_file and not config.secret:
+        config = replace(config, secret=read_secret_file(str(secret_file)))
+    validate(config)
+    return config
+
+
+_PULL_POLICIES = ("always", "if-not-present", "never")
+
+
+def validate(config: AgentConfig) -> None:
+    """Refuse a configuration the agent cannot run with."""
+    if not config.secret and not config.development:
+        raise ConfigInvalid(
+            "no AGENT_SECRET: set it (or --secret-file), or pass --development for a local test agent"
+        )
+    if not config.node_id.strip():
+        raise ConfigInvalid("node_id must not be empty")
+    if not 0 < config.http.port < 65536:
+        raise ConfigInvalid("http.port {} is not a TCP port (1-65535)".format(config.http.port))
+    url = urlsplit(config.panel.url)
+    if url.scheme not in ("ws", "wss") or not url.hostname:
+        raise ConfigInvalid("panel.url {!r} must be a ws:// or wss:// URL".format(config.panel.url))
+    host = config.docker.host
+    if not host.startswith(("unix://", "tcp://", "http://", "https://")):
+        raise ConfigInvalid(
+            "docker.host {!r} must start with unix://, tcp://, http:// or https://".format(host)
+        )
+    if config.docker.pull_policy not in _PULL_POLICIES:
+        raise ConfigInvalid(
+            "docker.pull_policy must be one of {}".format(", ".join(_PULL_POLICIES))
+        )
+    if config.http.tls_key and not config.http.tls_cert:
+        raise ConfigInvalid("http.tls_key given without http.tls_cert")
+    for name, value in (
+        ("panel.heartbeat_interval", config.panel.heartbeat_interval),
+        ("panel.backoff_initial", config.panel.backoff_initial),
+        ("servers.stats_interval", config.servers.stats_interval),
+        ("servers.console_throttle_interval", config.servers.console_throttle_interval),
+    ):
+        if value <= 0:
+            raise ConfigInvalid("{} must be positive".format(name))
+    if config.http.max_body_bytes < 1024:
+        raise ConfigInvalid("http.max_body_bytes must be at least 1024")
+    for name, path in (("state_dir", config.state_dir), ("data_dir", config.data_dir)):
+        if not Path(path).is_absolute():
+            raise ConfigInvalid("{} {!r} must be an absolute path".format(name, path))

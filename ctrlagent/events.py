@@ -1,0 +1,53 @@
+"""
+Domain events the server manager publishes and the Panel link forwards.
+
+Plain frozen dataclasses: no reactor, no I/O.  The Panel link turns them into
+the protocol's ``event`` frames (PROTOCOL.md section 3); tests subscribe to them
+directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    """A server moved from ``previous`` to ``current`` (lowercase states)."""
+
+    server_id: str
+    previous: str
+    current: str
+    timestamp: float
+    error: str | None = None
+    container_id: str | None = None
+    exit_code: int | None = None
+    oom_killed: bool = False
+
+
+@dataclass(frozen=True)
+class ConsoleOutput:
+    """
+    One console line of a server.
+
+    ``stream`` is ``stdout``, ``stderr`` or ``agent`` (a notice the agent itself
+    writes into the console, such as a throttling summary).
+    """
+
+    server_id: str
+    stream: str
+    line: str
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class ResourceUpdate:
+    """The latest resource sample of a running server, in the Panel's units."""
+
+    server_id: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+ServerEvent = Union[StatusChanged, ConsoleOutput, ResourceUpdate]
+EventListener = Callable[[ServerEvent], None]

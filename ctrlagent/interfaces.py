@@ -1,0 +1,174 @@
+"""
+The seams between the action dispatcher and the domain.
+
+The dispatcher (``ctrlagent.dispatch``) is tested against fakes of these; the
+real providers are ``ctrlagent.servers.manager.ServerManager`` and
+``ctrlagent.files.manager.FileManager``.  Every method that does I/O returns a
+Deferred (implementations are ``async def`` wrapped at the edge, or return
+Deferreds).  Errors are ``ctrlagent.errors`` exceptions carrying protocol codes.
+
+Shapes of returned dicts are the Panel's (PROTOCOL.md section 2): camelCase keys,
+lowercase status strings plus ``panelStatus``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zope.interface import Interface
+
+
+@dataclass(frozen=True)
+class ServerRoot:
+    """Where a server's files live and how much it may hold."""
+
+    server_id: str
+    path: str  # absolute path of the server's data directory
+    disk_limit_bytes: int | None  # None = unlimited
+    uid: int
+    gid: int
+
+
+class IServerManager(Interface):
+    """Owns every game server on this node."""
+
+    def resolve(server_id: str) -> str:  # type: ignore[misc]
+        """
+        Return the canonical id of the server known by ``server_id`` (its
+        creation id, an alias, its container name or container id).  Raises
+        ``ServerNotFound``.
+        """
+
+    def create_server(server_id: str, params: dict) -> object:  # type: ignore[misc]
+        """
+        Define and create a server from a ``create_server`` payload.  Fires with
+        ``{"serverId", "containerId"?, "status"}`` within the Panel's 30 s; a slow
+        image pull or install continues in the background (``status: "installing"``).
+        Raises ``InvalidInput`` naming the bad field, ``Conflict`` if it exists.
+        """
+
+    def start(server_id: str) -> object:  # type: ignore[misc]
+        """Start the server. Fires with ``{"serverId", "status"}``."""
+
+    def stop(server_id: str, signal: str | None = None, timeout: float | None = None) -> object:  # type: ignore[misc]
+        """
+        Stop gracefully (stop method, then kill after ``timeout``); ``signal ==
+        "SIGKILL"`` kills at once.  Fires with ``{"serverId", "status"}`` once
+        the stop is under way (a long stop finishes in the background).
+        """
+
+    def restart(server_id: str) -> object:  # type: ignore[misc]
+        """Stop then start. Fires with ``{"serverId", "status"}``."""
+
+    def kill(server_id: str) -> object:  # type: ignore[misc]
+        """SIGKILL the server's process. Never removes the container or files."""
+
+    def delete(server_id: str, purge_files: bool = False) -> object:  # type: ignore[misc]
+        """Remove the container (and the data directory when ``purge_files``)."""
+
+    def suspend(server_id: str) -> object:  # type: ignore[misc]
+        """Stop the server and refuse starts until unsuspended."""
+
+    def unsuspend(server_id: str) -> object:  # type: ignore[misc]
+        """Allow starts again."""
+
+    def reinstall(server_id: str) -> object:  # type: ignore[misc]
+        """Run the install step again (server must be offline)."""
+
+    def update(server_id: str, params: dict) -> object:  # type: ignore[misc]
+        """Apply changed limits/environment/startup; limits are applied live."""
+
+    def status(server_id: str) -> dict:  # type: ignore[misc]
+        """``{"serverId", "status", "panelStatus", "containerId", "resources"?}`` (sync)."""
+
+    def list_servers() -> list:  # type: ignore[misc]
+        """Status dicts of every managed server (sync)."""
+
+    def server_metrics(server_id: str) -> dict:  # type: ignore[misc]
+        """
+        The Panel's metrics shape (sync, from the latest sample):
+        ``{"cpu": float, "memory": float MB, "disk": float MB,
+        "network": {"in": int, "out": int}, "players": int, "timestamp": ISO}``.
+        """
+
+    def send_command(server_id: str, command: str) -> object:  # type: ignore[misc]
+        """Write one line to the server's stdin."""
+
+    def console_command(server_id: str, command: str, wait: float = 1.0) -> object:  # type: ignore[misc]
+        """Send ``command`` and fire with what the console printed within ``wait`` s."""
+
+    def console_history(server_id: str, lines: int = 100) -> list:  # type: ignore[misc]
+        """The last ``lines`` console lines (sync)."""
+
+    def console_status(server_id: str) -> dict:  # type: ignore[misc]
+        """``{"connected": bool, "lastActivity": ISO|None, "bufferSize": int}`` (sync)."""
+
+    def console_clear(server_id: str) -> None:  # type: ignore[misc]
+        """Empty the server's console buffer."""
+
+    def server_root(server_id: str) -> ServerRoot:  # type: ignore[misc]
+        """Where the server's files live (for the file manager)."""
+
+    def add_listener(listener: object) -> None:  # type: ignore[misc]
+        """Subscribe ``listener(event)`` to every ``ctrlagent.events`` event."""
+
+    def remove_listener(listener: object) -> None:  # type: ignore[misc]
+        """Unsubscribe."""
+
+
+class IFileManager(Interface):
+    """
+    File operations confined to one server's directory.
+
+    Every method takes the ``ServerRoot`` first, paths relative to it (a
+    leading ``/`` means the root), and returns a Deferred firing with the
+    ``data`` dict of PROTOCOL.md section 2 for that action.
+    """
+
+    def list_files(root: ServerRoot, path: str, limit: int | None = None, offset: int = 0) -> object:  # type: ignore[misc]
+        """``{"serverId", "path", "files": [...]}``."""
+
+    def search_files(root: ServerRoot, path: str, query: str, file_type: str = "all") -> object:  # type: ignore[misc]
+        """``{"files": [...]}``."""
+
+    def read_file(root: ServerRoot, path: str) -> object:  # type: ignore[misc]
+        """``{"serverId", "path", "content", "size", "modified", "encoding": "utf8"}``."""
+
+    def write_file(root: ServerRoot, path: str, content: str) -> object:  # type: ignore[misc]
+        """Atomic write. ``{"size", "modified"}``."""
+
+    def create_directory(root: ServerRoot, path: str) -> object:  # type: ignore[misc]
+        """``{}``."""
+
+    def delete_file(root: ServerRoot, path: str) -> object:  # type: ignore[misc]
+        """File or directory. ``{"message"}``."""
+
+    def rename_file(root: ServerRoot, old_path: str, new_path: str) -> object:  # type: ignore[misc]
+        """``{}``."""
+
+    def download_file(root: ServerRoot, path: str) -> object:  # type: ignore[misc]
+        """``{"serverId", "path", "content" (base64), "encoding": "base64", "size", "modified"}``."""
+
+    def upload_file(root: ServerRoot, path: str, content: str, encoding: str = "base64") -> object:  # type: ignore[misc]
+        """Handles ``<path>.chunk<N>`` chunked uploads. ``{"size"}``."""
+
+    def get_file_info(root: ServerRoot, path: str) -> object:  # type: ignore[misc]
+        """``{"name", "path", "type", "size", "modified", "permissions", "mode", "owner", "group"}``."""
+
+    def set_file_permissions(root: ServerRoot, path: str, mode: str) -> object:  # type: ignore[misc]
+        """``{}``; never follows symlinks, never sets setuid/setgid."""
+
+    def create_archive(root: ServerRoot, files: list, archive_path: str, fmt: str) -> object:  # type: ignore[misc]
+        """``{"archivePath", "size"}``."""
+
+    def extract_archive(root: ServerRoot, archive_path: str, extract_path: str) -> object:  # type: ignore[misc]
+        """``{"extracted": int}``."""
+
+    def install_mod(root: ServerRoot, params: dict) -> object:  # type: ignore[misc]
+        """Fetch or copy a mod into the mods folder and record it. ``{"mod": {...}}``."""
+
+    def uninstall_mod(root: ServerRoot, mod_id: str) -> object:  # type: ignore[misc]
+        """``{}``."""
+
+    def list_mods(root: ServerRoot) -> object:  # type: ignore[misc]
+        """``{"mods": [{"id", "name", "version", "description", "enabled"}], "count"}``."""

@@ -1,0 +1,41 @@
+"""Packaging for ctrlagent, the Ctrl-Alt-Play node agent."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (HERE / "ctrlagent" / "__init__.py").read_text()
+).group(1)
+
+setup(
+    name="ctrlagent",
+    version=VERSION,
+    description="Ctrl-Alt-Play node agent: runs game servers in Docker for the Panel",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["ctrlagent", "ctrlagent.*"]) + ["twisted.plugins"],
+    package_data={"ctrlagent.testing": ["gameserver.sh"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=23.10",
+        "autobahn>=23.1",
+        "treq>=23.11",
+        "klein>=23.5",
+        "service-identity>=21.1",
+        "attrs>=23.1",
+        "hyperlink>=21.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+        ],
+    },
+    zip_safe=False,
+)
