@@ -1,0 +1,230 @@
+"""
+The composition root: ``twistd -n ctrlagent``.
+
+``Options`` parses the command line and loads the configuration (defaults <
+TOML file < environment < options); ``makeService`` builds every component with
+explicit dependencies and returns one named ``MultiService``:
+
+    ctrlagent (MultiService)
+    +-- servers   ServerManager: containers, console, stats, crash recovery, store
+    +-- panel     PanelLink: Autobahn WebSocket client to the Panel (ClientService)
+    +-- http      Klein API on serverFromString(http endpoint)
+
+Children start in that order and stop in reverse: the API stops accepting
+first, then the Panel link closes, then the server manager detaches from the
+containers (game servers keep running).  This module starts nothing itself and
+is the only one that imports the global reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
+from twisted.python import usage
+
+from ctrlagent import __version__
+from ctrlagent.config import AgentConfig, load_config
+from ctrlagent.errors import ConfigInvalid
+
+
+class Options(usage.Options):
+    """Command-line options; each overrides the config file and environment."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Runs the Ctrl-Alt-Play node agent: an HTTP API for the Panel (default port 8081), "
+        "a WebSocket link to the Panel (PANEL_URL) and the game servers in Docker (DOCKER_HOST). "
+        "Settings come from defaults, then --config (TOML), then the environment "
+        "(PANEL_URL, NODE_ID, AGENT_SECRET, AGENT_SECRET_FILE, HEALTH_PORT, DOCKER_HOST, "
+        "CTRLAGENT_STATE_DIR, CTRLAGENT_DATA_DIR, ...), then these options. "
+        "The secret is never taken from the command line (it would show in ps): use "
+        "AGENT_SECRET or --secret-file (a file not readable by others)."
+    )
+
+    optParameters = [
+        ["config", "c", None, "TOML configuration file."],
+        ["node-id", None, None, "This node's id, the Panel's node uuid (NODE_ID; default node-1)."],
+        ["panel-url", None, None, "WebSocket URL of the Panel (PANEL_URL; default ws://localhost:8080)."],
+        ["secret-file", None, None, "File holding the shared secret (AGENT_SECRET_FILE); mode 600."],
+        ["port", "p", None, "HTTP API port (HEALTH_PORT; default 8081).", int],
+        ["bind", None, None, "HTTP API interface address (default 0.0.0.0)."],
+        ["endpoint", None, None, "HTTP API as a twisted endpoint description, e.g. ssl:8443:... "
+         "(overrides --port/--bind)."],
+        ["tls-cert", None, None, "PEM certificate (with chain) to serve the API over TLS."],
+        ["tls-key", None, None, "PEM private key for --tls-cert (default: the cert file)."],
+        ["docker-host", None, None, "Docker Engine API (DOCKER_HOST; default unix:///var/run/docker.sock)."],
+        ["state-dir", None, None, "Agent state directory (CTRLAGENT_STATE_DIR; default /var/lib/ctrlagent)."],
+        ["data-dir", None, None, "Root of the servers' data directories "
+         "(CTRLAGENT_DATA_DIR; default /var/lib/ctrlagent/servers)."],
+    ]
+
+    optFlags = [
+        ["development", None, "Development mode: allow running without a secret."],
+        ["no-panel", None, "Do not dial the Panel's WebSocket (HTTP API only)."],
+    ]
+
+    _OVERRIDES = {
+        "node-id": "node_id",
+        "panel-url": "panel.url",
+        "secret-file": "secret_file",
+        "port": "http.port",
+        "bind": "http.bind",
+        "endpoint": "http.endpoint",
+        "tls-cert": "http.tls_cert",
+        "tls-key": "http.tls_key",
+        "docker-host": "docker.host",
+        "state-dir": "state_dir",
+        "data-dir": "data_dir",
+    }
+
+    config: AgentConfig
+
+    def opt_version(self) -> None:
+        """Print the agent's version and exit."""
+        print("ctrlagent", __version__)  # noqa: T201 - a CLI answer, not a log line
+        raise SystemExit(0)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse, and on a bad value print one clear line and exit 1.
+
+        twistd would print the whole usage text before the error; an operator
+        reading journald wants the one line that says what is wrong.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            sys.stderr.write("ctrlagent: error: {} (see: twistd -n ctrlagent --help)\n".format(e))
+            raise SystemExit(1) from None
+
+    def postOptions(self) -> None:
+        overrides: dict[str, Any] = {
+            dotted: self[name] for name, dotted in self._OVERRIDES.items() if self[name] is not None
+        }
+        if self["development"]:
+            overrides["development"] = True
+        if self["no-panel"]:
+            overrides["panel.enabled"] = False
+        try:
+            self.config = load_config(self["config"], os.environ, overrides)
+        except ConfigInvalid as e:
+            raise usage.UsageError(str(e)) from None
+
+
+log = Logger(namespace="ctrlagent.tap")
+
+
+class _StartupBanner(Service):
+    """Logs what the agent is about to serve, once, with no secret in it."""
+
+    name = "banner"
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._config = config
+
+    def startService(self) -> None:
+        super().startService()
+        c = self._config
+        log.info(
+            "ctrlagent {version} node {node_id}: http {endpoint}, docker {docker}, panel {panel}, "
+            "state {state_dir}, data {data_dir}{dev}",
+            version=__version__,
+            node_id=c.node_id,
+            endpoint=c.http.endpoint_description(),
+            docker=c.docker.host,
+            panel=c.panel.url if c.panel.enabled else "disabled",
+            state_dir=c.state_dir,
+            data_dir=c.data_dir,
+            dev=" (development mode)" if c.development else "",
+        )
+
+
+def build_service(reactor: IReactorCore, config: AgentConfig) -> MultiService:
+    """Build the agent's service tree on ``reactor`` (tests call this directly)."""
+    # Imported here so that `twistd ctrlagent --help` stays fast and cheap.
+    from ctrlagent.api.app import AgentApi, make_http_service
+    from ctrlagent.dispatch import Dispatcher
+    from ctrlagent.docker import DockerClient
+    from ctrlagent.files.manager import FileManager
+    from ctrlagent.panel.link import PanelLink
+    from ctrlagent.servers.manager import make_server_manager
+    from ctrlagent.system import SystemInfo
+
+    top = MultiService()
+    top.setName("ctrlagent")
+    _StartupBanner(config).setServiceParent(top)
+
+    docker = DockerClient.from_config(reactor, config.docker)
+    servers = make_server_manager(reactor, config, docker)
+    servers.setName("servers")
+    servers.setServiceParent(top)
+
+    files = FileManager(reactor=reactor, config=config.files)
+    system = SystemInfo(reactor, config, docker_version=lambda: _docker_version(docker))
+    dispatcher = Dispatcher(servers=servers, files=files, system=system, clock=reactor)
+
+    link: PanelLink | None = None
+    if config.panel.enabled:
+        link = PanelLink(
+            reactor,
+            config,
+            dispatcher,
+            servers,
+            system_info=lambda: system.system_info(config.node_id),
+            load=system.snapshot,
+        )
+        link.setName("panel")
+        link.setServiceParent(top)
+
+    api = AgentApi(
+        config=config,
+        dispatcher=dispatcher,
+        servers=servers,
+        link_connected=(lambda: True) if link is None else link.is_connected,
+        docker_ping=lambda: _docker_ping(docker),
+        clock=reactor,
+        version=__version__,
+    )
+    http: IService = make_http_service(reactor, config, api)
+    http.setName("http")
+    http.setServiceParent(top)
+    return top
+
+
+async def _docker_ping_coro(docker: Any) -> bool:
+    try:
+        return bool(await docker.ping())
+    except Exception:
+        return False
+
+
+def _docker_ping(docker: Any) -> Any:
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromCoroutine(_docker_ping_coro(docker))
+
+
+async def _docker_version_coro(docker: Any) -> str | None:
+    try:
+        version = await docker.version()
+    except Exception:
+        return None
+    return str(version.get("Version")) if version else None
+
+
+def _docker_version(docker: Any) -> Any:
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromCoroutine(_docker_version_coro(docker))
+
+
+def makeService(options: Options) -> MultiService:
+    """twistd's entry point: build the agent on the global reactor."""
+    from twisted.internet import reactor
+
+    return build_service(reactor, options.config)  # type: ignore[arg-type]

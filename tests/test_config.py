@@ -1,0 +1,134 @@
+"""Configuration: precedence, validation, secret files, and the twistd options."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.logger import LogLevel, jsonFileLogObserver
+
+from ctrlagent.config import AgentConfig, load_config, read_secret_file
+from ctrlagent.errors import ConfigInvalid
+from ctrlagent.tap import Options
+
+
+def test_defaults_match_the_protocol() -> None:
+    config = load_config(None, {}, {"development": True})
+    assert config.panel.url == "ws://localhost:8080"
+    assert config.node_id == "node-1"
+    assert config.http.port == 8081
+    assert config.docker.host == "unix:///var/run/docker.sock"
+    assert config.panel.heartbeat_interval == 30.0
+    assert config.http.endpoint_description() == "tcp:8081:interface=0.0.0.0"
+
+
+def test_environment_overrides_file_and_options_override_environment(tmp_path: Path) -> None:
+    toml = tmp_path / "agent.toml"
+    toml.write_text(
+        'node_id = "from-file"\nsecret = "s"\n[http]\nport = 9000\n[panel]\nurl = "ws://file:1/"\n'
+    )
+    env = {"NODE_ID": "from-env", "HEALTH_PORT": "9100"}
+    config = load_config(str(toml), env, {"http.port": 9200})
+    assert config.node_id == "from-env"
+    assert config.http.port == 9200
+    assert config.panel.url == "ws://file:1/"
+    assert config.secret == "s"
+
+
+def test_missing_secret_refuses_to_start_unless_development() -> None:
+    with pytest.raises(ConfigInvalid, match="AGENT_SECRET"):
+        load_config(None, {}, {})
+    assert load_config(None, {"CTRLAGENT_DEVELOPMENT": "1"}, {}).development is True
+
+
+def test_world_readable_secret_file_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("hunter2\n")
+    secret.chmod(0o644)
+    with pytest.raises(ConfigInvalid, match="world-readable"):
+        load_config(None, {"AGENT_SECRET_FILE": str(secret)}, {})
+    secret.chmod(0o600)
+    assert read_secret_file(str(secret)) == "hunter2"
+    assert load_config(None, {"AGENT_SECRET_FILE": str(secret)}, {}).secret == "hunter2"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"HEALTH_PORT": "abc"}, "http.port: expected an integer"),
+        ({"HEALTH_PORT": "0"}, "not a TCP port"),
+        ({"PANEL_URL": "http://panel"}, "ws:// or wss://"),
+        ({"DOCKER_HOST": "/var/run/docker.sock"}, "must start with unix://"),
+        ({"CTRLAGENT_STATE_DIR": "relative/dir"}, "absolute path"),
+        ({"CTRLAGENT_PANEL_ENABLED": "maybe"}, "expected a boolean"),
+    ],
+)
+def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigInvalid, match=message):
+        load_config(None, {"AGENT_SECRET": "s", **env}, {})
+
+
+def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
+    toml = tmp_path / "agent.toml"
+    toml.write_text('secret = "s"\n[http]\nprot = 1\n')
+    with pytest.raises(ConfigInvalid, match="http.prot"):
+        load_config(str(toml), {}, {})
+
+
+def test_secret_never_appears_in_repr() -> None:
+    config = load_config(None, {"AGENT_SECRET": "topsecret-value"}, {})
+    assert "topsecret-value" not in repr(config)
+    assert "topsecret-value" not in str(config)
+
+
+@given(st.text(min_size=1, max_size=40).filter(lambda s: s.strip() != ""))
+def test_any_node_id_round_trips(node_id: str) -> None:
+    config = load_config(None, {"AGENT_SECRET": "s", "NODE_ID": node_id}, {})
+    assert config.node_id == node_id
+
+
+def test_tls_endpoint_description_escapes_paths() -> None:
+    config = load_config(
+        None, {"AGENT_SECRET": "s"}, {"http.tls_cert": "/etc/a:b/cert.pem", "http.port": 8443}
+    )
+    desc = config.http.endpoint_description()
+    assert desc.startswith("ssl:8443:")
+    assert "certKey=/etc/a\\:b/cert.pem" in desc
+
+
+def test_options_build_config_from_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "environ", {"AGENT_SECRET": "s"})
+    options = Options()
+    options.parseOptions(["--port", "9999", "--node-id", "n-7", "--no-panel"])
+    assert isinstance(options.config, AgentConfig)
+    assert options.config.http.port == 9999
+    assert options.config.node_id == "n-7"
+    assert options.config.panel.enabled is False
+
+
+def test_bad_option_value_exits_non_zero_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(os, "environ", {"AGENT_SECRET": "s"})
+    with pytest.raises(SystemExit) as exit_info:
+        Options().parseOptions(["--port", "70000"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "http.port 70000" in err
+
+
+def test_json_observer_redacts_secret_fields() -> None:
+    from ctrlagent.logs import _Redacting
+
+    out = io.StringIO()
+    observer = _Redacting(jsonFileLogObserver(out, recordSeparator=""))
+    observer({"log_format": "x", "log_level": LogLevel.info, "secret": "abc", "Authorization": "Bearer abc"})
+    line = json.loads(out.getvalue())
+    assert "abc" not in out.getvalue()
+    assert line["secret"] == "<redacted>"
