@@ -115,3 +115,32 @@ def fail_on_logged_errors() -> Iterator[list[dict]]:
                 text += "\n" + failure.getTraceback()
             texts.append(text)
         pytest.fail("logged errors:\n" + "\n---\n".join(texts))
+
+
+_ENGINE_MARKERS = ("docker", "e2e")
+_engine_counts = {"passed": 0, "failed": 0, "skipped": 0}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count the engine-backed tests (marked docker or e2e) by outcome."""
+    if not any(m in report.keywords for m in _ENGINE_MARKERS):
+        return
+    if report.skipped:
+        _engine_counts["skipped"] += 1
+    elif report.when == "call":
+        _engine_counts["passed" if report.passed else "failed"] += 1
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    c = _engine_counts
+    terminalreporter.write_line(  # type: ignore[attr-defined]
+        "engine-backed tests: {passed} passed, {failed} failed, {skipped} skipped".format(**c)
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI a skipped (or absent) engine test suite fails the run."""
+    if not _ci() or session.config.option.collectonly:
+        return
+    if _engine_counts["skipped"] or not (_engine_counts["passed"] + _engine_counts["failed"]):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
