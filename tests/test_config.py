@@ -132,3 +132,9 @@ def test_json_observer_redacts_secret_fields() -> None:
     line = json.loads(out.getvalue())
     assert "abc" not in out.getvalue()
     assert line["secret"] == "<redacted>"
+
+
+def test_packaged_example_config_loads() -> None:
+    example = Path(__file__).parent.parent / "packaging" / "agent.toml.example"
+    config = load_config(str(example), {"AGENT_SECRET": "s"}, {})
+    assert config.http.port == 8081
