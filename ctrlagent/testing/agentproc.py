@@ -1,0 +1,183 @@
+"""
+The agent as a real ``twistd -n ctrlagent`` subprocess, for end-to-end tests
+and benchmarks.
+
+``AgentProcess`` writes a TOML config into a temp directory, starts twistd with
+the Docker engine and Panel URL it is given, waits until ``/health`` answers,
+and can be stopped gracefully (SIGTERM), killed (SIGKILL) and started again on
+the same state, which is how restart-survival is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _twistd() -> str:
+    candidate = Path(sys.executable).parent / "twistd"
+    return str(candidate) if candidate.exists() else "twistd"
+
+
+class AgentProcess:
+    """One agent subprocess and its private state/data directories."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        docker_host: str,
+        panel_url: str | None = None,
+        node_id: str = "e2e-node",
+        extra_config: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.docker_host = docker_host
+        self.panel_url = panel_url
+        self.node_id = node_id
+        self.secret = secrets.token_urlsafe(24)
+        self.port = free_port()
+        self.state_dir = workdir / "state"
+        self.data_dir = workdir / "servers"
+        self.log_path = workdir / "agent.log"
+        self.config_path = workdir / "agent.toml"
+        self.extra_config = extra_config
+        self.extra_env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return "http://127.0.0.1:{}".format(self.port)
+
+    def headers(self) -> dict[str, str]:
+        """Exactly the headers the Panel sends (PROTOCOL.md section 1)."""
+        return {
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/plain, */*",
+            "Authorization": "Bearer " + self.secret,
+        }
+
+    def _write_config(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        secret_file = self.workdir / "secret"
+        secret_file.write_text(self.secret + "\n")
+        secret_file.chmod(0o600)
+        panel = (
+            '[panel]\nurl = "{}"\n'.format(self.panel_url)
+            if self.panel_url
+            else "[panel]\nenabled = false\n"
+        )
+        self.config_path.write_text(
+            'node_id = "{node}"\nsecret_file = "{secret}"\nstate_dir = "{state}"\n'
+            'data_dir = "{data}"\n[http]\nport = {port}\nbind = "127.0.0.1"\n'
+            '[docker]\nhost = "{docker}"\n{panel}{extra}\n'.format(
+                node=self.node_id,
+                secret=secret_file,
+                state=self.state_dir,
+                data=self.data_dir,
+                port=self.port,
+                docker=self.docker_host,
+                panel=panel,
+                extra=self.extra_config,
+            )
+        )
+
+    def start(self, timeout: float = 30.0) -> "AgentProcess":
+        """Start twistd and wait until ``/health`` answers."""
+        self._write_config()
+        env = dict(os.environ)
+        env.pop("AGENT_SECRET", None)
+        env.pop("DOCKER_HOST", None)
+        env["PYTHONPATH"] = str(ROOT)
+        env.update(self.extra_env)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [_twistd(), "--nodaemon", "--pidfile=", "ctrlagent", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(self.workdir),
+            env=env,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    "agent exited with {}:\n{}".format(self.process.returncode, self.log_text())
+                )
+            try:
+                self.health()
+                return self
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.05)
+        raise RuntimeError("agent did not answer /health in {}s:\n{}".format(timeout, self.log_text()))
+
+    def health(self) -> dict[str, Any]:
+        """GET /health (raises on a transport error; 503 still returns the body)."""
+        try:
+            with urllib.request.urlopen(self.base_url + "/health", timeout=5) as response:
+                return dict(json.loads(response.read()))
+        except urllib.error.HTTPError as e:
+            if e.code == 503:
+                return dict(json.loads(e.read()))
+            raise
+
+    def command_sync(self, body: dict[str, Any], timeout: float = 35.0) -> dict[str, Any]:
+        """POST /api/command synchronously (for fixtures and benchmarks)."""
+        request = urllib.request.Request(
+            self.base_url + "/api/command",
+            data=json.dumps(body).encode(),
+            headers=self.headers(),
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return dict(json.loads(response.read()))
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-20000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Graceful stop (SIGTERM by pid), escalating to SIGKILL."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.process = None
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the agent, as a crash would: no shutdown code runs."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self.process = None

@@ -1,0 +1,62 @@
+"""
+End-to-end fixtures: the agent as a ``twistd -n ctrlagent`` subprocess.
+
+``agent_process`` gives a started agent (HTTP only, no Panel WebSocket) on a
+free loopback port, driving the session's real Docker engine; it is stopped by
+its pid afterwards and the game-server containers it created are removed.
+``make_agent`` builds more (with a Panel URL, or to restart on the same state).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ctrlagent.testing.agentproc import AgentProcess
+
+
+def _remove_agent_containers(host: str, data_dir: Path) -> None:
+    """Remove containers whose data directory is under this agent's data dir."""
+    env = dict(os.environ, DOCKER_HOST=host)
+    out = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", "label=ctrl-alt-play.managed=true"],
+        capture_output=True, text=True, env=env, check=False,
+    ).stdout.split()
+    for cid in out:
+        mounts = subprocess.run(
+            ["docker", "inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", cid],
+            capture_output=True, text=True, env=env, check=False,
+        ).stdout
+        if str(data_dir) in mounts:
+            subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, env=env, check=False)
+
+
+@pytest.fixture
+def make_agent(
+    tmp_path: Path, docker_engine: object
+) -> Iterator[Callable[..., AgentProcess]]:
+    agents: list[AgentProcess] = []
+
+    def make(**kwargs: object) -> AgentProcess:
+        workdir = kwargs.pop("workdir", None) or tmp_path / "agent{}".format(len(agents))
+        agent = AgentProcess(Path(str(workdir)), docker_engine.host, **kwargs)  # type: ignore[attr-defined,arg-type]
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.stop()
+    for agent in agents:
+        _remove_agent_containers(docker_engine.host, agent.data_dir)  # type: ignore[attr-defined]
+        if agent.process is None and agent.log_path.exists():
+            # Keep the agent's log in the test report when something failed.
+            print("--- agent log {} ---\n{}".format(agent.workdir, agent.log_text()[-4000:]))  # noqa: T201
+
+
+@pytest.fixture
+def agent_process(make_agent: Callable[..., AgentProcess], scripted_image: str) -> AgentProcess:
+    return make_agent().start()
