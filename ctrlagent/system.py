@@ -1,0 +1,323 @@
+"""
+What the node itself looks like: host load and identity.
+
+``SystemInfo.snapshot()`` feeds ``get_system_metrics``, ``system.status`` and the
+``systemLoad`` of WebSocket pongs; ``SystemInfo.system_info()`` is the
+``system_info`` frame (PROTOCOL.md section 3, the union of the Panel's and the
+Go agent's shapes).  Values are real and cheap: ``/proc`` files, ``statvfs`` of
+the data directory and the network interfaces, read in a thread because even
+``/proc`` reads and ``statvfs`` on a hung mount may block.
+
+Host CPU percent is the busy share of the jiffies elapsed since the previous
+snapshot (since boot for the first one), as ``top`` computes it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import socket
+import struct
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from ctrlagent import __version__
+from ctrlagent.config import AgentConfig
+
+# What this agent can do, announced in system_info for Panels that look.
+CAPABILITIES = [
+    "docker",
+    "http-api",
+    "websocket",
+    "console",
+    "files",
+    "archives",
+    "mods",
+    "metrics",
+    "server-aliases",
+]
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def read_cpu_times(path: str = "/proc/stat") -> tuple[int, int]:
+    """``(busy, total)`` jiffies of all CPUs from ``/proc/stat``."""
+    with open(path, encoding="ascii") as f:
+        fields = f.readline().split()
+    if not fields or fields[0] != "cpu":
+        raise ValueError("unexpected first line of {}".format(path))
+    values = [int(v) for v in fields[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice]; guest
+    # time is already counted in user/nice, so only the first eight add up.
+    values = values[:8]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values)
+    return total - idle, total
+
+
+def cpu_percent(previous: tuple[int, int], current: tuple[int, int]) -> float:
+    """Busy share between two ``read_cpu_times`` samples, 0-100."""
+    busy = current[0] - previous[0]
+    total = current[1] - previous[1]
+    if total <= 0:
+        return 0.0
+    return round(max(0.0, min(100.0, 100.0 * busy / total)), 2)
+
+
+def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
+    """``/proc/meminfo`` in bytes, keyed by its names (``MemTotal``, ...)."""
+    out: dict[str, int] = {}
+    with open(path, encoding="ascii") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if not parts:
+                continue
+            try:
+                value = int(parts[0])
+            except ValueError:
+                continue
+            if len(parts) > 1 and parts[1] == "kB":
+                value *= 1024
+            out[name.strip()] = value
+    return out
+
+
+def disk_usage(path: str) -> tuple[int, int, int]:
+    """``(total, used, free)`` bytes of the filesystem holding ``path`` (or its nearest parent)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and probe != os.path.dirname(probe):
+        probe = os.path.dirname(probe)
+    st = os.statvfs(probe)
+    total = st.f_blocks * st.f_frsize
+    free = st.f_bavail * st.f_frsize
+    used = total - st.f_bfree * st.f_frsize
+    return total, used, free
+
+
+def read_uptime(path: str = "/proc/uptime") -> float:
+    """Seconds since the host booted."""
+    with open(path, encoding="ascii") as f:
+        return float(f.read().split()[0])
+
+
+def cpu_model(path: str = "/proc/cpuinfo") -> str:
+    """The CPU model name, or the machine type when ``/proc/cpuinfo`` has none."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+_SIOCGIFADDR = 0x8915
+_SIOCGIFNETMASK = 0x891B
+
+
+def _ipv4(sock: socket.socket, name: str, request: int) -> str | None:
+    packed = struct.pack("256s", name.encode()[:15])
+    try:
+        result = fcntl.ioctl(sock.fileno(), request, packed)
+    except OSError:
+        return None
+    return socket.inet_ntoa(result[20:24])
+
+
+def network_interfaces(if_inet6: str = "/proc/net/if_inet6") -> dict[str, list[dict[str, Any]]]:
+    """
+    Interface name -> addresses, in Node's ``os.networkInterfaces()`` shape
+    (``address, netmask, family, internal``), which the Panel displays.
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return out
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name in names:
+            entries = out.setdefault(name, [])
+            address = _ipv4(sock, name, _SIOCGIFADDR)
+            if address is not None:
+                entries.append(
+                    {
+                        "address": address,
+                        "netmask": _ipv4(sock, name, _SIOCGIFNETMASK),
+                        "family": "IPv4",
+                        "internal": address.startswith("127."),
+                    }
+                )
+    try:
+        with open(if_inet6, encoding="ascii") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 6:
+                    continue
+                raw, prefix, name = parts[0], int(parts[2], 16), parts[5]
+                address = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(raw))
+                out.setdefault(name, []).append(
+                    {
+                        "address": address,
+                        "prefixLength": prefix,
+                        "family": "IPv6",
+                        "internal": address == "::1",
+                    }
+                )
+    except OSError:
+        pass
+    return out
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return [0.0, 0.0, 0.0]
+
+
+class SystemInfo:
+    """
+    Host status for the dispatcher and the Panel link.
+
+    ``reactor`` runs blocking reads in its thread pool; ``docker_version``
+    answers the engine's version (or None when unreachable) for ``system_info``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: AgentConfig,
+        docker_version: Callable[[], Deferred[str | None]] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._docker_version = docker_version
+        self._previous_cpu: tuple[int, int] | None = None
+
+    async def _in_thread(self, f: Callable[[], Any]) -> Any:
+        if IReactorThreads.providedBy(self._reactor):
+            return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f)
+        # A test clock has no threads: the reads are local and quick anyway.
+        return f()
+
+    def _now(self) -> float:
+        if IReactorTime.providedBy(self._reactor):
+            return float(self._reactor.seconds())
+        return time.time()
+
+    def _read_host(self) -> dict[str, Any]:
+        """Blocking: every host figure at once."""
+        cpu_times = read_cpu_times()
+        mem = read_meminfo()
+        total_disk, used_disk, free_disk = disk_usage(self._config.data_dir)
+        mem_total = mem.get("MemTotal", 0)
+        mem_free = mem.get("MemAvailable", mem.get("MemFree", 0))
+        return {
+            "cpu_times": cpu_times,
+            "mem_total": mem_total,
+            "mem_free": mem_free,
+            "disk_total": total_disk,
+            "disk_used": used_disk,
+            "disk_free": free_disk,
+            "uptime": read_uptime(),
+            "load": _load(),
+        }
+
+    async def snapshot(self) -> dict[str, Any]:
+        """
+        ``{cpu, memory: {total, used, free, percent}, disk: {...}, uptime,
+        load, cpuCount, timestamp}`` with bytes and percents.
+        """
+        host = await self._in_thread(self._read_host)
+        current = host["cpu_times"]
+        previous = self._previous_cpu or (0, 0)
+        self._previous_cpu = current
+        mem_used = max(0, host["mem_total"] - host["mem_free"])
+
+        def percent(used: int, total: int) -> float:
+            return round(100.0 * used / total, 2) if total else 0.0
+
+        return {
+            "cpu": cpu_percent(previous, current),
+            "cpuCount": os.cpu_count() or 1,
+            "memory": {
+                "total": host["mem_total"],
+                "used": mem_used,
+                "free": host["mem_free"],
+                "percent": percent(mem_used, host["mem_total"]),
+            },
+            "disk": {
+                "total": host["disk_total"],
+                "used": host["disk_used"],
+                "free": host["disk_free"],
+                "percent": percent(host["disk_used"], host["disk_total"]),
+            },
+            "uptime": int(host["uptime"]),
+            "load": host["load"],
+            "timestamp": _now_iso(),
+        }
+
+    async def system_load(self) -> dict[str, float]:
+        """``{cpu, memory, disk}`` percents for the pong's ``systemLoad``."""
+        snap = await self.snapshot()
+        return {
+            "cpu": snap["cpu"],
+            "memory": snap["memory"]["percent"],
+            "disk": snap["disk"]["percent"],
+        }
+
+    async def _docker(self) -> str | None:
+        if self._docker_version is None:
+            return None
+        try:
+            return await self._docker_version()
+        except Exception as e:
+            # Docker being down is a fact to report, not an error of ours.
+            self.log.warn("docker version unavailable: {error}", error=str(e))  # noqa: G010
+            return None
+
+    async def system_info(self, node_id: str | None = None) -> dict[str, Any]:
+        """The ``system_info`` data: both known shapes at once, real values."""
+        host = await self._in_thread(self._read_host)
+        networks = await self._in_thread(network_interfaces)
+        docker_version = await self._docker()
+        system = platform.system().lower()
+        return {
+            "nodeId": node_id or self._config.node_id,
+            "agentVersion": __version__,
+            "version": __version__,
+            "hostname": socket.gethostname(),
+            "os": system,
+            "platform": system,
+            "release": platform.release(),
+            "arch": platform.machine(),
+            "cpu": cpu_model(),
+            "cpuCount": os.cpu_count() or 1,
+            "cpus": os.cpu_count() or 1,
+            "memory": host["mem_total"],
+            "totalMemory": host["mem_total"],
+            "freeMemory": host["mem_free"],
+            "totalDisk": host["disk_total"],
+            "freeDisk": host["disk_free"],
+            "uptime": int(host["uptime"]),
+            "loadAverage": host["load"],
+            "dockerVersion": docker_version,
+            "docker": docker_version is not None,
+            "capabilities": list(CAPABILITIES),
+            "networks": networks,
+            "timestamp": _now_iso(),
+        }
