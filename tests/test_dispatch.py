@@ -1,0 +1,584 @@
+"""
+The dispatcher, action by action, against the in-memory fakes.
+
+Time is a ``Clock``; the fakes answer synchronously unless a test holds a gate,
+so most tests read the outcome straight off the Deferred.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from ctrlagent.commands import ActionResult, Command, IDispatcher, parse_command
+from ctrlagent.dispatch import Dispatcher, panel_metrics
+from ctrlagent.errors import CtrlAgentError
+from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
+from ctrlagent.tracker import DeferredTracker
+
+UUID = "3f2b8c1e9d4a4b7f8e6c5d4b3a291807"
+PANEL_ID = "clx9k2m4p0000abcd1234efgh"
+
+
+class FakeHost:
+    """A host view with fixed figures."""
+
+    async def snapshot(self) -> dict[str, Any]:
+        return {
+            "cpu": 12.5,
+            "memory": {"total": 8 << 30, "used": 2 << 30},
+            "disk": {"total": 100 << 30, "used": 10 << 30},
+            "uptime": 3600,
+        }
+
+    async def system_info(self, node_id: str | None = None) -> dict[str, Any]:
+        return {"nodeId": node_id or "node-1", "os": "linux", "capabilities": ["docker"]}
+
+
+class Rig:
+    """A dispatcher over fakes, with helpers that run one action synchronously."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.servers = FakeServerManager(self.clock)
+        self.files = FakeFileManager(self.clock)
+        self.tracker = DeferredTracker()
+        self.dispatcher = Dispatcher(
+            servers=self.servers,
+            files=self.files,
+            system=FakeHost(),
+            clock=self.clock,
+            tracker=self.tracker,
+        )
+
+    def start(self, action: str, server_id: str | None = None, /, **params: Any) -> Deferred[Any]:
+        return self.dispatcher.dispatch(Command(action, server_id, params))
+
+    def ok(self, action: str, server_id: str | None = None, /, **params: Any) -> dict[str, Any]:
+        d = self.start(action, server_id, **params)
+        results: list[Any] = []
+        d.addBoth(results.append)
+        assert results, "{} did not answer".format(action)
+        result = results[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        assert isinstance(result, ActionResult)
+        json.dumps(result.data)  # every answer must be JSON
+        return result.data
+
+    def error(self, action: str, server_id: str | None = None, /, **params: Any) -> CtrlAgentError:
+        d = self.start(action, server_id, **params)
+        results: list[Any] = []
+        d.addBoth(results.append)
+        assert results, "{} did not answer".format(action)
+        failure = results[0]
+        assert isinstance(failure, Failure), "expected a failure, got {!r}".format(failure)
+        assert isinstance(failure.value, CtrlAgentError), failure.getTraceback()
+        return failure.value
+
+    def created(self, server_id: str = UUID, **extra: Any) -> dict[str, Any]:
+        params = {
+            "name": "Survival",
+            "image": "ctrlagent-test/scripted:1",
+            "startup": "./run.sh",
+            "environment": {"MAX_PLAYERS": 20},
+            "limits": {"memory": 512, "disk": 1, "cpu": 100},
+            "panelId": PANEL_ID,
+        }
+        params.update(extra)
+        return self.ok("create_server", server_id, **params)
+
+
+@pytest.fixture
+def rig() -> Rig:
+    return Rig()
+
+
+def test_dispatcher_provides_the_interface(rig: Rig) -> None:
+    assert IDispatcher.providedBy(rig.dispatcher)
+    for action in ("create_server", "console:download", "system.ping", "get_status", "list_mods"):
+        assert action in rig.dispatcher.actions()
+
+
+def test_ping_answers_pong_with_a_timestamp(rig: Rig) -> None:
+    data = rig.ok("system.ping")
+    assert data["message"] == "pong"
+    assert data["timestamp"].endswith("Z")
+
+
+def test_unknown_action_is_unknown_action(rig: Rig) -> None:
+    assert rig.error("make_coffee", UUID).code == "UNKNOWN_ACTION"
+
+
+# -- servers -------------------------------------------------------------------
+
+
+def test_create_then_either_id_reaches_the_same_server(rig: Rig) -> None:
+    data = rig.created()
+    assert data["serverId"] == UUID
+    assert data["status"] == "offline"
+    assert rig.ok("get_server_status", PANEL_ID)["serverId"] == UUID
+    assert rig.ok("get_status", UUID)["panelStatus"] == "OFFLINE"
+    # the container name resolves as well
+    assert rig.ok("get_status", "ctrl-alt-play-" + UUID)["serverId"] == UUID
+
+
+def test_create_needs_a_server_id_and_an_image(rig: Rig) -> None:
+    err = rig.error("create_server", None, image="x")
+    assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "serverId")
+    err = rig.error("create_server", UUID, name="x")
+    assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "image")
+    err = rig.error("create_server", UUID, image=42)
+    assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "image")
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("environment", "A=1"),
+        ("limits", [512]),
+        ("ports", {"internal": 1}),
+        ("skipScripts", "maybe"),
+        ("startup", 12),
+        ("aliases", "abc"),
+    ],
+)
+def test_create_names_the_wrongly_typed_field(rig: Rig, field: str, value: Any) -> None:
+    err = rig.error("create_server", UUID, image="img", **{field: value})
+    assert err.code == "INVALID_PAYLOAD"
+    assert err.details["field"] == field
+
+
+def test_second_create_of_the_same_id_or_alias_conflicts(rig: Rig) -> None:
+    rig.created()
+    assert rig.error("create_server", UUID, image="img").code == "CONFLICT"
+    assert rig.error("create_server", PANEL_ID, image="img").code == "CONFLICT"
+
+
+def test_slow_create_answers_installing_in_time_and_finishes_later(rig: Rig) -> None:
+    gate = rig.servers.hold("create")
+    d = rig.start("create_server", UUID, image="img", panelId=PANEL_ID)
+    assert not d.called
+    rig.clock.advance(24)
+    assert not d.called
+    rig.clock.advance(1)
+    answered: list[Any] = []
+    d.addBoth(answered.append)
+    assert isinstance(answered[0], ActionResult)
+    assert answered[0].data["status"] == "installing"
+    assert answered[0].data["pending"] is True
+    assert rig.ok("get_status", PANEL_ID)["status"] == "installing"
+    assert len(rig.tracker) == 1
+    gate.callback(None)
+    assert len(rig.tracker) == 0
+    assert rig.ok("get_status", PANEL_ID)["status"] == "offline"
+
+
+def test_power_cycle(rig: Rig) -> None:
+    rig.created()
+    assert rig.ok("start_server", UUID)["status"] == "running"
+    assert rig.ok("get_server_status", PANEL_ID)["panelStatus"] == "RUNNING"
+    assert rig.ok("restart_server", UUID)["status"] == "running"
+    assert rig.ok("stop_server", UUID, signal="SIGTERM", timeout=30)["status"] == "offline"
+    assert rig.ok("start_server", PANEL_ID)["status"] == "running"
+    assert rig.ok("kill_server", UUID)["status"] == "offline"
+    assert [c for c in rig.servers.calls if c[0] in ("start", "stop", "kill")] == [
+        ("start", UUID),
+        ("stop", UUID),
+        ("start", UUID),
+        ("stop", UUID),
+        ("start", UUID),
+        ("kill", UUID),
+    ]
+
+
+def test_stop_with_sigkill_kills(rig: Rig) -> None:
+    rig.created()
+    rig.ok("start_server", UUID)
+    rig.servers.hold("stop")  # a graceful stop would hang; a kill must not
+    assert rig.ok("stop_server", UUID, signal="SIGKILL", timeout=5)["status"] == "offline"
+    assert ("kill", UUID) in rig.servers.calls
+
+
+def test_stop_signal_is_normalised_and_checked(rig: Rig) -> None:
+    rig.created()
+    rig.ok("start_server", UUID)
+    assert rig.ok("stop_server", UUID, signal="kill")["status"] == "offline"
+    rig.ok("start_server", UUID)
+    err = rig.error("stop_server", UUID, signal="SIG KILL; rm")
+    assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "signal")
+    err = rig.error("stop_server", UUID, timeout="soon")
+    assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "timeout")
+    err = rig.error("stop_server", UUID, timeout=-1)
+    assert err.details["field"] == "timeout"
+
+
+def test_long_stop_answers_stopping_and_finishes_in_the_background(rig: Rig) -> None:
+    events: list[Any] = []
+    rig.servers.add_listener(events.append)
+    rig.created()
+    rig.ok("start_server", UUID)
+    gate = rig.servers.hold("stop")
+    d = rig.start("stop_server", UUID, timeout=600)
+    rig.clock.advance(25)
+    answered: list[Any] = []
+    d.addBoth(answered.append)
+    assert answered[0].data["status"] == "stopping"
+    assert answered[0].data["panelStatus"] == "STOPPING"
+    # a second power action while the first is under way is a conflict
+    assert rig.error("restart_server", UUID).code == "CONFLICT"
+    gate.callback(None)
+    assert rig.ok("get_status", UUID)["status"] == "offline"
+    assert [e.current for e in events if hasattr(e, "current")][-2:] == ["stopping", "offline"]
+
+
+def test_concurrent_power_action_conflicts(rig: Rig) -> None:
+    rig.created()
+    rig.ok("start_server", UUID)
+    gate = rig.servers.hold("stop")
+    d = rig.start("stop_server", UUID)
+    assert rig.error("restart_server", PANEL_ID).code == "CONFLICT"
+    gate.callback(None)
+    assert d.called
+
+
+def test_background_failure_after_the_deadline_is_logged(
+    rig: Rig, fail_on_logged_errors: list[dict]
+) -> None:
+    gate = rig.servers.hold("create")
+    d = rig.start("create_server", UUID, image="img")
+    rig.clock.advance(25)
+    assert d.called
+    gate.errback(CtrlAgentError("pull failed", code="DOCKER_ERROR"))
+    assert len(fail_on_logged_errors) == 1
+    fail_on_logged_errors.clear()
+
+
+def test_kill_never_removes_the_server(rig: Rig) -> None:
+    rig.created()
+    rig.ok("start_server", UUID)
+    rig.ok("kill_server", PANEL_ID)
+    assert rig.ok("list_servers")["count"] == 1
+
+
+def test_delete_removes_and_optionally_purges(rig: Rig) -> None:
+    rig.created()
+    rig.created("other", panelId="other-panel")
+    rig.ok("delete_server", PANEL_ID)
+    assert rig.servers.purged == []
+    assert rig.error("get_status", UUID).code == "SERVER_NOT_FOUND"
+    rig.ok("delete_server", "other", purgeFiles=True)
+    assert rig.servers.purged == ["other"]
+    assert rig.ok("list_servers") == {"servers": [], "count": 0}
+
+
+def test_delete_purge_flag_must_be_boolean(rig: Rig) -> None:
+    rig.created()
+    assert (
+        rig.error("delete_server", UUID, purgeFiles="yes please").details["field"] == "purgeFiles"
+    )
+
+
+@pytest.mark.parametrize(
+    "action,params",
+    [
+        ("start_server", {}),
+        ("stop_server", {}),
+        ("restart_server", {}),
+        ("kill_server", {}),
+        ("delete_server", {}),
+        ("get_server_status", {}),
+        ("get_status", {}),
+        ("get_server_metrics", {}),
+        ("get_server_logs", {}),
+        ("send_server_command", {"command": "say hi"}),
+        ("console:command", {"command": "list"}),
+        ("console:history", {}),
+        ("console:status", {}),
+        ("console:clear", {}),
+        ("console:download", {}),
+        ("list_files", {"path": "/"}),
+        ("read_file", {"path": "a.txt"}),
+        ("write_file", {"path": "a.txt", "content": "x"}),
+        ("list_mods", {}),
+        ("update_server", {}),
+        ("suspend_server", {}),
+    ],
+)
+def test_unknown_server_is_server_not_found(rig: Rig, action: str, params: dict) -> None:
+    rig.created()
+    assert rig.error(action, "no-such-server", **params).code == "SERVER_NOT_FOUND"
+
+
+@pytest.mark.parametrize("action", ["start_server", "get_server_metrics", "list_files"])
+def test_missing_server_id_is_invalid_payload(rig: Rig, action: str) -> None:
+    err = rig.error(action, None)
+    assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "serverId")
+
+
+def test_power_server_maps_its_action(rig: Rig) -> None:
+    rig.created()
+    assert rig.ok("power_server", UUID, action="start")["status"] == "running"
+    assert rig.ok("server_power", UUID, action="kill")["status"] == "offline"
+    assert rig.error("power_server", UUID, action="explode").details["field"] == "action"
+
+
+def test_legacy_names_reach_the_same_actions(rig: Rig) -> None:
+    rig.ok("server_create", UUID, image="img")
+    assert rig.ok("server_start", UUID)["status"] == "running"
+    rig.ok("server_command", UUID, command="hello")
+    assert "> hello" in rig.ok("get_server_logs", UUID)["logs"]
+    assert rig.ok("server_stop", UUID)["status"] == "offline"
+
+
+def test_suspend_refuses_starts_until_unsuspended(rig: Rig) -> None:
+    rig.created()
+    rig.ok("start_server", UUID)
+    assert rig.ok("suspend_server", UUID)["status"] == "suspended"
+    assert rig.error("start_server", UUID).code == "CONFLICT"
+    rig.ok("unsuspend_server", UUID)
+    assert rig.ok("start_server", UUID)["status"] == "running"
+
+
+def test_reinstall_and_update(rig: Rig) -> None:
+    rig.created()
+    assert rig.ok("reinstall_server", UUID)["status"] == "offline"
+    rig.ok("update_server", UUID, startup="./other.sh", limits={"memory": 1024})
+    assert rig.servers.servers[UUID].params["limits"] == {"memory": 1024}
+    assert rig.error("update_server", UUID, limits=5).details["field"] == "limits"
+
+
+def test_list_servers_is_an_empty_list_not_null(rig: Rig) -> None:
+    assert rig.ok("list_servers") == {"servers": [], "count": 0}
+    rig.created()
+    data = rig.ok("list_servers")
+    assert data["count"] == 1
+    assert data["servers"][0]["serverId"] == UUID
+
+
+# -- metrics -------------------------------------------------------------------
+
+
+def test_metrics_are_zero_with_network_when_stopped(rig: Rig) -> None:
+    rig.created()
+    data = rig.ok("get_server_metrics", PANEL_ID)
+    assert data["cpu"] == 0.0 and data["memory"] == 0.0 and data["disk"] == 0.0
+    assert data["network"] == {"in": 0, "out": 0}
+    assert data["players"] == 0 and isinstance(data["players"], int)
+    assert data["timestamp"]
+
+
+def test_metrics_coerce_to_the_panel_shape(rig: Rig) -> None:
+    rig.created()
+    rig.ok("start_server", UUID)
+    rig.servers.set_metrics(
+        UUID, {"cpu": "33.5", "memory": 256, "disk": 12.25, "players": 3.0, "network": None}
+    )
+    data = rig.ok("get_server_metrics", PANEL_ID)
+    assert data["cpu"] == 33.5 and isinstance(data["cpu"], float)
+    assert data["memory"] == 256.0 and isinstance(data["memory"], float)
+    assert data["players"] == 3 and isinstance(data["players"], int)
+    assert data["network"] == {"in": 0, "out": 0}
+
+
+def test_panel_metrics_never_drops_network() -> None:
+    out = panel_metrics({"network": {"in": "10", "out": 2.9}, "players": None})
+    assert out["network"] == {"in": 10, "out": 2}
+    assert out["players"] == 0
+
+
+def test_system_metrics_and_status(rig: Rig) -> None:
+    rig.created()
+    data = rig.ok("get_system_metrics")
+    assert data["cpu"] == 12.5
+    assert data["memory"]["total"] > data["memory"]["used"]
+    assert data["serverCount"] == 1
+    assert data["timestamp"]
+    status = rig.ok("system.status")
+    assert status["status"] == "online" and status["serverCount"] == 1
+    assert rig.ok("system.info")["nodeId"] == "node-1"
+
+
+# -- console -------------------------------------------------------------------
+
+
+def test_console_actions(rig: Rig) -> None:
+    rig.created()
+    err = rig.error("send_server_command", UUID, command="say hi")
+    assert err.code == "CONFLICT"  # not running
+    rig.ok("start_server", UUID)
+    assert rig.error("send_server_command", UUID).details["field"] == "command"
+    assert rig.error("send_server_command", UUID, command=5).details["field"] == "command"
+    rig.ok("send_server_command", PANEL_ID, command="say hi")
+    assert rig.servers.servers[UUID].stdin == ["say hi"]
+    assert rig.ok("console:command", PANEL_ID, command="list")["response"] == "> list"
+    history = rig.ok("console:history", PANEL_ID, lines=2)
+    assert history == {"serverId": UUID, "history": ["> say hi", "> list"], "lines": 2}
+    status = rig.ok("console:status", PANEL_ID)
+    assert status["connected"] is True and status["bufferSize"] == 3
+    assert status["lastActivity"].endswith("Z")
+    assert rig.ok("console:connect", PANEL_ID)["connected"] is True
+    rig.ok("console:disconnect", PANEL_ID)
+    txt = rig.ok("console:download", PANEL_ID)["content"]
+    assert txt == "[fake] server started\n> say hi\n> list\n"
+    js = json.loads(rig.ok("console:download", PANEL_ID, format="json")["content"])
+    assert js["lines"][-1] == "> list"
+    assert rig.error("console:download", PANEL_ID, format="pdf").details["field"] == "format"
+    rig.ok("console:clear", PANEL_ID)
+    assert rig.ok("console:history", PANEL_ID)["history"] == []
+
+
+def test_log_lines_accept_digit_strings_and_refuse_nonsense(rig: Rig) -> None:
+    rig.created()
+    rig.ok("start_server", UUID)
+    for i in range(5):
+        rig.servers.emit_console(UUID, "line {}".format(i))
+    assert rig.ok("get_server_logs", UUID, lines="2")["logs"] == ["line 3", "line 4"]
+    for bad in ("many", True, 0, 2.5, [1]):
+        err = rig.error("get_server_logs", UUID, lines=bad)
+        assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "lines")
+
+
+# -- files ---------------------------------------------------------------------
+
+
+def test_file_round_trip_through_the_panel_id(rig: Rig) -> None:
+    rig.created()
+    rig.ok("create_directory", PANEL_ID, path="/config")
+    written = rig.ok("write_file", PANEL_ID, path="/config/server.properties", content="motd=hi\n")
+    assert written["size"] == 8
+    read = rig.ok("read_file", PANEL_ID, path="config/server.properties")
+    assert read["content"] == "motd=hi\n" and read["encoding"] == "utf8"
+    listing = rig.ok("list_files", PANEL_ID, path="/config")
+    (entry,) = listing["files"]
+    assert entry["name"] == "server.properties" and entry["type"] == "file"
+    assert entry["extension"] == "properties" and entry["permissions"] == "644"
+    assert rig.ok("list_files", PANEL_ID)["files"][0]["type"] == "directory"
+    found = rig.ok("search_files", PANEL_ID, path="/", query="PROPERTIES")["files"]
+    assert [f["path"] for f in found] == ["/config/server.properties"]
+    assert rig.ok("search_files", PANEL_ID, query="config", fileType="file")["files"] == []
+    rig.ok("rename_file", PANEL_ID, oldPath="/config", newPath="/cfg")
+    info = rig.ok("get_file_info", PANEL_ID, path="/cfg/server.properties")
+    assert info["mode"] == "0644"
+    rig.ok("set_file_permissions", PANEL_ID, path="/cfg/server.properties", mode="600")
+    assert rig.ok("get_file_info", PANEL_ID, path="/cfg/server.properties")["permissions"] == "600"
+    down = rig.ok("download_file", PANEL_ID, path="/cfg/server.properties")
+    assert base64.b64decode(down["content"]) == b"motd=hi\n"
+    rig.ok("delete_file", PANEL_ID, path="/cfg")
+    assert rig.ok("list_files", PANEL_ID)["files"] == []
+    # the files live under the canonical id's directory
+    assert "/srv/ctrlagent/servers/" + UUID in rig.files.trees
+
+
+def test_upload_encodings(rig: Rig) -> None:
+    rig.created()
+    blob = bytes(range(256))
+    up = rig.ok("upload_file", PANEL_ID, path="/world.bin", content=base64.b64encode(blob).decode())
+    assert up["size"] == 256
+    rig.ok("upload_file", PANEL_ID, path="/a.txt", content="héllo", encoding="utf8")
+    assert rig.ok("read_file", PANEL_ID, path="a.txt")["content"] == "héllo"
+    err = rig.error("upload_file", PANEL_ID, path="/b", content="!!!not base64")
+    assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "content")
+    err = rig.error("upload_file", PANEL_ID, path="/b", content="", encoding="rot13")
+    assert err.details["field"] == "encoding"
+    # a binary file cannot be read as text
+    assert rig.error("read_file", PANEL_ID, path="/world.bin").code == "INVALID_PAYLOAD"
+
+
+def test_file_payload_errors_name_the_field(rig: Rig) -> None:
+    rig.created()
+    cases = [
+        ("read_file", {}, "path"),
+        ("read_file", {"path": 7}, "path"),
+        ("write_file", {"path": "a"}, "content"),
+        ("write_file", {"path": "a", "content": {"x": 1}}, "content"),
+        ("rename_file", {"oldPath": "a"}, "newPath"),
+        ("set_file_permissions", {"path": "a", "mode": "rwxr-xr-x"}, "mode"),
+        ("set_file_permissions", {"path": "a", "mode": "99999"}, "mode"),
+        ("create_archive", {"archivePath": "a.zip"}, "files"),
+        ("create_archive", {"files": ["a"], "archivePath": "a.rar", "format": "rar"}, "format"),
+        ("extract_archive", {}, "archivePath"),
+        ("search_files", {"path": "/"}, "query"),
+        ("search_files", {"query": "x", "fileType": "socket"}, "fileType"),
+        ("list_files", {"path": ["/"]}, "path"),
+    ]
+    for action, params, field in cases:
+        err = rig.error(action, UUID, **params)
+        assert (action, err.code, err.details.get("field")) == (action, "INVALID_PAYLOAD", field)
+
+
+def test_paths_cannot_leave_the_server_directory(rig: Rig) -> None:
+    rig.created()
+    assert rig.error("read_file", UUID, path="../../etc/passwd").code == "PERMISSION_DENIED"
+    assert rig.error("list_files", UUID, path="/..").code == "PERMISSION_DENIED"
+    assert rig.error("read_file", UUID, path="/missing.txt").code == "FILE_NOT_FOUND"
+
+
+def test_disk_limit_is_enforced(rig: Rig) -> None:
+    rig.created(limits={"disk": 1})
+    big = base64.b64encode(b"x" * (1024 * 1024 + 1)).decode()
+    assert rig.error("upload_file", UUID, path="/big", content=big).code == "INSUFFICIENT_RESOURCES"
+
+
+def test_archive_round_trip(rig: Rig) -> None:
+    rig.created()
+    rig.ok("create_directory", UUID, path="/world/region")
+    rig.ok("write_file", UUID, path="/world/region/r.0.0", content="blocks")
+    rig.ok("create_archive", UUID, files=["/world"], archivePath="/backup.zip", format="zip")
+    rig.ok("create_directory", UUID, path="/restore")
+    rig.ok("extract_archive", UUID, archivePath="/backup.zip", extractPath="/restore")
+    assert rig.ok("read_file", UUID, path="/restore/world/region/r.0.0")["content"] == "blocks"
+
+
+def test_mods(rig: Rig) -> None:
+    rig.created()
+    assert rig.ok("list_mods", PANEL_ID) == {"mods": [], "count": 0}
+    rig.ok("install_mod", PANEL_ID, type="steam_workshop", workshopId="123", name="Maps")
+    rig.ok("install_mod", PANEL_ID, modId=77)
+    assert rig.error("install_mod", PANEL_ID, workshopId="123").code == "CONFLICT"
+    assert rig.error("install_mod", PANEL_ID, name="nothing to fetch").details["field"] == "modId"
+    assert rig.ok("list_mods", PANEL_ID)["count"] == 2
+    left = rig.ok("uninstall_mod", PANEL_ID, modId="123")
+    assert [m["id"] for m in left["mods"]] == ["77"]
+    assert rig.error("uninstall_mod", PANEL_ID, modId="123").code == "NOT_FOUND"
+    assert rig.error("uninstall_mod", PANEL_ID).details["field"] == "modId"
+
+
+# -- failures ------------------------------------------------------------------
+
+
+def test_unexpected_exception_is_execution_error_without_traceback(
+    rig: Rig, fail_on_logged_errors: list[dict]
+) -> None:
+    rig.created()
+    rig.servers.fail_next("start", ZeroDivisionError("secret internals"))
+    err = rig.error("start_server", UUID)
+    assert err.code == "EXECUTION_ERROR"
+    assert "secret internals" not in err.message and "Traceback" not in err.message
+    assert len(fail_on_logged_errors) == 1
+    fail_on_logged_errors.clear()
+
+
+def test_domain_errors_pass_through_with_their_code(rig: Rig) -> None:
+    rig.created()
+    rig.servers.fail_next("start", CtrlAgentError("no such image", code="DOCKER_ERROR"))
+    err = rig.error("start_server", UUID)
+    assert (err.code, err.message) == ("DOCKER_ERROR", "no such image")
+
+
+def test_both_http_body_shapes_dispatch_alike(rig: Rig) -> None:
+    rig.created()
+    panel = parse_command({"action": "read_file", "serverId": PANEL_ID, "payload": {"path": "/"}})
+    go = parse_command({"action": "list_files", "data": {"serverId": PANEL_ID, "path": "/"}})
+    results: list[Any] = []
+    rig.dispatcher.dispatch(panel).addBoth(results.append)
+    rig.dispatcher.dispatch(go).addBoth(results.append)
+    assert isinstance(results[0], Failure) and results[0].value.code == "INVALID_PAYLOAD"
+    assert results[1].data["files"] == []
