@@ -1,0 +1,371 @@
+"""
+Streaming responses of the engine as async iterators with backpressure.
+
+An ``ItemStream`` owns one streaming HTTP response (logs, attach output,
+stats, events, pull progress).  The body's bytes go through a decoder (the
+console demultiplexer, or a JSON-lines parser) and the items wait in a queue
+until the consumer takes them with ``async for``.  When the queue holds
+``high_water`` items the transport is paused, so a slow consumer slows the
+engine down instead of growing memory; it resumes below ``low_water``.
+
+A silence timeout (when configured) ends a stream whose engine sends nothing
+for that long with ``DockerTimeout``.  A connection lost in the middle of the
+body ends it with ``DockerUnavailable``, after every item already received has
+been handed out.  ``close()`` ends it from the consumer's side.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+
+from ctrlagent.docker.errors import DockerError, DockerTimeout, DockerUnavailable
+from ctrlagent.docker.mux import ConsoleDecoder, LineSplitter
+
+__all__ = ["ItemStream", "LineStream", "JsonLinesDecoder", "Decoder"]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co")
+
+
+class Decoder(Protocol[T_co]):
+    """Bytes in, items out (see ``ctrlagent.docker.mux.ConsoleDecoder``)."""
+
+    def feed(self, data: bytes) -> list[T_co]: ...
+
+    def flush(self) -> list[T_co]: ...
+
+
+class JsonLinesDecoder:
+    """
+    A stream of JSON documents, one a line, decoded with ``convert``.
+
+    Used for events, stats and pull progress.  Lines that are not JSON are
+    skipped (the engine only sends JSON here); ``cap`` bounds a line.
+    """
+
+    def __init__(self, convert: Callable[[dict[str, Any]], Any], cap: int = 4 * 1024 * 1024):
+        self._lines = LineSplitter(cap)
+        self._convert = convert
+
+    def _decode(self, lines: list[str]) -> list[Any]:
+        out = []
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                out.append(self._convert(doc))
+        return out
+
+    def feed(self, data: bytes) -> list[Any]:
+        return self._decode(self._lines.feed(data))
+
+    def flush(self) -> list[Any]:
+        return self._decode(self._lines.flush())
+
+
+class _BodyProtocol(TwistedProtocol):
+    """Forwards a response body to its ``ItemStream``."""
+
+    def __init__(self, stream: ItemStream[Any]) -> None:
+        self._stream = stream
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted hook)
+        self._stream._make_connection(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted hook)
+        self._stream._data_received(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]  # noqa: N802
+        self._stream._connection_lost(reason)
+
+
+class ItemStream(Generic[T]):
+    """
+    An async iterator over the items of one streaming engine response.
+
+    ``open`` is a coroutine function returning the response (status already
+    checked); it is started at once, so an error (404, engine down) surfaces
+    on the first ``__anext__``.  Iterate with ``async for item in stream`` or,
+    cheaper under floods, ``async for batch in stream.batches()``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        decoder: Decoder[T],
+        open: Callable[[], Awaitable[Any]],
+        *,
+        silence_timeout: float = 0.0,
+        high_water: int = 20_000,
+        low_water: int | None = None,
+        description: str = "stream",
+        on_open: Callable[[], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._on_open = on_open
+        self._decoder = decoder
+        self._items: deque[T] = deque()
+        self._high = max(1, high_water)
+        self._low = low_water if low_water is not None else self._high // 4
+        self._silence = silence_timeout
+        self._description = description
+        self._waiter: Deferred[None] | None = None
+        self._transport: Any = None
+        self._paused = False
+        self._done = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._timer: IDelayedCall | None = None
+        self._last_data = clock.seconds()
+        self.bytes_received = 0
+        self.opened = False
+        self._opening: Deferred[None] | None = Deferred.fromCoroutine(self._open(open))
+
+    # -- opening -----------------------------------------------------------
+
+    async def _open(self, open: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            response = await open()
+        except CancelledError:
+            self._finish(None)
+            return
+        except DockerError as e:
+            self._finish(e)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure ends the stream, typed
+            self._finish(DockerUnavailable("{} failed: {}".format(self._description, e)))
+            return
+        finally:
+            self._opening = None
+        self.opened = True
+        if self._closed:
+            response.deliverBody(_Discard())
+            return
+        if self._on_open is not None:
+            self._on_open()
+        if self._closed:
+            response.deliverBody(_Discard())
+            return
+        self._last_data = self._clock.seconds()
+        self._arm_timer()
+        response.deliverBody(_BodyProtocol(self))
+
+    # -- the producer side -------------------------------------------------
+
+    def _data_received(self, data: bytes) -> None:
+        if self._transport is None:
+            return
+        self.bytes_received += len(data)
+        self._last_data = self._clock.seconds()
+        if self._closed:
+            return
+        items = self._decoder.feed(data)
+        if items:
+            self._items.extend(items)
+            if not self._paused and len(self._items) >= self._high:
+                self._paused = True
+                self._transport.pauseProducing()
+            self._wake()
+
+    def _connection_lost(self, reason: Failure | None) -> None:
+        self._transport = None
+        try:
+            self._items.extend(self._decoder.flush())
+        except Exception as e:  # noqa: BLE001 - a decoder bug must not hang the consumer
+            self._finish(DockerError(0, "{}: cannot decode: {}".format(self._description, e)))
+            return
+        if self._closed or reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self._finish(None)
+        else:
+            self._finish(
+                DockerUnavailable(
+                    "{} broken: {}".format(self._description, _reason_text(reason))
+                )
+            )
+
+    def _make_connection(self, transport: Any) -> None:
+        self._transport = transport
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        if not self._closed:
+            self._error = error
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.callback(None)
+
+    # -- silence timeout ---------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self._silence > 0 and not self._done:
+            self._timer = self._clock.callLater(self._silence, self._check_silence)
+
+    def _check_silence(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        idle = self._clock.seconds() - self._last_data
+        if self._paused or idle < self._silence:
+            # Paused by our own consumer: not the engine's silence.
+            self._timer = self._clock.callLater(
+                max(self._silence - idle, 0.001) if not self._paused else self._silence,
+                self._check_silence,
+            )
+            return
+        transport = self._transport
+        self._finish(
+            DockerTimeout("{} silent for {:.1f}s".format(self._description, self._silence))
+        )
+        if transport is not None:
+            transport.stopProducing()
+
+    # -- the consumer side -------------------------------------------------
+
+    def __aiter__(self) -> ItemStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        while True:
+            if self._items:
+                item = self._items.popleft()
+                if self._paused and len(self._items) <= self._low:
+                    self._resume()
+                return item
+            if self._done:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    self._closed = True
+                    raise error
+                raise StopAsyncIteration
+            self._waiter = Deferred()
+            await self._waiter
+
+    async def next_batch(self, max_items: int = 1000) -> list[T]:
+        """
+        Every queued item (at most ``max_items``), waiting for at least one.
+
+        Returns an empty list at the end of the stream; raises its error.
+        """
+        while True:
+            if self._items:
+                n = min(max_items, len(self._items))
+                if n == len(self._items):
+                    batch = list(self._items)
+                    self._items.clear()
+                else:
+                    batch = [self._items.popleft() for _ in range(n)]
+                if self._paused and len(self._items) <= self._low:
+                    self._resume()
+                return batch
+            if self._done:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    self._closed = True
+                    raise error
+                return []
+            self._waiter = Deferred()
+            await self._waiter
+
+    async def batches(self, max_items: int = 1000) -> Any:
+        """Async iterator of item lists (one list per wake-up, at most ``max_items``)."""
+        while True:
+            batch = await self.next_batch(max_items)
+            if not batch:
+                return
+            yield batch
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._transport is not None:
+            self._transport.resumeProducing()
+
+    @property
+    def done(self) -> bool:
+        """True once the stream has ended (items may still be queued)."""
+        return self._done
+
+    def close(self) -> None:
+        """End the stream from the consumer's side; iteration stops cleanly."""
+        if self._closed:
+            return
+        self._closed = True
+        self._items.clear()
+        if self._opening is not None:
+            self._opening.cancel()
+        transport = self._transport
+        if transport is not None:
+            if self._paused:
+                self._paused = False
+                transport.resumeProducing()
+            transport.stopProducing()
+        self._finish(None)
+
+
+class LineStream(ItemStream[tuple[str, str]]):
+    """A console stream: ``(stream, line)`` items, stream being "stdout"/"stderr"."""
+
+    @classmethod
+    def console(
+        cls,
+        clock: IReactorTime,
+        open: Callable[[], Awaitable[Any]],
+        *,
+        tty: bool,
+        line_cap: int,
+        silence_timeout: float = 0.0,
+        description: str = "console stream",
+    ) -> LineStream:
+        """A console stream decoding frames (or TTY bytes) into lines."""
+        return cls(
+            clock,
+            ConsoleDecoder(tty=tty, cap=line_cap),
+            open,
+            silence_timeout=silence_timeout,
+            description=description,
+        )
+
+
+class _Discard(TwistedProtocol):
+    """Swallows the body of a response nobody wants any more."""
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted hook)
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]  # noqa: N802
+        pass
+
+
+def _reason_text(reason: Failure) -> str:
+    value = reason.value
+    inner = getattr(value, "reasons", None)
+    if inner:
+        return "; ".join(str(r.getErrorMessage()) for r in inner)
+    return reason.getErrorMessage()
+
