@@ -123,6 +123,13 @@ class FilesConfig:
     mod_download_max_bytes: int = 1024 * 1024 * 1024
     mod_download_timeout: float = 120.0
     mods_dir: str = "mods"
+    mod_max_redirects: int = 5
+    archive_max_entries: int = 100_000
+    search_max_results: int = 1000
+    # File operations running in the thread pool at once, all servers together.
+    max_concurrent_operations: int = 8
+    # Seconds a walked disk-usage figure is trusted (our own writes keep it current).
+    disk_usage_ttl: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,410 @@
+"""
+Creating and extracting zip, tar and tar.gz (also .bz2/.xz) archives, confined.
+
+Blocking; runs in the thread pool.  Extraction never calls ``extractall``:
+each member is named by ``paths.member_components`` and written through
+``fsops.write_atomic`` beneath the extraction directory, and the rules are:
+
+- a member whose name climbs out with ``..`` refuses the whole archive
+  (``PermissionDenied``); a leading ``/`` is stripped (as GNU tar does);
+- symlink and hard-link members are skipped, never created, so no later
+  member can be written "through" one; device, FIFO and other special
+  members are skipped too;
+- modes keep only the permission bits: files become 0644, or 0755 when the
+  member had an execute bit; directories 0755; no setuid/setgid/sticky;
+- bytes are counted as they are decompressed, against the server's disk
+  room, ``archive_max_bytes``, and ``archive size * archive_max_ratio``
+  (zip bombs), and members against ``archive_max_entries``;
+- on any failure, every file and directory this extraction created is
+  removed again (files it overwrote keep their new content).
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import stat
+import tarfile
+import time
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from ctrlagent.errors import (
+    CtrlAgentError,
+    InsufficientResources,
+    InvalidInput,
+)
+from ctrlagent.files import fsops
+from ctrlagent.files.confined import Confined, os_error
+from ctrlagent.files.paths import Components, display, member_components
+
+FORMATS = {"zip": "zip", "tar": "tar", "tar.gz": "tar.gz", "tgz": "tar.gz", "targz": "tar.gz"}
+READ_CHUNK = 1024 * 1024
+# Archives smaller than this may still expand to this much: the ratio bound
+# is for bombs, not for a 2 KiB archive of a few configs.
+RATIO_FLOOR_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ExtractLimits:
+    """Bounds on one extraction."""
+
+    max_bytes: int
+    max_ratio: float
+    max_entries: int
+
+
+class _Budget:
+    """Counts decompressed bytes and members against every bound at once."""
+
+    def __init__(self, archive_size: int, limits: ExtractLimits, quota: fsops.Quota) -> None:
+        self.max_total = min(limits.max_bytes,
+                             max(int(archive_size * limits.max_ratio), RATIO_FLOOR_BYTES))
+        self.max_entries = limits.max_entries
+        self.quota = quota
+        self.total = 0
+        self.entries = 0
+
+    def entry(self) -> None:
+        self.entries += 1
+        if self.entries > self.max_entries:
+            raise InsufficientResources(
+                "archive has more than {} entries".format(self.max_entries))
+
+    def bytes(self, n: int) -> None:
+        self.total += n
+        if self.total > self.max_total:
+            raise InsufficientResources(
+                "archive expands beyond {} bytes (size or compression-ratio bound)"
+                .format(self.max_total))
+
+
+def _stream(src: IO[bytes], budget: _Budget) -> Iterator[bytes]:
+    while True:
+        data = src.read(READ_CHUNK)
+        if not data:
+            return
+        budget.bytes(len(data))
+        yield data
+
+
+def _file_mode(mode: int) -> int:
+    return 0o755 if mode & 0o111 else 0o644
+
+
+def extract(c: Confined, archive: Components, dest: Components, quota: fsops.Quota,
+            limits: ExtractLimits) -> dict[str, Any]:
+    """Extract ``archive`` into ``dest`` (created if missing). ``{"extracted", "skipped"}``."""
+    fd = c.open(archive, os.O_RDONLY | os.O_NONBLOCK)
+    f = os.fdopen(fd, "rb")
+    created: list[Components] = []
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput("{} is not a file".format(display(archive)), field="archivePath")
+        _mkdir(c, dest, created)
+        budget = _Budget(st.st_size, limits, quota)
+        head = f.read(4)
+        f.seek(0)
+        if head[:2] == b"PK":
+            result = _extract_zip(c, f, dest, budget, created)
+        else:
+            result = _extract_tar(c, f, dest, budget, created)
+    except BaseException:
+        _rollback(c, created)
+        raise
+    finally:
+        f.close()
+    return result
+
+
+def _extract_zip(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
+                 created: list[Components]) -> dict[str, Any]:
+    try:
+        zf = zipfile.ZipFile(f)
+    except zipfile.BadZipFile as e:
+        raise InvalidInput("not a valid zip archive: {}".format(e), field="archivePath") from None
+    extracted = skipped = 0
+    with zf:
+        for info in zf.infolist():
+            budget.entry()
+            rel = dest + member_components(info.filename)
+            unix_mode = info.external_attr >> 16
+            kind = stat.S_IFMT(unix_mode)
+            if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+                skipped += 1  # symlinks and special files are never created
+                continue
+            if info.is_dir() or kind == stat.S_IFDIR:
+                _mkdir(c, rel, created)
+                continue
+            if len(rel) == len(dest):
+                skipped += 1
+                continue
+            try:
+                with zf.open(info) as src:
+                    fsops.write_atomic(c, rel, _stream(src, budget), budget.quota, fsync=False,
+                                       mode=_file_mode(unix_mode), created=created)
+            except (zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
+                raise InvalidInput("bad zip member {!r}: {}".format(info.filename, e),
+                                   field="archivePath") from None
+            extracted += 1
+    return {"extracted": extracted, "skipped": skipped}
+
+
+def _extract_tar(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
+                 created: list[Components]) -> dict[str, Any]:
+    extracted = skipped = 0
+    try:
+        # Stream mode: one pass, members decompressed as they come.
+        tf = tarfile.open(fileobj=f, mode="r|*")
+    except tarfile.TarError as e:
+        raise InvalidInput("not a zip or tar archive: {}".format(e), field="archivePath") from None
+    try:
+        with tf:
+            for member in tf:
+                budget.entry()
+                rel = dest + member_components(member.name)
+                if member.isdir():
+                    _mkdir(c, rel, created)
+                    continue
+                if not member.isreg() or len(rel) == len(dest):
+                    skipped += 1  # symlinks, hard links, devices, FIFOs
+                    continue
+                src = tf.extractfile(member)
+                if src is None:
+                    skipped += 1
+                    continue
+                with src:
+                    fsops.write_atomic(c, rel, _stream(src, budget), budget.quota, fsync=False,
+                                       mode=_file_mode(member.mode), created=created)
+                extracted += 1
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as e:
+        raise InvalidInput("corrupt archive: {}".format(e), field="archivePath") from None
+    return {"extracted": extracted, "skipped": skipped}
+
+
+def _mkdir(c: Confined, rel: Components, created: list[Components]) -> None:
+    if not rel:
+        return
+    with c.parent(rel, follow_final=True, create_dirs=True, created=created) as (
+            dir_fd, name, real):
+        if name is None:
+            return
+        try:
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+        except FileExistsError:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                raise InvalidInput("archive directory {} collides with a file".format(
+                    display(rel)), field="archivePath") from None
+            return
+        except OSError as e:
+            raise os_error(e, display(rel)) from None
+        created.append(real)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, 0o755)
+            c.own(fd)
+        finally:
+            os.close(fd)
+
+
+def _rollback(c: Confined, created: list[Components]) -> None:
+    """Remove what a failed extraction created, newest first, confined."""
+    for rel in reversed(created):
+        try:
+            with c.parent(rel, follow_final=False) as (dir_fd, name, _):
+                if name is None:
+                    continue
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    os.rmdir(name, dir_fd=dir_fd)
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
+        except (OSError, CtrlAgentError):
+            continue  # best effort: never mask the original error
+
+
+# -- creating -----------------------------------------------------------------
+
+class _Growth:
+    """Charges the quota for however far the archive being written has grown."""
+
+    def __init__(self, out: IO[bytes], quota: fsops.Quota) -> None:
+        self.out = out
+        self.quota = quota
+        self.charged = 0
+
+    def check(self) -> None:
+        written = self.out.tell()
+        if written > self.charged:
+            self.quota.charge(written - self.charged)
+            self.charged = written
+
+
+class _QuotaReader:
+    """
+    A source file handed to tarfile/zipfile that checks the archive's growth
+    against the quota on every read, so creation stops at the disk limit.
+    """
+
+    def __init__(self, src: IO[bytes], growth: _Growth) -> None:
+        self.src = src
+        self.growth = growth
+
+    def read(self, n: int = -1) -> bytes:
+        self.growth.check()
+        return self.src.read(n)
+
+
+def _members(c: Confined, comps: Components) -> Iterator[tuple[Components, os.stat_result, int]]:
+    """
+    ``(components, stat, fd or -1)`` of every file and directory under
+    ``comps``; symlinks are skipped (archives hold no links).
+    """
+    st = c.lstat(comps)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    if stat.S_ISREG(st.st_mode):
+        yield comps, st, c.open(comps, os.O_RDONLY | os.O_NONBLOCK, follow_final=False)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    yield comps, st, -1
+    dir_fd = c.open(comps, os.O_RDONLY | os.O_DIRECTORY, follow_final=False)
+    try:
+        yield from _dir_members(dir_fd, comps, 0)
+    finally:
+        os.close(dir_fd)
+
+
+def _dir_members(dir_fd: int, rel: Components, depth: int
+                 ) -> Iterator[tuple[Components, os.stat_result, int]]:
+    with os.scandir(dir_fd) as it:
+        names = sorted(e.name for e in it)
+    for name in names:
+        if name.startswith(fsops.TMP_PREFIX):
+            continue
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=dir_fd)
+            except OSError:
+                continue
+            yield rel + (name,), os.fstat(fd), fd
+        elif stat.S_ISDIR(st.st_mode) and depth < fsops.MAX_DEPTH:
+            yield rel + (name,), st, -1
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=dir_fd)
+            try:
+                yield from _dir_members(sub, rel + (name,), depth + 1)
+            finally:
+                os.close(sub)
+
+
+def create(c: Confined, files: list[Components], archive: Components, fmt: str,
+           quota: fsops.Quota) -> dict[str, Any]:
+    """
+    Write an archive of ``files`` (paths relative to the root; directories
+    recursively) to ``archive``, atomically.  Member names are relative to
+    the server root.
+    """
+    kind = FORMATS.get(fmt)
+    if kind is None:
+        raise InvalidInput("format must be zip, tar or tar.gz", field="format")
+    if not archive:
+        raise InvalidInput("archivePath names the server directory", field="archivePath")
+    for comps in files:
+        if not comps:
+            raise InvalidInput("cannot archive the whole server directory into itself; "
+                               "list its entries", field="files")
+        c.lstat(comps)  # every listed path must exist (and be confined)
+    with c.parent(archive, follow_final=True, create_dirs=True) as (dir_fd, name, _):
+        if name is None:
+            raise InvalidInput("archivePath is a directory", field="archivePath")
+        tmp = fsops.TMP_PREFIX + os.urandom(8).hex()
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dir_fd)
+        out = os.fdopen(fd, "wb")
+        growth = _Growth(out, quota)
+        count = 0
+        try:
+            try:
+                if kind == "zip":
+                    count = _write_zip(c, files, out, growth)
+                else:
+                    count = _write_tar(c, files, out, growth,
+                                       "w|gz" if kind == "tar.gz" else "w|")
+                out.flush()
+                growth.check()
+                os.fchmod(out.fileno(), 0o644)
+                c.own(out.fileno())
+                os.fsync(out.fileno())
+                size = out.tell()
+            finally:
+                out.close()
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+    return {"archivePath": display(archive), "size": size, "files": count}
+
+
+def _write_tar(c: Confined, files: list[Components], out: IO[bytes], growth: _Growth,
+               mode: str) -> int:
+    count = 0
+    with tarfile.open(fileobj=out, mode=mode, format=tarfile.PAX_FORMAT) as tf:  # type: ignore[call-overload]
+        for top in files:
+            for rel, st, fd in _members(c, top):
+                info = tarfile.TarInfo("/".join(rel))
+                info.mtime = int(st.st_mtime)
+                info.mode = stat.S_IMODE(st.st_mode) & 0o777
+                if fd < 0:
+                    info.type = tarfile.DIRTYPE
+                    tf.addfile(info)
+                    continue
+                with os.fdopen(fd, "rb") as src:
+                    info.size = st.st_size
+                    tf.addfile(info, _QuotaReader(src, growth))  # type: ignore[arg-type]
+                count += 1
+    return count
+
+
+def _write_zip(c: Confined, files: list[Components], out: IO[bytes], growth: _Growth) -> int:
+    count = 0
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for top in files:
+            for rel, st, fd in _members(c, top):
+                name = "/".join(rel)
+                if fd < 0:
+                    zf.writestr(zipfile.ZipInfo(name + "/"), b"")
+                    continue
+                info = zipfile.ZipInfo.from_file("/dev/null", name)
+                info.file_size = st.st_size
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = (stat.S_IFREG | (stat.S_IMODE(st.st_mode) & 0o777)) << 16
+                # Zip cannot hold dates before 1980.
+                info.date_time = time.localtime(max(st.st_mtime, 315532800))[:6]
+                with os.fdopen(fd, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
+                    reader = _QuotaReader(src, growth)
+                    while True:
+                        data = reader.read(READ_CHUNK)
+                        if not data:
+                            break
+                        dst.write(data)
+                count += 1
+    return count
+
+

@@ -1,0 +1,552 @@
+"""
+The blocking file operations behind ``FileManager``, one function per action.
+
+Every function here runs in the thread pool and takes an open ``Confined``
+root; every path it touches is resolved through it and acted on with
+``dir_fd=`` calls.  Shapes of returned dicts are PROTOCOL.md section 2's.
+
+Symlinks in listings: an entry that is a symlink carries ``"symlink": true``.
+When its target resolves inside the server directory the entry reports the
+target's type, size and times; otherwise (dangling, absolute, or leaving the
+root) it is reported as ``"type": "file"`` with ``"broken": true`` and the
+link's own metadata, and every operation through it is refused.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import secrets
+import shutil
+import stat
+import threading
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from ctrlagent.errors import (
+    Conflict,
+    FileNotFound,
+    InsufficientResources,
+    InvalidInput,
+    PermissionDenied,
+)
+from ctrlagent.files.confined import Confined, os_error, rename_noreplace
+from ctrlagent.files.paths import Components, display
+
+TMP_PREFIX = ".ctrlagent-tmp-"
+COPY_CHUNK = 1024 * 1024
+# Directories deeper than this are not descended by search and usage walks:
+# they bound the work one request can cause and the fds it holds.
+MAX_DEPTH = 64
+
+
+class Quota:
+    """
+    The bytes an operation may still add to a server's directory.
+
+    ``room`` is ``None`` for an unlimited server.  ``charge`` raises
+    ``InsufficientResources`` before the limit is crossed; ``delta`` is what
+    the operation added in net, for the usage cache.
+    """
+
+    def __init__(self, room: int | None) -> None:
+        self.room = room
+        self.delta = 0
+
+    def charge(self, n: int) -> None:
+        """Account for ``n`` more bytes, refusing if they do not fit."""
+        if self.room is not None and self.delta + n > self.room:
+            raise InsufficientResources("the server's disk limit would be exceeded")
+        self.delta += n
+
+    def credit(self, n: int) -> None:
+        """Account for ``n`` bytes freed (a replaced file)."""
+        self.delta -= n
+
+
+_names_lock = threading.Lock()
+_user_names: dict[int, str] = {}
+_group_names: dict[int, str] = {}
+
+
+def _user(uid: int) -> str:
+    with _names_lock:
+        name = _user_names.get(uid)
+    if name is None:
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        with _names_lock:
+            _user_names[uid] = name
+    return name
+
+
+def _group(gid: int) -> str:
+    with _names_lock:
+        name = _group_names.get(gid)
+    if name is None:
+        try:
+            name = grp.getgrgid(gid).gr_name
+        except KeyError:
+            name = str(gid)
+        with _names_lock:
+            _group_names[gid] = name
+    return name
+
+
+def iso(ts: float) -> str:
+    """A timestamp as the Panel's ISO-8601 form (JavaScript ``toISOString``)."""
+    dt = datetime.fromtimestamp(ts, UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + "{:03d}Z".format(dt.microsecond // 1000)
+
+
+def entry(name: str, st: os.stat_result, rel: Components) -> dict[str, Any]:
+    """One listing entry for ``name`` with metadata ``st`` at path ``rel``."""
+    is_dir = stat.S_ISDIR(st.st_mode)
+    modified = iso(st.st_mtime)
+    out: dict[str, Any] = {
+        "name": name,
+        "type": "directory" if is_dir else "file",
+        "size": 0 if is_dir else st.st_size,
+        "modified": modified,
+        "lastModified": modified,
+        "permissions": "{:03o}".format(st.st_mode & 0o777),
+        "owner": _user(st.st_uid),
+        "group": _group(st.st_gid),
+        "path": display(rel),
+    }
+    if not is_dir:
+        dot = name.rfind(".")
+        if dot > 0:
+            out["extension"] = name[dot + 1:].lower()
+    return out
+
+
+def _symlink_entry(c: Confined, name: str, lst: os.stat_result, rel: Components) -> dict[str, Any]:
+    try:
+        st = c.stat(rel)
+    except (PermissionDenied, FileNotFound, InvalidInput):
+        out = entry(name, lst, rel)
+        out["type"] = "file"
+        out["broken"] = True
+    else:
+        out = entry(name, st, rel)
+    out["symlink"] = True
+    return out
+
+
+# -- listing and search -------------------------------------------------------
+
+def list_files(c: Confined, comps: Components, limit: int, offset: int) -> dict[str, Any]:
+    """
+    List a directory: directories first, then by name; ``offset``/``limit``
+    page through huge directories.  Sorting uses the type the directory
+    itself records (``d_type``), so only the returned page is ``stat``-ed and
+    no file is ever opened.
+    """
+    fd = c.open(comps, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(fd) as it:
+            names = [(not e.is_dir(follow_symlinks=False), e.name, e) for e in it]
+        names.sort(key=lambda t: (t[0], t[1].lower(), t[1]))
+        page = names[offset:offset + limit]
+        files = []
+        for _, name, e in page:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed since the scan
+            rel = comps + (name,)
+            if stat.S_ISLNK(st.st_mode):
+                files.append(_symlink_entry(c, name, st, rel))
+            else:
+                files.append(entry(name, st, rel))
+    finally:
+        os.close(fd)
+    # Sorting by d_type put symlinks to directories among the files; put
+    # them where a user expects them within this page.
+    files.sort(key=lambda f: (f["type"] != "directory", f["name"].lower(), f["name"]))
+    return {"path": display(comps), "files": files, "total": len(names),
+            "offset": offset, "limit": limit, "truncated": offset + limit < len(names)}
+
+
+def search_files(c: Confined, comps: Components, query: str, file_type: str,
+                 max_results: int) -> dict[str, Any]:
+    """
+    Names under ``comps`` containing ``query`` (case-insensitive).  Symlinked
+    directories are not descended (no loops, no escapes); at most
+    ``max_results`` entries.
+    """
+    needle = query.lower()
+    found: list[dict[str, Any]] = []
+    top = c.open(comps, os.O_RDONLY | os.O_DIRECTORY)
+
+    def walk(dir_fd: int, rel: Components, depth: int) -> bool:
+        with os.scandir(dir_fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            kind = "directory" if is_dir else "file"
+            if needle in e.name.lower() and file_type in ("all", kind):
+                if stat.S_ISLNK(st.st_mode):
+                    found.append(_symlink_entry(c, e.name, st, rel + (e.name,)))
+                else:
+                    found.append(entry(e.name, st, rel + (e.name,)))
+                if len(found) >= max_results:
+                    return False
+            if is_dir and depth < MAX_DEPTH:
+                try:
+                    sub = os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, dir_fd=dir_fd)
+                except OSError:
+                    continue
+                try:
+                    if not walk(sub, rel + (e.name,), depth + 1):
+                        return False
+                finally:
+                    os.close(sub)
+        return True
+
+    try:
+        walk(top, comps, 0)
+    finally:
+        os.close(top)
+    return {"path": display(comps), "query": query, "files": found,
+            "truncated": len(found) >= max_results}
+
+
+# -- reading ------------------------------------------------------------------
+
+def read_bytes(c: Confined, comps: Components, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """
+    The content of a regular file, refused with ``InsufficientResources`` if
+    it is larger than ``max_bytes``.  Opened non-blocking so that a FIFO
+    cannot hang a worker thread; anything but a regular file is refused.
+    """
+    fd = c.open(comps, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise InvalidInput("{} is a directory".format(display(comps)), field="path")
+        if not stat.S_ISREG(st.st_mode):
+            raise PermissionDenied("{} is not a regular file".format(display(comps)))
+        if st.st_size > max_bytes:
+            raise InsufficientResources(
+                "{} is {} bytes, more than the {} bytes that can be read at once; "
+                "use an archive or SFTP".format(display(comps), st.st_size, max_bytes))
+        parts = []
+        total = 0
+        while True:
+            # The file may grow while we read: never hold more than the cap.
+            data = os.read(fd, min(COPY_CHUNK * 8, max_bytes + 1 - total))
+            if not data:
+                break
+            parts.append(data)
+            total += len(data)
+            if total > max_bytes:
+                raise InsufficientResources(
+                    "{} grew beyond {} bytes while being read".format(display(comps), max_bytes))
+        return b"".join(parts), st
+    finally:
+        os.close(fd)
+
+
+# -- writing ------------------------------------------------------------------
+
+def _existing(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def write_atomic(
+    c: Confined,
+    comps: Components,
+    chunks: Iterable[bytes],
+    quota: Quota,
+    *,
+    fsync: bool = True,
+    mode: int | None = None,
+    created: list[Components] | None = None,
+) -> os.stat_result:
+    """
+    Replace (or create) the file at ``comps`` with ``chunks``, atomically.
+
+    The data goes to a fresh temp file beside the target (``O_CREAT |
+    O_EXCL | O_NOFOLLOW``), is fsync-ed, and renamed over the target, so a
+    crash leaves the old file or the new one, never half of either.  A final
+    symlink inside the tree is followed (the target is written); one that
+    leaves the tree is refused.  Missing parents are created.  New files are
+    0644 unless ``mode`` says otherwise; a replaced file keeps its mode minus
+    setuid/setgid.  ``created`` collects the new file's components when it
+    did not exist before (extraction rolls those back on failure).
+    """
+    if not comps:
+        raise InvalidInput("cannot write to the server directory itself", field="path")
+    with c.parent(comps, follow_final=True, create_dirs=True, created=created) as (
+            dir_fd, name, real):
+        if name is None:
+            raise InvalidInput("{} is a directory".format(display(comps)), field="path")
+        old = _existing(dir_fd, name)
+        if old is not None:
+            if stat.S_ISDIR(old.st_mode):
+                raise InvalidInput("{} is a directory".format(display(comps)), field="path")
+            if stat.S_ISLNK(old.st_mode):
+                raise PermissionDenied("{} changed during the write".format(display(comps)))
+            quota.credit(old.st_size)
+            if mode is None:
+                mode = stat.S_IMODE(old.st_mode) & 0o1777
+        if mode is None:
+            mode = 0o644
+        tmp = TMP_PREFIX + secrets.token_hex(8)
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=dir_fd)
+        except OSError as e:
+            if old is not None:
+                quota.credit(-old.st_size)
+            raise os_error(e, display(comps)) from None
+        try:
+            try:
+                for chunk in chunks:
+                    quota.charge(len(chunk))
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                os.fchmod(fd, mode)
+                c.own(fd)
+                if fsync:
+                    os.fsync(fd)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException as e:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            if old is not None:
+                quota.credit(-old.st_size)
+            if isinstance(e, OSError):
+                raise os_error(e, display(comps)) from None
+            raise
+        if old is None and created is not None:
+            created.append(real)
+        return st
+
+
+def create_directory(c: Confined, comps: Components) -> None:
+    """``mkdir -p`` beneath the root; an existing file in the way is a ``Conflict``."""
+    if not comps:
+        return
+    with c.parent(comps, follow_final=True, create_dirs=True) as (dir_fd, name, _):
+        if name is None:
+            return
+        try:
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+        except FileExistsError:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                return
+            raise Conflict("{} exists and is not a directory".format(display(comps))) from None
+        except OSError as e:
+            raise os_error(e, display(comps)) from None
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, 0o755)
+            c.own(fd)
+        finally:
+            os.close(fd)
+
+
+def delete(c: Confined, comps: Components) -> int:
+    """
+    Remove a file, symlink (the link, never its target) or directory tree.
+    Returns the bytes freed (approximate for trees).  The root itself cannot
+    be deleted.
+    """
+    if not comps:
+        raise PermissionDenied("refusing to delete the server directory itself")
+    with c.parent(comps, follow_final=False) as (dir_fd, name, _):
+        assert name is not None
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                freed = _tree_size(dir_fd, name)
+                # shutil.rmtree with dir_fd is the fd-based, symlink-attack
+                # resistant variant: it never follows a link out of the tree.
+                shutil.rmtree(name, dir_fd=dir_fd)
+                return freed
+            os.unlink(name, dir_fd=dir_fd)
+            return st.st_size if stat.S_ISREG(st.st_mode) else 0
+        except OSError as e:
+            raise os_error(e, display(comps)) from None
+
+
+def rename(c: Confined, src: Components, dst: Components) -> None:
+    """Move ``src`` to ``dst`` (never replacing an existing ``dst``)."""
+    if not src or not dst:
+        raise PermissionDenied("cannot move the server directory itself")
+    if dst[:len(src)] == src:
+        raise InvalidInput("cannot move a directory into itself", field="newPath")
+    with c.parent(src, follow_final=False) as (src_fd, src_name, _):
+        assert src_name is not None
+        with c.parent(dst, follow_final=False, create_dirs=True) as (dst_fd, dst_name, _):
+            assert dst_name is not None
+            try:
+                os.stat(src_name, dir_fd=src_fd, follow_symlinks=False)
+                rename_noreplace(src_fd, src_name, dst_fd, dst_name)
+            except OSError as e:
+                raise os_error(e, display(src)) from None
+
+
+def file_info(c: Confined, comps: Components) -> dict[str, Any]:
+    """``get_file_info`` data; a symlink is described as in listings."""
+    lst = c.lstat(comps)
+    name = comps[-1] if comps else "/"
+    if stat.S_ISLNK(lst.st_mode):
+        out = _symlink_entry(c, name, lst, comps)
+        st = lst
+    else:
+        st = lst
+        out = entry(name, st, comps)
+    if not out.get("symlink") or out.get("broken"):
+        mode = stat.S_IMODE(st.st_mode)
+    else:
+        mode = stat.S_IMODE(c.stat(comps).st_mode)
+    out["mode"] = "{:04o}".format(mode)
+    out["permissions"] = "{:03o}".format(mode & 0o777)
+    return out
+
+
+def set_permissions(c: Confined, comps: Components, mode: int) -> None:
+    """
+    ``chmod`` that never follows a symlink: the final component is checked
+    with ``fstatat(AT_SYMLINK_NOFOLLOW)``, opened ``O_NOFOLLOW`` (a link
+    swapped in meanwhile fails with ``ELOOP``), re-checked by inode, and
+    changed with ``fchmod``.  Only regular files and directories.
+    """
+    with c.parent(comps, follow_final=False) as (dir_fd, name, _):
+        target = name or "."
+        try:
+            st = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as e:
+            raise os_error(e, display(comps)) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise PermissionDenied("{} is a symlink; permissions of links are not changed"
+                                   .format(display(comps)))
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise PermissionDenied("{} is not a regular file or directory".format(display(comps)))
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                         | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as e:
+            raise os_error(e, display(comps)) from None
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise PermissionDenied("{} changed during the operation".format(display(comps)))
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+
+# -- chunked uploads ----------------------------------------------------------
+
+def assemble_chunks(c: Confined, parts: list[Components], target: Components,
+                    quota: Quota) -> os.stat_result:
+    """
+    Concatenate the chunk files ``parts`` (in order) into ``target``
+    atomically, then delete them.  The chunks are already counted in the
+    server's usage; the assembled file replaces them.
+    """
+    sizes = [c.lstat(p).st_size for p in parts]
+
+    def stream() -> Iterable[bytes]:
+        for p in parts:
+            fd = c.open(p, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise PermissionDenied("{} is not a regular file".format(display(p)))
+                while True:
+                    data = os.read(fd, COPY_CHUNK * 4)
+                    if not data:
+                        break
+                    yield data
+            finally:
+                os.close(fd)
+
+    # The chunks are freed right after: let the assembly use their room.
+    quota.credit(sum(sizes))
+    st = write_atomic(c, target, stream(), quota)
+    for p in parts:
+        try:
+            delete(c, p)
+        except FileNotFound:
+            pass
+    return st
+
+
+def existing_chunks(c: Confined, target: Components) -> list[tuple[int, str]]:
+    """``(index, name)`` of the ``<name>.chunk<N>`` files beside ``target``, sorted."""
+    from ctrlagent.files.paths import split_chunk
+
+    prefix = target[-1] + ".chunk"
+    out = []
+    fd = c.open(target[:-1], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(fd) as it:
+            for e in it:
+                if e.name.startswith(prefix) and e.is_file(follow_symlinks=False):
+                    parsed = split_chunk(target[:-1] + (e.name,))
+                    if parsed is not None and parsed[0] == target:
+                        out.append((parsed[1], e.name))
+    finally:
+        os.close(fd)
+    out.sort()
+    return out
+
+
+# -- disk usage ---------------------------------------------------------------
+
+def _tree_size(dir_fd: int, name: str) -> int:
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return _fd_usage(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _fd_usage(fd: int, depth: int) -> int:
+    total = 0
+    with os.scandir(fd) as it:
+        for e in it:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    if depth < MAX_DEPTH:
+                        total += _tree_size(fd, e.name)
+                elif e.is_file(follow_symlinks=False):
+                    total += e.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue  # changed under us; usage is an estimate
+    return total
+
+
+def disk_usage(c: Confined) -> int:
+    """Apparent size in bytes of every regular file beneath the root."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=c.root_fd)
+    try:
+        return _fd_usage(fd, 0)
+    finally:
+        os.close(fd)
