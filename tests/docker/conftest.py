@@ -1,0 +1,138 @@
+"""
+Fixtures of the Docker client tests.
+
+- ``local_registry`` (session): a ``docker-registry`` on loopback holding a
+  freshly built image that the engine does not have, so pulling it downloads
+  a real layer with progress.
+- ``docker`` : a ``DockerClient`` on the test engine (``docker_engine``).
+- ``containers``: creates containers named ``ctrlagent-t-...`` and removes
+  them, by id, after the test.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from ctrlagent.config import DockerConfig
+from ctrlagent.docker import DockerClient, NotFound
+from ctrlagent.testing.registry import LocalRegistry
+
+
+def unique_name(tag: str = "") -> str:
+    """A container/network name of this test run."""
+    return "ctrlagent-t-{}{}".format(tag + "-" if tag else "", secrets.token_hex(4))
+
+
+def _docker_cli(host: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ, DOCKER_HOST=host)
+    return subprocess.run(["docker", *args], capture_output=True, env=env, check=False)
+
+
+@dataclass
+class Registry:
+    """The running registry and what was pushed to it."""
+
+    server: LocalRegistry
+    image: str  # pushed, absent from the engine: pulling downloads it
+    layer_bytes: int
+    pulled: list[str] = field(default_factory=list)
+
+
+def _make_pull_image(host: str, tag: str) -> int:
+    """Import a one-layer image with 2 MiB of random data; return its size."""
+    payload = os.urandom(2 * 1024 * 1024)
+    with tempfile.TemporaryDirectory(prefix="ctrlagent-pullimg-") as tmp:
+        data = os.path.join(tmp, "blob.bin")
+        with open(data, "wb") as f:
+            f.write(payload)
+        tarball = os.path.join(tmp, "rootfs.tar")
+        with tarfile.open(tarball, "w") as tar:
+            tar.add(data, arcname="blob.bin")
+        proc = _docker_cli(host, "import", tarball, tag)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.decode(errors="replace"))
+    return len(payload)
+
+
+@pytest.fixture(scope="session")
+def local_registry(docker_engine: Any) -> Iterator[Registry]:
+    server = LocalRegistry().start()
+    local = "ctrlagent-test/pullme:{}".format(secrets.token_hex(4))
+    try:
+        size = _make_pull_image(docker_engine.host, local)
+        target = server.push(docker_engine.host, local, "ctrlagent/pullme:1")
+        # Remove both names so that the engine no longer has the layer.
+        _docker_cli(docker_engine.host, "rmi", target, local)
+        registry = Registry(server=server, image=target, layer_bytes=size)
+        yield registry
+    finally:
+        for ref in (local, "{}/ctrlagent/pullme:1".format(server.address)):
+            _docker_cli(docker_engine.host, "rmi", "-f", ref)
+        server.stop()
+
+
+def make_client(host: str, **overrides: Any) -> DockerClient:
+    from twisted.internet import reactor
+
+    settings: dict[str, Any] = {"host": host, "call_timeout": 15.0}
+    settings.update(overrides)
+    return DockerClient.from_config(reactor, DockerConfig(**settings))
+
+
+@pytest_twisted.async_yield_fixture
+async def docker(docker_engine: Any) -> AsyncIterator[DockerClient]:
+    client = make_client(docker_engine.host)
+    yield client
+    await client.close()
+
+
+class Containers:
+    """Creates test containers and removes every one of them afterwards."""
+
+    def __init__(self, client: DockerClient, image: str) -> None:
+        self.client = client
+        self.image = image
+        self.ids: list[str] = []
+
+    async def create(
+        self, env: dict[str, str] | None = None, *, start: bool = True, tag: str = "",
+        **spec: Any,
+    ) -> str:
+        body: dict[str, Any] = {
+            "Image": self.image,
+            "OpenStdin": True,
+            "StdinOnce": False,
+            "AttachStdin": False,
+            "Env": ["{}={}".format(k, v) for k, v in (env or {}).items()],
+            "Labels": {"ctrl-alt-play.managed": "true", "ctrlagent.test": "1"},
+        }
+        body.update(spec)
+        cid = await self.client.container_create(unique_name(tag), body)
+        self.ids.append(cid)
+        if start:
+            await self.client.container_start(cid)
+        return cid
+
+    async def remove_all(self) -> None:
+        for cid in self.ids:
+            try:
+                await self.client.container_remove(cid, force=True, volumes=True)
+            except NotFound:
+                pass
+
+
+@pytest_twisted.async_yield_fixture
+async def containers(docker: DockerClient, scripted_image: str) -> AsyncIterator[Containers]:
+    made = Containers(docker, scripted_image)
+    yield made
+    await made.remove_all()

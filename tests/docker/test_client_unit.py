@@ -1,0 +1,445 @@
+"""
+Unit tests of the Docker client: no engine, no real time.
+
+URL building with awkward ids, DOCKER_HOST parsing, error mapping of engine
+answers (through ``StubTreq`` and a fake engine resource), the pure stats and
+event parsing, and the stream machinery (backpressure, silence timeout,
+broken connections) with a ``Clock`` and a fake transport.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from ctrlagent.config import DockerConfig
+from ctrlagent.docker import (
+    Conflict,
+    ContainerGone,
+    DockerClient,
+    DockerError,
+    DockerInvalidInput,
+    DockerTimeout,
+    DockerUnavailable,
+    ImageNotFound,
+    NotFound,
+    parse_docker_host,
+    parse_image_ref,
+)
+from ctrlagent.docker.models import format_since, parse_event, parse_pull_progress
+from ctrlagent.docker.stats import parse_stats
+from ctrlagent.docker.streams import ItemStream, LineStream
+from ctrlagent.errors import Conflict as AgentConflict
+from ctrlagent.errors import NotFound as AgentNotFound
+
+
+class FakeEngine(Resource):
+    """Answers every path from a table: path -> (status, body)."""
+
+    isLeaf = True
+
+    def __init__(self, answers: dict[str, tuple[int, Any]]) -> None:
+        super().__init__()
+        self.answers = answers
+        self.seen: list[tuple[str, bytes]] = []
+
+    def render(self, request: Request) -> bytes:
+        self.seen.append((request.method.decode(), request.uri))
+        path = request.path.decode()
+        status, body = self.answers.get(path, (404, {"message": "page not found"}))
+        request.setResponseCode(status)
+        if isinstance(body, bytes):
+            return body
+        request.setHeader("content-type", "application/json")
+        return json.dumps(body).encode()
+
+
+def stub_client(
+    answers: dict[str, tuple[int, Any]], **config: Any
+) -> tuple[DockerClient, FakeEngine]:
+    engine = FakeEngine(
+        {"/version": (200, {"ApiVersion": "1.43", "Version": "24.0"}), **answers}
+    )
+    client = DockerClient(StubTreq(engine), Clock(), DockerConfig(**config))
+    return client, engine
+
+
+# -- URLs and hosts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cid", "encoded"),
+    [
+        ("abc123", "abc123"),
+        ("my server", "my%20server"),
+        ("a/b", "a%2Fb"),
+        ("x?y#z", "x%3Fy%23z"),
+        ("100%", "100%25"),
+        ("é", "%C3%A9"),
+    ],
+)
+def test_ids_are_percent_encoded_as_one_path_segment(cid: str, encoded: str) -> None:
+    client, _ = stub_client({})
+    client._api = "1.41"
+    query = {"all": True, "filters": {"label": ["a=b c"]}}
+    url = client.url("containers", cid, "json", query=query)
+    text = url.to_uri().to_text()
+    assert text.startswith("http://docker/v1.41/containers/{}/json?".format(encoded))
+    assert "all=1" in text
+    assert "filters=%7B%22label%22%3A%5B%22a%3Db%20c%22%5D%7D" in text
+
+
+def test_image_references_with_registry_port_and_tag_stay_one_segment() -> None:
+    client, _ = stub_client({})
+    client._api = "1.45"
+    url = client.url("images", "127.0.0.1:5000/team/game:1.2", "json")
+    assert url.to_uri().to_text() == (
+        "http://docker/v1.45/images/127.0.0.1%3A5000%2Fteam%2Fgame%3A1.2/json"
+    )
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a\x00b"])
+@pytest_twisted.ensureDeferred
+async def test_dot_segments_and_empty_ids_are_refused_before_any_request(bad: str) -> None:
+    client, engine = stub_client({})
+    with pytest.raises(DockerInvalidInput):
+        await client.container_inspect(bad)
+    assert engine.seen == []
+
+
+def test_docker_host_values() -> None:
+    assert parse_docker_host("unix:///run/docker.sock").path == "/run/docker.sock"
+    tcp = parse_docker_host("tcp://10.0.0.5:2375")
+    assert (tcp.kind, tcp.hostname, tcp.port) == ("tcp", "10.0.0.5", 2375)
+    assert parse_docker_host("tcp://docker.example", tls=True).kind == "tls"
+    assert parse_docker_host("tcp://docker.example", tls=True).port == 2376
+    assert parse_docker_host("https://docker.example:4443").kind == "tls"
+    assert parse_docker_host("unix:///x").base_url.to_text() == "http://docker/"
+    assert tcp.base_url.to_text() == "http://10.0.0.5:2375/"
+    with pytest.raises(DockerInvalidInput):
+        parse_docker_host("ssh://host")
+    with pytest.raises(DockerInvalidInput):
+        parse_docker_host("unix://relative.sock")
+
+
+def test_image_references() -> None:
+    ref = parse_image_ref("127.0.0.1:5000/ctrlagent/scripted:1")
+    assert (ref.registry, ref.repository, ref.tag) == (
+        "127.0.0.1:5000", "127.0.0.1:5000/ctrlagent/scripted", "1")
+    assert parse_image_ref("busybox").tag == "latest"
+    assert parse_image_ref("busybox").registry == "docker.io"
+    assert parse_image_ref("library/busybox:1.36").registry == "docker.io"
+    assert parse_image_ref("localhost/x").registry == "localhost"
+    digest = parse_image_ref("ghcr.io/a/b@sha256:" + "0" * 64)
+    assert digest.registry == "ghcr.io" and digest.tag.startswith("sha256:") and digest.is_digest
+
+
+def test_since_keeps_nanoseconds() -> None:
+    assert format_since(1700000000.5) == "1700000000.500000000"
+    assert format_since(12) == "12.000000000"
+
+
+def test_registry_credentials_are_sent_only_to_their_registry() -> None:
+    import base64
+
+    client, _ = stub_client(
+        {}, registry_auths={"https://127.0.0.1:5000": {"username": "u", "password": "p"}}
+    )
+    header = client.registry_auth("127.0.0.1:5000")
+    assert header is not None
+    doc = json.loads(base64.urlsafe_b64decode(header))
+    assert doc == {"serveraddress": "127.0.0.1:5000", "username": "u", "password": "p"}
+    assert client.registry_auth("docker.io") is None
+
+
+# -- error mapping -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_engine_answers_map_to_typed_errors() -> None:
+    client, engine = stub_client(
+        {
+            "/v1.43/containers/gone/json": (404, {"message": "No such container: gone"}),
+            "/v1.43/containers/busy/rename": (409, {"message": "name in use"}),
+            "/v1.43/images/nope/json": (404, {"message": "No such image: nope"}),
+            "/v1.43/containers/x/start": (500, {"message": "cannot start: boom"}),
+        }
+    )
+    with pytest.raises(ContainerGone) as gone:
+        await client.container_inspect("gone")
+    assert isinstance(gone.value, AgentNotFound) and isinstance(gone.value, NotFound)
+    assert gone.value.status == 404 and gone.value.code == "CONTAINER_NOT_FOUND"
+    assert "No such container" in gone.value.message
+    with pytest.raises(Conflict) as busy:
+        await client.container_rename("busy", "x")
+    assert isinstance(busy.value, AgentConflict) and busy.value.status == 409
+    with pytest.raises(ImageNotFound):
+        await client.image_inspect("nope")
+    with pytest.raises(DockerError) as boom:
+        await client.container_start("x")
+    assert (boom.value.status, boom.value.message) == (500, "cannot start: boom")
+    # The version was negotiated once for all these calls.
+    assert [uri for _, uri in engine.seen].count(b"/version") == 1
+    assert client.api_version == "1.43"
+
+
+@pytest_twisted.ensureDeferred
+async def test_error_bodies_are_read_with_a_size_cap() -> None:
+    huge = b"x" * (1024 * 1024)
+    client, _ = stub_client({"/v1.43/info": (500, huge)})
+    with pytest.raises(DockerError) as e:
+        await client.info()
+    assert e.value.status == 500
+    assert len(e.value.message) <= 64 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_newer_engines_are_spoken_to_at_our_newest_api_and_old_ones_refused() -> None:
+    client, _ = stub_client({"/version": (200, {"ApiVersion": "1.51"})})
+    await client.version()
+    assert client.api_version == "1.45"
+    old, _ = stub_client({"/version": (200, {"ApiVersion": "1.40"})})
+    with pytest.raises(DockerError, match="older than the minimum"):
+        await old.version()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_missing_socket_is_docker_unavailable_at_once(tmp_path: Any) -> None:
+    from twisted.internet import reactor
+
+    client = DockerClient.from_config(
+        reactor, DockerConfig(host="unix://{}/nothing.sock".format(tmp_path))
+    )
+    with pytest.raises(DockerUnavailable, match="unavailable"):
+        await client.ping()
+    with pytest.raises(DockerUnavailable):
+        await client.container_list()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_that_never_answers_times_out_as_unavailable() -> None:
+    class Hanging:
+        def request(self, *args: Any, **kw: Any) -> Deferred[Any]:
+            return Deferred()
+
+    clock = Clock()
+    client = DockerClient(Hanging(), clock, DockerConfig(call_timeout=5))
+    d = Deferred.fromCoroutine(client.ping())
+    clock.advance(4.9)
+    assert not d.called
+    clock.advance(0.2)
+    with pytest.raises(DockerTimeout):
+        await d
+
+
+# -- pure parsing --------------------------------------------------------------
+
+
+def test_stats_follow_the_docker_stats_formulas() -> None:
+    doc = {
+        "read": "2026-01-01T00:00:01Z",
+        "cpu_stats": {
+            "cpu_usage": {"total_usage": 3_000_000_000},
+            "system_cpu_usage": 20_000_000_000,
+            "online_cpus": 2,
+        },
+        "precpu_stats": {
+            "cpu_usage": {"total_usage": 2_000_000_000},
+            "system_cpu_usage": 10_000_000_000,
+        },
+        "memory_stats": {
+            "usage": 100 * 2**20,
+            "limit": 256 * 2**20,
+            "stats": {"total_inactive_file": 30 * 2**20},
+        },
+        "networks": {
+            "eth0": {"rx_bytes": 10, "tx_bytes": 20},
+            "eth1": {"rx_bytes": 1, "tx_bytes": 2},
+        },
+        "blkio_stats": {
+            "io_service_bytes_recursive": [
+                {"op": "Read", "value": 4096},
+                {"op": "Write", "value": 8192},
+                {"op": "read", "value": 1},
+                {"op": "Total", "value": 99999},
+            ]
+        },
+        "pids_stats": {"current": 7},
+    }
+    s = parse_stats(doc)
+    assert s.cpu_percent == pytest.approx(20.0)
+    assert s.memory_bytes == 70 * 2**20
+    assert s.memory_limit_bytes == 256 * 2**20
+    assert (s.rx_bytes, s.tx_bytes) == (11, 22)
+    assert (s.blk_read, s.blk_write) == (4097, 8192)
+    assert s.pids == 7
+    cgroup2 = dict(doc, memory_stats={"usage": 50, "limit": 100, "stats": {"inactive_file": 20}})
+    assert parse_stats(cgroup2).memory_bytes == 30
+    first_sample = dict(doc, precpu_stats={})
+    assert parse_stats(first_sample).cpu_percent == 0.0
+
+
+def test_events_carry_exit_code_labels_and_nanosecond_time() -> None:
+    event = parse_event(
+        {
+            "Type": "container",
+            "Action": "die",
+            "Actor": {"ID": "abc", "Attributes": {"exitCode": "3", "name": "s1", "x": "y"}},
+            "time": 1700000000,
+            "timeNano": 1700000000123456789,
+        }
+    )
+    assert (event.action, event.container_id, event.exit_code) == ("die", "abc", 3)
+    assert event.labels["x"] == "y" and event.name == "s1"
+    assert event.time_nano == 1700000000123456789
+    assert event.time == pytest.approx(1700000000.123456789)
+
+
+def test_pull_progress_percent() -> None:
+    p = parse_pull_progress(
+        {"status": "Downloading", "id": "abc", "progressDetail": {"current": 50, "total": 200}}
+    )
+    assert (p.layer, p.status, p.percent) == ("abc", "Downloading", 25.0)
+    assert parse_pull_progress({"status": "Pulling fs layer", "id": "abc"}).percent is None
+    failed = parse_pull_progress({"errorDetail": {"message": "nope"}, "error": "nope"})
+    assert failed.error == "nope"
+
+
+# -- streams -------------------------------------------------------------------
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.paused = False
+        self.pauses = 0
+        self.stopped = False
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.stopped = True
+
+
+class FakeResponse:
+    code = 200
+
+    def __init__(self) -> None:
+        self.protocol: Any = None
+        self.transport = FakeTransport()
+
+    def deliverBody(self, protocol: Any) -> None:  # noqa: N802
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+
+def fake_stream(clock: Clock, **kw: Any) -> tuple[LineStream, FakeResponse]:
+    response = FakeResponse()
+
+    async def open() -> FakeResponse:
+        return response
+
+    stream = LineStream.console(clock, open, tty=True, line_cap=1000, **kw)
+    return stream, response
+
+
+def lines(n: int, start: int = 0) -> bytes:
+    return b"".join(b"%d\n" % i for i in range(start, start + n))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_consumer_pauses_the_engine_and_resumes_it() -> None:
+    stream, response = fake_stream(Clock())
+    stream._high, stream._low = 100, 25
+    response.protocol.dataReceived(lines(150))
+    assert response.transport.paused
+    got = []
+    for _ in range(124):
+        got.append(await stream.__anext__())
+    assert response.transport.paused  # 26 left: still above the low-water mark
+    got.append(await stream.__anext__())
+    assert not response.transport.paused
+    response.protocol.dataReceived(lines(10, 150))
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    async for item in stream:
+        got.append(item)
+    assert [int(line) for _, line in got] == list(range(160))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_stream_times_out_but_not_while_we_are_paused() -> None:
+    clock = Clock()
+    stream, response = fake_stream(clock, silence_timeout=5.0)
+    stream._high, stream._low = 10, 2
+    response.protocol.dataReceived(lines(20))
+    assert response.transport.paused
+    clock.advance(60)  # our own consumer is slow: not the engine's silence
+    assert not stream.done
+    batch = await stream.next_batch(100)
+    assert len(batch) == 20 and not response.transport.paused
+    clock.advance(4)
+    assert not stream.done
+    clock.advance(2)
+    with pytest.raises(DockerTimeout):
+        await stream.__anext__()
+    assert response.transport.stopped
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broken_connection_delivers_what_arrived_then_raises_unavailable() -> None:
+    stream, response = fake_stream(Clock())
+    response.protocol.dataReceived(b"one\ntwo\npart")
+    response.protocol.connectionLost(Failure(ConnectionLost("engine went away")))
+    assert [line async for line in _take(stream, 3)] == [
+        ("stdout", "one"), ("stdout", "two"), ("stdout", "part")]
+    with pytest.raises(DockerUnavailable, match="broken"):
+        await stream.__anext__()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_ends_iteration_cleanly_and_stops_the_transport() -> None:
+    stream, response = fake_stream(Clock())
+    response.protocol.dataReceived(b"one\n")
+    waiter = Deferred.fromCoroutine(_collect(stream))
+    stream.close()
+    assert response.transport.stopped
+    assert await waiter == [("stdout", "one")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_open_error_surfaces_on_first_iteration() -> None:
+    async def open() -> Any:
+        raise ContainerGone("No such container: x")
+
+    stream: ItemStream[Any] = LineStream.console(Clock(), open, tty=False, line_cap=10)
+    with pytest.raises(ContainerGone):
+        await stream.__anext__()
+
+
+async def _take(stream: Any, n: int) -> Any:
+    for _ in range(n):
+        yield await stream.__anext__()
+
+
+async def _collect(stream: Any) -> list[Any]:
+    return [item async for item in stream]
+
+
+def test_frames_helper_matches_the_engine_format() -> None:
+    assert struct.pack(">BxxxL", 1, 5) == b"\x01\x00\x00\x00\x00\x00\x00\x05"
