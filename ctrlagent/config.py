@@ -43,6 +43,16 @@ class PanelConfig:
     outbox_size: int = 10_000
     console_batch_lines: int = 50
     console_batch_window: float = 0.05
+    # Growth of the reconnect delay and the jitter added on top (a fraction of it).
+    backoff_factor: float = 2.0
+    backoff_jitter: float = 0.25
+    # A session open at least this long resets the backoff; shorter ones count
+    # as failed handshakes (a Panel that accepts and closes at once).
+    stable_after: float = 10.0
+    # Also send the legacy ``server_output``/``server_status`` frames.
+    legacy_frames: bool = True
+    # Largest message accepted from the Panel (a write_file carries content).
+    max_message_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,9 @@ class ServersConfig:
     container_gid: int = 1000
     default_bind_ip: str = "0.0.0.0"
     install_timeout: float = 900.0
+    # create_server/reinstall answer after at most this long; a slow pull or
+    # install continues in the background (the Panel gives up after 30 s).
+    create_answer_timeout: float = 20.0
 
 
 @dataclass(frozen=True)
