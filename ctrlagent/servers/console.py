@@ -1,0 +1,157 @@
+"""
+A server's console: the ring buffer of recent lines and the flood throttle.
+
+Both are reactor-free except for an injected ``IReactorTime`` (the throttle
+schedules its once-per-interval notice), so unit tests drive them with
+``twisted.internet.task.Clock``.
+
+The buffer keeps *every* line (it is the history the Panel asks for and the
+crash report's tail); the throttle only limits what is fanned out to
+subscribers, which is where a flooding server would cost the agent and the
+Panel link most.  Dropped lines are counted and reported once per interval.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+# Docker's ``timestamps=1`` prefix: RFC 3339 with up to nanoseconds, then a space.
+_TIMESTAMP = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2}) "
+)
+
+
+@dataclass(frozen=True)
+class ConsoleLine:
+    """One line of console output."""
+
+    timestamp: float  # seconds since the epoch
+    stream: str  # stdout | stderr | agent
+    text: str
+    mark: int = 0  # Docker's nanosecond timestamp; 0 for agent notices
+
+
+def split_timestamp(line: str) -> tuple[int, str]:
+    """
+    Split Docker's timestamp prefix off a log line.
+
+    Returns ``(nanoseconds since the epoch, rest)``; a line without a prefix
+    returns ``(0, line)``.  Exact integer arithmetic: the nanosecond is the
+    identity of a line across agent restarts, so no float rounding.
+    """
+    m = _TIMESTAMP.match(line)
+    if m is None:
+        return 0, line
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    zone = m.group(8)
+    if zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    fraction = (m.group(7) or "").ljust(9, "0")
+    return seconds * 1_000_000_000 + int(fraction), line[m.end():]
+
+
+class ConsoleBuffer:
+    """A bounded ring buffer of the latest console lines of one server."""
+
+    def __init__(self, size: int) -> None:
+        self._lines: deque[ConsoleLine] = deque(maxlen=max(1, size))
+        self.last_activity: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __iter__(self) -> Iterator[ConsoleLine]:
+        return iter(self._lines)
+
+    @property
+    def capacity(self) -> int:
+        """How many lines the buffer holds at most."""
+        return self._lines.maxlen or 0
+
+    def append(self, line: ConsoleLine) -> None:
+        """Add a line, dropping the oldest when full."""
+        self._lines.append(line)
+        self.last_activity = line.timestamp
+
+    def tail(self, count: int) -> list[ConsoleLine]:
+        """The last ``count`` lines, oldest first."""
+        if count <= 0:
+            return []
+        if count >= len(self._lines):
+            return list(self._lines)
+        return list(self._lines)[-count:]
+
+    def clear(self) -> None:
+        """Forget every line."""
+        self._lines.clear()
+
+
+class ConsoleThrottle:
+    """
+    Admit at most ``limit`` lines per ``interval`` seconds.
+
+    Lines over the limit are refused and counted; when an interval that
+    dropped lines ends, ``on_dropped(count, interval)`` is called once, so a
+    flood shows up as one console notice per interval, never silently.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        limit: int,
+        interval: float,
+        on_dropped: Callable[[int, float], None],
+    ) -> None:
+        self._clock = clock
+        self.limit = limit
+        self.interval = interval
+        self._on_dropped = on_dropped
+        self._window_start = -1e18
+        self._admitted = 0
+        self._dropped = 0
+        self.total_dropped = 0
+        self._notice: IDelayedCall | None = None
+
+    def admit(self) -> bool:
+        """True when the next line may go to subscribers."""
+        if self.limit <= 0:
+            return True
+        now = self._clock.seconds()
+        if now - self._window_start >= self.interval:
+            self._window_start = now
+            self._admitted = 0
+        if self._admitted < self.limit:
+            self._admitted += 1
+            return True
+        self._dropped += 1
+        self.total_dropped += 1
+        if self._notice is None:
+            delay = max(0.0, self._window_start + self.interval - now)
+            self._notice = self._clock.callLater(delay, self._report)
+        return False
+
+    def _report(self) -> None:
+        self._notice = None
+        count, self._dropped = self._dropped, 0
+        if count:
+            self._on_dropped(count, self.interval)
+
+    def flush(self) -> None:
+        """Report pending drops now (used when the server stops)."""
+        if self._notice is not None and self._notice.active():
+            self._notice.cancel()
+        self._report()
+
+    def cancel(self) -> None:
+        """Stop the pending notice timer (shutdown); drops are still counted."""
+        if self._notice is not None and self._notice.active():
+            self._notice.cancel()
+        self._notice = None

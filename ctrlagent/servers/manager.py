@@ -1,0 +1,821 @@
+"""
+The ``ServerManager`` service: every game server on this node.
+
+It implements ``IServerManager`` for the action dispatcher and publishes
+``StatusChanged``/``ConsoleOutput``/``ResourceUpdate`` events to listeners
+(the Panel link).  Dependencies are explicit: the reactor (clock and
+threads), the config tree, the Docker client, the store and a thread pool for
+filesystem work (disk usage, chown, purges).
+
+Start-up never blocks on Docker: definitions are loaded from the store
+(milliseconds), the API can serve at once, and the engine is reconciled in the
+background: running containers are re-attached (console recovered from
+Docker's logs), servers that should run but do not are started, and
+containers with our label the store does not know are reported, not deleted.
+Stopping the service detaches from the containers and leaves them running.
+
+Container deaths arrive through Docker's event stream (``ResumableEvents``);
+when that stream breaks, the engine is gone: servers report ``unknown`` and
+the agent keeps serving; when it opens again, the manager reconciles.
+
+Console delivery is a group commit: lines are appended to the buffers at once,
+but their fan-out waits until the mark of the last line is durably written,
+one transaction for whatever accumulated meanwhile.  A crash of the agent
+therefore never leaves a delivered line without its mark (no duplicates after
+a restart); the write rate is bounded by the disk, not by the servers' output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from ctrlagent.config import AgentConfig
+from ctrlagent.errors import (
+    Conflict,
+    CtrlAgentError,
+    DockerError,
+    DockerUnavailable,
+    NotFound,
+    ServerNotFound,
+)
+from ctrlagent.events import ConsoleOutput, EventListener, ServerEvent
+from ctrlagent.interfaces import IServerManager, ServerRoot
+from ctrlagent.servers import spec as specs
+from ctrlagent.servers.server import Server
+from ctrlagent.servers.spec import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
+from ctrlagent.servers.states import ACTIVE_STATES, ServerState, parse_state
+from ctrlagent.servers.store import ServerStore, open_store
+from ctrlagent.tracker import DeferredTracker
+
+T = TypeVar("T")
+S = ServerState
+
+
+@implementer(IServerManager)
+class ServerManager(service.Service):
+    """Owns one ``Server`` per game server and drives them through Docker."""
+
+    log = Logger()
+    name = "servers"
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: AgentConfig,
+        docker: Any,
+        store: ServerStore,
+        disk_pool: ThreadPool | None = None,
+        network_mode: str = "bridge",
+    ) -> None:
+        self.reactor = reactor
+        self.clock = reactor
+        self.config = config
+        self.docker = docker
+        self.store = store
+        self.network_mode = network_mode
+        self._own_pool = disk_pool is None
+        self.disk_pool = disk_pool or ThreadPool(minthreads=0, maxthreads=2, name="ctrlagent-disk")
+        self.tracker = DeferredTracker()
+        self._servers: dict[str, Server] = {}
+        self._aliases: dict[str, str] = {}
+        self._listeners: list[EventListener] = []
+        self.orphans: list[dict[str, Any]] = []
+        self.docker_up = True
+        self._events: Any = None
+        self._events_task: Deferred[None] | None = None
+        self._disk_loop: LoopingCall | None = None
+        self._disk_slots = DeferredSemaphore(2)
+        self._reconciling: Deferred[None] | None = None
+        self._reconcile_again = False
+        self._dead = False
+        # group commit of console marks
+        self._pending_events: list[ConsoleOutput] = []
+        self._pending_marks: dict[str, tuple[int, int]] = {}
+        self._writing = False
+        self._write_done: Deferred[None] | None = None
+        self.reconciled = 0
+
+    # -- service -----------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802 (Twisted hook)
+        """Load definitions, then watch and reconcile the engine in the background."""
+        super().startService()
+        if self._own_pool:
+            self.disk_pool.start()
+        for record in self.store.load():
+            try:
+                spec = specs.spec_from_json(record.spec)
+            except (KeyError, TypeError, ValueError):
+                self.log.failure(
+                    "stored definition of server {server_id} is unreadable",
+                    server_id=record.server_id,
+                )
+                continue
+            server = Server(
+                self,
+                spec,
+                state=parse_state(record.state),
+                desired=record.desired,
+                container_id=record.container_id,
+                console_mark=record.console_mark,
+                console_mark_count=int(record.extra.get("markCount", 0)),
+                last_crash=record.last_crash,
+            )
+            self._add(server)
+        since = self.clock.seconds()
+        self._events = self.docker.resumable_events(
+            {MANAGED_LABEL: "true"},
+            since=since,
+            retry_delay=0.25,
+            max_retry_delay=2.0,
+            on_break=self._engine_lost,
+            on_resume=self._engine_back,
+        )
+        self._events_task = self.tracker.run(self._watch_events(), "Docker event watcher")
+        self.reconcile()
+        interval = self.config.servers.disk_check_interval
+        if interval > 0:
+            self._disk_loop = LoopingCall(self._check_all_disks)
+            self._disk_loop.clock = self.clock
+            self.tracker.track(self._disk_loop.start(interval, now=True), "disk usage checks")
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 (Twisted hook)
+        """Detach from every container (they keep running) and close the store."""
+        super().stopService()
+        return Deferred.fromCoroutine(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        if self._disk_loop is not None and self._disk_loop.running:
+            self._disk_loop.stop()
+        if self._events is not None:
+            self._events.close()
+        for server in self._servers.values():
+            server.detach_output()
+            server.throttle.cancel()
+        self.tracker.cancel_all()
+        await self.tracker.wait()
+        await self._flush_marks()
+        await self.store.close()
+        if self._own_pool:
+            self.disk_pool.stop()
+
+    def simulate_crash(self) -> None:
+        """
+        Tests only: die as a SIGKILLed agent would, writing nothing more.
+
+        Streams and timers are dropped, queued but uncommitted console marks
+        are lost (their lines were never fanned out), the store stays as the
+        last commit left it.
+        """
+        self._dead = True
+        self.running = False
+        if self._disk_loop is not None and self._disk_loop.running:
+            self._disk_loop.stop()
+        if self._events is not None:
+            self._events.close()
+        for server in self._servers.values():
+            server.detach_output()
+            server.throttle.cancel()
+        self.tracker.cancel_all()
+        self._pending_events.clear()
+        self._pending_marks.clear()
+
+    # -- plumbing used by Server -------------------------------------------
+
+    def emit(self, event: ServerEvent) -> None:
+        """Publish an event to every listener; a failing listener is logged."""
+        if self._dead:
+            return
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                self.log.failure("event listener failed")
+
+    def deliver(
+        self, server_id: str, events: list[ConsoleOutput], mark: tuple[int, int] | None
+    ) -> None:
+        """Fan ``events`` out once ``mark`` (if any) is durably stored."""
+        if self._dead:
+            return
+        if mark is not None and mark[0]:
+            self._pending_marks[server_id] = mark
+        self._pending_events.extend(events)
+        if not self._writing:
+            self._write_marks()
+
+    def _write_marks(self) -> None:
+        if not self._pending_marks:
+            events, self._pending_events = self._pending_events, []
+            self._fan_out(events)
+            return
+        marks, self._pending_marks = self._pending_marks, {}
+        events, self._pending_events = self._pending_events, []
+        self._writing = True
+        changes = [
+            (sid, {"console_mark": ns, "extra": {"markCount": n}})
+            for sid, (ns, n) in marks.items()
+            if sid in self._servers
+        ]
+        d = self.store.update_many(changes)
+
+        def written(result: object) -> None:
+            self._writing = False
+            if isinstance(result, Failure):
+                # Delivery matters more than exactly-once: fan out anyway.
+                self.log.failure("storing console marks failed", result)
+            if self._dead:
+                return
+            self._fan_out(events)
+            if self._pending_events or self._pending_marks:
+                self._write_marks()
+            elif self._write_done is not None:
+                done, self._write_done = self._write_done, None
+                done.callback(None)
+
+        d.addBoth(written)
+
+    async def _flush_marks(self) -> None:
+        if self._writing:
+            self._write_done = Deferred()
+            await self._write_done
+
+    def _fan_out(self, events: list[ConsoleOutput]) -> None:
+        for event in events:
+            self.emit(event)
+
+    def persist(self, server_id: str, **fields: Any) -> None:
+        """Write fields of a server's row in the background (in order)."""
+        if self._dead or server_id not in self._servers:
+            return
+        self.tracker.track(self.store.update(server_id, **fields), "store " + server_id)
+
+    def track(self, work: Coroutine[Any, Any, T] | Deferred[T], description: str) -> Deferred[T]:
+        """Run/track background work so failures are logged and shutdown waits."""
+        if isinstance(work, Deferred):
+            return self.tracker.track(work, description)
+        return self.tracker.run(work, description)
+
+    async def within(self, d: Deferred[Any], timeout: float) -> bool:
+        """True if ``d`` fires within ``timeout`` s (``d`` itself is not cancelled)."""
+        if d.called:
+            return True
+        waiter: Deferred[bool] = Deferred()
+
+        def fired(result: object) -> object:
+            if not waiter.called:
+                waiter.callback(True)
+            return result
+
+        d.addBoth(fired)
+        def expire() -> None:
+            if not waiter.called:
+                waiter.callback(False)
+
+        timer = self.clock.callLater(timeout, expire)
+        try:
+            return await waiter
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def in_thread(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run blocking filesystem work in the disk pool."""
+        return deferToThreadPool(self.reactor, self.disk_pool, fn, *args)
+
+    async def prepare_data_dir(self, server: Server, recursive: bool = False) -> None:
+        """Create the data directory owned by the server's user."""
+        uid, gid = server.owner
+        await self.in_thread(_prepare_dir, server.data_path, uid, gid, recursive)
+
+    def start_install(self, server: Server) -> Deferred[Any] | None:
+        """Run the install flow in the background under the power slot."""
+        try:
+            server.claim("install")
+        except Conflict:
+            return None
+        return server.in_background("install", server.install)
+
+    # -- engine watching and reconciling -----------------------------------
+
+    async def _watch_events(self) -> None:
+        assert self._events is not None
+        async for event in self._events:
+            if event.labels.get(ROLE_LABEL, "server") != "server":
+                continue
+            server = self._by_event(event)
+            if server is None:
+                continue
+            server.on_event(event.action, event.exit_code)
+
+    def _by_event(self, event: Any) -> Server | None:
+        sid = event.labels.get(SERVER_ID_LABEL)
+        server = self._servers.get(sid) if sid else None
+        if server is None:
+            for candidate in self._servers.values():
+                if candidate.container_id == event.container_id:
+                    return candidate
+            return None
+        if server.container_id not in (None, event.container_id):
+            # An event of a replaced container: not about the current one.
+            return None
+        return server
+
+    def _engine_lost(self, error: DockerError) -> None:
+        if not self.docker_up:
+            return
+        self.docker_up = False
+        self.log.warn(  # noqa: G010 (twisted.logger has warn)
+            "Docker engine unreachable ({error}): servers are unknown", error=error
+        )
+        for server in self._servers.values():
+            server.mark_unknown()
+
+    def _engine_back(self) -> None:
+        self.log.info("Docker engine is back: reconciling")
+        self.docker_up = True
+        self.reconcile()
+
+    def reconcile(self) -> Deferred[None]:
+        """Reconcile in the background (coalescing overlapping requests)."""
+        if self._reconciling is not None:
+            self._reconcile_again = True
+            return self._reconciling
+        d = self.tracker.run(self._reconcile_loop(), "reconcile")
+        if not d.called:
+            self._reconciling = d
+        return d
+
+    async def _reconcile_loop(self) -> None:
+        try:
+            while True:
+                self._reconcile_again = False
+                await self._reconcile()
+                if not self._reconcile_again:
+                    return
+        finally:
+            self._reconciling = None
+
+    async def _reconcile(self) -> None:
+        try:
+            containers = await self.docker.container_list(labels={MANAGED_LABEL: "true"}, all=True)
+        except DockerUnavailable as e:
+            self._engine_lost(e)
+            return
+        self.docker_up = True
+        found: dict[str, dict[str, Any]] = {}
+        orphans: list[dict[str, Any]] = []
+        for c in containers:
+            labels = c.get("Labels") or {}
+            sid = labels.get(SERVER_ID_LABEL, "")
+            role = labels.get(ROLE_LABEL, "server")
+            server = self._servers.get(sid)
+            if server is None:
+                orphans.append(
+                    {
+                        "containerId": c.get("Id"),
+                        "names": c.get("Names") or [],
+                        "serverId": sid,
+                        "state": c.get("State"),
+                    }
+                )
+                continue
+            if role != "server":
+                continue
+            current = found.get(sid)
+            # Prefer the container the store knows, then a running one.
+            if current is None or c.get("Id") == server.container_id or c.get("State") == "running":
+                found[sid] = c
+        for orphan in orphans:
+            if orphan not in self.orphans:
+                self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                    "container {cid} ({names}) carries our label but no server is defined"
+                    " for {server_id}: left alone",
+                    cid=orphan["containerId"],
+                    names=",".join(orphan["names"]),
+                    server_id=orphan["serverId"],
+                )
+        self.orphans = orphans
+        slots = DeferredSemaphore(8)
+
+        async def one(server: Server) -> None:
+            try:
+                await server.reconcile(found.get(server.server_id))
+            except DockerUnavailable as e:
+                self._engine_lost(e)
+            except CtrlAgentError as e:
+                self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                    "reconciling server {server_id} failed: {error}",
+                    server_id=server.server_id,
+                    error=e.message,
+                )
+
+        def run(server: Server) -> Deferred[None]:
+            return Deferred.fromCoroutine(one(server))
+
+        work = [slots.run(run, server) for server in list(self._servers.values())]
+        for d in work:
+            await d
+        self.reconciled += 1
+
+    # -- disk usage --------------------------------------------------------
+
+    def _check_all_disks(self) -> Deferred[Any]:
+        def one(server: Server) -> Deferred[int]:
+            return Deferred.fromCoroutine(self.check_disk(server))
+
+        work = [self._disk_slots.run(one, server) for server in list(self._servers.values())]
+        if not work:
+            return succeed(None)
+        from twisted.internet.defer import DeferredList
+
+        return DeferredList(work, consumeErrors=True)
+
+    async def check_disk(self, server: Server) -> int:
+        """Measure the data directory (in a thread), cache it, enforce the limit."""
+        used = await self.in_thread(_disk_usage, server.data_path)
+        server.disk_bytes = used
+        server.disk_checked = self.clock.seconds()
+        limit = server.spec.limits.disk_mb
+        if limit > 0 and used > limit * specs.MB and server.state in ACTIVE_STATES:
+            if server.power is None and server.state is not S.STOPPING:
+                server.notice(
+                    "disk usage {:.1f} MB is over the limit of {} MB: stopping".format(
+                        used / specs.MB, limit
+                    )
+                )
+                server.claim("stop")
+                server.set_desired("offline")
+                server.in_background("stop", lambda: server.graceful_stop(None, None))
+        return used
+
+    # -- lookup ------------------------------------------------------------
+
+    def _add(self, server: Server) -> None:
+        self._servers[server.server_id] = server
+        for alias in server.spec.aliases:
+            self._aliases[alias] = server.server_id
+
+    def _remove(self, server: Server) -> None:
+        self._servers.pop(server.server_id, None)
+        for alias, sid in list(self._aliases.items()):
+            if sid == server.server_id:
+                del self._aliases[alias]
+
+    def resolve(self, server_id: str) -> str:
+        """Canonical id of a server known by id, alias, container name or id."""
+        if not isinstance(server_id, str) or not server_id:
+            raise ServerNotFound("no server id given")
+        if server_id in self._servers:
+            return server_id
+        if server_id in self._aliases:
+            return self._aliases[server_id]
+        if server_id.startswith(specs.CONTAINER_PREFIX):
+            rest = server_id[len(specs.CONTAINER_PREFIX):]
+            if rest in self._servers:
+                return rest
+        if len(server_id) >= 12:
+            for server in self._servers.values():
+                if server.container_id and server.container_id.startswith(server_id):
+                    return server.server_id
+        raise ServerNotFound("no server {!r} on this node".format(server_id))
+
+    def get(self, server_id: str) -> Server:
+        """The ``Server`` known by ``server_id`` (any of its names)."""
+        return self._servers[self.resolve(server_id)]
+
+    @property
+    def servers(self) -> dict[str, Server]:
+        """Every managed server by canonical id (read-only use)."""
+        return dict(self._servers)
+
+    # -- IServerManager ----------------------------------------------------
+
+    def create_server(self, server_id: str, params: dict) -> Deferred[dict[str, Any]]:
+        """Define, install and create a server (answers within the Panel's 30 s)."""
+        return Deferred.fromCoroutine(self._create(server_id, params))
+
+    async def _create(self, server_id: str, params: dict) -> dict[str, Any]:
+        server_id = specs.validate_server_id(server_id)
+        try:
+            existing = self.resolve(server_id)
+        except ServerNotFound:
+            existing = None
+        if existing is not None:
+            raise Conflict("server {} already exists".format(server_id))
+        spec = specs.parse_spec(server_id, params, self.config.servers)
+        for alias in spec.aliases:
+            if alias in self._servers or alias in self._aliases:
+                raise Conflict("alias {} already names another server".format(alias))
+        server = Server(self, spec)
+        self._add(server)
+        try:
+            await self.store.insert(server_id, spec.to_json(), state="installing")
+        except Exception:
+            self._remove(server)
+            raise
+        d = self.start_install(server)
+        if d is not None:
+            await self.within(d, self.config.servers.create_answer_timeout)
+        return {
+            "serverId": server_id,
+            "containerId": server.container_id,
+            "status": server.state.value,
+        }
+
+    def start(self, server_id: str) -> Deferred[dict[str, Any]]:
+        """Start; fires once the container runs (``starting`` or ``running``)."""
+
+        async def start() -> dict[str, Any]:
+            server = self.get(server_id)
+            server.claim("start")
+            try:
+                await server.do_start()
+            finally:
+                server.release()
+            return _brief(server)
+
+        return Deferred.fromCoroutine(start())
+
+    def stop(
+        self, server_id: str, signal: str | None = None, timeout: float | None = None
+    ) -> Deferred[dict[str, Any]]:
+        """Graceful stop in the background; ``SIGKILL`` kills at once."""
+
+        async def stop() -> dict[str, Any]:
+            server = self.get(server_id)
+            if signal == "SIGKILL":
+                return await self.kill(server_id)
+            if server.state not in ACTIVE_STATES:
+                server.set_desired("offline")
+                return _brief(server)
+            server.claim("stop")
+            server.set_desired("offline")
+            server.in_background("stop", lambda: server.graceful_stop(signal, timeout))
+            return _brief(server)
+
+        return Deferred.fromCoroutine(stop())
+
+    def restart(self, server_id: str) -> Deferred[dict[str, Any]]:
+        """Stop (if running) then start, in the background."""
+
+        async def restart() -> dict[str, Any]:
+            server = self.get(server_id)
+            server.claim("restart")
+
+            async def work() -> None:
+                if server.state in ACTIVE_STATES:
+                    await server.graceful_stop(None, None)
+                await server.do_start()
+
+            server.in_background("restart", work)
+            return _brief(server)
+
+        return Deferred.fromCoroutine(restart())
+
+    def kill(self, server_id: str) -> Deferred[dict[str, Any]]:
+        """SIGKILL the server; always allowed, never removes anything."""
+
+        async def kill() -> dict[str, Any]:
+            server = self.get(server_id)
+            server.set_desired("offline")
+            if server.state in ACTIVE_STATES or server.state is S.UNKNOWN:
+                await server.hard_kill()
+            return _brief(server)
+
+        return Deferred.fromCoroutine(kill())
+
+    def delete(self, server_id: str, purge_files: bool = False) -> Deferred[dict[str, Any]]:
+        """Remove the container (and data when ``purge_files``) and forget the server."""
+
+        async def delete() -> dict[str, Any]:
+            server = self.get(server_id)
+            server.claim("delete")
+            try:
+                server.set_desired("offline")
+                server._expect_exit = True
+                server.detach_output()
+                for name in (server.container_id, server.spec.container_name,
+                             server.spec.container_name + "-install"):
+                    if not name:
+                        continue
+                    try:
+                        await self.docker.container_remove(name, force=True)
+                    except NotFound:
+                        pass
+                self._remove(server)
+                await self.store.delete(server.server_id)
+                if purge_files:
+                    await self.in_thread(shutil.rmtree, server.data_path, True)
+                await self.in_thread(_unlink, server.install_log_path)
+            finally:
+                server.release()
+            return {"serverId": server.server_id, "status": "deleted", "purged": purge_files}
+
+        return Deferred.fromCoroutine(delete())
+
+    def suspend(self, server_id: str) -> Deferred[dict[str, Any]]:
+        """Stop the server and refuse starts until unsuspended."""
+
+        async def suspend() -> dict[str, Any]:
+            server = self.get(server_id)
+            server.claim("suspend")
+            server.set_desired("offline")
+
+            async def work() -> None:
+                if server.state in ACTIVE_STATES:
+                    await server.graceful_stop(None, None)
+                server.set_state(S.SUSPENDED)
+
+            server.in_background("suspend", work)
+            return _brief(server)
+
+        return Deferred.fromCoroutine(suspend())
+
+    def unsuspend(self, server_id: str) -> Deferred[dict[str, Any]]:
+        """Allow starts again."""
+
+        async def unsuspend() -> dict[str, Any]:
+            server = self.get(server_id)
+            if server.state is S.SUSPENDED:
+                server.set_state(S.OFFLINE)
+            return _brief(server)
+
+        return Deferred.fromCoroutine(unsuspend())
+
+    def reinstall(self, server_id: str) -> Deferred[dict[str, Any]]:
+        """Run the install flow again (the server must not be running)."""
+
+        async def reinstall() -> dict[str, Any]:
+            server = self.get(server_id)
+            if server.state in ACTIVE_STATES:
+                raise Conflict("server {} must be stopped to reinstall".format(server.server_id))
+            if server.state is S.SUSPENDED:
+                raise Conflict("server {} is suspended".format(server.server_id))
+            d = self.start_install(server)
+            if d is None:
+                raise Conflict("server {} is busy: {}".format(server.server_id, server.power))
+            await self.within(d, self.config.servers.create_answer_timeout)
+            return _brief(server)
+
+        return Deferred.fromCoroutine(reinstall())
+
+    def update(self, server_id: str, params: dict) -> Deferred[dict[str, Any]]:
+        """Apply changed settings; limits go live, the rest at the next start."""
+
+        async def update() -> dict[str, Any]:
+            server = self.get(server_id)
+            old = server.spec
+            new = specs.merge_update(old, params, self.config.servers)
+            for alias in new.aliases:
+                owner = self._aliases.get(alias, server.server_id)
+                if owner != server.server_id or (
+                    alias in self._servers and alias != server.server_id
+                ):
+                    raise Conflict("alias {} already names another server".format(alias))
+            server.spec = new
+            self._remove(server)
+            self._add(server)
+            await self.store.update(server.server_id, spec=new.to_json())
+            live = False
+            if server.container_id and new.limits != old.limits:
+                try:
+                    await self.docker.container_update(
+                        server.container_id, specs.resources(new, self.config.servers)
+                    )
+                    live = True
+                except NotFound:
+                    pass
+            return {**_brief(server), "limitsAppliedLive": live}
+
+        return Deferred.fromCoroutine(update())
+
+    def status(self, server_id: str) -> dict[str, Any]:
+        """The server's status dict."""
+        return self.get(server_id).status()
+
+    def list_servers(self) -> list[dict[str, Any]]:
+        """Status of every managed server."""
+        return [s.status() for s in self._servers.values()]
+
+    def server_metrics(self, server_id: str) -> dict[str, Any]:
+        """The Panel's metrics shape from the latest sample."""
+        return self.get(server_id).metrics()
+
+    def send_command(self, server_id: str, command: str) -> Deferred[dict[str, Any]]:
+        """Write one line to the server's stdin."""
+
+        async def send() -> dict[str, Any]:
+            server = self.get(server_id)
+            await server.send_command(command)
+            return {"serverId": server.server_id}
+
+        return Deferred.fromCoroutine(send())
+
+    def console_command(self, server_id: str, command: str, wait: float = 1.0) -> Deferred[str]:
+        """Send ``command``; fire with what the console printed within ``wait`` s."""
+
+        async def run() -> str:
+            server = self.get(server_id)
+            before = server.lines_total
+            await server.send_command(command)
+            await deferLater(self.clock, wait, lambda: None)
+            new = server.lines_total - before
+            return "\n".join(server.console_history(min(new, len(server.console))))
+
+        return Deferred.fromCoroutine(run())
+
+    def console_history(self, server_id: str, lines: int = 100) -> list[str]:
+        """The last ``lines`` console lines."""
+        return self.get(server_id).console_history(lines)
+
+    def console_status(self, server_id: str) -> dict[str, Any]:
+        """Console attachment and buffer state."""
+        return self.get(server_id).console_status()
+
+    def console_clear(self, server_id: str) -> None:
+        """Empty the console buffer."""
+        self.get(server_id).console.clear()
+
+    def server_root(self, server_id: str) -> ServerRoot:
+        """Where the server's files live."""
+        return self.get(server_id).root()
+
+    def add_listener(self, listener: Any) -> None:
+        """Subscribe to every event."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Any) -> None:
+        """Unsubscribe."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+
+def _brief(server: Server) -> dict[str, Any]:
+    return {
+        "serverId": server.server_id,
+        "status": server.state.value,
+        "panelStatus": server.status()["panelStatus"],
+        "containerId": server.container_id,
+    }
+
+
+def _prepare_dir(path: str, uid: int, gid: int, recursive: bool) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    try:
+        os.chown(path, uid, gid)
+        if recursive:
+            for root, dirs, files in os.walk(path):
+                for name in dirs + files:
+                    os.lchown(os.path.join(root, name), uid, gid)
+    except PermissionError:
+        # Not root (development): the directory stays ours.
+        pass
+
+
+def _disk_usage(path: str) -> int:
+    total = 0
+    stack = [path]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        else:
+                            total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def make_server_manager(reactor: Any, config: AgentConfig, docker: Any) -> ServerManager:
+    """The manager with its store opened in ``config.state_dir``."""
+    return ServerManager(reactor, config, docker, open_store(reactor, config.state_dir))
+
+
+# What a Server needs from its owner (the manager itself).
+ServerContext = ServerManager
