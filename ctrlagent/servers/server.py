@@ -519,7 +519,9 @@ class Server:
         try:
             if cid is None:
                 return
-            sample = await self.ctx.docker.stats_once(cid, one_shot=True)
+            # Not one-shot: the engine samples twice (about a second apart,
+            # on its side), so the CPU percent is real.
+            sample = await self.ctx.docker.stats_once(cid)
         except DockerError:
             return
         finally:
@@ -528,19 +530,9 @@ class Server:
 
     def apply_stats(self, sample: Any) -> None:
         """Keep a stats sample as the latest and publish it."""
-        previous = self.stats
-        now = self.ctx.clock.seconds()
-        cpu = float(sample.cpu_percent)
-        # one-shot samples carry no CPU delta: derive it from two samples.
-        usage = getattr(sample, "cpu_usage_ns", None)
-        if usage is not None and previous.get("cpuUsage") is not None:
-            elapsed = now - previous["at"]
-            if elapsed > 0:
-                cpu = max(0.0, (usage - previous["cpuUsage"]) / (elapsed * 1e9) * 100.0)
         self.stats = {
-            "at": now,
-            "cpu": round(cpu, 3),
-            "cpuUsage": usage,
+            "at": self.ctx.clock.seconds(),
+            "cpu": round(float(sample.cpu_percent), 3),
             "memory": round(sample.memory_bytes / MB, 3),
             "memoryLimit": round(sample.memory_limit_bytes / MB, 3),
             "rx": sample.rx_bytes,

@@ -1,0 +1,271 @@
+"""
+Agent restarts, engine restarts, console floods, stats, and the real Minetest
+server, against real engines.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+
+from ctrlagent.config import DockerConfig
+from ctrlagent.docker.client import DockerClient
+from ctrlagent.events import ConsoleOutput, ResourceUpdate
+from ctrlagent.servers.states import ServerState
+from ctrlagent.testing.images import build_scripted_image
+from tests.servers.conftest import Rig, remove_containers, scripted, sleep, until, until_state
+
+pytestmark = pytest.mark.docker
+S = ServerState
+
+
+async def say_all(manager: Any, sid: str, prefix: str, count: int) -> None:
+    for i in range(count):
+        await manager.send_command(sid, "say {}{}".format(prefix, i))
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_killed_and_restarted_reattaches_with_every_line_once(
+    rig: Rig, scripted_image: str
+) -> None:
+    first = rig.manager()
+    sid = rig.new_id()
+    await first.create_server(sid, scripted(scripted_image))
+    await first.start(sid)
+    await until_state(first, sid, S.RUNNING)
+    await say_all(first, sid, "a", 20)
+    await until(lambda: "[Server] a19" in rig.recorder.lines(sid), 5, "a-lines")
+    cid = first.get(sid).container_id
+    assert cid is not None
+
+    # The agent dies like a SIGKILLed process: nothing more is written.
+    first.simulate_crash()
+
+    # While no agent runs, the game keeps running and printing.
+    client = DockerClient.from_config(reactor, DockerConfig(host=rig.host))
+    try:
+        pipe = await client.attach_stdin(cid)
+        for i in range(20):
+            pipe.write_line("say b{}".format(i))
+        await sleep(0.5)
+        await pipe.close()
+    finally:
+        await client.close()
+
+    second = rig.manager()
+    # definitions are served at once, before the engine is reconciled
+    assert second.resolve(sid) == sid
+    await until(lambda: "[Server] b19" in rig.recorder.lines(sid), 10, "b-lines recovered")
+    await until_state(second, sid, S.RUNNING)
+    await say_all(second, sid, "c", 5)
+    await until(lambda: "[Server] c4" in rig.recorder.lines(sid), 5, "c-lines")
+
+    lines = rig.recorder.lines(sid)
+    duplicates = [line for line, n in collections.Counter(lines).items() if n > 1]
+    assert duplicates == []
+    for prefix, count in (("a", 20), ("b", 20), ("c", 5)):
+        for i in range(count):
+            assert "[Server] {}{}".format(prefix, i) in lines
+    assert lines[0].startswith("Starting scripted game server")
+    # the new agent's history holds the old lines (from Docker's logs) once too
+    history = second.console_history(sid, 1000)
+    assert history.count("[Server] a0") == 1 and history.count("[Server] b0") == 1
+    assert history.count("[Server] c4") == 1
+    # it did not restart the container: same container, still running
+    assert second.get(sid).container_id == cid
+    assert ("starting", "running") not in rig.recorder.statuses(sid)[4:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_restarted_agent_starts_servers_that_should_run_and_reports_orphans(
+    rig: Rig, scripted_image: str
+) -> None:
+    first = rig.manager()
+    sid, orphan_id = rig.new_id(), rig.new_id()
+    await first.create_server(sid, scripted(scripted_image))
+    await first.create_server(orphan_id, scripted(scripted_image))
+    await first.start(sid)
+    await until_state(first, sid, S.RUNNING)
+    orphan_cid = first.get(orphan_id).container_id
+    await first.stopService()  # a clean agent stop leaves game servers running
+    # behind the agent's back: the server dies, and the orphan's definition is lost
+    from tests.servers.test_lifecycle_docker import inspect
+
+    cid = first.get(sid).container_id
+    assert cid is not None and inspect(rig.host, cid)["State"]["Running"]
+    os.system("DOCKER_HOST={} docker kill {} >/dev/null".format(rig.host, cid))
+    from ctrlagent.servers.store import open_store
+
+    store = open_store(reactor, rig.config.state_dir)
+    await store.delete(orphan_id)
+    await store.close()
+
+    second = rig.manager()
+    await until_state(second, sid, S.RUNNING)
+    await until(lambda: second.reconciled > 0, 5, "reconcile")
+    assert [o["containerId"] for o in second.orphans] == [orphan_cid]
+    assert inspect(rig.host, orphan_cid)["Id"] == orphan_cid  # reported, not deleted
+
+
+@pytest_twisted.ensureDeferred
+async def test_flooding_server_is_throttled_and_every_drop_is_counted(
+    rig: Rig, scripted_image: str
+) -> None:
+    rig.servers_config(
+        console_throttle_lines=500, console_throttle_interval=0.5, console_buffer_lines=20000
+    )
+    manager = rig.manager()
+    sid = rig.new_id()
+    await manager.create_server(sid, scripted(scripted_image, FLOOD_LINES=8000))
+    await manager.start(sid)
+    await until(lambda: "flood done" in manager.console_history(sid, 3), 15, "flood")
+    await sleep(1.2)  # let the last interval's notice come out
+    server = manager.get(sid)
+    notices = [
+        e.line for e in rig.recorder.events
+        if isinstance(e, ConsoleOutput) and e.stream == "agent" and "throttled" in e.line
+    ]
+    assert notices, "a flood must be reported"
+    dropped = sum(int(n.split("throttled: ")[1].split()[0]) for n in notices)
+    forwarded = len(rig.recorder.lines(sid))
+    printed = sum(1 for line in server.console if line.stream != "agent")
+    assert printed >= 8000
+    assert forwarded + dropped == printed
+    assert dropped == server.throttle.total_dropped > 0
+    await manager.kill(sid)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_are_sampled_while_running(rig: Rig, scripted_image: str) -> None:
+    manager = rig.manager()
+    sid = rig.new_id()
+    await manager.create_server(sid, scripted(scripted_image))
+    await manager.start(sid)
+    await until_state(manager, sid, S.RUNNING)
+    await until(
+        lambda: any(isinstance(e, ResourceUpdate) and e.server_id == sid
+                    for e in rig.recorder.events),
+        8, "a stats sample",
+    )
+    metrics = manager.server_metrics(sid)
+    assert metrics["memory"] > 0
+    assert metrics["memoryLimit"] == 64.0
+    assert set(metrics["network"]) == {"in", "out"}
+    assert isinstance(metrics["players"], int)
+    assert metrics["uptime"] > 0
+    await manager.kill(sid)
+    assert manager.server_metrics(sid)["memory"] == 0.0
+
+
+def _free_port() -> int:
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            tcp.bind(("127.0.0.1", port))
+            return int(port)
+        except OSError:
+            continue
+        finally:
+            udp.close()
+            tcp.close()
+    raise RuntimeError("no free port")
+
+
+def _minetest_handshake(port: int) -> bytes:
+    """DOCKER-IN-TESTS.md: one reliable packet; the answer starts with the protocol id."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1.0)
+        hello = bytes.fromhex("4f457403" "0000" "00" "03ffdc01")
+        for _ in range(10):
+            s.sendto(hello, ("127.0.0.1", port))
+            try:
+                data, _ = s.recvfrom(1024)
+            except TimeoutError:
+                continue
+            peer = data[4:6]
+            s.sendto(bytes.fromhex("4f457403") + peer + bytes.fromhex("000003"), ("127.0.0.1", port))
+            return data
+    return b""
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_minetest_answers_udp_handshake_on_published_port_and_stops_cleanly(
+    rig: Rig, minetest_image: str
+) -> None:
+    manager = rig.manager()
+    sid = rig.new_id()
+    port = _free_port()
+    await manager.create_server(
+        sid,
+        {
+            "name": "minetest",
+            "image": minetest_image,
+            "startup": "/usr/games/minetestserver --port {{SERVER_PORT}}"
+                       " --world /home/container/world --logfile /home/container/minetest.log",
+            "environment": {"HOME": "/home/container"},
+            "ports": [{"internal": 30000, "external": port, "ip": "127.0.0.1"}],
+            "limits": {"memory": 512, "cpu": 100},
+            "startupDone": {"pattern": r"listening on \[::\]:\d+", "regex": True},
+            "stop": "SIGTERM",
+        },
+    )
+    await manager.start(sid)
+    await until_state(manager, sid, S.RUNNING, timeout=20)
+    reply = await deferToThread(_minetest_handshake, port)
+    assert reply[:4] == bytes.fromhex("4f457403")
+    await manager.stop(sid, timeout=10)
+    await until_state(manager, sid, S.OFFLINE, timeout=15)
+    history = manager.console_history(sid, 30)
+    assert not any("killing" in line for line in history)
+    from tests.servers.test_lifecycle_docker import inspect
+
+    cid = manager.get(sid).container_id
+    assert cid is not None
+    assert inspect(rig.host, cid)["State"]["ExitCode"] == 0
+    assert os.path.isdir(os.path.join(rig.config.data_dir, sid, "world"))
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_docker_daemon_restarted_under_a_running_agent(
+    rig: Rig, private_docker: Any
+) -> None:
+    engine = private_docker()
+    image = await deferToThread(build_scripted_image, engine.host)
+    manager = rig.manager(docker_host=engine.host)
+    sid = rig.new_id()
+    try:
+        await manager.create_server(sid, scripted(image))
+        await manager.start(sid)
+        await until_state(manager, sid, S.RUNNING)
+        old_cid = manager.get(sid).container_id
+
+        await deferToThread(engine.kill_engine)
+        await until(
+            lambda: manager.get(sid).state in (S.UNKNOWN, S.OFFLINE), 10, "engine loss noticed"
+        )
+        await until_state(manager, sid, S.UNKNOWN, timeout=10)
+        assert manager.docker_up is False
+        # the agent keeps serving
+        status = manager.status(sid)
+        assert status["status"] == "unknown" and status["panelStatus"] in ("RUNNING", "OFFLINE")
+
+        await deferToThread(engine.start)
+        await until_state(manager, sid, S.RUNNING, timeout=20)
+        assert manager.docker_up is True
+        assert manager.get(sid).container_id == old_cid
+        reply = await manager.console_command(sid, "say back", wait=0.5)
+        assert "[Server] back" in reply
+    finally:
+        remove_containers(engine.host, [sid])
