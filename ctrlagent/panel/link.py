@@ -599,6 +599,9 @@ class PanelLink(service.MultiService):
         await self._send_system_info(protocol)
         if protocol is not self._protocol:
             return
+        # Console lines produced while down but still in a batch belong before
+        # the snapshot too: batch them into the outbox while not yet ready.
+        self._batcher.flush_all()
         self._ready = True
         self._flush_outbox(protocol)
         self._send_snapshot(protocol)
