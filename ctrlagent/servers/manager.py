@@ -78,9 +78,11 @@ class ServerManager(service.Service):
         store: ServerStore,
         disk_pool: ThreadPool | None = None,
         network_mode: str = "bridge",
+        clock: Any = None,
     ) -> None:
         self.reactor = reactor
-        self.clock = reactor
+        # Time may come from elsewhere than threads (a Clock in unit tests).
+        self.clock = clock if clock is not None else reactor
         self.config = config
         self.docker = docker
         self.store = store

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred

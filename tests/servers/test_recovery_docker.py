@@ -193,7 +193,8 @@ def _minetest_handshake(port: int) -> bytes:
             except TimeoutError:
                 continue
             peer = data[4:6]
-            s.sendto(bytes.fromhex("4f457403") + peer + bytes.fromhex("000003"), ("127.0.0.1", port))
+            bye = bytes.fromhex("4f457403") + peer + bytes.fromhex("000003")
+            s.sendto(bye, ("127.0.0.1", port))
             return data
     return b""
 

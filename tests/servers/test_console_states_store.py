@@ -1,0 +1,120 @@
+"""Unit tests of the console buffer/throttle, the states and the store."""
+
+from __future__ import annotations
+
+import calendar
+import sqlite3
+from typing import Any
+
+import pytest_twisted
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from ctrlagent.servers.console import ConsoleBuffer, ConsoleLine, ConsoleThrottle, split_timestamp
+from ctrlagent.servers.server import MarkFilter
+from ctrlagent.servers.states import ServerState, panel_status
+from ctrlagent.servers.store import open_store
+
+S = ServerState
+
+
+def test_panel_mapping_covers_every_state() -> None:
+    assert panel_status(S.INSTALL_FAILED) == "INSTALL_FAILED"
+    assert panel_status(S.RUNNING) == "RUNNING"
+    assert panel_status(S.SUSPENDED) == "SUSPENDED"
+    for state in S:
+        if state is not S.UNKNOWN:
+            assert panel_status(state) == state.value.upper()
+    # unknown keeps the last known status for the Panel's enum
+    assert panel_status(S.UNKNOWN, S.RUNNING) == "RUNNING"
+    assert panel_status(S.UNKNOWN) == "OFFLINE"
+    assert str(S.RUNNING) == "running"
+
+
+@given(
+    seconds=st.integers(min_value=0, max_value=4_000_000_000),
+    nanos=st.integers(min_value=0, max_value=999_999_999),
+    text=st.text(max_size=30),
+)
+def test_docker_timestamps_are_exact_nanoseconds(seconds: int, nanos: int, text: str) -> None:
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    digits = "{:09d}".format(nanos).rstrip("0")
+    line = "{}{}Z {}".format(stamp, "." + digits if digits else "", text)
+    assert split_timestamp(line) == (seconds * 1_000_000_000 + nanos, text)
+
+
+def test_timestamp_with_offset_and_without_prefix() -> None:
+    base = calendar.timegm((2026, 1, 2, 3, 4, 5, 0, 0, 0))
+    assert split_timestamp("2026-01-02T04:04:05.5+01:00 x")[0] == base * 10**9 + 500_000_000
+    assert split_timestamp("plain line") == (0, "plain line")
+
+
+def test_ring_buffer_keeps_the_latest() -> None:
+    buf = ConsoleBuffer(3)
+    for i in range(5):
+        buf.append(ConsoleLine(float(i), "stdout", str(i)))
+    assert [line.text for line in buf] == ["2", "3", "4"]
+    assert [line.text for line in buf.tail(2)] == ["3", "4"]
+    assert buf.tail(0) == [] and len(buf.tail(10)) == 3
+    assert buf.last_activity == 4.0
+    buf.clear()
+    assert len(buf) == 0
+
+
+def test_throttle_reports_drops_once_per_interval() -> None:
+    clock = Clock()
+    reports: list[tuple[int, float]] = []
+    throttle = ConsoleThrottle(clock, 3, 1.0, lambda n, i: reports.append((n, i)))
+    admitted = [throttle.admit() for _ in range(10)]
+    assert admitted == [True] * 3 + [False] * 7
+    assert reports == []
+    clock.advance(0.5)
+    assert not throttle.admit()
+    clock.advance(0.5)
+    assert reports == [(8, 1.0)]  # one notice for the whole interval
+    assert [throttle.admit() for _ in range(4)] == [True, True, True, False]
+    clock.advance(1.0)
+    assert reports == [(8, 1.0), (1, 1.0)]
+    assert throttle.total_dropped == 9
+    clock.advance(5.0)
+    assert len(reports) == 2  # no drops, no notice
+
+
+def test_throttle_flush_reports_at_once() -> None:
+    clock = Clock()
+    reports: list[int] = []
+    throttle = ConsoleThrottle(clock, 1, 1.0, lambda n, i: reports.append(n))
+    throttle.admit()
+    throttle.admit()
+    throttle.flush()
+    assert reports == [1]
+    assert clock.getDelayedCalls() == []
+
+
+def test_mark_filter_drops_delivered_lines_including_same_nanosecond() -> None:
+    filt = MarkFilter(100, 2)
+    assert [filt.seen(ns) for ns in (50, 100, 100, 100, 101, 0)] == [
+        True, True, True, False, False, False]
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_is_durable_and_ordered(tmp_path: Any) -> None:
+    store = open_store(reactor, str(tmp_path))
+    await store.insert("a", "{}", state="installing")
+    await store.update("a", desired="running", console_mark=123, extra={"markCount": 2})
+    await store.update_many([("a", {"state": "running"}), ("a", {"state": "crashed"})])
+    await store.insert("b", "{}")
+    await store.delete("b")
+    await store.close()
+    db = sqlite3.connect(str(tmp_path / "servers.sqlite3"))
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    again = open_store(reactor, str(tmp_path))
+    records = again.load()
+    await again.close()
+    assert [(r.server_id, r.desired, r.state, r.console_mark, r.extra) for r in records] == [
+        ("a", "running", "crashed", 123, {"markCount": 2})]
