@@ -1,0 +1,510 @@
+"""
+The agent's HTTP API (PROTOCOL.md section 1): a Klein app as a class.
+
+Every dependency is injected, so tests drive the real routes in memory with
+``treq.testing.StubTreq(api.app.resource())`` and fakes behind them.
+
+The Panel marks a node offline on any non-2xx answer, so ``POST /api/command``
+answers HTTP 200 even for a failed command (``success: false`` with a code);
+only a bad credential (401), an unparseable body (400) and an oversized body
+(413) are HTTP errors there.  The small REST surface for operators
+(``/api/servers...``) uses ordinary HTTP status codes instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+from ctrlagent.api.openapi import openapi_document
+from ctrlagent.commands import ActionResult, Command, IDispatcher, parse_command
+from ctrlagent.config import AgentConfig
+from ctrlagent.errors import CtrlAgentError, InvalidInput, ParseError
+from ctrlagent.interfaces import IServerManager
+
+F = TypeVar("F", bound=Callable[..., Awaitable[bytes]])
+
+# REST answers use HTTP codes; the Panel's command endpoint never does.
+_REST_STATUS = {
+    "SERVER_NOT_FOUND": 404,
+    "CONTAINER_NOT_FOUND": 404,
+    "FILE_NOT_FOUND": 404,
+    "NOT_FOUND": 404,
+    "INVALID_PAYLOAD": 400,
+    "PARSE_ERROR": 400,
+    "UNKNOWN_ACTION": 400,
+    "CONFLICT": 409,
+    "PORT_CONFLICT": 409,
+    "PERMISSION_DENIED": 403,
+    "AUTH_FAILED": 401,
+    "INSUFFICIENT_RESOURCES": 507,
+    "DOCKER_ERROR": 502,
+    "CONFIG_INVALID": 500,
+    "EXECUTION_ERROR": 500,
+}
+
+_POWER = {
+    "start": "start_server",
+    "stop": "stop_server",
+    "restart": "restart_server",
+    "kill": "kill_server",
+}
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def human_duration(seconds: float) -> str:
+    """``3d 4h 5m 6s`` (leading zero units left out)."""
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m")]
+    out: list[str] = []
+    for value, unit in parts:
+        if value or out:
+            out.append("{}{}".format(value, unit))
+    out.append("{}s".format(secs))
+    return " ".join(out)
+
+
+def failure_body(error: CtrlAgentError) -> dict[str, Any]:
+    """The Panel's HTTP failure shape, plus the offending field when known."""
+    body: dict[str, Any] = {"success": False, "error": error.message, "code": error.code}
+    if error.details:
+        body["details"] = error.details
+    return body
+
+
+def success_body(result: ActionResult) -> dict[str, Any]:
+    """``{"success": true, "message"?, "data"}``."""
+    body: dict[str, Any] = {"success": True}
+    if result.message:
+        body["message"] = result.message
+    body["data"] = result.data
+    return body
+
+
+def authenticated(f: F) -> F:
+    """
+    Refuse the request with 401 unless it carries the node's secret, as
+    ``Authorization: Bearer <secret>`` or ``X-API-Key: <secret>``.
+    """
+
+    @functools.wraps(f)
+    async def wrapper(self: AgentApi, request: IRequest, *args: Any, **kwargs: Any) -> bytes:
+        self._cors(request)
+        if not self._authorized(request):
+            request.setResponseCode(401)
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="ctrlagent"')
+            return self._json(
+                request,
+                {
+                    "success": False,
+                    "error": "missing or invalid credentials",
+                    "code": "AUTH_FAILED",
+                },
+            )
+        return await f(self, request, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class AgentApi:
+    """
+    The HTTP routes, over an injected dispatcher and server manager.
+
+    ``link_connected()`` tells whether the WebSocket link to the Panel is up
+    (True when that link is disabled); ``docker_ping()`` whether the Docker
+    engine answers, cached for ``docker_cache_seconds`` so that frequent
+    ``/health`` probes stay cheap.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        dispatcher: IDispatcher,
+        servers: IServerManager,
+        link_connected: Callable[[], bool],
+        docker_ping: Callable[[], Deferred[bool]],
+        clock: IReactorTime,
+        version: str,
+        docker_cache_seconds: float = 1.5,
+        docker_ping_timeout: float = 3.0,
+    ) -> None:
+        self._config = config
+        self._dispatcher = dispatcher
+        self._servers = servers
+        self._link_connected = link_connected
+        self._docker_ping = docker_ping
+        self._clock = clock
+        self._version = version
+        self._started = clock.seconds()
+        self._docker_cache_seconds = docker_cache_seconds
+        self._docker_ping_timeout = docker_ping_timeout
+        self._docker_state: tuple[float, bool] | None = None
+        self._docker_waiters: list[Deferred[bool]] | None = None
+        self._secret = config.secret.encode("utf-8")
+
+    # -- helpers -----------------------------------------------------------
+
+    @staticmethod
+    def _json(request: IRequest, body: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+    def _cors(self, request: IRequest) -> None:
+        request.setHeader(b"Access-Control-Allow-Origin", self._config.http.cors_origin.encode())
+        request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, PUT, DELETE, OPTIONS")
+        request.setHeader(
+            b"Access-Control-Allow-Headers", b"Content-Type, Authorization, X-API-Key"
+        )
+        request.setHeader(b"Access-Control-Max-Age", b"600")
+
+    def _authorized(self, request: IRequest) -> bool:
+        if not self._secret:
+            # validate() only allows an empty secret in development mode.
+            return bool(self._config.development)
+        offered: list[bytes] = []
+        auth = request.getHeader(b"authorization")
+        if auth:
+            scheme, _, token = auth.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                offered.append(token.strip())
+        key = request.getHeader(b"x-api-key")
+        if key:
+            offered.append(key.strip())
+        # Compare every candidate so that timing does not reveal which one was checked.
+        ok = False
+        for token in offered:
+            ok |= hmac.compare_digest(token, self._secret)
+        return ok
+
+    def _read_body(self, request: IRequest) -> Any:
+        """
+        The decoded JSON body.  ``LimitedSite`` already refused oversized bodies
+        before reading them; this check covers other hosting (tests, proxies).
+        """
+        limit = self._config.http.max_body_bytes
+        length = request.getHeader(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _TooLarge(limit)
+        content = request.content
+        raw = content.read(limit + 1) if content is not None else b""
+        if len(raw) > limit:
+            raise _TooLarge(limit)
+        if not raw.strip():
+            raise ParseError("request body is empty; expected a JSON object")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ParseError("request body is not valid JSON: {}".format(e)) from None
+
+    async def _run(self, command: Command) -> ActionResult:
+        """
+        Dispatch ``command`` shielded from the client going away: a Panel that
+        times out must not cancel a half-done create or stop.
+        """
+        work = self._dispatcher.dispatch(command)
+        assert isinstance(work, Deferred)
+        answer: Deferred[Any] = Deferred()
+
+        def settled(result: Any) -> None:
+            if not answer.called:
+                answer.callback(result)
+            elif isinstance(result, Failure) and not result.check(CtrlAgentError):
+                self.log.failure(
+                    "{action} failed after its client left", result, action=command.action
+                )
+            return None
+
+        work.addBoth(settled)
+        result: ActionResult = await answer
+        return result
+
+    async def _docker_ok(self) -> bool:
+        now = self._clock.seconds()
+        if (
+            self._docker_state is not None
+            and now - self._docker_state[0] < self._docker_cache_seconds
+        ):
+            return self._docker_state[1]
+        if self._docker_waiters is not None:
+            # A ping is already in flight: share its answer.
+            waiter: Deferred[bool] = Deferred()
+            self._docker_waiters.append(waiter)
+            return await waiter
+        self._docker_waiters = []
+        try:
+            ping = self._docker_ping()
+            ping.addTimeout(self._docker_ping_timeout, self._clock)
+            ok = bool(await ping)
+        except Exception as e:
+            # An unreachable engine is what /health reports, not an agent error.
+            self.log.info("docker ping failed: {error}", error=str(e) or type(e).__name__)
+            ok = False
+        self._docker_state = (self._clock.seconds(), ok)
+        waiters, self._docker_waiters = self._docker_waiters, None
+        for w in waiters:
+            w.callback(ok)
+        return ok
+
+    def _uptime(self) -> float:
+        return max(0.0, self._clock.seconds() - self._started)
+
+    # -- node routes ---------------------------------------------------------
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: IRequest) -> bytes:
+        """The Panel probes ``/health``; a browser landing on ``/`` is sent there."""
+        request.setResponseCode(301)
+        request.setHeader(b"Location", b"/health")
+        return b""
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    async def health(self, request: IRequest) -> bytes:
+        """
+        Discovery probe (no auth).  200 whenever the agent can serve; the body
+        says whether the Panel link and Docker are up.  503 only when the
+        Docker engine is unreachable, since then no server can be managed.
+        """
+        docker = await self._docker_ok()
+        try:
+            connected = bool(self._link_connected())
+        except Exception:
+            self.log.failure("link state check failed")
+            connected = False
+        uptime = self._uptime()
+        request.setResponseCode(200 if docker else 503)
+        return self._json(
+            request,
+            {
+                "status": "healthy" if docker and connected else "degraded",
+                "nodeId": self._config.node_id,
+                "version": self._version,
+                "uptime": human_duration(uptime),
+                "uptimeSeconds": int(uptime),
+                "timestamp": _now_iso(),
+                "connected": connected,
+                "docker": docker,
+            },
+        )
+
+    @app.route("/api/discovery", methods=["GET"])
+    def discovery(self, request: IRequest) -> bytes:
+        """What kind of agent answers here (no auth, like /health)."""
+        self._cors(request)
+        return self._json(
+            request,
+            {
+                "type": "ctrl-alt-play-agent",
+                "version": self._version,
+                "name": "Ctrl-Alt-Play Agent",
+                "nodeUuid": self._config.node_id,
+                "nodeId": self._config.node_id,
+            },
+        )
+
+    @app.route("/api/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        """The OpenAPI 3 description of this API."""
+        self._cors(request)
+        actions = getattr(self._dispatcher, "actions", None)
+        listed = actions() if callable(actions) else None
+        return self._json(request, openapi_document(self._version, listed))
+
+    @app.route("/api", methods=["OPTIONS"])
+    @app.route("/api/<path:rest>", methods=["OPTIONS"])
+    def preflight(self, request: IRequest, rest: str = "") -> bytes:
+        """CORS preflight: allowed without credentials, as browsers send none."""
+        self._cors(request)
+        request.setResponseCode(200)
+        return b""
+
+    @app.route("/api/status", methods=["GET"])
+    @authenticated
+    async def status(self, request: IRequest) -> bytes:
+        """What the Panel shows for the node: online, version, uptime, server count."""
+        return self._json(
+            request,
+            {
+                "online": True,
+                "version": self._version,
+                "uptime": round(self._uptime(), 3),
+                "serverCount": len(self._servers.list_servers()),
+                "lastSeen": _now_iso(),
+                "nodeId": self._config.node_id,
+            },
+        )
+
+    # -- the Panel's command endpoint ------------------------------------------
+
+    @app.route("/api/command", methods=["POST"])
+    @authenticated
+    async def command(self, request: IRequest) -> bytes:
+        """Run one command; a failed command is still HTTP 200 (see module docstring)."""
+        try:
+            command = parse_command(self._read_body(request))
+        except _TooLarge as e:
+            request.setResponseCode(413)
+            return self._json(request, failure_body(e))
+        except ParseError as e:
+            request.setResponseCode(400)
+            return self._json(request, failure_body(e))
+        except CtrlAgentError as e:
+            return self._json(request, failure_body(e))
+        try:
+            result = await self._run(command)
+        except CtrlAgentError as e:
+            self.log.debug(
+                "command {action} failed: {code} {message}",
+                action=command.action,
+                code=e.code,
+                message=e.message,
+            )
+            return self._json(request, failure_body(e))
+        return self._json(request, success_body(result))
+
+    # -- REST for operators and scripts ----------------------------------------
+
+    async def _rest(self, request: IRequest, command: Command) -> bytes:
+        try:
+            result = await self._run(command)
+        except CtrlAgentError as e:
+            request.setResponseCode(_REST_STATUS.get(e.code, 500))
+            return self._json(request, failure_body(e))
+        return self._json(request, success_body(result))
+
+    def _rest_body(self, request: IRequest) -> dict[str, Any]:
+        body = self._read_body(request)
+        if not isinstance(body, dict):
+            raise ParseError("request body must be a JSON object")
+        return body
+
+    async def _rest_with_body(
+        self, request: IRequest, build: Callable[[dict[str, Any]], Command]
+    ) -> bytes:
+        try:
+            command = build(self._rest_body(request))
+        except _TooLarge as e:
+            request.setResponseCode(413)
+            return self._json(request, failure_body(e))
+        except CtrlAgentError as e:
+            request.setResponseCode(_REST_STATUS.get(e.code, 400))
+            return self._json(request, failure_body(e))
+        return await self._rest(request, command)
+
+    @app.route("/api/servers", methods=["GET"])
+    @authenticated
+    async def list_servers(self, request: IRequest) -> bytes:
+        """Every managed server's status."""
+        return await self._rest(request, Command("list_servers", None, {}))
+
+    @app.route("/api/servers/<server_id>", methods=["GET"])
+    @authenticated
+    async def server_status(self, request: IRequest, server_id: str) -> bytes:
+        """One server's status (by any of its ids)."""
+        return await self._rest(request, Command("get_server_status", server_id, {}))
+
+    @app.route("/api/servers/<server_id>/power", methods=["POST"])
+    @authenticated
+    async def server_power(self, request: IRequest, server_id: str) -> bytes:
+        """``{"action": "start"|"stop"|"restart"|"kill", "signal"?, "timeout"?}``."""
+
+        def build(body: dict[str, Any]) -> Command:
+            action = body.get("action")
+            if not isinstance(action, str) or action not in _POWER:
+                raise InvalidInput(
+                    "action must be one of {}".format(", ".join(_POWER)), field="action"
+                )
+            params = {k: v for k, v in body.items() if k != "action"}
+            return Command(_POWER[action], server_id, params)
+
+        return await self._rest_with_body(request, build)
+
+    @app.route("/api/servers/<server_id>/commands", methods=["POST"])
+    @authenticated
+    async def server_command(self, request: IRequest, server_id: str) -> bytes:
+        """``{"command": "say hi"}``: one line to the server's console."""
+        return await self._rest_with_body(
+            request,
+            lambda body: Command(
+                "send_server_command", server_id, {"command": body.get("command")}
+            ),
+        )
+
+    @app.route("/api/servers/<server_id>/logs", methods=["GET"])
+    @authenticated
+    async def server_logs(self, request: IRequest, server_id: str) -> bytes:
+        """The last ``?lines=`` console lines (default 100)."""
+        params: dict[str, Any] = {}
+        lines = request.args.get(b"lines") if request.args else None
+        if lines:
+            params["lines"] = lines[0].decode("utf-8", "replace")
+        return await self._rest(request, Command("get_server_logs", server_id, params))
+
+    # -- errors ----------------------------------------------------------------
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        """Unknown routes and wrong methods answer JSON, not HTML."""
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        path = request.path or b""
+        if path.startswith(b"/api"):
+            self._cors(request)
+        code = error.code or 500
+        valid = [m for m in getattr(error, "valid_methods", None) or () if m != "OPTIONS"]
+        if code == 405 and not valid:
+            # Only the catch-all CORS preflight matched: the path does not exist.
+            code = 404
+        request.setResponseCode(code)
+        if code == 405:
+            request.setHeader(b"Allow", ", ".join(valid).encode("ascii"))
+        names = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
+        return self._json(
+            request,
+            {
+                "success": False,
+                "error": "not found" if code == 404 else (error.name or "HTTP error"),
+                "code": names.get(code, "HTTP_{}".format(code)),
+            },
+        )
+
+    @app.handle_errors(Exception)
+    def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
+        """A bug in a route: log it, answer JSON 500 without the traceback."""
+        if failure.check(CancelledError):
+            # The client went away; Klein cancels the handler.  Nothing to say.
+            return b""
+        self.log.failure("unexpected error serving {path}", failure, path=request.path)
+        request.setResponseCode(500)
+        return self._json(
+            request, {"success": False, "error": "internal error", "code": "EXECUTION_ERROR"}
+        )
+
+
+class _TooLarge(CtrlAgentError):
+    code = "INVALID_PAYLOAD"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__("request body exceeds the limit of {} bytes".format(limit))

@@ -1,0 +1,402 @@
+"""
+The OpenAPI 3 description of the agent's HTTP API, served at ``/api/openapi.json``.
+
+Kept as plain data next to the routes so that a test can check that every route
+is described and every ``$ref`` resolves.  The action list comes from the
+dispatcher's table when it is known, so the document cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_ERROR_CODES = [
+    "UNKNOWN_ACTION",
+    "PARSE_ERROR",
+    "INVALID_PAYLOAD",
+    "SERVER_NOT_FOUND",
+    "CONTAINER_NOT_FOUND",
+    "FILE_NOT_FOUND",
+    "NOT_FOUND",
+    "DOCKER_ERROR",
+    "INSUFFICIENT_RESOURCES",
+    "PERMISSION_DENIED",
+    "CONFIG_INVALID",
+    "PORT_CONFLICT",
+    "AUTH_FAILED",
+    "CONFLICT",
+    "EXECUTION_ERROR",
+]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_FAILURE = _json(_ref("Failure"), "The request failed; `code` says why.")
+_UNAUTHORIZED = _json(_ref("Failure"), "Missing or wrong secret (`AUTH_FAILED`).")
+_TOO_LARGE = _json(_ref("Failure"), "The body is larger than the configured limit.")
+_SERVER_ID = {
+    "name": "serverId",
+    "in": "path",
+    "required": True,
+    "description": "Any id of the server: creation id, Panel id alias, container name or id.",
+    "schema": {"type": "string"},
+}
+
+_DOCUMENT: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "ctrlagent HTTP API",
+        "description": (
+            "The node agent of Ctrl-Alt-Play. The Panel drives it through `POST /api/command`; "
+            "a failed command answers HTTP 200 with `success: false` because the Panel marks a "
+            "node offline on any non-2xx status. `/api/servers...` is a small REST surface for "
+            "operators that uses ordinary HTTP status codes."
+        ),
+        "version": "0",
+    },
+    "security": [{"bearer": []}, {"apiKey": []}],
+    "paths": {
+        "/": {
+            "get": {
+                "summary": "Redirect to /health",
+                "security": [],
+                "responses": {"301": {"description": "`Location: /health`"}},
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "Discovery and health probe",
+                "security": [],
+                "responses": {
+                    "200": _json(_ref("Health"), "The agent can serve (Docker answers)."),
+                    "503": _json(_ref("Health"), "The Docker engine is unreachable."),
+                },
+            }
+        },
+        "/api/discovery": {
+            "get": {
+                "summary": "What kind of agent this is",
+                "security": [],
+                "responses": {"200": _json(_ref("Discovery"), "Agent identity.")},
+            }
+        },
+        "/api/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3 document.")},
+            }
+        },
+        "/api/status": {
+            "get": {
+                "summary": "Node status as the Panel shows it",
+                "responses": {
+                    "200": _json(_ref("NodeStatus"), "Node status."),
+                    "401": _UNAUTHORIZED,
+                },
+            }
+        },
+        "/api/command": {
+            "post": {
+                "summary": "Run one action (the Panel's command endpoint)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("CommandRequest")}},
+                },
+                "responses": {
+                    "200": _json(
+                        {"oneOf": [_ref("Success"), _ref("Failure")]},
+                        "The command's outcome, success or failure.",
+                    ),
+                    "400": _json(_ref("Failure"), "The body is not JSON (`PARSE_ERROR`)."),
+                    "401": _UNAUTHORIZED,
+                    "413": _TOO_LARGE,
+                },
+            }
+        },
+        "/api/servers": {
+            "get": {
+                "summary": "Every managed server",
+                "responses": {
+                    "200": _json(_ref("ServerListResponse"), "Managed servers."),
+                    "401": _UNAUTHORIZED,
+                },
+            }
+        },
+        "/api/servers/{serverId}": {
+            "get": {
+                "summary": "One server's status",
+                "parameters": [_SERVER_ID],
+                "responses": {
+                    "200": _json(_ref("ServerStatusResponse"), "The server's status."),
+                    "401": _UNAUTHORIZED,
+                    "404": _FAILURE,
+                },
+            }
+        },
+        "/api/servers/{serverId}/power": {
+            "post": {
+                "summary": "Start, stop, restart or kill a server",
+                "parameters": [_SERVER_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("PowerRequest")}},
+                },
+                "responses": {
+                    "200": _json(_ref("ServerStatusResponse"), "The power action is under way."),
+                    "400": _FAILURE,
+                    "401": _UNAUTHORIZED,
+                    "404": _FAILURE,
+                    "409": _FAILURE,
+                },
+            }
+        },
+        "/api/servers/{serverId}/commands": {
+            "post": {
+                "summary": "Write one line to the server's console",
+                "parameters": [_SERVER_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ConsoleCommandRequest")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Success"), "The line was written."),
+                    "400": _FAILURE,
+                    "401": _UNAUTHORIZED,
+                    "404": _FAILURE,
+                    "409": _FAILURE,
+                },
+            }
+        },
+        "/api/servers/{serverId}/logs": {
+            "get": {
+                "summary": "The last console lines",
+                "parameters": [
+                    _SERVER_ID,
+                    {
+                        "name": "lines",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "default": 100},
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("LogsResponse"), "Console lines, oldest first."),
+                    "400": _FAILURE,
+                    "401": _UNAUTHORIZED,
+                    "404": _FAILURE,
+                },
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "The node's secret."},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        },
+        "schemas": {
+            "Failure": {
+                "type": "object",
+                "required": ["success", "error", "code"],
+                "properties": {
+                    "success": {"type": "boolean", "enum": [False]},
+                    "error": {"type": "string"},
+                    "code": {"type": "string", "enum": _ERROR_CODES},
+                    "details": {
+                        "type": "object",
+                        "properties": {"field": {"type": "string"}},
+                        "additionalProperties": True,
+                    },
+                },
+            },
+            "Success": {
+                "type": "object",
+                "required": ["success", "data"],
+                "properties": {
+                    "success": {"type": "boolean", "enum": [True]},
+                    "message": {"type": "string"},
+                    "data": {"type": "object", "additionalProperties": True},
+                },
+            },
+            "Action": {"type": "string", "description": "An action of the dispatcher."},
+            "PanelCommand": {
+                "type": "object",
+                "description": "The Panel's shape.",
+                "required": ["action"],
+                "properties": {
+                    "action": _ref("Action"),
+                    "serverId": {"type": "string"},
+                    "payload": {"type": "object", "additionalProperties": True},
+                },
+            },
+            "GoAgentCommand": {
+                "type": "object",
+                "description": "The Go agent's shape; `data` may carry `serverId`.",
+                "required": ["action", "data"],
+                "properties": {
+                    "action": _ref("Action"),
+                    "data": {
+                        "type": "object",
+                        "properties": {"serverId": {"type": "string"}},
+                        "additionalProperties": True,
+                    },
+                },
+            },
+            "CommandRequest": {
+                "description": (
+                    "Either shape; the agent merges `params = {...data, ...payload}` and takes "
+                    "`serverId` from the top level, else `data`, else `payload`."
+                ),
+                "anyOf": [_ref("PanelCommand"), _ref("GoAgentCommand")],
+            },
+            "Health": {
+                "type": "object",
+                "required": ["status", "nodeId", "version", "connected", "docker"],
+                "properties": {
+                    "status": {"type": "string", "enum": ["healthy", "degraded"]},
+                    "nodeId": {"type": "string"},
+                    "version": {"type": "string"},
+                    "uptime": {"type": "string", "example": "1h 2m 3s"},
+                    "uptimeSeconds": {"type": "integer"},
+                    "timestamp": {"type": "string", "format": "date-time"},
+                    "connected": {
+                        "type": "boolean",
+                        "description": "WebSocket link state; true when the link is disabled.",
+                    },
+                    "docker": {"type": "boolean"},
+                },
+            },
+            "Discovery": {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string", "enum": ["ctrl-alt-play-agent"]},
+                    "version": {"type": "string"},
+                    "name": {"type": "string"},
+                    "nodeUuid": {"type": "string"},
+                },
+            },
+            "NodeStatus": {
+                "type": "object",
+                "required": ["online", "version"],
+                "properties": {
+                    "online": {"type": "boolean"},
+                    "version": {"type": "string"},
+                    "uptime": {"type": "number", "description": "seconds"},
+                    "serverCount": {"type": "integer"},
+                    "lastSeen": {"type": "string", "format": "date-time"},
+                    "nodeId": {"type": "string"},
+                },
+            },
+            "ServerStatus": {
+                "type": "object",
+                "properties": {
+                    "serverId": {"type": "string"},
+                    "status": {
+                        "type": "string",
+                        "example": "running",
+                        "description": "installing, offline, starting, running, stopping, ...",
+                    },
+                    "panelStatus": {
+                        "type": "string",
+                        "enum": [
+                            "INSTALLING",
+                            "INSTALL_FAILED",
+                            "SUSPENDED",
+                            "OFFLINE",
+                            "STARTING",
+                            "RUNNING",
+                            "STOPPING",
+                            "CRASHED",
+                        ],
+                    },
+                    "containerId": {"type": "string", "nullable": True},
+                    "resources": _ref("Metrics"),
+                },
+            },
+            "Metrics": {
+                "type": "object",
+                "properties": {
+                    "cpu": {"type": "number", "description": "percent (100 = one core)"},
+                    "memory": {"type": "number", "description": "MB"},
+                    "disk": {"type": "number", "description": "MB"},
+                    "network": {
+                        "type": "object",
+                        "properties": {"in": {"type": "integer"}, "out": {"type": "integer"}},
+                    },
+                    "players": {"type": "integer"},
+                    "timestamp": {"type": "string", "format": "date-time"},
+                },
+            },
+            "ServerStatusResponse": {
+                "allOf": [
+                    _ref("Success"),
+                    {"type": "object", "properties": {"data": _ref("ServerStatus")}},
+                ]
+            },
+            "ServerListResponse": {
+                "allOf": [
+                    _ref("Success"),
+                    {
+                        "type": "object",
+                        "properties": {
+                            "data": {
+                                "type": "object",
+                                "properties": {
+                                    "servers": {"type": "array", "items": _ref("ServerStatus")},
+                                    "count": {"type": "integer"},
+                                },
+                            }
+                        },
+                    },
+                ]
+            },
+            "PowerRequest": {
+                "type": "object",
+                "required": ["action"],
+                "properties": {
+                    "action": {"type": "string", "enum": ["start", "stop", "restart", "kill"]},
+                    "signal": {"type": "string", "example": "SIGTERM"},
+                    "timeout": {"type": "number", "description": "seconds before a kill"},
+                },
+            },
+            "ConsoleCommandRequest": {
+                "type": "object",
+                "required": ["command"],
+                "properties": {"command": {"type": "string"}},
+            },
+            "LogsResponse": {
+                "allOf": [
+                    _ref("Success"),
+                    {
+                        "type": "object",
+                        "properties": {
+                            "data": {
+                                "type": "object",
+                                "properties": {
+                                    "logs": {"type": "array", "items": {"type": "string"}},
+                                    "lines": {"type": "integer"},
+                                },
+                            }
+                        },
+                    },
+                ]
+            },
+        },
+    },
+}
+
+
+def openapi_document(version: str, actions: list[str] | None = None) -> dict[str, Any]:
+    """The document for agent ``version``, listing ``actions`` when given."""
+    document = copy.deepcopy(_DOCUMENT)
+    document["info"]["version"] = version
+    if actions:
+        document["components"]["schemas"]["Action"]["enum"] = sorted(actions)
+    return document

@@ -1,0 +1,166 @@
+"""
+The HTTP listener: a ``Site`` that refuses oversized bodies before reading them.
+
+Twisted buffers a whole request body (to a temporary file past 100 kB) before
+any resource sees it, so a size check in the handler comes too late to protect
+memory and disk.  ``LimitedRequest`` checks the declared ``Content-Length`` as
+soon as the headers are in (``gotLength``) and counts chunked bodies as they
+arrive (``handleContentChunk``); past ``max_body_bytes`` it answers 413 with
+the Panel's JSON failure shape, discards the rest of the upload and closes the
+connection.  The 413 is written straight to the transport because the request
+will never reach a resource.
+
+``make_http_service`` binds it to whatever ``serverFromString`` description the
+configuration names (``tcp:8081``, ``ssl:8443:certKey=..``, ``unix:/run/x``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import IResource
+
+from ctrlagent.config import AgentConfig
+
+
+def too_large_body(limit: int) -> bytes:
+    """The JSON body of a 413 answer (the Panel's failure shape)."""
+    return json.dumps(
+        {
+            "success": False,
+            "error": "request body exceeds the limit of {} bytes".format(limit),
+            "code": "INVALID_PAYLOAD",
+        }
+    ).encode("utf-8")
+
+
+class LimitedRequest(server.Request):
+    """A request that refuses a body larger than its site's ``max_body_bytes``."""
+
+    log = Logger()
+
+    _limit: int | None = None
+    _received = 0
+    _refused = False
+
+    def _site_limit(self) -> int | None:
+        site = getattr(self.channel, "site", None)
+        limit = getattr(site, "max_body_bytes", None)
+        return limit if isinstance(limit, int) else None
+
+    def gotLength(self, length: int | None) -> None:
+        """Headers are in: refuse at once when the declared length is over the limit."""
+        self._limit = self._site_limit()
+        if self._limit is not None and length is not None and length > self._limit:
+            # Nothing of the body will be kept: do not create a temp file for it.
+            self.content = io.BytesIO()
+            self._refuse(declared=length)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Count chunked (or lying) bodies as they arrive; refuse past the limit."""
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._limit is not None and self._received > self._limit:
+            self.content = io.BytesIO()
+            self._refuse(declared=None)
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """A refused request is never processed, even if its body completes."""
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, declared: int | None) -> None:
+        self._refused = True
+        channel = self.channel
+        transport = channel.transport
+        limit = self._limit or 0
+        self.log.warn(  # noqa: G010 - twisted.logger's method
+            "refusing request body of {size} bytes (limit {limit}) from {peer}",
+            size=declared if declared is not None else "more than {}".format(limit),
+            limit=limit,
+            peer=str(self.getClientAddress()),
+        )
+        # No "100 Continue" after this: a client that waits for it never sends the body.
+        self.requestHeaders.removeHeader(b"expect")
+        body = too_large_body(limit)
+        head = (
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        if transport is None:
+            return
+        transport.write(head + body)
+        # Swallow whatever the client still sends, instead of closing at once:
+        # closing a socket with unread data makes the kernel send a reset, and a
+        # client still busy uploading would lose the 413 it has not read yet.
+        channel.dataReceived = lambda data: None  # type: ignore[method-assign]
+        channel.setTimeout(None)
+        site = getattr(channel, "site", None)
+        clock = getattr(site, "clock", None)
+        if clock is None:
+            transport.loseConnection()
+            return
+        grace = getattr(site, "refused_grace", 2.0)
+        closer: IDelayedCall = clock.callLater(grace, transport.loseConnection)
+        lost = channel.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            if closer.active():
+                closer.cancel()
+            lost(reason)
+
+        channel.connectionLost = connection_lost  # type: ignore[method-assign]
+
+
+class LimitedSite(server.Site):
+    """A ``Site`` whose requests refuse bodies over ``max_body_bytes``."""
+
+    requestFactory = LimitedRequest
+    # Access lines for every Panel poll would drown the log; errors still show.
+    noisy = False
+
+    def __init__(
+        self,
+        resource: IResource,
+        *,
+        max_body_bytes: int,
+        clock: IReactorTime,
+        refused_grace: float = 2.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, reactor=clock, **kwargs)
+        self.max_body_bytes = max_body_bytes
+        self.clock = clock
+        # How long a refused upload is drained before the connection closes.
+        self.refused_grace = refused_grace
+
+    def log(self, request: Any) -> None:
+        """No access log: the Panel polls every few seconds."""
+
+
+def make_http_service(reactor: Any, config: AgentConfig, api: Any) -> StreamServerEndpointService:
+    """
+    The HTTP API as a service listening where ``config.http`` says.
+
+    ``api`` is an ``AgentApi`` (anything with a Klein ``app``).
+    """
+    endpoint = serverFromString(reactor, config.http.endpoint_description())
+    site = LimitedSite(api.app.resource(), max_body_bytes=config.http.max_body_bytes, clock=reactor)
+    service = StreamServerEndpointService(endpoint, site)
+    service.setName("http")
+    return service
