@@ -813,7 +813,9 @@ class DockerClient:
         A pipe to the container's stdin (the container needs ``OpenStdin``).
 
         A raw hijacked attach over a fresh connection; it stays open until
-        closed, and closing it leaves the container running.
+        closed or until the server's process exits (``closed`` fires then),
+        and closing it leaves the container running.  Attach again after every
+        start: a pipe is bound to the process it was opened for.
         """
         from twisted.internet.endpoints import connectProtocol
 
@@ -821,7 +823,13 @@ class DockerClient:
         if self._endpoints is None:
             raise DockerError(0, "attach_stdin needs a client built with an endpoint factory")
         await self._ensure_api()
-        url = self.url("containers", cid, "attach", query={"stream": True, "stdin": True})
+        # stderr=1 (discarded) makes the engine close the pipe when the server
+        # exits, so ``closed`` fires then; stdin alone would stay open, bound to
+        # the dead process's stdin.  Game servers write little to stderr, and
+        # with a TTY there is no separate stderr at all.
+        url = self.url(
+            "containers", cid, "attach", query={"stream": True, "stdin": True, "stderr": True}
+        )
         text = url.to_uri().to_text()
         path = text[text.index("/", text.index("//") + 2) :]
         host_header = "docker" if self.host.kind == "unix" else self.host.hostname

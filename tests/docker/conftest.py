@@ -27,6 +27,9 @@ from ctrlagent.config import DockerConfig
 from ctrlagent.docker import DockerClient, NotFound
 from ctrlagent.testing.registry import LocalRegistry
 
+# Labels every container of this test run, for label filters (events, lists).
+RUN_ID = secrets.token_hex(6)
+
 
 def unique_name(tag: str = "") -> str:
     """A container/network name of this test run."""
@@ -114,7 +117,8 @@ class Containers:
             "StdinOnce": False,
             "AttachStdin": False,
             "Env": ["{}={}".format(k, v) for k, v in (env or {}).items()],
-            "Labels": {"ctrl-alt-play.managed": "true", "ctrlagent.test": "1"},
+            # Not the agent's managed label: another suite may sweep those away.
+            "Labels": {"ctrlagent.test": RUN_ID},
         }
         body.update(spec)
         cid = await self.client.container_create(unique_name(tag), body)
@@ -136,3 +140,27 @@ async def containers(docker: DockerClient, scripted_image: str) -> AsyncIterator
     made = Containers(docker, scripted_image)
     yield made
     await made.remove_all()
+
+
+async def within(seconds: float, awaitable: Any) -> Any:
+    """Await ``awaitable`` (a coroutine or Deferred), failing the test after ``seconds``."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred, ensureDeferred
+
+    d: Deferred[Any] = ensureDeferred(awaitable)
+    d.addTimeout(seconds, reactor)
+    return await d
+
+
+async def wait_for_line(stream: Any, wanted: str, seconds: float = 10.0) -> list[tuple[str, str]]:
+    """Read ``(stream, line)`` items until ``wanted``; return them all."""
+
+    async def read() -> list[tuple[str, str]]:
+        seen: list[tuple[str, str]] = []
+        async for item in stream:
+            seen.append(item)
+            if item[1] == wanted:
+                return seen
+        raise AssertionError("stream ended before {!r}; got {!r}".format(wanted, seen[-20:]))
+
+    return await within(seconds, read())
