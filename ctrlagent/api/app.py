@@ -29,10 +29,14 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from ctrlagent.api.openapi import openapi_document
+from ctrlagent.api.site import make_http_service
 from ctrlagent.commands import ActionResult, Command, IDispatcher, parse_command
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import CtrlAgentError, InvalidInput, ParseError
 from ctrlagent.interfaces import IServerManager
+
+# Re-exported: the composition root imports both from here.
+__all__ = ["AgentApi", "authenticated", "make_http_service"]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[bytes]])
 
