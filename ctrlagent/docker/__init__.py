@@ -20,6 +20,7 @@ from ctrlagent.docker.errors import (
     NetworkNotFound,
     NotFound,
     PullFailed,
+    RegistryAuthFailed,
 )
 from ctrlagent.docker.eventstream import ResumableEvents
 from ctrlagent.docker.models import DockerEvent, ImageRef, PullProgress, parse_image_ref
@@ -44,6 +45,7 @@ __all__ = [
     "NetworkNotFound",
     "NotFound",
     "PullFailed",
+    "RegistryAuthFailed",
     "ResumableEvents",
     "DockerEvent",
     "ImageRef",

@@ -51,6 +51,7 @@ from ctrlagent.docker.errors import (
     ImageNotFound,
     NetworkNotFound,
     PullFailed,
+    RegistryAuthFailed,
 )
 from ctrlagent.docker.models import (
     DockerEvent,
@@ -538,11 +539,21 @@ class DockerClient:
         lowered = message.lower()
         if status == 404 or any(
             words in lowered
-            for words in ("manifest unknown", "not found", "does not exist", "name not known")
+            for words in ("manifest unknown", "not found", "does not exist")
         ):
             return ImageNotFound(
                 "image {} not found in registry {}: {}".format(ref, registry, message),
                 status or 404,
+            )
+        if any(
+            words in lowered
+            for words in ("unauthorized", "no basic auth", "denied", "authentication required")
+        ):
+            return RegistryAuthFailed(
+                status,
+                "registry {} refused to serve {} (credentials missing or wrong): {}".format(
+                    registry, ref, message
+                ),
             )
         return PullFailed(
             status,

@@ -25,6 +25,7 @@ __all__ = [
     "DockerConflict",
     "DockerInvalidInput",
     "PullFailed",
+    "RegistryAuthFailed",
     "NotFound",
     "Conflict",
 ]
@@ -79,7 +80,11 @@ class DockerInvalidInput(DockerError, InvalidInput):
 
 
 class PullFailed(DockerError):
-    """A pull that the engine accepted and then reported as failed."""
+    """A pull failed: the registry is unreachable or refused it."""
+
+
+class RegistryAuthFailed(PullFailed):
+    """The registry wants credentials we do not have, or refused ours."""
 
 
 # The names the issue uses: ``from ctrlagent.docker import NotFound, Conflict``
