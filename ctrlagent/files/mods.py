@@ -32,7 +32,7 @@ from ctrlagent.files.confined import Confined
 from ctrlagent.files.paths import Components, normalise, safe_file_name
 
 MANIFEST = ".ctrlagent-mods.json"
-_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
@@ -84,7 +84,7 @@ def parse_install(params: dict[str, Any]) -> ModRequest:
         elif url is not None:
             file_name = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
     mod_id = _text(params, "workshopId", "modId", "id") or file_name
-    if not _ID_RE.match(mod_id):
+    if not _ID_RE.fullmatch(mod_id):
         raise InvalidInput("modId must be 1-128 letters, digits, '.', '_', ':' or '-'",
                            field="modId")
     checked = safe_file_name(file_name)

@@ -32,8 +32,8 @@ NAME_MAX = 255
 # Longest whole path we accept; PATH_MAX on Linux.
 PATH_MAX = 4096
 
-_MODE_RE = re.compile(r"^[0-7]{3,4}$")
-_CHUNK_RE = re.compile(r"^(?P<base>.+)\.chunk(?P<index>[0-9]{1,6})$")
+_MODE_RE = re.compile(r"[0-7]{3,4}")
+_CHUNK_RE = re.compile(r"(?P<base>.+)\.chunk(?P<index>[0-9]{1,6})", re.DOTALL)
 
 
 def normalise(path: str, field: str = "path") -> Components:
@@ -92,7 +92,7 @@ def parse_mode(mode: object) -> int:
     """
     if isinstance(mode, int) and not isinstance(mode, bool):
         mode = format(mode, "o")
-    if not isinstance(mode, str) or not _MODE_RE.match(mode):
+    if not isinstance(mode, str) or not _MODE_RE.fullmatch(mode):
         raise InvalidInput("mode must be 3 or 4 octal digits", field="mode")
     value = int(mode, 8)
     if value & 0o6000:
@@ -107,7 +107,7 @@ def split_chunk(components: Components) -> tuple[Components, int] | None:
     """
     if not components:
         return None
-    m = _CHUNK_RE.match(components[-1])
+    m = _CHUNK_RE.fullmatch(components[-1])
     if m is None:
         return None
     return components[:-1] + (m.group("base"),), int(m.group("index"))
