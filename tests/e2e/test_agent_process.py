@@ -50,8 +50,11 @@ def test_status_needs_the_secret(agent_process: AgentProcess) -> None:
 
 
 def test_sigterm_shuts_down_cleanly(agent_process: AgentProcess) -> None:
-    assert agent_process.stop() == 0
+    # twistd re-raises SIGTERM after a clean shutdown, so the exit status is
+    # "killed by SIGTERM", which systemd counts as a clean stop.
+    assert agent_process.stop() in (0, -15)
     log = agent_process.log_text()
+    assert "Server Shut Down." in log
     assert "Traceback" not in log
     assert "Main loop terminated." in log
 
