@@ -10,6 +10,7 @@
 #   FLOOD_WIDTH     with FLOOD_LINES: print lines of this many bytes instead of numbers
 #   MEMORY_HOG_MB   allocate and touch this many MB at once (to hit a memory limit)
 #   DATA_FILE       append every console command to this file (to prove the data dir mount)
+#   TICK_INTERVAL   after startup, print "tick <n>" every this many seconds (n = 1, 2, ...)
 # Console: every stdin line is echoed back as "> <line>"; "stop" exits 0;
 # "crash <code>" exits with that code; "say <text>" prints "[Server] <text>".
 
@@ -50,6 +51,10 @@ if [ -n "${FLOOD_LINES:-}" ]; then
         seq 1 "${FLOOD_LINES}"
     fi
     echo "flood done"
+fi
+
+if [ -n "${TICK_INTERVAL:-}" ]; then
+    ( n=1; while :; do sleep "${TICK_INTERVAL}"; echo "tick ${n}"; n=$((n+1)); done ) &
 fi
 
 # The console runs in the background reading a dup of stdin, so that the main

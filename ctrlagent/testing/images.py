@@ -13,6 +13,7 @@ Synchronous on purpose: used by session fixtures and bench scripts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -20,7 +21,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SCRIPTED_IMAGE = "ctrlagent-test/scripted:1"
+def _script_tag() -> str:
+    # The tag follows the script's content, so an edited script never runs
+    # from a stale cached image.
+    digest = hashlib.sha256(Path(__file__).with_name("gameserver.sh").read_bytes()).hexdigest()
+    return "ctrlagent-test/scripted:" + digest[:12]
+
+
+SCRIPTED_IMAGE = _script_tag()
 MINETEST_IMAGE = "ctrlagent-test/minetest:5"
 
 BUSYBOX = "/bin/busybox"
