@@ -306,6 +306,15 @@ def write_atomic(
                 mode = stat.S_IMODE(old.st_mode) & 0o1777
         if mode is None:
             mode = 0o644
+        known = isinstance(chunks, (list, tuple))
+        if known:
+            # Size known up front: refuse before touching the directory at all.
+            try:
+                quota.charge(sum(len(b) for b in chunks))
+            except InsufficientResources:
+                if old is not None:
+                    quota.credit(-old.st_size)
+                raise
         tmp = TMP_PREFIX + secrets.token_hex(8)
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -317,7 +326,8 @@ def write_atomic(
         try:
             try:
                 for chunk in chunks:
-                    quota.charge(len(chunk))
+                    if not known:
+                        quota.charge(len(chunk))
                     view = memoryview(chunk)
                     while view:
                         n = os.write(fd, view)
