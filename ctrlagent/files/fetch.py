@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
@@ -229,14 +229,13 @@ class SafeFetcher:
     def fetch(self, url: str, sink: Sink, max_bytes: int, timeout: float) -> Deferred[int]:
         """Download ``url`` into ``sink``; fires with the byte count."""
         d = Deferred.fromCoroutine(self._fetch(url, sink, max_bytes))
-        d.addTimeout(timeout, self.reactor)
 
-        def timed_out(f: Failure) -> Failure:
-            if f.check(TimeoutError, CancelledError):
-                return Failure(DownloadError("download timed out after {} s".format(timeout)))
-            return f
+        def timed_out(result: object, after: float) -> Failure:
+            # Whatever the cancellation surfaced as (CancelledError,
+            # ResponseNeverReceived, ...), the cause is our timeout.
+            return Failure(DownloadError("download timed out after {} s".format(after)))
 
-        d.addErrback(timed_out)
+        d.addTimeout(timeout, self.reactor, onTimeoutCancel=timed_out)
         return d
 
     async def _fetch(self, url: str, sink: Sink, max_bytes: int) -> int:
