@@ -799,6 +799,7 @@ class DockerClient:
             line_cap=self.config.console_line_cap,
             silence_timeout=self.config.stream_silence_timeout if follow else 0.0,
             description="logs of {}".format(cid[:12]),
+            verify_end=self.ping if follow else None,
         )
 
     def attach_output(self, cid: str, tty: bool = False, logs: bool = False) -> LineStream:
@@ -817,6 +818,7 @@ class DockerClient:
             line_cap=self.config.console_line_cap,
             silence_timeout=self.config.stream_silence_timeout,
             description="attach to {}".format(cid[:12]),
+            verify_end=self.ping,
         )
 
     async def attach_stdin(self, cid: str) -> StdinPipe:
@@ -890,6 +892,7 @@ class DockerClient:
             silence_timeout=self.config.stream_silence_timeout,
             high_water=100,
             description="stats of {}".format(cid[:12]),
+            verify_end=self.ping,
         )
 
     # -- events ------------------------------------------------------------
@@ -927,7 +930,13 @@ class DockerClient:
             high_water=10_000,
             description="event stream",
             on_open=on_open,
+            verify_end=self._event_stream_ended if until is None else None,
         )
+
+    async def _event_stream_ended(self) -> None:
+        # Without ``until`` the engine never ends an event stream by itself.
+        await self.ping()
+        raise DockerUnavailable("the Docker engine ended the event stream")
 
     def resumable_events(
         self,

@@ -118,9 +118,11 @@ class ItemStream(Generic[T]):
         low_water: int | None = None,
         description: str = "stream",
         on_open: Callable[[], None] | None = None,
+        verify_end: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         self._clock = clock
         self._on_open = on_open
+        self._verify_end = verify_end
         self._decoder = decoder
         self._items: deque[T] = deque()
         self._high = max(1, high_water)
@@ -193,13 +195,32 @@ class ItemStream(Generic[T]):
             self._finish(DockerError(0, "{}: cannot decode: {}".format(self._description, e)))
             return
         if self._closed or reason is None or reason.check(ResponseDone, PotentialDataLoss):
-            self._finish(None)
+            if self._verify_end is not None and not self._closed:
+                # A clean end may still mean the engine is going away (it ends
+                # follow streams cleanly on shutdown): ask it before saying so.
+                Deferred.fromCoroutine(self._verify(self._verify_end))
+            else:
+                self._finish(None)
         else:
             self._finish(
                 DockerUnavailable(
                     "{} broken: {}".format(self._description, _reason_text(reason))
                 )
             )
+
+    async def _verify(self, verify: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            await verify()
+        except DockerError as e:
+            self._finish(
+                DockerUnavailable("{} ended: {}".format(self._description, e.message))
+                if isinstance(e, DockerUnavailable)
+                else None
+            )
+        except Exception as e:  # noqa: BLE001 - never an unhandled error from here
+            self._finish(DockerUnavailable("{} ended: {}".format(self._description, e)))
+        else:
+            self._finish(None)
 
     def _make_connection(self, transport: Any) -> None:
         self._transport = transport
@@ -340,6 +361,7 @@ class LineStream(ItemStream[tuple[str, str]]):
         line_cap: int,
         silence_timeout: float = 0.0,
         description: str = "console stream",
+        verify_end: Callable[[], Awaitable[Any]] | None = None,
     ) -> LineStream:
         """A console stream decoding frames (or TTY bytes) into lines."""
         return cls(
@@ -348,6 +370,7 @@ class LineStream(ItemStream[tuple[str, str]]):
             open,
             silence_timeout=silence_timeout,
             description=description,
+            verify_end=verify_end,
         )
 
 
