@@ -243,6 +243,7 @@ Handler = Callable[[Command], Awaitable[ActionResult]]
 
 _MODE = re.compile(r"^[0-7]{3,4}$")
 _POWER_ACTIONS = ("start", "stop", "restart", "kill")
+_ALIAS_CARRIERS = frozenset({"create_server", "server_create", "update_server", "server_update"})
 _MAX_LINES = 100_000
 
 
@@ -364,6 +365,7 @@ class Dispatcher:
         if handler is None:
             raise UnknownAction("unknown action: {}".format(command.action[:100]))
         try:
+            await self._learn_aliases(command)
             return await handler(command)
         except CtrlAgentError:
             raise
@@ -378,6 +380,50 @@ class Dispatcher:
             ) from None
 
     # -- helpers -----------------------------------------------------------
+
+    async def _learn_aliases(self, command: Command) -> None:
+        """
+        Register the other ids a payload names (``panelId``, ``aliases``) for
+        the server it addresses, so that the Panel's second id works from then
+        on (PROTOCOL.md section 2).  Create and update carry them themselves.
+        """
+        if command.action in _ALIAS_CARRIERS or not command.server_id:
+            return
+        p = command.params
+        wanted = [
+            p.get("panelId"),
+            *(p.get("aliases") or [] if isinstance(p.get("aliases"), list) else []),
+        ]
+        names = [
+            str(a)
+            for a in wanted
+            if isinstance(a, (str, int)) and not isinstance(a, bool) and a != ""
+        ]
+        if not names:
+            return
+        try:
+            server_id = str(self._servers.resolve(command.server_id))
+        except CtrlAgentError:
+            return  # the action itself reports the unknown server
+        new: list[str] = []
+        for name in names:
+            try:
+                owner = str(self._servers.resolve(name))
+            except CtrlAgentError:
+                new.append(name)
+                continue
+            if owner != server_id:
+                self.log.warn(  # noqa: G010 - twisted.logger's method
+                    "{alias} already names server {owner}; not an alias of {server_id}",
+                    alias=name,
+                    owner=owner,
+                    server_id=server_id,
+                )
+        if new:
+            await _settle(self._servers.update(server_id, {"aliases": new}))
+            self.log.info(
+                "server {server_id} is also known as {aliases}", server_id=server_id, aliases=new
+            )
 
     def _server_id(self, command: Command) -> str:
         """The canonical id of the server the command names (SERVER_NOT_FOUND otherwise)."""

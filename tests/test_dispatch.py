@@ -582,3 +582,18 @@ def test_both_http_body_shapes_dispatch_alike(rig: Rig) -> None:
     rig.dispatcher.dispatch(go).addBoth(results.append)
     assert isinstance(results[0], Failure) and results[0].value.code == "INVALID_PAYLOAD"
     assert results[1].data["files"] == []
+
+
+def test_any_payload_may_register_the_panels_other_id(rig: Rig) -> None:
+    rig.ok("create_server", UUID, image="img")
+    assert rig.error("get_status", PANEL_ID).code == "SERVER_NOT_FOUND"
+    rig.ok("start_server", UUID, panelId=PANEL_ID, aliases=["third-name"])
+    assert rig.ok("get_server_metrics", PANEL_ID)["serverId"] == UUID
+    assert rig.ok("get_status", "third-name")["serverId"] == UUID
+
+
+def test_an_alias_of_another_server_is_not_stolen(rig: Rig) -> None:
+    rig.created()  # owns PANEL_ID
+    rig.ok("create_server", "second", image="img")
+    assert rig.ok("start_server", "second", panelId=PANEL_ID)["status"] == "running"
+    assert rig.ok("get_status", PANEL_ID)["serverId"] == UUID

@@ -355,7 +355,17 @@ class FakeServerManager:
             server = self._get(server_id)
         except Exception as e:
             return fail(e)
-        server.params.update(params)
+        aliases = params.get("aliases")
+        if isinstance(aliases, list):
+            for alias in aliases:
+                try:
+                    owner = self.resolve(str(alias))
+                except ServerNotFound:
+                    continue
+                if owner != server.server_id:
+                    return fail(Conflict("alias {} already names another server".format(alias)))
+            server.aliases.update(str(a) for a in aliases if str(a) != server.server_id)
+        server.params.update({k: v for k, v in params.items() if k != "aliases"})
         return succeed(self._state(server))
 
     def status(self, server_id: str) -> dict[str, Any]:

@@ -131,6 +131,12 @@ def test_panel_drives_a_server_from_create_to_delete(
     servers = ok(agent, "list_servers")
     assert servers["count"] == 1 and servers["servers"][0]["serverId"] == UUID
 
+    # an id the agent has not heard of yet can be taught through any payload
+    status_code, answer = post(agent, {"action": "get_server_metrics", "serverId": "clxlateid"})
+    assert (status_code, answer["code"]) == (200, "SERVER_NOT_FOUND")
+    ok(agent, "get_server_status", UUID, aliases=["clxlateid"])
+    assert_panel_metrics(ok(agent, "get_server_metrics", "clxlateid"))
+
     stopped = ok(agent, "stop_server", UUID, signal="SIGTERM", timeout=30)
     assert stopped["status"] in ("stopping", "offline")
     wait_status(agent, PANEL_ID, "offline")
