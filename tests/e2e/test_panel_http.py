@@ -289,3 +289,25 @@ def test_fifty_concurrent_commands_to_one_server(
     ok(agent, "stop_server", UUID, signal="SIGKILL")
     wait_status(agent, UUID, "offline")
     assert agent.health()["status"] == "healthy"
+
+
+def test_a_long_stop_answers_at_once_and_finishes_in_the_background(
+    agent_process: AgentProcess, scripted_image: str
+) -> None:
+    agent = agent_process
+    payload = create_payload(scripted_image)
+    payload["environment"] = {"IGNORE_SIGTERM": "1"}
+    payload["stop"] = "SIGTERM"  # no console "stop": only the signal, which the game ignores
+    ok(agent, "create_server", UUID, **payload)
+    ok(agent, "start_server", UUID)
+    wait_status(agent, PANEL_ID, "running")
+
+    began = time.monotonic()
+    stopped = ok(agent, "stop_server", UUID, signal="SIGTERM", timeout=6)
+    assert time.monotonic() - began < 3.0  # well inside the Panel's 30 s
+    assert stopped["status"] == "stopping"
+    assert ok(agent, "get_server_status", PANEL_ID)["status"] == "stopping"
+    # The game ignores SIGTERM: the agent kills it once the timeout has passed.
+    wait_status(agent, PANEL_ID, "offline", timeout=20)
+    assert time.monotonic() - began >= 5.0
+    assert "SIGTERM ignored" in ok(agent, "get_server_logs", PANEL_ID, lines=50)["logs"]
