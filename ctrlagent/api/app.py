@@ -167,6 +167,8 @@ class AgentApi:
         self._docker_state: tuple[float, bool] | None = None
         self._docker_waiters: list[Deferred[bool]] | None = None
         self._secret = config.secret.encode("utf-8")
+        # Commands still running, so that shutdown can let them finish.
+        self._in_flight: set[Deferred[Any]] = set()
 
     # -- helpers -----------------------------------------------------------
 
@@ -231,8 +233,10 @@ class AgentApi:
         work = self._dispatcher.dispatch(command)
         assert isinstance(work, Deferred)
         answer: Deferred[Any] = Deferred()
+        self._in_flight.add(work)
 
         def settled(result: Any) -> None:
+            self._in_flight.discard(work)
             if not answer.called:
                 answer.callback(result)
             elif isinstance(result, Failure) and not result.check(CtrlAgentError):
@@ -244,6 +248,39 @@ class AgentApi:
         work.addBoth(settled)
         result: ActionResult = await answer
         return result
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Fire once every command in flight has finished, or after ``timeout``
+        seconds, whichever comes first (used when the HTTP service stops).
+        """
+        done: Deferred[None] = Deferred()
+        pending = set(self._in_flight)
+        if not pending:
+            done.callback(None)
+            return done
+
+        def finish(_: Any = None) -> None:
+            if not done.called:
+                if timer.active():
+                    timer.cancel()
+                done.callback(None)
+
+        def one_settled(result: Any, d: Deferred[Any]) -> Any:
+            pending.discard(d)
+            if not pending:
+                finish()
+            return result
+
+        timer = self._clock.callLater(timeout, finish)
+        for d in list(pending):
+            d.addBoth(one_settled, d)
+        return done
+
+    @property
+    def in_flight(self) -> int:
+        """How many commands are running right now."""
+        return len(self._in_flight)
 
     async def _docker_ok(self) -> bool:
         now = self._clock.seconds()

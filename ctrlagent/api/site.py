@@ -21,6 +21,7 @@ import json
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -153,7 +154,29 @@ class LimitedSite(server.Site):
         """No access log: the Panel polls every few seconds."""
 
 
-def make_http_service(reactor: Any, config: AgentConfig, api: Any) -> StreamServerEndpointService:
+class HttpService(StreamServerEndpointService):
+    """
+    The listening API.  Stopping it stops accepting connections, then waits
+    (at most ``drain_timeout`` seconds) for commands already running, so that
+    a shutdown does not cut a create or a file write in half.
+    """
+
+    def __init__(self, endpoint: Any, site: LimitedSite, api: Any, drain_timeout: float) -> None:
+        super().__init__(endpoint, site)
+        self._api = api
+        self._drain_timeout = drain_timeout
+
+    def stopService(self) -> Deferred[None]:
+        stopped: Deferred[None] = super().stopService()  # type: ignore[assignment]
+        drain = getattr(self._api, "drain", None)
+        if drain is None:
+            return stopped
+        return stopped.addCallback(lambda _: drain(self._drain_timeout))
+
+
+def make_http_service(
+    reactor: Any, config: AgentConfig, api: Any, drain_timeout: float = 10.0
+) -> StreamServerEndpointService:
     """
     The HTTP API as a service listening where ``config.http`` says.
 
@@ -161,6 +184,6 @@ def make_http_service(reactor: Any, config: AgentConfig, api: Any) -> StreamServ
     """
     endpoint = serverFromString(reactor, config.http.endpoint_description())
     site = LimitedSite(api.app.resource(), max_body_bytes=config.http.max_body_bytes, clock=reactor)
-    service = StreamServerEndpointService(endpoint, site)
+    service = HttpService(endpoint, site, api, drain_timeout)
     service.setName("http")
     return service

@@ -489,3 +489,32 @@ def test_human_duration() -> None:
     assert human_duration(61) == "1m 1s"
     assert human_duration(90061) == "1d 1h 1m 1s"
     assert human_duration(3600) == "1h 0m 0s"
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_waits_for_commands_in_flight(rig: ApiRig) -> None:
+    await create(rig)
+    await rig.command({"action": "start_server", "serverId": UUID})
+    assert rig.api.drain(5).called  # nothing running
+    gate = rig.servers.hold("stop")
+    answer = Deferred.fromCoroutine(rig.command({"action": "stop_server", "serverId": UUID}))
+    assert rig.api.in_flight == 1
+    drained = rig.api.drain(5)
+    assert not drained.called
+    gate.callback(None)
+    assert drained.called and rig.api.in_flight == 0
+    rig.http.flush()
+    assert (await answer)[1]["data"]["status"] == "offline"
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_gives_up_after_its_timeout(rig: ApiRig) -> None:
+    await create(rig)
+    await rig.command({"action": "start_server", "serverId": UUID})
+    gate = rig.servers.hold("stop")
+    Deferred.fromCoroutine(rig.command({"action": "stop_server", "serverId": UUID}))
+    drained = rig.api.drain(5)
+    rig.clock.advance(5)
+    assert drained.called
+    gate.callback(None)
+    rig.http.flush()

@@ -33,7 +33,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
 from ctrlagent.api import LimitedSite, make_http_service
 from ctrlagent.config import HttpConfig
-from tests.api.conftest import SECRET, ApiRig, panel_headers
+from tests.api.conftest import SECRET, UUID, ApiRig, panel_headers
 
 LIMIT = 64 * 1024
 
@@ -278,3 +278,35 @@ async def test_tls_listener_serves_the_panel(tmp_path: Path) -> None:
             await treq.get("http://127.0.0.1:{}/health".format(port), timeout=2)
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_service_waits_for_a_running_command() -> None:
+    rig = ApiRig()
+    rig.api._clock = reactor  # type: ignore[assignment]
+    port = _free_port()
+    config = replace(rig.config, http=replace(rig.config.http, port=port, bind="127.0.0.1"))
+    service = make_http_service(reactor, config, rig.api)
+    service.startService()
+    rig.servers.create_server(UUID, {"image": "img"})
+    rig.servers.start(UUID)
+    gate = rig.servers.hold("stop")
+    request = treq.post(
+        "http://127.0.0.1:{}/api/command".format(port),
+        data=json.dumps({"action": "stop_server", "serverId": UUID}).encode(),
+        headers=panel_headers(),
+    )
+    for _ in range(100):
+        if rig.api.in_flight:
+            break
+        await _sleep(0.02)
+    stopped = service.stopService()
+    fired: list[object] = []
+    stopped.addBoth(lambda result: fired.append(result) or result)
+    await _sleep(0.1)
+    assert fired == []  # the stop_server command is still running
+    gate.callback(None)
+    await stopped
+    assert fired
+    response = await request
+    assert (await response.json())["data"]["status"] == "offline"
