@@ -772,8 +772,18 @@ class Dispatcher:
         encoding = require_choice(command.params, "encoding", ("base64", "utf8", "utf-8"), "base64")
         if encoding == "utf-8":
             encoding = "utf8"
+        # Chunked uploads may name their piece explicitly instead of by
+        # ``<path>.chunk<N>``; only pass what was sent, so the plain call
+        # matches IFileManager exactly.
+        chunks: dict[str, int] = {}
+        p = command.params
+        if _present(p, "chunkIndex") is not _MISSING:
+            chunks["chunk_index"] = optional_int(p, "chunkIndex", 0, minimum=0)
+        if _present(p, "totalChunks") is not _MISSING:
+            chunks["total_chunks"] = optional_int(p, "totalChunks", 1, minimum=1)
         return ActionResult(
-            await self._files_call("upload_file", command, path, content, encoding), "uploaded"
+            await self._files_call("upload_file", command, path, content, encoding, **chunks),
+            "uploaded",
         )
 
     async def _get_file_info(self, command: Command) -> ActionResult:

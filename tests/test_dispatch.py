@@ -597,3 +597,16 @@ def test_an_alias_of_another_server_is_not_stolen(rig: Rig) -> None:
     rig.ok("create_server", "second", image="img")
     assert rig.ok("start_server", "second", panelId=PANEL_ID)["status"] == "running"
     assert rig.ok("get_status", PANEL_ID)["serverId"] == UUID
+
+
+def test_upload_chunk_fields_are_checked_and_passed_on(rig: Rig) -> None:
+    rig.created()
+    piece = base64.b64encode(b"abc").decode()
+    rig.ok("upload_file", UUID, path="/big.zip", content=piece, chunkIndex=0, totalChunks=2)
+    assert [f["name"] for f in rig.ok("list_files", UUID)["files"]] == ["big.zip.chunk0"]
+    err = rig.error("upload_file", UUID, path="/big.zip", content=piece, chunkIndex="first")
+    assert err.details["field"] == "chunkIndex"
+    err = rig.error(
+        "upload_file", UUID, path="/big.zip", content=piece, chunkIndex=2, totalChunks=2
+    )
+    assert err.details["field"] == "chunkIndex"

@@ -736,11 +736,26 @@ class FakeFileManager:
         return _deferred(run)
 
     def upload_file(
-        self, root: ServerRoot, path: str, content: str, encoding: str = "base64"
+        self,
+        root: ServerRoot,
+        path: str,
+        content: str,
+        encoding: str = "base64",
+        chunk_index: int | None = None,
+        total_chunks: int | None = None,
     ) -> Deferred[dict[str, Any]]:
-        """Store decoded content (``<path>.chunk<N>`` pieces are stored as named)."""
+        """
+        Store decoded content.  Chunks (``<path>.chunk<N>`` or ``chunk_index``)
+        are stored as separate files, as the real manager keeps them until
+        they are assembled.
+        """
 
         def run() -> dict[str, Any]:
+            nonlocal path
+            if chunk_index is not None:
+                if total_chunks is not None and chunk_index >= total_chunks:
+                    raise InvalidInput("chunkIndex must be below totalChunks", field="chunkIndex")
+                path = "{}.chunk{}".format(path, chunk_index)
             if encoding == "base64":
                 try:
                     data = base64.b64decode(content, validate=True)

@@ -9,6 +9,7 @@ create/power, the cuid alias (``panelId``) for console, files and metrics.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -311,3 +312,62 @@ def test_a_long_stop_answers_at_once_and_finishes_in_the_background(
     wait_status(agent, PANEL_ID, "offline", timeout=20)
     assert time.monotonic() - began >= 5.0
     assert "SIGTERM ignored" in ok(agent, "get_server_logs", PANEL_ID, lines=50)["logs"]
+
+
+def test_file_actions_through_the_panel_id(
+    agent_process: AgentProcess, scripted_image: str
+) -> None:
+    agent = agent_process
+    ok(agent, "create_server", UUID, **create_payload(scripted_image))
+    blob = bytes(range(256)) * 64
+    encoded = base64.b64encode(blob).decode()
+
+    ok(agent, "create_directory", PANEL_ID, path="/world/region")
+    uploaded = ok(agent, "upload_file", PANEL_ID, path="/world/region/r.0.0.mca", content=encoded)
+    assert uploaded["size"] == len(blob)
+    down = ok(agent, "download_file", PANEL_ID, path="world/region/r.0.0.mca")
+    assert base64.b64decode(down["content"]) == blob and down["encoding"] == "base64"
+    # a chunked upload, assembled by the final chunk
+    half = len(encoded) // 2 // 4 * 4
+    for index, piece in enumerate((encoded[:half], encoded[half:])):
+        ok(
+            agent,
+            "upload_file",
+            PANEL_ID,
+            path="/big.bin",
+            content=piece,
+            chunkIndex=index,
+            totalChunks=2,
+        )
+    assert ok(agent, "get_file_info", PANEL_ID, path="/big.bin")["size"] == len(blob)
+
+    ok(agent, "set_file_permissions", PANEL_ID, path="/big.bin", mode="600")
+    info = ok(agent, "get_file_info", PANEL_ID, path="/big.bin")
+    assert info["permissions"] == "600" and info["type"] == "file"
+    ok(agent, "rename_file", PANEL_ID, oldPath="/big.bin", newPath="/world/big.bin")
+    found = ok(agent, "search_files", PANEL_ID, path="/", query="big")["files"]
+    assert [f["path"].lstrip("/") for f in found] == ["world/big.bin"]
+
+    ok(agent, "create_archive", PANEL_ID, files=["/world"], archivePath="/backup.zip", format="zip")
+    ok(agent, "create_directory", PANEL_ID, path="/restore")
+    ok(agent, "extract_archive", PANEL_ID, archivePath="/backup.zip", extractPath="/restore")
+    restored = ok(agent, "download_file", PANEL_ID, path="/restore/world/region/r.0.0.mca")
+    assert base64.b64decode(restored["content"]) == blob
+    ok(agent, "delete_file", PANEL_ID, path="/restore")
+    names = {f["name"] for f in ok(agent, "list_files", PANEL_ID, path="/")["files"]}
+    assert {"world", "backup.zip"} <= names and "restore" not in names
+
+    status, answer = post(
+        agent,
+        {"action": "read_file", "serverId": PANEL_ID, "payload": {"path": "../../../etc/passwd"}},
+    )
+    assert (status, answer["success"], answer["code"]) == (200, False, "PERMISSION_DENIED")
+    status, answer = post(
+        agent,
+        {
+            "action": "set_file_permissions",
+            "serverId": PANEL_ID,
+            "payload": {"path": "/world", "mode": "u+s"},
+        },
+    )
+    assert (status, answer["code"], answer["details"]["field"]) == (200, "INVALID_PAYLOAD", "mode")
