@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -331,6 +331,18 @@ class PanelLink(service.MultiService):
     """
     The agent's WebSocket link to the Panel.
 
+    - ``reactor``: the reactor (time, TCP); a ``Clock`` plus ``endpoint`` in tests;
+    - ``config``: ``config.panel`` plus ``node_id`` and ``secret``;
+    - ``dispatcher``: the ``IDispatcher`` shared with the HTTP API;
+    - ``servers``: ``add_listener``/``remove_listener``/``list_servers`` (the
+      ``ServerManager``);
+    - ``system_info``: returns (a Deferred or coroutine of) the ``system_info``
+      data, e.g. ``lambda: system.system_info(config.node_id)``;
+    - ``load``: returns ``{cpu, memory, disk}`` percents for pongs, e.g.
+      ``system.system_load``;
+    - ``endpoint``: overrides the endpoint built from the URL (tests);
+    - ``random``: the jitter source.
+
     ``connected`` is true exactly between ``onOpen`` and ``onClose``;
     ``is_connected()`` is what ``/health`` reports (true when the link is
     disabled, as PROTOCOL.md section 1 asks).
@@ -344,8 +356,8 @@ class PanelLink(service.MultiService):
         config: AgentConfig,
         dispatcher: IDispatcher,
         servers: EventSource,
-        system_info: Callable[[], Deferred[dict[str, Any]]],
-        load: Callable[[], Deferred[dict[str, Any]]],
+        system_info: Callable[[], Awaitable[dict[str, Any]]],
+        load: Callable[[], Awaitable[dict[str, Any]]],
         *,
         endpoint: IStreamClientEndpoint | None = None,
         random: Callable[[], float] = random.random,
@@ -606,9 +618,16 @@ class PanelLink(service.MultiService):
         self._flush_outbox(protocol)
         self._send_snapshot(protocol)
 
+    async def _gather(self, source: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Call ``source`` (Deferred or coroutine), waiting at most ``_INFO_TIMEOUT``."""
+        # maybeDeferred wraps a returned coroutine, so both kinds of callable work.
+        d: Deferred[Any] = maybeDeferred(source)
+        result = await d.addTimeout(_INFO_TIMEOUT, self._reactor)
+        return dict(result) if isinstance(result, Mapping) else {}
+
     async def _send_system_info(self, protocol: PanelProtocol) -> None:
         try:
-            info = await maybeDeferred(self._system_info).addTimeout(_INFO_TIMEOUT, self._reactor)
+            info = await self._gather(self._system_info)
         except CancelledError:
             raise
         except Exception as e:
@@ -665,7 +684,7 @@ class PanelLink(service.MultiService):
 
     async def _answer_ping(self, protocol: PanelProtocol, ping_id: Any) -> None:
         try:
-            load = await maybeDeferred(self._load).addTimeout(_INFO_TIMEOUT, self._reactor)
+            load = await self._gather(self._load)
         except CancelledError:
             raise
         except Exception as e:

@@ -327,6 +327,13 @@ def heartbeat(node_id: str, now: float) -> dict[str, Any]:
     }
 
 
+def _load_figure(value: Any) -> float:
+    """A percent from a bare number or a ``{..., "percent"}`` host-snapshot entry."""
+    if isinstance(value, Mapping):
+        value = value.get("percent")
+    return _number(value)
+
+
 def pong(
     ping_id: Any, now: float, *, active_servers: int, system_load: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -339,9 +346,9 @@ def pong(
             "agentStatus": "online",
             "activeServers": active_servers,
             "systemLoad": {
-                "cpu": system_load.get("cpu", 0),
-                "memory": system_load.get("memory", 0),
-                "disk": system_load.get("disk", 0),
+                "cpu": _load_figure(system_load.get("cpu")),
+                "memory": _load_figure(system_load.get("memory")),
+                "disk": _load_figure(system_load.get("disk")),
             },
         },
     }

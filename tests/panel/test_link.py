@@ -387,3 +387,43 @@ def test_stop_service_closes_cleanly_and_stops_the_heartbeat() -> None:
     rig.advance(120)
     assert len(rig.panel.frames("heartbeat")) == beats
     assert rig.endpoint.attempts == 1
+
+
+def test_system_info_and_load_may_be_coroutines_as_system_info_provides() -> None:
+    rig = Harness()
+
+    async def info() -> dict[str, Any]:
+        return {"os": "linux", "dockerVersion": "20.10"}
+
+    async def load() -> dict[str, Any]:
+        # SystemInfo.snapshot()'s shape also works: percents are taken from it.
+        return {"cpu": 3.5, "memory": {"total": 8, "used": 2, "percent": 25.0},
+                "disk": {"percent": 50.0}}
+
+    rig.link._system_info = info
+    rig.link._load = load
+    rig.start()
+    rig.panel.send({"type": "ping", "id": 1})
+    rig.flush()
+    assert rig.panel.frames("system_info")[0]["data"]["dockerVersion"] == "20.10"
+    assert rig.panel.frames("pong")[0]["data"]["systemLoad"] == {
+        "cpu": 3.5, "memory": 25.0, "disk": 50.0}
+
+
+def test_a_hanging_system_info_delays_the_queue_but_never_blocks_the_link() -> None:
+    from twisted.internet.defer import Deferred
+
+    rig = Harness()
+    rig.link._system_info = lambda: Deferred()
+    rig.create_server("s1")
+    rig.endpoint.refuse = True
+    rig.start()
+    rig.link._on_event(StatusChanged("s1", "offline", "starting", 1.0))
+    rig.endpoint.refuse = False
+    rig.advance(rig.next_retry_delay())
+    assert types(rig.panel.frames()) == ["heartbeat"]  # everything else waits for system_info
+    rig.advance(5.0)
+    kinds = types(rig.panel.frames())
+    assert kinds[:4] == ["heartbeat", "system_info", "server_status_changed", "server_status"]
+    assert rig.panel.frames("system_info")[0]["data"] == {"nodeId": "node-1"}
+    assert rig.link.connected
