@@ -12,6 +12,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -610,3 +612,83 @@ def test_upload_chunk_fields_are_checked_and_passed_on(rig: Rig) -> None:
         "upload_file", UUID, path="/big.zip", content=piece, chunkIndex=2, totalChunks=2
     )
     assert err.details["field"] == "chunkIndex"
+
+
+# -- fuzzing -------------------------------------------------------------------
+
+
+_FIELDS = [
+    "path",
+    "content",
+    "command",
+    "lines",
+    "signal",
+    "timeout",
+    "mode",
+    "files",
+    "archivePath",
+    "extractPath",
+    "format",
+    "query",
+    "fileType",
+    "oldPath",
+    "newPath",
+    "encoding",
+    "modId",
+    "workshopId",
+    "downloadUrl",
+    "action",
+    "purgeFiles",
+    "image",
+    "name",
+    "startup",
+    "limits",
+    "environment",
+    "ports",
+    "aliases",
+    "panelId",
+    "chunkIndex",
+    "totalChunks",
+    "limit",
+    "offset",
+]
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["/", "a.txt", "../x", "SIGKILL", "zip", "utf8", "644", "start", "all"]),
+)
+_VALUES = st.one_of(
+    _SCALARS,
+    st.lists(_SCALARS, max_size=3),
+    st.dictionaries(st.text(max_size=6), _SCALARS, max_size=3),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    action=st.sampled_from(Rig().dispatcher.actions()),
+    server_id=st.sampled_from([UUID, PANEL_ID, "nope", None]),
+    params=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=6),
+)
+def test_any_payload_is_answered_with_a_protocol_code(
+    action: str, server_id: str | None, params: dict[str, Any]
+) -> None:
+    """Whatever the Panel sends, the answer is data or a coded error, never a crash."""
+    rig = Rig()
+    rig.created()
+    rig.ok("start_server", UUID)
+    rig.ok("write_file", UUID, path="/a.txt", content="hello")
+    d = rig.start(action, server_id, **params)
+    rig.clock.advance(30)  # past any long-action deadline
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, (action, params)
+    result = results[0]
+    if isinstance(result, Failure):
+        assert isinstance(result.value, CtrlAgentError), result.getTraceback()
+        assert result.value.code != "EXECUTION_ERROR", result.getTraceback()
+    else:
+        json.dumps(result.data, allow_nan=True)
