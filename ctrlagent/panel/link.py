@@ -656,6 +656,8 @@ class PanelLink(service.MultiService):
     def _send_snapshot(self, protocol: PanelProtocol) -> None:
         """The current state of every server, as status changes from what the Panel last heard."""
         now = self._reactor.seconds()
+        # Rebuilt from the manager's list, so deleted servers are forgotten.
+        reported: dict[str, str] = {}
         for status in self._servers.list_servers():
             if not isinstance(status, Mapping):
                 continue
@@ -664,7 +666,7 @@ class PanelLink(service.MultiService):
             if not isinstance(server_id, str) or not isinstance(current, str):
                 continue
             previous = self._reported.get(server_id, current)
-            self._reported[server_id] = current
+            reported[server_id] = current
             container_id = status.get("containerId")
             frames = messages.status_changed_frames(
                 server_id,
@@ -676,6 +678,7 @@ class PanelLink(service.MultiService):
             )
             for frame in frames:
                 protocol.send_frame(messages.encode(frame))
+        self._reported = reported
 
     def _send_heartbeat(self, protocol: PanelProtocol) -> None:
         if protocol is self._protocol:
