@@ -65,11 +65,14 @@ def panel_headers(secret: str = SECRET) -> dict[str, str]:
 class ApiRig:
     """The API and its fakes."""
 
-    def __init__(self, **http: Any) -> None:
+    def __init__(self, secret: str = SECRET, development: bool = False, **http: Any) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.config = AgentConfig(
-            node_id="node-test", secret=SECRET, http=replace(HttpConfig(), **http)
+            node_id="node-test",
+            secret=secret,
+            development=development,
+            http=replace(HttpConfig(), **http),
         )
         self.servers = FakeServerManager(self.clock)
         self.files = FakeFileManager(self.clock)

@@ -518,3 +518,18 @@ async def test_drain_gives_up_after_its_timeout(rig: ApiRig) -> None:
     assert drained.called
     gate.callback(None)
     rig.http.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_secret_is_open_only_in_development_mode() -> None:
+    for development, expected in ((True, 200), (False, 401)):
+        rig = ApiRig(secret="", development=development)
+        code, _, _ = await rig.get("/api/status")
+        assert code == expected, development
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_health(rig: ApiRig) -> None:
+    response = await rig.http.head("http://node.test:8081/health")
+    assert response.code == 200
+    assert await response.content() == b""
