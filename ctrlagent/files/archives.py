@@ -21,6 +21,7 @@ each member is named by ``paths.member_components`` and written through
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import lzma
 import os
@@ -47,6 +48,8 @@ READ_CHUNK = 1024 * 1024
 # Archives smaller than this may still expand to this much: the ratio bound
 # is for bombs, not for a 2 KiB archive of a few configs.
 RATIO_FLOOR_BYTES = 1024 * 1024
+# Decompressed bytes that are not file content (tar headers and padding).
+MAX_OVERHEAD_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,49 @@ class _Budget:
             raise InsufficientResources(
                 "archive expands beyond {} bytes (size or compression-ratio bound)"
                 .format(self.max_total))
+
+
+class _Decompressed:
+    """
+    The decompressed tar stream, counted as it is read: every byte (headers,
+    padding, member data) counts against the expansion bound, and bytes that
+    did not end up in extracted files (headers, mostly) are bounded by
+    ``MAX_OVERHEAD_BYTES``, so a giant PAX header cannot fill memory before a
+    single member is written.
+    """
+
+    def __init__(self, raw: IO[bytes], budget: _Budget) -> None:
+        self.raw = raw
+        self.budget = budget
+        self.total = 0
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.raw.read(n if n is not None and n >= 0 else READ_CHUNK)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+            # gzip/bz2 report corrupt streams as OSError subclasses.
+            raise InvalidInput("corrupt archive: {}".format(e), field="archivePath") from None
+        self.total += len(data)
+        if self.total - self.budget.total > MAX_OVERHEAD_BYTES:
+            raise InsufficientResources("archive headers are too large")
+        if self.total > self.budget.max_total + MAX_OVERHEAD_BYTES:
+            raise InsufficientResources(
+                "archive expands beyond {} bytes (size or compression-ratio bound)"
+                .format(self.budget.max_total))
+        return data
+
+
+def _decompressor(f: IO[bytes]) -> Any:
+    """The archive's content, decompressed by its magic (gzip, bzip2, xz or none)."""
+    head = f.read(6)
+    f.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if head[:3] == b"BZh":
+        return bz2.BZ2File(f, "rb")
+    if head == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(f, "rb")
+    return f
 
 
 def _stream(src: IO[bytes], budget: _Budget) -> Iterator[bytes]:
@@ -159,8 +205,10 @@ def _extract_tar(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
                  created: list[Components]) -> dict[str, Any]:
     extracted = skipped = 0
     try:
-        # Stream mode: one pass, members decompressed as they come.
-        tf = tarfile.open(fileobj=f, mode="r|*")
+        # Stream mode: one pass, members decompressed as they come, through
+        # our own decompressor so that every decompressed byte is counted.
+        stream: Any = _Decompressed(_decompressor(f), budget)
+        tf = tarfile.open(fileobj=stream, mode="r|")
     except tarfile.TarError as e:
         raise InvalidInput("not a zip or tar archive: {}".format(e), field="archivePath") from None
     try:
@@ -182,7 +230,7 @@ def _extract_tar(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
                     fsops.write_atomic(c, rel, _stream(src, budget), budget.quota, fsync=False,
                                        mode=_file_mode(member.mode), created=created)
                 extracted += 1
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as e:
+    except (tarfile.TarError, EOFError) as e:
         raise InvalidInput("corrupt archive: {}".format(e), field="archivePath") from None
     return {"extracted": extracted, "skipped": skipped}
 

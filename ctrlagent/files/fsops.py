@@ -160,15 +160,17 @@ def list_files(c: Confined, comps: Components, limit: int, offset: int) -> dict[
     fd = c.open(comps, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with os.scandir(fd) as it:
-            names = [(not e.is_dir(follow_symlinks=False), e.name.lower(), e.name, e)
-                     for e in it]
-        names.sort(key=lambda t: t[:3])
+            # Only (type, key, name) per entry: a huge directory costs names,
+            # not DirEntry objects.
+            names = [(not e.is_dir(follow_symlinks=False), e.name.lower(), e.name)
+                     for e in it if not e.name.startswith(TMP_PREFIX)]
+        names.sort()
         page = names[offset:offset + limit]
         files = []
         links = False
-        for _, _, name, e in page:
+        for _, _, name in page:
             try:
-                st = e.stat(follow_symlinks=False)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed since the scan
             rel = comps + (name,)
@@ -492,6 +494,11 @@ def set_permissions(c: Confined, comps: Components, mode: int) -> None:
                                    .format(display(comps)))
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             raise PermissionDenied("{} is not a regular file or directory".format(display(comps)))
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            # A hard link shares its inode with a name we cannot see, perhaps
+            # outside the server directory: changing it would change that too.
+            raise PermissionDenied("{} has other hard links; permissions not changed"
+                                   .format(display(comps)))
         try:
             fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
                          | os.O_CLOEXEC, dir_fd=dir_fd)

@@ -355,3 +355,27 @@ async def test_work_runs_off_the_reactor_thread(tree: Tree, fm: FileManager,
     monkeypatch.setattr(fsops, "read_bytes", spy)
     await fm.read_file(tree.root, "config.txt")
     assert seen and seen[0] != threading.main_thread().name
+
+
+@pytest.mark.parametrize("mode", ["w:bz2", "w:xz"])
+@pytest_twisted.ensureDeferred
+async def test_extract_bz2_and_xz(tree: Tree, fm: FileManager, mode: str) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        info = tarfile.TarInfo("plugins/p.jar")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"jar"))
+    (tree.root_path / "a.tar.x").write_bytes(buf.getvalue())
+    result = await fm.extract_archive(tree.root, "a.tar.x", "/")
+    assert result["extracted"] == 1
+    assert (tree.root_path / "plugins" / "p.jar").read_bytes() == b"jar"
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_hides_in_flight_temp_files(tree: Tree, fm: FileManager) -> None:
+    (tree.root_path / ".ctrlagent-tmp-0123").write_text("partial")
+    names = [f["name"] for f in (await fm.list_files(tree.root, "/"))["files"]]
+    assert ".ctrlagent-tmp-0123" not in names and "config.txt" in names

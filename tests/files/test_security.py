@@ -343,3 +343,36 @@ async def test_zip_bomb_is_stopped(tree: Tree, fm: FileManager) -> None:
     with pytest.raises(InsufficientResources):
         await fm.extract_archive(tree.root, "bomb.zip", "/")
     assert tree.rolled_back_state() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_giant_pax_header_is_refused_without_filling_memory(
+    tree: Tree, fm: FileManager
+) -> None:
+    import gzip
+
+    # A PAX header of 80 MiB: tarfile would read it all into memory.
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = 80 * 1024 * 1024
+    raw = header.tobuf(format=tarfile.USTAR_FORMAT)
+    body = b"\0" * header.size
+    data = gzip.compress(raw + body, compresslevel=9)
+    (tree.root_path / "pax.tar.gz").write_bytes(data)
+    from ctrlagent.errors import InsufficientResources
+
+    with pytest.raises(InsufficientResources):
+        await fm.extract_archive(tree.root, "pax.tar.gz", "/")
+
+
+@pytest_twisted.ensureDeferred
+async def test_chmod_of_hard_linked_file_is_refused(tree: Tree, fm: FileManager) -> None:
+    # A hard link shares the inode with a name outside the root.
+    os.link(tree.outside / "secret.txt", tree.root_path / "hard.txt")
+    before = tree.outside_state()
+    with pytest.raises(PermissionDenied):
+        await fm.set_file_permissions(tree.root, "hard.txt", "777")
+    # Writing replaces the name inside, never the shared inode.
+    await fm.write_file(tree.root, "hard.txt", "replaced")
+    assert tree.outside_state() == before
+    assert (tree.root_path / "hard.txt").read_text() == "replaced"
