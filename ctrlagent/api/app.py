@@ -86,6 +86,30 @@ def human_duration(seconds: float) -> str:
     return " ".join(out)
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None, recursively."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def encode_json(body: Any) -> bytes:
+    """
+    Strict JSON for the Panel's ``JSON.parse``: no ``NaN``/``Infinity`` (they
+    become null) and odd objects as strings, so that an answer never turns
+    into a 500 because of one value.
+    """
+    try:
+        text = json.dumps(body, separators=(",", ":"), allow_nan=False, default=str)
+    except ValueError:
+        text = json.dumps(_finite(body), separators=(",", ":"), allow_nan=False, default=str)
+    return text.encode("utf-8")
+
+
 def failure_body(error: CtrlAgentError) -> dict[str, Any]:
     """The Panel's HTTP failure shape, plus the offending field when known."""
     body: dict[str, Any] = {"success": False, "error": error.message, "code": error.code}
@@ -176,7 +200,7 @@ class AgentApi:
     def _json(request: IRequest, body: Any) -> bytes:
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
-        return json.dumps(body, separators=(",", ":")).encode("utf-8")
+        return encode_json(body)
 
     def _cors(self, request: IRequest) -> None:
         request.setHeader(b"Access-Control-Allow-Origin", self._config.http.cors_origin.encode())

@@ -533,3 +533,13 @@ async def test_head_health(rig: ApiRig) -> None:
     response = await rig.http.head("http://node.test:8081/health")
     assert response.code == 200
     assert await response.content() == b""
+
+
+def test_answers_are_strict_json() -> None:
+    from datetime import datetime
+
+    from ctrlagent.api.app import encode_json
+
+    raw = encode_json({"cpu": float("nan"), "x": [float("inf")], "when": datetime(2026, 1, 1)})
+    assert json.loads(raw) == {"cpu": None, "x": [None], "when": "2026-01-01 00:00:00"}
+    assert b"NaN" not in raw and b"Infinity" not in raw
