@@ -371,3 +371,40 @@ def test_file_actions_through_the_panel_id(
         },
     )
     assert (status, answer["code"], answer["details"]["field"]) == (200, "INVALID_PAYLOAD", "mode")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def test_node_endpoints_as_the_panel_and_a_browser_see_them(agent_process: AgentProcess) -> None:
+    agent = agent_process
+    opener = urllib.request.build_opener(_NoRedirect)
+    with pytest.raises(urllib.error.HTTPError) as redirect:
+        opener.open(agent.base_url + "/", timeout=5)
+    assert redirect.value.code == 301 and redirect.value.headers["Location"] == "/health"
+
+    with urllib.request.urlopen(agent.base_url + "/api/discovery", timeout=5) as response:
+        discovery = json.loads(response.read())
+    assert discovery["type"] == "ctrl-alt-play-agent" and discovery["nodeUuid"] == "e2e-node"
+
+    preflight = urllib.request.Request(agent.base_url + "/api/command", method="OPTIONS")
+    with urllib.request.urlopen(preflight, timeout=5) as response:
+        assert response.status == 200
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+        assert "X-API-Key" in response.headers["Access-Control-Allow-Headers"]
+
+    status = urllib.request.Request(agent.base_url + "/api/status", headers=agent.headers())
+    with urllib.request.urlopen(status, timeout=5) as response:
+        body = json.loads(response.read())
+    assert body["online"] is True and body["version"] and body["serverCount"] == 0
+
+    with urllib.request.urlopen(agent.base_url + "/api/openapi.json", timeout=5) as response:
+        document = json.loads(response.read())
+    assert "/api/command" in document["paths"]
+    assert "get_server_metrics" in document["components"]["schemas"]["Action"]["enum"]
+
+    rest = urllib.request.Request(agent.base_url + "/api/servers", headers=agent.headers())
+    with urllib.request.urlopen(rest, timeout=5) as response:
+        assert json.loads(response.read())["data"] == {"servers": [], "count": 0}
