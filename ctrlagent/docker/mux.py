@@ -39,15 +39,14 @@ TRUNCATED_MARKER = " [truncated {} bytes]"
 
 _HEADER = struct.Struct(">BxxxL")
 _HEADER_SIZE = _HEADER.size
+# The header as two words: stream << 24 (the padding must be zero), size.
+_WORDS = struct.Struct(">LL")
+_MAX_WORD = SYSTEMERR << 24
 
 
 def stream_name(stream_id: int) -> str:
     """The name of a frame's stream as callers see it: "stdout" or "stderr"."""
     return "stderr" if stream_id in (STDERR, SYSTEMERR) else "stdout"
-
-
-def _valid_header(header: bytes) -> bool:
-    return header[0] <= SYSTEMERR and header[1:4] == b"\x00\x00\x00"
 
 
 class FrameDemuxer:
@@ -72,33 +71,52 @@ class FrameDemuxer:
         if self.raw:
             return [(STDOUT, data)] if data else []
         out: list[tuple[int, bytes]] = []
+        append = out.append
+        unpack_from = _WORDS.unpack_from
         pos = 0
         end = len(data)
-        while pos < end:
-            if self._remaining:
-                take = min(self._remaining, end - pos)
-                out.append((self._stream, data[pos : pos + take]))
-                self._remaining -= take
-                pos += take
-                continue
+        if self._remaining and end:
+            take = min(self._remaining, end)
+            append((self._stream, data[:take]))
+            self._remaining -= take
+            pos = take
+        if self._header and pos < end:
             need = _HEADER_SIZE - len(self._header)
-            if self._header or end - pos < _HEADER_SIZE:
-                self._header += data[pos : pos + need]
-                pos += min(need, end - pos)
-                if len(self._header) < _HEADER_SIZE:
-                    break
-                header, self._header = self._header, b""
-            else:
-                header = data[pos : pos + _HEADER_SIZE]
-                pos += _HEADER_SIZE
-            if not _valid_header(header):
-                # Not a frame: this is a raw (TTY) stream.  Pass it through.
-                self.raw = True
-                rest = header + data[pos:]
-                out.append((STDOUT, rest))
+            self._header += data[pos : pos + need]
+            pos += min(need, end - pos)
+            if len(self._header) < _HEADER_SIZE:
                 return out
-            self._stream, self._remaining = _HEADER.unpack(header)
+            header, self._header = self._header, b""
+            return out + self._start_frame(header, data, pos)
+        while end - pos >= _HEADER_SIZE:
+            word, size = unpack_from(data, pos)
+            if word & 0x00FFFFFF or word > _MAX_WORD:
+                return out + self._go_raw(data[pos:])
+            stream = word >> 24
+            pos += _HEADER_SIZE
+            stop = pos + size
+            if stop <= end:
+                append((stream, data[pos:stop]))
+                pos = stop
+            else:
+                append((stream, data[pos:]))
+                self._stream, self._remaining = stream, stop - end
+                return out
+        if pos < end:
+            self._header = data[pos:]
         return out
+
+    def _start_frame(self, header: bytes, data: bytes, pos: int) -> list[tuple[int, bytes]]:
+        word, size = _WORDS.unpack(header)
+        if word & 0x00FFFFFF or word > _MAX_WORD:
+            return self._go_raw(header + data[pos:])
+        self._stream, self._remaining = word >> 24, size
+        return self.feed(data[pos:]) if pos < len(data) else []
+
+    def _go_raw(self, rest: bytes) -> list[tuple[int, bytes]]:
+        # Not a frame: this is a raw (TTY) stream.  Pass it through.
+        self.raw = True
+        return [(STDOUT, rest)] if rest else []
 
     def flush(self) -> list[tuple[int, bytes]]:
         """At end of stream: return any incomplete header bytes as stdout."""
@@ -126,13 +144,20 @@ class LineSplitter:
 
     def feed(self, data: bytes) -> list[str]:
         """Consume ``data``; return the lines it completes."""
-        if not self._pending and not self._dropped and len(data) <= self.cap:
-            # Fast path: nothing pending and no line in ``data`` can be too long.
+        if not self._pending and not self._dropped:
+            # Fast path: nothing pending and no line in ``data`` too long.
             cut = data.rfind(b"\n")
             if cut < 0:
-                self._pending += data
+                if len(data) > self.cap:
+                    self._append(data)
+                else:
+                    self._pending += data
                 return []
             whole = data[:cut]
+            if len(data) > self.cap and (
+                max(map(len, whole.split(b"\n"))) > self.cap or len(data) - cut - 1 > self.cap
+            ):
+                return self._feed_slow(data)
             if cut + 1 < len(data):
                 self._pending += data[cut + 1 :]
             if b"\r" in whole:
@@ -140,6 +165,9 @@ class LineSplitter:
                 if whole.endswith(b"\r"):
                     whole = whole[:-1]
             return whole.decode("utf-8", "replace").split("\n")
+        return self._feed_slow(data)
+
+    def _feed_slow(self, data: bytes) -> list[str]:
         out: list[str] = []
         pos = 0
         while True:
@@ -202,11 +230,23 @@ class ConsoleDecoder:
         if self._demux is None:
             return [("stdout", line) for line in self._stdout.feed(data)]
         out: list[tuple[str, str]] = []
+        # Join runs of pieces of one stream so the splitter works in bulk.
+        run: list[bytes] = []
+        run_name = ""
         for stream_id, piece in self._demux.feed(data):
             name = stream_name(stream_id)
-            for line in self._splitters[name].feed(piece):
-                out.append((name, line))
+            if name != run_name and run:
+                self._split_run(run_name, run, out)
+                run = []
+            run_name = name
+            run.append(piece)
+        if run:
+            self._split_run(run_name, run, out)
         return out
+
+    def _split_run(self, name: str, run: list[bytes], out: list[tuple[str, str]]) -> None:
+        data = run[0] if len(run) == 1 else b"".join(run)
+        out.extend([(name, line) for line in self._splitters[name].feed(data)])
 
     def flush(self) -> list[tuple[str, str]]:
         """At end of stream: return every unterminated line."""

@@ -138,6 +138,8 @@ class ItemStream(Generic[T]):
         self._timer: IDelayedCall | None = None
         self._last_data = clock.seconds()
         self.bytes_received = 0
+        self._raw: list[bytes] = []
+        self._process_call: IDelayedCall | None = None
         self.opened = False
         self._opening: Deferred[None] | None = Deferred.fromCoroutine(self._open(open))
 
@@ -173,23 +175,42 @@ class ItemStream(Generic[T]):
     # -- the producer side -------------------------------------------------
 
     def _data_received(self, data: bytes) -> None:
-        if self._transport is None:
+        if self._transport is None or self._closed:
             return
+        # Engines often send one line per write (one HTTP chunk each): collect
+        # what arrives within one reactor turn and decode it in one go, waking
+        # the consumer once rather than once per chunk.
+        self._raw.append(data)
+        if self._process_call is None:
+            self._process_call = self._clock.callLater(0, self._process)
+
+    def _process(self) -> None:
+        self._process_call = None
+        if not self._raw:
+            return
+        data = b"".join(self._raw) if len(self._raw) > 1 else self._raw[0]
+        self._raw.clear()
         self.bytes_received += len(data)
         self._last_data = self._clock.seconds()
-        if self._closed:
-            return
         items = self._decoder.feed(data)
         if items:
             self._items.extend(items)
-            if not self._paused and len(self._items) >= self._high:
+            if not self._paused and len(self._items) >= self._high and self._transport:
                 self._paused = True
                 self._transport.pauseProducing()
             self._wake()
 
+    def _process_now(self) -> None:
+        call, self._process_call = self._process_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._process()
+
     def _connection_lost(self, reason: Failure | None) -> None:
-        self._transport = None
         try:
+            if not self._closed:
+                self._process_now()
+            self._transport = None
             self._items.extend(self._decoder.flush())
         except Exception as e:  # noqa: BLE001 - a decoder bug must not hang the consumer
             self._finish(DockerError(0, "{}: cannot decode: {}".format(self._description, e)))
@@ -273,6 +294,8 @@ class ItemStream(Generic[T]):
 
     async def __anext__(self) -> T:
         while True:
+            if not self._items and self._raw:
+                self._process_now()
             if self._items:
                 item = self._items.popleft()
                 if self._paused and len(self._items) <= self._low:
@@ -294,6 +317,8 @@ class ItemStream(Generic[T]):
         Returns an empty list at the end of the stream; raises its error.
         """
         while True:
+            if not self._items and self._raw:
+                self._process_now()
             if self._items:
                 n = min(max_items, len(self._items))
                 if n == len(self._items):
@@ -337,6 +362,10 @@ class ItemStream(Generic[T]):
             return
         self._closed = True
         self._items.clear()
+        self._raw.clear()
+        if self._process_call is not None and self._process_call.active():
+            self._process_call.cancel()
+        self._process_call = None
         if self._opening is not None:
             self._opening.cancel()
         transport = self._transport

@@ -365,9 +365,11 @@ def lines(n: int, start: int = 0) -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_a_slow_consumer_pauses_the_engine_and_resumes_it() -> None:
-    stream, response = fake_stream(Clock())
+    clock = Clock()
+    stream, response = fake_stream(clock)
     stream._high, stream._low = 100, 25
     response.protocol.dataReceived(lines(150))
+    clock.advance(0)  # chunks of one reactor turn are decoded together
     assert response.transport.paused
     got = []
     for _ in range(124):
@@ -388,6 +390,7 @@ async def test_a_silent_stream_times_out_but_not_while_we_are_paused() -> None:
     stream, response = fake_stream(clock, silence_timeout=5.0)
     stream._high, stream._low = 10, 2
     response.protocol.dataReceived(lines(20))
+    clock.advance(0)
     assert response.transport.paused
     clock.advance(60)  # our own consumer is slow: not the engine's silence
     assert not stream.done
@@ -443,3 +446,23 @@ async def _collect(stream: Any) -> list[Any]:
 
 def test_frames_helper_matches_the_engine_format() -> None:
     assert struct.pack(">BxxxL", 1, 5) == b"\x01\x00\x00\x00\x00\x00\x00\x05"
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunks_of_one_reactor_turn_wake_the_consumer_once() -> None:
+    clock = Clock()
+    stream, response = fake_stream(clock)
+    batches: list[list[Any]] = []
+
+    async def consume() -> None:
+        async for batch in stream.batches():
+            batches.append(batch)
+
+    done = Deferred.fromCoroutine(consume())
+    for i in range(50):
+        response.protocol.dataReceived(b"%d\n" % i)
+    assert batches == []
+    clock.advance(0)
+    assert [len(b) for b in batches] == [50]
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    await done

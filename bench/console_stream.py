@@ -1,0 +1,262 @@
+"""
+Console stream benchmark of the Docker client.
+
+1. Throughput: a container prints N lines as fast as it can and exits; its
+   log is then read, in the same run and alternately, through our client
+   (``DockerClient.logs``: per-line iteration and batches) and through a
+   minimal direct reader of the same endpoint (a blocking Unix socket doing
+   one HTTP/1.0 request and walking the 8-byte frames): the physical baseline.
+   Reported: lines/s, MB/s and our/raw ratio (best of R rounds each).
+2. Round trip: 1000 console commands (``say <i>``) written through the stdin
+   pipe, each timed until its ``[Server] <i>`` line comes back through the
+   attach stream.  Reported: p50/p99/max.
+
+Uses the engine at DOCKER_HOST when it answers, else a private dockerd.
+
+    python bench/console_stream.py [--lines 200000] [--rounds 3] [--commands 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import statistics
+import struct
+import sys
+import time
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+
+from ctrlagent.config import DockerConfig
+from ctrlagent.docker import DockerClient
+from ctrlagent.testing.dockerd import PrivateDockerd, engine_answers
+from ctrlagent.testing.images import build_scripted_image
+
+_HEADER = struct.Struct(">BxxxL")
+
+
+def raw_read_logs(socket_path: str, api: str, cid: str, endpoint: str) -> tuple[int, int]:
+    """The baseline: read a container's whole log, count lines and bytes."""
+    if endpoint == "logs":
+        request = (
+            "GET /v{}/containers/{}/logs?stdout=1&stderr=1&follow=0 HTTP/1.0\r\n"
+            "Host: docker\r\n\r\n"
+        ).format(api, cid).encode()
+    else:
+        request = (
+            "POST /v{}/containers/{}/attach?logs=1&stream=0&stdout=1&stderr=1 HTTP/1.1\r\n"
+            "Host: docker\r\nContent-Length: 0\r\n\r\n"
+        ).format(api, cid).encode()
+    lines = payload_bytes = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(60)
+        s.connect(socket_path)
+        s.sendall(request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise RuntimeError("no response headers")
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        if b" 200 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(head.decode(errors="replace"))
+        remaining = 0
+        pending = bytearray(buf)
+        while True:
+            pos = 0
+            end = len(pending)
+            while pos < end:
+                if remaining:
+                    take = min(remaining, end - pos)
+                    lines += pending.count(b"\n", pos, pos + take)
+                    payload_bytes += take
+                    remaining -= take
+                    pos += take
+                elif end - pos >= 8:
+                    remaining = _HEADER.unpack_from(pending, pos)[1]
+                    pos += 8
+                else:
+                    break
+            del pending[:pos]
+            chunk = s.recv(262144)
+            if not chunk:
+                break
+            pending += chunk
+    return lines, payload_bytes
+
+
+async def our_read_logs(
+    client: DockerClient, cid: str, batches: bool, endpoint: str
+) -> tuple[int, int]:
+    """Read the same log through the client; count lines and bytes."""
+    lines = size = 0
+    if endpoint == "logs":
+        stream = client.logs(cid, follow=False)
+    else:
+        stream = client.attach_output(cid, logs=True, stream=False)
+    if batches:
+        async for batch in stream.batches(5000):
+            lines += len(batch)
+            size += sum(len(line) + 1 for _, line in batch)
+    else:
+        async for _, line in stream:
+            lines += 1
+            size += len(line) + 1
+    return lines, size
+
+
+async def measure_throughput(
+    reactor: Any, client: DockerClient, socket_path: str, image: str, n: int, rounds: int
+) -> dict[str, Any]:
+    cid = await client.container_create(
+        "ctrlagent-t-bench-{}".format(secrets.token_hex(3)),
+        {"Image": image, "Env": ["FLOOD_LINES={}".format(n)], "Cmd": [
+            "sh", "-c", "seq 1 {} ; echo flood done".format(n)]},
+    )
+    try:
+        await client.container_start(cid)
+        exit_code = await client.container_wait(cid, timeout=300)
+        assert exit_code == 0, exit_code
+        api = client.api_version or "1.41"
+        out: dict[str, Any] = {"lines": n + 1}
+        for endpoint in ("attach", "logs"):
+            results: dict[str, list[tuple[float, int, int]]] = {
+                "raw": [], "ours": [], "batches": []}
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                lines, size = raw_read_logs(socket_path, api, cid, endpoint)
+                results["raw"].append((time.perf_counter() - t0, lines, size))
+                for name, batches in (("ours", False), ("batches", True)):
+                    t0 = time.perf_counter()
+                    lines, size = await our_read_logs(client, cid, batches, endpoint)
+                    results[name].append((time.perf_counter() - t0, lines, size))
+            figures: dict[str, Any] = {}
+            for name, runs in results.items():
+                seconds, lines, size = min(runs)
+                if lines != n + 1:
+                    raise RuntimeError("{} read {} lines, expected {}".format(name, lines, n + 1))
+                figures[name] = {
+                    "seconds": round(seconds, 4),
+                    "lines_per_s": round(lines / seconds),
+                    "mb_per_s": round(size / seconds / 1e6, 2),
+                }
+            raw_rate = figures["raw"]["lines_per_s"]
+            figures["ratio_per_line"] = round(figures["ours"]["lines_per_s"] / raw_rate, 3)
+            figures["ratio_batches"] = round(figures["batches"]["lines_per_s"] / raw_rate, 3)
+            out[endpoint] = figures
+    finally:
+        await client.container_remove(cid, force=True)
+    return out
+
+
+async def measure_round_trip(
+    reactor: Any, client: DockerClient, image: str, commands: int
+) -> dict[str, Any]:
+    cid = await client.container_create(
+        "ctrlagent-t-bench-{}".format(secrets.token_hex(3)),
+        {"Image": image, "OpenStdin": True},
+    )
+    try:
+        await client.container_start(cid)
+        out = client.attach_output(cid)
+        pipe = await client.attach_stdin(cid)
+        iterator = out.__aiter__()
+        latencies: list[float] = []
+        # Warm up, and make sure the pipe is live before timing.
+        pipe.write_line("say warm")
+        while (await iterator.__anext__())[1] != "[Server] warm":
+            pass
+        for i in range(commands):
+            wanted = "[Server] {}".format(i)
+            t0 = time.perf_counter()
+            pipe.write_line("say {}".format(i))
+            deadline = t0 + 5
+            while True:
+                _, line = await iterator.__anext__()
+                if line == wanted:
+                    break
+                if time.perf_counter() > deadline:
+                    raise RuntimeError("no echo for {!r}".format(wanted))
+            latencies.append(time.perf_counter() - t0)
+        out.close()
+        await pipe.close()
+    finally:
+        await client.container_remove(cid, force=True)
+    latencies.sort()
+    ms = [x * 1000 for x in latencies]
+    return {
+        "commands": commands,
+        "p50_ms": round(statistics.median(ms), 3),
+        "p99_ms": round(ms[int(len(ms) * 0.99) - 1], 3),
+        "max_ms": round(ms[-1], 3),
+    }
+
+
+async def run(reactor: Any, args: argparse.Namespace, host: str, socket_path: str) -> None:
+    image = build_scripted_image(host)
+    client = DockerClient.from_config(reactor, DockerConfig(host=host, call_timeout=60))
+    version = await client.version()
+    throughput = await measure_throughput(
+        reactor, client, socket_path, image, args.lines, args.rounds
+    )
+    round_trip = await measure_round_trip(reactor, client, image, args.commands)
+    await client.close()
+    report = {
+        "engine": version.get("Version"),
+        "api": client.api_version,
+        "reactor": type(reactor).__name__,
+        "throughput": throughput,
+        "round_trip": round_trip,
+    }
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    lines = ["", "throughput over {} lines (best of {}):".format(throughput["lines"], args.rounds)]
+    for endpoint, label in (("attach", "attach (raw stream)"), ("logs", "logs (HTTP chunked)")):
+        t = throughput[endpoint]
+        lines.append("  {}".format(label))
+        for name, text, ratio in (
+            ("raw", "raw reader    ", None),
+            ("ours", "ours, per line", t["ratio_per_line"]),
+            ("batches", "ours, batches ", t["ratio_batches"]),
+        ):
+            lines.append(
+                "    {} {:>10,} lines/s {:>8.2f} MB/s{}".format(
+                    text, t[name]["lines_per_s"], t[name]["mb_per_s"],
+                    "" if ratio is None else "  ratio {:.1%}".format(ratio),
+                )
+            )
+    lines.append(
+        "stdin->stdout round trip over {} commands: p50 {} ms, p99 {} ms, max {} ms".format(
+            round_trip["commands"], round_trip["p50_ms"], round_trip["p99_ms"],
+            round_trip["max_ms"],
+        )
+    )
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lines", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--commands", type=int, default=1000)
+    args = parser.parse_args()
+    host = os.environ.get("DOCKER_HOST", "")
+    private: PrivateDockerd | None = None
+    if not (host.startswith("unix://") and engine_answers(host[len("unix://"):])):
+        private = PrivateDockerd().start()
+        host = private.host
+    socket_path = host[len("unix://"):]
+    try:
+        task.react(lambda reactor: Deferred.fromCoroutine(run(reactor, args, host, socket_path)))
+    finally:
+        if private is not None:
+            private.stop()
+
+
+if __name__ == "__main__":
+    main()
