@@ -158,6 +158,8 @@ async def main(reactor: Any, workdir: str | None) -> None:
         fm = FileManager(reactor, config)
         root = ServerRoot("bench", base, None, os.getuid(), os.getgid())
         out = {
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],
+            "cpus": os.cpu_count(),
             "list_files": await bench_listing(fm, root, base),
             "io": await bench_io(fm, root, base),
             "extract": await bench_extract(fm, root, base),

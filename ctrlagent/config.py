@@ -139,6 +139,8 @@ class FilesConfig:
     mod_max_redirects: int = 5
     archive_max_entries: int = 100_000
     search_max_results: int = 1000
+    # Names a search looks at before it answers with what it found (truncated).
+    search_max_scanned: int = 200_000
     # File operations running in the thread pool at once, all servers together.
     max_concurrent_operations: int = 8
     # Seconds a walked disk-usage figure is trusted (our own writes keep it current).

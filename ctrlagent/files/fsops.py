@@ -190,19 +190,26 @@ def list_files(c: Confined, comps: Components, limit: int, offset: int) -> dict[
 
 
 def search_files(c: Confined, comps: Components, query: str, file_type: str,
-                 max_results: int) -> dict[str, Any]:
+                 max_results: int, max_scanned: int = 200_000) -> dict[str, Any]:
     """
     Names under ``comps`` containing ``query`` (case-insensitive).  Symlinked
     directories are not descended (no loops, no escapes); at most
-    ``max_results`` entries.
+    ``max_results`` entries, and at most ``max_scanned`` names looked at, so
+    one search of a huge tree cannot hold a worker for minutes.
     """
     needle = query.lower()
     found: list[dict[str, Any]] = []
+    scanned = 0
     top = c.open(comps, os.O_RDONLY | os.O_DIRECTORY)
 
     def walk(dir_fd: int, rel: Components, depth: int) -> bool:
+        nonlocal scanned
         with os.scandir(dir_fd) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            entries = sorted((e for e in it if not e.name.startswith(TMP_PREFIX)),
+                             key=lambda e: e.name)
+        scanned += len(entries)
+        if scanned > max_scanned:
+            return False
         for e in entries:
             try:
                 st = e.stat(follow_symlinks=False)
@@ -231,11 +238,10 @@ def search_files(c: Confined, comps: Components, query: str, file_type: str,
         return True
 
     try:
-        walk(top, comps, 0)
+        complete = walk(top, comps, 0)
     finally:
         os.close(top)
-    return {"path": display(comps), "query": query, "files": found,
-            "truncated": len(found) >= max_results}
+    return {"path": display(comps), "query": query, "files": found, "truncated": not complete}
 
 
 # -- reading ------------------------------------------------------------------

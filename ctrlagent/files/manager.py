@@ -295,7 +295,7 @@ class FileManager:
         if file_type not in ("file", "directory", "all"):
             raise InvalidInput("fileType must be file, directory or all", field="fileType")
         data = await self._run(root, fsops.search_files, comps, query, file_type,
-                               self.config.search_max_results)
+                               self.config.search_max_results, self.config.search_max_scanned)
         return {"serverId": root.server_id, **data}
 
     # -- reading ------------------------------------------------------------

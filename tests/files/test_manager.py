@@ -379,3 +379,16 @@ async def test_listing_hides_in_flight_temp_files(tree: Tree, fm: FileManager) -
     (tree.root_path / ".ctrlagent-tmp-0123").write_text("partial")
     names = [f["name"] for f in (await fm.list_files(tree.root, "/"))["files"]]
     assert ".ctrlagent-tmp-0123" not in names and "config.txt" in names
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_stops_after_scanning_its_bound(tree: Tree) -> None:
+    fm = make_manager(search_max_scanned=50)
+    d = tree.root_path / "lots"
+    d.mkdir()
+    for i in range(100):
+        (d / "match{:03d}".format(i)).write_text("")
+    found = await fm.search_files(tree.root, "lots", "match")
+    assert found["truncated"] is True and len(found["files"]) == 0
+    everything = await make_manager().search_files(tree.root, "lots", "match")
+    assert everything["truncated"] is False and len(everything["files"]) == 100
