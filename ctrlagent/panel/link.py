@@ -47,6 +47,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ctrlagent import __version__
 from ctrlagent.commands import ActionResult, Command, IDispatcher
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import CtrlAgentError
@@ -323,7 +324,7 @@ class PanelClientFactory(WebSocketClientFactory):
     protocol = PanelProtocol  # type: ignore[assignment]
 
     def __init__(self, link: PanelLink, url: str, reactor: Any) -> None:
-        super().__init__(url, reactor=reactor, useragent="ctrlagent")
+        super().__init__(url, reactor=reactor, useragent="ctrlagent/" + __version__)
         self.link = link
 
 

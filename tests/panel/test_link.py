@@ -119,6 +119,7 @@ def test_handshake_carries_the_credentials_and_node_id() -> None:
     assert request.headers["x-agent-id"] == "node-1"
     assert request.params["nodeId"] == ["node-1"]
     assert request.path == "/ws"
+    assert request.headers["user-agent"].startswith("ctrlagent/")
 
 
 def test_connected_is_true_only_between_open_and_close() -> None:
