@@ -157,16 +157,43 @@ class Confined:
 
     def __init__(self, root_path: str, uid: int = -1, gid: int = -1,
                  use_openat2: bool | None = None) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.chown = os.geteuid() == 0 and uid >= 0
         # The root path itself comes from the agent's config, not from the
         # Panel, so it may be followed as given.
         try:
             self.root_fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.root_fd = self._create_root(root_path)
         except OSError as e:
             raise os_error(e, "server directory") from None
-        self.uid = uid
-        self.gid = gid
-        self.chown = os.geteuid() == 0 and uid >= 0
         self.use_openat2 = OPENAT2_AVAILABLE if use_openat2 is None else use_openat2
+
+    def _create_root(self, root_path: str) -> int:
+        """
+        Create a server directory that does not exist yet (a server whose
+        install has not written anything), but only its last component: a
+        missing parent means a wrong data directory, which is not guessed at.
+        """
+        parent, name = os.path.split(os.path.normpath(root_path))
+        try:
+            parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise FileNotFound("server directory {} does not exist".format(root_path)) from None
+        try:
+            try:
+                os.mkdir(name, 0o755, dir_fd=parent_fd)
+            except FileExistsError:
+                pass
+            fd = self._make_dir(parent_fd, name)
+            os.close(fd)
+            return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           dir_fd=parent_fd)
+        except OSError as e:
+            raise os_error(e, "server directory") from None
+        finally:
+            os.close(parent_fd)
 
     def close(self) -> None:
         """Release the root fd."""

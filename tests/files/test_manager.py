@@ -392,3 +392,17 @@ async def test_search_stops_after_scanning_its_bound(tree: Tree) -> None:
     assert found["truncated"] is True and len(found["files"]) == 0
     everything = await make_manager().search_files(tree.root, "lots", "match")
     assert everything["truncated"] is False and len(everything["files"]) == 100
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_server_directory_is_created_but_not_its_parents(
+    tmp_path: Path, fm: FileManager
+) -> None:
+    fresh = ServerRoot("srv2", str(tmp_path / "servers" / "srv2"), None, SERVER_UID, SERVER_GID)
+    with pytest.raises(FileNotFound):
+        await fm.list_files(fresh, "/")
+    assert not (tmp_path / "servers").exists()
+    (tmp_path / "servers").mkdir()
+    assert (await fm.list_files(fresh, "/"))["files"] == []
+    st = os.stat(tmp_path / "servers" / "srv2")
+    assert stat.S_IMODE(st.st_mode) == 0o755 and st.st_uid == SERVER_UID
