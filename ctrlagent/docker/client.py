@@ -799,7 +799,7 @@ class DockerClient:
             line_cap=self.config.console_line_cap,
             silence_timeout=self.config.stream_silence_timeout if follow else 0.0,
             description="logs of {}".format(cid[:12]),
-            verify_end=self.ping if follow else None,
+            verify_end=self._console_end_check(cid, "log") if follow else None,
         )
 
     def attach_output(
@@ -822,7 +822,7 @@ class DockerClient:
             line_cap=self.config.console_line_cap,
             silence_timeout=self.config.stream_silence_timeout,
             description="attach to {}".format(cid[:12]),
-            verify_end=self.ping,
+            verify_end=self._console_end_check(cid, "console"),
         )
 
     async def attach_stdin(self, cid: str) -> StdinPipe:
@@ -896,7 +896,7 @@ class DockerClient:
             silence_timeout=self.config.stream_silence_timeout,
             high_water=100,
             description="stats of {}".format(cid[:12]),
-            verify_end=self.ping,
+            verify_end=self._console_end_check(cid, "stats"),
         )
 
     # -- events ------------------------------------------------------------
@@ -937,10 +937,39 @@ class DockerClient:
             verify_end=self._event_stream_ended if until is None else None,
         )
 
-    async def _event_stream_ended(self) -> None:
+    async def _event_stream_ended(self, error: DockerError | None) -> DockerError | None:
         # Without ``until`` the engine never ends an event stream by itself.
-        await self.ping()
-        raise DockerUnavailable("the Docker engine ended the event stream")
+        try:
+            await self.ping()
+        except DockerUnavailable as e:
+            return DockerUnavailable("event stream ended: {}".format(e.message))
+        return error or DockerUnavailable("the Docker engine ended the event stream")
+
+    def _console_end_check(self, cid: str, what: str) -> Callable[
+        [DockerError | None], Awaitable[DockerError | None]
+    ]:
+        """How a container's stream ended: engine gone, container gone, or its end."""
+
+        async def check(error: DockerError | None) -> DockerError | None:
+            try:
+                await self.ping()
+            except DockerUnavailable as e:
+                return DockerUnavailable(
+                    "{} stream of {} ended: {}".format(what, cid[:12], e.message)
+                )
+            if error is None:
+                return None
+            try:
+                await self.container_inspect(cid)
+            except ContainerGone:
+                return ContainerGone(
+                    "container {} was removed while its {} was streamed".format(cid[:12], what)
+                )
+            except DockerError as e:
+                return e
+            return error
+
+        return check
 
     def resumable_events(
         self,

@@ -38,6 +38,10 @@ T = TypeVar("T")
 T_co = TypeVar("T_co")
 
 
+# Given how a stream ended (None: cleanly), the error to end it with (None: clean).
+EndCheck = Callable[["DockerError | None"], Awaitable["DockerError | None"]]
+
+
 class Decoder(Protocol[T_co]):
     """Bytes in, items out (see ``ctrlagent.docker.mux.ConsoleDecoder``)."""
 
@@ -118,7 +122,7 @@ class ItemStream(Generic[T]):
         low_water: int | None = None,
         description: str = "stream",
         on_open: Callable[[], None] | None = None,
-        verify_end: Callable[[], Awaitable[Any]] | None = None,
+        verify_end: EndCheck | None = None,
     ) -> None:
         self._clock = clock
         self._on_open = on_open
@@ -215,33 +219,24 @@ class ItemStream(Generic[T]):
         except Exception as e:  # noqa: BLE001 - a decoder bug must not hang the consumer
             self._finish(DockerError(0, "{}: cannot decode: {}".format(self._description, e)))
             return
-        if self._closed or reason is None or reason.check(ResponseDone, PotentialDataLoss):
-            if self._verify_end is not None and not self._closed:
-                # A clean end may still mean the engine is going away (it ends
-                # follow streams cleanly on shutdown): ask it before saying so.
-                Deferred.fromCoroutine(self._verify(self._verify_end))
-            else:
-                self._finish(None)
-        else:
-            self._finish(
-                DockerUnavailable(
-                    "{} broken: {}".format(self._description, _reason_text(reason))
-                )
+        error: DockerError | None = None
+        if not (self._closed or reason is None or reason.check(ResponseDone, PotentialDataLoss)):
+            error = DockerUnavailable(
+                "{} broken: {}".format(self._description, _reason_text(reason))
             )
+        if self._verify_end is not None and not self._closed:
+            # Ask the engine what the end means: a stopping engine ends follow
+            # streams cleanly, a force-removed container breaks them.
+            Deferred.fromCoroutine(self._verify(self._verify_end, error))
+        else:
+            self._finish(error)
 
-    async def _verify(self, verify: Callable[[], Awaitable[Any]]) -> None:
+    async def _verify(self, verify: EndCheck, error: DockerError | None) -> None:
         try:
-            await verify()
-        except DockerError as e:
-            self._finish(
-                DockerUnavailable("{} ended: {}".format(self._description, e.message))
-                if isinstance(e, DockerUnavailable)
-                else None
-            )
+            result = await verify(error)
         except Exception as e:  # noqa: BLE001 - never an unhandled error from here
-            self._finish(DockerUnavailable("{} ended: {}".format(self._description, e)))
-        else:
-            self._finish(None)
+            result = DockerUnavailable("{} ended: {}".format(self._description, e))
+        self._finish(result)
 
     def _make_connection(self, transport: Any) -> None:
         self._transport = transport
@@ -390,7 +385,7 @@ class LineStream(ItemStream[tuple[str, str]]):
         line_cap: int,
         silence_timeout: float = 0.0,
         description: str = "console stream",
-        verify_end: Callable[[], Awaitable[Any]] | None = None,
+        verify_end: EndCheck | None = None,
     ) -> LineStream:
         """A console stream decoding frames (or TTY bytes) into lines."""
         return cls(

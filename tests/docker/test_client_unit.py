@@ -466,3 +466,30 @@ async def test_chunks_of_one_reactor_turn_wake_the_consumer_once() -> None:
     assert [len(b) for b in batches] == [50]
     response.protocol.connectionLost(Failure(ResponseDone()))
     await done
+
+
+@pytest_twisted.ensureDeferred
+async def test_how_a_stream_ended_is_decided_by_its_end_check() -> None:
+    seen: list[Any] = []
+
+    async def check(error: Any) -> Any:
+        seen.append(error)
+        return None if error is None else ContainerGone("container x was removed")
+
+    for reason, expected in ((ResponseDone(), None), (ConnectionLost("reset"), ContainerGone)):
+        response = FakeResponse()
+
+        async def open(response: FakeResponse = response) -> FakeResponse:
+            return response
+
+        stream = LineStream.console(Clock(), open, tty=True, line_cap=100, verify_end=check)
+        response.protocol.dataReceived(b"last words\n")
+        response.protocol.connectionLost(Failure(reason))
+        assert await stream.__anext__() == ("stdout", "last words")
+        if expected is None:
+            with pytest.raises(StopAsyncIteration):
+                await stream.__anext__()
+        else:
+            with pytest.raises(expected):
+                await stream.__anext__()
+    assert seen[0] is None and isinstance(seen[1], DockerUnavailable)

@@ -79,7 +79,16 @@ async def test_stderr_lines_are_tagged(docker: DockerClient, containers: Contain
         Cmd=["sh", "-c", "echo out; echo err >&2; echo out2; sleep 30"]
     )
     stream = docker.logs(cid, follow=True)
-    seen = await wait_for_line(stream, "out2")
+    seen: list[tuple[str, str]] = []
+
+    async def read() -> None:
+        # stdout and stderr are separate pipes: their relative order is not kept.
+        async for item in stream:
+            seen.append(item)
+            if len(seen) == 3:
+                return
+
+    await within(10, read())
     stream.close()
     assert sorted(seen) == [("stderr", "err"), ("stdout", "out"), ("stdout", "out2")]
 
@@ -141,3 +150,19 @@ async def test_console_of_a_missing_container_is_container_gone(docker: DockerCl
         await collect(docker.logs("ctrlagent-t-no-such-container", follow=True))
     with pytest.raises(ContainerGone):
         await docker.attach_stdin("ctrlagent-t-no-such-container")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follow_of_a_removed_container_ends_as_container_gone(
+    docker: DockerClient, containers: Containers
+) -> None:
+    cid = await containers.create()
+    follow = docker.logs(cid, follow=True)
+    attached = docker.attach_output(cid)
+    await wait_for_line(follow, STARTED)
+    await docker.container_remove(cid, force=True)
+    for stream in (follow, attached):
+        try:
+            await collect(stream)  # a clean end is fine too: the server stopped
+        except ContainerGone as e:
+            assert "removed" in e.message
