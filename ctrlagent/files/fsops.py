@@ -464,21 +464,29 @@ def rename(c: Confined, src: Components, dst: Components) -> None:
 
 
 def file_info(c: Confined, comps: Components) -> dict[str, Any]:
-    """``get_file_info`` data; a symlink is described as in listings."""
-    lst = c.lstat(comps)
+    """
+    ``get_file_info`` data.  A symlink is described as in listings: its
+    target's metadata when the target is inside the root, else the link's own
+    with ``"broken": true``.
+    """
+    st = c.lstat(comps)
     name = comps[-1] if comps else "/"
-    if stat.S_ISLNK(lst.st_mode):
-        out = _symlink_entry(c, name, lst, comps)
-        st = lst
-    else:
-        st = lst
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            st = c.stat(comps)
+            broken = False
+        except (PermissionDenied, FileNotFound, InvalidInput):
+            broken = True
         out = entry(name, st, comps)
-    if not out.get("symlink") or out.get("broken"):
-        mode = stat.S_IMODE(st.st_mode)
+        out["symlink"] = True
+        if broken:
+            out["type"] = "file"
+            out["broken"] = True
     else:
-        mode = stat.S_IMODE(c.stat(comps).st_mode)
+        out = entry(name, st, comps)
+    mode = stat.S_IMODE(st.st_mode)
     out["mode"] = "{:04o}".format(mode)
-    out["permissions"] = "{:03o}".format(mode & 0o777)
+    out["permissions"] = _PERMISSIONS[mode & 0o777]
     return out
 
 

@@ -101,6 +101,14 @@ def _decode(content: object, encoding: str | None) -> bytes:
         raise InvalidInput("content is not valid base64", field="content") from None
 
 
+def _guarded(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` (thread-side); an ``OSError`` that got this far becomes a protocol error."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise os_error(e, "file operation") from None
+
+
 class _Download:
     """A mod download in progress: a temp file in the mods folder (thread-side)."""
 
@@ -199,7 +207,7 @@ class FileManager:
     async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         await self._semaphore.acquire()
         try:
-            return await deferToThreadPool(self.reactor, self.threadpool, fn, *args)
+            return await deferToThreadPool(self.reactor, self.threadpool, _guarded, fn, *args)
         finally:
             self._semaphore.release()
 
@@ -209,10 +217,7 @@ class FileManager:
 
     def _call(self, root: ServerRoot, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         with Confined(root.path, root.uid, root.gid, self.use_openat2) as c:
-            try:
-                return fn(c, *args)
-            except OSError as e:
-                raise os_error(e, "operation") from None
+            return fn(c, *args)
 
     async def _run_quota(self, root: ServerRoot, fn: Callable[..., T], *args: Any) -> T:
         """Like ``_run`` with a ``Quota`` as the second argument of ``fn``."""
@@ -576,7 +581,8 @@ class FileManager:
         download = await self._in_pool(_Download, self, root, mods_dir)
         try:
             async def sink(data: bytes) -> None:
-                await deferToThreadPool(self.reactor, self.threadpool, download.write, data)
+                await deferToThreadPool(self.reactor, self.threadpool, _guarded,
+                                        download.write, data)
 
             assert req.url is not None
             await self.fetcher.fetch(req.url, sink, self.config.mod_download_max_bytes,
