@@ -109,6 +109,10 @@ def _guarded(fn: Callable[..., T], *args: Any) -> T:
         raise os_error(e, "file operation") from None
 
 
+class DownloadAborted(CtrlAgentError):
+    """A write arrived for a mod download that had already been closed."""
+
+
 class _Download:
     """A mod download in progress: a temp file in the mods folder (thread-side)."""
 
@@ -130,16 +134,27 @@ class _Download:
             self.c.close()
             raise
         self.size = 0
+        # A timed-out fetch closes the download while a write of its last
+        # chunk may still run in another worker: without this lock that write
+        # could land in whatever file reused the closed fd number.
+        self.lock = threading.Lock()
 
     def write(self, data: bytes) -> None:
-        self.quota.charge(len(data))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-        self.size += len(data)
+        with self.lock:
+            if self.fd < 0:
+                raise DownloadAborted("the download was closed")
+            self.quota.charge(len(data))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            self.size += len(data)
 
     def commit(self, file_name: str) -> None:
         """Make the download the mod file (replacing an older version)."""
+        with self.lock:
+            self._commit(file_name)
+
+    def _commit(self, file_name: str) -> None:
         try:
             os.fchmod(self.fd, 0o644)
             self.c.own(self.fd)
@@ -156,6 +171,10 @@ class _Download:
             raise os_error(e, file_name) from None
 
     def close(self) -> None:
+        with self.lock:
+            self._close()
+
+    def _close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -309,3 +309,12 @@ async def test_mods_folder_that_is_a_symlink_out_is_refused(tree: Tree) -> None:
     with pytest.raises(PermissionDenied):
         await fm.list_mods(tree.root)
     assert tree.outside_state() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_install_mod_times_out_and_leaves_nothing(tree: Tree, hosts: Hosts) -> None:
+    fm = make_manager(fetcher=_fetcher(), mod_download_timeout=0.5)
+    with pytest.raises(DownloadError):
+        await fm.install_mod(tree.root, {"modId": "slow", "modUrl": hosts.public_url + "/hang"})
+    assert os.listdir(tree.root_path / "mods") == []
+    assert (await fm.list_mods(tree.root))["count"] == 0
