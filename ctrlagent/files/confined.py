@@ -241,8 +241,10 @@ class Confined:
             fd = _openat2(self.root_fd, parent, os.O_PATH | os.O_DIRECTORY,
                           _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
         except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                # Let the walk create parents or name the missing piece.
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EAGAIN):
+                # Let the walk create parents or name the missing piece.  EAGAIN:
+                # the kernel saw a concurrent rename while resolving "..", and
+                # asks the caller to retry; the walk is that retry.
                 return None
             raise os_error(e, display(components)) from None
         name = components[-1]
