@@ -222,6 +222,9 @@ class ServerManager(service.Service):
         if not self._pending_marks:
             events, self._pending_events = self._pending_events, []
             self._fan_out(events)
+            if self._write_done is not None:
+                done, self._write_done = self._write_done, None
+                done.callback(None)
             return
         marks, self._pending_marks = self._pending_marks, {}
         events, self._pending_events = self._pending_events, []
@@ -241,11 +244,9 @@ class ServerManager(service.Service):
             if self._dead:
                 return
             self._fan_out(events)
-            if self._pending_events or self._pending_marks:
-                self._write_marks()
-            elif self._write_done is not None:
-                done, self._write_done = self._write_done, None
-                done.callback(None)
+            # Whatever queued meanwhile goes in the next transaction; the
+            # last step (with nothing left) releases a waiting shutdown.
+            self._write_marks()
 
         d.addBoth(written)
 

@@ -1,0 +1,291 @@
+"""
+Unit tests of the ServerManager on the in-memory engine, with a ``Clock``.
+
+Store and filesystem work use real threads (the real reactor runs under
+pytest-twisted); time (stop timeouts, the crash-loop window, throttling,
+stats) is the ``Clock``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from ctrlagent.config import AgentConfig, ServersConfig
+from ctrlagent.errors import Conflict, InsufficientResources, InvalidInput, ServerNotFound
+from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
+from ctrlagent.interfaces import IServerManager
+from ctrlagent.servers.manager import ServerManager
+from ctrlagent.servers.states import ServerState
+from ctrlagent.servers.store import open_store
+from tests.servers.conftest import sleep, until
+from tests.servers.fakes import FakeEngine
+
+S = ServerState
+
+
+class Unit:
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+        self.clock = Clock()
+        self.engine = FakeEngine()
+        self.events: list[Any] = []
+        self.config = AgentConfig(
+            development=True,
+            state_dir=os.path.join(tmp, "state"),
+            data_dir=os.path.join(tmp, "data"),
+            servers=ServersConfig(stop_timeout=5.0, crash_restart_window=30.0,
+                                  disk_check_interval=0.0, stats_interval=2.0),
+        )
+        self.managers: list[ServerManager] = []
+
+    def manager(self) -> ServerManager:
+        store = open_store(reactor, self.config.state_dir)
+        m = ServerManager(reactor, self.config, self.engine, store, clock=self.clock)
+        m.add_listener(self.events.append)
+        m.startService()
+        self.managers.append(m)
+        return m
+
+    def statuses(self, sid: str) -> list[tuple[str, str]]:
+        return [(e.previous, e.current) for e in self.events
+                if isinstance(e, StatusChanged) and e.server_id == sid]
+
+    def lines(self, sid: str) -> list[str]:
+        return [e.line for e in self.events if isinstance(e, ConsoleOutput)
+                and e.server_id == sid and e.stream != "agent"]
+
+
+@pytest_twisted.async_yield_fixture
+async def unit(tmp_path: Any) -> AsyncIterator[Unit]:
+    u = Unit(str(tmp_path))
+    yield u
+    for m in u.managers:
+        if m.running:
+            await m.stopService()
+
+
+PARAMS = {"image": "img", "startup": "/game", "stop": "stop", "startupDone": "Done ("}
+
+
+async def running(unit: Unit, sid: str = "s1", **extra: Any) -> ServerManager:
+    m = unit.manager()
+    await m.create_server(sid, {**PARAMS, **extra})
+    await m.start(sid)
+    await until(lambda: m.get(sid).state is S.RUNNING, 2, "running")
+    return m
+
+
+def test_manager_provides_the_interface() -> None:
+    assert IServerManager.implementedBy(ServerManager)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_change_emits_one_event_with_the_real_previous_state(unit: Unit) -> None:
+    m = await running(unit)
+    await m.stop("s1")
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "offline")
+    assert unit.statuses("s1") == [
+        ("offline", "installing"), ("installing", "offline"), ("offline", "starting"),
+        ("starting", "running"), ("running", "stopping"), ("stopping", "offline"),
+    ]
+    assert unit.engine.kills == []  # the console "stop" command was used, not a signal
+    assert "> stop" in m.console_history("s1", 5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_ids_and_bad_payloads(unit: Unit) -> None:
+    m = unit.manager()
+    with pytest.raises(ServerNotFound):
+        m.resolve("nope")
+    with pytest.raises(InvalidInput):
+        await m.create_server("s1", {"startup": "x"})
+    await m.create_server("s1", {**PARAMS, "panelId": "cuid-1"})
+    assert m.resolve("cuid-1") == "s1"
+    with pytest.raises(Conflict):
+        await m.create_server("s1", PARAMS)
+    with pytest.raises(Conflict):
+        await m.create_server("s2", {**PARAMS, "aliases": ["cuid-1"]})
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_timeout_escalates_to_kill_on_the_clock(unit: Unit) -> None:
+    m = await running(unit, environment={"IGNORE_SIGTERM": 1}, stop="SIGTERM")
+    await m.stop("s1", timeout=3)
+    assert m.get("s1").state is S.STOPPING
+    unit.clock.advance(2.9)
+    await sleep(0)
+    assert m.get("s1").state is S.STOPPING
+    with pytest.raises(Conflict):
+        await m.restart("s1")
+    unit.clock.advance(0.2)
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "killed")
+    cid = m.get("s1").container_id
+    assert unit.engine.kills == [(cid, "SIGTERM"), (cid, "SIGKILL")]
+    assert m.get("s1").power is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_crash_loop_guard_uses_the_configured_window(unit: Unit) -> None:
+    m = await running(unit)
+    await m.send_command("s1", "crash 2")
+    await until(lambda: unit.statuses("s1")[-1] == ("starting", "running"), 2, "restart")
+    assert ("running", "crashed") in unit.statuses("s1")
+    unit.clock.advance(31)  # outside the window: restarted again
+    await m.send_command("s1", "crash 3")
+    await until(lambda: unit.statuses("s1").count(("starting", "running")) == 3, 2, "again")
+    unit.clock.advance(10)  # inside the window: stays crashed
+    await m.send_command("s1", "crash 4")
+    await until(lambda: unit.statuses("s1")[-1] == ("running", "crashed"), 2, "crashed")
+    await sleep(0.05)
+    server = m.get("s1")
+    assert server.state is S.CRASHED and server.desired == "offline"
+    crashes = [e for e in unit.events if isinstance(e, StatusChanged) and e.current == "crashed"]
+    assert [e.exit_code for e in crashes] == [2, 3, 4]
+    assert server.crash_report is not None and "> crash 4" in server.crash_report.lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_outside_the_agent_is_not_a_crash(unit: Unit) -> None:
+    m = await running(unit)
+    unit.engine.die(m.get("s1").container_id or "", 0, external_kill=True)
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "offline")
+    assert ("running", "crashed") not in unit.statuses("s1")
+    assert m.get("s1").desired == "running"  # the next reconcile brings it back
+
+
+@pytest_twisted.ensureDeferred
+async def test_oom_is_reported_as_crash_with_flag(unit: Unit) -> None:
+    m = await running(unit, crashRestart=False)
+    unit.engine.die(m.get("s1").container_id or "", 137, oom=True)
+    await until(lambda: m.get("s1").state is S.CRASHED, 2, "crashed")
+    crash = [e for e in unit.events if isinstance(e, StatusChanged) and e.current == "crashed"][0]
+    assert crash.oom_killed and crash.exit_code == 137
+
+
+@pytest_twisted.ensureDeferred
+async def test_engine_loss_reports_unknown_and_return_reconciles(unit: Unit) -> None:
+    m = await running(unit)
+    unit.engine.break_engine()
+    assert m.get("s1").state is S.UNKNOWN
+    assert m.status("s1")["panelStatus"] == "RUNNING"
+    assert m.list_servers()[0]["status"] == "unknown"
+    unit.engine.restore_engine()
+    await until(lambda: m.get("s1").state is S.RUNNING, 2, "running again")
+    await m.send_command("s1", "say hi")
+    await until(lambda: "[Server] hi" in unit.lines("s1"), 2, "console")
+    assert unit.lines("s1").count("Done (0.1s)!") == 1  # re-attached, nothing duplicated
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_over_limit_refuses_start_and_stops_a_running_server(unit: Unit) -> None:
+    m = await running(unit, limits={"disk": 1})
+    with open(os.path.join(unit.config.data_dir, "s1", "big"), "wb") as f:
+        f.write(b"x" * (2 * 1024 * 1024))
+    await m.check_disk(m.get("s1"))
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "stopped")
+    with pytest.raises(InsufficientResources):
+        await m.start("s1")
+    def notices() -> list[str]:
+        return [e.line for e in unit.events
+                if isinstance(e, ConsoleOutput) and e.stream == "agent"]
+
+    await until(lambda: any("start refused" in n for n in notices()), 2, "refusal notice")
+    assert any("over the limit" in n and "stopping" in n for n in notices())
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_sampled_on_the_interval_and_metrics_shape(unit: Unit) -> None:
+    m = await running(unit)
+    unit.clock.advance(2.1)
+    await until(lambda: any(isinstance(e, ResourceUpdate) for e in unit.events), 2, "sample")
+    metrics = m.server_metrics("s1")
+    assert metrics["cpu"] == 12.5 and metrics["memory"] == 50.0
+    assert metrics["network"] == {"in": 100, "out": 200} and metrics["players"] == 0
+    await m.kill("s1")
+    assert m.server_metrics("s1")["cpu"] == 0.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_suspend_refuses_start_until_unsuspended(unit: Unit) -> None:
+    m = await running(unit)
+    await m.suspend("s1")
+    await until(lambda: m.get("s1").state is S.SUSPENDED, 2, "suspended")
+    with pytest.raises(Conflict):
+        await m.start("s1")
+    assert m.status("s1")["panelStatus"] == "SUSPENDED"
+    await m.unsuspend("s1")
+    await m.start("s1")
+    await until(lambda: m.get("s1").state is S.RUNNING, 2, "running")
+
+
+@pytest_twisted.ensureDeferred
+async def test_install_failure_and_reinstall(unit: Unit) -> None:
+    m = unit.manager()
+    bad = {**PARAMS, "install": {"script": "exit 3"}, "environment": {"INSTALL_EXIT": 3}}
+    result = await m.create_server("s1", bad)
+    assert result["status"] == "install_failed"
+    await m.update("s1", {"environment": {"INSTALL_EXIT": 0}})
+    result = await m.reinstall("s1")
+    assert result["status"] == "offline"
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_applies_limits_live(unit: Unit) -> None:
+    m = await running(unit, limits={"memory": 100})
+    result = await m.update("s1", {"limits": {"memory": 200}})
+    assert result["limitsAppliedLive"] is True
+    cid = m.get("s1").container_id or ""
+    assert unit.engine.containers[cid].body["HostConfig"]["Memory"] == 200 * 1024 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_removes_container_and_optionally_files(unit: Unit) -> None:
+    m = await running(unit)
+    path = m.server_root("s1").path
+    assert os.path.isdir(path)
+    await m.delete("s1", purge_files=True)
+    assert unit.engine.containers == {}
+    assert not os.path.exists(path)
+    with pytest.raises(ServerNotFound):
+        m.status("s1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_manager_recovers_lines_once_from_the_mark(unit: Unit) -> None:
+    first = await running(unit)
+    await first.send_command("s1", "say a")
+    await until(lambda: "[Server] a" in unit.lines("s1"), 2, "a")
+    await sleep(0.05)  # the mark commit
+    first.simulate_crash()
+    cid = first.get("s1").container_id or ""
+    unit.engine.stdin(cid, "say b")
+    second = unit.manager()
+    await until(lambda: "[Server] b" in unit.lines("s1"), 2, "b recovered")
+    assert unit.lines("s1") == ["Starting", "Done (0.1s)!", "> say a", "[Server] a",
+                                "> say b", "[Server] b"]
+    assert second.console_history("s1", 10) == unit.lines("s1")
+    assert second.get("s1").state is S.RUNNING
+    await first.store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_status_and_clear(unit: Unit) -> None:
+    m = await running(unit)
+    status = m.console_status("s1")
+    assert status["connected"] is True and status["bufferSize"] == 2
+    assert status["lastActivity"].endswith("Z")
+    m.console_clear("s1")
+    assert m.console_history("s1", 10) == []
+
+
+def test_config_replace_helper_is_frozen() -> None:
+    config = ServersConfig()
+    assert replace(config, stop_timeout=1.0).stop_timeout == 1.0
