@@ -53,6 +53,9 @@ class PanelConfig:
     legacy_frames: bool = True
     # Largest message accepted from the Panel (a write_file carries content).
     max_message_bytes: int = 64 * 1024 * 1024
+    # For wss:// only: a PEM file of the CA(s) to trust instead of the system
+    # store (a Panel behind a private CA or a self-signed certificate).
+    tls_ca: str = ""
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from zope.interface import implementer
 from ctrlagent import __version__
 from ctrlagent.commands import ActionResult, Command, IDispatcher
 from ctrlagent.config import AgentConfig
-from ctrlagent.errors import CtrlAgentError
+from ctrlagent.errors import ConfigInvalid, CtrlAgentError
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerEvent, StatusChanged
 from ctrlagent.panel import messages
 from ctrlagent.tracker import DeferredTracker
@@ -97,6 +97,24 @@ def _without_query(url: str) -> str:
     """The URL as it may appear in a log line (the query could carry tokens)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(query="", fragment=""))
+
+
+def _load_trust(path: str) -> Any:
+    """The trust root made of every certificate in the PEM file ``path``."""
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+    marker = b"-----END CERTIFICATE-----"
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+        blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN" in block]
+        if not blocks:
+            raise ValueError("no PEM certificate found")
+        return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+    except (OSError, ValueError) as e:
+        raise ConfigInvalid("panel.tls_ca {}: {}".format(path, e)) from None
+    except Exception as e:  # pyOpenSSL raises its own error types for bad PEM
+        raise ConfigInvalid("panel.tls_ca {}: not a PEM certificate ({})".format(path, e)) from None
 
 
 class ReconnectBackoff:
@@ -429,7 +447,9 @@ class PanelLink(service.MultiService):
             from twisted.internet.endpoints import wrapClientTLS
             from twisted.internet.ssl import optionsForClientTLS
 
-            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+            trust = _load_trust(self._panel.tls_ca) if self._panel.tls_ca else None
+            # The hostname is always verified; only the roots change.
+            endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
         return endpoint
 
     # --- state seen by others ---------------------------------------------------------------
