@@ -24,7 +24,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ctrlagent.errors import (
@@ -318,6 +318,7 @@ def write_atomic(
     fsync: bool = True,
     mode: int | None = None,
     created: list[Components] | None = None,
+    size: int | None = None,
 ) -> os.stat_result:
     """
     Replace (or create) the file at ``comps`` with ``chunks``, atomically.
@@ -348,11 +349,12 @@ def write_atomic(
                 mode = stat.S_IMODE(old.st_mode) & 0o1777
         if mode is None:
             mode = 0o644
-        known = isinstance(chunks, (list, tuple))
-        if known:
+        if size is None and isinstance(chunks, (list, tuple)):
+            size = sum(len(b) for b in chunks)
+        if size is not None:
             # Size known up front: refuse before touching the directory at all.
             try:
-                quota.charge(sum(len(b) for b in chunks))
+                quota.charge(size)
             except InsufficientResources:
                 if old is not None:
                     quota.credit(-old.st_size)
@@ -367,9 +369,13 @@ def write_atomic(
             raise os_error(e, display(comps)) from None
         try:
             try:
+                written = 0
                 for chunk in chunks:
-                    if not known:
+                    written += len(chunk)
+                    if size is None:
                         quota.charge(len(chunk))
+                    elif written > size:
+                        raise InvalidInput("more data than announced", field="content")
                     view = memoryview(chunk)
                     while view:
                         n = os.write(fd, view)
@@ -395,6 +401,21 @@ def write_atomic(
         if old is None and created is not None:
             created.append(real)
         return st
+
+
+def text_chunks(content: str, chunk_chars: int = COPY_CHUNK) -> tuple[int, Iterator[bytes]]:
+    """
+    ``(UTF-8 size, chunks)`` of ``content``, encoded piece by piece so that a
+    64 MiB config never needs a second 64 MiB buffer.  The size of ASCII text
+    is its length; other text is measured by encoding it once, up front.
+    """
+    size = len(content) if content.isascii() else len(content.encode("utf-8"))
+
+    def gen() -> Iterator[bytes]:
+        for i in range(0, len(content), chunk_chars):
+            yield content[i:i + chunk_chars].encode("utf-8")
+
+    return size, gen()
 
 
 def create_directory(c: Confined, comps: Components) -> None:

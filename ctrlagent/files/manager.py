@@ -383,8 +383,11 @@ class FileManager:
             raise InvalidInput("content must be a string", field="content")
 
         def write(c: Confined, quota: fsops.Quota) -> dict[str, Any]:
-            data = _decode(content, "utf8")
-            st = fsops.write_atomic(c, comps, [data], quota)
+            try:
+                size, chunks = fsops.text_chunks(content)
+            except UnicodeEncodeError:
+                raise InvalidInput("content is not valid text", field="content") from None
+            st = fsops.write_atomic(c, comps, chunks, quota, size=size)
             return {"path": display(comps), "size": st.st_size,
                     "modified": fsops.iso(st.st_mtime)}
 
