@@ -113,8 +113,12 @@ def iso(ts: float) -> str:
 _PERMISSIONS = ["{:03o}".format(m) for m in range(0o1000)]
 
 
-def entry(name: str, st: os.stat_result, rel: Components) -> dict[str, Any]:
-    """One listing entry for ``name`` with metadata ``st`` at path ``rel``."""
+def entry(name: str, st: os.stat_result, rel: Components,
+          path: str | None = None) -> dict[str, Any]:
+    """
+    One listing entry for ``name`` with metadata ``st`` at path ``rel``
+    (``path``: its display form, when the caller has it already).
+    """
     is_dir = stat.S_ISDIR(st.st_mode)
     modified = iso(st.st_mtime)
     out: dict[str, Any] = {
@@ -126,7 +130,7 @@ def entry(name: str, st: os.stat_result, rel: Components) -> dict[str, Any]:
         "permissions": _PERMISSIONS[st.st_mode & 0o777],
         "owner": _user(st.st_uid),
         "group": _group(st.st_gid),
-        "path": display(rel),
+        "path": path if path is not None else display(rel),
     }
     if not is_dir:
         dot = name.rfind(".")
@@ -168,6 +172,7 @@ def list_files(c: Confined, comps: Components, limit: int, offset: int) -> dict[
         page = names[offset:offset + limit]
         files = []
         links = False
+        prefix = display(comps).rstrip("/") + "/"
         for _, _, name in page:
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -178,7 +183,7 @@ def list_files(c: Confined, comps: Components, limit: int, offset: int) -> dict[
                 links = True
                 files.append(_symlink_entry(c, name, st, rel))
             else:
-                files.append(entry(name, st, rel))
+                files.append(entry(name, st, rel, prefix + name))
     finally:
         os.close(fd)
     if links:
