@@ -406,3 +406,21 @@ async def test_missing_server_directory_is_created_but_not_its_parents(
     assert (await fm.list_files(fresh, "/"))["files"] == []
     st = os.stat(tmp_path / "servers" / "srv2")
     assert stat.S_IMODE(st.st_mode) == 0o755 and st.st_uid == SERVER_UID
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_never_opens_entries(tree: Tree, fm: FileManager) -> None:
+    # Opening a FIFO for reading would block until a writer came: a listing
+    # that guessed types by opening files would hang here.
+    os.mkfifo(tree.root_path / "sub" / "console.pipe")
+    files = (await fm.list_files(tree.root, "sub"))["files"]
+    assert {f["name"]: f["type"] for f in files} == {"console.pipe": "file", "inner.txt": "file"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_refuses_text_that_is_not_unicode(tree: Tree, fm: FileManager) -> None:
+    with pytest.raises(InvalidInput):
+        await fm.write_file(tree.root, "bad.txt", "half a surrogate \ud800")
+    assert not (tree.root_path / "bad.txt").exists()
+    with pytest.raises(InvalidInput):
+        await fm.write_file(tree.root, "bad.txt", 42)  # type: ignore[arg-type]
