@@ -38,6 +38,8 @@ from ctrlagent.files.confined import Confined, os_error, rename_noreplace
 from ctrlagent.files.paths import Components, display
 
 TMP_PREFIX = ".ctrlagent-tmp-"
+# Temp files untouched for this long are leftovers of a crash; usage walks remove them.
+STALE_TMP_SECONDS = 3600
 COPY_CHUNK = 1024 * 1024
 # Directories deeper than this are not descended by search and usage walks:
 # they bound the work one request can cause and the fds it holds.
@@ -621,10 +623,20 @@ def _tree_size(dir_fd: int, name: str) -> int:
 
 def _fd_usage(fd: int, depth: int) -> int:
     total = 0
+    stale_before = time.time() - STALE_TMP_SECONDS
     with os.scandir(fd) as it:
         for e in it:
             try:
-                if e.is_dir(follow_symlinks=False):
+                if e.name.startswith(TMP_PREFIX) and e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    if st.st_mtime < stale_before:
+                        # Left by a crash mid-write: ours, unreferenced, and
+                        # counting against the server's disk.  (A write in
+                        # progress keeps touching its temp file.)
+                        os.unlink(e.name, dir_fd=fd)
+                        continue
+                    total += st.st_size
+                elif e.is_dir(follow_symlinks=False):
                     if depth < MAX_DEPTH:
                         total += _tree_size(fd, e.name)
                 elif e.is_file(follow_symlinks=False):
@@ -635,7 +647,10 @@ def _fd_usage(fd: int, depth: int) -> int:
 
 
 def disk_usage(c: Confined) -> int:
-    """Apparent size in bytes of every regular file beneath the root."""
+    """
+    Apparent size in bytes of every regular file beneath the root.  Removes
+    stale temp files of interrupted writes on the way.
+    """
     fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=c.root_fd)
     try:
         return _fd_usage(fd, 0)

@@ -424,3 +424,14 @@ async def test_write_refuses_text_that_is_not_unicode(tree: Tree, fm: FileManage
     assert not (tree.root_path / "bad.txt").exists()
     with pytest.raises(InvalidInput):
         await fm.write_file(tree.root, "bad.txt", 42)  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_walk_removes_stale_temp_files_of_a_crash(tree: Tree, fm: FileManager) -> None:
+    stale = tree.root_path / "sub" / ".ctrlagent-tmp-dead"
+    fresh = tree.root_path / "sub" / ".ctrlagent-tmp-live"
+    stale.write_bytes(b"x" * 1000)
+    fresh.write_bytes(b"y")
+    os.utime(stale, (0, 1))
+    await fm.write_file(_limited(tree, 10**9), "a.txt", "a")
+    assert not stale.exists() and fresh.exists()
