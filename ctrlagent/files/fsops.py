@@ -9,7 +9,12 @@ Symlinks in listings: an entry that is a symlink carries ``"symlink": true``.
 When its target resolves inside the server directory the entry reports the
 target's type, size and times; otherwise (dangling, absolute, or leaving the
 root) it is reported as ``"type": "file"`` with ``"broken": true`` and the
-link's own metadata, and every operation through it is refused.
+link's own metadata, and every operation through it is refused.  Other
+entry fields: ``extension`` is the lower-case suffix without the dot (files
+only), ``permissions`` three octal digits, ``modified``/``lastModified`` the
+JavaScript ``toISOString`` form, ``owner``/``group`` names (numbers when the
+host has no such user).  Deleting or renaming a symlink acts on the link;
+``set_file_permissions`` refuses links (and hard-linked files).
 """
 
 from __future__ import annotations
