@@ -34,6 +34,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            "pytest-timeout>=2.2",
             "hypothesis>=6.100",
         ],
     },
