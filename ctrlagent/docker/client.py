@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from hyperlink import DecodedURL
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -35,7 +37,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web._newclient import RequestNotSent
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
@@ -80,39 +88,20 @@ CONTAINER_EVENTS = ("start", "die", "oom", "kill", "destroy")
 ERROR_BODY_CAP = 64 * 1024
 JSON_BODY_CAP = 64 * 1024 * 1024
 
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+# Everything that means "no usable answer from the engine" (as opposed to an
+# answer that says no): these become DockerUnavailable.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
     ConnectError,
     ConnectionLost,
     ConnectionDone,
     TwistedTimeoutError,
     OSError,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+    SSLError,
 )
-
-
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    from twisted.web._newclient import (
-        RequestNotSent,
-        RequestTransmissionFailed,
-        ResponseFailed,
-        ResponseNeverReceived,
-    )
-
-    extra: tuple[type[BaseException], ...] = ()
-    try:
-        from OpenSSL.SSL import Error as SSLError
-
-        extra = (SSLError,)
-    except ImportError:  # pragma: no cover - pyOpenSSL ships with Twisted[tls]
-        pass
-    return _CONNECTION_ERRORS + (
-        RequestNotSent,
-        RequestTransmissionFailed,
-        ResponseFailed,
-        ResponseNeverReceived,
-    ) + extra
-
-
-_UNAVAILABLE = _connection_errors()
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -394,7 +383,7 @@ class DockerClient:
             raise
         except DockerError as e:
             raise DockerUnavailable("Docker engine not ready: {}".format(e.message)) from None
-        return bool(body.strip() == b"OK" or body)
+        return body.strip() == b"OK"
 
     async def version(self) -> dict[str, Any]:
         """The engine's version document; negotiates the API version once."""
@@ -613,7 +602,7 @@ class DockerClient:
     async def container_stop(self, cid: str, timeout: float | None = None) -> None:
         """Stop with SIGTERM (or its stop signal), SIGKILL after ``timeout`` s."""
         cid = self._object_id(cid, "container")
-        query = {"t": int(timeout)} if timeout is not None else None
+        query = {"t": math.ceil(timeout)} if timeout is not None else None
         grace = timeout if timeout is not None else 10.0
         await self._call(
             "POST",
@@ -633,7 +622,7 @@ class DockerClient:
     async def container_restart(self, cid: str, timeout: float | None = None) -> None:
         """Stop (with ``timeout``) and start again."""
         cid = self._object_id(cid, "container")
-        query = {"t": int(timeout)} if timeout is not None else None
+        query = {"t": math.ceil(timeout)} if timeout is not None else None
         grace = timeout if timeout is not None else 10.0
         await self._call(
             "POST",
