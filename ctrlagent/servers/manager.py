@@ -102,6 +102,7 @@ class ServerManager(service.Service):
         self._reconciling: Deferred[None] | None = None
         self._reconcile_again = False
         self._dead = False
+        self.crashed: Deferred[None] | None = None
         # group commit of console marks
         self._pending_events: list[ConsoleOutput] = []
         self._pending_marks: dict[str, tuple[int, int]] = {}
@@ -193,6 +194,11 @@ class ServerManager(service.Service):
         self.tracker.cancel_all()
         self._pending_events.clear()
         self._pending_marks.clear()
+        # A dead process holds no threads: the store finishes the statement
+        # in flight (as the kernel would flush an issued write) and closes.
+        self.crashed = self.store.close()
+        if self._own_pool:
+            self.disk_pool.stop()
 
     # -- plumbing used by Server -------------------------------------------
 

@@ -120,11 +120,8 @@ class Rig:
         for manager in self.managers:
             if manager.running:
                 await manager.stopService()
-            elif not manager._dead:
-                pass
-            else:
-                await manager.store.close()
-                manager.disk_pool.stop()
+            elif manager.crashed is not None:
+                await manager.crashed
         for client in self.clients:
             await client.close()
 

@@ -70,6 +70,8 @@ async def unit(tmp_path: Any) -> AsyncIterator[Unit]:
     for m in u.managers:
         if m.running:
             await m.stopService()
+        elif m.crashed is not None:
+            await m.crashed
 
 
 PARAMS = {"image": "img", "startup": "/game", "stop": "stop", "startupDone": "Done ("}
@@ -273,7 +275,6 @@ async def test_new_manager_recovers_lines_once_from_the_mark(unit: Unit) -> None
                                 "> say b", "[Server] b"]
     assert second.console_history("s1", 10) == unit.lines("s1")
     assert second.get("s1").state is S.RUNNING
-    await first.store.close()
 
 
 @pytest_twisted.ensureDeferred
