@@ -164,3 +164,15 @@ async def wait_for_line(stream: Any, wanted: str, seconds: float = 10.0) -> list
         raise AssertionError("stream ended before {!r}; got {!r}".format(wanted, seen[-20:]))
 
     return await within(seconds, read())
+
+
+async def until(check: Any, seconds: float = 10.0, step: float = 0.05) -> None:
+    """Poll ``check()`` until it is true; fail the test after ``seconds``."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(max(1, int(seconds / step))):
+        if check():
+            return
+        await deferLater(reactor, step, lambda: None)
+    raise AssertionError("condition still false after {}s".format(seconds))

@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from ctrlagent.docker import DockerClient, DockerEvent, DockerUnavailable, ResumableEvents
 from ctrlagent.testing.images import build_scripted_image
 
-from .conftest import make_client, unique_name, wait_for_line, within
+from .conftest import make_client, unique_name, until, wait_for_line, within
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -61,7 +61,7 @@ async def test_engine_restart_during_follow_and_events_then_recovery(
         follow = client.logs(cid, follow=True)
         await wait_for_line(follow, STARTED)
         raw_events = client.events(labels=labels)
-        await within(5, _until(lambda: any(e.action == "start" for e in resumed_events)))
+        await until(lambda: any(e.action == "start" for e in resumed_events), 5)
 
         # -- the engine goes away ---------------------------------------------
         await deferToThread(engine.kill_engine)
@@ -84,24 +84,26 @@ async def test_engine_restart_during_follow_and_events_then_recovery(
         with pytest.raises(DockerUnavailable):
             await _drain(client.logs(cid, follow=True))
         assert time.monotonic() - started < 1.0  # fast, never hanging
-        await within(5, _until(lambda: bool(breaks)))
+        await until(lambda: bool(breaks), 5)
         assert isinstance(breaks[0], DockerUnavailable)
 
         # -- it comes back: same client, new calls and streams work -----------
         await deferToThread(engine.start)
         assert await client.ping() is True
-        await within(5, _until(lambda: bool(resumes)))
+        await until(lambda: bool(resumes), 5)
         await client.container_start(cid)
         follow = client.logs(cid, follow=True, tail=0)
         pipe = await client.attach_stdin(cid)
         pipe.write_line("say back")
         await wait_for_line(follow, "[Server] back")
-        pipe.write_line("crash 5")
-        await within(10, _until(lambda: any(e.exit_code == 5 for e in resumed_events)))
+        # (Not "crash N": the script writes its exit code after signalling itself.)
+        await client.container_kill(cid, "SIGKILL")
+        await until(lambda: any(e.exit_code == 137 for e in resumed_events), 10)
         follow.close()
         await within(5, pipe.closed)
         die = [e for e in resumed_events if e.action == "die"]
-        assert die[-1].exit_code == 5 and die[-1].container_id == cid
+        assert die[-1].exit_code == 137 and die[-1].container_id == cid
+        assert any(e.action == "kill" for e in resumed_events)
         keys = [(e.time_nano, e.action) for e in resumed_events]
         assert len(keys) == len(set(keys))  # resumed with since, without duplicates
     finally:
@@ -116,10 +118,3 @@ async def _drain(stream: Any) -> None:
     async for _ in stream:
         pass
 
-
-async def _until(check: Any, step: float = 0.05) -> None:
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    while not check():
-        await deferLater(reactor, step, lambda: None)

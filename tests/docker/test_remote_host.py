@@ -23,7 +23,7 @@ from twisted.internet.endpoints import (
 
 from ctrlagent.docker import DockerClient
 
-from .conftest import Containers, make_client, unique_name, wait_for_line
+from .conftest import Containers, make_client, unique_name, until, wait_for_line
 
 pytestmark = pytest.mark.docker
 
@@ -145,3 +145,75 @@ async def test_a_tls_docker_host_with_client_certificates(
     finally:
         await client.close()
         await port.stopListening()
+
+
+class _Tracked(protocol.Factory):
+    """The relay factory, remembering its connections so a test can cut them."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.live: list[_Relay] = []
+
+    def buildProtocol(self, addr: Any) -> _Relay:  # noqa: N802
+        relay = _Relay(self.socket_path)
+        self.live.append(relay)
+        return relay
+
+    def cut(self) -> None:
+        for relay in self.live:
+            if relay.transport is not None:
+                relay.transport.abortConnection()  # type: ignore[attr-defined]
+        self.live.clear()
+
+
+@pytest_twisted.ensureDeferred
+async def test_resumable_events_replay_what_happened_during_a_break(
+    docker_engine: Any, docker: DockerClient, containers: Containers
+) -> None:
+    import secrets
+
+    from twisted.internet.defer import Deferred
+
+    from ctrlagent.docker import DockerEvent, ResumableEvents
+
+    from .conftest import within
+
+    factory = _Tracked(docker_engine.socket_path)
+    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    port = await endpoint.listen(factory)
+    number = port.getHost().port
+    remote = make_client("tcp://127.0.0.1:{}".format(number))
+    marker = secrets.token_hex(4)
+    labels = {"ctrlagent.test": marker}
+    breaks: list[Any] = []
+    events = ResumableEvents(
+        remote, labels=labels, retry_delay=0.1, max_retry_delay=0.2, on_break=breaks.append
+    )
+    got: list[DockerEvent] = []
+
+    async def consume() -> None:
+        async for event in events:
+            got.append(event)
+
+    consuming = Deferred.fromCoroutine(consume())
+    try:
+        first = await containers.create({"CRASH_AFTER": "0.1", "CRASH_CODE": "4"}, Labels=labels)
+        await until(lambda: any(e.exit_code == 4 for e in got), 10)
+        # The link breaks; while it is down, another server crashes.
+        await port.stopListening()
+        factory.cut()
+        await until(lambda: bool(breaks), 5)
+        second = await containers.create({"CRASH_AFTER": "0.1", "CRASH_CODE": "7"}, Labels=labels)
+        assert await within(10, docker.container_wait(second)) == 7
+        assert not any(e.container_id == second for e in got)
+        port = await TCP4ServerEndpoint(reactor, number, interface="127.0.0.1").listen(factory)
+        await until(lambda: any(e.exit_code == 7 for e in got), 10)
+        assert [(e.container_id, e.action) for e in got] == [
+            (first, "start"), (first, "die"), (second, "start"), (second, "die")
+        ]
+    finally:
+        events.close()
+        await within(5, consuming)
+        await remote.close()
+        await port.stopListening()
+
