@@ -6,7 +6,12 @@ line splitter, stats arithmetic, event and pull-progress parsing) live in
 ``mux``, ``stats`` and ``models`` and import no reactor.
 """
 
-from ctrlagent.docker.client import MANAGED_LABEL, DockerClient, error_for_status
+from ctrlagent.docker.client import (
+    MANAGED_LABEL,
+    MANAGED_LABEL_FILTER,
+    DockerClient,
+    error_for_status,
+)
 from ctrlagent.docker.errors import (
     Conflict,
     ContainerGone,
@@ -32,6 +37,7 @@ from ctrlagent.docker.transport import DockerHost, parse_docker_host
 __all__ = [
     "DockerClient",
     "MANAGED_LABEL",
+    "MANAGED_LABEL_FILTER",
     "error_for_status",
     "Conflict",
     "ContainerGone",

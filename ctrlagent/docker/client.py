@@ -75,14 +75,22 @@ from ctrlagent.docker.stdin import AttachStdinProtocol, StdinPipe, attach_reques
 from ctrlagent.docker.streams import ItemStream, JsonLinesDecoder, LineStream
 from ctrlagent.docker.transport import DockerEndpointFactory, DockerHost, make_http_client
 
-__all__ = ["DockerClient", "error_for_status", "MAX_API_VERSION", "MANAGED_LABEL"]
+__all__ = [
+    "DockerClient",
+    "error_for_status",
+    "MAX_API_VERSION",
+    "MANAGED_LABEL",
+    "MANAGED_LABEL_FILTER",
+]
 
 T = TypeVar("T")
 
 # The newest API whose behaviour this client knows; newer engines are spoken
 # to at this version (they all still serve it).
 MAX_API_VERSION = "1.45"
-MANAGED_LABEL = "ctrl-alt-play.managed=true"
+# The label every container of the agent carries, and the filter that selects them.
+MANAGED_LABEL = "ctrl-alt-play.managed"
+MANAGED_LABEL_FILTER = MANAGED_LABEL + "=true"
 CONTAINER_EVENTS = ("start", "die", "oom", "kill", "destroy")
 
 ERROR_BODY_CAP = 64 * 1024
@@ -892,7 +900,7 @@ class DockerClient:
 
     def events(
         self,
-        labels: dict[str, str] | list[str] | str | None = MANAGED_LABEL,
+        labels: dict[str, str] | list[str] | str | None = MANAGED_LABEL_FILTER,
         since: float | None = None,
         until: float | None = None,
         actions: tuple[str, ...] | None = CONTAINER_EVENTS,
@@ -962,7 +970,7 @@ class DockerClient:
 
     def resumable_events(
         self,
-        labels: dict[str, str] | list[str] | str | None = MANAGED_LABEL,
+        labels: dict[str, str] | list[str] | str | None = MANAGED_LABEL_FILTER,
         since: float | None = None,
         **kw: Any,
     ) -> AsyncIterator[DockerEvent]:
