@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -99,6 +101,22 @@ def test_ids_are_percent_encoded_as_one_path_segment(cid: str, encoded: str) -> 
     assert text.startswith("http://docker/v1.41/containers/{}/json?".format(encoded))
     assert "all=1" in text
     assert "filters=%7B%22label%22%3A%5B%22a%3Db%20c%22%5D%7D" in text
+
+
+@given(cid=st.text(min_size=1, max_size=40).filter(lambda t: t not in (".", "..")))
+@settings(max_examples=200, deadline=None)
+def test_any_id_round_trips_through_exactly_one_encoded_segment(cid: str) -> None:
+    from urllib.parse import unquote, urlsplit
+
+    client, _ = stub_client({})
+    client._api = "1.41"
+    text = client.url("containers", cid, "json").to_uri().to_text()
+    path = urlsplit(text).path
+    segments = path.split("/")
+    assert segments[:3] == ["", "v1.41", "containers"] and segments[-1] == "json"
+    assert len(segments) == 5, text  # "/" in the id never makes a new segment
+    assert unquote(segments[3]) == cid
+    assert "?" not in path and "#" not in text
 
 
 def test_image_references_with_registry_port_and_tag_stay_one_segment() -> None:
