@@ -524,6 +524,12 @@ class Server:
             sample = await self.ctx.docker.stats_once(cid)
         except DockerError:
             return
+        except (AttributeError, TypeError, ValueError, KeyError) as e:
+            # Shim: the engine can answer an empty (``null``) stats document
+            # for a container that is just starting or stopping, which the
+            # client does not parse; a missed sample is harmless.
+            self.log.debug("stats of {server_id} unreadable: {e}", server_id=self.server_id, e=e)
+            return
         finally:
             self._stats_running = False
         self.apply_stats(sample)
