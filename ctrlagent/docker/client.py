@@ -53,13 +53,13 @@ from ctrlagent.docker.errors import (
     DockerConflict,
     DockerError,
     DockerInvalidInput,
-    DockerNotFound,
     DockerTimeout,
     DockerUnavailable,
     ImageNotFound,
     NetworkNotFound,
     PullFailed,
     RegistryAuthFailed,
+    error_for_status,
 )
 from ctrlagent.docker.models import (
     DockerEvent,
@@ -117,26 +117,6 @@ def _version_tuple(version: str) -> tuple[int, ...]:
         return tuple(int(p) for p in version.split("."))
     except ValueError:
         return (0,)
-
-
-def error_for_status(status: int, message: str, kind: str = "") -> DockerError:
-    """
-    The typed error for an engine answer ``status`` about a ``kind`` of thing.
-
-    ``kind`` is "container", "image", "network" or "" and chooses the
-    ``NotFound`` subclass.
-    """
-    message = message or "engine answered {}".format(status)
-    if status == 404:
-        cls: type[DockerNotFound] = {
-            "container": ContainerGone,
-            "image": ImageNotFound,
-            "network": NetworkNotFound,
-        }.get(kind, DockerNotFound)
-        return cls(message, status)
-    if status == 409:
-        return DockerConflict(message, status)
-    return DockerError(status, message)
 
 
 def _unavailable(host: DockerHost, error: BaseException) -> DockerUnavailable:

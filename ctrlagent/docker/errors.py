@@ -28,6 +28,7 @@ __all__ = [
     "RegistryAuthFailed",
     "NotFound",
     "Conflict",
+    "error_for_status",
 ]
 
 
@@ -90,3 +91,23 @@ class RegistryAuthFailed(PullFailed):
 # The names the issue uses: ``from ctrlagent.docker import NotFound, Conflict``
 # catches every Docker 404/409 (and the agent's generic ones).
 NotFound = _NotFound
+
+
+def error_for_status(status: int, message: str, kind: str = "") -> DockerError:
+    """
+    The typed error for an engine answer ``status`` about a ``kind`` of thing.
+
+    ``kind`` is "container", "image", "network" or "" and chooses the
+    ``NotFound`` subclass.
+    """
+    message = message or "engine answered {}".format(status)
+    if status == 404:
+        cls: type[DockerNotFound] = {
+            "container": ContainerGone,
+            "image": ImageNotFound,
+            "network": NetworkNotFound,
+        }.get(kind, DockerNotFound)
+        return cls(message, status)
+    if status == 409:
+        return DockerConflict(message, status)
+    return DockerError(status, message)

@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ctrlagent.docker.errors import DockerError, DockerUnavailable
+from ctrlagent.docker.errors import DockerError, DockerUnavailable, error_for_status
 
 __all__ = ["StdinPipe", "AttachStdinProtocol", "attach_request"]
 
@@ -108,8 +108,6 @@ class AttachStdinProtocol(Protocol):
                 message = str(json.loads(message[start : stop + 1]).get("message", message))
             except ValueError:
                 pass
-        from ctrlagent.docker.client import error_for_status
-
         self._fail(error_for_status(self._status, message.strip(), "container"))
 
     def _fail(self, error: Exception) -> None:
