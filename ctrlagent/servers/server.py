@@ -802,9 +802,19 @@ class Server:
                 self.started_at = parse_docker_time((doc.get("State") or {}).get("StartedAt"))
             except NotFound:
                 return
+            interrupted_stop = self.state is S.STOPPING or (
+                self.last_known is S.STOPPING and self.state is S.UNKNOWN
+            )
             await self.attach(recover=True)
             if self.state is not S.RUNNING:
                 self.set_state(S.RUNNING)
+            if interrupted_stop and self.desired == "offline":
+                # The agent died (or lost the engine) mid-stop: finish the stop.
+                try:
+                    self.claim("stop")
+                except Conflict:
+                    return
+                self.in_background("stop", lambda: self.graceful_stop(None, None))
             return
         self.detach_output()
         if self.desired == "running" and self.state is not S.SUSPENDED:
@@ -889,6 +899,7 @@ class Server:
             waiting = Deferred.fromCoroutine(wait())
             if not await ctx.within(waiting, timeout):
                 waiting.cancel()
+                waiting.addErrback(lambda _: None)  # the cancellation is ours
                 try:
                     await docker.container_kill(cid, "SIGKILL")
                 except (NotFound, Conflict):

@@ -212,3 +212,18 @@ async def test_failing_install_script_is_install_failed(rig: Rig, scripted_image
     assert failed[0].exit_code == 7  # type: ignore[union-attr]
     with pytest.raises(Conflict):
         await manager.start(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_install_script_timeout_is_install_failed(rig: Rig, scripted_image: str) -> None:
+    manager = rig.manager()
+    sid = rig.new_id()
+    params = scripted(scripted_image)
+    params["install"] = {"script": "echo slow\nsleep 30\n", "timeout": 1}
+    result = await manager.create_server(sid, params)
+    assert result["status"] == "install_failed"
+    assert "timed out" in manager.status(sid)["error"]
+    log = open(manager.get(sid).install_log_path).read()
+    assert "slow" in log and "install timed out" in log
+    # the install container is gone, the server container was never made
+    assert manager.get(sid).container_id is None

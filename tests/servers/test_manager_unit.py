@@ -290,3 +290,16 @@ async def test_console_status_and_clear(unit: Unit) -> None:
 def test_config_replace_helper_is_frozen() -> None:
     config = ServersConfig()
     assert replace(config, stop_timeout=1.0).stop_timeout == 1.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_interrupted_by_an_agent_crash_is_finished_after_restart(unit: Unit) -> None:
+    first = await running(unit, environment={"IGNORE_SIGTERM": 1}, stop="SIGTERM")
+    await first.stop("s1", timeout=100)
+    await sleep(0.05)  # state and desired state committed
+    first.simulate_crash()
+    await first.crashed
+    second = unit.manager()
+    await until(lambda: second.get("s1").power == "stop", 2, "stop resumed")
+    unit.clock.advance(31)  # the default stop timeout of the spec/config
+    await until(lambda: second.get("s1").state is S.OFFLINE, 2, "stopped")
