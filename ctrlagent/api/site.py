@@ -106,23 +106,35 @@ class LimitedRequest(server.Request):
         if transport is None:
             return
         transport.write(head + body)
-        # Swallow whatever the client still sends, instead of closing at once:
-        # closing a socket with unread data makes the kernel send a reset, and a
-        # client still busy uploading would lose the 413 it has not read yet.
-        channel.dataReceived = lambda data: None  # type: ignore[method-assign]
         channel.setTimeout(None)
         site = getattr(channel, "site", None)
         clock = getattr(site, "clock", None)
         if clock is None:
+            channel.dataReceived = lambda data: None  # type: ignore[method-assign]
             transport.loseConnection()
             return
-        grace = getattr(site, "refused_grace", 2.0)
-        closer: IDelayedCall = clock.callLater(grace, transport.loseConnection)
+        # Swallow whatever the client still sends instead of closing at once:
+        # closing a socket with unread data makes the kernel send a reset, and
+        # a client still busy uploading would lose the 413 it has not read
+        # yet.  Close once the client has been quiet for ``refused_grace``
+        # seconds, and in any case after ``refused_drain_max``.
+        grace = float(getattr(site, "refused_grace", 2.0))
+        idle: IDelayedCall = clock.callLater(grace, transport.loseConnection)
+        cap: IDelayedCall = clock.callLater(
+            float(getattr(site, "refused_drain_max", 30.0)), transport.loseConnection
+        )
+
+        def swallow(data: bytes) -> None:
+            if idle.active():
+                idle.reset(grace)
+
+        channel.dataReceived = swallow  # type: ignore[method-assign]
         lost = channel.connectionLost
 
         def connection_lost(reason: Any) -> None:
-            if closer.active():
-                closer.cancel()
+            for call in (idle, cap):
+                if call.active():
+                    call.cancel()
             lost(reason)
 
         channel.connectionLost = connection_lost  # type: ignore[method-assign]
@@ -142,13 +154,16 @@ class LimitedSite(server.Site):
         max_body_bytes: int,
         clock: IReactorTime,
         refused_grace: float = 2.0,
+        refused_drain_max: float = 30.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, reactor=clock, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.clock = clock
-        # How long a refused upload is drained before the connection closes.
+        # A refused upload is drained until the client is quiet this long...
         self.refused_grace = refused_grace
+        # ...but never longer than this.
+        self.refused_drain_max = refused_drain_max
 
     def log(self, request: Any) -> None:
         """No access log: the Panel polls every few seconds."""

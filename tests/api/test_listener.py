@@ -23,13 +23,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from twisted.web.resource import Resource
 
 from ctrlagent.api import LimitedSite, make_http_service
 from ctrlagent.config import HttpConfig
@@ -310,3 +315,48 @@ async def test_stopping_the_service_waits_for_a_running_command() -> None:
     assert fired
     response = await request
     assert (await response.json())["data"]["status"] == "offline"
+
+
+def _channel_on(clock: Clock, grace: float = 2.0, drain_max: float = 30.0) -> tuple[Any, Any]:
+    site = LimitedSite(
+        Resource(),
+        max_body_bytes=1024,
+        clock=clock,
+        refused_grace=grace,
+        refused_drain_max=drain_max,
+    )
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_a_refused_upload_is_drained_until_the_client_is_quiet() -> None:
+    clock = Clock()
+    channel, transport = _channel_on(clock)
+    channel.dataReceived(b"POST /api/command HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    for _ in range(5):  # the client keeps uploading: the connection stays open
+        clock.advance(1.5)
+        channel.dataReceived(b"x" * 500)
+        assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting
+    # nothing after the 413 was ever answered
+    assert transport.value().count(b"HTTP/1.1") == 1
+
+
+def test_a_refused_upload_is_drained_for_a_bounded_time() -> None:
+    clock = Clock()
+    channel, transport = _channel_on(clock, grace=2.0, drain_max=10.0)
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    channel.dataReceived(b"800\r\n" + b"y" * 2048 + b"\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    for _ in range(9):
+        clock.advance(1)
+        channel.dataReceived(b"z" * 100)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert not clock.getDelayedCalls()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import select
 import socket
 import time
 import urllib.error
@@ -152,25 +153,38 @@ def test_panel_drives_a_server_from_create_to_delete(
 
 
 def _raw(
-    agent: AgentProcess, head: bytes, body_chunks: list[bytes], timeout: float = 10.0
+    agent: AgentProcess, head: bytes, body_chunks: list[bytes], timeout: float = 20.0
 ) -> bytes:
-    """Send a hand-made request; read until the agent closes."""
+    """
+    Send a hand-made request, reading while sending as HTTP clients do (the
+    agent may answer 413 before the body is through); read until it closes.
+    """
+    pending = memoryview(head + b"".join(body_chunks))
+    received = b""
+    deadline = time.monotonic() + timeout
     with socket.create_connection(("127.0.0.1", agent.port), timeout=timeout) as sock:
-        sock.sendall(head)
-        for chunk in body_chunks:
-            try:
-                sock.sendall(chunk)
-            except OSError:
-                break  # the agent refused and closed: fine
-        received = b""
-        while True:
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                break
-            if not data:
-                break
-            received += data
+        sock.setblocking(False)
+        while time.monotonic() < deadline:
+            readable, writable, _ = select.select([sock], [sock] if pending else [], [], 0.5)
+            if readable:
+                try:
+                    data = sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                received += data
+            if writable and pending:
+                try:
+                    sent = sock.send(pending[:65536])
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    pending = memoryview(b"")  # the agent stopped reading: fine
+                    continue
+                pending = pending[sent:]
     return received
 
 
