@@ -331,9 +331,22 @@ class PanelProtocol(WebSocketClientProtocol):
             return None
         return int(words[1])
 
-    def send_frame(self, data: bytes) -> None:
-        """Send one text frame."""
+    def is_writable(self) -> bool:
+        """
+        True while frames can be sent.
+
+        Between the start of a close handshake (ours or the Panel's, or an
+        auto-ping timeout) and ``onClose`` the protocol is no longer open and
+        Autobahn refuses to send.
+        """
+        return bool(self.state == self.STATE_OPEN)
+
+    def send_frame(self, data: bytes) -> bool:
+        """Send one text frame; False (nothing sent) once the connection is closing."""
+        if not self.is_writable():
+            return False
         self.sendMessage(data, isBinary=False)
+        return True
 
 
 class PanelClientFactory(WebSocketClientFactory):
@@ -660,6 +673,9 @@ class PanelLink(service.MultiService):
             protocol.send_frame(messages.encode(frame))
 
     def _flush_outbox(self, protocol: PanelProtocol) -> None:
+        if not protocol.is_writable():
+            # Closing: everything stays queued for the next connection.
+            return
         dropped = self.outbox.take_dropped()
         self._drop_warned = False
         if dropped:
@@ -670,7 +686,12 @@ class PanelLink(service.MultiService):
             )
             frame = messages.events_dropped(self._config.node_id, dropped, self._reactor.seconds())
             protocol.send_frame(messages.encode(frame))
-        while self.outbox and not self._paused and protocol is self._protocol:
+        while (
+            self.outbox
+            and not self._paused
+            and protocol is self._protocol
+            and protocol.is_writable()
+        ):
             for data in self.outbox.popleft():
                 protocol.send_frame(data)
 
@@ -821,7 +842,13 @@ class PanelLink(service.MultiService):
     def _emit(self, entry: Entry) -> None:
         """Send now when the link is up and draining, else queue behind the outbox."""
         protocol = self._protocol
-        if protocol is not None and self._ready and not self._paused and not self.outbox:
+        if (
+            protocol is not None
+            and self._ready
+            and not self._paused
+            and not self.outbox
+            and protocol.is_writable()
+        ):
             for data in entry:
                 protocol.send_frame(data)
             return

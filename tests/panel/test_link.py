@@ -428,3 +428,21 @@ def test_a_hanging_system_info_delays_the_queue_but_never_blocks_the_link() -> N
     assert kinds[:4] == ["heartbeat", "system_info", "server_status_changed", "server_status"]
     assert rig.panel.frames("system_info")[0]["data"] == {"nodeId": "node-1"}
     assert rig.link.connected
+
+
+def test_while_the_close_handshake_runs_events_queue_and_nothing_is_sent() -> None:
+    rig = Harness(heartbeat_interval=1.0)
+    rig.start()
+    protocol = rig.link._protocol
+    assert protocol is not None
+    protocol.sendClose(1000, "going")  # closing, but onClose has not happened yet
+    rig.link._on_event(StatusChanged("s1", "offline", "starting", 1.0))
+    rig.clock.advance(1.0)  # a heartbeat falls due: must not raise on a closing protocol
+    rig.panel.send({"type": "ping", "id": "late"})
+    assert len(rig.link.outbox) == 1
+    rig.flush()
+    assert not rig.link.connected
+    rig.advance(rig.next_retry_delay())
+    assert [f["data"]["currentStatus"] for f in rig.panel.frames("server_status_changed")] == [
+        "starting"
+    ]
