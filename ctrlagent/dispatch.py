@@ -245,6 +245,9 @@ _MODE = re.compile(r"^[0-7]{3,4}$")
 _POWER_ACTIONS = ("start", "stop", "restart", "kill")
 _ALIAS_CARRIERS = frozenset({"create_server", "server_create", "update_server", "server_update"})
 _MAX_LINES = 100_000
+# Every answer comes this long after the long-action deadline at the latest,
+# still inside the Panel's 30 s.
+_ANSWER_MARGIN = 2.0
 
 
 @implementer(IDispatcher)
@@ -364,6 +367,27 @@ class Dispatcher:
         handler = self._table.get(command.action)
         if handler is None:
             raise UnknownAction("unknown action: {}".format(command.action[:100]))
+        action = command.action
+
+        def still_running() -> ActionResult:
+            # Answering before the Panel's 30 s keeps the node "online" there;
+            # the work itself goes on and its outcome shows in the server.
+            raise CtrlAgentError(
+                "{} is still running after {:g} s; it continues in the background".format(
+                    action, self._deadline + _ANSWER_MARGIN
+                ),
+                code="EXECUTION_ERROR",
+            )
+
+        result: ActionResult = await self._race(
+            self._run_handler(handler, command),
+            "{} {}".format(action, command.server_id or ""),
+            still_running,
+            self._deadline + _ANSWER_MARGIN,
+        )
+        return result
+
+    async def _run_handler(self, handler: Handler, command: Command) -> ActionResult:
         try:
             await self._learn_aliases(command)
             return await handler(command)
@@ -447,16 +471,25 @@ class Dispatcher:
         in now) and finishes in the background under the tracker, which logs
         a failure; its outcome reaches the Panel through status and events.
         """
+        return _as_dict(await self._race(work, description, fallback, self._deadline))
+
+    async def _race(
+        self, work: Any, description: str, fallback: Callable[[], Any], deadline: float
+    ) -> Any:
+        """
+        ``work``'s result if it comes within ``deadline`` seconds, else
+        ``fallback()`` (which may raise); late work is left to the tracker.
+        """
         d: Deferred[Any] = ensureDeferred(_settle(work))
         if d.called:
-            return _as_dict(await d)
+            return await d
         answered: Deferred[Any] = Deferred()
 
         def on_deadline() -> None:
             self.log.info(
                 "{description} still running after {seconds}s; answering now",
                 description=description,
-                seconds=self._deadline,
+                seconds=deadline,
             )
             # From here on the tracker owns the outcome (and logs a failure).
             self._tracker.track(d, description)
@@ -465,7 +498,7 @@ class Dispatcher:
             except Exception:
                 answered.errback()
 
-        timer = self._clock.callLater(self._deadline, on_deadline)
+        timer = self._clock.callLater(deadline, on_deadline)
 
         def settled(result: Any) -> Any:
             if not timer.active():
@@ -476,7 +509,7 @@ class Dispatcher:
             return None
 
         d.addBoth(settled)
-        return _as_dict(await answered)
+        return await answered
 
     def _status_now(self, server_id: str, default: str) -> Callable[[], dict[str, Any]]:
         def fallback() -> dict[str, Any]:

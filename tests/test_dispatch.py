@@ -692,3 +692,21 @@ def test_any_payload_is_answered_with_a_protocol_code(
         assert result.value.code != "EXECUTION_ERROR", result.getTraceback()
     else:
         json.dumps(result.data, allow_nan=True)
+
+
+def test_any_slow_action_is_answered_before_the_panel_gives_up(rig: Rig) -> None:
+    rig.created()
+    slow: Deferred[dict[str, Any]] = Deferred()
+    rig.files.read_file = lambda root, path: slow  # type: ignore[method-assign]
+    d = rig.start("read_file", PANEL_ID, path="/huge.log")
+    rig.clock.advance(26.9)
+    assert not d.called
+    rig.clock.advance(0.1)
+    answered: list[Any] = []
+    d.addBoth(answered.append)
+    assert isinstance(answered[0], Failure)
+    assert answered[0].value.code == "EXECUTION_ERROR"
+    assert "background" in answered[0].value.message
+    assert len(rig.tracker) == 1
+    slow.callback({"content": "late"})  # finishing late is fine and quiet
+    assert len(rig.tracker) == 0
