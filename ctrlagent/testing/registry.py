@@ -109,7 +109,9 @@ class LocalRegistry:
     def start(self, timeout: float = 15.0) -> LocalRegistry:
         """Start the registry and wait until ``/v2/`` answers."""
         if not os.path.exists(REGISTRY_BINARY):
-            raise RuntimeError("{} missing: apt-get install docker-registry".format(REGISTRY_BINARY))
+            raise RuntimeError(
+                "{} missing: apt-get install docker-registry".format(REGISTRY_BINARY)
+            )
         self.port = free_port()
         config = self._write_config()
         log = open(self.log_path, "ab")
