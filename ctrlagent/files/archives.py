@@ -447,11 +447,16 @@ def _write_zip(c: Confined, files: list[Components], out: IO[bytes], growth: _Gr
                 info.date_time = time.localtime(max(st.st_mtime, 315532800))[:6]
                 with os.fdopen(fd, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
                     reader = _QuotaReader(src, growth)
-                    while True:
-                        data = reader.read(READ_CHUNK)
+                    # Copy the size seen at stat time, as tar does: a file that
+                    # grows while it is read (a live log, or the archive
+                    # itself) must not make the archive grow without end.
+                    left = st.st_size
+                    while left > 0:
+                        data = reader.read(min(READ_CHUNK, left))
                         if not data:
                             break
                         dst.write(data)
+                        left -= len(data)
                 count += 1
     return count
 

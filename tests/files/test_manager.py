@@ -288,6 +288,22 @@ async def test_archive_round_trip(tree: Tree, fm: FileManager, fmt: str) -> None
     assert _no_temp_files(tree.root_path)
 
 
+@pytest.mark.parametrize("fmt", ["zip", "tar", "tar.gz"])
+@pytest_twisted.ensureDeferred
+async def test_archive_written_inside_the_archived_directory_does_not_swallow_itself(
+    tree: Tree, fm: FileManager, fmt: str
+) -> None:
+    # Incompressible data: an archive that read its own growing output would
+    # never reach the end of it.
+    (tree.root_path / "world").mkdir()
+    (tree.root_path / "world" / "noise.bin").write_bytes(os.urandom(1_000_000))
+    made = await fm.create_archive(tree.root, ["world"], "world/backup." + fmt, fmt)
+    assert made["files"] == 1
+    assert made["size"] < 1_200_000
+    restored = await fm.extract_archive(tree.root, "world/backup." + fmt, "restore")
+    assert restored["extracted"] == 1
+
+
 @pytest_twisted.ensureDeferred
 async def test_archive_refusals(tree: Tree, fm: FileManager) -> None:
     with pytest.raises(InvalidInput):
