@@ -161,10 +161,10 @@ async def test_crash_is_detected_restarted_and_the_loop_guard_holds(
 ) -> None:
     manager = rig.manager()
     sid = rig.new_id()
-    await manager.create_server(sid, scripted(scripted_image))
+    # The game crashes with code 3 one second after every start.
+    await manager.create_server(sid, scripted(scripted_image, CRASH_AFTER=1, CRASH_CODE=3))
     await manager.start(sid)
     await until_state(manager, sid, S.RUNNING)
-    await manager.send_command(sid, "crash 3")
     await until(lambda: ("running", "crashed") in rig.recorder.statuses(sid), 5, "crash")
     crash = [e for e in rig.recorder.events if getattr(e, "current", None) == "crashed"][0]
     assert crash.exit_code == 3  # type: ignore[union-attr]
@@ -172,19 +172,39 @@ async def test_crash_is_detected_restarted_and_the_loop_guard_holds(
     assert server.crash_report is not None
     assert "Crashing with exit code 3" in server.crash_report.lines
     assert server.crash_report.restarted
-    await until_state(manager, sid, S.RUNNING)  # restarted by policy
-
-    # a second crash within the window: not restarted (crash-loop guard)
-    await manager.send_command(sid, "crash 4")
+    # restarted by policy ...
+    await until(lambda: rig.recorder.statuses(sid).count(("starting", "running")) == 2, 5,
+                "restart")
+    # ... and crashing again within the window: not restarted (crash-loop guard)
     await until(
         lambda: rig.recorder.statuses(sid).count(("running", "crashed")) == 2, 5, "second crash"
     )
-    await sleep(1.0)
+    await sleep(1.5)
     assert server.state is S.CRASHED
     assert server.desired == "offline"
-    assert server.crash_report.exit_code == 4 and not server.crash_report.restarted
+    assert server.crash_report.exit_code == 3 and not server.crash_report.restarted
     assert any("crash-loop guard" in line for line in manager.console_history(sid, 10))
     assert manager.status(sid)["panelStatus"] == "CRASHED"
+    assert rig.recorder.statuses(sid).count(("starting", "running")) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_crash_command_is_a_crash(rig: Rig, scripted_image: str) -> None:
+    manager = rig.manager()
+    sid = rig.new_id()
+    params = scripted(scripted_image)
+    params["crashRestart"] = False
+    await manager.create_server(sid, params)
+    await manager.start(sid)
+    await until_state(manager, sid, S.RUNNING)
+    await manager.send_command(sid, "crash 5")
+    await until_state(manager, sid, S.CRASHED)
+    server = manager.get(sid)
+    assert server.crash_report is not None and not server.crash_report.restarted
+    # the exit code reported is the engine's
+    cid = server.container_id
+    assert cid is not None
+    assert server.crash_report.exit_code == inspect(rig.host, cid)["State"]["ExitCode"] != 0
 
 
 @pytest_twisted.ensureDeferred
