@@ -67,7 +67,7 @@ console() {
         fi
         case "${line}" in
             "${STOP_COMMAND:-stop}") echo "Stopping server (console)"; kill -INT $$; exit 0 ;;
-            "crash "*) echo "Crashing with exit code ${line#crash }"; kill -USR2 $$; echo "${line#crash }" > /tmp/.crashcode; exit 0 ;;
+            "crash "*) echo "Crashing with exit code ${line#crash }"; echo "${line#crash }" > /tmp/.crashcode; kill -USR2 $$; exit 0 ;;
             "say "*) echo "[Server] ${line#say }" ;;
         esac
     done
