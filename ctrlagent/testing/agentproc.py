@@ -49,6 +49,7 @@ class AgentProcess:
         node_id: str = "e2e-node",
         extra_config: str = "",
         env: dict[str, str] | None = None,
+        panel_settings: str = "",
     ) -> None:
         self.workdir = workdir
         self.docker_host = docker_host
@@ -61,6 +62,7 @@ class AgentProcess:
         self.log_path = workdir / "agent.log"
         self.config_path = workdir / "agent.toml"
         self.extra_config = extra_config
+        self.panel_settings = panel_settings
         self.extra_env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -82,7 +84,7 @@ class AgentProcess:
         secret_file.write_text(self.secret + "\n")
         secret_file.chmod(0o600)
         panel = (
-            '[panel]\nurl = "{}"\n'.format(self.panel_url)
+            '[panel]\nurl = "{}"\n{}\n'.format(self.panel_url, self.panel_settings)
             if self.panel_url
             else "[panel]\nenabled = false\n"
         )
