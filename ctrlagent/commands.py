@@ -12,8 +12,9 @@ Pure: no reactor, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from zope.interface import Interface
 
@@ -70,7 +71,11 @@ def parse_command(body: Any) -> Command:
     if not isinstance(payload, Mapping):
         raise InvalidInput("payload must be an object", field="payload")
     server_id = None
-    for where, source in (("serverId", body), ("data.serverId", data), ("payload.serverId", payload)):
+    for where, source in (
+        ("serverId", body),
+        ("data.serverId", data),
+        ("payload.serverId", payload),
+    ):
         server_id = _server_id(source.get("serverId"), where)
         if server_id is not None:
             break
@@ -90,7 +95,7 @@ def parse_command(body: Any) -> Command:
 class IDispatcher(Interface):
     """The one table of actions behind both transports."""
 
-    def dispatch(command: Command) -> object:  # type: ignore[misc]
+    def dispatch(command: Command) -> object:
         """
         Run ``command`` and return a Deferred firing with an ``ActionResult``,
         or failing with a ``ctrlagent.errors.CtrlAgentError`` whose ``code`` is

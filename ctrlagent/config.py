@@ -17,9 +17,10 @@ import dataclasses
 import os
 import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from ctrlagent.errors import ConfigInvalid
@@ -335,7 +336,8 @@ def validate(config: AgentConfig) -> None:
     """Refuse a configuration the agent cannot run with."""
     if not config.secret and not config.development:
         raise ConfigInvalid(
-            "no AGENT_SECRET: set it (or --secret-file), or pass --development for a local test agent"
+            "no AGENT_SECRET: set it (or --secret-file), "
+            "or pass --development for a local test agent"
         )
     if not config.node_id.strip():
         raise ConfigInvalid("node_id must not be empty")

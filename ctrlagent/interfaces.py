@@ -32,14 +32,14 @@ class ServerRoot:
 class IServerManager(Interface):
     """Owns every game server on this node."""
 
-    def resolve(server_id: str) -> str:  # type: ignore[misc]
+    def resolve(server_id: str) -> str:
         """
         Return the canonical id of the server known by ``server_id`` (its
         creation id, an alias, its container name or container id).  Raises
         ``ServerNotFound``.
         """
 
-    def create_server(server_id: str, params: dict) -> object:  # type: ignore[misc]
+    def create_server(server_id: str, params: dict) -> object:
         """
         Define and create a server from a ``create_server`` payload.  Fires with
         ``{"serverId", "containerId"?, "status"}`` within the Panel's 30 s; a slow
@@ -47,72 +47,72 @@ class IServerManager(Interface):
         Raises ``InvalidInput`` naming the bad field, ``Conflict`` if it exists.
         """
 
-    def start(server_id: str) -> object:  # type: ignore[misc]
+    def start(server_id: str) -> object:
         """Start the server. Fires with ``{"serverId", "status"}``."""
 
-    def stop(server_id: str, signal: str | None = None, timeout: float | None = None) -> object:  # type: ignore[misc]
+    def stop(server_id: str, signal: str | None = None, timeout: float | None = None) -> object:
         """
         Stop gracefully (stop method, then kill after ``timeout``); ``signal ==
         "SIGKILL"`` kills at once.  Fires with ``{"serverId", "status"}`` once
         the stop is under way (a long stop finishes in the background).
         """
 
-    def restart(server_id: str) -> object:  # type: ignore[misc]
+    def restart(server_id: str) -> object:
         """Stop then start. Fires with ``{"serverId", "status"}``."""
 
-    def kill(server_id: str) -> object:  # type: ignore[misc]
+    def kill(server_id: str) -> object:
         """SIGKILL the server's process. Never removes the container or files."""
 
-    def delete(server_id: str, purge_files: bool = False) -> object:  # type: ignore[misc]
+    def delete(server_id: str, purge_files: bool = False) -> object:
         """Remove the container (and the data directory when ``purge_files``)."""
 
-    def suspend(server_id: str) -> object:  # type: ignore[misc]
+    def suspend(server_id: str) -> object:
         """Stop the server and refuse starts until unsuspended."""
 
-    def unsuspend(server_id: str) -> object:  # type: ignore[misc]
+    def unsuspend(server_id: str) -> object:
         """Allow starts again."""
 
-    def reinstall(server_id: str) -> object:  # type: ignore[misc]
+    def reinstall(server_id: str) -> object:
         """Run the install step again (server must be offline)."""
 
-    def update(server_id: str, params: dict) -> object:  # type: ignore[misc]
+    def update(server_id: str, params: dict) -> object:
         """Apply changed limits/environment/startup; limits are applied live."""
 
-    def status(server_id: str) -> dict:  # type: ignore[misc]
+    def status(server_id: str) -> dict:
         """``{"serverId", "status", "panelStatus", "containerId", "resources"?}`` (sync)."""
 
-    def list_servers() -> list:  # type: ignore[misc]
+    def list_servers() -> list:
         """Status dicts of every managed server (sync)."""
 
-    def server_metrics(server_id: str) -> dict:  # type: ignore[misc]
+    def server_metrics(server_id: str) -> dict:
         """
         The Panel's metrics shape (sync, from the latest sample):
         ``{"cpu": float, "memory": float MB, "disk": float MB,
         "network": {"in": int, "out": int}, "players": int, "timestamp": ISO}``.
         """
 
-    def send_command(server_id: str, command: str) -> object:  # type: ignore[misc]
+    def send_command(server_id: str, command: str) -> object:
         """Write one line to the server's stdin."""
 
-    def console_command(server_id: str, command: str, wait: float = 1.0) -> object:  # type: ignore[misc]
+    def console_command(server_id: str, command: str, wait: float = 1.0) -> object:
         """Send ``command`` and fire with what the console printed within ``wait`` s."""
 
-    def console_history(server_id: str, lines: int = 100) -> list:  # type: ignore[misc]
+    def console_history(server_id: str, lines: int = 100) -> list:
         """The last ``lines`` console lines (sync)."""
 
-    def console_status(server_id: str) -> dict:  # type: ignore[misc]
+    def console_status(server_id: str) -> dict:
         """``{"connected": bool, "lastActivity": ISO|None, "bufferSize": int}`` (sync)."""
 
-    def console_clear(server_id: str) -> None:  # type: ignore[misc]
+    def console_clear(server_id: str) -> None:
         """Empty the server's console buffer."""
 
-    def server_root(server_id: str) -> ServerRoot:  # type: ignore[misc]
+    def server_root(server_id: str) -> ServerRoot:
         """Where the server's files live (for the file manager)."""
 
-    def add_listener(listener: object) -> None:  # type: ignore[misc]
+    def add_listener(listener: object) -> None:
         """Subscribe ``listener(event)`` to every ``ctrlagent.events`` event."""
 
-    def remove_listener(listener: object) -> None:  # type: ignore[misc]
+    def remove_listener(listener: object) -> None:
         """Unsubscribe."""
 
 
@@ -125,50 +125,58 @@ class IFileManager(Interface):
     ``data`` dict of PROTOCOL.md section 2 for that action.
     """
 
-    def list_files(root: ServerRoot, path: str, limit: int | None = None, offset: int = 0) -> object:  # type: ignore[misc]
+    def list_files(
+        root: ServerRoot, path: str, limit: int | None = None, offset: int = 0
+    ) -> object:
         """``{"serverId", "path", "files": [...]}``."""
 
-    def search_files(root: ServerRoot, path: str, query: str, file_type: str = "all") -> object:  # type: ignore[misc]
+    def search_files(root: ServerRoot, path: str, query: str, file_type: str = "all") -> object:
         """``{"files": [...]}``."""
 
-    def read_file(root: ServerRoot, path: str) -> object:  # type: ignore[misc]
+    def read_file(root: ServerRoot, path: str) -> object:
         """``{"serverId", "path", "content", "size", "modified", "encoding": "utf8"}``."""
 
-    def write_file(root: ServerRoot, path: str, content: str) -> object:  # type: ignore[misc]
+    def write_file(root: ServerRoot, path: str, content: str) -> object:
         """Atomic write. ``{"size", "modified"}``."""
 
-    def create_directory(root: ServerRoot, path: str) -> object:  # type: ignore[misc]
+    def create_directory(root: ServerRoot, path: str) -> object:
         """``{}``."""
 
-    def delete_file(root: ServerRoot, path: str) -> object:  # type: ignore[misc]
+    def delete_file(root: ServerRoot, path: str) -> object:
         """File or directory. ``{"message"}``."""
 
-    def rename_file(root: ServerRoot, old_path: str, new_path: str) -> object:  # type: ignore[misc]
+    def rename_file(root: ServerRoot, old_path: str, new_path: str) -> object:
         """``{}``."""
 
-    def download_file(root: ServerRoot, path: str) -> object:  # type: ignore[misc]
-        """``{"serverId", "path", "content" (base64), "encoding": "base64", "size", "modified"}``."""
+    def download_file(root: ServerRoot, path: str) -> object:
+        """
+        ``{"serverId", "path", "content" (base64), "encoding": "base64",
+        "size", "modified"}``.
+        """
 
-    def upload_file(root: ServerRoot, path: str, content: str, encoding: str = "base64") -> object:  # type: ignore[misc]
+    def upload_file(root: ServerRoot, path: str, content: str, encoding: str = "base64") -> object:
         """Handles ``<path>.chunk<N>`` chunked uploads. ``{"size"}``."""
 
-    def get_file_info(root: ServerRoot, path: str) -> object:  # type: ignore[misc]
-        """``{"name", "path", "type", "size", "modified", "permissions", "mode", "owner", "group"}``."""
+    def get_file_info(root: ServerRoot, path: str) -> object:
+        """
+        ``{"name", "path", "type", "size", "modified", "permissions", "mode",
+        "owner", "group"}``.
+        """
 
-    def set_file_permissions(root: ServerRoot, path: str, mode: str) -> object:  # type: ignore[misc]
+    def set_file_permissions(root: ServerRoot, path: str, mode: str) -> object:
         """``{}``; never follows symlinks, never sets setuid/setgid."""
 
-    def create_archive(root: ServerRoot, files: list, archive_path: str, fmt: str) -> object:  # type: ignore[misc]
+    def create_archive(root: ServerRoot, files: list, archive_path: str, fmt: str) -> object:
         """``{"archivePath", "size"}``."""
 
-    def extract_archive(root: ServerRoot, archive_path: str, extract_path: str) -> object:  # type: ignore[misc]
+    def extract_archive(root: ServerRoot, archive_path: str, extract_path: str) -> object:
         """``{"extracted": int}``."""
 
-    def install_mod(root: ServerRoot, params: dict) -> object:  # type: ignore[misc]
+    def install_mod(root: ServerRoot, params: dict) -> object:
         """Fetch or copy a mod into the mods folder and record it. ``{"mod": {...}}``."""
 
-    def uninstall_mod(root: ServerRoot, mod_id: str) -> object:  # type: ignore[misc]
+    def uninstall_mod(root: ServerRoot, mod_id: str) -> object:
         """``{}``."""
 
-    def list_mods(root: ServerRoot) -> object:  # type: ignore[misc]
+    def list_mods(root: ServerRoot) -> object:
         """``{"mods": [{"id", "name", "version", "description", "enabled"}], "count"}``."""

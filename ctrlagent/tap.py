@@ -23,7 +23,6 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -49,18 +48,48 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
         ["node-id", None, None, "This node's id, the Panel's node uuid (NODE_ID; default node-1)."],
-        ["panel-url", None, None, "WebSocket URL of the Panel (PANEL_URL; default ws://localhost:8080)."],
-        ["secret-file", None, None, "File holding the shared secret (AGENT_SECRET_FILE); mode 600."],
+        [
+            "panel-url",
+            None,
+            None,
+            "WebSocket URL of the Panel (PANEL_URL; default ws://localhost:8080).",
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            "File holding the shared secret (AGENT_SECRET_FILE); mode 600.",
+        ],
         ["port", "p", None, "HTTP API port (HEALTH_PORT; default 8081).", int],
         ["bind", None, None, "HTTP API interface address (default 0.0.0.0)."],
-        ["endpoint", None, None, "HTTP API as a twisted endpoint description, e.g. ssl:8443:... "
-         "(overrides --port/--bind)."],
+        [
+            "endpoint",
+            None,
+            None,
+            "HTTP API as a twisted endpoint description, e.g. ssl:8443:... "
+            "(overrides --port/--bind).",
+        ],
         ["tls-cert", None, None, "PEM certificate (with chain) to serve the API over TLS."],
         ["tls-key", None, None, "PEM private key for --tls-cert (default: the cert file)."],
-        ["docker-host", None, None, "Docker Engine API (DOCKER_HOST; default unix:///var/run/docker.sock)."],
-        ["state-dir", None, None, "Agent state directory (CTRLAGENT_STATE_DIR; default /var/lib/ctrlagent)."],
-        ["data-dir", None, None, "Root of the servers' data directories "
-         "(CTRLAGENT_DATA_DIR; default /var/lib/ctrlagent/servers)."],
+        [
+            "docker-host",
+            None,
+            None,
+            "Docker Engine API (DOCKER_HOST; default unix:///var/run/docker.sock).",
+        ],
+        [
+            "state-dir",
+            None,
+            None,
+            "Agent state directory (CTRLAGENT_STATE_DIR; default /var/lib/ctrlagent).",
+        ],
+        [
+            "data-dir",
+            None,
+            None,
+            "Root of the servers' data directories "
+            "(CTRLAGENT_DATA_DIR; default /var/lib/ctrlagent/servers).",
+        ],
     ]
 
     optFlags = [
@@ -144,7 +173,7 @@ class _StartupBanner(Service):
         )
 
 
-def build_service(reactor: IReactorCore, config: AgentConfig) -> MultiService:
+def build_service(reactor: Any, config: AgentConfig) -> MultiService:
     """Build the agent's service tree on ``reactor`` (tests call this directly)."""
     # Imported here so that `twistd ctrlagent --help` stays fast and cheap.
     from ctrlagent.api.app import AgentApi, make_http_service
@@ -227,4 +256,4 @@ def makeService(options: Options) -> MultiService:
     """twistd's entry point: build the agent on the global reactor."""
     from twisted.internet import reactor
 
-    return build_service(reactor, options.config)  # type: ignore[arg-type]
+    return build_service(reactor, options.config)

@@ -28,7 +28,9 @@ def _ensure_engine_binaries() -> None:
     if shutil.which("dockerd") and shutil.which("docker"):
         return
     if os.geteuid() != 0:
-        sys.exit("run-agent: no dockerd here; install docker.io (as root: apt-get install docker.io)")
+        sys.exit(
+            "run-agent: no dockerd here; install docker.io (as root: apt-get install docker.io)"
+        )
     sys.stderr.write("run-agent: installing docker.io\n")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
@@ -43,7 +45,7 @@ def main() -> int:
     DEV.mkdir(exist_ok=True)
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     private: PrivateDockerd | None = None
-    if not (host.startswith("unix://") and engine_answers(host[len("unix://"):])):
+    if not (host.startswith("unix://") and engine_answers(host[len("unix://") :])):
         _ensure_engine_binaries()
         sys.stderr.write("run-agent: no Docker engine at {}; starting a private one\n".format(host))
         private = PrivateDockerd().start()
@@ -56,12 +58,19 @@ def main() -> int:
     secret_file.chmod(0o600)
 
     args = [
-        str(ROOT / ".venv" / "bin" / "twistd"), "--nodaemon", "--pidfile=",
-        "ctrlagent", "--development",
-        "--docker-host", host,
-        "--secret-file", str(secret_file),
-        "--state-dir", str(DEV / "state"),
-        "--data-dir", str(DEV / "servers"),
+        str(ROOT / ".venv" / "bin" / "twistd"),
+        "--nodaemon",
+        "--pidfile=",
+        "ctrlagent",
+        "--development",
+        "--docker-host",
+        host,
+        "--secret-file",
+        str(secret_file),
+        "--state-dir",
+        str(DEV / "state"),
+        "--data-dir",
+        str(DEV / "servers"),
     ]
     if "PANEL_URL" not in os.environ:
         args.append("--no-panel")

@@ -128,7 +128,14 @@ def test_json_observer_redacts_secret_fields() -> None:
 
     out = io.StringIO()
     observer = _Redacting(jsonFileLogObserver(out, recordSeparator=""))
-    observer({"log_format": "x", "log_level": LogLevel.info, "secret": "abc", "Authorization": "Bearer abc"})
+    observer(
+        {
+            "log_format": "x",
+            "log_level": LogLevel.info,
+            "secret": "abc",
+            "Authorization": "Bearer abc",
+        }
+    )
     line = json.loads(out.getvalue())
     assert "abc" not in out.getvalue()
     assert line["secret"] == "<redacted>"

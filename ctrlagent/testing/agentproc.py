@@ -103,7 +103,7 @@ class AgentProcess:
             )
         )
 
-    def start(self, timeout: float = 30.0) -> "AgentProcess":
+    def start(self, timeout: float = 30.0) -> AgentProcess:
         """Start twistd and wait until ``/health`` answers."""
         self._write_config()
         env = dict(os.environ)
@@ -132,7 +132,9 @@ class AgentProcess:
                 return self
             except (OSError, urllib.error.URLError):
                 time.sleep(0.05)
-        raise RuntimeError("agent did not answer /health in {}s:\n{}".format(timeout, self.log_text()))
+        raise RuntimeError(
+            "agent did not answer /health in {}s:\n{}".format(timeout, self.log_text())
+        )
 
     def health(self) -> dict[str, Any]:
         """GET /health (raises on a transport error; 503 still returns the body)."""

@@ -105,7 +105,7 @@ class PrivateDockerd:
         )
         subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
 
-    def start(self, timeout: float = 30.0) -> "PrivateDockerd":
+    def start(self, timeout: float = 30.0) -> PrivateDockerd:
         """Start the engine and wait until it answers."""
         if self.process is not None and self.process.poll() is None:
             return self
@@ -120,12 +120,18 @@ class PrivateDockerd:
         self.process = subprocess.Popen(
             [
                 "dockerd",
-                "--config-file", str(self.base / "daemon.json"),
-                "--data-root", str(self.base / "data"),
-                "--exec-root", str(self.base / "exec"),
-                "--pidfile", str(self.base / "dockerd.pid"),
-                "--host", self.host,
-                "--bridge", self.bridge,
+                "--config-file",
+                str(self.base / "daemon.json"),
+                "--data-root",
+                str(self.base / "data"),
+                "--exec-root",
+                str(self.base / "exec"),
+                "--pidfile",
+                str(self.base / "dockerd.pid"),
+                "--host",
+                self.host,
+                "--bridge",
+                self.bridge,
                 "--iptables=false",
                 "--ip-masq=false",
                 "--ip-forward=false",
@@ -146,7 +152,9 @@ class PrivateDockerd:
             if engine_answers(self.socket_path, timeout=0.5):
                 return self
             time.sleep(0.05)
-        raise RuntimeError("dockerd did not answer within {}s; see {}".format(timeout, self.log_path))
+        raise RuntimeError(
+            "dockerd did not answer within {}s; see {}".format(timeout, self.log_path)
+        )
 
     def remove_all_containers(self) -> None:
         """Force-remove every container of this engine (cheaper than stop timeouts)."""
@@ -191,14 +199,19 @@ class PrivateDockerd:
                 self._bridge_made = False
             # Leftover mounts under the data root (overlay) would make rmtree fail.
             subprocess.run(
-                ["sh", "-c", "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l".format(
-                    self.base)],
+                [
+                    "sh",
+                    "-c",
+                    "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l".format(
+                        self.base
+                    ),
+                ],
                 capture_output=True,
                 check=False,
             )
             shutil.rmtree(self.base, ignore_errors=True)
 
-    def __enter__(self) -> "PrivateDockerd":
+    def __enter__(self) -> PrivateDockerd:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+
 def _script_tag() -> str:
     # The tag follows the script's content, so an edited script never runs
     # from a stale cached image.

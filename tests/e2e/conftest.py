@@ -24,21 +24,27 @@ def _remove_agent_containers(host: str, data_dir: Path) -> None:
     env = dict(os.environ, DOCKER_HOST=host)
     out = subprocess.run(
         ["docker", "ps", "-aq", "--filter", "label=ctrl-alt-play.managed=true"],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     ).stdout.split()
     for cid in out:
         mounts = subprocess.run(
             ["docker", "inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", cid],
-            capture_output=True, text=True, env=env, check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         ).stdout
         if str(data_dir) in mounts:
-            subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, env=env, check=False)
+            subprocess.run(
+                ["docker", "rm", "-f", "-v", cid], capture_output=True, env=env, check=False
+            )
 
 
 @pytest.fixture
-def make_agent(
-    tmp_path: Path, docker_engine: object
-) -> Iterator[Callable[..., AgentProcess]]:
+def make_agent(tmp_path: Path, docker_engine: object) -> Iterator[Callable[..., AgentProcess]]:
     agents: list[AgentProcess] = []
 
     def make(**kwargs: object) -> AgentProcess:

@@ -42,7 +42,9 @@ def test_status_needs_the_secret(agent_process: AgentProcess) -> None:
         urllib.request.urlopen(request, timeout=5)
     assert refused.value.code == 401
     assert "error" in json.loads(refused.value.read())
-    request = urllib.request.Request(agent_process.base_url + "/api/status", headers=agent_process.headers())
+    request = urllib.request.Request(
+        agent_process.base_url + "/api/status", headers=agent_process.headers()
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         status = json.loads(response.read())
     assert status["online"] is True
@@ -91,7 +93,11 @@ def test_health_reports_a_dead_docker_engine_with_503(
 def test_help_lists_every_option() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
-        [_twistd(), "-n", "ctrlagent", "--help"], capture_output=True, text=True, env=env, check=True
+        [_twistd(), "-n", "ctrlagent", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     for long_name, *_ in Options.optParameters + Options.optFlags:
         assert "--" + long_name in out
@@ -101,7 +107,11 @@ def test_bad_option_value_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), AGENT_SECRET="s")
     result = subprocess.run(
         [_twistd(), "-n", "--pidfile=", "ctrlagent", "--docker-host", "nonsense"],
-        capture_output=True, text=True, env=env, cwd=str(tmp_path), check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        check=False,
     )
     assert result.returncode != 0
     assert result.stdout == ""

@@ -52,7 +52,9 @@ def _response(panel: FakePanel, command_id: str) -> Deferred[Any]:
 async def test_agent_serves_a_panel_over_websocket(
     make_agent: Callable[..., AgentProcess], scripted_image: str
 ) -> None:
-    agent = make_agent(panel_settings="heartbeat_interval = 0.5\nbackoff_initial = 0.2\nbackoff_max = 1.0")
+    agent = make_agent(
+        panel_settings="heartbeat_interval = 0.5\nbackoff_initial = 0.2\nbackoff_max = 1.0"
+    )
     panel = FakePanel(reactor, agent.secret)
     port = reactor.listenTCP(0, panel.factory, interface="127.0.0.1")
     try:
@@ -65,21 +67,38 @@ async def test_agent_serves_a_panel_over_websocket(
         assert request.params["nodeId"] == [agent.node_id]
         await _within(panel.wait_for_frame("heartbeat", 3), 10, "three heartbeats")
         beats = [r.at for r in panel.received if r.frame.get("type") == "heartbeat"]
-        assert all(0.3 < b - a < 1.5 for a, b in zip(beats, beats[1:])), beats
+        assert all(0.3 < b - a < 1.5 for a, b in zip(beats, beats[1:], strict=False)), beats
         assert agent.health()["connected"] is True
 
         server_id = uuid.uuid4().hex
-        panel.send({
-            "id": "cmd_1", "type": "command", "timestamp": "2026-11-24T00:00:00Z",
-            "agentId": agent.node_id, "action": "create_server", "serverId": server_id,
-            "payload": {"name": "ws", "image": scripted_image, "startup": "/usr/local/bin/gameserver",
-                        "environment": {}, "limits": {"memory": 64, "cpu": 50}},
-        })
+        panel.send(
+            {
+                "id": "cmd_1",
+                "type": "command",
+                "timestamp": "2026-11-24T00:00:00Z",
+                "agentId": agent.node_id,
+                "action": "create_server",
+                "serverId": server_id,
+                "payload": {
+                    "name": "ws",
+                    "image": scripted_image,
+                    "startup": "/usr/local/bin/gameserver",
+                    "environment": {},
+                    "limits": {"memory": 64, "cpu": 50},
+                },
+            }
+        )
         created = await _within(_response(panel, "cmd_1"), 30, "create response")
         assert created["success"] is True, created
         # The Go agent's nested shape, with a numeric timestamp.
-        panel.send({"type": "command", "id": "cmd_2", "timestamp": 1795482053257,
-                    "data": {"action": "start_server", "serverId": server_id, "payload": {}}})
+        panel.send(
+            {
+                "type": "command",
+                "id": "cmd_2",
+                "timestamp": 1795482053257,
+                "data": {"action": "start_server", "serverId": server_id, "payload": {}},
+            }
+        )
         started = await _within(_response(panel, "cmd_2"), 30, "start response")
         assert started["success"] is True, started
 
@@ -90,11 +109,19 @@ async def test_agent_serves_a_panel_over_websocket(
             )
 
         await _within(panel.wait_for(running), 20, "running event")
-        panel.send({"id": "cmd_3", "type": "command", "action": "send_server_command",
-                    "serverId": server_id, "payload": {"command": "say over the wire"}})
+        panel.send(
+            {
+                "id": "cmd_3",
+                "type": "command",
+                "action": "send_server_command",
+                "serverId": server_id,
+                "payload": {"command": "say over the wire"},
+            }
+        )
         await _within(
             panel.wait_for(lambda _r: "[Server] over the wire" in panel.console_lines(server_id)),
-            15, "console echo",
+            15,
+            "console echo",
         )
         # A frame the agent does not understand is ignored, not fatal.
         panel.send({"type": "console", "data": {}})
@@ -104,22 +131,34 @@ async def test_agent_serves_a_panel_over_websocket(
         # and sends system_info and a fresh status snapshot.
         connections = len(panel.connections)
         panel.drop()
-        await _until(lambda: agent.health()["connected"] is False or len(panel.connections) > connections,
-                     10, "link down")
+        await _until(
+            lambda: agent.health()["connected"] is False or len(panel.connections) > connections,
+            10,
+            "link down",
+        )
         await _until(lambda: len(panel.connections) > connections, 15, "reconnect")
         await _within(panel.wait_for_frame("system_info", 2), 10, "second system_info")
 
         def snapshot(_received: object) -> bool:
             return any(
                 f["data"]["serverId"] == server_id and f["data"]["status"] == "running"
-                for f in panel.frames("server_status_changed", connection=len(panel.connections) - 1)
+                for f in panel.frames(
+                    "server_status_changed", connection=len(panel.connections) - 1
+                )
             )
 
         await _within(panel.wait_for(snapshot), 10, "status snapshot after reconnect")
         await _until(lambda: agent.health()["connected"] is True, 10, "connected again")
 
-        panel.send({"id": "cmd_4", "type": "command", "action": "stop_server", "serverId": server_id,
-                    "payload": {"timeout": 5}})
+        panel.send(
+            {
+                "id": "cmd_4",
+                "type": "command",
+                "action": "stop_server",
+                "serverId": server_id,
+                "payload": {"timeout": 5},
+            }
+        )
         stopped = await _within(_response(panel, "cmd_4"), 30, "stop response")
         assert stopped["success"] is True, stopped
         panel.send({"id": "cmd_5", "type": "command", "action": "no_such_action"})
@@ -128,7 +167,9 @@ async def test_agent_serves_a_panel_over_websocket(
         assert unknown["error"]["code"] == "UNKNOWN_ACTION"
         # Every command answered exactly once.
         answers = panel.responses()
-        assert all(len(answers[c]) == 1 for c in ("cmd_1", "cmd_2", "cmd_3", "cmd_4", "cmd_5")), answers
+        assert all(len(answers[c]) == 1 for c in ("cmd_1", "cmd_2", "cmd_3", "cmd_4", "cmd_5")), (
+            answers
+        )
     finally:
         agent.stop()
         await port.stopListening()
