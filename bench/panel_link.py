@@ -119,8 +119,12 @@ class NoDispatcher:
         raise NotImplementedError
 
 
+# Link settings under test (``--batch-lines``, ``--no-legacy``); defaults otherwise.
+LINK_OPTIONS: dict[str, Any] = {}
+
+
 def panel_config(port: int) -> PanelConfig:
-    return PanelConfig(url="ws://127.0.0.1:{}/ws".format(port))
+    return PanelConfig(url="ws://127.0.0.1:{}/ws".format(port), **LINK_OPTIONS)
 
 
 async def until(predicate: Callable[[], Any], timeout: float) -> None:
@@ -388,6 +392,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     external = not args.in_process_panel
     results: dict[str, Any] = {
         "panel": "in-process" if args.in_process_panel else "subprocess",
+        "link_options": dict(LINK_OPTIONS),
         "synthetic": await synthetic(args.lines, external),
     }
     host = args.docker_host
@@ -463,8 +468,15 @@ def run() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--in-process-panel", action="store_true",
                         help="run the fake Panel in this process (a harsher figure)")
+    parser.add_argument("--batch-lines", type=int, help="panel.console_batch_lines")
+    parser.add_argument("--no-legacy", action="store_true",
+                        help="do not send the legacy server_output frames")
     parser.add_argument("--serve-panel", metavar="SERVER_ID", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch_lines:
+        LINK_OPTIONS["console_batch_lines"] = args.batch_lines
+    if args.no_legacy:
+        LINK_OPTIONS["legacy_frames"] = False
     out: dict[str, Any] = {}
 
     async def go() -> None:
