@@ -127,6 +127,9 @@ class ServersConfig:
     # create_server/reinstall answer after at most this long; a slow pull or
     # install continues in the background (the Panel gives up after 30 s).
     create_answer_timeout: float = 20.0
+    # "stream": one long-lived engine stats stream per running server (cheap);
+    # "poll": one stats request per server every stats_interval.
+    stats_mode: str = "stream"
 
 
 @dataclass(frozen=True)

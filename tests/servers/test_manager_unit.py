@@ -42,7 +42,8 @@ class Unit:
             state_dir=os.path.join(tmp, "state"),
             data_dir=os.path.join(tmp, "data"),
             servers=ServersConfig(stop_timeout=5.0, crash_restart_window=30.0,
-                                  disk_check_interval=0.0, stats_interval=2.0),
+                                  disk_check_interval=0.0, stats_interval=2.0,
+                                  stats_mode="poll"),
         )
         self.managers: list[ServerManager] = []
 
