@@ -36,6 +36,7 @@ setup(
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",
+            "openapi-spec-validator>=0.7",
         ],
     },
     zip_safe=False,

@@ -327,7 +327,7 @@ class ServerManager(service.Service):
             server = self._by_event(event)
             if server is None:
                 continue
-            server.on_event(event.action, event.exit_code)
+            server.on_event(event.action, event.exit_code, event.time)
 
     def _by_event(self, event: Any) -> Server | None:
         sid = event.labels.get(SERVER_ID_LABEL)

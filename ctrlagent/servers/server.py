@@ -170,6 +170,8 @@ class Server:
         self._stats_running = False
         self._stats_stream: Any = None
         self.started_at: float | None = None
+        # Engine time from which events belong to the current run.
+        self.run_since: float | None = None
         self.stats: dict[str, Any] = {}
         self.disk_bytes: int = 0
         self.disk_checked: float | None = None
@@ -645,15 +647,32 @@ class Server:
         self._external_kill = False
         self._oom = False
         self.set_state(S.STARTING)
+        self.run_since = None
         try:
             await self.ctx.docker.container_start(cid)
         except DockerError as e:
             self.set_state(S.OFFLINE, error=e.message)
             raise
+        await self._note_run_start(cid)
         self.started_at = self.ctx.clock.seconds()
         await self.attach(recover=False)
         if self.spec.startup_done is None and self.state is S.STARTING:
             self.set_state(S.RUNNING)
+
+    async def _note_run_start(self, cid: str) -> None:
+        """
+        Remember when this run started, on the engine's clock.
+
+        Events of this run are stamped at or after ``StartedAt``; comparing
+        engine times with engine times needs no agreement between clocks.
+        """
+        try:
+            doc = await self.ctx.docker.container_inspect(cid)
+        except DockerError:
+            return
+        started = parse_docker_time((doc.get("State") or {}).get("StartedAt"))
+        if started is not None:
+            self.run_since = started - 0.001
 
     async def graceful_stop(self, signal: str | None, timeout: float | None) -> None:
         """Ask the server to stop, kill it after ``timeout``; returns once it is down."""
@@ -726,8 +745,23 @@ class Server:
         self._exit_waiters.append(d)
         return d
 
-    def on_event(self, action: str, exit_code: int | None) -> Deferred[None] | None:
-        """Handle a Docker event about this server's container."""
+    def on_event(
+        self, action: str, exit_code: int | None, when: float = 0.0
+    ) -> Deferred[None] | None:
+        """
+        Handle a Docker event about this server's container.
+
+        ``when`` is the event's engine time: an event older than the current
+        run (replayed after the event stream resumed) is about a previous run
+        and ignored, so an old ``die`` never reads as a crash of the new run.
+        """
+        if when and self.run_since is not None and when < self.run_since:
+            self.log.debug(
+                "server {server_id}: stale {action} event ignored",
+                server_id=self.server_id,
+                action=action,
+            )
+            return None
         if action == "oom":
             self._oom = True
         elif action == "kill" and not self._expect_exit:
@@ -837,6 +871,8 @@ class Server:
             try:
                 doc = await self.ctx.docker.container_inspect(self.container_id)
                 self.started_at = parse_docker_time((doc.get("State") or {}).get("StartedAt"))
+                if self.started_at is not None:
+                    self.run_since = self.started_at - 0.001
             except NotFound:
                 return
             interrupted_stop = self.state is S.STOPPING or (
