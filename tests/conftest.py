@@ -121,9 +121,19 @@ _ENGINE_MARKERS = ("docker", "e2e")
 _engine_counts = {"passed": 0, "failed": 0, "skipped": 0}
 
 
+_engine_tests: set[str] = set()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Remember which tests are engine-backed (by marker, not by directory name)."""
+    for item in items:
+        if any(item.get_closest_marker(m) is not None for m in _ENGINE_MARKERS):
+            _engine_tests.add(item.nodeid)
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Count the engine-backed tests (marked docker or e2e) by outcome."""
-    if not any(m in report.keywords for m in _ENGINE_MARKERS):
+    if report.nodeid not in _engine_tests:
         return
     if report.skipped:
         _engine_counts["skipped"] += 1

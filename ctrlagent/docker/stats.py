@@ -97,10 +97,20 @@ def _blkio(doc: dict[str, Any]) -> tuple[int, int]:
     return read, write
 
 
-def parse_stats(doc: dict[str, Any]) -> ContainerStats:
-    """Turn one raw stats document into a ``ContainerStats``."""
+def parse_stats(doc: Any) -> ContainerStats:
+    """
+    Turn one raw stats document into a ``ContainerStats``.
+
+    A document that is not an object (the engine sends ``null`` for a
+    container that went away mid-stream) reads as all zeroes, like a stopped
+    container, rather than failing the stats loop.
+    """
+    if not isinstance(doc, dict):
+        doc = {}
     rx = tx = 0
     for iface in (doc.get("networks") or {}).values():
+        if not isinstance(iface, dict):
+            continue
         rx += _int(iface.get("rx_bytes"))
         tx += _int(iface.get("tx_bytes"))
     blk_read, blk_write = _blkio(doc)

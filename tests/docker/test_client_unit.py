@@ -511,3 +511,9 @@ async def test_how_a_stream_ended_is_decided_by_its_end_check() -> None:
             with pytest.raises(expected):
                 await stream.__anext__()
     assert seen[0] is None and isinstance(seen[1], DockerUnavailable)
+
+
+@pytest.mark.parametrize("doc", [None, [], "x", {"networks": {"eth0": None}, "memory_stats": None}])
+def test_stats_of_a_vanished_container_read_as_zeroes(doc: object) -> None:
+    s = parse_stats(doc)
+    assert s.cpu_percent == 0 and s.memory_bytes == 0 and s.rx_bytes == 0 and s.pids == 0
