@@ -304,3 +304,16 @@ async def test_stop_interrupted_by_an_agent_crash_is_finished_after_restart(unit
     await until(lambda: second.get("s1").power == "stop", 2, "stop resumed")
     unit.clock.advance(31)  # the default stop timeout of the spec/config
     await until(lambda: second.get("s1").state is S.OFFLINE, 2, "stopped")
+
+
+@pytest_twisted.ensureDeferred
+async def test_replayed_events_of_a_previous_run_are_ignored(unit: Unit) -> None:
+    m = await running(unit)
+    server = m.get("s1")
+    assert server.run_since is not None  # the engine's StartedAt of this run
+    assert server.on_event("die", 1, when=server.run_since - 5) is None
+    assert server.on_event("kill", None, when=server.run_since - 5) is None
+    await sleep(0.05)
+    assert server.state is S.RUNNING
+    unit.engine.die(server.container_id or "", 1)  # a real death still counts
+    await until(lambda: ("running", "crashed") in unit.statuses("s1"), 2, "crash")
