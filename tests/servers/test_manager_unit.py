@@ -317,3 +317,21 @@ async def test_replayed_events_of_a_previous_run_are_ignored(unit: Unit) -> None
     assert server.state is S.RUNNING
     unit.engine.die(server.container_id or "", 1)  # a real death still counts
     await until(lambda: ("running", "crashed") in unit.statuses("s1"), 2, "crash")
+
+
+@pytest_twisted.ensureDeferred
+async def test_power_actions_on_different_servers_run_concurrently(unit: Unit) -> None:
+    m = await running(unit, "a", environment={"IGNORE_SIGTERM": 1}, stop="SIGTERM")
+    await m.create_server("b", PARAMS)
+    await m.stop("a", timeout=60)  # a slow stop holds a's slot only
+    assert m.get("a").power == "stop"
+    with pytest.raises(Conflict):
+        await m.start("a")
+    await m.start("b")
+    await until(lambda: m.get("b").state is S.RUNNING, 2, "b running")
+    # the Panel's old kill form: stop_server with SIGKILL
+    result = await m.stop("a", signal="SIGKILL")
+    assert result["status"] == "offline"
+    cid = m.get("a").container_id
+    assert unit.engine.kills[-1] == (cid, "SIGKILL")
+    assert cid in unit.engine.containers  # killed, never removed
