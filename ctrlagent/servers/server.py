@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -54,10 +54,6 @@ MB = 1024 * 1024
 KILL_GRACE = 10.0
 # Lines of console kept with a crash report.
 CRASH_TAIL = 50
-
-
-class _Stream(Protocol):
-    def close(self) -> None: ...
 
 
 def iso(ts: float | None) -> str | None:
@@ -181,6 +177,7 @@ class Server:
 
     @property
     def server_id(self) -> str:
+        """The id the server was created with (its canonical id)."""
         return self.spec.server_id
 
     @property
@@ -409,6 +406,7 @@ class Server:
 
     @property
     def output_attached(self) -> bool:
+        """True while the console stream is being followed."""
         return self._output_done is not None and not self._output_done.called
 
     async def send_command(self, command: str) -> None:
