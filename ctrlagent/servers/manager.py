@@ -584,9 +584,16 @@ class ServerManager(service.Service):
             server = self.get(server_id)
             server.claim("restart")
 
+            epoch = server.kill_epoch
+
             async def work() -> None:
                 if server.state in ACTIVE_STATES:
                     await server.graceful_stop(None, None)
+                if server.kill_epoch != epoch:
+                    # "kill is always allowed" and means down: a kill that
+                    # came while this restart was stopping the server wins.
+                    server.notice("restart cancelled: the server was killed")
+                    return
                 await server.do_start()
 
             server.in_background("restart", work)
@@ -599,6 +606,7 @@ class ServerManager(service.Service):
 
         async def kill() -> dict[str, Any]:
             server = self.get(server_id)
+            server.kill_epoch += 1
             server.set_desired("offline")
             if server.state in ACTIVE_STATES or server.state is S.UNKNOWN:
                 await server.hard_kill()

@@ -155,6 +155,9 @@ class Server:
             self._report_dropped,
         )
         self.power: str | None = None
+        # Bumped by every kill: background power work that began before a
+        # kill (a restart waiting out its stop) must not start the server again.
+        self.kill_epoch = 0
         self._expect_exit = False
         self._external_kill = False
         self._oom = False

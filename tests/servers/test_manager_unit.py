@@ -335,3 +335,18 @@ async def test_power_actions_on_different_servers_run_concurrently(unit: Unit) -
     cid = m.get("a").container_id
     assert unit.engine.kills[-1] == (cid, "SIGKILL")
     assert cid in unit.engine.containers  # killed, never removed
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_during_a_restart_cancels_the_restart(unit: Unit) -> None:
+    # The server ignores SIGTERM, so the restart's stop phase waits out its timeout.
+    m = await running(unit, environment={"IGNORE_SIGTERM": 1}, stop="SIGTERM")
+    await m.restart("s1")
+    assert m.get("s1").state is S.STOPPING
+    await m.kill("s1")
+    await until(lambda: m.get("s1").power is None, 2, "restart work finished")
+    unit.clock.advance(10)
+    await sleep(0)
+    assert m.get("s1").state is S.OFFLINE
+    assert m.status("s1")["desiredState"] == "offline"
+    assert "[ctrlagent] restart cancelled: the server was killed" in m.console_history("s1", 10)
