@@ -471,6 +471,8 @@ def run() -> None:
     parser.add_argument("--batch-lines", type=int, help="panel.console_batch_lines")
     parser.add_argument("--no-legacy", action="store_true",
                         help="do not send the legacy server_output frames")
+    parser.add_argument("--no-http", action="store_true",
+                        help="skip the HTTP command latency part")
     parser.add_argument("--serve-panel", metavar="SERVER_ID", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.batch_lines:
@@ -499,7 +501,16 @@ def run() -> None:
         sys.exit(1)
     if args.serve_panel:
         return
+    if not args.synthetic_only and not args.no_http:
+        # HTTP command latency (issue 5): the agent as a twistd subprocess with
+        # 20 running servers, measured after the reactor above has stopped.
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import http_latency
+
+        out["http"] = http_latency.run_benchmark_anywhere(args.docker_host, 20, 2000)
     text = json.dumps(out, indent=2) if args.json else report(out)
+    if "http" in out and not args.json:
+        text += "\n" + http_latency.report(out["http"])
     sys.stdout.write(text + "\n")
 
 

@@ -1,0 +1,237 @@
+"""
+Benchmark: HTTP command latency of the agent, as the Panel sees it.
+
+Runs the agent for real (``twistd -n ctrlagent`` as a subprocess) against the
+engine at DOCKER_HOST, or a private engine when none answers; creates and
+starts ``--servers`` scripted game servers (default 20, stats sampling on);
+then sends ``get_server_status`` and ``get_server_metrics`` with the Panel's
+headers over keep-alive HTTP connections from 1 and 16 concurrent clients,
+spread over all servers, and prints p50/p99/max latency and requests/s, plus
+the agent's RSS.  Target (issue 5): p99 under 10 ms with 1 client.
+
+The client is a small asyncio HTTP/1.1 client in this process, so that client
+overhead stays far below the agent's.  Run: ``python bench/http_latency.py``.
+``bench/panel_link.py`` runs it too, after the console figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ctrlagent.testing.agentproc import AgentProcess  # noqa: E402
+from ctrlagent.testing.dockerd import PrivateDockerd, engine_answers  # noqa: E402
+from ctrlagent.testing.images import build_scripted_image  # noqa: E402
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, int(round(p / 100.0 * len(ordered))) - 1))
+    return ordered[rank]
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection posting Panel commands."""
+
+    def __init__(self, agent: AgentProcess) -> None:
+        self.agent = agent
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.agent.port)
+
+    async def command(self, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.reader is not None and self.writer is not None
+        payload = json.dumps(body).encode()
+        head = "".join(
+            "{}: {}\r\n".format(k, v) for k, v in self.agent.headers().items()
+        )
+        self.writer.write(
+            "POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n{}Content-Length: {}\r\n\r\n".format(
+                head, len(payload)
+            ).encode()
+            + payload
+        )
+        status_and_headers = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(status_and_headers.split(b" ", 2)[1])
+        length = 0
+        chunked = False
+        for line in status_and_headers.split(b"\r\n"):
+            lower = line.lower()
+            if lower.startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+            elif lower.startswith(b"transfer-encoding:") and b"chunked" in lower:
+                chunked = True
+        if chunked:
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                chunk = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                parts.append(chunk[:-2])
+            data = b"".join(parts)
+        else:
+            data = await self.reader.readexactly(length)
+        if status != 200:
+            raise RuntimeError("HTTP {}: {!r}".format(status, data[:200]))
+        return dict(json.loads(data))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def measure(
+    agent: AgentProcess, server_ids: list[str], action: str, clients: int, total: int
+) -> dict[str, Any]:
+    """Send ``total`` ``action`` commands from ``clients`` concurrent connections."""
+    conns = [Client(agent) for _ in range(clients)]
+    await asyncio.gather(*(c.connect() for c in conns))
+    latencies: list[float] = []
+    per_client = total // clients
+
+    async def run(index: int, conn: Client) -> None:
+        for i in range(per_client):
+            sid = server_ids[(index * per_client + i) % len(server_ids)]
+            started = time.perf_counter()
+            answer = await conn.command({"action": action, "serverId": sid, "payload": {}})
+            latencies.append(time.perf_counter() - started)
+            if not answer.get("success"):
+                raise RuntimeError("{} failed: {}".format(action, answer))
+
+    # Warm-up: one request per connection, not counted.
+    for conn in conns:
+        await conn.command({"action": action, "serverId": server_ids[0], "payload": {}})
+    started = time.perf_counter()
+    await asyncio.gather(*(run(i, c) for i, c in enumerate(conns)))
+    elapsed = time.perf_counter() - started
+    for conn in conns:
+        conn.close()
+    ms = [x * 1000 for x in latencies]
+    return {
+        "action": action,
+        "clients": clients,
+        "requests": len(ms),
+        "p50_ms": statistics.median(ms),
+        "p99_ms": percentile(ms, 99),
+        "max_ms": max(ms),
+        "per_s": len(ms) / elapsed,
+    }
+
+
+def rss_mb(pid: int) -> float:
+    with open("/proc/{}/status".format(pid)) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_benchmark(host: str, servers: int, requests: int) -> dict[str, Any]:
+    """Start an agent on ``host``, run the servers, measure; clean up everything."""
+    image = build_scripted_image(host)
+    workdir = Path(tempfile.mkdtemp(prefix="ctrlagent-bench-http-"))
+    agent = AgentProcess(
+        workdir, host, extra_config="[servers]\nstop_timeout = 2.0\n"
+    ).start()
+    server_ids = ["bench-" + uuid.uuid4().hex[:12] for _ in range(servers)]
+    try:
+        for sid in server_ids:
+            answer = agent.command_sync(
+                {
+                    "action": "create_server",
+                    "serverId": sid,
+                    "payload": {"name": sid, "image": image,
+                                "startup": "/usr/local/bin/gameserver",
+                                "limits": {"memory": 64, "cpu": 50}},
+                }
+            )
+            if not answer.get("success"):
+                raise RuntimeError("create failed: {}".format(answer))
+            agent.command_sync({"action": "start_server", "serverId": sid})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = [
+                agent.command_sync({"action": "get_server_status", "serverId": sid})["data"][
+                    "status"
+                ]
+                for sid in server_ids
+            ]
+            if all(s == "running" for s in states):
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("servers did not all reach running: {}".format(states))
+        time.sleep(3)  # let stats sampling settle into its steady state
+        results = []
+        for clients in (1, 16):
+            for action in ("get_server_status", "get_server_metrics"):
+                results.append(
+                    asyncio.run(measure(agent, server_ids, action, clients, requests))
+                )
+        assert agent.process is not None
+        return {"servers": servers, "runs": results, "agent_rss_mb": rss_mb(agent.process.pid)}
+    finally:
+        for sid in server_ids:
+            try:
+                agent.command_sync(
+                    {"action": "delete_server", "serverId": sid, "payload": {"purgeFiles": True}}
+                )
+            except Exception:  # noqa: BLE001 - best-effort cleanup of our own servers
+                pass
+        agent.stop()
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        "HTTP command latency, {} running servers, agent RSS {:.1f} MB "
+        "(target: p99 < 10 ms at 1 client)".format(results["servers"], results["agent_rss_mb"])
+    ]
+    for r in results["runs"]:
+        lines.append(
+            "  {action:<20} {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99 {p99_ms:6.2f} ms  "
+            "max {max_ms:6.1f} ms  {per_s:7.0f} req/s  ({requests} requests)".format(**r)
+        )
+    return "\n".join(lines)
+
+
+def run_benchmark_anywhere(host: str, servers: int, requests: int) -> dict[str, Any]:
+    """``run_benchmark`` on ``host`` if it answers, else on a private engine."""
+    private: PrivateDockerd | None = None
+    if not (host.startswith("unix://") and engine_answers(host[len("unix://"):])):
+        private = PrivateDockerd().start()
+        host = private.host
+    try:
+        return run_benchmark(host, servers, requests)
+    finally:
+        if private is not None:
+            private.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results = run_benchmark_anywhere(os.environ.get("DOCKER_HOST", ""), args.servers, args.requests)
+    print(json.dumps(results, indent=2) if args.json else report(results))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
