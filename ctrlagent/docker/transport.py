@@ -21,7 +21,7 @@ from hyperlink import DecodedURL
 from treq.client import HTTPClient
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -29,6 +29,12 @@ from ctrlagent.config import DockerConfig
 from ctrlagent.docker.errors import DockerInvalidInput
 
 __all__ = ["DockerHost", "parse_docker_host", "DockerEndpointFactory", "make_http_client"]
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory, without start/stop log lines."""
+
+    noisy = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,9 @@ def make_http_client(
 ) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client whose every request goes to the engine, with a small pool."""
     pool = HTTPConnectionPool(reactor, persistent=True)
+    # Every new engine connection would log "Starting factory ..." at info
+    # level; an operator reading the journal has no use for that.
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = persistent
     pool.cachedConnectionTimeout = 30
     agent = Agent.usingEndpointFactory(reactor, factory, pool=pool)
