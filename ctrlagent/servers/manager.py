@@ -304,6 +304,21 @@ class ServerManager(service.Service):
         """Run blocking filesystem work in the disk pool."""
         return deferToThreadPool(self.reactor, self.disk_pool, fn, *args)
 
+    async def ensure_network(self) -> None:
+        """
+        Make sure the servers' network exists before a container joins it.
+
+        Docker's own modes need nothing; the agent's network (``docker.
+        network_name``) is created, labelled as ours, when missing (an operator
+        may have removed it).  Called before every create, which is rare.
+        """
+        mode = self.network_mode
+        if mode in ("bridge", "host", "none", "default") or mode.startswith("container:"):
+            return
+        await self.docker.network_ensure(
+            mode, self.config.docker.network_subnet or None, labels={MANAGED_LABEL: "true"}
+        )
+
     async def prepare_data_dir(self, server: Server, recursive: bool = False) -> None:
         """Create the data directory owned by the server's user."""
         uid, gid = server.owner
@@ -831,7 +846,13 @@ def _unlink(path: str) -> None:
 
 def make_server_manager(reactor: Any, config: AgentConfig, docker: Any) -> ServerManager:
     """The manager with its store opened in ``config.state_dir``."""
-    return ServerManager(reactor, config, docker, open_store(reactor, config.state_dir))
+    return ServerManager(
+        reactor,
+        config,
+        docker,
+        open_store(reactor, config.state_dir),
+        network_mode=config.docker.network_name or "bridge",
+    )
 
 
 # What a Server needs from its owner (the manager itself).

@@ -607,6 +607,7 @@ class Server:
                 await docker.container_remove(self.container_id, force=True)
                 self.container_id = None
         await self.ctx.prepare_data_dir(self)
+        await self.ctx.ensure_network()
         body = specs.container_body(
             self.spec, self.data_path, self.ctx.config.servers, self.ctx.network_mode
         )

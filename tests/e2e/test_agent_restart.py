@@ -8,7 +8,9 @@ no agent was running, and after the restart.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -70,6 +72,13 @@ def test_sigkilled_agent_reattaches_and_keeps_every_line_once(
     status = agent.command_sync({"action": "get_server_status", "serverId": server_id})["data"]
     container_id = status["containerId"]
     assert status["status"] == "running"
+    # The server joined the agent's own network (docker.network_name).
+    env = dict(os.environ, DOCKER_HOST=agent.docker_host)
+    network = subprocess.run(
+        ["docker", "inspect", "-f", "{{.HostConfig.NetworkMode}}", container_id],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout.strip()
+    assert network == "ctrl-alt-play"
 
     agent.kill()
     time.sleep(1.5)  # about 7 ticks are printed while no agent runs
