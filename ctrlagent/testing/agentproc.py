@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from ctrlagent.testing.processes import spawn_logged, stop_process, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -111,30 +111,21 @@ class AgentProcess:
         env.pop("DOCKER_HOST", None)
         env["PYTHONPATH"] = str(ROOT)
         env.update(self.extra_env)
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
+        self.process = spawn_logged(
             [_twistd(), "--nodaemon", "--pidfile=", "ctrlagent", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            self.log_path,
             cwd=str(self.workdir),
             env=env,
         )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    "agent exited with {}:\n{}".format(self.process.returncode, self.log_text())
-                )
-            try:
-                self.health()
-                return self
-            except (OSError, urllib.error.URLError):
-                time.sleep(0.05)
-        raise RuntimeError(
-            "agent did not answer /health in {}s:\n{}".format(timeout, self.log_text())
-        )
+        wait_until_ready(self.process, self._answers, timeout, "the agent", self.log_path)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            self.health()
+        except (OSError, urllib.error.URLError):
+            return False
+        return True
 
     def health(self) -> dict[str, Any]:
         """GET /health (raises on a transport error; 503 still returns the body)."""
@@ -165,18 +156,9 @@ class AgentProcess:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """Graceful stop (SIGTERM by pid), escalating to SIGKILL."""
-        proc = self.process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        code = stop_process(self.process, timeout=timeout)
         self.process = None
-        return proc.returncode
+        return code
 
     def kill(self) -> None:
         """SIGKILL the agent, as a crash would: no shutdown code runs."""

@@ -21,8 +21,9 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from ctrlagent.testing.processes import spawn_logged, stop_process, wait_until_ready
 
 
 def engine_answers(socket_path: str, timeout: float = 2.0) -> bool:
@@ -116,8 +117,7 @@ class PrivateDockerd:
         }
         (self.base / "daemon.json").write_text(json.dumps(config))
         self._make_bridge()
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
+        self.process = spawn_logged(
             [
                 "dockerd",
                 "--config-file",
@@ -137,24 +137,17 @@ class PrivateDockerd:
                 "--ip-forward=false",
                 "--userland-proxy=true",
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            self.log_path,
             start_new_session=True,
         )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    "dockerd exited with {}; see {}".format(self.process.returncode, self.log_path)
-                )
-            if engine_answers(self.socket_path, timeout=0.5):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(
-            "dockerd did not answer within {}s; see {}".format(timeout, self.log_path)
+        wait_until_ready(
+            self.process,
+            lambda: engine_answers(self.socket_path, timeout=0.5),
+            timeout,
+            "dockerd",
+            self.log_path,
         )
+        return self
 
     def remove_all_containers(self) -> None:
         """Force-remove every container of this engine (cheaper than stop timeouts)."""
@@ -171,16 +164,7 @@ class PrivateDockerd:
 
     def kill_engine(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
         """Stop the daemon process only (containers stay, for restart tests)."""
-        proc = self.process
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(self.process, sig, timeout)
         self.process = None
 
     def stop(self) -> None:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from ctrlagent.testing.processes import spawn_logged, stop_process, wait_until_ready
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 
@@ -114,40 +114,20 @@ class LocalRegistry:
             )
         self.port = free_port()
         config = self._write_config()
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [REGISTRY_BINARY, "serve", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+        self.process = spawn_logged(
+            [REGISTRY_BINARY, "serve", str(config)], self.log_path, start_new_session=True
         )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    "docker-registry exited with {}: {}".format(
-                        self.process.returncode, self.log_path.read_text()[-2000:]
-                    )
-                )
-            if self.answers():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("docker-registry did not answer within {}s".format(timeout))
+        try:
+            wait_until_ready(self.process, self.answers, timeout, "docker-registry", self.log_path)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         """Stop the process by its pid and delete the temporary files."""
-        proc = self.process
+        stop_process(self.process, timeout=10)
         self.process = None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         shutil.rmtree(self.base, ignore_errors=True)
 
     def push(self, docker_host: str, image: str, repository: str) -> str:
