@@ -253,13 +253,7 @@ def _mkdir(c: Confined, rel: Components, created: list[Components]) -> None:
         except OSError as e:
             raise os_error(e, display(rel)) from None
         created.append(real)
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-        try:
-            os.fchmod(fd, 0o755)
-            c.own(fd)
-        finally:
-            os.close(fd)
+        c.settle_new_dir(dir_fd, name)
 
 
 def _rollback(c: Confined, created: list[Components]) -> None:

@@ -343,6 +343,14 @@ class Confined:
             os.mkdir(name, 0o755, dir_fd=parent_fd)
         except FileExistsError:
             pass  # made concurrently: fine, we open it without following below
+        return self.open_new_dir(parent_fd, name)
+
+    def open_new_dir(self, parent_fd: int, name: str) -> int:
+        """
+        Open the directory ``name`` just made under ``parent_fd`` (never
+        through a link) and give it mode 0755 and the server's user; return
+        its fd.
+        """
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=parent_fd)
         try:
@@ -352,6 +360,10 @@ class Confined:
             os.close(fd)
             raise
         return fd
+
+    def settle_new_dir(self, parent_fd: int, name: str) -> None:
+        """``open_new_dir`` for a directory the caller does not need open."""
+        os.close(self.open_new_dir(parent_fd, name))
 
     def own(self, fd: int) -> None:
         """Give ``fd`` to the server's user when we are root."""

@@ -446,13 +446,7 @@ def create_directory(c: Confined, comps: Components) -> None:
             raise Conflict("{} exists and is not a directory".format(display(comps))) from None
         except OSError as e:
             raise os_error(e, display(comps)) from None
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-        try:
-            os.fchmod(fd, 0o755)
-            c.own(fd)
-        finally:
-            os.close(fd)
+        c.settle_new_dir(dir_fd, name)
 
 
 def delete(c: Confined, comps: Components) -> int:
