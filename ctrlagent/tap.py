@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -232,9 +233,7 @@ async def _docker_ping_coro(docker: Any) -> bool:
         return False
 
 
-def _docker_ping(docker: Any) -> Any:
-    from twisted.internet.defer import Deferred
-
+def _docker_ping(docker: Any) -> Deferred[bool]:
     return Deferred.fromCoroutine(_docker_ping_coro(docker))
 
 
@@ -246,9 +245,7 @@ async def _docker_version_coro(docker: Any) -> str | None:
     return str(version.get("Version")) if version else None
 
 
-def _docker_version(docker: Any) -> Any:
-    from twisted.internet.defer import Deferred
-
+def _docker_version(docker: Any) -> Deferred[str | None]:
     return Deferred.fromCoroutine(_docker_version_coro(docker))
 
 
