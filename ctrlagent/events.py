@@ -27,21 +27,24 @@ class StatusChanged:
     oom_killed: bool = False
 
 
-# Not frozen, unlike the other events: one is built for every console line,
-# and a frozen dataclass costs four times as much to build.  Treat it as
-# immutable all the same.
+# Not frozen, unlike the other events: a flooding server produces thousands a
+# second, and a frozen dataclass costs four times as much to build.  Treat it
+# as immutable all the same.
 @dataclass(slots=True)
 class ConsoleOutput:
     """
-    One console line of a server.
+    Consecutive console lines of one server and one stream, oldest first.
 
     ``stream`` is ``stdout``, ``stderr`` or ``agent`` (a notice the agent itself
-    writes into the console, such as a throttling summary).
+    writes into the console, such as a throttling summary); ``timestamp`` is
+    the first line's.  The manager publishes what one read of the server's
+    output held as one event per run of a stream, so a flood costs the
+    listeners one call per read, not one per line.
     """
 
     server_id: str
     stream: str
-    line: str
+    lines: list[str]
     timestamp: float
 
 

@@ -224,6 +224,19 @@ class Outbox:
         return dropped
 
 
+class _Batch:
+    """The pending console lines of one server and stream."""
+
+    __slots__ = ("stream", "lines", "stamps")
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        self.lines: list[str] = []
+        # (index of an event's first line, its timestamp): each frame is
+        # stamped with its own first line's time, at a cost per event.
+        self.stamps: list[tuple[int, float]] = []
+
+
 class ConsoleBatcher:
     """
     Groups console lines into batches per server.
@@ -232,6 +245,8 @@ class ConsoleBatcher:
     seconds have passed since its first line, when the stream changes (so
     stdout/stderr interleaving survives), or when ``flush`` is called (before a
     status change of the same server, so a crash's last lines precede it).
+    A batch never goes out with more than ``max_lines`` lines: a larger event
+    is cut into several.
     """
 
     def __init__(
@@ -239,43 +254,84 @@ class ConsoleBatcher:
         clock: Any,
         max_lines: int,
         window: float,
-        deliver: Callable[[str, str, list[ConsoleOutput]], None],
+        deliver: Callable[[str, str, list[str], float], None],
     ) -> None:
         self._clock = clock
         self._max_lines = max(1, max_lines)
         self._window = window
         self._deliver = deliver
-        self._pending: dict[str, list[ConsoleOutput]] = {}
+        self._pending: dict[str, _Batch] = {}
         self._timers: dict[str, IDelayedCall] = {}
 
-    def add(self, line: ConsoleOutput) -> None:
-        """Take one line."""
-        server_id = line.server_id
+    def add(self, event: ConsoleOutput) -> None:
+        """Take one event's lines."""
+        if not event.lines:
+            return
+        server_id = event.server_id
         batch = self._pending.get(server_id)
-        if batch and batch[-1].stream != line.stream:
+        if batch is not None and batch.stream != event.stream:
             self.flush(server_id)
             batch = None
         if batch is None:
-            batch = self._pending[server_id] = []
-        batch.append(line)
-        if len(batch) >= self._max_lines or self._window <= 0:
-            self.flush(server_id)
-        elif server_id not in self._timers:
+            batch = self._pending[server_id] = _Batch(event.stream)
+        batch.stamps.append((len(batch.lines), event.timestamp))
+        batch.lines.extend(event.lines)
+        if len(batch.lines) >= self._max_lines or self._window <= 0:
+            self._deliver_full(server_id, batch)
+        if server_id in self._pending and server_id not in self._timers:
             self._timers[server_id] = self._clock.callLater(self._window, self.flush, server_id)
 
-    def flush(self, server_id: str) -> None:
-        """Deliver the server's pending lines now."""
+    def _deliver_full(self, server_id: str, batch: _Batch) -> None:
+        """Deliver every full frame; keep a partial rest waiting (unless no window)."""
+        size = self._max_lines
+        keep = 0 if self._window <= 0 else len(batch.lines) % size
+        cut = len(batch.lines) - keep
+        self._send(server_id, batch, cut)
+        if keep:
+            rest = _Batch(batch.stream)
+            rest.lines = batch.lines[cut:]
+            rest.stamps = [(0, _stamp_at(batch.stamps, cut))]
+            self._pending[server_id] = rest
+        else:
+            self._drop(server_id)
+
+    def _send(self, server_id: str, batch: _Batch, end: int) -> None:
+        """Deliver the batch's first ``end`` lines in frames of at most ``max_lines``."""
+        size, lines = self._max_lines, batch.lines
+        if end == len(lines) and end <= size:
+            self._deliver(server_id, batch.stream, lines, batch.stamps[0][1])
+            return
+        for start in range(0, end, size):
+            chunk = lines[start : min(start + size, end)]
+            self._deliver(server_id, batch.stream, chunk, _stamp_at(batch.stamps, start))
+
+    def _drop(self, server_id: str) -> None:
+        self._pending.pop(server_id, None)
         timer = self._timers.pop(server_id, None)
         if timer is not None and timer.active():
             timer.cancel()
-        batch = self._pending.pop(server_id, None)
-        if batch:
-            self._deliver(server_id, batch[0].stream, batch)
+
+    def flush(self, server_id: str) -> None:
+        """Deliver the server's pending lines now."""
+        batch = self._pending.get(server_id)
+        self._drop(server_id)
+        if batch is not None and batch.lines:
+            self._send(server_id, batch, len(batch.lines))
 
     def flush_all(self) -> None:
         """Deliver every pending batch (shutdown)."""
         for server_id in list(self._pending):
             self.flush(server_id)
+
+
+def _stamp_at(stamps: list[tuple[int, float]], index: int) -> float:
+    """The timestamp of the line at ``index``: that of the event it came in."""
+    stamp = stamps[0][1]
+    for first, ts in stamps:
+        if first > index:
+            break
+        stamp = ts
+    return stamp
 
 
 @implementer(IPushProducer)
@@ -831,9 +887,13 @@ class PanelLink(service.MultiService):
         except Exception:
             self.log.failure("could not forward a server event to the Panel")
 
-    def _console_batch(self, server_id: str, stream: str, lines: list[ConsoleOutput]) -> None:
+    def _console_batch(
+        self, server_id: str, stream: str, lines: list[str], timestamp: float
+    ) -> None:
         self._emit_frames(
-            messages.console_frames(server_id, stream, lines, with_legacy=self._panel.legacy_frames)
+            messages.console_frames(
+                server_id, stream, lines, timestamp, with_legacy=self._panel.legacy_frames
+            )
         )
 
     def _emit_frames(self, frames: list[dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ Outgoing frames are plain dicts built here and encoded with ``encode``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,7 @@ from typing import Any, Union
 
 from ctrlagent.commands import ActionResult, Command, parse_command
 from ctrlagent.errors import CtrlAgentError, InvalidInput
-from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
+from ctrlagent.events import ResourceUpdate, StatusChanged
 
 # Legacy typed frames (``{type, data}``) and the section 2 action each one means.
 # ``server_power`` is resolved from its ``data.action`` (see ``POWER_ACTIONS``).
@@ -113,13 +114,24 @@ Incoming = Union[CommandFrame, InvalidCommand, SystemInfoRequest, PingFrame, Ign
 _MAX_EPOCH = 253402300799.0
 
 
+@functools.lru_cache(maxsize=64)
+def _iso_second(whole: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` (UTC) of a whole epoch second; cached, as frames share seconds."""
+    return datetime.fromtimestamp(whole, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def iso_timestamp(seconds: float) -> str:
     """ISO-8601 UTC with milliseconds and a ``Z`` (what the Panel's ``new Date()`` parses)."""
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         seconds = 0.0
     seconds = min(max(float(seconds), 0.0), _MAX_EPOCH)
-    text = datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
+    # As datetime does it: round to the microsecond, then cut to milliseconds
+    # (every console frame is stamped, so this avoids a datetime per frame).
+    frac, whole = math.modf(seconds)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    return "{}.{:03d}Z".format(_iso_second(int(whole)), micros // 1000)
 
 
 def parse_timestamp(value: Any) -> float | None:
@@ -280,11 +292,13 @@ def parse_frame(payload: bytes | str) -> Incoming:
 # --- outgoing -------------------------------------------------------------------------------
 
 
+# Built once: ``json.dumps`` with options builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def encode(frame: Mapping[str, Any]) -> bytes:
     """One frame as compact UTF-8 JSON; odd values (datetimes, paths) become strings."""
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, default=str).encode(
-        "utf-8"
-    )
+    return _ENCODER.encode(frame).encode("utf-8")
 
 
 def response_success(command_id: str | None, result: ActionResult, now: float) -> dict[str, Any]:
@@ -412,38 +426,38 @@ def frames_for_status(ev: StatusChanged, *, with_legacy: bool = True) -> list[di
 
 
 def console_frames(
-    server_id: str, stream: str, lines: Sequence[ConsoleOutput], *, with_legacy: bool = True
+    server_id: str,
+    stream: str,
+    lines: Sequence[str],
+    timestamp: float,
+    *,
+    with_legacy: bool = True,
 ) -> list[dict[str, Any]]:
     """
-    One batch of console lines of one server and stream.
+    One batch of console lines of one server and stream; ``timestamp`` is the
+    first line's.
 
     ``server_log`` carries both ``message`` (the lines joined with ``\\n``, for a
     Panel that shows one message per event) and ``lines`` (the list).
     """
     if not lines:
         return []
-    texts = [line.line for line in lines]
-    message = "\n".join(texts)
-    first = lines[0].timestamp
+    message = "\n".join(lines)
+    stamp = iso_timestamp(timestamp)
     data = {
         "serverId": server_id,
         "stream": stream,
         "message": message,
-        "lines": texts,
-        "timestamp": iso_timestamp(first),
+        "lines": list(lines),
+        "timestamp": stamp,
     }
-    frames = [event("server_log", data, first)]
+    frames = [event("server_log", data, timestamp)]
     if with_legacy:
         frames.append(
             legacy(
                 "server_output",
-                {
-                    "serverId": server_id,
-                    "output": message,
-                    "stream": stream,
-                    "timestamp": iso_timestamp(first),
-                },
-                first,
+                {"serverId": server_id, "output": message, "stream": stream, "timestamp": stamp},
+                timestamp,
             )
         )
     return frames

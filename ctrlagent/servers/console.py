@@ -40,13 +40,27 @@ class ConsoleLine:
     mark: int = 0  # Docker's nanosecond timestamp; 0 for agent notices
 
 
+_SECOND = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
+# 10 ** (9 - n): scales a fraction of n digits to nanoseconds.
+_NANO_SCALE = tuple(10 ** (9 - n) for n in range(10))
+
+
 @functools.lru_cache(maxsize=64)
-def _utc_seconds(prefix: str) -> int:
-    """Epoch seconds of ``YYYY-MM-DDTHH:MM:SS`` (UTC); cached, as lines share seconds."""
-    return calendar.timegm(
-        (int(prefix[0:4]), int(prefix[5:7]), int(prefix[8:10]),
-         int(prefix[11:13]), int(prefix[14:16]), int(prefix[17:19]), 0, 0, 0)
-    )
+def _utc_seconds(prefix: str) -> int | None:
+    """
+    Epoch seconds of ``YYYY-MM-DDTHH:MM:SS`` (UTC), or None when it is not one.
+
+    Cached: a flood's lines share their second, so this runs about once a second.
+    """
+    if _SECOND.fullmatch(prefix) is None:
+        return None
+    try:
+        return calendar.timegm(
+            (int(prefix[0:4]), int(prefix[5:7]), int(prefix[8:10]),
+             int(prefix[11:13]), int(prefix[14:16]), int(prefix[17:19]), 0, 0, 0)
+        )
+    except ValueError:
+        return None
 
 
 def split_timestamp(line: str) -> tuple[int, str]:
@@ -58,20 +72,16 @@ def split_timestamp(line: str) -> tuple[int, str]:
     identity of a line across agent restarts, so no float rounding.
     """
     # Fast path for what the engine writes on every line of a flood: UTC with
-    # a fraction (RFC 3339, trailing zeros trimmed) and a space.  The general
-    # form below costs a regex match and a timegm per line.
-    if len(line) > 21 and line[19] == "." and line[10] == "T":
-        z = line.find("Z", 21, 30)
-        if z > 0 and line[z + 1 : z + 2] == " ":
-            fraction = line[20:z]
-            head = line[:19]
-            if fraction.isdigit() and head[:4].isdigit() and head[4] == "-":
-                try:
-                    seconds = _utc_seconds(head)
-                except ValueError:
-                    seconds = None
-                if seconds is not None:
-                    return seconds * 1_000_000_000 + int(fraction.ljust(9, "0")), line[z + 2 :]
+    # a fraction (RFC 3339, trailing zeros trimmed) and a space.  It runs once
+    # per console line, so it does the least work that still checks the form;
+    # anything else takes the general form below.
+    z = line.find("Z ", 21, 31)
+    if z > 0 and line[19] == ".":
+        fraction = line[20:z]
+        if fraction.isdigit() and fraction.isascii():
+            seconds = _utc_seconds(line[:19])
+            if seconds is not None:
+                return seconds * 1_000_000_000 + int(fraction) * _NANO_SCALE[z - 20], line[z + 2 :]
     m = _TIMESTAMP.match(line)
     if m is None:
         return 0, line
@@ -107,6 +117,12 @@ class ConsoleBuffer:
         """Add a line, dropping the oldest when full."""
         self._lines.append(line)
         self.last_activity = line.timestamp
+
+    def extend(self, lines: list[ConsoleLine]) -> None:
+        """Add lines in order, dropping the oldest when full."""
+        if lines:
+            self._lines.extend(lines)
+            self.last_activity = lines[-1].timestamp
 
     def tail(self, count: int) -> list[ConsoleLine]:
         """The last ``count`` lines, oldest first."""
@@ -149,21 +165,26 @@ class ConsoleThrottle:
 
     def admit(self) -> bool:
         """True when the next line may go to subscribers."""
-        if self.limit <= 0:
-            return True
+        return self.admit_many(1) == 1
+
+    def admit_many(self, count: int) -> int:
+        """How many of the next ``count`` lines may go to subscribers (the first ones)."""
+        if self.limit <= 0 or count <= 0:
+            return max(count, 0)
         now = self._clock.seconds()
         if now - self._window_start >= self.interval:
             self._window_start = now
             self._admitted = 0
-        if self._admitted < self.limit:
-            self._admitted += 1
-            return True
-        self._dropped += 1
-        self.total_dropped += 1
-        if self._notice is None:
-            delay = max(0.0, self._window_start + self.interval - now)
-            self._notice = self._clock.callLater(delay, self._report)
-        return False
+        admitted = min(count, self.limit - self._admitted)
+        self._admitted += admitted
+        dropped = count - admitted
+        if dropped:
+            self._dropped += dropped
+            self.total_dropped += dropped
+            if self._notice is None:
+                delay = max(0.0, self._window_start + self.interval - now)
+                self._notice = self._clock.callLater(delay, self._report)
+        return admitted
 
     def _report(self) -> None:
         self._notice = None

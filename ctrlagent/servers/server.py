@@ -347,7 +347,7 @@ class Server:
         self.lines_total += 1
         self.ctx.deliver(
             self.server_id,
-            [ConsoleOutput(self.server_id, "agent", line.text, now)],
+            [ConsoleOutput(self.server_id, "agent", [line.text], now)],
             None,
         )
 
@@ -357,31 +357,51 @@ class Server:
         )
 
     def take_lines(self, batch: list[tuple[str, str]], filt: MarkFilter | None) -> None:
-        """Handle a batch of ``(stream, timestamped line)`` from the logs stream."""
-        events: list[ConsoleOutput] = []
-        done = self.spec.startup_done
-        became_running = False
+        """
+        Handle a batch of ``(stream, timestamped line)`` from the logs stream.
+
+        Every line goes into the buffer; the throttle's share goes out as one
+        ``ConsoleOutput`` per run of a stream, after the mark is stored.  This
+        is the agent's hottest loop under a flood: per line it only splits the
+        stamp, advances the mark and builds the buffer's line.
+        """
+        kept: list[ConsoleLine] = []
+        mark, mark_count = self.mark, self.mark_count
+        now: float | None = None
         for stream, raw in batch:
             ns, text = split_timestamp(raw)
-            if filt is not None and filt.seen(ns):
-                continue
-            if ns > self.mark:
-                self.mark, self.mark_count = ns, 1
-            elif ns == self.mark and ns:
-                self.mark_count += 1
-            ts = ns / 1e9 if ns else self.ctx.clock.seconds()
-            self.console.append(ConsoleLine(ts, stream, text, ns))
-            self.lines_total += 1
-            if (
-                done is not None
-                and self.state is S.STARTING
-                and not became_running
-                and done.matches(text)
-            ):
-                became_running = True
-            if self.throttle.admit():
-                events.append(ConsoleOutput(self.server_id, stream, text, ts))
-        self.ctx.deliver(self.server_id, events, (self.mark, self.mark_count))
+            if ns:
+                if filt is not None and filt.seen(ns):
+                    continue
+                if ns > mark:
+                    mark, mark_count = ns, 1
+                elif ns == mark:
+                    mark_count += 1
+                kept.append(ConsoleLine(ns / 1e9, stream, text, ns))
+            else:
+                if now is None:
+                    now = self.ctx.clock.seconds()
+                kept.append(ConsoleLine(now, stream, text, 0))
+        self.mark, self.mark_count = mark, mark_count
+        self.console.extend(kept)
+        self.lines_total += len(kept)
+        done = self.spec.startup_done
+        became_running = (
+            done is not None
+            and self.state is S.STARTING
+            and any(done.matches(line.text) for line in kept)
+        )
+        admitted = self.throttle.admit_many(len(kept))
+        events: list[ConsoleOutput] = []
+        run: list[str] = []
+        run_stream = ""
+        for line in kept if admitted == len(kept) else kept[:admitted]:
+            if line.stream != run_stream:
+                run_stream = line.stream
+                run = []
+                events.append(ConsoleOutput(self.server_id, run_stream, run, line.timestamp))
+            run.append(line.text)
+        self.ctx.deliver(self.server_id, events, (mark, mark_count))
         if became_running and self.state is S.STARTING:
             self.set_state(S.RUNNING)
 

@@ -153,7 +153,7 @@ class FakeServerManager:
         server.console.append(line)
         del server.console[: -self.buffer_lines]
         server.last_activity = self.clock.seconds()
-        self._emit(ConsoleOutput(server.server_id, stream, line, self.clock.seconds()))
+        self._emit(ConsoleOutput(server.server_id, stream, [line], self.clock.seconds()))
 
     def _claim(self, server: FakeServer, operation: str) -> None:
         """One power action at a time per server, as the real manager enforces."""

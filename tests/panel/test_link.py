@@ -235,7 +235,7 @@ def test_console_lines_are_batched_by_count_and_window() -> None:
     rig = Harness(console_batch_lines=50, console_batch_window=0.05)
     rig.start()
     for i in range(120):
-        rig.link._on_event(ConsoleOutput("s1", "stdout", "line {}".format(i), 1.0))
+        rig.link._on_event(ConsoleOutput("s1", "stdout", ["line {}".format(i)], 1.0))
     rig.flush()
     sizes = [len(f["data"]["lines"]) for f in rig.panel.frames("server_log")]
     assert sizes == [50, 50]
@@ -246,23 +246,53 @@ def test_console_lines_are_batched_by_count_and_window() -> None:
     assert len(rig.panel.frames("server_output")) == 3
 
 
+def test_a_large_event_is_cut_into_frames_stamped_by_their_first_line() -> None:
+    delivered: list[tuple[str, list[str], float]] = []
+
+    def deliver(server_id: str, stream: str, lines: list[str], timestamp: float) -> None:
+        delivered.append((stream, lines, timestamp))
+
+    clock = Clock()
+    batcher = ConsoleBatcher(clock, 4, 1.0, deliver)
+    batcher.add(ConsoleOutput("a", "stdout", ["1", "2", "3"], 10.0))
+    batcher.add(ConsoleOutput("a", "stdout", [str(i) for i in range(4, 12)], 20.0))
+    # 11 lines: two full frames now, the rest waits for the window.
+    assert delivered == [("stdout", ["1", "2", "3", "4"], 10.0),
+                         ("stdout", ["5", "6", "7", "8"], 20.0)]
+    batcher.add(ConsoleOutput("a", "stdout", ["12"], 30.0))
+    assert len(delivered) == 3 and delivered[2] == ("stdout", ["9", "10", "11", "12"], 20.0)
+    batcher.add(ConsoleOutput("a", "stdout", ["13"], 40.0))
+    clock.advance(1.0)
+    assert delivered[3:] == [("stdout", ["13"], 40.0)]
+    assert not clock.getDelayedCalls()
+
+
+def test_without_a_window_every_event_goes_out_at_once_in_bounded_frames() -> None:
+    delivered: list[list[str]] = []
+    clock = Clock()
+    batcher = ConsoleBatcher(clock, 2, 0.0, lambda sid, stream, lines, ts: delivered.append(lines))
+    batcher.add(ConsoleOutput("a", "stdout", ["1", "2", "3", "4", "5"], 1.0))
+    assert delivered == [["1", "2"], ["3", "4"], ["5"]]
+    assert not clock.getDelayedCalls()
+
+
 def test_a_stream_change_or_status_change_flushes_the_batch_first() -> None:
     delivered: list[tuple[str, str, list[str]]] = []
 
-    def deliver(server_id: str, stream: str, lines: list[ConsoleOutput]) -> None:
-        delivered.append((server_id, stream, [x.line for x in lines]))
+    def deliver(server_id: str, stream: str, lines: list[str], timestamp: float) -> None:
+        delivered.append((server_id, stream, lines))
 
     batcher = ConsoleBatcher(Clock(), 10, 1.0, deliver)
-    batcher.add(ConsoleOutput("a", "stdout", "1", 0))
-    batcher.add(ConsoleOutput("a", "stderr", "2", 0))
-    batcher.add(ConsoleOutput("b", "stdout", "3", 0))
+    batcher.add(ConsoleOutput("a", "stdout", ["1"], 0))
+    batcher.add(ConsoleOutput("a", "stderr", ["2"], 0))
+    batcher.add(ConsoleOutput("b", "stdout", ["3"], 0))
     assert delivered == [("a", "stdout", ["1"])]
     batcher.flush_all()
     assert delivered[1:] == [("a", "stderr", ["2"]), ("b", "stdout", ["3"])]
 
     rig = Harness(console_batch_window=5.0)
     rig.start()
-    rig.link._on_event(ConsoleOutput("s1", "stdout", "Segmentation fault", 1.0))
+    rig.link._on_event(ConsoleOutput("s1", "stdout", ["Segmentation fault"], 1.0))
     rig.link._on_event(StatusChanged("s1", "running", "crashed", 2.0))
     rig.flush()
     kinds = types(rig.panel.frames())

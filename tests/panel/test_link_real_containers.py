@@ -56,7 +56,7 @@ async def test_real_server_over_the_link_survives_a_panel_dying_mid_flood(
 
     def record(event: ServerEvent) -> None:
         if isinstance(event, ConsoleOutput) and event.server_id == sid:
-            seen.append((event.line, link.connected))
+            seen.extend((line, link.connected) for line in event.lines)
 
     link.startService()
     manager.add_listener(record)  # after the link's own listener

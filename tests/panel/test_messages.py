@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ctrlagent.commands import ActionResult
 from ctrlagent.errors import ServerNotFound
-from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
+from ctrlagent.events import ResourceUpdate, StatusChanged
 from ctrlagent.panel import messages
 from ctrlagent.panel.messages import (
     CommandFrame,
@@ -239,6 +239,12 @@ def test_iso_timestamp_never_raises_and_ends_in_z(value: float) -> None:
     datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+@given(st.floats(min_value=0, max_value=253402300799.0))
+def test_iso_timestamp_reads_as_datetime_would_write_it(value: float) -> None:
+    expected = datetime.fromtimestamp(value, tz=UTC).isoformat(timespec="milliseconds")
+    assert messages.iso_timestamp(value) == expected.replace("+00:00", "Z")
+
+
 # --- outgoing --------------------------------------------------------------------------------
 
 
@@ -275,12 +281,13 @@ def test_status_change_becomes_event_and_legacy_frame() -> None:
 
 
 def test_console_batch_carries_message_and_lines() -> None:
-    lines = [ConsoleOutput("s1", "stdout", "line {}".format(i), NOW + i) for i in range(3)]
-    log, output = messages.console_frames("s1", "stdout", lines)
+    lines = ["line {}".format(i) for i in range(3)]
+    log, output = messages.console_frames("s1", "stdout", lines, NOW)
     assert log["event"] == "server_log"
     assert log["data"]["message"] == "line 0\nline 1\nline 2"
     assert log["data"]["lines"] == ["line 0", "line 1", "line 2"]
     assert log["data"]["stream"] == "stdout"
+    assert log["data"]["timestamp"] == log["timestamp"] == messages.iso_timestamp(NOW)
     assert output["type"] == "server_output"
     assert output["data"]["output"] == "line 0\nline 1\nline 2"
 

@@ -63,9 +63,10 @@ class Recorder:
 
     def lines(self, server_id: str) -> list[str]:
         return [
-            e.line
+            line
             for e in self.events
             if isinstance(e, ConsoleOutput) and e.server_id == server_id and e.stream != "agent"
+            for line in e.lines
         ]
 
 

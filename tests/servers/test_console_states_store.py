@@ -84,6 +84,21 @@ def test_throttle_reports_drops_once_per_interval() -> None:
     assert len(reports) == 2  # no drops, no notice
 
 
+def test_throttle_admits_the_head_of_a_batch_and_counts_the_rest() -> None:
+    clock = Clock()
+    reports: list[int] = []
+    throttle = ConsoleThrottle(clock, 5, 1.0, lambda n, i: reports.append(n))
+    assert throttle.admit_many(3) == 3
+    assert throttle.admit_many(4) == 2
+    assert throttle.admit_many(10) == 0
+    assert throttle.admit_many(0) == 0
+    clock.advance(1.0)
+    assert reports == [12] and throttle.total_dropped == 12
+    assert throttle.admit_many(7) == 5
+    unlimited = ConsoleThrottle(clock, 0, 1.0, lambda n, i: reports.append(n))
+    assert unlimited.admit_many(10_000) == 10_000
+
+
 def test_throttle_flush_reports_at_once() -> None:
     clock = Clock()
     reports: list[int] = []

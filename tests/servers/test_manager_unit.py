@@ -8,6 +8,7 @@ stats) is the ``Clock``.
 
 from __future__ import annotations
 
+import calendar
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -60,8 +61,8 @@ class Unit:
                 if isinstance(e, StatusChanged) and e.server_id == sid]
 
     def lines(self, sid: str) -> list[str]:
-        return [e.line for e in self.events if isinstance(e, ConsoleOutput)
-                and e.server_id == sid and e.stream != "agent"]
+        return [line for e in self.events if isinstance(e, ConsoleOutput)
+                and e.server_id == sid and e.stream != "agent" for line in e.lines]
 
 
 @pytest_twisted.async_yield_fixture
@@ -197,8 +198,8 @@ async def test_disk_over_limit_refuses_start_and_stops_a_running_server(unit: Un
     with pytest.raises(InsufficientResources):
         await m.start("s1")
     def notices() -> list[str]:
-        return [e.line for e in unit.events
-                if isinstance(e, ConsoleOutput) and e.stream == "agent"]
+        return [line for e in unit.events
+                if isinstance(e, ConsoleOutput) and e.stream == "agent" for line in e.lines]
 
     await until(lambda: any("start refused" in n for n in notices()), 2, "refusal notice")
     assert any("over the limit" in n and "stopping" in n for n in notices())
@@ -276,6 +277,47 @@ async def test_new_manager_recovers_lines_once_from_the_mark(unit: Unit) -> None
                                 "> say b", "[Server] b"]
     assert second.console_history("s1", 10) == unit.lines("s1")
     assert second.get("s1").state is S.RUNNING
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle(
+    unit: Unit,
+) -> None:
+    m = await running(unit)
+    server = m.get("s1")
+    await until(lambda: len(unit.lines("s1")) == 2, 2, "the startup lines")
+    server.throttle.limit = 4
+    unit.clock.advance(1.0)  # a fresh throttle interval
+    before = len(unit.events)
+    base = 1_795_000_000
+    stamp = "2026-11-18T11:06:40.{:09d}Z {}"
+    assert calendar.timegm((2026, 11, 18, 11, 6, 40, 0, 0, 0)) == base
+    texts = [("stdout", "a"), ("stdout", "b"), ("stderr", "oops"), ("stdout", "c"),
+             ("stdout", "d"), ("stdout", "e")]
+    server.take_lines([(stream, stamp.format(i + 1, text))
+                       for i, (stream, text) in enumerate(texts)], None)
+
+    def console() -> list[tuple[str, list[str], float]]:
+        return [(e.stream, e.lines, e.timestamp) for e in unit.events[before:]
+                if isinstance(e, ConsoleOutput)]
+
+    await until(lambda: console(), 2, "the events, after the mark is stored")
+    # Every line is in the buffer and the mark; only the throttle's share goes out,
+    # as runs of one stream in their order, each stamped with its first line.
+    def at(nanos: int) -> float:
+        return (base * 10**9 + nanos) / 1e9
+
+    assert console() == [("stdout", ["a", "b"], at(1)), ("stderr", ["oops"], at(3)),
+                         ("stdout", ["c"], at(4))]
+    assert m.console_history("s1", 6) == [text for _, text in texts]
+    assert (server.mark, server.mark_count) == (base * 10**9 + 6, 1)
+    assert server.lines_total >= 6
+    unit.clock.advance(1.0)
+    await until(lambda: any(e.stream == "agent" for e in unit.events[before:]
+                            if isinstance(e, ConsoleOutput)), 2, "the throttle notice")
+    notice = [e.lines for e in unit.events[before:]
+              if isinstance(e, ConsoleOutput) and e.stream == "agent"]
+    assert notice == [["[ctrlagent] console throttled: 2 lines not forwarded in the last 1 s"]]
 
 
 @pytest_twisted.ensureDeferred
