@@ -11,7 +11,7 @@ the agent's RSS.  Target (issue 5): p99 under 10 ms with 1 client.
 
 The client is a small asyncio HTTP/1.1 client in this process, so that client
 overhead stays far below the agent's.  Run: ``python bench/http_latency.py``.
-``bench/panel_link.py`` runs it too, after the console figures.
+``bench/panel_link.py`` runs it too, before its console floods.
 """
 
 from __future__ import annotations

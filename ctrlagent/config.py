@@ -42,7 +42,11 @@ class PanelConfig:
     auto_ping_interval: float = 20.0
     auto_ping_timeout: float = 10.0
     outbox_size: int = 10_000
-    console_batch_lines: int = 50
+    # Console lines per server_log frame, and how long the first line of a
+    # frame may wait for more.  One window of a server printing at the default
+    # throttle limit (2000 lines/s * 0.05 s) fits one frame, so a flooding
+    # server costs the Panel 20 frames a second.
+    console_batch_lines: int = 100
     console_batch_window: float = 0.05
     # Growth of the reconnect delay and the jitter added on top (a fraction of it).
     backoff_factor: float = 2.0
