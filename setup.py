@@ -22,7 +22,7 @@ setup(
     package_data={"ctrlagent.testing": ["gameserver.sh"]},
     include_package_data=True,
     install_requires=[
-        "twisted[tls]>=23.10",
+        "twisted[tls]>=25.5",
         "autobahn>=23.1",
         "treq>=23.11",
         "klein>=23.5",

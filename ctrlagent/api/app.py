@@ -200,7 +200,10 @@ class AgentApi:
     def _json(request: IRequest, body: Any) -> bytes:
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
-        return encode_json(body)
+        data = encode_json(body)
+        # A known length spares the client chunked framing.
+        request.setHeader(b"Content-Length", b"%d" % len(data))
+        return data
 
     def _cors(self, request: IRequest) -> None:
         request.setHeader(b"Access-Control-Allow-Origin", self._config.http.cors_origin.encode())

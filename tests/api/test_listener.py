@@ -202,6 +202,29 @@ async def test_body_at_the_limit_is_accepted(listening: tuple[ApiRig, int]) -> N
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_form_body_reaches_the_api_not_twisteds_form_parser(
+    listening: tuple[ApiRig, int],
+) -> None:
+    # A form without a boundary: Twisted's form parser would drop the
+    # connection with a bare 400; the API answers in the Panel's JSON shape.
+    _, port = listening
+    body = b"not a form"
+    raw = await raw_exchange(
+        port,
+        (
+            "POST /api/command HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n"
+            "Content-Type: multipart/form-data\r\nAuthorization: Bearer {}\r\n"
+            "Content-Length: {}\r\n\r\n".format(port, SECRET, len(body))
+        ).encode() + body,
+    )
+    status, headers, answer = _response(raw)
+    assert status == 400
+    assert json.loads(answer)["code"] == "PARSE_ERROR"
+    assert headers["content-length"] == str(len(answer))
+    await still_serving(port)
+
+
+@pytest_twisted.ensureDeferred
 async def test_default_limit_fits_a_16_mib_file_as_base64() -> None:
     assert HttpConfig().max_body_bytes > (16 * 1024 * 1024) * 4 // 3 + 4096
 
