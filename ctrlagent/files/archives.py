@@ -16,7 +16,8 @@ each member is named by ``paths.member_components`` and written through
   room, ``archive_max_bytes``, and ``archive size * archive_max_ratio``
   (zip bombs), and members against ``archive_max_entries``;
 - on any failure, every file and directory this extraction created is
-  removed again (files it overwrote keep their new content).
+  removed again, and every file it overwrote is put back: the original is
+  kept under a hidden hard link until the extraction has succeeded.
 """
 
 from __future__ import annotations
@@ -147,29 +148,38 @@ def extract(c: Confined, archive: Components, dest: Components, quota: fsops.Quo
     """Extract ``archive`` into ``dest`` (created if missing). ``{"extracted", "skipped"}``."""
     fd = c.open(archive, os.O_RDONLY | os.O_NONBLOCK)
     f = os.fdopen(fd, "rb")
-    created: list[Components] = []
+    undo = _Undo([], [])
     try:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise InvalidInput("{} is not a file".format(display(archive)), field="archivePath")
-        _mkdir(c, dest, created)
+        _mkdir(c, dest, undo.created)
         budget = _Budget(st.st_size, limits, quota)
         head = f.read(4)
         f.seek(0)
         if head[:2] == b"PK":
-            result = _extract_zip(c, f, dest, budget, created)
+            result = _extract_zip(c, f, dest, budget, undo)
         else:
-            result = _extract_tar(c, f, dest, budget, created)
+            result = _extract_tar(c, f, dest, budget, undo)
     except BaseException:
-        _rollback(c, created)
+        _rollback(c, undo)
         raise
     finally:
         f.close()
+    fsops.discard_replaced(c, undo.replaced)
     return result
 
 
+@dataclass
+class _Undo:
+    """What an extraction changed, to undo it on failure."""
+
+    created: list[Components]
+    replaced: list[tuple[Components, Components]]
+
+
 def _extract_zip(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
-                 created: list[Components]) -> dict[str, Any]:
+                 undo: _Undo) -> dict[str, Any]:
     try:
         zf = zipfile.ZipFile(f)
     except zipfile.BadZipFile as e:
@@ -185,7 +195,7 @@ def _extract_zip(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
                 skipped += 1  # symlinks and special files are never created
                 continue
             if info.is_dir() or kind == stat.S_IFDIR:
-                _mkdir(c, rel, created)
+                _mkdir(c, rel, undo.created)
                 continue
             if len(rel) == len(dest):
                 skipped += 1
@@ -193,7 +203,8 @@ def _extract_zip(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
             try:
                 with zf.open(info) as src:
                     fsops.write_atomic(c, rel, _stream(src, budget), budget.quota, fsync=False,
-                                       mode=_file_mode(unix_mode), created=created)
+                                       mode=_file_mode(unix_mode), created=undo.created,
+                                       replaced=undo.replaced)
             except (zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
                 raise InvalidInput("bad zip member {!r}: {}".format(info.filename, e),
                                    field="archivePath") from None
@@ -202,7 +213,7 @@ def _extract_zip(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
 
 
 def _extract_tar(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
-                 created: list[Components]) -> dict[str, Any]:
+                 undo: _Undo) -> dict[str, Any]:
     extracted = skipped = 0
     try:
         # Stream mode: one pass, members decompressed as they come, through
@@ -217,7 +228,7 @@ def _extract_tar(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
                 budget.entry()
                 rel = dest + member_components(member.name)
                 if member.isdir():
-                    _mkdir(c, rel, created)
+                    _mkdir(c, rel, undo.created)
                     continue
                 if not member.isreg() or len(rel) == len(dest):
                     skipped += 1  # symlinks, hard links, devices, FIFOs
@@ -228,7 +239,8 @@ def _extract_tar(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
                     continue
                 with src:
                     fsops.write_atomic(c, rel, _stream(src, budget), budget.quota, fsync=False,
-                                       mode=_file_mode(member.mode), created=created)
+                                       mode=_file_mode(member.mode), created=undo.created,
+                                       replaced=undo.replaced)
                 extracted += 1
     except (tarfile.TarError, EOFError) as e:
         raise InvalidInput("corrupt archive: {}".format(e), field="archivePath") from None
@@ -256,9 +268,14 @@ def _mkdir(c: Confined, rel: Components, created: list[Components]) -> None:
         c.settle_new_dir(dir_fd, name)
 
 
-def _rollback(c: Confined, created: list[Components]) -> None:
-    """Remove what a failed extraction created, newest first, confined."""
-    for rel in reversed(created):
+def _rollback(c: Confined, undo: _Undo) -> None:
+    """
+    Put back what a failed extraction overwrote, then remove what it created,
+    newest first, confined.  (A file created and then overwritten by a second
+    member of the same name is first restored to its first version, then removed.)
+    """
+    fsops.restore_replaced(c, undo.replaced)
+    for rel in reversed(undo.created):
         try:
             with c.parent(rel, follow_final=False) as (dir_fd, name, _):
                 if name is None:
@@ -330,7 +347,7 @@ def _dir_members(dir_fd: int, rel: Components, depth: int
     with os.scandir(dir_fd) as it:
         names = sorted(e.name for e in it)
     for name in names:
-        if name.startswith(fsops.TMP_PREFIX):
+        if name.startswith(fsops.WORK_PREFIXES):
             continue
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)

@@ -34,6 +34,7 @@ from typing import Any
 
 from ctrlagent.errors import (
     Conflict,
+    CtrlAgentError,
     FileNotFound,
     InsufficientResources,
     InvalidInput,
@@ -43,7 +44,12 @@ from ctrlagent.files.confined import Confined, os_error, rename_noreplace
 from ctrlagent.files.paths import Components, display
 
 TMP_PREFIX = ".ctrlagent-tmp-"
-# Temp files untouched for this long are leftovers of a crash; usage walks remove them.
+# A file an extraction replaced, kept (hard-linked) until the extraction has
+# succeeded, so that a failed one can put it back.
+KEEP_PREFIX = ".ctrlagent-keep-"
+# Names of the agent's own work files: never listed, searched or archived.
+WORK_PREFIXES = (TMP_PREFIX, KEEP_PREFIX)
+# Work files untouched for this long are leftovers of a crash; usage walks remove them.
 STALE_TMP_SECONDS = 3600
 COPY_CHUNK = 1024 * 1024
 # Directories deeper than this are not descended by search and usage walks:
@@ -174,7 +180,7 @@ def list_files(c: Confined, comps: Components, limit: int, offset: int) -> dict[
             # Only (type, key, name) per entry: a huge directory costs names,
             # not DirEntry objects.
             names = [(not e.is_dir(follow_symlinks=False), e.name.lower(), e.name)
-                     for e in it if not e.name.startswith(TMP_PREFIX)]
+                     for e in it if not e.name.startswith(WORK_PREFIXES)]
         names.sort()
         page = names[offset:offset + limit]
         files = []
@@ -217,7 +223,7 @@ def search_files(c: Confined, comps: Components, query: str, file_type: str,
     def walk(dir_fd: int, rel: Components, depth: int) -> bool:
         nonlocal scanned
         with os.scandir(dir_fd) as it:
-            entries = sorted((e for e in it if not e.name.startswith(TMP_PREFIX)),
+            entries = sorted((e for e in it if not e.name.startswith(WORK_PREFIXES)),
                              key=lambda e: e.name)
         scanned += len(entries)
         if scanned > max_scanned:
@@ -331,6 +337,7 @@ def write_atomic(
     mode: int | None = None,
     created: list[Components] | None = None,
     size: int | None = None,
+    replaced: list[tuple[Components, Components]] | None = None,
 ) -> os.stat_result:
     """
     Replace (or create) the file at ``comps`` with ``chunks``, atomically.
@@ -342,7 +349,10 @@ def write_atomic(
     leaves the tree is refused.  Missing parents are created.  New files are
     0644 unless ``mode`` says otherwise; a replaced file keeps its mode minus
     setuid/setgid.  ``created`` collects the new file's components when it
-    did not exist before (extraction rolls those back on failure).
+    did not exist before (extraction rolls those back on failure).  With
+    ``replaced``, a file that did exist is kept under a hidden name (a hard
+    link, no copy) and ``(file, kept)`` is appended, for ``restore_replaced``
+    or ``discard_replaced``.
     """
     if not comps:
         raise InvalidInput("cannot write to the server directory itself", field="path")
@@ -372,10 +382,16 @@ def write_atomic(
                     quota.credit(-old.st_size)
                 raise
         tmp = TMP_PREFIX + secrets.token_hex(8)
+        keep: str | None = None
         try:
+            if old is not None and replaced is not None:
+                keep = KEEP_PREFIX + secrets.token_hex(8)
+                os.link(name, keep, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600, dir_fd=dir_fd)
         except OSError as e:
+            if keep is not None:
+                _unlink_quietly(keep, dir_fd)
             if old is not None:
                 quota.credit(-old.st_size)
             raise os_error(e, display(comps)) from None
@@ -401,10 +417,9 @@ def write_atomic(
                 os.close(fd)
             os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException as e:
-            try:
-                os.unlink(tmp, dir_fd=dir_fd)
-            except OSError:
-                pass
+            _unlink_quietly(tmp, dir_fd)
+            if keep is not None:
+                _unlink_quietly(keep, dir_fd)
             if old is not None:
                 quota.credit(-old.st_size)
             if isinstance(e, OSError):
@@ -412,7 +427,40 @@ def write_atomic(
             raise
         if old is None and created is not None:
             created.append(real)
+        if keep is not None and replaced is not None:
+            replaced.append((real, real[:-1] + (keep,)))
         return st
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def restore_replaced(c: Confined, replaced: list[tuple[Components, Components]]) -> None:
+    """Put back, newest first, the files ``write_atomic`` kept; best effort, confined."""
+    for target, kept in reversed(replaced):
+        try:
+            with c.parent(target, follow_final=False) as (dir_fd, name, _):
+                if name is not None:
+                    os.rename(kept[-1], name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except (OSError, CtrlAgentError):
+            continue  # never mask the error that caused the rollback
+    replaced.clear()
+
+
+def discard_replaced(c: Confined, replaced: list[tuple[Components, Components]]) -> None:
+    """Drop the kept originals once the work that replaced them has succeeded."""
+    for _, kept in replaced:
+        try:
+            with c.parent(kept, follow_final=False) as (dir_fd, name, _):
+                if name is not None:
+                    os.unlink(name, dir_fd=dir_fd)
+        except (OSError, CtrlAgentError):
+            continue  # a leftover is swept by the next usage walk
+    replaced.clear()
 
 
 def text_chunks(content: str, chunk_chars: int = COPY_CHUNK) -> tuple[int, Iterator[bytes]]:
@@ -626,9 +674,12 @@ def _fd_usage(fd: int, depth: int) -> int:
     with os.scandir(fd) as it:
         for e in it:
             try:
-                if e.name.startswith(TMP_PREFIX) and e.is_file(follow_symlinks=False):
+                if e.name.startswith(WORK_PREFIXES) and e.is_file(follow_symlinks=False):
                     st = e.stat(follow_symlinks=False)
-                    if st.st_mtime < stale_before:
+                    # A kept file has its original's mtime; its ctime is when
+                    # it was linked.
+                    touched = st.st_ctime if e.name.startswith(KEEP_PREFIX) else st.st_mtime
+                    if touched < stale_before:
                         # Left by a crash mid-write: ours, unreferenced, and
                         # counting against the server's disk.  (A write in
                         # progress keeps touching its temp file.)

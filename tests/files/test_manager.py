@@ -449,5 +449,12 @@ async def test_usage_walk_removes_stale_temp_files_of_a_crash(tree: Tree, fm: Fi
     stale.write_bytes(b"x" * 1000)
     fresh.write_bytes(b"y")
     os.utime(stale, (0, 1))
+    # The original an extraction in progress keeps: an old file (old mtime),
+    # linked just now (fresh ctime), so it stays.
+    kept = tree.root_path / "sub" / ".ctrlagent-keep-live"
+    os.link(tree.root_path / "config.txt", kept)
+    os.utime(kept, (0, 1))
     await fm.write_file(_limited(tree, 10**9), "a.txt", "a")
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and fresh.exists() and kept.exists()
+    listing = await fm.list_files(tree.root, "sub")
+    assert all(not f["name"].startswith(".ctrlagent-") for f in listing["files"])

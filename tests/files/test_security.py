@@ -241,6 +241,42 @@ async def test_archive_with_dotdot_entry_is_refused_entirely(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failed_extraction_puts_back_the_files_it_overwrote(
+    tree: Tree, fm: FileManager
+) -> None:
+    config = tree.root_path / "config.txt"
+    inode = config.stat().st_ino
+    data = _tar([
+        (_file("config.txt"), b"from the archive\n"),   # overwrites an existing file
+        (_file("sub/inner.txt"), b"first\n"),           # overwritten twice
+        (_file("sub/inner.txt"), b"second\n"),
+        (_file("fresh.txt"), b"1"),                      # new, then overwritten
+        (_file("fresh.txt"), b"2"),
+        (_file("../evil.txt"), b"evil"),                 # the failure
+    ])
+    (tree.root_path / "evil.tar").write_bytes(data)
+    before = tree.rolled_back_state()
+    with pytest.raises(PermissionDenied):
+        await fm.extract_archive(tree.root, "evil.tar", "/")
+    # Content, mode, owner and mtime all as before: the very same file is back.
+    assert tree.rolled_back_state() == before
+    assert config.stat().st_ino == inode
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_successful_extraction_leaves_no_kept_originals(
+    tree: Tree, fm: FileManager
+) -> None:
+    data = _tar([(_file("config.txt"), b"new\n"), (_file("sub/inner.txt"), b"new inner\n")])
+    (tree.root_path / "update.tar").write_bytes(data)
+    await fm.extract_archive(tree.root, "update.tar", "/")
+    assert (tree.root_path / "config.txt").read_bytes() == b"new\n"
+    assert (tree.root_path / "sub" / "inner.txt").read_bytes() == b"new inner\n"
+    leftovers = [p for p in tree.root_path.rglob("*") if p.name.startswith(".ctrlagent-")]
+    assert leftovers == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_zip_with_dotdot_entry_is_refused(tree: Tree, fm: FileManager) -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
