@@ -37,6 +37,7 @@ setup(
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",
             "openapi-spec-validator>=0.7",
+            "bcrypt>=4",
         ],
     },
     zip_safe=False,

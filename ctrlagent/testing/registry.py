@@ -38,13 +38,10 @@ def free_port() -> int:
 
 
 def _bcrypt(password: str) -> str:
-    import warnings
+    """An htpasswd bcrypt hash (the only kind the registry accepts)."""
+    import bcrypt  # a test dependency: only the registry fixture needs it
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt
-
-    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt()).decode("ascii")
 
 
 class LocalRegistry:
