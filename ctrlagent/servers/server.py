@@ -973,7 +973,10 @@ class Server:
             await docker.container_remove(name, force=True)
         except NotFound:
             pass
-        body = specs.install_body(self.spec, self.data_path, script_dir, ctx.config.servers)
+        await ctx.ensure_network()
+        body = specs.install_body(
+            self.spec, self.data_path, script_dir, ctx.config.servers, ctx.network_mode
+        )
         cid = await docker.container_create(name, body)
         timeout = script.timeout
         if timeout is None:

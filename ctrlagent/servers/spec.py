@@ -631,13 +631,18 @@ def container_body(
 
 
 def install_body(
-    spec: ServerSpec, data_path: str, script_dir: str, defaults: ServersConfig
+    spec: ServerSpec,
+    data_path: str,
+    script_dir: str,
+    defaults: ServersConfig,
+    network_mode: str = "bridge",
 ) -> dict[str, Any]:
     """
     The create body of the one-shot install container.
 
     Pterodactyl's convention: the data directory at ``/mnt/server``, the script
-    at ``/mnt/install/install.sh``, run as root, the server's environment.
+    at ``/mnt/install/install.sh``, run as root, the server's environment.  It
+    joins the servers' network, so an operator's rules for it cover installs too.
     """
     assert spec.install is not None
     env = server_environment(spec)
@@ -657,6 +662,7 @@ def install_body(
                 "{}:/mnt/server".format(data_path),
                 "{}:/mnt/install:ro".format(script_dir),
             ],
+            "NetworkMode": network_mode,
             "Tmpfs": {"/tmp": "rw,exec,nosuid,size={}m".format(defaults.tmpfs_size_mb)},
             "RestartPolicy": {"Name": "no"},
             "LogConfig": {"Type": "json-file", "Config": {}},

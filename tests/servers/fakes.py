@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from ctrlagent.docker.errors import ContainerGone, DockerConflict
+from ctrlagent.docker.errors import ContainerGone, DockerConflict, NetworkNotFound
 from ctrlagent.docker.models import DockerEvent
 from ctrlagent.docker.stats import ContainerStats
 from ctrlagent.errors import DockerUnavailable
@@ -121,6 +121,8 @@ class FakeEngine:
         self._ns = itertools.count(1_700_000_000_000_000_000, 1000)
         self.kills: list[tuple[str, str]] = []
         self.starts = 0
+        self.created: list[tuple[str | None, dict[str, Any]]] = []  # every create body
+        self.networks: dict[str, dict[str, Any]] = {}
 
     # -- helpers for tests -------------------------------------------------
 
@@ -204,11 +206,21 @@ class FakeEngine:
     async def ensure_image(self, ref: str, policy: str | None = None) -> None:
         self._check()
 
+    async def network_ensure(self, name: str, subnet: str | None = None,
+                             labels: dict[str, str] | None = None) -> dict[str, Any]:
+        self._check()
+        network = self.networks.setdefault(name, {"Name": name, "Labels": dict(labels or {})})
+        return network
+
     async def container_create(self, name: str | None, body: dict[str, Any]) -> str:
         self._check()
+        mode = body.get("HostConfig", {}).get("NetworkMode", "bridge")
+        if mode not in ("bridge", "host", "none", "default") and mode not in self.networks:
+            raise NetworkNotFound("network {} not found".format(mode))
         if any(c.name == name for c in self.containers.values()):
             raise DockerConflict("name taken")
         cid = "{:064x}".format(next(self._ids))
+        self.created.append((name, body))
         env = dict(e.split("=", 1) for e in body.get("Env", []))
         self.containers[cid] = FakeContainer(cid, name or cid, body, env=env)
         return cid

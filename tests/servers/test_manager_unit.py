@@ -233,9 +233,13 @@ async def test_suspend_refuses_start_until_unsuspended(unit: Unit) -> None:
 @pytest_twisted.ensureDeferred
 async def test_install_failure_and_reinstall(unit: Unit) -> None:
     m = unit.manager()
+    m.network_mode = "ctrl-alt-play"
     bad = {**PARAMS, "install": {"script": "exit 3"}, "environment": {"INSTALL_EXIT": 3}}
     result = await m.create_server("s1", bad)
     assert result["status"] == "install_failed"
+    # The install container joins the servers' network, as the server's own does.
+    installs = [body for name, body in unit.engine.created if (name or "").endswith("-install")]
+    assert installs and installs[0]["HostConfig"]["NetworkMode"] == "ctrl-alt-play"
     await m.update("s1", {"environment": {"INSTALL_EXIT": 0}})
     result = await m.reinstall("s1")
     assert result["status"] == "offline"
