@@ -9,6 +9,7 @@ explicit dependencies and returns one named ``MultiService``:
     +-- servers   ServerManager: containers, console, stats, crash recovery, store
     +-- panel     PanelLink: Autobahn WebSocket client to the Panel (ClientService)
     +-- http      Klein API on serverFromString(http endpoint)
+    +-- heap      (twistd only) moves the startup heap out of the collector's way
 
 Children start in that order and stop in reverse: the API stops accepting
 first, then the Panel link closes, then the server manager detaches from the
@@ -253,4 +254,10 @@ def makeService(options: Options) -> MultiService:
     """twistd's entry point: build the agent on the global reactor."""
     from twisted.internet import reactor
 
-    return build_service(reactor, options.config)
+    from ctrlagent.heap import StartupHeapFreeze
+
+    top = build_service(reactor, options.config)
+    # Only in the agent's own process: tests that build the service in
+    # pytest's process should not freeze pytest's heap.
+    StartupHeapFreeze(reactor).setServiceParent(top)
+    return top
