@@ -38,8 +38,8 @@ class Collector(Protocol):
 class StartupHeapFreeze(Service):
     """
     Freezes the startup heap ``delay`` seconds after the agent has started
-    (once the server manager has reconciled its servers), and unfreezes it on
-    stop.
+    (time enough, usually, for the server manager to reconcile its servers),
+    and unfreezes it on stop.
     """
 
     name = "heap"

@@ -351,8 +351,8 @@ def write_atomic(
     setuid/setgid.  ``created`` collects the new file's components when it
     did not exist before (extraction rolls those back on failure).  With
     ``replaced``, a file that did exist is kept under a hidden name (a hard
-    link, no copy) and ``(file, kept)`` is appended, for ``restore_replaced``
-    or ``discard_replaced``.
+    link, no copy, when the filesystem allows one) and ``(file, kept)`` is
+    appended, for ``restore_replaced`` or ``discard_replaced``.
     """
     if not comps:
         raise InvalidInput("cannot write to the server directory itself", field="path")
@@ -382,11 +382,8 @@ def write_atomic(
                     quota.credit(-old.st_size)
                 raise
         tmp = TMP_PREFIX + secrets.token_hex(8)
-        keep: str | None = None
+        keep = _keep_original(name, dir_fd) if old is not None and replaced is not None else None
         try:
-            if old is not None and replaced is not None:
-                keep = KEEP_PREFIX + secrets.token_hex(8)
-                os.link(name, keep, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600, dir_fd=dir_fd)
         except OSError as e:
@@ -430,6 +427,21 @@ def write_atomic(
         if keep is not None and replaced is not None:
             replaced.append((real, real[:-1] + (keep,)))
         return st
+
+
+def _keep_original(name: str, dir_fd: int) -> str | None:
+    """
+    Hard-link ``name`` to a hidden name beside it; the hidden name, or None
+    when the filesystem refuses links (no hard links, ``protected_hardlinks``
+    for a file of another user): the write then goes on without a way back,
+    as a plain overwrite would.
+    """
+    keep = KEEP_PREFIX + secrets.token_hex(8)
+    try:
+        os.link(name, keep, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return keep
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:

@@ -298,9 +298,6 @@ class ConsoleBatcher:
     def _send(self, server_id: str, batch: _Batch, end: int) -> None:
         """Deliver the batch's first ``end`` lines in frames of at most ``max_lines``."""
         size, lines = self._max_lines, batch.lines
-        if end == len(lines) and end <= size:
-            self._deliver(server_id, batch.stream, lines, batch.stamps[0][1])
-            return
         for start in range(0, end, size):
             chunk = lines[start : min(start + size, end)]
             self._deliver(server_id, batch.stream, chunk, _stamp_at(batch.stamps, start))

@@ -264,6 +264,20 @@ async def test_a_failed_extraction_puts_back_the_files_it_overwrote(
 
 
 @pytest_twisted.ensureDeferred
+async def test_extraction_over_files_still_works_where_hard_links_are_refused(
+    tree: Tree, fm: FileManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    data = _tar([(_file("config.txt"), b"new\n")])
+    (tree.root_path / "update.tar").write_bytes(data)
+    await fm.extract_archive(tree.root, "update.tar", "/")
+    assert (tree.root_path / "config.txt").read_bytes() == b"new\n"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_successful_extraction_leaves_no_kept_originals(
     tree: Tree, fm: FileManager
 ) -> None:
