@@ -3,6 +3,9 @@ Child processes of the test rig: started with their output in a log file,
 waited for until they answer, and stopped by their own pid.
 
 Shared by the private dockerd, the local registry and the agent subprocess.
+``ProcessIdentity`` names a process by its pid *and* its start time, so that a
+record written by an earlier run is never taken for an unrelated process that
+got the same pid since.
 """
 
 from __future__ import annotations
@@ -11,7 +14,50 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """
+    One process, as ``/proc`` knows it: its pid and its start time (clock
+    ticks after boot, field 22 of ``/proc/<pid>/stat``).
+
+    Only ever used to *look* at a process (is it still there?), never to
+    signal one: the rig stops only the processes it holds a handle to.
+    """
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int, proc: Path = Path("/proc")) -> ProcessIdentity | None:
+        """The identity of the running process ``pid``; None when there is none."""
+        fields = _stat_fields(pid, proc)
+        if fields is None or fields[0] == "Z":
+            return None
+        return cls(pid, int(fields[19]))
+
+    def running(self, proc: Path = Path("/proc")) -> bool:
+        """True while this very process exists and is not a zombie."""
+        fields = _stat_fields(self.pid, proc)
+        return fields is not None and fields[0] != "Z" and int(fields[19]) == self.start
+
+
+def _stat_fields(pid: int, proc: Path) -> list[str] | None:
+    """Fields 3.. of ``/proc/<pid>/stat`` (state first), None when unreadable."""
+    if pid <= 0:
+        return None
+    try:
+        raw = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or ')'.
+    fields = raw[raw.rfind(")") + 1 :].split()
+    if len(fields) < 20 or not fields[19].isdigit():
+        return None
+    return fields
 
 
 def spawn_logged(argv: Sequence[str], log_path: Path, **popen: object) -> subprocess.Popen[bytes]:
