@@ -44,21 +44,30 @@ def _ensure_engine_binaries() -> None:
 def main() -> int:
     DEV.mkdir(exist_ok=True)
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    private: PrivateDockerd | None = None
-    if not (host.startswith("unix://") and engine_answers(host[len("unix://") :])):
-        _ensure_engine_binaries()
-        sys.stderr.write("run-agent: no Docker engine at {}; starting a private one\n".format(host))
-        private = PrivateDockerd().start()
-        host = private.host
-        sys.stderr.write("run-agent: private engine at {}\n".format(host))
+    if host.startswith("unix://") and engine_answers(host[len("unix://") :]):
+        return run_agent(host)
+    _ensure_engine_binaries()
+    sys.stderr.write("run-agent: no Docker engine at {}; starting a private one\n".format(host))
+    # A start that fails (or is interrupted) removes what it made itself.
+    private = PrivateDockerd().start()
+    try:
+        sys.stderr.write("run-agent: private engine at {}\n".format(private.host))
+        return run_agent(private.host)
+    finally:
+        sys.stderr.write("run-agent: stopping the private engine\n")
+        private.stop()
 
+
+def run_agent(host: str) -> int:
+    """Run twistd against ``host`` until it exits or this runner is told to stop."""
     secret_file = DEV / "secret"
     if not secret_file.exists():
         secret_file.write_text(secrets.token_urlsafe(32) + "\n")
     secret_file.chmod(0o600)
 
     args = [
-        str(ROOT / ".venv" / "bin" / "twistd"),
+        # The twistd of the environment running this script (./.venv or CTRLAGENT_VENV).
+        str(Path(sys.executable).with_name("twistd")),
         "--nodaemon",
         "--pidfile=",
         "ctrlagent",
@@ -81,10 +90,14 @@ def main() -> int:
             os.environ.get("HEALTH_PORT", "8081"), secret_file
         )
     )
-    child = subprocess.Popen(args, env=env)
+    # Its own process group: a terminal's Ctrl-C reaches this runner alone, which
+    # stops the agent once (twistd signalled twice logs a ReactorNotRunning trace).
+    child = subprocess.Popen(args, env=env, process_group=0)
+    stopping: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        if child.poll() is None:
+        if child.poll() is None and not stopping:
+            stopping.append(signum)
             child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
@@ -95,10 +108,9 @@ def main() -> int:
         if child.poll() is None:
             child.terminate()
             child.wait()
-        if private is not None:
-            sys.stderr.write("run-agent: stopping the private engine\n")
-            private.stop()
-    return code
+    if stopping and code == -signal.SIGTERM:
+        return 0  # stopped as asked
+    return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":
