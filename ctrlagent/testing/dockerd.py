@@ -523,11 +523,7 @@ class RigRegistry:
             if record.boot_id == _boot_id():
                 bridge = record.bridge if _RIG_BRIDGE.fullmatch(record.bridge) else None
                 removed += remove_engine_links(bridge, record.pool, claims)
-                left = any(
-                    _belongs_to_engine(link, bridge, record.pool, ())
-                    and not claims.holds_link(link)
-                    for link in host_links()
-                )
+                left = bool(engine_links(bridge, record.pool, claims))
             base = Path(record.base)
             if not claims.holds_path(base) and base.exists():
                 unmount_under(base)
@@ -565,17 +561,17 @@ def _belongs_to_engine(
     )
 
 
-def remove_engine_links(
+def engine_links(
     bridge: str | None,
     pool: IPv4Network,
     claims: EngineClaims,
     names: Iterable[str] = (),
 ) -> list[str]:
     """
-    Delete an engine's links once its daemon is gone: its own ``bridge``, the
-    ``br-<id>`` bridges of its networks (by ``names``, or by an address in its
-    ``pool``) and the container ends still enslaved to them.  Nothing a
-    running engine holds (``claims``) is touched.  Returns the deleted names.
+    An engine's links still on the host, in the order to delete them: the
+    container ends enslaved to its bridges, the ``br-<id>`` bridges of its
+    networks (by ``names``, or by an address in its ``pool``), its own
+    ``bridge`` last.  Nothing a running engine holds (``claims``) is listed.
     """
     names = [n for n in names if _NETWORK_BRIDGE.fullmatch(n)]
     links = host_links()
@@ -589,9 +585,18 @@ def remove_engine_links(
         for link in links
         if link.kind == "veth" and link.master in ours and not claims.holds_link(link)
     )
-    victims = ends + sorted(ours - {bridge or ""}) + ([bridge] if bridge in ours else [])
+    return ends + sorted(ours - {bridge or ""}) + ([bridge] if bridge in ours else [])
+
+
+def remove_engine_links(
+    bridge: str | None,
+    pool: IPv4Network,
+    claims: EngineClaims,
+    names: Iterable[str] = (),
+) -> list[str]:
+    """Delete ``engine_links(...)`` once the engine's daemon is gone; returns the deleted names."""
     removed = []
-    for name in victims:
+    for name in engine_links(bridge, pool, claims, names):
         done = subprocess.run(
             ["ip", "link", "del", "dev", name],
             capture_output=True,
@@ -737,7 +742,10 @@ class PrivateDockerd:
                 self.registry.create(record)
             except FileExistsError:
                 raise RuntimeError(
-                    "bridge {} belongs to a running private engine".format(self.bridge)
+                    "bridge {} is recorded in {} by a running private engine, or by one "
+                    "whose leftovers could not be removed yet".format(
+                        self.bridge, self.registry.path
+                    )
                 ) from None
             self._record = record
             try:
@@ -871,20 +879,26 @@ class PrivateDockerd:
             network_ids = self.remove_all_networks()
         finally:
             self.kill_engine()
+            left: list[str] = []
             if self._record is not None:
                 # A network the daemon could not remove keeps its bridge: the
                 # sweep takes it by id, or by an address in this engine's pool.
+                bridge = self.bridge if self._bridge_made else None
+                pool = _pool_of(self.octet)
+                names = ["br-" + i[:12] for i in network_ids]
                 with self.registry.locked():
-                    remove_engine_links(
-                        self.bridge if self._bridge_made else None,
-                        _pool_of(self.octet),
-                        self.registry.live_claims(exclude=self.bridge),
-                        names=["br-" + i[:12] for i in network_ids],
-                    )
+                    claims = self.registry.live_claims(exclude=self.bridge)
+                    remove_engine_links(bridge, pool, claims, names)
+                    left = engine_links(bridge, pool, claims, names)
                 self._bridge_made = False
             unmount_under(self.base)
             shutil.rmtree(self.base, ignore_errors=True)
-            self._drop_record()
+            if left:
+                # The record stays, held by this process: the first start
+                # after this process ends tries again.
+                self._record = None
+            else:
+                self._drop_record()
 
     def __enter__(self) -> PrivateDockerd:
         return self.start()
