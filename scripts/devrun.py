@@ -2,8 +2,8 @@
 Development runner behind ``scripts/run-agent``.
 
 Finds or starts a Docker engine, writes a development secret, runs
-``twistd -n ctrlagent`` as a child process and, on Ctrl-C or SIGTERM, stops the
-agent and then the private engine it started (by their own pids).
+``twistd -n ctrlagent`` as a child process and, on Ctrl-C, SIGTERM or SIGHUP,
+stops the agent and then the private engine it started (by their own pids).
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ def run_agent(host: str) -> int:
             stopping.append(signum)
             child.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    # SIGHUP too: a closed terminal must not leave the agent and the engine behind.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
     try:
         code = child.wait()
     finally:
