@@ -37,10 +37,12 @@ from ctrlagent.testing.dockerd import (
     clean_stale_engines,
     dockerd_claims,
     engine_answers,
+    host_links,
     running_dockerd_claims,
 )
 from ctrlagent.testing.images import build_scripted_image
 from ctrlagent.testing.processes import ProcessIdentity
+from tests.conftest import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_LABEL = "ctrl-alt-play.managed=true"
@@ -302,16 +304,15 @@ def test_a_stale_record_naming_a_running_engines_bridge_and_directory_never_touc
 
 
 @pytest.mark.docker
-def test_the_engine_at_docker_host_is_known_as_running_to_the_cleanup() -> None:
-    """The shared engine of a developer's DOCKER_HOST: its bridge and directory are held."""
-    host = os.environ.get("DOCKER_HOST", "")
-    if not (host.startswith("unix://") and engine_answers(host[len("unix://") :])):
-        pytest.skip("no engine at DOCKER_HOST")
+def test_the_suites_engine_is_known_as_running_to_the_cleanup(docker_engine: Engine) -> None:
+    """The engine the other tests share (DOCKER_HOST's, or the session's): held as running."""
     name_of = '{{index .Options "com.docker.network.bridge.name"}}'
-    bridge = docker(host, "network", "inspect", "bridge", "-f", name_of)
+    bridge = docker(docker_engine.host, "network", "inspect", "bridge", "-f", name_of)
     claims = running_dockerd_claims()
     assert bridge in claims.bridges
-    assert claims.holds_path(Path(host[len("unix://") :]))
+    assert claims.holds_path(Path(docker_engine.socket_path))
+    held = [link for link in host_links() if link.name == bridge]
+    assert held and claims.holds_link(held[0])
 
 
 # -- scripts/run-agent --------------------------------------------------------
