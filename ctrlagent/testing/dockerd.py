@@ -8,16 +8,18 @@ its own pid after its containers and networks are removed, and everything it
 created (the bridge, the bridges of its networks, the netns mount, the
 directory) is cleaned up.
 
-A run that dies without ``stop()`` (a SIGKILLed pytest, a killed run script, a
-crashed daemon) must not leave its bridges behind for good: each one holds a
-subnet, and Docker's address pools run out after a few dozen.  So every engine
-writes a record (bridge, address octet, directory, pids) into the rig's run
-directory (``$CTRLAGENT_RIG_RUN_DIR``, else ``/run/ctrlagent-rig`` for root,
-else ``$XDG_RUNTIME_DIR/ctrlagent-rig``), and every ``start()`` first removes
-the leftovers of the records whose processes are gone.  Only what a record
-names is touched, and never anything a running ``dockerd`` on this machine
-uses (its bridge, its address pools, its directories), record or not.  The rig
-never signals a process it did not start: a record is stale by a dead pid only.
+A run that ends without ``stop()`` must not leave its bridges behind for good:
+each one holds a subnet, and Docker's address pools run out after a few dozen.
+So every engine writes a record (bridge, address octet, directory, pids) into
+the rig's run directory (``$CTRLAGENT_RIG_RUN_DIR``, else ``/run/ctrlagent-rig``
+for root, else ``$XDG_RUNTIME_DIR/ctrlagent-rig``), and every ``start()`` first
+removes the leftovers of the records whose processes are gone: a daemon that
+crashed or was killed, or the daemon of a killed run once it has ended too.
+Only what a record names is touched, and never anything a running ``dockerd``
+on this machine uses (its bridge, its address pools, its directories), record
+or not.  The rig never signals a process it did not start: a record is stale by
+its dead pids only, so a daemon that outlives its killed run (it has its own
+session) keeps running, and its leftovers wait until it is gone.
 
 This module is synchronous on purpose: it is used from pytest session fixtures
 and plain scripts, before any reactor runs.
@@ -521,9 +523,8 @@ class RigRegistry:
         for path, record in stale:
             left = False
             if record.boot_id == _boot_id():
-                bridge = record.bridge if _RIG_BRIDGE.fullmatch(record.bridge) else None
-                removed += remove_engine_links(bridge, record.pool, claims)
-                left = bool(engine_links(bridge, record.pool, claims))
+                removed += remove_engine_links(record.bridge, record.pool, claims)
+                left = bool(engine_links(record.bridge, record.pool, claims))
             base = Path(record.base)
             if not claims.holds_path(base) and base.exists():
                 unmount_under(base)
@@ -751,6 +752,9 @@ class PrivateDockerd:
             try:
                 self._make_bridge()
             except BaseException:
+                if self._bridge_made:
+                    subprocess.run(["ip", "link", "del", "dev", self.bridge], check=False)
+                    self._bridge_made = False
                 self._drop_record()
                 raise
 
