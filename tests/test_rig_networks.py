@@ -7,8 +7,9 @@ engine that still runs.
 The engine tests start their own private engines (never the shared one): they
 test starting and stopping.  Links are counted with ``ip -o link``; links that
 other runs on this machine add meanwhile (their containers' ends, their
-engines' bridges) are told apart by their addresses, outside every range the
-engines of the test use.
+engines' bridges) are told apart by their addresses: outside every range the
+engines of the test use, or in one that another engine took after the test's
+engine let it go.
 """
 
 from __future__ import annotations
@@ -77,18 +78,36 @@ def _link_addresses() -> dict[str, tuple[list[IPv4Interface], str]]:
     }
 
 
-def links_left(before: set[str], octets: Iterable[int], settle: float = 5.0) -> set[str]:
+def _ranges(octets: Iterable[int]) -> list[IPv4Network]:
+    return [IPv4Network("10.{}.0.0/16".format(o)) for o in octets]
+
+
+def links_in_ranges(octets: Iterable[int]) -> set[str]:
+    """The links holding an address in the ``10.<octet>.0.0/16`` ranges: an engine's bridges."""
+    ranges = _ranges(octets)
+    return {
+        name
+        for name, (addrs, _master) in _link_addresses().items()
+        if any(a.ip in r for a in addrs for r in ranges)
+    }
+
+
+def links_left(
+    before: set[str], octets: Iterable[int], seen: set[str], settle: float = 5.0
+) -> set[str]:
     """
     Links present now that were not ``before``, leaving out those of other
-    runs: links holding an address outside the ``10.<octet>.0.0/16`` ranges of
-    the test's engines, or enslaved to such a link.  Asked again for a few
-    seconds, since other runs' container links come and go.
+    runs: a link holding an address outside the ``10.<octet>.0.0/16`` ranges of
+    the test's engines, or inside one but never ``seen`` while the test's
+    engine held it (another engine took the range after it), or enslaved to
+    such a link.  Asked again for a few seconds, since other runs' container
+    links come and go.
     """
-    ranges = [IPv4Network("10.{}.0.0/16".format(o)) for o in octets]
+    ranges = _ranges(octets)
 
     def foreign(name: str, details: dict[str, tuple[list[IPv4Interface], str]]) -> bool:
         addrs, master = details.get(name, ([], ""))
-        if addrs and not any(a.ip in r for a in addrs for r in ranges):
+        if addrs and (name not in seen or not any(a.ip in r for a in addrs for r in ranges)):
             return True
         return bool(master) and foreign(master, details)
 
@@ -102,8 +121,8 @@ def links_left(before: set[str], octets: Iterable[int], settle: float = 5.0) -> 
         time.sleep(0.25)
 
 
-def assert_links_as_before(before: set[str], octets: Iterable[int]) -> None:
-    left = links_left(before, octets)
+def assert_links_as_before(before: set[str], octets: Iterable[int], seen: set[str]) -> None:
+    left = links_left(before, octets, seen)
     after = link_names()
     assert left == set(), "links left behind: {} (before: {} links, now: {})".format(
         sorted(left), len(before), len(after)
@@ -175,10 +194,11 @@ def test_stopped_engine_leaves_the_hosts_links_as_they_were_before_it_started(
     during = _link_addresses()
     assert engine.bridge in during and network_bridge in during
     assert any(master == network_bridge for _, master in during.values())  # the server's end
+    seen = links_in_ranges([engine.octet])
 
     engine.stop()
 
-    assert_links_as_before(before, [engine.octet])
+    assert_links_as_before(before, [engine.octet], seen)
     assert not engine.base.exists()
 
 
@@ -207,13 +227,14 @@ def test_a_network_the_engine_did_not_remove_loses_its_bridge_once_the_engine_st
     before = link_names()
     engine = started(engines)
     network_bridge = agent_network(engine.host)
+    seen = links_in_ranges([engine.octet])
     # As when the daemon no longer answers at stop: its networks stay in it.
     monkeypatch.setattr(engine, "remove_all_networks", lambda: [])
 
     engine.stop()
 
     assert network_bridge not in link_names()
-    assert_links_as_before(before, [engine.octet])
+    assert_links_as_before(before, [engine.octet], seen)
 
 
 # -- a crashed run ------------------------------------------------------------
@@ -241,6 +262,7 @@ def test_next_start_removes_what_a_crashed_engine_left_and_spares_running_engine
     crashed = started(engines)
     crashed_bridge = agent_network(crashed.host)
     end = _veth_on(crashed_bridge)
+    seen = links_in_ranges([crashed.octet])
     assert crashed.process is not None
     os.kill(crashed.process.pid, signal.SIGKILL)  # by its own pid
     crashed.process.wait(10)
@@ -252,6 +274,7 @@ def test_next_start_removes_what_a_crashed_engine_left_and_spares_running_engine
     assert record.exists()
 
     following = started(engines)
+    seen |= links_in_ranges([running.octet, following.octet])
 
     assert leftovers & link_names() == set()
     assert not crashed.base.exists() and mounts_under(crashed.base) == []
@@ -264,7 +287,7 @@ def test_next_start_removes_what_a_crashed_engine_left_and_spares_running_engine
 
     following.stop()
     running.stop()
-    assert_links_as_before(before, [running.octet, crashed.octet, following.octet])
+    assert_links_as_before(before, [running.octet, crashed.octet, following.octet], seen)
 
 
 @pytest.mark.docker
@@ -386,6 +409,7 @@ def test_run_agent_stopped_with_ctrl_c_leaves_the_hosts_links_as_they_were(
         )
         octet = int(subnet.split(".")[1])
         assert network_bridge in link_names()
+        seen = links_in_ranges([octet])
 
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         code = proc.wait(90)
@@ -398,7 +422,7 @@ def test_run_agent_stopped_with_ctrl_c_leaves_the_hosts_links_as_they_were(
     assert code == 0, text
     assert "stopping the private engine" in text
     assert "Traceback" not in text and "#critical]" not in text, text
-    assert_links_as_before(before, [octet])
+    assert_links_as_before(before, [octet], seen)
     assert not Path(host[len("unix://") :]).parent.exists()
 
 
