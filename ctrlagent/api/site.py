@@ -212,7 +212,7 @@ class GuardedRequest(server.Request):
         else:
             transport.loseConnection()
         if site.refused_grace <= 0:
-            transport.abortConnection()
+            _abort(transport)
             return
         _abort_after(channel, site.clock, site.refused_grace)
 
@@ -270,6 +270,12 @@ LimitedRequest = GuardedRequest
 _site_log = Logger(namespace="ctrlagent.api.site.GuardedSite")
 
 
+def _abort(transport: Any) -> None:
+    """Close now, dropping unsent data (``loseConnection`` where there is no abort)."""
+    abort = getattr(transport, "abortConnection", None)
+    (abort if callable(abort) else transport.loseConnection)()
+
+
 def _stop_reading(transport: Any) -> None:
     producer = IPushProducer(transport, None)
     if producer is not None:
@@ -279,7 +285,7 @@ def _stop_reading(transport: Any) -> None:
 def _abort_after(channel: Any, clock: IReactorTime, delay: float) -> None:
     """Abort ``channel``'s transport after ``delay`` s unless it is lost first."""
     transport = channel.transport
-    call = clock.callLater(delay, transport.abortConnection)
+    call = clock.callLater(delay, _abort, transport)
     lost = channel.connectionLost
 
     def connection_lost(reason: Any) -> None:
@@ -357,7 +363,7 @@ class GuardedChannel(http.HTTPChannel):
         self._closing = True
         transport = self.transport
         if transport is not None:
-            transport.abortConnection()
+            _abort(transport)
 
     def _arm_header_deadline(self) -> None:
         timeout = self.site.header_timeout if isinstance(self.site, GuardedSite) else 0
@@ -458,7 +464,7 @@ class GuardedSite(server.Site):
         """The open connections, oldest first."""
         return list(self._channels)
 
-    def buildProtocol(self, addr: IAddress) -> Any:
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         """A guarded channel, after making room for it (or None: closed at once)."""
         if len(self._channels) >= self.max_connections and not self._make_room():
             self.refused_connections += 1
@@ -483,7 +489,7 @@ class GuardedSite(server.Site):
                 return True
         return False
 
-    def _warn_full(self, addr: IAddress) -> None:
+    def _warn_full(self, addr: IAddress | None) -> None:
         now = self.clock.seconds()
         if now - self._last_full_warning < 10.0:
             return
