@@ -196,7 +196,8 @@ class GuardedRequest(server.Request):
         if isinstance(channel, GuardedChannel):
             channel.refused_unauthenticated += 1
             channel.closing()
-        self.log.info(
+        # Debug: an unauthenticated client must not be able to flood the log.
+        self.log.debug(
             "refused a request body without credentials from {peer}",
             peer=str(self.getClientAddress()),
         )
@@ -350,9 +351,11 @@ class GuardedChannel(http.HTTPChannel):
         return not self._is_authenticated and (self._awaiting_headers or self._closing)
 
     def requestDone(self, request: Any) -> None:
-        super().requestDone(request)
+        # Before the parent replays pipelined data, which may complete the
+        # next request's headers at once.
         if self.persistent:
             self._awaiting_headers = True
+        super().requestDone(request)
 
     def closing(self) -> None:
         """This connection is on its way out: a new one may take its slot."""
@@ -376,7 +379,7 @@ class GuardedChannel(http.HTTPChannel):
         if transport is None or self._closing:
             return
         self._closing = True
-        self.log.info(
+        self.log.debug(
             "closing {peer}: its request headers did not arrive within {timeout} s",
             peer=str(transport.getPeer()),
             timeout=self.site.header_timeout,

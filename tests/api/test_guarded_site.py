@@ -214,6 +214,32 @@ def test_a_kept_alive_connection_gets_a_fresh_header_deadline_per_request() -> N
     assert transport.disconnecting
 
 
+def test_pipelined_requests_each_get_their_own_header_deadline() -> None:
+    rig = ApiRig()
+    clock = Clock()
+    site = _site(rig, clock, header_timeout=10.0)
+    channel, transport = _connect(site)
+
+    def command(action: str, **payload: Any) -> bytes:
+        body = json.dumps({"action": action, "serverId": "srv", "payload": payload}).encode()
+        headers = {**panel_headers(), "Content-Length": str(len(body))}
+        return _request("POST", "/api/command", headers, body)
+
+    created = rig.servers.hold("create")
+    # The second request arrives, complete, while the first is still running.
+    channel.dataReceived(command("create_server", image="img") + command("start_server"))
+    started = rig.servers.hold("start")
+    created.callback(None)
+    # The second runs now; a third arrives meanwhile and waits its turn.
+    channel.dataReceived(_request("GET", "/health", {}))
+    clock.advance(30.0)
+    assert not transport.disconnecting
+    started.callback(None)
+    assert transport.value().count(b"HTTP/1.1 200") == 3, transport.value()
+    clock.advance(11.0)
+    assert not transport.disconnecting  # idle between requests: not a header timeout
+
+
 # -- connection bound (unit) ----------------------------------------------------------
 
 
