@@ -514,17 +514,20 @@ LimitedSite = GuardedSite
 
 def descriptor_budget(wanted_connections: int) -> int:
     """
-    Raise this process's open-file limit towards what ``wanted_connections``
-    needs (up to the hard limit) and return how many API connections fit.
+    Raise this process's open-file limit to its hard limit (as Go and nginx
+    do: the soft limit of 1,024 many systems still default to is far below
+    what a node serving many clients and game servers needs) and return how
+    many API connections fit, keeping descriptors for everything else.
     """
-    needed = wanted_connections + 4 * _RESERVED_DESCRIPTORS
     try:
         soft, hard = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)
-        if soft != rlimit.RLIM_INFINITY and (hard == rlimit.RLIM_INFINITY or soft < hard):
-            target = needed if hard == rlimit.RLIM_INFINITY else min(needed, hard)
-            if target > soft:
-                rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (target, hard))
-                soft = target
+        if hard == rlimit.RLIM_INFINITY:
+            target = max(soft, wanted_connections + 4 * _RESERVED_DESCRIPTORS)
+        else:
+            target = hard
+        if soft != rlimit.RLIM_INFINITY and target > soft:
+            rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (target, hard))
+            soft = target
     except (OSError, ValueError):
         return wanted_connections
     if soft == rlimit.RLIM_INFINITY:

@@ -479,3 +479,19 @@ async def test_slow_connections_past_the_bound_make_room_for_health_and_the_pane
         for s in slow:
             s.close()
         await pool.closeCachedConnections()
+
+
+def test_the_open_file_limit_is_raised_and_bounds_the_connections() -> None:
+    import resource
+
+    from ctrlagent.api.site import descriptor_budget
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        fits = descriptor_budget(1024)
+        raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert raised == hard
+        assert fits == min(1024, hard - 256)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
