@@ -14,6 +14,7 @@ This module is pure: no reactor, no I/O.
 
 from __future__ import annotations
 
+import errno
 import os
 import traceback
 
@@ -31,10 +32,7 @@ def describe_startup_failure(error: BaseException) -> str:
     elif isinstance(error, CannotListenError):
         text = _cannot_listen(error)
     elif isinstance(error, OSError):
-        text = "{}{}".format(
-            error.strerror or type(error).__name__,
-            ": {}".format(error.filename) if error.filename else "",
-        )
+        text = os_error_text(error)
     else:
         text = "unexpected {}: {} (at {})".format(
             type(error).__name__, error, _where(error)
@@ -42,17 +40,37 @@ def describe_startup_failure(error: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _cannot_listen(error: CannotListenError) -> str:
-    reason = error.socketError
-    if isinstance(reason, OSError) and reason.strerror:
-        why = reason.strerror.lower()
+def os_error_text(error: OSError) -> str:
+    """``No such file or directory: /path`` (the path acted on, when known)."""
+    path = error.filename2 if error.filename2 is not None else error.filename
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    text = error.strerror or str(error) or type(error).__name__
+    return "{}: {}".format(text, path) if path is not None else text
+
+
+def listen_failure(description: str, error: BaseException) -> StartupError:
+    """The API cannot listen where ``description`` (a twisted endpoint) says."""
+    reason = error.socketError if isinstance(error, CannotListenError) else error
+    if isinstance(reason, OSError):
+        why = os_error_text(reason)
     else:
-        why = str(reason)
-    where = "{}:{}".format(error.interface or "*", error.port)
+        why = str(reason) or type(reason).__name__
     hint = ""
-    if isinstance(reason, OSError) and reason.errno == 98:  # EADDRINUSE
-        hint = "; is another agent or program using port {}?".format(error.port)
-    return "cannot listen for the HTTP API on {} ({}){}".format(where, why, hint)
+    if isinstance(reason, OSError) and reason.errno == errno.EADDRINUSE:
+        hint = "; is another agent or program using it?"
+    return StartupError(
+        "cannot listen for the HTTP API on {} ({}){}".format(description, _lower_first(why), hint)
+    )
+
+
+def _cannot_listen(error: CannotListenError) -> str:
+    where = "{}:{}".format(error.interface or "*", error.port)
+    return str(listen_failure(where, error))
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def _where(error: BaseException) -> str:

@@ -56,6 +56,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from ctrlagent.config import AgentConfig
+from ctrlagent.startup import StartupError, listen_failure, os_error_text
 
 # Read size of a connection until one of its requests has shown the secret.
 HEADER_READ_BYTES = 4096
@@ -549,11 +550,19 @@ class HttpService(StreamServerEndpointService):
     # it and running on without an API.
     _raiseSynchronously = True
 
-    def __init__(self, endpoint: Any, site: GuardedSite, api: Any, drain_timeout: float) -> None:
+    def __init__(
+        self,
+        endpoint: Any,
+        site: GuardedSite,
+        api: Any,
+        drain_timeout: float,
+        description: str = "its endpoint",
+    ) -> None:
         super().__init__(endpoint, site)
         self._api = api
         self._drain_timeout = drain_timeout
         self.site = site
+        self.description = description
 
     def privilegedStartService(self) -> None:
         wanted = self.site.max_connections
@@ -566,7 +575,10 @@ class HttpService(StreamServerEndpointService):
                 wanted=wanted,
             )
             self.site.max_connections = fits
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            raise listen_failure(self.description, e) from None
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[None] = super().stopService()  # type: ignore[assignment]
@@ -585,7 +597,15 @@ def make_http_service(
     ``api`` is an ``AgentApi`` (anything with a Klein ``app``; its
     ``authorized(request)``, when it has one, gates request bodies).
     """
-    endpoint = serverFromString(reactor, config.http.endpoint_description())
+    description = config.http.endpoint_description()
+    try:
+        endpoint = serverFromString(reactor, description)
+    except Exception as e:
+        # A TLS certificate that cannot be read, an unknown endpoint type...
+        why = os_error_text(e) if isinstance(e, OSError) else str(e) or type(e).__name__
+        raise StartupError(
+            "the HTTP API endpoint {} cannot be set up ({})".format(description, why)
+        ) from None
     authorize = getattr(api, "authorized", None)
     http_config = config.http
     site = GuardedSite(
@@ -597,6 +617,6 @@ def make_http_service(
         header_timeout=http_config.header_timeout,
         idle_timeout=http_config.idle_timeout,
     )
-    service = HttpService(endpoint, site, api, drain_timeout)
+    service = HttpService(endpoint, site, api, drain_timeout, description)
     service.setName("http")
     return service

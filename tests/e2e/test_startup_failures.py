@@ -35,9 +35,12 @@ pytestmark = pytest.mark.e2e
 EXIT_WITHIN = 30.0  # seconds; the machine is shared, the agent takes ~2 s
 
 
-def run_to_exit(agent: AgentProcess, timeout: float = EXIT_WITHIN) -> tuple[int, str]:
+def run_to_exit(
+    agent: AgentProcess, timeout: float = EXIT_WITHIN, rewrite: bool = True
+) -> tuple[int, str]:
     """Start ``agent`` expecting it to fail: ``(exit code, everything it printed)``."""
-    agent._write_config()
+    if rewrite:
+        agent._write_config()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("AGENT_SECRET", None)
     started = time.monotonic()
@@ -190,12 +193,35 @@ def test_the_api_port_in_use(agent: AgentProcess) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", agent.port))
         taken.listen()
-        line = assert_one_clear_line(
+        assert_one_clear_line(
             *run_to_exit(agent),
-            "cannot listen for the HTTP API on 127.0.0.1:{}".format(agent.port),
+            "cannot listen for the HTTP API on tcp:{}:interface=127.0.0.1".format(agent.port),
             "address already in use",
         )
-    assert "Traceback" not in line
+
+
+def test_a_tls_certificate_that_is_missing(make_agent: Callable[..., AgentProcess]) -> None:
+    agent = make_agent()
+    agent._write_config()
+    text = agent.config_path.read_text().replace(
+        'bind = "127.0.0.1"\n', 'bind = "127.0.0.1"\ntls_cert = "/nonexistent/cert.pem"\n'
+    )
+    agent.config_path.write_text(text)
+    code, output = run_to_exit(agent, rewrite=False)
+    assert_one_clear_line(code, output, "cannot be set up", "/nonexistent/cert.pem")
+
+
+def test_a_unix_socket_in_a_missing_directory(make_agent: Callable[..., AgentProcess]) -> None:
+    agent = make_agent()
+    agent._write_config()
+    text = agent.config_path.read_text().replace(
+        'bind = "127.0.0.1"\n', 'bind = "127.0.0.1"\nendpoint = "unix:/nonexistent/api.sock"\n'
+    )
+    agent.config_path.write_text(text)
+    code, output = run_to_exit(agent, rewrite=False)
+    assert_one_clear_line(
+        code, output, "cannot listen for the HTTP API on unix:/nonexistent/api.sock"
+    )
 
 
 # -- bad rows: reported, quarantined, the others served --------------------------------
