@@ -77,6 +77,14 @@ class HttpConfig:
     # Fits a 16 MiB file as base64 inside a JSON envelope.
     max_body_bytes: int = 24 * 1024 * 1024
     cors_origin: str = "*"
+    # Open API connections at most.  Past it, a new connection evicts the
+    # oldest one that serves no authenticated client (a slow or idle one), or
+    # is closed when every connection is busy.
+    max_connections: int = 1024
+    # Seconds a request's line and headers may take, from its first byte.
+    header_timeout: float = 10.0
+    # Seconds a kept-alive connection may stay silent between requests.
+    idle_timeout: float = 60.0
 
     def endpoint_description(self) -> str:
         """The twisted ``serverFromString`` description this config means."""
@@ -374,6 +382,14 @@ def validate(config: AgentConfig) -> None:
             raise ConfigInvalid("{} must be positive".format(name))
     if config.http.max_body_bytes < 1024:
         raise ConfigInvalid("http.max_body_bytes must be at least 1024")
+    if config.http.max_connections < 16:
+        raise ConfigInvalid("http.max_connections must be at least 16")
+    for name, value in (
+        ("http.header_timeout", config.http.header_timeout),
+        ("http.idle_timeout", config.http.idle_timeout),
+    ):
+        if not 0 < value <= 86400:
+            raise ConfigInvalid("{} must be between 0 and 86400 seconds".format(name))
     for name, path in (("state_dir", config.state_dir), ("data_dir", config.data_dir)):
         if not Path(path).is_absolute():
             raise ConfigInvalid("{} {!r} must be an absolute path".format(name, path))

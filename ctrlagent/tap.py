@@ -15,13 +15,21 @@ Children start in that order and stop in reverse: the API stops accepting
 first, then the Panel link closes, then the server manager detaches from the
 containers (game servers keep running).  This module starts nothing itself and
 is the only one that imports the global reactor.
+
+Every startup failure ends the process non-zero with one line naming the
+problem (``ctrlagent: error: ...``) and no traceback: while the service tree is
+built (on stderr, before twistd starts logging), and while it starts (the
+store, the data directory, the API port; in the log), where the services that
+already hold threads are released first so that the process really exits.
+A service manager's ``Restart=`` then sees a failure, not a process that holds
+its port and answers nothing.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
@@ -31,6 +39,7 @@ from twisted.python import usage
 from ctrlagent import __version__
 from ctrlagent.config import AgentConfig, load_config
 from ctrlagent.errors import ConfigInvalid
+from ctrlagent.startup import describe_startup_failure
 
 
 class Options(usage.Options):
@@ -150,6 +159,41 @@ class Options(usage.Options):
 log = Logger(namespace="ctrlagent.tap")
 
 
+class AgentService(MultiService):
+    """
+    The agent's top service.  A child that fails to start ends the process:
+    the children are told to release what they hold (``abort_start``), one
+    critical line names the problem and ``SystemExit(1)`` leaves twistd
+    before its reactor runs.
+    """
+
+    def privilegedStartService(self) -> None:  # noqa: N802 (Twisted hook)
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            self._startup_failed(e)
+
+    def startService(self) -> None:  # noqa: N802 (Twisted hook)
+        try:
+            super().startService()
+        except Exception as e:
+            self._startup_failed(e)
+
+    def _startup_failed(self, error: Exception) -> NoReturn:
+        for child in list(self):
+            abort = getattr(child, "abort_start", None)
+            if callable(abort):
+                try:
+                    abort()
+                except Exception as e:
+                    log.info("releasing {name} failed: {error}", name=child.name, error=e)
+        self.running = False
+        log.critical(
+            "ctrlagent: error: {problem}", problem=describe_startup_failure(error)
+        )
+        raise SystemExit(1)
+
+
 class _StartupBanner(Service):
     """Logs what the agent is about to serve, once, with no secret in it."""
 
@@ -175,7 +219,7 @@ class _StartupBanner(Service):
         )
 
 
-def build_service(reactor: Any, config: AgentConfig) -> MultiService:
+def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     """Build the agent's service tree on ``reactor`` (tests call this directly)."""
     # Imported here so that `twistd ctrlagent --help` stays fast and cheap.
     from ctrlagent.api.app import AgentApi, make_http_service
@@ -186,7 +230,7 @@ def build_service(reactor: Any, config: AgentConfig) -> MultiService:
     from ctrlagent.servers.manager import make_server_manager
     from ctrlagent.system import SystemInfo
 
-    top = MultiService()
+    top = AgentService()
     top.setName("ctrlagent")
     _StartupBanner(config).setServiceParent(top)
 
@@ -250,13 +294,18 @@ def _docker_version(docker: Any) -> Deferred[str | None]:
     return Deferred.fromCoroutine(_docker_version_coro(docker))
 
 
-def makeService(options: Options) -> MultiService:
+def makeService(options: Options) -> AgentService:
     """twistd's entry point: build the agent on the global reactor."""
     from twisted.internet import reactor
 
     from ctrlagent.heap import StartupHeapFreeze
 
-    top = build_service(reactor, options.config)
+    try:
+        top = build_service(reactor, options.config)
+    except Exception as e:
+        # twistd has not started logging yet: stderr is the operator's terminal.
+        sys.stderr.write("ctrlagent: error: {}\n".format(describe_startup_failure(e)))
+        raise SystemExit(1) from None
     # Only in the agent's own process: tests that build the service in
     # pytest's process should not freeze pytest's heap.
     StartupHeapFreeze(reactor).setServiceParent(top)

@@ -145,3 +145,28 @@ def test_packaged_example_config_loads() -> None:
     example = Path(__file__).parent.parent / "packaging" / "agent.toml.example"
     config = load_config(str(example), {"AGENT_SECRET": "s"}, {})
     assert config.http.port == 8081
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("http.max_connections", 8, "max_connections must be at least 16"),
+        ("http.header_timeout", 0, "header_timeout must be between"),
+        ("http.header_timeout", float("nan"), "header_timeout must be between"),
+        ("http.idle_timeout", float("inf"), "idle_timeout must be between"),
+        ("http.idle_timeout", -1, "idle_timeout must be between"),
+    ],
+)
+def test_connection_guards_refuse_unusable_values(setting: str, value: float, message: str) -> None:
+    with pytest.raises(ConfigInvalid, match=message):
+        load_config(None, {"AGENT_SECRET": "s"}, {setting: value})
+
+
+def test_connection_guards_have_safe_defaults(tmp_path: Path) -> None:
+    config = load_config(None, {"AGENT_SECRET": "s"}, {})
+    assert config.http.max_connections == 1024
+    assert 0 < config.http.header_timeout <= 10
+    toml = tmp_path / "agent.toml"
+    toml.write_text('secret = "s"\n[http]\nmax_connections = 4096\nheader_timeout = 5\n')
+    config = load_config(str(toml), {}, {})
+    assert (config.http.max_connections, config.http.header_timeout) == (4096, 5.0)

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
+from ctrlagent.api.jsonbody import decode_json
 from ctrlagent.api.openapi import openapi_document
 from ctrlagent.api.site import make_http_service
 from ctrlagent.commands import ActionResult, Command, IDispatcher, parse_command
@@ -136,7 +137,7 @@ def authenticated(f: F) -> F:
     @functools.wraps(f)
     async def wrapper(self: AgentApi, request: IRequest, *args: Any, **kwargs: Any) -> bytes:
         self._cors(request)
-        if not self._authorized(request):
+        if not self.authorized(request):
             request.setResponseCode(401)
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="ctrlagent"')
             return self._json(
@@ -213,7 +214,12 @@ class AgentApi:
         )
         request.setHeader(b"Access-Control-Max-Age", b"600")
 
-    def _authorized(self, request: IRequest) -> bool:
+    def authorized(self, request: IRequest) -> bool:
+        """
+        Whether ``request`` carries the node's secret (``Authorization:
+        Bearer`` or ``X-API-Key``).  The listener also asks this at the
+        headers, before it reads any body.
+        """
         if not self._secret:
             # validate() only allows an empty secret in development mode.
             return bool(self._config.development)
@@ -245,12 +251,8 @@ class AgentApi:
         raw = content.read(limit + 1) if content is not None else b""
         if len(raw) > limit:
             raise _TooLarge(limit)
-        if not raw.strip():
-            raise ParseError("request body is empty; expected a JSON object")
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ParseError("request body is not valid JSON: {}".format(e)) from None
+        # Every way a body can fail to decode is a ParseError (400), never a 500.
+        return decode_json(raw)
 
     async def _run(self, command: Command) -> ActionResult:
         """

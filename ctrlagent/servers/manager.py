@@ -27,6 +27,7 @@ a restart); the write rate is bounded by the disk, not by the servers' output.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Coroutine
@@ -56,7 +57,8 @@ from ctrlagent.servers import spec as specs
 from ctrlagent.servers.server import Server
 from ctrlagent.servers.spec import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
 from ctrlagent.servers.states import ACTIVE_STATES, ServerState, parse_state
-from ctrlagent.servers.store import ServerStore, open_store
+from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
+from ctrlagent.startup import StartupError
 from ctrlagent.tracker import DeferredTracker
 
 T = TypeVar("T")
@@ -113,30 +115,23 @@ class ServerManager(service.Service):
     # -- service -----------------------------------------------------------
 
     def startService(self) -> None:  # noqa: N802 (Twisted hook)
-        """Load definitions, then watch and reconcile the engine in the background."""
+        """
+        Load definitions, then watch and reconcile the engine in the background.
+
+        Loading is synchronous, before anything runs: a store or data
+        directory that cannot be used raises ``StartupError`` here (the agent
+        then exits with one line), and a stored server that cannot be used is
+        quarantined while the others load.
+        """
+        try:
+            self._load_servers()
+            _ensure_data_root(self.config.data_dir)
+        except BaseException:
+            self.abort_start()
+            raise
         super().startService()
         if self._own_pool:
             self.disk_pool.start()
-        for record in self.store.load():
-            try:
-                spec = specs.spec_from_json(record.spec)
-            except (KeyError, TypeError, ValueError):
-                self.log.failure(
-                    "stored definition of server {server_id} is unreadable",
-                    server_id=record.server_id,
-                )
-                continue
-            server = Server(
-                self,
-                spec,
-                state=parse_state(record.state),
-                desired=record.desired,
-                container_id=record.container_id,
-                console_mark=record.console_mark,
-                console_mark_count=int(record.extra.get("markCount", 0)),
-                last_crash=record.last_crash,
-            )
-            self._add(server)
         since = self.clock.seconds()
         self._events = self.docker.resumable_events(
             {MANAGED_LABEL: "true"},
@@ -153,6 +148,61 @@ class ServerManager(service.Service):
             self._disk_loop = LoopingCall(self._check_all_disks)
             self._disk_loop.clock = self.clock
             self.tracker.track(self._disk_loop.start(interval, now=True), "disk usage checks")
+
+    def abort_start(self) -> None:
+        """
+        The agent's start failed (here or in another service): release the
+        store and the disk threads now, without the reactor, so that the
+        process can exit instead of waiting on them.
+        """
+        self.store.close_now()
+        if self._own_pool and self.disk_pool.started:
+            self.disk_pool.stop()
+
+    def _load_servers(self) -> None:
+        store = self.store
+        if store.migrated:
+            self.log.info(
+                "state store {path}: added the column(s) {columns} with their defaults",
+                path=store.path,
+                columns=", ".join(store.migrated),
+            )
+        for record in store.load():
+            try:
+                server = self._server_from_record(record)
+            except Exception as e:
+                store.quarantine(record.server_id, _unusable(e))
+                continue
+            self._add(server)
+        for entry in store.quarantined:
+            self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                "stored server {server_id!r} cannot be used ({reason}): its row was moved to"
+                " the quarantine table of {path} and it is not managed; the other servers are",
+                server_id=entry.server_id,
+                reason=entry.reason,
+                path=store.path,
+            )
+
+    def _server_from_record(self, record: ServerRecord) -> Server:
+        """A ``Server`` from its stored row; raises when the row cannot be trusted."""
+        specs.validate_server_id(record.server_id)
+        spec = specs.spec_from_json(record.spec)
+        if spec.server_id != record.server_id:
+            raise ValueError("its definition names server {!r}".format(spec.server_id))
+        for alias in spec.aliases:
+            owner = self._aliases.get(alias) or (alias if alias in self._servers else None)
+            if owner is not None:
+                raise ValueError("its alias {!r} already names server {!r}".format(alias, owner))
+        return Server(
+            self,
+            spec,
+            state=parse_state(record.state),
+            desired=record.desired,
+            container_id=record.container_id,
+            console_mark=record.console_mark,
+            console_mark_count=int(record.extra.get("markCount", 0)),
+            last_crash=record.last_crash,
+        )
 
     def stopService(self) -> Deferred[None]:  # noqa: N802 (Twisted hook)
         """Detach from every container (they keep running) and close the store."""
@@ -842,6 +892,36 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _unusable(error: Exception) -> str:
+    """Why a stored server cannot be used, in a few words (no traceback)."""
+    if isinstance(error, CtrlAgentError):
+        return error.message
+    if isinstance(error, KeyError):
+        return "its definition lacks {}".format(error.args[0] if error.args else "a field")
+    if isinstance(error, RecursionError):
+        return "its definition is nested too deeply"
+    if isinstance(error, json.JSONDecodeError):
+        return "its definition is not valid JSON ({})".format(error.msg)
+    text = str(error) or type(error).__name__
+    if isinstance(error, ValueError) and text.startswith("its "):
+        return text
+    return "its definition is unreadable ({}: {})".format(type(error).__name__, text[:200])
+
+
+def _ensure_data_root(path: str) -> None:
+    """The root of the servers' data directories exists and is a directory."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise StartupError(
+            "data directory {} is not a directory (data_dir must name a directory)".format(path)
+        )
+    try:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+    except OSError as e:
+        raise StartupError(
+            "data directory {} cannot be created ({})".format(path, e.strerror or e)
+        ) from None
 
 
 def make_server_manager(reactor: Any, config: AgentConfig, docker: Any) -> ServerManager:

@@ -77,7 +77,11 @@ async def listening() -> AsyncIterator[tuple[ApiRig, int]]:
     rig = ApiRig(max_body_bytes=LIMIT)
     rig.api._clock = reactor  # type: ignore[assignment]
     site = LimitedSite(
-        rig.api.app.resource(), max_body_bytes=LIMIT, clock=reactor, refused_grace=0.5
+        rig.api.app.resource(),
+        max_body_bytes=LIMIT,
+        clock=reactor,
+        refused_grace=0.5,
+        authorize=rig.api.authorized,
     )
     port: IListeningPort = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
     try:
