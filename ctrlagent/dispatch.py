@@ -439,7 +439,7 @@ class Dispatcher:
             self.log.failure(
                 "action {action} for server {server_id} failed unexpectedly",
                 action=command.action,
-                server_id=command.server_id,
+                server_id=printable(command.server_id),
             )
             raise CtrlAgentError(
                 "internal error while running {}".format(command.action), code="EXECUTION_ERROR"
@@ -481,14 +481,16 @@ class Dispatcher:
             if owner != server_id:
                 self.log.warn(  # noqa: G010 - twisted.logger's method
                     "{alias} already names server {owner}; not an alias of {server_id}",
-                    alias=name,
-                    owner=owner,
-                    server_id=server_id,
+                    alias=printable(name),
+                    owner=printable(owner),
+                    server_id=printable(server_id),
                 )
         if new:
             await _settle(self._servers.update(server_id, {"aliases": new}))
             self.log.info(
-                "server {server_id} is also known as {aliases}", server_id=server_id, aliases=new
+                "server {server_id} is also known as {aliases}",
+                server_id=printable(server_id),
+                aliases=[printable(name) for name in new],
             )
 
     def _server_id(self, command: Command) -> str:
@@ -530,11 +532,11 @@ class Dispatcher:
         def on_deadline() -> None:
             self.log.info(
                 "{description} still running after {seconds}s; answering now",
-                description=description,
+                description=printable(description),
                 seconds=deadline,
             )
             # From here on the tracker owns the outcome (and logs a failure).
-            self._tracker.track(d, description)
+            self._tracker.track(d, printable(description))
             try:
                 answered.callback(fallback())
             except Exception:

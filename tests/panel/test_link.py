@@ -6,7 +6,9 @@ outbox, console batching, commands and pings.
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from ctrlagent import logs
 from ctrlagent.events import ConsoleOutput, StatusChanged
 from ctrlagent.panel.link import ConsoleBatcher, Outbox, ReconnectBackoff, panel_url
 
@@ -702,3 +705,13 @@ def test_frames_held_when_the_link_drops_are_still_answered_on_the_next_connecti
         rig.flush()
     assert [f["id"] for f in rig.panel.frames("response", connection=1)] == ["h0", "h1", "h2"]
     assert rig.panel.frames("response", connection=0) == []
+
+
+def test_untrusted_text_never_breaks_the_text_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What twistd's stdout is under a strict UTF-8 locale.
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    monkeypatch.setattr(sys, "stdout", out)
+    observer = logs.text_observer()
+    observer({"log_format": "unusable frame {command_id}", "command_id": "a\ud800",
+              "log_level": LogLevel.warn, "log_time": 0.0, "log_namespace": "test"})
+    assert b"unusable frame a\\ud800" in out.buffer.getvalue()  # type: ignore[attr-defined]
