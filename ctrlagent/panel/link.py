@@ -971,8 +971,9 @@ class PanelLink(service.MultiService):
                 info = {}
             frame = messages.system_info(info, self._config.node_id, self._reactor.seconds())
             self._emit_answer((messages.encode(frame),), done, connection=protocol)
-        finally:
-            done()  # a no-op once the answer was handed over
+        except BaseException:
+            done()  # no answer coming: free the slot
+            raise
 
     def _flush_outbox(self, protocol: PanelProtocol) -> None:
         if not protocol.is_writable():
@@ -1059,8 +1060,9 @@ class PanelLink(service.MultiService):
                 ping_id, self._reactor.seconds(), active_servers=active, system_load=load
             )
             self._emit_answer((messages.encode(frame),), done, connection=protocol)
-        finally:
-            done()  # a no-op once the answer was handed over
+        except BaseException:
+            done()  # no answer coming: free the slot
+            raise
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -1083,6 +1085,16 @@ class PanelLink(service.MultiService):
         )
 
     async def _run_command(self, frame: messages.CommandFrame, done: Callable[[], None]) -> None:
+        try:
+            await self._answer_command(frame, done)
+        except BaseException:
+            done()  # no answer coming (cancelled at shutdown): free the slot
+            raise
+
+    async def _answer_command(
+        self, frame: messages.CommandFrame, done: Callable[[], None]
+    ) -> None:
+        """Dispatch ``frame``'s command and hand over its single answer."""
         command = frame.command
         command_id = command.command_id
         action = printable(command.action, 60)
@@ -1103,7 +1115,6 @@ class PanelLink(service.MultiService):
                     command_id, e, self._reactor.seconds(), id_field=frame.id_field
                 )
             except CancelledError:
-                done()
                 raise
             except Exception:
                 self.log.failure(

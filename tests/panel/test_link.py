@@ -715,3 +715,21 @@ def test_untrusted_text_never_breaks_the_text_log(monkeypatch: pytest.MonkeyPatc
     observer({"log_format": "unusable frame {command_id}", "command_id": "a\ud800",
               "log_level": LogLevel.warn, "log_time": 0.0, "log_namespace": "test"})
     assert b"unusable frame a\\ud800" in out.buffer.getvalue()  # type: ignore[attr-defined]
+
+
+def test_a_pong_waiting_for_the_socket_keeps_its_slot_like_any_answer() -> None:
+    rig = Harness()
+    rig.link.max_in_flight = 1
+    rig.start()
+    protocol = rig.link._protocol
+    assert protocol is not None
+    rig.link.writes_paused(protocol)
+    rig.panel.send({"type": "ping", "id": "p"})
+    rig.panel.send({"id": "after-ping", "type": "command", "action": "system.ping"})
+    rig.flush()
+    stats = rig.link.stats()
+    assert (stats["answersQueued"], stats["commandsInFlight"], stats["framesHeld"]) == (1, 1, 1)
+    rig.link.writes_resumed(protocol)
+    rig.flush()
+    assert [f["id"] for f in rig.panel.frames("pong")] == ["p"]
+    assert list(rig.panel.responses()) == ["after-ping"]
