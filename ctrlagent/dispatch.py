@@ -7,6 +7,10 @@ payload with small typed helpers, resolves the server id through the server
 manager (any id the Panel uses, an alias, a label, a container name), calls the
 server or file manager and returns the ``data`` the Panel reads.
 
+Every payload first passes ``ctrlagent.commands.check_payload`` (one bounded
+walk: non-finite or absurd numbers, runaway nesting and unusable text are
+``INVALID_PAYLOAD`` naming the field), whichever transport it came by.
+
 Errors are ``ctrlagent.errors.CtrlAgentError``s carrying the protocol code; the
 transports map them to their failure shapes.  Anything else is a bug: it is
 logged with its traceback and reported as ``EXECUTION_ERROR`` without leaking
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -32,7 +37,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ctrlagent.commands import ActionResult, Command, IDispatcher
+from ctrlagent.commands import (
+    MAX_SAFE_NUMBER,
+    ActionResult,
+    Command,
+    IDispatcher,
+    check_payload,
+    printable,
+    unusable_text,
+)
 from ctrlagent.errors import CtrlAgentError, InvalidInput, UnknownAction
 from ctrlagent.interfaces import IFileManager, IServerManager, ServerRoot
 from ctrlagent.tracker import DeferredTracker
@@ -119,11 +132,32 @@ def optional_number(
                 raise InvalidInput("{} must be a number".format(name), field=name) from None
         else:
             raise InvalidInput("{} must be a number".format(name), field=name)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise InvalidInput("{} must be a finite number".format(name), field=name)
+    if abs(value) > MAX_SAFE_NUMBER:
+        raise InvalidInput("{} is out of range".format(name), field=name)
     if minimum is not None and value < minimum:
         raise InvalidInput("{} must be at least {}".format(name, minimum), field=name)
     return float(value)
+
+
+def check_limits(params: Mapping[str, Any]) -> None:
+    """
+    Refuse ``limits`` entries that spell a non-finite or absurd number as text
+    (``"inf"``, ``"1e999"``); numbers themselves already passed
+    ``check_payload``.  Other text is left to the server manager to judge.
+    """
+    limits = optional_mapping(params, "limits")
+    for key, value in (limits or {}).items():
+        if not isinstance(value, str):
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if not math.isfinite(number) or abs(number) > MAX_SAFE_NUMBER:
+            where = "limits.{}".format(printable(key, 64))
+            raise InvalidInput("{} must be a finite number".format(where), field=where)
 
 
 def optional_bool(params: Mapping[str, Any], name: str, default: bool = False) -> bool:
@@ -368,6 +402,14 @@ class Dispatcher:
         if handler is None:
             raise UnknownAction("unknown action: {}".format(command.action[:100]))
         action = command.action
+        # Both transports' payloads pass this one walk before any action reads
+        # them: no infinite or absurd number, no runaway nesting, no text that
+        # the filesystem or a console could not take.
+        check_payload(command.params)
+        if command.server_id is not None and unusable_text(command.server_id):
+            raise InvalidInput(
+                "serverId holds a lone surrogate, which is not text", field="serverId"
+            )
 
         def still_running() -> ActionResult:
             # Answering before the Panel's 30 s keeps the node "online" there;
@@ -397,7 +439,7 @@ class Dispatcher:
             self.log.failure(
                 "action {action} for server {server_id} failed unexpectedly",
                 action=command.action,
-                server_id=command.server_id,
+                server_id=printable(command.server_id),
             )
             raise CtrlAgentError(
                 "internal error while running {}".format(command.action), code="EXECUTION_ERROR"
@@ -439,14 +481,16 @@ class Dispatcher:
             if owner != server_id:
                 self.log.warn(  # noqa: G010 - twisted.logger's method
                     "{alias} already names server {owner}; not an alias of {server_id}",
-                    alias=name,
-                    owner=owner,
-                    server_id=server_id,
+                    alias=printable(name),
+                    owner=printable(owner),
+                    server_id=printable(server_id),
                 )
         if new:
             await _settle(self._servers.update(server_id, {"aliases": new}))
             self.log.info(
-                "server {server_id} is also known as {aliases}", server_id=server_id, aliases=new
+                "server {server_id} is also known as {aliases}",
+                server_id=printable(server_id),
+                aliases=[printable(name) for name in new],
             )
 
     def _server_id(self, command: Command) -> str:
@@ -488,11 +532,11 @@ class Dispatcher:
         def on_deadline() -> None:
             self.log.info(
                 "{description} still running after {seconds}s; answering now",
-                description=description,
+                description=printable(description),
                 seconds=deadline,
             )
             # From here on the tracker owns the outcome (and logs a failure).
-            self._tracker.track(d, description)
+            self._tracker.track(d, printable(description))
             try:
                 answered.callback(fallback())
             except Exception:
@@ -533,7 +577,7 @@ class Dispatcher:
         optional_str(p, "name")
         optional_str(p, "startup")
         optional_mapping(p, "environment")
-        optional_mapping(p, "limits")
+        check_limits(p)
         ports = optional_list(p, "ports")
         for i, port in enumerate(ports or []):
             if not isinstance(port, Mapping):
@@ -623,7 +667,7 @@ class Dispatcher:
         optional_str(p, "image")
         optional_str(p, "startup")
         optional_mapping(p, "environment")
-        optional_mapping(p, "limits")
+        check_limits(p)
         data = _as_dict(await _settle(self._servers.update(server_id, dict(p))))
         data.setdefault("serverId", server_id)
         return ActionResult(data, "server {} updated".format(server_id))

@@ -63,6 +63,27 @@ def json_observer() -> ILogObserver:
     return _filtered(jsonFileLogObserver(sys.stdout, recordSeparator=""))
 
 
+class _EscapingText:
+    """
+    A text stream that writes what its encoding refuses (a lone surrogate from
+    untrusted input) as backslash escapes: one odd character must not make the
+    logger disable the observer (which it reports as a critical error).
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(self._stream, "encoding", None) or "utf-8"
+            self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
 def text_observer() -> ILogObserver:
     """Human-readable text on stdout."""
-    return _filtered(textFileLogObserver(sys.stdout))
+    return _filtered(textFileLogObserver(_EscapingText(sys.stdout)))  # type: ignore[arg-type]

@@ -12,17 +12,19 @@ import json
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ctrlagent.commands import ActionResult, Command, IDispatcher, parse_command
+from ctrlagent.commands import ActionResult, Command, IDispatcher, check_payload, parse_command
 from ctrlagent.dispatch import Dispatcher, panel_metrics
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
 from ctrlagent.tracker import DeferredTracker
+from tests.api.conftest import ApiRig
 
 UUID = "3f2b8c1e9d4a4b7f8e6c5d4b3a291807"
 PANEL_ID = "clx9k2m4p0000abcd1234efgh"
@@ -710,3 +712,77 @@ def test_any_slow_action_is_answered_before_the_panel_gives_up(rig: Rig) -> None
     assert len(rig.tracker) == 1
     slow.callback({"content": "late"})  # finishing late is fine and quiet
     assert len(rig.tracker) == 0
+
+
+# -- one check of every payload, whichever transport brought it ---------------------------
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+_BAD_PAYLOADS = [
+    ("create_server", {"limits": {"cpu": float("inf")}}, "limits.cpu"),
+    ("create_server", {"limits": {"cpu": float("-inf")}}, "limits.cpu"),
+    ("create_server", {"limits": {"cpu": float("nan")}}, "limits.cpu"),
+    ("create_server", {"limits": {"cpu": 1e300}}, "limits.cpu"),
+    ("create_server", {"limits": {"memory": 2**53 + 1}}, "limits.memory"),
+    ("create_server", {"limits": {"cpu": "inf"}}, "limits.cpu"),
+    ("create_server", {"limits": {"cpu": "1e999"}}, "limits.cpu"),
+    ("create_server", {"ports": [{"internal": 25565, "external": 2**64}]}, "ports[0].external"),
+    ("create_server", {"environment": {"SEED": float("nan")}}, "environment.SEED"),
+    ("create_server", {"environment": {"X": "a\ud800"}}, "environment.X"),
+    ("stop_server", {"timeout": "1e400"}, "timeout"),
+    ("stop_server", {"timeout": 1e300}, "timeout"),
+    ("write_file", {"path": "a\ud800.txt", "content": ""}, "path"),
+    ("send_server_command", {"command": "say \udfff"}, "command"),
+    ("list_files", {"path": "/", "extra": _nested(40)}, "extra.k.k"),
+]
+
+
+@pytest.mark.parametrize(("action", "params", "field"), _BAD_PAYLOADS)
+def test_a_non_finite_absurd_deep_or_unusable_value_anywhere_is_invalid_payload(
+    rig: Rig, action: str, params: dict[str, Any], field: str
+) -> None:
+    rig.created()
+    if action == "create_server":
+        params = {"image": "busybox", **params}
+        server_id = "fresh"
+    else:
+        server_id = UUID
+    error = rig.error(action, server_id, **params)
+    assert error.code == "INVALID_PAYLOAD", error.message
+    assert error.details["field"].startswith(field), error.details
+    assert "fresh" not in rig.servers.servers
+
+
+def test_a_server_id_holding_a_lone_surrogate_is_invalid_payload(rig: Rig) -> None:
+    error = rig.error("create_server", "srv\ud800", image="busybox")
+    assert (error.code, error.details["field"]) == ("INVALID_PAYLOAD", "serverId")
+
+
+def test_usable_values_pass_the_check_untouched(rig: Rig) -> None:
+    rig.created()
+    params = {"path": "/\udcffname.txt", "content": "héllo 😀", "n": 2**53, "f": -(2.0**53)}
+    check_payload(params)  # the bytes of a non-UTF-8 file name round-trip
+    data = rig.ok("write_file", UUID, path="/ok.txt", content="héllo 😀", deep=_nested(30))
+    assert data["size"] == len("héllo 😀".encode())
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("literal", ["1e999", "-1e999", "Infinity", "-Infinity", "NaN",
+                                     "9007199254740993", "1e300"])
+async def test_http_commands_with_such_numbers_answer_invalid_payload_naming_the_field(
+    literal: str,
+) -> None:
+    api = ApiRig()
+    body = ('{"action":"create_server","serverId":"http-1","payload":{"image":"busybox",'
+            '"limits":{"memory":512,"cpu":' + literal + "}}}")
+    code, answer = await api.command(body.encode())
+    assert code == 200
+    assert (answer["success"], answer["code"]) == (False, "INVALID_PAYLOAD")
+    assert answer["details"]["field"] == "limits.cpu"
+    assert "http-1" not in api.servers.servers

@@ -10,8 +10,15 @@ all state that outlives one connection:
   our own count of failed handshakes because ``ClientService`` resets its count
   on every TCP connect, with a slower floor after the Panel refused our
   credentials (HTTP 401/403);
-- the ``Outbox``: event and response frames produced while the link is down or
-  the socket is not draining, bounded, oldest dropped first and counted;
+- the ``Outbox``: frames produced while the link is down or the socket is not
+  draining.  Answers (responses, pongs, error frames) are never dropped; events
+  are bounded, oldest dropped first and counted under the reason they waited
+  (the link was down, or the Panel was not reading);
+- one ``CommandIntake`` per connection: back-pressure on the reader.  At most
+  ``max_in_flight`` frames are handled at once (an answer that cannot be
+  delivered keeps its slot), later ones wait undecoded, and reading from the
+  transport pauses while too many bytes wait, so a burst of commands is
+  answered in full with bounded memory;
 - the ``ConsoleBatcher``: console lines grouped per server into a few frames so
   that a flooding server cannot flood the Panel;
 - the status the Panel was last told about each server, so that the snapshot
@@ -24,8 +31,11 @@ Panel never keeps a stale state after a reconnect.  Until that sequence is done,
 new events queue behind the outbox so nothing is reordered.
 
 Commands in flight when the connection closes keep running (a half-done stop
-must not be abandoned); their single response goes to the outbox and is
-delivered, with its original id, on the next connection.
+must not be abandoned), and frames already read are still handled; their single
+response goes to the outbox and is delivered, with its original id, on the next
+connection.  Every command with an id gets exactly one answer with that id as
+sent (see ``messages`` for ids and for frames that cannot be decoded); a
+failure of one without an id is reported by an ``error`` frame.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ctrlagent import __version__
-from ctrlagent.commands import ActionResult, Command, IDispatcher
+from ctrlagent.commands import ActionResult, IDispatcher, printable
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import ConfigInvalid, CtrlAgentError
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerEvent, StatusChanged
@@ -65,6 +75,13 @@ _INFO_TIMEOUT = 5.0
 
 # HTTP statuses that mean "your credentials are wrong", not "try again soon".
 _REFUSED_STATUSES = (401, 403)
+
+# Why events had to wait in the outbox, as the log says it.
+_DROP_REASONS = {
+    "linkDown": "the link is down",
+    "panelNotReading": "the Panel is not reading (its socket is backed up)",
+    "synchronising": "the link is sending its opening system_info",
+}
 
 
 class EventSource(Protocol):
@@ -184,44 +201,84 @@ class ReconnectBackoff:
 
 class Outbox:
     """
-    Bounded FIFO of frame groups the Panel could not take yet.
+    FIFO of frame groups waiting for the Panel, of two kinds.
 
-    When full, the oldest group is dropped and counted: recent state matters
-    more than old, and the snapshot after a reconnect repairs any lost status.
+    - Answers (responses, pongs, ``error`` frames) are never dropped: their
+      number is bounded by the link's in-flight cap instead, which stops
+      reading commands while answers cannot be delivered.  Each may carry an
+      ``on_sent`` callback, called once it has been handed to a transport.
+    - Events are bounded by ``size``: when full, the oldest event is dropped
+      and counted under the reason it had to wait (``linkDown``,
+      ``panelNotReading``, ``synchronising``).  Recent state matters more than
+      old, and the snapshot after a reconnect repairs any lost status.
+
+    Both kinds leave in the order they came.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._entries: deque[Entry] = deque()
-        self.dropped = 0  # since the last flush
+        self._events: deque[tuple[int, Entry]] = deque()
+        self._answers: deque[tuple[int, Entry, Callable[[], None] | None]] = deque()
+        self._seq = 0
+        self.dropped = 0  # since the last take_dropped()
         self.dropped_total = 0
+        self.dropped_reasons: dict[str, int] = {}  # since the last take_dropped()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._events) + len(self._answers)
 
-    def append(self, entry: Entry) -> bool:
-        """Queue ``entry``; True when something was dropped to make room."""
-        if self.size <= 0:
-            self.dropped += 1
-            self.dropped_total += 1
-            return True
+    @property
+    def events(self) -> int:
+        """How many event groups are queued."""
+        return len(self._events)
+
+    @property
+    def answers(self) -> int:
+        """How many answers are queued."""
+        return len(self._answers)
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def append(self, entry: Entry, reason: str = "linkDown") -> bool:
+        """Queue an event group; True when an older one was dropped to make room."""
         dropped = False
-        if len(self._entries) >= self.size:
-            self._entries.popleft()
+        if self.size <= 0 or len(self._events) >= self.size:
             self.dropped += 1
             self.dropped_total += 1
+            self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + 1
             dropped = True
-        self._entries.append(entry)
+            if self.size <= 0:
+                return True
+            self._events.popleft()
+        self._events.append((self._next(), entry))
         return dropped
+
+    def append_answer(self, entry: Entry, on_sent: Callable[[], None] | None = None) -> None:
+        """Queue an answer; never dropped."""
+        self._answers.append((self._next(), entry, on_sent))
+
+    def pop_next(self) -> tuple[Entry, Callable[[], None] | None]:
+        """The oldest queued group, event or answer, with its ``on_sent`` callback."""
+        if self._answers and (not self._events or self._answers[0][0] < self._events[0][0]):
+            _, entry, on_sent = self._answers.popleft()
+            return entry, on_sent
+        return self._events.popleft()[1], None
 
     def popleft(self) -> Entry:
-        """The oldest queued group."""
-        return self._entries.popleft()
+        """The oldest queued group (its ``on_sent`` callback is the caller's to run)."""
+        return self.pop_next()[0]
+
+    def take_drops(self) -> tuple[int, dict[str, int]]:
+        """How many event groups were dropped since the last call, and why."""
+        dropped, reasons = self.dropped, self.dropped_reasons
+        self.dropped, self.dropped_reasons = 0, {}
+        return dropped, reasons
 
     def take_dropped(self) -> int:
-        """How many groups were dropped since the last call."""
-        dropped, self.dropped = self.dropped, 0
-        return dropped
+        """How many event groups were dropped since the last call."""
+        return self.take_drops()[0]
 
 
 class _Batch:
@@ -354,10 +411,132 @@ class _WriteFlow:
         """The transport is going away; ``onClose`` does the cleanup."""
 
 
+# What a held frame costs beyond its bytes (the bytes object and its queue
+# slot), so that a flood of empty frames is bounded as surely as large ones.
+_HELD_FRAME_OVERHEAD = 64
+
+
+class CommandIntake:
+    """
+    The frames read from one connection, with back-pressure on its reader.
+
+    At most ``max_in_flight`` frames are being handled at once.  A frame counts
+    from the moment it is taken up until its answer has been handed to a
+    transport (or, when it needs none, until it is done), so answers that
+    cannot be delivered (the Panel is not reading, or the link went down)
+    hold slots too.  Frames arriving at the cap are held, undecoded and in
+    order; once they add up to ``max_held_bytes`` the intake stops reading
+    from the transport (``pauseProducing``), so further frames wait in the
+    Panel's TCP buffers, and it reads again once half of that was taken up.
+
+    Pausing takes effect after the transport's current read, whose frames are
+    still held: the held bytes stay below ``max_held_bytes`` plus one read.
+    Nothing is dropped: frames held when the connection closes are still
+    taken up as slots free, their answers going to the outbox for the next
+    connection.  ``handle(payload, done)`` must call ``done`` once its answer
+    was handed over (extra calls are ignored).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        transport: Any,
+        handle: Callable[[bytes, Callable[[], None]], None],
+        *,
+        max_in_flight: int,
+        max_held_bytes: int,
+    ) -> None:
+        self._transport = transport
+        self._handle = handle
+        self.max_in_flight = max(1, max_in_flight)
+        self.max_held_bytes = max(1, max_held_bytes)
+        self.in_flight = 0
+        self.held: deque[bytes] = deque()
+        self.held_bytes = 0
+        self.reading_paused = False
+        self.read_pauses = 0  # how often reading was paused, for tests and diagnostics
+        self.open = True
+        self._taking = False
+
+    def idle(self) -> bool:
+        """Nothing held and nothing in flight."""
+        return not self.held and not self.in_flight
+
+    def receive(self, payload: bytes) -> None:
+        """One message read from the connection."""
+        if self.held or self.in_flight >= self.max_in_flight:
+            self.held.append(payload)
+            self.held_bytes += len(payload) + _HELD_FRAME_OVERHEAD
+            if self.held_bytes >= self.max_held_bytes:
+                self._pause_reading()
+            return
+        self._take(payload)
+
+    def closed(self) -> None:
+        """The connection is gone: never touch its transport again."""
+        self.open = False
+        self.reading_paused = False
+
+    def discard_held(self) -> int:
+        """Forget the held frames (shutdown); how many there were."""
+        count = len(self.held)
+        self.held.clear()
+        self.held_bytes = 0
+        return count
+
+    def _take(self, payload: bytes) -> None:
+        self.in_flight += 1
+        finished = False
+
+        def done() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            self.in_flight -= 1
+            self._take_held()
+
+        try:
+            self._handle(payload, done)
+        except Exception:
+            self.log.failure("handling a frame from the Panel failed")
+            done()
+
+    def _take_held(self) -> None:
+        # Answers are often handed over synchronously, from inside _take: the
+        # outermost call does the loop, so the stack stays flat.
+        if self._taking:
+            return
+        self._taking = True
+        try:
+            while self.held and self.in_flight < self.max_in_flight:
+                payload = self.held.popleft()
+                self.held_bytes -= len(payload) + _HELD_FRAME_OVERHEAD
+                self._take(payload)
+        finally:
+            self._taking = False
+        if self.reading_paused and self.held_bytes <= self.max_held_bytes // 2:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if self.reading_paused or not self.open:
+            return
+        self.reading_paused = True
+        self.read_pauses += 1
+        self._transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        self.reading_paused = False
+        if self.open:
+            self._transport.resumeProducing()
+
+
 class PanelProtocol(WebSocketClientProtocol):
     """Thin Autobahn protocol: every callback is forwarded to the ``PanelLink``."""
 
     factory: PanelClientFactory
+    intake: CommandIntake | None = None
 
     def onConnecting(self, transport_details: Any) -> ConnectingRequest:
         # Built per attempt so that the credential headers are always current.
@@ -426,7 +605,10 @@ class PanelLink(service.MultiService):
     - ``load``: returns ``{cpu, memory, disk}`` percents for pongs, e.g.
       ``system.system_load``;
     - ``endpoint``: overrides the endpoint built from the URL (tests);
-    - ``random``: the jitter source.
+    - ``random``: the jitter source;
+    - ``max_in_flight`` / ``max_held_bytes``: the back-pressure bounds of each
+      connection's ``CommandIntake`` (frames handled at once; bytes of frames
+      waiting for a slot before reading from the Panel pauses).
 
     ``connected`` is true exactly between ``onOpen`` and ``onClose``;
     ``is_connected()`` is what ``/health`` reports (true when the link is
@@ -446,9 +628,13 @@ class PanelLink(service.MultiService):
         *,
         endpoint: IStreamClientEndpoint | None = None,
         random: Callable[[], float] = random.random,
+        max_in_flight: int = 128,
+        max_held_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         super().__init__()
         self.setName("panel-link")
+        self.max_in_flight = max_in_flight
+        self.max_held_bytes = max_held_bytes
         self._reactor = reactor
         self._config = config
         self._panel = config.panel
@@ -481,7 +667,9 @@ class PanelLink(service.MultiService):
         self._paused = False  # the transport asked us to stop writing
         self._opened_at = 0.0
         self._heartbeat: LoopingCall | None = None
-        self._in_flight: set[str] = set()
+        # Ids of commands running now (by JSON type and value): one answer per id.
+        self._in_flight: set[tuple[str, Any]] = set()
+        self._intakes: set[CommandIntake] = set()
         self._reported: dict[str, str] = {}  # server id -> status the Panel was told
         self._drop_warned = False
         self.connections = 0  # successful opens, for tests and diagnostics
@@ -492,6 +680,10 @@ class PanelLink(service.MultiService):
             autoPingInterval=self._panel.auto_ping_interval,
             autoPingTimeout=self._panel.auto_ping_timeout,
             maxMessagePayloadSize=self._panel.max_message_bytes,
+            # The link decodes every frame itself and answers a text frame that
+            # is not UTF-8 with an error frame, instead of Autobahn failing the
+            # whole connection (1007) over one bad frame.
+            utf8validateIncoming=False,
         )
         if endpoint is None:
             endpoint = self._endpoint_for(self.url)
@@ -530,14 +722,21 @@ class PanelLink(service.MultiService):
         return self.connected or not self._panel.enabled
 
     def stats(self) -> dict[str, Any]:
-        """Diagnostics: link state, outbox depth and losses, failed handshakes."""
+        """Diagnostics: link state, outbox depth and losses, failed handshakes, intake."""
+        self._intakes = {i for i in self._intakes if i.open or not i.idle()}
+        current = self._protocol.intake if self._protocol is not None else None
         return {
             "connected": self.connected,
             "connections": self.connections,
             "outbox": len(self.outbox),
+            "answersQueued": self.outbox.answers,
             "dropped": self.outbox.dropped_total,
             "failedHandshakes": self.backoff.failed_handshakes,
-            "commandsInFlight": len(self._in_flight),
+            "commandsInFlight": sum(i.in_flight for i in self._intakes),
+            "framesHeld": sum(len(i.held) for i in self._intakes),
+            "heldBytes": sum(i.held_bytes for i in self._intakes),
+            "readingPaused": bool(current is not None and current.reading_paused),
+            "readPauses": sum(i.read_pauses for i in self._intakes),
         }
 
     # --- service ----------------------------------------------------------------------------
@@ -568,6 +767,12 @@ class PanelLink(service.MultiService):
             # or 3000-4999, so not 1001); ClientService then closes TCP.
             self._protocol.sendClose(1000, "agent shutting down")
         await super().stopService()
+        unstarted = sum(intake.discard_held() for intake in self._intakes)
+        if unstarted:
+            self.log.info(
+                "{count} frames read from the Panel were not started: the agent is stopping",
+                count=unstarted,
+            )
         self._tracker.cancel_all()
         await self._tracker.wait()
 
@@ -598,6 +803,13 @@ class PanelLink(service.MultiService):
         self._paused = False
         self._opened_at = self._reactor.seconds()
         self.connections += 1
+        intake = protocol.intake = CommandIntake(
+            protocol.transport,
+            lambda payload, done: self._handle_frame(protocol, payload, done),
+            max_in_flight=self.max_in_flight,
+            max_held_bytes=self.max_held_bytes,
+        )
+        self._intakes.add(intake)
         self.backoff.opened()
         self.log.info("connected to the Panel at {url}", url=self._log_url)
         heartbeat = self._heartbeat = LoopingCall(self._send_heartbeat, protocol)
@@ -627,6 +839,8 @@ class PanelLink(service.MultiService):
             return
 
         duration = self._reactor.seconds() - self._opened_at
+        if protocol.intake is not None:
+            protocol.intake.closed()
         self._protocol = None
         self._ready = False
         self._paused = False
@@ -665,31 +879,51 @@ class PanelLink(service.MultiService):
                 self._flush_outbox(protocol)
 
     def frame_received(self, protocol: PanelProtocol, payload: bytes) -> None:
-        """One message from the Panel."""
+        """One message from the Panel: into the connection's intake (back-pressure)."""
+        intake = protocol.intake
+        if intake is None:
+            # Autobahn delivers messages only once open; be safe anyway.
+            self._handle_frame(protocol, payload, lambda: None)
+            return
+        intake.receive(payload)
+
+    def _handle_frame(
+        self, protocol: PanelProtocol, payload: bytes, done: Callable[[], None]
+    ) -> None:
+        """Decode one message and answer it; ``done`` once the answer is handed over."""
         message = messages.parse_frame(payload)
         if isinstance(message, messages.CommandFrame):
-            self._start_command(message.command)
+            self._start_command(message, done)
         elif isinstance(message, messages.PingFrame):
-            self._tracker.run(self._answer_ping(protocol, message.ping_id), "answer a ping")
+            self._tracker.run(self._answer_ping(protocol, message.ping_id, done), "answer a ping")
         elif isinstance(message, messages.SystemInfoRequest):
-            self._tracker.run(self._send_system_info(protocol), "send system_info")
+            self._tracker.run(self._answer_system_info(protocol, done), "send system_info")
         elif isinstance(message, messages.InvalidCommand):
-            self.log.warn(  # noqa: G010
-                "unusable command {command_id} from the Panel: {error}",
-                command_id=message.command_id,
-                error=message.error.message,
-            )
-            if message.command_id is not None:
-                frame = messages.response_for_error(
-                    message.command_id, message.error, self._reactor.seconds()
-                )
-                self._emit((messages.encode(frame),))
+            self._answer_invalid(message, done)
         else:
             self.log.debug(
                 "ignored a frame from the Panel ({reason}, type {frame_type})",
                 reason=message.reason,
-                frame_type=message.frame_type,
+                frame_type=printable(message.frame_type, 60),
             )
+            done()
+
+    def _answer_invalid(self, message: messages.InvalidCommand, done: Callable[[], None]) -> None:
+        """A frame that cannot run: a response with its id, or an ``error`` frame without one."""
+        self.log.warn(  # noqa: G010
+            "unusable frame {command_id} from the Panel: {code} {error}",
+            command_id=printable(message.command_id, 80),
+            code=message.error.code,
+            error=printable(message.error.message),
+        )
+        now = self._reactor.seconds()
+        if message.command_id is not None:
+            frame = messages.response_for_error(
+                message.command_id, message.error, now, id_field=message.id_field
+            )
+        else:
+            frame = messages.error_frame(message.error, now, frameType=message.legacy)
+        self._emit_answer((self._encode_answer(frame, message.command_id, message.id_field),), done)
 
     # --- connection sequence ----------------------------------------------------------------
 
@@ -725,19 +959,42 @@ class PanelLink(service.MultiService):
             frame = messages.system_info(info, self._config.node_id, self._reactor.seconds())
             protocol.send_frame(messages.encode(frame))
 
+    async def _answer_system_info(self, protocol: PanelProtocol, done: Callable[[], None]) -> None:
+        """The answer to a ``system_info_request`` (for this connection only)."""
+        try:
+            try:
+                info = await self._gather(self._system_info)
+            except CancelledError:
+                raise
+            except Exception as e:
+                self.log.warn("could not gather system information: {error}", error=str(e))  # noqa: G010
+                info = {}
+            frame = messages.system_info(info, self._config.node_id, self._reactor.seconds())
+            self._emit_answer((messages.encode(frame),), done, connection=protocol)
+        except BaseException:
+            done()  # no answer coming: free the slot
+            raise
+
     def _flush_outbox(self, protocol: PanelProtocol) -> None:
         if not protocol.is_writable():
             # Closing: everything stays queued for the next connection.
             return
-        dropped = self.outbox.take_dropped()
+        dropped, reasons = self.outbox.take_drops()
         self._drop_warned = False
         if dropped:
             self.log.warn(  # noqa: G010
-                "{dropped} Panel frames were dropped while the link was down (outbox size {size})",
+                "{dropped} Panel events were dropped while they waited ({why}; outbox holds "
+                "{size} events); no answer was dropped",
                 dropped=dropped,
+                why=", ".join(
+                    "{}: {}".format(_DROP_REASONS.get(reason, reason), count)
+                    for reason, count in sorted(reasons.items())
+                ),
                 size=self.outbox.size,
             )
-            frame = messages.events_dropped(self._config.node_id, dropped, self._reactor.seconds())
+            frame = messages.events_dropped(
+                self._config.node_id, dropped, self._reactor.seconds(), reasons
+            )
             protocol.send_frame(messages.encode(frame))
         while (
             self.outbox
@@ -745,8 +1002,11 @@ class PanelLink(service.MultiService):
             and protocol is self._protocol
             and protocol.is_writable()
         ):
-            for data in self.outbox.popleft():
+            entry, on_sent = self.outbox.pop_next()
+            for data in entry:
                 protocol.send_frame(data)
+            if on_sent is not None:
+                on_sent()
 
     def _send_snapshot(self, protocol: PanelProtocol) -> None:
         """The current state of every server, as status changes from what the Panel last heard."""
@@ -780,82 +1040,140 @@ class PanelLink(service.MultiService):
             frame = messages.heartbeat(self._config.node_id, self._reactor.seconds())
             protocol.send_frame(messages.encode(frame))
 
-    async def _answer_ping(self, protocol: PanelProtocol, ping_id: Any) -> None:
+    async def _answer_ping(
+        self, protocol: PanelProtocol, ping_id: Any, done: Callable[[], None]
+    ) -> None:
         try:
-            load = await self._gather(self._load)
-        except CancelledError:
-            raise
-        except Exception as e:
-            self.log.warn("could not measure the system load for a pong: {error}", error=str(e))  # noqa: G010
-            load = {}
-        active = sum(
-            1
-            for status in self._servers.list_servers()
-            if isinstance(status, Mapping) and status.get("status") in ("running", "starting")
-        )
-        if protocol is self._protocol:
+            try:
+                load = await self._gather(self._load)
+            except CancelledError:
+                raise
+            except Exception as e:
+                self.log.warn("could not measure the system load for a pong: {error}", error=str(e))  # noqa: G010
+                load = {}
+            active = sum(
+                1
+                for status in self._servers.list_servers()
+                if isinstance(status, Mapping) and status.get("status") in ("running", "starting")
+            )
             frame = messages.pong(
                 ping_id, self._reactor.seconds(), active_servers=active, system_load=load
             )
-            protocol.send_frame(messages.encode(frame))
+            self._emit_answer((messages.encode(frame),), done, connection=protocol)
+        except BaseException:
+            done()  # no answer coming: free the slot
+            raise
 
     # --- commands ---------------------------------------------------------------------------
 
-    def _start_command(self, command: Command) -> None:
-        command_id = command.command_id
-        if command_id is not None:
-            if command_id in self._in_flight:
+    def _start_command(self, frame: messages.CommandFrame, done: Callable[[], None]) -> None:
+        command = frame.command
+        if command.command_id is not None:
+            key = messages.id_key(command.command_id)
+            if key in self._in_flight:
                 # One final response per id: a retransmitted command is already
                 # being answered.
                 self.log.warn(  # noqa: G010
                     "command {command_id} is already running; duplicate ignored",
-                    command_id=command_id,
+                    command_id=printable(command.command_id, 80),
                 )
+                done()
                 return
-            self._in_flight.add(command_id)
-        self._tracker.run(self._run_command(command), "Panel command " + command.action)
+            self._in_flight.add(key)
+        self._tracker.run(
+            self._run_command(frame, done), "Panel command " + printable(command.action, 60)
+        )
 
-    async def _run_command(self, command: Command) -> None:
+    async def _run_command(self, frame: messages.CommandFrame, done: Callable[[], None]) -> None:
+        try:
+            await self._answer_command(frame, done)
+        except BaseException:
+            done()  # no answer coming (cancelled at shutdown): free the slot
+            raise
+
+    async def _answer_command(
+        self, frame: messages.CommandFrame, done: Callable[[], None]
+    ) -> None:
+        """Dispatch ``frame``'s command and hand over its single answer."""
+        command = frame.command
         command_id = command.command_id
+        action = printable(command.action, 60)
+        error: CtrlAgentError | None = None
         try:
             try:
                 result = await maybeDeferred(self._dispatcher.dispatch, command)
             except CtrlAgentError as e:
                 self.log.info(
                     "command {action} {command_id} failed: {code} {message}",
-                    action=command.action,
-                    command_id=command_id,
+                    action=action,
+                    command_id=printable(command_id, 80),
                     code=e.code,
-                    message=e.message,
+                    message=printable(e.message),
                 )
-                frame = messages.response_for_error(command_id, e, self._reactor.seconds())
+                error = e
+                reply = messages.response_for_error(
+                    command_id, e, self._reactor.seconds(), id_field=frame.id_field
+                )
             except CancelledError:
                 raise
             except Exception:
                 self.log.failure(
                     "command {action} {command_id} raised an unexpected error",
-                    action=command.action,
-                    command_id=command_id,
+                    action=action,
+                    command_id=printable(command_id, 80),
                 )
-                frame = messages.response_failure(
-                    command_id,
-                    "EXECUTION_ERROR",
-                    "internal error running " + command.action,
-                    self._reactor.seconds(),
+                error = CtrlAgentError("internal error running " + command.action[:100])
+                reply = messages.response_for_error(
+                    command_id, error, self._reactor.seconds(), id_field=frame.id_field
                 )
             else:
                 if isinstance(result, Mapping):
                     result = ActionResult(data=dict(result))
                 elif not isinstance(result, ActionResult):
                     result = ActionResult()
-                frame = messages.response_success(command_id, result, self._reactor.seconds())
+                reply = messages.response_success(
+                    command_id, result, self._reactor.seconds(), id_field=frame.id_field
+                )
         finally:
             if command_id is not None:
-                self._in_flight.discard(command_id)
+                self._in_flight.discard(messages.id_key(command_id))
         if command_id is None:
-            # Legacy typed frames carry no id: nothing to correlate a reply with.
-            return
-        self._emit((messages.encode(frame),))
+            # Nothing to correlate a reply with (legacy frames come without an
+            # id), but a failure is still reported rather than lost.
+            if error is None:
+                done()
+                return
+            reply = messages.error_frame(
+                error,
+                self._reactor.seconds(),
+                action=command.action,
+                serverId=command.server_id,
+                frameType=frame.legacy,
+            )
+        self._emit_answer((self._encode_answer(reply, command_id, frame.id_field),), done)
+
+    def _encode_answer(self, frame: dict[str, Any], command_id: Any, id_field: str) -> bytes:
+        """
+        ``frame`` encoded; should that ever fail, an ``EXECUTION_ERROR``
+        answer with the same id instead, so the command is still answered once.
+        """
+        try:
+            return messages.encode(frame)
+        except Exception as e:
+            self.log.warn(  # noqa: G010
+                "could not encode the answer to {command_id} ({error}); answering EXECUTION_ERROR",
+                command_id=printable(command_id, 80),
+                error=printable(repr(e)),
+            )
+            return messages.encode(
+                messages.response_failure(
+                    command_id,
+                    "EXECUTION_ERROR",
+                    "the answer could not be encoded",
+                    self._reactor.seconds(),
+                    id_field=id_field,
+                )
+            )
 
     # --- events -----------------------------------------------------------------------------
 
@@ -896,22 +1214,57 @@ class PanelLink(service.MultiService):
     def _emit_frames(self, frames: list[dict[str, Any]]) -> None:
         self._emit(tuple(messages.encode(frame) for frame in frames))
 
-    def _emit(self, entry: Entry) -> None:
-        """Send now when the link is up and draining, else queue behind the outbox."""
-        protocol = self._protocol
-        if (
+    def _can_send_now(self, protocol: PanelProtocol | None) -> bool:
+        return (
             protocol is not None
             and self._ready
             and not self._paused
             and not self.outbox
             and protocol.is_writable()
-        ):
+        )
+
+    def _emit(self, entry: Entry) -> None:
+        """An event: send now when the link is up and draining, else queue behind the outbox."""
+        protocol = self._protocol
+        if protocol is not None and self._can_send_now(protocol):
             for data in entry:
                 protocol.send_frame(data)
             return
-        if self.outbox.append(entry) and not self._drop_warned:
+        if protocol is None or not protocol.is_writable():
+            reason = "linkDown"
+        elif not self._ready:
+            reason = "synchronising"
+        else:
+            reason = "panelNotReading"
+        if self.outbox.append(entry, reason) and not self._drop_warned:
             self._drop_warned = True
             self.log.warn(  # noqa: G010
-                "Panel outbox full ({size} entries): dropping the oldest events",
+                "Panel outbox full ({size} events) while {why}: dropping the oldest events "
+                "(answers are never dropped)",
                 size=self.outbox.size,
+                why=_DROP_REASONS[reason],
             )
+
+    def _emit_answer(
+        self,
+        entry: Entry,
+        done: Callable[[], None],
+        *,
+        connection: PanelProtocol | None = None,
+    ) -> None:
+        """
+        An answer: never dropped while it can still mean something.  Sent now
+        when possible, else queued (``done`` runs once it is handed over, which
+        is what frees its intake slot).  A ``connection``-bound answer (pong,
+        system_info) is dropped once that connection is closing or gone.
+        """
+        protocol = self._protocol
+        if connection is not None and (connection is not protocol or not connection.is_writable()):
+            done()
+            return
+        if protocol is not None and self._can_send_now(protocol):
+            for data in entry:
+                protocol.send_frame(data)
+            done()
+            return
+        self.outbox.append_answer(entry, done)

@@ -11,14 +11,31 @@ Incoming frames are classified into a small set of typed messages:
   ``data``, or a legacy typed frame (``server_start``, ``file_read``, ...)
   mapped onto a section 2 action (see ``LEGACY_ACTIONS``);
 - ``InvalidCommand``: something meant as a command that cannot be run (no
-  action, a bad field); the link answers it with a failure response when it
-  carries an id;
+  action, a bad field or id, an out-of-range number), or a frame that cannot be
+  decoded at all (not UTF-8, not JSON, nested deeper than ``MAX_FRAME_DEPTH``);
+  the link answers it with a failure response carrying its id, or with an
+  ``error`` frame when no id can be read;
 - ``SystemInfoRequest`` and ``PingFrame``;
-- ``Ignored``: everything else (bad JSON, non-object frames, a browser's
-  ``console``/``stats`` frames, unknown types).  The link never closes the
-  connection because of a frame it does not understand.
+- ``Ignored``: valid JSON the agent does not act on (non-object frames, a
+  browser's ``console``/``stats`` frames, unknown types).  The link never closes
+  the connection because of a frame it does not understand.
 
-Outgoing frames are plain dicts built here and encoded with ``encode``.
+Command ids.  An id is echoed exactly as sent, with its JSON type: a string
+(lone surrogates included, written back as ``\\uXXXX`` escapes) or a number.
+``null`` or no id means "no reply wanted" (legacy frames come this way): the
+command runs and only a failure is reported, by an ``error`` frame.  Any other
+id (``true``, an object, an array) or a number outside +/-2**53 is refused
+with ``INVALID_PAYLOAD`` in a response that still carries it as sent.  Legacy
+typed frames may name their id ``requestId`` or ``messageId``; the response
+carries it under that name too.
+
+Numbers.  ``1e999``, ``NaN``, ``Infinity`` and integers too long to convert
+decode to an ``UnrepresentableNumber`` marker rather than failing the frame
+(so its id can still be answered) and make the command ``INVALID_PAYLOAD``,
+naming the field.
+
+Outgoing frames are plain dicts built here and encoded with ``encode``, which
+never fails: see its docstring.
 """
 
 from __future__ import annotations
@@ -26,13 +43,21 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Union
 
-from ctrlagent.commands import ActionResult, Command, parse_command
-from ctrlagent.errors import CtrlAgentError, InvalidInput
+from ctrlagent.commands import (
+    ActionResult,
+    Command,
+    UnrepresentableNumber,
+    check_payload,
+    parse_command,
+    printable,
+)
+from ctrlagent.errors import CtrlAgentError, InvalidInput, ParseError
 from ctrlagent.events import ResourceUpdate, StatusChanged
 
 # Legacy typed frames (``{type, data}``) and the section 2 action each one means.
@@ -69,20 +94,40 @@ KNOWN_IGNORED_TYPES = frozenset(
 )
 
 
+# Deepest nesting of a frame that is decoded at all; deeper ones are refused
+# before the decoder sees them (it recurses), as PARSE_ERROR.
+MAX_FRAME_DEPTH = 64
+
+# Where legacy typed frames may carry their id, in order of preference.
+LEGACY_ID_FIELDS = ("id", "requestId", "messageId")
+
+
 @dataclass(frozen=True)
 class CommandFrame:
-    """A command to dispatch. ``legacy`` names the legacy frame type it came as."""
+    """
+    A command to dispatch. ``legacy`` names the legacy frame type it came as;
+    ``id_field`` is where its id came (``id``, or a legacy ``requestId``/``messageId``).
+    """
 
     command: Command
     legacy: str | None = None
+    id_field: str = "id"
 
 
 @dataclass(frozen=True)
 class InvalidCommand:
-    """A frame meant as a command that cannot be run; answered when it has an id."""
+    """
+    A frame meant as a command that cannot be run, or that could not be decoded.
 
-    command_id: str | None
+    ``command_id`` is the id as sent (None when there is none or it could not
+    be read): answered with a failure response when present, else with an
+    ``error`` frame.
+    """
+
+    command_id: Any
     error: CtrlAgentError
+    id_field: str = "id"
+    legacy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,10 +222,44 @@ def parse_timestamp(value: Any) -> float | None:
 # --- incoming -------------------------------------------------------------------------------
 
 
-def _command_id(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    return "a " + type(value).__name__
+
+
+def id_error(value: Any, field: str = "id") -> InvalidInput | None:
+    """Why ``value`` cannot be a command id (see the module docstring), or None."""
+    if value is None:
         return None
-    return str(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, UnrepresentableNumber)):
+        return InvalidInput(
+            "{} must be a string or a number, not {}".format(field, _json_type(value)), field=field
+        )
+    try:
+        check_payload(value, path=field, text=False)
+    except InvalidInput as e:
+        return e
+    return None
+
+
+def id_key(value: Any) -> tuple[str, Any]:
+    """A hashable key telling ids apart by JSON type and value (``1``, ``1.0``, ``"1"`` differ)."""
+    if isinstance(value, UnrepresentableNumber):
+        return ("literal", value.text)
+    return (type(value).__name__, value)
+
+
+def _legacy_id(frame: Mapping[str, Any]) -> tuple[Any, str]:
+    """The id of a legacy typed frame and the field it came in."""
+    for name in LEGACY_ID_FIELDS:
+        if frame.get(name) is not None:
+            return frame[name], name
+    return None, "id"
 
 
 def _lift_nested(frame: Mapping[str, Any]) -> dict[str, Any]:
@@ -228,7 +307,7 @@ def _legacy_body(frame_type: str, frame: Mapping[str, Any]) -> dict[str, Any]:
         action = POWER_ACTIONS[word]
     else:
         action = LEGACY_ACTIONS[frame_type]
-    body: dict[str, Any] = {"action": action, "id": frame.get("id"), "data": params}
+    body: dict[str, Any] = {"action": action, "id": _legacy_id(frame)[0], "data": params}
     # Some senders put serverId next to type rather than inside data.
     if frame.get("serverId") is not None:
         body["serverId"] = frame.get("serverId")
@@ -252,83 +331,313 @@ def classify(frame: Any) -> Incoming:
         return PingFrame(ping_id)
 
     legacy: str | None = None
+    id_field = "id"
     if frame_type is not None and (frame_type in LEGACY_ACTIONS or frame_type == "server_power"):
         legacy = frame_type
+        command_id, id_field = _legacy_id(frame)
         try:
             body = _legacy_body(frame_type, frame)
         except CtrlAgentError as e:
-            return InvalidCommand(_command_id(frame.get("id")), e)
+            return InvalidCommand(command_id, e, id_field, legacy)
     elif frame_type == "command" or (frame_type is None and ("action" in frame or "data" in frame)):
         body = _lift_nested(frame)
         if frame_type is None and "action" not in body:
             return Ignored("no type and no action")
+        command_id = body.get("id")
     elif frame_type in KNOWN_IGNORED_TYPES:
         return Ignored("not for the agent", frame_type)
     else:
         return Ignored("unknown frame type", frame_type)
 
+    error = id_error(command_id, id_field)
+    if error is not None:
+        return InvalidCommand(command_id, error, id_field, legacy)
     try:
-        return CommandFrame(parse_command(body), legacy)
+        # Numbers and nesting of everything that becomes the command, named as
+        # the dispatcher names params (``limits.cpu``); the envelope's own
+        # timestamp and extras are never used, so never judged.
+        for name in ("action", "serverId"):
+            check_payload(body.get(name), path=name, text=False)
+        for name in ("data", "payload"):
+            if isinstance(body.get(name), Mapping):
+                check_payload(body[name], text=False)
+        return CommandFrame(parse_command(body), legacy, id_field)
     except CtrlAgentError as e:
-        return InvalidCommand(_command_id(body.get("id")), e)
+        return InvalidCommand(command_id, e, id_field, legacy)
+
+
+def _decode_float(text: str) -> float | UnrepresentableNumber:
+    value = float(text)
+    return value if math.isfinite(value) else UnrepresentableNumber(text)
+
+
+def _decode_int(text: str) -> int | UnrepresentableNumber:
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        return UnrepresentableNumber(text)
+
+
+# Strict about nothing but never failing on a number: see UnrepresentableNumber.
+_DECODER = json.JSONDecoder(
+    parse_float=_decode_float, parse_int=_decode_int, parse_constant=UnrepresentableNumber
+)
+
+# A JSON string (skipped whole) or a bracket; enough to measure nesting without
+# decoding.  The unrolled form stays linear on long strings.
+_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+
+
+def nested_deeper_than(text: str, limit: int) -> bool:
+    """
+    Whether ``text``'s arrays and objects nest more than ``limit`` levels deep;
+    brackets inside strings do not count.  Iterative, stops at ``limit + 1``,
+    and only scans when the text holds more brackets than ``limit`` at all.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for match in _STRUCTURE.finditer(text):
+        char = text[match.start()]
+        if char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def _shallow(text: str, keep: int) -> str:
+    """
+    ``text`` with every array or object nested deeper than ``keep`` replaced by
+    ``null`` (and the outer ones closed, should the text end inside one).
+    """
+    pieces: list[str] = []
+    openers: list[str] = []  # the open containers up to depth ``keep``
+    depth = 0
+    copied_to = 0
+    for match in _STRUCTURE.finditer(text):
+        char = text[match.start()]
+        if char in "[{":
+            depth += 1
+            if depth <= keep:
+                openers.append(char)
+            elif depth == keep + 1:
+                pieces.append(text[copied_to : match.start()])
+                pieces.append("null")
+        elif char in "]}":
+            if depth == keep + 1:
+                copied_to = match.end()
+            elif 0 < depth <= keep and openers:
+                openers.pop()
+            depth -= 1
+    if depth <= keep:
+        pieces.append(text[copied_to:])
+    else:
+        pieces.extend("]" if opener == "[" else "}" for opener in reversed(openers))
+    return "".join(pieces)
+
+
+def _undecodable(reason: str, text: str) -> Incoming:
+    """
+    What to do with a frame that cannot be decoded whole, judged (best effort)
+    from its outer two levels: a command is refused with ``PARSE_ERROR``
+    carrying its id when one can be read (else answered by an ``error``
+    frame), a ping is still answered, a frame the agent would ignore anyway
+    is ignored.
+    """
+    error = ParseError(reason)
+    try:
+        outline = classify(_DECODER.decode(_shallow(text, 2)))
+    except (ValueError, RecursionError):
+        return InvalidCommand(None, error)
+    if isinstance(outline, CommandFrame):
+        return InvalidCommand(outline.command.command_id, error, outline.id_field, outline.legacy)
+    if isinstance(outline, InvalidCommand):
+        return InvalidCommand(outline.command_id, error, outline.id_field, outline.legacy)
+    if isinstance(outline, Ignored) and outline.reason != "frame is not a JSON object":
+        return Ignored("{}; {}".format(reason, outline.reason), outline.frame_type)
+    if isinstance(outline, Ignored):
+        return InvalidCommand(None, error)
+    return outline
 
 
 def parse_frame(payload: bytes | str) -> Incoming:
-    """Decode and classify one WebSocket message; never raises."""
+    """
+    Decode and classify one WebSocket message (text or binary: both are read as
+    UTF-8 JSON); never raises.  A frame that cannot be decoded is an
+    ``InvalidCommand`` with a ``PARSE_ERROR``, carrying its id when one can be
+    read from it.
+    """
     if isinstance(payload, (bytes, bytearray, memoryview)):
+        raw = bytes(payload)
         try:
-            text = bytes(payload).decode("utf-8")
-        except UnicodeDecodeError:
-            return Ignored("frame is not UTF-8")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return _undecodable(
+                "frame is not valid UTF-8 (byte {})".format(e.start),
+                raw.decode("utf-8", "surrogateescape"),
+            )
     else:
         text = payload
+    if nested_deeper_than(text, MAX_FRAME_DEPTH):
+        return _undecodable(
+            "frame is nested deeper than {} levels".format(MAX_FRAME_DEPTH), text
+        )
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        return Ignored("frame is not JSON")
+        value = _DECODER.decode(text)
+    except json.JSONDecodeError as e:
+        return _undecodable("frame is not JSON ({} at char {})".format(e.msg, e.pos), text)
+    except (ValueError, RecursionError) as e:
+        return _undecodable("frame is not JSON ({})".format(printable(str(e), 100)), text)
     return classify(value)
 
 
 # --- outgoing -------------------------------------------------------------------------------
 
 
+def _default(value: Any) -> Any:
+    """What the encoder writes for values JSON has no type for."""
+    if isinstance(value, UnrepresentableNumber):
+        # Only an echoed id can hold one: at the top level it is written as
+        # sent (see encode); nested inside an (invalid) object id, as null.
+        return None
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    return str(value)  # datetimes, paths
+
+
 # Built once: ``json.dumps`` with options builds a new encoder on every call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default
+)
+_ASCII_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=_default
+)
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+# Beyond this an int cannot be written in decimal (sys.get_int_max_str_digits).
+_LARGEST_WRITABLE = 10**4000
+_SANITISE_DEPTH = 100
+
+
+def _sanitise(value: Any, depth: int = 0) -> Any:
+    """
+    ``value`` reduced to what JSON can hold: non-finite floats, unwritable
+    numbers, circular or runaway nesting become null; other odd values strings.
+    Only used when a frame would not encode as it is.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int):
+        return value if -_LARGEST_WRITABLE < value < _LARGEST_WRITABLE else None
+    if depth >= _SANITISE_DEPTH:
+        return None
+    if isinstance(value, Mapping):
+        return {
+            key if isinstance(key, str) else printable(key): _sanitise(item, depth + 1)
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_sanitise(item, depth + 1) for item in value]
+    if isinstance(value, UnrepresentableNumber):
+        return None
+    try:
+        return str(value)
+    except Exception:
+        return None
+
+
+def _encode_value(value: Any) -> bytes:
+    try:
+        text = _ENCODER.encode(value)
+    except (TypeError, ValueError, RecursionError):
+        # NaN/Infinity, a circular or overly deep structure, an odd key.
+        value = _sanitise(value)
+        text = _ENCODER.encode(value)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (echoed from the Panel, or a file name that is not
+        # UTF-8) cannot be UTF-8: write the whole frame with \\uXXXX escapes,
+        # which the Panel's JSON.parse reads back as the very same string.
+        return _ASCII_ENCODER.encode(value).encode("ascii")
 
 
 def encode(frame: Mapping[str, Any]) -> bytes:
-    """One frame as compact UTF-8 JSON; odd values (datetimes, paths) become strings."""
-    return _ENCODER.encode(frame).encode("utf-8")
+    """
+    One frame as compact UTF-8 JSON.  Never fails: odd values (datetimes,
+    paths) become strings, NaN/Infinity null (strict JSON for the Panel's
+    ``JSON.parse``), lone surrogates ``\\uXXXX`` escapes, and an ``id`` that
+    came as an out-of-range literal (``1e999``) is written back as that literal.
+    """
+    literals = [key for key, value in frame.items() if isinstance(value, UnrepresentableNumber)]
+    if not literals:
+        return _encode_value(frame)
+    # An echoed id (``id``, a legacy ``requestId``) that came as an
+    # out-of-range literal: spliced in as that literal, which json cannot write.
+    pairs = []
+    for key in literals:
+        text = frame[key].text
+        literal = text if _JSON_NUMBER.fullmatch(text) else "null"
+        pairs.append(_encode_value(key) + b":" + literal.encode("ascii"))
+    rest = _encode_value({key: value for key, value in frame.items() if key not in literals})
+    return b"{" + b",".join(pairs) + (b"," + rest[1:] if rest != b"{}" else b"}")
 
 
-def response_success(command_id: str | None, result: ActionResult, now: float) -> dict[str, Any]:
+def _response(command_id: Any, id_field: str, now: float, success: bool) -> dict[str, Any]:
+    frame: dict[str, Any] = {"id": command_id}
+    if id_field != "id":
+        # A legacy frame's requestId/messageId goes back under its own name too.
+        frame[id_field] = command_id
+    frame.update(type="response", timestamp=iso_timestamp(now), success=success)
+    return frame
+
+
+def response_success(
+    command_id: Any, result: ActionResult, now: float, *, id_field: str = "id"
+) -> dict[str, Any]:
     """The final reply to a command that worked."""
-    frame: dict[str, Any] = {
-        "id": command_id,
-        "type": "response",
-        "timestamp": iso_timestamp(now),
-        "success": True,
-    }
+    frame = _response(command_id, id_field, now, True)
     if result.message is not None:
         frame["message"] = result.message
     frame["data"] = dict(result.data)
     return frame
 
 
-def response_failure(command_id: str | None, code: str, message: str, now: float) -> dict[str, Any]:
+def response_failure(
+    command_id: Any, code: str, message: str, now: float, *, id_field: str = "id"
+) -> dict[str, Any]:
     """The final reply to a command that failed (``error`` is an object on WebSocket)."""
-    return {
-        "id": command_id,
-        "type": "response",
-        "timestamp": iso_timestamp(now),
-        "success": False,
-        "error": {"code": code, "message": message},
-    }
+    frame = _response(command_id, id_field, now, False)
+    frame["error"] = {"code": code, "message": message}
+    return frame
 
 
-def response_for_error(command_id: str | None, error: CtrlAgentError, now: float) -> dict[str, Any]:
+def response_for_error(
+    command_id: Any, error: CtrlAgentError, now: float, *, id_field: str = "id"
+) -> dict[str, Any]:
     """``response_failure`` for a ``CtrlAgentError``."""
-    return response_failure(command_id, error.code, error.message, now)
+    return response_failure(command_id, error.code, error.message, now, id_field=id_field)
+
+
+def error_frame(error: CtrlAgentError, now: float, **context: Any) -> dict[str, Any]:
+    """
+    ``{"type": "error"}``: a failure that no command id can be given to (a frame
+    that cannot be decoded, a legacy command sent without an id).  The error is
+    both the Issue #27 ``error`` object and the Go agent's legacy ``data`` shape;
+    ``context`` (``action``, ``serverId``, ``frameType``) goes into ``data``.
+    """
+    data: dict[str, Any] = {"code": error.code, "message": error.message}
+    data.update({key: value for key, value in context.items() if value is not None})
+    return {
+        "type": "error",
+        "timestamp": iso_timestamp(now),
+        "error": {"code": error.code, "message": error.message},
+        "data": data,
+    }
 
 
 def heartbeat(node_id: str, now: float) -> dict[str, Any]:
@@ -505,13 +814,24 @@ def resource_frames(
     return frames
 
 
-def events_dropped(node_id: str, dropped: int, now: float) -> dict[str, Any]:
-    """Tells the Panel that ``dropped`` older frames were lost while the link was down."""
-    return event("events_dropped", {"nodeId": node_id, "dropped": dropped}, now)
+def events_dropped(
+    node_id: str, dropped: int, now: float, reasons: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """
+    Tells the Panel that ``dropped`` older event frames were lost (never
+    responses); ``reasons`` counts them by why they had to wait
+    (``linkDown``, ``panelNotReading``, ``synchronising``).
+    """
+    data: dict[str, Any] = {"nodeId": node_id, "dropped": dropped}
+    if reasons:
+        data["reasons"] = dict(reasons)
+    return event("events_dropped", data, now)
 
 
 __all__ = [
     "LEGACY_ACTIONS",
+    "LEGACY_ID_FIELDS",
+    "MAX_FRAME_DEPTH",
     "POWER_ACTIONS",
     "CommandFrame",
     "Ignored",
@@ -522,12 +842,16 @@ __all__ = [
     "classify",
     "console_frames",
     "encode",
+    "error_frame",
     "event",
     "events_dropped",
     "frames_for_status",
     "heartbeat",
+    "id_error",
+    "id_key",
     "iso_timestamp",
     "legacy",
+    "nested_deeper_than",
     "parse_frame",
     "parse_timestamp",
     "pong",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -27,6 +28,16 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 
+def _number(text: str) -> int | Decimal:
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() takes: the agent echoes such ids
+        return Decimal(text)
+
+
+_DECODER = json.JSONDecoder(parse_int=_number)
+
+
 @dataclass
 class Received:
     """One frame the fake Panel received."""
@@ -34,6 +45,7 @@ class Received:
     at: float
     frame: Any
     connection: int  # index into FakePanel.connections
+    raw: bytes = b""  # the message as it came, for byte-exact checks
 
 
 class FakePanelProtocol(WebSocketServerProtocol):
@@ -125,8 +137,8 @@ class FakePanel:
             if self.on_frame is not None:
                 self.on_frame(payload)
             return
-        frame = json.loads(payload)
-        self.received.append(Received(self.clock.seconds(), frame, protocol.index))
+        frame = _DECODER.decode(payload.decode("utf-8"))
+        self.received.append(Received(self.clock.seconds(), frame, protocol.index, payload))
         if self.on_frame is not None:
             self.on_frame(frame)
         self._check()
@@ -139,16 +151,20 @@ class FakePanel:
 
     # --- test controls ----------------------------------------------------------------------
 
-    def send(self, frame: Any) -> None:
-        """Send ``frame`` (JSON-encoded unless bytes/str) to the agent on the open connection."""
+    def send(self, frame: Any, *, binary: bool = False) -> None:
+        """
+        Send ``frame`` (JSON-encoded unless bytes/str) to the agent on the open
+        connection.  Bytes go out as they are, even when not UTF-8 (a text
+        frame the agent must survive); ``binary`` sends a binary frame.
+        """
         assert self.current is not None, "no agent connected"
         if isinstance(frame, bytes):
             payload = frame
         elif isinstance(frame, str):
-            payload = frame.encode("utf-8")
+            payload = frame.encode("utf-8", "surrogatepass")
         else:
             payload = json.dumps(frame).encode("utf-8")
-        self.current.sendMessage(payload, isBinary=False)
+        self.current.sendMessage(payload, isBinary=binary)
 
     def drop(self) -> None:
         """Kill the TCP connection mid-stream, without a WebSocket close."""

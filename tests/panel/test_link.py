@@ -6,12 +6,17 @@ outbox, console batching, commands and pings.
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from ctrlagent import logs
 from ctrlagent.events import ConsoleOutput, StatusChanged
 from ctrlagent.panel.link import ConsoleBatcher, Outbox, ReconnectBackoff, panel_url
 
@@ -206,7 +211,7 @@ def test_outbox_drops_the_oldest_and_says_how_many() -> None:
     rig.advance(rig.next_retry_delay())
     frames = rig.panel.frames()
     dropped = rig.panel.frames("events_dropped")
-    assert dropped[0]["data"] == {"nodeId": "node-1", "dropped": 2}
+    assert dropped[0]["data"] == {"nodeId": "node-1", "dropped": 2, "reasons": {"linkDown": 2}}
     changes = [f["data"]["currentStatus"] for f in rig.panel.frames("server_status_changed")]
     assert changes == ["b2", "b3", "b4"]
     assert types(frames).index("events_dropped") < types(frames).index("server_status_changed")
@@ -476,3 +481,255 @@ def test_while_the_close_handshake_runs_events_queue_and_nothing_is_sent() -> No
     assert [f["data"]["currentStatus"] for f in rig.panel.frames("server_status_changed")] == [
         "starting"
     ]
+
+
+# --- ids, undecodable frames, legacy failures ----------------------------------------------
+
+
+def test_ids_are_echoed_with_their_json_type_and_bad_ones_are_refused_as_sent() -> None:
+    rig = Harness()
+    rig.start()
+    for frame_id in ("text", 7, 1.5, "\ud800", True, None, [1], {"k": 2}, 2**60):
+        rig.panel.send(json.dumps({"id": frame_id, "type": "command", "action": "system.ping"}))
+    rig.panel.send('{"id":1e999,"type":"command","action":"system.ping"}')
+    rig.flush()
+    answers = [(r.frame["id"], r.frame, r.raw) for r in rig.panel.received
+               if r.frame.get("type") == "response"]
+    by_id = {json.dumps(frame_id): frame for frame_id, frame, _ in answers}
+    assert len(answers) == len(by_id) == 9  # the null id asked for no answer
+    for frame_id in ("text", 7, 1.5, "\ud800"):
+        assert by_id[json.dumps(frame_id)]["success"] is True
+    assert type(by_id["7"]["id"]) is int and type(by_id["1.5"]["id"]) is float
+    for frame_id in (True, [1], {"k": 2}, 2**60, float("inf")):
+        error = by_id[json.dumps(frame_id)]["error"]
+        assert error["code"] == "INVALID_PAYLOAD", frame_id
+    # The lone surrogate goes back escaped, in valid UTF-8; 1e999 as it came.
+    raw = {json.dumps(frame_id): raw for frame_id, _, raw in answers}
+    assert raw[json.dumps("\ud800")].startswith(b'{"id":"\\ud800"')
+    raw[json.dumps("\ud800")].decode("utf-8")
+    assert raw["Infinity"].startswith(b'{"id":1e999,')
+    assert rig.link.connected
+
+
+@pytest.mark.parametrize(("payload", "binary", "expected_id", "code"), [
+    ('{"id":"deep","type":"command","action":"x","payload":{"a":' + "[" * 1000 + "]" * 1000
+     + "}}", False, "deep", "PARSE_ERROR"),
+    ('{"type":"command","data":{"id":"inner","action":"x","a":' + "[" * 100_000, False, "inner",
+     "PARSE_ERROR"),
+    ("[" * 100_000, False, None, "PARSE_ERROR"),
+    (b'{"id":"bad-utf8","type":"command","action":"x","payload":{"p":"\xff\xfe"}}', False,
+     "bad-utf8", "PARSE_ERROR"),
+    (b"\x00\xff binary garbage", True, None, "PARSE_ERROR"),
+    ('{"id":"cut","type":"command","action":"x"', False, None, "PARSE_ERROR"),
+    ('{"id":"big","action":"create_server","serverId":"n","payload":{"image":"i","limits":'
+     '{"cpu":1e999}}}', False, "big", "INVALID_PAYLOAD"),
+    ('{"id":"nan","action":"create_server","serverId":"n","payload":{"image":"i","limits":'
+     '{"cpu":NaN}}}', False, "nan", "INVALID_PAYLOAD"),
+    ('{"id":"digits","action":"list_files","serverId":"n","payload":{"limit":' + "9" * 5000
+     + "}}", False, "digits", "INVALID_PAYLOAD"),
+])
+def test_frames_that_cannot_be_decoded_or_used_are_answered_and_the_link_stays_up(
+    payload: str | bytes, binary: bool, expected_id: str | None, code: str
+) -> None:
+    rig = Harness()
+    rig.start()
+    rig.panel.send(payload, binary=binary)
+    rig.flush()
+    if expected_id is None:
+        (answer,) = rig.panel.frames("error")
+        assert answer["data"]["code"] == code
+        assert rig.panel.responses() == {}
+    else:
+        assert list(rig.panel.responses()) == [expected_id]
+        (answer,) = rig.panel.responses()[expected_id]
+        assert answer["success"] is False
+    assert answer["error"]["code"] == code
+    if code == "INVALID_PAYLOAD":
+        assert answer["error"]["message"].split()[0] in ("limits.cpu", "limit")
+    assert rig.link.connected
+    rig.panel.send({"id": "after", "type": "command", "action": "system.ping"})
+    rig.flush()
+    assert rig.panel.responses()["after"][0]["success"] is True
+
+
+def test_a_binary_frame_holding_a_json_command_is_answered_like_text() -> None:
+    rig = Harness()
+    rig.start()
+    rig.panel.send(b'{"id":"b","type":"command","action":"system.ping"}', binary=True)
+    rig.flush()
+    assert rig.panel.responses()["b"][0]["success"] is True
+
+
+def test_legacy_frames_that_fail_are_answered_with_their_id_or_an_error_frame() -> None:
+    rig = Harness()
+    rig.create_server("s1")
+    rig.start()
+    rig.panel.send({"type": "server_start", "requestId": "r1", "data": {"serverId": "ghost"}})
+    rig.panel.send({"type": "server_power", "messageId": 5,
+                    "data": {"serverId": "s1", "action": "explode"}})
+    rig.panel.send({"type": "file_read", "requestId": "r2", "data": "not an object"})
+    rig.panel.send({"type": "server_start", "data": {"serverId": "ghost"}})
+    rig.panel.send({"type": "file_write", "data": ["not", "an", "object"]})
+    rig.panel.send({"type": "server_stop", "data": {"serverId": "s1"}})  # works: no answer
+    rig.flush()
+    responses = rig.panel.responses()
+    assert sorted(responses, key=str) == ["5", "r1", "r2"]
+    r1 = responses["r1"][0]
+    assert (r1["requestId"], r1["error"]["code"]) == ("r1", "SERVER_NOT_FOUND")
+    five = responses["5"][0]
+    assert (five["id"], five["messageId"], five["error"]["code"]) == (5, 5, "INVALID_PAYLOAD")
+    assert responses["r2"][0]["error"]["code"] == "INVALID_PAYLOAD"
+    errors = [f["data"] for f in rig.panel.frames("error")]
+    assert errors == [
+        {"code": "SERVER_NOT_FOUND", "message": errors[0]["message"], "action": "start_server",
+         "serverId": "ghost", "frameType": "server_start"},
+        {"code": "INVALID_PAYLOAD", "message": "data must be an object", "frameType": "file_write"},
+    ]
+    assert rig.link.connected
+
+
+# --- back-pressure --------------------------------------------------------------------------
+
+
+class GatedDispatcher:
+    """Answers each command only when the test fires its gate."""
+
+    def __init__(self) -> None:
+        self.gates: list[tuple[str, Deferred[Any]]] = []
+
+    def dispatch(self, command: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.gates.append((command.command_id, d))
+        return d
+
+    def release_first(self) -> None:
+        _, d = self.gates.pop(0)
+        d.callback({"ok": True})
+
+
+def spy_on_reading(rig: Harness) -> list[str]:
+    """Record the link's pause/resume calls on its transport."""
+    calls: list[str] = []
+    protocol = rig.link._protocol
+    assert protocol is not None
+    transport: Any = protocol.transport
+    transport.pauseProducing = lambda: calls.append("pause")
+    transport.resumeProducing = lambda: calls.append("resume")
+    return calls
+
+
+def test_commands_beyond_the_cap_wait_and_reading_pauses_until_answers_drain() -> None:
+    rig = Harness()
+    rig.link.max_in_flight = 3
+    rig.link.max_held_bytes = 4 * 120  # about four small frames
+    gated = rig.link._dispatcher = GatedDispatcher()
+    rig.start()
+    reading = spy_on_reading(rig)
+    for i in range(20):
+        rig.panel.send({"id": "c{}".format(i), "type": "command", "action": "list_servers"})
+    rig.flush()
+    assert [command_id for command_id, _ in gated.gates] == ["c0", "c1", "c2"]
+    stats = rig.link.stats()
+    assert (stats["commandsInFlight"], stats["framesHeld"]) == (3, 17)
+    assert stats["readingPaused"] and reading == ["pause"]
+    most = 0
+    for _ in range(100):
+        if not gated.gates:
+            break
+        most = max(most, len(gated.gates))
+        gated.release_first()
+        rig.flush()
+    assert most == 3
+    answered = [f["id"] for f in rig.panel.frames("response")]
+    assert answered == ["c{}".format(i) for i in range(20)]  # each once, in order
+    assert reading == ["pause", "resume"]
+    stats = rig.link.stats()
+    assert (stats["commandsInFlight"], stats["framesHeld"], stats["readingPaused"]) == (
+        0, 0, False)
+
+
+def test_answers_wait_for_a_panel_that_is_not_reading_and_only_events_are_dropped() -> None:
+    warnings: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            warnings.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        rig = Harness(outbox_size=2, legacy_frames=False)
+        rig.link.max_in_flight = 4
+        rig.start()
+        protocol = rig.link._protocol
+        assert protocol is not None
+        rig.link.writes_paused(protocol)  # the Panel stops reading
+        for i in range(10):
+            rig.panel.send({"id": i, "type": "command", "action": "system.ping"})
+        for i in range(5):
+            rig.link._on_event(StatusChanged("s1", "a", str(i), float(i)))
+        rig.flush()
+        assert rig.panel.responses() == {}
+        stats = rig.link.stats()
+        assert (stats["answersQueued"], stats["commandsInFlight"], stats["framesHeld"]) == (
+            4, 4, 6)
+        rig.link.writes_resumed(protocol)
+        rig.flush()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert sorted(rig.panel.responses(), key=int) == [str(i) for i in range(10)]
+    assert all(len(v) == 1 for v in rig.panel.responses().values())
+    (dropped,) = rig.panel.frames("events_dropped")
+    assert dropped["data"]["dropped"] == 3
+    assert dropped["data"]["reasons"] == {"panelNotReading": 3}
+    assert any("the Panel is not reading" in w for w in warnings), warnings
+    assert not any("link is down" in w for w in warnings), warnings
+
+
+def test_frames_held_when_the_link_drops_are_still_answered_on_the_next_connection() -> None:
+    rig = Harness()
+    rig.link.max_in_flight = 1
+    gated = rig.link._dispatcher = GatedDispatcher()
+    rig.start()
+    for i in range(3):
+        rig.panel.send({"id": "h{}".format(i), "type": "command", "action": "list_servers"})
+    rig.flush()
+    assert len(gated.gates) == 1
+    rig.panel.drop()
+    rig.flush()
+    gated.release_first()  # answered while down: the answer waits, and holds its slot
+    stats = rig.link.stats()
+    assert (stats["answersQueued"], stats["commandsInFlight"], stats["framesHeld"]) == (1, 1, 2)
+    rig.advance(rig.next_retry_delay())
+    for _ in range(2):
+        gated.release_first()
+        rig.flush()
+    assert [f["id"] for f in rig.panel.frames("response", connection=1)] == ["h0", "h1", "h2"]
+    assert rig.panel.frames("response", connection=0) == []
+
+
+def test_untrusted_text_never_breaks_the_text_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What twistd's stdout is under a strict UTF-8 locale.
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    monkeypatch.setattr(sys, "stdout", out)
+    observer = logs.text_observer()
+    observer({"log_format": "unusable frame {command_id}", "command_id": "a\ud800",
+              "log_level": LogLevel.warn, "log_time": 0.0, "log_namespace": "test"})
+    assert b"unusable frame a\\ud800" in out.buffer.getvalue()  # type: ignore[attr-defined]
+
+
+def test_a_pong_waiting_for_the_socket_keeps_its_slot_like_any_answer() -> None:
+    rig = Harness()
+    rig.link.max_in_flight = 1
+    rig.start()
+    protocol = rig.link._protocol
+    assert protocol is not None
+    rig.link.writes_paused(protocol)
+    rig.panel.send({"type": "ping", "id": "p"})
+    rig.panel.send({"id": "after-ping", "type": "command", "action": "system.ping"})
+    rig.flush()
+    stats = rig.link.stats()
+    assert (stats["answersQueued"], stats["commandsInFlight"], stats["framesHeld"]) == (1, 1, 1)
+    rig.link.writes_resumed(protocol)
+    rig.flush()
+    assert [f["id"] for f in rig.panel.frames("pong")] == ["p"]
+    assert list(rig.panel.responses()) == ["after-ping"]

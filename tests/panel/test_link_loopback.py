@@ -18,6 +18,7 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from ctrlagent.config import AgentConfig, PanelConfig
 from ctrlagent.dispatch import Dispatcher
@@ -286,3 +287,66 @@ async def test_commands_heartbeats_and_a_panel_that_dies_mid_stream(
                              for line in r.frame["data"]["lines"]}
     assert down_lines <= lines_before_snapshot
     await until(lambda: len(panel.frames("heartbeat", connection=1)) >= 2, 2)
+
+
+class OneTurnLater:
+    """The real dispatcher, each answer a reactor turn late, recording the link's intake."""
+
+    def __init__(self, inner: Dispatcher, link: PanelLink) -> None:
+        self.inner = inner
+        self.link = link
+        self.most_in_flight = 0
+        self.most_held_bytes = 0
+
+    def dispatch(self, command: Any) -> Deferred[Any]:
+        stats = self.link.stats()
+        self.most_in_flight = max(self.most_in_flight, stats["commandsInFlight"])
+        self.most_held_bytes = max(self.most_held_bytes, stats["heldBytes"])
+        d: Deferred[Any] = self.inner.dispatch(command)
+        return d.addCallback(lambda result: deferLater(reactor, 0, lambda: result))
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_20000_commands_is_answered_in_full_with_bounded_intake(
+    make_rig: Callable[..., Rig],
+) -> None:
+    warnings: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            warnings.append(formatEvent(event))
+
+    rig = make_rig(auto_ping_interval=0, auto_ping_timeout=0, heartbeat_interval=5.0)
+    panel, link = rig.panel, rig.link
+    link.max_in_flight = 64
+    link.max_held_bytes = 64 * 1024
+    recorder = OneTurnLater(link._dispatcher, link)  # type: ignore[arg-type]
+    link._dispatcher = recorder
+    link.startService()
+    await within(panel.wait_for_frame("system_info", 1))
+    globalLogPublisher.addObserver(observe)
+    try:
+        count = 20_000
+        for i in range(count):
+            panel.send({"id": "b{}".format(i), "type": "command", "action": "system.ping",
+                        "timestamp": 1795482053257})
+        await until(lambda: len(panel.frames("response")) >= count, 180)
+        await sleep(0.2)  # nothing more may come
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+    responses = panel.responses()
+    assert len(panel.frames("response")) == count
+    assert set(responses) == {"b{}".format(i) for i in range(count)}
+    assert all(len(v) == 1 and v[0]["success"] for v in responses.values())
+    stats = link.stats()
+    assert recorder.most_in_flight <= 64
+    # Pausing stops further reads; the frames of the read in progress are still
+    # held: one 64 KiB read of ~110-byte frames charges under 100 KiB.
+    assert recorder.most_held_bytes <= 64 * 1024 + 2 * 65536
+    assert stats["readPauses"] >= 1, stats  # the reader really was held back
+    assert (stats["dropped"], stats["commandsInFlight"], stats["framesHeld"]) == (0, 0, 0)
+    assert not panel.frames("events_dropped")
+    assert link.connections == 1 and link.connected
+    assert not [w for w in warnings if "drop" in w], warnings

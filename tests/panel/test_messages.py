@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ctrlagent.commands import ActionResult
+from ctrlagent.commands import ActionResult, UnrepresentableNumber
 from ctrlagent.errors import ServerNotFound
 from ctrlagent.events import ResourceUpdate, StatusChanged
 from ctrlagent.panel import messages
@@ -31,6 +33,17 @@ NOW = 1_795_482_053.257
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
 json_values = st.recursive(
     json_scalars,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+# What a command payload may hold: numbers within +/-2**53 (see check_payload).
+usable_scalars = (
+    st.none() | st.booleans() | st.integers(min_value=-(2**53), max_value=2**53)
+    | st.floats(min_value=-(2.0**53), max_value=2.0**53) | st.text()
+)
+usable_values = st.recursive(
+    usable_scalars,
     lambda children: st.lists(children, max_size=4)
     | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
@@ -93,7 +106,7 @@ def test_nested_command_with_payload_inside_data() -> None:
                                          "payload": {"path": "/"}}}
     message = parse_frame(dumps(frame))
     assert isinstance(message, CommandFrame)
-    assert message.command.command_id == "7"
+    assert message.command.command_id == 7  # as sent: a number stays a number
     assert message.command.params == {"path": "/"}
 
 
@@ -182,7 +195,7 @@ def test_non_object_frames_are_ignored(value: Any) -> None:
     server_id=st.text(min_size=1, max_size=20),
     timestamp=odd_timestamps,
     payload=st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k != "serverId"),
-                            json_values, max_size=4),
+                            usable_values, max_size=4),
     extra=st.dictionaries(st.text(max_size=8).filter(
         lambda k: k not in ("id", "type", "action", "serverId", "payload", "data", "timestamp")),
         json_values, max_size=4),
@@ -203,7 +216,8 @@ def test_commands_survive_odd_timestamps_and_extra_fields(
         frame["timestamp"] = timestamp
     message = parse_frame(dumps(frame))
     assert isinstance(message, CommandFrame)
-    assert message.command.command_id == str(command_id)
+    assert message.command.command_id == command_id
+    assert type(message.command.command_id) is type(command_id)
     assert message.command.action == action
     assert message.command.server_id == server_id
     assert message.command.params == payload
@@ -307,3 +321,155 @@ def test_resource_update_always_has_network_and_integer_players(metrics: dict[st
 def test_encode_is_compact_utf8_json_and_tolerates_odd_values() -> None:
     data = messages.encode({"a": "é", "when": datetime(2026, 1, 1)})
     assert data == '{"a":"é","when":"2026-01-01 00:00:00"}'.encode()
+
+
+# --- ids, numbers, nesting and the encoder ---------------------------------------------------
+
+
+@pytest.mark.parametrize("frame_id", ["cmd_1", "", "\ud800", "é😀", 0, 7, -3, 1.5, 2**53])
+def test_a_usable_id_is_kept_as_decoded(frame_id: Any) -> None:
+    message = parse_frame(dumps({"id": frame_id, "type": "command", "action": "list_servers"}))
+    assert isinstance(message, CommandFrame)
+    assert message.command.command_id == frame_id
+    assert type(message.command.command_id) is type(frame_id)
+
+
+@pytest.mark.parametrize("text", ["true", "false", "[1]", '{"a":1}', "9007199254740993", "1e300",
+                                  "1e999", "-1e999", "NaN", "Infinity", "1" * 5000])
+def test_an_unusable_id_is_refused_but_kept_as_sent(text: str) -> None:
+    message = parse_frame('{"id":' + text + ',"type":"command","action":"list_servers"}')
+    assert isinstance(message, InvalidCommand)
+    assert message.error.code == "INVALID_PAYLOAD" and message.error.details["field"] == "id"
+    reply = messages.encode(messages.response_for_error(message.command_id, message.error, NOW))
+    echoed = reply[len(b'{"id":'):].split(b',"type"')[0]
+    if text in ("NaN", "Infinity"):
+        assert echoed == b"null"  # not JSON: nothing could carry it back
+    else:
+        assert json.loads(echoed, parse_int=Decimal, parse_float=Decimal) == json.loads(
+            text, parse_int=Decimal, parse_float=Decimal)
+
+
+@pytest.mark.parametrize("literal", ["1e999", "-1e999", "NaN", "Infinity", "-Infinity",
+                                     "9007199254740993", "-1e300", "1" * 5000])
+@pytest.mark.parametrize("shape", ["flat", "nested", "legacy"])
+def test_an_out_of_range_number_anywhere_in_a_command_is_invalid_payload_naming_the_field(
+    literal: str, shape: str,
+) -> None:
+    limits = '{"memory":512,"cpu":' + literal + "}"
+    if shape == "flat":
+        text = ('{"id":"n","type":"command","action":"create_server","serverId":"s",'
+                '"payload":{"image":"i","limits":' + limits + "}}")
+    elif shape == "nested":
+        text = ('{"id":"n","type":"command","data":{"action":"create_server","serverId":"s",'
+                '"image":"i","limits":' + limits + "}}")
+    else:
+        text = '{"id":"n","type":"server_create","data":{"serverId":"s","limits":' + limits + "}}"
+    message = parse_frame(text)
+    assert isinstance(message, InvalidCommand)
+    assert message.command_id == "n"
+    assert message.error.code == "INVALID_PAYLOAD"
+    assert message.error.details["field"] == "limits.cpu"
+
+
+def test_the_envelope_timestamp_is_never_judged() -> None:
+    message = parse_frame('{"id":"t","type":"command","action":"list_servers","timestamp":1e999}')
+    assert isinstance(message, CommandFrame)
+
+
+@pytest.mark.parametrize("depth", [65, 1000, 200_000])
+def test_a_frame_nested_too_deep_is_a_parse_error_that_keeps_its_id(depth: int) -> None:
+    deep = "[" * depth + "]" * depth
+    flat = parse_frame('{"id":"f","type":"command","action":"x","payload":{"a":' + deep + "}}")
+    nested = parse_frame('{"type":"command","data":{"id":"n","action":"x","a":' + deep + "}}")
+    legacy = parse_frame('{"type":"server_create","requestId":"r","data":{"a":' + deep + "}}")
+    ping = parse_frame('{"type":"ping","id":"p","junk":' + deep + "}")
+    stats = parse_frame('{"type":"stats","id":"s","junk":' + deep + "}")
+    bare = parse_frame(deep)
+    for message, command_id in ((flat, "f"), (nested, "n"), (legacy, "r"), (bare, None)):
+        assert isinstance(message, InvalidCommand)
+        assert (message.command_id, message.error.code) == (command_id, "PARSE_ERROR")
+    assert isinstance(legacy, InvalidCommand) and legacy.id_field == "requestId"
+    assert ping == PingFrame("p")
+    assert isinstance(stats, Ignored)
+
+
+def test_a_frame_within_the_depth_limit_but_deeper_than_a_payload_may_be_is_invalid_payload(
+) -> None:
+    deep = "[" * 40 + "]" * 40
+    message = parse_frame('{"id":"d","type":"command","action":"x","payload":{"a":' + deep + "}}")
+    assert isinstance(message, InvalidCommand)
+    assert message.error.code == "INVALID_PAYLOAD"
+    assert message.error.details["field"].startswith("a[0][0]")
+
+
+@pytest.mark.parametrize(("payload", "command_id"), [
+    (b'{"id":"u","type":"command","action":"x","payload":{"p":"\xc3\x28"}}', "u"),
+    (b'{"id":"u","type":"command","action":"x","payload":{"p":"\xed\xa0\x80"}}', "u"),
+    (b"\xff\xfe\xfd", None),
+    (b'{"id":"cut","type":"command"', None),
+    (b"", None),
+])
+def test_a_frame_that_is_not_utf8_json_is_a_parse_error(payload: bytes, command_id: Any) -> None:
+    message = parse_frame(payload)
+    assert isinstance(message, InvalidCommand)
+    assert (message.command_id, message.error.code) == (command_id, "PARSE_ERROR")
+
+
+nested_json = st.recursive(
+    st.none() | st.integers() | st.text(alphabet='[]{}"\\ab', max_size=6),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(alphabet='[]{}"\\ab', max_size=4), children, max_size=3),
+    max_leaves=20,
+)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+@given(nested_json, st.integers(min_value=0, max_value=6))
+def test_nesting_is_measured_without_counting_brackets_in_strings(value: Any, limit: int) -> None:
+    assert messages.nested_deeper_than(json.dumps(value), limit) == (_depth(value) > limit)
+
+
+odd_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats() | st.text(st.characters(blacklist_categories=()))
+    | st.sampled_from([UnrepresentableNumber("1e999"), UnrepresentableNumber("NaN"),
+                       datetime(2026, 1, 1), frozenset({1, 2}), b"bytes"])
+    | st.builds(pow, st.just(10), st.just(5000)),  # an int too long to write in decimal
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(st.characters(blacklist_categories=()), max_size=4) | st.integers(),
+                      children, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(st.dictionaries(st.text(max_size=5), odd_values, max_size=4), odd_values)
+def test_encode_never_fails_and_always_writes_strict_utf8_json(
+    frame: dict[str, Any], frame_id: Any,
+) -> None:
+    frame["id"] = frame_id
+    data = messages.encode(frame)
+
+    def refuse(literal: str) -> Any:
+        raise AssertionError(literal)
+
+    decoded = json.loads(data.decode("utf-8"), parse_int=Decimal, parse_float=Decimal,
+                         parse_constant=refuse)
+    if isinstance(frame_id, str):
+        # What the Panel reads back is the very string (surrogate pairs aside,
+        # which JSON joins into one character either way).
+        assert decoded["id"] == json.loads(json.dumps(frame_id))
+    if isinstance(frame_id, UnrepresentableNumber) and frame_id.is_json:
+        assert data.startswith(b'{"id":1e999')
+
+
+def test_console_frames_keep_utf8_compact_and_escape_only_lone_surrogates() -> None:
+    assert messages.encode({"a": "é"}) == '{"a":"é"}'.encode()
+    assert messages.encode({"a": "\udcff"}) == b'{"a":"\\udcff"}'
+    assert messages.encode({"a": float("nan"), "b": [float("inf")]}) == b'{"a":null,"b":[null]}'
