@@ -9,20 +9,24 @@ only when it is
 
 - valid UTF-8 (no BOM-less UTF-16 guessing surprises either: bytes are decoded
   strictly as UTF-8 first),
-- strict JSON: no ``NaN``/``Infinity`` literals, no integer longer than
-  Python's digit limit,
+- JSON, where a number no action can use (``1e999``, ``NaN``, ``Infinity``,
+  an integer past Python's digit limit) decodes to a marker that the
+  dispatcher's ``check_payload`` refuses as ``INVALID_PAYLOAD`` naming the
+  field, exactly as on the WebSocket link,
 - nested at most ``MAX_DEPTH`` levels (checked on the text before the parser
   recurses, so the parser never can), and
-- free of lone surrogates in any string or key (checked by an iterative walk).
+- free of lone surrogates in any string or key (checked by an iterative walk),
+  but for U+DC80..U+DCFF: those spell the bytes of a non-UTF-8 file name,
+  as listings report them, and both transports accept them back.
 
 This module is pure: no reactor, no I/O.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from ctrlagent.commands import PAYLOAD_DECODER, unusable_text
 from ctrlagent.errors import ParseError
 
 # Deep enough for any command the Panel sends (a few levels), far from the
@@ -64,16 +68,7 @@ def nesting_depth(raw: bytes, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError("{} is not JSON".format(name))
-
-
-def _has_lone_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+_has_lone_surrogate = unusable_text
 
 
 def _check_strings(value: Any) -> None:
@@ -110,7 +105,7 @@ def decode_json(raw: bytes) -> Any:
     if nesting_depth(raw) > MAX_DEPTH:
         raise ParseError("request body is nested deeper than {} levels".format(MAX_DEPTH))
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = PAYLOAD_DECODER.decode(text)
     except (ValueError, RecursionError, MemoryError) as e:
         # ValueError covers JSONDecodeError and integers past the digit limit.
         raise ParseError("request body is not valid JSON: {}".format(_short(e))) from None

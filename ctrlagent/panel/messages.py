@@ -50,6 +50,7 @@ from datetime import UTC, datetime
 from typing import Any, Union
 
 from ctrlagent.commands import (
+    PAYLOAD_DECODER,
     ActionResult,
     Command,
     UnrepresentableNumber,
@@ -366,22 +367,7 @@ def classify(frame: Any) -> Incoming:
         return InvalidCommand(command_id, e, id_field, legacy)
 
 
-def _decode_float(text: str) -> float | UnrepresentableNumber:
-    value = float(text)
-    return value if math.isfinite(value) else UnrepresentableNumber(text)
-
-
-def _decode_int(text: str) -> int | UnrepresentableNumber:
-    try:
-        return int(text)
-    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
-        return UnrepresentableNumber(text)
-
-
-# Strict about nothing but never failing on a number: see UnrepresentableNumber.
-_DECODER = json.JSONDecoder(
-    parse_float=_decode_float, parse_int=_decode_int, parse_constant=UnrepresentableNumber
-)
+_DECODER = PAYLOAD_DECODER
 
 # A JSON string (skipped whole) or a bracket; enough to measure nesting without
 # decoding.  The unrolled form stays linear on long strings.

@@ -1,8 +1,10 @@
 """
 Every body that does not decode to JSON answers 400 ``PARSE_ERROR``, on the
 Panel's command endpoint and on the REST surface alike, and never logs a
-traceback: deep nesting, oversized integers, ``NaN``/``Infinity``, invalid
-UTF-8, lone surrogates, and whatever hypothesis makes of arbitrary bytes.
+traceback: deep nesting, invalid UTF-8, lone surrogates, and whatever
+hypothesis makes of arbitrary bytes.  Numbers no action can use (``1e999``,
+``NaN``, ``Infinity``, 5,000 digits) are JSON the dispatcher refuses as
+``INVALID_PAYLOAD`` naming the field.
 """
 
 from __future__ import annotations
@@ -29,9 +31,6 @@ BAD_BODIES = {
     ),
     "nested past the recursion limit": b"[" * (sys.getrecursionlimit() * 3),
     "nested one level past the limit": b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1),
-    "integer past the digit limit": b'{"action":"system.ping","id":' + b"9" * 5000 + b"}",
-    "NaN literal": b'{"action":"system.ping","payload":{"x":NaN}}',
-    "Infinity literal": b'{"action":"system.ping","payload":{"x":-Infinity}}',
     "invalid UTF-8": b'{"action":"system.ping","payload":{"x":"\xc3\x28"}}',
     "UTF-16 body": '{"action":"system.ping"}'.encode("utf-16"),
     "lone surrogate in a value": b'{"action":"system.ping","payload":{"x":"\\ud800"}}',
@@ -39,6 +38,34 @@ BAD_BODIES = {
     "lone surrogate in a key": b'{"action":"system.ping","payload":{"\\udc00":1}}',
     "encoded surrogate (CESU)": b'{"action":"\xed\xa0\x80"}',
 }
+
+# JSON whose numbers no action can use: decoded (to a marker), then refused by
+# the dispatcher's payload check as INVALID_PAYLOAD naming the field, exactly
+# as the WebSocket link does.
+NUMBER_BODIES = {
+    "integer past the digit limit": (
+        b'{"action":"system.ping","payload":{"n":' + b"9" * 5000 + b"}}", "n"),
+    "NaN literal": (b'{"action":"system.ping","payload":{"x":NaN}}', "x"),
+    "Infinity literal": (b'{"action":"system.ping","payload":{"x":-Infinity}}', "x"),
+    "1e999": (b'{"action":"system.ping","payload":{"limits":{"cpu":1e999}}}', "limits.cpu"),
+}
+
+
+@pytest.mark.parametrize("raw,field", list(NUMBER_BODIES.values()), ids=list(NUMBER_BODIES))
+@pytest_twisted.ensureDeferred
+async def test_unusable_numbers_are_invalid_payload_naming_the_field(
+    rig: ApiRig, raw: bytes, field: str
+) -> None:
+    code, body = await rig.command(raw)
+    assert (code, body["success"], body["code"]) == (200, False, "INVALID_PAYLOAD")
+    assert body.get("field") == field or field in body["error"]
+
+
+def test_file_name_surrogates_decode_for_a_round_trip() -> None:
+    # U+DC80..U+DCFF spell a non-UTF-8 file name's bytes (surrogateescape).
+    assert decode_json(b'{"path":"caf\\udce9.txt"}') == {
+        "path": "caf\udce9.txt"
+    }
 
 
 @pytest.mark.parametrize("raw", list(BAD_BODIES.values()), ids=list(BAD_BODIES))
@@ -67,6 +94,11 @@ async def test_nesting_within_the_limit_is_still_served(rig: ApiRig) -> None:
     raw = '{"action":"system.ping","payload":{"x":' + inner + "}}"
     assert nesting_depth(raw.encode()) == MAX_DEPTH
     code, body = await rig.command(raw.encode())
+    # Decoded (no PARSE_ERROR); the dispatcher's own, tighter payload bound
+    # then names the field.
+    assert (code, body["success"], body["code"]) == (200, False, "INVALID_PAYLOAD")
+    shallow = '{"action":"system.ping","payload":{"x":' + "[" * 8 + "]" * 8 + "}}"
+    code, body = await rig.command(shallow.encode())
     assert (code, body["success"]) == (200, True)
 
 
@@ -88,8 +120,9 @@ def test_arbitrary_bytes_decode_or_raise_parse_error(raw: bytes) -> None:
         value = decode_json(raw)
     except ParseError:
         return
-    # Whatever decodes can be encoded back (no lone surrogate got through).
-    json.dumps(value, ensure_ascii=False).encode("utf-8")
+    # Whatever decodes can be encoded back (no unusable lone surrogate got
+    # through; file-name surrogates map back to their bytes).
+    json.dumps(value, ensure_ascii=False, default=repr).encode("utf-8", "surrogateescape")
 
 
 @settings(max_examples=150, deadline=None)
