@@ -39,7 +39,7 @@ import stat
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
-from ctrlagent.errors import Conflict
+from ctrlagent.errors import Conflict, PermissionDenied
 from ctrlagent.files.paths import KEEP_PREFIX, TMP_PREFIX, WORK_PREFIXES, Components
 
 # Directory fds one walk holds at most (its top included).
@@ -137,6 +137,8 @@ class Walk:
         self.hide = hide
         self.post_order = post_order
         self.truncated = False
+        # Mount points met (and not entered).
+        self.mounts = 0
         self.listed = 0
         self._frames: list[_Frame] = []
         self._open = 0
@@ -261,6 +263,7 @@ class Walk:
                 # A mount point: never walk (or delete, or chown) into another
                 # filesystem.
                 self.truncated = True
+                self.mounts += 1
                 os.close(fd)
                 return
             names = self._list(fd)
@@ -455,9 +458,9 @@ def remove_tree(parent_fd: int, name: str, *, max_depth: int = MAX_TREE_DEPTH,
     beneath it, of any depth; return the bytes of the regular files removed.
 
     Links are removed, never followed; a mount point inside is never
-    entered (its directory then cannot be removed: ``OSError``).  Should the
-    tree keep changing (another writer), up to ``passes`` walks are made,
-    then ``Conflict``: what is left can be removed by trying again.
+    entered: ``PermissionDenied`` once the rest is removed.  Should the tree
+    keep changing (another writer), up to ``passes`` walks are made, then
+    ``Conflict``: what is left can be removed by trying again.
     """
     freed = 0
     for _ in range(passes):
@@ -471,11 +474,15 @@ def remove_tree(parent_fd: int, name: str, *, max_depth: int = MAX_TREE_DEPTH,
             # Not a directory (or a link to one): the name itself goes.
             return freed + _unlink_counted(parent_fd, name)
         try:
-            freed += _empty(top, max_depth)
+            emptied, mounts = _empty(top, max_depth)
+            freed += emptied
         except TreeChanged:
             continue
         finally:
             os.close(top)
+        if mounts:
+            raise PermissionDenied(
+                "{} holds another filesystem (a mount point): not removed".format(name))
         try:
             os.rmdir(name, dir_fd=parent_fd)
         except FileNotFoundError:
@@ -497,8 +504,8 @@ def _unlink_counted(dir_fd: int, name: str) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
-def _empty(top: int, max_depth: int) -> int:
-    """Remove everything beneath the directory ``top``; bytes freed."""
+def _empty(top: int, max_depth: int) -> tuple[int, int]:
+    """Remove everything beneath the directory ``top``: ``(bytes freed, mount points left)``."""
     freed = 0
     walk = Walk(top, post_order=True, max_depth=max_depth)
     for e in walk:
@@ -522,7 +529,7 @@ def _empty(top: int, max_depth: int) -> int:
                 walk.hoist(e)
             else:
                 e.is_dir = True
-    return freed
+    return freed, walk.mounts
 
 
 # -- handing a tree back to its server ---------------------------------------------

@@ -242,6 +242,25 @@ async def test_chunked_upload_with_gap_is_refused(tree: Tree, fm: FileManager) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_chunk_files_planted_with_odd_names_are_not_assembled(
+    tree: Tree, fm: FileManager
+) -> None:
+    # The game server can name files like chunks: a second name for index 1,
+    # a directory and a FIFO where chunks would be.  None of them is taken.
+    await fm.upload_file(tree.root, "p.bin.chunk0", "YQ==")
+    await fm.upload_file(tree.root, "p.bin.chunk1", "Yg==")
+    (tree.root_path / "p.bin.chunk01").write_bytes(b"planted")
+    (tree.root_path / "p.bin.chunk2").mkdir()
+    (tree.root_path / "p.bin.chunk2" / "keep.txt").write_text("keep\n")
+    os.mkfifo(tree.root_path / "p.bin.chunk3")
+    done = await fm.upload_file(tree.root, "p.bin", "")
+    assert done["assembled"] is True and done["chunks"] == 2
+    assert (tree.root_path / "p.bin").read_bytes() == b"ab"
+    assert (tree.root_path / "p.bin.chunk01").read_bytes() == b"planted"
+    assert (tree.root_path / "p.bin.chunk2" / "keep.txt").read_text() == "keep\n"
+
+
+@pytest_twisted.ensureDeferred
 async def test_get_file_info(tree: Tree, fm: FileManager) -> None:
     os.chmod(tree.root_path / "config.txt", 0o640)
     info = await fm.get_file_info(tree.root, "config.txt")
