@@ -554,6 +554,16 @@ class Reclaimed:
         """Special files removed, of every kind."""
         return sum(self.removed.values())
 
+    def example_paths(self, max_chars: int = 100) -> list[str]:
+        """The examples as quoted paths, long ones shortened in the middle (for a log line)."""
+        out = []
+        for comps in self.examples:
+            path = "/" + "/".join(comps)
+            if len(path) > max_chars:
+                path = path[:max_chars // 2 - 2] + "/.../" + path[-(max_chars // 2 - 3):]
+            out.append(repr(path))
+        return out
+
 
 _SPECIAL = {stat.S_IFCHR: "device", stat.S_IFBLK: "device", stat.S_IFIFO: "fifo",
             stat.S_IFSOCK: "socket"}
@@ -593,13 +603,15 @@ def reclaim_tree(top_fd: int, uid: int, gid: int, *, chown: bool = True,
                             out.examples.append(e.rel)
                     continue
                 e.is_dir = stat.S_ISDIR(st.st_mode)
+                setid = stat.S_ISUID | stat.S_ISGID
+                had = st.st_mode & setid and (stat.S_ISREG(st.st_mode)
+                                              or stat.S_ISDIR(st.st_mode))
                 if chown and (st.st_uid, st.st_gid) != (uid, gid):
                     _chown_fd(fd, uid, gid)
                     st = os.fstat(fd)  # a chown by root clears setuid on executables itself
-                if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and (
-                        stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                    _chmod_fd(fd, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID),
-                              e.dir_fd, e.name)
+                if had and st.st_mode & setid:
+                    _chmod_fd(fd, stat.S_IMODE(st.st_mode) & ~setid, e.dir_fd, e.name)
+                if had:
                     out.cleared += 1
             except OSError:
                 out.failed += 1

@@ -339,7 +339,7 @@ class ServerManager(service.Service):
                 count=report.removed_total,
                 kinds=", ".join("{} {}".format(n, kind) for kind, n in
                                 sorted(report.removed.items())),
-                examples=", ".join(repr("/" + "/".join(p)) for p in report.examples),
+                examples=", ".join(report.example_paths()),
             )
         if report.cleared:
             self.log.warn(  # noqa: G010 (twisted.logger has warn)
