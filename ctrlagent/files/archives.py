@@ -444,12 +444,26 @@ def _write_tar(c: Confined, files: list[Components], out: IO[bytes], growth: _Gr
     return count
 
 
+def _zip_name(rel: Components) -> str:
+    """
+    A member name zip can hold: names are UTF-8 there, and the game server
+    may name a file with bytes that are not (they arrive as surrogates); those
+    bytes become U+FFFD rather than failing the whole archive.
+    """
+    name = "/".join(rel)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return name
+
+
 def _write_zip(c: Confined, files: list[Components], out: IO[bytes], growth: _Growth) -> int:
     count = 0
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for top in files:
             for rel, st, fd in _members(c, top):
-                name = "/".join(rel)
+                name = _zip_name(rel)
                 if fd < 0:
                     zf.writestr(zipfile.ZipInfo(name + "/"), b"")
                     continue

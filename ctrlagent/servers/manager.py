@@ -331,30 +331,21 @@ class ServerManager(service.Service):
         report = await self.in_thread(_prepare_dir, server.data_path, uid, gid, recursive)
         if report is None:
             return
-        if report.removed_total:
+        if report.removed_total or report.cleared or report.failed or report.truncated:
+            # One line per pass, whatever it found.
             self.log.warn(  # noqa: G010 (twisted.logger has warn)
-                "server {server_id}: removed {count} special files ({kinds}) from its data"
-                " directory, e.g. {examples}",
+                "server {server_id}: data directory handed back to the server: removed {count}"
+                " special files ({kinds}){examples}; cleared setuid/setgid bits of {cleared}"
+                " entries; {failed} entries could not be fixed{truncated}",
                 server_id=server.server_id,
                 count=report.removed_total,
                 kinds=", ".join("{} {}".format(n, kind) for kind, n in
-                                sorted(report.removed.items())),
-                examples=", ".join(report.example_paths()),
-            )
-        if report.cleared:
-            self.log.warn(  # noqa: G010 (twisted.logger has warn)
-                "server {server_id}: cleared setuid/setgid bits of {count} files and"
-                " directories in its data directory",
-                server_id=server.server_id,
-                count=report.cleared,
-            )
-        if report.failed or report.truncated:
-            self.log.warn(  # noqa: G010 (twisted.logger has warn)
-                "server {server_id}: the data directory could not be fully checked"
-                " ({failed} entries failed{truncated})",
-                server_id=server.server_id,
+                                sorted(report.removed.items())) or "none",
+                examples=(", e.g. " + ", ".join(report.example_paths())
+                          if report.examples else ""),
+                cleared=report.cleared,
                 failed=report.failed,
-                truncated=", a part was not walked" if report.truncated else "",
+                truncated="; a part could not be walked" if report.truncated else "",
             )
 
     def start_install(self, server: Server) -> Deferred[Any] | None:

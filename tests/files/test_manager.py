@@ -6,6 +6,7 @@ import base64
 import os
 import re
 import stat
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -477,3 +478,16 @@ async def test_usage_walk_removes_stale_temp_files_of_a_crash(tree: Tree, fm: Fi
     assert not stale.exists() and fresh.exists() and kept.exists()
     listing = await fm.list_files(tree.root, "sub")
     assert all(not f["name"].startswith(".ctrlagent-") for f in listing["files"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_zip_holds_files_named_with_bytes_that_are_not_utf8(
+    tree: Tree, fm: FileManager
+) -> None:
+    # The game server names files with any bytes; zip names are UTF-8.
+    with open(os.path.join(os.fsencode(tree.root_path), b"sub", b"bad\xff.txt"), "wb") as f:
+        f.write(b"data")
+    made = await fm.create_archive(tree.root, ["sub"], "out.zip", "zip")
+    assert made["files"] == 2
+    with zipfile.ZipFile(tree.root_path / "out.zip") as zf:
+        assert sorted(zf.namelist()) == ["sub/", "sub/bad\ufffd.txt", "sub/inner.txt"]

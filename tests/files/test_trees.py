@@ -11,6 +11,7 @@ server, search, archive creation).
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest_twisted
 
 from ctrlagent.errors import Conflict, PermissionDenied
 from ctrlagent.files import trees
+from ctrlagent.files.paths import Components
 from ctrlagent.interfaces import ServerRoot
 from tests.files.conftest import SERVER_GID, SERVER_UID, Tree, make_manager
 
@@ -243,3 +245,43 @@ async def test_every_file_action_copes_with_a_5000_deep_tree(tree: Tree) -> None
     await fm.delete_file(tree.root, "deep")
     assert not (tree.root_path / "deep").exists()
     assert (tree.root_path / "after.txt").read_text() == "written"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_walk_with_a_tiny_fd_window_meets_every_name_once_in_depth_first_order(
+    tmp_path: Path, top: int, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(seed)
+    expected: set[Components] = set()
+
+    def grow(path: Path, rel: Components, depth: int) -> None:
+        for i in range(rng.randint(1 if depth < 4 else 0, 3 if depth < 12 else 0)):
+            name = "n{}".format(i)
+            expected.add(rel + (name,))
+            if (i == 0 and depth < 8) or rng.random() < 0.5:
+                (path / name).mkdir()
+                grow(path / name, rel + (name,), depth + 1)
+            else:
+                (path / name).write_text("x")
+
+    (tmp_path / "t").mkdir()
+    expected.add(("t",))
+    grow(tmp_path / "t", ("t",), 1)
+    monkeypatch.setattr(trees, "FD_WINDOW", 3)
+    before = open_fds()
+    events: list[tuple[bool, Components]] = []
+    with trees.Walk(top, post_order=True, sort=True) as walk:
+        for e in walk:
+            events.append((e.leaving, e.rel))
+            assert open_fds() - before <= 3 + 1
+    met = [rel for leaving, rel in events if not leaving]
+    assert sorted(met) == sorted(expected) and len(met) == len(expected)
+    assert met == sorted(met)  # sorted names, depth first: lexicographic order
+    # Every directory is left once, after everything beneath it was met.
+    dirs = {r for r in expected if (tmp_path.joinpath(*r)).is_dir()}
+    left = {rel: i for i, (leaving, rel) in enumerate(events) if leaving}
+    assert set(left) == dirs and len(left) == len([1 for leaving, _ in events if leaving])
+    for i, (leaving, rel) in enumerate(events):
+        if not leaving:
+            for n in range(1, len(rel)):
+                assert i < left[rel[:n]]

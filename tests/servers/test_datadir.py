@@ -180,6 +180,7 @@ async def test_prepare_data_dir_reports_what_it_removed_in_one_warning(
     removed = [w for w in warnings if "special files" in w["log_format"]]
     assert len(removed) == 1
     assert removed[0]["count"] == 5 and removed[0]["server_id"] == "s1"
+    assert removed[0]["kinds"] == "3 device, 1 fifo, 1 socket" and removed[0]["cleared"] == 5
     assert "hidden-null'" in removed[0]["examples"]
     assert len(removed[0]["examples"]) < 1000
 
