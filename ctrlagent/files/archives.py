@@ -17,7 +17,10 @@ each member is named by ``paths.member_components`` and written through
   (zip bombs), and members against ``archive_max_entries``;
 - on any failure, every file and directory this extraction created is
   removed again, and every file it overwrote is put back: the original is
-  kept under a hidden hard link until the extraction has succeeded.
+  kept under a hidden hard link until the extraction has succeeded.  The
+  undo goes by identity (device and inode), not by path: a path that holds
+  something else by then (a user's ``write_file`` meanwhile) keeps it, and a
+  directory the extraction created stays when others have put files in it.
 """
 
 from __future__ import annotations
@@ -31,17 +34,16 @@ import tarfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 from ctrlagent.errors import (
-    CtrlAgentError,
     InsufficientResources,
     InvalidInput,
 )
-from ctrlagent.files import fsops
-from ctrlagent.files.confined import Confined, os_error
+from ctrlagent.files import fsops, trees
+from ctrlagent.files.confined import Confined, Made, os_error
 from ctrlagent.files.paths import Components, display, member_components
 
 FORMATS = {"zip": "zip", "tar": "tar", "tar.gz": "tar.gz", "tgz": "tar.gz", "targz": "tar.gz"}
@@ -144,11 +146,16 @@ def _file_mode(mode: int) -> int:
 
 
 def extract(c: Confined, archive: Components, dest: Components, quota: fsops.Quota,
-            limits: ExtractLimits) -> dict[str, Any]:
-    """Extract ``archive`` into ``dest`` (created if missing). ``{"extracted", "skipped"}``."""
+            limits: ExtractLimits,
+            on_member: Callable[[Components], None] | None = None) -> dict[str, Any]:
+    """
+    Extract ``archive`` into ``dest`` (created if missing). ``{"extracted",
+    "skipped"}``.  ``on_member`` is called with each member's components once
+    it has been written: the seam where tests interleave other writes.
+    """
     fd = c.open(archive, os.O_RDONLY | os.O_NONBLOCK)
     f = os.fdopen(fd, "rb")
-    undo = _Undo([], [])
+    undo = _Undo([], [], on_member)
     try:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
@@ -174,8 +181,13 @@ def extract(c: Confined, archive: Components, dest: Components, quota: fsops.Quo
 class _Undo:
     """What an extraction changed, to undo it on failure."""
 
-    created: list[Components]
-    replaced: list[tuple[Components, Components]]
+    created: list[Made]
+    replaced: list[fsops.Replaced]
+    on_member: Callable[[Components], None] | None = None
+
+    def written(self, rel: Components) -> None:
+        if self.on_member is not None:
+            self.on_member(rel)
 
 
 def _extract_zip(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
@@ -209,6 +221,7 @@ def _extract_zip(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
                 raise InvalidInput("bad zip member {!r}: {}".format(info.filename, e),
                                    field="archivePath") from None
             extracted += 1
+            undo.written(rel)
     return {"extracted": extracted, "skipped": skipped}
 
 
@@ -242,12 +255,13 @@ def _extract_tar(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
                                        mode=_file_mode(member.mode), created=undo.created,
                                        replaced=undo.replaced)
                 extracted += 1
+                undo.written(rel)
     except (tarfile.TarError, EOFError) as e:
         raise InvalidInput("corrupt archive: {}".format(e), field="archivePath") from None
     return {"extracted": extracted, "skipped": skipped}
 
 
-def _mkdir(c: Confined, rel: Components, created: list[Components]) -> None:
+def _mkdir(c: Confined, rel: Components, created: list[Made]) -> None:
     if not rel:
         return
     with c.parent(rel, follow_final=True, create_dirs=True, created=created) as (
@@ -264,29 +278,23 @@ def _mkdir(c: Confined, rel: Components, created: list[Components]) -> None:
             return
         except OSError as e:
             raise os_error(e, display(rel)) from None
-        created.append(real)
-        c.settle_new_dir(dir_fd, name)
+        fd = c.open_new_dir(dir_fd, name)
+        try:
+            created.append((real, trees.ident(os.fstat(fd))))
+        finally:
+            os.close(fd)
 
 
 def _rollback(c: Confined, undo: _Undo) -> None:
     """
     Put back what a failed extraction overwrote, then remove what it created,
-    newest first, confined.  (A file created and then overwritten by a second
-    member of the same name is first restored to its first version, then removed.)
+    newest first, confined, each only while its path still holds what the
+    extraction put there (``fsops.restore_replaced``, ``fsops.undo_created``).
+    (A file created and then overwritten by a second member of the same name
+    is first restored to its first version, then removed.)
     """
     fsops.restore_replaced(c, undo.replaced)
-    for rel in reversed(undo.created):
-        try:
-            with c.parent(rel, follow_final=False) as (dir_fd, name, _):
-                if name is None:
-                    continue
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    os.rmdir(name, dir_fd=dir_fd)
-                else:
-                    os.unlink(name, dir_fd=dir_fd)
-        except (OSError, CtrlAgentError):
-            continue  # best effort: never mask the original error
+    fsops.undo_created(c, undo.created)
 
 
 # -- creating -----------------------------------------------------------------
@@ -324,7 +332,8 @@ class _QuotaReader:
 def _members(c: Confined, comps: Components) -> Iterator[tuple[Components, os.stat_result, int]]:
     """
     ``(components, stat, fd or -1)`` of every file and directory under
-    ``comps``; symlinks are skipped (archives hold no links).
+    ``comps`` (``fsops.MAX_DEPTH`` levels at most); symlinks and special files
+    are skipped (archives hold no links).
     """
     st = c.lstat(comps)
     if stat.S_ISLNK(st.st_mode):
@@ -337,37 +346,31 @@ def _members(c: Confined, comps: Components) -> Iterator[tuple[Components, os.st
     yield comps, st, -1
     dir_fd = c.open(comps, os.O_RDONLY | os.O_DIRECTORY, follow_final=False)
     try:
-        yield from _dir_members(dir_fd, comps, 0)
+        with trees.Walk(dir_fd, max_depth=fsops.MAX_DEPTH, sort=True,
+                        hide=fsops.WORK_PREFIXES) as walk:
+            for e in walk:
+                try:
+                    est = e.lstat()
+                except FileNotFoundError:
+                    e.descend = False
+                    continue
+                if stat.S_ISREG(est.st_mode):
+                    try:
+                        fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                                     | os.O_CLOEXEC, dir_fd=e.dir_fd)
+                    except OSError:
+                        continue
+                    fst = os.fstat(fd)
+                    if not stat.S_ISREG(fst.st_mode):
+                        os.close(fd)  # swapped for a FIFO or device meanwhile
+                        continue
+                    yield comps + e.rel, fst, fd
+                elif stat.S_ISDIR(est.st_mode) and e.depth < fsops.MAX_DEPTH:
+                    yield comps + e.rel, est, -1
+                else:
+                    e.descend = False
     finally:
         os.close(dir_fd)
-
-
-def _dir_members(dir_fd: int, rel: Components, depth: int
-                 ) -> Iterator[tuple[Components, os.stat_result, int]]:
-    with os.scandir(dir_fd) as it:
-        names = sorted(e.name for e in it)
-    for name in names:
-        if name.startswith(fsops.WORK_PREFIXES):
-            continue
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                             dir_fd=dir_fd)
-            except OSError:
-                continue
-            yield rel + (name,), os.fstat(fd), fd
-        elif stat.S_ISDIR(st.st_mode) and depth < fsops.MAX_DEPTH:
-            yield rel + (name,), st, -1
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=dir_fd)
-            try:
-                yield from _dir_members(sub, rel + (name,), depth + 1)
-            finally:
-                os.close(sub)
 
 
 def create(c: Confined, files: list[Components], archive: Components, fmt: str,
@@ -441,12 +444,26 @@ def _write_tar(c: Confined, files: list[Components], out: IO[bytes], growth: _Gr
     return count
 
 
+def _zip_name(rel: Components) -> str:
+    """
+    A member name zip can hold: names are UTF-8 there, and the game server
+    may name a file with bytes that are not (they arrive as surrogates); those
+    bytes become U+FFFD rather than failing the whole archive.
+    """
+    name = "/".join(rel)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return name
+
+
 def _write_zip(c: Confined, files: list[Components], out: IO[bytes], growth: _Growth) -> int:
     count = 0
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for top in files:
             for rel, st, fd in _members(c, top):
-                name = "/".join(rel)
+                name = _zip_name(rel)
                 if fd < 0:
                     zf.writestr(zipfile.ZipInfo(name + "/"), b"")
                     continue

@@ -40,19 +40,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ctrlagent.errors import (
+    Conflict,
     CtrlAgentError,
     FileNotFound,
     InvalidInput,
     PermissionDenied,
 )
+from ctrlagent.files import trees
 from ctrlagent.files.paths import Components, display
+
+# What an operation made, to undo it only while it is still there: its
+# components and its (device, inode).
+Made = tuple[Components, trees.Ident]
 
 MAX_SYMLINK_HOPS = 40
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (new syscall table)
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_BENEATH = 0x08
-_RENAME_NOREPLACE = 1
 
 
 class _OpenHow(ctypes.Structure):
@@ -102,25 +107,10 @@ OPENAT2_AVAILABLE = _probe_openat2()
 
 def rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
     """``renameat2(RENAME_NOREPLACE)``: refuses with ``Conflict`` if ``dst`` exists."""
-    from ctrlagent.errors import Conflict
-
-    fn = getattr(_libc, "renameat2", None)
-    if fn is None:
-        # Old libc: check, then rename.  The window only lets a name inside the
-        # same root be replaced, never anything outside it.
-        try:
-            os.stat(dst, dir_fd=dst_dir, follow_symlinks=False)
-        except FileNotFoundError:
-            os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
-            return
-        raise Conflict("{} already exists".format(dst))
-    r = fn(ctypes.c_int(src_dir), os.fsencode(src), ctypes.c_int(dst_dir), os.fsencode(dst),
-           ctypes.c_uint(_RENAME_NOREPLACE))
-    if r != 0:
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            raise Conflict("{} already exists".format(dst))
-        raise OSError(err, os.strerror(err), src)
+    try:
+        trees.rename_noreplace(src_dir, src, dst_dir, dst)
+    except FileExistsError:
+        raise Conflict("{} already exists".format(dst)) from None
 
 
 def os_error(e: OSError, what: str) -> CtrlAgentError:
@@ -136,8 +126,6 @@ def os_error(e: OSError, what: str) -> CtrlAgentError:
     if e.errno == errno.EISDIR:
         return InvalidInput("{} is a directory".format(what), field="path")
     if e.errno == errno.ENOTEMPTY:
-        from ctrlagent.errors import Conflict
-
         return Conflict("{} is not empty".format(what))
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         from ctrlagent.errors import InsufficientResources
@@ -186,7 +174,7 @@ class Confined:
                 os.mkdir(name, 0o755, dir_fd=parent_fd)
             except FileExistsError:
                 pass
-            fd = self._make_dir(parent_fd, name)
+            fd, _ = self._make_dir(parent_fd, name)
             os.close(fd)
             return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                            dir_fd=parent_fd)
@@ -215,7 +203,7 @@ class Confined:
         *,
         follow_final: bool,
         create_dirs: bool = False,
-        created: list[Components] | None = None,
+        created: list[Made] | None = None,
     ) -> tuple[int, str | None, Components]:
         """
         Resolve ``components`` to ``(dir_fd, name, real_components)``.
@@ -225,7 +213,9 @@ class Confined:
         directory itself (the root, or a symlink to ``..``).  The final
         component need not exist.  With ``follow_final``, a final symlink
         inside the tree is followed.  With ``create_dirs``, missing parents are
-        created (0755, owned by the server user) and appended to ``created``.
+        created (0755, owned by the server user) and the ones this call made
+        (not one made concurrently by someone else) are appended to
+        ``created`` with their identity.
         """
         if self.use_openat2 and components:
             fast = self._resolve_openat2(components, follow_final)
@@ -266,7 +256,7 @@ class Confined:
         components: Components,
         follow_final: bool,
         create_dirs: bool,
-        created: list[Components] | None,
+        created: list[Made] | None,
     ) -> tuple[int, str | None, Components]:
         stack = [os.dup(self.root_fd)]
         real: list[str] = []
@@ -295,9 +285,9 @@ class Confined:
                     if not create_dirs:
                         raise FileNotFound(
                             "{} does not exist".format(display(components))) from None
-                    fd = self._make_dir(stack[-1], name)
-                    if created is not None:
-                        created.append(tuple(real) + (name,))
+                    fd, made = self._make_dir(stack[-1], name)
+                    if made and created is not None:
+                        created.append((tuple(real) + (name,), trees.ident(os.fstat(fd))))
                 st = os.fstat(fd)
                 if stat.S_ISLNK(st.st_mode):
                     hops += 1
@@ -338,12 +328,14 @@ class Confined:
         stack.clear()
         return top
 
-    def _make_dir(self, parent_fd: int, name: str) -> int:
+    def _make_dir(self, parent_fd: int, name: str) -> tuple[int, bool]:
+        """The fd of directory ``name`` made under ``parent_fd``, and whether we made it."""
         try:
             os.mkdir(name, 0o755, dir_fd=parent_fd)
+            made = True
         except FileExistsError:
-            pass  # made concurrently: fine, we open it without following below
-        return self.open_new_dir(parent_fd, name)
+            made = False  # made concurrently: fine, we open it without following below
+        return self.open_new_dir(parent_fd, name), made
 
     def open_new_dir(self, parent_fd: int, name: str) -> int:
         """
@@ -375,7 +367,7 @@ class Confined:
     @contextmanager
     def parent(
         self, components: Components, *, follow_final: bool, create_dirs: bool = False,
-        created: list[Components] | None = None,
+        created: list[Made] | None = None,
     ) -> Iterator[tuple[int, str | None, Components]]:
         """``resolve`` as a context manager that closes the directory fd."""
         try:

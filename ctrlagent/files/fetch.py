@@ -9,7 +9,8 @@ the fetcher, not by the agent, a bounded number of times, each hop's scheme
 and addresses checked again.  The body is streamed to a sink with
 back-pressure, counted against a size cap, under an overall timeout.
 
-Only ``http`` and ``https`` are accepted.  The default policy refuses
+Only well-formed ``http`` and ``https`` URLs are accepted (``urls.check_url``,
+on the first URL and on every redirect).  The default policy refuses
 loopback, private, link-local, shared (CGNAT), multicast, reserved and
 unspecified addresses, and IPv4-mapped/6to4/Teredo forms of them: only
 globally routable unicast addresses pass.  Tests inject a policy that also
@@ -41,6 +42,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from ctrlagent.errors import CtrlAgentError, InsufficientResources, InvalidInput, PermissionDenied
+from ctrlagent.files.urls import check_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
@@ -240,25 +242,27 @@ class SafeFetcher:
 
     async def _fetch(self, url: str, sink: Sink, max_bytes: int) -> int:
         for _ in range(self.max_redirects + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise InvalidInput("download URL must be http:// or https://", field="downloadUrl")
-            if parts.username or parts.password:
-                raise InvalidInput("download URL must not carry credentials", field="downloadUrl")
+            # Every hop is checked in full (urls.check_url) before it reaches
+            # the HTTP stack, the IDNA codec or the resolver: a malformed URL
+            # is a refusal naming the field, not a traceback.
+            check_url(url, field="downloadUrl")
+            host = urlsplit(url).hostname
             headers = Headers({b"User-Agent": [self.user_agent.encode()]})
             try:
                 response: IResponse = await self.agent.request(b"GET", url.encode("ascii"),
                                                                headers)
             except (ConnectError, DNSLookupError) as e:
-                raise DownloadError("cannot connect for {}: {}".format(parts.hostname, e)) from None
-            except UnicodeEncodeError:
-                raise InvalidInput("download URL must be ASCII", field="downloadUrl") from None
+                raise DownloadError("cannot connect for {}: {}".format(host, e)) from None
             if response.code in _REDIRECTS:
                 location = response.headers.getRawHeaders(b"location")
                 response.deliverBody(_Discard())
                 if not location:
                     raise DownloadError("redirect without a Location")
-                url = urljoin(url, location[0].decode("latin-1"))
+                try:
+                    url = urljoin(url, location[0].decode("latin-1"))
+                except ValueError:
+                    raise InvalidInput("downloadUrl redirects to a malformed URL",
+                                       field="downloadUrl") from None
                 continue
             if response.code != 200:
                 response.deliverBody(_Discard())

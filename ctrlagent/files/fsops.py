@@ -25,7 +25,6 @@ import math
 import os
 import pwd
 import secrets
-import shutil
 import stat
 import threading
 import time
@@ -40,21 +39,28 @@ from ctrlagent.errors import (
     InvalidInput,
     PermissionDenied,
 )
-from ctrlagent.files.confined import Confined, os_error, rename_noreplace
-from ctrlagent.files.paths import Components, display
+from ctrlagent.files import trees
+from ctrlagent.files.confined import Confined, Made, os_error, rename_noreplace
+from ctrlagent.files.paths import (
+    KEEP_PREFIX,
+    TMP_PREFIX,
+    WORK_PREFIXES,
+    Components,
+    display,
+)
 
-TMP_PREFIX = ".ctrlagent-tmp-"
-# A file an extraction replaced, kept (hard-linked) until the extraction has
-# succeeded, so that a failed one can put it back.
-KEEP_PREFIX = ".ctrlagent-keep-"
-# Names of the agent's own work files: never listed, searched or archived.
-WORK_PREFIXES = (TMP_PREFIX, KEEP_PREFIX)
 # Work files untouched for this long are leftovers of a crash; usage walks remove them.
 STALE_TMP_SECONDS = 3600
 COPY_CHUNK = 1024 * 1024
-# Directories deeper than this are not descended by search and usage walks:
-# they bound the work one request can cause and the fds it holds.
-MAX_DEPTH = 64
+# Directories deeper than this are not descended by search and archive
+# creation: they bound the work one request can cause.
+MAX_DEPTH = trees.MAX_LISTING_DEPTH
+
+# A file an extraction replaced, kept (hard-linked) under a hidden name beside
+# it until the extraction has succeeded, so that a failed one can put it back:
+# (components of the file, kept name, identity of what the extraction placed
+# there, identity of the original).
+Replaced = tuple[Components, str, trees.Ident, trees.Ident]
 
 
 class Quota:
@@ -210,53 +216,38 @@ def list_files(c: Confined, comps: Components, limit: int, offset: int) -> dict[
 def search_files(c: Confined, comps: Components, query: str, file_type: str,
                  max_results: int, max_scanned: int = 200_000) -> dict[str, Any]:
     """
-    Names under ``comps`` containing ``query`` (case-insensitive).  Symlinked
-    directories are not descended (no loops, no escapes); at most
-    ``max_results`` entries, and at most ``max_scanned`` names looked at, so
-    one search of a huge tree cannot hold a worker for minutes.
+    Names under ``comps`` containing ``query`` (case-insensitive), in
+    depth-first name order.  Symlinked directories are not descended (no
+    loops, no escapes); at most ``MAX_DEPTH`` levels, ``max_results``
+    entries, and ``max_scanned`` names looked at, so one search of a huge
+    tree cannot hold a worker for minutes.
     """
     needle = query.lower()
     found: list[dict[str, Any]] = []
-    scanned = 0
+    complete = True
     top = c.open(comps, os.O_RDONLY | os.O_DIRECTORY)
-
-    def walk(dir_fd: int, rel: Components, depth: int) -> bool:
-        nonlocal scanned
-        with os.scandir(dir_fd) as it:
-            entries = sorted((e for e in it if not e.name.startswith(WORK_PREFIXES)),
-                             key=lambda e: e.name)
-        scanned += len(entries)
-        if scanned > max_scanned:
-            return False
-        for e in entries:
-            try:
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            is_dir = stat.S_ISDIR(st.st_mode)
-            kind = "directory" if is_dir else "file"
-            if needle in e.name.lower() and file_type in ("all", kind):
-                if stat.S_ISLNK(st.st_mode):
-                    found.append(_symlink_entry(c, e.name, st, rel + (e.name,)))
-                else:
-                    found.append(entry(e.name, st, rel + (e.name,)))
-                if len(found) >= max_results:
-                    return False
-            if is_dir and depth < MAX_DEPTH:
-                try:
-                    sub = os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                  | os.O_CLOEXEC, dir_fd=dir_fd)
-                except OSError:
-                    continue
-                try:
-                    if not walk(sub, rel + (e.name,), depth + 1):
-                        return False
-                finally:
-                    os.close(sub)
-        return True
-
     try:
-        complete = walk(top, comps, 0)
+        with trees.Walk(top, max_depth=MAX_DEPTH, sort=True, hide=WORK_PREFIXES) as walk:
+            for e in walk:
+                if walk.listed > max_scanned:
+                    complete = False
+                    break
+                try:
+                    st = e.lstat()
+                except FileNotFoundError:
+                    continue
+                kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+                if needle in e.name.lower() and file_type in ("all", kind):
+                    rel = comps + e.rel
+                    if stat.S_ISLNK(st.st_mode):
+                        found.append(_symlink_entry(c, e.name, st, rel))
+                    else:
+                        found.append(entry(e.name, st, rel))
+                    if len(found) >= max_results:
+                        complete = False
+                        break
+    except trees.TreeChanged:
+        complete = False
     finally:
         os.close(top)
     return {"path": display(comps), "query": query, "files": found, "truncated": not complete}
@@ -335,9 +326,9 @@ def write_atomic(
     *,
     fsync: bool = True,
     mode: int | None = None,
-    created: list[Components] | None = None,
+    created: list[Made] | None = None,
     size: int | None = None,
-    replaced: list[tuple[Components, Components]] | None = None,
+    replaced: list[Replaced] | None = None,
 ) -> os.stat_result:
     """
     Replace (or create) the file at ``comps`` with ``chunks``, atomically.
@@ -348,11 +339,12 @@ def write_atomic(
     symlink inside the tree is followed (the target is written); one that
     leaves the tree is refused.  Missing parents are created.  New files are
     0644 unless ``mode`` says otherwise; a replaced file keeps its mode minus
-    setuid/setgid.  ``created`` collects the new file's components when it
-    did not exist before (extraction rolls those back on failure).  With
-    ``replaced``, a file that did exist is kept under a hidden name (a hard
-    link, no copy, when the filesystem allows one) and ``(file, kept)`` is
-    appended, for ``restore_replaced`` or ``discard_replaced``.
+    setuid/setgid.  ``created`` collects the new file (and the parents this
+    write made) with their identities when it did not exist before
+    (extraction rolls those back on failure).  With ``replaced``, a file that
+    did exist is kept under a hidden name (a hard link, no copy, when the
+    filesystem allows one) and recorded, for ``restore_replaced`` or
+    ``discard_replaced``.
     """
     if not comps:
         raise InvalidInput("cannot write to the server directory itself", field="path")
@@ -422,10 +414,11 @@ def write_atomic(
             if isinstance(e, OSError):
                 raise os_error(e, display(comps)) from None
             raise
+        placed = trees.ident(st)
         if old is None and created is not None:
-            created.append(real)
-        if keep is not None and replaced is not None:
-            replaced.append((real, real[:-1] + (keep,)))
+            created.append((real, placed))
+        if keep is not None and old is not None and replaced is not None:
+            replaced.append((real, keep, placed, trees.ident(old)))
         return st
 
 
@@ -451,28 +444,79 @@ def _unlink_quietly(name: str, dir_fd: int) -> None:
         pass
 
 
-def restore_replaced(c: Confined, replaced: list[tuple[Components, Components]]) -> None:
-    """Put back, newest first, the files ``write_atomic`` kept; best effort, confined."""
-    for target, kept in reversed(replaced):
+def restore_replaced(c: Confined, replaced: list[Replaced]) -> None:
+    """
+    Put back, newest first, the files ``write_atomic`` kept, confined and
+    best effort; each only while its path still holds what that write placed
+    there.  A path someone has written since keeps their file (the kept
+    original is dropped: the newer write superseded it anyway), so undoing an
+    operation never undoes anyone else's.
+    """
+    for target, kept, placed, original in reversed(replaced):
         try:
             with c.parent(target, follow_final=False) as (dir_fd, name, _):
                 if name is not None:
-                    os.rename(kept[-1], name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                    _put_back(dir_fd, name, kept, placed, original)
         except (OSError, CtrlAgentError):
             continue  # never mask the error that caused the rollback
     replaced.clear()
 
 
-def discard_replaced(c: Confined, replaced: list[tuple[Components, Components]]) -> None:
+def _put_back(dir_fd: int, name: str, kept: str, placed: trees.Ident,
+              original: trees.Ident) -> None:
+    try:
+        st = os.stat(kept, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if trees.ident(st) != original:
+        return  # not the original any more: nothing to put back
+    ours = trees.take_if_same(dir_fd, name, placed)
+    if ours is None:
+        # Written by someone else since: theirs stands.
+        _unlink_quietly(kept, dir_fd)
+        return
+    try:
+        trees.rename_noreplace(dir_fd, kept, dir_fd, name)
+    except FileExistsError:
+        # A write landed in the moment the name was free: it is newer.
+        _unlink_quietly(kept, dir_fd)
+    _unlink_quietly(ours, dir_fd)
+
+
+def discard_replaced(c: Confined, replaced: list[Replaced]) -> None:
     """Drop the kept originals once the work that replaced them has succeeded."""
-    for _, kept in replaced:
+    for target, kept, _, original in replaced:
         try:
-            with c.parent(kept, follow_final=False) as (dir_fd, name, _):
-                if name is not None:
-                    os.unlink(name, dir_fd=dir_fd)
+            with c.parent(target, follow_final=False) as (dir_fd, _name, _):
+                # Our own hidden name, but checked: never drop a file that is
+                # not the kept original.
+                trees.unlink_if_same(dir_fd, kept, original)
         except (OSError, CtrlAgentError):
             continue  # a leftover is swept by the next usage walk
     replaced.clear()
+
+
+def undo_created(c: Confined, created: list[Made]) -> None:
+    """
+    Remove, newest first, the files and directories an operation created,
+    confined and best effort; each only while its path still holds exactly
+    what the operation made (a file written there since stays), and a
+    directory only when empty (so files others put into it stay, and it with
+    them).
+    """
+    for rel, made in reversed(created):
+        try:
+            with c.parent(rel, follow_final=False) as (dir_fd, name, _):
+                if name is None:
+                    continue
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    trees.rmdir_if_same(dir_fd, name, made)
+                else:
+                    trees.unlink_if_same(dir_fd, name, made)
+        except (OSError, CtrlAgentError):
+            continue  # never mask the error that caused the rollback
+    created.clear()
 
 
 def text_chunks(content: str, chunk_chars: int = COPY_CHUNK) -> tuple[int, Iterator[bytes]]:
@@ -511,24 +555,18 @@ def create_directory(c: Confined, comps: Components) -> None:
 
 def delete(c: Confined, comps: Components) -> int:
     """
-    Remove a file, symlink (the link, never its target) or directory tree.
-    Returns the bytes freed (approximate for trees).  The root itself cannot
-    be deleted.
+    Remove a file, symlink (the link, never its target) or directory tree of
+    any depth (``trees.remove_tree``: iterative, by directory fd, never
+    following a link).  Returns the bytes freed.  The root itself cannot be
+    deleted.
     """
     if not comps:
         raise PermissionDenied("refusing to delete the server directory itself")
     with c.parent(comps, follow_final=False) as (dir_fd, name, _):
         assert name is not None
         try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                freed = _tree_size(dir_fd, name)
-                # shutil.rmtree with dir_fd is the fd-based, symlink-attack
-                # resistant variant: it never follows a link out of the tree.
-                shutil.rmtree(name, dir_fd=dir_fd)
-                return freed
-            os.unlink(name, dir_fd=dir_fd)
-            return st.st_size if stat.S_ISREG(st.st_mode) else 0
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            return trees.remove_tree(dir_fd, name)
         except OSError as e:
             raise os_error(e, display(comps)) from None
 
@@ -643,10 +681,14 @@ def assemble_chunks(c: Confined, parts: list[Components], target: Components,
     quota.credit(sum(sizes))
     st = write_atomic(c, target, stream(), quota)
     for p in parts:
+        # Only the chunk files themselves: a name that has become a directory
+        # since is not ours to remove.
         try:
-            delete(c, p)
-        except FileNotFound:
-            pass
+            with c.parent(p, follow_final=False) as (dir_fd, name, _):
+                if name is not None:
+                    os.unlink(name, dir_fd=dir_fd)
+        except (OSError, CtrlAgentError):
+            continue
     return st
 
 
@@ -672,49 +714,11 @@ def existing_chunks(c: Confined, target: Components) -> list[tuple[int, str]]:
 
 # -- disk usage ---------------------------------------------------------------
 
-def _tree_size(dir_fd: int, name: str) -> int:
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        return _fd_usage(fd, 0)
-    finally:
-        os.close(fd)
-
-
-def _fd_usage(fd: int, depth: int) -> int:
-    total = 0
-    stale_before = time.time() - STALE_TMP_SECONDS
-    with os.scandir(fd) as it:
-        for e in it:
-            try:
-                if e.name.startswith(WORK_PREFIXES) and e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    # A kept file has its original's mtime; its ctime is when
-                    # it was linked.
-                    touched = st.st_ctime if e.name.startswith(KEEP_PREFIX) else st.st_mtime
-                    if touched < stale_before:
-                        # Left by a crash mid-write: ours, unreferenced, and
-                        # counting against the server's disk.  (A write in
-                        # progress keeps touching its temp file.)
-                        os.unlink(e.name, dir_fd=fd)
-                        continue
-                    total += st.st_size
-                elif e.is_dir(follow_symlinks=False):
-                    if depth < MAX_DEPTH:
-                        total += _tree_size(fd, e.name)
-                elif e.is_file(follow_symlinks=False):
-                    total += e.stat(follow_symlinks=False).st_size
-            except OSError:
-                continue  # changed under us; usage is an estimate
-    return total
-
-
 def disk_usage(c: Confined) -> int:
     """
-    Apparent size in bytes of every regular file beneath the root.  Removes
-    stale temp files of interrupted writes on the way.
+    Apparent size in bytes of every regular file beneath the root, at any
+    depth (``trees.tree_usage``).  Removes stale temp files of interrupted
+    writes on the way.
     """
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=c.root_fd)
-    try:
-        return _fd_usage(fd, 0)
-    finally:
-        os.close(fd)
+    used, _ = trees.tree_usage(c.root_fd, sweep_before=time.time() - STALE_TMP_SECONDS)
+    return used

@@ -55,6 +55,7 @@ from ctrlagent.errors import (
     Conflict,
     CtrlAgentError,
     FileNotFound,
+    InsufficientResources,
     InvalidInput,
 )
 from ctrlagent.files import archives, fsops, mods
@@ -65,7 +66,6 @@ from ctrlagent.files.paths import (
     display,
     normalise,
     parse_mode,
-    safe_file_name,
     split_chunk,
 )
 from ctrlagent.interfaces import IFileManager, ServerRoot
@@ -569,9 +569,13 @@ class FileManager:
         mods_dir = self._mods_dir()
         async with self._lock(root, "mods"):
             manifest = await self._run(root, mods.read_manifest, mods_dir)
-            for m in manifest:
+            self._report_manifest(root, manifest)
+            for m in manifest.mods:
                 if m.get("fileName") == req.file_name and m["id"] != req.mod_id:
                     raise Conflict("{} already belongs to mod {}".format(req.file_name, m["id"]))
+            if (len(manifest.mods) >= mods.MAX_MODS
+                    and all(m["id"] != req.mod_id for m in manifest.mods)):
+                raise InsufficientResources("a server has at most {} mods".format(mods.MAX_MODS))
             if req.url is not None:
                 size = await self._download_mod(root, req, mods_dir)
             else:
@@ -582,21 +586,35 @@ class FileManager:
             entry = mods.record(req, size)
 
             def save(c: Confined) -> None:
-                current = mods.read_manifest(c, mods_dir)
-                for old in current:
-                    if old["id"] == req.mod_id and old.get("fileName") not in (None,
-                                                                              req.file_name):
-                        try:
-                            fsops.delete(c, mods_dir + (str(old["fileName"]),))
-                        except CtrlAgentError:
-                            pass
-                current = [m for m in current if m["id"] != req.mod_id] + [entry]
-                mods.write_manifest(c, mods_dir, current)
+                dir_fd = mods.open_folder(c, mods_dir)
+                if dir_fd is None:
+                    raise FileNotFound("the mods folder disappeared during the install")
+                try:
+                    # Read again under the lock; its problems were reported above.
+                    current = mods.read_manifest_at(dir_fd).mods
+                    for old in current:
+                        name = old.get("fileName")
+                        if old["id"] == req.mod_id and name not in (None, req.file_name):
+                            # A validated plain name, removed in the mods
+                            # folder only (mods.remove_file).
+                            self._account(root, -mods.remove_file(dir_fd, name))
+                    current = [m for m in current if m["id"] != req.mod_id] + [entry]
+                    mods.write_manifest(c, dir_fd, current)
+                finally:
+                    os.close(dir_fd)
 
             await self._run(root, save)
         self.log.info("server {server_id}: installed mod {mod_id} ({size} bytes)",
                       server_id=root.server_id, mod_id=req.mod_id, size=size)
         return {"mod": mods.public(entry)}
+
+    def _report_manifest(self, root: ServerRoot, manifest: mods.Manifest) -> None:
+        """One warning per read of a manifest with entries that were ignored."""
+        if manifest.problems:
+            self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                "server {server_id}: {count} problems in its mods manifest, ignored: {first}",
+                server_id=root.server_id, count=len(manifest.problems),
+                first="; ".join(manifest.problems[:3]))
 
     async def _download_mod(self, root: ServerRoot, req: mods.ModRequest,
                             mods_dir: Components) -> int:
@@ -625,23 +643,28 @@ class FileManager:
         wanted = str(mod_id)
         mods_dir = self._mods_dir()
 
-        def remove(c: Confined) -> list[dict[str, Any]]:
-            current = mods.read_manifest(c, mods_dir)
-            match = [m for m in current if m["id"] == wanted]
-            if not match:
+        def remove(c: Confined) -> tuple[list[dict[str, Any]], mods.Manifest]:
+            dir_fd = mods.open_folder(c, mods_dir)
+            if dir_fd is None:
                 raise FileNotFound("mod {} is not installed".format(wanted))
-            name = match[0].get("fileName")
-            if isinstance(name, str) and safe_file_name(name):
-                try:
-                    self._account(root, -fsops.delete(c, mods_dir + (name,)))
-                except FileNotFound:
-                    pass
-            remaining = [m for m in current if m["id"] != wanted]
-            mods.write_manifest(c, mods_dir, remaining)
-            return remaining
+            try:
+                manifest = mods.read_manifest_at(dir_fd)
+                current = manifest.mods
+                match = [m for m in current if m["id"] == wanted]
+                if not match:
+                    raise FileNotFound("mod {} is not installed".format(wanted))
+                name = match[0].get("fileName")
+                if name is not None:
+                    self._account(root, -mods.remove_file(dir_fd, name))
+                remaining = [m for m in current if m["id"] != wanted]
+                mods.write_manifest(c, dir_fd, remaining)
+                return remaining, manifest
+            finally:
+                os.close(dir_fd)
 
         async with self._lock(root, "mods"):
-            remaining = await self._run(root, remove)
+            remaining, manifest = await self._run(root, remove)
+        self._report_manifest(root, manifest)
         self.log.info("server {server_id}: uninstalled mod {mod_id}",
                       server_id=root.server_id, mod_id=wanted)
         return {"mods": [mods.public(m) for m in remaining], "count": len(remaining)}
@@ -651,13 +674,6 @@ class FileManager:
         return Deferred.fromCoroutine(self._list_mods(root))
 
     async def _list_mods(self, root: ServerRoot) -> dict[str, Any]:
-        mods_dir = self._mods_dir()
-
-        def read(c: Confined) -> list[dict[str, Any]]:
-            try:
-                return mods.read_manifest(c, mods_dir)
-            except FileNotFound:
-                return []
-
-        current = await self._run(root, read)
-        return {"mods": [mods.public(m) for m in current], "count": len(current)}
+        manifest = await self._run(root, mods.read_manifest, self._mods_dir())
+        self._report_manifest(root, manifest)
+        return {"mods": [mods.public(m) for m in manifest.mods], "count": len(manifest.mods)}

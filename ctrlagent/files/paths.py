@@ -33,7 +33,16 @@ NAME_MAX = 255
 PATH_MAX = 4096
 
 _MODE_RE = re.compile(r"[0-7]{3,4}")
-_CHUNK_RE = re.compile(r"(?P<base>.+)\.chunk(?P<index>[0-9]{1,6})", re.DOTALL)
+# The index is canonical (no leading zeros): ``a.chunk1`` and ``a.chunk01``
+# would otherwise be two files claiming one place in the assembly.
+_CHUNK_RE = re.compile(r"(?P<base>.+)\.chunk(?P<index>0|[1-9][0-9]{0,5})", re.DOTALL)
+
+# Prefixes of the agent's own work files in a server's directory: temp files
+# of atomic writes, and originals an extraction keeps until it has succeeded.
+# Never listed, searched or archived.
+TMP_PREFIX = ".ctrlagent-tmp-"
+KEEP_PREFIX = ".ctrlagent-keep-"
+WORK_PREFIXES = (TMP_PREFIX, KEEP_PREFIX)
 
 
 def normalise(path: str, field: str = "path") -> Components:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -52,6 +51,8 @@ from ctrlagent.errors import (
     ServerNotFound,
 )
 from ctrlagent.events import ConsoleOutput, EventListener, ServerEvent
+from ctrlagent.files import trees
+from ctrlagent.files.confined import os_error
 from ctrlagent.interfaces import IServerManager, ServerRoot
 from ctrlagent.servers import spec as specs
 from ctrlagent.servers.server import Server
@@ -370,9 +371,32 @@ class ServerManager(service.Service):
         )
 
     async def prepare_data_dir(self, server: Server, recursive: bool = False) -> None:
-        """Create the data directory owned by the server's user."""
+        """
+        Create the data directory owned by the server's user.  With
+        ``recursive`` (after an install, whatever its exit code), hand the
+        whole tree back to the server: everything owned by its user, no
+        setuid/setgid bit, no device node, FIFO or socket (``_prepare_dir``).
+        """
         uid, gid = server.owner
-        await self.in_thread(_prepare_dir, server.data_path, uid, gid, recursive)
+        report = await self.in_thread(_prepare_dir, server.data_path, uid, gid, recursive)
+        if report is None:
+            return
+        if report.removed_total or report.cleared or report.failed or report.truncated:
+            # One line per pass, whatever it found.
+            self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                "server {server_id}: data directory handed back to the server: removed {count}"
+                " special files ({kinds}){examples}; cleared setuid/setgid bits of {cleared}"
+                " entries; {failed} entries could not be fixed{truncated}",
+                server_id=server.server_id,
+                count=report.removed_total,
+                kinds=", ".join("{} {}".format(n, kind) for kind, n in
+                                sorted(report.removed.items())) or "none",
+                examples=(", e.g. " + ", ".join(report.example_paths())
+                          if report.examples else ""),
+                cleared=report.cleared,
+                failed=report.failed,
+                truncated="; a part could not be walked" if report.truncated else "",
+            )
 
     def start_install(self, server: Server) -> Deferred[Any] | None:
         """Run the install flow in the background under the power slot."""
@@ -697,10 +721,12 @@ class ServerManager(service.Service):
                         await self.docker.container_remove(name, force=True)
                     except NotFound:
                         pass
+                if purge_files:
+                    # Files before the record: a purge that fails leaves the
+                    # server known, so the delete can be tried again.
+                    await self.in_thread(_purge, server.data_path)
                 self._remove(server)
                 await self.store.delete(server.server_id)
-                if purge_files:
-                    await self.in_thread(shutil.rmtree, server.data_path, True)
                 await self.in_thread(_unlink, server.install_log_path)
             finally:
                 server.release()
@@ -854,37 +880,79 @@ def _brief(server: Server) -> dict[str, Any]:
     }
 
 
-def _prepare_dir(path: str, uid: int, gid: int, recursive: bool) -> None:
-    os.makedirs(path, mode=0o755, exist_ok=True)
+def _prepare_dir(path: str, uid: int, gid: int, recursive: bool) -> trees.Reclaimed | None:
+    """
+    Create the data directory ``path`` (its parents are the agent's own) and
+    give it to ``uid:gid``; with ``recursive``, also everything beneath it
+    (``trees.reclaim_tree``: iterative, fd-based, never following a link,
+    clearing setuid/setgid bits and removing special files).  Returns that
+    pass's ``trees.Reclaimed`` report, or None.
+    """
+    parent, name = os.path.split(os.path.normpath(path))
     try:
-        os.chown(path, uid, gid)
-        if recursive:
-            for root, dirs, files in os.walk(path):
-                for name in dirs + files:
-                    os.lchown(os.path.join(root, name), uid, gid)
-    except PermissionError:
-        # Not root (development): the directory stays ours.
-        pass
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                os.mkdir(name, 0o755, dir_fd=parent_fd)
+            except FileExistsError:
+                pass
+            # Never through a link: whatever is at the server's name must be
+            # a real directory.
+            fd = os.open(name, trees.DIR_FLAGS, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+    except OSError as e:
+        raise os_error(e, "data directory {}".format(path)) from None
+    try:
+        try:
+            os.fchown(fd, uid, gid)
+            chown = True
+        except PermissionError:
+            chown = False  # not root (development): the tree stays ours
+        mode = os.fstat(fd).st_mode & 0o7777
+        if mode & 0o6000:
+            os.fchmod(fd, mode & ~0o6000)
+        if not recursive:
+            return None
+        return trees.reclaim_tree(fd, uid, gid, chown=chown)
+    except OSError as e:
+        raise os_error(e, "data directory {}".format(path)) from None
+    finally:
+        os.close(fd)
 
 
 def _disk_usage(path: str) -> int:
-    total = 0
-    stack = [path]
-    while stack:
-        current = stack.pop()
-        try:
-            with os.scandir(current) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                        else:
-                            total += entry.stat(follow_symlinks=False).st_blocks * 512
-                    except OSError:
-                        continue
-        except OSError:
-            continue
-    return total
+    """Bytes allocated beneath ``path``, at any depth (``trees.tree_usage``)."""
+    try:
+        fd = os.open(path, trees.DIR_FLAGS)
+    except OSError:
+        return 0
+    try:
+        used, _ = trees.tree_usage(fd, allocated=True)
+        return used
+    finally:
+        os.close(fd)
+
+
+def _purge(path: str) -> None:
+    """
+    Remove a server's data directory, however deep (``trees.remove_tree``);
+    a failure is raised, never ignored, so the caller keeps the server.
+    """
+    parent, name = os.path.split(os.path.normpath(path))
+    try:
+        parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise os_error(e, "data directory {}".format(path)) from None
+    try:
+        trees.remove_tree(parent_fd, name)
+    except OSError as e:
+        raise os_error(e, "data directory {}".format(path)) from None
+    finally:
+        os.close(parent_fd)
 
 
 def _unlink(path: str) -> None:

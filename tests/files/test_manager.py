@@ -6,6 +6,7 @@ import base64
 import os
 import re
 import stat
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,25 @@ async def test_chunked_upload_with_gap_is_refused(tree: Tree, fm: FileManager) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_chunk_files_planted_with_odd_names_are_not_assembled(
+    tree: Tree, fm: FileManager
+) -> None:
+    # The game server can name files like chunks: a second name for index 1,
+    # a directory and a FIFO where chunks would be.  None of them is taken.
+    await fm.upload_file(tree.root, "p.bin.chunk0", "YQ==")
+    await fm.upload_file(tree.root, "p.bin.chunk1", "Yg==")
+    (tree.root_path / "p.bin.chunk01").write_bytes(b"planted")
+    (tree.root_path / "p.bin.chunk2").mkdir()
+    (tree.root_path / "p.bin.chunk2" / "keep.txt").write_text("keep\n")
+    os.mkfifo(tree.root_path / "p.bin.chunk3")
+    done = await fm.upload_file(tree.root, "p.bin", "")
+    assert done["assembled"] is True and done["chunks"] == 2
+    assert (tree.root_path / "p.bin").read_bytes() == b"ab"
+    assert (tree.root_path / "p.bin.chunk01").read_bytes() == b"planted"
+    assert (tree.root_path / "p.bin.chunk2" / "keep.txt").read_text() == "keep\n"
+
+
+@pytest_twisted.ensureDeferred
 async def test_get_file_info(tree: Tree, fm: FileManager) -> None:
     os.chmod(tree.root_path / "config.txt", 0o640)
     info = await fm.get_file_info(tree.root, "config.txt")
@@ -458,3 +478,16 @@ async def test_usage_walk_removes_stale_temp_files_of_a_crash(tree: Tree, fm: Fi
     assert not stale.exists() and fresh.exists() and kept.exists()
     listing = await fm.list_files(tree.root, "sub")
     assert all(not f["name"].startswith(".ctrlagent-") for f in listing["files"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_zip_holds_files_named_with_bytes_that_are_not_utf8(
+    tree: Tree, fm: FileManager
+) -> None:
+    # The game server names files with any bytes; zip names are UTF-8.
+    with open(os.path.join(os.fsencode(tree.root_path), b"sub", b"bad\xff.txt"), "wb") as f:
+        f.write(b"data")
+    made = await fm.create_archive(tree.root, ["sub"], "out.zip", "zip")
+    assert made["files"] == 2
+    with zipfile.ZipFile(tree.root_path / "out.zip") as zf:
+        assert sorted(zf.namelist()) == ["sub/", "sub/bad\ufffd.txt", "sub/inner.txt"]

@@ -121,3 +121,9 @@ def test_safe_file_name() -> None:
     assert safe_file_name("mod.jar") == "mod.jar"
     for bad in ("", ".", "..", "a/b", "a\x00", ".ctrlagent-mods.json"):
         assert safe_file_name(bad) is None
+
+
+@pytest.mark.parametrize("name", ["a.chunk01", "a.chunk00", "a.chunk0001", "a.chunk1234567"])
+def test_chunk_indices_are_canonical(name: str) -> None:
+    # Two names for one index would make two files claim one place.
+    assert split_chunk(("dir", name)) is None
