@@ -725,8 +725,11 @@ class ServerManager(service.Service):
                     # Files before the record: a purge that fails leaves the
                     # server known, so the delete can be tried again.
                     await self.in_thread(_purge, server.data_path)
-                self._remove(server)
+                # The record before memory: a store that cannot write (a full
+                # state disk) leaves the server known, so the delete can be
+                # tried again rather than the server coming back at restart.
                 await self.store.delete(server.server_id)
+                self._remove(server)
                 await self.in_thread(_unlink, server.install_log_path)
             finally:
                 server.release()
@@ -793,10 +796,12 @@ class ServerManager(service.Service):
                     alias in self._servers and alias != server.server_id
                 ):
                     raise Conflict("alias {} already names another server".format(alias))
+            # The store first: a write that fails (a full state disk) leaves
+            # the old definition in memory and on disk alike.
+            await self.store.update(server.server_id, spec=new.to_json())
             server.spec = new
             self._remove(server)
             self._add(server)
-            await self.store.update(server.server_id, spec=new.to_json())
             live = False
             if server.container_id and new.limits != old.limits:
                 try:

@@ -396,3 +396,31 @@ async def test_kill_during_a_restart_cancels_the_restart(unit: Unit) -> None:
     assert m.get("s1").state is S.OFFLINE
     assert m.status("s1")["desiredState"] == "offline"
     assert "[ctrlagent] restart cancelled: the server was killed" in m.console_history("s1", 10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_and_delete_change_nothing_when_the_store_cannot_write(unit: Unit) -> None:
+    # A full state disk: the store refuses the write.  Neither memory nor disk
+    # may then disagree, and the action can simply be tried again.
+    m = await running(unit)
+    before = m.get("s1").spec
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise InsufficientResources("the agent's state disk is full")
+
+    real_update, real_delete = m.store.update, m.store.delete
+    m.store.update = refuse  # type: ignore[method-assign]
+    m.store.delete = refuse  # type: ignore[method-assign]
+    with pytest.raises(InsufficientResources):
+        await m.update("s1", {"name": "renamed", "aliases": ["other-name"]})
+    assert m.get("s1").spec == before
+    with pytest.raises(ServerNotFound):
+        m.get("other-name")
+    with pytest.raises(InsufficientResources):
+        await m.delete("s1")
+    assert m.get("s1").server_id == "s1"  # still known: the delete can be retried
+    m.store.update, m.store.delete = real_update, real_delete  # type: ignore[method-assign]
+    await m.delete("s1")
+    with pytest.raises(ServerNotFound):
+        m.get("s1")
+    assert [r.server_id for r in m.store.load()] == []
