@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -931,33 +931,96 @@ class Server:
     # -- install -----------------------------------------------------------
 
     async def install(self) -> None:
-        """Pull the image, run the install script once, create the container."""
+        """
+        Pull the image, run the install script once, create the container.
+
+        Every way out leaves a settled state: ``offline`` when done,
+        ``install_failed`` with the reason otherwise (a refused limit, a
+        data directory that cannot be prepared, an internal error).  Only a
+        lost engine or the agent's own shutdown leave ``installing``, which
+        the next reconcile resumes.
+        """
         ctx = self.ctx
         docker = ctx.docker
         self.installing = True
         try:
             self.set_state(S.INSTALLING)
-            await ctx.prepare_data_dir(self)
             try:
+                await ctx.prepare_data_dir(self)
                 await docker.ensure_image(self.spec.image)
                 script = self.spec.install
                 if script is not None and not self.spec.skip_scripts:
                     if script.image:
                         await docker.ensure_image(script.image)
-                    code, reason = await self._run_install_script()
+                    code, reason = await self._install_script()
                     if code != 0:
                         self.set_state(S.INSTALL_FAILED, error=reason, exit_code=code)
                         return
-                    await ctx.prepare_data_dir(self, recursive=True)
                 await self.ensure_container()
-            except DockerUnavailable:
+            except (DockerUnavailable, CancelledError):
                 raise
-            except DockerError as e:
+            except CtrlAgentError as e:
                 self.set_state(S.INSTALL_FAILED, error=e.message)
                 return
+            except OSError as e:
+                self.set_state(
+                    S.INSTALL_FAILED,
+                    error="data directory of server {}: {}".format(
+                        self.server_id, e.strerror or e.__class__.__name__
+                    ),
+                )
+                return
+            except Exception:
+                # A bug: logged with its traceback by the tracker, but the
+                # server must not stay "installing" for ever.
+                self.set_state(S.INSTALL_FAILED, error="internal error during the install")
+                raise
             self.set_state(S.OFFLINE)
         finally:
             self.installing = False
+
+    async def _install_script(self) -> tuple[int, str]:
+        """
+        Run the install container, then clean the data directory, whatever happened.
+
+        The script ran as root in a container: whatever its exit code (a
+        failure, a timeout, a container that vanished, an engine error, even
+        our own shutdown), the data directory is swept before anything else
+        touches it (ownership, setuid/setgid bits, special files).  A sweep
+        that fails fails the install.
+        """
+        try:
+            code, reason = await self._run_install_script()
+        finally:
+            problem = await self._clean_after_install()
+        if problem is not None:
+            if code != 0:
+                return code, "{}; {}".format(reason, problem)
+            raise CtrlAgentError(problem)
+        return code, reason
+
+    async def _clean_after_install(self) -> str | None:
+        """The recursive prepare pass; the problem as a sentence, None when clean."""
+        try:
+            await self.ctx.prepare_data_dir(self, recursive=True)
+        except CancelledError:
+            raise
+        except (OSError, CtrlAgentError) as e:
+            text = e.message if isinstance(e, CtrlAgentError) else (e.strerror or str(e))
+            self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                "server {server_id}: cleaning the data directory after the install failed:"
+                " {error}",
+                server_id=self.server_id,
+                error=text,
+            )
+            return "cleaning the data directory after the install failed: {}".format(text)
+        except Exception:
+            self.log.failure(
+                "server {server_id}: cleaning the data directory after the install failed",
+                server_id=self.server_id,
+            )
+            return "cleaning the data directory after the install failed"
+        return None
 
     async def _run_install_script(self) -> tuple[int, str]:
         """Run the install container; ``(exit code, reason)``."""
@@ -966,8 +1029,9 @@ class Server:
         script = self.spec.install
         assert script is not None
         script_dir = os.path.join(ctx.config.state_dir, "install", self.server_id)
-        log_path = self.install_log_path
-        await ctx.in_thread(_write_script, script_dir, script.script, log_path)
+        log = InstallLog(self.install_log_path, ctx.config.servers.install_log_max_bytes)
+        await ctx.in_thread(_write_script, script_dir, script.script)
+        await ctx.in_thread(log.create)
         name = self.spec.container_name + "-install"
         try:
             await docker.container_remove(name, force=True)
@@ -983,9 +1047,9 @@ class Server:
             timeout = ctx.config.servers.install_timeout
         try:
             await docker.container_start(cid)
-            self.notice("install script running (log: {})".format(os.path.basename(log_path)))
+            self.notice("install script running (log: {})".format(os.path.basename(log.path)))
             stream = docker.logs(cid, follow=True, timestamps=False)
-            copied = ctx.track(self._copy_install_log(stream, log_path), "install log")
+            copied = ctx.track(self._copy_install_log(stream, log), "install log")
             result: list[int] = []
 
             async def wait() -> None:
@@ -1003,7 +1067,7 @@ class Server:
                 except (NotFound, Conflict):
                     pass
                 stream.close()
-                await ctx.in_thread(_append, log_path, ["[ctrlagent] install timed out"])
+                await ctx.in_thread(log.append, ["[ctrlagent] install timed out"])
                 return -1, "install script timed out after {:g} s".format(timeout)
             code = result[0] if result else -1
             await ctx.within(copied, 5.0)
@@ -1019,10 +1083,11 @@ class Server:
 
     @property
     def install_log_path(self) -> str:
-        """Where the install script's output goes."""
+        """Where the install script's output goes (in the agent's state directory)."""
         return os.path.join(self.ctx.config.state_dir, "install-logs", self.server_id + ".log")
 
-    async def _copy_install_log(self, stream: Any, path: str) -> None:
+    async def _copy_install_log(self, stream: Any, log: InstallLog) -> None:
+        writable = True
         try:
             async for batch in stream.batches(1000):
                 lines = [line for _, line in batch]
@@ -1030,23 +1095,101 @@ class Server:
                     self.console.append(
                         ConsoleLine(self.ctx.clock.seconds(), "install", line)
                     )
-                await self.ctx.in_thread(_append, path, lines)
+                if not writable:
+                    continue
+                try:
+                    await self.ctx.in_thread(log.append, lines)
+                except OSError as e:
+                    # A full state disk, or the file replaced by a link: the
+                    # output still reaches the console buffer, the log stops.
+                    writable = False
+                    self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                        "server {server_id}: install log {path} not written: {error}",
+                        server_id=self.server_id,
+                        path=log.path,
+                        error=e.strerror or e,
+                    )
         except DockerError:
             return
 
 
-def _write_script(script_dir: str, script: str, log_path: str) -> None:
+class InstallLog:
+    """
+    The install script's output, in a file of the agent's state directory.
+
+    The text comes from the install container, which runs whatever the egg
+    says: it is untrusted.  The file is opened without following a link
+    (wherever it is, a link planted in its place must not redirect our
+    writes) and holds at most ``max_bytes``; what comes after is counted in
+    one closing line, not written.  Used from the disk thread pool only.
+    """
+
+    def __init__(self, path: str, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.written = 0
+        self.dropped_lines = 0
+
+    def create(self) -> None:
+        """Start an empty log (replacing the previous install's)."""
+        os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
+        _unlink_entry(self.path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC,
+                     0o640)
+        os.close(fd)
+        self.written = 0
+        self.dropped_lines = 0
+
+    def append(self, lines: list[str]) -> None:
+        """Add ``lines`` up to the size bound; count the rest."""
+        data = bytearray()
+        room = self.max_bytes - self.written
+        for index, line in enumerate(lines):
+            encoded = (line + "\n").encode("utf-8", "replace")
+            if len(encoded) > room:
+                if self.dropped_lines == 0:
+                    note = "[ctrlagent] install log truncated at {} bytes\n".format(
+                        self.max_bytes
+                    ).encode()
+                    data += note
+                self.dropped_lines += len(lines) - index
+                break
+            data += encoded
+            room -= len(encoded)
+        if not data:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW | os.O_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self.written += len(data)
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _unlink_entry(path: str) -> None:
+    """Remove ``path`` if it is a file or a link (never what a link points to)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_script(script_dir: str, script: str) -> None:
+    """Write ``install.sh`` into a fresh ``script_dir`` (mounted read-only into the container)."""
+    if os.path.islink(script_dir):
+        os.unlink(script_dir)
+    else:
+        shutil.rmtree(script_dir, ignore_errors=True)
     os.makedirs(script_dir, mode=0o755, exist_ok=True)
     path = os.path.join(script_dir, "install.sh")
-    with open(path, "w", encoding="utf-8") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC, 0o755)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, 0o755)  # whatever the umask: the container must run it
         f.write(script.replace("\r\n", "\n"))
-    os.chmod(path, 0o755)
-    os.makedirs(os.path.dirname(log_path), mode=0o750, exist_ok=True)
-    with open(log_path, "w", encoding="utf-8"):
-        pass
-
-
-def _append(path: str, lines: list[str]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")

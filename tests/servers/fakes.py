@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from ctrlagent.docker.errors import ContainerGone, DockerConflict, NetworkNotFound
 from ctrlagent.docker.models import DockerEvent
 from ctrlagent.docker.stats import ContainerStats
-from ctrlagent.errors import DockerUnavailable
+from ctrlagent.errors import DockerError, DockerUnavailable
 
 
 class FakeLines:
@@ -108,6 +108,7 @@ class FakeContainer:
     log: list[tuple[str, str]] = field(default_factory=list)
     followers: list[FakeLines] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    waiters: list[Deferred[int]] = field(default_factory=list)
 
 
 class FakeEngine:
@@ -158,6 +159,9 @@ class FakeEngine:
         for follower in c.followers:
             follower.end()
         c.followers = []
+        waiters, c.waiters = c.waiters, []
+        for waiter in waiters:
+            waiter.callback(code)
         if external_kill:
             self._event("kill", c)
         if oom:
@@ -219,6 +223,10 @@ class FakeEngine:
             raise NetworkNotFound("network {} not found".format(mode))
         if any(c.name == name for c in self.containers.values()):
             raise DockerConflict("name taken")
+        if "INSTALL_CREATE_FAILS=1" in body.get("Env", []) and (
+            (body.get("Labels") or {}).get("ctrl-alt-play.role") == "install"
+        ):
+            raise DockerError(500, "the engine refused the install container")
         cid = "{:064x}".format(next(self._ids))
         self.created.append((name, body))
         env = dict(e.split("=", 1) for e in body.get("Env", []))
@@ -234,7 +242,13 @@ class FakeEngine:
         self.starts += 1
         self._event("start", c)
         if (c.body.get("Labels") or {}).get("ctrl-alt-play.role") == "install":
-            self.die(cid, int(c.env.get("INSTALL_EXIT", "0")))
+            # INSTALL_HANG: the script never ends; INSTALL_VANISH: the
+            # container is removed behind the agent's back; else it exits.
+            if c.env.get("INSTALL_VANISH") == "1":
+                del self.containers[c.cid]
+            elif c.env.get("INSTALL_HANG") != "1":
+                self.print(cid, "installing")
+                self.die(cid, int(c.env.get("INSTALL_EXIT", "0")))
             return
         self.print(cid, "Starting")
         self.print(cid, c.env.get("STARTUP_LINE", "Done (0.1s)!"))
@@ -255,6 +269,14 @@ class FakeEngine:
         self._check()
         c = self._get(cid)
         del self.containers[c.cid]
+        # Forced removal: followers end, a waiter learns the container is gone.
+        c.running = False
+        for follower in c.followers:
+            follower.end()
+        c.followers = []
+        waiters, c.waiters = c.waiters, []
+        for waiter in waiters:
+            waiter.errback(ContainerGone("no such container: " + c.cid))
 
     async def container_inspect(self, cid: str) -> dict[str, Any]:
         self._check()
@@ -279,7 +301,12 @@ class FakeEngine:
         self._get(cid).body["HostConfig"].update(resources)
 
     async def container_wait(self, cid: str, condition: str = "not-running") -> int:
-        return self._get(cid).exit_code
+        c = self._get(cid)
+        if not c.running:
+            return c.exit_code
+        waiter: Deferred[int] = Deferred()
+        c.waiters.append(waiter)
+        return await waiter
 
     def logs(self, cid: str, *, follow: bool, tail: Any = "all", since: float | None = None,
              timestamps: bool = False, tty: bool = False) -> FakeLines:
