@@ -11,10 +11,11 @@ background, holding the slot until they are done.
 
 Console output comes from Docker's *logs* (``follow=1&timestamps=1``), not
 from a plain attach: each line carries the engine's nanosecond timestamp,
-which is the line's identity across agent restarts.  The manager persists the
-mark of the last delivered line *before* fanning the lines out (group commit),
-and a re-attach replays ``logs(since=mark)`` dropping lines at or before the
-mark: lines printed while the agent was down are delivered, none twice.
+which is the line's identity across agent restarts.  The manager hands lines
+on in the same reactor turn as it issues the store write of their mark (group
+commit), and a re-attach replays ``logs(since=mark - 1 s)`` dropping the lines
+the mark covers (``MarkFilter``): lines printed while the agent was down are
+delivered, none twice, none lost.
 """
 
 from __future__ import annotations
@@ -405,11 +406,17 @@ class Server:
         if became_running and self.state is S.STARTING:
             self.set_state(S.RUNNING)
 
-    def history_lines(self, batch: list[tuple[str, str]]) -> None:
-        """Lines delivered before an agent restart: history only, no events."""
+    def history_lines(self, batch: list[tuple[str, str]], filt: MarkFilter) -> None:
+        """
+        Lines delivered before an agent restart: history only, no events.
+
+        Exactly those the mark covers (``filt``): a line after it, or one
+        sharing its nanosecond beyond the count, comes again from the live
+        stream, as new, and must not be in the history twice.
+        """
         for stream, raw in batch:
             ns, text = split_timestamp(raw)
-            if ns and (ns > self.mark):
+            if ns and not filt.seen(ns):
                 continue
             self.console.append(ConsoleLine(ns / 1e9 if ns else 0.0, stream, text, ns))
             self.lines_total += 1
@@ -464,9 +471,10 @@ class Server:
             history = docker.logs(
                 cid, follow=False, tail=self.console.capacity, timestamps=True
             )
+            delivered = MarkFilter(self.mark, self.mark_count)
             try:
                 async for batch in history.batches():
-                    self.history_lines(batch)
+                    self.history_lines(batch, delivered)
             finally:
                 history.close()
         filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
