@@ -859,6 +859,8 @@ class DockerClient:
             assert self._endpoints is not None
             try:
                 await connectProtocol(self._endpoints.endpoint(), protocol)
+            except ConnectingCancelledError:
+                raise CancelledError() from None
             except _UNAVAILABLE as e:
                 raise _unavailable(self.host, e) from None
             await protocol.ready

@@ -285,6 +285,22 @@ async def test_cancelling_a_call_is_a_cancellation_not_an_engine_failure(failure
     d.cancel()
     with pytest.raises(CancelledError):
         await d
+    # the stdin pipe connects on its own: the same holds there
+    class Endpoint:
+        def connect(self, factory: Any) -> Deferred[Any]:
+            return Deferred(lambda d: d.errback(ConnectingCancelledError(None)))
+
+    class Endpoints:
+        def endpoint(self) -> Endpoint:
+            return Endpoint()
+
+    piped = DockerClient(Cancellable(), Clock(), DockerConfig(), endpoints=Endpoints(),  # type: ignore[arg-type]
+                         host=parse_docker_host("unix:///run/docker.sock"))
+    piped._api = "1.41"
+    attach = Deferred.fromCoroutine(piped.attach_stdin("abc"))
+    attach.cancel()
+    with pytest.raises(CancelledError):
+        await attach
     # the engine really failing is still "unavailable"
     class Broken:
         def request(self, *args: Any, **kw: Any) -> Deferred[Any]:
