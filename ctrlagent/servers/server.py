@@ -164,6 +164,7 @@ class Server:
         self._oom = False
         self._exit_waiters: list[Deferred[None]] = []
         self._output: Any = None
+        self._attach_epoch = 0  # bumped by every detach (and so every attach)
         self._output_done: Deferred[None] | None = None
         self._stdin: Any = None
         self._stats_call: IDelayedCall | None = None
@@ -466,6 +467,10 @@ class Server:
         cid = self.container_id
         assert cid is not None
         self.detach_output()
+        # One console stream delivers at a time: an attach that a newer one
+        # (or a detach) overtook while it read the history gives up, or two
+        # pumps would deliver every line twice.
+        epoch = self._attach_epoch
         docker = self.ctx.docker
         if recover and self.mark and not len(self.console):
             history = docker.logs(
@@ -474,9 +479,13 @@ class Server:
             delivered = MarkFilter(self.mark, self.mark_count)
             try:
                 async for batch in history.batches():
+                    if epoch != self._attach_epoch:
+                        return
                     self.history_lines(batch, delivered)
             finally:
                 history.close()
+            if epoch != self._attach_epoch:
+                return
         filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
         since = (self.mark / 1e9 - 1.0) if self.mark else None
         stream = docker.logs(cid, follow=True, since=since, timestamps=True)
@@ -485,14 +494,21 @@ class Server:
             self._pump(stream, filt), "console of server {}".format(self.server_id)
         )
         try:
-            await self._attach_stdin()
+            pipe = await self._attach_stdin()
         except NotFound:
-            pass
+            pipe = None
+        if epoch != self._attach_epoch:
+            if pipe is not None and self._stdin is pipe:
+                self._stdin = None
+                pipe.close()
+            return
         self.start_stats()
 
     async def _pump(self, stream: Any, filt: MarkFilter | None) -> None:
         try:
             async for batch in stream.batches(2000):
+                if self._output is not stream:
+                    return  # detached (or replaced): the next attach resumes from the mark
                 self.take_lines(batch, filt)
         except DockerError as e:
             # The engine went away or the container vanished: the manager
@@ -505,6 +521,7 @@ class Server:
 
     def detach_output(self) -> None:
         """Stop following the console (the container keeps running)."""
+        self._attach_epoch += 1
         if self._output is not None:
             self._output.close()
             self._output = None

@@ -25,10 +25,13 @@ from ctrlagent.errors import DockerError, DockerUnavailable
 class FakeLines:
     """A LineStream look-alike fed by the fake engine."""
 
-    def __init__(self, items: list[tuple[str, str]], follow: bool) -> None:
+    def __init__(
+        self, items: list[tuple[str, str]], follow: bool, gate: Deferred[None] | None = None
+    ) -> None:
         self.items = list(items)
         self.ended = not follow
         self._waiter: Deferred[None] | None = None
+        self._gate = gate
 
     def push(self, item: tuple[str, str]) -> None:
         self.items.append(item)
@@ -44,6 +47,8 @@ class FakeLines:
             waiter.callback(None)
 
     async def batches(self, max_items: int = 1000) -> AsyncIterator[list[tuple[str, str]]]:
+        if self._gate is not None:
+            await self._gate
         while True:
             if self.items:
                 batch, self.items = self.items[:max_items], self.items[max_items:]
@@ -124,6 +129,8 @@ class FakeEngine:
         self.starts = 0
         self.created: list[tuple[str | None, dict[str, Any]]] = []  # every create body
         self.networks: dict[str, dict[str, Any]] = {}
+        # When set, reading a log without following waits for it (a slow history).
+        self.history_gate: Deferred[None] | None = None
 
     # -- helpers for tests -------------------------------------------------
 
@@ -314,7 +321,8 @@ class FakeEngine:
         items = list(c.log)
         if tail != "all":
             items = items[-int(tail):]
-        stream = FakeLines(items, follow=follow and c.running)
+        stream = FakeLines(items, follow=follow and c.running,
+                           gate=None if follow else self.history_gate)
         if follow and c.running:
             c.followers.append(stream)
         return stream
