@@ -99,6 +99,12 @@ class MarkFilter:
 
     ``mark`` is the largest engine timestamp delivered and ``count`` how many
     lines carried exactly that timestamp (two lines may share a nanosecond).
+
+    It relies on stamps rising in the log's order, which holds within one
+    stream (one engine goroutine stamps and writes them); a stdout and a
+    stderr line stamped microseconds apart may be written the other way
+    round, and a crash falling exactly between those two could drop the
+    older-stamped one.  Per-stream marks would close that gap.
     """
 
     def __init__(self, mark: int, count: int) -> None:
