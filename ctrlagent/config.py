@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -136,6 +137,23 @@ class ServersConfig:
     container_gid: int = 1000
     default_bind_ip: str = "0.0.0.0"
     install_timeout: float = 900.0
+    # Who runs install scripts inside their container: "uid:gid", or "server"
+    # for the server's own user.  Root by default because real install scripts
+    # (Pterodactyl eggs on ghcr.io/pterodactyl/installers:*) run apt-get and
+    # chown as root; that root is confined by install_capabilities and
+    # no-new-privileges, and the data directory is cleaned afterwards.
+    install_user: str = "0:0"
+    # The only capabilities an install container keeps (all others dropped):
+    #   CHOWN         chown files to their owner (dpkg, tar, the scripts' chown -R)
+    #   DAC_OVERRIDE  root writes in the data directory, owned by container_uid
+    #   FOWNER        chmod/utime of files root does not own (tar, unzip, chmod +x)
+    #   SETUID/SETGID apt-get drops to its _apt user to download (setgroups,
+    #                 setresuid); without them apt-get fails
+    # Never MKNOD (device nodes), nor FSETID (keeping setuid bits on chown);
+    # the agent refuses MKNOD, SYS_ADMIN and ALL here.
+    install_capabilities: tuple[str, ...] = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID")
+    # Bytes of install output kept in the install log (the rest is counted).
+    install_log_max_bytes: int = 16 * 1024 * 1024
     # create_server/reinstall answer after at most this long; a slow pull or
     # install continues in the background (the Panel gives up after 30 s).
     create_answer_timeout: float = 20.0
@@ -238,6 +256,13 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigInvalid("{}: expected a string, got {!r}".format(name, value))
         return str(value)
+    if isinstance(default, tuple):
+        # A TOML array of strings, or one comma-separated string (environment).
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigInvalid("{}: expected a list of strings, got {!r}".format(name, value))
+        return tuple(value)
     if isinstance(default, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigInvalid("{}: expected a table, got {!r}".format(name, value))
@@ -345,6 +370,30 @@ def load_config(
 
 
 _PULL_POLICIES = ("always", "if-not-present", "never")
+_CAPABILITY = re.compile(r"[A-Z][A-Z_]{1,31}")
+# Capabilities an install container never gets: device nodes, the host's
+# namespaces and mounts, everything at once.
+_FORBIDDEN_INSTALL_CAPS = frozenset({"MKNOD", "SYS_ADMIN", "ALL"})
+
+
+def _validate_install(servers: ServersConfig) -> None:
+    user = servers.install_user
+    if user != "server" and not re.fullmatch(r"[0-9]{1,10}(:[0-9]{1,10})?", user):
+        raise ConfigInvalid(
+            'servers.install_user {!r} must be "uid:gid" or "server"'.format(user)
+        )
+    for cap in servers.install_capabilities:
+        name = cap.upper().removeprefix("CAP_")
+        if not _CAPABILITY.fullmatch(name):
+            raise ConfigInvalid(
+                "servers.install_capabilities: {!r} is not a capability name".format(cap)
+            )
+        if name in _FORBIDDEN_INSTALL_CAPS:
+            raise ConfigInvalid(
+                "servers.install_capabilities must not grant {} to install scripts".format(name)
+            )
+    if servers.install_log_max_bytes < 0:
+        raise ConfigInvalid("servers.install_log_max_bytes must not be negative")
 
 
 def validate(config: AgentConfig) -> None:
@@ -380,6 +429,7 @@ def validate(config: AgentConfig) -> None:
     ):
         if value <= 0:
             raise ConfigInvalid("{} must be positive".format(name))
+    _validate_install(config.servers)
     if config.http.max_body_bytes < 1024:
         raise ConfigInvalid("http.max_body_bytes must be at least 1024")
     if config.http.max_connections < 16:

@@ -22,6 +22,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from hyperlink import DecodedURL
 from OpenSSL.SSL import Error as SSLError
@@ -31,7 +32,12 @@ from twisted.internet.defer import (
     DeferredLock,
 )
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionLost,
+)
 from twisted.internet.error import TimeoutError as TwistedTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -110,6 +116,15 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     ResponseNeverReceived,
     SSLError,
 )
+
+
+def _cancelled_by_us(error: BaseException) -> bool:
+    """True when an HTTP failure only wraps our own cancellation of the request."""
+    reasons = getattr(error, "reasons", None) or []
+    return bool(reasons) and all(
+        isinstance(r, Failure) and r.check(CancelledError, ConnectingCancelledError)
+        for r in reasons
+    )
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -246,7 +261,11 @@ class DockerClient:
             if self._api is None:
                 raise DockerError(0, "API version not negotiated yet")
             url = url.child("v" + self._api)
-        url = url.child(*segments)
+        if segments:
+            # Each segment percent-encoded here, as UTF-8: hyperlink would
+            # NFC-normalise non-ASCII text on its way to a URI, which changes
+            # the name the engine is asked about (U+F900 becomes U+8C48).
+            url = DecodedURL(url.encoded_url.child(*(quote(s, safe="") for s in segments)))
         for key, value in (query or {}).items():
             if value is None:
                 continue
@@ -302,7 +321,12 @@ class DockerClient:
             raise
         except DockerError:
             raise
+        except ConnectingCancelledError:
+            # Our own cancellation while connecting (a shutdown): not the engine's fault.
+            raise CancelledError() from None
         except _UNAVAILABLE as e:
+            if _cancelled_by_us(e):
+                raise CancelledError() from None
             raise _unavailable(self.host, e) from None
         if response.code in ok:
             return response
@@ -317,6 +341,8 @@ class DockerClient:
         except DockerError:
             raise
         except _UNAVAILABLE as e:
+            if _cancelled_by_us(e):
+                raise CancelledError() from None
             raise _unavailable(self.host, e) from None
 
     async def _call(
@@ -833,6 +859,8 @@ class DockerClient:
             assert self._endpoints is not None
             try:
                 await connectProtocol(self._endpoints.endpoint(), protocol)
+            except ConnectingCancelledError:
+                raise CancelledError() from None
             except _UNAVAILABLE as e:
                 raise _unavailable(self.host, e) from None
             await protocol.ready

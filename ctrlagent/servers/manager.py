@@ -18,11 +18,14 @@ Container deaths arrive through Docker's event stream (``ResumableEvents``);
 when that stream breaks, the engine is gone: servers report ``unknown`` and
 the agent keeps serving; when it opens again, the manager reconciles.
 
-Console delivery is a group commit: lines are appended to the buffers at once,
-but their fan-out waits until the mark of the last line is durably written,
-one transaction for whatever accumulated meanwhile.  A crash of the agent
-therefore never leaves a delivered line without its mark (no duplicates after
-a restart); the write rate is bounded by the disk, not by the servers' output.
+Console delivery is a group commit: lines are appended to the buffers at once;
+their fan-out happens in the same reactor turn as the issue of the store write
+that records their mark (the engine's nanosecond stamp of the last line), one
+transaction for whatever accumulated while the previous write was in flight.
+Delivery and mark therefore go together: a crash leaves neither a delivered
+line without its mark (a duplicate after a restart) nor a mark without its
+delivered lines (a loss).  The write rate is bounded by the disk, not by the
+servers' output.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -263,10 +266,21 @@ class ServerManager(service.Service):
             except Exception:
                 self.log.failure("event listener failed")
 
+    # True while console mark writes fail (reported once per episode).
+    _marks_failing = False
+
     def deliver(
         self, server_id: str, events: list[ConsoleOutput], mark: tuple[int, int] | None
     ) -> None:
-        """Fan ``events`` out once ``mark`` (if any) is durably stored."""
+        """
+        Hand ``events`` on together with the write of ``mark`` (if any).
+
+        Lines go out in the same reactor turn as the store write that records
+        them as delivered is issued, never before (a crash would deliver them
+        again) and never after that write is done (a crash in between would
+        lose them: the mark says delivered, the Panel never saw them).  While
+        one write is in flight, newer lines and marks wait for the next one.
+        """
         if self._dead:
             return
         if mark is not None and mark[0]:
@@ -276,38 +290,54 @@ class ServerManager(service.Service):
             self._write_marks()
 
     def _write_marks(self) -> None:
-        if not self._pending_marks:
-            events, self._pending_events = self._pending_events, []
-            self._fan_out(events)
-            if self._write_done is not None:
-                done, self._write_done = self._write_done, None
-                done.callback(None)
-            return
+        """Issue one write of the pending marks and hand their lines on, at once."""
         marks, self._pending_marks = self._pending_marks, {}
         events, self._pending_events = self._pending_events, []
-        self._writing = True
         changes = [
             (sid, {"console_mark": ns, "extra": {"markCount": n}})
             for sid, (ns, n) in marks.items()
             if sid in self._servers
         ]
-        d = self.store.update_many(changes)
+        if not changes:
+            self._fan_out(events)
+            if self._write_done is not None:
+                done, self._write_done = self._write_done, None
+                done.callback(None)
+            return
+        self._writing = True
+        try:
+            d = self.store.update_many(changes)
+        except Exception:
+            d = fail()
+        # The write is issued (a dying process's last issued write is the
+        # store's to finish): the lines it records go out now, in this turn.
+        self._fan_out(events)
 
         def written(result: object) -> None:
             self._writing = False
             if isinstance(result, Failure):
-                # Delivery matters more than exactly-once: fan out anyway.
-                self.log.failure("storing console marks failed", result)
+                # The lines are out already; a later write records a later
+                # mark.  A full or broken state disk fails every write: say
+                # so once, not a hundred times a second.
+                if not self._marks_failing:
+                    self._marks_failing = True
+                    self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                        "storing console marks failed: {error}",
+                        error=result.getErrorMessage(),
+                    )
+            elif self._marks_failing:
+                self._marks_failing = False
+                self.log.info("storing console marks works again")
             if self._dead:
                 return
-            self._fan_out(events)
-            # Whatever queued meanwhile goes in the next transaction; the
-            # last step (with nothing left) releases a waiting shutdown.
+            # Whatever queued meanwhile goes in the next write; the last step
+            # (with nothing left) releases a waiting shutdown.
             self._write_marks()
 
         d.addBoth(written)
 
     async def _flush_marks(self) -> None:
+        """Wait until every queued mark is written and its lines handed on (shutdown)."""
         if self._writing:
             self._write_done = Deferred()
             await self._write_done

@@ -11,10 +11,11 @@ background, holding the slot until they are done.
 
 Console output comes from Docker's *logs* (``follow=1&timestamps=1``), not
 from a plain attach: each line carries the engine's nanosecond timestamp,
-which is the line's identity across agent restarts.  The manager persists the
-mark of the last delivered line *before* fanning the lines out (group commit),
-and a re-attach replays ``logs(since=mark)`` dropping lines at or before the
-mark: lines printed while the agent was down are delivered, none twice.
+which is the line's identity across agent restarts.  The manager hands lines
+on in the same reactor turn as it issues the store write of their mark (group
+commit), and a re-attach replays ``logs(since=mark - 1 s)`` dropping the lines
+the mark covers (``MarkFilter``): lines printed while the agent was down are
+delivered, none twice, none lost.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -98,6 +99,12 @@ class MarkFilter:
 
     ``mark`` is the largest engine timestamp delivered and ``count`` how many
     lines carried exactly that timestamp (two lines may share a nanosecond).
+
+    It relies on stamps rising in the log's order, which holds within one
+    stream (one engine goroutine stamps and writes them); a stdout and a
+    stderr line stamped microseconds apart may be written the other way
+    round, and a crash falling exactly between those two could drop the
+    older-stamped one.  Per-stream marks would close that gap.
     """
 
     def __init__(self, mark: int, count: int) -> None:
@@ -163,6 +170,7 @@ class Server:
         self._oom = False
         self._exit_waiters: list[Deferred[None]] = []
         self._output: Any = None
+        self._attach_epoch = 0  # bumped by every detach (and so every attach)
         self._output_done: Deferred[None] | None = None
         self._stdin: Any = None
         self._stats_call: IDelayedCall | None = None
@@ -405,11 +413,17 @@ class Server:
         if became_running and self.state is S.STARTING:
             self.set_state(S.RUNNING)
 
-    def history_lines(self, batch: list[tuple[str, str]]) -> None:
-        """Lines delivered before an agent restart: history only, no events."""
+    def history_lines(self, batch: list[tuple[str, str]], filt: MarkFilter) -> None:
+        """
+        Lines delivered before an agent restart: history only, no events.
+
+        Exactly those the mark covers (``filt``): a line after it, or one
+        sharing its nanosecond beyond the count, comes again from the live
+        stream, as new, and must not be in the history twice.
+        """
         for stream, raw in batch:
             ns, text = split_timestamp(raw)
-            if ns and (ns > self.mark):
+            if ns and not filt.seen(ns):
                 continue
             self.console.append(ConsoleLine(ns / 1e9 if ns else 0.0, stream, text, ns))
             self.lines_total += 1
@@ -459,16 +473,25 @@ class Server:
         cid = self.container_id
         assert cid is not None
         self.detach_output()
+        # One console stream delivers at a time: an attach that a newer one
+        # (or a detach) overtook while it read the history gives up, or two
+        # pumps would deliver every line twice.
+        epoch = self._attach_epoch
         docker = self.ctx.docker
         if recover and self.mark and not len(self.console):
             history = docker.logs(
                 cid, follow=False, tail=self.console.capacity, timestamps=True
             )
+            delivered = MarkFilter(self.mark, self.mark_count)
             try:
                 async for batch in history.batches():
-                    self.history_lines(batch)
+                    if epoch != self._attach_epoch:
+                        return
+                    self.history_lines(batch, delivered)
             finally:
                 history.close()
+            if epoch != self._attach_epoch:
+                return
         filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
         since = (self.mark / 1e9 - 1.0) if self.mark else None
         stream = docker.logs(cid, follow=True, since=since, timestamps=True)
@@ -477,14 +500,21 @@ class Server:
             self._pump(stream, filt), "console of server {}".format(self.server_id)
         )
         try:
-            await self._attach_stdin()
+            pipe = await self._attach_stdin()
         except NotFound:
-            pass
+            pipe = None
+        if epoch != self._attach_epoch:
+            if pipe is not None and self._stdin is pipe:
+                self._stdin = None
+                pipe.close()
+            return
         self.start_stats()
 
     async def _pump(self, stream: Any, filt: MarkFilter | None) -> None:
         try:
             async for batch in stream.batches(2000):
+                if self._output is not stream:
+                    return  # detached (or replaced): the next attach resumes from the mark
                 self.take_lines(batch, filt)
         except DockerError as e:
             # The engine went away or the container vanished: the manager
@@ -497,6 +527,7 @@ class Server:
 
     def detach_output(self) -> None:
         """Stop following the console (the container keeps running)."""
+        self._attach_epoch += 1
         if self._output is not None:
             self._output.close()
             self._output = None
@@ -931,33 +962,96 @@ class Server:
     # -- install -----------------------------------------------------------
 
     async def install(self) -> None:
-        """Pull the image, run the install script once, create the container."""
+        """
+        Pull the image, run the install script once, create the container.
+
+        Every way out leaves a settled state: ``offline`` when done,
+        ``install_failed`` with the reason otherwise (a refused limit, a
+        data directory that cannot be prepared, an internal error).  Only a
+        lost engine or the agent's own shutdown leave ``installing``, which
+        the next reconcile resumes.
+        """
         ctx = self.ctx
         docker = ctx.docker
         self.installing = True
         try:
             self.set_state(S.INSTALLING)
-            await ctx.prepare_data_dir(self)
             try:
+                await ctx.prepare_data_dir(self)
                 await docker.ensure_image(self.spec.image)
                 script = self.spec.install
                 if script is not None and not self.spec.skip_scripts:
                     if script.image:
                         await docker.ensure_image(script.image)
-                    code, reason = await self._run_install_script()
+                    code, reason = await self._install_script()
                     if code != 0:
                         self.set_state(S.INSTALL_FAILED, error=reason, exit_code=code)
                         return
-                    await ctx.prepare_data_dir(self, recursive=True)
                 await self.ensure_container()
-            except DockerUnavailable:
+            except (DockerUnavailable, CancelledError):
                 raise
-            except DockerError as e:
+            except CtrlAgentError as e:
                 self.set_state(S.INSTALL_FAILED, error=e.message)
                 return
+            except OSError as e:
+                self.set_state(
+                    S.INSTALL_FAILED,
+                    error="data directory of server {}: {}".format(
+                        self.server_id, e.strerror or e.__class__.__name__
+                    ),
+                )
+                return
+            except Exception:
+                # A bug: logged with its traceback by the tracker, but the
+                # server must not stay "installing" for ever.
+                self.set_state(S.INSTALL_FAILED, error="internal error during the install")
+                raise
             self.set_state(S.OFFLINE)
         finally:
             self.installing = False
+
+    async def _install_script(self) -> tuple[int, str]:
+        """
+        Run the install container, then clean the data directory, whatever happened.
+
+        The script ran as root in a container: whatever its exit code (a
+        failure, a timeout, a container that vanished, an engine error, even
+        our own shutdown), the data directory is swept before anything else
+        touches it (ownership, setuid/setgid bits, special files).  A sweep
+        that fails fails the install.
+        """
+        try:
+            code, reason = await self._run_install_script()
+        finally:
+            problem = await self._clean_after_install()
+        if problem is not None:
+            if code != 0:
+                return code, "{}; {}".format(reason, problem)
+            raise CtrlAgentError(problem)
+        return code, reason
+
+    async def _clean_after_install(self) -> str | None:
+        """The recursive prepare pass; the problem as a sentence, None when clean."""
+        try:
+            await self.ctx.prepare_data_dir(self, recursive=True)
+        except CancelledError:
+            raise
+        except (OSError, CtrlAgentError) as e:
+            text = e.message if isinstance(e, CtrlAgentError) else (e.strerror or str(e))
+            self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                "server {server_id}: cleaning the data directory after the install failed:"
+                " {error}",
+                server_id=self.server_id,
+                error=text,
+            )
+            return "cleaning the data directory after the install failed: {}".format(text)
+        except Exception:
+            self.log.failure(
+                "server {server_id}: cleaning the data directory after the install failed",
+                server_id=self.server_id,
+            )
+            return "cleaning the data directory after the install failed"
+        return None
 
     async def _run_install_script(self) -> tuple[int, str]:
         """Run the install container; ``(exit code, reason)``."""
@@ -966,8 +1060,9 @@ class Server:
         script = self.spec.install
         assert script is not None
         script_dir = os.path.join(ctx.config.state_dir, "install", self.server_id)
-        log_path = self.install_log_path
-        await ctx.in_thread(_write_script, script_dir, script.script, log_path)
+        log = InstallLog(self.install_log_path, ctx.config.servers.install_log_max_bytes)
+        await ctx.in_thread(_write_script, script_dir, script.script)
+        await ctx.in_thread(log.create)
         name = self.spec.container_name + "-install"
         try:
             await docker.container_remove(name, force=True)
@@ -983,9 +1078,9 @@ class Server:
             timeout = ctx.config.servers.install_timeout
         try:
             await docker.container_start(cid)
-            self.notice("install script running (log: {})".format(os.path.basename(log_path)))
+            self.notice("install script running (log: {})".format(os.path.basename(log.path)))
             stream = docker.logs(cid, follow=True, timestamps=False)
-            copied = ctx.track(self._copy_install_log(stream, log_path), "install log")
+            copied = ctx.track(self._copy_install_log(stream, log), "install log")
             result: list[int] = []
 
             async def wait() -> None:
@@ -1003,7 +1098,7 @@ class Server:
                 except (NotFound, Conflict):
                     pass
                 stream.close()
-                await ctx.in_thread(_append, log_path, ["[ctrlagent] install timed out"])
+                await ctx.in_thread(log.append, ["[ctrlagent] install timed out"])
                 return -1, "install script timed out after {:g} s".format(timeout)
             code = result[0] if result else -1
             await ctx.within(copied, 5.0)
@@ -1019,10 +1114,11 @@ class Server:
 
     @property
     def install_log_path(self) -> str:
-        """Where the install script's output goes."""
+        """Where the install script's output goes (in the agent's state directory)."""
         return os.path.join(self.ctx.config.state_dir, "install-logs", self.server_id + ".log")
 
-    async def _copy_install_log(self, stream: Any, path: str) -> None:
+    async def _copy_install_log(self, stream: Any, log: InstallLog) -> None:
+        writable = True
         try:
             async for batch in stream.batches(1000):
                 lines = [line for _, line in batch]
@@ -1030,23 +1126,101 @@ class Server:
                     self.console.append(
                         ConsoleLine(self.ctx.clock.seconds(), "install", line)
                     )
-                await self.ctx.in_thread(_append, path, lines)
+                if not writable:
+                    continue
+                try:
+                    await self.ctx.in_thread(log.append, lines)
+                except OSError as e:
+                    # A full state disk, or the file replaced by a link: the
+                    # output still reaches the console buffer, the log stops.
+                    writable = False
+                    self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                        "server {server_id}: install log {path} not written: {error}",
+                        server_id=self.server_id,
+                        path=log.path,
+                        error=e.strerror or e,
+                    )
         except DockerError:
             return
 
 
-def _write_script(script_dir: str, script: str, log_path: str) -> None:
+class InstallLog:
+    """
+    The install script's output, in a file of the agent's state directory.
+
+    The text comes from the install container, which runs whatever the egg
+    says: it is untrusted.  The file is opened without following a link
+    (wherever it is, a link planted in its place must not redirect our
+    writes) and holds at most ``max_bytes``; what comes after is counted in
+    one closing line, not written.  Used from the disk thread pool only.
+    """
+
+    def __init__(self, path: str, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.written = 0
+        self.dropped_lines = 0
+
+    def create(self) -> None:
+        """Start an empty log (replacing the previous install's)."""
+        os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
+        _unlink_entry(self.path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC,
+                     0o640)
+        os.close(fd)
+        self.written = 0
+        self.dropped_lines = 0
+
+    def append(self, lines: list[str]) -> None:
+        """Add ``lines`` up to the size bound; count the rest."""
+        data = bytearray()
+        room = self.max_bytes - self.written
+        for index, line in enumerate(lines):
+            encoded = (line + "\n").encode("utf-8", "replace")
+            if len(encoded) > room:
+                if self.dropped_lines == 0:
+                    note = "[ctrlagent] install log truncated at {} bytes\n".format(
+                        self.max_bytes
+                    ).encode()
+                    data += note
+                self.dropped_lines += len(lines) - index
+                break
+            data += encoded
+            room -= len(encoded)
+        if not data:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW | os.O_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self.written += len(data)
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _unlink_entry(path: str) -> None:
+    """Remove ``path`` if it is a file or a link (never what a link points to)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_script(script_dir: str, script: str) -> None:
+    """Write ``install.sh`` into a fresh ``script_dir`` (mounted read-only into the container)."""
+    if os.path.islink(script_dir):
+        os.unlink(script_dir)
+    else:
+        shutil.rmtree(script_dir, ignore_errors=True)
     os.makedirs(script_dir, mode=0o755, exist_ok=True)
     path = os.path.join(script_dir, "install.sh")
-    with open(path, "w", encoding="utf-8") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC, 0o755)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, 0o755)  # whatever the umask: the container must run it
         f.write(script.replace("\r\n", "\n"))
-    os.chmod(path, 0o755)
-    os.makedirs(os.path.dirname(log_path), mode=0o750, exist_ok=True)
-    with open(log_path, "w", encoding="utf-8"):
-        pass
-
-
-def _append(path: str, lines: list[str]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")

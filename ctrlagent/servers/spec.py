@@ -6,6 +6,28 @@ Pure: no reactor, no I/O.  Every problem raises ``InvalidInput`` naming the
 payload field (``limits.memory``, ``ports[1].external``, ...), which the
 dispatcher reports as ``INVALID_PAYLOAD``.
 
+Numbers are numbers: JSON numbers or decimal strings, never booleans, never
+NaN or an infinity (``1e999`` parses as one), and never beyond the bounds
+below, so nothing derived from them (``NanoCpus``, bytes of memory) can
+overflow later, in the background, where nobody can be told:
+
+=================  =======================================================
+``limits.memory``  0 (unlimited) .. 16 TiB in MB (16,777,216)
+``limits.swap``    -1 (unlimited), 0 (none) .. 16 TiB in MB
+``limits.disk``    0 (unlimited) .. 1 PiB in MB (1,073,741,824)
+``limits.cpu``     0 (unlimited) .. 409,600 % (4,096 cores)
+``limits.io``      0 .. 10,000 (then clamped to Docker's 10..1000)
+``limits.pids``    up to 4,194,304 (the kernel's PID_MAX_LIMIT); 0, null or
+                   negative mean the agent's ``servers.pids_limit``, never
+                   "no limit"
+ports              1 .. 65535
+``stop.timeout``   0 .. 86,400 s;  ``install.timeout``: 0 .. 86,400 s
+``user``           uid and gid 0 .. 4,294,967,294
+=================  =======================================================
+
+Names (the server id, aliases, environment keys, signals, the user) are
+matched whole (``fullmatch``): a trailing newline is not part of a name.
+
 Payload (PROTOCOL.md section 2, plus optional agent extras)::
 
     {name, image, startup, environment: {..}, skipScripts,
@@ -21,7 +43,9 @@ Payload (PROTOCOL.md section 2, plus optional agent extras)::
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import math
 import re
 import shlex
 from collections.abc import Mapping
@@ -41,11 +65,27 @@ MB = 1024 * 1024
 
 # A server id ends up in a container name, a label and a directory name: keep
 # it to what all three accept, with no path separators.
-_SERVER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Every pattern below is used with ``fullmatch`` (``$`` also matches before a
+# final newline, so ``match`` with ``^...$`` would take "id\n").
+_SERVER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\}\}")
-_SIGNAL = re.compile(r"^SIG[A-Z0-9]+$")
-_USER = re.compile(r"^\d+(:\d+)?$")
+_SIGNAL = re.compile(r"SIG[A-Z0-9]{1,16}")
+_USER = re.compile(r"[0-9]{1,10}(:[0-9]{1,10})?")
+# A number written as a string: plain decimal notation only (no "inf", "nan",
+# "0x10" or "1_000", which ``float`` would take).
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
+
+# Bounds of the payload's numbers (see the module docstring).
+MAX_MEMORY_MB = 16 * 1024 * 1024
+MAX_DISK_MB = 1024 * 1024 * 1024
+MAX_CPU_PERCENT = 100 * 4096
+MAX_IO_WEIGHT = 10_000
+MAX_PIDS = 4_194_304
+MAX_TIMEOUT = 86_400.0
+MAX_ID = 4_294_967_294
+MAX_PORTS = 1024
+MAX_ALIASES = 64
 # Characters that need a shell: without any of them the startup line is split
 # and executed directly, so the game process is PID 1 and gets our signals.
 _SHELL_CHARS = set("|&;<>()$`\\\"'*?[]#~=%{}\n")
@@ -145,7 +185,7 @@ def container_name(server_id: str) -> str:
 
 def validate_server_id(server_id: Any) -> str:
     """Return ``server_id`` if it is usable as a name, label and directory."""
-    if not isinstance(server_id, str) or not _SERVER_ID.match(server_id):
+    if not isinstance(server_id, str) or not _SERVER_ID.fullmatch(server_id):
         raise InvalidInput(
             "serverId must be 1-128 characters of letters, digits, '_', '.', '-'",
             field="serverId",
@@ -161,42 +201,102 @@ def _str(params: Mapping[str, Any], key: str, *, required: bool = False, default
         return default
     if not isinstance(value, str):
         raise InvalidInput("{} must be a string".format(key), field=key)
+    if "\x00" in value:
+        raise InvalidInput("{} must not contain NUL characters".format(key), field=key)
     return value
 
 
-def _number(value: Any, name: str, *, minimum: float, default: float) -> float:
-    if value is None or value == "":
+def _number(
+    value: Any, name: str, *, minimum: float, maximum: float, default: float
+) -> float:
+    """
+    A finite number in ``[minimum, maximum]`` from a JSON number or a decimal string.
+
+    ``None`` and ``""`` give ``default``.  Booleans, NaN, infinities (a JSON
+    ``1e999``, the strings ``"inf"``/``"Infinity"``) and anything out of bounds
+    are ``InvalidInput`` naming the field.
+    """
+    if value is None or (isinstance(value, str) and value == ""):
         return float(default)
     if isinstance(value, bool):
-        raise InvalidInput("{} must be a number".format(name), field=name)
+        raise InvalidInput("{} must be a number, not a boolean".format(name), field=name)
     if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise InvalidInput("{} must be a number".format(name), field=name) from None
-    if not isinstance(value, (int, float)) or value != value:
+        text = value.strip()
+        if len(text) > 64 or not _DECIMAL.fullmatch(text):
+            raise InvalidInput("{} must be a number".format(name), field=name)
+        value = float(text)
+    if isinstance(value, int):
+        # Compared as an integer: a huge one must not reach float() (OverflowError).
+        if not minimum <= value <= maximum:
+            raise _out_of_range(name, minimum, maximum)
+        return float(value)
+    if not isinstance(value, float):
         raise InvalidInput("{} must be a number".format(name), field=name)
-    if value < minimum:
-        raise InvalidInput("{} must be at least {}".format(name, minimum), field=name)
-    return float(value)
+    if not math.isfinite(value):
+        raise InvalidInput("{} must be a finite number".format(name), field=name)
+    if not minimum <= value <= maximum:
+        raise _out_of_range(name, minimum, maximum)
+    return value
 
 
-def _int(value: Any, name: str, *, minimum: int, default: int) -> int:
-    number = _number(value, name, minimum=minimum, default=default)
+def _out_of_range(name: str, minimum: float, maximum: float) -> InvalidInput:
+    return InvalidInput(
+        "{} must be between {:,g} and {:,g}".format(name, minimum, maximum).replace(",", " "),
+        field=name,
+    )
+
+
+def _int(value: Any, name: str, *, minimum: int, maximum: int, default: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not minimum <= value <= maximum:
+            raise _out_of_range(name, minimum, maximum)
+        return value
+    number = _number(value, name, minimum=minimum, maximum=maximum, default=default)
     if not number.is_integer():
         raise InvalidInput("{} must be a whole number".format(name), field=name)
     return int(number)
 
 
-def env_value(value: Any) -> str:
-    """An environment value as a string (``true``/``false`` for booleans)."""
+def _flag(params: Mapping[str, Any], name: str, *keys: str, default: bool) -> bool:
+    """A boolean field: JSON true/false (or 0/1, "true"/"false"); absent = ``default``."""
+    value: Any = None
+    for key in keys:
+        if params.get(key) is not None:
+            value = params[key]
+            break
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise InvalidInput("{} must be true or false".format(name), field=name)
+
+
+def env_value(value: Any, name: str = "environment") -> str:
+    """
+    An environment value as a string (``true``/``false`` for booleans).
+
+    A float must be finite (a JSON ``1e999`` is an infinity); a string must
+    not hold NUL, which no process environment can carry.
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return ""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInput("{} must be a finite number".format(name), field=name)
+        return str(int(value)) if value.is_integer() else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInput("{} must not contain NUL characters".format(name), field=name)
+        return value
+    raise InvalidInput("{} must be a string, number or boolean".format(name), field=name)
 
 
 def _environment(params: Mapping[str, Any]) -> dict[str, str]:
@@ -207,16 +307,11 @@ def _environment(params: Mapping[str, Any]) -> dict[str, str]:
         raise InvalidInput("environment must be an object", field="environment")
     env: dict[str, str] = {}
     for key, value in raw.items():
-        if not isinstance(key, str) or not _ENV_NAME.match(key):
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
             raise InvalidInput(
                 "environment key {!r} is not a variable name".format(key), field="environment"
             )
-        if isinstance(value, (Mapping, list)):
-            raise InvalidInput(
-                "environment.{} must be a string, number or boolean".format(key),
-                field="environment." + key,
-            )
-        env[key] = env_value(value)
+        env[key] = env_value(value, "environment." + key)
     return env
 
 
@@ -226,22 +321,66 @@ def _limits(params: Mapping[str, Any], defaults: ServersConfig) -> Limits:
         raw = {}
     if not isinstance(raw, Mapping):
         raise InvalidInput("limits must be an object", field="limits")
-    swap = _int(raw.get("swap"), "limits.swap", minimum=-1, default=0)
+    # 0, null or a negative number keep the agent's safe default: a PID limit
+    # is only ever lifted by the operator (servers.pids_limit = 0), never by a
+    # payload.
+    pids = _int(raw.get("pids"), "limits.pids", minimum=-MAX_PIDS, maximum=MAX_PIDS,
+                default=defaults.pids_limit)
     return Limits(
-        memory_mb=_int(raw.get("memory"), "limits.memory", minimum=0, default=0),
-        swap_mb=swap,
-        disk_mb=_int(raw.get("disk"), "limits.disk", minimum=0, default=0),
-        cpu_percent=_number(raw.get("cpu"), "limits.cpu", minimum=0, default=0.0),
-        io_weight=_int(raw.get("io"), "limits.io", minimum=0, default=500),
-        pids=_int(raw.get("pids"), "limits.pids", minimum=0, default=defaults.pids_limit),
+        memory_mb=_int(raw.get("memory"), "limits.memory", minimum=0, maximum=MAX_MEMORY_MB,
+                       default=0),
+        swap_mb=_int(raw.get("swap"), "limits.swap", minimum=-1, maximum=MAX_MEMORY_MB,
+                     default=0),
+        disk_mb=_int(raw.get("disk"), "limits.disk", minimum=0, maximum=MAX_DISK_MB, default=0),
+        cpu_percent=_number(raw.get("cpu"), "limits.cpu", minimum=0, maximum=MAX_CPU_PERCENT,
+                            default=0.0),
+        io_weight=_int(raw.get("io"), "limits.io", minimum=0, maximum=MAX_IO_WEIGHT,
+                       default=500),
+        pids=pids if pids > 0 else defaults.pids_limit,
     )
 
 
+def check_limits(limits: Limits) -> Limits:
+    """
+    ``limits`` if every field is a number within the payload's bounds, else ``ValueError``.
+
+    For definitions read back from the store: one written before the bounds
+    existed (``cpu_percent`` = Infinity) must be refused at load, not
+    overflow in the background at the next start.
+    """
+    checks: tuple[tuple[str, Any, float, float], ...] = (
+        ("memory_mb", limits.memory_mb, 0, MAX_MEMORY_MB),
+        ("swap_mb", limits.swap_mb, -1, MAX_MEMORY_MB),
+        ("disk_mb", limits.disk_mb, 0, MAX_DISK_MB),
+        ("cpu_percent", limits.cpu_percent, 0, MAX_CPU_PERCENT),
+        ("io_weight", limits.io_weight, 0, MAX_IO_WEIGHT),
+        ("pids", limits.pids, -MAX_PIDS, MAX_PIDS),
+    )
+    for name, value, low, high in checks:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not low <= value <= high
+            or (name != "cpu_percent" and not float(value).is_integer())
+        ):
+            raise ValueError("stored limit {} = {!r} is not valid".format(name, value))
+    return limits
+
+
 def _port(value: Any, name: str) -> int:
-    port = _int(value, name, minimum=1, default=0)
-    if not 1 <= port <= 65535:
-        raise InvalidInput("{} must be a port (1-65535)".format(name), field=name)
-    return port
+    return _int(value, name, minimum=1, maximum=65535, default=0)
+
+
+def _bind_ip(value: Any, name: str, default: str) -> str:
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise InvalidInput("{} must be a string".format(name), field=name)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidInput("{} must be an IP address".format(name), field=name) from None
 
 
 def _ports(params: Mapping[str, Any], defaults: ServersConfig) -> tuple[PortAllocation, ...]:
@@ -250,6 +389,8 @@ def _ports(params: Mapping[str, Any], defaults: ServersConfig) -> tuple[PortAllo
         return ()
     if not isinstance(raw, list):
         raise InvalidInput("ports must be a list", field="ports")
+    if len(raw) > MAX_PORTS:
+        raise InvalidInput("ports: at most {} allocations".format(MAX_PORTS), field="ports")
     seen: dict[tuple[str, int], PortAllocation] = {}
     for index, item in enumerate(raw):
         name = "ports[{}]".format(index)
@@ -266,9 +407,7 @@ def _ports(params: Mapping[str, Any], defaults: ServersConfig) -> tuple[PortAllo
             raise InvalidInput(
                 "{}.protocol must be tcp or udp".format(name), field=name + ".protocol"
             )
-        ip = item.get("ip") or defaults.default_bind_ip
-        if not isinstance(ip, str):
-            raise InvalidInput("{}.ip must be a string".format(name), field=name + ".ip")
+        ip = _bind_ip(item.get("ip"), name + ".ip", defaults.default_bind_ip)
         key = (ip, external)
         allocation = PortAllocation(internal=internal, external=external, ip=ip)
         if key in seen and seen[key] != allocation:
@@ -286,15 +425,33 @@ def _aliases(params: Mapping[str, Any], server_id: str) -> tuple[str, ...]:
     raw = params.get("aliases") or []
     if not isinstance(raw, list):
         raise InvalidInput("aliases must be a list of strings", field="aliases")
+    if len(raw) > MAX_ALIASES:
+        raise InvalidInput("aliases: at most {}".format(MAX_ALIASES), field="aliases")
     for value in [*raw, params.get("panelId")]:
         if value is None or value == "":
             continue
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise InvalidInput("aliases must be strings", field="aliases")
+        if isinstance(value, int) and not 0 <= value <= MAX_ID:
+            raise InvalidInput("alias {} is out of range".format(value), field="aliases")
         value = str(value)
+        # An alias names the server wherever its id does: the same rules.
+        if not _SERVER_ID.fullmatch(value):
+            raise InvalidInput(
+                "alias {!r} must be 1-128 characters of letters, digits, '_', '.', '-'".format(
+                    value[:140]
+                ),
+                field="aliases",
+            )
         if value != server_id and value not in out:
             out.append(value)
     return tuple(out)
+
+
+def _timeout(raw: Mapping[str, Any], name: str) -> float | None:
+    """A timeout in seconds, or None for the agent's default (absent or negative)."""
+    timeout = _number(raw.get("timeout"), name, minimum=-1, maximum=MAX_TIMEOUT, default=-1)
+    return None if timeout < 0 else timeout
 
 
 def _stop(params: Mapping[str, Any]) -> StopMethod:
@@ -305,8 +462,7 @@ def _stop(params: Mapping[str, Any]) -> StopMethod:
     if isinstance(raw, Mapping):
         kind = raw.get("type")
         value = raw.get("value")
-        timeout = _number(raw.get("timeout"), "stop.timeout", minimum=0, default=-1)
-        timeout = None if timeout < 0 else timeout
+        timeout = _timeout(raw, "stop.timeout")
         if not isinstance(value, str) or not value:
             raise InvalidInput("stop.value must be a string", field="stop.value")
     elif isinstance(raw, str):
@@ -316,10 +472,10 @@ def _stop(params: Mapping[str, Any]) -> StopMethod:
     if value == "^C":
         kind, value = "signal", "SIGINT"
     if kind is None:
-        kind = "signal" if _SIGNAL.match(value) else "command"
+        kind = "signal" if _SIGNAL.fullmatch(value) else "command"
     if kind not in ("signal", "command"):
         raise InvalidInput("stop.type must be signal or command", field="stop.type")
-    if kind == "signal" and not _SIGNAL.match(value):
+    if kind == "signal" and not _SIGNAL.fullmatch(value):
         raise InvalidInput("stop signal {!r} is not a signal name".format(value), field="stop")
     return StopMethod(kind=kind, value=value, timeout=timeout)
 
@@ -332,16 +488,25 @@ def _startup_done(params: Mapping[str, Any]) -> StartupDone | None:
         return StartupDone(pattern=raw)
     if not isinstance(raw, Mapping) or not isinstance(raw.get("pattern"), str):
         raise InvalidInput("startupDone must be a string or {pattern, regex}", field="startupDone")
-    done = StartupDone(pattern=raw["pattern"], regex=bool(raw.get("regex", False)))
+    regex = _flag(raw, "startupDone.regex", "regex", default=False)
+    done = StartupDone(pattern=raw["pattern"], regex=regex)
     if done.regex:
         try:
             re.compile(done.pattern)
-        except re.error as e:
+        except (re.error, RecursionError, OverflowError) as e:
             raise InvalidInput(
                 "startupDone.pattern is not a regular expression: {}".format(e),
                 field="startupDone.pattern",
             ) from None
     return done
+
+
+def _image(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput("{} must be a string".format(name), field=name)
+    if any(c.isspace() or c == "\x00" for c in value):
+        raise InvalidInput("{} must not contain spaces".format(name), field=name)
+    return value
 
 
 def _install(params: Mapping[str, Any]) -> InstallScript | None:
@@ -356,14 +521,14 @@ def _install(params: Mapping[str, Any]) -> InstallScript | None:
     if not isinstance(script, str) or not script.strip():
         raise InvalidInput("install.script must be a non-empty string", field="install.script")
     image = raw.get("image")
-    if image is not None and (not isinstance(image, str) or not image):
-        raise InvalidInput("install.image must be a string", field="install.image")
+    if image is not None:
+        image = _image(image, "install.image")
     entrypoint = raw.get("entrypoint") or "/bin/sh"
-    if not isinstance(entrypoint, str):
+    if not isinstance(entrypoint, str) or "\x00" in entrypoint:
         raise InvalidInput("install.entrypoint must be a string", field="install.entrypoint")
-    timeout = _number(raw.get("timeout"), "install.timeout", minimum=0, default=-1)
     return InstallScript(
-        script=script, image=image, entrypoint=entrypoint, timeout=None if timeout < 0 else timeout
+        script=script, image=image, entrypoint=entrypoint,
+        timeout=_timeout(raw, "install.timeout"),
     )
 
 
@@ -375,21 +540,23 @@ def _user(params: Mapping[str, Any], defaults: ServersConfig) -> str | None:
         return None
     if isinstance(raw, int) and not isinstance(raw, bool):
         raw = str(raw)
-    if not isinstance(raw, str) or not _USER.match(raw):
+    if not isinstance(raw, str) or not _USER.fullmatch(raw):
         raise InvalidInput('user must be "uid:gid" or "image"', field="user")
     if ":" not in raw:
         raw = "{}:{}".format(raw, raw)
+    if any(int(part) > MAX_ID for part in raw.split(":")):
+        raise InvalidInput("user: uid and gid must be at most {}".format(MAX_ID), field="user")
     return raw
 
 
 def parse_spec(server_id: str, params: Mapping[str, Any], defaults: ServersConfig) -> ServerSpec:
     """Validate a ``create_server`` payload into a ``ServerSpec``."""
     server_id = validate_server_id(server_id)
-    image = _str(params, "image", required=True)
-    if any(c.isspace() for c in image):
-        raise InvalidInput("image must not contain spaces", field="image")
-    skip = params.get("skipScripts", params.get("skip_scripts", False))
-    crash_restart = params.get("crashRestart", params.get("crash_restart", True))
+    if not isinstance(params, Mapping):
+        raise InvalidInput("the payload must be an object", field="payload")
+    if params.get("image") in (None, ""):
+        raise InvalidInput("image is required", field="image")
+    image = _image(params.get("image"), "image")
     return ServerSpec(
         server_id=server_id,
         name=_str(params, "name", default=server_id),
@@ -402,8 +569,9 @@ def parse_spec(server_id: str, params: Mapping[str, Any], defaults: ServersConfi
         stop=_stop(params),
         startup_done=_startup_done(params),
         install=_install(params),
-        skip_scripts=bool(skip),
-        crash_restart=bool(crash_restart),
+        skip_scripts=_flag(params, "skipScripts", "skipScripts", "skip_scripts", default=False),
+        crash_restart=_flag(params, "crashRestart", "crashRestart", "crash_restart",
+                            default=True),
         user=_user(params, defaults),
     )
 
@@ -417,7 +585,7 @@ def spec_from_json(text: str) -> ServerSpec:
         image=raw["image"],
         startup=raw["startup"],
         environment=dict(raw["environment"]),
-        limits=Limits(**raw["limits"]),
+        limits=check_limits(Limits(**raw["limits"])),
         ports=tuple(PortAllocation(**p) for p in raw["ports"]),
         aliases=tuple(raw["aliases"]),
         stop=StopMethod(**raw["stop"]),
@@ -526,6 +694,8 @@ def startup_command(line: str) -> list[str] | None:
 
 def memory_limits(limits: Limits) -> dict[str, int]:
     """``Memory``/``MemorySwap`` in bytes (empty when memory is unlimited)."""
+    _within("limits.memory", limits.memory_mb, 0, MAX_MEMORY_MB)
+    _within("limits.swap", limits.swap_mb, -1, MAX_MEMORY_MB)
     if limits.memory_mb <= 0:
         return {}
     memory = limits.memory_mb * MB
@@ -538,7 +708,19 @@ def memory_limits(limits: Limits) -> dict[str, int]:
 
 def nano_cpus(cpu_percent: float) -> int:
     """Docker ``NanoCpus`` for a percentage of one core (0 = unlimited)."""
+    _within("limits.cpu", cpu_percent, 0, MAX_CPU_PERCENT)
     return int(round(cpu_percent / 100.0 * 1e9))
+
+
+def _within(name: str, value: float, low: float, high: float) -> None:
+    """
+    Refuse a limit out of bounds where it is turned into engine units.
+
+    Parsed specs never are; this keeps a spec built any other way from
+    overflowing (``int(inf)``) in the background, where nobody is answered.
+    """
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+        raise InvalidInput("{} = {!r} is out of bounds".format(name, value), field=name)
 
 
 def blkio_weight(io_weight: int) -> int:
@@ -551,8 +733,10 @@ def resources(spec: ServerSpec, defaults: ServersConfig) -> dict[str, Any]:
     out: dict[str, Any] = dict(memory_limits(spec.limits))
     out["NanoCpus"] = nano_cpus(spec.limits.cpu_percent)
     out["BlkioWeight"] = blkio_weight(spec.limits.io_weight)
-    if spec.limits.pids > 0:
-        out["PidsLimit"] = spec.limits.pids
+    # A stored definition from before pids 0 meant "the default" still gets it.
+    pids = spec.limits.pids if spec.limits.pids > 0 else defaults.pids_limit
+    if pids > 0:
+        out["PidsLimit"] = min(pids, MAX_PIDS)
     return out
 
 
@@ -595,7 +779,7 @@ def container_body(
         "Binds": ["{}:{}".format(data_path, DATA_MOUNT)],
         "PortBindings": bindings,
         "NetworkMode": network_mode,
-        "Tmpfs": {"/tmp": "rw,exec,nosuid,size={}m".format(defaults.tmpfs_size_mb)},
+        "Tmpfs": {"/tmp": "rw,exec,nosuid,nodev,size={}m".format(defaults.tmpfs_size_mb)},
         # The agent owns restarts (crash policy and loop guard), not Docker.
         "RestartPolicy": {"Name": "no"},
         # json-file keeps the console in Docker's logs, which is where lines
@@ -630,6 +814,19 @@ def container_body(
     return body
 
 
+def install_user(spec: ServerSpec, defaults: ServersConfig) -> str:
+    """
+    The ``User`` of the install container (``servers.install_user``).
+
+    ``"server"`` runs the script as the server's own user (the image's user
+    becomes the agent's container uid); anything else is a ``uid:gid``.
+    """
+    if defaults.install_user == "server":
+        pair = uid_gid(spec) or (defaults.container_uid, defaults.container_gid)
+        return "{}:{}".format(*pair)
+    return defaults.install_user
+
+
 def install_body(
     spec: ServerSpec,
     data_path: str,
@@ -641,8 +838,18 @@ def install_body(
     The create body of the one-shot install container.
 
     Pterodactyl's convention: the data directory at ``/mnt/server``, the script
-    at ``/mnt/install/install.sh``, run as root, the server's environment.  It
-    joins the servers' network, so an operator's rules for it cover installs too.
+    at ``/mnt/install/install.sh``, the server's environment.  It joins the
+    servers' network, so an operator's rules for it cover installs too.
+
+    It runs as ``servers.install_user`` (root inside the container by
+    default: egg scripts run ``apt-get``, ``curl``, ``unzip`` and ``chown``
+    as root) but confined: every capability is dropped except
+    ``servers.install_capabilities`` (see ``ServersConfig``; never ``MKNOD``,
+    so no device node can be made), ``no-new-privileges`` (no setuid binary
+    gains anything), no devices, ``/tmp`` without setuid or devices, the
+    game's own memory/CPU/IO/PID limits and a bounded engine log.  Whatever
+    the script leaves behind is cleaned by the agent afterwards (setuid and
+    setgid bits, special files), whatever its exit code.
     """
     assert spec.install is not None
     env = server_environment(spec)
@@ -653,7 +860,7 @@ def install_body(
         "Entrypoint": [spec.install.entrypoint],
         "Cmd": ["/mnt/install/install.sh"],
         "WorkingDir": "/mnt/server",
-        "User": "0:0",
+        "User": install_user(spec, defaults),
         "Tty": False,
         "OpenStdin": False,
         "HostConfig": {
@@ -663,9 +870,16 @@ def install_body(
                 "{}:/mnt/install:ro".format(script_dir),
             ],
             "NetworkMode": network_mode,
-            "Tmpfs": {"/tmp": "rw,exec,nosuid,size={}m".format(defaults.tmpfs_size_mb)},
+            "Privileged": False,
+            "CapDrop": ["ALL"],
+            "CapAdd": list(defaults.install_capabilities),
+            "SecurityOpt": ["no-new-privileges"],
+            "Devices": [],
+            "Tmpfs": {"/tmp": "rw,exec,nosuid,nodev,size={}m".format(defaults.tmpfs_size_mb)},
             "RestartPolicy": {"Name": "no"},
-            "LogConfig": {"Type": "json-file", "Config": {}},
+            # The agent copies the output to the install log (bounded); the
+            # engine's copy must not grow without bound either.
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
         },
     }
 

@@ -18,11 +18,11 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionLost
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -260,6 +260,56 @@ async def test_a_call_that_never_answers_times_out_as_unavailable() -> None:
     clock.advance(0.2)
     with pytest.raises(DockerTimeout):
         await d
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda: ConnectingCancelledError(None),
+        lambda: ResponseNeverReceived([Failure(CancelledError())]),
+        lambda: ResponseFailed([Failure(CancelledError())]),
+    ],
+    ids=["while-connecting", "before-the-answer", "mid-answer"],
+)
+@pytest_twisted.ensureDeferred
+async def test_cancelling_a_call_is_a_cancellation_not_an_engine_failure(failure: Any) -> None:
+    # What treq's Agent reports when a caller (a shutting-down or dying
+    # manager) cancels a request: it must read as CancelledError, which the
+    # tracker ignores, never as a broken engine or an unexpected error.
+    class Cancellable:
+        def request(self, *args: Any, **kw: Any) -> Deferred[Any]:
+            return Deferred(lambda d: d.errback(failure()))
+
+    client = DockerClient(Cancellable(), Clock(), DockerConfig(call_timeout=5))
+    d = Deferred.fromCoroutine(client.ping())
+    d.cancel()
+    with pytest.raises(CancelledError):
+        await d
+    # the stdin pipe connects on its own: the same holds there
+    class Endpoint:
+        def connect(self, factory: Any) -> Deferred[Any]:
+            return Deferred(lambda d: d.errback(ConnectingCancelledError(None)))
+
+    class Endpoints:
+        def endpoint(self) -> Endpoint:
+            return Endpoint()
+
+    piped = DockerClient(Cancellable(), Clock(), DockerConfig(), endpoints=Endpoints(),  # type: ignore[arg-type]
+                         host=parse_docker_host("unix:///run/docker.sock"))
+    piped._api = "1.41"
+    attach = Deferred.fromCoroutine(piped.attach_stdin("abc"))
+    attach.cancel()
+    with pytest.raises(CancelledError):
+        await attach
+    # the engine really failing is still "unavailable"
+    class Broken:
+        def request(self, *args: Any, **kw: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            d.errback(ResponseNeverReceived([Failure(ConnectionLost())]))
+            return d
+
+    with pytest.raises(DockerUnavailable):
+        await DockerClient(Broken(), Clock(), DockerConfig()).ping()
 
 
 # -- pure parsing --------------------------------------------------------------

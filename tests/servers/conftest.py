@@ -18,7 +18,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 
 from ctrlagent.config import AgentConfig, DockerConfig, ServersConfig
 from ctrlagent.docker.client import DockerClient
@@ -26,6 +26,7 @@ from ctrlagent.events import ConsoleOutput, ServerEvent, StatusChanged
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.states import ServerState
 from ctrlagent.servers.store import open_store
+from tests.servers.fakes import FakeEngine
 
 
 def new_id() -> str:
@@ -183,3 +184,52 @@ async def until_state(
 
 def fired(d: Deferred[Any]) -> bool:
     return d.called
+
+
+# -- the manager on the in-memory engine (unit tests) -------------------------
+
+
+class Unit:
+    """Managers on the in-memory engine with a ``Clock`` (store and disk on real threads)."""
+
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+        self.clock = Clock()
+        self.engine = FakeEngine()
+        self.events: list[Any] = []
+        self.config = AgentConfig(
+            development=True,
+            state_dir=os.path.join(tmp, "state"),
+            data_dir=os.path.join(tmp, "data"),
+            servers=ServersConfig(stop_timeout=5.0, crash_restart_window=30.0,
+                                  disk_check_interval=0.0, stats_interval=2.0,
+                                  stats_mode="poll"),
+        )
+        self.managers: list[ServerManager] = []
+
+    def manager(self) -> ServerManager:
+        store = open_store(global_reactor, self.config.state_dir)
+        m = ServerManager(global_reactor, self.config, self.engine, store, clock=self.clock)
+        m.add_listener(self.events.append)
+        m.startService()
+        self.managers.append(m)
+        return m
+
+    def statuses(self, sid: str) -> list[tuple[str, str]]:
+        return [(e.previous, e.current) for e in self.events
+                if isinstance(e, StatusChanged) and e.server_id == sid]
+
+    def lines(self, sid: str) -> list[str]:
+        return [line for e in self.events if isinstance(e, ConsoleOutput)
+                and e.server_id == sid and e.stream != "agent" for line in e.lines]
+
+
+@pytest_twisted.async_yield_fixture
+async def unit(tmp_path: Any) -> AsyncIterator[Unit]:
+    u = Unit(str(tmp_path))
+    yield u
+    for m in u.managers:
+        if m.running:
+            await m.stopService()
+        elif m.crashed is not None:
+            await m.crashed

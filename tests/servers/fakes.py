@@ -19,16 +19,19 @@ from twisted.internet.defer import Deferred
 from ctrlagent.docker.errors import ContainerGone, DockerConflict, NetworkNotFound
 from ctrlagent.docker.models import DockerEvent
 from ctrlagent.docker.stats import ContainerStats
-from ctrlagent.errors import DockerUnavailable
+from ctrlagent.errors import DockerError, DockerUnavailable
 
 
 class FakeLines:
     """A LineStream look-alike fed by the fake engine."""
 
-    def __init__(self, items: list[tuple[str, str]], follow: bool) -> None:
+    def __init__(
+        self, items: list[tuple[str, str]], follow: bool, gate: Deferred[None] | None = None
+    ) -> None:
         self.items = list(items)
         self.ended = not follow
         self._waiter: Deferred[None] | None = None
+        self._gate = gate
 
     def push(self, item: tuple[str, str]) -> None:
         self.items.append(item)
@@ -44,6 +47,8 @@ class FakeLines:
             waiter.callback(None)
 
     async def batches(self, max_items: int = 1000) -> AsyncIterator[list[tuple[str, str]]]:
+        if self._gate is not None:
+            await self._gate
         while True:
             if self.items:
                 batch, self.items = self.items[:max_items], self.items[max_items:]
@@ -108,6 +113,7 @@ class FakeContainer:
     log: list[tuple[str, str]] = field(default_factory=list)
     followers: list[FakeLines] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    waiters: list[Deferred[int]] = field(default_factory=list)
 
 
 class FakeEngine:
@@ -123,6 +129,8 @@ class FakeEngine:
         self.starts = 0
         self.created: list[tuple[str | None, dict[str, Any]]] = []  # every create body
         self.networks: dict[str, dict[str, Any]] = {}
+        # When set, reading a log without following waits for it (a slow history).
+        self.history_gate: Deferred[None] | None = None
 
     # -- helpers for tests -------------------------------------------------
 
@@ -158,6 +166,9 @@ class FakeEngine:
         for follower in c.followers:
             follower.end()
         c.followers = []
+        waiters, c.waiters = c.waiters, []
+        for waiter in waiters:
+            waiter.callback(code)
         if external_kill:
             self._event("kill", c)
         if oom:
@@ -219,6 +230,10 @@ class FakeEngine:
             raise NetworkNotFound("network {} not found".format(mode))
         if any(c.name == name for c in self.containers.values()):
             raise DockerConflict("name taken")
+        if "INSTALL_CREATE_FAILS=1" in body.get("Env", []) and (
+            (body.get("Labels") or {}).get("ctrl-alt-play.role") == "install"
+        ):
+            raise DockerError(500, "the engine refused the install container")
         cid = "{:064x}".format(next(self._ids))
         self.created.append((name, body))
         env = dict(e.split("=", 1) for e in body.get("Env", []))
@@ -234,7 +249,13 @@ class FakeEngine:
         self.starts += 1
         self._event("start", c)
         if (c.body.get("Labels") or {}).get("ctrl-alt-play.role") == "install":
-            self.die(cid, int(c.env.get("INSTALL_EXIT", "0")))
+            # INSTALL_HANG: the script never ends; INSTALL_VANISH: the
+            # container is removed behind the agent's back; else it exits.
+            if c.env.get("INSTALL_VANISH") == "1":
+                del self.containers[c.cid]
+            elif c.env.get("INSTALL_HANG") != "1":
+                self.print(cid, "installing")
+                self.die(cid, int(c.env.get("INSTALL_EXIT", "0")))
             return
         self.print(cid, "Starting")
         self.print(cid, c.env.get("STARTUP_LINE", "Done (0.1s)!"))
@@ -255,6 +276,14 @@ class FakeEngine:
         self._check()
         c = self._get(cid)
         del self.containers[c.cid]
+        # Forced removal: followers end, a waiter learns the container is gone.
+        c.running = False
+        for follower in c.followers:
+            follower.end()
+        c.followers = []
+        waiters, c.waiters = c.waiters, []
+        for waiter in waiters:
+            waiter.errback(ContainerGone("no such container: " + c.cid))
 
     async def container_inspect(self, cid: str) -> dict[str, Any]:
         self._check()
@@ -279,7 +308,12 @@ class FakeEngine:
         self._get(cid).body["HostConfig"].update(resources)
 
     async def container_wait(self, cid: str, condition: str = "not-running") -> int:
-        return self._get(cid).exit_code
+        c = self._get(cid)
+        if not c.running:
+            return c.exit_code
+        waiter: Deferred[int] = Deferred()
+        c.waiters.append(waiter)
+        return await waiter
 
     def logs(self, cid: str, *, follow: bool, tail: Any = "all", since: float | None = None,
              timestamps: bool = False, tty: bool = False) -> FakeLines:
@@ -287,7 +321,8 @@ class FakeEngine:
         items = list(c.log)
         if tail != "all":
             items = items[-int(tail):]
-        stream = FakeLines(items, follow=follow and c.running)
+        stream = FakeLines(items, follow=follow and c.running,
+                           gate=None if follow else self.history_gate)
         if follow and c.running:
             c.followers.append(stream)
         return stream

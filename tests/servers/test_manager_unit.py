@@ -10,70 +10,21 @@ from __future__ import annotations
 
 import calendar
 import os
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import Clock
 
-from ctrlagent.config import AgentConfig, ServersConfig
+from ctrlagent.config import ServersConfig
 from ctrlagent.errors import Conflict, InsufficientResources, InvalidInput, ServerNotFound
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.states import ServerState
-from ctrlagent.servers.store import open_store
-from tests.servers.conftest import sleep, until
-from tests.servers.fakes import FakeEngine
+from tests.servers.conftest import Unit, sleep, until
 
 S = ServerState
-
-
-class Unit:
-    def __init__(self, tmp: str) -> None:
-        self.tmp = tmp
-        self.clock = Clock()
-        self.engine = FakeEngine()
-        self.events: list[Any] = []
-        self.config = AgentConfig(
-            development=True,
-            state_dir=os.path.join(tmp, "state"),
-            data_dir=os.path.join(tmp, "data"),
-            servers=ServersConfig(stop_timeout=5.0, crash_restart_window=30.0,
-                                  disk_check_interval=0.0, stats_interval=2.0,
-                                  stats_mode="poll"),
-        )
-        self.managers: list[ServerManager] = []
-
-    def manager(self) -> ServerManager:
-        store = open_store(reactor, self.config.state_dir)
-        m = ServerManager(reactor, self.config, self.engine, store, clock=self.clock)
-        m.add_listener(self.events.append)
-        m.startService()
-        self.managers.append(m)
-        return m
-
-    def statuses(self, sid: str) -> list[tuple[str, str]]:
-        return [(e.previous, e.current) for e in self.events
-                if isinstance(e, StatusChanged) and e.server_id == sid]
-
-    def lines(self, sid: str) -> list[str]:
-        return [line for e in self.events if isinstance(e, ConsoleOutput)
-                and e.server_id == sid and e.stream != "agent" for line in e.lines]
-
-
-@pytest_twisted.async_yield_fixture
-async def unit(tmp_path: Any) -> AsyncIterator[Unit]:
-    u = Unit(str(tmp_path))
-    yield u
-    for m in u.managers:
-        if m.running:
-            await m.stopService()
-        elif m.crashed is not None:
-            await m.crashed
 
 
 PARAMS = {"image": "img", "startup": "/game", "stop": "stop", "startupDone": "Done ("}
