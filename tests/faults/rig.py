@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import stat
 import subprocess
 import time
@@ -56,6 +57,9 @@ class FaultAgent(AgentProcess):
     """``twistd -n ctrlagent`` with the JSON log observer, for fault tests."""
 
     logger = "ctrlagent.logs.json_observer"
+    # Soft limit of open files for the agent (None: inherit the test's).
+    # systemd starts services with a soft limit of 1024.
+    nofile: int | None = None
 
     def argv(self) -> list[str]:
         """The command line: the operator's, with JSON lines on stdout."""
@@ -77,7 +81,18 @@ class FaultAgent(AgentProcess):
         env.pop("DOCKER_HOST", None)
         env["PYTHONPATH"] = str(ROOT)
         env.update(self.extra_env)
-        self.process = spawn_logged(self.argv(), self.log_path, cwd=str(self.workdir), env=env)
+        popen: dict[str, Any] = {}
+        if self.nofile is not None:
+            soft = self.nofile
+
+            def limit_files() -> None:
+                _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard), hard))
+
+            popen["preexec_fn"] = limit_files
+        self.process = spawn_logged(
+            self.argv(), self.log_path, cwd=str(self.workdir), env=env, **popen
+        )
 
     def start(self, timeout: float = 30.0) -> FaultAgent:
         """Start twistd and wait until ``/health`` answers."""
