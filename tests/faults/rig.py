@@ -307,16 +307,27 @@ def tree_state(root: Path, max_entries: int = 20_000) -> dict[str, tuple[Any, ..
     while pending:
         rel = pending.pop()
         path = root / rel if rel else root
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            out[rel] = ("absent",)
+            continue
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISLNK(st.st_mode):
             out[rel] = ("link", os.readlink(path))
         elif stat.S_ISREG(st.st_mode):
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            out[rel] = ("file", mode, st.st_uid, st.st_gid, st.st_nlink, digest)
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                digest = "vanished while read"
+            out[rel] = ("file", mode, st.st_uid, st.st_gid, digest)
         elif stat.S_ISDIR(st.st_mode):
             out[rel] = ("dir", mode, st.st_uid, st.st_gid)
-            for name in sorted(os.listdir(path)):
+            try:
+                names = sorted(os.listdir(path))
+            except FileNotFoundError:
+                names = []
+            for name in names:
                 pending.append(os.path.join(rel, name) if rel else name)
         else:
             out[rel] = ("special", stat.S_IFMT(st.st_mode), mode, st.st_rdev)
@@ -378,6 +389,44 @@ def fill_filesystem(path: Path, chunk: int = 64 * 1024, limit: int = 64 * 1024 *
                         size //= 2
                 return written
     raise AssertionError("{} is not a small filesystem ({} bytes written)".format(path, written))
+
+
+def remove_tree(path: Path, max_steps: int = 1_000_000) -> None:
+    """
+    ``rm -rf`` without recursion and without following links.
+
+    A game server's tree may be 1,000 levels deep: ``shutil.rmtree`` (and so
+    pytest's own clean-up of old temporary directories) dies of a
+    ``RecursionError`` on it, so a test that plants one removes it with this.
+    """
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    stack = [str(path)]
+    steps = 0
+    while stack and steps < max_steps:
+        steps += 1
+        current = stack[-1]
+        try:
+            entries = list(os.scandir(current))
+        except FileNotFoundError:
+            stack.pop()
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+        if subdirs:
+            stack.extend(subdirs)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(current)
+            stack.pop()
 
 
 def remove_containers_under(docker_host: str, data_dir: Path) -> None:
