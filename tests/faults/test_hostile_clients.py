@@ -26,7 +26,7 @@ import pytest
 
 from tests.faults.rig import FaultAgent, open_file_bytes
 
-pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]
 
 SLOW_CLIENTS = 1100
 HEALTH_WITHIN = 1.5  # seconds: "about a second"

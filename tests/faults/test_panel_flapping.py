@@ -37,7 +37,7 @@ from twisted.internet.threads import deferToThread
 from ctrlagent.panel.testing import FakePanel
 from tests.faults.rig import CODE, FaultAgent
 
-pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]
 
 ROUNDS = 3
 STABLE_BURST = 1500
