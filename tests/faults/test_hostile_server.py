@@ -382,62 +382,64 @@ def test_a_hostile_game_server_cannot_reach_the_host_through_any_file_action(
     canary = workdir / "canary"
     _make_canary(canary)
     agent.start()
-    tag = uuid.uuid4().hex[:8]
-    hostile, neighbour_id = "hostile-" + tag, "neighbour-" + tag
-
-    created = agent.call("create_server", neighbour_id, {
-        "name": "neighbour", "image": scripted_image, "startup": "/usr/local/bin/gameserver",
-        "limits": {"memory": 64, "cpu": 50}})
-    assert created["success"] is True, created
-    neighbour = agent.data_dir / neighbour_id
-    (neighbour / "neighbour-plugins").mkdir(parents=True, exist_ok=True)
-    (neighbour / "neighbour-world.dat").write_text(NEIGHBOUR_SECRET + "\n")
-    (neighbour / "neighbour-plugins" / "neighbour-p.jar").write_text(NEIGHBOUR_SECRET + " jar")
-
-    created = agent.call("create_server", hostile, {
-        "name": "hostile", "image": scripted_image, "startup": GAME,
-        "environment": {"CANARY": str(canary), "NEIGHBOUR": str(neighbour),
-                        "MANIFEST": _manifest(canary, neighbour)},
-        "limits": {"memory": 64, "cpu": 50, "disk": 100}})
-    assert created["success"] is True, created
-    server_dir = agent.data_dir / hostile
-    assert agent.call("start_server", hostile)["success"] is True
-
-    def planted() -> bool:
-        answer = agent.call("console:history", hostile, {"lines": 100})
-        return "planted" in answer.get("data", {}).get("history", [])
-
-    wait_for(planted, 60, "the game to plant its traps")
-    # What an unprivileged game cannot make, planted as root.
-    os.mknod(server_dir / "null_dev", stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    os.mknod(server_dir / "zero_dev", stat.S_IFCHR | 0o666, os.makedev(1, 5))
-    os.mknod(server_dir / "random_dev", stat.S_IFCHR | 0o666, os.makedev(1, 8))
-    unix = socket.socket(socket.AF_UNIX)
-    unix.bind(str(server_dir / "sock"))
-    archives = _evil_archives(canary)
-    for name, data in archives.items():
-        (server_dir / name).write_bytes(data)
-    planted_special = {"fifo", "null_dev", "zero_dev", "random_dev", "sock"}
-
-    markers = [CANARY_SECRET, NEIGHBOUR_SECRET, _passwd_marker()]
-    canary_before, neighbour_before = tree_state(canary), tree_state(neighbour)
-    passwd_before = _passwd_state()
-    h = Hostile(agent, hostile, markers, ("canary-", "neighbour-"))
-    h.guard("the canary tree", lambda: tree_state(canary))
-    h.guard("the neighbour's directory", lambda: tree_state(neighbour))
-    h.guard("/etc/passwd", _passwd_state)
-    h.guard("the agent's work directory", lambda: sorted(os.listdir(workdir)))
-    h.guard("the data directory", lambda: sorted(
-        n for n in os.listdir(agent.data_dir) if n != hostile))
-    manifest_path = server_dir / "mods" / ".ctrlagent-mods.json"
-    manifest = _manifest(canary, neighbour)
-
-    def plant_manifest() -> None:
-        # Even after an action deleted more than it should: report, do not stop.
-        manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        manifest_path.write_text(manifest)
-        (server_dir / "upload.jar").write_text("jar\n")
+    unix: socket.socket | None = None
     try:
+        tag = uuid.uuid4().hex[:8]
+        hostile, neighbour_id = "hostile-" + tag, "neighbour-" + tag
+
+        created = agent.call("create_server", neighbour_id, {
+            "name": "neighbour", "image": scripted_image, "startup": "/usr/local/bin/gameserver",
+            "limits": {"memory": 64, "cpu": 50}})
+        assert created["success"] is True, created
+        neighbour = agent.data_dir / neighbour_id
+        (neighbour / "neighbour-plugins").mkdir(parents=True, exist_ok=True)
+        (neighbour / "neighbour-world.dat").write_text(NEIGHBOUR_SECRET + "\n")
+        (neighbour / "neighbour-plugins" / "neighbour-p.jar").write_text(NEIGHBOUR_SECRET + " jar")
+
+        created = agent.call("create_server", hostile, {
+            "name": "hostile", "image": scripted_image, "startup": GAME,
+            "environment": {"CANARY": str(canary), "NEIGHBOUR": str(neighbour),
+                            "MANIFEST": _manifest(canary, neighbour)},
+            "limits": {"memory": 64, "cpu": 50, "disk": 100}})
+        assert created["success"] is True, created
+        server_dir = agent.data_dir / hostile
+        assert agent.call("start_server", hostile)["success"] is True
+
+        def planted() -> bool:
+            answer = agent.call("console:history", hostile, {"lines": 100})
+            return "planted" in answer.get("data", {}).get("history", [])
+
+        wait_for(planted, 60, "the game to plant its traps")
+        # What an unprivileged game cannot make, planted as root.
+        os.mknod(server_dir / "null_dev", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.mknod(server_dir / "zero_dev", stat.S_IFCHR | 0o666, os.makedev(1, 5))
+        os.mknod(server_dir / "random_dev", stat.S_IFCHR | 0o666, os.makedev(1, 8))
+        unix = socket.socket(socket.AF_UNIX)
+        unix.bind(str(server_dir / "sock"))
+        archives = _evil_archives(canary)
+        for name, data in archives.items():
+            (server_dir / name).write_bytes(data)
+        planted_special = {"fifo", "null_dev", "zero_dev", "random_dev", "sock"}
+
+        markers = [CANARY_SECRET, NEIGHBOUR_SECRET, _passwd_marker()]
+        canary_before, neighbour_before = tree_state(canary), tree_state(neighbour)
+        passwd_before = _passwd_state()
+        h = Hostile(agent, hostile, markers, ("canary-", "neighbour-"))
+        h.guard("the canary tree", lambda: tree_state(canary))
+        h.guard("the neighbour's directory", lambda: tree_state(neighbour))
+        h.guard("/etc/passwd", _passwd_state)
+        h.guard("the agent's work directory", lambda: sorted(os.listdir(workdir)))
+        h.guard("the data directory", lambda: sorted(
+            n for n in os.listdir(agent.data_dir) if n != hostile))
+        manifest_path = server_dir / "mods" / ".ctrlagent-mods.json"
+        manifest = _manifest(canary, neighbour)
+
+        def plant_manifest() -> None:
+            # Even after an action deleted more than it should: report, do not stop.
+            manifest_path.parent.mkdir(parents=True, exist_ok=True)
+            manifest_path.write_text(manifest)
+            (server_dir / "upload.jar").write_text("jar\n")
+
         # -- look: every planted thing, read-only actions ----------------------------------
         looked_at = [
             "passwd_link", "root_link", "root_link/etc/passwd", "canary_link", "canary_dir_link",
@@ -611,7 +613,8 @@ def test_a_hostile_game_server_cannot_reach_the_host_through_any_file_action(
             len(problems), "\n".join(problems[:40]), dict(sorted(h.outcomes.items()))
         )
     finally:
-        unix.close()
+        if unix is not None:
+            unix.close()
         # The 1,000-deep tree must not outlive the test: pytest's clean-up of
         # old temporary directories dies of a RecursionError on it.
         agent.stop()
