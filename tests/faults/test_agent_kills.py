@@ -1,0 +1,174 @@
+"""
+The agent SIGKILLed at random moments while its game servers flood the console.
+
+What "delivered" means in the code (``ServerManager.deliver``): a console line
+is delivered when it is fanned out to the event listeners, that is to the
+Panel link, which sends it to the Panel as ``server_log`` events; the README
+promises that a restarted agent re-attaches "without losing or duplicating
+console lines".  So the lines are counted where the Panel sees them: on a
+loopback ``FakePanel`` (a real Autobahn server), across every connection the
+agent made to it, through several SIGKILLs and restarts on the same state.
+
+Three servers print numbered lines at about 100 lines/s each; the agent is
+killed three times at random offsets (one in each third of the run, with a
+random time spent dead); every line must reach the Panel exactly once and in
+order.  The seed is in every failure message (``FAULTS_SEED`` replays it).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+
+from ctrlagent.panel.testing import FakePanel
+from tests.faults.rig import FaultAgent
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]
+
+SERVERS = 3
+LINES = 1200  # per server: about 12 s at 100 lines/s
+KILLS = 3
+SEQ = re.compile(r"^seq (\d+)$")
+
+# Ten numbered lines every 0.1 s (about 100 lines/s), then idle.  `echo` is an
+# ash builtin, so the rate costs one `sleep` fork per ten lines.
+PRINTER = (
+    "i=0; while [ $i -lt {lines} ]; do j=0; while [ $j -lt 10 ]; do "
+    'i=$((i+1)); echo "seq $i"; j=$((j+1)); done; sleep 0.1; done; '
+    'echo "all printed"; exec sleep 3600'
+).format(lines=LINES)
+
+
+async def _sleep(seconds: float) -> None:
+    await deferLater(reactor, max(0.0, seconds), lambda: None)
+
+
+async def _until(predicate: Callable[[], Any], seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await _sleep(0.1)
+    raise AssertionError("timed out after {}s waiting for {}".format(seconds, what))
+
+
+def _kill_plan(rng: random.Random, duration: float) -> list[tuple[float, float]]:
+    """``(offset, seconds dead)`` per kill: one in each part of the run, random within it."""
+    plan = []
+    part = duration / KILLS
+    for k in range(KILLS):
+        # Leave room for the restart (about 1.5 s) before the next part starts.
+        offset = k * part + rng.uniform(0.3, max(0.4, part - 2.5))
+        plan.append((offset, rng.uniform(0.0, 0.8)))
+    return plan
+
+
+def _numbers(lines: list[str]) -> list[int]:
+    return [int(m.group(1)) for m in map(SEQ.match, lines) if m]
+
+
+def _docker_numbers(host: str, container_id: str) -> list[int]:
+    out = subprocess.run(
+        ["docker", "logs", container_id],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, DOCKER_HOST=host),
+        check=True,
+    ).stdout
+    return _numbers(out.splitlines())
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_console_line_is_lost_or_repeated_across_sigkills_under_load(
+    make_agent: Callable[..., FaultAgent], scripted_image: str
+) -> None:
+    seed = int(os.environ.get("FAULTS_SEED") or random.SystemRandom().randrange(2**32))
+    rng = random.Random(seed)
+    agent = make_agent(
+        panel_settings="heartbeat_interval = 1\nbackoff_initial = 0.1\nbackoff_max = 0.5"
+    )
+    panel = FakePanel(reactor, agent.secret)
+    port = reactor.listenTCP(0, panel.factory, interface="127.0.0.1")
+    try:
+        agent.panel_url = "ws://127.0.0.1:{}/agent".format(port.getHost().port)
+        await deferToThread(agent.start)
+        await _until(lambda: panel.frames("system_info"), 15, "the agent's system_info")
+
+        servers = ["kill{}-{}".format(n, uuid.uuid4().hex[:8]) for n in range(SERVERS)]
+        for server_id in servers:
+            created = await deferToThread(
+                agent.call,
+                "create_server",
+                server_id,
+                {
+                    "name": server_id,
+                    "image": scripted_image,
+                    "startup": PRINTER,
+                    "limits": {"memory": 64, "cpu": 50},
+                },
+            )
+            assert created["success"] is True, created
+        started_at = time.monotonic()
+        for server_id in servers:
+            started = await deferToThread(agent.call, "start_server", server_id)
+            assert started["success"] is True, started
+
+        plan = _kill_plan(rng, LINES / 100.0)
+        for offset, dead in plan:
+            await _sleep(started_at + offset - time.monotonic())
+            await deferToThread(agent.kill)
+            await _sleep(dead)
+            await deferToThread(agent.start)
+
+        def all_in() -> bool:
+            return all(
+                "seq {}".format(LINES) in panel.console_lines(server_id) for server_id in servers
+            )
+
+        try:
+            await _until(all_in, LINES / 100.0 + 40, "every server's last line at the Panel")
+        except AssertionError:
+            pass  # reported below, server by server, with what is missing
+
+        problems = []
+        for server_id in servers:
+            numbers = _numbers(panel.console_lines(server_id))
+            if numbers == list(range(1, LINES + 1)):
+                continue
+            counts = Counter(numbers)
+            lost = sorted(set(range(1, LINES + 1)) - set(counts))
+            repeated = sorted(n for n, c in counts.items() if c > 1)
+            out_of_order = sum(1 for a, b in zip(numbers, numbers[1:], strict=False) if b <= a)
+            status = await deferToThread(agent.call, "get_server_status", server_id)
+            held = await deferToThread(
+                _docker_numbers, agent.docker_host, status["data"]["containerId"]
+            )
+            problems.append(
+                "{}: {} lines at the Panel, {} lost {}, {} repeated {}, {} out of order; "
+                "Docker's log holds {} of {}".format(
+                    server_id, len(numbers), len(lost), lost[:15], len(repeated),
+                    repeated[:15], out_of_order, len(set(held)), LINES,
+                )
+            )
+        assert not problems, "seed {}, kills (offset s, dead s) {}:\n{}".format(
+            seed, [(round(o, 2), round(d, 2)) for o, d in plan], "\n".join(problems)
+        )
+        assert len(panel.connections) >= KILLS + 1
+        await _until(lambda: agent.health()["connected"] is True, 10, "the link back up")
+        assert agent.health()["status"] == "healthy"
+    finally:
+        await port.stopListening()
