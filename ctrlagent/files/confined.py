@@ -122,7 +122,7 @@ def os_error(e: OSError, what: str) -> CtrlAgentError:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PermissionDenied("{}: {}".format(what, e.strerror))
     if e.errno == errno.ENOTDIR:
-        return FileNotFound("{}: a parent is not a directory".format(what))
+        return FileNotFound("{}: it or one of its parents is not a directory".format(what))
     if e.errno == errno.EISDIR:
         return InvalidInput("{} is a directory".format(what), field="path")
     if e.errno == errno.ENOTEMPTY:

@@ -152,7 +152,8 @@ async def test_an_unwritable_data_directory_is_install_failed_not_installing(
         f.write("a file where the directory should be")
     result = await m.create_server("s1", PARAMS)
     assert result["status"] == "install_failed"
-    assert "data directory of server s1" in m.status("s1")["error"]
+    error = m.status("s1")["error"]
+    assert "data directory" in error and "/s1" in error and "not a directory" in error
 
 
 # -- the install log -------------------------------------------------------------
