@@ -275,7 +275,7 @@ def panel_metrics(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 Handler = Callable[[Command], Awaitable[ActionResult]]
 
-_MODE = re.compile(r"^[0-7]{3,4}$")
+_MODE = re.compile(r"[0-7]{3,4}")
 _POWER_ACTIONS = ("start", "stop", "restart", "kill")
 _ALIAS_CARRIERS = frozenset({"create_server", "server_create", "update_server", "server_update"})
 _MAX_LINES = 100_000
@@ -873,7 +873,7 @@ class Dispatcher:
         # Some clients send 644 as a JSON number; its decimal digits are the octal mode.
         if isinstance(mode, int) and not isinstance(mode, bool):
             mode = str(mode)
-        if not isinstance(mode, str) or not _MODE.match(mode):
+        if not isinstance(mode, str) or not _MODE.fullmatch(mode):
             raise InvalidInput("mode must be an octal mode like 644 or 0755", field="mode")
         return ActionResult(
             await self._files_call("set_file_permissions", command, path, mode), "permissions set"

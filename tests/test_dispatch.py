@@ -506,6 +506,7 @@ def test_file_payload_errors_name_the_field(rig: Rig) -> None:
         ("rename_file", {"oldPath": "a"}, "newPath"),
         ("set_file_permissions", {"path": "a", "mode": "rwxr-xr-x"}, "mode"),
         ("set_file_permissions", {"path": "a", "mode": "99999"}, "mode"),
+        ("set_file_permissions", {"path": "a", "mode": "755\n"}, "mode"),
         ("create_archive", {"archivePath": "a.zip"}, "files"),
         ("create_archive", {"files": ["a"], "archivePath": "a.rar", "format": "rar"}, "format"),
         ("extract_archive", {}, "archivePath"),

@@ -159,7 +159,14 @@ class StdinPipe:
 
     def write_line(self, text: str) -> None:
         """Write one console command followed by a newline."""
-        self.write(text.rstrip("\r\n").encode("utf-8") + b"\n")
+        line = text.rstrip("\r\n")
+        try:
+            # U+DC80..U+DCFF stand for raw bytes (surrogateescape), as the
+            # payload check lets through; anything else unencodable is replaced.
+            data = line.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = line.encode("utf-8", "replace")
+        self.write(data + b"\n")
 
     def close(self) -> Deferred[None]:
         """Close the pipe; the container keeps running. Returns ``closed``."""

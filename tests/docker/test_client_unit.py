@@ -567,3 +567,20 @@ async def test_how_a_stream_ended_is_decided_by_its_end_check() -> None:
 def test_stats_of_a_vanished_container_read_as_zeroes(doc: object) -> None:
     s = parse_stats(doc)
     assert s.cpu_percent == 0 and s.memory_bytes == 0 and s.rx_bytes == 0 and s.pids == 0
+
+
+def test_console_lines_with_raw_byte_surrogates_reach_stdin_as_those_bytes() -> None:
+    from twisted.internet.testing import StringTransport
+
+    from ctrlagent.docker.stdin import AttachStdinProtocol, StdinPipe
+
+    proto = AttachStdinProtocol(b"")
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    transport.clear()
+    pipe = StdinPipe(proto)
+    # U+DCE9 is the byte 0xE9 (surrogateescape); a lone U+D800 cannot be
+    # encoded at all and is replaced rather than raising.
+    pipe.write_line("say caf\udce9\r\n")
+    pipe.write_line("say \ud800!")
+    assert transport.value() == b"say caf\xe9\nsay ?!\n"
