@@ -94,7 +94,11 @@ def tree(tmp_path: Path) -> Iterator[Tree]:
     (root / "sub").mkdir(parents=True)
     (root / "config.txt").write_text("hello\n")
     (root / "sub" / "inner.txt").write_text("inner\n")
-    os.symlink("/etc/passwd", root / "link_passwd")
+    # An absolute link out of the root.  Its target is a canary with the
+    # shape of /etc/passwd, never the host's own file: a regression in the
+    # confinement must fail a test, not damage the machine running it.
+    (outside / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    os.symlink(str(outside / "passwd"), root / "link_passwd")
     os.symlink(str(outside), root / "link_out_dir")
     os.symlink("../outside", root / "link_rel_out")
     os.symlink("../outside/secret.txt", root / "link_rel_secret")
