@@ -14,13 +14,22 @@ all state that outlives one connection:
   draining.  Answers (responses, pongs, error frames) are never dropped; events
   are bounded, oldest dropped first and counted under the reason they waited
   (the link was down, or the Panel was not reading);
+- one ``_Drain`` per connection: a pull producer on the socket's transport
+  that learns when the bytes written have been taken by the kernel.  It is
+  the write flow control (past a buffer's worth, events wait in the outbox)
+  and it settles the receipts of the console frames written before: the link
+  is the server manager's acknowledging consumer (``IConsoleConsumer``), whose
+  marks advance only on those receipts, or on the outbox dropping a frame
+  (``ctrlagent.servers.delivery``).  Console frames the kernel never took when
+  a connection fails go out first on the next one;
 - one ``CommandIntake`` per connection: back-pressure on the reader.  At most
   ``max_in_flight`` frames are handled at once (an answer that cannot be
   delivered keeps its slot), later ones wait undecoded, and reading from the
   transport pauses while too many bytes wait, so a burst of commands is
   answered in full with bounded memory;
 - the ``ConsoleBatcher``: console lines grouped per server into a few frames so
-  that a flooding server cannot flood the Panel;
+  that a flooding server cannot flood the Panel (a batch's lines are not
+  delivered before it goes out);
 - the status the Panel was last told about each server, so that the snapshot
   sent after every (re)connect carries a truthful ``previousStatus``.
 
@@ -724,6 +733,14 @@ class PanelProtocol(WebSocketClientProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.link.frame_received(self, payload)
+
+    def unregisterProducer(self) -> None:
+        """
+        Autobahn calls this as it drops the connection, which would take the
+        link's drain off the socket before its last drain: frames already
+        taken by the kernel would never be settled, and would be sent again.
+        The drain lets go by itself once the transport is closing.
+        """
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.link.connection_closed(self, code, reason, self.handshake_status())

@@ -184,8 +184,9 @@ class ServerManager(service.Service):
                 path=store.path,
                 columns=", ".join(store.migrated),
             )
+        records = store.load()
         journal = self.journal.load()
-        for record in store.load():
+        for record in records:
             try:
                 server = self._server_from_record(record)
             except Exception as e:

@@ -159,6 +159,24 @@ def test_frames_the_kernel_never_took_go_out_first_on_the_next_connection() -> N
     assert receipts.settled == [1, 2, 3, 4]
 
 
+def test_frames_taken_while_autobahn_drops_the_connection_are_settled_not_sent_again() -> None:
+    rig = Harness(console_batch_window=0)
+    rig.start()
+    receipts = Receipts()
+    protocol = rig.link._protocol
+    assert protocol is not None
+    rig.link.consumer(receipts.event(1))  # written, not yet taken
+    protocol.dropConnection(abort=False)  # as after a close handshake or a timeout
+    io = rig.endpoint.pumps[-1].clientIO
+    assert io.producer is protocol.drain
+    rig.flush()  # the bytes leave, then the connection closes
+    assert not rig.link.connected
+    assert receipts.settled == [1]
+    rig.advance(rig.next_retry_delay())
+    assert rig.link.connected
+    assert rig.panel.console_lines("s1") == ["line 1"]
+
+
 def test_a_backed_up_socket_queues_events_until_it_drains_then_settles_in_order() -> None:
     rig = Harness(console_batch_window=0, console_batch_lines=100)
     rig.start()
