@@ -867,8 +867,11 @@ class PanelLink(service.MultiService):
         self._reported: dict[str, str] = {}  # server id -> status the Panel was told
         self._drop_warned = False
         self.connections = 0  # successful opens, for tests and diagnostics
-        # The manager's acknowledging console consumer (IConsoleConsumer).
+        # The manager's acknowledging console consumer (IConsoleConsumer),
+        # registered from the start: the manager's own start may already
+        # read console lines, and none may count as delivered without it.
         self.consumer = _ConsoleConsumer(self)
+        self._listening = False
 
         self.factory = PanelClientFactory(self, self.url, reactor)
         self.factory.setProtocolOptions(
@@ -887,6 +890,8 @@ class PanelLink(service.MultiService):
             endpoint, self.factory, retryPolicy=self.backoff, clock=reactor
         )
         self._client.setServiceParent(self)
+        if self._panel.enabled:
+            self._listen()
 
     def _endpoint_for(self, url: str) -> IStreamClientEndpoint:
         parts = urlsplit(url)
@@ -944,9 +949,14 @@ class PanelLink(service.MultiService):
             service.Service.startService(self)
             self.log.info("Panel WebSocket link disabled")
             return
-        self._servers.add_listener(self.consumer)
+        self._listen()
         self.log.info("dialling the Panel at {url}", url=self._log_url)
         super().startService()
+
+    def _listen(self) -> None:
+        if not self._listening:
+            self._listening = True
+            self._servers.add_listener(self.consumer)
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -956,6 +966,7 @@ class PanelLink(service.MultiService):
             service.Service.stopService(self)
             return
         self._servers.remove_listener(self.consumer)
+        self._listening = False
         self._batcher.flush_all()
         if self._protocol is not None:
             # A clean close frame first, so the Panel sees "going away" rather

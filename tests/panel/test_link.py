@@ -148,16 +148,20 @@ def test_disabled_link_reports_connected_and_never_dials() -> None:
 
 def test_open_sends_heartbeat_system_info_then_snapshot_and_answers_the_request() -> None:
     rig = Harness()
-    rig.create_server("s1")
+    rig.create_server("s1")  # the link listens from its construction on
     rig.start()
     frames = rig.panel.frames()
     assert types(frames) == [
-        "heartbeat", "system_info", "server_status_changed", "server_status", "system_info",
+        "heartbeat", "system_info",
+        "server_status_changed", "server_status",  # queued before the start, as while down
+        "server_status_changed", "server_status",  # the snapshot
+        "system_info",
     ]
     assert frames[1]["data"] == {"os": "linux", "cpuCount": 2, "nodeId": "node-1"}
-    assert frames[2]["data"] == {
+    assert frames[2]["data"]["previousStatus"] == "installing"
+    assert frames[4]["data"] == {
         "serverId": "s1", "previousStatus": "offline", "currentStatus": "offline",
-        "status": "offline", "containerId": frames[2]["data"]["containerId"],
+        "status": "offline", "containerId": frames[4]["data"]["containerId"],
     }
 
 

@@ -22,6 +22,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -31,6 +32,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
+from ctrlagent.config import AgentConfig, ServersConfig, validate
+from ctrlagent.errors import ConfigInvalid
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.servers import delivery
@@ -459,6 +462,14 @@ async def test_deleting_a_server_resets_its_mark_so_its_id_can_come_back(unit: U
     await m.stopService()
     m = start_manager(unit, HoldingLink([]))
     assert m.get("s1").mark == 0
+
+
+@pytest.mark.parametrize("value", [-1.0, 3601.0, float("nan"), float("inf")])
+def test_the_mark_interval_must_be_between_zero_and_an_hour(value: float) -> None:
+    config = AgentConfig(secret="x", servers=ServersConfig(console_mark_interval=value))
+    with pytest.raises(ConfigInvalid, match="servers.console_mark_interval"):
+        validate(config)
+    validate(replace(config, servers=ServersConfig(console_mark_interval=0.0)))
 
 
 # -- re-attaching ----------------------------------------------------------------------------
