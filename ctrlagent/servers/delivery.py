@@ -155,7 +155,7 @@ def decode_record(line: bytes) -> tuple[str, Mark] | None:
         if int(crc, 16) != binascii.crc32(payload):
             return None
         value = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(value, list) or len(value) != 3:
         return None

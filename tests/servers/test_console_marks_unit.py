@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -37,7 +39,7 @@ from ctrlagent.errors import ConfigInvalid
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.servers import delivery
-from ctrlagent.servers.delivery import JOURNAL_NAME, MarkJournal, encode_record
+from ctrlagent.servers.delivery import JOURNAL_NAME, MarkJournal, encode_record, parse_journal
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.server import MarkFilter
 from ctrlagent.servers.states import ServerState
@@ -448,6 +450,36 @@ def test_the_journal_is_compacted_to_one_record_per_server(tmp_path: Any) -> Non
     j.close()
     assert MarkJournal(path).load() == {**marks, "s1": (30_000, 2)}
     assert not os.path.exists(path + ".tmp")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    records=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c.d-1"]), st.integers(0, 2**63 - 1),
+                  st.integers(0, 9)),
+        max_size=12,
+    ),
+    cut=st.integers(0, 2000),
+    garbage=st.binary(max_size=80),
+)
+def test_a_journal_cut_anywhere_yields_each_servers_last_whole_record(
+    records: list[tuple[str, int, int]], cut: int, garbage: bytes
+) -> None:
+    header = b"ctrlagent console marks 1\n"
+    lines = [encode_record(sid, (ns, n)) for sid, ns, n in records]
+    data = header + b"".join(lines)
+    cut = min(cut, len(data))
+    expected: dict[str, tuple[int, int]] = {}
+    end = len(header)
+    for (sid, ns, n), line in zip(records, lines, strict=True):
+        end += len(line)
+        if end - 1 <= cut:  # whole but for its newline at most
+            expected[sid] = (ns, n)
+    marks, _, _ = parse_journal(data[:cut])
+    assert marks == expected
+    # damage anywhere never raises, and never invents a mark
+    damaged, _, _ = parse_journal(garbage + data[:cut] + garbage)
+    assert set(damaged.items()) <= {(sid, (ns, n)) for sid, ns, n in records}
 
 
 @pytest_twisted.ensureDeferred
