@@ -18,8 +18,15 @@ Twisted's buffer are not delivered: a SIGKILL loses them with the process and
 the restart replays them from Docker.  Events the outbox drops (only while the
 link is down or the Panel is not reading; counted and reported to the Panel as
 ``events_dropped``) are settled as dropped, so a mark never stalls behind
-them.  Without a Panel link, handing a line to the event listeners is
-delivering it.
+them.  Console frames still in Twisted's buffer when a connection fails are
+sent first on the next one.  The link registers as the consumer when it is
+built, before the manager starts reading consoles; once it has left (the
+agent is stopping), nothing counts as delivered any more.  Without a Panel
+link, handing a line to the event listeners is delivering it.
+
+"Taken by the kernel" is as far as the agent can know: the protocol has no
+acknowledgement of events, so bytes the kernel took and a failing network
+then lost are not sent again.
 
 **In order.**  ``MarkLedger`` keeps, per server, the marks of the events handed
 on, in order.  Receipts may be settled in any order; the delivered mark only
@@ -40,7 +47,7 @@ record (a SIGKILL in the middle of a write), a damaged record or a file that
 is not a journal at all is skipped with one warning, never fatal; the store's
 mark then stands.
 
-**The one window.**  The kernel takes a frame (``send``) and then the journal
+**The two windows.**  The kernel takes a frame (``send``) and then the journal
 record (``write``): two system calls a few microseconds apart in one Python
 call, with no reactor turn between them.  A SIGKILL landing exactly between
 the two repeats that frame's lines after the restart (the opposite order
