@@ -40,12 +40,17 @@ class ConsoleOutput:
     the first line's.  The manager publishes what one read of the server's
     output held as one event per run of a stream, so a flood costs the
     listeners one call per read, not one per line.
+
+    ``receipt``: set by the manager for its acknowledging consumer (the Panel
+    link), which calls it once these lines were delivered or dropped for good
+    (``ctrlagent.servers.delivery``); None for every other listener.
     """
 
     server_id: str
     stream: str
     lines: list[str]
     timestamp: float
+    receipt: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -110,10 +110,28 @@ class IServerManager(Interface):
         """Where the server's files live (for the file manager)."""
 
     def add_listener(listener: object) -> None:
-        """Subscribe ``listener(event)`` to every ``ctrlagent.events`` event."""
+        """
+        Subscribe ``listener(event)`` to every ``ctrlagent.events`` event.  A
+        listener providing ``IConsoleConsumer`` settles console receipts.
+        """
 
     def remove_listener(listener: object) -> None:
         """Unsubscribe."""
+
+
+class IConsoleConsumer(Interface):
+    """
+    The event listener whose delivery of console lines is the agent's (the
+    Panel link): a console line counts as delivered, and the server's mark
+    passes it, only once the consumer says so (``ctrlagent.servers.delivery``).
+    """
+
+    def __call__(event: object) -> None:
+        """
+        Take one event.  For a ``ConsoleOutput`` with a ``receipt``, call the
+        receipt exactly once: when the lines have been delivered, or when
+        they were dropped and never will be.  Never raise.
+        """
 
 
 class IFileManager(Interface):

@@ -14,13 +14,22 @@ all state that outlives one connection:
   draining.  Answers (responses, pongs, error frames) are never dropped; events
   are bounded, oldest dropped first and counted under the reason they waited
   (the link was down, or the Panel was not reading);
+- one ``_Drain`` per connection: a pull producer on the socket's transport
+  that learns when the bytes written have been taken by the kernel.  It is
+  the write flow control (past a buffer's worth, events wait in the outbox)
+  and it settles the receipts of the console frames written before: the link
+  is the server manager's acknowledging consumer (``IConsoleConsumer``), whose
+  marks advance only on those receipts, or on the outbox dropping a frame
+  (``ctrlagent.servers.delivery``).  Console frames the kernel never took when
+  a connection fails go out first on the next one;
 - one ``CommandIntake`` per connection: back-pressure on the reader.  At most
   ``max_in_flight`` frames are handled at once (an answer that cannot be
   delivered keeps its slot), later ones wait undecoded, and reading from the
   transport pauses while too many bytes wait, so a burst of commands is
   answered in full with bounded memory;
 - the ``ConsoleBatcher``: console lines grouped per server into a few frames so
-  that a flooding server cannot flood the Panel;
+  that a flooding server cannot flood the Panel (a batch's lines are not
+  delivered before it goes out);
 - the status the Panel was last told about each server, so that the snapshot
   sent after every (re)connect carries a truthful ``previousStatus``.
 
@@ -43,7 +52,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -52,9 +61,10 @@ from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 from ctrlagent import __version__
@@ -62,12 +72,16 @@ from ctrlagent.commands import ActionResult, IDispatcher, printable
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import ConfigInvalid, CtrlAgentError
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerEvent, StatusChanged
+from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.panel import messages
 from ctrlagent.tracker import DeferredTracker
 
 # Frame groups: one logical event may be several frames (the event plus its
 # legacy twin); they are queued, dropped and sent together.
 Entry = tuple[bytes, ...]
+# The console receipts a frame group settles once it is delivered or dropped
+# (``ctrlagent.servers.delivery``).
+Receipts = tuple[Callable[[], None], ...]
 
 # How long gathering system_info / the load for a pong may take before the
 # link sends what it has.
@@ -210,16 +224,20 @@ class Outbox:
     - Events are bounded by ``size``: when full, the oldest event is dropped
       and counted under the reason it had to wait (``linkDown``,
       ``panelNotReading``, ``synchronising``).  Recent state matters more than
-      old, and the snapshot after a reconnect repairs any lost status.
+      old, and the snapshot after a reconnect repairs any lost status.  An
+      event may carry console receipts; a dropped event's receipts are
+      settled at once (its lines will never be delivered, and the Panel is
+      told how many events were dropped).
 
     Both kinds leave in the order they came.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._events: deque[tuple[int, Entry]] = deque()
+        self._events: deque[tuple[int, Entry, Receipts]] = deque()
         self._answers: deque[tuple[int, Entry, Callable[[], None] | None]] = deque()
         self._seq = 0
+        self._front = 0  # sequence numbers of groups put back before all others
         self.dropped = 0  # since the last take_dropped()
         self.dropped_total = 0
         self.dropped_reasons: dict[str, int] = {}  # since the last take_dropped()
@@ -241,34 +259,65 @@ class Outbox:
         self._seq += 1
         return self._seq
 
-    def append(self, entry: Entry, reason: str = "linkDown") -> bool:
+    def _count_drop(self, reason: str) -> None:
+        self.dropped += 1
+        self.dropped_total += 1
+        self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + 1
+
+    def append(self, entry: Entry, reason: str = "linkDown", receipts: Receipts = ()) -> bool:
         """Queue an event group; True when an older one was dropped to make room."""
+        if self.size <= 0:
+            self._count_drop(reason)
+            _settle(receipts)
+            return True
         dropped = False
-        if self.size <= 0 or len(self._events) >= self.size:
-            self.dropped += 1
-            self.dropped_total += 1
-            self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + 1
+        if len(self._events) >= self.size:
+            self._count_drop(reason)
+            _settle(self._events.popleft()[2])
             dropped = True
-            if self.size <= 0:
-                return True
-            self._events.popleft()
-        self._events.append((self._next(), entry))
+        self._events.append((self._next(), entry, receipts))
+        return dropped
+
+    def put_back(self, groups: list[tuple[Entry, Receipts]], reason: str = "linkDown") -> int:
+        """
+        Queue ``groups`` (in their order) before everything queued: they were
+        written to a connection that failed before the kernel took them.
+        Returns how many of them the bound dropped at once.
+        """
+        dropped = 0
+        for entry, receipts in reversed(groups):
+            if self.size <= 0 or len(self._events) >= self.size:
+                # Full of newer events: the oldest (these) go first.
+                self._count_drop(reason)
+                _settle(receipts)
+                dropped += 1
+                continue
+            # Below every sequence number queued (those start at 1), and
+            # below earlier put-backs: these were taken out after them.
+            self._front -= 1
+            self._events.appendleft((self._front, entry, receipts))
         return dropped
 
     def append_answer(self, entry: Entry, on_sent: Callable[[], None] | None = None) -> None:
         """Queue an answer; never dropped."""
         self._answers.append((self._next(), entry, on_sent))
 
-    def pop_next(self) -> tuple[Entry, Callable[[], None] | None]:
-        """The oldest queued group, event or answer, with its ``on_sent`` callback."""
+    def pop_group(self) -> tuple[Entry, Callable[[], None] | None, Receipts]:
+        """The oldest queued group, event or answer, with its ``on_sent`` and receipts."""
         if self._answers and (not self._events or self._answers[0][0] < self._events[0][0]):
             _, entry, on_sent = self._answers.popleft()
-            return entry, on_sent
-        return self._events.popleft()[1], None
+            return entry, on_sent, ()
+        _, entry, receipts = self._events.popleft()
+        return entry, None, receipts
+
+    def pop_next(self) -> tuple[Entry, Callable[[], None] | None]:
+        """The oldest queued group with its ``on_sent`` callback (receipts: the caller's)."""
+        entry, on_sent, _ = self.pop_group()
+        return entry, on_sent
 
     def popleft(self) -> Entry:
         """The oldest queued group (its ``on_sent`` callback is the caller's to run)."""
-        return self.pop_next()[0]
+        return self.pop_group()[0]
 
     def take_drops(self) -> tuple[int, dict[str, int]]:
         """How many event groups were dropped since the last call, and why."""
@@ -281,10 +330,16 @@ class Outbox:
         return self.take_drops()[0]
 
 
+def _settle(receipts: Receipts) -> None:
+    """Settle console receipts (lines delivered, or dropped for good)."""
+    for receipt in receipts:
+        receipt()
+
+
 class _Batch:
     """The pending console lines of one server and stream."""
 
-    __slots__ = ("stream", "lines", "stamps")
+    __slots__ = ("stream", "lines", "stamps", "receipts")
 
     def __init__(self, stream: str) -> None:
         self.stream = stream
@@ -292,6 +347,9 @@ class _Batch:
         # (index of an event's first line, its timestamp): each frame is
         # stamped with its own first line's time, at a cost per event.
         self.stamps: list[tuple[int, float]] = []
+        # (index after an event's last line, its receipt): the receipt goes
+        # with the frame that carries that last line.
+        self.receipts: list[tuple[int, Callable[[], None]]] = []
 
 
 class ConsoleBatcher:
@@ -303,7 +361,9 @@ class ConsoleBatcher:
     stdout/stderr interleaving survives), or when ``flush`` is called (before a
     status change of the same server, so a crash's last lines precede it).
     A batch never goes out with more than ``max_lines`` lines: a larger event
-    is cut into several.
+    is cut into several.  An event's console receipt goes out with the frame
+    that carries its last line (``deliver``'s last argument); an event
+    without lines settles its receipt at once.
     """
 
     def __init__(
@@ -311,7 +371,7 @@ class ConsoleBatcher:
         clock: Any,
         max_lines: int,
         window: float,
-        deliver: Callable[[str, str, list[str], float], None],
+        deliver: Callable[[str, str, list[str], float, Receipts], None],
     ) -> None:
         self._clock = clock
         self._max_lines = max(1, max_lines)
@@ -323,6 +383,8 @@ class ConsoleBatcher:
     def add(self, event: ConsoleOutput) -> None:
         """Take one event's lines."""
         if not event.lines:
+            if event.receipt is not None:
+                event.receipt()
             return
         server_id = event.server_id
         batch = self._pending.get(server_id)
@@ -333,6 +395,8 @@ class ConsoleBatcher:
             batch = self._pending[server_id] = _Batch(event.stream)
         batch.stamps.append((len(batch.lines), event.timestamp))
         batch.lines.extend(event.lines)
+        if event.receipt is not None:
+            batch.receipts.append((len(batch.lines), event.receipt))
         if len(batch.lines) >= self._max_lines or self._window <= 0:
             self._deliver_full(server_id, batch)
         if server_id in self._pending and server_id not in self._timers:
@@ -348,16 +412,24 @@ class ConsoleBatcher:
             rest = _Batch(batch.stream)
             rest.lines = batch.lines[cut:]
             rest.stamps = [(0, _stamp_at(batch.stamps, cut))]
+            rest.receipts = [(end - cut, r) for end, r in batch.receipts if end > cut]
             self._pending[server_id] = rest
         else:
             self._drop(server_id)
 
     def _send(self, server_id: str, batch: _Batch, end: int) -> None:
         """Deliver the batch's first ``end`` lines in frames of at most ``max_lines``."""
-        size, lines = self._max_lines, batch.lines
+        size, lines, receipts = self._max_lines, batch.lines, batch.receipts
+        taken = 0
         for start in range(0, end, size):
-            chunk = lines[start : min(start + size, end)]
-            self._deliver(server_id, batch.stream, chunk, _stamp_at(batch.stamps, start))
+            stop = min(start + size, end)
+            first = taken
+            while taken < len(receipts) and receipts[taken][0] <= stop:
+                taken += 1
+            settles = tuple(r for _, r in receipts[first:taken])
+            self._deliver(
+                server_id, batch.stream, lines[start:stop], _stamp_at(batch.stamps, start), settles
+            )
 
     def _drop(self, server_id: str) -> None:
         self._pending.pop(server_id, None)
@@ -388,27 +460,123 @@ def _stamp_at(stamps: list[tuple[int, float]], index: int) -> float:
     return stamp
 
 
-@implementer(IPushProducer)
-class _WriteFlow:
+@implementer(IPullProducer)
+class _Drain:
     """
-    Registered with the transport so the link learns when the socket backs up.
+    Learns when the bytes written to one connection have left the agent.
 
-    While paused, events go to the (bounded) outbox instead of piling up in the
-    transport's unbounded write buffer.
+    Registered as a pull (non-streaming) producer on the connection's lowest
+    transport, the TCP socket's (below TLS): Twisted calls ``resumeProducing``
+    each time that transport's write buffer has been emptied into the kernel.
+    The console frames written before then have been taken by the kernel,
+    unless bytes still wait above that buffer (Autobahn's send queue, TLS's
+    buffers; see ``_held_above``): their receipts are settled then, in the
+    same call (``ctrlagent.servers.delivery``).  Frames not taken when the
+    connection fails are put back at the head of the outbox by the link.
+
+    It is also the write flow control: past ``high_water`` bytes written and
+    not yet drained, the link queues events in its outbox (``writes_paused``)
+    until the next drain (``writes_resumed``).  A pull producer keeps a
+    transport from closing, so it lets go once the transport is closing.
     """
+
+    log = Logger()
 
     def __init__(self, link: PanelLink, protocol: PanelProtocol) -> None:
         self._link = link
         self._protocol = protocol
+        self.socket: Any = _socket_transport(protocol.transport)
+        self.high_water = int(getattr(self.socket, "bufferSize", 0) or 65536)
+        self.unsent = 0  # bytes written since the last drain
+        self.groups: list[tuple[Entry, Receipts]] = []  # console frames written, not yet taken
+        self.paused = False
+        self.registered = False
 
-    def pauseProducing(self) -> None:
-        self._link.writes_paused(self._protocol)
+    def start(self) -> None:
+        """Register with the socket's transport (it calls ``resumeProducing`` at once)."""
+        try:
+            self.socket.registerProducer(self, False)
+        except Exception as e:
+            # Never expected (the link registers nothing else there); without
+            # drain reports a frame counts as delivered once written.
+            self.log.warn(  # noqa: G010
+                "cannot watch the Panel connection's write buffer ({error}): console lines"
+                " count as delivered when written, so a SIGKILL may lose a few",
+                error=str(e),
+            )
+            return
+        self.registered = True
+
+    def wrote(self, size: int) -> None:
+        """``size`` bytes were written to the connection."""
+        self.unsent += size
+        if not self.paused and self.registered and self.unsent >= self.high_water:
+            self.paused = True
+            self._link.writes_paused(self._protocol)
+
+    def expect(self, entry: Entry, receipts: Receipts) -> None:
+        """``entry`` was written: settle its receipts once the kernel has it."""
+        if self.registered:
+            self.groups.append((entry, receipts))
+        else:
+            _settle(receipts)
+
+    def take_unsent(self) -> list[tuple[Entry, Receipts]]:
+        """The frames written and not yet taken by the kernel (the connection failed)."""
+        groups, self.groups = self.groups, []
+        return groups
 
     def resumeProducing(self) -> None:
-        self._link.writes_resumed(self._protocol)
+        """The socket's write buffer is empty: what was written is the kernel's."""
+        if not _held_above(self._protocol, self.socket):
+            groups, self.groups = self.groups, []
+            self.unsent = 0
+            for _, receipts in groups:
+                _settle(receipts)
+            if self.paused:
+                self.paused = False
+                self._link.writes_resumed(self._protocol)
+        if self.registered and getattr(self.socket, "disconnecting", False):
+            self.registered = False
+            self.socket.unregisterProducer()
 
     def stopProducing(self) -> None:
-        """The transport is going away; ``onClose`` does the cleanup."""
+        """The connection is gone; ``connection_closed`` puts back what was not taken."""
+        self.registered = False
+
+
+def _socket_transport(transport: Any) -> Any:
+    """The lowest transport under ``transport`` (below TLS and other protocol wrappers)."""
+    for _ in range(16):
+        if not isinstance(transport, ProtocolWrapper):
+            break
+        transport = transport.transport
+    return transport
+
+
+def _held_above(protocol: Any, socket: Any) -> bool:
+    """
+    True while bytes written to ``protocol`` wait above ``socket``'s buffer,
+    where a drain of that buffer says nothing about them.  Those places are
+    Autobahn's send queue (used only for chopped or synchronous writes, which
+    the link never asks for), TLS's plaintext buffer (data written before the
+    handshake or while OpenSSL must read first) and the small-write gathering
+    of Twisted's buffering TLS transport (flushed on the next reactor turn).
+    The last two are private attributes: ``tests/panel`` pins their names.
+    """
+    if getattr(protocol, "send_queue", None):
+        return True
+    layer = getattr(protocol, "transport", None)
+    for _ in range(16):
+        if layer is None or layer is socket:
+            return False
+        if getattr(layer, "_appSendBuffer", None):
+            return True
+        aggregator = getattr(layer, "_aggregator", None)
+        if aggregator is not None and getattr(aggregator, "_buffer", None):
+            return True
+        layer = getattr(layer, "transport", None)
+    return False
 
 
 # What a held frame costs beyond its bytes (the bytes object and its queue
@@ -532,23 +700,47 @@ class CommandIntake:
             self._transport.resumeProducing()
 
 
+@implementer(IConsoleConsumer)
+class _ConsoleConsumer:
+    """
+    The link as the server manager's event listener: it settles console
+    receipts once the kernel has taken their frames (``_Drain``), or when the
+    outbox drops them.
+    """
+
+    def __init__(self, link: PanelLink) -> None:
+        self._link = link
+
+    def __call__(self, event: object) -> None:
+        self._link._on_event(cast(ServerEvent, event))
+
+
 class PanelProtocol(WebSocketClientProtocol):
     """Thin Autobahn protocol: every callback is forwarded to the ``PanelLink``."""
 
     factory: PanelClientFactory
     intake: CommandIntake | None = None
+    drain: _Drain | None = None
 
     def onConnecting(self, transport_details: Any) -> ConnectingRequest:
         # Built per attempt so that the credential headers are always current.
         return self.factory.link.connecting_request(self.factory)
 
     def onOpen(self) -> None:
-        transport: Any = self.transport
-        transport.registerProducer(_WriteFlow(self.factory.link, self), True)
+        self.drain = _Drain(self.factory.link, self)
+        self.drain.start()
         self.factory.link.connection_opened(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.link.frame_received(self, payload)
+
+    def unregisterProducer(self) -> None:
+        """
+        Autobahn calls this as it drops the connection, which would take the
+        link's drain off the socket before its last drain: frames already
+        taken by the kernel would never be settled, and would be sent again.
+        The drain lets go by itself once the transport is closing.
+        """
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.link.connection_closed(self, code, reason, self.handshake_status())
@@ -578,6 +770,8 @@ class PanelProtocol(WebSocketClientProtocol):
         if not self.is_writable():
             return False
         self.sendMessage(data, isBinary=False)
+        if self.drain is not None:
+            self.drain.wrote(len(data))
         return True
 
 
@@ -673,6 +867,11 @@ class PanelLink(service.MultiService):
         self._reported: dict[str, str] = {}  # server id -> status the Panel was told
         self._drop_warned = False
         self.connections = 0  # successful opens, for tests and diagnostics
+        # The manager's acknowledging console consumer (IConsoleConsumer),
+        # registered from the start: the manager's own start may already
+        # read console lines, and none may count as delivered without it.
+        self.consumer = _ConsoleConsumer(self)
+        self._listening = False
 
         self.factory = PanelClientFactory(self, self.url, reactor)
         self.factory.setProtocolOptions(
@@ -691,6 +890,8 @@ class PanelLink(service.MultiService):
             endpoint, self.factory, retryPolicy=self.backoff, clock=reactor
         )
         self._client.setServiceParent(self)
+        if self._panel.enabled:
+            self._listen()
 
     def _endpoint_for(self, url: str) -> IStreamClientEndpoint:
         parts = urlsplit(url)
@@ -748,9 +949,14 @@ class PanelLink(service.MultiService):
             service.Service.startService(self)
             self.log.info("Panel WebSocket link disabled")
             return
-        self._servers.add_listener(self._on_event)
+        self._listen()
         self.log.info("dialling the Panel at {url}", url=self._log_url)
         super().startService()
+
+    def _listen(self) -> None:
+        if not self._listening:
+            self._listening = True
+            self._servers.add_listener(self.consumer)
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -759,7 +965,8 @@ class PanelLink(service.MultiService):
         if not self._panel.enabled:
             service.Service.stopService(self)
             return
-        self._servers.remove_listener(self._on_event)
+        self._servers.remove_listener(self.consumer)
+        self._listening = False
         self._batcher.flush_all()
         if self._protocol is not None:
             # A clean close frame first, so the Panel sees "going away" rather
@@ -841,6 +1048,10 @@ class PanelLink(service.MultiService):
         duration = self._reactor.seconds() - self._opened_at
         if protocol.intake is not None:
             protocol.intake.closed()
+        if protocol.drain is not None:
+            # Console frames the kernel never took go out first on the next
+            # connection (answers written meanwhile are not tracked).
+            self.outbox.put_back(protocol.drain.take_unsent())
         self._protocol = None
         self._ready = False
         self._paused = False
@@ -1002,9 +1213,8 @@ class PanelLink(service.MultiService):
             and protocol is self._protocol
             and protocol.is_writable()
         ):
-            entry, on_sent = self.outbox.pop_next()
-            for data in entry:
-                protocol.send_frame(data)
+            entry, on_sent, receipts = self.outbox.pop_group()
+            self._write(protocol, entry, receipts)
             if on_sent is not None:
                 on_sent()
 
@@ -1201,15 +1411,22 @@ class PanelLink(service.MultiService):
                 )
         except Exception:
             self.log.failure("could not forward a server event to the Panel")
+            if isinstance(event, ConsoleOutput) and event.receipt is not None:
+                event.receipt()  # never to be sent: dropped
 
     def _console_batch(
-        self, server_id: str, stream: str, lines: list[str], timestamp: float
+        self, server_id: str, stream: str, lines: list[str], timestamp: float, receipts: Receipts
     ) -> None:
-        self._emit_frames(
-            messages.console_frames(
+        try:
+            frames = messages.console_frames(
                 server_id, stream, lines, timestamp, with_legacy=self._panel.legacy_frames
             )
-        )
+            entry = tuple(messages.encode(frame) for frame in frames)
+        except Exception:
+            self.log.failure("could not encode console lines for the Panel")
+            _settle(receipts)  # never to be sent: dropped
+            return
+        self._emit(entry, receipts)
 
     def _emit_frames(self, frames: list[dict[str, Any]]) -> None:
         self._emit(tuple(messages.encode(frame) for frame in frames))
@@ -1223,12 +1440,21 @@ class PanelLink(service.MultiService):
             and protocol.is_writable()
         )
 
-    def _emit(self, entry: Entry) -> None:
+    def _write(self, protocol: PanelProtocol, entry: Entry, receipts: Receipts) -> None:
+        """Send an event's frames; its receipts settle once the kernel took them."""
+        for data in entry:
+            protocol.send_frame(data)
+        if receipts:
+            if protocol.drain is not None:
+                protocol.drain.expect(entry, receipts)
+            else:
+                _settle(receipts)
+
+    def _emit(self, entry: Entry, receipts: Receipts = ()) -> None:
         """An event: send now when the link is up and draining, else queue behind the outbox."""
         protocol = self._protocol
         if protocol is not None and self._can_send_now(protocol):
-            for data in entry:
-                protocol.send_frame(data)
+            self._write(protocol, entry, receipts)
             return
         if protocol is None or not protocol.is_writable():
             reason = "linkDown"
@@ -1236,7 +1462,7 @@ class PanelLink(service.MultiService):
             reason = "synchronising"
         else:
             reason = "panelNotReading"
-        if self.outbox.append(entry, reason) and not self._drop_warned:
+        if self.outbox.append(entry, reason, receipts) and not self._drop_warned:
             self._drop_warned = True
             self.log.warn(  # noqa: G010
                 "Panel outbox full ({size} events) while {why}: dropping the oldest events "

@@ -18,14 +18,14 @@ Container deaths arrive through Docker's event stream (``ResumableEvents``);
 when that stream breaks, the engine is gone: servers report ``unknown`` and
 the agent keeps serving; when it opens again, the manager reconciles.
 
-Console delivery is a group commit: lines are appended to the buffers at once;
-their fan-out happens in the same reactor turn as the issue of the store write
-that records their mark (the engine's nanosecond stamp of the last line), one
-transaction for whatever accumulated while the previous write was in flight.
-Delivery and mark therefore go together: a crash leaves neither a delivered
-line without its mark (a duplicate after a restart) nor a mark without its
-delivered lines (a loss).  The write rate is bounded by the disk, not by the
-servers' output.
+Console delivery (``ctrlagent.servers.delivery``): lines are handed to the
+listeners at once.  Without a Panel link that is delivery; with one (an
+``IConsoleConsumer``), a line is delivered when the link settles its event's
+receipt, once the frame carrying it was taken by the kernel.  The mark of
+what was delivered advances in order (``MarkLedger``), is appended to the
+journal in the same call (durable against SIGKILL) and copied to the store
+in the background every ``servers.console_mark_interval`` seconds (durable
+against power loss).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -56,8 +57,9 @@ from ctrlagent.errors import (
 from ctrlagent.events import ConsoleOutput, EventListener, ServerEvent
 from ctrlagent.files import trees
 from ctrlagent.files.confined import os_error
-from ctrlagent.interfaces import IServerManager, ServerRoot
+from ctrlagent.interfaces import IConsoleConsumer, IServerManager, ServerRoot
 from ctrlagent.servers import spec as specs
+from ctrlagent.servers.delivery import JOURNAL_NAME, Mark, MarkJournal, MarkLedger, newer
 from ctrlagent.servers.server import Server
 from ctrlagent.servers.spec import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
 from ctrlagent.servers.states import ACTIVE_STATES, ServerState, parse_state
@@ -109,11 +111,20 @@ class ServerManager(service.Service):
         self._reconcile_again = False
         self._dead = False
         self.crashed: Deferred[None] | None = None
-        # group commit of console marks
-        self._pending_events: list[ConsoleOutput] = []
-        self._pending_marks: dict[str, tuple[int, int]] = {}
+        # console delivery (ctrlagent.servers.delivery)
+        self._consumer: Any = None  # the acknowledging consumer (the Panel link)
+        self._had_consumer = False
+        self._ledger = MarkLedger(self._delivered)
+        self.delivered_marks: dict[str, Mark] = {}
+        self.journal = MarkJournal(os.path.join(config.state_dir, JOURNAL_NAME))
+        # the store's copy of the marks: one write in flight, whatever queued meanwhile next
+        self._pending_marks: dict[str, Mark] = {}
         self._writing = False
-        self._write_done: Deferred[None] | None = None
+        self._mark_timer: IDelayedCall | None = None
+        self._last_mark_write = -1e18
+        self._flushing = False
+        self._closed = False
+        self._idle_waiters: list[Deferred[None]] = []
         self.reconciled = 0
 
     # -- service -----------------------------------------------------------
@@ -147,6 +158,7 @@ class ServerManager(service.Service):
         )
         self._events_task = self.tracker.run(self._watch_events(), "Docker event watcher")
         self.reconcile()
+        self._schedule_marks()
         interval = self.config.servers.disk_check_interval
         if interval > 0:
             self._disk_loop = LoopingCall(self._check_all_disks)
@@ -160,6 +172,7 @@ class ServerManager(service.Service):
         process can exit instead of waiting on them.
         """
         self.store.close_now()
+        self.journal.close()
         if self._own_pool and self.disk_pool.started:
             self.disk_pool.stop()
 
@@ -171,13 +184,25 @@ class ServerManager(service.Service):
                 path=store.path,
                 columns=", ".join(store.migrated),
             )
-        for record in store.load():
+        records = store.load()
+        journal = self.journal.load()
+        for record in records:
             try:
                 server = self._server_from_record(record)
             except Exception as e:
                 store.quarantine(record.server_id, _unusable(e))
                 continue
+            stored = (server.mark, server.mark_count)
+            mark = newer(stored, journal.get(server.server_id))
+            if mark[0]:
+                server.mark, server.mark_count = mark
+                self.delivered_marks[server.server_id] = mark
+                if mark != stored:
+                    # The journal is ahead (a SIGKILL): the store catches up.
+                    self._pending_marks[server.server_id] = mark
             self._add(server)
+        # A fresh journal of exactly the servers served.
+        self.journal.open(self.delivered_marks)
         for entry in store.quarantined:
             self.log.warn(  # noqa: G010 (twisted.logger has warn)
                 "stored server {server_id!r} cannot be used ({reason}): its row was moved to"
@@ -224,6 +249,8 @@ class ServerManager(service.Service):
         self.tracker.cancel_all()
         await self.tracker.wait()
         await self._flush_marks()
+        self._closed = True
+        self.journal.close()
         await self.store.close()
         if self._own_pool:
             self.disk_pool.stop()
@@ -232,9 +259,9 @@ class ServerManager(service.Service):
         """
         Tests only: die as a SIGKILLed agent would, writing nothing more.
 
-        Streams and timers are dropped, queued but uncommitted console marks
-        are lost (their lines were never fanned out), the store stays as the
-        last commit left it.
+        Streams and timers are dropped, marks not yet copied to the store are
+        lost there (the journal has them, as a SIGKILLed process's page-cache
+        writes survive it), the store stays as the last commit left it.
         """
         self._dead = True
         self.running = False
@@ -246,8 +273,11 @@ class ServerManager(service.Service):
             server.detach_output()
             server.throttle.cancel()
         self.tracker.cancel_all()
-        self._pending_events.clear()
+        if self._mark_timer is not None and self._mark_timer.active():
+            self._mark_timer.cancel()
+        self._mark_timer = None
         self._pending_marks.clear()
+        self.journal.close()
         # A dead process holds no threads: the store finishes the statement
         # in flight (as the kernel would flush an issued write) and closes.
         self.crashed = self.store.close()
@@ -270,55 +300,106 @@ class ServerManager(service.Service):
     _marks_failing = False
 
     def deliver(
-        self, server_id: str, events: list[ConsoleOutput], mark: tuple[int, int] | None
+        self,
+        server_id: str,
+        events: list[ConsoleOutput],
+        marks: list[Mark | None],
+        mark: Mark | None,
     ) -> None:
         """
-        Hand ``events`` on together with the write of ``mark`` (if any).
+        Hand a server's console ``events`` to the listeners, now.
 
-        Lines go out in the same reactor turn as the store write that records
-        them as delivered is issued, never before (a crash would deliver them
-        again) and never after that write is done (a crash in between would
-        lose them: the mark says delivered, the Panel never saw them).  While
-        one write is in flight, newer lines and marks wait for the next one.
+        ``marks[i]`` is the mark that covers ``events[i]`` (None for an agent
+        notice, which no restart could replay); ``mark`` is the server's read
+        position after them, past any lines the throttle held back (None when
+        it did not move).  With an acknowledging consumer, each event carries
+        a receipt and the delivered mark advances as receipts are settled;
+        without one, handing the events on delivers them.  Once a consumer
+        was there and left (the agent is stopping), nothing counts as
+        delivered any more: a restart replays those lines.
         """
         if self._dead:
             return
-        if mark is not None and mark[0]:
-            self._pending_marks[server_id] = mark
-        self._pending_events.extend(events)
-        if not self._writing:
+        consumer = self._consumer
+        if consumer is not None:
+            ledger = self._ledger
+            for event, event_mark in zip(events, marks, strict=True):
+                if event_mark is not None and event_mark[0]:
+                    event.receipt = ledger.expect(server_id, event_mark)
+        self._fan_out(events)
+        if mark is not None and mark[0] and (consumer is not None or not self._had_consumer):
+            self._ledger.passed(server_id, mark)
+
+    def _fan_out(self, events: list[ConsoleOutput]) -> None:
+        for event in events:
+            for listener in list(self._listeners):
+                try:
+                    listener(event)
+                except Exception:
+                    self.log.failure("event listener failed")
+                    if listener is self._consumer and event.receipt is not None:
+                        # It will never settle it: count those lines as dropped
+                        # rather than hold every later mark back.
+                        event.receipt()
+
+    def _delivered(self, server_id: str, mark: Mark) -> None:
+        """The ledger advanced: record the mark now (journal), and soon (store)."""
+        if self._dead or self._closed or server_id not in self._servers:
+            return
+        if mark <= self.delivered_marks.get(server_id, (0, 0)):
+            return
+        self.delivered_marks[server_id] = mark
+        self.journal.record(server_id, mark)
+        if self.journal.due():
+            self.journal.compact(self.delivered_marks)
+        self._pending_marks[server_id] = mark
+        self._schedule_marks()
+
+    def _forget_marks(self, server_id: str) -> None:
+        """A deleted server: no mark of it may outlive it (its id can come back)."""
+        self._ledger.forget(server_id)
+        self._pending_marks.pop(server_id, None)
+        if self.delivered_marks.pop(server_id, None) is not None:
+            self.journal.record(server_id, (0, 0))
+
+    def _schedule_marks(self) -> None:
+        """Copy the pending marks to the store: at once, or when the interval is up."""
+        if self._writing or self._mark_timer is not None or not self._pending_marks:
+            return
+        if self._dead or self._closed:
+            return
+        wait = self._last_mark_write + self.config.servers.console_mark_interval
+        delay = wait - self.clock.seconds()
+        if delay > 0 and not self._flushing:
+            self._mark_timer = self.clock.callLater(delay, self._write_marks)
+        else:
             self._write_marks()
 
     def _write_marks(self) -> None:
-        """Issue one write of the pending marks and hand their lines on, at once."""
+        """One store transaction of every pending mark; the next one queues behind it."""
+        self._mark_timer = None
         marks, self._pending_marks = self._pending_marks, {}
-        events, self._pending_events = self._pending_events, []
         changes = [
             (sid, {"console_mark": ns, "extra": {"markCount": n}})
             for sid, (ns, n) in marks.items()
             if sid in self._servers
         ]
-        if not changes:
-            self._fan_out(events)
-            if self._write_done is not None:
-                done, self._write_done = self._write_done, None
-                done.callback(None)
+        if not changes or self._dead:
+            self._release_idle()
             return
         self._writing = True
+        self._last_mark_write = self.clock.seconds()
         try:
             d = self.store.update_many(changes)
         except Exception:
             d = fail()
-        # The write is issued (a dying process's last issued write is the
-        # store's to finish): the lines it records go out now, in this turn.
-        self._fan_out(events)
 
         def written(result: object) -> None:
             self._writing = False
             if isinstance(result, Failure):
-                # The lines are out already; a later write records a later
-                # mark.  A full or broken state disk fails every write: say
-                # so once, not a hundred times a second.
+                # The journal has the marks (unless it fails too); a later
+                # write records later ones.  A full or broken state disk fails
+                # every write: say so once, not every second.
                 if not self._marks_failing:
                     self._marks_failing = True
                     self.log.warn(  # noqa: G010 (twisted.logger has warn)
@@ -330,21 +411,30 @@ class ServerManager(service.Service):
                 self.log.info("storing console marks works again")
             if self._dead:
                 return
-            # Whatever queued meanwhile goes in the next write; the last step
-            # (with nothing left) releases a waiting shutdown.
-            self._write_marks()
+            self._schedule_marks()
+            self._release_idle()
 
         d.addBoth(written)
 
-    async def _flush_marks(self) -> None:
-        """Wait until every queued mark is written and its lines handed on (shutdown)."""
-        if self._writing:
-            self._write_done = Deferred()
-            await self._write_done
+    def _release_idle(self) -> None:
+        if self._writing or self._mark_timer is not None:
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
-    def _fan_out(self, events: list[ConsoleOutput]) -> None:
-        for event in events:
-            self.emit(event)
+    async def _flush_marks(self) -> None:
+        """Copy every pending mark to the store now and wait for it (shutdown)."""
+        self._flushing = True
+        if self._mark_timer is not None:
+            if self._mark_timer.active():
+                self._mark_timer.cancel()
+            self._mark_timer = None
+        self._schedule_marks()
+        if self._writing:
+            waiter: Deferred[None] = Deferred()
+            self._idle_waiters.append(waiter)
+            await waiter
 
     def persist(self, server_id: str, **fields: Any) -> None:
         """Write fields of a server's row in the background (in order)."""
@@ -760,6 +850,7 @@ class ServerManager(service.Service):
                 # tried again rather than the server coming back at restart.
                 await self.store.delete(server.server_id)
                 self._remove(server)
+                self._forget_marks(server.server_id)
                 await self.in_thread(_unlink, server.install_log_path)
             finally:
                 server.release()
@@ -897,11 +988,22 @@ class ServerManager(service.Service):
         return self.get(server_id).root()
 
     def add_listener(self, listener: Any) -> None:
-        """Subscribe to every event."""
+        """
+        Subscribe to every event.  An ``IConsoleConsumer`` (the Panel link;
+        at most one) settles console receipts: from then on, console marks
+        advance only as it does.
+        """
+        if IConsoleConsumer.providedBy(listener):
+            if self._consumer is not None and self._consumer is not listener:
+                raise RuntimeError("the manager already has an acknowledging console consumer")
+            self._consumer = listener
+            self._had_consumer = True
         self._listeners.append(listener)
 
     def remove_listener(self, listener: Any) -> None:
-        """Unsubscribe."""
+        """Unsubscribe (a consumer's unsettled lines then count as not delivered)."""
+        if listener is self._consumer:
+            self._consumer = None
         if listener in self._listeners:
             self._listeners.remove(listener)
 

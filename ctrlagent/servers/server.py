@@ -12,19 +12,22 @@ background, holding the slot until they are done.
 Console output comes from Docker's *logs* (``follow=1&timestamps=1``), not
 from a plain attach: each line carries the engine's nanosecond timestamp,
 which is the line's identity across agent restarts.  The manager hands lines
-on in the same reactor turn as it issues the store write of their mark (group
-commit), and a re-attach replays ``logs(since=mark - 1 s)`` dropping the lines
-the mark covers (``MarkFilter``): lines printed while the agent was down are
-delivered, none twice, none lost.
+on at once and records the *mark* of what was delivered (for the Panel link:
+what the kernel took; see ``ctrlagent.servers.delivery``); a re-attach after
+an agent restart replays ``logs(since=mark - 1 s)`` dropping the lines the
+mark covers (``MarkFilter``): lines printed while the agent was down, or not
+yet delivered when it died, are delivered, none twice, none lost.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import groupby
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -91,6 +94,29 @@ class CrashReport:
             "lines": list(self.lines),
             "restarted": self.restarted,
         }
+
+
+_STREAM = attrgetter("stream")
+
+
+def _marks_at(
+    lines: list[ConsoleLine], ends: list[int], before: tuple[int, int]
+) -> Iterator[tuple[int, int]]:
+    """
+    The mark after ``lines[:end]`` for each of ``ends`` (ascending), starting
+    from ``before``: the same arithmetic as ``Server.take_lines``.
+    """
+    mark, count = before
+    i = 0
+    for end in ends:
+        for line in lines[i:end]:
+            ns = line.mark
+            if ns > mark:
+                mark, count = ns, 1
+            elif ns and ns == mark:
+                count += 1
+        i = end
+        yield mark, count
 
 
 class MarkFilter:
@@ -356,6 +382,7 @@ class Server:
         self.ctx.deliver(
             self.server_id,
             [ConsoleOutput(self.server_id, "agent", [line.text], now)],
+            [None],
             None,
         )
 
@@ -369,12 +396,14 @@ class Server:
         Handle a batch of ``(stream, timestamped line)`` from the logs stream.
 
         Every line goes into the buffer; the throttle's share goes out as one
-        ``ConsoleOutput`` per run of a stream, after the mark is stored.  This
-        is the agent's hottest loop under a flood: per line it only splits the
-        stamp, advances the mark and builds the buffer's line.
+        ``ConsoleOutput`` per run of a stream, each with the mark that covers
+        it.  This is the agent's hottest loop under a flood: per line it only
+        splits the stamp, advances the read position (``self.mark``) and
+        builds the buffer's line.
         """
         kept: list[ConsoleLine] = []
-        mark, mark_count = self.mark, self.mark_count
+        before = (self.mark, self.mark_count)
+        mark, mark_count = before
         now: float | None = None
         for stream, raw in batch:
             ns, text = split_timestamp(raw)
@@ -400,16 +429,22 @@ class Server:
             and any(done.matches(line.text) for line in kept)
         )
         admitted = self.throttle.admit_many(len(kept))
+        forwarded = kept if admitted == len(kept) else kept[:admitted]
         events: list[ConsoleOutput] = []
-        run: list[str] = []
-        run_stream = ""
-        for line in kept if admitted == len(kept) else kept[:admitted]:
-            if line.stream != run_stream:
-                run_stream = line.stream
-                run = []
-                events.append(ConsoleOutput(self.server_id, run_stream, run, line.timestamp))
-            run.append(line.text)
-        self.ctx.deliver(self.server_id, events, (mark, mark_count))
+        ends: list[int] = []
+        for stream, group in groupby(forwarded, _STREAM):
+            lines = list(group)
+            events.append(
+                ConsoleOutput(
+                    self.server_id, stream, [line.text for line in lines], lines[0].timestamp
+                )
+            )
+            ends.append((ends[-1] if ends else 0) + len(lines))
+        if forwarded is kept and len(events) == 1:
+            marks: list[tuple[int, int] | None] = [(mark, mark_count)]
+        else:
+            marks = list(_marks_at(forwarded, ends, before))
+        self.ctx.deliver(self.server_id, events, marks, (mark, mark_count))
         if became_running and self.state is S.STARTING:
             self.set_state(S.RUNNING)
 

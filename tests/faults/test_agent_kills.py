@@ -1,13 +1,13 @@
 """
 The agent SIGKILLed at random moments while its game servers flood the console.
 
-What "delivered" means in the code (``ServerManager.deliver``): a console line
-is delivered when it is fanned out to the event listeners, that is to the
-Panel link, which sends it to the Panel as ``server_log`` events; the README
-promises that a restarted agent re-attaches "without losing or duplicating
-console lines".  So the lines are counted where the Panel sees them: on a
-loopback ``FakePanel`` (a real Autobahn server), across every connection the
-agent made to it, through several SIGKILLs and restarts on the same state.
+What "delivered" means in the code (``ctrlagent.servers.delivery``): a
+console line is delivered once the kernel took the ``server_log`` frame the
+Panel link sent it in; the README promises that a restarted agent re-attaches
+"without losing or duplicating console lines".  So the lines are counted
+where the Panel sees them: on a loopback ``FakePanel`` (a real Autobahn
+server), across every connection the agent made to it, through several
+SIGKILLs and restarts on the same state.
 
 Three servers print numbered lines at about 100 lines/s each; the agent is
 killed three times at random offsets (one in each third of the run, with a

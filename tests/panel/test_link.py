@@ -148,16 +148,20 @@ def test_disabled_link_reports_connected_and_never_dials() -> None:
 
 def test_open_sends_heartbeat_system_info_then_snapshot_and_answers_the_request() -> None:
     rig = Harness()
-    rig.create_server("s1")
+    rig.create_server("s1")  # the link listens from its construction on
     rig.start()
     frames = rig.panel.frames()
     assert types(frames) == [
-        "heartbeat", "system_info", "server_status_changed", "server_status", "system_info",
+        "heartbeat", "system_info",
+        "server_status_changed", "server_status",  # queued before the start, as while down
+        "server_status_changed", "server_status",  # the snapshot
+        "system_info",
     ]
     assert frames[1]["data"] == {"os": "linux", "cpuCount": 2, "nodeId": "node-1"}
-    assert frames[2]["data"] == {
+    assert frames[2]["data"]["previousStatus"] == "installing"
+    assert frames[4]["data"] == {
         "serverId": "s1", "previousStatus": "offline", "currentStatus": "offline",
-        "status": "offline", "containerId": frames[2]["data"]["containerId"],
+        "status": "offline", "containerId": frames[4]["data"]["containerId"],
     }
 
 
@@ -254,7 +258,9 @@ def test_console_lines_are_batched_by_count_and_window() -> None:
 def test_a_large_event_is_cut_into_frames_stamped_by_their_first_line() -> None:
     delivered: list[tuple[str, list[str], float]] = []
 
-    def deliver(server_id: str, stream: str, lines: list[str], timestamp: float) -> None:
+    def deliver(
+        server_id: str, stream: str, lines: list[str], timestamp: float, receipts: Any
+    ) -> None:
         delivered.append((stream, lines, timestamp))
 
     clock = Clock()
@@ -275,7 +281,9 @@ def test_a_large_event_is_cut_into_frames_stamped_by_their_first_line() -> None:
 def test_without_a_window_every_event_goes_out_at_once_in_bounded_frames() -> None:
     delivered: list[list[str]] = []
     clock = Clock()
-    batcher = ConsoleBatcher(clock, 2, 0.0, lambda sid, stream, lines, ts: delivered.append(lines))
+    batcher = ConsoleBatcher(
+        clock, 2, 0.0, lambda sid, stream, lines, ts, receipts: delivered.append(lines)
+    )
     batcher.add(ConsoleOutput("a", "stdout", ["1", "2", "3", "4", "5"], 1.0))
     assert delivered == [["1", "2"], ["3", "4"], ["5"]]
     assert not clock.getDelayedCalls()
@@ -284,7 +292,9 @@ def test_without_a_window_every_event_goes_out_at_once_in_bounded_frames() -> No
 def test_a_stream_change_or_status_change_flushes_the_batch_first() -> None:
     delivered: list[tuple[str, str, list[str]]] = []
 
-    def deliver(server_id: str, stream: str, lines: list[str], timestamp: float) -> None:
+    def deliver(
+        server_id: str, stream: str, lines: list[str], timestamp: float, receipts: Any
+    ) -> None:
         delivered.append((server_id, stream, lines))
 
     batcher = ConsoleBatcher(Clock(), 10, 1.0, deliver)
