@@ -19,7 +19,6 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["ctrlagent", "ctrlagent.*"]) + ["twisted.plugins"],
-    package_data={"ctrlagent.testing": ["gameserver.sh"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=25.5",

@@ -39,9 +39,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
 from ctrlagent.config import DockerConfig
-from ctrlagent.docker import DockerClient
-from ctrlagent.testing.dockerd import PrivateDockerd, engine_answers
-from ctrlagent.testing.images import build_scripted_image
+from ctrlagent.engine.docker import DockerClient
+from tests.rig.dockerd import PrivateDockerd, engine_answers
+from tests.rig.images import build_scripted_image
 
 _HEADER = struct.Struct(">BxxxL")
 

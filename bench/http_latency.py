@@ -31,9 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ctrlagent.testing.agentproc import AgentProcess  # noqa: E402
-from ctrlagent.testing.dockerd import PrivateDockerd, engine_answers  # noqa: E402
-from ctrlagent.testing.images import build_scripted_image  # noqa: E402
+from tests.rig.agentproc import AgentProcess  # noqa: E402
+from tests.rig.dockerd import PrivateDockerd, engine_answers  # noqa: E402
+from tests.rig.images import build_scripted_image  # noqa: E402
 
 
 def percentile(values: list[float], p: float) -> float:

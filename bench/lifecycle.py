@@ -32,13 +32,13 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 
 from ctrlagent.config import AgentConfig, DockerConfig, ServersConfig
-from ctrlagent.docker.client import DockerClient
+from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.events import StatusChanged
 from ctrlagent.servers import spec as specs
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.store import open_store
-from ctrlagent.testing.dockerd import PrivateDockerd, engine_answers
-from ctrlagent.testing.images import build_scripted_image
+from tests.rig.dockerd import PrivateDockerd, engine_answers
+from tests.rig.images import build_scripted_image
 
 STARTUP_LINE = "Done (0.1s)! For help, type help"
 

@@ -48,7 +48,7 @@ from twisted.internet.defer import Deferred, succeed
 from ctrlagent.config import AgentConfig, DockerConfig, PanelConfig, ServersConfig
 from ctrlagent.events import ConsoleOutput, ServerEvent
 from ctrlagent.panel.link import PanelLink
-from ctrlagent.panel.testing import FakePanel
+from ctrlagent.testing.panel import FakePanel
 
 reactor: Any = _reactor
 SECRET = "bench-secret"
@@ -254,7 +254,7 @@ async def synthetic(lines: int, external: bool, event_lines: int = 100) -> dict[
 
 async def docker_raw(host: str, image: str, lines: int) -> dict[str, Any]:
     """The raw Docker stream of a flooding container, only counted."""
-    from ctrlagent.docker.client import DockerClient
+    from ctrlagent.engine.docker.client import DockerClient
 
     client = DockerClient.from_config(reactor, DockerConfig(host=host, call_timeout=30.0))
     cid = await client.container_create(
@@ -301,8 +301,8 @@ async def docker_agent(
     Without ``with_link`` only the manager runs, to tell the link's cost from
     the console pipeline's that feeds it.
     """
-    from ctrlagent.dispatch import Dispatcher
-    from ctrlagent.docker.client import DockerClient
+    from ctrlagent.actions.registry import Dispatcher
+    from ctrlagent.engine.docker.client import DockerClient
     from ctrlagent.servers.manager import ServerManager
     from ctrlagent.servers.store import open_store
     from ctrlagent.testing.fakes import FakeFileManager
@@ -392,7 +392,7 @@ async def docker_agent(
 
 
 def engine_answers(host: str) -> bool:
-    from ctrlagent.testing.dockerd import engine_answers as answers
+    from tests.rig.dockerd import engine_answers as answers
 
     return host.startswith("unix://") and answers(host[len("unix://"):])
 
@@ -406,7 +406,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     host = args.docker_host
     if host and engine_answers(host) and not args.synthetic_only:
-        from ctrlagent.testing.images import build_scripted_image
+        from tests.rig.images import build_scripted_image
 
         image = build_scripted_image(host)
         raws, agents, alone = [], [], []

@@ -1,7 +1,7 @@
 """
 The seams between the action dispatcher and the domain.
 
-The dispatcher (``ctrlagent.dispatch``) is tested against fakes of these; the
+The dispatcher (``ctrlagent.actions.registry``) is tested against fakes of these; the
 real providers are ``ctrlagent.servers.manager.ServerManager`` and
 ``ctrlagent.files.manager.FileManager``.  Every method that does I/O returns a
 Deferred (implementations are ``async def`` wrapped at the edge, or return

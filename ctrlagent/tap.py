@@ -222,9 +222,9 @@ class _StartupBanner(Service):
 def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     """Build the agent's service tree on ``reactor`` (tests call this directly)."""
     # Imported here so that `twistd ctrlagent --help` stays fast and cheap.
+    from ctrlagent.actions.registry import Dispatcher
     from ctrlagent.api.app import AgentApi, make_http_service
-    from ctrlagent.dispatch import Dispatcher
-    from ctrlagent.docker import DockerClient
+    from ctrlagent.engine.docker import DockerClient
     from ctrlagent.files.manager import FileManager
     from ctrlagent.panel.link import PanelLink
     from ctrlagent.servers.manager import make_server_manager

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ctrlagent.testing.dockerd import PrivateDockerd, engine_answers  # noqa: E402
+from tests.rig.dockerd import PrivateDockerd, engine_answers  # noqa: E402
 
 DEV = ROOT / ".dev"
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
-from ctrlagent.testing.dockerd import PrivateDockerd, engine_answers
+from tests.rig.dockerd import PrivateDockerd, engine_answers
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,14 @@ def private_docker() -> Iterator[Callable[[], PrivateDockerd]]:
 
 @pytest.fixture(scope="session")
 def scripted_image(docker_engine: Engine) -> str:
-    from ctrlagent.testing.images import build_scripted_image
+    from tests.rig.images import build_scripted_image
 
     return build_scripted_image(docker_engine.host)
 
 
 @pytest.fixture(scope="session")
 def minetest_image(docker_engine: Engine) -> str:
-    from ctrlagent.testing.images import import_minetest
+    from tests.rig.images import import_minetest
 
     return import_minetest(docker_engine.host)
 

@@ -19,11 +19,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ctrlagent.commands import ActionResult, Command, IDispatcher, check_payload, parse_command
-from ctrlagent.dispatch import Dispatcher, panel_metrics
+from ctrlagent.actions.registry import Dispatcher, panel_metrics
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
-from ctrlagent.tracker import DeferredTracker
+from ctrlagent.wire.command import ActionResult, Command, IDispatcher, check_payload, parse_command
+from ctrlagent.work import DeferredTracker
 from tests.api.conftest import ApiRig
 
 UUID = "3f2b8c1e9d4a4b7f8e6c5d4b3a291807"

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from ctrlagent.testing.dockerd import (
+from tests.conftest import Engine
+from tests.rig.dockerd import (
     EngineRecord,
     PrivateDockerd,
     RigRegistry,
@@ -41,9 +42,8 @@ from ctrlagent.testing.dockerd import (
     host_links,
     running_dockerd_claims,
 )
-from ctrlagent.testing.images import build_scripted_image
-from ctrlagent.testing.processes import ProcessIdentity
-from tests.conftest import Engine
+from tests.rig.images import build_scripted_image
+from tests.rig.processes import ProcessIdentity
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_LABEL = "ctrl-alt-play.managed=true"
@@ -374,10 +374,11 @@ def test_run_agent_stopped_with_ctrl_c_leaves_the_hosts_links_as_they_were(
     # A copy of the checkout, so that the run's .dev/ stays out of the tree,
     # run with this test's Python environment instead of a fresh ./.venv.
     tree = tmp_path / "tree"
-    for sub in ("scripts", "ctrlagent", "twisted"):
+    for sub in ("scripts", "ctrlagent", "twisted", "tests/rig"):
         shutil.copytree(
             ROOT / sub, tree / sub, ignore=shutil.ignore_patterns("__pycache__", "dropin.cache")
         )
+    (tree / "tests" / "__init__.py").touch()
     env = {k: v for k, v in os.environ.items() if k not in ("PANEL_URL", "PYTHONPATH")}
     env.update(
         CTRLAGENT_VENV=sys.prefix,

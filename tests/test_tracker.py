@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
-from ctrlagent.tracker import DeferredTracker
+from ctrlagent.work import DeferredTracker
 
 
 def test_wait_fires_after_all_tracked_work(fail_on_logged_errors: list) -> None:

@@ -28,13 +28,13 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from ctrlagent.api.jsonbody import decode_json
 from ctrlagent.api.openapi import openapi_document
 from ctrlagent.api.site import make_http_service
-from ctrlagent.commands import ActionResult, Command, IDispatcher, parse_command
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import CtrlAgentError, InvalidInput, ParseError
 from ctrlagent.interfaces import IServerManager
+from ctrlagent.wire.command import ActionResult, Command, IDispatcher, parse_command
+from ctrlagent.wire.jsonbody import decode_json
 
 # Re-exported: the composition root imports both from here.
 __all__ = ["AgentApi", "authenticated", "make_http_service"]

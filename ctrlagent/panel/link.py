@@ -68,13 +68,13 @@ from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 from ctrlagent import __version__
-from ctrlagent.commands import ActionResult, IDispatcher, printable
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import ConfigInvalid, CtrlAgentError
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerEvent, StatusChanged
 from ctrlagent.interfaces import IConsoleConsumer
-from ctrlagent.panel import messages
-from ctrlagent.tracker import DeferredTracker
+from ctrlagent.wire import frames as messages
+from ctrlagent.wire.command import ActionResult, IDispatcher, printable
+from ctrlagent.work import DeferredTracker
 
 # Frame groups: one logical event may be several frames (the event plus its
 # legacy twin); they are queued, dropped and sent together.

@@ -65,7 +65,7 @@ from ctrlagent.servers.spec import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
 from ctrlagent.servers.states import ACTIVE_STATES, ServerState, parse_state
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
 from ctrlagent.startup import StartupError
-from ctrlagent.tracker import DeferredTracker
+from ctrlagent.work import DeferredTracker
 
 T = TypeVar("T")
 S = ServerState

@@ -17,9 +17,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from ctrlagent import __version__
+from ctrlagent.actions.registry import Dispatcher
 from ctrlagent.api import AgentApi
 from ctrlagent.config import AgentConfig, HttpConfig
-from ctrlagent.dispatch import Dispatcher
 from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
 
 SECRET = "s3cr3t-daemon-token"

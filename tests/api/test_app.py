@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from ctrlagent import __version__
 from ctrlagent.api.app import human_duration
 from ctrlagent.api.openapi import openapi_document
-from ctrlagent.commands import Command
+from ctrlagent.wire.command import Command
 from tests.api.conftest import PANEL_ID, SECRET, UUID, ApiRig, panel_headers
 
 

@@ -17,8 +17,8 @@ import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctrlagent.api.jsonbody import MAX_DEPTH, decode_json, nesting_depth
 from ctrlagent.errors import ParseError
+from ctrlagent.wire.jsonbody import MAX_DEPTH, decode_json, nesting_depth
 from tests.api.conftest import UUID, ApiRig, panel_headers
 
 DEEP = 1000

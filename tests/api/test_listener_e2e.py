@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from ctrlagent.testing.agentproc import ROOT, AgentProcess, _twistd
-from ctrlagent.testing.processes import spawn_logged, wait_until_ready
 from tests.e2e.conftest import agent_process, make_agent  # noqa: F401 - the e2e fixtures
+from tests.rig.agentproc import ROOT, AgentProcess, _twistd
+from tests.rig.processes import spawn_logged, wait_until_ready
 
 pytestmark = pytest.mark.e2e
 

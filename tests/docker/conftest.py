@@ -24,8 +24,8 @@ import pytest
 import pytest_twisted
 
 from ctrlagent.config import DockerConfig
-from ctrlagent.docker import DockerClient, NotFound
-from ctrlagent.testing.registry import LocalRegistry
+from ctrlagent.engine.docker import DockerClient, NotFound
+from tests.rig.registry import LocalRegistry
 
 # Labels every container of this test run, for label filters (events, lists).
 RUN_ID = secrets.token_hex(6)

@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from ctrlagent.config import DockerConfig
-from ctrlagent.docker import (
+from ctrlagent.engine.docker import (
     Conflict,
     ContainerGone,
     DockerClient,
@@ -40,9 +40,9 @@ from ctrlagent.docker import (
     parse_docker_host,
     parse_image_ref,
 )
-from ctrlagent.docker.models import format_since, parse_event, parse_pull_progress
-from ctrlagent.docker.stats import parse_stats
-from ctrlagent.docker.streams import ItemStream, LineStream
+from ctrlagent.engine.docker.models import format_since, parse_event, parse_pull_progress
+from ctrlagent.engine.docker.stats import parse_stats
+from ctrlagent.engine.docker.streams import ItemStream, LineStream
 from ctrlagent.errors import Conflict as AgentConflict
 from ctrlagent.errors import NotFound as AgentNotFound
 
@@ -572,7 +572,7 @@ def test_stats_of_a_vanished_container_read_as_zeroes(doc: object) -> None:
 def test_console_lines_with_raw_byte_surrogates_reach_stdin_as_those_bytes() -> None:
     from twisted.internet.testing import StringTransport
 
-    from ctrlagent.docker.stdin import AttachStdinProtocol, StdinPipe
+    from ctrlagent.engine.docker.stdin import AttachStdinProtocol, StdinPipe
 
     proto = AttachStdinProtocol(b"")
     transport = StringTransport()

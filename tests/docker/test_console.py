@@ -11,7 +11,7 @@ import time
 import pytest
 import pytest_twisted
 
-from ctrlagent.docker import ContainerGone, DockerClient
+from ctrlagent.engine.docker import ContainerGone, DockerClient
 
 from .conftest import Containers, make_client, wait_for_line, within
 

@@ -18,8 +18,8 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from ctrlagent.docker import DockerClient, DockerEvent, DockerUnavailable, ResumableEvents
-from ctrlagent.testing.images import build_scripted_image
+from ctrlagent.engine.docker import DockerClient, DockerEvent, DockerUnavailable, ResumableEvents
+from tests.rig.images import build_scripted_image
 
 from .conftest import make_client, unique_name, until, wait_for_line, within
 

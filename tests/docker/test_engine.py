@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from ctrlagent.docker import (
+from ctrlagent.engine.docker import (
     Conflict,
     ContainerGone,
     DockerClient,

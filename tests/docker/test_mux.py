@@ -12,7 +12,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctrlagent.docker.mux import (
+from ctrlagent.engine.docker.mux import (
     STDERR,
     STDOUT,
     ConsoleDecoder,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from ctrlagent.docker import (
+from ctrlagent.engine.docker import (
     DockerClient,
     ImageNotFound,
     NotFound,
@@ -20,7 +20,7 @@ from ctrlagent.docker import (
     PullProgress,
     RegistryAuthFailed,
 )
-from ctrlagent.testing.registry import LocalRegistry, free_port
+from tests.rig.registry import LocalRegistry, free_port
 
 from .conftest import Registry, make_client, within
 

@@ -21,7 +21,7 @@ from twisted.internet.endpoints import (
     connectProtocol,
 )
 
-from ctrlagent.docker import DockerClient
+from ctrlagent.engine.docker import DockerClient
 
 from .conftest import Containers, make_client, unique_name, until, wait_for_line
 
@@ -174,7 +174,7 @@ async def test_resumable_events_replay_what_happened_during_a_break(
 
     from twisted.internet.defer import Deferred
 
-    from ctrlagent.docker import DockerEvent, ResumableEvents
+    from ctrlagent.engine.docker import DockerEvent, ResumableEvents
 
     from .conftest import within
 

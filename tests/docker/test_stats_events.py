@@ -11,7 +11,7 @@ import time
 import pytest
 import pytest_twisted
 
-from ctrlagent.docker import DockerClient, DockerEvent
+from ctrlagent.engine.docker import DockerClient, DockerEvent
 
 from .conftest import Containers, within
 

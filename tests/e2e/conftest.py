@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrlagent.testing.agentproc import AgentProcess
+from tests.rig.agentproc import AgentProcess
 
 
 def _remove_agent_containers(host: str, data_dir: Path) -> None:

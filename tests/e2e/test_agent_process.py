@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ctrlagent.tap import Options
-from ctrlagent.testing.agentproc import ROOT, AgentProcess, _twistd
+from tests.rig.agentproc import ROOT, AgentProcess, _twistd
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from ctrlagent.testing.agentproc import AgentProcess
+from tests.rig.agentproc import AgentProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -18,8 +18,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from ctrlagent.panel.testing import FakePanel
-from ctrlagent.testing.agentproc import AgentProcess
+from ctrlagent.testing.panel import FakePanel
+from tests.rig.agentproc import AgentProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -28,7 +28,7 @@ import pytest
 
 from ctrlagent.config import ServersConfig
 from ctrlagent.servers import spec as specs
-from ctrlagent.testing.agentproc import ROOT, AgentProcess, _twistd
+from tests.rig.agentproc import ROOT, AgentProcess, _twistd
 
 pytestmark = pytest.mark.e2e
 

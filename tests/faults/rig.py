@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ctrlagent.testing.agentproc import ROOT, AgentProcess, _twistd
-from ctrlagent.testing.processes import spawn_logged, wait_until_ready
+from tests.rig.agentproc import ROOT, AgentProcess, _twistd
+from tests.rig.processes import spawn_logged, wait_until_ready
 
 # A protocol error code: UPPER_SNAKE (PROTOCOL.md section 3).
 CODE = re.compile(r"^[A-Z][A-Z0-9_]*$")

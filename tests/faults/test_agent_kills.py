@@ -33,7 +33,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from ctrlagent.panel.testing import FakePanel
+from ctrlagent.testing.panel import FakePanel
 from tests.faults.rig import FaultAgent
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from ctrlagent.testing.images import build_scripted_image
 from tests.faults.rig import CODE, FaultAgent, docker_inspect, wait_for
+from tests.rig.images import build_scripted_image
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]
 

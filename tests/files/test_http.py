@@ -23,9 +23,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.util import Redirect
 
+from ctrlagent.actions.registry import Dispatcher
 from ctrlagent.api import AgentApi
 from ctrlagent.config import AgentConfig, FilesConfig
-from ctrlagent.dispatch import Dispatcher
 from ctrlagent.files.fetch import SafeFetcher, allow_also
 from ctrlagent.files.manager import FileManager
 from ctrlagent.testing.fakes import FakeServerManager

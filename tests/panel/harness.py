@@ -12,11 +12,11 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from ctrlagent.actions.registry import Dispatcher
 from ctrlagent.config import AgentConfig, PanelConfig
-from ctrlagent.dispatch import Dispatcher
 from ctrlagent.panel.link import PanelLink
-from ctrlagent.panel.testing import FakePanel, MemoryPanelEndpoint
 from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
+from ctrlagent.testing.panel import FakePanel, MemoryPanelEndpoint
 
 SECRET = "correct horse battery staple"
 

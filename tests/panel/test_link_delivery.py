@@ -35,7 +35,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.panel.link import ConsoleBatcher, _Drain, _held_above, _socket_transport
-from ctrlagent.panel.testing import FakePanel
+from ctrlagent.testing.panel import FakePanel
 
 from .harness import Harness
 from .test_link_loopback import Rig, make_rig, sleep, until  # noqa: F401 (fixture)

@@ -15,9 +15,9 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet.threads import deferToThread
 
-from ctrlagent.panel.testing import FakePanel
-from ctrlagent.testing.agentproc import AgentProcess, free_port
+from ctrlagent.testing.panel import FakePanel
 from tests.e2e.conftest import make_agent  # noqa: F401 - a fixture
+from tests.rig.agentproc import AgentProcess, free_port
 
 from .test_link_loopback import sleep, until
 

@@ -20,11 +20,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from ctrlagent.actions.registry import Dispatcher
 from ctrlagent.config import AgentConfig, PanelConfig
-from ctrlagent.dispatch import Dispatcher
 from ctrlagent.panel.link import PanelLink
-from ctrlagent.panel.testing import FakePanel
 from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
+from ctrlagent.testing.panel import FakePanel
 
 from .harness import SECRET, FakeHost
 

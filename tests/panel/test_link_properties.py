@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher, textFileLogObserver
 
 from ctrlagent.events import StatusChanged
-from ctrlagent.panel.messages import LEGACY_ACTIONS
+from ctrlagent.wire.frames import LEGACY_ACTIONS
 
 from .harness import Harness
 

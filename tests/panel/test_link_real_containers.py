@@ -16,11 +16,11 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import succeed
 
-from ctrlagent.dispatch import Dispatcher
+from ctrlagent.actions.registry import Dispatcher
 from ctrlagent.events import ConsoleOutput, ServerEvent
 from ctrlagent.panel.link import PanelLink
-from ctrlagent.panel.testing import FakePanel
 from ctrlagent.testing.fakes import FakeFileManager
+from ctrlagent.testing.panel import FakePanel
 from tests.servers.conftest import Rig, rig, scripted  # noqa: F401 - rig is a fixture
 
 from .harness import SECRET, FakeHost

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ctrlagent.commands import ActionResult, UnrepresentableNumber
 from ctrlagent.errors import ServerNotFound
 from ctrlagent.events import ResourceUpdate, StatusChanged
-from ctrlagent.panel import messages
-from ctrlagent.panel.messages import (
+from ctrlagent.wire import frames as messages
+from ctrlagent.wire.command import ActionResult, UnrepresentableNumber
+from ctrlagent.wire.frames import (
     CommandFrame,
     Ignored,
     InvalidCommand,

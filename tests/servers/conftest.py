@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 
 from ctrlagent.config import AgentConfig, DockerConfig, ServersConfig
-from ctrlagent.docker.client import DockerClient
+from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.events import ConsoleOutput, ServerEvent, StatusChanged
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.states import ServerState

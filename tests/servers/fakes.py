@@ -16,9 +16,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from ctrlagent.docker.errors import ContainerGone, DockerConflict, NetworkNotFound
-from ctrlagent.docker.models import DockerEvent
-from ctrlagent.docker.stats import ContainerStats
+from ctrlagent.engine.docker.errors import ContainerGone, DockerConflict, NetworkNotFound
+from ctrlagent.engine.docker.models import DockerEvent
+from ctrlagent.engine.docker.stats import ContainerStats
 from ctrlagent.errors import DockerError, DockerUnavailable
 
 

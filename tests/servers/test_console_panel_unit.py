@@ -16,10 +16,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import succeed
 
 from ctrlagent.panel.link import PanelLink
-from ctrlagent.panel.testing import FakePanel, MemoryPanelEndpoint
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.states import ServerState
 from ctrlagent.servers.store import open_store
+from ctrlagent.testing.panel import FakePanel, MemoryPanelEndpoint
 from tests.panel.harness import SECRET, panel_config
 from tests.servers.conftest import Unit, until
 from tests.servers.test_console_marks_unit import engine_texts, journal

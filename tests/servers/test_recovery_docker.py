@@ -16,10 +16,10 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from ctrlagent.config import DockerConfig
-from ctrlagent.docker.client import DockerClient
+from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.events import ConsoleOutput, ResourceUpdate
 from ctrlagent.servers.states import ServerState
-from ctrlagent.testing.images import build_scripted_image
+from tests.rig.images import build_scripted_image
 from tests.servers.conftest import Rig, remove_containers, scripted, sleep, until, until_state
 
 pytestmark = pytest.mark.docker

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctrlagent.commands import PAYLOAD_DECODER, unusable_text
 from ctrlagent.errors import ParseError
+from ctrlagent.wire.command import PAYLOAD_DECODER, unusable_text
 
 # Deep enough for any command the Panel sends (a few levels), far from the
 # interpreter's recursion limit so that nothing downstream can overflow.

@@ -6,13 +6,13 @@ line splitter, stats arithmetic, event and pull-progress parsing) live in
 ``mux``, ``stats`` and ``models`` and import no reactor.
 """
 
-from ctrlagent.docker.client import (
+from ctrlagent.engine.docker.client import (
     MANAGED_LABEL,
     MANAGED_LABEL_FILTER,
     DockerClient,
     error_for_status,
 )
-from ctrlagent.docker.errors import (
+from ctrlagent.engine.docker.errors import (
     Conflict,
     ContainerGone,
     DockerConflict,
@@ -27,12 +27,12 @@ from ctrlagent.docker.errors import (
     PullFailed,
     RegistryAuthFailed,
 )
-from ctrlagent.docker.eventstream import ResumableEvents
-from ctrlagent.docker.models import DockerEvent, ImageRef, PullProgress, parse_image_ref
-from ctrlagent.docker.stats import ContainerStats
-from ctrlagent.docker.stdin import StdinPipe
-from ctrlagent.docker.streams import ItemStream, LineStream
-from ctrlagent.docker.transport import DockerHost, parse_docker_host
+from ctrlagent.engine.docker.eventstream import ResumableEvents
+from ctrlagent.engine.docker.models import DockerEvent, ImageRef, PullProgress, parse_image_ref
+from ctrlagent.engine.docker.stats import ContainerStats
+from ctrlagent.engine.docker.stdin import StdinPipe
+from ctrlagent.engine.docker.streams import ItemStream, LineStream
+from ctrlagent.engine.docker.transport import DockerHost, parse_docker_host
 
 __all__ = [
     "DockerClient",

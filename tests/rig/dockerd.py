@@ -45,7 +45,7 @@ from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from ctrlagent.testing.processes import (
+from tests.rig.processes import (
     ProcessIdentity,
     spawn_logged,
     stop_process,

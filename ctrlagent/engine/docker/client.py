@@ -2,7 +2,7 @@
 The agent's Docker Engine API client: typed, asynchronous, Twisted-native.
 
 ``DockerClient`` speaks the engine's HTTP API through an injected treq
-``HTTPClient`` (see ``ctrlagent.docker.transport``).  It negotiates the API
+``HTTPClient`` (see ``ctrlagent.engine.docker.transport``).  It negotiates the API
 version once (engines from API 1.41 up) and pins every path under
 ``/v1.xx``.  Every call has a time limit, every stream a silence limit, error
 bodies are read with a size cap, and failures are typed:
@@ -54,7 +54,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from ctrlagent.config import DockerConfig
-from ctrlagent.docker.errors import (
+from ctrlagent.engine.docker.errors import (
     ContainerGone,
     DockerConflict,
     DockerError,
@@ -67,7 +67,7 @@ from ctrlagent.docker.errors import (
     RegistryAuthFailed,
     error_for_status,
 )
-from ctrlagent.docker.models import (
+from ctrlagent.engine.docker.models import (
     DockerEvent,
     PullProgress,
     format_since,
@@ -76,10 +76,10 @@ from ctrlagent.docker.models import (
     parse_image_ref,
     parse_pull_progress,
 )
-from ctrlagent.docker.stats import ContainerStats, parse_stats
-from ctrlagent.docker.stdin import AttachStdinProtocol, StdinPipe, attach_request
-from ctrlagent.docker.streams import ItemStream, JsonLinesDecoder, LineStream
-from ctrlagent.docker.transport import DockerEndpointFactory, DockerHost, make_http_client
+from ctrlagent.engine.docker.stats import ContainerStats, parse_stats
+from ctrlagent.engine.docker.stdin import AttachStdinProtocol, StdinPipe, attach_request
+from ctrlagent.engine.docker.streams import ItemStream, JsonLinesDecoder, LineStream
+from ctrlagent.engine.docker.transport import DockerEndpointFactory, DockerHost, make_http_client
 
 __all__ = [
     "DockerClient",
@@ -983,6 +983,6 @@ class DockerClient:
         **kw: Any,
     ) -> AsyncIterator[DockerEvent]:
         """Events that survive breaks (see ``ResumableEvents``)."""
-        from ctrlagent.docker.eventstream import ResumableEvents
+        from ctrlagent.engine.docker.eventstream import ResumableEvents
 
         return ResumableEvents(self, labels=labels, since=since, **kw)

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ctrlagent.testing.processes import spawn_logged, stop_process, wait_until_ready
+from tests.rig.processes import spawn_logged, stop_process, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 

@@ -7,7 +7,7 @@ payload with small typed helpers, resolves the server id through the server
 manager (any id the Panel uses, an alias, a label, a container name), calls the
 server or file manager and returns the ``data`` the Panel reads.
 
-Every payload first passes ``ctrlagent.commands.check_payload`` (one bounded
+Every payload first passes ``ctrlagent.wire.command.check_payload`` (one bounded
 walk: non-finite or absurd numbers, runaway nesting and unusable text are
 ``INVALID_PAYLOAD`` naming the field), whichever transport it came by.
 
@@ -37,7 +37,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ctrlagent.commands import (
+from ctrlagent.errors import CtrlAgentError, InvalidInput, UnknownAction
+from ctrlagent.interfaces import IFileManager, IServerManager, ServerRoot
+from ctrlagent.wire.command import (
     MAX_SAFE_NUMBER,
     ActionResult,
     Command,
@@ -46,9 +48,7 @@ from ctrlagent.commands import (
     printable,
     unusable_text,
 )
-from ctrlagent.errors import CtrlAgentError, InvalidInput, UnknownAction
-from ctrlagent.interfaces import IFileManager, IServerManager, ServerRoot
-from ctrlagent.tracker import DeferredTracker
+from ctrlagent.work import DeferredTracker
 
 # ---------------------------------------------------------------------------
 # Typed payload helpers.  Each names the offending field in its InvalidInput so

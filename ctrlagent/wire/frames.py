@@ -49,7 +49,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Union
 
-from ctrlagent.commands import (
+from ctrlagent.errors import CtrlAgentError, InvalidInput, ParseError
+from ctrlagent.events import ResourceUpdate, StatusChanged
+from ctrlagent.wire.command import (
     PAYLOAD_DECODER,
     ActionResult,
     Command,
@@ -58,8 +60,6 @@ from ctrlagent.commands import (
     parse_command,
     printable,
 )
-from ctrlagent.errors import CtrlAgentError, InvalidInput, ParseError
-from ctrlagent.events import ResourceUpdate, StatusChanged
 
 # Legacy typed frames (``{type, data}``) and the section 2 action each one means.
 # ``server_power`` is resolved from its ``data.action`` (see ``POWER_ACTIONS``).

@@ -21,12 +21,12 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from ctrlagent.docker.errors import DockerError
-from ctrlagent.docker.models import DockerEvent
-from ctrlagent.docker.streams import ItemStream
+from ctrlagent.engine.docker.errors import DockerError
+from ctrlagent.engine.docker.models import DockerEvent
+from ctrlagent.engine.docker.streams import ItemStream
 
 if TYPE_CHECKING:
-    from ctrlagent.docker.client import DockerClient
+    from ctrlagent.engine.docker.client import DockerClient
 
 __all__ = ["ResumableEvents"]
 

@@ -88,7 +88,7 @@ class RegistryAuthFailed(PullFailed):
     """The registry wants credentials we do not have, or refused ours."""
 
 
-# The names the issue uses: ``from ctrlagent.docker import NotFound, Conflict``
+# The names the issue uses: ``from ctrlagent.engine.docker import NotFound, Conflict``
 # catches every Docker 404/409 (and the agent's generic ones).
 NotFound = _NotFound
 

@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ctrlagent.docker.errors import DockerError, DockerUnavailable, error_for_status
+from ctrlagent.engine.docker.errors import DockerError, DockerUnavailable, error_for_status
 
 __all__ = ["StdinPipe", "AttachStdinProtocol", "attach_request"]
 

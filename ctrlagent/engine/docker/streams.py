@@ -29,8 +29,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from ctrlagent.docker.errors import DockerError, DockerTimeout, DockerUnavailable
-from ctrlagent.docker.mux import ConsoleDecoder, LineSplitter
+from ctrlagent.engine.docker.errors import DockerError, DockerTimeout, DockerUnavailable
+from ctrlagent.engine.docker.mux import ConsoleDecoder, LineSplitter
 
 __all__ = ["ItemStream", "LineStream", "JsonLinesDecoder", "Decoder"]
 
@@ -43,7 +43,7 @@ EndCheck = Callable[["DockerError | None"], Awaitable["DockerError | None"]]
 
 
 class Decoder(Protocol[T_co]):
-    """Bytes in, items out (see ``ctrlagent.docker.mux.ConsoleDecoder``)."""
+    """Bytes in, items out (see ``ctrlagent.engine.docker.mux.ConsoleDecoder``)."""
 
     def feed(self, data: bytes) -> list[T_co]: ...
 

@@ -26,7 +26,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from ctrlagent.config import DockerConfig
-from ctrlagent.docker.errors import DockerInvalidInput
+from ctrlagent.engine.docker.errors import DockerInvalidInput
 
 __all__ = ["DockerHost", "parse_docker_host", "DockerEndpointFactory", "make_http_client"]
 

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ctrlagent.testing.processes import spawn_logged, stop_process, wait_until_ready
+from tests.rig.processes import spawn_logged, stop_process, wait_until_ready
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 
