@@ -9,38 +9,12 @@ its pid afterwards and the game-server containers it created are removed.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.rig.agentproc import AgentProcess
-
-
-def _remove_agent_containers(host: str, data_dir: Path) -> None:
-    """Remove containers whose data directory is under this agent's data dir."""
-    env = dict(os.environ, DOCKER_HOST=host)
-    out = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", "label=ctrl-alt-play.managed=true"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    ).stdout.split()
-    for cid in out:
-        mounts = subprocess.run(
-            ["docker", "inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", cid],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        ).stdout
-        if str(data_dir) in mounts:
-            subprocess.run(
-                ["docker", "rm", "-f", "-v", cid], capture_output=True, env=env, check=False
-            )
+from tests.rig.agentproc import AgentProcess, remove_containers_under
 
 
 @pytest.fixture
@@ -57,7 +31,7 @@ def make_agent(tmp_path: Path, docker_engine: object) -> Iterator[Callable[..., 
     for agent in agents:
         agent.stop()
     for agent in agents:
-        _remove_agent_containers(docker_engine.host, agent.data_dir)  # type: ignore[attr-defined]
+        remove_containers_under(docker_engine.host, agent.data_dir)  # type: ignore[attr-defined]
         if agent.process is None and agent.log_path.exists():
             # Keep the agent's log in the test report when something failed.
             print("--- agent log {} ---\n{}".format(agent.workdir, agent.log_text()[-4000:]))  # noqa: T201

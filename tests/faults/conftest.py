@@ -26,8 +26,8 @@ from tests.faults.rig import (
     FaultAgent,
     log_messages,
     logged_tracebacks,
-    remove_containers_under,
 )
+from tests.rig.agentproc import remove_containers_under
 
 
 @pytest.fixture(autouse=True)

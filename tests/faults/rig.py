@@ -429,29 +429,6 @@ def remove_tree(path: Path, max_steps: int = 1_000_000) -> None:
             stack.pop()
 
 
-def remove_containers_under(docker_host: str, data_dir: Path) -> None:
-    """Remove the managed containers whose data directory is under ``data_dir``."""
-    env = dict(os.environ, DOCKER_HOST=docker_host)
-    ids = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", "label=ctrl-alt-play.managed=true"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    ).stdout.split()
-    for cid in ids:
-        mounts = subprocess.run(
-            ["docker", "inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", cid],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        ).stdout
-        if str(data_dir) in mounts:
-            subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, env=env,
-                           check=False)
-
-
 def docker_inspect(docker_host: str, container_id: str) -> dict[str, Any]:
     """``docker inspect`` of one container (the engine's own view)."""
     out = subprocess.run(

@@ -28,9 +28,9 @@ from tests.faults.rig import (
     assert_answer,
     fill_filesystem,
     mounted_tmpfs,
-    remove_containers_under,
     wait_for,
 )
+from tests.rig.agentproc import remove_containers_under
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]
 

@@ -63,12 +63,12 @@ import pytest
 from tests.faults.rig import (
     FaultAgent,
     assert_answer,
-    remove_containers_under,
     remove_tree,
     tree_diff,
     tree_state,
     wait_for,
 )
+from tests.rig.agentproc import remove_containers_under
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]
 

@@ -167,3 +167,26 @@ class AgentProcess:
             proc.kill()
             proc.wait()
         self.process = None
+
+
+def remove_containers_under(docker_host: str, data_dir: Path) -> None:
+    """Remove the managed containers whose data directory is under ``data_dir``."""
+    env = dict(os.environ, DOCKER_HOST=docker_host)
+    ids = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", "label=ctrl-alt-play.managed=true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    ).stdout.split()
+    for cid in ids:
+        mounts = subprocess.run(
+            ["docker", "inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", cid],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        ).stdout
+        if str(data_dir) in mounts:
+            subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, env=env,
+                           check=False)
