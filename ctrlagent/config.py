@@ -189,6 +189,29 @@ class FilesConfig:
 
 
 @dataclass(frozen=True)
+class TimeoutsConfig:
+    """
+    Deadlines of the agent's answers, in seconds (applied by ctrlagent.work.Deadlines).
+
+    The Panel gives up on a command after 30 s and then marks the node
+    offline, so every answer it waits for must come before that.
+    """
+
+    # A long action (create behind a slow pull, stop with a long timeout, ...)
+    # answers with the state it is in after this long; the work goes on.
+    command_answer: float = 25.0
+    # Any other action answers "still running" after command_answer plus this
+    # margin (so a long action's own answer always comes first).
+    command_margin: float = 2.0
+    # How long a stopping HTTP API waits for the commands still running.
+    http_drain: float = 10.0
+    # How long /health waits for the engine to answer a ping ...
+    engine_ping: float = 3.0
+    # ... and how long that answer is reused by the next /health probes.
+    engine_ping_cache: float = 1.5
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """The whole configuration tree."""
 
@@ -204,6 +227,7 @@ class AgentConfig:
     docker: DockerConfig = field(default_factory=DockerConfig)
     servers: ServersConfig = field(default_factory=ServersConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
 
     def __repr__(self) -> str:
         # Never let the secret reach a log line through repr().
@@ -400,6 +424,21 @@ def _validate_install(servers: ServersConfig) -> None:
         raise ConfigInvalid("servers.install_log_max_bytes must not be negative")
 
 
+def _validate_timeouts(timeouts: TimeoutsConfig) -> None:
+    for f in fields(timeouts):
+        value = getattr(timeouts, f.name)
+        if f.name in ("command_margin", "engine_ping_cache"):
+            # May be zero: no margin, no reuse of an engine ping.
+            if not 0 <= value <= 3600:
+                raise ConfigInvalid(
+                    "timeouts.{} must be between 0 and 3600 seconds".format(f.name)
+                )
+        elif not 0 < value <= 3600:
+            raise ConfigInvalid(
+                "timeouts.{} must be more than 0 and at most 3600 seconds".format(f.name)
+            )
+
+
 def validate(config: AgentConfig) -> None:
     """Refuse a configuration the agent cannot run with."""
     if not config.secret and not config.development:
@@ -446,6 +485,7 @@ def validate(config: AgentConfig) -> None:
     ):
         if not 0 < value <= 86400:
             raise ConfigInvalid("{} must be between 0 and 86400 seconds".format(name))
+    _validate_timeouts(config.timeouts)
     for name, path in (("state_dir", config.state_dir), ("data_dir", config.data_dir)):
         if not Path(path).is_absolute():
             raise ConfigInvalid("{} {!r} must be an absolute path".format(name, path))

@@ -229,19 +229,28 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     from ctrlagent.panel.link import PanelLink
     from ctrlagent.servers.manager import make_server_manager
     from ctrlagent.system import SystemInfo
+    from ctrlagent.work import Deadlines, Tracker
 
     top = AgentService()
     top.setName("ctrlagent")
     _StartupBanner(config).setServiceParent(top)
 
+    # One tracker for all background work; each service cancels and waits
+    # only its own scope of it when it stops.  One deadline helper, whose
+    # late work (answers given before the work finished) has its own scope.
+    tracker = Tracker("agent")
+    deadlines = Deadlines(reactor, tracker.scope("late answers"), config.timeouts)
+
     docker = DockerClient.from_config(reactor, config.docker)
-    servers = make_server_manager(reactor, config, docker)
+    servers = make_server_manager(
+        reactor, config, docker, tracker=tracker.scope("servers"), deadlines=deadlines
+    )
     servers.setName("servers")
     servers.setServiceParent(top)
 
     files = FileManager(reactor=reactor, config=config.files)
     system = SystemInfo(reactor, config, docker_version=lambda: _docker_version(docker))
-    dispatcher = Dispatcher(servers=servers, files=files, system=system, clock=reactor)
+    dispatcher = Dispatcher(servers=servers, files=files, system=system, deadlines=deadlines)
 
     link: PanelLink | None = None
     if config.panel.enabled:
@@ -252,6 +261,7 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
             servers,
             system_info=lambda: system.system_info(config.node_id),
             load=system.snapshot,
+            tracker=tracker.scope("panel"),
         )
         link.setName("panel")
         link.setServiceParent(top)
@@ -264,8 +274,12 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
         docker_ping=lambda: _docker_ping(docker),
         clock=reactor,
         version=__version__,
+        tracker=tracker.scope("http"),
+        deadlines=deadlines,
     )
-    http: IService = make_http_service(reactor, config, api)
+    http: IService = make_http_service(
+        reactor, config, api, drain_timeout=config.timeouts.http_drain
+    )
     http.setName("http")
     http.setServiceParent(top)
     return top

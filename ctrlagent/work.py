@@ -1,64 +1,267 @@
 """
-Tracking fire-and-forget work so that nothing fails silently and shutdown waits.
+Background work and deadlines: one tracker and one deadline helper.
 
 Every Deferred the agent does not await right away goes through a
-``DeferredTracker``: its failure is logged (with a description of the work),
-and ``wait()`` returns a Deferred that fires once all tracked work is done,
-which ``stopService`` implementations return.
+``Tracker``: its failure is logged (with a description of the work), and
+``wait()`` returns a Deferred that fires once all tracked work is done, which
+``stopService`` implementations return.  ``tap.py`` builds one root tracker
+and hands each service its own ``scope()``: a service cancels and waits only
+its share (waiting on the root would hang one service's shutdown behind
+another's long background stop), while the root still sees all of it.
+
+``Deadlines`` is the one place that answers "by when": ``within`` tells
+whether work finished in time without ever cancelling it, ``answer_by``
+answers with a fallback at the deadline and hands the late work to the
+tracker, and ``shielded`` lets a caller (an HTTP client) go away without
+cancelling the work it started.  Every deadline's length comes from the
+``[timeouts]`` section of the configuration (``TimeoutsConfig``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ctrlagent.config import TimeoutsConfig
+
 T = TypeVar("T")
 
+# What the helpers take: a Deferred, or a coroutine that they start.
+Work = Deferred[T] | Coroutine[Any, Any, T]
 
-class DeferredTracker:
-    """Keeps in-flight background work, logs its failures, lets shutdown wait."""
+
+def _deferred(work: Work[T]) -> Deferred[T]:
+    if isinstance(work, Deferred):
+        return work
+    return Deferred.fromCoroutine(work)
+
+
+class Tracker:
+    """
+    Keeps in-flight background work, logs its failures, lets shutdown wait.
+
+    A tracker made by ``scope(name)`` is a service's own share: its work is
+    also held by its parent (and so on up to the root), but ``cancel_all``
+    and ``wait`` on the scope touch only the scope's work.
+    """
 
     log = Logger()
 
-    def __init__(self) -> None:
-        self._pending: set[Deferred[Any]] = set()
+    def __init__(self, name: str = "agent", parent: Tracker | None = None) -> None:
+        self.name = name
+        self._parent = parent
+        # Each piece of work -> the Deferreds of wait() calls that wait for it.
+        self._pending: dict[Deferred[Any], list[Deferred[None]]] = {}
+        # How many times each piece is held here (two scopes may hold the same).
+        self._holds: dict[Deferred[Any], int] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
 
+    def __repr__(self) -> str:
+        return "<Tracker {} ({} pending)>".format(self.name, len(self._pending))
+
+    def scope(self, name: str) -> Tracker:
+        """A child tracker for one service; its work is also this tracker's."""
+        return Tracker(name, parent=self)
+
+    def _register(self, d: Deferred[Any]) -> None:
+        tracker: Tracker | None = self
+        while tracker is not None:
+            tracker._pending.setdefault(d, [])
+            tracker._holds[d] = tracker._holds.get(d, 0) + 1
+            tracker = tracker._parent
+
+    def _release(self, d: Deferred[Any]) -> None:
+        tracker: Tracker | None = self
+        while tracker is not None:
+            left = tracker._holds.pop(d, 1) - 1
+            if left > 0:
+                tracker._holds[d] = left
+            else:
+                for waiter in tracker._pending.pop(d, []):
+                    waiter.callback(None)
+            tracker = tracker._parent
+
+    def hold(self, d: Deferred[T]) -> Deferred[T]:
+        """
+        Hold ``d`` (for ``wait`` and ``cancel_all``) and return it with its
+        result untouched: for work whose outcome its caller still reads.
+        """
+        self._register(d)
+
+        def done(result: Any) -> Any:
+            self._release(d)
+            return result
+
+        d.addBoth(done)
+        return d
+
     def track(self, d: Deferred[T], description: str) -> Deferred[T]:
         """Track ``d``; a failure is logged with ``description`` and swallowed."""
-        self._pending.add(d)
 
-        def done(result: Any) -> None:
-            self._pending.discard(d)
-            if isinstance(result, Failure):
-                if result.check(CancelledError):
-                    return None
+        def logged(result: Any) -> None:
+            if isinstance(result, Failure) and not result.check(CancelledError):
                 self.log.failure(
                     "background work failed: {description}", result, description=description
                 )
             return None
 
-        d.addBoth(done)
+        self._register(d)
+        d.addBoth(logged)
+        d.addBoth(lambda _: self._release(d))
         return d
 
-    def run(self, coro: Coroutine[Any, Any, T], description: str) -> Deferred[T]:
-        """Start ``coro`` as tracked background work."""
-        return self.track(Deferred.fromCoroutine(coro), description)
+    def run(self, work: Work[T], description: str) -> Deferred[T]:
+        """Start ``work`` (a coroutine, or a Deferred) as tracked background work."""
+        return self.track(_deferred(work), description)
 
     def cancel_all(self) -> None:
-        """Cancel every pending piece of work (used on shutdown)."""
+        """Cancel every pending piece of this tracker's work (used on shutdown)."""
         for d in list(self._pending):
             d.cancel()
 
     def wait(self) -> Deferred[None]:
-        """Fire once everything tracked so far has finished."""
+        """Fire once everything this tracker holds so far has finished."""
         if not self._pending:
             return succeed(None)
-        d: Deferred[Any] = DeferredList(list(self._pending), consumeErrors=True)
+        waiters: list[Deferred[Any]] = []
+        for pending in self._pending.values():
+            waiter: Deferred[None] = Deferred()
+            pending.append(waiter)
+            waiters.append(waiter)
+        d: Deferred[Any] = DeferredList(waiters)
         return d.addCallback(lambda _: None)
+
+
+# The name the rest of the agent grew up with.
+DeferredTracker = Tracker
+
+
+class Deadlines:
+    """
+    The one deadline helper: every "answer by" of the agent goes through it.
+
+    ``clock`` measures the time; ``tracker`` takes the work that outlives
+    its answer; ``timeouts`` holds every deadline's length.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, tracker: Tracker, timeouts: TimeoutsConfig) -> None:
+        self.clock = clock
+        self.tracker = tracker
+        self.timeouts = timeouts
+
+    async def within(self, work: Work[Any], seconds: float) -> bool:
+        """
+        True if ``work`` finishes (either way) within ``seconds``, else False.
+
+        ``work`` itself is never cancelled, nor is its result consumed: whoever
+        else holds it still sees its outcome.
+        """
+        d: Deferred[Any] = _deferred(work)
+        if d.called:
+            return True
+        waiter: Deferred[bool] = Deferred()
+
+        def fired(result: object) -> object:
+            if not waiter.called:
+                waiter.callback(True)
+            return result
+
+        def expire() -> None:
+            if not waiter.called:
+                waiter.callback(False)
+
+        d.addBoth(fired)
+        timer = self.clock.callLater(seconds, expire)
+        try:
+            return await waiter
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def answer_by(
+        self, work: Work[T], seconds: float, *, what: str, fallback: Callable[[], T]
+    ) -> T:
+        """
+        ``work``'s result if it comes within ``seconds``, else ``fallback()``
+        (which may raise instead).
+
+        Late work goes on: from the deadline the tracker owns its outcome and
+        logs its failure under ``what``.
+        """
+        d: Deferred[T] = _deferred(work)
+        if d.called:
+            return await d
+        answered: Deferred[T] = Deferred()
+
+        def on_deadline() -> None:
+            self.log.info(
+                "{description} still running after {seconds}s; answering now",
+                description=what,
+                seconds=seconds,
+            )
+            self.tracker.track(d, what)
+            try:
+                answered.callback(fallback())
+            except Exception:
+                answered.errback()
+
+        timer = self.clock.callLater(seconds, on_deadline)
+
+        def settled(result: Any) -> Any:
+            if not timer.active():
+                # Already answered at the deadline: the tracker takes it from here.
+                return result
+            timer.cancel()
+            answered.callback(result)
+            return None
+
+        d.addBoth(settled)
+        return await answered
+
+    def sleep(self, seconds: float) -> Deferred[None]:
+        """A Deferred that fires after ``seconds`` on the clock (cancellable)."""
+        d: Deferred[None] = Deferred(lambda _: timer.cancel())
+        timer = self.clock.callLater(seconds, d.callback, None)
+        return d
+
+    def shielded(
+        self,
+        d: Deferred[T],
+        *,
+        what: str,
+        expected: tuple[type[BaseException], ...] = (),
+    ) -> Deferred[T]:
+        """
+        A Deferred with ``d``'s outcome, whose cancellation never cancels ``d``.
+
+        Once the answer is cancelled (its reader went away), ``d`` belongs to
+        the tracker, which logs a failure under ``what`` unless it is one of
+        ``expected`` (an outcome nobody reads any more, not a fault).
+        """
+        answer: Deferred[T] = Deferred()
+
+        def settled(result: Any) -> Any:
+            if not answer.called:
+                answer.callback(result)
+                return None
+            if isinstance(result, Failure) and result.check(*expected):
+                return None
+            return result
+
+        def abandoned(failure: Failure) -> Failure:
+            if failure.check(CancelledError) and not d.called:
+                self.tracker.track(d, what)
+            return failure
+
+        d.addBoth(settled)
+        answer.addErrback(abandoned)
+        return answer

@@ -17,9 +17,10 @@ logged with its traceback and reported as ``EXECUTION_ERROR`` without leaking
 the traceback to the Panel.
 
 Long actions (``create_server`` behind a slow pull, ``stop_server`` with a long
-timeout, ...) answer within ``long_action_deadline`` seconds even when the
-manager is slower than promised; the work continues in the background and its
-outcome shows in status and events.
+timeout, ...) answer within ``timeouts.command_answer`` seconds even when the
+manager is slower than promised, any other action within
+``command_answer + command_margin`` (``ctrlagent.work.Deadlines``); the work
+continues in the background and its outcome shows in status and events.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ import json
 import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ctrlagent.config import TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError, InvalidInput, UnknownAction
 from ctrlagent.interfaces import IFileManager, IServerManager, ServerRoot
 from ctrlagent.wire.command import (
@@ -48,7 +51,7 @@ from ctrlagent.wire.command import (
     printable,
     unusable_text,
 )
-from ctrlagent.work import DeferredTracker
+from ctrlagent.work import Deadlines, Tracker
 
 # ---------------------------------------------------------------------------
 # Typed payload helpers.  Each names the offending field in its InvalidInput so
@@ -279,9 +282,6 @@ _MODE = re.compile(r"[0-7]{3,4}")
 _POWER_ACTIONS = ("start", "stop", "restart", "kill")
 _ALIAS_CARRIERS = frozenset({"create_server", "server_create", "update_server", "server_update"})
 _MAX_LINES = 100_000
-# Every answer comes this long after the long-action deadline at the latest,
-# still inside the Panel's 30 s.
-_ANSWER_MARGIN = 2.0
 
 
 @implementer(IDispatcher)
@@ -290,8 +290,10 @@ class Dispatcher:
     Runs every action of PROTOCOL.md section 2 against the injected domain.
 
     ``servers`` and ``files`` provide ``IServerManager`` and ``IFileManager``;
-    ``system`` is the host view (``SystemInfo``); ``clock`` bounds long
-    actions; ``tracker`` keeps work that outlives its answer.
+    ``system`` is the host view (``SystemInfo``); ``deadlines`` bounds long
+    actions and keeps the work that outlives its answer.  A dispatcher built
+    without ``deadlines`` (tests) makes its own from ``clock``, ``tracker``
+    and ``long_action_deadline`` (default: ``TimeoutsConfig.command_answer``).
     """
 
     log = Logger()
@@ -302,16 +304,22 @@ class Dispatcher:
         servers: IServerManager,
         files: IFileManager,
         system: HostInfo,
-        clock: IReactorTime,
-        tracker: DeferredTracker | None = None,
-        long_action_deadline: float = 25.0,
+        deadlines: Deadlines | None = None,
+        clock: IReactorTime | None = None,
+        tracker: Tracker | None = None,
+        long_action_deadline: float | None = None,
     ) -> None:
         self._servers = servers
         self._files = files
         self._system = system
-        self._clock = clock
-        self._tracker = tracker if tracker is not None else DeferredTracker()
-        self._deadline = long_action_deadline
+        if deadlines is None:
+            if clock is None:
+                raise TypeError("Dispatcher needs deadlines or a clock")
+            timeouts = TimeoutsConfig()
+            if long_action_deadline is not None:
+                timeouts = replace(timeouts, command_answer=long_action_deadline)
+            deadlines = Deadlines(clock, tracker if tracker is not None else Tracker(), timeouts)
+        self._deadlines = deadlines
         s = self
         self._table: dict[str, Handler] = {
             # servers
@@ -411,23 +419,25 @@ class Dispatcher:
                 "serverId holds a lone surrogate, which is not text", field="serverId"
             )
 
+        timeouts = self._deadlines.timeouts
+        deadline = timeouts.command_answer + timeouts.command_margin
+
         def still_running() -> ActionResult:
             # Answering before the Panel's 30 s keeps the node "online" there;
             # the work itself goes on and its outcome shows in the server.
             raise CtrlAgentError(
                 "{} is still running after {:g} s; it continues in the background".format(
-                    action, self._deadline + _ANSWER_MARGIN
+                    action, deadline
                 ),
                 code="EXECUTION_ERROR",
             )
 
-        result: ActionResult = await self._race(
+        return await self._deadlines.answer_by(
             self._run_handler(handler, command),
-            "{} {}".format(action, command.server_id or ""),
-            still_running,
-            self._deadline + _ANSWER_MARGIN,
+            deadline,
+            what=printable("{} {}".format(action, command.server_id or "")),
+            fallback=still_running,
         )
-        return result
 
     async def _run_handler(self, handler: Handler, command: Command) -> ActionResult:
         try:
@@ -508,52 +518,21 @@ class Dispatcher:
         self, work: Any, description: str, fallback: Callable[[], dict[str, Any]]
     ) -> dict[str, Any]:
         """
-        Wait for ``work`` at most ``long_action_deadline`` seconds.
+        Wait for ``work`` at most ``timeouts.command_answer`` seconds.
 
         The Panel gives up after 30 s and then marks the node offline, so an
         action that overruns is answered with ``fallback()`` (the state it is
         in now) and finishes in the background under the tracker, which logs
         a failure; its outcome reaches the Panel through status and events.
         """
-        return _as_dict(await self._race(work, description, fallback, self._deadline))
-
-    async def _race(
-        self, work: Any, description: str, fallback: Callable[[], Any], deadline: float
-    ) -> Any:
-        """
-        ``work``'s result if it comes within ``deadline`` seconds, else
-        ``fallback()`` (which may raise); late work is left to the tracker.
-        """
-        d: Deferred[Any] = ensureDeferred(_settle(work))
-        if d.called:
-            return await d
-        answered: Deferred[Any] = Deferred()
-
-        def on_deadline() -> None:
-            self.log.info(
-                "{description} still running after {seconds}s; answering now",
-                description=printable(description),
-                seconds=deadline,
+        return _as_dict(
+            await self._deadlines.answer_by(
+                _settle(work),
+                self._deadlines.timeouts.command_answer,
+                what=printable(description),
+                fallback=fallback,
             )
-            # From here on the tracker owns the outcome (and logs a failure).
-            self._tracker.track(d, printable(description))
-            try:
-                answered.callback(fallback())
-            except Exception:
-                answered.errback()
-
-        timer = self._clock.callLater(deadline, on_deadline)
-
-        def settled(result: Any) -> Any:
-            if not timer.active():
-                # Already answered at the deadline: pass the outcome on.
-                return result
-            timer.cancel()
-            answered.callback(result)
-            return None
-
-        d.addBoth(settled)
-        return await answered
+        )
 
     def _status_now(self, server_id: str, default: str) -> Callable[[], dict[str, Any]]:
         def fallback() -> dict[str, Any]:

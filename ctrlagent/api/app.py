@@ -33,8 +33,9 @@ from ctrlagent.api.site import make_http_service
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import CtrlAgentError, InvalidInput, ParseError
 from ctrlagent.interfaces import IServerManager
-from ctrlagent.wire.command import ActionResult, Command, IDispatcher, parse_command
+from ctrlagent.wire.command import ActionResult, Command, IDispatcher, parse_command, printable
 from ctrlagent.wire.jsonbody import decode_json
+from ctrlagent.work import Deadlines, Tracker
 
 # Re-exported: the composition root imports both from here.
 __all__ = ["AgentApi", "authenticated", "make_http_service"]
@@ -159,8 +160,11 @@ class AgentApi:
 
     ``link_connected()`` tells whether the WebSocket link to the Panel is up
     (True when that link is disabled); ``docker_ping()`` whether the Docker
-    engine answers, cached for ``docker_cache_seconds`` so that frequent
-    ``/health`` probes stay cheap.
+    engine answers (waiting ``timeouts.engine_ping``), cached for
+    ``timeouts.engine_ping_cache`` so that frequent ``/health`` probes stay
+    cheap.  ``tracker`` is the API's share of the agent's work (the commands
+    in flight, which ``drain`` waits for); ``deadlines`` shields them from
+    clients that leave.  Both default to the API's own.
     """
 
     app = Klein()
@@ -176,8 +180,8 @@ class AgentApi:
         docker_ping: Callable[[], Deferred[bool]],
         clock: IReactorTime,
         version: str,
-        docker_cache_seconds: float = 1.5,
-        docker_ping_timeout: float = 3.0,
+        tracker: Tracker | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self._config = config
         self._dispatcher = dispatcher
@@ -187,13 +191,18 @@ class AgentApi:
         self._clock = clock
         self._version = version
         self._started = clock.seconds()
-        self._docker_cache_seconds = docker_cache_seconds
-        self._docker_ping_timeout = docker_ping_timeout
+        timeouts = config.timeouts
+        self._docker_cache_seconds = timeouts.engine_ping_cache
+        self._docker_ping_timeout = timeouts.engine_ping
         self._docker_state: tuple[float, bool] | None = None
         self._docker_waiters: list[Deferred[bool]] | None = None
         self._secret = config.secret.encode("utf-8")
-        # Commands still running, so that shutdown can let them finish.
-        self._in_flight: set[Deferred[Any]] = set()
+        # Commands still running (this API's share of the agent's work), so
+        # that shutdown can let them finish.
+        self._tracker = tracker if tracker is not None else Tracker("http")
+        self._deadlines = (
+            deadlines if deadlines is not None else Deadlines(clock, self._tracker, timeouts)
+        )
 
     # -- helpers -----------------------------------------------------------
 
@@ -261,21 +270,11 @@ class AgentApi:
         """
         work = self._dispatcher.dispatch(command)
         assert isinstance(work, Deferred)
-        answer: Deferred[Any] = Deferred()
-        self._in_flight.add(work)
-
-        def settled(result: Any) -> None:
-            self._in_flight.discard(work)
-            if not answer.called:
-                answer.callback(result)
-            elif isinstance(result, Failure) and not result.check(CtrlAgentError):
-                self.log.failure(
-                    "{action} failed after its client left", result, action=command.action
-                )
-            return None
-
-        work.addBoth(settled)
-        result: ActionResult = await answer
+        result: ActionResult = await self._deadlines.shielded(
+            self._tracker.hold(work),
+            what="{} after its client left".format(printable(command.action)),
+            expected=(CtrlAgentError,),
+        )
         return result
 
     def drain(self, timeout: float) -> Deferred[None]:
@@ -283,33 +282,13 @@ class AgentApi:
         Fire once every command in flight has finished, or after ``timeout``
         seconds, whichever comes first (used when the HTTP service stops).
         """
-        done: Deferred[None] = Deferred()
-        pending = set(self._in_flight)
-        if not pending:
-            done.callback(None)
-            return done
-
-        def finish(_: Any = None) -> None:
-            if not done.called:
-                if timer.active():
-                    timer.cancel()
-                done.callback(None)
-
-        def one_settled(result: Any, d: Deferred[Any]) -> Any:
-            pending.discard(d)
-            if not pending:
-                finish()
-            return result
-
-        timer = self._clock.callLater(timeout, finish)
-        for d in list(pending):
-            d.addBoth(one_settled, d)
-        return done
+        waited = Deferred.fromCoroutine(self._deadlines.within(self._tracker.wait(), timeout))
+        return waited.addCallback(lambda _: None)
 
     @property
     def in_flight(self) -> int:
         """How many commands are running right now."""
-        return len(self._in_flight)
+        return len(self._tracker)
 
     async def _docker_ok(self) -> bool:
         now = self._clock.seconds()

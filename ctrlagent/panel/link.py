@@ -824,6 +824,7 @@ class PanelLink(service.MultiService):
         random: Callable[[], float] = random.random,
         max_in_flight: int = 128,
         max_held_bytes: int = 8 * 1024 * 1024,
+        tracker: DeferredTracker | None = None,
     ) -> None:
         super().__init__()
         self.setName("panel-link")
@@ -836,7 +837,8 @@ class PanelLink(service.MultiService):
         self._servers = servers
         self._system_info = system_info
         self._load = load
-        self._tracker = DeferredTracker()
+        # The link's share of the agent's background work (tap.py passes a scope).
+        self._tracker = tracker if tracker is not None else DeferredTracker()
 
         self.url = panel_url(self._panel.url, config.node_id)
         self._log_url = _without_query(self.url)

@@ -65,7 +65,7 @@ from ctrlagent.servers.spec import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
 from ctrlagent.servers.states import ACTIVE_STATES, ServerState, parse_state
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
 from ctrlagent.startup import StartupError
-from ctrlagent.work import DeferredTracker
+from ctrlagent.work import Deadlines, Tracker
 
 T = TypeVar("T")
 S = ServerState
@@ -87,6 +87,8 @@ class ServerManager(service.Service):
         disk_pool: ThreadPool | None = None,
         network_mode: str = "bridge",
         clock: Any = None,
+        tracker: Tracker | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.reactor = reactor
         # Time may come from elsewhere than threads (a Clock in unit tests).
@@ -97,7 +99,13 @@ class ServerManager(service.Service):
         self.network_mode = network_mode
         self._own_pool = disk_pool is None
         self.disk_pool = disk_pool or ThreadPool(minthreads=0, maxthreads=2, name="ctrlagent-disk")
-        self.tracker = DeferredTracker()
+        # The manager's share of the agent's background work, and its deadlines.
+        self.tracker = tracker if tracker is not None else Tracker("servers")
+        self.deadlines = (
+            deadlines
+            if deadlines is not None
+            else Deadlines(self.clock, self.tracker, config.timeouts)
+        )
         self._servers: dict[str, Server] = {}
         self._aliases: dict[str, str] = {}
         self._listeners: list[EventListener] = []
@@ -450,26 +458,7 @@ class ServerManager(service.Service):
 
     async def within(self, d: Deferred[Any], timeout: float) -> bool:
         """True if ``d`` fires within ``timeout`` s (``d`` itself is not cancelled)."""
-        if d.called:
-            return True
-        waiter: Deferred[bool] = Deferred()
-
-        def fired(result: object) -> object:
-            if not waiter.called:
-                waiter.callback(True)
-            return result
-
-        d.addBoth(fired)
-        def expire() -> None:
-            if not waiter.called:
-                waiter.callback(False)
-
-        timer = self.clock.callLater(timeout, expire)
-        try:
-            return await waiter
-        finally:
-            if timer.active():
-                timer.cancel()
+        return await self.deadlines.within(d, timeout)
 
     def in_thread(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run blocking filesystem work in the disk pool."""
@@ -1129,7 +1118,14 @@ def _ensure_data_root(path: str) -> None:
         ) from None
 
 
-def make_server_manager(reactor: Any, config: AgentConfig, docker: Any) -> ServerManager:
+def make_server_manager(
+    reactor: Any,
+    config: AgentConfig,
+    docker: Any,
+    *,
+    tracker: Tracker | None = None,
+    deadlines: Deadlines | None = None,
+) -> ServerManager:
     """The manager with its store opened in ``config.state_dir``."""
     return ServerManager(
         reactor,
@@ -1137,6 +1133,8 @@ def make_server_manager(reactor: Any, config: AgentConfig, docker: Any) -> Serve
         docker,
         open_store(reactor, config.state_dir),
         network_mode=config.docker.network_name or "bridge",
+        tracker=tracker,
+        deadlines=deadlines,
     )
 
 
