@@ -170,3 +170,40 @@ def test_connection_guards_have_safe_defaults(tmp_path: Path) -> None:
     toml.write_text('secret = "s"\n[http]\nmax_connections = 4096\nheader_timeout = 5\n')
     config = load_config(str(toml), {}, {})
     assert (config.http.max_connections, config.http.header_timeout) == (4096, 5.0)
+
+
+def test_every_deadline_has_todays_default_and_reads_from_the_timeouts_table(
+    tmp_path: Path,
+) -> None:
+    timeouts = load_config(None, {"AGENT_SECRET": "s"}, {}).timeouts
+    assert (
+        timeouts.command_answer,
+        timeouts.command_margin,
+        timeouts.http_drain,
+        timeouts.engine_ping,
+        timeouts.engine_ping_cache,
+    ) == (25.0, 2.0, 10.0, 3.0, 1.5)
+    toml = tmp_path / "agent.toml"
+    toml.write_text('secret = "s"\n[timeouts]\ncommand_answer = 20\nengine_ping_cache = 0\n')
+    timeouts = load_config(str(toml), {}, {}).timeouts
+    assert (timeouts.command_answer, timeouts.engine_ping_cache) == (20.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("timeouts.command_answer", 0, "timeouts.command_answer must be more than 0"),
+        ("timeouts.command_answer", float("nan"), "timeouts.command_answer must be more than 0"),
+        ("timeouts.http_drain", -1, "timeouts.http_drain must be more than 0"),
+        ("timeouts.engine_ping", float("inf"), "timeouts.engine_ping must be more than 0"),
+        ("timeouts.command_margin", -0.5, "timeouts.command_margin must be between 0"),
+        ("timeouts.engine_ping_cache", 4000, "timeouts.engine_ping_cache must be between 0"),
+        ("timeouts.command_answer", "soon", "timeouts.command_answer: expected a number"),
+        ("timeouts.answer", 1, "unknown configuration key 'timeouts.answer'"),
+    ],
+)
+def test_unusable_deadlines_are_refused_naming_the_setting(
+    setting: str, value: object, message: str
+) -> None:
+    with pytest.raises(ConfigInvalid, match=message):
+        load_config(None, {"AGENT_SECRET": "s"}, {setting: value})

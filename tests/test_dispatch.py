@@ -20,10 +20,11 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from ctrlagent.actions.registry import Dispatcher, panel_metrics
+from ctrlagent.config import TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
 from ctrlagent.wire.command import ActionResult, Command, IDispatcher, check_payload, parse_command
-from ctrlagent.work import DeferredTracker
+from ctrlagent.work import Deadlines, Tracker
 from tests.api.conftest import ApiRig
 
 UUID = "3f2b8c1e9d4a4b7f8e6c5d4b3a291807"
@@ -53,7 +54,7 @@ class Rig:
         self.clock.advance(1_700_000_000)
         self.servers = FakeServerManager(self.clock)
         self.files = FakeFileManager(self.clock)
-        self.tracker = DeferredTracker()
+        self.tracker = Tracker()
         self.dispatcher = Dispatcher(
             servers=self.servers,
             files=self.files,
@@ -695,6 +696,36 @@ def test_any_payload_is_answered_with_a_protocol_code(
         assert result.value.code != "EXECUTION_ERROR", result.getTraceback()
     else:
         json.dumps(result.data, allow_nan=True)
+
+
+def test_the_answer_deadlines_come_from_the_timeouts_section() -> None:
+    clock = Clock()
+    servers, files = FakeServerManager(clock), FakeFileManager(clock)
+    deadlines = Deadlines(
+        clock, Tracker("late"), TimeoutsConfig(command_answer=5, command_margin=1)
+    )
+    dispatcher = Dispatcher(servers=servers, files=files, system=FakeHost(), deadlines=deadlines)
+    create = dispatcher.dispatch(Command("create_server", UUID, {"image": "img"}))
+    assert isinstance(create.result, ActionResult)
+    servers.hold("stop")
+    dispatcher.dispatch(Command("start_server", UUID, {}))
+    stop = dispatcher.dispatch(Command("stop_server", UUID, {"timeout": 600}))
+    clock.advance(4.9)
+    assert not stop.called
+    clock.advance(0.1)
+    assert stop.result.data["status"] == "stopping"
+    slow: Deferred[dict[str, Any]] = Deferred()
+    files.read_file = lambda root, path: slow  # type: ignore[method-assign]
+    read = dispatcher.dispatch(Command("read_file", UUID, {"path": "/huge.log"}))
+    clock.advance(5.9)
+    assert not read.called
+    clock.advance(0.1)
+    answered: list[Any] = []
+    read.addBoth(answered.append)
+    assert "still running after 6 s" in answered[0].value.message
+    assert len(deadlines.tracker) == 2
+    slow.callback({"content": "late"})
+    assert len(deadlines.tracker) == 1
 
 
 def test_any_slow_action_is_answered_before_the_panel_gives_up(rig: Rig) -> None:

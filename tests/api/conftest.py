@@ -19,8 +19,9 @@ from twisted.internet.task import Clock
 from ctrlagent import __version__
 from ctrlagent.actions.registry import Dispatcher
 from ctrlagent.api import AgentApi
-from ctrlagent.config import AgentConfig, HttpConfig
+from ctrlagent.config import AgentConfig, HttpConfig, TimeoutsConfig
 from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
+from ctrlagent.work import Deadlines, Tracker
 
 SECRET = "s3cr3t-daemon-token"
 UUID = "3f2b8c1e9d4a4b7f8e6c5d4b3a291807"
@@ -65,7 +66,13 @@ def panel_headers(secret: str = SECRET) -> dict[str, str]:
 class ApiRig:
     """The API and its fakes."""
 
-    def __init__(self, secret: str = SECRET, development: bool = False, **http: Any) -> None:
+    def __init__(
+        self,
+        secret: str = SECRET,
+        development: bool = False,
+        timeouts: TimeoutsConfig | None = None,
+        **http: Any,
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.config = AgentConfig(
@@ -73,11 +80,17 @@ class ApiRig:
             secret=secret,
             development=development,
             http=replace(HttpConfig(), **http),
+            timeouts=timeouts or TimeoutsConfig(),
+        )
+        # One tracker and one deadline helper, shared as tap.py shares them.
+        self.tracker = Tracker("agent")
+        self.deadlines = Deadlines(
+            self.clock, self.tracker.scope("late answers"), self.config.timeouts
         )
         self.servers = FakeServerManager(self.clock)
         self.files = FakeFileManager(self.clock)
         self.dispatcher = Dispatcher(
-            servers=self.servers, files=self.files, system=StaticHost(), clock=self.clock
+            servers=self.servers, files=self.files, system=StaticHost(), deadlines=self.deadlines
         )
         self.docker = DockerState()
         self.link_up = True
@@ -89,6 +102,8 @@ class ApiRig:
             docker_ping=self.docker.ping,
             clock=self.clock,
             version=__version__,
+            tracker=self.tracker.scope("http"),
+            deadlines=self.deadlines,
         )
         self.http = StubTreq(self.api.app.resource())
 

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from ctrlagent import __version__
 from ctrlagent.api.app import human_duration
 from ctrlagent.api.openapi import openapi_document
+from ctrlagent.config import TimeoutsConfig
 from ctrlagent.wire.command import Command
 from tests.api.conftest import PANEL_ID, SECRET, UUID, ApiRig, panel_headers
 
@@ -91,6 +92,27 @@ async def test_health_caches_the_docker_ping(rig: ApiRig) -> None:
     assert rig.docker.pings == 1
     rig.clock.advance(2)
     await rig.get("/health")
+    assert rig.docker.pings == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_engine_ping_deadline_and_cache_come_from_the_timeouts_section() -> None:
+    rig = ApiRig(timeouts=TimeoutsConfig(engine_ping=1, engine_ping_cache=0.5))
+    rig.docker.ok = None
+    probe = Deferred.fromCoroutine(rig.get("/health"))
+    rig.clock.advance(0.9)
+    rig.http.flush()
+    assert not probe.called
+    rig.clock.advance(0.1)
+    rig.http.flush()
+    assert probe.called
+    code, body, _ = await probe
+    assert (code, body["docker"]) == (503, False)
+    rig.docker.ok = True
+    rig.clock.advance(0.4)
+    assert (await rig.get("/health"))[0] == 503  # still the cached answer
+    rig.clock.advance(0.1)
+    assert (await rig.get("/health"))[0] == 200
     assert rig.docker.pings == 2
 
 
@@ -346,7 +368,34 @@ async def test_a_client_that_leaves_does_not_cancel_the_action(rig: ApiRig) -> N
     running.cancel()
     running.addErrback(lambda f: None)
     assert rig.servers.status(UUID)["status"] == "stopping"
+    # The abandoned stop is still the API's work: a stopping API waits for it.
+    assert rig.api.in_flight == 1
+    drained = rig.api.drain(5)
+    assert not drained.called
     gate.callback(None)
+    assert rig.servers.status(UUID)["status"] == "offline"
+    assert drained.called and rig.api.in_flight == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_answer_by_the_configured_deadline() -> None:
+    rig = ApiRig(timeouts=TimeoutsConfig(command_answer=5, command_margin=1))
+    await create(rig)
+    await rig.command({"action": "start_server", "serverId": UUID})
+    gate = rig.servers.hold("stop")
+    answer = Deferred.fromCoroutine(rig.command({"action": "stop_server", "serverId": UUID}))
+    rig.clock.advance(4.9)
+    rig.http.flush()
+    assert not answer.called
+    rig.clock.advance(0.1)
+    rig.http.flush()
+    assert answer.called
+    code, body = await answer
+    assert (code, body["data"]["status"]) == (200, "stopping")
+    # The stop goes on in the background, under the tracker.
+    assert len(rig.deadlines.tracker) == 1
+    gate.callback(None)
+    assert len(rig.deadlines.tracker) == 0
     assert rig.servers.status(UUID)["status"] == "offline"
 
 
