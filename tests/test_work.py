@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ctrlagent.config import TimeoutsConfig
+from ctrlagent.config import AgentConfig, TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError
+from ctrlagent.tap import build_service
 from ctrlagent.work import Deadlines, DeferredTracker, Tracker
 
 
@@ -252,3 +255,33 @@ def test_deadlines_read_their_lengths_from_the_timeouts_section() -> None:
     assert TimeoutsConfig() == TimeoutsConfig(
         command_answer=25, command_margin=2, http_drain=10, engine_ping=3, engine_ping_cache=1.5
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_agent_shares_one_tracker_and_one_deadline_helper(tmp_path: Path) -> None:
+    config = AgentConfig(
+        development=True,
+        state_dir=str(tmp_path / "state"),
+        data_dir=str(tmp_path / "data"),
+        timeouts=TimeoutsConfig(command_answer=7, http_drain=4),
+    )
+    (tmp_path / "state").mkdir()
+    from twisted.internet import reactor
+
+    # Only built, never started: nothing listens, dials or runs.
+    top = build_service(reactor, config)
+    servers = top.getServiceNamed("servers")
+    link = top.getServiceNamed("panel")
+    api = top.getServiceNamed("http")._api
+    try:
+        # One deadline helper, reading the configured deadlines ...
+        assert servers.deadlines is api._deadlines is link._dispatcher._deadlines
+        assert servers.deadlines.timeouts.command_answer == 7
+        assert top.getServiceNamed("http")._drain_timeout == 4
+        # ... and one root tracker, of which each service holds its own scope.
+        scopes = [servers.tracker, api._tracker, link._tracker, servers.deadlines.tracker]
+        assert len({id(scope) for scope in scopes}) == 4
+        roots = {id(scope._parent) for scope in scopes}
+        assert len(roots) == 1 and None not in {scope._parent for scope in scopes}
+    finally:
+        await servers.store.close()
