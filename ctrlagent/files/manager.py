@@ -50,6 +50,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
+from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.config import FilesConfig
 from ctrlagent.errors import (
     Conflict,
@@ -287,13 +288,10 @@ class FileManager:
 
     # -- listing ------------------------------------------------------------
 
-    def list_files(self, root: ServerRoot, path: str, limit: int | None = None,
-                   offset: int = 0) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def list_files(self, root: ServerRoot, path: str, limit: int | None = None,
+                         offset: int = 0) -> dict[str, Any]:
         """``{"serverId", "path", "files", "total", "offset", "limit", "truncated"}``."""
-        return Deferred.fromCoroutine(self._list_files(root, path, limit, offset))
-
-    async def _list_files(self, root: ServerRoot, path: str, limit: int | None,
-                          offset: int) -> dict[str, Any]:
         comps = normalise(path)
         cap = self.config.max_list_entries
         if limit is None:
@@ -305,13 +303,10 @@ class FileManager:
         data = await self._run(root, fsops.list_files, comps, min(limit, cap), offset)
         return {"serverId": root.server_id, **data}
 
-    def search_files(self, root: ServerRoot, path: str, query: str,
-                     file_type: str = "all") -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def search_files(self, root: ServerRoot, path: str, query: str,
+                           file_type: str = "all") -> dict[str, Any]:
         """``{"files": [...]}`` of names under ``path`` containing ``query``."""
-        return Deferred.fromCoroutine(self._search_files(root, path, query, file_type))
-
-    async def _search_files(self, root: ServerRoot, path: str, query: str,
-                            file_type: str) -> dict[str, Any]:
         comps = normalise(path)
         if not isinstance(query, str) or not query or "\x00" in query:
             raise InvalidInput("query must be a non-empty string", field="query")
@@ -324,11 +319,9 @@ class FileManager:
 
     # -- reading ------------------------------------------------------------
 
-    def read_file(self, root: ServerRoot, path: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def read_file(self, root: ServerRoot, path: str) -> dict[str, Any]:
         """UTF-8 text of a file (invalid bytes replaced, then ``"lossy": true``)."""
-        return Deferred.fromCoroutine(self._read_file(root, path))
-
-    async def _read_file(self, root: ServerRoot, path: str) -> dict[str, Any]:
         comps = normalise(path)
 
         def read(c: Confined) -> dict[str, Any]:
@@ -348,11 +341,9 @@ class FileManager:
 
         return await self._run(root, read)
 
-    def download_file(self, root: ServerRoot, path: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def download_file(self, root: ServerRoot, path: str) -> dict[str, Any]:
         """A file's bytes, base64."""
-        return Deferred.fromCoroutine(self._download_file(root, path))
-
-    async def _download_file(self, root: ServerRoot, path: str) -> dict[str, Any]:
         comps = normalise(path)
 
         def read(c: Confined) -> dict[str, Any]:
@@ -363,21 +354,17 @@ class FileManager:
 
         return await self._run(root, read)
 
-    def get_file_info(self, root: ServerRoot, path: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def get_file_info(self, root: ServerRoot, path: str) -> dict[str, Any]:
         """Metadata of one file or directory."""
-        return Deferred.fromCoroutine(self._get_file_info(root, path))
-
-    async def _get_file_info(self, root: ServerRoot, path: str) -> dict[str, Any]:
         comps = normalise(path)
         return await self._run(root, fsops.file_info, comps)
 
     # -- writing ------------------------------------------------------------
 
-    def write_file(self, root: ServerRoot, path: str, content: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def write_file(self, root: ServerRoot, path: str, content: str) -> dict[str, Any]:
         """Atomically replace a file with UTF-8 ``content``."""
-        return Deferred.fromCoroutine(self._write_file(root, path, content))
-
-    async def _write_file(self, root: ServerRoot, path: str, content: str) -> dict[str, Any]:
         comps = normalise(path)
         if not isinstance(content, str):
             raise InvalidInput("content must be a string", field="content")
@@ -393,15 +380,11 @@ class FileManager:
 
         return await self._run_quota(root, write)
 
-    def upload_file(self, root: ServerRoot, path: str, content: str, encoding: str = "base64",
-                    chunk_index: int | None = None,
-                    total_chunks: int | None = None) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def upload_file(self, root: ServerRoot, path: str, content: str,
+                          encoding: str = "base64", chunk_index: int | None = None,
+                          total_chunks: int | None = None) -> dict[str, Any]:
         """Store uploaded bytes (see the module docstring for chunks). ``{"size", ...}``."""
-        return Deferred.fromCoroutine(
-            self._upload_file(root, path, content, encoding, chunk_index, total_chunks))
-
-    async def _upload_file(self, root: ServerRoot, path: str, content: str, encoding: str,
-                           chunk_index: int | None, total_chunks: int | None) -> dict[str, Any]:
         comps = normalise(path)
         if not comps:
             raise InvalidInput("path names the server directory", field="path")
@@ -464,20 +447,16 @@ class FileManager:
         return {"path": display(target), "size": st.st_size, "modified": fsops.iso(st.st_mtime),
                 "assembled": True, "chunks": len(have)}
 
-    def create_directory(self, root: ServerRoot, path: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def create_directory(self, root: ServerRoot, path: str) -> dict[str, Any]:
         """``mkdir -p``. ``{"path"}``."""
-        return Deferred.fromCoroutine(self._create_directory(root, path))
-
-    async def _create_directory(self, root: ServerRoot, path: str) -> dict[str, Any]:
         comps = normalise(path)
         await self._run(root, fsops.create_directory, comps)
         return {"path": display(comps)}
 
-    def delete_file(self, root: ServerRoot, path: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def delete_file(self, root: ServerRoot, path: str) -> dict[str, Any]:
         """Remove a file, link or directory tree. ``{"message"}``."""
-        return Deferred.fromCoroutine(self._delete_file(root, path))
-
-    async def _delete_file(self, root: ServerRoot, path: str) -> dict[str, Any]:
         comps = normalise(path)
 
         def remove(c: Confined) -> int:
@@ -490,25 +469,19 @@ class FileManager:
                       path=display(comps))
         return {"message": "deleted {}".format(display(comps)), "path": display(comps)}
 
-    def rename_file(self, root: ServerRoot, old_path: str,
-                    new_path: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def rename_file(self, root: ServerRoot, old_path: str,
+                          new_path: str) -> dict[str, Any]:
         """Move within the server directory; an existing target is a ``Conflict``."""
-        return Deferred.fromCoroutine(self._rename_file(root, old_path, new_path))
-
-    async def _rename_file(self, root: ServerRoot, old_path: str,
-                           new_path: str) -> dict[str, Any]:
         src = normalise(old_path, field="oldPath")
         dst = normalise(new_path, field="newPath")
         await self._run(root, fsops.rename, src, dst)
         return {"oldPath": display(src), "newPath": display(dst)}
 
-    def set_file_permissions(self, root: ServerRoot, path: str,
-                             mode: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def set_file_permissions(self, root: ServerRoot, path: str,
+                                   mode: str) -> dict[str, Any]:
         """``chmod`` without following links or allowing setuid/setgid."""
-        return Deferred.fromCoroutine(self._set_file_permissions(root, path, mode))
-
-    async def _set_file_permissions(self, root: ServerRoot, path: str,
-                                    mode: str) -> dict[str, Any]:
         comps = normalise(path)
         value = parse_mode(mode)
         await self._run(root, fsops.set_permissions, comps, value)
@@ -516,13 +489,10 @@ class FileManager:
 
     # -- archives -----------------------------------------------------------
 
-    def create_archive(self, root: ServerRoot, files: list, archive_path: str,
-                       fmt: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def create_archive(self, root: ServerRoot, files: list, archive_path: str,
+                             fmt: str) -> dict[str, Any]:
         """Archive ``files`` into ``archive_path``. ``{"archivePath", "size"}``."""
-        return Deferred.fromCoroutine(self._create_archive(root, files, archive_path, fmt))
-
-    async def _create_archive(self, root: ServerRoot, files: list, archive_path: str,
-                              fmt: str) -> dict[str, Any]:
         if not isinstance(files, list) or not files:
             raise InvalidInput("files must be a non-empty list of paths", field="files")
         comps = [normalise(f, field="files") for f in files]
@@ -532,13 +502,10 @@ class FileManager:
         return await self._run_quota(
             root, lambda c, q: archives.create(c, comps, archive, fmt or "tar.gz", q))
 
-    def extract_archive(self, root: ServerRoot, archive_path: str,
-                        extract_path: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def extract_archive(self, root: ServerRoot, archive_path: str,
+                              extract_path: str) -> dict[str, Any]:
         """Extract beneath ``extract_path``. ``{"extracted", "skipped"}``."""
-        return Deferred.fromCoroutine(self._extract_archive(root, archive_path, extract_path))
-
-    async def _extract_archive(self, root: ServerRoot, archive_path: str,
-                               extract_path: str) -> dict[str, Any]:
         archive = normalise(archive_path, field="archivePath")
         dest = normalise(extract_path or "/", field="extractPath")
         limits = archives.ExtractLimits(
@@ -558,11 +525,9 @@ class FileManager:
     def _mods_dir(self) -> Components:
         return normalise(self.config.mods_dir, field="mods_dir")
 
-    def install_mod(self, root: ServerRoot, params: dict) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def install_mod(self, root: ServerRoot, params: dict) -> dict[str, Any]:
         """Download or copy a mod into the mods folder and record it. ``{"mod"}``."""
-        return Deferred.fromCoroutine(self._install_mod(root, params))
-
-    async def _install_mod(self, root: ServerRoot, params: dict) -> dict[str, Any]:
         if not isinstance(params, dict):
             raise InvalidInput("payload must be an object", field="payload")
         req = mods.parse_install(params)
@@ -633,11 +598,9 @@ class FileManager:
         finally:
             await self._in_pool(download.close)
 
-    def uninstall_mod(self, root: ServerRoot, mod_id: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def uninstall_mod(self, root: ServerRoot, mod_id: str) -> dict[str, Any]:
         """Remove a mod's file and record. ``{"mods", "count"}`` (what remains)."""
-        return Deferred.fromCoroutine(self._uninstall_mod(root, mod_id))
-
-    async def _uninstall_mod(self, root: ServerRoot, mod_id: str) -> dict[str, Any]:
         if not isinstance(mod_id, (str, int)) or isinstance(mod_id, bool) or mod_id == "":
             raise InvalidInput("modId is required", field="modId")
         wanted = str(mod_id)
@@ -669,11 +632,9 @@ class FileManager:
                       server_id=root.server_id, mod_id=wanted)
         return {"mods": [mods.public(m) for m in remaining], "count": len(remaining)}
 
-    def list_mods(self, root: ServerRoot) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def list_mods(self, root: ServerRoot) -> dict[str, Any]:
         """``{"mods", "count"}``."""
-        return Deferred.fromCoroutine(self._list_mods(root))
-
-    async def _list_mods(self, root: ServerRoot) -> dict[str, Any]:
         manifest = await self._run(root, mods.read_manifest, self._mods_dir())
         self._report_manifest(root, manifest)
         return {"mods": [mods.public(m) for m in manifest.mods], "count": len(manifest.mods)}

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import (
     Conflict,
@@ -241,12 +242,10 @@ class ServerManager(service.Service):
             last_crash=record.last_crash,
         )
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802 (Twisted hook)
+    @async_to_deferred
+    async def stopService(self) -> None:  # noqa: N802 (Twisted hook)
         """Detach from every container (they keep running) and close the store."""
         super().stopService()
-        return Deferred.fromCoroutine(self._shutdown())
-
-    async def _shutdown(self) -> None:
         if self._disk_loop is not None and self._disk_loop.running:
             self._disk_loop.stop()
         if self._events is not None:
@@ -617,6 +616,7 @@ class ServerManager(service.Service):
         self.orphans = orphans
         slots = DeferredSemaphore(8)
 
+        @async_to_deferred
         async def one(server: Server) -> None:
             try:
                 await server.reconcile(found.get(server.server_id))
@@ -629,10 +629,7 @@ class ServerManager(service.Service):
                     error=e.message,
                 )
 
-        def run(server: Server) -> Deferred[None]:
-            return Deferred.fromCoroutine(one(server))
-
-        work = [slots.run(run, server) for server in list(self._servers.values())]
+        work = [slots.run(one, server) for server in list(self._servers.values())]
         for d in work:
             await d
         self.reconciled += 1
@@ -640,10 +637,8 @@ class ServerManager(service.Service):
     # -- disk usage --------------------------------------------------------
 
     def _check_all_disks(self) -> Deferred[Any]:
-        def one(server: Server) -> Deferred[int]:
-            return Deferred.fromCoroutine(self.check_disk(server))
-
-        work = [self._disk_slots.run(one, server) for server in list(self._servers.values())]
+        check = async_to_deferred(self.check_disk)
+        work = [self._disk_slots.run(check, server) for server in list(self._servers.values())]
         if not work:
             return succeed(None)
         from twisted.internet.defer import DeferredList
@@ -710,11 +705,9 @@ class ServerManager(service.Service):
 
     # -- IServerManager ----------------------------------------------------
 
-    def create_server(self, server_id: str, params: dict) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def create_server(self, server_id: str, params: dict) -> dict[str, Any]:
         """Define, install and create a server (answers within the Panel's 30 s)."""
-        return Deferred.fromCoroutine(self._create(server_id, params))
-
-    async def _create(self, server_id: str, params: dict) -> dict[str, Any]:
         server_id = specs.validate_server_id(server_id)
         try:
             existing = self.resolve(server_id)
@@ -742,188 +735,161 @@ class ServerManager(service.Service):
             "status": server.state.value,
         }
 
-    def start(self, server_id: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def start(self, server_id: str) -> dict[str, Any]:
         """Start; fires once the container runs (``starting`` or ``running``)."""
+        server = self.get(server_id)
+        server.claim("start")
+        try:
+            await server.do_start()
+        finally:
+            server.release()
+        return _brief(server)
 
-        async def start() -> dict[str, Any]:
-            server = self.get(server_id)
-            server.claim("start")
-            try:
-                await server.do_start()
-            finally:
-                server.release()
-            return _brief(server)
-
-        return Deferred.fromCoroutine(start())
-
-    def stop(
+    @async_to_deferred
+    async def stop(
         self, server_id: str, signal: str | None = None, timeout: float | None = None
-    ) -> Deferred[dict[str, Any]]:
+    ) -> dict[str, Any]:
         """Graceful stop in the background; ``SIGKILL`` kills at once."""
-
-        async def stop() -> dict[str, Any]:
-            server = self.get(server_id)
-            if signal == "SIGKILL":
-                return await self.kill(server_id)
-            if server.state not in ACTIVE_STATES:
-                server.set_desired("offline")
-                return _brief(server)
-            server.claim("stop")
+        server = self.get(server_id)
+        if signal == "SIGKILL":
+            return await self.kill(server_id)
+        if server.state not in ACTIVE_STATES:
             server.set_desired("offline")
-            server.in_background("stop", lambda: server.graceful_stop(signal, timeout))
             return _brief(server)
+        server.claim("stop")
+        server.set_desired("offline")
+        server.in_background("stop", lambda: server.graceful_stop(signal, timeout))
+        return _brief(server)
 
-        return Deferred.fromCoroutine(stop())
-
-    def restart(self, server_id: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def restart(self, server_id: str) -> dict[str, Any]:
         """Stop (if running) then start, in the background."""
+        server = self.get(server_id)
+        server.claim("restart")
 
-        async def restart() -> dict[str, Any]:
-            server = self.get(server_id)
-            server.claim("restart")
+        epoch = server.kill_epoch
 
-            epoch = server.kill_epoch
-
-            async def work() -> None:
-                if server.state in ACTIVE_STATES:
-                    await server.graceful_stop(None, None)
-                if server.kill_epoch != epoch:
-                    # "kill is always allowed" and means down: a kill that
-                    # came while this restart was stopping the server wins.
-                    server.notice("restart cancelled: the server was killed")
-                    return
-                await server.do_start()
-
-            server.in_background("restart", work)
-            return _brief(server)
-
-        return Deferred.fromCoroutine(restart())
-
-    def kill(self, server_id: str) -> Deferred[dict[str, Any]]:
-        """SIGKILL the server; always allowed, never removes anything."""
-
-        async def kill() -> dict[str, Any]:
-            server = self.get(server_id)
-            server.kill_epoch += 1
-            server.set_desired("offline")
-            if server.state in ACTIVE_STATES or server.state is S.UNKNOWN:
-                await server.hard_kill()
-            return _brief(server)
-
-        return Deferred.fromCoroutine(kill())
-
-    def delete(self, server_id: str, purge_files: bool = False) -> Deferred[dict[str, Any]]:
-        """Remove the container (and data when ``purge_files``) and forget the server."""
-
-        async def delete() -> dict[str, Any]:
-            server = self.get(server_id)
-            server.claim("delete")
-            try:
-                server.set_desired("offline")
-                server._expect_exit = True
-                server.detach_output()
-                for name in (server.container_id, server.spec.container_name,
-                             server.spec.container_name + "-install"):
-                    if not name:
-                        continue
-                    try:
-                        await self.docker.container_remove(name, force=True)
-                    except NotFound:
-                        pass
-                if purge_files:
-                    # Files before the record: a purge that fails leaves the
-                    # server known, so the delete can be tried again.
-                    await self.in_thread(_purge, server.data_path)
-                # The record before memory: a store that cannot write (a full
-                # state disk) leaves the server known, so the delete can be
-                # tried again rather than the server coming back at restart.
-                await self.store.delete(server.server_id)
-                self._remove(server)
-                self._forget_marks(server.server_id)
-                await self.in_thread(_unlink, server.install_log_path)
-            finally:
-                server.release()
-            return {"serverId": server.server_id, "status": "deleted", "purged": purge_files}
-
-        return Deferred.fromCoroutine(delete())
-
-    def suspend(self, server_id: str) -> Deferred[dict[str, Any]]:
-        """Stop the server and refuse starts until unsuspended."""
-
-        async def suspend() -> dict[str, Any]:
-            server = self.get(server_id)
-            server.claim("suspend")
-            server.set_desired("offline")
-
-            async def work() -> None:
-                if server.state in ACTIVE_STATES:
-                    await server.graceful_stop(None, None)
-                server.set_state(S.SUSPENDED)
-
-            server.in_background("suspend", work)
-            return _brief(server)
-
-        return Deferred.fromCoroutine(suspend())
-
-    def unsuspend(self, server_id: str) -> Deferred[dict[str, Any]]:
-        """Allow starts again."""
-
-        async def unsuspend() -> dict[str, Any]:
-            server = self.get(server_id)
-            if server.state is S.SUSPENDED:
-                server.set_state(S.OFFLINE)
-            return _brief(server)
-
-        return Deferred.fromCoroutine(unsuspend())
-
-    def reinstall(self, server_id: str) -> Deferred[dict[str, Any]]:
-        """Run the install flow again (the server must not be running)."""
-
-        async def reinstall() -> dict[str, Any]:
-            server = self.get(server_id)
+        async def work() -> None:
             if server.state in ACTIVE_STATES:
-                raise Conflict("server {} must be stopped to reinstall".format(server.server_id))
-            if server.state is S.SUSPENDED:
-                raise Conflict("server {} is suspended".format(server.server_id))
-            d = self.start_install(server)
-            if d is None:
-                raise Conflict("server {} is busy: {}".format(server.server_id, server.power))
-            await self.within(d, self.config.servers.create_answer_timeout)
-            return _brief(server)
+                await server.graceful_stop(None, None)
+            if server.kill_epoch != epoch:
+                # "kill is always allowed" and means down: a kill that
+                # came while this restart was stopping the server wins.
+                server.notice("restart cancelled: the server was killed")
+                return
+            await server.do_start()
 
-        return Deferred.fromCoroutine(reinstall())
+        server.in_background("restart", work)
+        return _brief(server)
 
-    def update(self, server_id: str, params: dict) -> Deferred[dict[str, Any]]:
-        """Apply changed settings; limits go live, the rest at the next start."""
+    @async_to_deferred
+    async def kill(self, server_id: str) -> dict[str, Any]:
+        """SIGKILL the server; always allowed, never removes anything."""
+        server = self.get(server_id)
+        server.kill_epoch += 1
+        server.set_desired("offline")
+        if server.state in ACTIVE_STATES or server.state is S.UNKNOWN:
+            await server.hard_kill()
+        return _brief(server)
 
-        async def update() -> dict[str, Any]:
-            server = self.get(server_id)
-            old = server.spec
-            new = specs.merge_update(old, params, self.config.servers)
-            for alias in new.aliases:
-                owner = self._aliases.get(alias, server.server_id)
-                if owner != server.server_id or (
-                    alias in self._servers and alias != server.server_id
-                ):
-                    raise Conflict("alias {} already names another server".format(alias))
-            # The store first: a write that fails (a full state disk) leaves
-            # the old definition in memory and on disk alike.
-            await self.store.update(server.server_id, spec=new.to_json())
-            server.spec = new
-            self._remove(server)
-            self._add(server)
-            live = False
-            if server.container_id and new.limits != old.limits:
+    @async_to_deferred
+    async def delete(self, server_id: str, purge_files: bool = False) -> dict[str, Any]:
+        """Remove the container (and data when ``purge_files``) and forget the server."""
+        server = self.get(server_id)
+        server.claim("delete")
+        try:
+            server.set_desired("offline")
+            server._expect_exit = True
+            server.detach_output()
+            for name in (server.container_id, server.spec.container_name,
+                         server.spec.container_name + "-install"):
+                if not name:
+                    continue
                 try:
-                    await self.docker.container_update(
-                        server.container_id, specs.resources(new, self.config.servers)
-                    )
-                    live = True
+                    await self.docker.container_remove(name, force=True)
                 except NotFound:
                     pass
-            return {**_brief(server), "limitsAppliedLive": live}
+            if purge_files:
+                # Files before the record: a purge that fails leaves the
+                # server known, so the delete can be tried again.
+                await self.in_thread(_purge, server.data_path)
+            # The record before memory: a store that cannot write (a full
+            # state disk) leaves the server known, so the delete can be
+            # tried again rather than the server coming back at restart.
+            await self.store.delete(server.server_id)
+            self._remove(server)
+            self._forget_marks(server.server_id)
+            await self.in_thread(_unlink, server.install_log_path)
+        finally:
+            server.release()
+        return {"serverId": server.server_id, "status": "deleted", "purged": purge_files}
 
-        return Deferred.fromCoroutine(update())
+    @async_to_deferred
+    async def suspend(self, server_id: str) -> dict[str, Any]:
+        """Stop the server and refuse starts until unsuspended."""
+        server = self.get(server_id)
+        server.claim("suspend")
+        server.set_desired("offline")
+
+        async def work() -> None:
+            if server.state in ACTIVE_STATES:
+                await server.graceful_stop(None, None)
+            server.set_state(S.SUSPENDED)
+
+        server.in_background("suspend", work)
+        return _brief(server)
+
+    @async_to_deferred
+    async def unsuspend(self, server_id: str) -> dict[str, Any]:
+        """Allow starts again."""
+        server = self.get(server_id)
+        if server.state is S.SUSPENDED:
+            server.set_state(S.OFFLINE)
+        return _brief(server)
+
+    @async_to_deferred
+    async def reinstall(self, server_id: str) -> dict[str, Any]:
+        """Run the install flow again (the server must not be running)."""
+        server = self.get(server_id)
+        if server.state in ACTIVE_STATES:
+            raise Conflict("server {} must be stopped to reinstall".format(server.server_id))
+        if server.state is S.SUSPENDED:
+            raise Conflict("server {} is suspended".format(server.server_id))
+        d = self.start_install(server)
+        if d is None:
+            raise Conflict("server {} is busy: {}".format(server.server_id, server.power))
+        await self.within(d, self.config.servers.create_answer_timeout)
+        return _brief(server)
+
+    @async_to_deferred
+    async def update(self, server_id: str, params: dict) -> dict[str, Any]:
+        """Apply changed settings; limits go live, the rest at the next start."""
+        server = self.get(server_id)
+        old = server.spec
+        new = specs.merge_update(old, params, self.config.servers)
+        for alias in new.aliases:
+            owner = self._aliases.get(alias, server.server_id)
+            if owner != server.server_id or (
+                alias in self._servers and alias != server.server_id
+            ):
+                raise Conflict("alias {} already names another server".format(alias))
+        # The store first: a write that fails (a full state disk) leaves
+        # the old definition in memory and on disk alike.
+        await self.store.update(server.server_id, spec=new.to_json())
+        server.spec = new
+        self._remove(server)
+        self._add(server)
+        live = False
+        if server.container_id and new.limits != old.limits:
+            try:
+                await self.docker.container_update(
+                    server.container_id, specs.resources(new, self.config.servers)
+                )
+                live = True
+            except NotFound:
+                pass
+        return {**_brief(server), "limitsAppliedLive": live}
 
     def status(self, server_id: str) -> dict[str, Any]:
         """The server's status dict."""
@@ -937,28 +903,22 @@ class ServerManager(service.Service):
         """The Panel's metrics shape from the latest sample."""
         return self.get(server_id).metrics()
 
-    def send_command(self, server_id: str, command: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def send_command(self, server_id: str, command: str) -> dict[str, Any]:
         """Write one line to the server's stdin."""
+        server = self.get(server_id)
+        await server.send_command(command)
+        return {"serverId": server.server_id}
 
-        async def send() -> dict[str, Any]:
-            server = self.get(server_id)
-            await server.send_command(command)
-            return {"serverId": server.server_id}
-
-        return Deferred.fromCoroutine(send())
-
-    def console_command(self, server_id: str, command: str, wait: float = 1.0) -> Deferred[str]:
+    @async_to_deferred
+    async def console_command(self, server_id: str, command: str, wait: float = 1.0) -> str:
         """Send ``command``; fire with what the console printed within ``wait`` s."""
-
-        async def run() -> str:
-            server = self.get(server_id)
-            before = server.lines_total
-            await server.send_command(command)
-            await deferLater(self.clock, wait, lambda: None)
-            new = server.lines_total - before
-            return "\n".join(server.console_history(min(new, len(server.console))))
-
-        return Deferred.fromCoroutine(run())
+        server = self.get(server_id)
+        before = server.lines_total
+        await server.send_command(command)
+        await deferLater(self.clock, wait, lambda: None)
+        new = server.lines_total - before
+        return "\n".join(server.console_history(min(new, len(server.console))))
 
     def console_history(self, server_id: str, lines: int = 100) -> list[str]:
         """The last ``lines`` console lines."""

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.errors import (
     Conflict,
     FileNotFound,
@@ -174,9 +175,6 @@ class FakeServerManager:
             "aliases": sorted(server.aliases),
         }
 
-    def _run(self, coro: Any) -> Deferred[Any]:
-        return Deferred.fromCoroutine(coro)
-
     # -- IServerManager --------------------------------------------------------
 
     def resolve(self, server_id: str) -> str:
@@ -192,99 +190,87 @@ class FakeServerManager:
                 return server.server_id
         raise ServerNotFound("server {} not found".format(server_id))
 
-    def create_server(self, server_id: str, params: dict) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def create_server(self, server_id: str, params: dict) -> dict[str, Any]:
         """Define a server; waits on the ``create`` gate as a slow pull would."""
+        self._enter("create", server_id)
+        image = params.get("image")
+        if not isinstance(image, str) or not image:
+            raise InvalidInput("image is required", field="image")
+        aliases = {str(a) for a in params.get("aliases") or [] if a}
+        if params.get("panelId"):
+            aliases.add(str(params["panelId"]))
+        aliases.discard(server_id)
+        for name in {server_id, *aliases}:
+            try:
+                existing = self.resolve(name)
+            except ServerNotFound:
+                continue
+            raise Conflict("server {} already exists (as {})".format(name, existing))
+        server = FakeServer(
+            server_id=server_id,
+            params=dict(params),
+            container_id="{:064x}".format(self._next_container),
+            aliases=aliases,
+            status="installing",
+        )
+        self._next_container += 1
+        self.servers[server_id] = server
+        await self._gate("create")
+        if server_id in self.servers:
+            self._set_status(server, "offline")
+        return {
+            "serverId": server_id,
+            "containerId": server.container_id,
+            "status": server.status,
+        }
 
-        async def create() -> dict[str, Any]:
-            self._enter("create", server_id)
-            image = params.get("image")
-            if not isinstance(image, str) or not image:
-                raise InvalidInput("image is required", field="image")
-            aliases = {str(a) for a in params.get("aliases") or [] if a}
-            if params.get("panelId"):
-                aliases.add(str(params["panelId"]))
-            aliases.discard(server_id)
-            for name in {server_id, *aliases}:
-                try:
-                    existing = self.resolve(name)
-                except ServerNotFound:
-                    continue
-                raise Conflict("server {} already exists (as {})".format(name, existing))
-            server = FakeServer(
-                server_id=server_id,
-                params=dict(params),
-                container_id="{:064x}".format(self._next_container),
-                aliases=aliases,
-                status="installing",
-            )
-            self._next_container += 1
-            self.servers[server_id] = server
-            await self._gate("create")
-            if server_id in self.servers:
-                self._set_status(server, "offline")
-            return {
-                "serverId": server_id,
-                "containerId": server.container_id,
-                "status": server.status,
-            }
-
-        return self._run(create())
-
-    def start(self, server_id: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def start(self, server_id: str) -> dict[str, Any]:
         """Start: refused while suspended, installing or busy; idempotent when running."""
-
-        async def start() -> dict[str, Any]:
-            server = self._get(server_id)
-            self._enter("start", server.server_id)
-            if server.suspended:
-                raise Conflict("server {} is suspended".format(server.server_id))
-            if server.status == "installing":
-                raise Conflict("server {} is still installing".format(server.server_id))
-            if server.status in ("running", "starting"):
-                return {"serverId": server.server_id, "status": server.status}
-            self._claim(server, "start")
-            try:
-                self._set_status(server, "starting")
-                await self._gate("start")
-                self._set_status(server, "running")
-                self._print(server, "[fake] server started")
-            finally:
-                server.busy = None
+        server = self._get(server_id)
+        self._enter("start", server.server_id)
+        if server.suspended:
+            raise Conflict("server {} is suspended".format(server.server_id))
+        if server.status == "installing":
+            raise Conflict("server {} is still installing".format(server.server_id))
+        if server.status in ("running", "starting"):
             return {"serverId": server.server_id, "status": server.status}
+        self._claim(server, "start")
+        try:
+            self._set_status(server, "starting")
+            await self._gate("start")
+            self._set_status(server, "running")
+            self._print(server, "[fake] server started")
+        finally:
+            server.busy = None
+        return {"serverId": server.server_id, "status": server.status}
 
-        return self._run(start())
-
-    def stop(
+    @async_to_deferred
+    async def stop(
         self, server_id: str, signal: str | None = None, timeout: float | None = None
-    ) -> Deferred[dict[str, Any]]:
+    ) -> dict[str, Any]:
         """Graceful stop (waits on the ``stop`` gate), or a kill for SIGKILL."""
-
-        async def stop() -> dict[str, Any]:
-            server = self._get(server_id)
-            self._enter("stop", server.server_id)
-            if signal == "SIGKILL":
-                return await self.kill(server.server_id)
-            if server.status in ("offline", "crashed", "install_failed"):
-                return {"serverId": server.server_id, "status": server.status}
-            self._claim(server, "stop")
-            try:
-                self._set_status(server, "stopping")
-                await self._gate("stop")
-                self._set_status(server, "offline")
-            finally:
-                server.busy = None
+        server = self._get(server_id)
+        self._enter("stop", server.server_id)
+        if signal == "SIGKILL":
+            return await self.kill(server.server_id)
+        if server.status in ("offline", "crashed", "install_failed"):
             return {"serverId": server.server_id, "status": server.status}
+        self._claim(server, "stop")
+        try:
+            self._set_status(server, "stopping")
+            await self._gate("stop")
+            self._set_status(server, "offline")
+        finally:
+            server.busy = None
+        return {"serverId": server.server_id, "status": server.status}
 
-        return self._run(stop())
-
-    def restart(self, server_id: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def restart(self, server_id: str) -> dict[str, Any]:
         """Stop then start."""
-
-        async def restart() -> dict[str, Any]:
-            await self.stop(server_id)
-            return await self.start(server_id)
-
-        return self._run(restart())
+        await self.stop(server_id)
+        return await self.start(server_id)
 
     def kill(self, server_id: str) -> Deferred[dict[str, Any]]:
         """Kill the process; the container and files stay."""
@@ -297,34 +283,28 @@ class FakeServerManager:
             self._set_status(server, "offline")
         return succeed({"serverId": server.server_id, "status": server.status})
 
-    def delete(self, server_id: str, purge_files: bool = False) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def delete(self, server_id: str, purge_files: bool = False) -> dict[str, Any]:
         """Forget the server (its files too when ``purge_files``)."""
+        server = self._get(server_id)
+        self._enter("delete", server.server_id)
+        if server.busy is not None:
+            raise Conflict("server {} is busy with {}".format(server.server_id, server.busy))
+        await self._gate("delete")
+        self._set_status(server, "offline")
+        del self.servers[server.server_id]
+        if purge_files:
+            self.purged.append(server.server_id)
+        return {"serverId": server.server_id, "status": "deleted", "purgedFiles": purge_files}
 
-        async def delete() -> dict[str, Any]:
-            server = self._get(server_id)
-            self._enter("delete", server.server_id)
-            if server.busy is not None:
-                raise Conflict("server {} is busy with {}".format(server.server_id, server.busy))
-            await self._gate("delete")
-            self._set_status(server, "offline")
-            del self.servers[server.server_id]
-            if purge_files:
-                self.purged.append(server.server_id)
-            return {"serverId": server.server_id, "status": "deleted", "purgedFiles": purge_files}
-
-        return self._run(delete())
-
-    def suspend(self, server_id: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def suspend(self, server_id: str) -> dict[str, Any]:
         """Stop and refuse starts."""
-
-        async def suspend() -> dict[str, Any]:
-            server = self._get(server_id)
-            if server.status not in ("offline", "crashed"):
-                await self.stop(server.server_id)
-            server.suspended = True
-            return self._state(server)
-
-        return self._run(suspend())
+        server = self._get(server_id)
+        if server.status not in ("offline", "crashed"):
+            await self.stop(server.server_id)
+        server.suspended = True
+        return self._state(server)
 
     def unsuspend(self, server_id: str) -> Deferred[dict[str, Any]]:
         """Allow starts again."""
@@ -335,19 +315,16 @@ class FakeServerManager:
         server.suspended = False
         return succeed(self._state(server))
 
-    def reinstall(self, server_id: str) -> Deferred[dict[str, Any]]:
+    @async_to_deferred
+    async def reinstall(self, server_id: str) -> dict[str, Any]:
         """Install again; only while offline."""
-
-        async def reinstall() -> dict[str, Any]:
-            server = self._get(server_id)
-            if server.status not in ("offline", "crashed", "install_failed"):
-                raise Conflict("server {} must be offline to reinstall".format(server.server_id))
-            self._set_status(server, "installing")
-            await self._gate("reinstall")
-            self._set_status(server, "offline")
-            return self._state(server)
-
-        return self._run(reinstall())
+        server = self._get(server_id)
+        if server.status not in ("offline", "crashed", "install_failed"):
+            raise Conflict("server {} must be offline to reinstall".format(server.server_id))
+        self._set_status(server, "installing")
+        await self._gate("reinstall")
+        self._set_status(server, "offline")
+        return self._state(server)
 
     def update(self, server_id: str, params: dict) -> Deferred[dict[str, Any]]:
         """Merge changed settings into the definition."""
@@ -409,16 +386,13 @@ class FakeServerManager:
         self._print(server, "> " + command)
         return succeed({"serverId": server.server_id})
 
-    def console_command(self, server_id: str, command: str, wait: float = 1.0) -> Deferred[str]:
+    @async_to_deferred
+    async def console_command(self, server_id: str, command: str, wait: float = 1.0) -> str:
         """Send ``command`` and answer with what the server printed in reply."""
-
-        async def console_command() -> str:
-            server = self._get(server_id)
-            before = len(server.console)
-            await self.send_command(server.server_id, command)
-            return "\n".join(server.console[before:])
-
-        return self._run(console_command())
+        server = self._get(server_id)
+        before = len(server.console)
+        await self.send_command(server.server_id, command)
+        return "\n".join(server.console[before:])
 
     def console_history(self, server_id: str, lines: int = 100) -> list[str]:
         """The last ``lines`` console lines."""
