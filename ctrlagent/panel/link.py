@@ -1152,22 +1152,28 @@ class PanelLink(service.MultiService):
         self._flush_outbox(protocol)
         self._send_snapshot(protocol)
 
-    async def _gather(self, source: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-        """Call ``source`` (Deferred or coroutine), waiting at most ``_INFO_TIMEOUT``."""
+    async def _gather(
+        self, source: Callable[[], Awaitable[dict[str, Any]]], what: str
+    ) -> dict[str, Any]:
+        """
+        Call ``source`` (Deferred or coroutine), waiting at most ``_INFO_TIMEOUT``.
+        A failure is a warning naming ``what`` and an empty dict: the Panel
+        still gets its frame, with what the agent knows.
+        """
         # maybeDeferred wraps a returned coroutine, so both kinds of callable work.
         d: Deferred[Any] = maybeDeferred(source)
-        result = await d.addTimeout(_INFO_TIMEOUT, self._reactor)
-        return dict(result) if isinstance(result, Mapping) else {}
-
-    async def _send_system_info(self, protocol: PanelProtocol) -> None:
         try:
-            info = await self._gather(self._system_info)
+            result = await d.addTimeout(_INFO_TIMEOUT, self._reactor)
         except CancelledError:
             raise
         except Exception as e:
-            # The Panel still needs a system_info to list the node; send what we know.
-            self.log.warn("could not gather system information: {error}", error=str(e))  # noqa: G010
-            info = {}
+            self.log.warn("could not {what}: {error}", what=what, error=str(e))  # noqa: G010
+            return {}
+        return dict(result) if isinstance(result, Mapping) else {}
+
+    async def _send_system_info(self, protocol: PanelProtocol) -> None:
+        # The Panel needs a system_info to list the node, even an empty one.
+        info = await self._gather(self._system_info, "gather system information")
         if protocol is self._protocol:
             frame = messages.system_info(info, self._config.node_id, self._reactor.seconds())
             protocol.send_frame(messages.encode(frame))
@@ -1175,13 +1181,7 @@ class PanelLink(service.MultiService):
     async def _answer_system_info(self, protocol: PanelProtocol, done: Callable[[], None]) -> None:
         """The answer to a ``system_info_request`` (for this connection only)."""
         try:
-            try:
-                info = await self._gather(self._system_info)
-            except CancelledError:
-                raise
-            except Exception as e:
-                self.log.warn("could not gather system information: {error}", error=str(e))  # noqa: G010
-                info = {}
+            info = await self._gather(self._system_info, "gather system information")
             frame = messages.system_info(info, self._config.node_id, self._reactor.seconds())
             self._emit_answer((messages.encode(frame),), done, connection=protocol)
         except BaseException:
@@ -1256,13 +1256,7 @@ class PanelLink(service.MultiService):
         self, protocol: PanelProtocol, ping_id: Any, done: Callable[[], None]
     ) -> None:
         try:
-            try:
-                load = await self._gather(self._load)
-            except CancelledError:
-                raise
-            except Exception as e:
-                self.log.warn("could not measure the system load for a pong: {error}", error=str(e))  # noqa: G010
-                load = {}
+            load = await self._gather(self._load, "measure the system load for a pong")
             active = sum(
                 1
                 for status in self._servers.list_servers()

@@ -403,6 +403,33 @@ def test_ping_is_answered_with_a_pong_echoing_the_id() -> None:
                             "systemLoad": {"cpu": 7.0, "memory": 30.0, "disk": 20.0}}
 
 
+def test_a_failing_host_view_still_answers_ping_and_system_info_with_a_warning() -> None:
+    from twisted.internet.defer import fail
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        rig = Harness()
+        rig._load = lambda: fail(OSError("no /proc"))  # type: ignore[method-assign]
+        rig._system_info = lambda: fail(OSError("no /proc"))  # type: ignore[method-assign]
+        rig.link._load = rig._load
+        rig.link._system_info = rig._system_info
+        rig.start()
+        rig.panel.send({"type": "ping", "id": "p-2"})
+        rig.flush()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    (pong,) = rig.panel.frames("pong")
+    assert pong["id"] == "p-2"
+    assert pong["data"]["systemLoad"] == {"cpu": 0.0, "memory": 0.0, "disk": 0.0}
+    assert rig.panel.frames("system_info")  # sent on connect, from what is known
+    warned = [e for e in seen if e.get("log_level") is LogLevel.warn and "no /proc" in
+              str(e.get("error", ""))]
+    assert {e["what"] for e in warned} == {
+        "gather system information", "measure the system load for a pong"}
+
+
 @pytest.mark.parametrize("payload", [
     b"not json", b"[1,2,3]", b"42", b'"text"', b"null", b"\xff\xfe",
     json.dumps({"type": "console", "data": {"line": "x"}}).encode(),
