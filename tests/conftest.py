@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
@@ -154,3 +155,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if _engine_counts["skipped"] or not (_engine_counts["passed"] + _engine_counts["failed"]):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def warnings() -> Iterator[list[dict[str, Any]]]:
+    """The warning events logged during the test."""
+    seen: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)

@@ -25,16 +25,15 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from ctrlagent.testing.panel import FakePanel
 from tests.faults.rig import FaultAgent
+from tests.rig.waiting import sleep, until
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]
 
@@ -52,18 +51,6 @@ PRINTER = (
 ).format(lines=LINES)
 
 
-async def _sleep(seconds: float) -> None:
-    await deferLater(reactor, max(0.0, seconds), lambda: None)
-
-
-async def _until(predicate: Callable[[], Any], seconds: float, what: str) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await _sleep(0.1)
-    raise AssertionError("timed out after {}s waiting for {}".format(seconds, what))
 
 
 def _kill_plan(rng: random.Random, duration: float) -> list[tuple[float, float]]:
@@ -106,7 +93,7 @@ async def test_no_console_line_is_lost_or_repeated_across_sigkills_under_load(
     try:
         agent.panel_url = "ws://127.0.0.1:{}/agent".format(port.getHost().port)
         await deferToThread(agent.start)
-        await _until(lambda: panel.frames("system_info"), 15, "the agent's system_info")
+        await until(lambda: panel.frames("system_info"), 15, "the agent's system_info")
 
         servers = ["kill{}-{}".format(n, uuid.uuid4().hex[:8]) for n in range(SERVERS)]
         for server_id in servers:
@@ -129,9 +116,9 @@ async def test_no_console_line_is_lost_or_repeated_across_sigkills_under_load(
 
         plan = _kill_plan(rng, LINES / 100.0)
         for offset, dead in plan:
-            await _sleep(started_at + offset - time.monotonic())
+            await sleep(started_at + offset - time.monotonic())
             await deferToThread(agent.kill)
-            await _sleep(dead)
+            await sleep(dead)
             await deferToThread(agent.start)
 
         def all_in() -> bool:
@@ -140,7 +127,7 @@ async def test_no_console_line_is_lost_or_repeated_across_sigkills_under_load(
             )
 
         try:
-            await _until(all_in, LINES / 100.0 + 40, "every server's last line at the Panel")
+            await until(all_in, LINES / 100.0 + 40, "every server's last line at the Panel")
         except AssertionError:
             pass  # reported below, server by server, with what is missing
 
@@ -168,7 +155,7 @@ async def test_no_console_line_is_lost_or_repeated_across_sigkills_under_load(
             seed, [(round(o, 2), round(d, 2)) for o, d in plan], "\n".join(problems)
         )
         assert len(panel.connections) >= KILLS + 1
-        await _until(lambda: agent.health()["connected"] is True, 10, "the link back up")
+        await until(lambda: agent.health()["connected"] is True, 10, "the link back up")
         assert agent.health()["status"] == "healthy"
     finally:
         await port.stopListening()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -31,11 +30,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from ctrlagent.testing.panel import FakePanel
 from tests.faults.rig import CODE, FaultAgent
+from tests.rig.waiting import sleep, until
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]
 
@@ -53,18 +52,6 @@ COMMANDS: list[dict[str, Any]] = [
 ]
 
 
-async def _sleep(seconds: float) -> None:
-    await deferLater(reactor, max(0.0, seconds), lambda: None)
-
-
-async def _until(predicate: Callable[[], Any], seconds: float, what: str) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await _sleep(0.05)
-    raise AssertionError("timed out after {}s waiting for {}".format(seconds, what))
 
 
 class Burst:
@@ -126,7 +113,7 @@ async def _next_connection(panel: FakePanel, after: int) -> Any:
             return None
         return current
 
-    return await _until(ready, 15, "the agent to reconnect")
+    return await until(ready, 15, "the agent to reconnect")
 
 
 @pytest_twisted.ensureDeferred
@@ -154,10 +141,10 @@ async def test_every_command_on_a_live_link_gets_exactly_one_answer_while_the_li
             last = connection.index
             connection.transport.pauseProducing()
             ids = burst.send(STABLE_BURST, stable=True)
-            await _sleep(PAUSE)
+            await sleep(PAUSE)
             connection.transport.resumeProducing()
             try:
-                await _until(
+                await until(
                     lambda ids=ids: burst.answered(ids) == len(ids), 20, "the burst's answers"
                 )
             except AssertionError:
@@ -168,14 +155,14 @@ async def test_every_command_on_a_live_link_gets_exactly_one_answer_while_the_li
                 ) from None
             # Flap: drop the connection a random moment into a burst.
             burst.send(rng.randrange(20, 400), stable=False)
-            await _sleep(rng.uniform(0.0, 0.05))
+            await sleep(rng.uniform(0.0, 0.05))
             if panel.current is connection:
                 panel.drop()
 
         connection = await _next_connection(panel, last)
         final = burst.send(50, stable=True)
-        await _until(lambda: burst.answered(final) == len(final), 20, "the last burst's answers")
-        await _sleep(1.0)  # answers of dropped connections still in the outbox
+        await until(lambda: burst.answered(final) == len(final), 20, "the last burst's answers")
+        await sleep(1.0)  # answers of dropped connections still in the outbox
 
         answers = burst.answers()
         unknown = [i for i, _, _ in answers if i not in burst.sent]

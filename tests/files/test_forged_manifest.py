@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import LogLevel, globalLogPublisher
 
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.files.manager import FileManager
@@ -172,19 +171,6 @@ def neighbour(tree: Tree) -> Path:
     (n / "world.dat").write_text("the neighbour's world\n")
     (n / "world" / "region.mca").write_bytes(os.urandom(1000))
     return n
-
-
-@pytest.fixture
-def warnings() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_level") == LogLevel.warn:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
 
 
 def _forge(tree: Tree, neighbour: Path, case: str) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 
 from ctrlagent.config import AgentConfig, DockerConfig, ServersConfig
 from ctrlagent.engine.docker.client import DockerClient
@@ -26,6 +26,7 @@ from ctrlagent.events import ConsoleOutput, ServerEvent, StatusChanged
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.states import ServerState
 from ctrlagent.servers.store import open_store
+from tests.rig.waiting import sleep, until  # noqa: F401 - shared with the servers tests
 from tests.servers.fakes import FakeEngine
 
 
@@ -152,22 +153,6 @@ def scripted(image: str, **env: Any) -> dict[str, Any]:
         "startupDone": "Done (",
         "crashRestart": True,
     }
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(global_reactor, seconds, lambda: None)
-
-
-async def until(
-    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
-) -> None:
-    """Poll ``predicate`` (bounded) until true."""
-    loops = int(timeout / 0.05) + 1
-    for _ in range(loops):
-        if predicate():
-            return
-        await sleep(0.05)
-    raise AssertionError("timed out waiting for {}".format(what))
 
 
 async def until_state(

@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import LogLevel, globalLogPublisher
 
 from ctrlagent.errors import Conflict, CtrlAgentError
 from ctrlagent.files import trees
@@ -49,19 +48,6 @@ async def unit(tmp_path: Path) -> AsyncIterator[Unit]:
     for m in u.managers:
         if m.running:
             await m.stopService()
-
-
-@pytest.fixture
-def warnings() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_level") == LogLevel.warn:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
 
 
 class Host:
