@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ctrlagent.config import TimeoutsConfig
+from ctrlagent.errors import CtrlAgentError
 
 T = TypeVar("T")
 
@@ -106,10 +107,20 @@ class Tracker:
         """Track ``d``; a failure is logged with ``description`` and swallowed."""
 
         def logged(result: Any) -> None:
-            if isinstance(result, Failure) and not result.check(CancelledError):
-                self.log.failure(
-                    "background work failed: {description}", result, description=description
+            if not isinstance(result, Failure) or result.check(CancelledError):
+                return None
+            if result.check(CtrlAgentError):
+                # A coded error (a full disk, a vanished container) is the
+                # world, not a bug: its message says all, no traceback.
+                self.log.warn(  # noqa: G010 - twisted.logger's method
+                    "background work failed: {description}: {error}",
+                    description=description,
+                    error=str(result.value),
                 )
+                return None
+            self.log.failure(
+                "background work failed: {description}", result, description=description
+            )
             return None
 
         self._register(d)

@@ -285,3 +285,18 @@ async def test_the_agent_shares_one_tracker_and_one_deadline_helper(tmp_path: Pa
         assert len(roots) == 1 and None not in {scope._parent for scope in scopes}
     finally:
         await servers.store.close()
+
+
+def test_a_coded_error_in_background_work_is_a_warning_without_a_traceback(
+    warnings: list[dict[str, Any]],
+) -> None:
+    from twisted.internet.defer import fail
+
+    from ctrlagent.errors import InsufficientResources
+
+    tracker = Tracker()
+    tracker.track(fail(InsufficientResources("the agent's state disk is full")), "store s1")
+    (event,) = [e for e in warnings if "background work failed" in e["log_format"]]
+    assert event["description"] == "store s1"
+    assert event["error"] == "the agent's state disk is full"
+    assert "log_failure" not in event
