@@ -305,7 +305,7 @@ async def docker_agent(
     from ctrlagent.engine.docker.client import DockerClient
     from ctrlagent.servers.manager import ServerManager
     from ctrlagent.servers.store import open_store
-    from ctrlagent.testing.fakes import FakeFileManager
+    from ctrlagent.testing.files import FakeFileManager
 
     tmp = tempfile.mkdtemp(prefix="ctrlagent-bench-")
     sid = "bench-" + uuid.uuid4().hex[:8]

@@ -209,6 +209,16 @@ class TimeoutsConfig:
     engine_ping: float = 3.0
     # ... and how long that answer is reused by the next /health probes.
     engine_ping_cache: float = 1.5
+    # How long a killed container may take to be seen gone before the kill
+    # is reported as failed.
+    kill_grace: float = 10.0
+    # How long an exited server's last console lines may take to arrive.
+    exit_drain: float = 2.0
+    # How long the end of an install's output may take to reach its log.
+    install_log_drain: float = 5.0
+    # First and longest pause before the engine's event stream is reopened.
+    events_retry: float = 0.25
+    events_retry_max: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.files.manager import FileManager
 from ctrlagent.interfaces import IFileManager, IServerManager
 from ctrlagent.servers.manager import ServerManager
-from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
+from ctrlagent.testing.files import FakeFileManager
+from ctrlagent.testing.servers import FakeServerManager
 
 
 def outcome(d: Deferred[Any]) -> list[Any]:

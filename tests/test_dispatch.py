@@ -22,7 +22,8 @@ from twisted.python.failure import Failure
 from ctrlagent.actions.registry import Dispatcher, panel_metrics
 from ctrlagent.config import TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError
-from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
+from ctrlagent.testing.files import FakeFileManager
+from ctrlagent.testing.servers import FakeServerManager
 from ctrlagent.wire.command import ActionResult, Command, IDispatcher, check_payload, parse_command
 from ctrlagent.work import Deadlines, Tracker
 from tests.api.conftest import ApiRig
@@ -261,9 +262,23 @@ def test_background_failure_after_the_deadline_is_logged(
     d = rig.start("create_server", UUID, image="img")
     rig.clock.advance(25)
     assert d.called
-    gate.errback(CtrlAgentError("pull failed", code="DOCKER_ERROR"))
+    gate.errback(RuntimeError("unexpected"))
     assert len(fail_on_logged_errors) == 1
     fail_on_logged_errors.clear()
+
+
+def test_a_coded_failure_after_the_deadline_is_a_warning_with_its_message(
+    rig: Rig, fail_on_logged_errors: list[dict], warnings: list[dict]
+) -> None:
+    gate = rig.servers.hold("create")
+    d = rig.start("create_server", UUID, image="img")
+    rig.clock.advance(25)
+    assert d.called
+    gate.errback(CtrlAgentError("pull failed", code="DOCKER_ERROR"))
+    assert fail_on_logged_errors == []
+    assert [e["error"] for e in warnings if "background work failed" in e["log_format"]] == [
+        "pull failed"
+    ]
 
 
 def test_kill_never_removes_the_server(rig: Rig) -> None:

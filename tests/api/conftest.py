@@ -20,7 +20,8 @@ from ctrlagent import __version__
 from ctrlagent.actions.registry import Dispatcher
 from ctrlagent.api import AgentApi
 from ctrlagent.config import AgentConfig, HttpConfig, TimeoutsConfig
-from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
+from ctrlagent.testing.files import FakeFileManager
+from ctrlagent.testing.servers import FakeServerManager
 from ctrlagent.work import Deadlines, Tracker
 
 SECRET = "s3cr3t-daemon-token"

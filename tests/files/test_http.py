@@ -28,7 +28,7 @@ from ctrlagent.api import AgentApi
 from ctrlagent.config import AgentConfig, FilesConfig
 from ctrlagent.files.fetch import SafeFetcher, allow_also
 from ctrlagent.files.manager import FileManager
-from ctrlagent.testing.fakes import FakeServerManager
+from ctrlagent.testing.servers import FakeServerManager
 from tests.api.conftest import PANEL_ID, SECRET, UUID, StaticHost, panel_headers
 
 MOD = os.urandom(50_000)

@@ -15,8 +15,9 @@ from twisted.internet.task import Clock
 from ctrlagent.actions.registry import Dispatcher
 from ctrlagent.config import AgentConfig, PanelConfig
 from ctrlagent.panel.link import PanelLink
-from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
+from ctrlagent.testing.files import FakeFileManager
 from ctrlagent.testing.panel import FakePanel, MemoryPanelEndpoint
+from ctrlagent.testing.servers import FakeServerManager
 
 SECRET = "correct horse battery staple"
 

@@ -23,8 +23,9 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from ctrlagent.actions.registry import Dispatcher
 from ctrlagent.config import AgentConfig, PanelConfig
 from ctrlagent.panel.link import PanelLink
-from ctrlagent.testing.fakes import FakeFileManager, FakeServerManager
+from ctrlagent.testing.files import FakeFileManager
 from ctrlagent.testing.panel import FakePanel
+from ctrlagent.testing.servers import FakeServerManager
 
 from .harness import SECRET, FakeHost
 

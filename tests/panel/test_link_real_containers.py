@@ -19,7 +19,7 @@ from twisted.internet.defer import succeed
 from ctrlagent.actions.registry import Dispatcher
 from ctrlagent.events import ConsoleOutput, ServerEvent
 from ctrlagent.panel.link import PanelLink
-from ctrlagent.testing.fakes import FakeFileManager
+from ctrlagent.testing.files import FakeFileManager
 from ctrlagent.testing.panel import FakePanel
 from tests.servers.conftest import Rig, rig, scripted  # noqa: F401 - rig is a fixture
 

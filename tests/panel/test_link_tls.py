@@ -24,8 +24,8 @@ from twisted.internet.defer import succeed
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import ConfigInvalid
 from ctrlagent.panel.link import PanelLink
-from ctrlagent.testing.fakes import FakeServerManager
 from ctrlagent.testing.panel import FakePanel
+from ctrlagent.testing.servers import FakeServerManager
 
 from .harness import SECRET
 from .test_link_loopback import fast_config, sleep, until

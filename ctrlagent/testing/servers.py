@@ -1,0 +1,427 @@
+"""
+An in-memory ``IServerManager``, for action-registry, API and link tests.
+
+``FakeServerManager`` keeps real state (server lifecycle, aliases, console
+buffers) and real rules (conflicts, unknown ids), so a test that passes
+against it says something about its caller, not about canned answers.
+
+Slow work is simulated with *gates*: ``manager.hold("stop")`` returns a
+Deferred that the next ``stop`` waits on before finishing, so a test can
+observe an action that outlives the Panel's timeout.  Failures are injected
+with ``manager.fail_next("start", SomeError(...))``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from ctrlagent.asyncs import async_to_deferred
+from ctrlagent.errors import (
+    Conflict,
+    InvalidInput,
+    ServerNotFound,
+)
+from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerEvent, StatusChanged
+from ctrlagent.interfaces import IServerManager, ServerRoot
+
+PANEL_STATUS = {
+    "installing": "INSTALLING",
+    "install_failed": "INSTALL_FAILED",
+    "suspended": "SUSPENDED",
+    "offline": "OFFLINE",
+    "starting": "STARTING",
+    "running": "RUNNING",
+    "stopping": "STOPPING",
+    "crashed": "CRASHED",
+}
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class FakeServer:
+    """One game server as the fake manager keeps it."""
+
+    server_id: str
+    params: dict[str, Any]
+    container_id: str
+    aliases: set[str] = field(default_factory=set)
+    status: str = "offline"
+    suspended: bool = False
+    console: list[str] = field(default_factory=list)
+    last_activity: float | None = None
+    stdin: list[str] = field(default_factory=list)
+    busy: str | None = None  # the power action in progress, if any
+
+
+@implementer(IServerManager)
+class FakeServerManager:
+    """An ``IServerManager`` keeping servers in memory with real lifecycle rules."""
+
+    def __init__(
+        self,
+        clock: IReactorTime | None = None,
+        data_dir: str = "/srv/ctrlagent/servers",
+        console_buffer_lines: int = 1000,
+    ) -> None:
+        self.clock = clock if clock is not None else Clock()
+        self.data_dir = data_dir
+        self.buffer_lines = console_buffer_lines
+        self.servers: dict[str, FakeServer] = {}
+        self.purged: list[str] = []
+        self.calls: list[tuple[str, str]] = []
+        self.metrics: dict[str, dict[str, Any]] = {}
+        self._listeners: list[Callable[[ServerEvent], None]] = []
+        self._gates: dict[str, Deferred[None]] = {}
+        self._failures: dict[str, Exception] = {}
+        self._next_container = 1
+
+    # -- test controls -------------------------------------------------------
+
+    def hold(self, operation: str) -> Deferred[None]:
+        """Make the next ``operation`` (``create``, ``stop``, ...) wait for the returned gate."""
+        gate: Deferred[None] = Deferred()
+        self._gates[operation] = gate
+        return gate
+
+    def fail_next(self, operation: str, error: Exception) -> None:
+        """Make the next ``operation`` raise ``error``."""
+        self._failures[operation] = error
+
+    def set_metrics(self, server_id: str, metrics: dict[str, Any]) -> None:
+        """The sample a running server reports (Panel units)."""
+        self.metrics[self.resolve(server_id)] = metrics
+
+    def emit_console(self, server_id: str, line: str, stream: str = "stdout") -> None:
+        """Pretend the server printed ``line``."""
+        self._print(self._get(server_id), line, stream)
+
+    # -- internals -----------------------------------------------------------
+
+    def _enter(self, operation: str, server_id: str) -> None:
+        self.calls.append((operation, server_id))
+        error = self._failures.pop(operation, None)
+        if error is not None:
+            raise error
+
+    async def _gate(self, operation: str) -> None:
+        gate = self._gates.pop(operation, None)
+        if gate is not None:
+            await gate
+
+    def _get(self, server_id: str) -> FakeServer:
+        return self.servers[self.resolve(server_id)]
+
+    def _emit(self, event: ServerEvent) -> None:
+        for listener in list(self._listeners):
+            listener(event)
+
+    def _set_status(self, server: FakeServer, status: str, error: str | None = None) -> None:
+        previous, server.status = server.status, status
+        if previous != status:
+            self._emit(
+                StatusChanged(
+                    server_id=server.server_id,
+                    previous=previous,
+                    current=status,
+                    timestamp=self.clock.seconds(),
+                    error=error,
+                    container_id=server.container_id,
+                )
+            )
+
+    def _print(self, server: FakeServer, line: str, stream: str = "stdout") -> None:
+        server.console.append(line)
+        del server.console[: -self.buffer_lines]
+        server.last_activity = self.clock.seconds()
+        self._emit(ConsoleOutput(server.server_id, stream, [line], self.clock.seconds()))
+
+    def _claim(self, server: FakeServer, operation: str) -> None:
+        """One power action at a time per server, as the real manager enforces."""
+        if server.busy is not None:
+            raise Conflict(
+                "server {} is busy with {}".format(server.server_id, server.busy),
+            )
+        server.busy = operation
+
+    def _state(self, server: FakeServer) -> dict[str, Any]:
+        status = "suspended" if server.suspended and server.status == "offline" else server.status
+        return {
+            "serverId": server.server_id,
+            "status": status,
+            "panelStatus": PANEL_STATUS.get(status, "OFFLINE"),
+            "containerId": server.container_id,
+            "name": server.params.get("name") or server.server_id,
+            "aliases": sorted(server.aliases),
+        }
+
+    # -- IServerManager --------------------------------------------------------
+
+    def resolve(self, server_id: str) -> str:
+        """The canonical id for an id, alias, container name or container id."""
+        if server_id in self.servers:
+            return server_id
+        for server in self.servers.values():
+            if (
+                server_id in server.aliases
+                or server_id == server.container_id
+                or server_id == "ctrl-alt-play-" + server.server_id
+            ):
+                return server.server_id
+        raise ServerNotFound("server {} not found".format(server_id))
+
+    @async_to_deferred
+    async def create_server(self, server_id: str, params: dict) -> dict[str, Any]:
+        """Define a server; waits on the ``create`` gate as a slow pull would."""
+        self._enter("create", server_id)
+        image = params.get("image")
+        if not isinstance(image, str) or not image:
+            raise InvalidInput("image is required", field="image")
+        aliases = {str(a) for a in params.get("aliases") or [] if a}
+        if params.get("panelId"):
+            aliases.add(str(params["panelId"]))
+        aliases.discard(server_id)
+        for name in {server_id, *aliases}:
+            try:
+                existing = self.resolve(name)
+            except ServerNotFound:
+                continue
+            raise Conflict("server {} already exists (as {})".format(name, existing))
+        server = FakeServer(
+            server_id=server_id,
+            params=dict(params),
+            container_id="{:064x}".format(self._next_container),
+            aliases=aliases,
+            status="installing",
+        )
+        self._next_container += 1
+        self.servers[server_id] = server
+        await self._gate("create")
+        if server_id in self.servers:
+            self._set_status(server, "offline")
+        return {
+            "serverId": server_id,
+            "containerId": server.container_id,
+            "status": server.status,
+        }
+
+    @async_to_deferred
+    async def start(self, server_id: str) -> dict[str, Any]:
+        """Start: refused while suspended, installing or busy; idempotent when running."""
+        server = self._get(server_id)
+        self._enter("start", server.server_id)
+        if server.suspended:
+            raise Conflict("server {} is suspended".format(server.server_id))
+        if server.status == "installing":
+            raise Conflict("server {} is still installing".format(server.server_id))
+        if server.status in ("running", "starting"):
+            return {"serverId": server.server_id, "status": server.status}
+        self._claim(server, "start")
+        try:
+            self._set_status(server, "starting")
+            await self._gate("start")
+            self._set_status(server, "running")
+            self._print(server, "[fake] server started")
+        finally:
+            server.busy = None
+        return {"serverId": server.server_id, "status": server.status}
+
+    @async_to_deferred
+    async def stop(
+        self, server_id: str, signal: str | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Graceful stop (waits on the ``stop`` gate), or a kill for SIGKILL."""
+        server = self._get(server_id)
+        self._enter("stop", server.server_id)
+        if signal == "SIGKILL":
+            return await self.kill(server.server_id)
+        if server.status in ("offline", "crashed", "install_failed"):
+            return {"serverId": server.server_id, "status": server.status}
+        self._claim(server, "stop")
+        try:
+            self._set_status(server, "stopping")
+            await self._gate("stop")
+            self._set_status(server, "offline")
+        finally:
+            server.busy = None
+        return {"serverId": server.server_id, "status": server.status}
+
+    @async_to_deferred
+    async def restart(self, server_id: str) -> dict[str, Any]:
+        """Stop then start."""
+        await self.stop(server_id)
+        return await self.start(server_id)
+
+    def kill(self, server_id: str) -> Deferred[dict[str, Any]]:
+        """Kill the process; the container and files stay."""
+        try:
+            server = self._get(server_id)
+            self._enter("kill", server.server_id)
+        except Exception as e:
+            return fail(e)
+        if server.status not in ("offline", "installing"):
+            self._set_status(server, "offline")
+        return succeed({"serverId": server.server_id, "status": server.status})
+
+    @async_to_deferred
+    async def delete(self, server_id: str, purge_files: bool = False) -> dict[str, Any]:
+        """Forget the server (its files too when ``purge_files``)."""
+        server = self._get(server_id)
+        self._enter("delete", server.server_id)
+        if server.busy is not None:
+            raise Conflict("server {} is busy with {}".format(server.server_id, server.busy))
+        await self._gate("delete")
+        self._set_status(server, "offline")
+        del self.servers[server.server_id]
+        if purge_files:
+            self.purged.append(server.server_id)
+        return {"serverId": server.server_id, "status": "deleted", "purgedFiles": purge_files}
+
+    @async_to_deferred
+    async def suspend(self, server_id: str) -> dict[str, Any]:
+        """Stop and refuse starts."""
+        server = self._get(server_id)
+        if server.status not in ("offline", "crashed"):
+            await self.stop(server.server_id)
+        server.suspended = True
+        return self._state(server)
+
+    def unsuspend(self, server_id: str) -> Deferred[dict[str, Any]]:
+        """Allow starts again."""
+        try:
+            server = self._get(server_id)
+        except Exception as e:
+            return fail(e)
+        server.suspended = False
+        return succeed(self._state(server))
+
+    @async_to_deferred
+    async def reinstall(self, server_id: str) -> dict[str, Any]:
+        """Install again; only while offline."""
+        server = self._get(server_id)
+        if server.status not in ("offline", "crashed", "install_failed"):
+            raise Conflict("server {} must be offline to reinstall".format(server.server_id))
+        self._set_status(server, "installing")
+        await self._gate("reinstall")
+        self._set_status(server, "offline")
+        return self._state(server)
+
+    def update(self, server_id: str, params: dict) -> Deferred[dict[str, Any]]:
+        """Merge changed settings into the definition."""
+        try:
+            server = self._get(server_id)
+        except Exception as e:
+            return fail(e)
+        aliases = params.get("aliases")
+        if isinstance(aliases, list):
+            for alias in aliases:
+                try:
+                    owner = self.resolve(str(alias))
+                except ServerNotFound:
+                    continue
+                if owner != server.server_id:
+                    return fail(Conflict("alias {} already names another server".format(alias)))
+            server.aliases.update(str(a) for a in aliases if str(a) != server.server_id)
+        server.params.update({k: v for k, v in params.items() if k != "aliases"})
+        return succeed(self._state(server))
+
+    def status(self, server_id: str) -> dict[str, Any]:
+        """The status dict (sync)."""
+        server = self._get(server_id)
+        state = self._state(server)
+        if server.status == "running":
+            state["resources"] = self.server_metrics(server.server_id)
+        return state
+
+    def list_servers(self) -> list[dict[str, Any]]:
+        """Every managed server's status dict."""
+        return [self._state(s) for s in self.servers.values()]
+
+    def server_metrics(self, server_id: str) -> dict[str, Any]:
+        """The latest sample while running, zeroes otherwise."""
+        server = self._get(server_id)
+        sample = {
+            "cpu": 0.0,
+            "memory": 0.0,
+            "disk": 0.0,
+            "network": {"in": 0, "out": 0},
+            "players": 0,
+            "timestamp": _iso(self.clock.seconds()),
+        }
+        if server.status == "running":
+            sample.update(self.metrics.get(server.server_id, {}))
+            self._emit(ResourceUpdate(server.server_id, dict(sample)))
+        return sample
+
+    def send_command(self, server_id: str, command: str) -> Deferred[dict[str, Any]]:
+        """Write a line to stdin; the fake server echoes it."""
+        try:
+            server = self._get(server_id)
+            self._enter("send_command", server.server_id)
+            if server.status != "running":
+                raise Conflict("server {} is not running".format(server.server_id))
+        except Exception as e:
+            return fail(e)
+        server.stdin.append(command)
+        self._print(server, "> " + command)
+        return succeed({"serverId": server.server_id})
+
+    @async_to_deferred
+    async def console_command(self, server_id: str, command: str, wait: float = 1.0) -> str:
+        """Send ``command`` and answer with what the server printed in reply."""
+        server = self._get(server_id)
+        before = len(server.console)
+        await self.send_command(server.server_id, command)
+        return "\n".join(server.console[before:])
+
+    def console_history(self, server_id: str, lines: int = 100) -> list[str]:
+        """The last ``lines`` console lines."""
+        server = self._get(server_id)
+        return list(server.console[-lines:]) if lines > 0 else []
+
+    def console_status(self, server_id: str) -> dict[str, Any]:
+        """Whether the console is attached (i.e. running) and its buffer size."""
+        server = self._get(server_id)
+        return {
+            "connected": server.status in ("starting", "running", "stopping"),
+            "lastActivity": None if server.last_activity is None else _iso(server.last_activity),
+            "bufferSize": len(server.console),
+        }
+
+    def console_clear(self, server_id: str) -> None:
+        """Empty the buffer."""
+        self._get(server_id).console.clear()
+
+    def server_root(self, server_id: str) -> ServerRoot:
+        """``<data_dir>/<canonical id>``, disk limit from ``limits.disk`` (MB)."""
+        server = self._get(server_id)
+        limits = server.params.get("limits") or {}
+        disk_mb = limits.get("disk") if isinstance(limits, dict) else None
+        return ServerRoot(
+            server_id=server.server_id,
+            path=posixpath.join(self.data_dir, server.server_id),
+            disk_limit_bytes=int(disk_mb) * 1024 * 1024 if disk_mb else None,
+            uid=1000,
+            gid=1000,
+        )
+
+    def add_listener(self, listener: object) -> None:
+        """Subscribe ``listener(event)`` to events."""
+        assert callable(listener)
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: object) -> None:
+        """Unsubscribe."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
