@@ -34,6 +34,7 @@ from ctrlagent.config import AgentConfig
 from ctrlagent.errors import CtrlAgentError, InvalidInput, ParseError
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.wire.command import ActionResult, Command, IDispatcher, parse_command, printable
+from ctrlagent.wire.json import to_json
 from ctrlagent.wire.jsonbody import decode_json
 from ctrlagent.work import Deadlines, Tracker
 
@@ -125,7 +126,7 @@ def success_body(result: ActionResult) -> dict[str, Any]:
     body: dict[str, Any] = {"success": True}
     if result.message:
         body["message"] = result.message
-    body["data"] = result.data
+    body["data"] = to_json(result.data)
     return body
 
 

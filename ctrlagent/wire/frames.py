@@ -60,6 +60,7 @@ from ctrlagent.wire.command import (
     parse_command,
     printable,
 )
+from ctrlagent.wire.json import to_json
 
 # Legacy typed frames (``{type, data}``) and the section 2 action each one means.
 # ``server_power`` is resolved from its ``data.action`` (see ``POWER_ACTIONS``).
@@ -589,7 +590,7 @@ def response_success(
     frame = _response(command_id, id_field, now, True)
     if result.message is not None:
         frame["message"] = result.message
-    frame["data"] = dict(result.data)
+    frame["data"] = to_json(result.data)
     return frame
 
 
