@@ -1,0 +1,147 @@
+"""
+The Docker create/update bodies of the agent's containers, pinned.
+
+``golden_bodies.json`` holds the bodies the agent sent before the engine seam
+(``servers.spec.container_body``/``install_body``/``resources`` of issue 10)
+for a set of varied servers; the neutral ``ContainerSpec`` turned into a
+Docker body must give exactly the same, so the seam changed nothing the
+engine sees.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctrlagent.config import ServersConfig
+from ctrlagent.servers.spec import ServerSpec, parse_spec
+
+GOLDEN = Path(__file__).with_name("golden_bodies.json")
+
+# name -> (role, payload, ServersConfig overrides, network)
+CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
+    "minimal": ("server", {"image": "img:1"}, {}, "bridge"),
+    "ports_and_memory": (
+        "server",
+        {
+            "image": "ghcr.io/games/mc:1.20",
+            "startup": "java -Xmx{{SERVER_MEMORY}}M -jar server.jar --port {{SERVER_PORT}}",
+            "environment": {"EULA": True, "LEVEL": "world", "SEED": 42},
+            "limits": {"memory": 2048, "swap": 512, "cpu": 150, "io": 700, "pids": 300},
+            "ports": [
+                {"internal": 25565, "external": 25565, "ip": "10.0.0.5"},
+                {"internal": 25575, "external": 30000},
+            ],
+        },
+        {},
+        "ctrl-alt-play",
+    ),
+    "swap_unlimited": (
+        "server", {"image": "img:1", "limits": {"memory": 1024, "swap": -1}}, {}, "bridge",
+    ),
+    "no_memory_limit_swap_ignored": (
+        "server", {"image": "img:1", "limits": {"memory": 0, "swap": 256}}, {}, "host",
+    ),
+    "cpu_fraction_io_clamped_low": (
+        "server", {"image": "img:1", "limits": {"cpu": 33.3333, "io": 3}}, {}, "bridge",
+    ),
+    "io_clamped_high_pids_default": (
+        "server", {"image": "img:1", "limits": {"io": 5000, "pids": 0}}, {}, "bridge",
+    ),
+    "pids_off_by_operator": (
+        "server", {"image": "img:1", "limits": {"pids": -5}}, {"pids_limit": 0}, "none",
+    ),
+    "user_image_shell_startup": (
+        "server",
+        {
+            "image": "img:1",
+            "user": "image",
+            "startup": "./run.sh && echo done > {{env.OUT}}",
+            "environment": {"OUT": "/tmp/x"},
+        },
+        {"tmpfs_size_mb": 64},
+        "bridge",
+    ),
+    "user_numeric": (
+        "server", {"image": "img:1", "user": "1234", "startup": "./srv --flag"}, {}, "bridge",
+    ),
+    "install_default": (
+        "install",
+        {"image": "img:1", "install": "apt-get install -y x", "limits": {"memory": 512}},
+        {},
+        "ctrl-alt-play",
+    ),
+    "install_image_entrypoint_timeout": (
+        "install",
+        {
+            "image": "img:1",
+            "install": {
+                "script": "echo hi",
+                "image": "ghcr.io/pterodactyl/installers:debian",
+                "entrypoint": "/bin/bash",
+                "timeout": 120,
+            },
+            "ports": [{"internal": 27015, "external": 27015}],
+            "limits": {"cpu": 200, "swap": -1, "memory": 256},
+        },
+        {"install_capabilities": ("CHOWN",)},
+        "bridge",
+    ),
+    "install_user_server": (
+        "install",
+        {"image": "img:1", "install": "true", "user": "2000:3000"},
+        {"install_user": "server", "install_capabilities": ()},
+        "bridge",
+    ),
+    "install_user_server_image_user": (
+        "install",
+        {"image": "img:1", "install": "true", "user": "image"},
+        {"install_user": "server", "container_uid": 1500, "container_gid": 1600},
+        "host",
+    ),
+}
+
+
+def case_spec(name: str) -> tuple[str, ServerSpec, ServersConfig, str]:
+    role, payload, overrides, network = CASES[name]
+    config = ServersConfig(**overrides)
+    return role, parse_spec("srv-" + name.replace("_", "-"), payload, config), config, network
+
+
+def legacy_bodies(name: str) -> dict[str, Any]:
+    """The bodies as the agent built them before the seam (kept in the golden file)."""
+    from ctrlagent.servers import spec as specs
+
+    role, spec, config, network = case_spec(name)
+    if role == "install":
+        create = specs.install_body(spec, "/data/" + name, "/state/install/" + name, config,
+                                    network)
+    else:
+        create = specs.container_body(spec, "/data/" + name, config, network)
+    return {"create": create, "update": specs.resources(spec, config)}
+
+
+def record() -> None:
+    """Write the golden file from the current builders (run once, by hand)."""
+    golden = {name: legacy_bodies(name) for name in CASES}
+    GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+
+
+def golden() -> dict[str, Any]:
+    return dict(json.loads(GOLDEN.read_text()))
+
+
+def test_golden_file_covers_every_case() -> None:
+    assert sorted(golden()) == sorted(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_spec_wrappers_still_build_the_golden_bodies(name: str) -> None:
+    assert json.loads(json.dumps(legacy_bodies(name))) == golden()[name]
+
+
+if __name__ == "__main__":
+    record()
