@@ -118,7 +118,22 @@ class InsufficientResources(CtrlAgentError):
     code = "INSUFFICIENT_RESOURCES"
 
 
-class DockerError(CtrlAgentError):
+class EngineError(CtrlAgentError):
+    """
+    The container engine (Docker, Podman, ...) answered with an error.
+
+    The protocol calls every engine failure ``DOCKER_ERROR``, whatever the
+    runtime.
+    """
+
+    code = "DOCKER_ERROR"
+
+
+class EngineUnavailable(EngineError):
+    """The container engine cannot be reached: socket missing, refused, or timing out."""
+
+
+class DockerError(EngineError):
     """
     The Docker engine answered with an error.
 
@@ -126,15 +141,13 @@ class DockerError(CtrlAgentError):
     answer at all).
     """
 
-    code = "DOCKER_ERROR"
-
     def __init__(self, status: int, message: str, **kw: Any) -> None:
         super().__init__(message, **kw)
         self.status = status
 
 
-class DockerUnavailable(DockerError):
-    """The engine cannot be reached: socket missing, refused, or timing out."""
+class DockerUnavailable(DockerError, EngineUnavailable):
+    """The Docker engine cannot be reached: socket missing, refused, or timing out."""
 
     def __init__(self, message: str, **kw: Any) -> None:
         super().__init__(0, message, **kw)

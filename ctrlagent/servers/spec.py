@@ -1,6 +1,6 @@
 """
 A game server's definition: the ``create_server`` payload parsed and validated
-into a frozen ``ServerSpec``, and the Docker create body built from it.
+into a frozen ``ServerSpec`` (its containers are built by ``servers.containers``).
 
 Pure: no reactor, no I/O.  Every problem raises ``InvalidInput`` naming the
 payload field (``limits.memory``, ``ports[1].external``, ...), which the
@@ -55,12 +55,17 @@ from typing import Any
 from ctrlagent.config import ServersConfig
 from ctrlagent.errors import InvalidInput
 
-MANAGED_LABEL = "ctrl-alt-play.managed"
-SERVER_ID_LABEL = "ctrl-alt-play.server-id"
-ROLE_LABEL = "ctrl-alt-play.role"
-SPEC_HASH_LABEL = "ctrl-alt-play.spec-hash"
-CONTAINER_PREFIX = "ctrl-alt-play-"
-DATA_MOUNT = "/home/container"
+# The containers' identity now lives in ``servers.containers``; these names
+# stay importable from here for the modules not yet moved onto it.
+from ctrlagent.servers.containers import (  # noqa: F401 (re-exported)
+    CONTAINER_PREFIX,
+    DATA_MOUNT,
+    MANAGED_LABEL,
+    ROLE_LABEL,
+    SERVER_ID_LABEL,
+    SPEC_HASH_LABEL,
+)
+
 MB = 1024 * 1024
 
 # A server id ends up in a container name, a label and a directory name: keep
@@ -692,139 +697,27 @@ def startup_command(line: str) -> list[str] | None:
     return ["/bin/sh", "-c", line]
 
 
-def memory_limits(limits: Limits) -> dict[str, int]:
-    """``Memory``/``MemorySwap`` in bytes (empty when memory is unlimited)."""
-    _within("limits.memory", limits.memory_mb, 0, MAX_MEMORY_MB)
-    _within("limits.swap", limits.swap_mb, -1, MAX_MEMORY_MB)
-    if limits.memory_mb <= 0:
-        return {}
-    memory = limits.memory_mb * MB
-    if limits.swap_mb < 0:
-        swap = -1
-    else:
-        swap = memory + limits.swap_mb * MB
-    return {"Memory": memory, "MemorySwap": swap}
-
-
-def nano_cpus(cpu_percent: float) -> int:
-    """Docker ``NanoCpus`` for a percentage of one core (0 = unlimited)."""
-    _within("limits.cpu", cpu_percent, 0, MAX_CPU_PERCENT)
-    return int(round(cpu_percent / 100.0 * 1e9))
-
-
-def _within(name: str, value: float, low: float, high: float) -> None:
-    """
-    Refuse a limit out of bounds where it is turned into engine units.
-
-    Parsed specs never are; this keeps a spec built any other way from
-    overflowing (``int(inf)``) in the background, where nobody is answered.
-    """
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
-        raise InvalidInput("{} = {!r} is out of bounds".format(name, value), field=name)
-
-
-def blkio_weight(io_weight: int) -> int:
-    """The block I/O weight clamped to Docker's 10-1000."""
-    return max(10, min(1000, io_weight))
+# -- Docker bodies, for the modules not yet moved onto the engine seam --------
+# (``servers.containers`` builds the neutral ContainerSpec, ``engine/docker/
+# bodies`` its Docker body; these wrappers go when servers/ speak the seam.)
 
 
 def resources(spec: ServerSpec, defaults: ServersConfig) -> dict[str, Any]:
-    """The ``HostConfig`` resource fields (also what ``container_update`` takes)."""
-    out: dict[str, Any] = dict(memory_limits(spec.limits))
-    out["NanoCpus"] = nano_cpus(spec.limits.cpu_percent)
-    out["BlkioWeight"] = blkio_weight(spec.limits.io_weight)
-    # A stored definition from before pids 0 meant "the default" still gets it.
-    pids = spec.limits.pids if spec.limits.pids > 0 else defaults.pids_limit
-    if pids > 0:
-        out["PidsLimit"] = min(pids, MAX_PIDS)
-    return out
+    """The Docker ``HostConfig`` resource fields (also what ``container_update`` takes)."""
+    from ctrlagent.engine.docker.bodies import resources_body
+    from ctrlagent.servers.containers import limits
 
-
-def port_bindings(
-    spec: ServerSpec,
-) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, str]]]]:
-    """``ExposedPorts`` and ``PortBindings``: each allocation on tcp and udp."""
-    exposed: dict[str, dict[str, Any]] = {}
-    bindings: dict[str, list[dict[str, str]]] = {}
-    for allocation in spec.ports:
-        for protocol in ("tcp", "udp"):
-            key = "{}/{}".format(allocation.internal, protocol)
-            exposed[key] = {}
-            bindings.setdefault(key, []).append(
-                {"HostIp": allocation.ip, "HostPort": str(allocation.external)}
-            )
-    return exposed, bindings
-
-
-def labels(spec: ServerSpec, role: str = "server") -> dict[str, str]:
-    """The labels every container of this server carries."""
-    return {
-        MANAGED_LABEL: "true",
-        SERVER_ID_LABEL: spec.server_id,
-        ROLE_LABEL: role,
-        SPEC_HASH_LABEL: spec.digest(),
-    }
+    return resources_body(limits(spec, defaults))
 
 
 def container_body(
     spec: ServerSpec, data_path: str, defaults: ServersConfig, network_mode: str = "bridge"
 ) -> dict[str, Any]:
     """The Docker ``POST /containers/create`` body of the server's container."""
-    env = server_environment(spec)
-    line = fill_startup(spec)
-    env["STARTUP"] = line
-    exposed, bindings = port_bindings(spec)
-    host_config: dict[str, Any] = {
-        **resources(spec, defaults),
-        "Binds": ["{}:{}".format(data_path, DATA_MOUNT)],
-        "PortBindings": bindings,
-        "NetworkMode": network_mode,
-        "Tmpfs": {"/tmp": "rw,exec,nosuid,nodev,size={}m".format(defaults.tmpfs_size_mb)},
-        # The agent owns restarts (crash policy and loop guard), not Docker.
-        "RestartPolicy": {"Name": "no"},
-        # json-file keeps the console in Docker's logs, which is where lines
-        # printed while the agent was down are recovered from.
-        "LogConfig": {"Type": "json-file", "Config": {"max-size": "20m", "max-file": "2"}},
-        "SecurityOpt": ["no-new-privileges"],
-        "CapDrop": [
-            "setpcap", "mknod", "audit_write", "net_raw", "dac_override", "fowner",
-            "fsetid", "net_bind_service", "sys_chroot", "setfcap",
-        ],
-        "Init": False,
-    }
-    body: dict[str, Any] = {
-        "Image": spec.image,
-        "Env": ["{}={}".format(k, v) for k, v in sorted(env.items())],
-        "Labels": labels(spec),
-        "WorkingDir": DATA_MOUNT,
-        "ExposedPorts": exposed,
-        "OpenStdin": True,
-        "StdinOnce": False,
-        "AttachStdin": True,
-        "AttachStdout": True,
-        "AttachStderr": True,
-        "Tty": False,
-        "HostConfig": host_config,
-    }
-    cmd = startup_command(line)
-    if cmd is not None:
-        body["Cmd"] = cmd
-    if spec.user:
-        body["User"] = spec.user
-    return body
+    from ctrlagent.engine.docker.bodies import create_body
+    from ctrlagent.servers.containers import server_container
 
-
-def install_user(spec: ServerSpec, defaults: ServersConfig) -> str:
-    """
-    The ``User`` of the install container (``servers.install_user``).
-
-    ``"server"`` runs the script as the server's own user (the image's user
-    becomes the agent's container uid); anything else is a ``uid:gid``.
-    """
-    if defaults.install_user == "server":
-        pair = uid_gid(spec) or (defaults.container_uid, defaults.container_gid)
-        return "{}:{}".format(*pair)
-    return defaults.install_user
+    return create_body(server_container(spec, data_path, defaults, network_mode))
 
 
 def install_body(
@@ -834,54 +727,11 @@ def install_body(
     defaults: ServersConfig,
     network_mode: str = "bridge",
 ) -> dict[str, Any]:
-    """
-    The create body of the one-shot install container.
+    """The Docker create body of the one-shot install container (``install_container``)."""
+    from ctrlagent.engine.docker.bodies import create_body
+    from ctrlagent.servers.containers import install_container
 
-    Pterodactyl's convention: the data directory at ``/mnt/server``, the script
-    at ``/mnt/install/install.sh``, the server's environment.  It joins the
-    servers' network, so an operator's rules for it cover installs too.
-
-    It runs as ``servers.install_user`` (root inside the container by
-    default: egg scripts run ``apt-get``, ``curl``, ``unzip`` and ``chown``
-    as root) but confined: every capability is dropped except
-    ``servers.install_capabilities`` (see ``ServersConfig``; never ``MKNOD``,
-    so no device node can be made), ``no-new-privileges`` (no setuid binary
-    gains anything), no devices, ``/tmp`` without setuid or devices, the
-    game's own memory/CPU/IO/PID limits and a bounded engine log.  Whatever
-    the script leaves behind is cleaned by the agent afterwards (setuid and
-    setgid bits, special files), whatever its exit code.
-    """
-    assert spec.install is not None
-    env = server_environment(spec)
-    return {
-        "Image": spec.install.image or spec.image,
-        "Env": ["{}={}".format(k, v) for k, v in sorted(env.items())],
-        "Labels": labels(spec, role="install"),
-        "Entrypoint": [spec.install.entrypoint],
-        "Cmd": ["/mnt/install/install.sh"],
-        "WorkingDir": "/mnt/server",
-        "User": install_user(spec, defaults),
-        "Tty": False,
-        "OpenStdin": False,
-        "HostConfig": {
-            **resources(spec, defaults),
-            "Binds": [
-                "{}:/mnt/server".format(data_path),
-                "{}:/mnt/install:ro".format(script_dir),
-            ],
-            "NetworkMode": network_mode,
-            "Privileged": False,
-            "CapDrop": ["ALL"],
-            "CapAdd": list(defaults.install_capabilities),
-            "SecurityOpt": ["no-new-privileges"],
-            "Devices": [],
-            "Tmpfs": {"/tmp": "rw,exec,nosuid,nodev,size={}m".format(defaults.tmpfs_size_mb)},
-            "RestartPolicy": {"Name": "no"},
-            # The agent copies the output to the install log (bounded); the
-            # engine's copy must not grow without bound either.
-            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
-        },
-    }
+    return create_body(install_container(spec, data_path, script_dir, defaults, network_mode))
 
 
 def uid_gid(spec: ServerSpec) -> tuple[int, int] | None:

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 from ctrlagent.config import ServersConfig
+from ctrlagent.engine.docker.bodies import create_body, resources_body
+from ctrlagent.servers.containers import install_container, limits, server_container
 from ctrlagent.servers.spec import ServerSpec, parse_spec
 
 GOLDEN = Path(__file__).with_name("golden_bodies.json")
@@ -136,6 +138,30 @@ def golden() -> dict[str, Any]:
 
 def test_golden_file_covers_every_case() -> None:
     assert sorted(golden()) == sorted(CASES)
+
+
+def neutral_bodies(name: str) -> dict[str, Any]:
+    """The bodies through the seam: ServerSpec -> ContainerSpec -> Docker body."""
+    role, spec, config, network = case_spec(name)
+    if role == "install":
+        container = install_container(spec, "/data/" + name, "/state/install/" + name, config,
+                                      network)
+        assert container.name == spec.container_name + "-install"
+    else:
+        container = server_container(spec, "/data/" + name, config, network)
+        assert container.name == spec.container_name
+    return {"create": create_body(container), "update": resources_body(limits(spec, config))}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_docker_body_of_the_neutral_spec_is_the_golden_body(name: str) -> None:
+    assert json.loads(json.dumps(neutral_bodies(name))) == golden()[name]
+
+
+def test_golden_bodies_are_compared_byte_for_byte() -> None:
+    for name in CASES:
+        ours = json.dumps(neutral_bodies(name), sort_keys=True)
+        assert ours == json.dumps(golden()[name], sort_keys=True), name
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
