@@ -70,7 +70,6 @@ from ctrlagent.engine.docker.errors import (
 from ctrlagent.engine.docker.models import (
     DockerEvent,
     PullProgress,
-    format_since,
     label_filters,
     parse_event,
     parse_image_ref,
@@ -79,6 +78,7 @@ from ctrlagent.engine.docker.models import (
 from ctrlagent.engine.docker.stats import ContainerStats, parse_stats
 from ctrlagent.engine.docker.stdin import AttachStdinProtocol, StdinPipe, attach_request
 from ctrlagent.engine.docker.streams import ItemStream, JsonLinesDecoder, LineStream
+from ctrlagent.engine.docker.timefmt import format_since
 from ctrlagent.engine.docker.transport import DockerEndpointFactory, DockerHost, make_http_client
 
 __all__ = [

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctrlagent.engine.docker.timefmt import format_since
+
 __all__ = [
     "DockerEvent",
     "PullProgress",
@@ -154,15 +156,6 @@ def parse_image_ref(ref: str) -> ImageRef:
     else:
         registry = DEFAULT_REGISTRY
     return ImageRef(registry=registry, repository=name, tag=digest or tag or "latest")
-
-
-def format_since(value: float) -> str:
-    """A ``since``/``until`` query value with nanosecond precision."""
-    whole = int(value)
-    nanos = int(round((value - whole) * 1e9))
-    if nanos >= 1_000_000_000:
-        whole, nanos = whole + 1, nanos - 1_000_000_000
-    return "{}.{:09d}".format(whole, nanos)
 
 
 def label_filters(labels: dict[str, str] | list[str] | tuple[str, ...] | str | None) -> list[str]:
