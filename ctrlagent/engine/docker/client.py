@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -67,6 +67,7 @@ from ctrlagent.engine.docker.errors import (
     RegistryAuthFailed,
     error_for_status,
 )
+from ctrlagent.engine.docker.eventstream import ResumableEvents
 from ctrlagent.engine.docker.models import (
     DockerEvent,
     PullProgress,
@@ -78,7 +79,7 @@ from ctrlagent.engine.docker.models import (
 from ctrlagent.engine.docker.stats import ContainerStats, parse_stats
 from ctrlagent.engine.docker.stdin import AttachStdinProtocol, StdinPipe, attach_request
 from ctrlagent.engine.docker.streams import ItemStream, JsonLinesDecoder, LineStream
-from ctrlagent.engine.docker.timefmt import format_since
+from ctrlagent.engine.docker.timefmt import format_since, format_since_ns
 from ctrlagent.engine.docker.transport import DockerEndpointFactory, DockerHost, make_http_client
 
 __all__ = [
@@ -777,12 +778,14 @@ class DockerClient:
         since: float | None = None,
         timestamps: bool = False,
         tty: bool = False,
+        since_ns: int | None = None,
     ) -> LineStream:
         """
         The container's log as ``(stream, line)`` items.
 
         ``follow`` keeps the stream open for new lines; ``tail`` limits the
-        backlog; ``since`` (epoch seconds) skips older lines; ``timestamps``
+        backlog; ``since`` (epoch seconds) or ``since_ns`` (exact nanoseconds)
+        skips older lines (the engine keeps those stamped at it); ``timestamps``
         prefixes each line with the engine's RFC 3339 stamp.
         """
         cid = self._object_id(cid, "container")
@@ -793,7 +796,9 @@ class DockerClient:
             "tail": str(tail),
             "timestamps": timestamps,
         }
-        if since is not None:
+        if since_ns is not None:
+            query["since"] = format_since_ns(since_ns)
+        elif since is not None:
             query["since"] = format_since(since)
         return LineStream.console(
             self._clock,
@@ -981,8 +986,10 @@ class DockerClient:
         labels: dict[str, str] | list[str] | str | None = MANAGED_LABEL_FILTER,
         since: float | None = None,
         **kw: Any,
-    ) -> AsyncIterator[DockerEvent]:
+    ) -> ResumableEvents:
         """Events that survive breaks (see ``ResumableEvents``)."""
-        from ctrlagent.engine.docker.eventstream import ResumableEvents
 
-        return ResumableEvents(self, labels=labels, since=since, **kw)
+        def open_stream(start: float, on_open: Callable[[], None]) -> ItemStream[DockerEvent]:
+            return self.events(labels, since=start, on_open=on_open)
+
+        return ResumableEvents(open_stream, self._clock, since=since, **kw)

@@ -1,7 +1,8 @@
 """
 An event stream that survives breaks without missing events.
 
-``ResumableEvents`` wraps ``DockerClient.events``: when the stream breaks
+``ResumableEvents`` wraps an event stream opener (``DockerClient.events``
+with the labels bound): when the stream breaks
 (engine restarted, connection dropped, silence timeout) it waits with a
 capped exponential backoff and reopens the stream with ``since`` set to the
 time of the last event it delivered, skipping the events it has already
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -25,10 +26,11 @@ from ctrlagent.engine.docker.errors import DockerError
 from ctrlagent.engine.docker.models import DockerEvent
 from ctrlagent.engine.docker.streams import ItemStream
 
-if TYPE_CHECKING:
-    from ctrlagent.engine.docker.client import DockerClient
+__all__ = ["ResumableEvents", "OpenEvents"]
 
-__all__ = ["ResumableEvents"]
+# Opens the event stream from ``since`` (epoch seconds), calling ``on_open``
+# once the engine answered (``DockerClient.events`` with the labels bound).
+OpenEvents = Callable[[float, Callable[[], None]], ItemStream[DockerEvent]]
 
 
 class ResumableEvents:
@@ -43,8 +45,8 @@ class ResumableEvents:
 
     def __init__(
         self,
-        client: DockerClient,
-        labels: Any = None,
+        open_stream: OpenEvents,
+        clock: IReactorTime,
         since: float | None = None,
         *,
         retry_delay: float = 0.25,
@@ -53,9 +55,8 @@ class ResumableEvents:
         on_resume: Callable[[], None] | None = None,
         remember: int = 1024,
     ) -> None:
-        self._client = client
-        self._clock = client._clock
-        self._labels = labels
+        self._open_stream = open_stream
+        self._clock = clock
         self._since = since
         self._retry_delay = retry_delay
         self._max_retry_delay = max_retry_delay
@@ -97,9 +98,7 @@ class ResumableEvents:
     async def __anext__(self) -> DockerEvent:
         while not self._closed:
             if self._stream is None:
-                self._stream = self._client.events(
-                    self._labels, since=self._resume_point(), on_open=self._opened
-                )
+                self._stream = self._open_stream(self._resume_point(), self._opened)
             stream = self._stream
             try:
                 event = await stream.__anext__()

@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from ctrlagent.engine.docker import DockerClient, DockerEvent, DockerUnavailable, ResumableEvents
+from ctrlagent.engine.docker import DockerClient, DockerEvent, DockerUnavailable
 from tests.rig.images import build_scripted_image
 
 from .conftest import make_client, unique_name, until, wait_for_line, within
@@ -39,9 +39,8 @@ async def test_engine_restart_during_follow_and_events_then_recovery(
     labels = {"ctrlagent.test": marker}
     breaks: list[Exception] = []
     resumes: list[float] = []
-    resumable = ResumableEvents(
-        client,
-        labels=labels,
+    resumable = client.resumable_events(
+        labels,
         retry_delay=0.1,
         max_retry_delay=0.5,
         on_break=breaks.append,

@@ -174,7 +174,7 @@ async def test_resumable_events_replay_what_happened_during_a_break(
 
     from twisted.internet.defer import Deferred
 
-    from ctrlagent.engine.docker import DockerEvent, ResumableEvents
+    from ctrlagent.engine.docker import DockerEvent
 
     from .conftest import within
 
@@ -186,8 +186,8 @@ async def test_resumable_events_replay_what_happened_during_a_break(
     marker = secrets.token_hex(4)
     labels = {"ctrlagent.test": marker}
     breaks: list[Any] = []
-    events = ResumableEvents(
-        remote, labels=labels, retry_delay=0.1, max_retry_delay=0.2, on_break=breaks.append
+    events = remote.resumable_events(
+        labels, retry_delay=0.1, max_retry_delay=0.2, on_break=breaks.append
     )
     got: list[DockerEvent] = []
 

@@ -1,0 +1,327 @@
+"""
+``DockerEngine``: the container-engine seam over the agent's Docker client.
+
+It turns the neutral records of ``engine/interface.py`` into Docker's API
+(``bodies.py`` builds the requests) and Docker's answers back into records:
+inspect documents into ``ContainerState``, timestamped log lines into
+``LogLine`` (the engine's nanosecond is each line's identity), raw events
+into ``EngineEvent``, stats into ``StatsSample``.  Errors stay the client's
+typed ones, all ``ctrlagent.errors`` categories (``NotFound``, ``Conflict``,
+``EngineUnavailable``, ``EngineError``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import classImplements, implementer
+
+from ctrlagent.engine.docker.bodies import create_body, resources_body
+from ctrlagent.engine.docker.client import DockerClient
+from ctrlagent.engine.docker.errors import DockerError
+from ctrlagent.engine.docker.eventstream import ResumableEvents
+from ctrlagent.engine.docker.models import DockerEvent
+from ctrlagent.engine.docker.stats import ContainerStats
+from ctrlagent.engine.docker.stdin import StdinPipe
+from ctrlagent.engine.docker.streams import ItemStream
+from ctrlagent.engine.docker.timefmt import parse_started_at, split_timestamp
+from ctrlagent.engine.interface import (
+    ContainerSpec,
+    ContainerState,
+    EngineEvent,
+    IContainerEngine,
+    IEventStream,
+    ILogStream,
+    IStdinPipe,
+    LogLine,
+    ResourceLimits,
+    StatsSample,
+    is_builtin_network,
+)
+from ctrlagent.errors import EngineError
+
+__all__ = ["DockerEngine", "container_state", "summary_state", "stats_sample", "engine_event"]
+
+classImplements(StdinPipe, IStdinPipe)
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _limits(host: Mapping[str, Any]) -> ResourceLimits:
+    memory = _int_or_none(host.get("Memory")) or 0
+    return ResourceLimits(
+        memory_bytes=memory,
+        memory_swap_bytes=(_int_or_none(host.get("MemorySwap")) or 0) if memory else 0,
+        cpu_percent=(_int_or_none(host.get("NanoCpus")) or 0) / 1e7,
+        io_weight=_int_or_none(host.get("BlkioWeight")) or 0,
+        pids=max(0, _int_or_none(host.get("PidsLimit")) or 0),
+    )
+
+
+def container_state(doc: Mapping[str, Any]) -> ContainerState:
+    """A ``ContainerState`` from an inspect document."""
+    state = doc.get("State") or {}
+    config = doc.get("Config") or {}
+    running = bool(state.get("Running"))
+    status = str(state.get("Status") or ("running" if running else ""))
+    ended = not running and status in ("exited", "dead")
+    return ContainerState(
+        id=str(doc.get("Id") or ""),
+        names=(str(doc.get("Name") or "").lstrip("/"),),
+        labels={str(k): str(v) for k, v in (config.get("Labels") or {}).items()},
+        running=running,
+        status=status,
+        exit_code=_int_or_none(state.get("ExitCode")) if ended else None,
+        oom_killed=bool(state.get("OOMKilled")),
+        started_at_ns=parse_started_at(state.get("StartedAt")),
+        limits=_limits(doc.get("HostConfig") or {}),
+    )
+
+
+def summary_state(doc: Mapping[str, Any]) -> ContainerState:
+    """A ``ContainerState`` from one entry of a container list (no exit code, no limits)."""
+    status = str(doc.get("State") or "")
+    return ContainerState(
+        id=str(doc.get("Id") or ""),
+        names=tuple(str(n).lstrip("/") for n in doc.get("Names") or ()),
+        labels={str(k): str(v) for k, v in (doc.get("Labels") or {}).items()},
+        running=status == "running",
+        status=status,
+    )
+
+
+def stats_sample(stats: ContainerStats) -> StatsSample:
+    """The neutral sample of one Docker stats document."""
+    return StatsSample(
+        cpu_percent=stats.cpu_percent,
+        memory_bytes=stats.memory_bytes,
+        memory_limit_bytes=stats.memory_limit_bytes,
+        rx_bytes=stats.rx_bytes,
+        tx_bytes=stats.tx_bytes,
+        blk_read=stats.blk_read,
+        blk_write=stats.blk_write,
+        pids=stats.pids,
+    )
+
+
+def engine_event(event: DockerEvent) -> EngineEvent:
+    """The neutral form of one Docker container event."""
+    return EngineEvent(
+        action=event.action,
+        container_id=event.container_id,
+        labels=event.labels,
+        exit_code=event.exit_code,
+        at_ns=event.time_nano,
+    )
+
+
+def log_lines(batch: list[tuple[str, str]], since_ns: int) -> list[LogLine]:
+    """
+    ``LogLine``s of a batch of ``(stream, timestamped line)``, those stamped
+    after ``since_ns`` only.  The console's hottest loop: one split per line.
+    """
+    out: list[LogLine] = []
+    append = out.append
+    for stream, raw in batch:
+        ns, text = split_timestamp(raw)
+        if ns > since_ns or not ns:
+            append(LogLine(ns, stream, text))
+    return out
+
+
+@implementer(ILogStream)
+class _LogLines:
+    """A Docker log stream read as ``LogLine`` batches."""
+
+    def __init__(self, stream: ItemStream[tuple[str, str]], since_ns: int) -> None:
+        self._stream = stream
+        self._since = since_ns
+
+    async def batches(self, max_items: int = 1000) -> AsyncIterator[list[Any]]:
+        while True:
+            batch = await self._stream.next_batch(max_items)
+            if not batch:
+                return
+            lines = log_lines(batch, self._since)
+            if lines:
+                yield lines
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+@implementer(ILogStream)
+class _StatsSamples:
+    """A Docker stats stream read as ``StatsSample`` batches."""
+
+    def __init__(self, stream: ItemStream[ContainerStats]) -> None:
+        self._stream = stream
+
+    async def batches(self, max_items: int = 1000) -> AsyncIterator[list[Any]]:
+        while True:
+            batch = await self._stream.next_batch(max_items)
+            if not batch:
+                return
+            yield [stats_sample(s) for s in batch]
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+@implementer(IEventStream)
+class _Events:
+    """Resumable Docker events read as ``EngineEvent``s."""
+
+    def __init__(self, events: ResumableEvents) -> None:
+        self._events = events
+
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> EngineEvent:
+        return engine_event(await self._events.__anext__())
+
+    @property
+    def reconnects(self) -> int:
+        """How often the stream was reopened after a break."""
+        return self._events.reconnects
+
+    def close(self) -> None:
+        self._events.close()
+
+
+@implementer(IContainerEngine)
+class DockerEngine:
+    """
+    ``IContainerEngine`` over a ``DockerClient``.
+
+    ``events_retry`` and ``events_retry_max`` are the first and longest pause
+    before a broken event stream is reopened (``timeouts.events_retry*``).
+    """
+
+    name = "docker"
+
+    def __init__(
+        self,
+        client: DockerClient,
+        clock: IReactorTime,
+        *,
+        events_retry: float = 0.25,
+        events_retry_max: float = 2.0,
+    ) -> None:
+        self.client = client
+        self._clock = clock
+        self._events_retry = events_retry
+        self._events_retry_max = events_retry_max
+
+    async def close(self) -> None:
+        """Close the client's idle connections (open streams are their owners')."""
+        await self.client.close()
+
+    # -- engine ------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        try:
+            return await self.client.ping()
+        except DockerError:
+            return False
+
+    async def version(self) -> str | None:
+        try:
+            doc = await self.client.version()
+        except DockerError:
+            return None
+        version = doc.get("Version")
+        return str(version) if version else None
+
+    async def ensure_image(self, ref: str) -> None:
+        await self.client.ensure_image(ref)
+
+    async def ensure_network(
+        self, name: str, subnet: str | None, labels: Mapping[str, str]
+    ) -> None:
+        if is_builtin_network(name):
+            return
+        await self.client.network_ensure(name, subnet or None, labels=dict(labels))
+
+    # -- containers --------------------------------------------------------
+
+    async def create(self, spec: ContainerSpec) -> str:
+        return await self.client.container_create(spec.name, create_body(spec))
+
+    async def start(self, cid: str) -> None:
+        await self.client.container_start(cid)
+
+    async def kill(self, cid: str, signal: str = "SIGKILL") -> None:
+        await self.client.container_kill(cid, signal)
+
+    async def wait(self, cid: str) -> int:
+        return await self.client.container_wait(cid)
+
+    async def inspect(self, cid: str) -> ContainerState:
+        return container_state(await self.client.container_inspect(cid))
+
+    async def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
+        found = await self.client.container_list(labels=dict(labels), all=True)
+        return [summary_state(doc) for doc in found]
+
+    async def remove(self, cid_or_name: str) -> None:
+        await self.client.container_remove(cid_or_name, force=True)
+
+    async def update_limits(self, cid: str, limits: ResourceLimits) -> None:
+        await self.client.container_update(cid, resources_body(limits))
+
+    # -- console -----------------------------------------------------------
+
+    def output(
+        self, cid: str, *, follow: bool, since_ns: int | None = None, tail: int | None = None
+    ) -> ILogStream:
+        # The engine's ``since`` is inclusive: _LogLines drops the lines
+        # stamped at ``since_ns`` itself.
+        stream = self.client.logs(
+            cid,
+            follow=follow,
+            tail="all" if tail is None else max(0, tail),
+            since_ns=since_ns,
+            timestamps=True,
+        )
+        return _LogLines(stream, since_ns or 0)
+
+    async def open_stdin(self, cid: str) -> IStdinPipe:
+        pipe: IStdinPipe = await self.client.attach_stdin(cid)
+        return pipe
+
+    # -- stats -------------------------------------------------------------
+
+    async def stats(self, cid: str) -> StatsSample:
+        return stats_sample(await self.client.stats_once(cid))
+
+    def stats_stream(self, cid: str) -> ILogStream:
+        return _StatsSamples(self.client.stats_stream(cid))
+
+    # -- events ------------------------------------------------------------
+
+    def events(
+        self,
+        labels: Mapping[str, str],
+        *,
+        since_ns: int | None,
+        on_break: Callable[[EngineError], None],
+        on_resume: Callable[[], None],
+    ) -> IEventStream:
+        events = self.client.resumable_events(
+            dict(labels),
+            since=since_ns / 1e9 if since_ns is not None else None,
+            retry_delay=self._events_retry,
+            max_retry_delay=self._events_retry_max,
+            on_break=on_break,
+            on_resume=on_resume,
+        )
+        return _Events(events)
