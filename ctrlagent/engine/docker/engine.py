@@ -177,16 +177,20 @@ class _StatsSamples:
 
 @implementer(IEventStream)
 class _Events:
-    """Resumable Docker events read as ``EngineEvent``s."""
+    """Resumable Docker events read as ``EngineEvent``s, those after ``since_ns`` only."""
 
-    def __init__(self, events: ResumableEvents) -> None:
+    def __init__(self, events: ResumableEvents, since_ns: int) -> None:
         self._events = events
+        self._since = since_ns
 
     def __aiter__(self) -> _Events:
         return self
 
     async def __anext__(self) -> EngineEvent:
-        return engine_event(await self._events.__anext__())
+        while True:
+            event = engine_event(await self._events.__anext__())
+            if event.at_ns > self._since:
+                return event
 
     @property
     def reconnects(self) -> int:
@@ -316,12 +320,14 @@ class DockerEngine:
         on_break: Callable[[EngineError], None],
         on_resume: Callable[[], None],
     ) -> IEventStream:
+        # The engine's since is inclusive and in seconds: open a little before
+        # the exact nanosecond and drop what is not after it.
         events = self.client.resumable_events(
             dict(labels),
-            since=since_ns / 1e9 if since_ns is not None else None,
+            since=(since_ns - 1_000) / 1e9 if since_ns is not None else None,
             retry_delay=self._events_retry,
             max_retry_delay=self._events_retry_max,
             on_break=on_break,
             on_resume=on_resume,
         )
-        return _Events(events)
+        return _Events(events, since_ns or 0)

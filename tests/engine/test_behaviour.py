@@ -1,0 +1,433 @@
+"""
+One behaviour suite for every container engine: the fake and the real one.
+
+Each test runs twice, on ``FakeEngine`` (in memory) and on ``DockerEngine``
+against the test Docker engine with the scripted game image (marked
+``docker``): what the server domain relies on holds for both, so a test of
+the domain on the fake means the same on Docker.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from zope.interface.verify import verifyObject
+
+from ctrlagent.engine.interface import (
+    ContainerSpec,
+    EngineEvent,
+    IContainerEngine,
+    IEventStream,
+    ILogStream,
+    IStdinPipe,
+    LogLine,
+    ResourceLimits,
+    StatsSample,
+)
+from ctrlagent.errors import Conflict, EngineError, NotFound
+from ctrlagent.testing.engine import FakeEngine
+
+RUN = secrets.token_hex(6)
+MB = 1024 * 1024
+
+
+@dataclass
+class Harness:
+    """An engine under test, the image it runs, and what a test made on it."""
+
+    engine: Any
+    image: str
+    kind: str
+    case: str = field(default_factory=lambda: secrets.token_hex(4))
+    networks: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        # Not the agent's managed label: the agent's suites sweep those.
+        return {"ctrlagent.test": RUN, "ctrlagent.case": self.case}
+
+    def spec(self, env: dict[str, str] | None = None, **changes: Any) -> ContainerSpec:
+        spec = ContainerSpec(
+            name="ctrlagent-t-{}-{}".format(self.case, secrets.token_hex(3)),
+            image=self.image,
+            labels=self.labels,
+            env=dict(env or {}),
+            working_dir="/home/container",
+            interactive=True,
+            output_max_bytes=MB,
+        )
+        return replace(spec, **changes)
+
+    async def started(self, env: dict[str, str] | None = None, **changes: Any) -> str:
+        """A running scripted game, once it printed its startup line (its traps are set)."""
+        cid = await self.engine.create(self.spec(env, **changes))
+        await self.engine.start(cid)
+        await lines_until(self.engine, cid, "Done (0.1s)! For help, type help")
+        return cid
+
+
+async def within(seconds: float, awaitable: Awaitable[Any]) -> Any:
+    d: Deferred[Any] = ensureDeferred(awaitable)  # type: ignore[arg-type]
+    d.addTimeout(seconds, reactor)
+    return await d
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def read_all(stream: ILogStream) -> list[Any]:
+    items: list[Any] = []
+    try:
+        async for batch in stream.batches():
+            items.extend(batch)
+    finally:
+        stream.close()
+    return items
+
+
+async def lines_until(engine: Any, cid: str, text: str, seconds: float = 15.0) -> list[LogLine]:
+    """Follow the output until a line reads ``text``; every line up to it."""
+
+    async def follow() -> list[LogLine]:
+        stream = engine.output(cid, follow=True)
+        seen: list[LogLine] = []
+        try:
+            async for batch in stream.batches():
+                for line in batch:
+                    seen.append(line)
+                    if line.text == text:
+                        return seen
+        finally:
+            stream.close()
+        raise AssertionError("output ended before {!r}: {!r}".format(text, seen[-10:]))
+
+    result: list[LogLine] = await within(seconds, follow())
+    return result
+
+
+class Events:
+    """Collects an event stream in the background."""
+
+    def __init__(self, stream: IEventStream) -> None:
+        self.stream = stream
+        self.got: list[EngineEvent] = []
+        self.breaks: list[EngineError] = []
+        self.done = ensureDeferred(self._consume())
+
+    async def _consume(self) -> None:
+        async for event in self.stream:
+            self.got.append(event)
+
+    async def wait_for(self, action: str, cid: str, seconds: float = 15.0) -> EngineEvent:
+        for _ in range(int(seconds / 0.02)):
+            for event in self.got:
+                if event.action == action and event.container_id == cid:
+                    return event
+            await sleep(0.02)
+        raise AssertionError("no {} event of {}: {!r}".format(action, cid, self.got))
+
+    async def close(self) -> None:
+        self.stream.close()
+        await within(10, self.done)
+
+
+def open_events(h: Harness, since_ns: int | None = None) -> Events:
+    breaks: list[EngineError] = []
+    events = Events(h.engine.events(h.labels, since_ns=since_ns, on_break=breaks.append,
+                                    on_resume=lambda: None))
+    events.breaks = breaks
+    return events
+
+
+@pytest_twisted.async_yield_fixture(
+    params=["fake", pytest.param("docker", marks=pytest.mark.docker)]
+)
+async def engine(request: Any) -> AsyncIterator[Harness]:
+    if request.param == "fake":
+        image = "ctrlagent-test/scripted:fake"
+        yield Harness(FakeEngine(reactor, images=(image,)), image, "fake")
+        return
+    from ctrlagent.config import DockerConfig
+    from ctrlagent.engine.docker import DockerClient
+    from ctrlagent.engine.docker.engine import DockerEngine
+
+    docker_engine = request.getfixturevalue("docker_engine")
+    image = request.getfixturevalue("scripted_image")
+    client = DockerClient.from_config(
+        reactor, DockerConfig(host=docker_engine.host, call_timeout=15.0, pull_policy="never")
+    )
+    harness = Harness(DockerEngine(client, reactor, events_retry=0.1, events_retry_max=0.5),
+                      image, "docker")
+    try:
+        yield harness
+    finally:
+        for state in await client.container_list(labels=harness.labels, all=True):
+            try:
+                await client.container_remove(state["Id"], force=True)
+            except NotFound:
+                pass
+        for name in harness.networks:
+            try:
+                await client.network_remove(name)
+            except NotFound:
+                pass
+        await client.close()
+
+
+def test_the_engine_provides_the_interface(engine: Harness) -> None:
+    assert verifyObject(IContainerEngine, engine.engine)
+    assert engine.engine.name in ("fake", "docker")
+
+
+@pytest_twisted.ensureDeferred
+async def test_engine_answers_ping_and_version(engine: Harness) -> None:
+    assert await engine.engine.ping() is True
+    assert await engine.engine.version()
+
+
+@pytest_twisted.ensureDeferred
+async def test_created_container_is_inspected_and_listed_by_its_labels(engine: Harness) -> None:
+    e = engine.engine
+    spec = engine.spec()
+    cid = await e.create(spec)
+    state = await e.inspect(cid)
+    assert state.id == cid
+    assert spec.name in state.names
+    assert dict(state.labels, **spec.labels) == dict(state.labels)
+    assert (state.running, state.status, state.exit_code) == (False, "created", None)
+    assert state.started_at_ns is None
+    assert (await e.inspect(spec.name)).id == cid
+    listed = await e.list(engine.labels)
+    assert [(s.id, s.running, s.status) for s in listed] == [(cid, False, "created")]
+    assert spec.name in listed[0].names
+    assert await e.list({**engine.labels, "ctrlagent.case": "other"}) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_taken_name_is_a_conflict(engine: Harness) -> None:
+    spec = engine.spec()
+    await engine.engine.create(spec)
+    with pytest.raises(Conflict):
+        await engine.engine.create(spec)
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_is_reported_as_a_start_event(engine: Harness) -> None:
+    e = engine.engine
+    events = open_events(engine)
+    try:
+        await sleep(0.2)  # the stream is open before the start
+        cid = await e.create(engine.spec())
+        await e.start(cid)
+        event = await events.wait_for("start", cid)
+        assert event.labels["ctrlagent.case"] == engine.case
+        assert event.exit_code is None
+        state = await e.inspect(cid)
+        assert state.running and state.status == "running"
+        assert state.started_at_ns is not None
+        assert abs(state.started_at_ns - event.at_ns) < 5 * 10**9
+    finally:
+        await events.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_since_returns_only_later_lines_in_order(engine: Harness) -> None:
+    e = engine.engine
+    cid = await e.create(engine.spec({"FLOOD_LINES": "20"}))
+    await e.start(cid)
+    await lines_until(e, cid, "flood done")
+    everything = await read_all(e.output(cid, follow=False))
+    assert [line.text for line in everything][1:] == [
+        "Done (0.1s)! For help, type help", *(str(n) for n in range(1, 21)), "flood done"
+    ]
+    assert all(isinstance(line, LogLine) and line.stream == "stdout" for line in everything)
+    stamps = [line.ns for line in everything]
+    assert all(a < b for a, b in zip(stamps, stamps[1:], strict=False)), "ns not increasing"
+    since = everything[5].ns
+    later = await read_all(e.output(cid, follow=False, since_ns=since))
+    assert [(x.ns, x.text) for x in later] == [(x.ns, x.text) for x in everything[6:]]
+    last = await read_all(e.output(cid, follow=False, tail=3))
+    assert [x.text for x in last] == ["19", "20", "flood done"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stdin_reaches_the_game_and_its_answer_comes_back(engine: Harness) -> None:
+    e = engine.engine
+    cid = await engine.started()
+    pipe = await e.open_stdin(cid)
+    assert verifyObject(IStdinPipe, pipe)
+    assert pipe.connected
+    pipe.write_line("say hello there")
+    seen = await lines_until(e, cid, "[Server] hello there")
+    assert "> say hello there" in [line.text for line in seen]
+    await pipe.close()
+    assert not pipe.connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_stops_the_game_with_exit_0_seen_by_die_and_wait(engine: Harness) -> None:
+    e = engine.engine
+    cid = await engine.started()
+    events = open_events(engine)
+    try:
+        await sleep(0.2)
+        await e.kill(cid, "SIGTERM")
+        assert await within(15, e.wait(cid)) == 0
+        die = await events.wait_for("die", cid)
+        assert die.exit_code == 0
+        state = await e.inspect(cid)
+        assert (state.running, state.status, state.exit_code) == (False, "exited", 0)
+        assert not state.oom_killed
+    finally:
+        await events.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ignored_sigterm_leaves_it_running_until_sigkill(engine: Harness) -> None:
+    e = engine.engine
+    cid = await engine.started({"IGNORE_SIGTERM": "1"})
+    await e.kill(cid, "SIGTERM")
+    await lines_until(e, cid, "SIGTERM ignored")
+    assert (await e.inspect(cid)).running
+    await e.kill(cid, "SIGKILL")
+    assert await within(15, e.wait(cid)) == 137
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_console_stop_command_and_a_crash_end_the_game(engine: Harness) -> None:
+    e = engine.engine
+    stopping = await engine.started()
+    crashing = await engine.started()
+    for cid, line in ((stopping, "stop"), (crashing, "crash 7")):
+        pipe = await e.open_stdin(cid)
+        pipe.write_line(line)
+    assert await within(15, e.wait(stopping)) == 0
+    assert await within(15, e.wait(crashing)) == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_killing_a_container_that_does_not_run_is_a_conflict(engine: Harness) -> None:
+    e = engine.engine
+    cid = await e.create(engine.spec())
+    with pytest.raises(Conflict):
+        await e.kill(cid, "SIGTERM")
+    await e.start(cid)
+    await e.kill(cid, "SIGKILL")
+    await within(15, e.wait(cid))
+    with pytest.raises(Conflict):
+        await e.kill(cid, "SIGKILL")
+
+
+@pytest_twisted.ensureDeferred
+async def test_removed_containers_are_not_found(engine: Harness) -> None:
+    e = engine.engine
+    stopped = await e.create(engine.spec())
+    running = await engine.started()
+    await e.remove(stopped)
+    await e.remove(running)
+    for cid in (stopped, running):
+        with pytest.raises(NotFound):
+            await e.inspect(cid)
+    assert await e.list(engine.labels) == []
+    with pytest.raises(NotFound):
+        await e.remove(stopped)
+
+
+@pytest_twisted.ensureDeferred
+async def test_limits_are_set_at_create_and_updated_live(engine: Harness) -> None:
+    e = engine.engine
+    first = ResourceLimits(memory_bytes=64 * MB, memory_swap_bytes=128 * MB, cpu_percent=50.0,
+                           io_weight=300, pids=100)
+    cid = await engine.started(limits=first)
+    got = (await e.inspect(cid)).limits
+    assert got is not None
+    assert (got.memory_bytes, got.memory_swap_bytes, got.cpu_percent, got.pids) == (
+        64 * MB, 128 * MB, 50.0, 100)
+    second = ResourceLimits(memory_bytes=96 * MB, memory_swap_bytes=-1, cpu_percent=150.0,
+                            io_weight=300, pids=200)
+    await e.update_limits(cid, second)
+    got = (await e.inspect(cid)).limits
+    assert got is not None
+    assert (got.memory_bytes, got.memory_swap_bytes, got.cpu_percent, got.pids) == (
+        96 * MB, -1, 150.0, 200)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_of_a_running_game(engine: Harness) -> None:
+    e = engine.engine
+    cid = await engine.started(limits=ResourceLimits(memory_bytes=64 * MB,
+                                                     memory_swap_bytes=64 * MB))
+    sample = await within(20, e.stats(cid))
+    assert isinstance(sample, StatsSample)
+    assert sample.memory_bytes > 0 and sample.pids >= 1
+    assert sample.memory_limit_bytes == 64 * MB
+    assert sample.cpu_percent >= 0.0
+    assert min(sample.rx_bytes, sample.tx_bytes, sample.blk_read, sample.blk_write) >= 0
+    stream = e.stats_stream(cid)
+    assert verifyObject(ILogStream, stream)
+    try:
+        batch = await within(20, stream.batches().__anext__())
+    finally:
+        stream.close()
+    assert batch and all(isinstance(s, StatsSample) for s in batch)
+    assert batch[0].memory_limit_bytes == 64 * MB
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_resumed_from_the_last_one_replay_nothing_twice(engine: Harness) -> None:
+    e = engine.engine
+    before = open_events(engine)
+    try:
+        await sleep(0.2)
+        cid = await engine.started()
+        start = await before.wait_for("start", cid)
+    finally:
+        await before.close()
+    # While nobody listens, the game is killed.
+    await e.kill(cid, "SIGKILL")
+    await within(15, e.wait(cid))
+    resumed = open_events(engine, since_ns=start.at_ns)
+    try:
+        await resumed.wait_for("die", cid)
+        await e.start(cid)
+        await resumed.wait_for("start", cid)
+        await sleep(0.3)
+        ours = [(ev.action, ev.at_ns) for ev in resumed.got if ev.container_id == cid]
+        assert (start.action, start.at_ns) not in ours
+        assert [a for a, _ in ours] == ["kill", "die", "start"]
+        assert len(set(ours)) == len(ours)
+        assert all(at > start.at_ns for _, at in ours)
+    finally:
+        await resumed.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ensure_network_is_idempotent_and_containers_join_it(engine: Harness) -> None:
+    e = engine.engine
+    name = "ctrlagent-t-net-{}".format(engine.case)
+    engine.networks.append(name)
+    await e.ensure_network(name, None, {"ctrlagent.test": RUN})
+    await e.ensure_network(name, None, {"ctrlagent.test": RUN})
+    await e.ensure_network("bridge", None, {})
+    cid = await e.create(engine.spec(network=name))
+    await e.start(cid)
+    assert (await e.inspect(cid)).running
+
+
+@pytest_twisted.ensureDeferred
+async def test_ensure_image_takes_a_present_image_and_refuses_a_missing_one(
+    engine: Harness,
+) -> None:
+    # The docker engine here runs with pull_policy "never".
+    await engine.engine.ensure_image(engine.image)
+    with pytest.raises(NotFound):
+        await engine.engine.ensure_image("ctrlagent-test/absent:{}".format(engine.case))
