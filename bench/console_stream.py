@@ -8,7 +8,9 @@ Console stream benchmark of the Docker client.
    one HTTP/1.0 request and walking the 8-byte frames): the physical baseline.
    Reported: lines/s, MB/s and our/raw ratio (best of R rounds each), plus
    "treq, no work": the same request through treq with a body protocol that
-   only counts bytes, the ceiling of the HTTP client the design prescribes.
+   only counts bytes, the ceiling of the HTTP client the design prescribes,
+   and, on ``/logs``, "engine seam": ``DockerEngine.output`` (timestamped
+   lines split into ``LogLine``s, the way the console reads them).
    ``/attach`` streams raw bytes; ``/logs`` answers HTTP/1.1 chunked with one
    chunk per line, so through Twisted's HTTP/1.1 client its ceiling is the
    chunk parser, while the raw reader asks HTTP/1.0 and gets no chunking.
@@ -40,6 +42,7 @@ from twisted.internet.protocol import Protocol
 
 from ctrlagent.config import DockerConfig
 from ctrlagent.engine.docker import DockerClient
+from ctrlagent.engine.docker.engine import DockerEngine
 from tests.rig.dockerd import PrivateDockerd, engine_answers
 from tests.rig.images import build_scripted_image
 
@@ -95,6 +98,15 @@ def raw_read_logs(socket_path: str, api: str, cid: str, endpoint: str) -> tuple[
                 break
             pending += chunk
     return lines, payload_bytes
+
+
+async def engine_read_logs(engine: DockerEngine, cid: str) -> tuple[int, int]:
+    """Read the log through the engine seam (LogLine batches); count lines and bytes."""
+    lines = size = 0
+    async for batch in engine.output(cid, follow=False).batches(5000):
+        lines += len(batch)
+        size += sum(len(line.text) + 1 for line in batch)
+    return lines, size
 
 
 async def our_read_logs(
@@ -161,9 +173,12 @@ async def measure_throughput(
         assert exit_code == 0, exit_code
         api = client.api_version or "1.41"
         out: dict[str, Any] = {"lines": n + 1}
+        engine = DockerEngine(client, reactor)
         for endpoint in ("attach", "logs"):
             results: dict[str, list[tuple[float, int, int]]] = {
                 "raw": [], "treq_only": [], "ours": [], "batches": []}
+            if endpoint == "logs":
+                results["engine"] = []
             for _ in range(rounds):
                 t0 = time.perf_counter()
                 lines, size = raw_read_logs(socket_path, api, cid, endpoint)
@@ -175,6 +190,10 @@ async def measure_throughput(
                     t0 = time.perf_counter()
                     lines, size = await our_read_logs(client, cid, batches, endpoint)
                     results[name].append((time.perf_counter() - t0, lines, size))
+                if "engine" in results:
+                    t0 = time.perf_counter()
+                    lines, size = await engine_read_logs(engine, cid)
+                    results["engine"].append((time.perf_counter() - t0, lines, size))
             figures: dict[str, Any] = {}
             for name, runs in results.items():
                 seconds, lines, size = min(runs)
@@ -189,6 +208,8 @@ async def measure_throughput(
             figures["ratio_treq_only"] = round(figures["treq_only"]["lines_per_s"] / raw_rate, 3)
             figures["ratio_per_line"] = round(figures["ours"]["lines_per_s"] / raw_rate, 3)
             figures["ratio_batches"] = round(figures["batches"]["lines_per_s"] / raw_rate, 3)
+            if "engine" in figures:
+                figures["ratio_engine"] = round(figures["engine"]["lines_per_s"] / raw_rate, 3)
             out[endpoint] = figures
     finally:
         await client.container_remove(cid, force=True)
@@ -264,7 +285,10 @@ async def run(reactor: Any, args: argparse.Namespace, host: str, socket_path: st
             ("treq_only", "treq, no work ", t["ratio_treq_only"]),
             ("ours", "ours, per line", t["ratio_per_line"]),
             ("batches", "ours, batches ", t["ratio_batches"]),
+            ("engine", "engine seam   ", t.get("ratio_engine")),
         ):
+            if name not in t:
+                continue
             lines.append(
                 "    {} {:>10,} lines/s {:>8.2f} MB/s{}".format(
                     text, t[name]["lines_per_s"], t[name]["mb_per_s"],

@@ -8,7 +8,7 @@ dispatcher reports as ``INVALID_PAYLOAD``.
 
 Numbers are numbers: JSON numbers or decimal strings, never booleans, never
 NaN or an infinity (``1e999`` parses as one), and never beyond the bounds
-below, so nothing derived from them (``NanoCpus``, bytes of memory) can
+below, so nothing derived from them (CPU time, bytes of memory) can
 overflow later, in the background, where nobody can be told:
 
 =================  =======================================================
@@ -703,7 +703,7 @@ def startup_command(line: str) -> list[str] | None:
 
 
 def resources(spec: ServerSpec, defaults: ServersConfig) -> dict[str, Any]:
-    """The Docker ``HostConfig`` resource fields (also what ``container_update`` takes)."""
+    """The Docker resource fields of a create body (also what ``container_update`` takes)."""
     from ctrlagent.engine.docker.bodies import resources_body
     from ctrlagent.servers.containers import limits
 

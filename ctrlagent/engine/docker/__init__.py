@@ -1,9 +1,11 @@
 """
 The agent's own Docker Engine API client (no docker SDK).
 
-``DockerClient`` is the entry point; the pure parts (frame demultiplexer and
-line splitter, stats arithmetic, event and pull-progress parsing) live in
-``mux``, ``stats`` and ``models`` and import no reactor.
+``DockerClient`` is the entry point and ``DockerEngine`` the engine seam
+over it; the pure parts (frame demultiplexer and line splitter, stats
+arithmetic, event and pull-progress parsing, request bodies, time formats)
+live in ``mux``, ``stats``, ``models``, ``bodies`` and ``timefmt`` and import
+no reactor.
 """
 
 from ctrlagent.engine.docker.client import (
@@ -12,6 +14,7 @@ from ctrlagent.engine.docker.client import (
     DockerClient,
     error_for_status,
 )
+from ctrlagent.engine.docker.engine import DockerEngine
 from ctrlagent.engine.docker.errors import (
     Conflict,
     ContainerGone,
@@ -36,6 +39,7 @@ from ctrlagent.engine.docker.transport import DockerHost, parse_docker_host
 
 __all__ = [
     "DockerClient",
+    "DockerEngine",
     "MANAGED_LABEL",
     "MANAGED_LABEL_FILTER",
     "error_for_status",
