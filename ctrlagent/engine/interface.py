@@ -234,7 +234,7 @@ class IEventStream(Interface):
 
 
 class IStdinPipe(Interface):
-    """A container's stdin, open until closed or until its process exits."""
+    """A container's stdin, open until closed or until the process it serves exits."""
 
     connected = Attribute("bool: True while bytes written can still reach the container")
 
@@ -296,7 +296,10 @@ class IContainerEngine(Interface):
         """
 
     def open_stdin(cid: str) -> Awaitable[IStdinPipe]:
-        """A pipe to the running container's stdin."""
+        """
+        A pipe to the container's stdin, bound to one run of its process:
+        the current one, or the next start when it does not run.
+        """
 
     def stats(cid: str) -> Awaitable[StatsSample]:
         """One resource sample."""

@@ -52,7 +52,7 @@ from ctrlagent.engine.interface import (
     StatsSample,
     is_builtin_network,
 )
-from ctrlagent.errors import Conflict, EngineError, EngineUnavailable, NotFound
+from ctrlagent.errors import Conflict, CtrlAgentError, EngineError, EngineUnavailable, NotFound
 
 __all__ = ["FakeEngine", "FakeContainer"]
 
@@ -69,7 +69,7 @@ class FakeStream:
     def __init__(self, items: list[Any], follow: bool, gate: Deferred[None] | None = None):
         self.items = list(items)
         self.ended = not follow
-        self.error: EngineError | None = None
+        self.error: CtrlAgentError | None = None
         self._waiter: Deferred[None] | None = None
         self._gate = gate
 
@@ -78,7 +78,7 @@ class FakeStream:
             self.items.append(item)
             self._wake()
 
-    def end(self, error: EngineError | None = None) -> None:
+    def end(self, error: CtrlAgentError | None = None) -> None:
         if not self.ended:
             self.ended = True
             self.error = error
@@ -118,19 +118,26 @@ class FakePipe:
     def __init__(self, engine: FakeEngine, container: FakeContainer) -> None:
         self._engine = engine
         self._container = container
-        self._run = container.runs
+        # Opened while it does not run: bound to the run that comes (as
+        # Docker's attach, which waits for the next start).
+        self._run = container.runs if container.running else container.runs + 1
         self._closed = False
 
     @property
     def connected(self) -> bool:
         """True while the process it was opened for runs and the pipe is open."""
         c = self._container
-        return not self._closed and c.running and c.runs == self._run and self._engine.up
+        if self._closed or not self._engine.up:
+            return False
+        if not c.running:
+            return c.runs + 1 == self._run  # open, waiting for the start
+        return c.runs == self._run
 
     def write_line(self, text: str) -> None:
         if not self.connected:
             raise EngineUnavailable("console stdin is closed")
-        self._engine.stdin(self._container.cid, text)
+        if self._container.running:
+            self._engine.stdin(self._container.cid, text)
 
     def close(self) -> Deferred[None]:
         self._closed = True
@@ -529,14 +536,26 @@ class FakeEngine:
         self._check()
         self.get(cid).limits = limits
 
+    def _failed(self, cid: str) -> FakeStream | None:
+        """A stream ending at once with the error a call on ``cid`` meets now, if any."""
+        error: CtrlAgentError | None = None
+        if not self.up:
+            error = EngineUnavailable("the fake engine is down")
+        elif not any(cid in (c.cid, c.name) for c in self.containers.values()):
+            error = NotFound("no such container: {}".format(cid))
+        if error is None:
+            return None
+        stream = FakeStream([], follow=False)
+        stream.error = error
+        return stream
+
     def output(
         self, cid: str, *, follow: bool, since_ns: int | None = None, tail: int | None = None
     ) -> ILogStream:
+        failed = self._failed(cid)
+        if failed is not None:
+            return failed
         c = self.get(cid)
-        if not self.up:
-            stream = FakeStream([], follow=False)
-            stream.error = EngineUnavailable("the fake engine is down")
-            return stream
         items = [line for line in c.log if since_ns is None or line.ns > since_ns]
         if tail is not None:
             items = items[-tail:] if tail > 0 else []
@@ -548,10 +567,9 @@ class FakeEngine:
 
     async def open_stdin(self, cid: str) -> IStdinPipe:
         self._check()
-        c = self.get(cid)
-        if not c.running:
-            raise Conflict("container {} is not running".format(cid))
-        return FakePipe(self, c)
+        # Docker attaches to a container that does not run too: the pipe
+        # waits for its next start.
+        return FakePipe(self, self.get(cid))
 
     def _sample(self, c: FakeContainer) -> StatsSample:
         if not c.running:
@@ -564,6 +582,9 @@ class FakeEngine:
         return self._sample(self.get(cid))
 
     def stats_stream(self, cid: str) -> ILogStream:
+        failed = self._failed(cid)
+        if failed is not None:
+            return failed
         c = self.get(cid)
         stream = FakeStream([self._sample(c)], follow=c.running and self.up)
         if c.running:

@@ -337,9 +337,56 @@ async def test_removed_containers_are_not_found(engine: Harness) -> None:
     for cid in (stopped, running):
         with pytest.raises(NotFound):
             await e.inspect(cid)
+        with pytest.raises(NotFound):
+            await e.wait(cid)
+        with pytest.raises(NotFound):
+            await read_all(e.output(cid, follow=True))
     assert await e.list(engine.labels) == []
     with pytest.raises(NotFound):
         await e.remove(stopped)
+
+
+@pytest_twisted.ensureDeferred
+async def test_following_an_exited_container_gives_its_lines_and_ends(engine: Harness) -> None:
+    e = engine.engine
+    cid = await engine.started()
+    await e.kill(cid, "SIGTERM")
+    await within(15, e.wait(cid))
+    lines = await within(15, read_all(e.output(cid, follow=True)))
+    assert [x.text for x in lines][-2:] == [
+        "Done (0.1s)! For help, type help", "Stopping server (SIGTERM)"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stdin_opened_before_the_start_reaches_the_game(engine: Harness) -> None:
+    e = engine.engine
+    cid = await e.create(engine.spec())
+    pipe = await e.open_stdin(cid)
+    await e.start(cid)
+    await lines_until(e, cid, "Done (0.1s)! For help, type help")
+    pipe.write_line("say early")
+    await lines_until(e, cid, "[Server] early")
+    await pipe.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stdin_opened_after_the_exit_reaches_the_next_run(engine: Harness) -> None:
+    e = engine.engine
+    cid = await engine.started()
+    old = await e.open_stdin(cid)
+    await e.kill(cid, "SIGKILL")
+    await within(15, e.wait(cid))
+    for _ in range(250):
+        if not old.connected:
+            break
+        await sleep(0.02)
+    assert not old.connected  # bound to the run that ended
+    pipe = await e.open_stdin(cid)
+    await e.start(cid)
+    await sleep(0.5)
+    pipe.write_line("say again")
+    await lines_until(e, cid, "[Server] again")
+    await pipe.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -13,7 +13,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 
 from ctrlagent.engine.interface import ContainerSpec, EngineEvent, LogLine
-from ctrlagent.errors import Conflict, EngineError, EngineUnavailable, NotFound
+from ctrlagent.errors import EngineError, EngineUnavailable, NotFound
 from ctrlagent.testing.engine import FakeEngine
 
 LABELS = {"test": "fake"}
@@ -110,6 +110,14 @@ async def test_created_specs_and_kills_are_recorded() -> None:
 @pytest_twisted.ensureDeferred
 async def test_a_stdin_pipe_is_bound_to_the_run_it_was_opened_for() -> None:
     engine = FakeEngine(Clock())
+    early = await engine.create(game(name="early"))
+    before_start = await engine.open_stdin(early)
+    assert before_start.connected
+    await engine.start(early)
+    before_start.write_line("say early")
+    assert texts(engine, early)[-1] == "[Server] early"
+
+    engine = FakeEngine(Clock())
     cid = await engine.create(game())
     await engine.start(cid)
     pipe = await engine.open_stdin(cid)
@@ -119,8 +127,11 @@ async def test_a_stdin_pipe_is_bound_to_the_run_it_was_opened_for() -> None:
     assert not pipe.connected
     with pytest.raises(EngineUnavailable):
         pipe.write_line("say late")
-    with pytest.raises(Conflict):
-        await engine.open_stdin(await engine.create(game(name="idle")))
+    await engine.kill(cid)
+    after_exit = await engine.open_stdin(cid)
+    assert after_exit.connected  # waiting for the next start
+    await engine.start(cid)
+    assert after_exit.connected and not pipe.connected
 
 
 @pytest_twisted.ensureDeferred
