@@ -833,3 +833,70 @@ async def test_http_commands_with_such_numbers_answer_invalid_payload_naming_the
     assert (answer["success"], answer["code"]) == (False, "INVALID_PAYLOAD")
     assert answer["details"]["field"] == "limits.cpu"
     assert "http-1" not in api.servers.servers
+
+
+# -- which error wins when a command is wrong twice -------------------------------------
+
+_PRECEDENCE = [
+    # an unknown action wins over everything
+    ("make_coffee", "no-such-server", {"path": 5}, "UNKNOWN_ACTION", None),
+    # the one walk of every payload comes before the server
+    ("read_file", "no-such-server", {"path": "a\ud800"}, "INVALID_PAYLOAD", "path"),
+    ("start_server", "no-such-server", {"x": float("nan")}, "INVALID_PAYLOAD", "x"),
+    # server and node actions resolve the server before reading their fields
+    ("stop_server", "no-such-server", {"signal": "SIG KILL; rm"}, "SERVER_NOT_FOUND", None),
+    ("stop_server", None, {"signal": "SIG KILL; rm"}, "INVALID_PAYLOAD", "serverId"),
+    ("delete_server", "no-such-server", {"purgeFiles": "yes"}, "SERVER_NOT_FOUND", None),
+    ("update_server", "no-such-server", {"limits": 5}, "SERVER_NOT_FOUND", None),
+    ("get_server_logs", "no-such-server", {"lines": "many"}, "SERVER_NOT_FOUND", None),
+    ("send_server_command", "no-such-server", {}, "SERVER_NOT_FOUND", None),
+    ("console:command", "no-such-server", {}, "SERVER_NOT_FOUND", None),
+    ("console:history", "no-such-server", {"lines": 0}, "SERVER_NOT_FOUND", None),
+    ("console:download", "no-such-server", {"format": "pdf"}, "SERVER_NOT_FOUND", None),
+    # create needs an id first, then its definition
+    ("create_server", None, {}, "INVALID_PAYLOAD", "serverId"),
+    ("create_server", "fresh", {"name": 5}, "INVALID_PAYLOAD", "image"),
+    ("create_server", "fresh", {"image": "img", "name": 5, "environment": "A=1"},
+     "INVALID_PAYLOAD", "name"),
+    ("create_server", "fresh", {"image": "img", "limits": [1], "ports": {}},
+     "INVALID_PAYLOAD", "limits"),
+    ("create_server", "fresh", {"image": "img", "ports": {}, "skipScripts": "maybe"},
+     "INVALID_PAYLOAD", "ports"),
+    # power_server reads its action before the server
+    ("power_server", "no-such-server", {"action": "explode"}, "INVALID_PAYLOAD", "action"),
+    ("power_server", None, {"action": "explode"}, "INVALID_PAYLOAD", "action"),
+    # file and mod actions read their fields before the server (and its root)
+    ("read_file", "no-such-server", {}, "INVALID_PAYLOAD", "path"),
+    ("read_file", None, {}, "INVALID_PAYLOAD", "path"),
+    ("write_file", "no-such-server", {"path": "a"}, "INVALID_PAYLOAD", "content"),
+    ("list_files", "no-such-server", {"path": ["/"], "limit": 0}, "INVALID_PAYLOAD", "path"),
+    ("list_files", "no-such-server", {"limit": 0, "offset": -1}, "INVALID_PAYLOAD", "limit"),
+    ("search_files", "no-such-server", {"fileType": "socket"}, "INVALID_PAYLOAD", "query"),
+    ("rename_file", "no-such-server", {}, "INVALID_PAYLOAD", "oldPath"),
+    ("upload_file", "no-such-server", {"encoding": "rot13"}, "INVALID_PAYLOAD", "path"),
+    ("upload_file", "no-such-server", {"path": "a", "encoding": "rot13"},
+     "INVALID_PAYLOAD", "content"),
+    ("upload_file", "no-such-server", {"path": "a", "content": "", "encoding": "rot13",
+                                       "chunkIndex": "x"}, "INVALID_PAYLOAD", "encoding"),
+    ("set_file_permissions", "no-such-server", {"mode": "x"}, "INVALID_PAYLOAD", "path"),
+    ("create_archive", "no-such-server", {"format": "rar"}, "INVALID_PAYLOAD", "files"),
+    ("create_archive", "no-such-server", {"files": ["a"], "format": "rar"},
+     "INVALID_PAYLOAD", "archivePath"),
+    ("extract_archive", "no-such-server", {"extractPath": 5}, "INVALID_PAYLOAD", "archivePath"),
+    ("install_mod", "no-such-server", {}, "INVALID_PAYLOAD", "modId"),
+    ("install_mod", "no-such-server", {"type": 5, "workshopId": 6}, "INVALID_PAYLOAD", "type"),
+    ("install_mod", "no-such-server", {"version": 5, "modId": [1]}, "INVALID_PAYLOAD", "version"),
+    ("uninstall_mod", "no-such-server", {}, "INVALID_PAYLOAD", "modId"),
+    ("list_mods", "no-such-server", {}, "SERVER_NOT_FOUND", None),
+    ("list_files", None, {}, "INVALID_PAYLOAD", "serverId"),
+]
+
+
+@pytest.mark.parametrize(("action", "server_id", "params", "code", "field"), _PRECEDENCE)
+def test_a_doubly_wrong_command_reports_the_same_error_first(
+    rig: Rig, action: str, server_id: str | None, params: dict[str, Any], code: str,
+    field: str | None,
+) -> None:
+    rig.created()
+    error = rig.error(action, server_id, **params)
+    assert (error.code, error.details.get("field")) == (code, field)
