@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ctrlagent.actions.registry import Dispatcher, panel_metrics
+from ctrlagent.actions.registry import Dispatcher
+from ctrlagent.actions.servers import coerce_metrics as panel_metrics
 from ctrlagent.config import TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.testing.files import FakeFileManager
