@@ -306,7 +306,13 @@ class Signal(Field):
         return signal
 
     def schema(self) -> dict[str, Any]:
-        return self._described({"type": "string", "example": "SIGTERM"})
+        return self._described(
+            {
+                "type": "string",
+                "pattern": "^(?:[Ss][Ii][Gg][A-Za-z0-9]{2,10}|(?![Ss][Ii][Gg])[A-Za-z0-9]{2,10})$",
+                "example": "SIGTERM",
+            }
+        )
 
 
 _MODE = re.compile(r"[0-7]{3,4}")
@@ -333,15 +339,8 @@ class OctalMode(Field):
         return value
 
     def schema(self) -> dict[str, Any]:
-        return self._described(
-            {
-                "oneOf": [
-                    {"type": "string", "pattern": "^[0-7]{3,4}$"},
-                    {"type": "integer", "minimum": 0, "maximum": 7777},
-                ],
-                "example": "0644",
-            }
-        )
+        # The JSON-number spelling (644) is accepted but not advertised.
+        return self._described({"type": "string", "pattern": "^[0-7]{3,4}$", "example": "0644"})
 
 
 class Identifier(Field):
@@ -369,8 +368,10 @@ class Identifier(Field):
         return value
 
     def schema(self) -> dict[str, Any]:
-        schema: dict[str, Any] = {"oneOf": [{"type": "string"}, {"type": "integer"}]}
-        return self._described(schema)
+        text: dict[str, Any] = {"type": "string"}
+        if self._required:
+            text["minLength"] = 1
+        return self._described({"oneOf": [text, {"type": "integer"}]})
 
 
 class Array(Field):
