@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -58,6 +58,9 @@ from ctrlagent.wire.json import to_json
 from ctrlagent.work import Deadlines, Tracker
 
 from .payload import Payload
+
+if TYPE_CHECKING:
+    from .node import HostInfo
 
 
 def now_iso() -> str:
@@ -375,7 +378,7 @@ class Dispatcher(ActionRegistry):
         *,
         servers: IServerManager,
         files: IFileManager,
-        system: Any,
+        system: HostInfo,
         deadlines: Deadlines | None = None,
         clock: IReactorTime | None = None,
         tracker: Tracker | None = None,

@@ -6,6 +6,7 @@ learning, which error wins, deadlines and unexpected errors.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -16,12 +17,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ctrlagent.actions.registry import Dispatcher
+from ctrlagent.actions import build_registry
+from ctrlagent.actions.payload import Payload
+from ctrlagent.actions.registry import ActionSpec, Call, Dispatcher
 from ctrlagent.config import TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.testing.files import FakeFileManager
 from ctrlagent.testing.servers import FakeServerManager
 from ctrlagent.wire.command import ActionResult, Command, IDispatcher, check_payload, parse_command
+from ctrlagent.wire.json import to_json
 from ctrlagent.work import Deadlines, Tracker
 from tests.actions.rig import PANEL_ID, UUID, FakeHost, Rig
 from tests.api.conftest import ApiRig
@@ -416,3 +420,88 @@ def test_a_doubly_wrong_command_reports_the_same_error_first(
     rig.created()
     error = rig.error(action, server_id, **params)
     assert (error.code, error.details.get("field")) == (code, field)
+
+
+# -- the registry itself ------------------------------------------------------------------
+
+
+def test_a_name_or_alias_cannot_be_registered_twice(rig: Rig) -> None:
+    (ping,) = [s for s in rig.dispatcher.specs() if s.name == "system.ping"]
+    with pytest.raises(ValueError, match="system.ping"):
+        rig.dispatcher.register(ping)
+    with pytest.raises(ValueError, match="get_status"):
+        rig.dispatcher.register(replace(ping, name="new_name", aliases=("get_status",)))
+    assert "new_name" not in rig.dispatcher.names()
+
+
+def test_build_registry_answers_what_the_dispatcher_answers(rig: Rig) -> None:
+    registry = build_registry(
+        servers=rig.servers, files=rig.files, host=FakeHost(),
+        deadlines=Deadlines(rig.clock, Tracker(), TimeoutsConfig()),
+    )
+    assert registry.names() == rig.dispatcher.names()
+    assert [s.name for s in registry.specs()] == [s.name for s in rig.dispatcher.specs()]
+    assert {s.family for s in registry.specs()} == {"servers", "console", "files", "mods", "node"}
+    answered: list[Any] = []
+    registry.dispatch(Command("system.ping", None, {})).addBoth(answered.append)
+    assert answered[0].message == "pong"
+
+
+@dataclass(frozen=True)
+class Plain:
+    """A result record, as the domain's typed records are."""
+
+    server_id: str
+    status: str
+
+
+@to_json.register
+def _plain_json(value: Plain) -> dict[str, Any]:
+    return {"serverId": value.server_id, "status": value.status, "kind": "record"}
+
+
+def _echo_spec(name: str, result: object, **kw: Any) -> ActionSpec:
+    async def handler(call: Call) -> object:
+        return result
+
+    return ActionSpec(name, "test", "echo", Payload(), handler, **kw)
+
+
+def test_a_record_answer_goes_through_untouched_and_a_mapping_gets_its_server_id(
+    rig: Rig,
+) -> None:
+    rig.created()
+    record = Plain("whoever", "running")
+    rig.dispatcher.register(_echo_spec("echo_record", record, names_server=True))
+    rig.dispatcher.register(_echo_spec("echo_mapping", {"status": "x"}, names_server=True))
+    rig.dispatcher.register(_echo_spec("echo_plain", {"status": "x"}))
+    rig.dispatcher.register(_echo_spec("echo_none", None, names_server=True))
+    answered: list[Any] = []
+    rig.dispatcher.dispatch(Command("echo_record", PANEL_ID, {})).addBoth(answered.append)
+    assert answered[0].data is record
+    assert rig.ok("echo_record", PANEL_ID)["kind"] == "record"
+    assert rig.ok("echo_mapping", PANEL_ID) == {"status": "x", "serverId": UUID}
+    assert rig.ok("echo_plain", PANEL_ID) == {"status": "x"}
+    assert rig.ok("echo_none", PANEL_ID) == {}
+
+
+def test_handlers_read_domain_records_through_to_json(rig: Rig) -> None:
+    rig.created()
+    rig.ok("start_server", UUID)
+    rig.created("other", panelId="other-panel")
+    listed = rig.servers.list_servers()
+    rig.servers.list_servers = lambda: [  # type: ignore[method-assign]
+        Plain(s["serverId"], s["status"]) for s in listed
+    ]
+    status = rig.ok("system.status")
+    assert (status["serverCount"], status["runningServers"]) == (2, 1)
+    assert rig.ok("list_servers")["servers"][0]["kind"] == "record"
+    rig.servers.status = lambda server_id: Plain(server_id, "stopping")  # type: ignore[assignment]
+    rig.servers.hold("stop")
+    d = rig.start("stop_server", UUID)
+    rig.clock.advance(25)
+    answered: list[Any] = []
+    d.addBoth(answered.append)
+    assert answered[0].data == {
+        "serverId": UUID, "status": "stopping", "kind": "record", "pending": True
+    }
