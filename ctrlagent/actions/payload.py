@@ -45,6 +45,15 @@ def _present(params: Mapping[str, Any], name: str) -> Any:
     return MISSING if value is None else value
 
 
+def whole(regex: str) -> str:
+    """
+    An OpenAPI ``pattern`` matching a whole string: ``^...$`` and, since
+    Python's ``$`` also matches before a final newline (where ECMA's does
+    not), nothing after the end either.
+    """
+    return "^(?:" + regex + ")$(?!\n)"
+
+
 class Field:
     """One payload field: ``parse`` checks and converts it, ``schema`` describes it."""
 
@@ -309,7 +318,9 @@ class Signal(Field):
         return self._described(
             {
                 "type": "string",
-                "pattern": "^(?:[Ss][Ii][Gg][A-Za-z0-9]{2,10}|(?![Ss][Ii][Gg])[A-Za-z0-9]{2,10})$",
+                "pattern": whole(
+                    "[Ss][Ii][Gg][A-Za-z0-9]{2,10}|(?![Ss][Ii][Gg])[A-Za-z0-9]{2,10}"
+                ),
                 "example": "SIGTERM",
             }
         )
@@ -340,7 +351,9 @@ class OctalMode(Field):
 
     def schema(self) -> dict[str, Any]:
         # The JSON-number spelling (644) is accepted but not advertised.
-        return self._described({"type": "string", "pattern": "^[0-7]{3,4}$", "example": "0644"})
+        return self._described(
+            {"type": "string", "pattern": whole("[0-7]{3,4}"), "example": "0644"}
+        )
 
 
 class Identifier(Field):

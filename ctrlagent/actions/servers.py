@@ -17,7 +17,7 @@ from ctrlagent.errors import CtrlAgentError
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.servers import spec as specs
 
-from .payload import Boolean, Choice, Definition, Number, Payload, Signal
+from .payload import Boolean, Choice, Definition, Number, Payload, Signal, whole
 from .registry import ActionSpec, Call, json_object, now_iso
 
 _POWER_ACTIONS = ("start", "stop", "restart", "kill")
@@ -33,7 +33,7 @@ def _number(minimum: float, maximum: float, description: str, *, integer: bool =
     }
 
 
-_ID_TEXT = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"}
+_ID_TEXT = {"type": "string", "pattern": whole("[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")}
 _ID = {"oneOf": [_ID_TEXT, {"type": "integer", "minimum": 0, "maximum": specs.MAX_ID}]}
 _TIMEOUT = _number(-1, specs.MAX_TIMEOUT, "seconds; negative: the agent's default",
                    integer=False)
@@ -47,7 +47,7 @@ def definition_schema(*, required: tuple[str, ...] = ("image",)) -> dict[str, An
         "required": list(required),
         "properties": {
             "name": {"type": "string", "description": "display name (default: the id)"},
-            "image": {"type": "string", "minLength": 1, "pattern": r"^\S+$"},
+            "image": {"type": "string", "minLength": 1, "pattern": whole(r"[^\s\x00]+")},
             "startup": {"type": "string", "description": "startup line; {{VAR}} is filled"},
             "environment": {
                 "type": "object",
@@ -139,7 +139,7 @@ def definition_schema(*, required: tuple[str, ...] = ("image",)) -> dict[str, An
             "crashRestart": {"type": "boolean"},
             "user": {
                 "type": "string",
-                "pattern": "^(image|[0-9]{1,10}(:[0-9]{1,10})?)$",
+                "pattern": whole("image|[0-9]{1,10}(:[0-9]{1,10})?"),
                 "description": '"uid:gid", or "image" for the image\'s own user',
             },
         },

@@ -62,7 +62,8 @@ _SCALARS = st.one_of(
     st.text(max_size=14),
     st.sampled_from(
         ["", "/", "a.txt", "term", "SIGKILL", "sig", "644", "0755", "12", " 7 ", "-3", "1.5",
-         "true", "False", "utf-8", "utf8", "zip", "tar.gz", "txt", "json", "all", "start"]
+         "true", "False", "utf-8", "utf8", "zip", "tar.gz", "txt", "json", "all", "start",
+         "755\n", "term\n", "SIGX", "ab", "a\n"]
     ),
 )
 _VALUES = st.one_of(
@@ -116,10 +117,11 @@ def test_a_parsed_value_parses_to_itself_again(name: str, value: Any) -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(_FIELD_NAMES), value=_VALUES)
 def test_a_value_the_schema_allows_is_accepted(name: str, value: Any) -> None:
-    assume(value is not None and _usable(value))
     declared = FIELDS[name]
-    assume(OAS30Validator(declared.schema()).is_valid(value))
-    declared.parse(value, "f")
+    if value is None or not _usable(value):
+        return
+    if OAS30Validator(declared.schema()).is_valid(value):
+        declared.parse(value, "f")
 
 
 @pytest.mark.parametrize(
