@@ -2,13 +2,15 @@
 The OpenAPI 3 description of the agent's HTTP API, served at ``/api/openapi.json``.
 
 Kept as plain data next to the routes so that a test can check that every route
-is described and every ``$ref`` resolves.  The action list comes from the
-dispatcher's table when it is known, so the document cannot drift from it.
+is described and every ``$ref`` resolves.  The action list and each action's
+payload schema come from the action registry's declarations when they are
+given, so the document cannot drift from what the agent accepts.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 _ERROR_CODES = [
@@ -393,10 +395,26 @@ _DOCUMENT: dict[str, Any] = {
 }
 
 
-def openapi_document(version: str, actions: list[str] | None = None) -> dict[str, Any]:
-    """The document for agent ``version``, listing ``actions`` when given."""
+def openapi_document(
+    version: str,
+    actions: list[str] | None = None,
+    schemas: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """
+    The document for agent ``version``, listing ``actions`` when given.
+
+    ``schemas`` are the action registry's component schemas
+    (``ActionRegistry.openapi_schemas()``: the ``Action`` enum, one payload
+    schema per action and ``ActionCommand``), merged into the components so
+    that the command endpoint is described action by action.
+    """
     document = copy.deepcopy(_DOCUMENT)
     document["info"]["version"] = version
+    components = document["components"]["schemas"]
+    if schemas:
+        components.update(copy.deepcopy(dict(schemas)))
+        if "ActionCommand" in schemas:
+            components["CommandRequest"]["anyOf"].append(_ref("ActionCommand"))
     if actions:
-        document["components"]["schemas"]["Action"]["enum"] = sorted(actions)
+        components["Action"]["enum"] = sorted(actions)
     return document
