@@ -13,8 +13,8 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from ctrlagent.servers.console import ConsoleBuffer, ConsoleLine, ConsoleThrottle, split_timestamp
-from ctrlagent.servers.server import MarkFilter
-from ctrlagent.servers.states import ServerState, panel_status
+from ctrlagent.servers.console import MarkFilter
+from ctrlagent.servers.lifecycle import ServerState, panel_status
 from ctrlagent.servers.store import open_store
 
 S = ServerState

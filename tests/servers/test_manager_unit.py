@@ -21,7 +21,7 @@ from ctrlagent.errors import Conflict, InsufficientResources, InvalidInput, Serv
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.servers.manager import ServerManager
-from ctrlagent.servers.states import ServerState
+from ctrlagent.servers.lifecycle import ServerState
 from tests.servers.conftest import Unit, sleep, until
 
 S = ServerState
@@ -241,7 +241,7 @@ async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle
     m = await running(unit)
     server = m.get("s1")
     await until(lambda: len(unit.lines("s1")) == 2, 2, "the startup lines")
-    server.throttle.limit = 4
+    server.console.throttle.limit = 4
     unit.clock.advance(1.0)  # a fresh throttle interval
     before = len(unit.events)
     base = 1_795_000_000
@@ -249,7 +249,7 @@ async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle
     assert calendar.timegm((2026, 11, 18, 11, 6, 40, 0, 0, 0)) == base
     texts = [("stdout", "a"), ("stdout", "b"), ("stderr", "oops"), ("stdout", "c"),
              ("stdout", "d"), ("stdout", "e")]
-    server.take_lines([(stream, stamp.format(i + 1, text))
+    server.console.take([(stream, stamp.format(i + 1, text))
                        for i, (stream, text) in enumerate(texts)], None)
 
     def console() -> list[tuple[str, list[str], float]]:
@@ -265,8 +265,8 @@ async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle
     assert console() == [("stdout", ["a", "b"], at(1)), ("stderr", ["oops"], at(3)),
                          ("stdout", ["c"], at(4))]
     assert m.console_history("s1", 6) == [text for _, text in texts]
-    assert (server.mark, server.mark_count) == (base * 10**9 + 6, 1)
-    assert server.lines_total >= 6
+    assert (server.console.mark, server.console.mark_count) == (base * 10**9 + 6, 1)
+    assert server.console.lines_total >= 6
     unit.clock.advance(1.0)
     await until(lambda: any(e.stream == "agent" for e in unit.events[before:]
                             if isinstance(e, ConsoleOutput)), 2, "the throttle notice")
