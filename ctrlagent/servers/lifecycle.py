@@ -159,7 +159,7 @@ def target(state: ServerState, event: Input) -> ServerState:
     if to is state:
         return state
     if state not in allowed:
-        raise IllegalTransition("?", state, event)
+        raise IllegalTransition("", state, event)
     return to
 
 

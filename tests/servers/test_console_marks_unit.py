@@ -39,10 +39,10 @@ from ctrlagent.errors import ConfigInvalid
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.servers import delivery
-from ctrlagent.servers.delivery import JOURNAL_NAME, MarkJournal, encode_record, parse_journal
-from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.console import MarkFilter
+from ctrlagent.servers.delivery import JOURNAL_NAME, MarkJournal, encode_record, parse_journal
 from ctrlagent.servers.lifecycle import ServerState
+from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.store import open_store
 from tests.servers.conftest import Unit, sleep, until
 from tests.servers.test_manager_unit import PARAMS

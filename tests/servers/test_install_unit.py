@@ -13,8 +13,8 @@ import pytest_twisted
 
 from ctrlagent.errors import InvalidInput
 from ctrlagent.servers.installer import InstallLog
-from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.lifecycle import ServerState
+from ctrlagent.servers.manager import ServerManager
 from tests.servers.conftest import Unit, until
 from tests.servers.test_manager_unit import PARAMS
 

@@ -20,8 +20,8 @@ from ctrlagent.config import ServersConfig
 from ctrlagent.errors import Conflict, InsufficientResources, InvalidInput, ServerNotFound
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
 from ctrlagent.interfaces import IServerManager
-from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.lifecycle import ServerState
+from ctrlagent.servers.manager import ServerManager
 from tests.servers.conftest import Unit, sleep, until
 
 S = ServerState
