@@ -7,6 +7,12 @@ It implements ``IServerManager`` for the action dispatcher and publishes
 threads), the config tree, the Docker client, the store and a thread pool for
 filesystem work (disk usage, chown, purges).
 
+The manager is the set of servers (ids, aliases, definitions in the store),
+the engine's event routing and the reconcile and disk loops.  Every power
+action is the ``Server``'s own (``ctrlagent.servers.server``): the manager
+finds the server and calls it, and a server never calls the manager back;
+what it uses is handed to it once (``ServerServices``).
+
 Start-up never blocks on Docker: definitions are loaded from the store
 (milliseconds), the API can serve at once, and the engine is reconciled in the
 background: running containers are re-attached (console recovered from
@@ -304,7 +310,7 @@ class ServerManager(service.Service):
             self.disk_pool.stop()
 
     def emit(self, event: ServerEvent) -> None:
-        """Publish an event to every listener; a failing listener is logged."""
+        """Publish an event to every listener (``EventBus.emit``)."""
         self.bus.emit(event)
 
     # -- engine watching and reconciling -----------------------------------
