@@ -134,7 +134,9 @@ def test_a_change_emits_one_event_and_persists_it_except_unknown() -> None:
 
 
 @given(st.lists(st.sampled_from(list(Input)), max_size=60), st.sampled_from(list(ServerState)))
-def test_a_walk_over_inputs_never_leaves_the_states(events: list[Input], start: ServerState) -> None:
+def test_a_walk_over_inputs_never_leaves_the_states(
+    events: list[Input], start: ServerState
+) -> None:
     recorder = Recorder()
     life = recorder.lifecycle(start)
     for event in events:
