@@ -375,3 +375,23 @@ async def test_update_and_delete_change_nothing_when_the_store_cannot_write(unit
     with pytest.raises(ServerNotFound):
         m.get("s1")
     assert [r.server_id for r in m.store.load()] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kill_whose_death_no_event_reports_settles_after_the_configured_grace(
+    unit: Unit,
+) -> None:
+    unit.config = replace(unit.config, timeouts=replace(unit.config.timeouts, kill_grace=4.0))
+    m = await running(unit)
+    unit.engine.events = None  # the engine's events are lost: no "die" comes
+    killed = m.kill("s1")
+    await sleep(0.05)
+    assert not killed.called and m.get("s1").state is S.RUNNING
+    unit.clock.advance(3.9)
+    await sleep(0.05)
+    assert not killed.called  # still within timeouts.kill_grace
+    unit.clock.advance(0.2)
+    await until(lambda: killed.called, 2, "the kill settled after the grace")
+    result = await killed
+    assert result["status"] == "offline"  # settled from inspect, as expected
+    assert ("running", "crashed") not in unit.statuses("s1")
