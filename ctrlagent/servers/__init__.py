@@ -3,8 +3,14 @@ Game-server lifecycle: one ``Server`` per game server and the ``ServerManager``
 service that owns them (PROTOCOL.md section 2).
 
 - ``spec``: the pure ``create_server`` payload parser and Docker create body;
-- ``states``: the state vocabulary and the Panel's status mapping;
-- ``console``: the per-server ring buffer and flood throttle;
+- ``lifecycle``: the states, the inputs, the one table of moves, the Panel's
+  status mapping, ``ExitWatch`` and ``PowerSlot``;
+- ``console``: the ring buffer, the flood throttle and the console pipeline
+  (follow, recover from the mark, stdin);
+- ``delivery``: the event bus, console delivery and its durable marks;
+- ``stats``, ``installer``, ``datadir``: a server's resource samples, its
+  install script, its data directory;
 - ``store``: the durable SQLite store of definitions and desired state;
-- ``server`` / ``manager``: the parts that drive the Docker engine.
+- ``services``: what a ``Server`` is given (it never reaches the manager);
+- ``server`` / ``manager``: one server's power orchestration / the set of servers.
 """

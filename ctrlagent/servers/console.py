@@ -1,5 +1,6 @@
 """
-A server's console: the ring buffer of recent lines and the flood throttle.
+A server's console: the ring buffer of recent lines, the flood throttle, and
+the pipeline that follows the container's output (``ConsolePipeline``).
 
 Both are reactor-free except for an injected ``IReactorTime`` (the throttle
 schedules its once-per-interval notice), so unit tests drive them with
@@ -9,6 +10,16 @@ The buffer keeps *every* line (it is the history the Panel asks for and the
 crash report's tail); the throttle only limits what is fanned out to
 subscribers, which is where a flooding server would cost the agent and the
 Panel link most.  Dropped lines are counted and reported once per interval.
+
+Console output comes from Docker's *logs* (``follow=1&timestamps=1``), not
+from a plain attach: each line carries the engine's nanosecond timestamp,
+which is the line's identity across agent restarts.  The pipeline hands
+lines on at once (``ConsoleDelivery``), which records the *mark* of what was
+delivered (for the Panel link: what the kernel took; see
+``ctrlagent.servers.delivery``); a re-attach after an agent restart replays
+``logs(since=mark - 1 s)`` dropping the lines the mark covers
+(``MarkFilter``): lines printed while the agent was down, or not yet
+delivered when it died, are delivered, none twice, none lost.
 """
 
 from __future__ import annotations
@@ -19,8 +30,16 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import groupby
+from operator import attrgetter
+from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from ctrlagent.errors import DockerError, NotFound
+from ctrlagent.events import ConsoleOutput
 
 # Docker's ``timestamps=1`` prefix: RFC 3339 with up to nanoseconds, then a space.
 _TIMESTAMP = re.compile(
@@ -203,3 +222,300 @@ class ConsoleThrottle:
         if self._notice is not None and self._notice.active():
             self._notice.cancel()
         self._notice = None
+
+
+_STREAM = attrgetter("stream")
+Mark = tuple[int, int]
+
+
+def _marks_at(lines: list[ConsoleLine], ends: list[int], before: Mark) -> Iterator[Mark]:
+    """
+    The mark after ``lines[:end]`` for each of ``ends`` (ascending), starting
+    from ``before``: the same arithmetic as ``ConsolePipeline.take``.
+    """
+    mark, count = before
+    i = 0
+    for end in ends:
+        for line in lines[i:end]:
+            ns = line.mark
+            if ns > mark:
+                mark, count = ns, 1
+            elif ns and ns == mark:
+                count += 1
+        i = end
+        yield mark, count
+
+
+class MarkFilter:
+    """
+    Drops the console lines already delivered before a re-attach.
+
+    ``mark`` is the largest engine timestamp delivered and ``count`` how many
+    lines carried exactly that timestamp (two lines may share a nanosecond).
+
+    It relies on stamps rising in the log's order, which holds within one
+    stream (one engine goroutine stamps and writes them); a stdout and a
+    stderr line stamped microseconds apart may be written the other way
+    round, and a crash falling exactly between those two could drop the
+    older-stamped one.  Per-stream marks would close that gap.
+    """
+
+    def __init__(self, mark: int, count: int) -> None:
+        self.mark = mark
+        self.count = count
+        self._same = 0
+
+    def seen(self, ns: int) -> bool:
+        """True when the line stamped ``ns`` was delivered before."""
+        if ns == 0 or ns > self.mark:
+            return False
+        if ns < self.mark:
+            return True
+        if self._same < self.count:
+            self._same += 1
+            return True
+        return False
+
+
+Deliver = Callable[[str, list[ConsoleOutput], list["Mark | None"], "Mark | None"], None]
+
+
+class ConsolePipeline:
+    """
+    One server's console: the buffer and throttle, the followed output
+    stream (recovered from the mark after a restart), and stdin.
+
+    ``deliver`` hands events on (``ConsoleDelivery.deliver``);
+    ``startup_seen(lines)`` says whether taken lines finish the start-up and
+    ``startup_done()`` is then called once they were handed on.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        server_id: str,
+        *,
+        docker: Any,
+        clock: Any,
+        tracker: Any,
+        deadlines: Any,
+        buffer_lines: int,
+        throttle_lines: int,
+        throttle_interval: float,
+        deliver: Deliver,
+        startup_seen: Callable[[list[ConsoleLine]], bool],
+        startup_done: Callable[[], None],
+        mark: int = 0,
+        mark_count: int = 0,
+    ) -> None:
+        self.server_id = server_id
+        self._docker = docker
+        self._clock = clock
+        self._tracker = tracker
+        self._deadlines = deadlines
+        self._deliver = deliver
+        self._startup_seen = startup_seen
+        self._startup_done = startup_done
+        self.buffer = ConsoleBuffer(buffer_lines)
+        self.lines_total = 0
+        self.throttle = ConsoleThrottle(clock, throttle_lines, throttle_interval, self._dropped)
+        self.mark = mark
+        self.mark_count = mark_count
+        self._output: Any = None
+        self._attach_epoch = 0  # bumped by every detach (and so every attach)
+        self._output_done: Deferred[None] | None = None
+        self._stdin: Any = None
+
+    # -- lines ------------------------------------------------------------
+
+    def notice(self, text: str) -> None:
+        """Write an agent notice into the console (buffer and subscribers)."""
+        now = self._clock.seconds()
+        line = ConsoleLine(timestamp=now, stream="agent", text="[ctrlagent] " + text)
+        self.buffer.append(line)
+        self.lines_total += 1
+        self._deliver(
+            self.server_id, [ConsoleOutput(self.server_id, "agent", [line.text], now)], [None], None
+        )
+
+    def _dropped(self, count: int, interval: float) -> None:
+        self.notice(
+            "console throttled: {} lines not forwarded in the last {:g} s".format(count, interval)
+        )
+
+    def take(self, batch: list[tuple[str, str]], filt: MarkFilter | None) -> None:
+        """
+        Handle a batch of ``(stream, timestamped line)`` from the logs stream.
+
+        Every line goes into the buffer; the throttle's share goes out as one
+        ``ConsoleOutput`` per run of a stream, each with the mark that covers
+        it.  This is the agent's hottest loop under a flood: per line it only
+        splits the stamp, advances the read position (``self.mark``) and
+        builds the buffer's line.
+        """
+        kept: list[ConsoleLine] = []
+        before = (self.mark, self.mark_count)
+        mark, mark_count = before
+        now: float | None = None
+        for stream, raw in batch:
+            ns, text = split_timestamp(raw)
+            if ns:
+                if filt is not None and filt.seen(ns):
+                    continue
+                if ns > mark:
+                    mark, mark_count = ns, 1
+                elif ns == mark:
+                    mark_count += 1
+                kept.append(ConsoleLine(ns / 1e9, stream, text, ns))
+            else:
+                if now is None:
+                    now = self._clock.seconds()
+                kept.append(ConsoleLine(now, stream, text, 0))
+        self.mark, self.mark_count = mark, mark_count
+        self.buffer.extend(kept)
+        self.lines_total += len(kept)
+        started = self._startup_seen(kept)
+        admitted = self.throttle.admit_many(len(kept))
+        forwarded = kept if admitted == len(kept) else kept[:admitted]
+        events: list[ConsoleOutput] = []
+        ends: list[int] = []
+        for stream, group in groupby(forwarded, _STREAM):
+            lines = list(group)
+            events.append(
+                ConsoleOutput(
+                    self.server_id, stream, [line.text for line in lines], lines[0].timestamp
+                )
+            )
+            ends.append((ends[-1] if ends else 0) + len(lines))
+        if forwarded is kept and len(events) == 1:
+            marks: list[Mark | None] = [(mark, mark_count)]
+        else:
+            marks = list(_marks_at(forwarded, ends, before))
+        self._deliver(self.server_id, events, marks, (mark, mark_count))
+        if started:
+            self._startup_done()
+
+    def take_history(self, batch: list[tuple[str, str]], filt: MarkFilter) -> None:
+        """
+        Lines delivered before an agent restart: history only, no events.
+
+        Exactly those the mark covers (``filt``): a line after it, or one
+        sharing its nanosecond beyond the count, comes again from the live
+        stream, as new, and must not be in the history twice.
+        """
+        for stream, raw in batch:
+            ns, text = split_timestamp(raw)
+            if ns and not filt.seen(ns):
+                continue
+            self.buffer.append(ConsoleLine(ns / 1e9 if ns else 0.0, stream, text, ns))
+            self.lines_total += 1
+
+    def history(self, lines: int) -> list[str]:
+        """The last ``lines`` console lines."""
+        return [line.text for line in self.buffer.tail(lines)]
+
+    # -- the followed stream and stdin -------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        """True while the console stream is being followed."""
+        return self._output_done is not None and not self._output_done.called
+
+    @property
+    def stdin_connected(self) -> bool:
+        """True while stdin is open."""
+        return self._stdin is not None and bool(getattr(self._stdin, "connected", False))
+
+    async def send_line(self, cid: str, line: str) -> None:
+        """Write one line to the container's stdin (opened when needed)."""
+        pipe = self._stdin
+        if pipe is None or not pipe.connected:
+            pipe = await self._open_stdin(cid)
+        pipe.write_line(line)
+
+    async def _open_stdin(self, cid: str) -> Any:
+        pipe = await self._docker.attach_stdin(cid)
+        old, self._stdin = self._stdin, pipe
+        if old is not None and old is not pipe:
+            old.close()
+        return pipe
+
+    async def attach(self, cid: str, recover: bool) -> bool:
+        """
+        Follow the container's console and open stdin; False when a newer
+        attach (or a detach) overtook this one.
+
+        ``recover``: the buffer is empty after an agent restart, so the history
+        up to the mark is read first (no events), then new lines from the mark.
+        """
+        self.detach()
+        # One console stream delivers at a time: an attach that a newer one
+        # (or a detach) overtook while it read the history gives up, or two
+        # pumps would deliver every line twice.
+        epoch = self._attach_epoch
+        docker = self._docker
+        if recover and self.mark and not len(self.buffer):
+            history = docker.logs(cid, follow=False, tail=self.buffer.capacity, timestamps=True)
+            delivered = MarkFilter(self.mark, self.mark_count)
+            try:
+                async for batch in history.batches():
+                    if epoch != self._attach_epoch:
+                        return False
+                    self.take_history(batch, delivered)
+            finally:
+                history.close()
+            if epoch != self._attach_epoch:
+                return False
+        filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
+        since = (self.mark / 1e9 - 1.0) if self.mark else None
+        stream = docker.logs(cid, follow=True, since=since, timestamps=True)
+        self._output = stream
+        self._output_done = self._tracker.run(
+            self._pump(stream, filt), "console of server {}".format(self.server_id)
+        )
+        try:
+            pipe = await self._open_stdin(cid)
+        except NotFound:
+            pipe = None
+        if epoch != self._attach_epoch:
+            if pipe is not None and self._stdin is pipe:
+                self._stdin = None
+                pipe.close()
+            return False
+        return True
+
+    async def _pump(self, stream: Any, filt: MarkFilter | None) -> None:
+        try:
+            async for batch in stream.batches(2000):
+                if self._output is not stream:
+                    return  # detached (or replaced): the next attach resumes from the mark
+                self.take(batch, filt)
+        except DockerError as e:
+            # The engine went away or the container vanished: the manager
+            # learns of it through events/reconcile; nothing is lost, the
+            # next attach resumes from the mark.
+            self.log.debug("console of {server_id} ended: {e}", server_id=self.server_id, e=e)
+        finally:
+            if self._output is stream:
+                self._output = None
+
+    def detach(self) -> None:
+        """Stop following the console and close stdin (the container keeps running)."""
+        self._attach_epoch += 1
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+        self.close_stdin()
+
+    def close_stdin(self) -> None:
+        """Close stdin (the container died)."""
+        if self._stdin is not None:
+            self._stdin.close()
+            self._stdin = None
+
+    async def drained(self, timeout: float) -> None:
+        """Wait (bounded) until the console stream has delivered its last lines."""
+        done = self._output_done
+        if done is not None and not done.called:
+            await self._deadlines.within(done, timeout)

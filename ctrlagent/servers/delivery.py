@@ -64,8 +64,15 @@ import json
 import os
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ctrlagent.events import ConsoleOutput, EventListener, ServerEvent
+from ctrlagent.interfaces import IConsoleConsumer
 
 # (engine nanosecond of the newest delivered line, lines carrying exactly it)
 Mark = tuple[int, int]
@@ -413,3 +420,247 @@ def newer(a: Mark | None, b: Mark | None) -> Mark:
         return a
     return max(a, b)
 
+
+
+class EventBus:
+    """
+    The listeners of the servers' events (the Panel link, tests).
+
+    At most one of them is the acknowledging console consumer
+    (``IConsoleConsumer``), which settles console receipts.  A failing
+    listener is logged and the others still get the event.  ``dead``: the
+    agent died (tests' SIGKILL), nothing is published any more.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self.listeners: list[EventListener] = []
+        self.consumer: Any = None
+        # Once a consumer was there and left (the agent is stopping), nothing
+        # counts as delivered any more.
+        self.had_consumer = False
+        self.dead = False
+
+    def add(self, listener: Any) -> None:
+        """Subscribe ``listener`` (at most one acknowledging consumer)."""
+        if IConsoleConsumer.providedBy(listener):
+            if self.consumer is not None and self.consumer is not listener:
+                raise RuntimeError("the manager already has an acknowledging console consumer")
+            self.consumer = listener
+            self.had_consumer = True
+        self.listeners.append(listener)
+
+    def remove(self, listener: Any) -> None:
+        """Unsubscribe (a consumer's unsettled lines then count as not delivered)."""
+        if listener is self.consumer:
+            self.consumer = None
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+    def emit(self, event: ServerEvent) -> None:
+        """Publish an event to every listener; a failing listener is logged."""
+        if self.dead:
+            return
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                self.log.failure("event listener failed")
+
+    def fan_out(self, events: list[ConsoleOutput]) -> None:
+        """Publish console events; a receipt the failing consumer took is settled as dropped."""
+        for event in events:
+            for listener in list(self.listeners):
+                try:
+                    listener(event)
+                except Exception:
+                    self.log.failure("event listener failed")
+                    if listener is self.consumer and event.receipt is not None:
+                        # It will never settle it: count those lines as dropped
+                        # rather than hold every later mark back.
+                        event.receipt()
+
+
+class ConsoleDelivery:
+    """
+    Console events out to the listeners, and the marks of what was delivered
+    recorded: at once in the journal, in the background in the store (one
+    write in flight, whatever queued meanwhile next, at most every
+    ``interval`` seconds).  Only the servers ``serve`` named have marks.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, bus: EventBus, journal: MarkJournal, store: Any, clock: Any, interval: float
+    ) -> None:
+        self.bus = bus
+        self.journal = journal
+        self.store = store
+        self.clock = clock
+        self.interval = interval
+        self.ledger = MarkLedger(self._delivered)
+        self.delivered_marks: dict[str, Mark] = {}
+        self._served: set[str] = set()
+        self.pending_marks: dict[str, Mark] = {}
+        self._writing = False
+        self._mark_timer: IDelayedCall | None = None
+        self._last_mark_write = -1e18
+        self._flushing = False
+        self.closed = False
+        self._idle_waiters: list[Deferred[None]] = []
+        # True while console mark writes fail (reported once per episode).
+        self._marks_failing = False
+
+    def serve(self, server_id: str) -> None:
+        """``server_id``'s marks are recorded from now on."""
+        self._served.add(server_id)
+
+    def load(self, server_id: str, stored: Mark, journal: dict[str, Mark]) -> Mark:
+        """
+        A loaded server's mark: the newer of the store's and the journal's
+        (the store catches up when the journal is ahead: a SIGKILL).
+        """
+        mark = newer(stored, journal.get(server_id))
+        if mark[0]:
+            self.delivered_marks[server_id] = mark
+            if mark != stored:
+                self.pending_marks[server_id] = mark
+        return mark
+
+    def deliver(
+        self,
+        server_id: str,
+        events: list[ConsoleOutput],
+        marks: list[Mark | None],
+        mark: Mark | None,
+    ) -> None:
+        """
+        Hand a server's console ``events`` to the listeners, now.
+
+        ``marks[i]`` is the mark that covers ``events[i]`` (None for an agent
+        notice, which no restart could replay); ``mark`` is the server's read
+        position after them, past any lines the throttle held back (None when
+        it did not move).  With an acknowledging consumer, each event carries
+        a receipt and the delivered mark advances as receipts are settled;
+        without one, handing the events on delivers them.  Once a consumer
+        was there and left (the agent is stopping), nothing counts as
+        delivered any more: a restart replays those lines.
+        """
+        bus = self.bus
+        if bus.dead:
+            return
+        consumer = bus.consumer
+        if consumer is not None:
+            ledger = self.ledger
+            for event, event_mark in zip(events, marks, strict=True):
+                if event_mark is not None and event_mark[0]:
+                    event.receipt = ledger.expect(server_id, event_mark)
+        bus.fan_out(events)
+        if mark is not None and mark[0] and (consumer is not None or not bus.had_consumer):
+            self.ledger.passed(server_id, mark)
+
+    def _delivered(self, server_id: str, mark: Mark) -> None:
+        """The ledger advanced: record the mark now (journal), and soon (store)."""
+        if self.bus.dead or self.closed or server_id not in self._served:
+            return
+        if mark <= self.delivered_marks.get(server_id, (0, 0)):
+            return
+        self.delivered_marks[server_id] = mark
+        self.journal.record(server_id, mark)
+        if self.journal.due():
+            self.journal.compact(self.delivered_marks)
+        self.pending_marks[server_id] = mark
+        self.schedule()
+
+    def forget(self, server_id: str) -> None:
+        """A deleted server: no mark of it may outlive it (its id can come back)."""
+        self._served.discard(server_id)
+        self.ledger.forget(server_id)
+        self.pending_marks.pop(server_id, None)
+        if self.delivered_marks.pop(server_id, None) is not None:
+            self.journal.record(server_id, (0, 0))
+
+    def schedule(self) -> None:
+        """Copy the pending marks to the store: at once, or when the interval is up."""
+        if self._writing or self._mark_timer is not None or not self.pending_marks:
+            return
+        if self.bus.dead or self.closed:
+            return
+        wait = self._last_mark_write + self.interval
+        delay = wait - self.clock.seconds()
+        if delay > 0 and not self._flushing:
+            self._mark_timer = self.clock.callLater(delay, self._write_marks)
+        else:
+            self._write_marks()
+
+    def _write_marks(self) -> None:
+        """One store transaction of every pending mark; the next one queues behind it."""
+        self._mark_timer = None
+        marks, self.pending_marks = self.pending_marks, {}
+        changes = [
+            (sid, {"console_mark": ns, "extra": {"markCount": n}})
+            for sid, (ns, n) in marks.items()
+            if sid in self._served
+        ]
+        if not changes or self.bus.dead:
+            self._release_idle()
+            return
+        self._writing = True
+        self._last_mark_write = self.clock.seconds()
+        try:
+            d = self.store.update_many(changes)
+        except Exception:
+            d = fail()
+
+        def written(result: object) -> None:
+            self._writing = False
+            if isinstance(result, Failure):
+                # The journal has the marks (unless it fails too); a later
+                # write records later ones.  A full or broken state disk fails
+                # every write: say so once, not every second.
+                if not self._marks_failing:
+                    self._marks_failing = True
+                    self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                        "storing console marks failed: {error}",
+                        error=result.getErrorMessage(),
+                    )
+            elif self._marks_failing:
+                self._marks_failing = False
+                self.log.info("storing console marks works again")
+            if self.bus.dead:
+                return
+            self.schedule()
+            self._release_idle()
+
+        d.addBoth(written)
+
+    def _release_idle(self) -> None:
+        if self._writing or self._mark_timer is not None:
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    async def flush(self) -> None:
+        """Copy every pending mark to the store now and wait for it (shutdown)."""
+        self._flushing = True
+        if self._mark_timer is not None:
+            if self._mark_timer.active():
+                self._mark_timer.cancel()
+            self._mark_timer = None
+        self.schedule()
+        if self._writing:
+            waiter: Deferred[None] = Deferred()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def die(self) -> None:
+        """The agent died (tests' SIGKILL): timers dropped, pending marks lost to the store."""
+        self.bus.dead = True
+        if self._mark_timer is not None and self._mark_timer.active():
+            self._mark_timer.cancel()
+        self._mark_timer = None
+        self.pending_marks.clear()
+        self.journal.close()

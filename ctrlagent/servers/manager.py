@@ -7,6 +7,12 @@ It implements ``IServerManager`` for the action dispatcher and publishes
 threads), the config tree, the Docker client, the store and a thread pool for
 filesystem work (disk usage, chown, purges).
 
+The manager is the set of servers (ids, aliases, definitions in the store),
+the engine's event routing and the reconcile and disk loops.  Every power
+action is the ``Server``'s own (``ctrlagent.servers.server``): the manager
+finds the server and calls it, and a server never calls the manager back;
+what it uses is handed to it once (``ServerServices``).
+
 Start-up never blocks on Docker: definitions are loaded from the store
 (milliseconds), the API can serve at once, and the engine is reconciled in the
 background: running containers are re-attached (console recovered from
@@ -32,16 +38,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.task import LoopingCall, deferLater
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -55,21 +57,18 @@ from ctrlagent.errors import (
     NotFound,
     ServerNotFound,
 )
-from ctrlagent.events import ConsoleOutput, EventListener, ServerEvent
-from ctrlagent.files import trees
-from ctrlagent.files.confined import os_error
-from ctrlagent.interfaces import IConsoleConsumer, IServerManager, ServerRoot
+from ctrlagent.events import ServerEvent
+from ctrlagent.interfaces import IServerManager, ServerRoot
 from ctrlagent.servers import spec as specs
-from ctrlagent.servers.delivery import JOURNAL_NAME, Mark, MarkJournal, MarkLedger, newer
+from ctrlagent.servers.datadir import DataDirs
+from ctrlagent.servers.delivery import JOURNAL_NAME, ConsoleDelivery, EventBus, Mark, MarkJournal
+from ctrlagent.servers.lifecycle import parse_state
 from ctrlagent.servers.server import Server
+from ctrlagent.servers.services import RowWriter, ServerNetwork, ServerServices
 from ctrlagent.servers.spec import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
-from ctrlagent.servers.states import ACTIVE_STATES, ServerState, parse_state
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
 from ctrlagent.startup import StartupError
 from ctrlagent.work import Deadlines, Tracker
-
-T = TypeVar("T")
-S = ServerState
 
 
 @implementer(IServerManager)
@@ -97,7 +96,6 @@ class ServerManager(service.Service):
         self.config = config
         self.docker = docker
         self.store = store
-        self.network_mode = network_mode
         self._own_pool = disk_pool is None
         self.disk_pool = disk_pool or ThreadPool(minthreads=0, maxthreads=2, name="ctrlagent-disk")
         # The manager's share of the agent's background work, and its deadlines.
@@ -109,7 +107,6 @@ class ServerManager(service.Service):
         )
         self._servers: dict[str, Server] = {}
         self._aliases: dict[str, str] = {}
-        self._listeners: list[EventListener] = []
         self.orphans: list[dict[str, Any]] = []
         self.docker_up = True
         self._events: Any = None
@@ -118,23 +115,52 @@ class ServerManager(service.Service):
         self._disk_slots = DeferredSemaphore(2)
         self._reconciling: Deferred[None] | None = None
         self._reconcile_again = False
-        self._dead = False
         self.crashed: Deferred[None] | None = None
-        # console delivery (ctrlagent.servers.delivery)
-        self._consumer: Any = None  # the acknowledging consumer (the Panel link)
-        self._had_consumer = False
-        self._ledger = MarkLedger(self._delivered)
-        self.delivered_marks: dict[str, Mark] = {}
-        self.journal = MarkJournal(os.path.join(config.state_dir, JOURNAL_NAME))
-        # the store's copy of the marks: one write in flight, whatever queued meanwhile next
-        self._pending_marks: dict[str, Mark] = {}
-        self._writing = False
-        self._mark_timer: IDelayedCall | None = None
-        self._last_mark_write = -1e18
-        self._flushing = False
-        self._closed = False
-        self._idle_waiters: list[Deferred[None]] = []
+        # events and console delivery (ctrlagent.servers.delivery)
+        self.bus = EventBus()
+        self.delivery = ConsoleDelivery(
+            self.bus,
+            MarkJournal(os.path.join(config.state_dir, JOURNAL_NAME)),
+            store,
+            self.clock,
+            config.servers.console_mark_interval,
+        )
+        self.rows = RowWriter(store, self.tracker)
+        self.data = DataDirs(reactor, config.data_dir, self.disk_pool)
+        self.network = ServerNetwork(docker, network_mode, config.docker.network_subnet or None)
+        # What every server uses: it never reaches back to the manager.
+        self.services = ServerServices(
+            docker=docker,
+            clock=self.clock,
+            deadlines=self.deadlines,
+            tracker=self.tracker,
+            bus=self.bus,
+            delivery=self.delivery,
+            rows=self.rows,
+            data=self.data,
+            network=self.network,
+            config=config,
+        )
         self.reconciled = 0
+
+    @property
+    def network_mode(self) -> str:
+        """The network the servers' containers join."""
+        return self.network.mode
+
+    @network_mode.setter
+    def network_mode(self, mode: str) -> None:
+        self.network.mode = mode
+
+    @property
+    def journal(self) -> MarkJournal:
+        """The journal of delivered console marks."""
+        return self.delivery.journal
+
+    @property
+    def delivered_marks(self) -> dict[str, Mark]:
+        """Each server's delivered console mark."""
+        return self.delivery.delivered_marks
 
     # -- service -----------------------------------------------------------
 
@@ -160,14 +186,14 @@ class ServerManager(service.Service):
         self._events = self.docker.resumable_events(
             {MANAGED_LABEL: "true"},
             since=since,
-            retry_delay=0.25,
-            max_retry_delay=2.0,
+            retry_delay=self.config.timeouts.events_retry,
+            max_retry_delay=self.config.timeouts.events_retry_max,
             on_break=self._engine_lost,
             on_resume=self._engine_back,
         )
         self._events_task = self.tracker.run(self._watch_events(), "Docker event watcher")
         self.reconcile()
-        self._schedule_marks()
+        self.delivery.schedule()
         interval = self.config.servers.disk_check_interval
         if interval > 0:
             self._disk_loop = LoopingCall(self._check_all_disks)
@@ -201,14 +227,12 @@ class ServerManager(service.Service):
             except Exception as e:
                 store.quarantine(record.server_id, _unusable(e))
                 continue
-            stored = (server.mark, server.mark_count)
-            mark = newer(stored, journal.get(server.server_id))
+            console = server.console
+            mark = self.delivery.load(
+                server.server_id, (console.mark, console.mark_count), journal
+            )
             if mark[0]:
-                server.mark, server.mark_count = mark
-                self.delivered_marks[server.server_id] = mark
-                if mark != stored:
-                    # The journal is ahead (a SIGKILL): the store catches up.
-                    self._pending_marks[server.server_id] = mark
+                console.mark, console.mark_count = mark
             self._add(server)
         # A fresh journal of exactly the servers served.
         self.journal.open(self.delivered_marks)
@@ -232,8 +256,8 @@ class ServerManager(service.Service):
             if owner is not None:
                 raise ValueError("its alias {!r} already names server {!r}".format(alias, owner))
         return Server(
-            self,
             spec,
+            self.services,
             state=parse_state(record.state),
             desired=record.desired,
             container_id=record.container_id,
@@ -251,12 +275,11 @@ class ServerManager(service.Service):
         if self._events is not None:
             self._events.close()
         for server in self._servers.values():
-            server.detach_output()
-            server.throttle.cancel()
+            server.close()
         self.tracker.cancel_all()
         await self.tracker.wait()
-        await self._flush_marks()
-        self._closed = True
+        await self.delivery.flush()
+        self.delivery.closed = True
         self.journal.close()
         await self.store.close()
         if self._own_pool:
@@ -270,249 +293,25 @@ class ServerManager(service.Service):
         lost there (the journal has them, as a SIGKILLed process's page-cache
         writes survive it), the store stays as the last commit left it.
         """
-        self._dead = True
         self.running = False
+        self.rows.halt()
+        self.delivery.die()
         if self._disk_loop is not None and self._disk_loop.running:
             self._disk_loop.stop()
         if self._events is not None:
             self._events.close()
         for server in self._servers.values():
-            server.detach_output()
-            server.throttle.cancel()
+            server.close()
         self.tracker.cancel_all()
-        if self._mark_timer is not None and self._mark_timer.active():
-            self._mark_timer.cancel()
-        self._mark_timer = None
-        self._pending_marks.clear()
-        self.journal.close()
         # A dead process holds no threads: the store finishes the statement
         # in flight (as the kernel would flush an issued write) and closes.
         self.crashed = self.store.close()
         if self._own_pool:
             self.disk_pool.stop()
 
-    # -- plumbing used by Server -------------------------------------------
-
     def emit(self, event: ServerEvent) -> None:
-        """Publish an event to every listener; a failing listener is logged."""
-        if self._dead:
-            return
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                self.log.failure("event listener failed")
-
-    # True while console mark writes fail (reported once per episode).
-    _marks_failing = False
-
-    def deliver(
-        self,
-        server_id: str,
-        events: list[ConsoleOutput],
-        marks: list[Mark | None],
-        mark: Mark | None,
-    ) -> None:
-        """
-        Hand a server's console ``events`` to the listeners, now.
-
-        ``marks[i]`` is the mark that covers ``events[i]`` (None for an agent
-        notice, which no restart could replay); ``mark`` is the server's read
-        position after them, past any lines the throttle held back (None when
-        it did not move).  With an acknowledging consumer, each event carries
-        a receipt and the delivered mark advances as receipts are settled;
-        without one, handing the events on delivers them.  Once a consumer
-        was there and left (the agent is stopping), nothing counts as
-        delivered any more: a restart replays those lines.
-        """
-        if self._dead:
-            return
-        consumer = self._consumer
-        if consumer is not None:
-            ledger = self._ledger
-            for event, event_mark in zip(events, marks, strict=True):
-                if event_mark is not None and event_mark[0]:
-                    event.receipt = ledger.expect(server_id, event_mark)
-        self._fan_out(events)
-        if mark is not None and mark[0] and (consumer is not None or not self._had_consumer):
-            self._ledger.passed(server_id, mark)
-
-    def _fan_out(self, events: list[ConsoleOutput]) -> None:
-        for event in events:
-            for listener in list(self._listeners):
-                try:
-                    listener(event)
-                except Exception:
-                    self.log.failure("event listener failed")
-                    if listener is self._consumer and event.receipt is not None:
-                        # It will never settle it: count those lines as dropped
-                        # rather than hold every later mark back.
-                        event.receipt()
-
-    def _delivered(self, server_id: str, mark: Mark) -> None:
-        """The ledger advanced: record the mark now (journal), and soon (store)."""
-        if self._dead or self._closed or server_id not in self._servers:
-            return
-        if mark <= self.delivered_marks.get(server_id, (0, 0)):
-            return
-        self.delivered_marks[server_id] = mark
-        self.journal.record(server_id, mark)
-        if self.journal.due():
-            self.journal.compact(self.delivered_marks)
-        self._pending_marks[server_id] = mark
-        self._schedule_marks()
-
-    def _forget_marks(self, server_id: str) -> None:
-        """A deleted server: no mark of it may outlive it (its id can come back)."""
-        self._ledger.forget(server_id)
-        self._pending_marks.pop(server_id, None)
-        if self.delivered_marks.pop(server_id, None) is not None:
-            self.journal.record(server_id, (0, 0))
-
-    def _schedule_marks(self) -> None:
-        """Copy the pending marks to the store: at once, or when the interval is up."""
-        if self._writing or self._mark_timer is not None or not self._pending_marks:
-            return
-        if self._dead or self._closed:
-            return
-        wait = self._last_mark_write + self.config.servers.console_mark_interval
-        delay = wait - self.clock.seconds()
-        if delay > 0 and not self._flushing:
-            self._mark_timer = self.clock.callLater(delay, self._write_marks)
-        else:
-            self._write_marks()
-
-    def _write_marks(self) -> None:
-        """One store transaction of every pending mark; the next one queues behind it."""
-        self._mark_timer = None
-        marks, self._pending_marks = self._pending_marks, {}
-        changes = [
-            (sid, {"console_mark": ns, "extra": {"markCount": n}})
-            for sid, (ns, n) in marks.items()
-            if sid in self._servers
-        ]
-        if not changes or self._dead:
-            self._release_idle()
-            return
-        self._writing = True
-        self._last_mark_write = self.clock.seconds()
-        try:
-            d = self.store.update_many(changes)
-        except Exception:
-            d = fail()
-
-        def written(result: object) -> None:
-            self._writing = False
-            if isinstance(result, Failure):
-                # The journal has the marks (unless it fails too); a later
-                # write records later ones.  A full or broken state disk fails
-                # every write: say so once, not every second.
-                if not self._marks_failing:
-                    self._marks_failing = True
-                    self.log.warn(  # noqa: G010 (twisted.logger has warn)
-                        "storing console marks failed: {error}",
-                        error=result.getErrorMessage(),
-                    )
-            elif self._marks_failing:
-                self._marks_failing = False
-                self.log.info("storing console marks works again")
-            if self._dead:
-                return
-            self._schedule_marks()
-            self._release_idle()
-
-        d.addBoth(written)
-
-    def _release_idle(self) -> None:
-        if self._writing or self._mark_timer is not None:
-            return
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-    async def _flush_marks(self) -> None:
-        """Copy every pending mark to the store now and wait for it (shutdown)."""
-        self._flushing = True
-        if self._mark_timer is not None:
-            if self._mark_timer.active():
-                self._mark_timer.cancel()
-            self._mark_timer = None
-        self._schedule_marks()
-        if self._writing:
-            waiter: Deferred[None] = Deferred()
-            self._idle_waiters.append(waiter)
-            await waiter
-
-    def persist(self, server_id: str, **fields: Any) -> None:
-        """Write fields of a server's row in the background (in order)."""
-        if self._dead or server_id not in self._servers:
-            return
-        self.tracker.track(self.store.update(server_id, **fields), "store " + server_id)
-
-    def track(self, work: Coroutine[Any, Any, T] | Deferred[T], description: str) -> Deferred[T]:
-        """Run/track background work so failures are logged and shutdown waits."""
-        if isinstance(work, Deferred):
-            return self.tracker.track(work, description)
-        return self.tracker.run(work, description)
-
-    async def within(self, d: Deferred[Any], timeout: float) -> bool:
-        """True if ``d`` fires within ``timeout`` s (``d`` itself is not cancelled)."""
-        return await self.deadlines.within(d, timeout)
-
-    def in_thread(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run blocking filesystem work in the disk pool."""
-        return deferToThreadPool(self.reactor, self.disk_pool, fn, *args)
-
-    async def ensure_network(self) -> None:
-        """
-        Make sure the servers' network exists before a container joins it.
-
-        Docker's own modes need nothing; the agent's network (``docker.
-        network_name``) is created, labelled as ours, when missing (an operator
-        may have removed it).  Called before every create, which is rare.
-        """
-        mode = self.network_mode
-        if mode in ("bridge", "host", "none", "default") or mode.startswith("container:"):
-            return
-        await self.docker.network_ensure(
-            mode, self.config.docker.network_subnet or None, labels={MANAGED_LABEL: "true"}
-        )
-
-    async def prepare_data_dir(self, server: Server, recursive: bool = False) -> None:
-        """
-        Create the data directory owned by the server's user.  With
-        ``recursive`` (after an install, whatever its exit code), hand the
-        whole tree back to the server: everything owned by its user, no
-        setuid/setgid bit, no device node, FIFO or socket (``_prepare_dir``).
-        """
-        uid, gid = server.owner
-        report = await self.in_thread(_prepare_dir, server.data_path, uid, gid, recursive)
-        if report is None:
-            return
-        if report.removed_total or report.cleared or report.failed or report.truncated:
-            # One line per pass, whatever it found.
-            self.log.warn(  # noqa: G010 (twisted.logger has warn)
-                "server {server_id}: data directory handed back to the server: removed {count}"
-                " special files ({kinds}){examples}; cleared setuid/setgid bits of {cleared}"
-                " entries; {failed} entries could not be fixed{truncated}",
-                server_id=server.server_id,
-                count=report.removed_total,
-                kinds=", ".join("{} {}".format(n, kind) for kind, n in
-                                sorted(report.removed.items())) or "none",
-                examples=(", e.g. " + ", ".join(report.example_paths())
-                          if report.examples else ""),
-                cleared=report.cleared,
-                failed=report.failed,
-                truncated="; a part could not be walked" if report.truncated else "",
-            )
-
-    def start_install(self, server: Server) -> Deferred[Any] | None:
-        """Run the install flow in the background under the power slot."""
-        try:
-            server.claim("install")
-        except Conflict:
-            return None
-        return server.in_background("install", server.install)
+        """Publish an event to every listener (``EventBus.emit``)."""
+        self.bus.emit(event)
 
     # -- engine watching and reconciling -----------------------------------
 
@@ -641,32 +440,17 @@ class ServerManager(service.Service):
         work = [self._disk_slots.run(check, server) for server in list(self._servers.values())]
         if not work:
             return succeed(None)
-        from twisted.internet.defer import DeferredList
-
         return DeferredList(work, consumeErrors=True)
 
     async def check_disk(self, server: Server) -> int:
         """Measure the data directory (in a thread), cache it, enforce the limit."""
-        used = await self.in_thread(_disk_usage, server.data_path)
-        server.disk_bytes = used
-        server.disk_checked = self.clock.seconds()
-        limit = server.spec.limits.disk_mb
-        if limit > 0 and used > limit * specs.MB and server.state in ACTIVE_STATES:
-            if server.power is None and server.state is not S.STOPPING:
-                server.notice(
-                    "disk usage {:.1f} MB is over the limit of {} MB: stopping".format(
-                        used / specs.MB, limit
-                    )
-                )
-                server.claim("stop")
-                server.set_desired("offline")
-                server.in_background("stop", lambda: server.graceful_stop(None, None))
-        return used
+        return await server.enforce_disk(await self.data.usage(server.server_id))
 
     # -- lookup ------------------------------------------------------------
 
     def _add(self, server: Server) -> None:
         self._servers[server.server_id] = server
+        self.delivery.serve(server.server_id)
         for alias in server.spec.aliases:
             self._aliases[alias] = server.server_id
 
@@ -719,16 +503,15 @@ class ServerManager(service.Service):
         for alias in spec.aliases:
             if alias in self._servers or alias in self._aliases:
                 raise Conflict("alias {} already names another server".format(alias))
-        server = Server(self, spec)
+        server = Server(spec, self.services)
         self._add(server)
         try:
             await self.store.insert(server_id, spec.to_json(), state="installing")
         except Exception:
             self._remove(server)
+            self.delivery.forget(server_id)
             raise
-        d = self.start_install(server)
-        if d is not None:
-            await self.within(d, self.config.servers.create_answer_timeout)
+        await server.install_for_answer()
         return {
             "serverId": server_id,
             "containerId": server.container_id,
@@ -738,129 +521,54 @@ class ServerManager(service.Service):
     @async_to_deferred
     async def start(self, server_id: str) -> dict[str, Any]:
         """Start; fires once the container runs (``starting`` or ``running``)."""
-        server = self.get(server_id)
-        server.claim("start")
-        try:
-            await server.do_start()
-        finally:
-            server.release()
-        return _brief(server)
+        return await self.get(server_id).start()
 
     @async_to_deferred
     async def stop(
         self, server_id: str, signal: str | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
         """Graceful stop in the background; ``SIGKILL`` kills at once."""
-        server = self.get(server_id)
-        if signal == "SIGKILL":
-            return await self.kill(server_id)
-        if server.state not in ACTIVE_STATES:
-            server.set_desired("offline")
-            return _brief(server)
-        server.claim("stop")
-        server.set_desired("offline")
-        server.in_background("stop", lambda: server.graceful_stop(signal, timeout))
-        return _brief(server)
+        return await self.get(server_id).stop(signal, timeout)
 
     @async_to_deferred
     async def restart(self, server_id: str) -> dict[str, Any]:
         """Stop (if running) then start, in the background."""
-        server = self.get(server_id)
-        server.claim("restart")
-
-        epoch = server.kill_epoch
-
-        async def work() -> None:
-            if server.state in ACTIVE_STATES:
-                await server.graceful_stop(None, None)
-            if server.kill_epoch != epoch:
-                # "kill is always allowed" and means down: a kill that
-                # came while this restart was stopping the server wins.
-                server.notice("restart cancelled: the server was killed")
-                return
-            await server.do_start()
-
-        server.in_background("restart", work)
-        return _brief(server)
+        return await self.get(server_id).restart()
 
     @async_to_deferred
     async def kill(self, server_id: str) -> dict[str, Any]:
         """SIGKILL the server; always allowed, never removes anything."""
-        server = self.get(server_id)
-        server.kill_epoch += 1
-        server.set_desired("offline")
-        if server.state in ACTIVE_STATES or server.state is S.UNKNOWN:
-            await server.hard_kill()
-        return _brief(server)
+        return await self.get(server_id).kill()
 
     @async_to_deferred
     async def delete(self, server_id: str, purge_files: bool = False) -> dict[str, Any]:
         """Remove the container (and data when ``purge_files``) and forget the server."""
         server = self.get(server_id)
-        server.claim("delete")
-        try:
-            server.set_desired("offline")
-            server._expect_exit = True
-            server.detach_output()
-            for name in (server.container_id, server.spec.container_name,
-                         server.spec.container_name + "-install"):
-                if not name:
-                    continue
-                try:
-                    await self.docker.container_remove(name, force=True)
-                except NotFound:
-                    pass
-            if purge_files:
-                # Files before the record: a purge that fails leaves the
-                # server known, so the delete can be tried again.
-                await self.in_thread(_purge, server.data_path)
+
+        async def forget() -> None:
             # The record before memory: a store that cannot write (a full
             # state disk) leaves the server known, so the delete can be
             # tried again rather than the server coming back at restart.
             await self.store.delete(server.server_id)
             self._remove(server)
-            self._forget_marks(server.server_id)
-            await self.in_thread(_unlink, server.install_log_path)
-        finally:
-            server.release()
-        return {"serverId": server.server_id, "status": "deleted", "purged": purge_files}
+            self.delivery.forget(server.server_id)
+
+        return await server.retire(purge_files, forget)
 
     @async_to_deferred
     async def suspend(self, server_id: str) -> dict[str, Any]:
         """Stop the server and refuse starts until unsuspended."""
-        server = self.get(server_id)
-        server.claim("suspend")
-        server.set_desired("offline")
-
-        async def work() -> None:
-            if server.state in ACTIVE_STATES:
-                await server.graceful_stop(None, None)
-            server.set_state(S.SUSPENDED)
-
-        server.in_background("suspend", work)
-        return _brief(server)
+        return await self.get(server_id).suspend()
 
     @async_to_deferred
     async def unsuspend(self, server_id: str) -> dict[str, Any]:
         """Allow starts again."""
-        server = self.get(server_id)
-        if server.state is S.SUSPENDED:
-            server.set_state(S.OFFLINE)
-        return _brief(server)
+        return await self.get(server_id).unsuspend()
 
     @async_to_deferred
     async def reinstall(self, server_id: str) -> dict[str, Any]:
         """Run the install flow again (the server must not be running)."""
-        server = self.get(server_id)
-        if server.state in ACTIVE_STATES:
-            raise Conflict("server {} must be stopped to reinstall".format(server.server_id))
-        if server.state is S.SUSPENDED:
-            raise Conflict("server {} is suspended".format(server.server_id))
-        d = self.start_install(server)
-        if d is None:
-            raise Conflict("server {} is busy: {}".format(server.server_id, server.power))
-        await self.within(d, self.config.servers.create_answer_timeout)
-        return _brief(server)
+        return await self.get(server_id).reinstall()
 
     @async_to_deferred
     async def update(self, server_id: str, params: dict) -> dict[str, Any]:
@@ -889,7 +597,7 @@ class ServerManager(service.Service):
                 live = True
             except NotFound:
                 pass
-        return {**_brief(server), "limitsAppliedLive": live}
+        return {**server.brief(), "limitsAppliedLive": live}
 
     def status(self, server_id: str) -> dict[str, Any]:
         """The server's status dict."""
@@ -913,12 +621,7 @@ class ServerManager(service.Service):
     @async_to_deferred
     async def console_command(self, server_id: str, command: str, wait: float = 1.0) -> str:
         """Send ``command``; fire with what the console printed within ``wait`` s."""
-        server = self.get(server_id)
-        before = server.lines_total
-        await server.send_command(command)
-        await deferLater(self.clock, wait, lambda: None)
-        new = server.lines_total - before
-        return "\n".join(server.console_history(min(new, len(server.console))))
+        return await self.get(server_id).console_command(command, wait)
 
     def console_history(self, server_id: str, lines: int = 100) -> list[str]:
         """The last ``lines`` console lines."""
@@ -930,7 +633,7 @@ class ServerManager(service.Service):
 
     def console_clear(self, server_id: str) -> None:
         """Empty the console buffer."""
-        self.get(server_id).console.clear()
+        self.get(server_id).console.buffer.clear()
 
     def server_root(self, server_id: str) -> ServerRoot:
         """Where the server's files live."""
@@ -942,110 +645,11 @@ class ServerManager(service.Service):
         at most one) settles console receipts: from then on, console marks
         advance only as it does.
         """
-        if IConsoleConsumer.providedBy(listener):
-            if self._consumer is not None and self._consumer is not listener:
-                raise RuntimeError("the manager already has an acknowledging console consumer")
-            self._consumer = listener
-            self._had_consumer = True
-        self._listeners.append(listener)
+        self.bus.add(listener)
 
     def remove_listener(self, listener: Any) -> None:
         """Unsubscribe (a consumer's unsettled lines then count as not delivered)."""
-        if listener is self._consumer:
-            self._consumer = None
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
-
-def _brief(server: Server) -> dict[str, Any]:
-    return {
-        "serverId": server.server_id,
-        "status": server.state.value,
-        "panelStatus": server.status()["panelStatus"],
-        "containerId": server.container_id,
-    }
-
-
-def _prepare_dir(path: str, uid: int, gid: int, recursive: bool) -> trees.Reclaimed | None:
-    """
-    Create the data directory ``path`` (its parents are the agent's own) and
-    give it to ``uid:gid``; with ``recursive``, also everything beneath it
-    (``trees.reclaim_tree``: iterative, fd-based, never following a link,
-    clearing setuid/setgid bits and removing special files).  Returns that
-    pass's ``trees.Reclaimed`` report, or None.
-    """
-    parent, name = os.path.split(os.path.normpath(path))
-    try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            try:
-                os.mkdir(name, 0o755, dir_fd=parent_fd)
-            except FileExistsError:
-                pass
-            # Never through a link: whatever is at the server's name must be
-            # a real directory.
-            fd = os.open(name, trees.DIR_FLAGS, dir_fd=parent_fd)
-        finally:
-            os.close(parent_fd)
-    except OSError as e:
-        raise os_error(e, "data directory {}".format(path)) from None
-    try:
-        try:
-            os.fchown(fd, uid, gid)
-            chown = True
-        except PermissionError:
-            chown = False  # not root (development): the tree stays ours
-        mode = os.fstat(fd).st_mode & 0o7777
-        if mode & 0o6000:
-            os.fchmod(fd, mode & ~0o6000)
-        if not recursive:
-            return None
-        return trees.reclaim_tree(fd, uid, gid, chown=chown)
-    except OSError as e:
-        raise os_error(e, "data directory {}".format(path)) from None
-    finally:
-        os.close(fd)
-
-
-def _disk_usage(path: str) -> int:
-    """Bytes allocated beneath ``path``, at any depth (``trees.tree_usage``)."""
-    try:
-        fd = os.open(path, trees.DIR_FLAGS)
-    except OSError:
-        return 0
-    try:
-        used, _ = trees.tree_usage(fd, allocated=True)
-        return used
-    finally:
-        os.close(fd)
-
-
-def _purge(path: str) -> None:
-    """
-    Remove a server's data directory, however deep (``trees.remove_tree``);
-    a failure is raised, never ignored, so the caller keeps the server.
-    """
-    parent, name = os.path.split(os.path.normpath(path))
-    try:
-        parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise os_error(e, "data directory {}".format(path)) from None
-    try:
-        trees.remove_tree(parent_fd, name)
-    except OSError as e:
-        raise os_error(e, "data directory {}".format(path)) from None
-    finally:
-        os.close(parent_fd)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        self.bus.remove(listener)
 
 
 def _unusable(error: Exception) -> str:
@@ -1097,6 +701,3 @@ def make_server_manager(
         deadlines=deadlines,
     )
 
-
-# What a Server needs from its owner (the manager itself).
-ServerContext = ServerManager

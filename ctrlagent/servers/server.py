@@ -1,37 +1,29 @@
 """
-One game server: its state, its container, its console and its power actions.
+One game server: its parts, and the power actions that drive them.
 
-A ``Server`` is owned by the ``ServerManager``, which gives it the Docker
-client, the clock, the store and the event fan-out (``ServerContext``).
+A ``Server`` is built from its definition (``ServerSpec``) and the services
+it uses (``ServerServices``): it never reaches back to the manager that owns
+it.  Its parts: ``Lifecycle`` (the state, the only place that emits and
+persists ``StatusChanged``), ``PowerSlot`` and ``ExitWatch``
+(``ctrlagent.servers.lifecycle``), ``ConsolePipeline`` (console),
+``StatsSampler`` (stats) and ``Installer`` (installer).  Power orchestration
+lives here only.
 
 Power actions take the server's *power slot*: a second action while one runs
 answers ``CONFLICT`` at once; ``kill`` never needs the slot, so it can cut a
 slow stop short.  Long parts (the graceful stop, the install) finish in the
 background, holding the slot until they are done.
-
-Console output comes from Docker's *logs* (``follow=1&timestamps=1``), not
-from a plain attach: each line carries the engine's nanosecond timestamp,
-which is the line's identity across agent restarts.  The manager hands lines
-on at once and records the *mark* of what was delivered (for the Panel link:
-what the kernel took; see ``ctrlagent.servers.delivery``); a re-attach after
-an agent restart replays ``logs(since=mark - 1 s)`` dropping the lines the
-mark covers (``MarkFilter``): lines printed while the agent was down, or not
-yet delivered when it died, are delivered, none twice, none lost.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import groupby
-from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ctrlagent.errors import (
@@ -42,20 +34,26 @@ from ctrlagent.errors import (
     InsufficientResources,
     NotFound,
 )
-from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
+from ctrlagent.events import ResourceUpdate
 from ctrlagent.interfaces import ServerRoot
 from ctrlagent.servers import spec as specs
-from ctrlagent.servers.console import ConsoleBuffer, ConsoleLine, ConsoleThrottle, split_timestamp
+from ctrlagent.servers.console import ConsoleLine, ConsolePipeline, split_timestamp
+from ctrlagent.servers.installer import Installer
+from ctrlagent.servers.lifecycle import (
+    ACTIVE_STATES,
+    Exit,
+    ExitWatch,
+    Input,
+    Lifecycle,
+    PowerSlot,
+    ServerState,
+)
+from ctrlagent.servers.services import ServerServices
 from ctrlagent.servers.spec import ServerSpec
-from ctrlagent.servers.states import ACTIVE_STATES, ServerState, panel_status
-
-if TYPE_CHECKING:
-    from ctrlagent.servers.manager import ServerContext
+from ctrlagent.servers.stats import StatsSampler
 
 S = ServerState
 MB = 1024 * 1024
-# How long a death may take to show up after SIGKILL before we look ourselves.
-KILL_GRACE = 10.0
 # Lines of console kept with a crash report.
 CRASH_TAIL = 50
 
@@ -96,60 +94,6 @@ class CrashReport:
         }
 
 
-_STREAM = attrgetter("stream")
-
-
-def _marks_at(
-    lines: list[ConsoleLine], ends: list[int], before: tuple[int, int]
-) -> Iterator[tuple[int, int]]:
-    """
-    The mark after ``lines[:end]`` for each of ``ends`` (ascending), starting
-    from ``before``: the same arithmetic as ``Server.take_lines``.
-    """
-    mark, count = before
-    i = 0
-    for end in ends:
-        for line in lines[i:end]:
-            ns = line.mark
-            if ns > mark:
-                mark, count = ns, 1
-            elif ns and ns == mark:
-                count += 1
-        i = end
-        yield mark, count
-
-
-class MarkFilter:
-    """
-    Drops the console lines already delivered before a re-attach.
-
-    ``mark`` is the largest engine timestamp delivered and ``count`` how many
-    lines carried exactly that timestamp (two lines may share a nanosecond).
-
-    It relies on stamps rising in the log's order, which holds within one
-    stream (one engine goroutine stamps and writes them); a stdout and a
-    stderr line stamped microseconds apart may be written the other way
-    round, and a crash falling exactly between those two could drop the
-    older-stamped one.  Per-stream marks would close that gap.
-    """
-
-    def __init__(self, mark: int, count: int) -> None:
-        self.mark = mark
-        self.count = count
-        self._same = 0
-
-    def seen(self, ns: int) -> bool:
-        """True when the line stamped ``ns`` was delivered before."""
-        if ns == 0 or ns > self.mark:
-            return False
-        if ns < self.mark:
-            return True
-        if self._same < self.count:
-            self._same += 1
-            return True
-        return False
-
-
 class Server:
     """One game server managed by the agent."""
 
@@ -157,8 +101,8 @@ class Server:
 
     def __init__(
         self,
-        ctx: ServerContext,
         spec: ServerSpec,
+        services: ServerServices,
         *,
         state: ServerState = S.OFFLINE,
         desired: str = "offline",
@@ -167,45 +111,55 @@ class Server:
         console_mark_count: int = 0,
         last_crash: float | None = None,
     ) -> None:
-        self.ctx = ctx
         self.spec = spec
-        self.state = state
-        self.last_known: ServerState | None = None
+        self.services = services
+        sid = spec.server_id
         self.desired = desired
         self.container_id = container_id
-        self.mark = console_mark
-        self.mark_count = console_mark_count
         self.last_crash = last_crash
         self.crash_report: CrashReport | None = None
-        self.error: str | None = None
-        config = ctx.config.servers
-        self.console = ConsoleBuffer(config.console_buffer_lines)
-        self.lines_total = 0
-        self.throttle = ConsoleThrottle(
-            ctx.clock,
-            config.console_throttle_lines,
-            config.console_throttle_interval,
-            self._report_dropped,
+        self.retired = False
+        config = services.config.servers
+        self.lifecycle = Lifecycle(
+            sid,
+            state,
+            clock=services.clock,
+            emit=services.bus.emit,
+            persist=self._persist,
+            container_id=lambda: self.container_id,
         )
-        self.power: str | None = None
-        # Bumped by every kill: background power work that began before a
-        # kill (a restart waiting out its stop) must not start the server again.
-        self.kill_epoch = 0
-        self._expect_exit = False
-        self._external_kill = False
-        self._oom = False
+        self.slot = PowerSlot(sid)
+        self.exits = ExitWatch()
+        self.console = ConsolePipeline(
+            sid,
+            docker=services.docker,
+            clock=services.clock,
+            tracker=services.tracker,
+            deadlines=services.deadlines,
+            buffer_lines=config.console_buffer_lines,
+            throttle_lines=config.console_throttle_lines,
+            throttle_interval=config.console_throttle_interval,
+            deliver=services.delivery.deliver,
+            startup_seen=self._startup_seen,
+            startup_done=self._startup_done,
+            mark=console_mark,
+            mark_count=console_mark_count,
+        )
+        self.sampler = StatsSampler(
+            sid,
+            docker=services.docker,
+            clock=services.clock,
+            tracker=services.tracker,
+            config=config,
+            container_id=lambda: self.container_id,
+            active=lambda: self.state in ACTIVE_STATES,
+            on_sample=self._sampled,
+        )
+        self.installer = Installer(sid, services, self.console)
         self._exit_waiters: list[Deferred[None]] = []
-        self._output: Any = None
-        self._attach_epoch = 0  # bumped by every detach (and so every attach)
-        self._output_done: Deferred[None] | None = None
-        self._stdin: Any = None
-        self._stats_call: IDelayedCall | None = None
-        self._stats_running = False
-        self._stats_stream: Any = None
         self.started_at: float | None = None
         # Engine time from which events belong to the current run.
         self.run_since: float | None = None
-        self.stats: dict[str, Any] = {}
         self.disk_bytes: int = 0
         self.disk_checked: float | None = None
         self.installing = False
@@ -220,14 +174,19 @@ class Server:
     @property
     def data_path(self) -> str:
         """The server's data directory on the host."""
-        return os.path.join(self.ctx.config.data_dir, self.server_id)
+        return self.services.data.path(self.server_id)
+
+    @property
+    def install_log_path(self) -> str:
+        """Where the install script's output goes (in the agent's state directory)."""
+        return self.installer.log_path
 
     @property
     def owner(self) -> tuple[int, int]:
         """Numeric owner of the data directory."""
         pair = specs.uid_gid(self.spec)
         if pair is None:
-            servers = self.ctx.config.servers
+            servers = self.services.config.servers
             return servers.container_uid, servers.container_gid
         return pair
 
@@ -245,46 +204,41 @@ class Server:
 
     # -- state -------------------------------------------------------------
 
-    def set_state(
-        self,
-        new: ServerState,
-        *,
-        error: str | None = None,
-        exit_code: int | None = None,
-        oom_killed: bool = False,
-        persist: bool = True,
-    ) -> None:
-        """Move to ``new``, emitting one ``StatusChanged`` with the real previous state."""
-        old = self.state
-        if old is new:
-            return
-        if new is S.UNKNOWN:
-            self.last_known = old
-        self.state = new
-        self.error = error
-        self.log.info(
-            "server {server_id} {old} -> {new}", server_id=self.server_id, old=old, new=new
-        )
-        self.ctx.emit(
-            StatusChanged(
-                server_id=self.server_id,
-                previous=old.value,
-                current=new.value,
-                timestamp=self.ctx.clock.seconds(),
-                error=error,
-                container_id=self.container_id,
-                exit_code=exit_code,
-                oom_killed=oom_killed,
-            )
-        )
-        if persist and new is not S.UNKNOWN:
-            self.ctx.persist(self.server_id, state=new.value)
+    @property
+    def state(self) -> ServerState:
+        """The lifecycle's state."""
+        return self.lifecycle.state
+
+    @property
+    def last_known(self) -> ServerState | None:
+        """The state before the engine was lost."""
+        return self.lifecycle.last_known
+
+    @property
+    def error(self) -> str | None:
+        """Why the last change happened, when it was a failure."""
+        return self.lifecycle.error
+
+    @property
+    def power(self) -> str | None:
+        """The power action in progress, if any."""
+        return self.slot.action
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The latest resource sample."""
+        return self.sampler.latest
+
+    def _persist(self, **fields: Any) -> None:
+        """Write fields of this server's row in the background (in order)."""
+        if not self.retired:
+            self.services.rows.write(self.server_id, **fields)
 
     def set_desired(self, desired: str) -> None:
         """Record what the server should be doing (durably)."""
         if self.desired != desired:
             self.desired = desired
-            self.ctx.persist(self.server_id, desired=desired)
+            self._persist(desired=desired)
 
     def status(self) -> dict[str, Any]:
         """The status dict the Panel reads."""
@@ -292,7 +246,7 @@ class Server:
             "serverId": self.server_id,
             "name": self.spec.name,
             "status": self.state.value,
-            "panelStatus": panel_status(self.state, self.last_known),
+            "panelStatus": self.lifecycle.panel_status(),
             "containerId": self.container_id,
             "desiredState": self.desired,
             "image": self.spec.image,
@@ -303,15 +257,25 @@ class Server:
         if self.state in ACTIVE_STATES:
             out["resources"] = self.metrics()
             if self.started_at is not None:
-                out["uptime"] = max(0.0, self.ctx.clock.seconds() - self.started_at)
+                out["uptime"] = max(0.0, self.services.clock.seconds() - self.started_at)
         if self.crash_report is not None:
             out["lastCrash"] = self.crash_report.as_dict()
         if self.power:
             out["powerAction"] = self.power
         return out
 
+    def brief(self) -> dict[str, Any]:
+        """The short answer of a power action."""
+        return {
+            "serverId": self.server_id,
+            "status": self.state.value,
+            "panelStatus": self.lifecycle.panel_status(),
+            "containerId": self.container_id,
+        }
+
     def metrics(self) -> dict[str, Any]:
         """The Panel's metrics shape from the latest sample (zeroes when stopped)."""
+        now = self.services.clock.seconds()
         running = self.state in ACTIVE_STATES and bool(self.stats)
         stats = self.stats if running else {}
         return {
@@ -326,30 +290,20 @@ class Server:
             },
             "pids": int(stats.get("pids", 0)),
             "uptime": (
-                max(0.0, self.ctx.clock.seconds() - self.started_at)
+                max(0.0, now - self.started_at)
                 if running and self.started_at is not None
                 else 0.0
             ),
             "players": 0,
-            "timestamp": iso(self.ctx.clock.seconds()),
+            "timestamp": iso(now),
         }
 
-    # -- power slot --------------------------------------------------------
+    def _sampled(self) -> None:
+        self.services.bus.emit(ResourceUpdate(server_id=self.server_id, metrics=self.metrics()))
 
-    def claim(self, action: str) -> None:
-        """Take the power slot or answer CONFLICT at once."""
-        if self.power is not None:
-            raise Conflict(
-                "server {} is busy: {} in progress".format(self.server_id, self.power),
-                details={"serverId": self.server_id, "inProgress": self.power},
-            )
-        self.power = action
+    # -- background power work ---------------------------------------------
 
-    def release(self) -> None:
-        """Free the power slot."""
-        self.power = None
-
-    def in_background(self, action: str, work: Callable[[], Awaitable[Any]]) -> Deferred[Any]:
+    def _in_background(self, action: str, work: Callable[[], Awaitable[Any]]) -> Deferred[Any]:
         """Run ``work`` holding the (already claimed) slot, releasing it at the end."""
 
         async def run() -> None:
@@ -367,136 +321,204 @@ class Server:
                 )
                 self.notice("{} failed: {}".format(action, e.message))
             finally:
-                self.release()
+                self.slot.release()
 
-        return self.ctx.track(run(), "{} of server {}".format(action, self.server_id))
+        return self.services.tracker.run(run(), "{} of server {}".format(action, self.server_id))
+
+    # -- power actions (the manager's IServerManager calls) -----------------
+
+    async def start(self) -> dict[str, Any]:
+        """Start; returns once the container runs (``starting`` or ``running``)."""
+        self.slot.claim("start")
+        try:
+            await self.do_start()
+        finally:
+            self.slot.release()
+        return self.brief()
+
+    async def stop(self, signal: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Graceful stop in the background; ``SIGKILL`` kills at once."""
+        if signal == "SIGKILL":
+            return await self.kill()
+        if self.state not in ACTIVE_STATES:
+            self.set_desired("offline")
+            return self.brief()
+        self.slot.claim("stop")
+        self.set_desired("offline")
+        self._in_background("stop", lambda: self.graceful_stop(signal, timeout))
+        return self.brief()
+
+    async def restart(self) -> dict[str, Any]:
+        """Stop (if running) then start, in the background."""
+        self.slot.claim("restart")
+        epoch = self.slot.kill_epoch
+
+        async def work() -> None:
+            if self.state in ACTIVE_STATES:
+                await self.graceful_stop(None, None)
+            if self.slot.kill_epoch != epoch:
+                # "kill is always allowed" and means down: a kill that
+                # came while this restart was stopping the server wins.
+                self.notice("restart cancelled: the server was killed")
+                return
+            await self.do_start()
+
+        self._in_background("restart", work)
+        return self.brief()
+
+    async def kill(self) -> dict[str, Any]:
+        """SIGKILL the server; always allowed, never removes anything."""
+        self.slot.killed()
+        self.set_desired("offline")
+        if self.state in ACTIVE_STATES or self.state is S.UNKNOWN:
+            await self.hard_kill()
+        return self.brief()
+
+    async def suspend(self) -> dict[str, Any]:
+        """Stop the server and refuse starts until unsuspended."""
+        self.slot.claim("suspend")
+        self.set_desired("offline")
+
+        async def work() -> None:
+            if self.state in ACTIVE_STATES:
+                await self.graceful_stop(None, None)
+            self.lifecycle.fire(Input.SUSPEND)
+
+        self._in_background("suspend", work)
+        return self.brief()
+
+    async def unsuspend(self) -> dict[str, Any]:
+        """Allow starts again."""
+        if self.state is S.SUSPENDED:
+            self.lifecycle.fire(Input.UNSUSPEND)
+        return self.brief()
+
+    async def reinstall(self) -> dict[str, Any]:
+        """Run the install flow again (the server must not be running)."""
+        if self.state in ACTIVE_STATES:
+            raise Conflict("server {} must be stopped to reinstall".format(self.server_id))
+        if self.state is S.SUSPENDED:
+            raise Conflict("server {} is suspended".format(self.server_id))
+        if not await self.install_for_answer():
+            raise Conflict("server {} is busy: {}".format(self.server_id, self.power))
+        return self.brief()
+
+    async def install_for_answer(self) -> bool:
+        """
+        Install in the background, waiting at most ``create_answer_timeout``
+        for it; False when another power action holds the slot.
+        """
+        d = self.start_install()
+        if d is None:
+            return False
+        await self.services.deadlines.within(d, self.services.config.servers.create_answer_timeout)
+        return True
+
+    async def retire(
+        self, purge_files: bool, forget: Callable[[], Awaitable[None]]
+    ) -> dict[str, Any]:
+        """
+        Remove the containers (and the data when ``purge_files``), then
+        ``forget`` the server (its owner's record of it), holding the slot.
+
+        Files before the record: a purge that fails leaves the server known,
+        so the delete can be tried again; likewise a ``forget`` that fails
+        (a store that cannot write).
+        """
+        self.slot.claim("delete")
+        try:
+            self.set_desired("offline")
+            self.exits.expect()
+            self.detach_output()
+            docker = self.services.docker
+            for name in (self.container_id, self.spec.container_name,
+                         self.spec.container_name + "-install"):
+                if not name:
+                    continue
+                try:
+                    await docker.container_remove(name, force=True)
+                except NotFound:
+                    pass
+            if purge_files:
+                await self.services.data.purge(self.server_id)
+            await forget()
+            self.retired = True
+            await self.services.data.unlink(self.install_log_path)
+        finally:
+            self.slot.release()
+        return {"serverId": self.server_id, "status": "deleted", "purged": purge_files}
+
+    async def enforce_disk(self, used: int) -> int:
+        """Keep the measured disk use; stop a running server over its limit."""
+        self.disk_bytes = used
+        self.disk_checked = self.services.clock.seconds()
+        limit = self.spec.limits.disk_mb
+        if limit > 0 and used > limit * MB and self.state in ACTIVE_STATES:
+            if self.power is None and self.state is not S.STOPPING:
+                self.notice(
+                    "disk usage {:.1f} MB is over the limit of {} MB: stopping".format(
+                        used / MB, limit
+                    )
+                )
+                self.slot.claim("stop")
+                self.set_desired("offline")
+                self._in_background("stop", lambda: self.graceful_stop(None, None))
+        return used
+
+    def close(self) -> None:
+        """The agent stops (or dies): let go of the container's streams and timers."""
+        self.detach_output()
+        self.console.throttle.cancel()
 
     # -- console -----------------------------------------------------------
 
     def notice(self, text: str) -> None:
         """Write an agent notice into the console (buffer and subscribers)."""
-        now = self.ctx.clock.seconds()
-        line = ConsoleLine(timestamp=now, stream="agent", text="[ctrlagent] " + text)
-        self.console.append(line)
-        self.lines_total += 1
-        self.ctx.deliver(
-            self.server_id,
-            [ConsoleOutput(self.server_id, "agent", [line.text], now)],
-            [None],
-            None,
-        )
+        self.console.notice(text)
 
-    def _report_dropped(self, count: int, interval: float) -> None:
-        self.notice(
-            "console throttled: {} lines not forwarded in the last {:g} s".format(count, interval)
-        )
-
-    def take_lines(self, batch: list[tuple[str, str]], filt: MarkFilter | None) -> None:
-        """
-        Handle a batch of ``(stream, timestamped line)`` from the logs stream.
-
-        Every line goes into the buffer; the throttle's share goes out as one
-        ``ConsoleOutput`` per run of a stream, each with the mark that covers
-        it.  This is the agent's hottest loop under a flood: per line it only
-        splits the stamp, advances the read position (``self.mark``) and
-        builds the buffer's line.
-        """
-        kept: list[ConsoleLine] = []
-        before = (self.mark, self.mark_count)
-        mark, mark_count = before
-        now: float | None = None
-        for stream, raw in batch:
-            ns, text = split_timestamp(raw)
-            if ns:
-                if filt is not None and filt.seen(ns):
-                    continue
-                if ns > mark:
-                    mark, mark_count = ns, 1
-                elif ns == mark:
-                    mark_count += 1
-                kept.append(ConsoleLine(ns / 1e9, stream, text, ns))
-            else:
-                if now is None:
-                    now = self.ctx.clock.seconds()
-                kept.append(ConsoleLine(now, stream, text, 0))
-        self.mark, self.mark_count = mark, mark_count
-        self.console.extend(kept)
-        self.lines_total += len(kept)
+    def _startup_seen(self, lines: list[ConsoleLine]) -> bool:
         done = self.spec.startup_done
-        became_running = (
+        return (
             done is not None
             and self.state is S.STARTING
-            and any(done.matches(line.text) for line in kept)
+            and any(done.matches(line.text) for line in lines)
         )
-        admitted = self.throttle.admit_many(len(kept))
-        forwarded = kept if admitted == len(kept) else kept[:admitted]
-        events: list[ConsoleOutput] = []
-        ends: list[int] = []
-        for stream, group in groupby(forwarded, _STREAM):
-            lines = list(group)
-            events.append(
-                ConsoleOutput(
-                    self.server_id, stream, [line.text for line in lines], lines[0].timestamp
-                )
-            )
-            ends.append((ends[-1] if ends else 0) + len(lines))
-        if forwarded is kept and len(events) == 1:
-            marks: list[tuple[int, int] | None] = [(mark, mark_count)]
-        else:
-            marks = list(_marks_at(forwarded, ends, before))
-        self.ctx.deliver(self.server_id, events, marks, (mark, mark_count))
-        if became_running and self.state is S.STARTING:
-            self.set_state(S.RUNNING)
 
-    def history_lines(self, batch: list[tuple[str, str]], filt: MarkFilter) -> None:
-        """
-        Lines delivered before an agent restart: history only, no events.
-
-        Exactly those the mark covers (``filt``): a line after it, or one
-        sharing its nanosecond beyond the count, comes again from the live
-        stream, as new, and must not be in the history twice.
-        """
-        for stream, raw in batch:
-            ns, text = split_timestamp(raw)
-            if ns and not filt.seen(ns):
-                continue
-            self.console.append(ConsoleLine(ns / 1e9 if ns else 0.0, stream, text, ns))
-            self.lines_total += 1
+    def _startup_done(self) -> None:
+        if self.state is S.STARTING:
+            self.lifecycle.fire(Input.STARTUP_DONE)
 
     def console_history(self, lines: int) -> list[str]:
         """The last ``lines`` console lines."""
-        return [line.text for line in self.console.tail(lines)]
+        return self.console.history(lines)
 
     def console_status(self) -> dict[str, Any]:
         """``{"connected", "lastActivity", "bufferSize"}``."""
-        connected = self._stdin is not None and bool(getattr(self._stdin, "connected", False))
+        console = self.console
         return {
-            "connected": connected or self.output_attached,
-            "lastActivity": iso(self.console.last_activity),
-            "bufferSize": len(self.console),
+            "connected": console.stdin_connected or console.attached,
+            "lastActivity": iso(console.buffer.last_activity),
+            "bufferSize": len(console.buffer),
         }
+
+    async def console_command(self, command: str, wait: float) -> str:
+        """Send ``command``; what the console printed within ``wait`` s."""
+        before = self.console.lines_total
+        await self.send_command(command)
+        await deferLater(self.services.clock, wait, lambda: None)
+        new = self.console.lines_total - before
+        return "\n".join(self.console_history(min(new, len(self.console.buffer))))
 
     @property
     def output_attached(self) -> bool:
         """True while the console stream is being followed."""
-        return self._output_done is not None and not self._output_done.called
+        return self.console.attached
 
     async def send_command(self, command: str) -> None:
         """Write one line to the server's stdin."""
         if self.state not in ACTIVE_STATES or self.container_id is None:
             raise Conflict("server {} is not running".format(self.server_id))
-        pipe = self._stdin
-        if pipe is None or not pipe.connected:
-            pipe = await self._attach_stdin()
-        pipe.write_line(command)
-
-    async def _attach_stdin(self) -> Any:
-        assert self.container_id is not None
-        pipe = await self.ctx.docker.attach_stdin(self.container_id)
-        old, self._stdin = self._stdin, pipe
-        if old is not None and old is not pipe:
-            old.close()
-        return pipe
+        await self.console.send_line(self.container_id, command)
 
     async def attach(self, recover: bool) -> None:
         """
@@ -507,179 +529,21 @@ class Server:
         """
         cid = self.container_id
         assert cid is not None
-        self.detach_output()
-        # One console stream delivers at a time: an attach that a newer one
-        # (or a detach) overtook while it read the history gives up, or two
-        # pumps would deliver every line twice.
-        epoch = self._attach_epoch
-        docker = self.ctx.docker
-        if recover and self.mark and not len(self.console):
-            history = docker.logs(
-                cid, follow=False, tail=self.console.capacity, timestamps=True
-            )
-            delivered = MarkFilter(self.mark, self.mark_count)
-            try:
-                async for batch in history.batches():
-                    if epoch != self._attach_epoch:
-                        return
-                    self.history_lines(batch, delivered)
-            finally:
-                history.close()
-            if epoch != self._attach_epoch:
-                return
-        filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
-        since = (self.mark / 1e9 - 1.0) if self.mark else None
-        stream = docker.logs(cid, follow=True, since=since, timestamps=True)
-        self._output = stream
-        self._output_done = self.ctx.track(
-            self._pump(stream, filt), "console of server {}".format(self.server_id)
-        )
-        try:
-            pipe = await self._attach_stdin()
-        except NotFound:
-            pipe = None
-        if epoch != self._attach_epoch:
-            if pipe is not None and self._stdin is pipe:
-                self._stdin = None
-                pipe.close()
-            return
-        self.start_stats()
-
-    async def _pump(self, stream: Any, filt: MarkFilter | None) -> None:
-        try:
-            async for batch in stream.batches(2000):
-                if self._output is not stream:
-                    return  # detached (or replaced): the next attach resumes from the mark
-                self.take_lines(batch, filt)
-        except DockerError as e:
-            # The engine went away or the container vanished: the manager
-            # learns of it through events/reconcile; nothing is lost, the
-            # next attach resumes from the mark.
-            self.log.debug("console of {server_id} ended: {e}", server_id=self.server_id, e=e)
-        finally:
-            if self._output is stream:
-                self._output = None
+        self.sampler.stop()
+        if await self.console.attach(cid, recover):
+            self.sampler.start()
 
     def detach_output(self) -> None:
         """Stop following the console (the container keeps running)."""
-        self._attach_epoch += 1
-        if self._output is not None:
-            self._output.close()
-            self._output = None
-        if self._stdin is not None:
-            self._stdin.close()
-            self._stdin = None
-        self.stop_stats()
-
-    async def drained(self, timeout: float) -> None:
-        """Wait (bounded) until the console stream has delivered its last lines."""
-        done = self._output_done
-        if done is not None and not done.called:
-            await self.ctx.within(done, timeout)
-
-    # -- stats -------------------------------------------------------------
-
-    def start_stats(self) -> None:
-        """Sample resource use every ``stats_interval`` while active."""
-        if self.ctx.config.servers.stats_mode == "stream":
-            if self._stats_stream is None and self.container_id is not None:
-                stream = self.ctx.docker.stats_stream(self.container_id)
-                self._stats_stream = stream
-                self.ctx.track(
-                    self._pump_stats(stream), "stats of server {}".format(self.server_id)
-                )
-            return
-        if self._stats_call is None or not self._stats_call.active():
-            interval = self.ctx.config.servers.stats_interval
-            # Spread the servers over the interval so samples don't bunch up.
-            offset = (hash(self.server_id) % 1000) / 1000.0 * interval
-            self._stats_call = self.ctx.clock.callLater(offset, self._sample_tick)
-
-    def stop_stats(self) -> None:
-        """Stop sampling."""
-        if self._stats_call is not None and self._stats_call.active():
-            self._stats_call.cancel()
-        self._stats_call = None
-        if self._stats_stream is not None:
-            stream, self._stats_stream = self._stats_stream, None
-            stream.close()
-
-    async def _pump_stats(self, stream: Any) -> None:
-        """
-        Keep the latest sample of the engine's stats stream.
-
-        The engine pushes a sample about every second over one long-lived
-        connection per server, which costs the agent far less than a request
-        per sample; only one sample per ``stats_interval`` is kept/published.
-        """
-        interval = self.ctx.config.servers.stats_interval
-        last = -1e18
-        try:
-            async for batch in stream.batches(16):
-                now = self.ctx.clock.seconds()
-                if now - last >= interval * 0.95:
-                    last = now
-                    self.apply_stats(batch[-1])
-        except DockerError as e:
-            self.log.debug("stats of {server_id} ended: {e}", server_id=self.server_id, e=e)
-        except (AttributeError, TypeError, ValueError, KeyError) as e:
-            # Shim: an empty (``null``) stats document the client cannot parse.
-            self.log.debug("stats of {server_id} unreadable: {e}", server_id=self.server_id, e=e)
-        finally:
-            if self._stats_stream is stream:
-                self._stats_stream = None
-
-    def _sample_tick(self) -> None:
-        self._stats_call = None
-        if self.state not in ACTIVE_STATES or self.container_id is None:
-            return
-        if not self._stats_running:
-            self._stats_running = True
-            self.ctx.track(self._sample(), "stats of server {}".format(self.server_id))
-        self._stats_call = self.ctx.clock.callLater(
-            self.ctx.config.servers.stats_interval, self._sample_tick
-        )
-
-    async def _sample(self) -> None:
-        cid = self.container_id
-        try:
-            if cid is None:
-                return
-            # Not one-shot: the engine samples twice (about a second apart,
-            # on its side), so the CPU percent is real.
-            sample = await self.ctx.docker.stats_once(cid)
-        except DockerError:
-            return
-        except (AttributeError, TypeError, ValueError, KeyError) as e:
-            # Shim: the engine can answer an empty (``null``) stats document
-            # for a container that is just starting or stopping, which the
-            # client does not parse; a missed sample is harmless.
-            self.log.debug("stats of {server_id} unreadable: {e}", server_id=self.server_id, e=e)
-            return
-        finally:
-            self._stats_running = False
-        self.apply_stats(sample)
-
-    def apply_stats(self, sample: Any) -> None:
-        """Keep a stats sample as the latest and publish it."""
-        self.stats = {
-            "at": self.ctx.clock.seconds(),
-            "cpu": round(float(sample.cpu_percent), 3),
-            "memory": round(sample.memory_bytes / MB, 3),
-            "memoryLimit": round(sample.memory_limit_bytes / MB, 3),
-            "rx": sample.rx_bytes,
-            "tx": sample.tx_bytes,
-            "blkRead": sample.blk_read,
-            "blkWrite": sample.blk_write,
-            "pids": sample.pids,
-        }
-        self.ctx.emit(ResourceUpdate(server_id=self.server_id, metrics=self.metrics()))
+        self.console.detach()
+        self.sampler.stop()
 
     # -- container ---------------------------------------------------------
 
     async def ensure_container(self) -> str:
         """The server's container id, (re)created when missing or outdated."""
-        docker = self.ctx.docker
+        services = self.services
+        docker = services.docker
         digest = self.spec.digest()
         if self.container_id is not None:
             try:
@@ -692,10 +556,10 @@ class Server:
                     return self.container_id
                 await docker.container_remove(self.container_id, force=True)
                 self.container_id = None
-        await self.ctx.prepare_data_dir(self)
-        await self.ctx.ensure_network()
+        await services.data.prepare(self.server_id, self.owner)
+        await services.network.ensure()
         body = specs.container_body(
-            self.spec, self.data_path, self.ctx.config.servers, self.ctx.network_mode
+            self.spec, self.data_path, services.config.servers, services.network.mode
         )
         name = self.spec.container_name
         try:
@@ -706,7 +570,7 @@ class Server:
             await docker.container_remove(name, force=True)
             cid = await docker.container_create(name, body)
         self.container_id = cid
-        self.ctx.persist(self.server_id, container_id=cid)
+        self._persist(container_id=cid)
         return cid
 
     async def do_start(self) -> None:
@@ -731,21 +595,19 @@ class Server:
             return
         self.set_desired("running")
         cid = await self.ensure_container()
-        self._expect_exit = False
-        self._external_kill = False
-        self._oom = False
-        self.set_state(S.STARTING)
+        self.exits.reset()
+        self.lifecycle.fire(Input.START)
         self.run_since = None
         try:
-            await self.ctx.docker.container_start(cid)
+            await self.services.docker.container_start(cid)
         except DockerError as e:
-            self.set_state(S.OFFLINE, error=e.message)
+            self.lifecycle.fire(Input.START_FAILED, error=e.message)
             raise
         await self._note_run_start(cid)
-        self.started_at = self.ctx.clock.seconds()
+        self.started_at = self.services.clock.seconds()
         await self.attach(recover=False)
         if self.spec.startup_done is None and self.state is S.STARTING:
-            self.set_state(S.RUNNING)
+            self.lifecycle.fire(Input.STARTUP_DONE)
 
     async def _note_run_start(self, cid: str) -> None:
         """
@@ -755,7 +617,7 @@ class Server:
         engine times with engine times needs no agreement between clocks.
         """
         try:
-            doc = await self.ctx.docker.container_inspect(cid)
+            doc = await self.services.docker.container_inspect(cid)
         except DockerError:
             return
         started = parse_docker_time((doc.get("State") or {}).get("StartedAt"))
@@ -766,14 +628,14 @@ class Server:
         """Ask the server to stop, kill it after ``timeout``; returns once it is down."""
         if self.container_id is None or self.state not in ACTIVE_STATES:
             if self.state is not S.CRASHED and self.state is not S.SUSPENDED:
-                self.set_state(S.OFFLINE)
+                self.lifecycle.fire(Input.FOUND_DOWN)
             return
         method = self.spec.stop
         timeout = timeout if timeout is not None else method.timeout
         if timeout is None:
-            timeout = self.ctx.config.servers.stop_timeout
-        self._expect_exit = True
-        self.set_state(S.STOPPING)
+            timeout = self.services.config.servers.stop_timeout
+        self.exits.expect()
+        self.lifecycle.fire(Input.STOP)
         exited = self.wait_exit()
         use_command = method.kind == "command" and signal in (None, "SIGTERM")
         try:
@@ -784,7 +646,7 @@ class Server:
                     use_command = False
             if not use_command:
                 default = method.value if method.kind == "signal" else "SIGTERM"
-                await self.ctx.docker.container_kill(self.container_id, signal or default)
+                await self.services.docker.container_kill(self.container_id, signal or default)
         except NotFound:
             await self._exited_without_event()
             return
@@ -792,7 +654,7 @@ class Server:
             # 409: the container is not running any more.
             await self._exited_without_event()
             return
-        if await self.ctx.within(exited, timeout):
+        if await self.services.deadlines.within(exited, timeout):
             return
         self.notice("server did not stop within {:g} s: killing it".format(timeout))
         await self.hard_kill()
@@ -801,14 +663,15 @@ class Server:
         """SIGKILL and wait (bounded) for the death to be seen."""
         if self.container_id is None:
             return
-        self._expect_exit = True
+        self.exits.expect()
         exited = self.wait_exit()
         try:
-            await self.ctx.docker.container_kill(self.container_id, "SIGKILL")
+            await self.services.docker.container_kill(self.container_id, "SIGKILL")
         except (NotFound, Conflict):
             await self._exited_without_event()
             return
-        if not await self.ctx.within(exited, KILL_GRACE):
+        grace = self.services.config.timeouts.kill_grace
+        if not await self.services.deadlines.within(exited, grace):
             await self._exited_without_event()
 
     async def _exited_without_event(self) -> None:
@@ -818,7 +681,7 @@ class Server:
         code: int | None = None
         if self.container_id is not None:
             try:
-                doc = await self.ctx.docker.container_inspect(self.container_id)
+                doc = await self.services.docker.container_inspect(self.container_id)
             except NotFound:
                 doc = {}
             state = doc.get("State") or {}
@@ -850,37 +713,31 @@ class Server:
                 action=action,
             )
             return None
-        if action == "oom":
-            self._oom = True
-        elif action == "kill" and not self._expect_exit:
-            # A stop we did not ask for (a person, or the engine shutting down).
-            self._external_kill = True
-        elif action == "die":
-            return self.ctx.track(
-                self.on_exit(exit_code, oom=self._oom), "death of server {}".format(self.server_id)
+        if action == "die":
+            return self.services.tracker.run(
+                self.on_exit(exit_code, oom=self.exits.oom),
+                "death of server {}".format(self.server_id),
             )
+        self.exits.saw(action)
         return None
 
     async def on_exit(self, exit_code: int | None, oom: bool) -> None:
         """The container died: settle the state, detect crashes, maybe restart."""
         if self.state not in ACTIVE_STATES and self.state is not S.UNKNOWN:
             return
-        self.stop_stats()
+        self.sampler.stop()
         self.started_at = None
         # Let the console stream hand over the last lines before judging.
-        await self.drained(2.0)
-        if self._stdin is not None:
-            self._stdin.close()
-            self._stdin = None
+        await self.console.drained(self.services.config.timeouts.exit_drain)
+        self.console.close_stdin()
         waiters, self._exit_waiters = self._exit_waiters, []
-        expected, external = self._expect_exit, self._external_kill
-        self._expect_exit = self._external_kill = False
-        self.throttle.flush()
-        if expected:
-            self.set_state(S.OFFLINE, exit_code=exit_code)
-        elif external and not oom:
+        verdict = self.exits.classify(oom)
+        self.console.throttle.flush()
+        if verdict is Exit.EXPECTED:
+            self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
+        elif verdict is Exit.EXTERNAL:
             self.notice("stopped outside the agent (exit code {})".format(exit_code))
-            self.set_state(S.OFFLINE, exit_code=exit_code)
+            self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
         else:
             await self._crashed(exit_code, oom)
         for d in waiters:
@@ -888,9 +745,10 @@ class Server:
                 d.callback(None)
 
     async def _crashed(self, exit_code: int | None, oom: bool) -> None:
+        services = self.services
         if self.container_id is not None and not oom:
             try:
-                doc = await self.ctx.docker.container_inspect(self.container_id)
+                doc = await services.docker.container_inspect(self.container_id)
                 state = doc.get("State") or {}
                 oom = bool(state.get("OOMKilled"))
                 if exit_code is None:
@@ -899,8 +757,8 @@ class Server:
                 raise
             except DockerError:
                 pass
-        now = self.ctx.clock.seconds()
-        window = self.ctx.config.servers.crash_restart_window
+        now = services.clock.seconds()
+        window = services.config.servers.crash_restart_window
         recent = self.last_crash is not None and now - self.last_crash < window
         restart = self.spec.crash_restart and not recent and self.desired == "running"
         self.crash_report = CrashReport(
@@ -911,17 +769,15 @@ class Server:
             restarted=restart,
         )
         self.last_crash = now
-        self.ctx.persist(self.server_id, last_crash=now)
+        self._persist(last_crash=now)
         reason = "crashed with exit code {}{}".format(exit_code, " (out of memory)" if oom else "")
         self.notice("server " + reason)
-        self.set_state(S.CRASHED, error=reason, exit_code=exit_code, oom_killed=oom)
+        self.lifecycle.fire(Input.CRASHED, error=reason, exit_code=exit_code, oom=oom)
         if restart:
             self.notice("restarting after the crash")
-            try:
-                self.claim("crash-restart")
-            except Conflict:
+            if not self.slot.try_claim("crash-restart"):
                 return
-            self.in_background("crash-restart", self.do_start)
+            self._in_background("crash-restart", self.do_start)
             return
         if self.spec.crash_restart and recent:
             self.notice(
@@ -934,14 +790,14 @@ class Server:
         self.detach_output()
         if self.state in (S.INSTALL_FAILED, S.SUSPENDED, S.INSTALLING):
             return
-        self.set_state(S.UNKNOWN)
+        self.lifecycle.fire(Input.ENGINE_LOST)
 
     async def reconcile(self, container: dict[str, Any] | None) -> None:
         """Bring this server in line with what the engine has (``container_list`` item)."""
         if self.installing:
             return
         if self.state is S.INSTALLING:
-            self.ctx.start_install(self)
+            self.start_install()
             return
         if container is None:
             self.container_id = None
@@ -949,7 +805,10 @@ class Server:
             if self.desired == "running" and self.state is not S.SUSPENDED:
                 await self._reconcile_start()
             elif self.state in ACTIVE_STATES or self.state is S.UNKNOWN:
-                self.set_state(self.last_known if self.last_known in (S.CRASHED,) else S.OFFLINE)
+                if self.last_known is S.CRASHED:
+                    self.lifecycle.fire(Input.FOUND_GONE_AFTER_CRASH)
+                else:
+                    self.lifecycle.fire(Input.FOUND_GONE)
             return
         self.container_id = str(container.get("Id"))
         running = container.get("State") == "running"
@@ -957,7 +816,7 @@ class Server:
             if self.output_attached:
                 return
             try:
-                doc = await self.ctx.docker.container_inspect(self.container_id)
+                doc = await self.services.docker.container_inspect(self.container_id)
                 self.started_at = parse_docker_time((doc.get("State") or {}).get("StartedAt"))
                 if self.started_at is not None:
                     self.run_since = self.started_at - 0.001
@@ -968,33 +827,35 @@ class Server:
             )
             await self.attach(recover=True)
             if self.state is not S.RUNNING:
-                self.set_state(S.RUNNING)
+                self.lifecycle.fire(Input.FOUND_RUNNING)
             if interrupted_stop and self.desired == "offline":
                 # The agent died (or lost the engine) mid-stop: finish the stop.
-                try:
-                    self.claim("stop")
-                except Conflict:
+                if not self.slot.try_claim("stop"):
                     return
-                self.in_background("stop", lambda: self.graceful_stop(None, None))
+                self._in_background("stop", lambda: self.graceful_stop(None, None))
             return
         self.detach_output()
         if self.desired == "running" and self.state is not S.SUSPENDED:
             await self._reconcile_start()
         elif self.state in ACTIVE_STATES or self.state is S.UNKNOWN:
-            self.set_state(S.OFFLINE)
+            self.lifecycle.fire(Input.FOUND_DOWN)
 
     async def _reconcile_start(self) -> None:
-        try:
-            self.claim("start")
-        except Conflict:
+        if not self.slot.try_claim("start"):
             return
         try:
             self.notice("starting: the server should be running")
             await self.do_start()
         finally:
-            self.release()
+            self.slot.release()
 
     # -- install -----------------------------------------------------------
+
+    def start_install(self) -> Deferred[Any] | None:
+        """Run the install flow in the background under the power slot (None: busy)."""
+        if not self.slot.try_claim("install"):
+            return None
+        return self._in_background("install", self.install)
 
     async def install(self) -> None:
         """
@@ -1006,31 +867,31 @@ class Server:
         lost engine or the agent's own shutdown leave ``installing``, which
         the next reconcile resumes.
         """
-        ctx = self.ctx
-        docker = ctx.docker
+        docker = self.services.docker
+        fire = self.lifecycle.fire
         self.installing = True
         try:
-            self.set_state(S.INSTALLING)
+            fire(Input.INSTALL)
             try:
-                await ctx.prepare_data_dir(self)
+                await self.services.data.prepare(self.server_id, self.owner)
                 await docker.ensure_image(self.spec.image)
                 script = self.spec.install
                 if script is not None and not self.spec.skip_scripts:
                     if script.image:
                         await docker.ensure_image(script.image)
-                    code, reason = await self._install_script()
+                    code, reason = await self.installer.script(self.spec, self.owner)
                     if code != 0:
-                        self.set_state(S.INSTALL_FAILED, error=reason, exit_code=code)
+                        fire(Input.INSTALL_FAILED, error=reason, exit_code=code)
                         return
                 await self.ensure_container()
             except (DockerUnavailable, CancelledError):
                 raise
             except CtrlAgentError as e:
-                self.set_state(S.INSTALL_FAILED, error=e.message)
+                fire(Input.INSTALL_FAILED, error=e.message)
                 return
             except OSError as e:
-                self.set_state(
-                    S.INSTALL_FAILED,
+                fire(
+                    Input.INSTALL_FAILED,
                     error="data directory of server {}: {}".format(
                         self.server_id, e.strerror or e.__class__.__name__
                     ),
@@ -1039,223 +900,9 @@ class Server:
             except Exception:
                 # A bug: logged with its traceback by the tracker, but the
                 # server must not stay "installing" for ever.
-                self.set_state(S.INSTALL_FAILED, error="internal error during the install")
+                fire(Input.INSTALL_FAILED, error="internal error during the install")
                 raise
-            self.set_state(S.OFFLINE)
+            fire(Input.INSTALLED)
         finally:
             self.installing = False
 
-    async def _install_script(self) -> tuple[int, str]:
-        """
-        Run the install container, then clean the data directory, whatever happened.
-
-        The script ran as root in a container: whatever its exit code (a
-        failure, a timeout, a container that vanished, an engine error, even
-        our own shutdown), the data directory is swept before anything else
-        touches it (ownership, setuid/setgid bits, special files).  A sweep
-        that fails fails the install.
-        """
-        try:
-            code, reason = await self._run_install_script()
-        finally:
-            problem = await self._clean_after_install()
-        if problem is not None:
-            if code != 0:
-                return code, "{}; {}".format(reason, problem)
-            raise CtrlAgentError(problem)
-        return code, reason
-
-    async def _clean_after_install(self) -> str | None:
-        """The recursive prepare pass; the problem as a sentence, None when clean."""
-        try:
-            await self.ctx.prepare_data_dir(self, recursive=True)
-        except CancelledError:
-            raise
-        except (OSError, CtrlAgentError) as e:
-            text = e.message if isinstance(e, CtrlAgentError) else (e.strerror or str(e))
-            self.log.warn(  # noqa: G010 (twisted.logger has warn)
-                "server {server_id}: cleaning the data directory after the install failed:"
-                " {error}",
-                server_id=self.server_id,
-                error=text,
-            )
-            return "cleaning the data directory after the install failed: {}".format(text)
-        except Exception:
-            self.log.failure(
-                "server {server_id}: cleaning the data directory after the install failed",
-                server_id=self.server_id,
-            )
-            return "cleaning the data directory after the install failed"
-        return None
-
-    async def _run_install_script(self) -> tuple[int, str]:
-        """Run the install container; ``(exit code, reason)``."""
-        ctx = self.ctx
-        docker = ctx.docker
-        script = self.spec.install
-        assert script is not None
-        script_dir = os.path.join(ctx.config.state_dir, "install", self.server_id)
-        log = InstallLog(self.install_log_path, ctx.config.servers.install_log_max_bytes)
-        await ctx.in_thread(_write_script, script_dir, script.script)
-        await ctx.in_thread(log.create)
-        name = self.spec.container_name + "-install"
-        try:
-            await docker.container_remove(name, force=True)
-        except NotFound:
-            pass
-        await ctx.ensure_network()
-        body = specs.install_body(
-            self.spec, self.data_path, script_dir, ctx.config.servers, ctx.network_mode
-        )
-        cid = await docker.container_create(name, body)
-        timeout = script.timeout
-        if timeout is None:
-            timeout = ctx.config.servers.install_timeout
-        try:
-            await docker.container_start(cid)
-            self.notice("install script running (log: {})".format(os.path.basename(log.path)))
-            stream = docker.logs(cid, follow=True, timestamps=False)
-            copied = ctx.track(self._copy_install_log(stream, log), "install log")
-            result: list[int] = []
-
-            async def wait() -> None:
-                try:
-                    result.append(await docker.container_wait(cid))
-                except DockerError:
-                    result.append(-1)
-
-            waiting = Deferred.fromCoroutine(wait())
-            if not await ctx.within(waiting, timeout):
-                waiting.cancel()
-                waiting.addErrback(lambda _: None)  # the cancellation is ours
-                try:
-                    await docker.container_kill(cid, "SIGKILL")
-                except (NotFound, Conflict):
-                    pass
-                stream.close()
-                await ctx.in_thread(log.append, ["[ctrlagent] install timed out"])
-                return -1, "install script timed out after {:g} s".format(timeout)
-            code = result[0] if result else -1
-            await ctx.within(copied, 5.0)
-            if code != 0:
-                return code, "install script exited with code {}".format(code)
-            return 0, ""
-        finally:
-            try:
-                await docker.container_remove(cid, force=True)
-            except NotFound:
-                pass
-            await ctx.in_thread(shutil.rmtree, script_dir, True)
-
-    @property
-    def install_log_path(self) -> str:
-        """Where the install script's output goes (in the agent's state directory)."""
-        return os.path.join(self.ctx.config.state_dir, "install-logs", self.server_id + ".log")
-
-    async def _copy_install_log(self, stream: Any, log: InstallLog) -> None:
-        writable = True
-        try:
-            async for batch in stream.batches(1000):
-                lines = [line for _, line in batch]
-                for line in lines:
-                    self.console.append(
-                        ConsoleLine(self.ctx.clock.seconds(), "install", line)
-                    )
-                if not writable:
-                    continue
-                try:
-                    await self.ctx.in_thread(log.append, lines)
-                except OSError as e:
-                    # A full state disk, or the file replaced by a link: the
-                    # output still reaches the console buffer, the log stops.
-                    writable = False
-                    self.log.warn(  # noqa: G010 (twisted.logger has warn)
-                        "server {server_id}: install log {path} not written: {error}",
-                        server_id=self.server_id,
-                        path=log.path,
-                        error=e.strerror or e,
-                    )
-        except DockerError:
-            return
-
-
-class InstallLog:
-    """
-    The install script's output, in a file of the agent's state directory.
-
-    The text comes from the install container, which runs whatever the egg
-    says: it is untrusted.  The file is opened without following a link
-    (wherever it is, a link planted in its place must not redirect our
-    writes) and holds at most ``max_bytes``; what comes after is counted in
-    one closing line, not written.  Used from the disk thread pool only.
-    """
-
-    def __init__(self, path: str, max_bytes: int) -> None:
-        self.path = path
-        self.max_bytes = max_bytes
-        self.written = 0
-        self.dropped_lines = 0
-
-    def create(self) -> None:
-        """Start an empty log (replacing the previous install's)."""
-        os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
-        _unlink_entry(self.path)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC,
-                     0o640)
-        os.close(fd)
-        self.written = 0
-        self.dropped_lines = 0
-
-    def append(self, lines: list[str]) -> None:
-        """Add ``lines`` up to the size bound; count the rest."""
-        data = bytearray()
-        room = self.max_bytes - self.written
-        for index, line in enumerate(lines):
-            encoded = (line + "\n").encode("utf-8", "replace")
-            if len(encoded) > room:
-                if self.dropped_lines == 0:
-                    note = "[ctrlagent] install log truncated at {} bytes\n".format(
-                        self.max_bytes
-                    ).encode()
-                    data += note
-                self.dropped_lines += len(lines) - index
-                break
-            data += encoded
-            room -= len(encoded)
-        if not data:
-            return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW | os.O_CLOEXEC)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        self.written += len(data)
-
-
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
-def _unlink_entry(path: str) -> None:
-    """Remove ``path`` if it is a file or a link (never what a link points to)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _write_script(script_dir: str, script: str) -> None:
-    """Write ``install.sh`` into a fresh ``script_dir`` (mounted read-only into the container)."""
-    if os.path.islink(script_dir):
-        os.unlink(script_dir)
-    else:
-        shutil.rmtree(script_dir, ignore_errors=True)
-    os.makedirs(script_dir, mode=0o755, exist_ok=True)
-    path = os.path.join(script_dir, "install.sh")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | os.O_CLOEXEC, 0o755)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        os.fchmod(fd, 0o755)  # whatever the umask: the container must run it
-        f.write(script.replace("\r\n", "\n"))

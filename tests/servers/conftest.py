@@ -23,8 +23,8 @@ from twisted.internet.task import Clock
 from ctrlagent.config import AgentConfig, DockerConfig, ServersConfig
 from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.events import ConsoleOutput, ServerEvent, StatusChanged
+from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
-from ctrlagent.servers.states import ServerState
 from ctrlagent.servers.store import open_store
 from tests.rig.waiting import sleep, until  # noqa: F401 - shared with the servers tests
 from tests.servers.fakes import FakeEngine

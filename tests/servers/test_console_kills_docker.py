@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from ctrlagent.servers.states import ServerState
+from ctrlagent.servers.lifecycle import ServerState
 from tests.servers.conftest import Rig, scripted, sleep, until_state
 
 pytestmark = pytest.mark.docker

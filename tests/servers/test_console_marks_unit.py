@@ -39,10 +39,10 @@ from ctrlagent.errors import ConfigInvalid
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.servers import delivery
+from ctrlagent.servers.console import MarkFilter
 from ctrlagent.servers.delivery import JOURNAL_NAME, MarkJournal, encode_record, parse_journal
+from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
-from ctrlagent.servers.server import MarkFilter
-from ctrlagent.servers.states import ServerState
 from ctrlagent.servers.store import open_store
 from tests.servers.conftest import Unit, sleep, until
 from tests.servers.test_manager_unit import PARAMS
@@ -267,7 +267,7 @@ async def test_each_event_of_one_read_has_its_own_mark(unit: Unit) -> None:
     server = m.get("s1")
     base = "2030-01-01T00:00:00.{:09d}Z "
     # one read: stdout, stderr, stdout; three lines share a nanosecond
-    server.take_lines(
+    server.console.take(
         [("stdout", base.format(100) + "a"), ("stdout", base.format(100) + "b"),
          ("stderr", base.format(100) + "c"), ("stdout", base.format(200) + "d")],
         None,
@@ -282,7 +282,7 @@ async def test_each_event_of_one_read_has_its_own_mark(unit: Unit) -> None:
     link.die()  # "d" was handed on, never taken
     second = HoldingLink(received)
     m = start_manager(unit, second)
-    assert (m.get("s1").mark, m.get("s1").mark_count) == (ns + 100, 3)
+    assert (m.get("s1").console.mark, m.get("s1").console.mark_count) == (ns + 100, 3)
 
 
 @pytest_twisted.ensureDeferred
@@ -293,9 +293,9 @@ async def test_throttled_lines_are_passed_once_the_lines_before_them_are_deliver
     m, cid = await running_with(unit, link)
     link.drain()
     server = m.get("s1")
-    server.throttle.limit = 2
-    server.throttle._window_start = unit.clock.seconds()
-    server.throttle._admitted = 0
+    server.console.throttle.limit = 2
+    server.console.throttle._window_start = unit.clock.seconds()
+    server.console.throttle._admitted = 0
     burst(unit, cid, [("stdout", "line {}".format(i)) for i in range(5)])
     assert [e.lines for e in link.held] == [["line 0", "line 1"]]
     last_ns = engine_texts(unit, cid)[-1][0]
@@ -303,7 +303,7 @@ async def test_throttled_lines_are_passed_once_the_lines_before_them_are_deliver
     link.drain()
     # the three throttled lines never go out; the mark passes them
     assert m.delivered_marks["s1"] == (last_ns, 1) == journal(unit)["s1"]
-    server.throttle.cancel()
+    server.console.throttle.cancel()
 
 
 @pytest_twisted.ensureDeferred
@@ -382,12 +382,12 @@ async def test_the_newer_of_the_store_and_the_journal_wins_and_the_store_catches
     with open(journal_path(unit), "wb") as f:
         f.write(encode_record("s1", (400, 1)))  # older: a journal from before a power cut
     m = unit.manager()
-    assert (m.get("s1").mark, m.get("s1").mark_count) == (500, 1)
+    assert (m.get("s1").console.mark, m.get("s1").console.mark_count) == (500, 1)
     await m.stopService()
     with open(journal_path(unit), "ab") as f:
         f.write(encode_record("s1", (700, 2)))  # newer: a SIGKILL before the store's copy
     m = unit.manager()
-    assert (m.get("s1").mark, m.get("s1").mark_count) == (700, 2)
+    assert (m.get("s1").console.mark, m.get("s1").console.mark_count) == (700, 2)
     await until(lambda: stored_mark(unit, "s1") == 700, 2, "the store catching up")
     # the journal was rewritten: one record per server
     with open(journal_path(unit), "rb") as f:
@@ -408,8 +408,8 @@ async def test_a_torn_or_damaged_journal_is_skipped_with_one_warning_never_fatal
     with open(journal_path(unit), "wb") as f:
         f.write(b"ctrlagent console marks 1\n" + good + flipped + b"\xff\xfe\n" + torn)
     m = unit.manager()
-    assert m.get("s1").mark == 900
-    assert m.get("s2").mark == 0  # neither the damaged nor the torn record counts
+    assert m.get("s1").console.mark == 900
+    assert m.get("s2").console.mark == 0  # neither the damaged nor the torn record counts
     about = [w for w in warnings if "journal" in w]
     assert len(about) == 1 and "3 damaged or torn" in about[0]
     await m.stopService()
@@ -418,7 +418,7 @@ async def test_a_torn_or_damaged_journal_is_skipped_with_one_warning_never_fatal
     with open(journal_path(unit), "wb") as f:
         f.write(os.urandom(4096).replace(b"\n", b"x"))
     m = unit.manager()
-    assert m.get("s1").mark == 900  # from the store, written at the last stop
+    assert m.get("s1").console.mark == 900  # from the store, written at the last stop
     assert any("is not a journal" in w for w in warnings)
     await m.stopService()
 
@@ -426,7 +426,7 @@ async def test_a_torn_or_damaged_journal_is_skipped_with_one_warning_never_fatal
     os.unlink(journal_path(unit))
     os.mkdir(journal_path(unit))
     m = unit.manager()  # starts all the same, marks from the store
-    assert m.get("s1").mark == 900
+    assert m.get("s1").console.mark == 900
     assert not m.journal.usable and warnings
     await m.start("s1")
     await until(lambda: m.get("s1").state is S.RUNNING, 2, "running without a journal")
@@ -493,7 +493,7 @@ async def test_deleting_a_server_resets_its_mark_so_its_id_can_come_back(unit: U
     await m.create_server("s1", PARAMS)
     await m.stopService()
     m = start_manager(unit, HoldingLink([]))
-    assert m.get("s1").mark == 0
+    assert m.get("s1").console.mark == 0
 
 
 @pytest.mark.parametrize("value", [-1.0, 3601.0, float("nan"), float("inf")])
@@ -549,7 +549,7 @@ async def test_history_holds_exactly_the_lines_the_mark_covers(unit: Unit) -> No
     await m.create_server("s1", PARAMS)
     server = m.get("s1")
     base = "2026-11-18T11:06:40.000000100Z "
-    server.history_lines(
+    server.console.take_history(
         [("stdout", base + "a"), ("stdout", base + "b"),
          ("stdout", "2026-11-18T11:06:40.000000099Z old"),
          ("stdout", "2026-11-18T11:06:40.000000101Z new")],

@@ -16,8 +16,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import succeed
 
 from ctrlagent.panel.link import PanelLink
+from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
-from ctrlagent.servers.states import ServerState
 from ctrlagent.servers.store import open_store
 from ctrlagent.testing.panel import FakePanel, MemoryPanelEndpoint
 from tests.panel.harness import SECRET, panel_config

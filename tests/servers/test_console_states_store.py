@@ -12,9 +12,14 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from ctrlagent.servers.console import ConsoleBuffer, ConsoleLine, ConsoleThrottle, split_timestamp
-from ctrlagent.servers.server import MarkFilter
-from ctrlagent.servers.states import ServerState, panel_status
+from ctrlagent.servers.console import (
+    ConsoleBuffer,
+    ConsoleLine,
+    ConsoleThrottle,
+    MarkFilter,
+    split_timestamp,
+)
+from ctrlagent.servers.lifecycle import ServerState, panel_status
 from ctrlagent.servers.store import open_store
 
 S = ServerState

@@ -24,8 +24,8 @@ import pytest_twisted
 
 from ctrlagent.errors import Conflict, CtrlAgentError
 from ctrlagent.files import trees
-from ctrlagent.servers import manager as servers_manager
-from ctrlagent.servers.manager import _disk_usage, _prepare_dir
+from ctrlagent.servers import datadir as servers_datadir
+from ctrlagent.servers.datadir import _disk_usage, _prepare_dir
 from tests.files.test_trees import make_chain, remove_everything
 from tests.servers.test_manager_unit import PARAMS, Unit, running
 
@@ -162,7 +162,7 @@ async def test_prepare_data_dir_reports_what_it_removed_in_one_warning(
     host = Host(tmp_path)
     plant(Path(server.data_path), host)
     warnings.clear()
-    await m.prepare_data_dir(server, recursive=True)
+    await m.data.prepare(server.server_id, server.owner, recursive=True)
     removed = [w for w in warnings if "special files" in w["log_format"]]
     assert len(removed) == 1
     assert removed[0]["count"] == 5 and removed[0]["server_id"] == "s1"
@@ -198,7 +198,7 @@ async def test_a_purge_that_fails_keeps_the_server_so_the_delete_can_be_retried(
     def refuse(parent_fd: int, name: str, **kw: Any) -> int:
         raise Conflict("busy")
 
-    monkeypatch.setattr(servers_manager.trees, "remove_tree", refuse)
+    monkeypatch.setattr(servers_datadir.trees, "remove_tree", refuse)
     with pytest.raises(Conflict):
         await m.delete("s1", purge_files=True)
     assert m.get("s1").server_id == "s1"

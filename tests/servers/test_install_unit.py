@@ -12,9 +12,9 @@ import pytest
 import pytest_twisted
 
 from ctrlagent.errors import InvalidInput
+from ctrlagent.servers.installer import InstallLog
+from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
-from ctrlagent.servers.server import InstallLog, Server
-from ctrlagent.servers.states import ServerState
 from tests.servers.conftest import Unit, until
 from tests.servers.test_manager_unit import PARAMS
 
@@ -22,22 +22,24 @@ S = ServerState
 
 
 class Sweeps:
-    """Records the manager's prepare passes (and can make the recursive one fail)."""
+    """Records the data directories' prepare passes (and can make the recursive one fail)."""
 
     def __init__(self, manager: ServerManager, unit: Unit, fail: BaseException | None = None):
         self.calls: list[tuple[str, bool, list[str]]] = []
-        self.real = manager.prepare_data_dir
+        self.real = manager.data.prepare
         self.unit = unit
         self.fail = fail
-        manager.prepare_data_dir = self  # type: ignore[method-assign]
+        manager.data.prepare = self  # type: ignore[method-assign]
 
-    async def __call__(self, server: Server, recursive: bool = False) -> None:
+    async def __call__(
+        self, server_id: str, owner: tuple[int, int], recursive: bool = False
+    ) -> None:
         installs = [c.name for c in self.unit.engine.containers.values()
                     if c.name.endswith("-install")]
-        self.calls.append((server.server_id, recursive, installs))
+        self.calls.append((server_id, recursive, installs))
         if recursive and self.fail is not None:
             raise self.fail
-        await self.real(server, recursive)
+        await self.real(server_id, owner, recursive)
 
     @property
     def recursive(self) -> list[tuple[str, bool, list[str]]]:

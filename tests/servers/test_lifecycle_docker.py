@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 
 from ctrlagent.errors import Conflict
-from ctrlagent.servers.states import ServerState
+from ctrlagent.servers.lifecycle import ServerState
 from tests.servers.conftest import Rig, scripted, sleep, until, until_state
 
 pytestmark = pytest.mark.docker

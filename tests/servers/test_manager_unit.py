@@ -20,8 +20,8 @@ from ctrlagent.config import ServersConfig
 from ctrlagent.errors import Conflict, InsufficientResources, InvalidInput, ServerNotFound
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
 from ctrlagent.interfaces import IServerManager
+from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
-from ctrlagent.servers.states import ServerState
 from tests.servers.conftest import Unit, sleep, until
 
 S = ServerState
@@ -241,7 +241,7 @@ async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle
     m = await running(unit)
     server = m.get("s1")
     await until(lambda: len(unit.lines("s1")) == 2, 2, "the startup lines")
-    server.throttle.limit = 4
+    server.console.throttle.limit = 4
     unit.clock.advance(1.0)  # a fresh throttle interval
     before = len(unit.events)
     base = 1_795_000_000
@@ -249,7 +249,7 @@ async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle
     assert calendar.timegm((2026, 11, 18, 11, 6, 40, 0, 0, 0)) == base
     texts = [("stdout", "a"), ("stdout", "b"), ("stderr", "oops"), ("stdout", "c"),
              ("stdout", "d"), ("stdout", "e")]
-    server.take_lines([(stream, stamp.format(i + 1, text))
+    server.console.take([(stream, stamp.format(i + 1, text))
                        for i, (stream, text) in enumerate(texts)], None)
 
     def console() -> list[tuple[str, list[str], float]]:
@@ -265,8 +265,8 @@ async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle
     assert console() == [("stdout", ["a", "b"], at(1)), ("stderr", ["oops"], at(3)),
                          ("stdout", ["c"], at(4))]
     assert m.console_history("s1", 6) == [text for _, text in texts]
-    assert (server.mark, server.mark_count) == (base * 10**9 + 6, 1)
-    assert server.lines_total >= 6
+    assert (server.console.mark, server.console.mark_count) == (base * 10**9 + 6, 1)
+    assert server.console.lines_total >= 6
     unit.clock.advance(1.0)
     await until(lambda: any(e.stream == "agent" for e in unit.events[before:]
                             if isinstance(e, ConsoleOutput)), 2, "the throttle notice")
@@ -375,3 +375,23 @@ async def test_update_and_delete_change_nothing_when_the_store_cannot_write(unit
     with pytest.raises(ServerNotFound):
         m.get("s1")
     assert [r.server_id for r in m.store.load()] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kill_whose_death_no_event_reports_settles_after_the_configured_grace(
+    unit: Unit,
+) -> None:
+    unit.config = replace(unit.config, timeouts=replace(unit.config.timeouts, kill_grace=4.0))
+    m = await running(unit)
+    unit.engine.events = None  # the engine's events are lost: no "die" comes
+    killed = m.kill("s1")
+    await sleep(0.05)
+    assert not killed.called and m.get("s1").state is S.RUNNING
+    unit.clock.advance(3.9)
+    await sleep(0.05)
+    assert not killed.called  # still within timeouts.kill_grace
+    unit.clock.advance(0.2)
+    await until(lambda: killed.called, 2, "the kill settled after the grace")
+    result = await killed
+    assert result["status"] == "offline"  # settled from inspect, as expected
+    assert ("running", "crashed") not in unit.statuses("s1")

@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from ctrlagent.config import DockerConfig
 from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.events import ConsoleOutput, ResourceUpdate
-from ctrlagent.servers.states import ServerState
+from ctrlagent.servers.lifecycle import ServerState
 from tests.rig.images import build_scripted_image
 from tests.servers.conftest import Rig, remove_containers, scripted, sleep, until, until_state
 
@@ -137,10 +137,10 @@ async def test_flooding_server_is_throttled_and_every_drop_is_counted(
     assert notices, "a flood must be reported"
     dropped = sum(int(n.split("throttled: ")[1].split()[0]) for n in notices)
     forwarded = len(rig.recorder.lines(sid))
-    printed = sum(1 for line in server.console if line.stream != "agent")
+    printed = sum(1 for line in server.console.buffer if line.stream != "agent")
     assert printed >= 8000
     assert forwarded + dropped == printed
-    assert dropped == server.throttle.total_dropped > 0
+    assert dropped == server.console.throttle.total_dropped > 0
     await manager.kill(sid)
 
 

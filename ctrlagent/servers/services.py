@@ -1,0 +1,76 @@
+"""
+What one ``Server`` needs from the agent, handed to it once (``ServerServices``).
+
+A server never reaches back to the ``ServerManager``: the manager builds
+these services, gives them to every server it creates and otherwise only
+calls the servers.  ``ServerNetwork`` is the servers' container network;
+``RowWriter`` writes a server's row of the store in the background.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ctrlagent.config import AgentConfig
+from ctrlagent.servers.datadir import DataDirs
+from ctrlagent.servers.delivery import ConsoleDelivery, EventBus
+from ctrlagent.servers.spec import MANAGED_LABEL
+from ctrlagent.work import Deadlines, Tracker
+
+
+class ServerNetwork:
+    """The network the servers' containers join (``docker.network_name`` or a Docker mode)."""
+
+    def __init__(self, docker: Any, mode: str, subnet: str | None) -> None:
+        self.docker = docker
+        self.mode = mode
+        self.subnet = subnet
+
+    async def ensure(self) -> None:
+        """
+        Make sure the servers' network exists before a container joins it.
+
+        Docker's own modes need nothing; the agent's network (``docker.
+        network_name``) is created, labelled as ours, when missing (an operator
+        may have removed it).  Called before every create, which is rare.
+        """
+        mode = self.mode
+        if mode in ("bridge", "host", "none", "default") or mode.startswith("container:"):
+            return
+        await self.docker.network_ensure(mode, self.subnet, labels={MANAGED_LABEL: "true"})
+
+
+class RowWriter:
+    """Writes fields of a server's store row in the background, in order."""
+
+    def __init__(self, store: Any, tracker: Tracker) -> None:
+        self.store = store
+        self.tracker = tracker
+        self.halted = False
+
+    def write(self, server_id: str, **fields: Any) -> None:
+        """Queue the write; its failure is logged by the tracker."""
+        if self.halted:
+            return
+        self.tracker.track(self.store.update(server_id, **fields), "store " + server_id)
+
+    def halt(self) -> None:
+        """The agent died (tests' SIGKILL): nothing more is written."""
+        self.halted = True
+
+
+@dataclass(frozen=True)
+class ServerServices:
+    """Everything a ``Server`` uses, shared by all servers of one manager."""
+
+    docker: Any
+    clock: Any
+    deadlines: Deadlines
+    tracker: Tracker
+    bus: EventBus
+    delivery: ConsoleDelivery
+    rows: RowWriter
+    data: DataDirs
+    network: ServerNetwork
+    config: AgentConfig
