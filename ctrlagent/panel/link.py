@@ -73,7 +73,9 @@ from ctrlagent.errors import ConfigInvalid, CtrlAgentError
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerEvent, StatusChanged
 from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.wire import frames as messages
+from ctrlagent.wire import incoming
 from ctrlagent.wire.command import ActionResult, IDispatcher, printable
+from ctrlagent.wire.json import encode
 from ctrlagent.work import DeferredTracker
 
 # Frame groups: one logical event may be several frames (the event plus its
@@ -1104,14 +1106,14 @@ class PanelLink(service.MultiService):
         self, protocol: PanelProtocol, payload: bytes, done: Callable[[], None]
     ) -> None:
         """Decode one message and answer it; ``done`` once the answer is handed over."""
-        message = messages.parse_frame(payload)
-        if isinstance(message, messages.CommandFrame):
+        message = incoming.parse_frame(payload)
+        if isinstance(message, incoming.CommandFrame):
             self._start_command(message, done)
-        elif isinstance(message, messages.PingFrame):
+        elif isinstance(message, incoming.PingFrame):
             self._tracker.run(self._answer_ping(protocol, message.ping_id, done), "answer a ping")
-        elif isinstance(message, messages.SystemInfoRequest):
+        elif isinstance(message, incoming.SystemInfoRequest):
             self._tracker.run(self._answer_system_info(protocol, done), "send system_info")
-        elif isinstance(message, messages.InvalidCommand):
+        elif isinstance(message, incoming.InvalidCommand):
             self._answer_invalid(message, done)
         else:
             self.log.debug(
@@ -1121,7 +1123,7 @@ class PanelLink(service.MultiService):
             )
             done()
 
-    def _answer_invalid(self, message: messages.InvalidCommand, done: Callable[[], None]) -> None:
+    def _answer_invalid(self, message: incoming.InvalidCommand, done: Callable[[], None]) -> None:
         """A frame that cannot run: a response with its id, or an ``error`` frame without one."""
         self.log.warn(  # noqa: G010
             "unusable frame {command_id} from the Panel: {code} {error}",
@@ -1176,14 +1178,14 @@ class PanelLink(service.MultiService):
         info = await self._gather(self._system_info, "gather system information")
         if protocol is self._protocol:
             frame = messages.system_info(info, self._config.node_id, self._reactor.seconds())
-            protocol.send_frame(messages.encode(frame))
+            protocol.send_frame(encode(frame))
 
     async def _answer_system_info(self, protocol: PanelProtocol, done: Callable[[], None]) -> None:
         """The answer to a ``system_info_request`` (for this connection only)."""
         try:
             info = await self._gather(self._system_info, "gather system information")
             frame = messages.system_info(info, self._config.node_id, self._reactor.seconds())
-            self._emit_answer((messages.encode(frame),), done, connection=protocol)
+            self._emit_answer((encode(frame),), done, connection=protocol)
         except BaseException:
             done()  # no answer coming: free the slot
             raise
@@ -1208,7 +1210,7 @@ class PanelLink(service.MultiService):
             frame = messages.events_dropped(
                 self._config.node_id, dropped, self._reactor.seconds(), reasons
             )
-            protocol.send_frame(messages.encode(frame))
+            protocol.send_frame(encode(frame))
         while (
             self.outbox
             and not self._paused
@@ -1244,13 +1246,13 @@ class PanelLink(service.MultiService):
                 with_legacy=self._panel.legacy_frames,
             )
             for frame in frames:
-                protocol.send_frame(messages.encode(frame))
+                protocol.send_frame(encode(frame))
         self._reported = reported
 
     def _send_heartbeat(self, protocol: PanelProtocol) -> None:
         if protocol is self._protocol:
             frame = messages.heartbeat(self._config.node_id, self._reactor.seconds())
-            protocol.send_frame(messages.encode(frame))
+            protocol.send_frame(encode(frame))
 
     async def _answer_ping(
         self, protocol: PanelProtocol, ping_id: Any, done: Callable[[], None]
@@ -1265,17 +1267,17 @@ class PanelLink(service.MultiService):
             frame = messages.pong(
                 ping_id, self._reactor.seconds(), active_servers=active, system_load=load
             )
-            self._emit_answer((messages.encode(frame),), done, connection=protocol)
+            self._emit_answer((encode(frame),), done, connection=protocol)
         except BaseException:
             done()  # no answer coming: free the slot
             raise
 
     # --- commands ---------------------------------------------------------------------------
 
-    def _start_command(self, frame: messages.CommandFrame, done: Callable[[], None]) -> None:
+    def _start_command(self, frame: incoming.CommandFrame, done: Callable[[], None]) -> None:
         command = frame.command
         if command.command_id is not None:
-            key = messages.id_key(command.command_id)
+            key = incoming.id_key(command.command_id)
             if key in self._in_flight:
                 # One final response per id: a retransmitted command is already
                 # being answered.
@@ -1290,7 +1292,7 @@ class PanelLink(service.MultiService):
             self._run_command(frame, done), "Panel command " + printable(command.action, 60)
         )
 
-    async def _run_command(self, frame: messages.CommandFrame, done: Callable[[], None]) -> None:
+    async def _run_command(self, frame: incoming.CommandFrame, done: Callable[[], None]) -> None:
         try:
             await self._answer_command(frame, done)
         except BaseException:
@@ -1298,7 +1300,7 @@ class PanelLink(service.MultiService):
             raise
 
     async def _answer_command(
-        self, frame: messages.CommandFrame, done: Callable[[], None]
+        self, frame: incoming.CommandFrame, done: Callable[[], None]
     ) -> None:
         """Dispatch ``frame``'s command and hand over its single answer."""
         command = frame.command
@@ -1342,7 +1344,7 @@ class PanelLink(service.MultiService):
                 )
         finally:
             if command_id is not None:
-                self._in_flight.discard(messages.id_key(command_id))
+                self._in_flight.discard(incoming.id_key(command_id))
         if command_id is None:
             # Nothing to correlate a reply with (legacy frames come without an
             # id), but a failure is still reported rather than lost.
@@ -1364,14 +1366,14 @@ class PanelLink(service.MultiService):
         answer with the same id instead, so the command is still answered once.
         """
         try:
-            return messages.encode(frame)
+            return encode(frame)
         except Exception as e:
             self.log.warn(  # noqa: G010
                 "could not encode the answer to {command_id} ({error}); answering EXECUTION_ERROR",
                 command_id=printable(command_id, 80),
                 error=printable(repr(e)),
             )
-            return messages.encode(
+            return encode(
                 messages.response_failure(
                     command_id,
                     "EXECUTION_ERROR",
@@ -1417,7 +1419,7 @@ class PanelLink(service.MultiService):
             frames = messages.console_frames(
                 server_id, stream, lines, timestamp, with_legacy=self._panel.legacy_frames
             )
-            entry = tuple(messages.encode(frame) for frame in frames)
+            entry = tuple(encode(frame) for frame in frames)
         except Exception:
             self.log.failure("could not encode console lines for the Panel")
             _settle(receipts)  # never to be sent: dropped
@@ -1425,7 +1427,7 @@ class PanelLink(service.MultiService):
         self._emit(entry, receipts)
 
     def _emit_frames(self, frames: list[dict[str, Any]]) -> None:
-        self._emit(tuple(messages.encode(frame) for frame in frames))
+        self._emit(tuple(encode(frame) for frame in frames))
 
     def _can_send_now(self, protocol: PanelProtocol | None) -> bool:
         return (

@@ -587,8 +587,8 @@ async def test_head_health(rig: ApiRig) -> None:
 def test_answers_are_strict_json() -> None:
     from datetime import datetime
 
-    from ctrlagent.api.app import encode_json
+    from ctrlagent.wire.json import encode
 
-    raw = encode_json({"cpu": float("nan"), "x": [float("inf")], "when": datetime(2026, 1, 1)})
+    raw = encode({"cpu": float("nan"), "x": [float("inf")], "when": datetime(2026, 1, 1)})
     assert json.loads(raw) == {"cpu": None, "x": [None], "when": "2026-01-01 00:00:00"}
     assert b"NaN" not in raw and b"Infinity" not in raw
