@@ -44,12 +44,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ctrlagent.errors import ParseError
-from ctrlagent.wire.command import (
-    PAYLOAD_DECODER,
-    UnrepresentableNumber,
-    printable,
-    unusable_text,
-)
+from ctrlagent.wire.command import UnrepresentableNumber, printable, unusable_text
 
 # --- results as JSON values -----------------------------------------------------------------
 
@@ -162,6 +157,29 @@ def encode(value: Any) -> bytes:
         pairs.append(_encode_value(key) + b":" + literal.encode("ascii"))
     rest = _encode_value({key: item for key, item in value.items() if key not in literals})
     return b"{" + b",".join(pairs) + (b"," + rest[1:] if rest != b"{}" else b"}")
+
+
+# --- the one decoder ------------------------------------------------------------------------
+
+
+def _decode_float(text: str) -> float | UnrepresentableNumber:
+    value = float(text)
+    return value if math.isfinite(value) else UnrepresentableNumber(text)
+
+
+def _decode_int(text: str) -> int | UnrepresentableNumber:
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        return UnrepresentableNumber(text)
+
+
+# The one JSON decoder of both transports: strict about nothing but never
+# failing on a number (see UnrepresentableNumber), so that ``check_payload``
+# names the field holding it and a frame's id can still be answered.
+PAYLOAD_DECODER = json.JSONDecoder(
+    parse_float=_decode_float, parse_int=_decode_int, parse_constant=UnrepresentableNumber
+)
 
 
 # --- HTTP request bodies --------------------------------------------------------------------
