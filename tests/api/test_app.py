@@ -58,6 +58,15 @@ async def test_health_is_healthy_with_the_panel_fields(rig: ApiRig) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_timestamps_are_the_wire_format_with_milliseconds(rig: ApiRig) -> None:
+    rig.clock.advance(0.2567)
+    _, health, _ = await rig.get("/health")
+    _, status, _ = await rig.get("/api/status", Authorization="Bearer " + SECRET)
+    # The one precision of both transports (wire.time.iso_ms), at the agent's clock.
+    assert health["timestamp"] == status["lastSeen"] == "2023-11-14T22:13:20.256Z"
+
+
+@pytest_twisted.ensureDeferred
 async def test_health_without_the_link_is_degraded_but_200(rig: ApiRig) -> None:
     rig.link_up = False
     code, body, _ = await rig.get("/health")

@@ -161,3 +161,12 @@ def test_console_frames_keep_utf8_compact_and_escape_only_lone_surrogates() -> N
     assert encode({"a": "é"}) == '{"a":"é"}'.encode()
     assert encode({"a": "\udcff"}) == b'{"a":"\\udcff"}'
     assert encode({"a": float("nan"), "b": [float("inf")]}) == b'{"a":null,"b":[null]}'
+
+
+def test_values_other_than_objects_follow_the_same_policy() -> None:
+    assert encode([float("nan"), float("-inf"), "é"]) == '[null,null,"é"]'.encode()
+    assert encode("\ud800") == b'"\\ud800"'
+    assert encode(UnrepresentableNumber("1e999")) == b"null"
+    assert encode({"id": UnrepresentableNumber("1e999"), "x": float("inf")}) == (
+        b'{"id":1e999,"x":null}'
+    )

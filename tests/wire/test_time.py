@@ -43,3 +43,8 @@ def test_iso_ms_never_raises_and_ends_in_z(value: float) -> None:
 def test_iso_ms_reads_as_datetime_would_write_it(value: float) -> None:
     expected = datetime.fromtimestamp(value, tz=UTC).isoformat(timespec="milliseconds")
     assert wiretime.iso_ms(value) == expected.replace("+00:00", "Z")
+
+
+def test_iso_ms_or_none_stamps_a_time_and_passes_none() -> None:
+    assert wiretime.iso_ms_or_none(NOW) == "2026-11-24T01:00:53.257Z" == wiretime.iso_ms(NOW)
+    assert wiretime.iso_ms_or_none(None) is None
