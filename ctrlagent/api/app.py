@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import functools
 import hmac
-import json
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from klein import Klein
@@ -33,46 +31,17 @@ from ctrlagent.api.site import make_http_service
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import CtrlAgentError, InvalidInput, ParseError
 from ctrlagent.interfaces import IServerManager
+from ctrlagent.wire import http as envelopes
 from ctrlagent.wire.command import ActionResult, Command, IDispatcher, parse_command, printable
-from ctrlagent.wire.json import to_json
-from ctrlagent.wire.jsonbody import decode_json
+from ctrlagent.wire.json import decode_body, encode, to_json
+from ctrlagent.wire.tables import POWER_WORDS
+from ctrlagent.wire.time import iso_ms
 from ctrlagent.work import Deadlines, Tracker
 
 # Re-exported: the composition root imports both from here.
 __all__ = ["AgentApi", "authenticated", "make_http_service"]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[bytes]])
-
-# REST answers use HTTP codes; the Panel's command endpoint never does.
-_REST_STATUS = {
-    "SERVER_NOT_FOUND": 404,
-    "CONTAINER_NOT_FOUND": 404,
-    "FILE_NOT_FOUND": 404,
-    "NOT_FOUND": 404,
-    "INVALID_PAYLOAD": 400,
-    "PARSE_ERROR": 400,
-    "UNKNOWN_ACTION": 400,
-    "CONFLICT": 409,
-    "PORT_CONFLICT": 409,
-    "PERMISSION_DENIED": 403,
-    "AUTH_FAILED": 401,
-    "INSUFFICIENT_RESOURCES": 507,
-    "DOCKER_ERROR": 502,
-    "CONFIG_INVALID": 500,
-    "EXECUTION_ERROR": 500,
-}
-
-_POWER = {
-    "start": "start_server",
-    "stop": "stop_server",
-    "restart": "restart_server",
-    "kill": "kill_server",
-}
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
 
 def human_duration(seconds: float) -> str:
     """``3d 4h 5m 6s`` (leading zero units left out)."""
@@ -89,47 +58,6 @@ def human_duration(seconds: float) -> str:
     return " ".join(out)
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities replaced by None, recursively."""
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def encode_json(body: Any) -> bytes:
-    """
-    Strict JSON for the Panel's ``JSON.parse``: no ``NaN``/``Infinity`` (they
-    become null) and odd objects as strings, so that an answer never turns
-    into a 500 because of one value.
-    """
-    try:
-        text = json.dumps(body, separators=(",", ":"), allow_nan=False, default=str)
-    except ValueError:
-        text = json.dumps(_finite(body), separators=(",", ":"), allow_nan=False, default=str)
-    return text.encode("utf-8")
-
-
-def failure_body(error: CtrlAgentError) -> dict[str, Any]:
-    """The Panel's HTTP failure shape, plus the offending field when known."""
-    body: dict[str, Any] = {"success": False, "error": error.message, "code": error.code}
-    if error.details:
-        body["details"] = error.details
-    return body
-
-
-def success_body(result: ActionResult) -> dict[str, Any]:
-    """``{"success": true, "message"?, "data"}``."""
-    body: dict[str, Any] = {"success": True}
-    if result.message:
-        body["message"] = result.message
-    body["data"] = to_json(result.data)
-    return body
-
-
 def authenticated(f: F) -> F:
     """
     Refuse the request with 401 unless it carries the node's secret, as
@@ -142,14 +70,7 @@ def authenticated(f: F) -> F:
         if not self.authorized(request):
             request.setResponseCode(401)
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="ctrlagent"')
-            return self._json(
-                request,
-                {
-                    "success": False,
-                    "error": "missing or invalid credentials",
-                    "code": "AUTH_FAILED",
-                },
-            )
+            return self._json(request, envelopes.auth_failed())
         return await f(self, request, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -211,7 +132,7 @@ class AgentApi:
     def _json(request: IRequest, body: Any) -> bytes:
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
-        data = encode_json(body)
+        data = encode(body)
         # A known length spares the client chunked framing.
         request.setHeader(b"Content-Length", b"%d" % len(data))
         return data
@@ -262,7 +183,7 @@ class AgentApi:
         if len(raw) > limit:
             raise _TooLarge(limit)
         # Every way a body can fail to decode is a ParseError (400), never a 500.
-        return decode_json(raw)
+        return decode_body(raw)
 
     async def _run(self, command: Command) -> ActionResult:
         """
@@ -353,7 +274,7 @@ class AgentApi:
                 "version": self._version,
                 "uptime": human_duration(uptime),
                 "uptimeSeconds": int(uptime),
-                "timestamp": _now_iso(),
+                "timestamp": iso_ms(self._clock.seconds()),
                 "connected": connected,
                 "docker": docker,
             },
@@ -400,8 +321,8 @@ class AgentApi:
                 "online": True,
                 "version": self._version,
                 "uptime": round(self._uptime(), 3),
-                "serverCount": len(self._servers.list_servers()),
-                "lastSeen": _now_iso(),
+                "serverCount": len(to_json(self._servers.list_servers())),
+                "lastSeen": iso_ms(self._clock.seconds()),
                 "nodeId": self._config.node_id,
             },
         )
@@ -416,12 +337,12 @@ class AgentApi:
             command = parse_command(self._read_body(request))
         except _TooLarge as e:
             request.setResponseCode(413)
-            return self._json(request, failure_body(e))
+            return self._json(request, envelopes.too_large(e.limit))
         except ParseError as e:
             request.setResponseCode(400)
-            return self._json(request, failure_body(e))
+            return self._json(request, envelopes.failure(e))
         except CtrlAgentError as e:
-            return self._json(request, failure_body(e))
+            return self._json(request, envelopes.failure(e))
         try:
             result = await self._run(command)
         except CtrlAgentError as e:
@@ -431,8 +352,8 @@ class AgentApi:
                 code=e.code,
                 message=e.message,
             )
-            return self._json(request, failure_body(e))
-        return self._json(request, success_body(result))
+            return self._json(request, envelopes.failure(e))
+        return self._json(request, envelopes.success(result))
 
     # -- REST for operators and scripts ----------------------------------------
 
@@ -440,9 +361,9 @@ class AgentApi:
         try:
             result = await self._run(command)
         except CtrlAgentError as e:
-            request.setResponseCode(_REST_STATUS.get(e.code, 500))
-            return self._json(request, failure_body(e))
-        return self._json(request, success_body(result))
+            request.setResponseCode(envelopes.rest_status(e.code))
+            return self._json(request, envelopes.failure(e))
+        return self._json(request, envelopes.success(result))
 
     def _rest_body(self, request: IRequest) -> dict[str, Any]:
         body = self._read_body(request)
@@ -457,10 +378,10 @@ class AgentApi:
             command = build(self._rest_body(request))
         except _TooLarge as e:
             request.setResponseCode(413)
-            return self._json(request, failure_body(e))
+            return self._json(request, envelopes.too_large(e.limit))
         except CtrlAgentError as e:
-            request.setResponseCode(_REST_STATUS.get(e.code, 400))
-            return self._json(request, failure_body(e))
+            request.setResponseCode(envelopes.rest_status(e.code, 400))
+            return self._json(request, envelopes.failure(e))
         return await self._rest(request, command)
 
     @app.route("/api/servers", methods=["GET"])
@@ -482,12 +403,12 @@ class AgentApi:
 
         def build(body: dict[str, Any]) -> Command:
             action = body.get("action")
-            if not isinstance(action, str) or action not in _POWER:
+            if not isinstance(action, str) or action not in POWER_WORDS:
                 raise InvalidInput(
-                    "action must be one of {}".format(", ".join(_POWER)), field="action"
+                    "action must be one of {}".format(", ".join(POWER_WORDS)), field="action"
                 )
             params = {k: v for k, v in body.items() if k != "action"}
-            return Command(_POWER[action], server_id, params)
+            return Command(POWER_WORDS[action], server_id, params)
 
         return await self._rest_with_body(request, build)
 
@@ -530,15 +451,7 @@ class AgentApi:
         request.setResponseCode(code)
         if code == 405:
             request.setHeader(b"Allow", ", ".join(valid).encode("ascii"))
-        names = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
-        return self._json(
-            request,
-            {
-                "success": False,
-                "error": "not found" if code == 404 else (error.name or "HTTP error"),
-                "code": names.get(code, "HTTP_{}".format(code)),
-            },
-        )
+        return self._json(request, envelopes.route_error(code, error.name))
 
     @app.handle_errors(Exception)
     def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -548,9 +461,7 @@ class AgentApi:
             return b""
         self.log.failure("unexpected error serving {path}", failure, path=request.path)
         request.setResponseCode(500)
-        return self._json(
-            request, {"success": False, "error": "internal error", "code": "EXECUTION_ERROR"}
-        )
+        return self._json(request, envelopes.internal_error())
 
 
 class _TooLarge(CtrlAgentError):
@@ -558,3 +469,4 @@ class _TooLarge(CtrlAgentError):
 
     def __init__(self, limit: int) -> None:
         super().__init__("request body exceeds the limit of {} bytes".format(limit))
+        self.limit = limit

@@ -39,7 +39,6 @@ without its API.
 from __future__ import annotations
 
 import io
-import json
 import resource as rlimit
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +55,10 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from ctrlagent.config import AgentConfig
+from ctrlagent.errors import ParseError
 from ctrlagent.startup import StartupError, listen_failure, os_error_text
+from ctrlagent.wire import http as envelopes
+from ctrlagent.wire.json import encode
 
 # Read size of a connection until one of its requests has shown the secret.
 HEADER_READ_BYTES = 4096
@@ -65,15 +67,14 @@ HEADER_READ_BYTES = 4096
 _RESERVED_DESCRIPTORS = 256
 
 
-def _failure_json(error: str, code: str) -> bytes:
-    return json.dumps({"success": False, "error": error, "code": code}).encode("utf-8")
+def _parse_error(message: str) -> bytes:
+    """The JSON body of a request refused before any route (the Panel's failure shape)."""
+    return encode(envelopes.failure(ParseError(message)))
 
 
 def too_large_body(limit: int) -> bytes:
     """The JSON body of a 413 answer (the Panel's failure shape)."""
-    return _failure_json(
-        "request body exceeds the limit of {} bytes".format(limit), "INVALID_PAYLOAD"
-    )
+    return encode(envelopes.too_large(limit))
 
 
 def _raw_response(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
@@ -90,7 +91,7 @@ def _raw_response(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
 def _unauthorized_response() -> bytes:
     return _raw_response(
         b"401 Unauthorized",
-        _failure_json("missing or invalid credentials", "AUTH_FAILED"),
+        encode(envelopes.auth_failed()),
         b'WWW-Authenticate: Bearer realm="ctrlagent"\r\n',
     )
 
@@ -98,7 +99,7 @@ def _unauthorized_response() -> bytes:
 def _timeout_response() -> bytes:
     return _raw_response(
         b"408 Request Timeout",
-        _failure_json("the request's headers did not arrive in time", "PARSE_ERROR"),
+        _parse_error("the request's headers did not arrive in time"),
     )
 
 
@@ -170,7 +171,7 @@ class GuardedRequest(server.Request):
             unquote_to_bytes(self.path).decode("utf-8")
             host.decode("utf-8")
         except UnicodeDecodeError:
-            body = _failure_json("the URL or Host header is not valid UTF-8", "PARSE_ERROR")
+            body = _parse_error("the URL or Host header is not valid UTF-8")
             self.setResponseCode(400)
             self.setHeader(b"Content-Type", b"application/json")
             self.setHeader(b"Content-Length", b"%d" % len(body))

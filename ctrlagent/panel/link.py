@@ -6,15 +6,16 @@ Panel through an Autobahn ``WebSocketClientFactory``.  The Autobahn protocol is
 thin (magic-wormhole style): every callback is forwarded to the link, which owns
 all state that outlives one connection:
 
-- the reconnect schedule (``ReconnectBackoff``): exponential with jitter, fed by
-  our own count of failed handshakes because ``ClientService`` resets its count
-  on every TCP connect, with a slower floor after the Panel refused our
-  credentials (HTTP 401/403);
-- the ``Outbox``: frames produced while the link is down or the socket is not
-  draining.  Answers (responses, pongs, error frames) are never dropped; events
-  are bounded, oldest dropped first and counted under the reason they waited
-  (the link was down, or the Panel was not reading);
-- one ``_Drain`` per connection: a pull producer on the socket's transport
+- the reconnect schedule (``ReconnectBackoff``, ``panel.backoff``): exponential
+  with jitter, fed by our own count of failed handshakes because
+  ``ClientService`` resets its count on every TCP connect, with a slower floor
+  after the Panel refused our credentials (HTTP 401/403);
+- the ``Outbox`` (``panel.outbox``, with the batcher and the intake): frames
+  produced while the link is down or the socket is not draining.  Answers
+  (responses, pongs, error frames) are never dropped; events are bounded,
+  oldest dropped first and counted under the reason they waited (the link was
+  down, or the Panel was not reading);
+- one ``_Drain`` per connection (``panel.protocol``): a pull producer on the socket's transport
   that learns when the bytes written have been taken by the kernel.  It is
   the write flow control (past a buffer's worth, events wait in the outbox)
   and it settles the receipts of the console frames written before: the link
@@ -43,45 +44,40 @@ Commands in flight when the connection closes keep running (a half-done stop
 must not be abandoned), and frames already read are still handled; their single
 response goes to the outbox and is delivered, with its original id, on the next
 connection.  Every command with an id gets exactly one answer with that id as
-sent (see ``messages`` for ids and for frames that cannot be decoded); a
+sent (see ``wire.incoming`` for ids and for frames that cannot be decoded); a
 failure of one without an id is reported by an ``error`` frame.
 """
 
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from autobahn.websocket.types import ConnectingRequest
 from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall, IPullProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
-from ctrlagent import __version__
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import ConfigInvalid, CtrlAgentError
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerEvent, StatusChanged
 from ctrlagent.interfaces import IConsoleConsumer
-from ctrlagent.wire import frames as messages
+from ctrlagent.panel.backoff import ReconnectBackoff, panel_url, without_query
+from ctrlagent.panel.outbox import CommandIntake, ConsoleBatcher, Entry, Outbox, Receipts, settle
+from ctrlagent.panel.protocol import PanelClientFactory, PanelProtocol
+from ctrlagent.wire import frames as outgoing
+from ctrlagent.wire import incoming
 from ctrlagent.wire.command import ActionResult, IDispatcher, printable
+from ctrlagent.wire.json import encode, to_json
 from ctrlagent.work import DeferredTracker
-
-# Frame groups: one logical event may be several frames (the event plus its
-# legacy twin); they are queued, dropped and sent together.
-Entry = tuple[bytes, ...]
-# The console receipts a frame group settles once it is delivered or dropped
-# (``ctrlagent.servers.delivery``).
-Receipts = tuple[Callable[[], None], ...]
 
 # How long gathering system_info / the load for a pong may take before the
 # link sends what it has.
@@ -108,28 +104,6 @@ class EventSource(Protocol):
     def list_servers(self) -> list[Any]: ...
 
 
-def panel_url(url: str, node_id: str) -> str:
-    """
-    ``url`` with ``nodeId=<node_id>`` in its query unless one is there already.
-
-    Older Panels take the node id only from the query and close with 1008
-    "Invalid node ID" without it.
-    """
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(key == "nodeId" and value for key, value in query):
-        return url
-    query = [(key, value) for key, value in query if key != "nodeId"]
-    query.append(("nodeId", node_id))
-    return urlunsplit(parts._replace(path=parts.path or "/", query=urlencode(query)))
-
-
-def _without_query(url: str) -> str:
-    """The URL as it may appear in a log line (the query could carry tokens)."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(query="", fragment=""))
-
-
 def _load_trust(path: str) -> Any:
     """The trust root made of every certificate in the PEM file ``path``."""
     from twisted.internet.ssl import Certificate, trustRootFromCertificates
@@ -148,558 +122,6 @@ def _load_trust(path: str) -> Any:
         raise ConfigInvalid("panel.tls_ca {}: not a PEM certificate ({})".format(path, e)) from None
 
 
-class ReconnectBackoff:
-    """
-    The reconnect schedule, usable as ``ClientService``'s ``retryPolicy``.
-
-    ``ClientService`` passes the number of consecutive failed TCP attempts, which
-    it resets to zero on every TCP connect.  A Panel that accepts TCP and then
-    refuses the WebSocket handshake (or closes the link at once) would thus be
-    redialled at the shortest delay forever, so this policy adds its own count
-    of failed handshakes.  After a 401/403 the delay never drops below
-    ``refused_floor`` until a handshake succeeds again.
-    """
-
-    def __init__(
-        self,
-        initial: float,
-        maximum: float,
-        *,
-        factor: float = 2.0,
-        refused_floor: float = 30.0,
-        jitter: float = 0.25,
-        random: Callable[[], float] = random.random,
-    ) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.factor = factor
-        self.refused_floor = refused_floor
-        self.jitter = jitter
-        self._random = random
-        self.failed_handshakes = 0
-        self.refused = False
-
-    def base_delay(self, failed_attempts: int) -> float:
-        """The delay before jitter for the given ``ClientService`` attempt count."""
-        failures = max(failed_attempts - 1, 0) + self.failed_handshakes
-        try:
-            delay = self.initial * self.factor ** min(failures, 100)
-        except OverflowError:
-            delay = self.maximum
-        delay = min(delay, self.maximum)
-        if self.refused:
-            delay = max(delay, self.refused_floor)
-        return delay
-
-    def __call__(self, failed_attempts: int) -> float:
-        # Jitter only ever lengthens the delay, so many agents restarted together
-        # spread out without any of them retrying sooner than the schedule says.
-        return self.base_delay(failed_attempts) * (1.0 + self.jitter * self._random())
-
-    def handshake_failed(self, refused: bool) -> None:
-        """A TCP connection that did not become a lasting WebSocket session."""
-        self.failed_handshakes += 1
-        # Sticky until a handshake succeeds: a refusing Panel that then times out
-        # is still one we must not hammer.
-        self.refused = self.refused or refused
-
-    def opened(self) -> None:
-        """The Panel accepted our handshake: credentials are fine."""
-        self.refused = False
-
-    def stable(self) -> None:
-        """A session lasted long enough to count as healthy: start over at ``initial``."""
-        self.failed_handshakes = 0
-        self.refused = False
-
-
-class Outbox:
-    """
-    FIFO of frame groups waiting for the Panel, of two kinds.
-
-    - Answers (responses, pongs, ``error`` frames) are never dropped: their
-      number is bounded by the link's in-flight cap instead, which stops
-      reading commands while answers cannot be delivered.  Each may carry an
-      ``on_sent`` callback, called once it has been handed to a transport.
-    - Events are bounded by ``size``: when full, the oldest event is dropped
-      and counted under the reason it had to wait (``linkDown``,
-      ``panelNotReading``, ``synchronising``).  Recent state matters more than
-      old, and the snapshot after a reconnect repairs any lost status.  An
-      event may carry console receipts; a dropped event's receipts are
-      settled at once (its lines will never be delivered, and the Panel is
-      told how many events were dropped).
-
-    Both kinds leave in the order they came.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._events: deque[tuple[int, Entry, Receipts]] = deque()
-        self._answers: deque[tuple[int, Entry, Callable[[], None] | None]] = deque()
-        self._seq = 0
-        self._front = 0  # sequence numbers of groups put back before all others
-        self.dropped = 0  # since the last take_dropped()
-        self.dropped_total = 0
-        self.dropped_reasons: dict[str, int] = {}  # since the last take_dropped()
-
-    def __len__(self) -> int:
-        return len(self._events) + len(self._answers)
-
-    @property
-    def events(self) -> int:
-        """How many event groups are queued."""
-        return len(self._events)
-
-    @property
-    def answers(self) -> int:
-        """How many answers are queued."""
-        return len(self._answers)
-
-    def _next(self) -> int:
-        self._seq += 1
-        return self._seq
-
-    def _count_drop(self, reason: str) -> None:
-        self.dropped += 1
-        self.dropped_total += 1
-        self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + 1
-
-    def append(self, entry: Entry, reason: str = "linkDown", receipts: Receipts = ()) -> bool:
-        """Queue an event group; True when an older one was dropped to make room."""
-        if self.size <= 0:
-            self._count_drop(reason)
-            _settle(receipts)
-            return True
-        dropped = False
-        if len(self._events) >= self.size:
-            self._count_drop(reason)
-            _settle(self._events.popleft()[2])
-            dropped = True
-        self._events.append((self._next(), entry, receipts))
-        return dropped
-
-    def put_back(self, groups: list[tuple[Entry, Receipts]], reason: str = "linkDown") -> int:
-        """
-        Queue ``groups`` (in their order) before everything queued: they were
-        written to a connection that failed before the kernel took them.
-        Returns how many of them the bound dropped at once.
-        """
-        dropped = 0
-        for entry, receipts in reversed(groups):
-            if self.size <= 0 or len(self._events) >= self.size:
-                # Full of newer events: the oldest (these) go first.
-                self._count_drop(reason)
-                _settle(receipts)
-                dropped += 1
-                continue
-            # Below every sequence number queued (those start at 1), and
-            # below earlier put-backs: these were taken out after them.
-            self._front -= 1
-            self._events.appendleft((self._front, entry, receipts))
-        return dropped
-
-    def append_answer(self, entry: Entry, on_sent: Callable[[], None] | None = None) -> None:
-        """Queue an answer; never dropped."""
-        self._answers.append((self._next(), entry, on_sent))
-
-    def pop_group(self) -> tuple[Entry, Callable[[], None] | None, Receipts]:
-        """The oldest queued group, event or answer, with its ``on_sent`` and receipts."""
-        if self._answers and (not self._events or self._answers[0][0] < self._events[0][0]):
-            _, entry, on_sent = self._answers.popleft()
-            return entry, on_sent, ()
-        _, entry, receipts = self._events.popleft()
-        return entry, None, receipts
-
-    def pop_next(self) -> tuple[Entry, Callable[[], None] | None]:
-        """The oldest queued group with its ``on_sent`` callback (receipts: the caller's)."""
-        entry, on_sent, _ = self.pop_group()
-        return entry, on_sent
-
-    def popleft(self) -> Entry:
-        """The oldest queued group (its ``on_sent`` callback is the caller's to run)."""
-        return self.pop_group()[0]
-
-    def take_drops(self) -> tuple[int, dict[str, int]]:
-        """How many event groups were dropped since the last call, and why."""
-        dropped, reasons = self.dropped, self.dropped_reasons
-        self.dropped, self.dropped_reasons = 0, {}
-        return dropped, reasons
-
-    def take_dropped(self) -> int:
-        """How many event groups were dropped since the last call."""
-        return self.take_drops()[0]
-
-
-def _settle(receipts: Receipts) -> None:
-    """Settle console receipts (lines delivered, or dropped for good)."""
-    for receipt in receipts:
-        receipt()
-
-
-class _Batch:
-    """The pending console lines of one server and stream."""
-
-    __slots__ = ("stream", "lines", "stamps", "receipts")
-
-    def __init__(self, stream: str) -> None:
-        self.stream = stream
-        self.lines: list[str] = []
-        # (index of an event's first line, its timestamp): each frame is
-        # stamped with its own first line's time, at a cost per event.
-        self.stamps: list[tuple[int, float]] = []
-        # (index after an event's last line, its receipt): the receipt goes
-        # with the frame that carries that last line.
-        self.receipts: list[tuple[int, Callable[[], None]]] = []
-
-
-class ConsoleBatcher:
-    """
-    Groups console lines into batches per server.
-
-    A batch is delivered when it holds ``max_lines`` lines, when ``window``
-    seconds have passed since its first line, when the stream changes (so
-    stdout/stderr interleaving survives), or when ``flush`` is called (before a
-    status change of the same server, so a crash's last lines precede it).
-    A batch never goes out with more than ``max_lines`` lines: a larger event
-    is cut into several.  An event's console receipt goes out with the frame
-    that carries its last line (``deliver``'s last argument); an event
-    without lines settles its receipt at once.
-    """
-
-    def __init__(
-        self,
-        clock: Any,
-        max_lines: int,
-        window: float,
-        deliver: Callable[[str, str, list[str], float, Receipts], None],
-    ) -> None:
-        self._clock = clock
-        self._max_lines = max(1, max_lines)
-        self._window = window
-        self._deliver = deliver
-        self._pending: dict[str, _Batch] = {}
-        self._timers: dict[str, IDelayedCall] = {}
-
-    def add(self, event: ConsoleOutput) -> None:
-        """Take one event's lines."""
-        if not event.lines:
-            if event.receipt is not None:
-                event.receipt()
-            return
-        server_id = event.server_id
-        batch = self._pending.get(server_id)
-        if batch is not None and batch.stream != event.stream:
-            self.flush(server_id)
-            batch = None
-        if batch is None:
-            batch = self._pending[server_id] = _Batch(event.stream)
-        batch.stamps.append((len(batch.lines), event.timestamp))
-        batch.lines.extend(event.lines)
-        if event.receipt is not None:
-            batch.receipts.append((len(batch.lines), event.receipt))
-        if len(batch.lines) >= self._max_lines or self._window <= 0:
-            self._deliver_full(server_id, batch)
-        if server_id in self._pending and server_id not in self._timers:
-            self._timers[server_id] = self._clock.callLater(self._window, self.flush, server_id)
-
-    def _deliver_full(self, server_id: str, batch: _Batch) -> None:
-        """Deliver every full frame; keep a partial rest waiting (unless no window)."""
-        size = self._max_lines
-        keep = 0 if self._window <= 0 else len(batch.lines) % size
-        cut = len(batch.lines) - keep
-        self._send(server_id, batch, cut)
-        if keep:
-            rest = _Batch(batch.stream)
-            rest.lines = batch.lines[cut:]
-            rest.stamps = [(0, _stamp_at(batch.stamps, cut))]
-            rest.receipts = [(end - cut, r) for end, r in batch.receipts if end > cut]
-            self._pending[server_id] = rest
-        else:
-            self._drop(server_id)
-
-    def _send(self, server_id: str, batch: _Batch, end: int) -> None:
-        """Deliver the batch's first ``end`` lines in frames of at most ``max_lines``."""
-        size, lines, receipts = self._max_lines, batch.lines, batch.receipts
-        taken = 0
-        for start in range(0, end, size):
-            stop = min(start + size, end)
-            first = taken
-            while taken < len(receipts) and receipts[taken][0] <= stop:
-                taken += 1
-            settles = tuple(r for _, r in receipts[first:taken])
-            self._deliver(
-                server_id, batch.stream, lines[start:stop], _stamp_at(batch.stamps, start), settles
-            )
-
-    def _drop(self, server_id: str) -> None:
-        self._pending.pop(server_id, None)
-        timer = self._timers.pop(server_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def flush(self, server_id: str) -> None:
-        """Deliver the server's pending lines now."""
-        batch = self._pending.get(server_id)
-        self._drop(server_id)
-        if batch is not None and batch.lines:
-            self._send(server_id, batch, len(batch.lines))
-
-    def flush_all(self) -> None:
-        """Deliver every pending batch (shutdown)."""
-        for server_id in list(self._pending):
-            self.flush(server_id)
-
-
-def _stamp_at(stamps: list[tuple[int, float]], index: int) -> float:
-    """The timestamp of the line at ``index``: that of the event it came in."""
-    stamp = stamps[0][1]
-    for first, ts in stamps:
-        if first > index:
-            break
-        stamp = ts
-    return stamp
-
-
-@implementer(IPullProducer)
-class _Drain:
-    """
-    Learns when the bytes written to one connection have left the agent.
-
-    Registered as a pull (non-streaming) producer on the connection's lowest
-    transport, the TCP socket's (below TLS): Twisted calls ``resumeProducing``
-    each time that transport's write buffer has been emptied into the kernel.
-    The console frames written before then have been taken by the kernel,
-    unless bytes still wait above that buffer (Autobahn's send queue, TLS's
-    buffers; see ``_held_above``): their receipts are settled then, in the
-    same call (``ctrlagent.servers.delivery``).  Frames not taken when the
-    connection fails are put back at the head of the outbox by the link.
-
-    It is also the write flow control: past ``high_water`` bytes written and
-    not yet drained, the link queues events in its outbox (``writes_paused``)
-    until the next drain (``writes_resumed``).  A pull producer keeps a
-    transport from closing, so it lets go once the transport is closing.
-    """
-
-    log = Logger()
-
-    def __init__(self, link: PanelLink, protocol: PanelProtocol) -> None:
-        self._link = link
-        self._protocol = protocol
-        self.socket: Any = _socket_transport(protocol.transport)
-        self.high_water = int(getattr(self.socket, "bufferSize", 0) or 65536)
-        self.unsent = 0  # bytes written since the last drain
-        self.groups: list[tuple[Entry, Receipts]] = []  # console frames written, not yet taken
-        self.paused = False
-        self.registered = False
-
-    def start(self) -> None:
-        """Register with the socket's transport (it calls ``resumeProducing`` at once)."""
-        try:
-            self.socket.registerProducer(self, False)
-        except Exception as e:
-            # Never expected (the link registers nothing else there); without
-            # drain reports a frame counts as delivered once written.
-            self.log.warn(  # noqa: G010
-                "cannot watch the Panel connection's write buffer ({error}): console lines"
-                " count as delivered when written, so a SIGKILL may lose a few",
-                error=str(e),
-            )
-            return
-        self.registered = True
-
-    def wrote(self, size: int) -> None:
-        """``size`` bytes were written to the connection."""
-        self.unsent += size
-        if not self.paused and self.registered and self.unsent >= self.high_water:
-            self.paused = True
-            self._link.writes_paused(self._protocol)
-
-    def expect(self, entry: Entry, receipts: Receipts) -> None:
-        """``entry`` was written: settle its receipts once the kernel has it."""
-        if self.registered:
-            self.groups.append((entry, receipts))
-        else:
-            _settle(receipts)
-
-    def take_unsent(self) -> list[tuple[Entry, Receipts]]:
-        """The frames written and not yet taken by the kernel (the connection failed)."""
-        groups, self.groups = self.groups, []
-        return groups
-
-    def resumeProducing(self) -> None:
-        """The socket's write buffer is empty: what was written is the kernel's."""
-        if not _held_above(self._protocol, self.socket):
-            groups, self.groups = self.groups, []
-            self.unsent = 0
-            for _, receipts in groups:
-                _settle(receipts)
-            if self.paused:
-                self.paused = False
-                self._link.writes_resumed(self._protocol)
-        if self.registered and getattr(self.socket, "disconnecting", False):
-            self.registered = False
-            self.socket.unregisterProducer()
-
-    def stopProducing(self) -> None:
-        """The connection is gone; ``connection_closed`` puts back what was not taken."""
-        self.registered = False
-
-
-def _socket_transport(transport: Any) -> Any:
-    """The lowest transport under ``transport`` (below TLS and other protocol wrappers)."""
-    for _ in range(16):
-        if not isinstance(transport, ProtocolWrapper):
-            break
-        transport = transport.transport
-    return transport
-
-
-def _held_above(protocol: Any, socket: Any) -> bool:
-    """
-    True while bytes written to ``protocol`` wait above ``socket``'s buffer,
-    where a drain of that buffer says nothing about them.  Those places are
-    Autobahn's send queue (used only for chopped or synchronous writes, which
-    the link never asks for), TLS's plaintext buffer (data written before the
-    handshake or while OpenSSL must read first) and the small-write gathering
-    of Twisted's buffering TLS transport (flushed on the next reactor turn).
-    The last two are private attributes: ``tests/panel`` pins their names.
-    """
-    if getattr(protocol, "send_queue", None):
-        return True
-    layer = getattr(protocol, "transport", None)
-    for _ in range(16):
-        if layer is None or layer is socket:
-            return False
-        if getattr(layer, "_appSendBuffer", None):
-            return True
-        aggregator = getattr(layer, "_aggregator", None)
-        if aggregator is not None and getattr(aggregator, "_buffer", None):
-            return True
-        layer = getattr(layer, "transport", None)
-    return False
-
-
-# What a held frame costs beyond its bytes (the bytes object and its queue
-# slot), so that a flood of empty frames is bounded as surely as large ones.
-_HELD_FRAME_OVERHEAD = 64
-
-
-class CommandIntake:
-    """
-    The frames read from one connection, with back-pressure on its reader.
-
-    At most ``max_in_flight`` frames are being handled at once.  A frame counts
-    from the moment it is taken up until its answer has been handed to a
-    transport (or, when it needs none, until it is done), so answers that
-    cannot be delivered (the Panel is not reading, or the link went down)
-    hold slots too.  Frames arriving at the cap are held, undecoded and in
-    order; once they add up to ``max_held_bytes`` the intake stops reading
-    from the transport (``pauseProducing``), so further frames wait in the
-    Panel's TCP buffers, and it reads again once half of that was taken up.
-
-    Pausing takes effect after the transport's current read, whose frames are
-    still held: the held bytes stay below ``max_held_bytes`` plus one read.
-    Nothing is dropped: frames held when the connection closes are still
-    taken up as slots free, their answers going to the outbox for the next
-    connection.  ``handle(payload, done)`` must call ``done`` once its answer
-    was handed over (extra calls are ignored).
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        transport: Any,
-        handle: Callable[[bytes, Callable[[], None]], None],
-        *,
-        max_in_flight: int,
-        max_held_bytes: int,
-    ) -> None:
-        self._transport = transport
-        self._handle = handle
-        self.max_in_flight = max(1, max_in_flight)
-        self.max_held_bytes = max(1, max_held_bytes)
-        self.in_flight = 0
-        self.held: deque[bytes] = deque()
-        self.held_bytes = 0
-        self.reading_paused = False
-        self.read_pauses = 0  # how often reading was paused, for tests and diagnostics
-        self.open = True
-        self._taking = False
-
-    def idle(self) -> bool:
-        """Nothing held and nothing in flight."""
-        return not self.held and not self.in_flight
-
-    def receive(self, payload: bytes) -> None:
-        """One message read from the connection."""
-        if self.held or self.in_flight >= self.max_in_flight:
-            self.held.append(payload)
-            self.held_bytes += len(payload) + _HELD_FRAME_OVERHEAD
-            if self.held_bytes >= self.max_held_bytes:
-                self._pause_reading()
-            return
-        self._take(payload)
-
-    def closed(self) -> None:
-        """The connection is gone: never touch its transport again."""
-        self.open = False
-        self.reading_paused = False
-
-    def discard_held(self) -> int:
-        """Forget the held frames (shutdown); how many there were."""
-        count = len(self.held)
-        self.held.clear()
-        self.held_bytes = 0
-        return count
-
-    def _take(self, payload: bytes) -> None:
-        self.in_flight += 1
-        finished = False
-
-        def done() -> None:
-            nonlocal finished
-            if finished:
-                return
-            finished = True
-            self.in_flight -= 1
-            self._take_held()
-
-        try:
-            self._handle(payload, done)
-        except Exception:
-            self.log.failure("handling a frame from the Panel failed")
-            done()
-
-    def _take_held(self) -> None:
-        # Answers are often handed over synchronously, from inside _take: the
-        # outermost call does the loop, so the stack stays flat.
-        if self._taking:
-            return
-        self._taking = True
-        try:
-            while self.held and self.in_flight < self.max_in_flight:
-                payload = self.held.popleft()
-                self.held_bytes -= len(payload) + _HELD_FRAME_OVERHEAD
-                self._take(payload)
-        finally:
-            self._taking = False
-        if self.reading_paused and self.held_bytes <= self.max_held_bytes // 2:
-            self._resume_reading()
-
-    def _pause_reading(self) -> None:
-        if self.reading_paused or not self.open:
-            return
-        self.reading_paused = True
-        self.read_pauses += 1
-        self._transport.pauseProducing()
-
-    def _resume_reading(self) -> None:
-        self.reading_paused = False
-        if self.open:
-            self._transport.resumeProducing()
-
-
 @implementer(IConsoleConsumer)
 class _ConsoleConsumer:
     """
@@ -713,76 +135,6 @@ class _ConsoleConsumer:
 
     def __call__(self, event: object) -> None:
         self._link._on_event(cast(ServerEvent, event))
-
-
-class PanelProtocol(WebSocketClientProtocol):
-    """Thin Autobahn protocol: every callback is forwarded to the ``PanelLink``."""
-
-    factory: PanelClientFactory
-    intake: CommandIntake | None = None
-    drain: _Drain | None = None
-
-    def onConnecting(self, transport_details: Any) -> ConnectingRequest:
-        # Built per attempt so that the credential headers are always current.
-        return self.factory.link.connecting_request(self.factory)
-
-    def onOpen(self) -> None:
-        self.drain = _Drain(self.factory.link, self)
-        self.drain.start()
-        self.factory.link.connection_opened(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.factory.link.frame_received(self, payload)
-
-    def unregisterProducer(self) -> None:
-        """
-        Autobahn calls this as it drops the connection, which would take the
-        link's drain off the socket before its last drain: frames already
-        taken by the kernel would never be settled, and would be sent again.
-        The drain lets go by itself once the transport is closing.
-        """
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.link.connection_closed(self, code, reason, self.handshake_status())
-
-    def handshake_status(self) -> int | None:
-        """The HTTP status the Panel answered our upgrade request with, if any."""
-        line = getattr(self, "http_status_line", None)
-        if not isinstance(line, str):
-            return None
-        words = line.split()
-        if len(words) < 2 or not words[1].isdigit():
-            return None
-        return int(words[1])
-
-    def is_writable(self) -> bool:
-        """
-        True while frames can be sent.
-
-        Between the start of a close handshake (ours or the Panel's, or an
-        auto-ping timeout) and ``onClose`` the protocol is no longer open and
-        Autobahn refuses to send.
-        """
-        return bool(self.state == self.STATE_OPEN)
-
-    def send_frame(self, data: bytes) -> bool:
-        """Send one text frame; False (nothing sent) once the connection is closing."""
-        if not self.is_writable():
-            return False
-        self.sendMessage(data, isBinary=False)
-        if self.drain is not None:
-            self.drain.wrote(len(data))
-        return True
-
-
-class PanelClientFactory(WebSocketClientFactory):
-    """The Autobahn factory, knowing the link its protocols forward to."""
-
-    protocol = PanelProtocol  # type: ignore[assignment]
-
-    def __init__(self, link: PanelLink, url: str, reactor: Any) -> None:
-        super().__init__(url, reactor=reactor, useragent="ctrlagent/" + __version__)
-        self.link = link
 
 
 class PanelLink(service.MultiService):
@@ -841,7 +193,7 @@ class PanelLink(service.MultiService):
         self._tracker = tracker if tracker is not None else DeferredTracker()
 
         self.url = panel_url(self._panel.url, config.node_id)
-        self._log_url = _without_query(self.url)
+        self._log_url = without_query(self.url)
         self.backoff = ReconnectBackoff(
             self._panel.backoff_initial,
             self._panel.backoff_max,
@@ -1104,14 +456,14 @@ class PanelLink(service.MultiService):
         self, protocol: PanelProtocol, payload: bytes, done: Callable[[], None]
     ) -> None:
         """Decode one message and answer it; ``done`` once the answer is handed over."""
-        message = messages.parse_frame(payload)
-        if isinstance(message, messages.CommandFrame):
+        message = incoming.parse_frame(payload)
+        if isinstance(message, incoming.CommandFrame):
             self._start_command(message, done)
-        elif isinstance(message, messages.PingFrame):
+        elif isinstance(message, incoming.PingFrame):
             self._tracker.run(self._answer_ping(protocol, message.ping_id, done), "answer a ping")
-        elif isinstance(message, messages.SystemInfoRequest):
+        elif isinstance(message, incoming.SystemInfoRequest):
             self._tracker.run(self._answer_system_info(protocol, done), "send system_info")
-        elif isinstance(message, messages.InvalidCommand):
+        elif isinstance(message, incoming.InvalidCommand):
             self._answer_invalid(message, done)
         else:
             self.log.debug(
@@ -1121,7 +473,7 @@ class PanelLink(service.MultiService):
             )
             done()
 
-    def _answer_invalid(self, message: messages.InvalidCommand, done: Callable[[], None]) -> None:
+    def _answer_invalid(self, message: incoming.InvalidCommand, done: Callable[[], None]) -> None:
         """A frame that cannot run: a response with its id, or an ``error`` frame without one."""
         self.log.warn(  # noqa: G010
             "unusable frame {command_id} from the Panel: {code} {error}",
@@ -1131,11 +483,11 @@ class PanelLink(service.MultiService):
         )
         now = self._reactor.seconds()
         if message.command_id is not None:
-            frame = messages.response_for_error(
+            frame = outgoing.response_for_error(
                 message.command_id, message.error, now, id_field=message.id_field
             )
         else:
-            frame = messages.error_frame(message.error, now, frameType=message.legacy)
+            frame = outgoing.error_frame(message.error, now, frameType=message.legacy)
         self._emit_answer((self._encode_answer(frame, message.command_id, message.id_field),), done)
 
     # --- connection sequence ----------------------------------------------------------------
@@ -1169,21 +521,23 @@ class PanelLink(service.MultiService):
         except Exception as e:
             self.log.warn("could not {what}: {error}", what=what, error=str(e))  # noqa: G010
             return {}
+        # A record (``wire.node``) or a plain mapping: read as its JSON object.
+        result = to_json(result)
         return dict(result) if isinstance(result, Mapping) else {}
 
     async def _send_system_info(self, protocol: PanelProtocol) -> None:
         # The Panel needs a system_info to list the node, even an empty one.
         info = await self._gather(self._system_info, "gather system information")
         if protocol is self._protocol:
-            frame = messages.system_info(info, self._config.node_id, self._reactor.seconds())
-            protocol.send_frame(messages.encode(frame))
+            frame = outgoing.system_info(info, self._config.node_id, self._reactor.seconds())
+            protocol.send_frame(encode(frame))
 
     async def _answer_system_info(self, protocol: PanelProtocol, done: Callable[[], None]) -> None:
         """The answer to a ``system_info_request`` (for this connection only)."""
         try:
             info = await self._gather(self._system_info, "gather system information")
-            frame = messages.system_info(info, self._config.node_id, self._reactor.seconds())
-            self._emit_answer((messages.encode(frame),), done, connection=protocol)
+            frame = outgoing.system_info(info, self._config.node_id, self._reactor.seconds())
+            self._emit_answer((encode(frame),), done, connection=protocol)
         except BaseException:
             done()  # no answer coming: free the slot
             raise
@@ -1205,10 +559,10 @@ class PanelLink(service.MultiService):
                 ),
                 size=self.outbox.size,
             )
-            frame = messages.events_dropped(
+            frame = outgoing.events_dropped(
                 self._config.node_id, dropped, self._reactor.seconds(), reasons
             )
-            protocol.send_frame(messages.encode(frame))
+            protocol.send_frame(encode(frame))
         while (
             self.outbox
             and not self._paused
@@ -1225,7 +579,7 @@ class PanelLink(service.MultiService):
         now = self._reactor.seconds()
         # Rebuilt from the manager's list, so deleted servers are forgotten.
         reported: dict[str, str] = {}
-        for status in self._servers.list_servers():
+        for status in self._listing():
             if not isinstance(status, Mapping):
                 continue
             server_id = status.get("serverId")
@@ -1235,7 +589,7 @@ class PanelLink(service.MultiService):
             previous = self._reported.get(server_id, current)
             reported[server_id] = current
             container_id = status.get("containerId")
-            frames = messages.status_changed_frames(
+            frames = outgoing.status_changed_frames(
                 server_id,
                 previous,
                 current,
@@ -1244,13 +598,21 @@ class PanelLink(service.MultiService):
                 with_legacy=self._panel.legacy_frames,
             )
             for frame in frames:
-                protocol.send_frame(messages.encode(frame))
+                protocol.send_frame(encode(frame))
         self._reported = reported
+
+    def _listing(self) -> list[Any]:
+        """
+        The manager's servers as the Panel sees them (``serverId``, ``status``,
+        ``containerId``), whether it returns records or mappings.
+        """
+        listing = to_json(self._servers.list_servers())
+        return listing if isinstance(listing, list) else []
 
     def _send_heartbeat(self, protocol: PanelProtocol) -> None:
         if protocol is self._protocol:
-            frame = messages.heartbeat(self._config.node_id, self._reactor.seconds())
-            protocol.send_frame(messages.encode(frame))
+            frame = outgoing.heartbeat(self._config.node_id, self._reactor.seconds())
+            protocol.send_frame(encode(frame))
 
     async def _answer_ping(
         self, protocol: PanelProtocol, ping_id: Any, done: Callable[[], None]
@@ -1259,23 +621,23 @@ class PanelLink(service.MultiService):
             load = await self._gather(self._load, "measure the system load for a pong")
             active = sum(
                 1
-                for status in self._servers.list_servers()
+                for status in self._listing()
                 if isinstance(status, Mapping) and status.get("status") in ("running", "starting")
             )
-            frame = messages.pong(
+            frame = outgoing.pong(
                 ping_id, self._reactor.seconds(), active_servers=active, system_load=load
             )
-            self._emit_answer((messages.encode(frame),), done, connection=protocol)
+            self._emit_answer((encode(frame),), done, connection=protocol)
         except BaseException:
             done()  # no answer coming: free the slot
             raise
 
     # --- commands ---------------------------------------------------------------------------
 
-    def _start_command(self, frame: messages.CommandFrame, done: Callable[[], None]) -> None:
+    def _start_command(self, frame: incoming.CommandFrame, done: Callable[[], None]) -> None:
         command = frame.command
         if command.command_id is not None:
-            key = messages.id_key(command.command_id)
+            key = incoming.id_key(command.command_id)
             if key in self._in_flight:
                 # One final response per id: a retransmitted command is already
                 # being answered.
@@ -1290,7 +652,7 @@ class PanelLink(service.MultiService):
             self._run_command(frame, done), "Panel command " + printable(command.action, 60)
         )
 
-    async def _run_command(self, frame: messages.CommandFrame, done: Callable[[], None]) -> None:
+    async def _run_command(self, frame: incoming.CommandFrame, done: Callable[[], None]) -> None:
         try:
             await self._answer_command(frame, done)
         except BaseException:
@@ -1298,7 +660,7 @@ class PanelLink(service.MultiService):
             raise
 
     async def _answer_command(
-        self, frame: messages.CommandFrame, done: Callable[[], None]
+        self, frame: incoming.CommandFrame, done: Callable[[], None]
     ) -> None:
         """Dispatch ``frame``'s command and hand over its single answer."""
         command = frame.command
@@ -1317,7 +679,7 @@ class PanelLink(service.MultiService):
                     message=printable(e.message),
                 )
                 error = e
-                reply = messages.response_for_error(
+                reply = outgoing.response_for_error(
                     command_id, e, self._reactor.seconds(), id_field=frame.id_field
                 )
             except CancelledError:
@@ -1329,7 +691,7 @@ class PanelLink(service.MultiService):
                     command_id=printable(command_id, 80),
                 )
                 error = CtrlAgentError("internal error running " + command.action[:100])
-                reply = messages.response_for_error(
+                reply = outgoing.response_for_error(
                     command_id, error, self._reactor.seconds(), id_field=frame.id_field
                 )
             else:
@@ -1337,19 +699,19 @@ class PanelLink(service.MultiService):
                     result = ActionResult(data=dict(result))
                 elif not isinstance(result, ActionResult):
                     result = ActionResult()
-                reply = messages.response_success(
+                reply = outgoing.response_success(
                     command_id, result, self._reactor.seconds(), id_field=frame.id_field
                 )
         finally:
             if command_id is not None:
-                self._in_flight.discard(messages.id_key(command_id))
+                self._in_flight.discard(incoming.id_key(command_id))
         if command_id is None:
             # Nothing to correlate a reply with (legacy frames come without an
             # id), but a failure is still reported rather than lost.
             if error is None:
                 done()
                 return
-            reply = messages.error_frame(
+            reply = outgoing.error_frame(
                 error,
                 self._reactor.seconds(),
                 action=command.action,
@@ -1364,15 +726,15 @@ class PanelLink(service.MultiService):
         answer with the same id instead, so the command is still answered once.
         """
         try:
-            return messages.encode(frame)
+            return encode(frame)
         except Exception as e:
             self.log.warn(  # noqa: G010
                 "could not encode the answer to {command_id} ({error}); answering EXECUTION_ERROR",
                 command_id=printable(command_id, 80),
                 error=printable(repr(e)),
             )
-            return messages.encode(
-                messages.response_failure(
+            return encode(
+                outgoing.response_failure(
                     command_id,
                     "EXECUTION_ERROR",
                     "the answer could not be encoded",
@@ -1394,11 +756,11 @@ class PanelLink(service.MultiService):
                 self._batcher.flush(event.server_id)
                 self._reported[event.server_id] = event.current
                 self._emit_frames(
-                    messages.frames_for_status(event, with_legacy=self._panel.legacy_frames)
+                    outgoing.frames_for_status(event, with_legacy=self._panel.legacy_frames)
                 )
             elif isinstance(event, ResourceUpdate):
                 self._emit_frames(
-                    messages.resource_frames(
+                    outgoing.resource_frames(
                         event,
                         self._reactor.seconds(),
                         status=self._reported.get(event.server_id),
@@ -1414,18 +776,18 @@ class PanelLink(service.MultiService):
         self, server_id: str, stream: str, lines: list[str], timestamp: float, receipts: Receipts
     ) -> None:
         try:
-            frames = messages.console_frames(
+            frames = outgoing.console_frames(
                 server_id, stream, lines, timestamp, with_legacy=self._panel.legacy_frames
             )
-            entry = tuple(messages.encode(frame) for frame in frames)
+            entry = tuple(encode(frame) for frame in frames)
         except Exception:
             self.log.failure("could not encode console lines for the Panel")
-            _settle(receipts)  # never to be sent: dropped
+            settle(receipts)  # never to be sent: dropped
             return
         self._emit(entry, receipts)
 
     def _emit_frames(self, frames: list[dict[str, Any]]) -> None:
-        self._emit(tuple(messages.encode(frame) for frame in frames))
+        self._emit(tuple(encode(frame) for frame in frames))
 
     def _can_send_now(self, protocol: PanelProtocol | None) -> bool:
         return (
@@ -1444,7 +806,7 @@ class PanelLink(service.MultiService):
             if protocol.drain is not None:
                 protocol.drain.expect(entry, receipts)
             else:
-                _settle(receipts)
+                settle(receipts)
 
     def _emit(self, entry: Entry, receipts: Receipts = ()) -> None:
         """An event: send now when the link is up and draining, else queue behind the outbox."""

@@ -21,7 +21,6 @@ Pure: no reactor, no I/O.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -65,26 +64,6 @@ class UnrepresentableNumber:
     def is_json(self) -> bool:
         """True when the literal is valid JSON number syntax (not NaN/Infinity)."""
         return self.text not in ("NaN", "Infinity", "-Infinity")
-
-
-def _decode_float(text: str) -> float | UnrepresentableNumber:
-    value = float(text)
-    return value if math.isfinite(value) else UnrepresentableNumber(text)
-
-
-def _decode_int(text: str) -> int | UnrepresentableNumber:
-    try:
-        return int(text)
-    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
-        return UnrepresentableNumber(text)
-
-
-# The one JSON decoder of both transports: strict about nothing but never
-# failing on a number (see UnrepresentableNumber), so that ``check_payload``
-# names the field holding it and a frame's id can still be answered.
-PAYLOAD_DECODER = json.JSONDecoder(
-    parse_float=_decode_float, parse_int=_decode_int, parse_constant=UnrepresentableNumber
-)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,15 @@ async def test_health_is_healthy_with_the_panel_fields(rig: ApiRig) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_timestamps_are_the_wire_format_with_milliseconds(rig: ApiRig) -> None:
+    rig.clock.advance(0.2567)
+    _, health, _ = await rig.get("/health")
+    _, status, _ = await rig.get("/api/status", Authorization="Bearer " + SECRET)
+    # The one precision of both transports (wire.time.iso_ms), at the agent's clock.
+    assert health["timestamp"] == status["lastSeen"] == "2023-11-14T22:13:20.256Z"
+
+
+@pytest_twisted.ensureDeferred
 async def test_health_without_the_link_is_degraded_but_200(rig: ApiRig) -> None:
     rig.link_up = False
     code, body, _ = await rig.get("/health")
@@ -587,8 +596,8 @@ async def test_head_health(rig: ApiRig) -> None:
 def test_answers_are_strict_json() -> None:
     from datetime import datetime
 
-    from ctrlagent.api.app import encode_json
+    from ctrlagent.wire.json import encode
 
-    raw = encode_json({"cpu": float("nan"), "x": [float("inf")], "when": datetime(2026, 1, 1)})
+    raw = encode({"cpu": float("nan"), "x": [float("inf")], "when": datetime(2026, 1, 1)})
     assert json.loads(raw) == {"cpu": None, "x": [None], "when": "2026-01-01 00:00:00"}
     assert b"NaN" not in raw and b"Infinity" not in raw

@@ -18,7 +18,8 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from ctrlagent import logs
 from ctrlagent.events import ConsoleOutput, StatusChanged
-from ctrlagent.panel.link import ConsoleBatcher, Outbox, ReconnectBackoff, panel_url
+from ctrlagent.panel.backoff import ReconnectBackoff, panel_url
+from ctrlagent.panel.outbox import ConsoleBatcher, Outbox
 
 from .harness import Harness
 

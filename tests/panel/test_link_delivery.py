@@ -34,7 +34,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.interfaces import IConsoleConsumer
-from ctrlagent.panel.link import ConsoleBatcher, _Drain, _held_above, _socket_transport
+from ctrlagent.panel.outbox import ConsoleBatcher
+from ctrlagent.panel.protocol import _Drain, _held_above, _socket_transport
 from ctrlagent.testing.panel import FakePanel
 
 from .harness import Harness

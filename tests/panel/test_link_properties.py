@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher, textFileLogObserver
 
 from ctrlagent.events import StatusChanged
-from ctrlagent.wire.frames import LEGACY_ACTIONS
+from ctrlagent.wire.tables import LEGACY_FRAME_TYPES
 
 from .harness import Harness
 
@@ -179,7 +179,7 @@ actions = st.sampled_from(
      "write_file", "list_files", "start_server", "console:history", "launch_rockets"]
 ) | any_text
 server_ids = st.sampled_from(["s1", "nope"]) | any_text | st.integers() | odd_numbers
-legacy_types = st.sampled_from(sorted(LEGACY_ACTIONS) + ["server_power"])
+legacy_types = st.sampled_from(sorted(LEGACY_FRAME_TYPES) + ["server_power"])
 
 
 def answered_as(value: Any) -> Any:

@@ -1,13 +1,12 @@
 """
-The pure frame layer of the Panel link: parsing what the Panel sends and
-building what the agent sends (PROTOCOL.md section 3).
+The frames the Panel sends, decoded and classified (``wire.incoming``,
+PROTOCOL.md section 3): commands flat, nested and legacy, ids echoed as sent,
+numbers and nesting no action can use, frames that do not decode.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -15,11 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ctrlagent.errors import ServerNotFound
-from ctrlagent.events import ResourceUpdate, StatusChanged
 from ctrlagent.wire import frames as messages
-from ctrlagent.wire.command import ActionResult, UnrepresentableNumber
-from ctrlagent.wire.frames import (
+from ctrlagent.wire.incoming import (
     CommandFrame,
     Ignored,
     InvalidCommand,
@@ -27,42 +23,8 @@ from ctrlagent.wire.frames import (
     SystemInfoRequest,
     parse_frame,
 )
-
-NOW = 1_795_482_053.257
-
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
-json_values = st.recursive(
-    json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12,
-)
-# What a command payload may hold: numbers within +/-2**53 (see check_payload).
-usable_scalars = (
-    st.none() | st.booleans() | st.integers(min_value=-(2**53), max_value=2**53)
-    | st.floats(min_value=-(2.0**53), max_value=2.0**53) | st.text()
-)
-usable_values = st.recursive(
-    usable_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12,
-)
-odd_timestamps = (
-    st.none()
-    | st.integers(min_value=-(10**20), max_value=10**20)
-    | st.floats()
-    | st.text(max_size=30)
-    | st.datetimes().map(lambda d: d.isoformat())
-    | st.datetimes().map(lambda d: d.isoformat() + "Z")
-    | st.just("2026-11-24T02:20:30.123Z")
-)
-ids = st.text(min_size=1, max_size=30) | st.integers(min_value=0, max_value=10**15)
-
-
-def dumps(value: Any) -> bytes:
-    return json.dumps(value).encode()
-
+from ctrlagent.wire.json import encode
+from tests.wire.samples import NOW, dumps, ids, json_values, odd_timestamps, usable_values
 
 # --- incoming --------------------------------------------------------------------------------
 
@@ -231,98 +193,6 @@ def test_frames_with_missing_or_mistyped_fields_never_raise(frame: dict[str, Any
         assert message.command.action.strip()
 
 
-@given(odd_timestamps)
-def test_parse_timestamp_accepts_anything(value: Any) -> None:
-    result = messages.parse_timestamp(value)
-    assert result is None or (math.isfinite(result) and result >= -86400 * 366 * 3000)
-
-
-def test_parse_timestamp_reads_iso_seconds_and_milliseconds() -> None:
-    assert messages.parse_timestamp("2026-11-24T01:00:53.257Z") == NOW
-    assert messages.parse_timestamp("2026-11-24T02:00:53.257+01:00") == NOW
-    assert messages.parse_timestamp(1795482053257) == 1795482053.257
-    assert messages.parse_timestamp(1795482053) == 1795482053.0
-    assert messages.parse_timestamp(None) is None
-    assert messages.parse_timestamp("yesterday") is None
-
-
-@given(st.floats() | st.integers(min_value=-(10**30), max_value=10**30))
-def test_iso_timestamp_never_raises_and_ends_in_z(value: float) -> None:
-    text = messages.iso_timestamp(value)
-    assert text.endswith("Z")
-    datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-@given(st.floats(min_value=0, max_value=253402300799.0))
-def test_iso_timestamp_reads_as_datetime_would_write_it(value: float) -> None:
-    expected = datetime.fromtimestamp(value, tz=UTC).isoformat(timespec="milliseconds")
-    assert messages.iso_timestamp(value) == expected.replace("+00:00", "Z")
-
-
-# --- outgoing --------------------------------------------------------------------------------
-
-
-def test_success_and_failure_responses_have_the_protocol_shape() -> None:
-    ok = messages.response_success("c1", ActionResult({"serverId": "s"}, "started"), NOW)
-    assert ok == {"id": "c1", "type": "response", "timestamp": "2026-11-24T01:00:53.257Z",
-                  "success": True, "message": "started", "data": {"serverId": "s"}}
-    bad = messages.response_for_error("c2", ServerNotFound("no server s"), NOW)
-    assert bad["success"] is False
-    assert bad["error"] == {"code": "SERVER_NOT_FOUND", "message": "no server s"}
-    assert "data" not in bad
-
-
-def test_heartbeat_and_pong_shapes() -> None:
-    beat = messages.heartbeat("node-7", NOW)
-    assert beat["type"] == "heartbeat"
-    assert beat["data"] == {"nodeId": "node-7", "timestamp": beat["timestamp"], "status": "online"}
-    answer = messages.pong("p1", NOW, active_servers=2, system_load={"cpu": 1.5, "memory": 40})
-    assert answer["id"] == "p1"
-    assert answer["data"] == {"agentStatus": "online", "activeServers": 2,
-                              "systemLoad": {"cpu": 1.5, "memory": 40, "disk": 0}}
-
-
-def test_status_change_becomes_event_and_legacy_frame() -> None:
-    ev = StatusChanged("s1", "starting", "crashed", NOW, error="exit 1", container_id="c0ffee")
-    event, legacy = messages.frames_for_status(ev)
-    assert event["type"] == "event" and event["event"] == "server_status_changed"
-    assert event["data"] == {"serverId": "s1", "previousStatus": "starting",
-                             "currentStatus": "crashed", "status": "crashed",
-                             "error": "exit 1", "containerId": "c0ffee"}
-    assert legacy["type"] == "server_status"
-    assert legacy["data"] == {"serverId": "s1", "status": "crashed"}
-    assert messages.frames_for_status(ev, with_legacy=False) == [event]
-
-
-def test_console_batch_carries_message_and_lines() -> None:
-    lines = ["line {}".format(i) for i in range(3)]
-    log, output = messages.console_frames("s1", "stdout", lines, NOW)
-    assert log["event"] == "server_log"
-    assert log["data"]["message"] == "line 0\nline 1\nline 2"
-    assert log["data"]["lines"] == ["line 0", "line 1", "line 2"]
-    assert log["data"]["stream"] == "stdout"
-    assert log["data"]["timestamp"] == log["timestamp"] == messages.iso_timestamp(NOW)
-    assert output["type"] == "server_output"
-    assert output["data"]["output"] == "line 0\nline 1\nline 2"
-
-
-@given(st.dictionaries(st.sampled_from(["cpu", "memory", "disk", "network", "players", "x"]),
-                       json_values, max_size=6))
-def test_resource_update_always_has_network_and_integer_players(metrics: dict[str, Any]) -> None:
-    frames = messages.resource_frames(ResourceUpdate("s", metrics), NOW, status="running")
-    data = frames[0]["data"]
-    assert set(data["network"]) == {"in", "out"}
-    assert isinstance(data["players"], int)
-    assert all(isinstance(data[k], float) for k in ("cpu", "memory", "disk"))
-    assert frames[1]["data"]["status"] == "running"
-    json.loads(messages.encode(frames[0]))
-
-
-def test_encode_is_compact_utf8_json_and_tolerates_odd_values() -> None:
-    data = messages.encode({"a": "é", "when": datetime(2026, 1, 1)})
-    assert data == '{"a":"é","when":"2026-01-01 00:00:00"}'.encode()
-
-
 # --- ids, numbers, nesting and the encoder ---------------------------------------------------
 
 
@@ -340,7 +210,7 @@ def test_an_unusable_id_is_refused_but_kept_as_sent(text: str) -> None:
     message = parse_frame('{"id":' + text + ',"type":"command","action":"list_servers"}')
     assert isinstance(message, InvalidCommand)
     assert message.error.code == "INVALID_PAYLOAD" and message.error.details["field"] == "id"
-    reply = messages.encode(messages.response_for_error(message.command_id, message.error, NOW))
+    reply = encode(messages.response_for_error(message.command_id, message.error, NOW))
     echoed = reply[len(b'{"id":'):].split(b',"type"')[0]
     if text in ("NaN", "Infinity"):
         assert echoed == b"null"  # not JSON: nothing could carry it back
@@ -413,63 +283,3 @@ def test_a_frame_that_is_not_utf8_json_is_a_parse_error(payload: bytes, command_
     message = parse_frame(payload)
     assert isinstance(message, InvalidCommand)
     assert (message.command_id, message.error.code) == (command_id, "PARSE_ERROR")
-
-
-nested_json = st.recursive(
-    st.none() | st.integers() | st.text(alphabet='[]{}"\\ab', max_size=6),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(alphabet='[]{}"\\ab', max_size=4), children, max_size=3),
-    max_leaves=20,
-)
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
-
-
-@given(nested_json, st.integers(min_value=0, max_value=6))
-def test_nesting_is_measured_without_counting_brackets_in_strings(value: Any, limit: int) -> None:
-    assert messages.nested_deeper_than(json.dumps(value), limit) == (_depth(value) > limit)
-
-
-odd_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30)
-    | st.floats() | st.text(st.characters(blacklist_categories=()))
-    | st.sampled_from([UnrepresentableNumber("1e999"), UnrepresentableNumber("NaN"),
-                       datetime(2026, 1, 1), frozenset({1, 2}), b"bytes"])
-    | st.builds(pow, st.just(10), st.just(5000)),  # an int too long to write in decimal
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(st.characters(blacklist_categories=()), max_size=4) | st.integers(),
-                      children, max_size=3),
-    max_leaves=10,
-)
-
-
-@given(st.dictionaries(st.text(max_size=5), odd_values, max_size=4), odd_values)
-def test_encode_never_fails_and_always_writes_strict_utf8_json(
-    frame: dict[str, Any], frame_id: Any,
-) -> None:
-    frame["id"] = frame_id
-    data = messages.encode(frame)
-
-    def refuse(literal: str) -> Any:
-        raise AssertionError(literal)
-
-    decoded = json.loads(data.decode("utf-8"), parse_int=Decimal, parse_float=Decimal,
-                         parse_constant=refuse)
-    if isinstance(frame_id, str):
-        # What the Panel reads back is the very string (surrogate pairs aside,
-        # which JSON joins into one character either way).
-        assert decoded["id"] == json.loads(json.dumps(frame_id))
-    if isinstance(frame_id, UnrepresentableNumber) and frame_id.is_json:
-        assert data.startswith(b'{"id":1e999')
-
-
-def test_console_frames_keep_utf8_compact_and_escape_only_lone_surrogates() -> None:
-    assert messages.encode({"a": "é"}) == '{"a":"é"}'.encode()
-    assert messages.encode({"a": "\udcff"}) == b'{"a":"\\udcff"}'
-    assert messages.encode({"a": float("nan"), "b": [float("inf")]}) == b'{"a":null,"b":[null]}'

@@ -1,0 +1,235 @@
+"""
+The Autobahn side of the link: ``PanelProtocol`` (thin, magic-wormhole style:
+every callback is forwarded to the link through ``LinkHooks``), its factory,
+and the write flow of one connection (``_Drain``).
+
+``_Drain`` is a pull producer on the connection's lowest transport that learns
+when the bytes written have been taken by the kernel.  It is the write flow
+control (past a buffer's worth, events wait in the link's outbox) and it
+settles the receipts of the console frames written before: the link is the
+server manager's acknowledging consumer (``IConsoleConsumer``), whose marks
+advance only on those receipts, or on the outbox dropping a frame
+(``ctrlagent.servers.delivery``).  Console frames the kernel never took when a
+connection fails go out first on the next one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.types import ConnectingRequest
+from twisted.internet.interfaces import IPullProducer
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from zope.interface import implementer
+
+from ctrlagent import __version__
+from ctrlagent.panel.outbox import CommandIntake, Entry, Receipts, settle
+
+
+class LinkHooks(Protocol):
+    """What the protocol and its drain call on the link (``PanelLink``)."""
+
+    def connecting_request(self, factory: WebSocketClientFactory) -> ConnectingRequest: ...
+
+    def connection_opened(self, protocol: PanelProtocol) -> None: ...
+
+    def frame_received(self, protocol: PanelProtocol, payload: bytes) -> None: ...
+
+    def connection_closed(
+        self, protocol: PanelProtocol, code: int | None, reason: str | None, status: int | None
+    ) -> None: ...
+
+    def writes_paused(self, protocol: PanelProtocol) -> None: ...
+
+    def writes_resumed(self, protocol: PanelProtocol) -> None: ...
+
+
+@implementer(IPullProducer)
+class _Drain:
+    """
+    Learns when the bytes written to one connection have left the agent.
+
+    Registered as a pull (non-streaming) producer on the connection's lowest
+    transport, the TCP socket's (below TLS): Twisted calls ``resumeProducing``
+    each time that transport's write buffer has been emptied into the kernel.
+    The console frames written before then have been taken by the kernel,
+    unless bytes still wait above that buffer (Autobahn's send queue, TLS's
+    buffers; see ``_held_above``): their receipts are settled then, in the
+    same call (``ctrlagent.servers.delivery``).  Frames not taken when the
+    connection fails are put back at the head of the outbox by the link.
+
+    It is also the write flow control: past ``high_water`` bytes written and
+    not yet drained, the link queues events in its outbox (``writes_paused``)
+    until the next drain (``writes_resumed``).  A pull producer keeps a
+    transport from closing, so it lets go once the transport is closing.
+    """
+
+    log = Logger()
+
+    def __init__(self, link: LinkHooks, protocol: PanelProtocol) -> None:
+        self._link = link
+        self._protocol = protocol
+        self.socket: Any = _socket_transport(protocol.transport)
+        self.high_water = int(getattr(self.socket, "bufferSize", 0) or 65536)
+        self.unsent = 0  # bytes written since the last drain
+        self.groups: list[tuple[Entry, Receipts]] = []  # console frames written, not yet taken
+        self.paused = False
+        self.registered = False
+
+    def start(self) -> None:
+        """Register with the socket's transport (it calls ``resumeProducing`` at once)."""
+        try:
+            self.socket.registerProducer(self, False)
+        except Exception as e:
+            # Never expected (the link registers nothing else there); without
+            # drain reports a frame counts as delivered once written.
+            self.log.warn(  # noqa: G010
+                "cannot watch the Panel connection's write buffer ({error}): console lines"
+                " count as delivered when written, so a SIGKILL may lose a few",
+                error=str(e),
+            )
+            return
+        self.registered = True
+
+    def wrote(self, size: int) -> None:
+        """``size`` bytes were written to the connection."""
+        self.unsent += size
+        if not self.paused and self.registered and self.unsent >= self.high_water:
+            self.paused = True
+            self._link.writes_paused(self._protocol)
+
+    def expect(self, entry: Entry, receipts: Receipts) -> None:
+        """``entry`` was written: settle its receipts once the kernel has it."""
+        if self.registered:
+            self.groups.append((entry, receipts))
+        else:
+            settle(receipts)
+
+    def take_unsent(self) -> list[tuple[Entry, Receipts]]:
+        """The frames written and not yet taken by the kernel (the connection failed)."""
+        groups, self.groups = self.groups, []
+        return groups
+
+    def resumeProducing(self) -> None:
+        """The socket's write buffer is empty: what was written is the kernel's."""
+        if not _held_above(self._protocol, self.socket):
+            groups, self.groups = self.groups, []
+            self.unsent = 0
+            for _, receipts in groups:
+                settle(receipts)
+            if self.paused:
+                self.paused = False
+                self._link.writes_resumed(self._protocol)
+        if self.registered and getattr(self.socket, "disconnecting", False):
+            self.registered = False
+            self.socket.unregisterProducer()
+
+    def stopProducing(self) -> None:
+        """The connection is gone; ``connection_closed`` puts back what was not taken."""
+        self.registered = False
+
+
+def _socket_transport(transport: Any) -> Any:
+    """The lowest transport under ``transport`` (below TLS and other protocol wrappers)."""
+    for _ in range(16):
+        if not isinstance(transport, ProtocolWrapper):
+            break
+        transport = transport.transport
+    return transport
+
+
+def _held_above(protocol: Any, socket: Any) -> bool:
+    """
+    True while bytes written to ``protocol`` wait above ``socket``'s buffer,
+    where a drain of that buffer says nothing about them.  Those places are
+    Autobahn's send queue (used only for chopped or synchronous writes, which
+    the link never asks for), TLS's plaintext buffer (data written before the
+    handshake or while OpenSSL must read first) and the small-write gathering
+    of Twisted's buffering TLS transport (flushed on the next reactor turn).
+    The last two are private attributes: ``tests/panel`` pins their names.
+    """
+    if getattr(protocol, "send_queue", None):
+        return True
+    layer = getattr(protocol, "transport", None)
+    for _ in range(16):
+        if layer is None or layer is socket:
+            return False
+        if getattr(layer, "_appSendBuffer", None):
+            return True
+        aggregator = getattr(layer, "_aggregator", None)
+        if aggregator is not None and getattr(aggregator, "_buffer", None):
+            return True
+        layer = getattr(layer, "transport", None)
+    return False
+
+
+class PanelProtocol(WebSocketClientProtocol):
+    """Thin Autobahn protocol: every callback is forwarded to the ``PanelLink``."""
+
+    factory: PanelClientFactory
+    intake: CommandIntake | None = None
+    drain: _Drain | None = None
+
+    def onConnecting(self, transport_details: Any) -> ConnectingRequest:
+        # Built per attempt so that the credential headers are always current.
+        return self.factory.link.connecting_request(self.factory)
+
+    def onOpen(self) -> None:
+        self.drain = _Drain(self.factory.link, self)
+        self.drain.start()
+        self.factory.link.connection_opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.link.frame_received(self, payload)
+
+    def unregisterProducer(self) -> None:
+        """
+        Autobahn calls this as it drops the connection, which would take the
+        link's drain off the socket before its last drain: frames already
+        taken by the kernel would never be settled, and would be sent again.
+        The drain lets go by itself once the transport is closing.
+        """
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.link.connection_closed(self, code, reason, self.handshake_status())
+
+    def handshake_status(self) -> int | None:
+        """The HTTP status the Panel answered our upgrade request with, if any."""
+        line = getattr(self, "http_status_line", None)
+        if not isinstance(line, str):
+            return None
+        words = line.split()
+        if len(words) < 2 or not words[1].isdigit():
+            return None
+        return int(words[1])
+
+    def is_writable(self) -> bool:
+        """
+        True while frames can be sent.
+
+        Between the start of a close handshake (ours or the Panel's, or an
+        auto-ping timeout) and ``onClose`` the protocol is no longer open and
+        Autobahn refuses to send.
+        """
+        return bool(self.state == self.STATE_OPEN)
+
+    def send_frame(self, data: bytes) -> bool:
+        """Send one text frame; False (nothing sent) once the connection is closing."""
+        if not self.is_writable():
+            return False
+        self.sendMessage(data, isBinary=False)
+        if self.drain is not None:
+            self.drain.wrote(len(data))
+        return True
+
+
+class PanelClientFactory(WebSocketClientFactory):
+    """The Autobahn factory, knowing the link its protocols forward to."""
+
+    protocol = PanelProtocol  # type: ignore[assignment]
+
+    def __init__(self, link: LinkHooks, url: str, reactor: Any) -> None:
+        super().__init__(url, reactor=reactor, useragent="ctrlagent/" + __version__)
+        self.link = link

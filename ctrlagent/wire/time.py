@@ -1,0 +1,91 @@
+"""
+The one timestamp format of the Panel's wire: ISO 8601 UTC with milliseconds
+and a ``Z`` (``2026-11-24T01:00:53.257Z``), which the Panel's ``new Date()``
+parses.  Every timestamp either transport writes goes through ``iso_ms``.
+
+Pure: no clock.  Callers pass the time to stamp (seconds since the epoch), so
+a transport decides what "now" is and tests stay deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+# datetime cannot represent years beyond 9999; clamp rather than raise on odd clocks.
+MAX_EPOCH = 253402300799.0
+
+
+@functools.lru_cache(maxsize=64)
+def _iso_second(whole: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` (UTC) of a whole epoch second; cached, as frames share seconds."""
+    return datetime.fromtimestamp(whole, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def iso_ms(seconds: float) -> str:
+    """
+    ``seconds`` since the epoch as ISO 8601 UTC with milliseconds and a ``Z``.
+
+    Never raises: a value that is not a finite number stamps the epoch, and
+    times before the epoch or past the year 9999 are clamped.
+    """
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        seconds = 0.0
+    seconds = min(max(float(seconds), 0.0), MAX_EPOCH)
+    # As datetime does it: round to the microsecond, then cut to milliseconds
+    # (every console frame is stamped, so this avoids a datetime per frame).
+    frac, whole = math.modf(seconds)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    return "{}.{:03d}Z".format(_iso_second(int(whole)), micros // 1000)
+
+
+def iso_ms_or_none(seconds: float | None) -> str | None:
+    """``iso_ms(seconds)``, or ``None`` when there is no time to tell."""
+    return None if seconds is None else iso_ms(seconds)
+
+
+def parse_timestamp(value: Any) -> float | None:
+    """
+    Seconds since the epoch from an incoming frame's ``timestamp``, or ``None``.
+
+    Panels send ISO strings (``...Z`` or with an offset), JavaScript millisecond
+    numbers, second numbers, or nothing; anything else is ``None``.  Never raises.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+        if not math.isfinite(number) or number < 0:
+            return None
+        # Anything past the year 5138 in seconds is surely JavaScript milliseconds.
+        if number > 1e11:
+            number /= 1000.0
+        return number if number <= MAX_EPOCH else None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            return parse_timestamp(float(text))
+        except ValueError:
+            pass
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        try:
+            return parsed.timestamp()
+        except (OverflowError, OSError, ValueError):
+            return None
+    return None
+
+
+__all__ = ["MAX_EPOCH", "iso_ms", "iso_ms_or_none", "parse_timestamp"]
