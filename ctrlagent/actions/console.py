@@ -85,7 +85,7 @@ def console_actions(servers: IServerManager) -> list[ActionSpec]:
     return [
         ActionSpec(
             "send_server_command", "console", "Write one line to a server's console", line, send,
-            message="command sent", aliases=("server_command",), names_server=True,
+            message="command sent", names_server=True,
         ),
         ActionSpec(
             "get_server_logs", "console", "The last console lines",
@@ -101,8 +101,7 @@ def console_actions(servers: IServerManager) -> list[ActionSpec]:
         ),
         ActionSpec(
             "console:status", "console", "Whether the console is attached",
-            Payload(), status, aliases=("console:connect",),
-        ),
+            Payload(), status, ),
         ActionSpec(
             "console:disconnect", "console", "Acknowledge a viewer leaving", Payload(),
             disconnect,

@@ -101,14 +101,12 @@ def file_actions(files: IFileManager, servers: IServerManager) -> list[ActionSpe
         ),
         ActionSpec(
             "read_file", "files", "A text file's content", path, simple("read_file", "path"),
-            aliases=("file_read",),
-        ),
+            ),
         ActionSpec(
             "write_file", "files", "Write a text file (atomically)",
             _files({"path": _path(), "content": _content()}),
             simple("write_file", "path", "content"), message="file written",
-            aliases=("file_write",),
-        ),
+            ),
         ActionSpec(
             "create_directory", "files", "Create a directory (and its parents)", path,
             simple("create_directory", "path"), message="directory created",

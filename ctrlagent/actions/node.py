@@ -59,10 +59,8 @@ def node_actions(host: HostInfo, servers: IServerManager) -> list[ActionSpec]:
 
     none = Payload(server="none")
     return [
-        ActionSpec("system.ping", "node", "Is the agent there", none, ping, message="pong",
-                   aliases=("ping",)),
+        ActionSpec("system.ping", "node", "Is the agent there", none, ping, message="pong"),
         ActionSpec("get_system_metrics", "node", "The host's figures", none, metrics),
         ActionSpec("system.status", "node", "The host's figures and its servers", none, status),
-        ActionSpec("system.info", "node", "What the host is", none, info,
-                   aliases=("get_system_info",)),
+        ActionSpec("system.info", "node", "What the host is", none, info),
     ]

@@ -33,9 +33,9 @@ agent grew up with.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.interfaces import IReactorTime
@@ -55,6 +55,8 @@ from ctrlagent.wire.command import (
     unusable_text,
 )
 from ctrlagent.wire.json import to_json
+from ctrlagent.wire.tables import ACTION_ALIASES
+from ctrlagent.wire.time import iso_ms
 from ctrlagent.work import Deadlines, Tracker
 
 from .payload import Payload
@@ -64,13 +66,8 @@ if TYPE_CHECKING:
 
 
 def now_iso() -> str:
-    """
-    The wall-clock time as the Panel reads it (ISO 8601, ``Z``).
-
-    The one timestamp helper of the actions, until ``ctrlagent.wire.time``
-    holds the agent's one precision.
-    """
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    """The wall-clock time as the Panel reads it (``wire.time.iso_ms``)."""
+    return iso_ms(time.time())
 
 
 def json_object(result: object) -> dict[str, Any]:
@@ -154,7 +151,12 @@ class ActionRegistry:
         self._by_name: dict[str, ActionSpec] = {}
 
     def register(self, spec: ActionSpec) -> None:
-        """Add ``spec``; a name or alias that is already taken is a ``ValueError``."""
+        """
+        Add ``spec`` with its aliases (its own and those ``wire.tables.ACTION_ALIASES``
+        gives its name); a name or alias that is already taken is a ``ValueError``.
+        """
+        listed = tuple(alias for alias, name in ACTION_ALIASES.items() if name == spec.name)
+        spec = replace(spec, aliases=tuple(dict.fromkeys((*spec.aliases, *listed))))
         for name in (spec.name, *spec.aliases):
             if name in self._by_name:
                 raise ValueError(

@@ -16,11 +16,12 @@ from ctrlagent.config import ServersConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.servers import spec as specs
+from ctrlagent.wire.tables import POWER_WORDS
 
 from .payload import Boolean, Choice, Definition, Number, Payload, Signal, whole
 from .registry import ActionSpec, Call, json_object, now_iso
 
-_POWER_ACTIONS = ("start", "stop", "restart", "kill")
+_POWER_ACTIONS = tuple(POWER_WORDS)
 
 
 def _number(minimum: float, maximum: float, description: str, *, integer: bool = True
@@ -278,12 +279,12 @@ def server_actions(servers: IServerManager) -> list[ActionSpec]:
         ActionSpec(
             "create_server", "servers", "Define and create a server",
             Payload(server="new", definition=CREATE), create,
-            message="server {server_id} created", aliases=("server_create",),
+            message="server {server_id} created",
             pending=pending_as("installing"), names_server=True, carries_aliases=True,
         ),
         ActionSpec(
             "start_server", "servers", "Start a server", server, start,
-            message="server {server_id} starting", aliases=("server_start",),
+            message="server {server_id} starting",
             pending=status_now("starting"), names_server=True,
         ),
         ActionSpec(
@@ -292,54 +293,50 @@ def server_actions(servers: IServerManager) -> list[ActionSpec]:
                 "signal": Signal(description="SIGKILL kills at once"),
                 "timeout": Number(minimum=0, description="seconds before a kill"),
             }),
-            stop, message="server {server_id} stopping", aliases=("server_stop",),
+            stop, message="server {server_id} stopping",
             pending=status_now("stopping"), names_server=True,
         ),
         ActionSpec(
             "restart_server", "servers", "Stop a server, then start it", server, restart,
-            message="server {server_id} restarting", aliases=("server_restart",),
+            message="server {server_id} restarting",
             pending=status_now("stopping"), names_server=True,
         ),
         ActionSpec(
             "kill_server", "servers", "Kill a server's process (never removes it)", server, kill,
-            message="server {server_id} killed", aliases=("server_kill",), names_server=True,
+            message="server {server_id} killed", names_server=True,
         ),
         ActionSpec(
             "delete_server", "servers", "Remove a server (and its files with purgeFiles)",
             Payload({"purgeFiles": Boolean()}), delete,
-            message="server {server_id} deleted", aliases=("server_delete",),
-            pending=pending_as("deleting"), names_server=True,
+            message="server {server_id} deleted", pending=pending_as("deleting"), names_server=True,
         ),
         ActionSpec(
             "power_server", "servers", "Start, stop, restart or kill a server",
             Payload({"action": Choice(*_POWER_ACTIONS)}, before_server=True), power,
-            aliases=("server_power",),
             forward=lambda params: "{}_server".format(params["action"]),
         ),
         ActionSpec(
             "update_server", "servers", "Change a server's definition",
             Payload(definition=UPDATE), update,
-            message="server {server_id} updated", aliases=("server_update",),
-            names_server=True, carries_aliases=True,
+            message="server {server_id} updated", names_server=True, carries_aliases=True,
         ),
         ActionSpec(
             "suspend_server", "servers", "Stop a server and refuse starts", server, suspend,
-            message="server {server_id} suspended", aliases=("server_suspend",),
+            message="server {server_id} suspended",
             pending=status_now("stopping"), names_server=True,
         ),
         ActionSpec(
             "unsuspend_server", "servers", "Allow a suspended server to start again", server,
-            unsuspend, message="server {server_id} unsuspended", aliases=("server_unsuspend",),
-            names_server=True,
+            unsuspend, message="server {server_id} unsuspended", names_server=True,
         ),
         ActionSpec(
             "reinstall_server", "servers", "Run a server's install step again", server,
             reinstall, message="server {server_id} reinstalling",
-            aliases=("server_reinstall",), pending=pending_as("installing"), names_server=True,
+            pending=pending_as("installing"), names_server=True,
         ),
         ActionSpec(
             "get_server_status", "servers", "A server's status", server, status,
-            aliases=("get_status", "server_status"), names_server=True,
+            names_server=True,
         ),
         ActionSpec(
             "list_servers", "servers", "Every managed server", Payload(server="none"),

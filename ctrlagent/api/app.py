@@ -301,7 +301,11 @@ class AgentApi:
         self._cors(request)
         actions = getattr(self._dispatcher, "actions", None)
         listed = actions() if callable(actions) else None
-        return self._json(request, openapi_document(self._version, listed))
+        schemas = getattr(self._dispatcher, "openapi_schemas", None)
+        return self._json(
+            request,
+            openapi_document(self._version, listed, schemas() if callable(schemas) else None),
+        )
 
     @app.route("/api", methods=["OPTIONS"])
     @app.route("/api/<path:rest>", methods=["OPTIONS"])

@@ -13,23 +13,9 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-_ERROR_CODES = [
-    "UNKNOWN_ACTION",
-    "PARSE_ERROR",
-    "INVALID_PAYLOAD",
-    "SERVER_NOT_FOUND",
-    "CONTAINER_NOT_FOUND",
-    "FILE_NOT_FOUND",
-    "NOT_FOUND",
-    "DOCKER_ERROR",
-    "INSUFFICIENT_RESOURCES",
-    "PERMISSION_DENIED",
-    "CONFIG_INVALID",
-    "PORT_CONFLICT",
-    "AUTH_FAILED",
-    "CONFLICT",
-    "EXECUTION_ERROR",
-]
+from ctrlagent.wire.tables import ERROR_CODES, POWER_WORDS
+
+_ERROR_CODES = list(ERROR_CODES)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -363,7 +349,7 @@ _DOCUMENT: dict[str, Any] = {
                 "type": "object",
                 "required": ["action"],
                 "properties": {
-                    "action": {"type": "string", "enum": ["start", "stop", "restart", "kill"]},
+                    "action": {"type": "string", "enum": list(POWER_WORDS)},
                     "signal": {"type": "string", "example": "SIGTERM"},
                     "timeout": {"type": "number", "description": "seconds before a kill"},
                 },
