@@ -62,6 +62,11 @@ async def test_the_served_document_lists_the_registrys_names() -> None:
     code, document, _ = await api.get("/api/openapi.json")
     assert code == 200
     assert document["components"]["schemas"]["Action"]["enum"] == api.dispatcher.names()
+    # ... and describes each action's payload, from the same declarations.
+    assert document["components"]["schemas"] == {
+        **document["components"]["schemas"],
+        **api.dispatcher.openapi_schemas(),
+    }
 
 
 def _spec(rig: Rig, name: str) -> ActionSpec:
