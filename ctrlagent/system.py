@@ -321,3 +321,13 @@ class SystemInfo:
             "networks": networks,
             "timestamp": _now_iso(),
         }
+
+
+def make_host(
+    reactor: Any,
+    config: AgentConfig,
+    *,
+    engine_version: Callable[[], Deferred[str | None]] | None = None,
+) -> SystemInfo:
+    """The host's view for the action registry and the Panel link (``IHost``)."""
+    return SystemInfo(reactor, config, docker_version=engine_version)
