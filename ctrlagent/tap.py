@@ -326,7 +326,11 @@ def _build_actions(
     """The one registry of actions both transports call."""
     from ctrlagent.actions.registry import Dispatcher
 
-    return Dispatcher(servers=servers, files=files, system=host, deadlines=deadlines)
+    # The registry still declares dict results; it reads them through to_json
+    # once the node actions take IHost records (issue 11, package B).
+    return Dispatcher(
+        servers=servers, files=files, system=host, deadlines=deadlines  # type: ignore[arg-type]
+    )
 
 
 def _build_transports(
@@ -351,8 +355,9 @@ def _build_transports(
             config,
             dispatcher,
             servers,
-            system_info=lambda: host.system_info(config.node_id),
-            load=host.snapshot,
+            # The link still declares dict results (records once package A lands).
+            system_info=lambda: host.system_info(config.node_id),  # type: ignore[arg-type,return-value]
+            load=host.system_load,  # type: ignore[arg-type]
             tracker=tracker.scope("panel"),
         )
         link.setName("panel")
