@@ -191,7 +191,13 @@ class FilesConfig:
 @dataclass(frozen=True)
 class TimeoutsConfig:
     """
-    Deadlines of the agent's answers, in seconds (applied by ctrlagent.work.Deadlines).
+    Deadlines of the agent, in seconds (applied through ctrlagent.work.Deadlines).
+
+    Every deadline of the agent is configurable: those an operator already
+    sets elsewhere stay there (``servers.stop_timeout``, ``install_timeout``,
+    ``create_answer_timeout``, ``docker.call_timeout``, ``panel.*``,
+    ``files.mod_download_timeout``); all the others are here, with the
+    values the agent always had as defaults.
 
     The Panel gives up on a command after 30 s and then marks the node
     offline, so every answer it waits for must come before that.
@@ -219,6 +225,9 @@ class TimeoutsConfig:
     # First and longest pause before the engine's event stream is reopened.
     events_retry: float = 0.25
     events_retry_max: float = 2.0
+    # How long a console command waits for the server's reply lines when the
+    # command does not say.
+    console_reply_wait: float = 1.0
 
 
 @dataclass(frozen=True)

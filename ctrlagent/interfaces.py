@@ -1,5 +1,5 @@
 """
-The seams between the action dispatcher and the domain.
+The seams between the action dispatcher and the domain (servers, files, the host).
 
 The dispatcher (``ctrlagent.actions.registry``) is tested against fakes of these; the
 real providers are ``ctrlagent.servers.manager.ServerManager`` and
@@ -198,3 +198,22 @@ class IFileManager(Interface):
 
     def list_mods(root: ServerRoot) -> object:
         """``{"mods": [{"id", "name", "version", "description", "enabled"}], "count"}``."""
+
+
+class IHost(Interface):
+    """
+    The node's own figures, for the action registry and the Panel link.
+
+    Each method returns (a Deferred or coroutine of) a ``ctrlagent.wire.node``
+    record; ``ctrlagent.wire.json.to_json`` gives its shape for the Panel.  The
+    provider is ``ctrlagent.system.SystemInfo`` (built by ``system.make_host``).
+    """
+
+    def snapshot() -> object:
+        """A ``HostSnapshot``: CPU percent, memory and disk use, uptime, load."""
+
+    def system_load() -> object:
+        """A ``HostLoad``: CPU, memory and disk percents (a pong's ``systemLoad``)."""
+
+    def system_info(node_id: str | None = None) -> object:
+        """A ``HostInfo``: identity, hardware, engine version, capabilities, networks."""

@@ -1,12 +1,15 @@
 """
 What the node itself looks like: host load and identity.
 
-``SystemInfo.snapshot()`` feeds ``get_system_metrics``, ``system.status`` and the
-``systemLoad`` of WebSocket pongs; ``SystemInfo.system_info()`` is the
-``system_info`` frame (PROTOCOL.md section 3, the union of the Panel's and the
-Go agent's shapes).  Values are real and cheap: ``/proc`` files, ``statvfs`` of
-the data directory and the network interfaces, read in a thread because even
-``/proc`` reads and ``statvfs`` on a hung mount may block.
+``SystemInfo`` is the ``IHost``: ``snapshot()`` (a ``HostSnapshot``) feeds
+``get_system_metrics`` and ``system.status``, ``system_load()`` (a ``HostLoad``)
+the ``systemLoad`` of WebSocket pongs, and ``system_info()`` (a ``HostInfo``)
+the ``system_info`` frame and action.  The records and their shapes for the
+Panel (PROTOCOL.md sections 2 and 3) are in ``ctrlagent.wire.node``.
+
+Values are real and cheap: ``/proc`` files, ``statvfs`` of the data directory
+and the network interfaces, read in a thread because even ``/proc`` reads and
+``statvfs`` on a hung mount may block.
 
 Host CPU percent is the busy share of the jiffies elapsed since the previous
 snapshot (since boot for the first one), as ``top`` computes it.
@@ -28,9 +31,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ctrlagent import __version__
 from ctrlagent.config import AgentConfig
+from ctrlagent.interfaces import IHost
+from ctrlagent.wire.node import HostInfo, HostLoad, HostSnapshot, HostUsage, NetworkAddress
 
 # What this agent can do, announced in system_info for Panels that look.
 CAPABILITIES = [
@@ -136,28 +142,27 @@ def _ipv4(sock: socket.socket, name: str, request: int) -> str | None:
     return socket.inet_ntoa(result[20:24])
 
 
-def network_interfaces(if_inet6: str = "/proc/net/if_inet6") -> dict[str, list[dict[str, Any]]]:
-    """
-    Interface name -> addresses, in Node's ``os.networkInterfaces()`` shape
-    (``address, netmask, family, internal``), which the Panel displays.
-    """
-    out: dict[str, list[dict[str, Any]]] = {}
+def network_interfaces(
+    if_inet6: str = "/proc/net/if_inet6",
+) -> dict[str, tuple[NetworkAddress, ...]]:
+    """Interface name -> its IPv4 and IPv6 addresses."""
+    out: dict[str, list[NetworkAddress]] = {}
     try:
         names = [name for _, name in socket.if_nameindex()]
     except OSError:
-        return out
+        return {}
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for name in names:
             entries = out.setdefault(name, [])
             address = _ipv4(sock, name, _SIOCGIFADDR)
             if address is not None:
                 entries.append(
-                    {
-                        "address": address,
-                        "netmask": _ipv4(sock, name, _SIOCGIFNETMASK),
-                        "family": "IPv4",
-                        "internal": address.startswith("127."),
-                    }
+                    NetworkAddress(
+                        address=address,
+                        netmask=_ipv4(sock, name, _SIOCGIFNETMASK),
+                        family="IPv4",
+                        internal=address.startswith("127."),
+                    )
                 )
     try:
         with open(if_inet6, encoding="ascii") as f:
@@ -168,16 +173,16 @@ def network_interfaces(if_inet6: str = "/proc/net/if_inet6") -> dict[str, list[d
                 raw, prefix, name = parts[0], int(parts[2], 16), parts[5]
                 address = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(raw))
                 out.setdefault(name, []).append(
-                    {
-                        "address": address,
-                        "prefixLength": prefix,
-                        "family": "IPv6",
-                        "internal": address == "::1",
-                    }
+                    NetworkAddress(
+                        address=address,
+                        prefix_length=prefix,
+                        family="IPv6",
+                        internal=address == "::1",
+                    )
                 )
     except OSError:
         pass
-    return out
+    return {name: tuple(entries) for name, entries in out.items()}
 
 
 def _load() -> list[float]:
@@ -187,9 +192,10 @@ def _load() -> list[float]:
         return [0.0, 0.0, 0.0]
 
 
+@implementer(IHost)
 class SystemInfo:
     """
-    Host status for the dispatcher and the Panel link.
+    Host status for the dispatcher and the Panel link (the ``IHost``).
 
     ``reactor`` runs blocking reads in its thread pool; ``docker_version``
     answers the engine's version (or None when unreachable) for ``system_info``.
@@ -237,11 +243,8 @@ class SystemInfo:
             "load": _load(),
         }
 
-    async def snapshot(self) -> dict[str, Any]:
-        """
-        ``{cpu, memory: {total, used, free, percent}, disk: {...}, uptime,
-        load, cpuCount, timestamp}`` with bytes and percents.
-        """
+    async def snapshot(self) -> HostSnapshot:
+        """The host's CPU, memory and disk use now (bytes and percents)."""
         host = await self._in_thread(self._read_host)
         current = host["cpu_times"]
         previous = self._previous_cpu or (0, 0)
@@ -251,34 +254,30 @@ class SystemInfo:
         def percent(used: int, total: int) -> float:
             return round(100.0 * used / total, 2) if total else 0.0
 
-        return {
-            "cpu": cpu_percent(previous, current),
-            "cpuCount": os.cpu_count() or 1,
-            "memory": {
-                "total": host["mem_total"],
-                "used": mem_used,
-                "free": host["mem_free"],
-                "percent": percent(mem_used, host["mem_total"]),
-            },
-            "disk": {
-                "total": host["disk_total"],
-                "used": host["disk_used"],
-                "free": host["disk_free"],
-                "percent": percent(host["disk_used"], host["disk_total"]),
-            },
-            "uptime": int(host["uptime"]),
-            "load": host["load"],
-            "timestamp": _now_iso(),
-        }
+        return HostSnapshot(
+            cpu=cpu_percent(previous, current),
+            cpu_count=os.cpu_count() or 1,
+            memory=HostUsage(
+                total=host["mem_total"],
+                used=mem_used,
+                free=host["mem_free"],
+                percent=percent(mem_used, host["mem_total"]),
+            ),
+            disk=HostUsage(
+                total=host["disk_total"],
+                used=host["disk_used"],
+                free=host["disk_free"],
+                percent=percent(host["disk_used"], host["disk_total"]),
+            ),
+            uptime=int(host["uptime"]),
+            load=tuple(host["load"]),
+            timestamp=_now_iso(),
+        )
 
-    async def system_load(self) -> dict[str, float]:
-        """``{cpu, memory, disk}`` percents for the pong's ``systemLoad``."""
+    async def system_load(self) -> HostLoad:
+        """CPU, memory and disk percents, for the pong's ``systemLoad``."""
         snap = await self.snapshot()
-        return {
-            "cpu": snap["cpu"],
-            "memory": snap["memory"]["percent"],
-            "disk": snap["disk"]["percent"],
-        }
+        return HostLoad(cpu=snap.cpu, memory=snap.memory.percent, disk=snap.disk.percent)
 
     async def _docker(self) -> str | None:
         if self._docker_version is None:
@@ -290,34 +289,38 @@ class SystemInfo:
             self.log.warn("docker version unavailable: {error}", error=str(e))  # noqa: G010
             return None
 
-    async def system_info(self, node_id: str | None = None) -> dict[str, Any]:
-        """The ``system_info`` data: both known shapes at once, real values."""
+    async def system_info(self, node_id: str | None = None) -> HostInfo:
+        """What the node is, with real values (the ``system_info`` data)."""
         host = await self._in_thread(self._read_host)
         networks = await self._in_thread(network_interfaces)
         docker_version = await self._docker()
-        system = platform.system().lower()
-        return {
-            "nodeId": node_id or self._config.node_id,
-            "agentVersion": __version__,
-            "version": __version__,
-            "hostname": socket.gethostname(),
-            "os": system,
-            "platform": system,
-            "release": platform.release(),
-            "arch": platform.machine(),
-            "cpu": cpu_model(),
-            "cpuCount": os.cpu_count() or 1,
-            "cpus": os.cpu_count() or 1,
-            "memory": host["mem_total"],
-            "totalMemory": host["mem_total"],
-            "freeMemory": host["mem_free"],
-            "totalDisk": host["disk_total"],
-            "freeDisk": host["disk_free"],
-            "uptime": int(host["uptime"]),
-            "loadAverage": host["load"],
-            "dockerVersion": docker_version,
-            "docker": docker_version is not None,
-            "capabilities": list(CAPABILITIES),
-            "networks": networks,
-            "timestamp": _now_iso(),
-        }
+        return HostInfo(
+            node_id=node_id or self._config.node_id,
+            agent_version=__version__,
+            hostname=socket.gethostname(),
+            os=platform.system().lower(),
+            release=platform.release(),
+            arch=platform.machine(),
+            cpu_model=cpu_model(),
+            cpu_count=os.cpu_count() or 1,
+            memory_total=host["mem_total"],
+            memory_free=host["mem_free"],
+            disk_total=host["disk_total"],
+            disk_free=host["disk_free"],
+            uptime=int(host["uptime"]),
+            load_average=tuple(host["load"]),
+            docker_version=docker_version,
+            capabilities=tuple(CAPABILITIES),
+            networks=networks,
+            timestamp=_now_iso(),
+        )
+
+
+def make_host(
+    reactor: Any,
+    config: AgentConfig,
+    *,
+    engine_version: Callable[[], Deferred[str | None]] | None = None,
+) -> SystemInfo:
+    """The host's view for the action registry and the Panel link (``IHost``)."""
+    return SystemInfo(reactor, config, docker_version=engine_version)

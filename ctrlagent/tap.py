@@ -5,16 +5,21 @@ The composition root: ``twistd -n ctrlagent``.
 TOML file < environment < options); ``makeService`` builds every component with
 explicit dependencies and returns one named ``MultiService``:
 
-    ctrlagent (MultiService)
+    ctrlagent (AgentService, holding the root Tracker)
+    +-- banner    logs what the agent serves, once
     +-- servers   ServerManager: containers, console, stats, crash recovery, store
     +-- panel     PanelLink: Autobahn WebSocket client to the Panel (ClientService)
     +-- http      Klein API on serverFromString(http endpoint)
     +-- heap      (twistd only) moves the startup heap out of the collector's way
 
-Children start in that order and stop in reverse: the API stops accepting
-first, then the Panel link closes, then the server manager detaches from the
-containers (game servers keep running).  This module starts nothing itself and
-is the only one that imports the global reactor.
+``build_service`` is one ``_build_*`` function per area: the background work
+and deadlines (``work``), the container engine, the servers, the files and the
+host, the action registry, and the two transports.  Children start in the
+order above and stop in reverse: the API stops accepting first, then the Panel
+link closes, then the server manager detaches from the containers (game
+servers keep running); last, the work left in the root tracker is cancelled
+and waited for.  This module starts nothing itself and is the only one that
+imports the global reactor.
 
 Every startup failure ends the process non-zero with one line naming the
 problem (``ctrlagent: error: ...``) and no traceback: while the service tree is
@@ -29,10 +34,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -40,6 +44,15 @@ from ctrlagent import __version__
 from ctrlagent.config import AgentConfig, load_config
 from ctrlagent.errors import ConfigInvalid
 from ctrlagent.startup import describe_startup_failure
+from ctrlagent.wire.json import to_json
+from ctrlagent.work import Deadlines, Tracker, async_to_deferred
+
+if TYPE_CHECKING:
+    from ctrlagent.actions.registry import Dispatcher
+    from ctrlagent.engine.docker import DockerClient
+    from ctrlagent.files.manager import FileManager
+    from ctrlagent.servers.manager import ServerManager
+    from ctrlagent.system import SystemInfo
 
 
 class Options(usage.Options):
@@ -165,7 +178,17 @@ class AgentService(MultiService):
     the children are told to release what they hold (``abort_start``), one
     critical line names the problem and ``SystemExit(1)`` leaves twistd
     before its reactor runs.
+
+    On stop, the children stop first (in reverse order), each cancelling and
+    waiting for its own scope of the background work; then whatever is left
+    in the root ``tracker`` (work whose answer was already given, such as a
+    late command) is cancelled and waited for, so that nothing the agent
+    started outlives its service tree.
     """
+
+    def __init__(self, tracker: Tracker | None = None) -> None:
+        super().__init__()
+        self.tracker = tracker
 
     def privilegedStartService(self) -> None:  # noqa: N802 (Twisted hook)
         try:
@@ -178,6 +201,19 @@ class AgentService(MultiService):
             super().startService()
         except Exception as e:
             self._startup_failed(e)
+
+    @async_to_deferred
+    async def stopService(self) -> None:  # noqa: N802 (Twisted hook)
+        await super().stopService()
+        if self.tracker is None:
+            return
+        if len(self.tracker):
+            log.info(
+                "cancelling {count} pieces of background work left at shutdown",
+                count=len(self.tracker),
+            )
+        self.tracker.cancel_all()
+        await self.tracker.wait()
 
     def _startup_failed(self, error: Exception) -> NoReturn:
         for child in list(self):
@@ -219,38 +255,95 @@ class _StartupBanner(Service):
         )
 
 
+# The modules below are imported inside the functions that use them, so that
+# `twistd ctrlagent --help` stays fast and cheap.
+
+
 def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     """Build the agent's service tree on ``reactor`` (tests call this directly)."""
-    # Imported here so that `twistd ctrlagent --help` stays fast and cheap.
-    from ctrlagent.actions.registry import Dispatcher
-    from ctrlagent.api.app import AgentApi, make_http_service
-    from ctrlagent.engine.docker import DockerClient
-    from ctrlagent.files.manager import FileManager
-    from ctrlagent.panel.link import PanelLink
-    from ctrlagent.servers.manager import make_server_manager
-    from ctrlagent.system import SystemInfo
-    from ctrlagent.work import Deadlines, Tracker
-
-    top = AgentService()
+    tracker, deadlines = _build_work(reactor, config)
+    top = AgentService(tracker)
     top.setName("ctrlagent")
     _StartupBanner(config).setServiceParent(top)
+    docker = _build_engine(reactor, config)
+    servers = _build_servers(reactor, config, top, docker, tracker, deadlines)
+    files, host = _build_files_and_host(reactor, config, docker)
+    dispatcher = _build_actions(servers, files, host, deadlines)
+    _build_transports(reactor, config, top, dispatcher, servers, host, docker, tracker, deadlines)
+    return top
 
-    # One tracker for all background work; each service cancels and waits
-    # only its own scope of it when it stops.  One deadline helper, whose
-    # late work (answers given before the work finished) has its own scope.
+
+def _build_work(reactor: Any, config: AgentConfig) -> tuple[Tracker, Deadlines]:
+    """
+    One tracker for all background work (each service cancels and waits only
+    its own scope of it when it stops) and one deadline helper, whose late
+    work (answers given before the work finished) has its own scope.
+    """
     tracker = Tracker("agent")
-    deadlines = Deadlines(reactor, tracker.scope("late answers"), config.timeouts)
+    return tracker, Deadlines(reactor, tracker.scope("late answers"), config.timeouts)
 
-    docker = DockerClient.from_config(reactor, config.docker)
+
+def _build_engine(reactor: Any, config: AgentConfig) -> DockerClient:
+    """The container engine's client (Docker Engine API at ``docker.host``)."""
+    from ctrlagent.engine.docker import DockerClient
+
+    return DockerClient.from_config(reactor, config.docker)
+
+
+def _build_servers(
+    reactor: Any,
+    config: AgentConfig,
+    top: MultiService,
+    docker: DockerClient,
+    tracker: Tracker,
+    deadlines: Deadlines,
+) -> ServerManager:
+    """The game servers (service ``servers``): containers, console, stats, store."""
+    from ctrlagent.servers.manager import make_server_manager
+
     servers = make_server_manager(
         reactor, config, docker, tracker=tracker.scope("servers"), deadlines=deadlines
     )
     servers.setName("servers")
     servers.setServiceParent(top)
+    return servers
+
+
+def _build_files_and_host(
+    reactor: Any, config: AgentConfig, docker: DockerClient
+) -> tuple[FileManager, SystemInfo]:
+    """The servers' files and the host's own figures (no services: called on demand)."""
+    from ctrlagent.files.manager import FileManager
+    from ctrlagent.system import make_host
 
     files = FileManager(reactor=reactor, config=config.files)
-    system = SystemInfo(reactor, config, docker_version=lambda: _docker_version(docker))
-    dispatcher = Dispatcher(servers=servers, files=files, system=system, deadlines=deadlines)
+    host = make_host(reactor, config, engine_version=lambda: _engine_version(docker))
+    return files, host
+
+
+def _build_actions(
+    servers: ServerManager, files: FileManager, host: SystemInfo, deadlines: Deadlines
+) -> Dispatcher:
+    """The one registry of actions both transports call."""
+    from ctrlagent.actions.registry import Dispatcher
+
+    return Dispatcher(servers=servers, files=files, system=_ShapedHost(host), deadlines=deadlines)
+
+
+def _build_transports(
+    reactor: Any,
+    config: AgentConfig,
+    top: MultiService,
+    dispatcher: Dispatcher,
+    servers: ServerManager,
+    host: SystemInfo,
+    docker: DockerClient,
+    tracker: Tracker,
+    deadlines: Deadlines,
+) -> None:
+    """The Panel link (service ``panel``, unless disabled) and the HTTP API (``http``)."""
+    from ctrlagent.api.app import AgentApi, make_http_service
+    from ctrlagent.panel.link import PanelLink
 
     link: PanelLink | None = None
     if config.panel.enabled:
@@ -259,8 +352,8 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
             config,
             dispatcher,
             servers,
-            system_info=lambda: system.system_info(config.node_id),
-            load=system.snapshot,
+            system_info=lambda: _ShapedHost(host).system_info(config.node_id),
+            load=_ShapedHost(host).system_load,
             tracker=tracker.scope("panel"),
         )
         link.setName("panel")
@@ -271,7 +364,7 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
         dispatcher=dispatcher,
         servers=servers,
         link_connected=(lambda: True) if link is None else link.is_connected,
-        docker_ping=lambda: _docker_ping(docker),
+        docker_ping=lambda: _engine_ping(docker),
         clock=reactor,
         version=__version__,
         tracker=tracker.scope("http"),
@@ -282,30 +375,45 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     )
     http.setName("http")
     http.setServiceParent(top)
-    return top
 
 
-async def _docker_ping_coro(docker: Any) -> bool:
+class _ShapedHost:
+    """
+    The host's records in their Panel shapes, for callers that still take
+    dicts (the registry's node actions and the Panel link, until they read
+    ``IHost`` records through ``to_json`` themselves; then they get ``host``).
+    """
+
+    def __init__(self, host: SystemInfo) -> None:
+        self._host = host
+
+    async def snapshot(self) -> dict[str, Any]:
+        return dict(to_json(await self._host.snapshot()))
+
+    async def system_load(self) -> dict[str, Any]:
+        return dict(to_json(await self._host.system_load()))
+
+    async def system_info(self, node_id: str | None = None) -> dict[str, Any]:
+        return dict(to_json(await self._host.system_info(node_id)))
+
+
+@async_to_deferred
+async def _engine_ping(docker: DockerClient) -> bool:
+    """True if the engine answers its ping (never fails: /health reports, it does not raise)."""
     try:
         return bool(await docker.ping())
     except Exception:
         return False
 
 
-def _docker_ping(docker: Any) -> Deferred[bool]:
-    return Deferred.fromCoroutine(_docker_ping_coro(docker))
-
-
-async def _docker_version_coro(docker: Any) -> str | None:
+@async_to_deferred
+async def _engine_version(docker: DockerClient) -> str | None:
+    """The engine's version, or None when it does not answer."""
     try:
         version = await docker.version()
     except Exception:
         return None
     return str(version.get("Version")) if version else None
-
-
-def _docker_version(docker: Any) -> Deferred[str | None]:
-    return Deferred.fromCoroutine(_docker_version_coro(docker))
 
 
 def makeService(options: Options) -> AgentService:

@@ -140,3 +140,9 @@ def test_decorated_implementations_keep_their_interface_signatures(
         assert names[: len(positional)] == positional, (impl.__name__, name)
         extra = params[len(positional):]
         assert all(p.default is not inspect.Parameter.empty for p in extra), (impl.__name__, name)
+
+
+def test_the_decorator_lives_in_work_and_asyncs_names_the_same_one() -> None:
+    from ctrlagent import work
+
+    assert async_to_deferred is work.async_to_deferred

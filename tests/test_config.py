@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -183,6 +184,20 @@ def test_every_deadline_has_todays_default_and_reads_from_the_timeouts_table(
         timeouts.engine_ping,
         timeouts.engine_ping_cache,
     ) == (25.0, 2.0, 10.0, 3.0, 1.5)
+    # Every key of the table, each with the constant the agent had before it.
+    assert dataclasses.asdict(timeouts) == {
+        "command_answer": 25.0,
+        "command_margin": 2.0,
+        "http_drain": 10.0,
+        "engine_ping": 3.0,
+        "engine_ping_cache": 1.5,
+        "kill_grace": 10.0,
+        "exit_drain": 2.0,
+        "install_log_drain": 5.0,
+        "events_retry": 0.25,
+        "events_retry_max": 2.0,
+        "console_reply_wait": 1.0,
+    }
     toml = tmp_path / "agent.toml"
     toml.write_text('secret = "s"\n[timeouts]\ncommand_answer = 20\nengine_ping_cache = 0\n')
     timeouts = load_config(str(toml), {}, {}).timeouts

@@ -291,3 +291,32 @@ def test_packaging_check_parses_the_example() -> None:
 
 def test_config_module_is_the_one_the_script_reads() -> None:
     assert Path(script.config.__file__).resolve() == Path(config_module.__file__).resolve()
+
+
+def _readme_settings() -> dict[str, str]:
+    """README.md's configuration part: the table of main settings, and each ``[table]`` item."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    part = text[text.index("## Configuration") : text.index("### Logs")]
+    out = {"": part[: part.index("Further TOML settings")]}
+    for table in re.findall(r"^- `\[([a-z_]+)\]`:", part, flags=re.MULTILINE):
+        start = part.index("- `[{}]`:".format(table))
+        end = part.find("\n- `[", start + 1)
+        out[table] = part[start : end if end != -1 else len(part)]
+    timeouts = part.index("Every other deadline of the agent is in `[timeouts]`")
+    out["timeouts"] = part[timeouts:]
+    return out
+
+
+def test_the_readme_names_every_setting_in_its_section() -> None:
+    # The README's list drifted from the code once: every key of every table
+    # is named there, under its own table (top-level keys in the main table).
+    readme = _readme_settings()
+    missing = []
+    for table, fields in _sections().items():
+        for f in fields:
+            shown = "`{}`".format(f.name) in readme.get(table, "") or (
+                "`{}.{}`".format(table, f.name) in readme[""]
+            )
+            if not shown:
+                missing.append("{}.{}".format(table, f.name) if table else f.name)
+    assert missing == []

@@ -283,6 +283,8 @@ async def test_the_agent_shares_one_tracker_and_one_deadline_helper(tmp_path: Pa
         assert len({id(scope) for scope in scopes}) == 4
         roots = {id(scope._parent) for scope in scopes}
         assert len(roots) == 1 and None not in {scope._parent for scope in scopes}
+        # The root is the top service's, which waits for it after its children.
+        assert roots == {id(top.tracker)}
     finally:
         await servers.store.close()
 

@@ -62,6 +62,19 @@ async def test_agent_serves_a_panel_over_websocket(
         agent.start()
         info = await _within(panel.wait_for_frame("system_info"), 15, "system_info")
         assert info["data"]["nodeId"] == agent.node_id
+        # The host's real figures, not an empty frame carrying only the node id.
+        data = info["data"]
+        assert data["hostname"] and data["agentVersion"] and data["cpuCount"] >= 1
+        assert data["totalMemory"] > data["freeMemory"] > 0 and data["totalDisk"] > 0
+        assert data["dockerVersion"] and data["docker"] is True
+        assert "lo" in data["networks"] and len(data["loadAverage"]) == 3
+        # A pong carries the host's load in percents (memory in use is never 0).
+        panel.send({"type": "ping", "id": "ping-1"})
+        pong = await _within(panel.wait_for_frame("pong"), 10, "pong")
+        assert pong["id"] == "ping-1"
+        load = pong["data"]["systemLoad"]
+        assert set(load) == {"cpu", "memory", "disk"}
+        assert 0 < load["memory"] <= 100 and 0 < load["disk"] <= 100
         request = panel.requests[-1]
         assert request.headers["x-node-id"] == agent.node_id
         assert request.params["nodeId"] == [agent.node_id]
