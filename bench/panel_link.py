@@ -301,7 +301,7 @@ async def docker_agent(
     Without ``with_link`` only the manager runs, to tell the link's cost from
     the console pipeline's that feeds it.
     """
-    from ctrlagent.actions.registry import Dispatcher
+    from ctrlagent.actions import Dispatcher
     from ctrlagent.engine.docker.client import DockerClient
     from ctrlagent.servers.manager import ServerManager
     from ctrlagent.servers.store import open_store

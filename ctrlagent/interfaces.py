@@ -13,6 +13,7 @@ lowercase status strings plus ``panelStatus``.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from zope.interface import Interface
@@ -209,11 +210,11 @@ class IHost(Interface):
     provider is ``ctrlagent.system.SystemInfo`` (built by ``system.make_host``).
     """
 
-    def snapshot() -> object:
+    def snapshot() -> Awaitable[object]:
         """A ``HostSnapshot``: CPU percent, memory and disk use, uptime, load."""
 
-    def system_load() -> object:
+    def system_load() -> Awaitable[object]:
         """A ``HostLoad``: CPU, memory and disk percents (a pong's ``systemLoad``)."""
 
-    def system_info(node_id: str | None = None) -> object:
+    def system_info(node_id: str | None = None) -> Awaitable[object]:
         """A ``HostInfo``: identity, hardware, engine version, capabilities, networks."""

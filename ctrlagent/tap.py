@@ -44,11 +44,10 @@ from ctrlagent import __version__
 from ctrlagent.config import AgentConfig, load_config
 from ctrlagent.errors import ConfigInvalid
 from ctrlagent.startup import describe_startup_failure
-from ctrlagent.wire.json import to_json
 from ctrlagent.work import Deadlines, Tracker, async_to_deferred
 
 if TYPE_CHECKING:
-    from ctrlagent.actions.registry import Dispatcher
+    from ctrlagent.actions import Dispatcher
     from ctrlagent.engine.docker import DockerClient
     from ctrlagent.files.manager import FileManager
     from ctrlagent.servers.manager import ServerManager
@@ -325,9 +324,9 @@ def _build_actions(
     servers: ServerManager, files: FileManager, host: SystemInfo, deadlines: Deadlines
 ) -> Dispatcher:
     """The one registry of actions both transports call."""
-    from ctrlagent.actions.registry import Dispatcher
+    from ctrlagent.actions import Dispatcher
 
-    return Dispatcher(servers=servers, files=files, system=_ShapedHost(host), deadlines=deadlines)
+    return Dispatcher(servers=servers, files=files, system=host, deadlines=deadlines)
 
 
 def _build_transports(
@@ -352,8 +351,8 @@ def _build_transports(
             config,
             dispatcher,
             servers,
-            system_info=lambda: _ShapedHost(host).system_info(config.node_id),
-            load=_ShapedHost(host).system_load,
+            system_info=lambda: host.system_info(config.node_id),
+            load=host.system_load,
             tracker=tracker.scope("panel"),
         )
         link.setName("panel")
@@ -375,26 +374,6 @@ def _build_transports(
     )
     http.setName("http")
     http.setServiceParent(top)
-
-
-class _ShapedHost:
-    """
-    The host's records in their Panel shapes, for callers that still take
-    dicts (the registry's node actions and the Panel link, until they read
-    ``IHost`` records through ``to_json`` themselves; then they get ``host``).
-    """
-
-    def __init__(self, host: SystemInfo) -> None:
-        self._host = host
-
-    async def snapshot(self) -> dict[str, Any]:
-        return dict(to_json(await self._host.snapshot()))
-
-    async def system_load(self) -> dict[str, Any]:
-        return dict(to_json(await self._host.system_load()))
-
-    async def system_info(self, node_id: str | None = None) -> dict[str, Any]:
-        return dict(to_json(await self._host.system_info(node_id)))
 
 
 @async_to_deferred

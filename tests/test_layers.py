@@ -28,15 +28,13 @@ PACKAGE = ROOT / "ctrlagent"
 # Today's import cycles (each as the set of its modules, without "ctrlagent.").
 # Other packages of issue 11 remove them; the list is then emptied.
 ALLOWED_CYCLES: list[frozenset[str]] = [
-    # ServerContext = ServerManager: a Server calls back into its manager.
-    frozenset({"servers.manager", "servers.server"}),
-    # The event stream's type of its client, under TYPE_CHECKING.
-    frozenset({"engine.docker.client", "engine.docker.eventstream"}),
+    # The Docker-body wrappers of servers.spec, until servers/ speak the engine seam.
+    frozenset({"servers.spec", "servers.containers"}),
 ]
 
 # Today's breaches of the layer rules: (importer, imported) -> why it is still there.
 ALLOWED_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("servers.server", "servers.manager"): "ServerContext = ServerManager (package D removes it)",
+    ("servers.spec", "engine.docker.bodies"): "Docker-body wrappers, until servers/ use the seam",
 }
 
 # Open to every layer: settings, coded errors, the startup-error texts (pure,

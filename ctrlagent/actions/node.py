@@ -6,26 +6,16 @@ The node actions: ping, the host's figures and status, its description
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
-from ctrlagent.interfaces import IServerManager
+from ctrlagent.interfaces import IHost, IServerManager
 from ctrlagent.wire.json import to_json
 
 from .payload import Payload
 from .registry import ActionSpec, Call, json_object, now_iso
 
 
-class HostInfo(Protocol):
-    """What ``system.*`` and ``get_system_metrics`` ask of the host (``SystemInfo``)."""
-
-    async def snapshot(self) -> Any:
-        """Host cpu/memory/disk/uptime/load."""
-
-    async def system_info(self, node_id: str | None = None) -> Any:
-        """The ``system_info`` union shape of PROTOCOL.md section 3."""
-
-
-def node_actions(host: HostInfo, servers: IServerManager) -> list[ActionSpec]:
+def node_actions(host: IHost, servers: IServerManager) -> list[ActionSpec]:
     """The node family."""
 
     def listed() -> list[Any]:

@@ -36,16 +36,14 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ctrlagent.asyncs import async_to_deferred
-from ctrlagent.config import TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError, InvalidInput, UnknownAction
-from ctrlagent.interfaces import IFileManager, IServerManager
+from ctrlagent.interfaces import IServerManager
 from ctrlagent.wire.command import (
     ActionResult,
     Command,
@@ -57,12 +55,9 @@ from ctrlagent.wire.command import (
 from ctrlagent.wire.json import to_json
 from ctrlagent.wire.tables import ACTION_ALIASES
 from ctrlagent.wire.time import iso_ms
-from ctrlagent.work import Deadlines, Tracker
+from ctrlagent.work import Deadlines
 
 from .payload import Payload
-
-if TYPE_CHECKING:
-    from .node import HostInfo
 
 
 def now_iso() -> str:
@@ -362,38 +357,3 @@ class ActionRegistry:
                 server_id=printable(server_id),
                 aliases=[printable(name) for name in new],
             )
-
-
-class Dispatcher(ActionRegistry):
-    """
-    The registry of every action, built the way the agent always built it.
-
-    ``servers`` and ``files`` provide ``IServerManager`` and ``IFileManager``;
-    ``system`` is the host view (``SystemInfo``); ``deadlines`` bounds long
-    actions and keeps the work that outlives its answer.  A dispatcher built
-    without ``deadlines`` (tests) makes its own from ``clock``, ``tracker``
-    and ``long_action_deadline`` (default: ``TimeoutsConfig.command_answer``).
-    """
-
-    def __init__(
-        self,
-        *,
-        servers: IServerManager,
-        files: IFileManager,
-        system: HostInfo,
-        deadlines: Deadlines | None = None,
-        clock: IReactorTime | None = None,
-        tracker: Tracker | None = None,
-        long_action_deadline: float | None = None,
-    ) -> None:
-        from . import register_all
-
-        if deadlines is None:
-            if clock is None:
-                raise TypeError("Dispatcher needs deadlines or a clock")
-            timeouts = TimeoutsConfig()
-            if long_action_deadline is not None:
-                timeouts = replace(timeouts, command_answer=long_action_deadline)
-            deadlines = Deadlines(clock, tracker if tracker is not None else Tracker(), timeouts)
-        super().__init__(servers=servers, deadlines=deadlines)
-        register_all(self, servers=servers, files=files, host=system)

@@ -169,8 +169,8 @@ class PanelLink(service.MultiService):
         config: AgentConfig,
         dispatcher: IDispatcher,
         servers: EventSource,
-        system_info: Callable[[], Awaitable[dict[str, Any]]],
-        load: Callable[[], Awaitable[dict[str, Any]]],
+        system_info: Callable[[], Awaitable[object]],
+        load: Callable[[], Awaitable[object]],
         *,
         endpoint: IStreamClientEndpoint | None = None,
         random: Callable[[], float] = random.random,
@@ -505,7 +505,7 @@ class PanelLink(service.MultiService):
         self._send_snapshot(protocol)
 
     async def _gather(
-        self, source: Callable[[], Awaitable[dict[str, Any]]], what: str
+        self, source: Callable[[], Awaitable[object]], what: str
     ) -> dict[str, Any]:
         """
         Call ``source`` (Deferred or coroutine), waiting at most ``_INFO_TIMEOUT``.

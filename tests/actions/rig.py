@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ctrlagent.actions.registry import Dispatcher
+from ctrlagent.actions import Dispatcher
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.testing.files import FakeFileManager
 from ctrlagent.testing.servers import FakeServerManager

@@ -17,9 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ctrlagent.actions import build_registry
+from ctrlagent.actions import Dispatcher, build_registry
 from ctrlagent.actions.payload import Payload
-from ctrlagent.actions.registry import ActionSpec, Call, Dispatcher
+from ctrlagent.actions.registry import ActionSpec, Call
 from ctrlagent.config import TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.testing.files import FakeFileManager

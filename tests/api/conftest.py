@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from ctrlagent import __version__
-from ctrlagent.actions.registry import Dispatcher
+from ctrlagent.actions import Dispatcher
 from ctrlagent.api import AgentApi
 from ctrlagent.config import AgentConfig, HttpConfig, TimeoutsConfig
 from ctrlagent.testing.files import FakeFileManager

@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.util import Redirect
 
-from ctrlagent.actions.registry import Dispatcher
+from ctrlagent.actions import Dispatcher
 from ctrlagent.api import AgentApi
 from ctrlagent.config import AgentConfig, FilesConfig
 from ctrlagent.files.fetch import SafeFetcher, allow_also

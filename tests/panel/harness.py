@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from ctrlagent.actions.registry import Dispatcher
+from ctrlagent.actions import Dispatcher
 from ctrlagent.config import AgentConfig, PanelConfig
 from ctrlagent.panel.link import PanelLink
 from ctrlagent.testing.files import FakeFileManager

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from ctrlagent.actions.registry import Dispatcher
+from ctrlagent.actions import Dispatcher
 from ctrlagent.config import AgentConfig, PanelConfig
 from ctrlagent.panel.link import PanelLink
 from ctrlagent.testing.files import FakeFileManager

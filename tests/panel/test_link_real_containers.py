@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import succeed
 
-from ctrlagent.actions.registry import Dispatcher
+from ctrlagent.actions import Dispatcher
 from ctrlagent.events import ConsoleOutput, ServerEvent
 from ctrlagent.panel.link import PanelLink
 from ctrlagent.testing.files import FakeFileManager

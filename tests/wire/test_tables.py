@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from ctrlagent import errors
-from ctrlagent.actions.registry import Dispatcher
+from ctrlagent.actions import Dispatcher
 from ctrlagent.testing.files import FakeFileManager
 from ctrlagent.testing.servers import FakeServerManager
 from ctrlagent.wire.command import Command
