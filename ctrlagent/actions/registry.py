@@ -51,6 +51,7 @@ from ctrlagent.wire.command import (
     printable,
     unusable_text,
 )
+from ctrlagent.wire.json import to_json
 from ctrlagent.work import Deadlines, Tracker
 
 # ---------------------------------------------------------------------------
@@ -235,6 +236,8 @@ async def _settle(value: Any) -> Any:
 def _as_dict(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
+    if not isinstance(value, Mapping):
+        value = to_json(value)  # a record of wire/: its registered shape
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError("domain returned {!r} where a dict was expected".format(type(value)))
