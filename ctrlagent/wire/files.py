@@ -406,7 +406,19 @@ class ModInstalled:
 
 @to_json.register
 def _mod_installed(r: ModInstalled) -> dict[str, Any]:
-    return {"mod": _mod(r.mod)}
+    """
+    ``{"mod": {id, name, version, description, enabled, fileName?, size?,
+    source?, type?, installedAt?}}``: the keys in the order the install
+    records them (a listing reads them back in the manifest's order).
+    """
+    m = r.mod
+    out: dict[str, Any] = {"id": m.mod_id, "name": m.name, "version": m.version,
+                           "description": m.description, "enabled": m.enabled}
+    for key, value in (("fileName", m.file_name), ("size", m.size), ("source", m.source),
+                       ("type", m.kind), ("installedAt", m.installed_at)):
+        if value is not None:
+            out[key] = value
+    return {"mod": out}
 
 
 @dataclass(frozen=True, slots=True)
