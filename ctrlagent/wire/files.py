@@ -28,16 +28,26 @@ from ctrlagent.wire.json import to_json
 # -- timestamps -----------------------------------------------------------------
 
 
+# The four-digit years of ISO 8601 that every parser reads (0001-01-01T00:00:00Z
+# to 9999-12-31T23:59:59Z).  A file's time is set by the game server: one
+# beyond them (some filesystems store 64-bit seconds) is shown at the bound,
+# never turned into an error or a five-digit year.
+_FIRST_SECOND = -62_135_596_800
+_LAST_SECOND = 253_402_300_799
+
+
 @functools.lru_cache(maxsize=65536)
 def _iso_seconds(sec: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}".format(*time.gmtime(sec)[:6])
 
 
 def iso_ms(seconds: float) -> str:
     """
     ``seconds`` since the epoch as the Panel's ISO-8601 form (JavaScript
-    ``toISOString``: UTC, milliseconds, ``Z``).
+    ``toISOString``: UTC, milliseconds, ``Z``), held to the years 0001-9999.
     """
+    if not _FIRST_SECOND <= seconds < _LAST_SECOND + 1:  # NaN included
+        return "9999-12-31T23:59:59.999Z" if seconds > 0 else "0001-01-01T00:00:00.000Z"
     # Files of one directory mostly share their second: cache its formatting,
     # which dominates the cost of a 10k-entry listing otherwise.
     sec = math.floor(seconds)
