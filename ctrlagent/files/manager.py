@@ -7,7 +7,9 @@ operation runs in a thread pool (``deferToThreadPool``), at most
 ``max_concurrent_operations`` at a time (``DeferredSemaphore``), each opening
 the server root as a directory fd (``confined.Confined``) and acting through
 ``dir_fd=`` calls (see ``confined`` for the symlink rules and ``paths`` for how
-Panel paths are read, URL-encoded forms being literal names).
+Panel paths are read, URL-encoded forms being literal names).  Each action
+answers with a record of ``ctrlagent.wire.files``; the transports turn it
+into the Panel's JSON (``wire.json.to_json``).
 
 Disk limits: a server's usage (apparent size of its files) is walked at most
 every ``disk_usage_ttl`` seconds and kept up to date in between by the deltas
