@@ -15,8 +15,26 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from zope.interface import Interface
+
+if TYPE_CHECKING:
+    from ctrlagent.wire.files import (
+        ArchiveCreated,
+        ArchiveExtracted,
+        Done,
+        FileBytes,
+        FileInfo,
+        FileListing,
+        FileSearch,
+        FileText,
+        FileWritten,
+        ModInstalled,
+        ModList,
+        PermissionsSet,
+        Renamed,
+    )
 
 
 @dataclass(frozen=True)
@@ -140,64 +158,76 @@ class IFileManager(Interface):
     File operations confined to one server's directory.
 
     Every method takes the ``ServerRoot`` first, paths relative to it (a
-    leading ``/`` means the root), and returns a Deferred firing with the
-    ``data`` dict of PROTOCOL.md section 2 for that action.
+    leading ``/`` means the root), and returns an awaitable (a Deferred)
+    firing with a record of ``ctrlagent.wire.files``, whose ``to_json`` shape
+    is the ``data`` of PROTOCOL.md section 2 for that action.
     """
 
     def list_files(
         root: ServerRoot, path: str, limit: int | None = None, offset: int = 0
-    ) -> object:
-        """``{"serverId", "path", "files": [...]}``."""
+    ) -> Awaitable[FileListing]:
+        """A page of a directory: ``{"serverId", "path", "files": [...], "total", ...}``."""
 
-    def search_files(root: ServerRoot, path: str, query: str, file_type: str = "all") -> object:
-        """``{"files": [...]}``."""
+    def search_files(
+        root: ServerRoot, path: str, query: str, file_type: str = "all"
+    ) -> Awaitable[FileSearch]:
+        """Entries under ``path`` whose name contains ``query``: ``{"files": [...], ...}``."""
 
-    def read_file(root: ServerRoot, path: str) -> object:
+    def read_file(root: ServerRoot, path: str) -> Awaitable[FileText]:
         """``{"serverId", "path", "content", "size", "modified", "encoding": "utf8"}``."""
 
-    def write_file(root: ServerRoot, path: str, content: str) -> object:
-        """Atomic write. ``{"size", "modified"}``."""
+    def write_file(root: ServerRoot, path: str, content: str) -> Awaitable[FileWritten]:
+        """Atomic write. ``{"path", "size", "modified"}``."""
 
-    def create_directory(root: ServerRoot, path: str) -> object:
-        """``{}``."""
+    def create_directory(root: ServerRoot, path: str) -> Awaitable[Done]:
+        """``mkdir -p``. ``{"path"}``."""
 
-    def delete_file(root: ServerRoot, path: str) -> object:
-        """File or directory. ``{"message"}``."""
+    def delete_file(root: ServerRoot, path: str) -> Awaitable[Done]:
+        """File or directory. ``{"message", "path"}``."""
 
-    def rename_file(root: ServerRoot, old_path: str, new_path: str) -> object:
-        """``{}``."""
+    def rename_file(root: ServerRoot, old_path: str, new_path: str) -> Awaitable[Renamed]:
+        """``{"oldPath", "newPath"}``."""
 
-    def download_file(root: ServerRoot, path: str) -> object:
+    def download_file(root: ServerRoot, path: str) -> Awaitable[FileBytes]:
         """
         ``{"serverId", "path", "content" (base64), "encoding": "base64",
         "size", "modified"}``.
         """
 
-    def upload_file(root: ServerRoot, path: str, content: str, encoding: str = "base64") -> object:
-        """Handles ``<path>.chunk<N>`` chunked uploads. ``{"size"}``."""
+    def upload_file(
+        root: ServerRoot, path: str, content: str, encoding: str = "base64"
+    ) -> Awaitable[FileWritten]:
+        """Handles ``<path>.chunk<N>`` chunked uploads. ``{"path", "size", ...}``."""
 
-    def get_file_info(root: ServerRoot, path: str) -> object:
+    def get_file_info(root: ServerRoot, path: str) -> Awaitable[FileInfo]:
         """
         ``{"name", "path", "type", "size", "modified", "permissions", "mode",
         "owner", "group"}``.
         """
 
-    def set_file_permissions(root: ServerRoot, path: str, mode: str) -> object:
-        """``{}``; never follows symlinks, never sets setuid/setgid."""
+    def set_file_permissions(root: ServerRoot, path: str, mode: str) -> Awaitable[PermissionsSet]:
+        """``{"path", "mode"}``; never follows symlinks, never sets setuid/setgid."""
 
-    def create_archive(root: ServerRoot, files: list, archive_path: str, fmt: str) -> object:
-        """``{"archivePath", "size"}``."""
+    def create_archive(
+        root: ServerRoot, files: list, archive_path: str, fmt: str
+    ) -> Awaitable[ArchiveCreated]:
+        """``{"archivePath", "size", "files"}``."""
 
-    def extract_archive(root: ServerRoot, archive_path: str, extract_path: str) -> object:
-        """``{"extracted": int}``."""
+    def extract_archive(
+        root: ServerRoot, archive_path: str, extract_path: str
+    ) -> Awaitable[ArchiveExtracted]:
+        """``{"archivePath", "extractPath", "extracted", "skipped"}``."""
 
-    def install_mod(root: ServerRoot, params: dict) -> object:
+    def install_mod(root: ServerRoot, params: dict) -> Awaitable[ModInstalled]:
         """Fetch or copy a mod into the mods folder and record it. ``{"mod": {...}}``."""
 
-    def uninstall_mod(root: ServerRoot, mod_id: str) -> object:
-        """``{}``."""
+    def uninstall_mod(root: ServerRoot, mod_id: str) -> Awaitable[ModList]:
+        """
+        Remove a mod; the mods LEFT, so the Panel refreshes its list from the
+        answer: ``{"mods": [...], "count"}``.
+        """
 
-    def list_mods(root: ServerRoot) -> object:
+    def list_mods(root: ServerRoot) -> Awaitable[ModList]:
         """``{"mods": [{"id", "name", "version", "description", "enabled"}], "count"}``."""
 
 

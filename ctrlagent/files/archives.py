@@ -45,6 +45,7 @@ from ctrlagent.errors import (
 from ctrlagent.files import fsops, trees
 from ctrlagent.files.confined import Confined, Made, os_error
 from ctrlagent.files.paths import Components, display, member_components
+from ctrlagent.wire.files import ArchiveCreated
 
 FORMATS = {"zip": "zip", "tar": "tar", "tar.gz": "tar.gz", "tgz": "tar.gz", "targz": "tar.gz"}
 READ_CHUNK = 1024 * 1024
@@ -147,10 +148,10 @@ def _file_mode(mode: int) -> int:
 
 def extract(c: Confined, archive: Components, dest: Components, quota: fsops.Quota,
             limits: ExtractLimits,
-            on_member: Callable[[Components], None] | None = None) -> dict[str, Any]:
+            on_member: Callable[[Components], None] | None = None) -> tuple[int, int]:
     """
-    Extract ``archive`` into ``dest`` (created if missing). ``{"extracted",
-    "skipped"}``.  ``on_member`` is called with each member's components once
+    Extract ``archive`` into ``dest`` (created if missing): the counts of
+    members extracted and skipped.  ``on_member`` is called with each member's components once
     it has been written: the seam where tests interleave other writes.
     """
     fd = c.open(archive, os.O_RDONLY | os.O_NONBLOCK)
@@ -191,7 +192,7 @@ class _Undo:
 
 
 def _extract_zip(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
-                 undo: _Undo) -> dict[str, Any]:
+                 undo: _Undo) -> tuple[int, int]:
     try:
         zf = zipfile.ZipFile(f)
     except zipfile.BadZipFile as e:
@@ -222,11 +223,11 @@ def _extract_zip(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
                                    field="archivePath") from None
             extracted += 1
             undo.written(rel)
-    return {"extracted": extracted, "skipped": skipped}
+    return extracted, skipped
 
 
 def _extract_tar(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
-                 undo: _Undo) -> dict[str, Any]:
+                 undo: _Undo) -> tuple[int, int]:
     extracted = skipped = 0
     try:
         # Stream mode: one pass, members decompressed as they come, through
@@ -258,7 +259,7 @@ def _extract_tar(c: Confined, f: IO[bytes], dest: Components, budget: _Budget,
                 undo.written(rel)
     except (tarfile.TarError, EOFError) as e:
         raise InvalidInput("corrupt archive: {}".format(e), field="archivePath") from None
-    return {"extracted": extracted, "skipped": skipped}
+    return extracted, skipped
 
 
 def _mkdir(c: Confined, rel: Components, created: list[Made]) -> None:
@@ -374,7 +375,7 @@ def _members(c: Confined, comps: Components) -> Iterator[tuple[Components, os.st
 
 
 def create(c: Confined, files: list[Components], archive: Components, fmt: str,
-           quota: fsops.Quota) -> dict[str, Any]:
+           quota: fsops.Quota) -> ArchiveCreated:
     """
     Write an archive of ``files`` (paths relative to the root; directories
     recursively) to ``archive``, atomically.  Member names are relative to
@@ -421,7 +422,7 @@ def create(c: Confined, files: list[Components], archive: Components, fmt: str,
             except OSError:
                 pass
             raise
-    return {"archivePath": display(archive), "size": size, "files": count}
+    return ArchiveCreated(display(archive), size, count)
 
 
 def _write_tar(c: Confined, files: list[Components], out: IO[bytes], growth: _Growth,

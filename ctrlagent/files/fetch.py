@@ -41,6 +41,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
+from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.errors import CtrlAgentError, InsufficientResources, InvalidInput, PermissionDenied
 from ctrlagent.files.urls import check_url
 
@@ -88,10 +89,9 @@ class _CheckedEndpoint:
         self.port = port
         self.tls = tls
 
-    def connect(self, factory: Any) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._connect(factory))
-
-    async def _connect(self, factory: Any) -> Any:
+    @async_to_deferred
+    async def connect(self, factory: Any) -> Any:
+        """Resolve, refuse any internal address, connect to the first one."""
         addresses = await self.fetcher.resolve(self.host, self.port)
         if not addresses:
             raise DownloadError("{} has no address".format(self.host))
@@ -144,9 +144,11 @@ class _BodyReader(Protocol):
             return
         self.busy = True
         self.transport.pauseProducing()  # type: ignore[union-attr]
-        Deferred.fromCoroutine(self._write(data))
+        self._write(data)
 
+    @async_to_deferred
     async def _write(self, data: bytes) -> None:
+        # A sink error fails the download (``done``), not this Deferred.
         try:
             await self.sink(data)
         except Exception as e:
@@ -230,7 +232,7 @@ class SafeFetcher:
 
     def fetch(self, url: str, sink: Sink, max_bytes: int, timeout: float) -> Deferred[int]:
         """Download ``url`` into ``sink``; fires with the byte count."""
-        d = Deferred.fromCoroutine(self._fetch(url, sink, max_bytes))
+        d = self._fetch(url, sink, max_bytes)
 
         def timed_out(result: object, after: float) -> Failure:
             # Whatever the cancellation surfaced as (CancelledError,
@@ -240,6 +242,7 @@ class SafeFetcher:
         d.addTimeout(timeout, self.reactor, onTimeoutCancel=timed_out)
         return d
 
+    @async_to_deferred
     async def _fetch(self, url: str, sink: Sink, max_bytes: int) -> int:
         for _ in range(self.max_redirects + 1):
             # Every hop is checked in full (urls.check_url) before it reaches

@@ -3,25 +3,22 @@ The blocking file operations behind ``FileManager``, one function per action.
 
 Every function here runs in the thread pool and takes an open ``Confined``
 root; every path it touches is resolved through it and acted on with
-``dir_fd=`` calls.  Shapes of returned dicts are PROTOCOL.md section 2's.
+``dir_fd=`` calls.  Results are records of ``ctrlagent.wire.files`` (which
+also spells them as PROTOCOL.md section 2's ``data``).
 
-Symlinks in listings: an entry that is a symlink carries ``"symlink": true``.
+Symlinks in listings: an entry that is a symlink is marked ``symlink``.
 When its target resolves inside the server directory the entry reports the
 target's type, size and times; otherwise (dangling, absolute, or leaving the
-root) it is reported as ``"type": "file"`` with ``"broken": true`` and the
-link's own metadata, and every operation through it is refused.  Other
-entry fields: ``extension`` is the lower-case suffix without the dot (files
-only), ``permissions`` three octal digits, ``modified``/``lastModified`` the
-JavaScript ``toISOString`` form, ``owner``/``group`` names (numbers when the
-host has no such user).  Deleting or renaming a symlink acts on the link;
-``set_file_permissions`` refuses links (and hard-linked files).
+root) it is reported as a file marked ``broken``, with the link's own
+metadata, and every operation through it is refused.  ``owner``/``group``
+are names (numbers when the host has no such user).  Deleting or renaming a
+symlink acts on the link; ``set_file_permissions`` refuses links (and
+hard-linked files).
 """
 
 from __future__ import annotations
 
-import functools
 import grp
-import math
 import os
 import pwd
 import secrets
@@ -29,7 +26,6 @@ import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 from ctrlagent.errors import (
     Conflict,
@@ -48,6 +44,7 @@ from ctrlagent.files.paths import (
     Components,
     display,
 )
+from ctrlagent.wire.files import FileEntry, FileInfo, FileListing, FileSearch
 
 # Work files untouched for this long are leftovers of a crash; usage walks remove them.
 STALE_TMP_SECONDS = 3600
@@ -116,64 +113,31 @@ def _group(gid: int) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=65536)
-def _iso_seconds(sec: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-
-
-def iso(ts: float) -> str:
-    """A timestamp as the Panel's ISO-8601 form (JavaScript ``toISOString``)."""
-    # Files of one directory mostly share their second: cache its formatting,
-    # which dominates the cost of a 10k-entry listing otherwise.
-    sec = math.floor(ts)
-    return "{}.{:03d}Z".format(_iso_seconds(sec), min(int((ts - sec) * 1000), 999))
-
-
-_PERMISSIONS = ["{:03o}".format(m) for m in range(0o1000)]
-
-
-def entry(name: str, st: os.stat_result, rel: Components,
-          path: str | None = None) -> dict[str, Any]:
+def entry(name: str, st: os.stat_result, rel: Components, path: str | None = None,
+          *, symlink: bool = False, broken: bool = False) -> FileEntry:
     """
     One listing entry for ``name`` with metadata ``st`` at path ``rel``
-    (``path``: its display form, when the caller has it already).
+    (``path``: its display form, when the caller has it already).  A
+    ``broken`` link is described as a file.
     """
-    is_dir = stat.S_ISDIR(st.st_mode)
-    modified = iso(st.st_mtime)
-    out: dict[str, Any] = {
-        "name": name,
-        "type": "directory" if is_dir else "file",
-        "size": 0 if is_dir else st.st_size,
-        "modified": modified,
-        "lastModified": modified,
-        "permissions": _PERMISSIONS[st.st_mode & 0o777],
-        "owner": _user(st.st_uid),
-        "group": _group(st.st_gid),
-        "path": path if path is not None else display(rel),
-    }
-    if not is_dir:
-        dot = name.rfind(".")
-        if dot > 0:
-            out["extension"] = name[dot + 1:].lower()
-    return out
+    is_dir = not broken and stat.S_ISDIR(st.st_mode)
+    return FileEntry(name, "directory" if is_dir else "file", 0 if is_dir else st.st_size,
+                     st.st_mtime, stat.S_IMODE(st.st_mode), _user(st.st_uid), _group(st.st_gid),
+                     path if path is not None else display(rel), symlink, broken)
 
 
-def _symlink_entry(c: Confined, name: str, lst: os.stat_result, rel: Components) -> dict[str, Any]:
+def _symlink_entry(c: Confined, name: str, lst: os.stat_result, rel: Components) -> FileEntry:
     try:
         st = c.stat(rel)
     except (PermissionDenied, FileNotFound, InvalidInput):
-        out = entry(name, lst, rel)
-        out["type"] = "file"
-        out["broken"] = True
-    else:
-        out = entry(name, st, rel)
-    out["symlink"] = True
-    return out
+        return entry(name, lst, rel, symlink=True, broken=True)
+    return entry(name, st, rel, symlink=True)
 
 
 # -- listing and search -------------------------------------------------------
 
-def list_files(c: Confined, comps: Components, limit: int, offset: int) -> dict[str, Any]:
+def list_files(c: Confined, comps: Components, limit: int, offset: int,
+               server_id: str = "") -> FileListing:
     """
     List a directory: directories first, then by name; ``offset``/``limit``
     page through huge directories.  Sorting uses the type the directory
@@ -208,13 +172,14 @@ def list_files(c: Confined, comps: Components, limit: int, offset: int) -> dict[
     if links:
         # Sorting by d_type put symlinks to directories among the files; put
         # them where a user expects them within this page.
-        files.sort(key=lambda f: (f["type"] != "directory", f["name"].lower(), f["name"]))
-    return {"path": display(comps), "files": files, "total": len(names),
-            "offset": offset, "limit": limit, "truncated": offset + limit < len(names)}
+        files.sort(key=lambda f: (f.kind != "directory", f.name.lower(), f.name))
+    return FileListing(server_id, display(comps), tuple(files), len(names), offset, limit,
+                       offset + limit < len(names))
 
 
 def search_files(c: Confined, comps: Components, query: str, file_type: str,
-                 max_results: int, max_scanned: int = 200_000) -> dict[str, Any]:
+                 max_results: int, max_scanned: int = 200_000,
+                 server_id: str = "") -> FileSearch:
     """
     Names under ``comps`` containing ``query`` (case-insensitive), in
     depth-first name order.  Symlinked directories are not descended (no
@@ -223,7 +188,7 @@ def search_files(c: Confined, comps: Components, query: str, file_type: str,
     tree cannot hold a worker for minutes.
     """
     needle = query.lower()
-    found: list[dict[str, Any]] = []
+    found: list[FileEntry] = []
     complete = True
     top = c.open(comps, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -250,7 +215,7 @@ def search_files(c: Confined, comps: Components, query: str, file_type: str,
         complete = False
     finally:
         os.close(top)
-    return {"path": display(comps), "query": query, "files": found, "truncated": not complete}
+    return FileSearch(server_id, display(comps), query, tuple(found), not complete)
 
 
 # -- reading ------------------------------------------------------------------
@@ -588,31 +553,21 @@ def rename(c: Confined, src: Components, dst: Components) -> None:
                 raise os_error(e, display(src)) from None
 
 
-def file_info(c: Confined, comps: Components) -> dict[str, Any]:
+def file_info(c: Confined, comps: Components) -> FileInfo:
     """
     ``get_file_info`` data.  A symlink is described as in listings: its
     target's metadata when the target is inside the root, else the link's own
-    with ``"broken": true``.
+    as a ``broken`` one.
     """
     st = c.lstat(comps)
     name = comps[-1] if comps else "/"
     if stat.S_ISLNK(st.st_mode):
         try:
-            st = c.stat(comps)
-            broken = False
+            target = c.stat(comps)
         except (PermissionDenied, FileNotFound, InvalidInput):
-            broken = True
-        out = entry(name, st, comps)
-        out["symlink"] = True
-        if broken:
-            out["type"] = "file"
-            out["broken"] = True
-    else:
-        out = entry(name, st, comps)
-    mode = stat.S_IMODE(st.st_mode)
-    out["mode"] = "{:04o}".format(mode)
-    out["permissions"] = _PERMISSIONS[mode & 0o777]
-    return out
+            return FileInfo(entry(name, st, comps, symlink=True, broken=True))
+        return FileInfo(entry(name, target, comps, symlink=True))
+    return FileInfo(entry(name, st, comps))
 
 
 def set_permissions(c: Confined, comps: Components, mode: int) -> None:

@@ -7,7 +7,9 @@ operation runs in a thread pool (``deferToThreadPool``), at most
 ``max_concurrent_operations`` at a time (``DeferredSemaphore``), each opening
 the server root as a directory fd (``confined.Confined``) and acting through
 ``dir_fd=`` calls (see ``confined`` for the symlink rules and ``paths`` for how
-Panel paths are read, URL-encoded forms being literal names).
+Panel paths are read, URL-encoded forms being literal names).  Each action
+answers with a record of ``ctrlagent.wire.files``; the transports turn it
+into the Panel's JSON (``wire.json.to_json``).
 
 Disk limits: a server's usage (apparent size of its files) is walked at most
 every ``disk_usage_ttl`` seconds and kept up to date in between by the deltas
@@ -70,6 +72,21 @@ from ctrlagent.files.paths import (
     split_chunk,
 )
 from ctrlagent.interfaces import IFileManager, ServerRoot
+from ctrlagent.wire.files import (
+    ArchiveCreated,
+    ArchiveExtracted,
+    Done,
+    FileBytes,
+    FileInfo,
+    FileListing,
+    FileSearch,
+    FileText,
+    FileWritten,
+    ModInstalled,
+    ModList,
+    PermissionsSet,
+    Renamed,
+)
 
 T = TypeVar("T")
 
@@ -290,8 +307,8 @@ class FileManager:
 
     @async_to_deferred
     async def list_files(self, root: ServerRoot, path: str, limit: int | None = None,
-                         offset: int = 0) -> dict[str, Any]:
-        """``{"serverId", "path", "files", "total", "offset", "limit", "truncated"}``."""
+                         offset: int = 0) -> FileListing:
+        """A page of the directory ``path``, directories first, then by name."""
         comps = normalise(path)
         cap = self.config.max_list_entries
         if limit is None:
@@ -300,31 +317,31 @@ class FileManager:
             raise InvalidInput("limit must be a non-negative integer", field="limit")
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise InvalidInput("offset must be a non-negative integer", field="offset")
-        data = await self._run(root, fsops.list_files, comps, min(limit, cap), offset)
-        return {"serverId": root.server_id, **data}
+        return await self._run(root, fsops.list_files, comps, min(limit, cap), offset,
+                               root.server_id)
 
     @async_to_deferred
     async def search_files(self, root: ServerRoot, path: str, query: str,
-                           file_type: str = "all") -> dict[str, Any]:
-        """``{"files": [...]}`` of names under ``path`` containing ``query``."""
+                           file_type: str = "all") -> FileSearch:
+        """Entries under ``path`` whose name contains ``query``."""
         comps = normalise(path)
         if not isinstance(query, str) or not query or "\x00" in query:
             raise InvalidInput("query must be a non-empty string", field="query")
         file_type = file_type or "all"
         if file_type not in ("file", "directory", "all"):
             raise InvalidInput("fileType must be file, directory or all", field="fileType")
-        data = await self._run(root, fsops.search_files, comps, query, file_type,
-                               self.config.search_max_results, self.config.search_max_scanned)
-        return {"serverId": root.server_id, **data}
+        return await self._run(root, fsops.search_files, comps, query, file_type,
+                               self.config.search_max_results, self.config.search_max_scanned,
+                               root.server_id)
 
     # -- reading ------------------------------------------------------------
 
     @async_to_deferred
-    async def read_file(self, root: ServerRoot, path: str) -> dict[str, Any]:
-        """UTF-8 text of a file (invalid bytes replaced, then ``"lossy": true``)."""
+    async def read_file(self, root: ServerRoot, path: str) -> FileText:
+        """UTF-8 text of a file (invalid bytes replaced, then ``lossy``)."""
         comps = normalise(path)
 
-        def read(c: Confined) -> dict[str, Any]:
+        def read(c: Confined) -> FileText:
             data, st = fsops.read_bytes(c, comps, self.config.max_read_bytes)
             try:
                 text = data.decode("utf-8")
@@ -332,30 +349,24 @@ class FileManager:
             except UnicodeDecodeError:
                 text = data.decode("utf-8", "replace")
                 lossy = True
-            out: dict[str, Any] = {"serverId": root.server_id, "path": display(comps),
-                                   "content": text, "size": len(data),
-                                   "modified": fsops.iso(st.st_mtime), "encoding": "utf8"}
-            if lossy:
-                out["lossy"] = True
-            return out
+            return FileText(root.server_id, display(comps), text, len(data), st.st_mtime, lossy)
 
         return await self._run(root, read)
 
     @async_to_deferred
-    async def download_file(self, root: ServerRoot, path: str) -> dict[str, Any]:
+    async def download_file(self, root: ServerRoot, path: str) -> FileBytes:
         """A file's bytes, base64."""
         comps = normalise(path)
 
-        def read(c: Confined) -> dict[str, Any]:
+        def read(c: Confined) -> FileBytes:
             data, st = fsops.read_bytes(c, comps, self.config.max_read_bytes)
-            return {"serverId": root.server_id, "path": display(comps),
-                    "content": base64.b64encode(data).decode("ascii"), "encoding": "base64",
-                    "size": len(data), "modified": fsops.iso(st.st_mtime)}
+            return FileBytes(root.server_id, display(comps),
+                             base64.b64encode(data).decode("ascii"), len(data), st.st_mtime)
 
         return await self._run(root, read)
 
     @async_to_deferred
-    async def get_file_info(self, root: ServerRoot, path: str) -> dict[str, Any]:
+    async def get_file_info(self, root: ServerRoot, path: str) -> FileInfo:
         """Metadata of one file or directory."""
         comps = normalise(path)
         return await self._run(root, fsops.file_info, comps)
@@ -363,28 +374,27 @@ class FileManager:
     # -- writing ------------------------------------------------------------
 
     @async_to_deferred
-    async def write_file(self, root: ServerRoot, path: str, content: str) -> dict[str, Any]:
+    async def write_file(self, root: ServerRoot, path: str, content: str) -> FileWritten:
         """Atomically replace a file with UTF-8 ``content``."""
         comps = normalise(path)
         if not isinstance(content, str):
             raise InvalidInput("content must be a string", field="content")
 
-        def write(c: Confined, quota: fsops.Quota) -> dict[str, Any]:
+        def write(c: Confined, quota: fsops.Quota) -> FileWritten:
             try:
                 size, chunks = fsops.text_chunks(content)
             except UnicodeEncodeError:
                 raise InvalidInput("content is not valid text", field="content") from None
             st = fsops.write_atomic(c, comps, chunks, quota, size=size)
-            return {"path": display(comps), "size": st.st_size,
-                    "modified": fsops.iso(st.st_mtime)}
+            return FileWritten(display(comps), st.st_size, st.st_mtime)
 
         return await self._run_quota(root, write)
 
     @async_to_deferred
     async def upload_file(self, root: ServerRoot, path: str, content: str,
                           encoding: str = "base64", chunk_index: int | None = None,
-                          total_chunks: int | None = None) -> dict[str, Any]:
-        """Store uploaded bytes (see the module docstring for chunks). ``{"size", ...}``."""
+                          total_chunks: int | None = None) -> FileWritten:
+        """Store uploaded bytes (see the module docstring for chunks)."""
         comps = normalise(path)
         if not comps:
             raise InvalidInput("path names the server directory", field="path")
@@ -404,10 +414,9 @@ class FileManager:
                 if assembled is not None:
                     return assembled
 
-            def write(c: Confined, quota: fsops.Quota) -> dict[str, Any]:
+            def write(c: Confined, quota: fsops.Quota) -> FileWritten:
                 st = fsops.write_atomic(c, comps, [_decode(content, encoding)], quota)
-                return {"path": display(comps), "size": st.st_size,
-                        "modified": fsops.iso(st.st_mtime)}
+                return FileWritten(display(comps), st.st_size, st.st_mtime)
 
             return await self._run_quota(root, write)
 
@@ -415,23 +424,22 @@ class FileManager:
         if total_chunks is not None and index >= total_chunks:
             raise InvalidInput("chunkIndex must be below totalChunks", field="chunkIndex")
 
-        def write_chunk(c: Confined, quota: fsops.Quota) -> dict[str, Any]:
+        def write_chunk(c: Confined, quota: fsops.Quota) -> FileWritten:
             st = fsops.write_atomic(c, comps, [_decode(content, encoding)], quota, fsync=False)
-            out: dict[str, Any] = {"path": display(comps), "size": st.st_size, "chunk": index,
-                                   "assembled": False}
             if total_chunks is not None:
                 have = fsops.existing_chunks(c, target)
                 if [i for i, _ in have] == list(range(total_chunks)):
                     parts = [target[:-1] + (name,) for _, name in have]
                     final = fsops.assemble_chunks(c, parts, target, quota)
-                    out.update(assembled=True, target=display(target), targetSize=final.st_size)
-            return out
+                    return FileWritten(display(comps), st.st_size, chunk=index, assembled=True,
+                                       target=display(target), target_size=final.st_size)
+            return FileWritten(display(comps), st.st_size, chunk=index, assembled=False)
 
         async with self._lock(root, "chunks"):
             return await self._run_quota(root, write_chunk)
 
     def _assemble_all(self, c: Confined, quota: fsops.Quota,
-                      target: Components) -> dict[str, Any] | None:
+                      target: Components) -> FileWritten | None:
         try:
             have = fsops.existing_chunks(c, target)
         except FileNotFound:
@@ -444,19 +452,19 @@ class FileManager:
             raise InvalidInput("chunk {} of {} is missing".format(missing[0], display(target)),
                                field="path")
         st = fsops.assemble_chunks(c, [target[:-1] + (n,) for _, n in have], target, quota)
-        return {"path": display(target), "size": st.st_size, "modified": fsops.iso(st.st_mtime),
-                "assembled": True, "chunks": len(have)}
+        return FileWritten(display(target), st.st_size, st.st_mtime, assembled=True,
+                           chunks=len(have))
 
     @async_to_deferred
-    async def create_directory(self, root: ServerRoot, path: str) -> dict[str, Any]:
-        """``mkdir -p``. ``{"path"}``."""
+    async def create_directory(self, root: ServerRoot, path: str) -> Done:
+        """``mkdir -p``."""
         comps = normalise(path)
         await self._run(root, fsops.create_directory, comps)
-        return {"path": display(comps)}
+        return Done(display(comps))
 
     @async_to_deferred
-    async def delete_file(self, root: ServerRoot, path: str) -> dict[str, Any]:
-        """Remove a file, link or directory tree. ``{"message"}``."""
+    async def delete_file(self, root: ServerRoot, path: str) -> Done:
+        """Remove a file, link or directory tree."""
         comps = normalise(path)
 
         def remove(c: Confined) -> int:
@@ -467,32 +475,32 @@ class FileManager:
         await self._run(root, remove)
         self.log.info("server {server_id}: deleted {path}", server_id=root.server_id,
                       path=display(comps))
-        return {"message": "deleted {}".format(display(comps)), "path": display(comps)}
+        return Done(display(comps), "deleted {}".format(display(comps)))
 
     @async_to_deferred
     async def rename_file(self, root: ServerRoot, old_path: str,
-                          new_path: str) -> dict[str, Any]:
+                          new_path: str) -> Renamed:
         """Move within the server directory; an existing target is a ``Conflict``."""
         src = normalise(old_path, field="oldPath")
         dst = normalise(new_path, field="newPath")
         await self._run(root, fsops.rename, src, dst)
-        return {"oldPath": display(src), "newPath": display(dst)}
+        return Renamed(display(src), display(dst))
 
     @async_to_deferred
     async def set_file_permissions(self, root: ServerRoot, path: str,
-                                   mode: str) -> dict[str, Any]:
+                                   mode: str) -> PermissionsSet:
         """``chmod`` without following links or allowing setuid/setgid."""
         comps = normalise(path)
         value = parse_mode(mode)
         await self._run(root, fsops.set_permissions, comps, value)
-        return {"path": display(comps), "mode": "{:04o}".format(value)}
+        return PermissionsSet(display(comps), value)
 
     # -- archives -----------------------------------------------------------
 
     @async_to_deferred
     async def create_archive(self, root: ServerRoot, files: list, archive_path: str,
-                             fmt: str) -> dict[str, Any]:
-        """Archive ``files`` into ``archive_path``. ``{"archivePath", "size"}``."""
+                             fmt: str) -> ArchiveCreated:
+        """Archive ``files`` into ``archive_path``."""
         if not isinstance(files, list) or not files:
             raise InvalidInput("files must be a non-empty list of paths", field="files")
         comps = [normalise(f, field="files") for f in files]
@@ -504,8 +512,8 @@ class FileManager:
 
     @async_to_deferred
     async def extract_archive(self, root: ServerRoot, archive_path: str,
-                              extract_path: str) -> dict[str, Any]:
-        """Extract beneath ``extract_path``. ``{"extracted", "skipped"}``."""
+                              extract_path: str) -> ArchiveExtracted:
+        """Extract beneath ``extract_path``: counts of members extracted and skipped."""
         archive = normalise(archive_path, field="archivePath")
         dest = normalise(extract_path or "/", field="extractPath")
         limits = archives.ExtractLimits(
@@ -513,12 +521,12 @@ class FileManager:
             max_ratio=self.config.archive_max_ratio,
             max_entries=self.config.archive_max_entries,
         )
-        result = await self._run_quota(
+        extracted, skipped = await self._run_quota(
             root, lambda c, q: archives.extract(c, archive, dest, q, limits))
         self.log.info("server {server_id}: extracted {count} entries of {archive} into {dest}",
-                      server_id=root.server_id, count=result["extracted"],
+                      server_id=root.server_id, count=extracted,
                       archive=display(archive), dest=display(dest))
-        return {"archivePath": display(archive), "extractPath": display(dest), **result}
+        return ArchiveExtracted(display(archive), display(dest), extracted, skipped)
 
     # -- mods ---------------------------------------------------------------
 
@@ -526,8 +534,8 @@ class FileManager:
         return normalise(self.config.mods_dir, field="mods_dir")
 
     @async_to_deferred
-    async def install_mod(self, root: ServerRoot, params: dict) -> dict[str, Any]:
-        """Download or copy a mod into the mods folder and record it. ``{"mod"}``."""
+    async def install_mod(self, root: ServerRoot, params: dict) -> ModInstalled:
+        """Download or copy a mod into the mods folder and record it."""
         if not isinstance(params, dict):
             raise InvalidInput("payload must be an object", field="payload")
         req = mods.parse_install(params)
@@ -571,7 +579,7 @@ class FileManager:
             await self._run(root, save)
         self.log.info("server {server_id}: installed mod {mod_id} ({size} bytes)",
                       server_id=root.server_id, mod_id=req.mod_id, size=size)
-        return {"mod": mods.public(entry)}
+        return ModInstalled(mods.public(entry))
 
     def _report_manifest(self, root: ServerRoot, manifest: mods.Manifest) -> None:
         """One warning per read of a manifest with entries that were ignored."""
@@ -599,8 +607,8 @@ class FileManager:
             await self._in_pool(download.close)
 
     @async_to_deferred
-    async def uninstall_mod(self, root: ServerRoot, mod_id: str) -> dict[str, Any]:
-        """Remove a mod's file and record. ``{"mods", "count"}`` (what remains)."""
+    async def uninstall_mod(self, root: ServerRoot, mod_id: str) -> ModList:
+        """Remove a mod's file and record; the mods that remain."""
         if not isinstance(mod_id, (str, int)) or isinstance(mod_id, bool) or mod_id == "":
             raise InvalidInput("modId is required", field="modId")
         wanted = str(mod_id)
@@ -630,11 +638,11 @@ class FileManager:
         self._report_manifest(root, manifest)
         self.log.info("server {server_id}: uninstalled mod {mod_id}",
                       server_id=root.server_id, mod_id=wanted)
-        return {"mods": [mods.public(m) for m in remaining], "count": len(remaining)}
+        return ModList(tuple(mods.public(m) for m in remaining))
 
     @async_to_deferred
-    async def list_mods(self, root: ServerRoot) -> dict[str, Any]:
-        """``{"mods", "count"}``."""
+    async def list_mods(self, root: ServerRoot) -> ModList:
+        """The mods recorded in the server's manifest."""
         manifest = await self._run(root, mods.read_manifest, self._mods_dir())
         self._report_manifest(root, manifest)
-        return {"mods": [mods.public(m) for m in manifest.mods], "count": len(manifest.mods)}
+        return ModList(tuple(mods.public(m) for m in manifest.mods))

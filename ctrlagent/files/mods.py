@@ -44,6 +44,7 @@ from ctrlagent.files import fsops
 from ctrlagent.files.confined import Confined, os_error
 from ctrlagent.files.paths import Components, normalise, safe_file_name
 from ctrlagent.files.urls import MAX_URL_CHARS, check_url
+from ctrlagent.wire.files import Mod, iso_ms
 
 MANIFEST = ".ctrlagent-mods.json"
 _ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -366,17 +367,19 @@ def record(req: ModRequest, size: int) -> dict[str, Any]:
         "size": size,
         "source": req.url if req.url is not None else "upload",
         "type": req.kind,
-        "installedAt": fsops.iso(datetime.now(UTC).timestamp()),
+        "installedAt": iso_ms(datetime.now(UTC).timestamp()),
     }
 
 
-def public(mod: dict[str, Any]) -> dict[str, Any]:
-    """A (validated) manifest entry in the Panel's ``list_mods`` shape."""
-    out = dict(mod)
-    for key, default in (("name", mod["id"]), ("version", ""), ("description", ""),
-                         ("enabled", True)):
-        out.setdefault(key, default)
-    return out
+def public(mod: dict[str, Any]) -> Mod:
+    """
+    A (validated) manifest entry as the Panel lists it: a missing name is the
+    mod's id, a missing version or description empty, a mod enabled unless
+    recorded otherwise.
+    """
+    return Mod(mod["id"], mod.get("name", mod["id"]), mod.get("version", ""),
+               mod.get("description", ""), mod.get("enabled", True), mod.get("fileName"),
+               mod.get("size"), mod.get("source"), mod.get("type"), mod.get("installedAt"))
 
 
 def copy_into(c: Confined, source: Components, target: Components,

@@ -14,8 +14,7 @@ import json
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -31,11 +30,28 @@ from ctrlagent.errors import (
     PermissionDenied,
 )
 from ctrlagent.interfaces import IFileManager, ServerRoot
+from ctrlagent.wire.files import (
+    ArchiveCreated,
+    ArchiveExtracted,
+    Done,
+    FileBytes,
+    FileEntry,
+    FileInfo,
+    FileListing,
+    FileSearch,
+    FileText,
+    FileWritten,
+    Mod,
+    ModInstalled,
+    ModList,
+    PermissionsSet,
+    Renamed,
+)
 
+T = TypeVar("T")
 
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
-
+# The real manager's default cap on one page of a listing (FilesConfig.max_list_entries).
+LIST_CAP = 100_000
 
 @dataclass
 class _Node:
@@ -48,7 +64,7 @@ class _Node:
 _ARCHIVE_MAGIC = b"FAKEARCHIVE\n"
 
 
-def _deferred(f: Callable[[], Any]) -> Deferred[Any]:
+def _deferred(f: Callable[[], T]) -> Deferred[T]:
     try:
         return succeed(f())
     except Exception as e:
@@ -63,12 +79,13 @@ class FakeFileManager:
     Paths are confined to the root (``..`` past it is ``PERMISSION_DENIED``),
     writes count against ``disk_limit_bytes``, missing paths are
     ``FILE_NOT_FOUND``.  Archives are a fake format that round-trips.
+    Results are the real manager's records (``ctrlagent.wire.files``).
     """
 
     def __init__(self, clock: IReactorTime | None = None) -> None:
         self.clock = clock if clock is not None else Clock()
         self.trees: dict[str, dict[str, _Node]] = {}
-        self.mods: dict[str, dict[str, dict[str, Any]]] = {}
+        self.mods: dict[str, dict[str, Mod]] = {}
 
     # -- internals -----------------------------------------------------------
 
@@ -122,23 +139,17 @@ class FakeFileManager:
         tree[rel] = node
         return node
 
-    def _entry(self, rel: str, node: _Node) -> dict[str, Any]:
-        name = posixpath.basename(rel) or "/"
-        modified = _iso(node.modified)
-        entry: dict[str, Any] = {
-            "name": name,
-            "type": "directory" if node.is_dir else "file",
-            "size": 0 if node.is_dir else len(node.data),
-            "modified": modified,
-            "lastModified": modified,
-            "permissions": "{:03o}".format(node.mode),
-            "owner": "container",
-            "group": "container",
-            "path": "/" + rel,
-        }
-        if not node.is_dir and "." in name:
-            entry["extension"] = name.rsplit(".", 1)[1]
-        return entry
+    def _entry(self, rel: str, node: _Node) -> FileEntry:
+        return FileEntry(
+            posixpath.basename(rel) or "/",
+            "directory" if node.is_dir else "file",
+            0 if node.is_dir else len(node.data),
+            node.modified,
+            node.mode,
+            "container",
+            "container",
+            "/" + rel,
+        )
 
     def _children(self, root: ServerRoot, rel: str) -> list[str]:
         prefix = rel + "/" if rel else ""
@@ -156,28 +167,32 @@ class FakeFileManager:
 
     def list_files(
         self, root: ServerRoot, path: str, limit: int | None = None, offset: int = 0
-    ) -> Deferred[dict[str, Any]]:
+    ) -> Deferred[FileListing]:
         """Directory listing, directories first."""
 
-        def run() -> dict[str, Any]:
+        def run() -> FileListing:
             rel = self._norm(path)
             node = self._node(root, rel)
             if not node.is_dir:
                 raise InvalidInput("{} is not a directory".format("/" + rel), field="path")
             tree = self._tree(root)
             entries = [self._entry(k, tree[k]) for k in self._children(root, rel)]
-            entries.sort(key=lambda e: (e["type"] != "directory", e["name"]))
-            end = None if limit is None else offset + limit
-            return {"serverId": root.server_id, "path": "/" + rel, "files": entries[offset:end]}
+            entries.sort(key=lambda e: (e.kind != "directory", e.name))
+            cap = LIST_CAP if limit is None else min(limit, LIST_CAP)
+            page = tuple(entries[offset : offset + cap])
+            return FileListing(
+                root.server_id, "/" + rel, page, len(entries), offset, cap,
+                offset + cap < len(entries),
+            )
 
         return _deferred(run)
 
     def search_files(
         self, root: ServerRoot, path: str, query: str, file_type: str = "all"
-    ) -> Deferred[dict[str, Any]]:
+    ) -> Deferred[FileSearch]:
         """Names containing ``query`` (case-insensitive) under ``path``."""
 
-        def run() -> dict[str, Any]:
+        def run() -> FileSearch:
             rel = self._norm(path)
             self._node(root, rel)
             tree = self._tree(root)
@@ -190,14 +205,14 @@ class FakeFileManager:
                     continue
                 if needle in posixpath.basename(k).lower():
                     found.append(self._entry(k, node))
-            return {"serverId": root.server_id, "path": "/" + rel, "files": found}
+            return FileSearch(root.server_id, "/" + rel, query, tuple(found), False)
 
         return _deferred(run)
 
-    def read_file(self, root: ServerRoot, path: str) -> Deferred[dict[str, Any]]:
+    def read_file(self, root: ServerRoot, path: str) -> Deferred[FileText]:
         """UTF-8 text of a file."""
 
-        def run() -> dict[str, Any]:
+        def run() -> FileText:
             rel = self._norm(path)
             node = self._node(root, rel)
             if node.is_dir:
@@ -208,30 +223,24 @@ class FakeFileManager:
                 raise InvalidInput(
                     "{} is not UTF-8 text; use download_file".format("/" + rel), field="path"
                 ) from None
-            return {
-                "serverId": root.server_id,
-                "path": "/" + rel,
-                "content": text,
-                "size": len(node.data),
-                "modified": _iso(node.modified),
-                "encoding": "utf8",
-            }
+            return FileText(root.server_id, "/" + rel, text, len(node.data), node.modified)
 
         return _deferred(run)
 
-    def write_file(self, root: ServerRoot, path: str, content: str) -> Deferred[dict[str, Any]]:
+    def write_file(self, root: ServerRoot, path: str, content: str) -> Deferred[FileWritten]:
         """Replace a file's content."""
 
-        def run() -> dict[str, Any]:
-            node = self._put(root, self._norm(path), content.encode("utf-8"))
-            return {"size": len(node.data), "modified": _iso(node.modified)}
+        def run() -> FileWritten:
+            rel = self._norm(path)
+            node = self._put(root, rel, content.encode("utf-8"))
+            return FileWritten("/" + rel, len(node.data), node.modified)
 
         return _deferred(run)
 
-    def create_directory(self, root: ServerRoot, path: str) -> Deferred[dict[str, Any]]:
+    def create_directory(self, root: ServerRoot, path: str) -> Deferred[Done]:
         """``mkdir -p``; a file in the way is a conflict."""
 
-        def run() -> dict[str, Any]:
+        def run() -> Done:
             rel = self._norm(path)
             tree = self._tree(root)
             parts = rel.split("/") if rel else []
@@ -242,14 +251,14 @@ class FakeFileManager:
                     tree[sub] = _Node(True, mode=0o755, modified=self.clock.seconds())
                 elif not node.is_dir:
                     raise Conflict("{} is a file".format("/" + sub))
-            return {"path": "/" + rel}
+            return Done("/" + rel)
 
         return _deferred(run)
 
-    def delete_file(self, root: ServerRoot, path: str) -> Deferred[dict[str, Any]]:
+    def delete_file(self, root: ServerRoot, path: str) -> Deferred[Done]:
         """Remove a file or a whole directory; never the root itself."""
 
-        def run() -> dict[str, Any]:
+        def run() -> Done:
             rel = self._norm(path)
             if rel == "":
                 raise PermissionDenied("refusing to delete the server directory itself")
@@ -259,16 +268,16 @@ class FakeFileManager:
                 for k in self._descendants(root, rel):
                     del tree[k]
             del tree[rel]
-            return {"message": "{} deleted".format("/" + rel)}
+            return Done("/" + rel, "deleted {}".format("/" + rel))
 
         return _deferred(run)
 
     def rename_file(
         self, root: ServerRoot, old_path: str, new_path: str
-    ) -> Deferred[dict[str, Any]]:
+    ) -> Deferred[Renamed]:
         """Move a file or directory; the target must not exist."""
 
-        def run() -> dict[str, Any]:
+        def run() -> Renamed:
             old, new = self._norm(old_path), self._norm(new_path)
             if old == "" or new == "":
                 raise PermissionDenied("cannot rename the server directory itself")
@@ -284,26 +293,25 @@ class FakeFileManager:
             moves = [(k, new + k[len(old) :]) for k in [old, *self._descendants(root, old)]]
             for src, dst in moves:
                 tree[dst] = tree.pop(src)
-            return {"oldPath": "/" + old, "newPath": "/" + new}
+            return Renamed("/" + old, "/" + new)
 
         return _deferred(run)
 
-    def download_file(self, root: ServerRoot, path: str) -> Deferred[dict[str, Any]]:
+    def download_file(self, root: ServerRoot, path: str) -> Deferred[FileBytes]:
         """A file's bytes as base64."""
 
-        def run() -> dict[str, Any]:
+        def run() -> FileBytes:
             rel = self._norm(path)
             node = self._node(root, rel)
             if node.is_dir:
                 raise InvalidInput("{} is a directory".format("/" + rel), field="path")
-            return {
-                "serverId": root.server_id,
-                "path": "/" + rel,
-                "content": base64.b64encode(node.data).decode("ascii"),
-                "encoding": "base64",
-                "size": len(node.data),
-                "modified": _iso(node.modified),
-            }
+            return FileBytes(
+                root.server_id,
+                "/" + rel,
+                base64.b64encode(node.data).decode("ascii"),
+                len(node.data),
+                node.modified,
+            )
 
         return _deferred(run)
 
@@ -315,14 +323,14 @@ class FakeFileManager:
         encoding: str = "base64",
         chunk_index: int | None = None,
         total_chunks: int | None = None,
-    ) -> Deferred[dict[str, Any]]:
+    ) -> Deferred[FileWritten]:
         """
         Store decoded content.  Chunks (``<path>.chunk<N>`` or ``chunk_index``)
         are stored as separate files, as the real manager keeps them until
         they are assembled.
         """
 
-        def run() -> dict[str, Any]:
+        def run() -> FileWritten:
             nonlocal path
             if chunk_index is not None:
                 if total_chunks is not None and chunk_index >= total_chunks:
@@ -335,44 +343,43 @@ class FakeFileManager:
                     raise InvalidInput("content is not valid base64", field="content") from None
             else:
                 data = content.encode("utf-8")
-            node = self._put(root, self._norm(path), data)
-            return {"size": len(node.data), "modified": _iso(node.modified)}
+            rel = self._norm(path)
+            node = self._put(root, rel, data)
+            return FileWritten("/" + rel, len(node.data), node.modified)
 
         return _deferred(run)
 
-    def get_file_info(self, root: ServerRoot, path: str) -> Deferred[dict[str, Any]]:
+    def get_file_info(self, root: ServerRoot, path: str) -> Deferred[FileInfo]:
         """One entry plus its octal ``mode``."""
 
-        def run() -> dict[str, Any]:
+        def run() -> FileInfo:
             rel = self._norm(path)
-            node = self._node(root, rel)
-            entry = self._entry(rel, node)
-            entry["mode"] = "{:04o}".format(node.mode)
-            return entry
+            return FileInfo(self._entry(rel, self._node(root, rel)))
 
         return _deferred(run)
 
     def set_file_permissions(
         self, root: ServerRoot, path: str, mode: str
-    ) -> Deferred[dict[str, Any]]:
+    ) -> Deferred[PermissionsSet]:
         """chmod, refusing setuid/setgid bits."""
 
-        def run() -> dict[str, Any]:
+        def run() -> PermissionsSet:
             value = int(mode, 8)
             if value & 0o6000:
                 raise PermissionDenied("setuid/setgid bits are not allowed")
-            node = self._node(root, self._norm(path))
+            rel = self._norm(path)
+            node = self._node(root, rel)
             node.mode = value
-            return {}
+            return PermissionsSet("/" + rel, value)
 
         return _deferred(run)
 
     def create_archive(
         self, root: ServerRoot, files: list, archive_path: str, fmt: str
-    ) -> Deferred[dict[str, Any]]:
+    ) -> Deferred[ArchiveCreated]:
         """Pack files (directories recursively) into the fake archive format."""
 
-        def run() -> dict[str, Any]:
+        def run() -> ArchiveCreated:
             tree = self._tree(root)
             members: dict[str, str] = {}
             for item in files:
@@ -383,16 +390,16 @@ class FakeFileManager:
                         members[k] = base64.b64encode(tree[k].data).decode("ascii")
             blob = _ARCHIVE_MAGIC + json.dumps({"format": fmt, "members": members}).encode()
             node = self._put(root, self._norm(archive_path), blob)
-            return {"archivePath": "/" + self._norm(archive_path), "size": len(node.data)}
+            return ArchiveCreated("/" + self._norm(archive_path), len(node.data), len(members))
 
         return _deferred(run)
 
     def extract_archive(
         self, root: ServerRoot, archive_path: str, extract_path: str
-    ) -> Deferred[dict[str, Any]]:
+    ) -> Deferred[ArchiveExtracted]:
         """Unpack a fake archive below ``extract_path``."""
 
-        def run() -> dict[str, Any]:
+        def run() -> ArchiveExtracted:
             node = self._node(root, self._norm(archive_path))
             if not node.data.startswith(_ARCHIVE_MAGIC):
                 raise InvalidInput("not an archive", field="archivePath")
@@ -406,14 +413,14 @@ class FakeFileManager:
                     self.create_directory(root, parent)
                 self._put(root, rel, base64.b64decode(b64))
                 count += 1
-            return {"extracted": count}
+            return ArchiveExtracted("/" + self._norm(archive_path), "/" + base, count, 0)
 
         return _deferred(run)
 
-    def install_mod(self, root: ServerRoot, params: dict) -> Deferred[dict[str, Any]]:
+    def install_mod(self, root: ServerRoot, params: dict) -> Deferred[ModInstalled]:
         """Record a mod; a second install of the same id is a conflict."""
 
-        def run() -> dict[str, Any]:
+        def run() -> ModInstalled:
             mod_id = str(
                 params.get("workshopId") or params.get("modId") or params.get("downloadUrl") or ""
             )
@@ -422,35 +429,33 @@ class FakeFileManager:
             mods = self.mods.setdefault(root.path, {})
             if mod_id in mods:
                 raise Conflict("mod {} is already installed".format(mod_id))
-            mod = {
-                "id": mod_id,
-                "name": params.get("name") or mod_id,
-                "version": params.get("version") or "latest",
-                "description": params.get("description") or "",
-                "enabled": True,
-            }
+            mod = Mod(
+                mod_id,
+                params.get("name") or mod_id,
+                params.get("version") or "latest",
+                params.get("description") or "",
+            )
             mods[mod_id] = mod
-            return {"mod": dict(mod)}
+            return ModInstalled(mod)
 
         return _deferred(run)
 
-    def uninstall_mod(self, root: ServerRoot, mod_id: str) -> Deferred[dict[str, Any]]:
-        """Forget a mod; unknown ids are NOT_FOUND."""
+    def uninstall_mod(self, root: ServerRoot, mod_id: str) -> Deferred[ModList]:
+        """Forget a mod; unknown ids are NOT_FOUND.  The mods left."""
 
-        def run() -> dict[str, Any]:
+        def run() -> ModList:
             mods = self.mods.setdefault(root.path, {})
             if mod_id not in mods:
                 raise NotFound("mod {} is not installed".format(mod_id))
             del mods[mod_id]
-            return {}
+            return ModList(tuple(mods.values()))
 
         return _deferred(run)
 
-    def list_mods(self, root: ServerRoot) -> Deferred[dict[str, Any]]:
+    def list_mods(self, root: ServerRoot) -> Deferred[ModList]:
         """Installed mods."""
 
-        def run() -> dict[str, Any]:
-            mods = [dict(m) for m in self.mods.get(root.path, {}).values()]
-            return {"mods": mods, "count": len(mods)}
+        def run() -> ModList:
+            return ModList(tuple(self.mods.get(root.path, {}).values()))
 
         return _deferred(run)

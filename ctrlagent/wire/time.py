@@ -11,35 +11,43 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-# datetime cannot represent years beyond 9999; clamp rather than raise on odd clocks.
-MAX_EPOCH = 253402300799.0
+# The four-digit years of ISO 8601 that every parser reads (0001-01-01T00:00:00Z
+# to 9999-12-31T23:59:59Z).  A time outside them (a game server's file times,
+# an odd clock) is shown at the bound, never turned into an error.
+MIN_EPOCH = -62_135_596_800.0
+MAX_EPOCH = 253_402_300_799.0
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=65536)
 def _iso_second(whole: int) -> str:
-    """``YYYY-MM-DDTHH:MM:SS`` (UTC) of a whole epoch second; cached, as frames share seconds."""
-    return datetime.fromtimestamp(whole, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    """``YYYY-MM-DDTHH:MM:SS`` (UTC) of a whole epoch second; cached (frames, files share one)."""
+    return "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}".format(*time.gmtime(whole)[:6])
 
 
 def iso_ms(seconds: float) -> str:
     """
-    ``seconds`` since the epoch as ISO 8601 UTC with milliseconds and a ``Z``.
+    ``seconds`` since the epoch as ISO 8601 UTC with milliseconds and a ``Z``
+    (JavaScript's ``toISOString``).
 
-    Never raises: a value that is not a finite number stamps the epoch, and
-    times before the epoch or past the year 9999 are clamped.
+    Never raises: times before the year 0001 or past 9999 (infinities too) are
+    held at the bound, and NaN is the first of them.
     """
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+    if not isinstance(seconds, (int, float)):
         seconds = 0.0
-    seconds = min(max(float(seconds), 0.0), MAX_EPOCH)
+    if not MIN_EPOCH <= seconds < MAX_EPOCH + 1:  # NaN included
+        return "9999-12-31T23:59:59.999Z" if seconds > 0 else "0001-01-01T00:00:00.000Z"
     # As datetime does it: round to the microsecond, then cut to milliseconds
     # (every console frame is stamped, so this avoids a datetime per frame).
-    frac, whole = math.modf(seconds)
-    micros = round(frac * 1e6)
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1e6)
     if micros >= 1_000_000:
         whole, micros = whole + 1, micros - 1_000_000
+    if whole > MAX_EPOCH:
+        return "9999-12-31T23:59:59.999Z"
     return "{}.{:03d}Z".format(_iso_second(int(whole)), micros // 1000)
 
 
@@ -88,4 +96,4 @@ def parse_timestamp(value: Any) -> float | None:
     return None
 
 
-__all__ = ["MAX_EPOCH", "iso_ms", "iso_ms_or_none", "parse_timestamp"]
+__all__ = ["MAX_EPOCH", "MIN_EPOCH", "iso_ms", "iso_ms_or_none", "parse_timestamp"]

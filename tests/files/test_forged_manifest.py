@@ -26,6 +26,7 @@ import pytest_twisted
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.files.manager import FileManager
 from ctrlagent.files.mods import MANIFEST, MAX_MANIFEST_BYTES, MAX_MODS
+from ctrlagent.wire.json import to_json
 from tests.files.conftest import Tree, snapshot
 
 VICTIM = "victim"
@@ -187,10 +188,11 @@ def _forge(tree: Tree, neighbour: Path, case: str) -> None:
 
 async def _act(fm: FileManager, tree: Tree, action: str) -> Any:
     if action == "install_mod":
-        return await fm.install_mod(tree.root, {"modId": VICTIM, "path": "uploads/new.jar"})
+        return to_json(await fm.install_mod(tree.root,
+                                            {"modId": VICTIM, "path": "uploads/new.jar"}))
     if action == "uninstall_mod":
-        return await fm.uninstall_mod(tree.root, VICTIM)
-    return await fm.list_mods(tree.root)
+        return to_json(await fm.uninstall_mod(tree.root, VICTIM))
+    return to_json(await fm.list_mods(tree.root))
 
 
 def _protected(tree: Tree, neighbour: Path) -> dict[str, Any]:
@@ -227,7 +229,7 @@ async def test_a_forged_manifest_never_reaches_outside_the_mods_folder(
         return
     # An install replaces the forged entry: the manifest holds what we wrote.
     assert (mods / "new.jar").read_text() == "the new mod\n"
-    listed = await fm.list_mods(tree.root)
+    listed = to_json(await fm.list_mods(tree.root))
     assert VICTIM in [m["id"] for m in listed["mods"]]
     assert all(m["fileName"] in ("good.jar", "config.jar", "new.jar")
                for m in listed["mods"] if "fileName" in m)
@@ -241,7 +243,7 @@ async def test_ignored_entries_are_reported_in_one_warning(
     _forge(tree, neighbour, "duplicate ids")
     (tree.root_path / "mods" / MANIFEST).write_bytes(_manifest(
         _entry("good.jar"), _entry("../../outside/secret.txt", "b"), _entry(7, "c")))
-    listed = await fm.list_mods(tree.root)
+    listed = to_json(await fm.list_mods(tree.root))
     assert [m["id"] for m in listed["mods"]] == [VICTIM]
     reports = [w for w in warnings if "mods manifest" in w.get("log_format", "")]
     assert len(reports) == 1 and reports[0]["count"] == 2
@@ -256,7 +258,7 @@ async def test_a_valid_manifest_entry_still_installs_and_uninstalls(
     # Same id, another file: the old file goes, inside the mods folder.
     await fm.install_mod(tree.root, {"modId": VICTIM, "path": "uploads/new.jar"})
     assert not (tree.root_path / "mods" / "good.jar").exists()
-    left = await fm.uninstall_mod(tree.root, VICTIM)
+    left = to_json(await fm.uninstall_mod(tree.root, VICTIM))
     assert left["count"] == 0
     assert not (tree.root_path / "mods" / "new.jar").exists()
     assert (tree.root_path / "mods" / "config.jar").exists()

@@ -8,8 +8,11 @@ the server only has to own a data directory).
 from __future__ import annotations
 
 import base64
+import grp
 import json
 import os
+import pwd
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,3 +186,128 @@ async def test_mods_over_http(agent: HttpAgent) -> None:
     left = await agent.ok("uninstall_mod", modId="42")
     assert left["count"] == 0 and left["mods"] == []
     assert not (agent.data_dir / "mods" / "cool-mod.jar").exists()
+
+
+# One instant with an exact binary fraction, so its millisecond form is certain.
+STAMP = 1_700_000_000.25
+STAMP_ISO = "2023-11-14T22:13:20.250Z"
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def _owner(path: Path) -> tuple[str, str]:
+    st = os.stat(path)
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return user, group
+
+
+def _same_bytes(data: Any, expected: Any) -> None:
+    """``data`` is ``expected`` down to the order of its keys (the JSON text the Panel gets)."""
+    assert json.dumps(data) == json.dumps(expected)
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_answers_are_the_panels_shapes_to_the_byte(agent: HttpAgent) -> None:
+    a = agent
+    _same_bytes(await a.ok("create_directory", path="/config"), {"path": "/config"})
+    written = await a.ok("write_file", path="/config/server.properties", content="motd=hi\n")
+    assert list(written) == ["path", "size", "modified"] and ISO_MS.match(written["modified"])
+    _same_bytes({**written, "modified": None},
+                {"path": "/config/server.properties", "size": 8, "modified": None})
+    props = a.data_dir / "config" / "server.properties"
+    for p in (props, a.data_dir / "config"):
+        os.utime(p, (STAMP, STAMP))
+    os.chmod(props, 0o640)
+    user, group = _owner(props)
+    entry = {"name": "server.properties", "type": "file", "size": 8, "modified": STAMP_ISO,
+             "lastModified": STAMP_ISO, "permissions": "640", "owner": user, "group": group,
+             "path": "/config/server.properties", "extension": "properties"}
+    server_id = (await a.ok("read_file", path="/config/server.properties"))["serverId"]
+    assert server_id in (UUID, PANEL_ID)
+
+    _same_bytes(await a.ok("read_file", path="/config/server.properties"),
+                {"serverId": server_id, "path": "/config/server.properties",
+                 "content": "motd=hi\n", "size": 8, "modified": STAMP_ISO, "encoding": "utf8"})
+    _same_bytes(await a.ok("download_file", path="/config/server.properties"),
+                {"serverId": server_id, "path": "/config/server.properties",
+                 "content": base64.b64encode(b"motd=hi\n").decode(), "encoding": "base64",
+                 "size": 8, "modified": STAMP_ISO})
+    _same_bytes(await a.ok("list_files", path="/config"),
+                {"serverId": server_id, "path": "/config", "files": [entry], "total": 1,
+                 "offset": 0, "limit": 100_000, "truncated": False})
+    user_dir, group_dir = _owner(a.data_dir / "config")
+    mode_dir = "{:03o}".format(os.stat(a.data_dir / "config").st_mode & 0o777)
+    _same_bytes(await a.ok("list_files", path="/", limit=1),
+                {"serverId": server_id, "path": "/",
+                 "files": [{"name": "config", "type": "directory", "size": 0,
+                            "modified": STAMP_ISO, "lastModified": STAMP_ISO,
+                            "permissions": mode_dir, "owner": user_dir, "group": group_dir,
+                            "path": "/config"}],
+                 "total": 1, "offset": 0, "limit": 1, "truncated": False})
+    _same_bytes(await a.ok("search_files", path="/", query="PROPS", fileType="all"),
+                {"serverId": server_id, "path": "/", "query": "PROPS", "files": [],
+                 "truncated": False})
+    _same_bytes(await a.ok("search_files", path="/", query="server"),
+                {"serverId": server_id, "path": "/", "query": "server", "files": [entry],
+                 "truncated": False})
+    _same_bytes(await a.ok("get_file_info", path="config/server.properties"),
+                {**entry, "mode": "0640"})
+    _same_bytes(await a.ok("set_file_permissions", path="/config/server.properties", mode="600"),
+                {"path": "/config/server.properties", "mode": "0600"})
+
+    # Uploads: plain, chunks (one of them completing the file), and an assembly by empty upload.
+    up = await a.ok("upload_file", path="/u.bin", content=base64.b64encode(b"abc").decode())
+    assert list(up) == ["path", "size", "modified"] and (up["path"], up["size"]) == ("/u.bin", 3)
+    _same_bytes(await a.ok("upload_file", path="/c.bin", content="YQ==", chunkIndex=0,
+                           totalChunks=2),
+                {"path": "/c.bin.chunk0", "size": 1, "chunk": 0, "assembled": False})
+    _same_bytes(await a.ok("upload_file", path="/c.bin.chunk1", content="Yg==", totalChunks=2),
+                {"path": "/c.bin.chunk1", "size": 1, "chunk": 1, "assembled": True,
+                 "target": "/c.bin", "targetSize": 2})
+    await a.ok("upload_file", path="/e.bin.chunk0", content="YQ==")
+    joined = await a.ok("upload_file", path="/e.bin", content="")
+    assert list(joined) == ["path", "size", "modified", "assembled", "chunks"]
+    _same_bytes({**joined, "modified": None},
+                {"path": "/e.bin", "size": 1, "modified": None, "assembled": True, "chunks": 1})
+
+    _same_bytes(await a.ok("rename_file", oldPath="/config/server.properties",
+                           newPath="config/old.props"),
+                {"oldPath": "/config/server.properties", "newPath": "/config/old.props"})
+    _same_bytes(await a.ok("create_archive", files=["/config"], archivePath="/b.zip",
+                           format="zip"),
+                {"archivePath": "/b.zip", "size": os.path.getsize(a.data_dir / "b.zip"),
+                 "files": 1})
+    _same_bytes(await a.ok("extract_archive", archivePath="b.zip", extractPath="/restore"),
+                {"archivePath": "/b.zip", "extractPath": "/restore", "extracted": 1,
+                 "skipped": 0})
+    _same_bytes(await a.ok("delete_file", path="restore"),
+                {"message": "deleted /restore", "path": "/restore"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_mod_answers_are_the_panels_shapes_to_the_byte(agent: HttpAgent) -> None:
+    installed = (await agent.ok("install_mod", type="steam_workshop", workshopId="42",
+                                name="Cool Mod", downloadUrl=agent.mod_url + "/cool-mod.jar"))
+    at = installed["mod"]["installedAt"]
+    assert ISO_MS.match(at)
+    source = agent.mod_url + "/cool-mod.jar"
+    _same_bytes(installed, {"mod": {"id": "42", "name": "Cool Mod", "version": "",
+                                    "description": "", "enabled": True,
+                                    "fileName": "cool-mod.jar", "size": len(MOD),
+                                    "source": source, "type": "steam_workshop",
+                                    "installedAt": at}})
+    listed = {"id": "42", "fileName": "cool-mod.jar", "name": "Cool Mod", "version": "",
+              "description": "", "source": source, "type": "steam_workshop", "installedAt": at,
+              "enabled": True, "size": len(MOD)}
+    _same_bytes(await agent.ok("list_mods"), {"mods": [listed], "count": 1})
+    (agent.data_dir / "up.jar").write_bytes(b"jar")
+    await agent.ok("install_mod", modId="7", path="/up.jar")
+    left = await agent.ok("uninstall_mod", modId="7")
+    _same_bytes(left, {"mods": [listed], "count": 1})
+    _same_bytes(await agent.ok("uninstall_mod", modId="42"), {"mods": [], "count": 0})

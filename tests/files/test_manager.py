@@ -22,6 +22,7 @@ from ctrlagent.errors import (
 )
 from ctrlagent.files.manager import FileManager
 from ctrlagent.interfaces import IFileManager, ServerRoot
+from ctrlagent.wire.json import to_json
 from tests.files.conftest import SERVER_GID, SERVER_UID, Tree, make_manager
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -43,7 +44,7 @@ def test_provides_the_interface() -> None:
 async def test_list_files_shape_and_order(tree: Tree, fm: FileManager) -> None:
     (tree.root_path / "B.txt").write_text("bb")
     (tree.root_path / "adir").mkdir()
-    data = await fm.list_files(tree.root, "/")
+    data = to_json(await fm.list_files(tree.root, "/"))
     assert data["serverId"] == "srv1"
     assert data["path"] == "/"
     files = data["files"]
@@ -57,7 +58,7 @@ async def test_list_files_shape_and_order(tree: Tree, fm: FileManager) -> None:
     assert b["extension"] == "txt" and re.match(r"^[0-7]{3}$", b["permissions"])
     assert ISO.match(b["modified"]) and b["modified"] == b["lastModified"]
     assert by_name["adir"]["type"] == "directory" and "extension" not in by_name["adir"]
-    assert (await fm.list_files(tree.root, "sub"))["files"][0]["path"] == "/sub/inner.txt"
+    assert to_json(await fm.list_files(tree.root, "sub"))["files"][0]["path"] == "/sub/inner.txt"
 
 
 @pytest_twisted.ensureDeferred
@@ -68,10 +69,10 @@ async def test_list_files_pages_with_limit_and_offset(tree: Tree, fm: FileManage
         (d / "f{:02d}".format(i)).write_text("x")
     for i in range(3):
         (d / "z{}".format(i)).mkdir()
-    first = await fm.list_files(tree.root, "many", limit=5)
+    first = to_json(await fm.list_files(tree.root, "many", limit=5))
     assert [f["name"] for f in first["files"]] == ["z0", "z1", "z2", "f00", "f01"]
     assert first["total"] == 33 and first["truncated"] is True
-    rest = await fm.list_files(tree.root, "many", limit=100, offset=5)
+    rest = to_json(await fm.list_files(tree.root, "many", limit=100, offset=5))
     assert len(rest["files"]) == 28 and rest["truncated"] is False
     with pytest.raises(InvalidInput):
         await fm.list_files(tree.root, "many", limit=-1)
@@ -83,9 +84,9 @@ async def test_list_files_pages_with_limit_and_offset(tree: Tree, fm: FileManage
 async def test_search_files(tree: Tree, fm: FileManager) -> None:
     (tree.root_path / "sub" / "deep").mkdir()
     (tree.root_path / "sub" / "deep" / "Server.properties").write_text("x")
-    found = await fm.search_files(tree.root, "/", "server")
+    found = to_json(await fm.search_files(tree.root, "/", "server"))
     assert [f["path"] for f in found["files"]] == ["/sub/deep/Server.properties"]
-    dirs = await fm.search_files(tree.root, "/", "e", "directory")
+    dirs = to_json(await fm.search_files(tree.root, "/", "e", "directory"))
     assert {f["name"] for f in dirs["files"]} == {"deep"}
     with pytest.raises(InvalidInput):
         await fm.search_files(tree.root, "/", "")
@@ -96,9 +97,9 @@ async def test_search_files(tree: Tree, fm: FileManager) -> None:
 @pytest_twisted.ensureDeferred
 async def test_write_then_read_round_trip(tree: Tree, fm: FileManager) -> None:
     text = "motd=Hällo wörld ☃\n" * 100
-    written = await fm.write_file(tree.root, "/cfg/server.properties", text)
+    written = to_json(await fm.write_file(tree.root, "/cfg/server.properties", text))
     assert written["size"] == len(text.encode()) and ISO.match(written["modified"])
-    data = await fm.read_file(tree.root, "cfg/server.properties")
+    data = to_json(await fm.read_file(tree.root, "cfg/server.properties"))
     assert data == {"serverId": "srv1", "path": "/cfg/server.properties", "content": text,
                     "size": len(text.encode()), "modified": data["modified"], "encoding": "utf8"}
     st = os.stat(tree.root_path / "cfg" / "server.properties")
@@ -139,7 +140,7 @@ async def test_read_refusals(tree: Tree) -> None:
     with pytest.raises(FileNotFound):
         await fm.read_file(tree.root, "missing.txt")
     (tree.root_path / "latin1.txt").write_bytes(b"caf\xe9")
-    data = await fm.read_file(tree.root, "latin1.txt")
+    data = to_json(await fm.read_file(tree.root, "latin1.txt"))
     assert data["lossy"] is True and data["content"] == "caf\ufffd"
 
 
@@ -161,7 +162,7 @@ async def test_delete_file_and_tree(tree: Tree, fm: FileManager) -> None:
     (tree.root_path / "sub" / "d" / "e" / "f").write_text("x")
     os.symlink(str(tree.outside), tree.root_path / "sub" / "d" / "out")
     before = tree.outside_state()
-    result = await fm.delete_file(tree.root, "sub")
+    result = to_json(await fm.delete_file(tree.root, "sub"))
     assert "message" in result
     assert not (tree.root_path / "sub").exists()
     assert tree.outside_state() == before
@@ -190,10 +191,10 @@ async def test_rename_file(tree: Tree, fm: FileManager) -> None:
 @pytest_twisted.ensureDeferred
 async def test_binary_upload_download_round_trip(tree: Tree, fm: FileManager) -> None:
     blob = bytes(range(256)) * 1000 + os.urandom(4096)
-    result = await fm.upload_file(tree.root, "world/region.mca",
-                                  base64.b64encode(blob).decode())
+    result = to_json(await fm.upload_file(tree.root, "world/region.mca",
+                                          base64.b64encode(blob).decode()))
     assert result["size"] == len(blob)
-    down = await fm.download_file(tree.root, "/world/region.mca")
+    down = to_json(await fm.download_file(tree.root, "/world/region.mca"))
     assert down["encoding"] == "base64" and down["size"] == len(blob)
     assert base64.b64decode(down["content"]) == blob
     assert set(down) >= {"serverId", "path", "content", "encoding", "size", "modified"}
@@ -211,12 +212,12 @@ async def test_chunked_upload_assembled_by_empty_final_upload(tree: Tree, fm: Fi
     parts = [blob[i:i + 65536] for i in range(0, len(blob), 65536)]
     # Out of order on purpose: the index decides the position.
     for i in reversed(range(len(parts))):
-        r = await fm.upload_file(tree.root, "mods/pack.zip.chunk{}".format(i),
-                                 base64.b64encode(parts[i]).decode())
+        r = to_json(await fm.upload_file(tree.root, "mods/pack.zip.chunk{}".format(i),
+                                         base64.b64encode(parts[i]).decode()))
         assert r["assembled"] is False and r["chunk"] == i
-    done = await fm.upload_file(tree.root, "mods/pack.zip", "")
+    done = to_json(await fm.upload_file(tree.root, "mods/pack.zip", ""))
     assert done["assembled"] is True and done["size"] == len(blob)
-    down = await fm.download_file(tree.root, "mods/pack.zip")
+    down = to_json(await fm.download_file(tree.root, "mods/pack.zip"))
     assert base64.b64decode(down["content"]) == blob
     assert sorted(os.listdir(tree.root_path / "mods")) == ["pack.zip"]
 
@@ -226,8 +227,8 @@ async def test_chunked_upload_assembled_when_total_known(tree: Tree, fm: FileMan
     blob = os.urandom(10_000)
     parts = [blob[:4000], blob[4000:8000], blob[8000:]]
     for i, part in enumerate(parts):
-        r = await fm.upload_file(tree.root, "w.bin", base64.b64encode(part).decode(),
-                                 chunk_index=i, total_chunks=3)
+        r = to_json(await fm.upload_file(tree.root, "w.bin", base64.b64encode(part).decode(),
+                                         chunk_index=i, total_chunks=3))
     assert r["assembled"] is True and r["targetSize"] == len(blob)
     assert (tree.root_path / "w.bin").read_bytes() == blob
     assert os.listdir(tree.root_path).count("w.bin.chunk0") == 0
@@ -254,7 +255,7 @@ async def test_chunk_files_planted_with_odd_names_are_not_assembled(
     (tree.root_path / "p.bin.chunk2").mkdir()
     (tree.root_path / "p.bin.chunk2" / "keep.txt").write_text("keep\n")
     os.mkfifo(tree.root_path / "p.bin.chunk3")
-    done = await fm.upload_file(tree.root, "p.bin", "")
+    done = to_json(await fm.upload_file(tree.root, "p.bin", ""))
     assert done["assembled"] is True and done["chunks"] == 2
     assert (tree.root_path / "p.bin").read_bytes() == b"ab"
     assert (tree.root_path / "p.bin.chunk01").read_bytes() == b"planted"
@@ -264,13 +265,13 @@ async def test_chunk_files_planted_with_odd_names_are_not_assembled(
 @pytest_twisted.ensureDeferred
 async def test_get_file_info(tree: Tree, fm: FileManager) -> None:
     os.chmod(tree.root_path / "config.txt", 0o640)
-    info = await fm.get_file_info(tree.root, "config.txt")
+    info = to_json(await fm.get_file_info(tree.root, "config.txt"))
     assert info["name"] == "config.txt" and info["type"] == "file" and info["size"] == 6
     assert info["permissions"] == "640" and info["mode"] == "0640"
     assert set(info) >= {"name", "path", "type", "size", "modified", "permissions", "mode",
                          "owner", "group"}
-    assert (await fm.get_file_info(tree.root, "sub"))["type"] == "directory"
-    link = await fm.get_file_info(tree.root, "link_passwd")
+    assert to_json(await fm.get_file_info(tree.root, "sub"))["type"] == "directory"
+    link = to_json(await fm.get_file_info(tree.root, "link_passwd"))
     assert link["symlink"] is True and link["broken"] is True
 
 
@@ -292,11 +293,11 @@ async def test_archive_round_trip(tree: Tree, fm: FileManager, fmt: str) -> None
     (tree.root_path / "world" / "region" / "r.0.0.mca").write_bytes(blob)
     (tree.root_path / "world" / "level.dat").write_text("level")
     os.chmod(tree.root_path / "world" / "level.dat", 0o755)
-    made = await fm.create_archive(tree.root, ["world", "config.txt", "link_passwd"],
-                                   "backups/b." + fmt, fmt)
+    made = to_json(await fm.create_archive(tree.root, ["world", "config.txt", "link_passwd"],
+                                           "backups/b." + fmt, fmt))
     assert made["archivePath"] == "/backups/b." + fmt and made["size"] > 0
     assert made["size"] == os.path.getsize(tree.root_path / "backups" / ("b." + fmt))
-    out = await fm.extract_archive(tree.root, "backups/b." + fmt, "restore")
+    out = to_json(await fm.extract_archive(tree.root, "backups/b." + fmt, "restore"))
     assert out["extracted"] == 3
     r = tree.root_path / "restore"
     assert (r / "world" / "region" / "r.0.0.mca").read_bytes() == blob
@@ -317,10 +318,10 @@ async def test_archive_written_inside_the_archived_directory_does_not_swallow_it
     # never reach the end of it.
     (tree.root_path / "world").mkdir()
     (tree.root_path / "world" / "noise.bin").write_bytes(os.urandom(1_000_000))
-    made = await fm.create_archive(tree.root, ["world"], "world/backup." + fmt, fmt)
+    made = to_json(await fm.create_archive(tree.root, ["world"], "world/backup." + fmt, fmt))
     assert made["files"] == 1
     assert made["size"] < 1_200_000
-    restored = await fm.extract_archive(tree.root, "world/backup." + fmt, "restore")
+    restored = to_json(await fm.extract_archive(tree.root, "world/backup." + fmt, "restore"))
     assert restored["extracted"] == 1
 
 
@@ -405,7 +406,7 @@ async def test_extract_bz2_and_xz(tree: Tree, fm: FileManager, mode: str) -> Non
         info.size = 3
         tf.addfile(info, io.BytesIO(b"jar"))
     (tree.root_path / "a.tar.x").write_bytes(buf.getvalue())
-    result = await fm.extract_archive(tree.root, "a.tar.x", "/")
+    result = to_json(await fm.extract_archive(tree.root, "a.tar.x", "/"))
     assert result["extracted"] == 1
     assert (tree.root_path / "plugins" / "p.jar").read_bytes() == b"jar"
 
@@ -413,7 +414,7 @@ async def test_extract_bz2_and_xz(tree: Tree, fm: FileManager, mode: str) -> Non
 @pytest_twisted.ensureDeferred
 async def test_listing_hides_in_flight_temp_files(tree: Tree, fm: FileManager) -> None:
     (tree.root_path / ".ctrlagent-tmp-0123").write_text("partial")
-    names = [f["name"] for f in (await fm.list_files(tree.root, "/"))["files"]]
+    names = [f["name"] for f in to_json(await fm.list_files(tree.root, "/"))["files"]]
     assert ".ctrlagent-tmp-0123" not in names and "config.txt" in names
 
 
@@ -424,9 +425,9 @@ async def test_search_stops_after_scanning_its_bound(tree: Tree) -> None:
     d.mkdir()
     for i in range(100):
         (d / "match{:03d}".format(i)).write_text("")
-    found = await fm.search_files(tree.root, "lots", "match")
+    found = to_json(await fm.search_files(tree.root, "lots", "match"))
     assert found["truncated"] is True and len(found["files"]) == 0
-    everything = await make_manager().search_files(tree.root, "lots", "match")
+    everything = to_json(await make_manager().search_files(tree.root, "lots", "match"))
     assert everything["truncated"] is False and len(everything["files"]) == 100
 
 
@@ -439,7 +440,7 @@ async def test_missing_server_directory_is_created_but_not_its_parents(
         await fm.list_files(fresh, "/")
     assert not (tmp_path / "servers").exists()
     (tmp_path / "servers").mkdir()
-    assert (await fm.list_files(fresh, "/"))["files"] == []
+    assert to_json(await fm.list_files(fresh, "/"))["files"] == []
     st = os.stat(tmp_path / "servers" / "srv2")
     assert stat.S_IMODE(st.st_mode) == 0o755 and st.st_uid == SERVER_UID
 
@@ -449,7 +450,7 @@ async def test_listing_never_opens_entries(tree: Tree, fm: FileManager) -> None:
     # Opening a FIFO for reading would block until a writer came: a listing
     # that guessed types by opening files would hang here.
     os.mkfifo(tree.root_path / "sub" / "console.pipe")
-    files = (await fm.list_files(tree.root, "sub"))["files"]
+    files = to_json(await fm.list_files(tree.root, "sub"))["files"]
     assert {f["name"]: f["type"] for f in files} == {"console.pipe": "file", "inner.txt": "file"}
 
 
@@ -476,7 +477,7 @@ async def test_usage_walk_removes_stale_temp_files_of_a_crash(tree: Tree, fm: Fi
     os.utime(kept, (0, 1))
     await fm.write_file(_limited(tree, 10**9), "a.txt", "a")
     assert not stale.exists() and fresh.exists() and kept.exists()
-    listing = await fm.list_files(tree.root, "sub")
+    listing = to_json(await fm.list_files(tree.root, "sub"))
     assert all(not f["name"].startswith(".ctrlagent-") for f in listing["files"])
 
 
@@ -487,7 +488,7 @@ async def test_a_zip_holds_files_named_with_bytes_that_are_not_utf8(
     # The game server names files with any bytes; zip names are UTF-8.
     with open(os.path.join(os.fsencode(tree.root_path), b"sub", b"bad\xff.txt"), "wb") as f:
         f.write(b"data")
-    made = await fm.create_archive(tree.root, ["sub"], "out.zip", "zip")
+    made = to_json(await fm.create_archive(tree.root, ["sub"], "out.zip", "zip"))
     assert made["files"] == 2
     with zipfile.ZipFile(tree.root_path / "out.zip") as zf:
         assert sorted(zf.namelist()) == ["sub/", "sub/bad\ufffd.txt", "sub/inner.txt"]

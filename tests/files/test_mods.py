@@ -34,6 +34,7 @@ from ctrlagent.errors import (
 )
 from ctrlagent.files.fetch import DownloadError, SafeFetcher, allow_also, public_only
 from ctrlagent.files.mods import MANIFEST
+from ctrlagent.wire.json import to_json
 from tests.files.conftest import Tree, make_manager
 
 MOD = os.urandom(100_000)
@@ -190,13 +191,13 @@ async def test_fetch_refusals(hosts: Hosts) -> None:
 @pytest_twisted.ensureDeferred
 async def test_install_mod_from_url_list_and_uninstall(tree: Tree, hosts: Hosts) -> None:
     fm = make_manager(fetcher=_fetcher())
-    result = await fm.install_mod(tree.root, {
+    result = to_json(await fm.install_mod(tree.root, {
         "type": "steam_workshop", "workshopId": "123456", "name": "Better Things",
-        "downloadUrl": hosts.public_url + "/mod.jar"})
+        "downloadUrl": hosts.public_url + "/mod.jar"}))
     assert result["mod"]["id"] == "123456" and result["mod"]["name"] == "Better Things"
     assert (tree.root_path / "mods" / "mod.jar").read_bytes() == MOD
     assert os.stat(tree.root_path / "mods" / "mod.jar").st_uid == 1000
-    listed = await fm.list_mods(tree.root)
+    listed = to_json(await fm.list_mods(tree.root))
     assert listed["count"] == 1
     mod = listed["mods"][0]
     assert {k: mod[k] for k in ("id", "name", "version", "description", "enabled")} == {
@@ -204,7 +205,7 @@ async def test_install_mod_from_url_list_and_uninstall(tree: Tree, hosts: Hosts)
         "enabled": True}
     manifest = json.loads((tree.root_path / "mods" / MANIFEST).read_text())
     assert manifest["mods"][0]["fileName"] == "mod.jar"
-    left = await fm.uninstall_mod(tree.root, "123456")
+    left = to_json(await fm.uninstall_mod(tree.root, "123456"))
     assert left == {"mods": [], "count": 0}
     assert not (tree.root_path / "mods" / "mod.jar").exists()
     with pytest.raises(FileNotFound):
@@ -220,7 +221,7 @@ async def test_install_mod_refuses_internal_url_and_leaves_nothing(
         await fm.install_mod(tree.root, {"modId": "x", "modUrl": hosts.public_url + "/to-internal"})
     assert hosts.internal.connections == 0
     assert os.listdir(tree.root_path / "mods") == []
-    assert (await fm.list_mods(tree.root))["count"] == 0
+    assert to_json(await fm.list_mods(tree.root))["count"] == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -257,8 +258,8 @@ async def test_install_mod_from_uploaded_file_and_replace(tree: Tree) -> None:
     fetcher = StubFetcher(b"v2" * 1000)
     fm = make_manager(fetcher=fetcher)
     await fm.upload_file(tree.root, "uploads/cool.jar", base64.b64encode(b"v1").decode())
-    r = await fm.install_mod(tree.root, {"modId": "cool", "path": "uploads/cool.jar",
-                                         "version": "1.0"})
+    r = to_json(await fm.install_mod(tree.root, {"modId": "cool", "path": "uploads/cool.jar",
+                                                 "version": "1.0"}))
     assert r["mod"]["version"] == "1.0"
     assert (tree.root_path / "mods" / "cool.jar").read_bytes() == b"v1"
     # Same id again, from a URL with another file name: the old file goes.
@@ -267,7 +268,7 @@ async def test_install_mod_from_uploaded_file_and_replace(tree: Tree) -> None:
     assert fetcher.urls == ["https://example.invalid/c2.jar"]
     assert not (tree.root_path / "mods" / "cool.jar").exists()
     assert (tree.root_path / "mods" / "c2.jar").read_bytes() == b"v2" * 1000
-    mods = (await fm.list_mods(tree.root))["mods"]
+    mods = to_json(await fm.list_mods(tree.root))["mods"]
     assert [(m["id"], m["version"]) for m in mods] == [("cool", "2.0")]
     with pytest.raises(Conflict):
         await fm.install_mod(tree.root, {"modId": "other", "path": "uploads/cool.jar",
@@ -317,4 +318,4 @@ async def test_install_mod_times_out_and_leaves_nothing(tree: Tree, hosts: Hosts
     with pytest.raises(DownloadError):
         await fm.install_mod(tree.root, {"modId": "slow", "modUrl": hosts.public_url + "/hang"})
     assert os.listdir(tree.root_path / "mods") == []
-    assert (await fm.list_mods(tree.root))["count"] == 0
+    assert to_json(await fm.list_mods(tree.root))["count"] == 0

@@ -20,6 +20,7 @@ import pytest_twisted
 from ctrlagent.errors import FileNotFound, InvalidInput, PermissionDenied
 from ctrlagent.files.manager import FileManager
 from ctrlagent.interfaces import ServerRoot
+from ctrlagent.wire.json import to_json
 from tests.files.conftest import Tree
 
 Op = Callable[[FileManager, ServerRoot], Awaitable[Any]]
@@ -166,16 +167,16 @@ async def test_allowed_operation_stays_inside(
 
 @pytest_twisted.ensureDeferred
 async def test_symlinks_inside_the_root_may_be_read(tree: Tree, fm: FileManager) -> None:
-    assert (await fm.read_file(tree.root, "link_in"))["content"] == "hello\n"
-    assert (await fm.read_file(tree.root, "link_in_dotdot"))["content"] == "hello\n"
-    assert (await fm.read_file(tree.root, "link_in_dir/inner.txt"))["content"] == "inner\n"
-    listing = await fm.list_files(tree.root, "link_in_dir")
+    assert to_json(await fm.read_file(tree.root, "link_in"))["content"] == "hello\n"
+    assert to_json(await fm.read_file(tree.root, "link_in_dotdot"))["content"] == "hello\n"
+    assert to_json(await fm.read_file(tree.root, "link_in_dir/inner.txt"))["content"] == "inner\n"
+    listing = to_json(await fm.list_files(tree.root, "link_in_dir"))
     assert [f["name"] for f in listing["files"]] == ["inner.txt"]
 
 
 @pytest_twisted.ensureDeferred
 async def test_listing_reports_symlinks_without_following_out(tree: Tree, fm: FileManager) -> None:
-    files = {f["name"]: f for f in (await fm.list_files(tree.root, "/"))["files"]}
+    files = {f["name"]: f for f in to_json(await fm.list_files(tree.root, "/"))["files"]}
     assert files["link_passwd"]["symlink"] is True
     assert files["link_passwd"]["broken"] is True
     assert files["link_out_dir"]["type"] == "file"
@@ -319,7 +320,7 @@ async def test_archive_symlink_entry_then_file_through_it_stays_inside(
     ], "gz")
     (tree.root_path / "links.tar.gz").write_bytes(data)
     before = tree.outside_state()
-    result = await fm.extract_archive(tree.root, "links.tar.gz", "x")
+    result = to_json(await fm.extract_archive(tree.root, "links.tar.gz", "x"))
     assert tree.outside_state() == before
     assert result["skipped"] == 2
     # The link was never created: "escape" is a plain directory inside the root.
@@ -355,7 +356,7 @@ async def test_archive_special_and_setuid_members_are_neutralised(
     data = _tar([(dev, None), (fifo, None), (_file("suid", 0o4755), b"#!/bin/sh\n"),
                  (_file("/abs/path.txt"), b"abs")])
     (tree.root_path / "special.tar").write_bytes(data)
-    result = await fm.extract_archive(tree.root, "special.tar", "/")
+    result = to_json(await fm.extract_archive(tree.root, "special.tar", "/"))
     assert result["skipped"] == 2
     assert not os.path.lexists(tree.root_path / "dev_null")
     assert not os.path.lexists(tree.root_path / "fifo")

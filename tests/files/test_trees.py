@@ -23,6 +23,7 @@ from ctrlagent.errors import Conflict, PermissionDenied
 from ctrlagent.files import trees
 from ctrlagent.files.paths import Components
 from ctrlagent.interfaces import ServerRoot
+from ctrlagent.wire.json import to_json
 from tests.files.conftest import SERVER_GID, SERVER_UID, Tree, make_manager
 
 # Far beyond the interpreter's recursion limit (about 1,000).
@@ -238,9 +239,9 @@ async def test_every_file_action_copes_with_a_5000_deep_tree(tree: Tree) -> None
     assert fm._usage[str(tree.root_path)][1] >= DEEPEST * 10
     # Search and archives stop at the listing depth bound: one file per
     # level down to it.
-    found = await fm.search_files(tree.root, "deep", "f", "file")
+    found = to_json(await fm.search_files(tree.root, "deep", "f", "file"))
     assert len(found["files"]) == trees.MAX_LISTING_DEPTH + 1
-    made = await fm.create_archive(tree.root, ["deep"], "deep.tar", "tar")
+    made = to_json(await fm.create_archive(tree.root, ["deep"], "deep.tar", "tar"))
     assert made["files"] == trees.MAX_LISTING_DEPTH + 1
     await fm.delete_file(tree.root, "deep")
     assert not (tree.root_path / "deep").exists()
