@@ -225,6 +225,9 @@ class TimeoutsConfig:
     # First and longest pause before the engine's event stream is reopened.
     events_retry: float = 0.25
     events_retry_max: float = 2.0
+    # How long the Panel link waits for the host's figures (system_info, a
+    # pong's load) before it sends what it knows.
+    host_info: float = 5.0
     # How long a console command waits for the server's reply lines when the
     # command does not say.
     console_reply_wait: float = 1.0

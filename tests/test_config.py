@@ -197,6 +197,7 @@ def test_every_deadline_has_todays_default_and_reads_from_the_timeouts_table(
         "events_retry": 0.25,
         "events_retry_max": 2.0,
         "console_reply_wait": 1.0,
+        "host_info": 5.0,
     }
     toml = tmp_path / "agent.toml"
     toml.write_text('secret = "s"\n[timeouts]\ncommand_answer = 20\nengine_ping_cache = 0\n')

@@ -36,7 +36,7 @@ from ctrlagent.wire.command import ActionResult, Command, IDispatcher, parse_com
 from ctrlagent.wire.json import decode_body, encode, to_json
 from ctrlagent.wire.tables import POWER_WORDS
 from ctrlagent.wire.time import iso_ms
-from ctrlagent.work import Deadlines, Tracker
+from ctrlagent.work import Deadlines, Tracker, async_to_deferred
 
 # Re-exported: the composition root imports both from here.
 __all__ = ["AgentApi", "authenticated", "make_http_service"]
@@ -199,13 +199,13 @@ class AgentApi:
         )
         return result
 
-    def drain(self, timeout: float) -> Deferred[None]:
+    @async_to_deferred
+    async def drain(self, timeout: float) -> None:
         """
         Fire once every command in flight has finished, or after ``timeout``
         seconds, whichever comes first (used when the HTTP service stops).
         """
-        waited = Deferred.fromCoroutine(self._deadlines.within(self._tracker.wait(), timeout))
-        return waited.addCallback(lambda _: None)
+        await self._deadlines.within(self._tracker.wait(), timeout)
 
     @property
     def in_flight(self) -> int:

@@ -77,11 +77,10 @@ from ctrlagent.wire import frames as outgoing
 from ctrlagent.wire import incoming
 from ctrlagent.wire.command import ActionResult, IDispatcher, printable
 from ctrlagent.wire.json import encode, to_json
-from ctrlagent.work import DeferredTracker
+from ctrlagent.work import DeferredTracker, async_to_deferred
 
 # How long gathering system_info / the load for a pong may take before the
 # link sends what it has.
-_INFO_TIMEOUT = 5.0
 
 # HTTP statuses that mean "your credentials are wrong", not "try again soon".
 _REFUSED_STATUSES = (401, 403)
@@ -312,10 +311,8 @@ class PanelLink(service.MultiService):
             self._listening = True
             self._servers.add_listener(self.consumer)
 
-    def stopService(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
+    @async_to_deferred
+    async def stopService(self) -> None:  # noqa: N802 (Twisted hook)
         if not self._panel.enabled:
             service.Service.stopService(self)
             return
@@ -508,14 +505,14 @@ class PanelLink(service.MultiService):
         self, source: Callable[[], Awaitable[object]], what: str
     ) -> dict[str, Any]:
         """
-        Call ``source`` (Deferred or coroutine), waiting at most ``_INFO_TIMEOUT``.
+        Call ``source`` (Deferred or coroutine), waiting at most ``timeouts.host_info``.
         A failure is a warning naming ``what`` and an empty dict: the Panel
         still gets its frame, with what the agent knows.
         """
         # maybeDeferred wraps a returned coroutine, so both kinds of callable work.
         d: Deferred[Any] = maybeDeferred(source)
         try:
-            result = await d.addTimeout(_INFO_TIMEOUT, self._reactor)
+            result = await d.addTimeout(self._config.timeouts.host_info, self._reactor)
         except CancelledError:
             raise
         except Exception as e:
