@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 import time
 from typing import Any
 
@@ -431,8 +432,49 @@ class _Portal:
         return self.realm.requestAvatar((login, username), None, *interfaces)
 
 
+class SftpConnection(connection.SSHConnection):
+    """
+    ``ssh-connection`` that refuses every channel but ``session`` and treats a
+    client's window overrun as the client's mistake (Twisted logs both as
+    errors, with a traceback for the first).
+    """
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:  # noqa: N802
+        channel_type, rest = common.getNS(packet)
+        (sender,) = struct.unpack(">L", rest[:4])
+        if channel_type != b"session":
+            log.info("sftp: refused a {kind!r} channel (SFTP only)",
+                     kind=channel_type[:64].decode("ascii", "replace"))
+            self.transport.sendPacket(  # type: ignore[union-attr]
+                connection.MSG_CHANNEL_OPEN_FAILURE,
+                struct.pack(">2L", sender, connection.OPEN_UNKNOWN_CHANNEL_TYPE)
+                + common.NS(b"this server only serves SFTP") + common.NS(b""))
+            return
+        super().ssh_CHANNEL_OPEN(packet)
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:  # noqa: N802
+        local, length = struct.unpack(">2L", packet[:8])
+        chan = self.channels[local]
+        if length > chan.localWindowLeft or length > chan.localMaxPacket:
+            log.info("sftp: closing a channel: the client overran its window")
+            self.sendClose(chan)
+            return
+        super().ssh_CHANNEL_DATA(packet)
+
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:  # noqa: N802
+        # A client has nothing to say on stderr to an SFTP server.
+        return None
+
+
 class SftpServerTransport(transport.SSHServerTransport):
-    """Counts itself in its factory while connected."""
+    """
+    The SSH transport: counts itself in its factory while connected, offers
+    no compression, and answers a packet that does not parse by
+    disconnecting the client (logged with its address, without a traceback)
+    instead of letting the exception reach the reactor.
+    """
+
+    supportedCompressions = [b"none"]
 
     def connectionMade(self) -> None:  # noqa: N802
         factory_: Any = self.factory
@@ -444,6 +486,27 @@ class SftpServerTransport(transport.SSHServerTransport):
         factory_.disconnected(self)
         super().connectionLost(reason)
 
+    def _address(self) -> str:
+        tcp: Any = self.transport
+        return str(getattr(tcp.getPeer(), "host", "?")) if tcp is not None else "?"
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:  # noqa: N802,N803
+        if self._dropped:
+            return
+        try:
+            super().dispatchMessage(messageNum, payload)
+        except Exception as e:
+            self._dropped = True
+            log.info("sftp: disconnecting {address}: malformed SSH message {num} ({error})",
+                     address=self._address(), num=messageNum, error=type(e).__name__)
+            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message")
+
+    _dropped = False
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:  # noqa: N802,N803
+        log.info("sftp: {address} disconnected with code {code}: {description!r}",
+                 address=self._address(), code=reasonCode, description=description[:200])
+
 
 class SftpFactory(factory.SSHFactory):
     """The SSH server factory (see the module)."""
@@ -451,7 +514,7 @@ class SftpFactory(factory.SSHFactory):
     protocol = SftpServerTransport
     services = {
         b"ssh-userauth": ThrottledUserAuth,
-        b"ssh-connection": connection.SSHConnection,
+        b"ssh-connection": SftpConnection,
     }
 
     def __init__(self, sftp: Any, host_key: keys.Key, portal: Any) -> None:

@@ -1,0 +1,99 @@
+"""
+Live sessions: listed with their byte counts, and ended within a second when
+the server's credentials are revoked or changed or the server is suspended
+or deleted (``close_sessions``); other servers' sessions go on.
+"""
+
+from __future__ import annotations
+
+import time
+
+import paramiko
+import pytest
+import pytest_twisted
+
+from tests.sftp.clients import connect
+from tests.sftp.conftest import PASSWORD
+
+
+def _open(rig, username="srv1", password=PASSWORD):
+    return rig.in_thread(connect, rig.port, username, password)
+
+
+def _seconds_until_closed(t: paramiko.Transport, limit: float = 3.0) -> float:
+    start = time.monotonic()
+    while t.is_active() and time.monotonic() - start < limit:
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_are_listed_with_their_traffic(rig):
+    await rig.set_login()
+    t, s = await _open(rig, "panel-uuid-1")
+    try:
+        def traffic():
+            with s.open("/f", "wb") as f:
+                f.write(b"x" * 5000)
+            with s.open("/f", "rb") as f:
+                f.read()
+
+        await rig.in_thread(traffic)
+        sessions = rig.service.list_sessions("srv1")["sessions"]
+        assert len(sessions) == 1
+        (one,) = sessions
+        assert one["username"] == "panel-uuid-1"
+        assert one["serverId"] == "srv1"
+        assert one["remoteAddress"] == "127.0.0.1"
+        assert one["bytesWritten"] == 5000 and one["bytesRead"] == 5000
+        assert one["startedAt"].endswith("Z") and one["id"]
+    finally:
+        await rig.in_thread(t.close)
+
+
+@pytest.mark.parametrize("how", ["revoke", "change", "close_sessions"])
+@pytest_twisted.ensureDeferred
+async def test_revoking_or_changing_credentials_ends_sessions_within_a_second(rig, how):
+    rig.add_server("other")
+    await rig.set_login()
+    await rig.set_login("other")
+    t, s = await _open(rig)
+    t2, s2 = await _open(rig, "other")
+    try:
+        await rig.in_thread(s.listdir, "/")
+        if how == "revoke":
+            result = await rig.service.revoke_credentials("panel-uuid-1")
+            assert result == {"revoked": True, "closedSessions": 1}
+        elif how == "change":
+            await rig.set_login(password="a brand new password")
+        else:
+            assert rig.service.close_sessions("srv1", "server suspended") == 1
+        elapsed = await rig.in_thread(_seconds_until_closed, t)
+        assert elapsed < 1.0
+        assert not t.is_active()
+        assert rig.service.list_sessions("srv1")["sessions"] == []
+        # The other server's session is untouched.
+        assert t2.is_active()
+        assert await rig.in_thread(s2.listdir, "/") == []
+        if how == "revoke":
+            with pytest.raises(paramiko.AuthenticationException):
+                await _open(rig)
+    finally:
+        await rig.in_thread(t.close)
+        await rig.in_thread(t2.close)
+
+
+@pytest_twisted.ensureDeferred
+async def test_set_credentials_answers_username_and_port(rig):
+    answer = await rig.set_login("panel-uuid-1")
+    assert answer == {"username": "srv1", "port": rig.port}
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_service_ends_sessions(rig):
+    await rig.set_login()
+    t, s = await _open(rig)
+    await rig.in_thread(s.open, "/held.txt", "w")  # an open handle, closed on the way out
+    await rig.service.stopService()
+    assert await rig.in_thread(_seconds_until_closed, t) < 1.0
+    rig.service.startService()  # the fixture stops it again
