@@ -7,7 +7,6 @@ run in a second pool or as subprocesses so the reactor keeps serving.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
 from ctrlagent.sftp.config import SftpConfig
@@ -104,5 +104,14 @@ def rig(tmp_path: Path, sftp_config: SftpConfig) -> Iterator[Rig]:
         pool.stop()
 
 
-def openssh_available() -> bool:
-    return os.path.exists("/usr/bin/sftp") and os.path.exists("/usr/bin/sshpass")
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Every log line of the test, formatted."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)

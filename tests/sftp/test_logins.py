@@ -12,22 +12,9 @@ import time
 import paramiko
 import pytest
 import pytest_twisted
-from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.sftp.clients import connect
 from tests.sftp.conftest import PASSWORD
-
-
-@pytest.fixture
-def log_lines():
-    lines: list[str] = []
-
-    def observe(event):
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def _attempts(port, username, passwords):
