@@ -64,6 +64,7 @@ class SftpService(MultiService):
         self.factory: Any = None
         self.port: Any = None  # the listening port, once started
         self._endpoint_service: StreamServerEndpointService | None = None
+        self._prepared = False
         self._work: set[Deferred[Any]] = set()
         try:
             self.endpoint = serverFromString(reactor, config.endpoint_description())
@@ -73,25 +74,34 @@ class SftpService(MultiService):
     # -- start and stop -------------------------------------------------------------
 
     def privilegedStartService(self) -> None:  # noqa: N802 (Twisted hook)
+        self._prepare()
+        super().privilegedStartService()
+
+    def _prepare(self) -> None:
+        """Load (or make) the host key and the credentials; build the listener once."""
         from ctrlagent.sftp.ssh import SftpFactory, fingerprint, load_host_key, make_portal
 
         key = load_host_key(self.config.host_key_path(self.state_dir))
         self.credentials.load()
         self.factory = SftpFactory(self, key, make_portal(self))
-        svc = StreamServerEndpointService(self.endpoint, self.factory)
-        svc._raiseSynchronously = True
-        svc.setName("listener")
-        svc.setServiceParent(self)
-        self._endpoint_service = svc
+        if self._endpoint_service is None:
+            svc = StreamServerEndpointService(self.endpoint, self.factory)
+            svc._raiseSynchronously = True
+            svc.setName("listener")
+            svc.setServiceParent(self)
+            self._endpoint_service = svc
+        else:
+            self._endpoint_service.factory = self.factory
+        self._prepared = True
         self.log.info("sftp: host key {kind} {fingerprint}, listening on {endpoint}",
                       kind=key.sshType().decode("ascii"), fingerprint=fingerprint(key),
                       endpoint=self.config.endpoint_description())
-        super().privilegedStartService()
 
     def startService(self) -> None:  # noqa: N802 (Twisted hook)
-        if self._endpoint_service is None:
-            self.privilegedStartService()
+        if not self._prepared:
+            self._prepare()
         super().startService()
+        self._prepared = False  # a stopped service prepares again when restarted
         if self._endpoint_service is not None and self._endpoint_service._waitingForPort:
             self._endpoint_service._waitingForPort.addCallback(self._listening)
 

@@ -47,7 +47,8 @@ async def test_first_start_generates_a_private_host_key_and_logs_its_fingerprint
     assert len(started) == 1
 
 
-@pytest.mark.parametrize("sftp_config", [make_config(bcrypt_rounds=12)])
+# A second or more per check at cost 13: run on the reactor, it would stall it that long.
+@pytest.mark.parametrize("sftp_config", [make_config(bcrypt_rounds=13)])
 @pytest_twisted.ensureDeferred
 async def test_password_checks_never_block_the_reactor(rig):
     await rig.set_login()
@@ -62,12 +63,13 @@ async def test_password_checks_never_block_the_reactor(rig):
     loop = LoopingCall(tick)
     loop.start(0.01)
     try:
-        for _ in range(3):
+        for _ in range(2):
             t, s = await rig.in_thread(connect, rig.port, "srv1", PASSWORD)
             t.close()
     finally:
         loop.stop()
-    assert max(gaps) < 0.2
+    assert len(gaps) > 20
+    assert max(gaps) < 0.5
 
 
 @pytest_twisted.ensureDeferred
