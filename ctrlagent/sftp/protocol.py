@@ -118,6 +118,7 @@ class SftpProtocol(Protocol):
         self.label = label
         self._buf = bytearray()
         self._paused = False
+        self._pumping = False
         self._initialised = False
         self._in_flight = 0
         self._closed = False
@@ -157,6 +158,18 @@ class SftpProtocol(Protocol):
         self._pump()
 
     def _pump(self) -> None:
+        # A request answered at once (a bogus handle, REALPATH) ends inside
+        # _dispatch and calls back here: the loop below is already running and
+        # goes on by itself, so nesting would only grow the stack, packet by packet.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            self._pump_packets()
+        finally:
+            self._pumping = False
+
+    def _pump_packets(self) -> None:
         buf = self._buf
         while self._in_flight < MAX_IN_FLIGHT and len(buf) >= 4 and not self._dropping:
             (length,) = struct.unpack_from(">I", buf)
@@ -262,6 +275,10 @@ class SftpProtocol(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         self._closed = True
         self._buf.clear()
+        if self._paused:
+            # The SSH connection may carry on without this channel.
+            self._paused = False
+            self._resume()
         d = Deferred.fromCoroutine(self._cleanup())
         d.addErrback(lambda f: self.log.failure("{label}: cleanup failed", f, label=self.label))
         d.addBoth(lambda _: self.finished.callback(None))

@@ -476,14 +476,31 @@ class SftpServerTransport(transport.SSHServerTransport):
 
     supportedCompressions = [b"none"]
 
+    _login_timer: Any = None
+
     def connectionMade(self) -> None:  # noqa: N802
         factory_: Any = self.factory
         factory_.connected(self)
+        # Twisted's own login timeout starts only after the key exchange: a
+        # client that connects and says nothing would hold its slot forever.
+        self._login_timer = factory_.sftp.reactor.callLater(
+            factory_.sftp.config.login_timeout, self._login_timed_out)
         super().connectionMade()
+
+    def _login_timed_out(self) -> None:
+        self._login_timer = None
+        if getattr(self, "avatar", None) is None:
+            log.info("sftp: disconnecting {address}: no login within the timeout",
+                     address=self._address())
+            self.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                b"login timeout")
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         factory_: Any = self.factory
         factory_.disconnected(self)
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        self._login_timer = None
         super().connectionLost(reason)
 
     def _address(self) -> str:

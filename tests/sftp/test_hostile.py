@@ -19,7 +19,7 @@ import pytest_twisted
 
 from ctrlagent.sftp import wire
 from tests.sftp.clients import RawSftp, connect, s
-from tests.sftp.conftest import PASSWORD
+from tests.sftp.conftest import PASSWORD, make_config
 
 
 def _still_serves(rig):
@@ -283,3 +283,42 @@ async def test_random_packets_never_break_the_session(rig):
     assert await _still_serves(rig) == "/"
     outside = sorted(p.name for p in rig.outside.iterdir())
     assert outside == ["canary.txt"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_answered_at_once_do_not_nest(rig):
+    """20000 instant answers (REALPATH, bogus handles) in one burst: no recursion, all answered."""
+    await rig.set_login()
+
+    def work(raw: RawSftp):
+        raw.init()
+        burst = []
+        for i in range(10_000):
+            burst.append(struct.pack(">IBI", 5 + 4 + 1, wire.FXP_REALPATH, i) + s(b"/"))
+            burst.append(struct.pack(">IBI", 5 + 4 + 4, wire.FXP_CLOSE, 10_000 + i) + s(b"xxxx"))
+        raw.send_raw(b"".join(burst))
+        got = 0
+        for _ in range(20_000):
+            raw.recv()
+            got += 1
+        return got
+
+    assert await _raw(rig, work) == 20_000
+
+
+@pytest.mark.parametrize("sftp_config", [make_config(login_timeout=0.5)])
+@pytest_twisted.ensureDeferred
+async def test_a_silent_connection_is_dropped_at_the_login_timeout(rig):
+    def silent():
+        with socket.create_connection(("127.0.0.1", rig.port), timeout=5) as sock:
+            start = time.monotonic()
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return time.monotonic() - start, data
+                data += chunk
+
+    elapsed, data = await rig.in_thread(silent)
+    assert data.startswith(b"SSH-2.0-")
+    assert 0.3 < elapsed < 3.0
