@@ -46,6 +46,7 @@ class SftpService(MultiService):
         threadpool: ThreadPool | None = None,
         credentials: SftpCredentials | None = None,
         use_openat2: bool | None = None,
+        panel_http: Any = None,
     ) -> None:
         super().__init__()
         self.setName("sftp")
@@ -57,6 +58,8 @@ class SftpService(MultiService):
         self.credentials = credentials if credentials is not None else SftpCredentials(
             os.path.join(state_dir, CREDENTIALS_NAME), rounds=config.bcrypt_rounds)
         self.use_openat2 = use_openat2
+        self.panel_http = panel_http  # a treq.HTTPClient for the panel backend (tests inject)
+        self.checker: Any = None
         self.sessions = SessionRegistry()
         self.usage = UsageTracker(config.disk_usage_ttl)
         self.throttle = LoginThrottle(reactor, config.throttle_base, config.throttle_max,
@@ -177,13 +180,15 @@ def make_sftp_service(
     threadpool: ThreadPool | None = None,
     credentials: SftpCredentials | None = None,
     use_openat2: bool | None = None,
+    panel_http: Any = None,
 ) -> IService:
     """
     The SFTP server as a service named ``sftp`` (``tap.build_service`` adds it
     to the agent when ``sftp.enabled``).  ``servers`` provides
     ``IServerManager`` (``resolve`` and ``server_root``); ``threadpool`` is the
-    file manager's (default: the reactor's).
+    file manager's (default: the reactor's); ``panel_http`` a ``treq.HTTPClient``
+    for the panel backend (default: one over the reactor's ``Agent``).
     """
     return SftpService(reactor, sftp_config, state_dir, servers=servers,
                        threadpool=threadpool, credentials=credentials,
-                       use_openat2=use_openat2)
+                       use_openat2=use_openat2, panel_http=panel_http)

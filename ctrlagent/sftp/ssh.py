@@ -576,8 +576,22 @@ class SftpFactory(factory.SSHFactory):
 
 
 def make_portal(service: Any) -> _Portal:
-    """The portal of the local backend."""
-    checker = ServerLoginChecker(service.reactor, service.threadpool, service.servers,
-                                 service.credentials)
+    """The portal of the configured backend (``local`` or ``panel``)."""
+    checker: Any
+    if service.config.backend == "panel":
+        from ctrlagent.sftp.panel import PanelLoginChecker
+
+        http = service.panel_http
+        if http is None:
+            from treq.client import HTTPClient
+            from twisted.web.client import Agent
+
+            http = HTTPClient(Agent(service.reactor))
+        checker = PanelLoginChecker(service.reactor, http, service.config.panel_url,
+                                    service.servers, service.config.grant_cache_seconds)
+    else:
+        checker = ServerLoginChecker(service.reactor, service.threadpool, service.servers,
+                                     service.credentials)
+    service.checker = checker
     return _Portal(SftpRealm(service), checker)
 
