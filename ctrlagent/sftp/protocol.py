@@ -11,10 +11,11 @@ requests in flight), so the agent speaks the wire itself and drives an
 - a packet that does not parse answers ``SSH_FX_BAD_MESSAGE``; an unknown
   type or extension ``SSH_FX_OP_UNSUPPORTED``; a bogus handle
   ``SSH_FX_FAILURE``; reads are capped at ``wire.MAX_READ`` bytes;
-- at most ``MAX_IN_FLIGHT`` requests run at once; further packets wait in the
-  buffer, and past ``HIGH_WATER`` buffered bytes the SSH connection stops
-  being read (``pause``/``resume``), so a pipelining client costs bounded
-  memory and bounded thread-pool work;
+- at most ``MAX_IN_FLIGHT`` requests run at once, and none starts while
+  ``MAX_BACKLOG`` bytes of answers wait for the client's window; further
+  packets wait in the buffer, and past ``HIGH_WATER`` buffered bytes the SSH
+  connection stops being read (``pause``/``resume``), so a pipelining client
+  costs bounded memory and bounded thread-pool work;
 - every error becomes a status code with a one-line message; only a bug of
   ours (an exception that is not a file-system answer) is logged with its
   traceback.
@@ -47,6 +48,9 @@ from ctrlagent.sftp.filesystem import ServerFileSystem, SftpDirectory, SftpFile
 from ctrlagent.sftp.wire import BadMessage, Reader
 
 MAX_IN_FLIGHT = 64
+# Answer bytes waiting for the client's SSH window past which no new request
+# is started (a client that asks for data faster than it reads it).
+MAX_BACKLOG = 8 * 1024 * 1024
 HIGH_WATER = 4 * 1024 * 1024
 LOW_WATER = 1024 * 1024
 
@@ -108,6 +112,7 @@ class SftpProtocol(Protocol):
         counters: SessionCounters | None = None,
         pause: Callable[[], None] = lambda: None,
         resume: Callable[[], None] = lambda: None,
+        backlog: Callable[[], int] = lambda: 0,
         label: str = "sftp",
     ) -> None:
         self.fs = fs
@@ -115,6 +120,7 @@ class SftpProtocol(Protocol):
         self.counters = counters if counters is not None else SessionCounters()
         self._pause = pause
         self._resume = resume
+        self._backlog = backlog
         self.label = label
         self._buf = bytearray()
         self._paused = False
@@ -171,7 +177,8 @@ class SftpProtocol(Protocol):
 
     def _pump_packets(self) -> None:
         buf = self._buf
-        while self._in_flight < MAX_IN_FLIGHT and len(buf) >= 4 and not self._dropping:
+        while (self._in_flight < MAX_IN_FLIGHT and len(buf) >= 4 and not self._dropping
+               and self._backlog() < MAX_BACKLOG):
             (length,) = struct.unpack_from(">I", buf)
             if length < 5 or length > wire.MAX_PACKET:
                 self._drop("a packet of {} bytes".format(length))
@@ -187,6 +194,11 @@ class SftpProtocol(Protocol):
         elif self._paused and len(buf) < LOW_WATER:
             self._paused = False
             self._resume()
+
+    def output_drained(self) -> None:
+        """The client read what was waiting: take requests again."""
+        if not self._closed:
+            self._pump()
 
     def _drop(self, why: str) -> None:
         """Close the channel on input that cannot be answered."""
