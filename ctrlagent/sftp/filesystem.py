@@ -61,8 +61,8 @@ T = TypeVar("T")
 # inside what the kernel takes (a bigger one would be EFBIG or an overflow).
 MAX_OFFSET = 1 << 60
 # Entries per READDIR answer, and the bytes of names they may carry.
-DIR_BATCH = 200
-DIR_BATCH_BYTES = 128 * 1024
+DIR_BATCH = 500
+DIR_BATCH_BYTES = 160 * 1024
 
 _READ_ONLY = "this login is read-only"
 
