@@ -66,7 +66,7 @@ async def test_openssh_batch_with_a_password(rig, tmp_path):
     (local / "world.zip").write_bytes(os.urandom(200_000))
     (rig.root() / "server.properties").write_text("motd=hello\n")
     batch = "\n".join([
-        "put world.zip",
+        "put -f world.zip",  # -f: fsync@openssh.com after the upload
         "mkdir plugins",
         "rename world.zip plugins/world.zip",
         "chmod 600 plugins/world.zip",
@@ -128,8 +128,11 @@ async def test_openssh_upload_past_the_quota_reports_a_failure(rig, tmp_path):
     rig.add_server("q", disk_mb=1)
     await rig.set_login("q")
     (tmp_path / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
-    out, err, code = await _sftp_as(rig, tmp_path, "q", "put big.bin\n")
+    out, err, code = await _sftp_as(rig, tmp_path, "q", "df\nput big.bin\n")
     assert code != 0
+    # statvfs@openssh.com reports the server's limit, not the host's disk (KiB).
+    sizes = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert sizes == ["1024"], out
     assert "quota" in err.lower() or "failure" in err.lower()
     assert os.path.getsize(rig.root("q") / "big.bin") <= 1024 * 1024
 
