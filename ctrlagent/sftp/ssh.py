@@ -72,6 +72,8 @@ CHANNEL_WINDOW = 4 * 1024 * 1024
 CHANNEL_MAX_PACKET = 256 * 1024
 
 SFTP_ONLY = b"This account is for SFTP only.\r\n"
+# Channels open at once on one connection.
+MAX_CHANNELS = 8
 
 
 # -- host key -------------------------------------------------------------------
@@ -494,12 +496,22 @@ class SftpConnection(connection.SSHConnection):
         if channel_type != b"session":
             log.info("sftp: refused a {kind!r} channel (SFTP only)",
                      kind=channel_type[:64].decode("ascii", "replace"))
-            self.transport.sendPacket(  # type: ignore[union-attr]
-                connection.MSG_CHANNEL_OPEN_FAILURE,
-                struct.pack(">2L", sender, connection.OPEN_UNKNOWN_CHANNEL_TYPE)
-                + common.NS(b"this server only serves SFTP") + common.NS(b""))
+            self._refuse_open(sender, connection.OPEN_UNKNOWN_CHANNEL_TYPE,
+                              b"this server only serves SFTP")
+            return
+        if len(self.channels) >= MAX_CHANNELS:
+            # Each SFTP channel holds the root's fd and handles: bound them.
+            log.info("sftp: refused a channel: {n} already open on this connection",
+                     n=len(self.channels))
+            self._refuse_open(sender, connection.OPEN_RESOURCE_SHORTAGE,
+                              b"too many channels")
             return
         super().ssh_CHANNEL_OPEN(packet)
+
+    def _refuse_open(self, sender: int, reason: int, text: bytes) -> None:
+        self.transport.sendPacket(  # type: ignore[union-attr]
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", sender, reason) + common.NS(text) + common.NS(b""))
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:  # noqa: N802
         local, length = struct.unpack(">2L", packet[:8])

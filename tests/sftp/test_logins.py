@@ -149,3 +149,31 @@ async def test_connections_beyond_the_per_address_limit_are_refused(rig):
     finally:
         first[0].close()
         second[0].close()
+
+
+def _many_channels(port):
+    t, s = connect(port, "srv1", PASSWORD)  # s holds one channel already
+    opened, refused = 0, 0
+    kept = []  # paramiko closes a channel it no longer references
+    try:
+        for _ in range(20):
+            try:
+                chan = t.open_session()
+                kept.append(chan)
+                chan.invoke_subsystem("sftp")
+                opened += 1
+            except paramiko.SSHException:
+                refused += 1
+        return opened, refused, s.listdir("/")
+    finally:
+        t.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_channels_per_connection_are_bounded(rig):
+    from ctrlagent.sftp.ssh import MAX_CHANNELS
+
+    await rig.set_login()
+    opened, refused, listing = await rig.in_thread(_many_channels, rig.port)
+    assert opened == MAX_CHANNELS - 1 and refused == 20 - opened
+    assert listing == []
