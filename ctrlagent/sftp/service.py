@@ -108,6 +108,12 @@ class SftpService(MultiService):
         if self._endpoint_service is not None and self._endpoint_service._waitingForPort:
             self._endpoint_service._waitingForPort.addCallback(self._listening)
 
+    def abort_start(self) -> None:
+        """Release the listening port when the agent's start fails (``tap.AgentService``)."""
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
+
     def _listening(self, port: Any) -> Any:
         self.port = port
         return port

@@ -79,3 +79,33 @@ async def test_stopping_frees_the_port(rig):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     rig.service.startService()
+
+
+def test_a_port_in_use_fails_the_start_at_once(tmp_path):
+    from twisted.internet.error import CannotListenError
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    try:
+        port = holder.getsockname()[1]
+        config = make_config(endpoint="tcp:{}:interface=127.0.0.1".format(port))
+        svc = make_sftp_service(reactor, config, str(tmp_path),
+                                servers=FakeServerManager(data_dir=str(tmp_path)))
+        with pytest.raises(CannotListenError):
+            svc.privilegedStartService()
+    finally:
+        holder.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_abort_start_releases_the_port(rig):
+    from twisted.internet.task import deferLater
+
+    port = rig.port
+    rig.service.abort_start()
+    await deferLater(reactor, 0.1, lambda: None)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    await rig.service.stopService()
+    rig.service.startService()
