@@ -415,11 +415,25 @@ class ThrottledUserAuth(userauth.SSHUserAuthServer):
         peer = ssh.transport.getPeer()
         return str(getattr(peer, "host", "?"))
 
+    @staticmethod
+    def _throttle_name(sftp: Any, user: bytes) -> str:
+        """
+        The name failures count against: the server's canonical id when the
+        username resolves (so that guessing through its aliases counts once),
+        else the username as sent.
+        """
+        name = user.decode("utf-8", "replace")[:128]
+        try:
+            return "server:" + str(sftp.servers.resolve(name))
+        except Exception:
+            return name
+
     def tryAuth(self, kind: bytes, user: bytes, data: bytes) -> Deferred[Any]:  # noqa: N802
         ssh: Any = self.transport
         throttle: LoginThrottle = ssh.factory.sftp.throttle
         address = self._address()
-        username = user.decode("utf-8", "replace")[:128]
+        sent = user.decode("utf-8", "replace")[:128]
+        username = self._throttle_name(ssh.factory.sftp, user)
         counted = kind == b"password" or (kind == b"publickey" and data[:1] not in (b"", b"\x00"))
         wait = throttle.wait_before(address, username) if counted else 0.0
         if wait > 0:
@@ -438,7 +452,7 @@ class ThrottledUserAuth(userauth.SSHUserAuthServer):
             delay = throttle.failed(address, username)
             log.info("sftp: failed {method} login for {username!r} from {address} "
                      "({count} in a row; next answer in {delay:.1f} s)",
-                     method=kind.decode("ascii", "replace"), username=username,
+                     method=kind.decode("ascii", "replace"), username=sent,
                      address=address, count=throttle.failures(address, username), delay=delay)
             return deferLater(self.clock, delay, lambda: f)
 

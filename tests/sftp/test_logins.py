@@ -53,7 +53,19 @@ async def test_wrong_passwords_get_growing_capped_delays_and_are_logged(rig, log
     # The right password still gets in (after the current delay), and clears the count.
     ok = await rig.in_thread(_attempts, rig.port, "srv1", [PASSWORD])
     assert ok[0][1] is True
-    assert rig.service.throttle.failures("127.0.0.1", "srv1") == 0
+    assert rig.service.throttle.failures("127.0.0.1", "server:srv1") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_guessing_through_a_servers_aliases_counts_once(rig):
+    await rig.set_login()
+
+    def run():
+        return [_attempts(rig.port, name, ["x-password"])[0][0]
+                for name in ("srv1", "panel-uuid-1", "ctrl-alt-play-srv1", "srv1")]
+
+    await rig.in_thread(run)
+    assert rig.service.throttle.failures("10.9.9.9", "server:srv1") == 4
 
 
 @pytest_twisted.ensureDeferred
