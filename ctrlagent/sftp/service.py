@@ -164,6 +164,14 @@ class SftpService(MultiService):
         canonical = self.resolve(server_id) if server_id else None
         return {"sessions": [s.public() for s in self.sessions.list(canonical)]}
 
+    @async_to_deferred
+    async def forget_server(self, server_id: str) -> dict[str, Any]:
+        """A deleted server: end its sessions and drop its login (canonical id)."""
+        closed = self.close_sessions(server_id, "server deleted")
+        await deferToThreadPool(self.reactor, self.threadpool, self.credentials.revoke,
+                                server_id)
+        return {"closedSessions": closed}
+
     def close_sessions(self, server_id: str, reason: str = "access revoked") -> int:
         """Disconnect every live session of ``server_id`` (suspend, delete, revoke)."""
         return self.sessions.close_sessions(server_id, reason)

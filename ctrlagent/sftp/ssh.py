@@ -390,10 +390,15 @@ class SftpRealm:
         if IConchUser not in interfaces:
             raise NotImplementedError("only SSH logins")
         login, username = avatarId
+        servers = self.service.servers
         try:
-            root = self.service.servers.server_root(login.server_id)
+            state = servers.status(login.server_id)
+            root = servers.server_root(login.server_id)
         except CtrlAgentError:
             raise UnauthorizedLogin("the server is gone") from None
+        if isinstance(state, dict) and state.get("status") == "suspended":
+            # As Wings does: a suspended server's files are out of reach too.
+            raise UnauthorizedLogin("the server is suspended")
         user = SftpUser(self.service, login, root, username)
         return IConchUser, user, user.logout
 

@@ -97,3 +97,26 @@ async def test_stopping_the_service_ends_sessions(rig):
     await rig.service.stopService()
     assert await rig.in_thread(_seconds_until_closed, t) < 1.0
     rig.service.startService()  # the fixture stops it again
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_suspended_server_refuses_logins(rig):
+    await rig.set_login()
+    await rig.servers.suspend("srv1")
+    with pytest.raises(paramiko.AuthenticationException):
+        await _open(rig)
+    await rig.servers.unsuspend("srv1")
+    t, s = await _open(rig)
+    t.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_forgetting_a_deleted_server_ends_sessions_and_drops_its_login(rig):
+    await rig.set_login()
+    t, s = await _open(rig)
+    try:
+        assert await rig.service.forget_server("srv1") == {"closedSessions": 1}
+        assert await rig.in_thread(_seconds_until_closed, t) < 1.0
+        assert rig.service.credentials.get("srv1") is None
+    finally:
+        await rig.in_thread(t.close)
