@@ -79,7 +79,13 @@ def sftp_config() -> SftpConfig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, sftp_config: SftpConfig) -> Iterator[Rig]:
+def use_openat2() -> bool | None:
+    """The resolver (None: openat2 where the kernel has it); modules may run both."""
+    return None
+
+
+@pytest.fixture
+def rig(tmp_path: Path, sftp_config: SftpConfig, use_openat2: bool | None) -> Iterator[Rig]:
     data_dir = tmp_path / "servers"
     state_dir = tmp_path / "state"
     outside = tmp_path / "outside"
@@ -92,7 +98,7 @@ def rig(tmp_path: Path, sftp_config: SftpConfig) -> Iterator[Rig]:
     pool.start()
     clients.start()
     service = SftpService(reactor, sftp_config, str(state_dir), servers=servers,
-                          threadpool=pool)
+                          threadpool=pool, use_openat2=use_openat2)
     service.startService()
     r = Rig(service, servers, data_dir, state_dir, outside, clients)
     r.add_server("srv1", aliases=("panel-uuid-1",))

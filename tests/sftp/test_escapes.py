@@ -32,6 +32,16 @@ def _snapshot(path):
     return out
 
 
+@pytest.fixture(params=[True, False], ids=["openat2", "walk"])
+def use_openat2(request):
+    """Every escape against both resolvers of ``Confined``."""
+    from ctrlagent.files.confined import OPENAT2_AVAILABLE
+
+    if request.param and not OPENAT2_AVAILABLE:
+        pytest.skip("openat2 is not available here")
+    return request.param
+
+
 @pytest.fixture
 def hostile_tree(rig):
     """Links a hostile game server could have made inside its directory."""
