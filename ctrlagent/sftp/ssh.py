@@ -356,9 +356,25 @@ class SftpSessionChannel(channel.SSHChannel):
         return 1
 
     def _refuse(self, what: str) -> int:
+        """
+        Shell and exec: accepted, answered with one line on stderr and exit
+        status 1, then closed, as OpenSSH's ``ForceCommand internal-sftp``
+        does, so that the user reads why (a refused request only shows
+        "request failed on channel 0").
+        """
+        if self.protocol is not None:
+            return 0
+        log.info("sftp: answered a {what} request with 'SFTP only'", what=what)
+        user: Any = self.avatar
+        user.service.reactor.callLater(0, self._say_sftp_only)
+        return 1
+
+    def _say_sftp_only(self) -> None:
+        if self.closing:
+            return
         self.writeExtended(connection.EXTENDED_DATA_STDERR, SFTP_ONLY)
-        log.info("sftp: refused a {what} request", what=what)
-        return 0
+        self.conn.sendRequest(self, b"exit-status", struct.pack(">L", 1))  # type: ignore[union-attr]
+        self.loseConnection()
 
     def request_shell(self, data: bytes) -> int:
         return self._refuse("shell")

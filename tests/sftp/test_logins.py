@@ -93,26 +93,41 @@ def _channel_request(port, request):
     t, s = connect(port, "srv1", PASSWORD)
     try:
         chan = t.open_session()
+        chan.settimeout(10)
         try:
             if request == "exec":
                 chan.exec_command("cat /etc/passwd")
             elif request == "shell":
                 chan.invoke_shell()
-            elif request == "subsystem":
+            elif request == "pty":
+                chan.get_pty()
+            else:
                 chan.invoke_subsystem("netconf")
         except paramiko.SSHException as e:
-            return "refused: {}".format(e), chan.recv_stderr(1000) if chan.recv_stderr_ready() \
-                else b""
-        return "accepted", b""
+            return "refused: {}".format(e), b"", None
+        status = chan.recv_exit_status()
+        out = chan.recv(1000)
+        err = chan.recv_stderr(1000)
+        return "answered", out + b"|" + err, status
     finally:
         t.close()
 
 
-@pytest.mark.parametrize("request_", ["exec", "shell", "subsystem"])
+@pytest.mark.parametrize("request_", ["exec", "shell"])
 @pytest_twisted.ensureDeferred
-async def test_shell_exec_and_other_subsystems_are_refused(rig, request_):
+async def test_shell_and_exec_say_sftp_only_and_run_nothing(rig, request_):
     await rig.set_login()
-    outcome, _ = await rig.in_thread(_channel_request, rig.port, request_)
+    outcome, output, status = await rig.in_thread(_channel_request, rig.port, request_)
+    assert outcome == "answered"
+    assert output == b"|This account is for SFTP only.\r\n"
+    assert status == 1
+
+
+@pytest.mark.parametrize("request_", ["pty", "subsystem"])
+@pytest_twisted.ensureDeferred
+async def test_other_session_requests_are_refused(rig, request_):
+    await rig.set_login()
+    outcome, _, _ = await rig.in_thread(_channel_request, rig.port, request_)
     assert outcome.startswith("refused")
 
 

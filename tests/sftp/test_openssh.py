@@ -149,3 +149,19 @@ async def _sftp_as(rig, tmp_path, username, batch):
     out, err, code = await getProcessOutputAndValue(shutil.which("sshpass"), argv, env=env,
                                                    path=str(tmp_path), reactor=reactor)
     return out.decode(errors="replace"), err.decode(errors="replace"), code
+
+
+@pytest.mark.parametrize("command", [[], ["cat", "/etc/passwd"]], ids=["shell", "exec"])
+@pytest_twisted.ensureDeferred
+async def test_openssh_ssh_is_told_sftp_only(rig, tmp_path, command):
+    await rig.set_login()
+    argv = ["-e", "ssh", "-T", "-p", str(rig.port), "-o", "StrictHostKeyChecking=yes",
+            "-o", "UserKnownHostsFile=" + _known_hosts(rig, tmp_path),
+            "-o", "PubkeyAuthentication=no", "srv1@127.0.0.1", *command]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+           "SSHPASS": PASSWORD}
+    out, err, code = await getProcessOutputAndValue(shutil.which("sshpass"), argv, env=env,
+                                                   reactor=reactor)
+    assert code == 1
+    assert out == b""
+    assert b"This account is for SFTP only." in err
