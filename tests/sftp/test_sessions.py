@@ -6,11 +6,14 @@ or deleted (``close_sessions``); other servers' sessions go on.
 
 from __future__ import annotations
 
+import os
 import time
 
 import paramiko
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from tests.sftp.clients import connect
 from tests.sftp.conftest import PASSWORD
@@ -118,5 +121,43 @@ async def test_forgetting_a_deleted_server_ends_sessions_and_drops_its_login(rig
         assert await rig.service.forget_server("srv1") == {"closedSessions": 1}
         assert await rig.in_thread(_seconds_until_closed, t) < 1.0
         assert rig.service.credentials.get("srv1") is None
+    finally:
+        await rig.in_thread(t.close)
+
+
+def _fds_under(path) -> int:
+    """Open file descriptors of this process that point into ``path``."""
+    count = 0
+    prefix = os.path.realpath(path)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink("/proc/self/fd/" + fd)
+        except OSError:
+            continue
+        if target == prefix or target.startswith(prefix + "/"):
+            count += 1
+    return count
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cut_session_closes_its_files_and_root(rig):
+    await rig.set_login()
+    (rig.root() / "d").mkdir()
+    t, s = await _open(rig)
+    try:
+        def hold():
+            f = s.open("/held.bin", "w")
+            f.write(b"x")
+            f.flush()
+            return f
+
+        await rig.in_thread(hold)
+        assert _fds_under(rig.root()) >= 2  # the root, the file
+        rig.service.close_sessions("srv1")
+        for _ in range(100):
+            if _fds_under(rig.root()) == 0:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        assert _fds_under(rig.root()) == 0
     finally:
         await rig.in_thread(t.close)
