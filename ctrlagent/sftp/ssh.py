@@ -221,8 +221,12 @@ class SftpUser(conch_avatar.ConchUser):
         self.channelLookup[b"session"] = SftpSessionChannel
 
     def attach(self, ssh: transport.SSHServerTransport) -> None:
-        """Register the session of this login's connection."""
-        peer = ssh.transport.getPeer() if ssh.transport is not None else None
+        """Register the session of this login's connection (unless it is gone already)."""
+        if ssh.transport is None or getattr(ssh.transport, "disconnected", False):
+            # The client left while its password was being checked: Twisted
+            # will never log this avatar out, so it must not be registered.
+            return
+        peer = ssh.transport.getPeer()
         address = getattr(peer, "host", "?")
 
         def disconnect(reason: str) -> None:

@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from tests.sftp.clients import connect
-from tests.sftp.conftest import PASSWORD
+from tests.sftp.conftest import PASSWORD, make_config
 
 
 def _open(rig, username="srv1", password=PASSWORD):
@@ -161,3 +161,24 @@ async def test_a_cut_session_closes_its_files_and_root(rig):
         assert _fds_under(rig.root()) == 0
     finally:
         await rig.in_thread(t.close)
+
+
+def _leave_during_the_password_check(port):
+    t = paramiko.Transport(("127.0.0.1", port))
+    t.start_client(timeout=10)
+    import threading
+
+    threading.Timer(0.3, t.close).start()
+    try:
+        t.auth_password("srv1", PASSWORD)
+    except Exception:
+        pass
+    time.sleep(3.0)  # longer than the check at cost 13
+
+
+@pytest.mark.parametrize("sftp_config", [make_config(bcrypt_rounds=13)])
+@pytest_twisted.ensureDeferred
+async def test_a_client_gone_before_its_login_succeeds_leaves_no_session(rig):
+    await rig.set_login()
+    await rig.in_thread(_leave_during_the_password_check, rig.port)
+    assert rig.service.list_sessions()["sessions"] == []
