@@ -37,6 +37,10 @@ from ctrlagent.testing.engine import FakeEngine
 
 RUN = secrets.token_hex(6)
 MB = 1024 * 1024
+# Explicit process limits on every test container, as the agent's own
+# (``servers.containers.DEFAULT_ULIMITS``): Podman's defaults exceed what
+# some hosts allow (docs/RUNTIMES.md).
+ULIMITS = {"nofile": (1024, 1024), "nproc": (4096, 4096)}
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Harness:
             working_dir="/home/container",
             interactive=True,
             output_max_bytes=MB,
+            ulimits=ULIMITS,
         )
         return replace(spec, **changes)
 
@@ -478,3 +483,40 @@ async def test_ensure_image_takes_a_present_image_and_refuses_a_missing_one(
     await engine.engine.ensure_image(engine.image)
     with pytest.raises(NotFound):
         await engine.engine.ensure_image("ctrlagent-test/absent:{}".format(engine.case))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_limit_the_engine_drops_is_reported_as_a_warning(engine: Harness) -> None:
+    e = engine.engine
+    asked = ResourceLimits(memory_bytes=64 * MB, memory_swap_bytes=64 * MB, io_weight=300)
+    cid = await e.create(engine.spec(limits=asked))
+    for step in ("create", "update"):
+        got = (await e.inspect(cid)).limits
+        assert got is not None and got.memory_bytes == 64 * MB
+        warnings = e.last_warnings(cid)
+        assert isinstance(warnings, tuple) and all(isinstance(w, str) and w for w in warnings)
+        if got.io_weight != asked.io_weight:
+            # A kernel without block I/O weight: the engine dropped it, and says so.
+            assert any("I/O weight" in w for w in warnings), (step, warnings)
+        else:
+            assert warnings == (), (step, warnings)
+        asked = replace(asked, io_weight=400)
+        await e.update_limits(cid, asked)
+    await e.remove(cid)
+    assert e.last_warnings(cid) == ()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_process_limits_asked_are_the_containers(engine: Harness) -> None:
+    e = engine.engine
+    spec = engine.spec(command=("/bin/sh", "-c", "echo nofile $(ulimit -Sn) $(ulimit -Hn)"),
+                       interactive=False, ulimits={"nofile": (512, 768), "nproc": (4096, 4096)})
+    cid = await e.create(spec)
+    if engine.kind == "fake":
+        # The fake runs no process: what it was asked is what it keeps.
+        assert engine.engine.get(cid).spec.ulimits == spec.ulimits
+        return
+    await e.start(cid)
+    assert await within(15, e.wait(cid)) == 0
+    lines = await read_all(e.output(cid, follow=False))
+    assert [x.text for x in lines] == ["nofile 512 768"]
