@@ -398,6 +398,24 @@ class DockerClient:
 
     # -- engine ------------------------------------------------------------
 
+    async def call(
+        self,
+        method: str,
+        segments: tuple[str, ...],
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        kind: str = "",
+        raw: bool = False,
+    ) -> Any:
+        """
+        One request to a path this client has no method for (a runtime's
+        own endpoints beside the Docker ones, e.g. Podman's ``libpod/...``),
+        under the negotiated version prefix; the JSON answer (the bytes with
+        ``raw``), errors typed.
+        """
+        return await self._call(method, segments, query=query, body=body, kind=kind, raw=raw)
+
     async def ping(self) -> bool:
         """True when the engine answers; raises ``DockerUnavailable`` otherwise."""
         try:

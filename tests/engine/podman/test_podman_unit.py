@@ -1,0 +1,66 @@
+"""Unit tests of PodmanEngine's corrections (engine/podman/engine.py): no engine, no reactor."""
+
+from __future__ import annotations
+
+from ctrlagent.engine.docker.errors import DockerConflict, DockerError
+from ctrlagent.engine.interface import ResourceLimits
+from ctrlagent.engine.podman.engine import _as_conflict, _Numbering, dropped_limits, update_body
+
+MB = 1024 * 1024
+SECOND = 1_000_000_000
+
+
+def test_lines_of_one_whole_second_are_numbered_by_their_position() -> None:
+    numbering = _Numbering()
+    first = numbering.lines([
+        ("stdout", "2026-12-01T20:58:08Z a"),
+        ("stdout", "2026-12-01T20:58:08Z b"),
+    ])
+    more = numbering.lines([
+        ("stderr", "2026-12-01T20:58:08Z c"),
+        ("stdout", "2026-12-01T20:58:09Z d"),
+        ("stdout", "no stamp"),
+    ])
+    base = first[0].ns
+    assert base % SECOND == 0
+    assert [(x.ns - base, x.stream, x.text) for x in first + more[:2]] == [
+        (0, "stdout", "a"), (1, "stdout", "b"), (2, "stderr", "c"), (SECOND, "stdout", "d")]
+    assert (more[2].ns, more[2].text) == (0, "no stamp")
+
+
+def test_stamps_with_a_fraction_keep_their_nanosecond() -> None:
+    lines = _Numbering().lines([
+        ("stdout", "2026-12-01T20:58:08.000000005Z a"),
+        ("stdout", "2026-12-01T20:58:08.000000009Z b"),
+    ])
+    assert [x.ns % SECOND for x in lines] == [5, 9]
+
+
+def test_podmans_500_conflicts_become_conflicts_and_other_errors_stay() -> None:
+    taken = DockerError(500, 'the container name "x" is already in use by abc')
+    improper = DockerError(500, "can only kill running containers: container state improper")
+    other = DockerError(500, "runc failed")
+    assert isinstance(_as_conflict(taken), DockerConflict)
+    assert isinstance(_as_conflict(improper), DockerConflict)
+    assert _as_conflict(other) is other
+
+
+def test_update_body_is_the_oci_resources_of_the_limits() -> None:
+    body = update_body(ResourceLimits(64 * MB, -1, 150.0, 3, 200))
+    assert body == {
+        "memory": {"limit": 64 * MB, "swap": -1},
+        "cpu": {"quota": 150_000, "period": 100_000},
+        "blockIO": {"weight": 10},
+        "pids": {"limit": 200},
+    }
+    assert update_body(ResourceLimits()) == {
+        "cpu": {"quota": -1, "period": 100_000}, "blockIO": {"weight": 500}}
+
+
+def test_dropped_limits_are_named() -> None:
+    asked = ResourceLimits(64 * MB, 64 * MB, 50.0, 300, 100)
+    assert dropped_limits(asked, asked) == []
+    got = ResourceLimits(64 * MB, 64 * MB, 50.0, 0, 2048)
+    warnings = dropped_limits(asked, got)
+    assert len(warnings) == 2
+    assert "Block I/O weight 300" in warnings[0] and "PID limit 100" in warnings[1]
