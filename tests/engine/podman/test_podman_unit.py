@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from ctrlagent.config import AgentConfig
+from ctrlagent.engine import PODMAN_SOCKET, engine_client_config, make_engine, runtime_kind
 from ctrlagent.engine.docker.errors import DockerConflict, DockerError
-from ctrlagent.engine.interface import ResourceLimits
-from ctrlagent.engine.podman.engine import _as_conflict, _Numbering, dropped_limits, update_body
+from ctrlagent.engine.interface import IContainerEngine, ResourceLimits
+from ctrlagent.engine.podman.engine import (
+    PodmanEngine,
+    _as_conflict,
+    _Numbering,
+    dropped_limits,
+    update_body,
+)
+from ctrlagent.errors import ConfigInvalid
 
 MB = 1024 * 1024
 SECOND = 1_000_000_000
@@ -64,3 +79,32 @@ def test_dropped_limits_are_named() -> None:
     warnings = dropped_limits(asked, got)
     assert len(warnings) == 2
     assert "Block I/O weight 300" in warnings[0] and "PID limit 100" in warnings[1]
+
+
+class _WithRuntime(AgentConfig):
+    """``AgentConfig`` plus a ``runtime`` table (until config.py has it)."""
+
+    def __init__(self, **runtime: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "runtime", SimpleNamespace(**runtime))
+
+
+def test_make_engine_builds_podman_on_its_socket_by_the_runtime_kind() -> None:
+    config = _WithRuntime(kind="podman")
+    engine = make_engine(Clock(), config)
+    assert isinstance(engine, PodmanEngine) and engine.name == "podman"
+    assert verifyObject(IContainerEngine, engine)
+    assert engine_client_config(config).host == PODMAN_SOCKET == "unix:///run/podman/podman.sock"
+    assert engine.client.host.path == "/run/podman/podman.sock"
+    own = _WithRuntime(kind="podman", podman_host="unix:///tmp/p.sock")
+    assert engine_client_config(own).host == "unix:///tmp/p.sock"
+    assert engine_client_config(own).call_timeout == own.docker.call_timeout
+
+
+def test_the_runtime_is_docker_unless_told_and_an_unknown_one_is_refused() -> None:
+    assert runtime_kind(AgentConfig()) == "docker"
+    assert runtime_kind(_WithRuntime(kind="")) == "docker"
+    docker = _WithRuntime(kind="docker", podman_host="unix:///tmp/p.sock")
+    assert engine_client_config(docker) is docker.docker
+    with pytest.raises(ConfigInvalid, match="unknown container runtime 'lxc'"):
+        make_engine(Clock(), _WithRuntime(kind="lxc"))
