@@ -405,16 +405,19 @@ class DockerClient:
         *,
         query: Mapping[str, Any] | None = None,
         body: Any = None,
+        headers: Mapping[str, str] | None = None,
         kind: str = "",
         raw: bool = False,
+        timeout: float | None = -1.0,
     ) -> Any:
         """
         One request to a path this client has no method for (a runtime's
         own endpoints beside the Docker ones, e.g. Podman's ``libpod/...``),
         under the negotiated version prefix; the JSON answer (the bytes with
-        ``raw``), errors typed.
+        ``raw``), errors typed.  ``timeout`` -1 is ``call_timeout``, None none.
         """
-        return await self._call(method, segments, query=query, body=body, kind=kind, raw=raw)
+        return await self._call(method, segments, query=query, body=body, headers=headers,
+                                kind=kind, raw=raw, timeout=timeout)
 
     async def ping(self) -> bool:
         """True when the engine answers; raises ``DockerUnavailable`` otherwise."""

@@ -23,6 +23,12 @@ where they show (docs/RUNTIMES.md lists them with the evidence):
   fraction, so many lines share one; a line's nanosecond is then its second
   plus its position among the lines of that second, which every read from
   the start of the second numbers alike (reads always start there).
+- **Loopback registries.**  Docker pulls from a registry on loopback over
+  plain HTTP; Podman's compat pull insists on TLS ("server gave HTTP
+  response to HTTPS client").  Such pulls go through libpod's
+  ``POST /libpod/images/pull`` with ``tlsVerify=false``, which the compat
+  endpoint does not take.  Short names are pulled from Docker Hub, as
+  Docker does (Podman's compat API enforces that itself).
 - **Event filters.**  An ``event=die`` filter matches nothing (Podman's own
   name is "died"): events are asked unfiltered by action and filtered here.
 
@@ -32,8 +38,10 @@ networks, attach for stdin, stats, event documents) behaves as Docker's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
+from ipaddress import ip_address
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -42,9 +50,9 @@ from zope.interface import implementer
 from ctrlagent.engine.docker.bodies import blkio_weight, create_body
 from ctrlagent.engine.docker.client import CONTAINER_EVENTS, DockerClient
 from ctrlagent.engine.docker.engine import DockerEngine, _Events, container_state
-from ctrlagent.engine.docker.errors import DockerConflict, DockerError
+from ctrlagent.engine.docker.errors import DockerConflict, DockerError, ImageNotFound
 from ctrlagent.engine.docker.eventstream import ResumableEvents
-from ctrlagent.engine.docker.models import DockerEvent
+from ctrlagent.engine.docker.models import DockerEvent, parse_image_ref
 from ctrlagent.engine.docker.streams import ItemStream
 from ctrlagent.engine.docker.timefmt import split_timestamp
 from ctrlagent.engine.interface import (
@@ -228,6 +236,31 @@ class _PodmanEvents(_Events):
                 return event
 
 
+def _loopback(registry: str) -> bool:
+    """True for a registry on this machine's loopback (``localhost``, ``127.x``, ``[::1]``)."""
+    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
+    host = host.strip("[]")
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _pull_error(ref: str, registry: str, answer: bytes) -> DockerError | None:
+    """The failure a libpod pull answer ends with (JSON lines, the last ``error``), if any."""
+    for line in reversed(answer.decode("utf-8", "replace").splitlines()):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("error"):
+            # Classified in Docker's words (not found, auth, unreachable).
+            return DockerClient._pull_error(ref, registry, 0, str(doc["error"])[:1000])
+        if isinstance(doc, dict) and (doc.get("id") or doc.get("images")):
+            return None
+    return None
+
+
 @implementer(IContainerEngine)
 class PodmanEngine(DockerEngine):
     """``IContainerEngine`` over a Podman service (see the module docstring)."""
@@ -238,6 +271,32 @@ class PodmanEngine(DockerEngine):
         super().__init__(client, clock, **kw)
         # Container id -> (the run's start, the limits applied to it live).
         self._live: dict[str, tuple[int | None, ResourceLimits]] = {}
+
+    async def ensure_image(self, ref: str) -> None:
+        registry = parse_image_ref(ref).registry
+        if not _loopback(registry):
+            await super().ensure_image(ref)
+            return
+        policy = self.client.config.pull_policy
+        if policy != "always":
+            try:
+                await self.client.image_inspect(ref)
+                return
+            except ImageNotFound:
+                if policy == "never":
+                    raise ImageNotFound(
+                        "image {} is not present and the pull policy is 'never'".format(ref)
+                    ) from None
+        auth = self.client.registry_auth(registry)
+        answer = await self.client.call(
+            "POST", ("libpod", "images", "pull"),
+            query={"reference": ref, "tlsVerify": False, "quiet": True},
+            headers={"X-Registry-Auth": auth} if auth else None,
+            kind="image", raw=True, timeout=None,
+        )
+        error = _pull_error(ref, registry, answer)
+        if error is not None:
+            raise error
 
     async def create(self, spec: ContainerSpec) -> str:
         try:

@@ -10,12 +10,14 @@ from zope.interface.verify import verifyObject
 
 from ctrlagent.config import AgentConfig
 from ctrlagent.engine import PODMAN_SOCKET, engine_client_config, make_engine, runtime_kind
-from ctrlagent.engine.docker.errors import DockerConflict, DockerError
+from ctrlagent.engine.docker.errors import DockerConflict, DockerError, ImageNotFound, PullFailed
 from ctrlagent.engine.interface import IContainerEngine, ResourceLimits
 from ctrlagent.engine.podman.engine import (
     PodmanEngine,
     _as_conflict,
+    _loopback,
     _Numbering,
+    _pull_error,
     dropped_limits,
     update_body,
 )
@@ -108,3 +110,24 @@ def test_the_runtime_is_docker_unless_told_and_an_unknown_one_is_refused() -> No
     assert engine_client_config(docker) is docker.docker
     with pytest.raises(ConfigInvalid, match="unknown container runtime 'lxc'"):
         make_engine(Clock(), _WithRuntime(kind="lxc"))
+
+
+@pytest.mark.parametrize(
+    ("registry", "loopback"),
+    [("127.0.0.1:5000", True), ("localhost:5000", True), ("localhost", True),
+     ("[::1]:5000", True), ("127.8.9.1", True), ("docker.io", False),
+     ("10.0.0.5:5000", False), ("ghcr.io", False), ("localhost.evil.com", False)],
+)
+def test_only_registries_on_loopback_are_pulled_without_tls(registry: str, loopback: bool) -> None:
+    assert _loopback(registry) is loopback
+
+
+def test_a_libpod_pull_answer_ends_in_an_error_or_an_image() -> None:
+    ok = b'{"stream":"Copying blob"}\n{"images":["abc"],"id":"abc"}\n'
+    assert _pull_error("r:1", "127.0.0.1:5000", ok) is None
+    missing = b'{"stream":"x"}\n{"error":"reading manifest 2 in r: manifest unknown"}\n'
+    assert isinstance(_pull_error("r:2", "127.0.0.1:5000", missing), ImageNotFound)
+    refused = b'{"error":"dial tcp 127.0.0.1:5000: connection refused"}\n'
+    error = _pull_error("r:3", "127.0.0.1:5000", refused)
+    assert isinstance(error, PullFailed) and not isinstance(error, ImageNotFound)
+    assert "127.0.0.1:5000" in error.message
