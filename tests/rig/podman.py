@@ -31,10 +31,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,6 +58,85 @@ from tests.rig.dockerd import (
 from tests.rig.processes import ProcessIdentity, spawn_logged, stop_process, wait_until_ready
 
 _CLI_TIMEOUT = 60.0
+_CNI_BRIDGE = re.compile(r"cni-podman[0-9]{1,4}")
+
+
+def _iptables(*args: str) -> subprocess.CompletedProcess[str] | None:
+    if shutil.which("iptables") is None:
+        return None
+    try:
+        return subprocess.run(["iptables", *args], capture_output=True, text=True,
+                              timeout=_CLI_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _rules(table: str) -> list[list[str]]:
+    """The rules of ``table`` as ``iptables -S`` prints them, split into arguments."""
+    done = _iptables("-t", table, "-S")
+    if done is None or done.returncode != 0:
+        return []
+    out = []
+    for line in done.stdout.splitlines():
+        try:
+            out.append(shlex.split(line))
+        except ValueError:
+            continue
+    return out
+
+
+def cni_chains() -> set[str]:
+    """The CNI plugins' chains (``CNI-...``) of the filter and nat tables now."""
+    return {
+        "{}:{}".format(table, rule[1])
+        for table in ("filter", "nat")
+        for rule in _rules(table)
+        if len(rule) == 2 and rule[0] == "-N" and rule[1].startswith("CNI-")
+    }
+
+
+def remove_cni_rules(bridges: Iterable[str], chains_before: set[str]) -> None:
+    """
+    Remove what the CNI plugins left in iptables for ``bridges``: every rule
+    naming one of them (or a ``cni-podman<n>`` bridge that is gone) as in- or
+    out-interface, then the ``CNI-`` chains this
+    run made (absent from ``chains_before``) once no rule in them names any
+    interface or address, with the jumps to them.  The firewall plugin of
+    Podman's networks leaves its isolation rules behind after the last
+    container is gone.
+    """
+    names = set(bridges)
+    # CNI names Podman's bridges cni-podman<n>: rules naming one that is no
+    # longer a link are leftovers too (a network removed before stop()).
+    present = {link.name for link in host_links()}
+    for table in ("filter", "nat"):
+        for rule in _rules(table):
+            if rule[:1] != ["-A"] or len(rule) < 2:
+                continue
+            ifaces = {rule[i + 1] for i, a in enumerate(rule[:-1]) if a in ("-i", "-o")}
+            dangling = {n for n in ifaces if _CNI_BRIDGE.fullmatch(n) and n not in present}
+            if ifaces & names or dangling:
+                _iptables("-t", table, "-D", *rule[1:])
+        made = {c.split(":", 1)[1] for c in cni_chains() - chains_before
+                if c.startswith(table + ":")}
+        rules = _rules(table)
+        busy = {
+            rule[1] for rule in rules
+            if rule[:1] == ["-A"] and len(rule) > 1 and rule[1] in made
+            and any(a in ("-i", "-o", "-s", "-d") for a in rule)
+        }
+        drop = made - busy
+        if not drop:
+            continue
+        for rule in rules:
+            if rule[:1] == ["-A"] and len(rule) > 1 and rule[1] not in drop and any(
+                rule[i] == "-j" and rule[i + 1] in drop for i in range(len(rule) - 1)
+            ):
+                _iptables("-t", table, "-D", *rule[1:])
+        for chain in drop:
+            _iptables("-t", table, "-F", chain)
+        for chain in drop:
+            _iptables("-t", table, "-X", chain)
 
 
 def podman_available() -> bool:
@@ -84,6 +166,8 @@ class PrivatePodman:
         self.process: subprocess.Popen[bytes] | None = None
         self._record: EngineRecord | None = None
         self.log_path = self.base / "podman.log"
+        # The CNI chains that were there before this service: never removed.
+        self._chains_before: set[str] | None = None
 
     @property
     def socket_path(self) -> str:
@@ -161,7 +245,10 @@ class PrivatePodman:
             'unqualified-search-registries = []\nshort-name-mode = "permissive"\n'
         )
         # The default network: the rig's own bridge, no NAT, no firewall
-        # rules (the tests talk to loopback and to their containers only).
+        # rules, no port mapping (CNI's portmap and firewall plugins write
+        # iptables rules; the tests talk to loopback and to their containers
+        # only).  Networks created through the API get Podman's usual plugins;
+        # stop() removes the rules those leave.
         gateway = "10.{}.255.1".format(self.octet)
         conflist = {
             "cniVersion": "0.4.0",
@@ -179,7 +266,6 @@ class PrivatePodman:
                         "ranges": [[{"subnet": self.subnet, "gateway": gateway}]],
                     },
                 },
-                {"type": "portmap", "capabilities": {"portMappings": True}},
             ],
         }
         (base / "cni" / "{}.conflist".format(self.bridge)).write_text(json.dumps(conflist))
@@ -230,6 +316,8 @@ class PrivatePodman:
             return self
         if self._record is None:
             self._claim()
+        if self._chains_before is None:
+            self._chains_before = cni_chains()
         try:
             self._write_config()
             self.process = spawn_logged(
@@ -340,6 +428,7 @@ class PrivatePodman:
                                            capture_output=True, timeout=_CLI_TIMEOUT,
                                            check=False)
                     left = engine_links(self.bridge, pool, claims)
+                    remove_cni_rules([self.bridge, *bridges], self._chains_before or set())
             unmount_under(self.base)
             if self._made_dir:
                 shutil.rmtree(self.base, ignore_errors=True)
