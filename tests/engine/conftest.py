@@ -7,6 +7,8 @@ Fixtures of the engine tests beside the Docker rig of ``tests/conftest.py``.
   where that is an error: a skipped integration suite is a failed CI.
 - ``podman_scripted_image`` (session): the scripted game image, copied from
   the Docker test engine (``docker save | podman load``, once per run).
+- ``podman_minetest_image`` (session): the real game server, imported from
+  the cached Minetest rootfs (``tests/rig/images.py``).
 """
 
 from __future__ import annotations
@@ -39,3 +41,8 @@ def podman_scripted_image(
     podman_service: PrivatePodman, docker_engine: object, scripted_image: str
 ) -> str:
     return podman_service.load_from_docker(docker_engine.host, scripted_image)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def podman_minetest_image(podman_service: PrivatePodman) -> str:
+    return podman_service.import_minetest()
