@@ -411,6 +411,15 @@ class PrivatePodman:
                 continue
         return [n for n in names if n != self.bridge]
 
+    def kill_service(self, sig: int = signal.SIGTERM) -> None:
+        """
+        Stop the service process only: its containers keep running under
+        conmon, and ``start()`` serves them again (restart tests).
+        """
+        self._set_service(None)  # the owner holds the record meanwhile
+        stop_process(self.process, sig, 30.0)
+        self.process = None
+
     def remove_all(self) -> None:
         """Force-remove every container and every created network of this service."""
         if self.process is None or not engine_answers(self.socket_path):
