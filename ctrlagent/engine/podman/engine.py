@@ -123,11 +123,15 @@ class _Numbering:
         out: list[LogLine] = []
         for stream, raw in batch:
             ns, text = split_timestamp(raw)
+            if not ns:
+                # No stamp: no identity, and no break in the second's count.
+                out.append(LogLine(0, stream, text))
+                continue
             if ns == self._stamp:
                 self._seen += 1
             else:
                 self._stamp, self._seen = ns, 0
-            out.append(LogLine(ns + self._seen if ns else 0, stream, text))
+            out.append(LogLine(ns + self._seen, stream, text))
         return out
 
 
@@ -304,7 +308,10 @@ class PodmanEngine(DockerEngine):
                 spec.name, create_body(spec))
         except DockerError as e:
             raise _as_conflict(e) from None
-        got = (await self.inspect(cid)).limits
+        try:
+            got = (await self.inspect(cid)).limits
+        except DockerError:
+            got = None  # created; what it kept cannot be told now
         if got is not None:
             warnings = [*warnings, *dropped_limits(spec.limits, got)]
         self._remember(cid, warnings)
