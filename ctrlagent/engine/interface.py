@@ -305,7 +305,12 @@ class IContainerEngine(Interface):
         """Remove the container, killing it first when it runs."""
 
     def update_limits(cid: str, limits: ResourceLimits) -> Awaitable[None]:
-        """Change the resource limits of a (running) container live."""
+        """
+        Change the resource limits of a running container live.  An engine
+        that cannot change a container that does not run says ``Conflict``
+        (Podman 4.3); one that keeps the change for the current run only
+        says so in ``last_warnings`` (docs/RUNTIMES.md).
+        """
 
     def output(
         cid: str, *, follow: bool, since_ns: int | None = None, tail: int | None = None
