@@ -2,8 +2,8 @@
 The container-engine seam: exactly what the server domain needs from a runtime.
 
 ``servers/`` speaks only this module: ``IContainerEngine`` and its neutral
-records, with no engine's field names.  A runtime (``engine/docker``, later
-Podman) implements the interface; ``ctrlagent.testing.engine.FakeEngine`` does
+records, with no engine's field names.  A runtime (``engine/docker``,
+``engine/podman``) implements the interface; ``ctrlagent.testing.engine.FakeEngine`` does
 it in memory.  Errors are ``ctrlagent.errors`` only: ``NotFound`` (no such
 container, image or network), ``Conflict`` (a name taken, a container not
 running), ``EngineUnavailable`` (no answer) and ``EngineError`` (any other
@@ -29,6 +29,7 @@ __all__ = [
     "PortBinding",
     "ResourceLimits",
     "Confinement",
+    "ULIMIT_NAMES",
     "ContainerSpec",
     "ContainerState",
     "EngineEvent",
@@ -105,6 +106,14 @@ class Confinement:
     no_devices: bool = False
 
 
+# The process limits a container may set (``setrlimit`` names without
+# ``RLIMIT_``, as Docker's and Podman's ``--ulimit`` spell them).
+ULIMIT_NAMES = (
+    "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+    "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack",
+)
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """
@@ -115,6 +124,9 @@ class ContainerSpec:
     process is then PID 1 itself, with no init in front of it, so stop
     signals reach it).  ``output_max_bytes``/``output_max_files`` bound the
     output the engine keeps for replay (0 = the engine's default).
+    ``ulimits`` are the process limits of the container, name (one of
+    ``ULIMIT_NAMES``) to ``(soft, hard)``; the ones not named are the
+    engine's defaults.
     """
 
     name: str
@@ -134,6 +146,7 @@ class ContainerSpec:
     interactive: bool = False
     output_max_bytes: int = 0
     output_max_files: int = 1
+    ulimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -248,7 +261,7 @@ class IStdinPipe(Interface):
 class IContainerEngine(Interface):
     """A container runtime, as the server domain uses it."""
 
-    name = Attribute("str: the runtime's name, 'docker' (later 'podman')")
+    name = Attribute("str: the runtime's name, 'docker' or 'podman'")
 
     def ping() -> Awaitable[bool]:
         """True when the engine answers, False when it cannot be reached (never raises)."""
@@ -264,6 +277,14 @@ class IContainerEngine(Interface):
 
     def create(spec: ContainerSpec) -> Awaitable[str]:
         """Create the container; its id.  ``Conflict`` when the name is taken."""
+
+    def last_warnings(cid: str) -> tuple[str, ...]:
+        """
+        What the engine warned of when it last created ``cid`` or updated its
+        limits, in its own words: settings it accepted but does not apply
+        (a kernel without block I/O weight, ...).  Empty when it warned of
+        nothing, or when this engine object neither created nor updated it.
+        """
 
     def start(cid: str) -> Awaitable[None]:
         """Start the container (already running is fine)."""
@@ -284,7 +305,12 @@ class IContainerEngine(Interface):
         """Remove the container, killing it first when it runs."""
 
     def update_limits(cid: str, limits: ResourceLimits) -> Awaitable[None]:
-        """Change the resource limits of a (running) container live."""
+        """
+        Change the resource limits of a running container live.  An engine
+        that cannot change a container that does not run says ``Conflict``
+        (Podman 4.3); one that keeps the change for the current run only
+        says so in ``last_warnings`` (docs/RUNTIMES.md).
+        """
 
     def output(
         cid: str, *, follow: bool, since_ns: int | None = None, tail: int | None = None

@@ -25,7 +25,8 @@ every event one too.  ``break_engine()``/``restore_engine()`` take the engine
 away and back (calls fail with ``EngineUnavailable``, streams end, event
 streams report the break and resume without replaying anything);
 ``print()``/``die()`` let a test act as the game.  ``created`` records every
-``ContainerSpec`` created, ``kills`` every ``(cid, signal)``.
+``ContainerSpec`` created, ``kills`` every ``(cid, signal)``; every create
+and update warns of ``warns`` (``last_warnings``).
 """
 
 from __future__ import annotations
@@ -252,6 +253,11 @@ class FakeEngine:
         self.event_streams: set[FakeEvents] = set()
         # When set, reading output without following waits for it (a slow history).
         self.history_gate: Deferred[None] | None = None
+        # What the engine warns of on every create and update (a test sets it
+        # to play an engine that drops a setting, as Docker on a kernel
+        # without block I/O weight).
+        self.warns: tuple[str, ...] = ()
+        self._warnings: dict[str, tuple[str, ...]] = {}
         self._ids = itertools.count(1)
         self._last_ns = 0
 
@@ -396,7 +402,11 @@ class FakeEngine:
         cid = "{:064x}".format(next(self._ids))
         self.created.append(spec)
         self.containers[cid] = FakeContainer(cid, spec, spec.limits)
+        self._warnings[cid] = self.warns
         return cid
+
+    def last_warnings(self, cid: str) -> tuple[str, ...]:
+        return self._warnings.get(cid, ())
 
     async def start(self, cid: str) -> None:
         self._check()
@@ -525,6 +535,7 @@ class FakeEngine:
             self._event("kill", c)
             self.die(c.cid, 137)
         del self.containers[c.cid]
+        self._warnings.pop(c.cid, None)
         for follower in c.followers + c.stats_followers:
             follower.end()
         waiters, c.waiters = c.waiters, []
@@ -534,7 +545,9 @@ class FakeEngine:
 
     async def update_limits(self, cid: str, limits: ResourceLimits) -> None:
         self._check()
-        self.get(cid).limits = limits
+        c = self.get(cid)
+        c.limits = limits
+        self._warnings[c.cid] = self.warns
 
     def _failed(self, cid: str) -> FakeStream | None:
         """A stream ending at once with the error a call on ``cid`` meets now, if any."""

@@ -32,11 +32,16 @@ from ctrlagent.engine.interface import (
     ResourceLimits,
     StatsSample,
 )
+from ctrlagent.engine.podman.engine import RESTART_WARNING
 from ctrlagent.errors import Conflict, EngineError, NotFound
 from ctrlagent.testing.engine import FakeEngine
 
 RUN = secrets.token_hex(6)
 MB = 1024 * 1024
+# Explicit process limits on every test container, as the agent's own
+# (``servers.containers.DEFAULT_ULIMITS``): Podman's defaults exceed what
+# some hosts allow (docs/RUNTIMES.md).
+ULIMITS = {"nofile": (1024, 1024), "nproc": (4096, 4096)}
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Harness:
             working_dir="/home/container",
             interactive=True,
             output_max_bytes=MB,
+            ulimits=ULIMITS,
         )
         return replace(spec, **changes)
 
@@ -149,7 +155,11 @@ def open_events(h: Harness, since_ns: int | None = None) -> Events:
 
 
 @pytest_twisted.async_yield_fixture(
-    params=["fake", pytest.param("docker", marks=pytest.mark.docker)]
+    params=[
+        "fake",
+        pytest.param("docker", marks=pytest.mark.docker),
+        pytest.param("podman", marks=pytest.mark.docker),
+    ]
 )
 async def engine(request: Any) -> AsyncIterator[Harness]:
     if request.param == "fake":
@@ -159,14 +169,21 @@ async def engine(request: Any) -> AsyncIterator[Harness]:
     from ctrlagent.config import DockerConfig
     from ctrlagent.engine.docker import DockerClient
     from ctrlagent.engine.docker.engine import DockerEngine
+    from ctrlagent.engine.podman import PodmanEngine
 
-    docker_engine = request.getfixturevalue("docker_engine")
-    image = request.getfixturevalue("scripted_image")
+    if request.param == "podman":
+        host = request.getfixturevalue("podman_service").host
+        image = request.getfixturevalue("podman_scripted_image")
+        kind: Any = PodmanEngine
+    else:
+        host = request.getfixturevalue("docker_engine").host
+        image = request.getfixturevalue("scripted_image")
+        kind = DockerEngine
     client = DockerClient.from_config(
-        reactor, DockerConfig(host=docker_engine.host, call_timeout=15.0, pull_policy="never")
+        reactor, DockerConfig(host=host, call_timeout=15.0, pull_policy="never")
     )
-    harness = Harness(DockerEngine(client, reactor, events_retry=0.1, events_retry_max=0.5),
-                      image, "docker")
+    harness = Harness(kind(client, reactor, events_retry=0.1, events_retry_max=0.5),
+                      image, request.param)
     try:
         yield harness
     finally:
@@ -185,7 +202,7 @@ async def engine(request: Any) -> AsyncIterator[Harness]:
 
 def test_the_engine_provides_the_interface(engine: Harness) -> None:
     assert verifyObject(IContainerEngine, engine.engine)
-    assert engine.engine.name in ("fake", "docker")
+    assert engine.engine.name == engine.kind
 
 
 @pytest_twisted.ensureDeferred
@@ -478,3 +495,78 @@ async def test_ensure_image_takes_a_present_image_and_refuses_a_missing_one(
     await engine.engine.ensure_image(engine.image)
     with pytest.raises(NotFound):
         await engine.engine.ensure_image("ctrlagent-test/absent:{}".format(engine.case))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_limit_the_engine_drops_is_reported_as_a_warning(engine: Harness) -> None:
+    e = engine.engine
+    asked = ResourceLimits(memory_bytes=64 * MB, memory_swap_bytes=64 * MB, io_weight=300)
+    cid = await engine.started(limits=asked)
+    for step in ("create", "update"):
+        got = (await e.inspect(cid)).limits
+        assert got is not None and got.memory_bytes == 64 * MB
+        warnings = e.last_warnings(cid)
+        assert isinstance(warnings, tuple) and all(isinstance(w, str) and w for w in warnings)
+        if got.io_weight != asked.io_weight:
+            # A kernel without block I/O weight: the engine dropped it, and says so.
+            assert any("I/O weight" in w for w in warnings), (step, warnings)
+        elif engine.kind == "podman" and step == "update":
+            assert warnings == (RESTART_WARNING,)
+        else:
+            assert warnings == (), (step, warnings)
+        asked = replace(asked, io_weight=400)
+        await e.update_limits(cid, asked)
+    await e.remove(cid)
+    assert e.last_warnings(cid) == ()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_process_limits_asked_are_the_containers(engine: Harness) -> None:
+    e = engine.engine
+    spec = engine.spec(command=("/bin/sh", "-c", "echo nofile $(ulimit -Sn) $(ulimit -Hn)"),
+                       interactive=False, ulimits={"nofile": (512, 768), "nproc": (4096, 4096)})
+    cid = await e.create(spec)
+    if engine.kind == "fake":
+        # The fake runs no process: what it was asked is what it keeps.
+        assert engine.engine.get(cid).spec.ulimits == spec.ulimits
+        return
+    await e.start(cid)
+    assert await within(15, e.wait(cid)) == 0
+    lines = await read_all(e.output(cid, follow=False))
+    assert [x.text for x in lines] == ["nofile 512 768"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_live_limit_change_lasts_past_a_restart_or_is_warned_of(engine: Harness) -> None:
+    e = engine.engine
+    first = ResourceLimits(memory_bytes=64 * MB, memory_swap_bytes=64 * MB, pids=100)
+    second = ResourceLimits(memory_bytes=96 * MB, memory_swap_bytes=96 * MB, pids=200)
+    cid = await engine.started(limits=first)
+    await e.update_limits(cid, second)
+    await e.kill(cid, "SIGKILL")
+    await within(15, e.wait(cid))
+    await e.start(cid)
+    got = (await e.inspect(cid)).limits
+    assert got is not None
+    if engine.kind == "podman":
+        # Podman 4.3 changes the running cgroups only and says so.
+        assert (got.memory_bytes, got.pids) == (64 * MB, 100)
+        assert RESTART_WARNING in e.last_warnings(cid)
+    else:
+        assert (got.memory_bytes, got.pids) == (96 * MB, 200)
+
+
+@pytest_twisted.ensureDeferred
+async def test_limits_of_a_container_that_does_not_run(engine: Harness) -> None:
+    e = engine.engine
+    cid = await e.create(engine.spec(limits=ResourceLimits(memory_bytes=64 * MB,
+                                                           memory_swap_bytes=64 * MB)))
+    later = ResourceLimits(memory_bytes=96 * MB, memory_swap_bytes=96 * MB)
+    if engine.kind == "podman":
+        # Podman 4.3 updates the cgroups of a running container only.
+        with pytest.raises(Conflict):
+            await e.update_limits(cid, later)
+        return
+    await e.update_limits(cid, later)
+    got = (await e.inspect(cid)).limits
+    assert got is not None and got.memory_bytes == 96 * MB

@@ -185,3 +185,20 @@ async def test_a_broken_engine_fails_calls_ends_streams_and_resumes_events_once(
     async for batch in lines.batches():
         after.extend(batch)
     assert after and all(line.ns > got[-1].at_ns for line in after)
+
+
+@pytest_twisted.ensureDeferred
+async def test_warnings_it_is_told_to_give_come_with_create_and_update_until_removed() -> None:
+    engine = FakeEngine(Clock())
+    quiet = await engine.create(game(name="quiet"))
+    engine.warns = ("Block I/O weight discarded",)
+    loud = await engine.create(game(name="loud"))
+    assert (engine.last_warnings(quiet), engine.last_warnings(loud)) == (
+        (), ("Block I/O weight discarded",))
+    await engine.update_limits(quiet, engine.get(quiet).limits)
+    assert engine.last_warnings(quiet) == ("Block I/O weight discarded",)
+    engine.warns = ()
+    await engine.update_limits(loud, engine.get(loud).limits)
+    assert engine.last_warnings(loud) == ()
+    await engine.remove(quiet)
+    assert engine.last_warnings(quiet) == ()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
 from ctrlagent.config import ServersConfig
 from ctrlagent.engine.interface import Mount, PortBinding, ResourceLimits
-from ctrlagent.errors import InvalidInput
+from ctrlagent.errors import ConfigInvalid, InvalidInput
 from ctrlagent.servers import containers
 from ctrlagent.servers import spec as specs
 from ctrlagent.servers.spec import ServerSpec, parse_spec
@@ -133,3 +134,50 @@ def test_install_user_server_takes_the_servers_user_or_the_agents_uid() -> None:
 def test_install_container_of_a_server_without_script_is_refused() -> None:
     with pytest.raises(InvalidInput):
         containers.install_container(parse(), "/d", "/s", DEFAULTS, "bridge")
+
+
+class _WithUlimits:
+    """``ServersConfig`` plus a ``ulimits`` setting (until config.py has the key)."""
+
+    def __init__(self, ulimits: object) -> None:
+        self.ulimits = ulimits
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(DEFAULTS, name)
+
+
+def test_both_containers_get_the_default_process_limits() -> None:
+    spec = parse(install="true")
+    server = containers.server_container(spec, "/d", DEFAULTS, "bridge")
+    install = containers.install_container(spec, "/d", "/s", DEFAULTS, "bridge")
+    assert server.ulimits == install.ulimits == dict(containers.DEFAULT_ULIMITS)
+    assert containers.DEFAULT_ULIMITS["nofile"][0] <= containers.DEFAULT_ULIMITS["nofile"][1]
+
+
+def test_the_operators_process_limits_replace_the_defaults() -> None:
+    servers = _WithUlimits({"nofile": [1024, 4096], "nproc": 2048})
+    c = containers.server_container(parse(), "/d", servers, "bridge")  # type: ignore[arg-type]
+    assert c.ulimits == {"nofile": (1024, 4096), "nproc": (2048, 2048)}
+    assert containers.ulimits(_WithUlimits({})) == {}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ({"files": 10}, "servers.ulimits.files: unknown limit"),
+        ({"nofile": -1}, "servers.ulimits.nofile"),
+        ({"nofile": [10, 5]}, "soft limit 10 is above the hard limit 5"),
+        ({"nofile": [1, 2, 3]}, "pair"),
+        ({"nofile": True}, "servers.ulimits.nofile"),
+        ({"nofile": "1024"}, "servers.ulimits.nofile"),
+        ({"nofile": 2**64}, "servers.ulimits.nofile"),
+        (["nofile"], "a table"),
+    ],
+)
+def test_process_limits_that_are_not_limits_are_refused_naming_the_entry(
+    value: object, words: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        containers.parse_ulimits(value)
+    with pytest.raises(ConfigInvalid, match=re.escape(words)):
+        containers.ulimits(_WithUlimits(value))  # type: ignore[arg-type]

@@ -10,11 +10,19 @@ Pure: no reactor, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ctrlagent.engine.interface import ContainerSpec, PortBinding, ResourceLimits
 
-__all__ = ["create_body", "resources_body", "blkio_weight", "nano_cpus", "port_bindings"]
+__all__ = [
+    "create_body",
+    "resources_body",
+    "blkio_weight",
+    "nano_cpus",
+    "port_bindings",
+    "ulimits_body",
+]
 
 MB = 1024 * 1024
 
@@ -58,6 +66,14 @@ def port_bindings(
     return exposed, bindings
 
 
+def ulimits_body(ulimits: Mapping[str, tuple[int, int]]) -> list[dict[str, Any]]:
+    """``HostConfig.Ulimits`` of ``ulimits`` (name to soft/hard), by name."""
+    return [
+        {"Name": name, "Soft": soft, "Hard": hard}
+        for name, (soft, hard) in sorted(ulimits.items())
+    ]
+
+
 def _size(value: int) -> str:
     if value % MB == 0:
         return "{}m".format(value // MB)
@@ -96,6 +112,8 @@ def create_body(spec: ContainerSpec) -> dict[str, Any]:
                 "max-file": str(spec.output_max_files),
             },
         }
+    if spec.ulimits:
+        host["Ulimits"] = ulimits_body(spec.ulimits)
     if confinement.no_new_privileges:
         host["SecurityOpt"] = ["no-new-privileges"]
     if confinement.cap_drop:

@@ -190,6 +190,14 @@ class _CappedBody(Protocol):
             self.finished.errback(reason)
 
 
+def _warnings(result: Any) -> list[str]:
+    """The ``Warnings`` of a create or update answer, as strings (none when absent)."""
+    found = result.get("Warnings") if isinstance(result, dict) else None
+    if not isinstance(found, list):
+        return []
+    return [str(w) for w in found if w]
+
+
 def _error_message(body: bytes) -> str:
     text = body.decode("utf-8", "replace").strip()
     try:
@@ -389,6 +397,27 @@ class DockerClient:
         return await self._timed(run(), timeout, what)
 
     # -- engine ------------------------------------------------------------
+
+    async def call(
+        self,
+        method: str,
+        segments: tuple[str, ...],
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        kind: str = "",
+        raw: bool = False,
+        timeout: float | None = -1.0,
+    ) -> Any:
+        """
+        One request to a path this client has no method for (a runtime's
+        own endpoints beside the Docker ones, e.g. Podman's ``libpod/...``),
+        under the negotiated version prefix; the JSON answer (the bytes with
+        ``raw``), errors typed.  ``timeout`` -1 is ``call_timeout``, None none.
+        """
+        return await self._call(method, segments, query=query, body=body, headers=headers,
+                                kind=kind, raw=raw, timeout=timeout)
 
     async def ping(self) -> bool:
         """True when the engine answers; raises ``DockerUnavailable`` otherwise."""
@@ -601,13 +630,21 @@ class DockerClient:
         404 means the image is missing (``ImageNotFound``), 409 that the name
         is taken (``DockerConflict``).
         """
+        cid, _warnings = await self.container_create_warned(name, spec)
+        return cid
+
+    async def container_create_warned(
+        self, name: str | None, spec: dict[str, Any]
+    ) -> tuple[str, list[str]]:
+        """``container_create`` with the engine's warnings (settings it dropped)."""
         query = {"name": name} if name else None
         result = await self._call(
             "POST", ("containers", "create"), query=query, body=spec, kind="image"
         )
-        for warning in result.get("Warnings") or ():
+        warnings = _warnings(result)
+        for warning in warnings:
             self.log.info("container {name}: engine warning: {warning}", name=name, warning=warning)
-        return str(result["Id"])
+        return str(result["Id"]), warnings
 
     async def container_start(self, cid: str) -> None:
         """Start the container (already running is fine)."""
@@ -674,14 +711,16 @@ class DockerClient:
             query["filters"] = {"label": filters}
         return list(await self._call("GET", ("containers", "json"), query=query))
 
-    async def container_update(self, cid: str, resources: dict[str, Any]) -> None:
-        """Change resource limits of a (running) container live."""
+    async def container_update(self, cid: str, resources: dict[str, Any]) -> list[str]:
+        """Change resource limits of a (running) container live; the engine's warnings."""
         cid = self._object_id(cid, "container")
         result = await self._call(
             "POST", ("containers", cid, "update"), body=resources, kind="container"
         )
-        for warning in (result or {}).get("Warnings") or ():
+        warnings = _warnings(result)
+        for warning in warnings:
             self.log.info("container {cid}: engine warning: {warning}", cid=cid, warning=warning)
+        return warnings
 
     async def container_wait(
         self, cid: str, condition: str = "not-running", timeout: float | None = None

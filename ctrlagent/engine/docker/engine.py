@@ -12,7 +12,7 @@ typed ones, all ``ctrlagent.errors`` categories (``NotFound``, ``Conflict``,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -45,6 +45,9 @@ from ctrlagent.errors import EngineError
 __all__ = ["DockerEngine", "container_state", "summary_state", "stats_sample", "engine_event"]
 
 classImplements(StdinPipe, IStdinPipe)
+
+# How many containers' create/update warnings an engine object keeps.
+_WARNINGS_KEPT = 1024
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -224,6 +227,8 @@ class DockerEngine:
         self._clock = clock
         self._events_retry = events_retry
         self._events_retry_max = events_retry_max
+        # Container id -> the engine's warnings of its last create or update.
+        self._warnings: dict[str, tuple[str, ...]] = {}
 
     async def close(self) -> None:
         """Close the client's idle connections (open streams are their owners')."""
@@ -258,7 +263,22 @@ class DockerEngine:
     # -- containers --------------------------------------------------------
 
     async def create(self, spec: ContainerSpec) -> str:
-        return await self.client.container_create(spec.name, create_body(spec))
+        cid, warnings = await self.client.container_create_warned(spec.name, create_body(spec))
+        self._remember(cid, warnings)
+        return cid
+
+    def _remember(self, cid: str, warnings: Iterable[str]) -> None:
+        kept = tuple(warnings)
+        self._warnings.pop(cid, None)
+        if kept:
+            self._warnings[cid] = kept
+            # Bounded: a container removed by name (or behind the agent's
+            # back) leaves its entry, the oldest go first.
+            while len(self._warnings) > _WARNINGS_KEPT:
+                del self._warnings[next(iter(self._warnings))]
+
+    def last_warnings(self, cid: str) -> tuple[str, ...]:
+        return self._warnings.get(cid, ())
 
     async def start(self, cid: str) -> None:
         await self.client.container_start(cid)
@@ -278,9 +298,10 @@ class DockerEngine:
 
     async def remove(self, cid_or_name: str) -> None:
         await self.client.container_remove(cid_or_name, force=True)
+        self._warnings.pop(cid_or_name, None)
 
     async def update_limits(self, cid: str, limits: ResourceLimits) -> None:
-        await self.client.container_update(cid, resources_body(limits))
+        self._remember(cid, await self.client.container_update(cid, resources_body(limits)))
 
     # -- console -----------------------------------------------------------
 

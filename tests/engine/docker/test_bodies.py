@@ -169,5 +169,18 @@ def test_spec_wrappers_still_build_the_golden_bodies(name: str) -> None:
     assert json.loads(json.dumps(legacy_bodies(name))) == golden()[name]
 
 
+def test_ulimits_become_host_config_ulimits_by_name_and_none_leave_the_engines() -> None:
+    from ctrlagent.engine.interface import ContainerSpec
+
+    bare = ContainerSpec(name="c", image="img:1", labels={}, env={})
+    assert "Ulimits" not in create_body(bare)["HostConfig"]
+    limited = ContainerSpec(name="c", image="img:1", labels={}, env={},
+                            ulimits={"nproc": (4096, 4096), "nofile": (1024, 2048)})
+    assert create_body(limited)["HostConfig"]["Ulimits"] == [
+        {"Name": "nofile", "Soft": 1024, "Hard": 2048},
+        {"Name": "nproc", "Soft": 4096, "Hard": 4096},
+    ]
+
+
 if __name__ == "__main__":
     record()

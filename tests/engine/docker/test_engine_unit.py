@@ -52,6 +52,23 @@ def test_inspect_of_a_container_never_started_or_running_has_no_exit_code() -> N
         0, 0, 0.0, 0, 0)
 
 
+def test_create_and_update_warnings_are_kept_per_container_bounded() -> None:
+    from ctrlagent.engine.docker import engine as module
+
+    engine = DockerEngine(None, Clock())  # type: ignore[arg-type]
+    engine._remember("a", ["dropped"])
+    engine._remember("b", [])
+    assert (engine.last_warnings("a"), engine.last_warnings("b")) == (("dropped",), ())
+    engine._remember("a", [])
+    assert engine.last_warnings("a") == ()
+    for n in range(module._WARNINGS_KEPT + 5):
+        engine._remember(str(n), ["w{}".format(n)])
+    assert engine.last_warnings("0") == ()
+    last = str(module._WARNINGS_KEPT + 4)
+    assert engine.last_warnings(last) == ("w" + last,)
+    assert len(engine._warnings) == module._WARNINGS_KEPT
+
+
 def test_list_entries() -> None:
     state = summary_state({"Id": "y", "Names": ["/a", "/b"], "State": "running",
                            "Labels": {"k": "v"}})

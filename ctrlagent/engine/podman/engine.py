@@ -1,0 +1,391 @@
+"""
+``PodmanEngine``: the container-engine seam over a Podman service.
+
+Podman (``podman system service``) serves the Docker Engine API beside its
+own (libpod) API, so this engine is ``DockerEngine`` over the same
+``DockerClient`` with the differences of Podman 4.3 (Debian 12) corrected
+where they show (docs/RUNTIMES.md lists them with the evidence):
+
+- **Conflicts are 500s.**  A taken name and a kill of a container that does
+  not run are answered 500 ("... already in use", "container state
+  improper"), not 409: mapped to ``Conflict`` by their words.
+- **No live update in the compat API.**  ``POST /containers/{id}/update`` is
+  404 there; the libpod endpoint ``POST /libpod/containers/{id}/update``
+  (an OCI ``LinuxResources`` body) changes the running container's cgroups
+  but Podman 4.3 neither stores the change (inspect keeps the created
+  limits) nor keeps it past the next start.  So the engine remembers what it
+  applied to the current run, shows it in ``inspect``, and warns that a
+  restart returns to the created limits (``last_warnings``).
+- **Dropped limits are silent.**  Podman does not warn when the kernel has
+  no block I/O weight (Docker does): the engine compares what it asked with
+  what the container got and warns itself.
+- **Whole-second log stamps.**  Log lines carry RFC 3339 stamps without a
+  fraction, so many lines share one; a line's nanosecond is then its second
+  plus its position among the lines of that second, which every read from
+  the start of the second numbers alike (reads always start there).
+- **Loopback registries.**  Docker pulls from a registry on loopback over
+  plain HTTP; Podman's compat pull insists on TLS ("server gave HTTP
+  response to HTTPS client").  Such pulls go through libpod's
+  ``POST /libpod/images/pull`` with ``tlsVerify=false``, which the compat
+  endpoint does not take.  Short names are pulled from Docker Hub, as
+  Docker does (Podman's compat API enforces that itself).
+- **Event filters.**  An ``event=die`` filter matches nothing (Podman's own
+  name is "died"): events are asked unfiltered by action and filtered here.
+
+Everything else (create bodies, start, kill, wait, inspect, list, remove,
+networks, attach for stdin, stats, event documents) behaves as Docker's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
+from ipaddress import ip_address
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from ctrlagent.engine.docker.bodies import blkio_weight, create_body
+from ctrlagent.engine.docker.client import CONTAINER_EVENTS, DockerClient
+from ctrlagent.engine.docker.engine import DockerEngine, _Events, container_state
+from ctrlagent.engine.docker.errors import DockerConflict, DockerError, ImageNotFound
+from ctrlagent.engine.docker.eventstream import ResumableEvents
+from ctrlagent.engine.docker.models import DockerEvent, parse_image_ref
+from ctrlagent.engine.docker.streams import ItemStream
+from ctrlagent.engine.docker.timefmt import split_timestamp
+from ctrlagent.engine.interface import (
+    ContainerSpec,
+    ContainerState,
+    EngineEvent,
+    IContainerEngine,
+    IEventStream,
+    ILogStream,
+    LogLine,
+    ResourceLimits,
+)
+from ctrlagent.errors import EngineError, NotFound
+
+__all__ = ["PodmanEngine", "NumberedLines", "update_body", "dropped_limits"]
+
+SECOND = 1_000_000_000
+# Words of Podman's 500 answers that are conflicts (a name in use, a
+# container in the wrong state).
+_CONFLICT_WORDS = ("already in use", "container state improper")
+RESTART_WARNING = (
+    "Podman keeps a live limit change for the running container only: it starts "
+    "again with the limits it was created with"
+)
+
+
+def _as_conflict(error: DockerError) -> DockerError:
+    if not isinstance(error, DockerConflict) and any(
+        w in error.message for w in _CONFLICT_WORDS
+    ):
+        return DockerConflict(error.message)
+    return error
+
+
+def update_body(limits: ResourceLimits) -> dict[str, Any]:
+    """The OCI ``LinuxResources`` body of libpod's update, as Docker's update would set."""
+    body: dict[str, Any] = {}
+    if limits.memory_bytes > 0:
+        body["memory"] = {"limit": limits.memory_bytes, "swap": limits.memory_swap_bytes}
+    period = 100_000
+    quota = int(round(limits.cpu_percent / 100.0 * period)) if limits.cpu_percent > 0 else -1
+    body["cpu"] = {"quota": quota, "period": period}
+    body["blockIO"] = {"weight": blkio_weight(limits.io_weight)}
+    if limits.pids > 0:
+        body["pids"] = {"limit": limits.pids}
+    return body
+
+
+def dropped_limits(asked: ResourceLimits, got: ResourceLimits) -> list[str]:
+    """Warnings, in Docker's words, for the limits the engine took but does not apply."""
+    warnings = []
+    if got.io_weight != blkio_weight(asked.io_weight):
+        warnings.append("Block I/O weight {} was discarded: the kernel does not support it"
+                        .format(blkio_weight(asked.io_weight)))
+    if asked.pids > 0 and got.pids != asked.pids:
+        warnings.append("PID limit {} was discarded".format(asked.pids))
+    return warnings
+
+
+class _Numbering:
+    """Each line's nanosecond: its stamp plus its position among the lines of that stamp."""
+
+    def __init__(self) -> None:
+        self._stamp = -1
+        self._seen = 0
+
+    def lines(self, batch: list[tuple[str, str]]) -> list[LogLine]:
+        out: list[LogLine] = []
+        for stream, raw in batch:
+            ns, text = split_timestamp(raw)
+            if not ns:
+                # No stamp: no identity, and no break in the second's count.
+                out.append(LogLine(0, stream, text))
+                continue
+            if ns == self._stamp:
+                self._seen += 1
+            else:
+                self._stamp, self._seen = ns, 0
+            out.append(LogLine(ns + self._seen, stream, text))
+        return out
+
+
+@implementer(ILogStream)
+class NumberedLines:
+    """
+    A Podman container's output as ``LogLine`` batches with exact nanoseconds.
+
+    Every read starts at the first line of a whole second (the engine's
+    stamps have no fraction), so that the lines of that second are numbered
+    the same by every reader: after ``since_ns`` it starts at its second;
+    for the last ``tail`` lines it first finds their first second.
+    """
+
+    def __init__(self, client: DockerClient, cid: str, *, follow: bool,
+                 since_ns: int | None, tail: int | None) -> None:
+        self._client = client
+        self._cid = cid
+        self._follow = follow
+        self._since = since_ns
+        self._tail = tail
+        self._stream: ItemStream[tuple[str, str]] | None = None
+        self._closed = False
+
+    def _open(self, *, follow: bool, second: int | None,
+              tail: int | None = None) -> ItemStream[tuple[str, str]]:
+        self._stream = self._client.logs(
+            self._cid,
+            follow=follow,
+            tail="all" if tail is None else tail,
+            since_ns=None if second is None else second * SECOND,
+            timestamps=True,
+        )
+        return self._stream
+
+    async def _read(self, stream: ItemStream[tuple[str, str]]) -> list[LogLine]:
+        numbering = _Numbering()
+        lines: list[LogLine] = []
+        while not self._closed:
+            batch = await stream.next_batch(10_000)
+            if not batch:
+                break
+            lines.extend(numbering.lines(batch))
+        return lines
+
+    async def _tail_start(self, tail: int) -> tuple[int | None, int, list[LogLine]]:
+        """
+        ``(second, after, lines)``: where to read from, the nanosecond the
+        tail comes after, and (without follow) the tail itself.
+        """
+        probe = await self._read(self._open(follow=False, second=None, tail=max(tail, 1)))
+        stamped = [line for line in probe if line.ns]
+        if not stamped:
+            return None, -1, probe[-tail:] if tail else []
+        second = stamped[0].ns // SECOND
+        lines = await self._read(self._open(follow=False, second=second))
+        kept = lines[-tail:] if tail else []
+        if len(lines) > len(kept):
+            after = lines[len(lines) - len(kept) - 1].ns
+        else:
+            after = second * SECOND - 1
+        return second, after, kept
+
+    async def batches(self, max_items: int = 1000) -> AsyncIterator[list[Any]]:
+        after = -1
+        second: int | None = None
+        if self._tail is not None:
+            second, after, kept = await self._tail_start(max(0, self._tail))
+            if self._since is not None and self._since > after:
+                # Both: the last lines, those after ``since_ns`` only.
+                after = self._since
+                second = max(second or 0, self._since // SECOND)
+                kept = [line for line in kept if line.ns > after]
+            if not self._follow:
+                for start in range(0, len(kept), max_items):
+                    yield kept[start:start + max_items]
+                return
+        elif self._since is not None:
+            second, after = self._since // SECOND, self._since
+        if self._closed:
+            return
+        stream = self._open(follow=self._follow, second=second)
+        numbering = _Numbering()
+        while True:
+            batch = await stream.next_batch(max_items)
+            if not batch:
+                return
+            lines = [line for line in numbering.lines(batch) if line.ns > after or not line.ns]
+            if lines:
+                yield lines
+
+    def close(self) -> None:
+        self._closed = True
+        if self._stream is not None:
+            self._stream.close()
+
+
+@implementer(IEventStream)
+class _PodmanEvents(_Events):
+    """Events asked without an action filter, the container actions kept here."""
+
+    async def __anext__(self) -> EngineEvent:
+        while True:
+            event = await super().__anext__()
+            if event.action in CONTAINER_EVENTS:
+                return event
+
+
+def _loopback(registry: str) -> bool:
+    """True for a registry on this machine's loopback (``localhost``, ``127.x``, ``[::1]``)."""
+    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
+    host = host.strip("[]")
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _pull_error(ref: str, registry: str, answer: bytes) -> DockerError | None:
+    """The failure a libpod pull answer ends with (JSON lines, the last ``error``), if any."""
+    for line in reversed(answer.decode("utf-8", "replace").splitlines()):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("error"):
+            # Classified in Docker's words (not found, auth, unreachable).
+            return DockerClient._pull_error(ref, registry, 0, str(doc["error"])[:1000])
+        if isinstance(doc, dict) and (doc.get("id") or doc.get("images")):
+            return None
+    return None
+
+
+@implementer(IContainerEngine)
+class PodmanEngine(DockerEngine):
+    """``IContainerEngine`` over a Podman service (see the module docstring)."""
+
+    name = "podman"
+
+    def __init__(self, client: DockerClient, clock: IReactorTime, **kw: Any) -> None:
+        super().__init__(client, clock, **kw)
+        # Container id -> (the run's start, the limits applied to it live).
+        self._live: dict[str, tuple[int | None, ResourceLimits]] = {}
+
+    async def ensure_image(self, ref: str) -> None:
+        registry = parse_image_ref(ref).registry
+        if not _loopback(registry):
+            await super().ensure_image(ref)
+            return
+        policy = self.client.config.pull_policy
+        if policy != "always":
+            try:
+                await self.client.image_inspect(ref)
+                return
+            except ImageNotFound:
+                if policy == "never":
+                    raise ImageNotFound(
+                        "image {} is not present and the pull policy is 'never'".format(ref)
+                    ) from None
+        auth = self.client.registry_auth(registry)
+        answer = await self.client.call(
+            "POST", ("libpod", "images", "pull"),
+            query={"reference": ref, "tlsVerify": False, "quiet": True},
+            headers={"X-Registry-Auth": auth} if auth else None,
+            kind="image", raw=True, timeout=None,
+        )
+        error = _pull_error(ref, registry, answer)
+        if error is not None:
+            raise error
+
+    async def create(self, spec: ContainerSpec) -> str:
+        try:
+            cid, warnings = await self.client.container_create_warned(
+                spec.name, create_body(spec))
+        except DockerError as e:
+            raise _as_conflict(e) from None
+        try:
+            got = (await self.inspect(cid)).limits
+        except DockerError:
+            got = None  # created; what it kept cannot be told now
+        if got is not None:
+            warnings = [*warnings, *dropped_limits(spec.limits, got)]
+        self._remember(cid, warnings)
+        return cid
+
+    async def kill(self, cid: str, signal: str = "SIGKILL") -> None:
+        try:
+            await self.client.container_kill(cid, signal)
+        except DockerError as e:
+            raise _as_conflict(e) from None
+
+    async def remove(self, cid_or_name: str) -> None:
+        await super().remove(cid_or_name)
+        self._live.pop(cid_or_name, None)
+
+    async def inspect(self, cid: str) -> ContainerState:
+        state = container_state(await self.client.container_inspect(cid))
+        live = self._live.get(state.id)
+        if live is not None:
+            started, limits = live
+            if state.running and state.started_at_ns == started:
+                return replace(state, limits=limits)
+            del self._live[state.id]  # a new run: back to the created limits
+        return state
+
+    async def update_limits(self, cid: str, limits: ResourceLimits) -> None:
+        state = await self.inspect(cid)
+        if not state.running:
+            raise DockerConflict("container {} is not running: Podman updates running "
+                                 "containers only".format(cid))
+        try:
+            await self.client.call("POST", ("libpod", "containers", state.id, "update"),
+                                   body=update_body(limits), kind="container", raw=True)
+        except NotFound:
+            raise
+        except DockerError as e:
+            raise _as_conflict(e) from None
+        created = container_state(await self.client.container_inspect(state.id)).limits
+        warnings = [RESTART_WARNING]
+        if created is not None and created.io_weight == 0:
+            # No block I/O weight on this kernel: the update cannot apply it either.
+            warnings += dropped_limits(limits, ResourceLimits(
+                limits.memory_bytes, limits.memory_swap_bytes, limits.cpu_percent, 0,
+                limits.pids))
+            limits = ResourceLimits(limits.memory_bytes, limits.memory_swap_bytes,
+                                    limits.cpu_percent, 0, limits.pids)
+        self._live[state.id] = (state.started_at_ns, limits)
+        self._remember(state.id, warnings)
+
+    def output(
+        self, cid: str, *, follow: bool, since_ns: int | None = None, tail: int | None = None
+    ) -> ILogStream:
+        return NumberedLines(self.client, cid, follow=follow, since_ns=since_ns, tail=tail)
+
+    def events(
+        self,
+        labels: Mapping[str, str],
+        *,
+        since_ns: int | None,
+        on_break: Callable[[EngineError], None],
+        on_resume: Callable[[], None],
+    ) -> IEventStream:
+        wanted = dict(labels)
+
+        def open_stream(start: float, on_open: Callable[[], None]) -> ItemStream[DockerEvent]:
+            return self.client.events(wanted, since=start, actions=None, on_open=on_open)
+
+        events = ResumableEvents(
+            open_stream,
+            self._clock,
+            since=(since_ns - 1_000) / 1e9 if since_ns is not None else None,
+            retry_delay=self._events_retry,
+            max_retry_delay=self._events_retry_max,
+            on_break=on_break,
+            on_resume=on_resume,
+        )
+        return _PodmanEvents(events, since_ns or 0)

@@ -1,0 +1,133 @@
+"""Unit tests of PodmanEngine's corrections (engine/podman/engine.py): no engine, no reactor."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from ctrlagent.config import AgentConfig
+from ctrlagent.engine import PODMAN_SOCKET, engine_client_config, make_engine, runtime_kind
+from ctrlagent.engine.docker.errors import DockerConflict, DockerError, ImageNotFound, PullFailed
+from ctrlagent.engine.interface import IContainerEngine, ResourceLimits
+from ctrlagent.engine.podman.engine import (
+    PodmanEngine,
+    _as_conflict,
+    _loopback,
+    _Numbering,
+    _pull_error,
+    dropped_limits,
+    update_body,
+)
+from ctrlagent.errors import ConfigInvalid
+
+MB = 1024 * 1024
+SECOND = 1_000_000_000
+
+
+def test_lines_of_one_whole_second_are_numbered_by_their_position() -> None:
+    numbering = _Numbering()
+    first = numbering.lines([
+        ("stdout", "2026-12-01T20:58:08Z a"),
+        ("stdout", "2026-12-01T20:58:08Z b"),
+    ])
+    more = numbering.lines([
+        ("stdout", "no stamp"),
+        ("stderr", "2026-12-01T20:58:08Z c"),
+        ("stdout", "2026-12-01T20:58:09Z d"),
+    ])
+    base = first[0].ns
+    assert base % SECOND == 0
+    assert [(x.ns - base, x.stream, x.text) for x in first + more[1:]] == [
+        (0, "stdout", "a"), (1, "stdout", "b"), (2, "stderr", "c"), (SECOND, "stdout", "d")]
+    assert (more[0].ns, more[0].text) == (0, "no stamp")
+
+
+def test_stamps_with_a_fraction_keep_their_nanosecond() -> None:
+    lines = _Numbering().lines([
+        ("stdout", "2026-12-01T20:58:08.000000005Z a"),
+        ("stdout", "2026-12-01T20:58:08.000000009Z b"),
+    ])
+    assert [x.ns % SECOND for x in lines] == [5, 9]
+
+
+def test_podmans_500_conflicts_become_conflicts_and_other_errors_stay() -> None:
+    taken = DockerError(500, 'the container name "x" is already in use by abc')
+    improper = DockerError(500, "can only kill running containers: container state improper")
+    other = DockerError(500, "runc failed")
+    assert isinstance(_as_conflict(taken), DockerConflict)
+    assert isinstance(_as_conflict(improper), DockerConflict)
+    assert _as_conflict(other) is other
+
+
+def test_update_body_is_the_oci_resources_of_the_limits() -> None:
+    body = update_body(ResourceLimits(64 * MB, -1, 150.0, 3, 200))
+    assert body == {
+        "memory": {"limit": 64 * MB, "swap": -1},
+        "cpu": {"quota": 150_000, "period": 100_000},
+        "blockIO": {"weight": 10},
+        "pids": {"limit": 200},
+    }
+    assert update_body(ResourceLimits()) == {
+        "cpu": {"quota": -1, "period": 100_000}, "blockIO": {"weight": 500}}
+
+
+def test_dropped_limits_are_named() -> None:
+    asked = ResourceLimits(64 * MB, 64 * MB, 50.0, 300, 100)
+    assert dropped_limits(asked, asked) == []
+    got = ResourceLimits(64 * MB, 64 * MB, 50.0, 0, 2048)
+    warnings = dropped_limits(asked, got)
+    assert len(warnings) == 2
+    assert "Block I/O weight 300" in warnings[0] and "PID limit 100" in warnings[1]
+
+
+class _WithRuntime(AgentConfig):
+    """``AgentConfig`` plus a ``runtime`` table (until config.py has it)."""
+
+    def __init__(self, **runtime: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "runtime", SimpleNamespace(**runtime))
+
+
+def test_make_engine_builds_podman_on_its_socket_by_the_runtime_kind() -> None:
+    config = _WithRuntime(kind="podman")
+    engine = make_engine(Clock(), config)
+    assert isinstance(engine, PodmanEngine) and engine.name == "podman"
+    assert verifyObject(IContainerEngine, engine)
+    assert engine_client_config(config).host == PODMAN_SOCKET == "unix:///run/podman/podman.sock"
+    assert engine.client.host.path == "/run/podman/podman.sock"
+    own = _WithRuntime(kind="podman", podman_host="unix:///tmp/p.sock")
+    assert engine_client_config(own).host == "unix:///tmp/p.sock"
+    assert engine_client_config(own).call_timeout == own.docker.call_timeout
+
+
+def test_the_runtime_is_docker_unless_told_and_an_unknown_one_is_refused() -> None:
+    assert runtime_kind(AgentConfig()) == "docker"
+    assert runtime_kind(_WithRuntime(kind="")) == "docker"
+    docker = _WithRuntime(kind="docker", podman_host="unix:///tmp/p.sock")
+    assert engine_client_config(docker) is docker.docker
+    with pytest.raises(ConfigInvalid, match="unknown container runtime 'lxc'"):
+        make_engine(Clock(), _WithRuntime(kind="lxc"))
+
+
+@pytest.mark.parametrize(
+    ("registry", "loopback"),
+    [("127.0.0.1:5000", True), ("localhost:5000", True), ("localhost", True),
+     ("[::1]:5000", True), ("127.8.9.1", True), ("docker.io", False),
+     ("10.0.0.5:5000", False), ("ghcr.io", False), ("localhost.evil.com", False)],
+)
+def test_only_registries_on_loopback_are_pulled_without_tls(registry: str, loopback: bool) -> None:
+    assert _loopback(registry) is loopback
+
+
+def test_a_libpod_pull_answer_ends_in_an_error_or_an_image() -> None:
+    ok = b'{"stream":"Copying blob"}\n{"images":["abc"],"id":"abc"}\n'
+    assert _pull_error("r:1", "127.0.0.1:5000", ok) is None
+    missing = b'{"stream":"x"}\n{"error":"reading manifest 2 in r: manifest unknown"}\n'
+    assert isinstance(_pull_error("r:2", "127.0.0.1:5000", missing), ImageNotFound)
+    refused = b'{"error":"dial tcp 127.0.0.1:5000: connection refused"}\n'
+    error = _pull_error("r:3", "127.0.0.1:5000", refused)
+    assert isinstance(error, PullFailed) and not isinstance(error, ImageNotFound)
+    assert "127.0.0.1:5000" in error.message
