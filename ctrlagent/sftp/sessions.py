@@ -18,6 +18,14 @@ from typing import Any
 from twisted.logger import Logger
 
 
+class Login:
+    """What a successful login is: a server and whether it may write."""
+
+    def __init__(self, server_id: str, read_only: bool) -> None:
+        self.server_id = server_id
+        self.read_only = read_only
+
+
 @dataclass
 class Session:
     """One authenticated connection."""
