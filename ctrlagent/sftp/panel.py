@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ctrlagent.errors import CtrlAgentError
-from ctrlagent.sftp.ssh import Login
+from ctrlagent.sftp.sessions import Login
 
 MAX_BODY = 1024 * 1024
 TIMEOUT = 10.0

@@ -61,7 +61,7 @@ from ctrlagent.interfaces import ServerRoot
 from ctrlagent.sftp.credentials import SftpCredentials
 from ctrlagent.sftp.filesystem import ServerFiles, ServerFileSystem
 from ctrlagent.sftp.protocol import SftpProtocol
-from ctrlagent.sftp.sessions import Session
+from ctrlagent.sftp.sessions import Login, Session
 from ctrlagent.sftp.throttle import LoginThrottle
 
 log = Logger(namespace="ctrlagent.sftp")
@@ -141,13 +141,6 @@ def fingerprint(key: keys.Key) -> str:
 
 
 # -- logins ---------------------------------------------------------------------
-
-class Login:
-    """What a successful login is: a server and whether it may write."""
-
-    def __init__(self, server_id: str, read_only: bool) -> None:
-        self.server_id = server_id
-        self.read_only = read_only
 
 
 @implementer(ICredentialsChecker)
