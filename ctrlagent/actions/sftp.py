@@ -3,9 +3,9 @@ The SFTP actions: set or revoke a server's SFTP login and list the live
 sessions (docs/SFTP.md).
 
 The node's SFTP server is optional (``sftp.enabled``): without one, the same
-declarations answer ``CONFLICT`` "SFTP is disabled on this node", so that the
-Panel learns why instead of reading ``UNKNOWN_ACTION``, and the OpenAPI
-document describes them either way.
+names answer ``CONFLICT`` "SFTP is disabled on this node" before anything
+else is checked, so that the Panel learns why instead of reading
+``UNKNOWN_ACTION`` (or a payload or server error that does not matter).
 
 The password is a secret: it is passed on to the SFTP server (which keeps
 only a bcrypt hash) and never appears in a log line or an answer.
@@ -27,24 +27,22 @@ _LOGIN_KEYS = ("password", "publicKeys", "readOnly")
 
 def sftp_actions(sftp: ISftpService | None) -> list[ActionSpec]:
     """The SFTP family, over ``sftp`` (None: SFTP is disabled on this node)."""
-
-    def service() -> ISftpService:
-        if sftp is None:
-            raise Conflict(DISABLED)
-        return sftp
+    if sftp is None:
+        return _disabled()
+    service = sftp
 
     async def set_credentials(call: Call) -> object:
         given = call.command.params
         # Parsed values, but only for the keys the Panel sent: "password": null
         # removes the password, a missing "password" keeps it.
         params = {key: call.params[key] for key in _LOGIN_KEYS if key in given}
-        return await service().set_credentials(call.server, params)
+        return await service.set_credentials(call.server, params)
 
     async def revoke_credentials(call: Call) -> object:
-        return await service().revoke_credentials(call.server)
+        return await service.revoke_credentials(call.server)
 
     async def list_sessions(call: Call) -> object:
-        return service().list_sessions(call.server_id)
+        return service.list_sessions(call.server_id)
 
     login = Payload({
         "password": Text(description="8-1024 characters, stored as a bcrypt hash only; "
@@ -69,4 +67,21 @@ def sftp_actions(sftp: ISftpService | None) -> list[ActionSpec]:
             "The live SFTP sessions (of the server, when one is named)",
             Payload(server="optional"), list_sessions,
         ),
+    ]
+
+
+def _disabled() -> list[ActionSpec]:
+    """The SFTP names on a node without SFTP: each answers ``CONFLICT`` at once."""
+
+    async def disabled(call: Call) -> object:
+        raise Conflict(DISABLED)
+
+    anything = Payload(server="none")
+    return [
+        ActionSpec(name, "sftp", "{} ({})".format(summary, DISABLED), anything, disabled)
+        for name, summary in (
+            ("set_sftp_credentials", "Set the server's SFTP login"),
+            ("revoke_sftp_credentials", "Remove the server's SFTP login"),
+            ("list_sftp_sessions", "The live SFTP sessions"),
+        )
     ]

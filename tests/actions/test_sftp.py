@@ -143,19 +143,24 @@ def test_without_sftp_the_actions_answer_conflict_not_unknown_action(
     rig: Rig, action: str
 ) -> None:
     rig.created("srv1")
-    error = rig.error(action, "srv1", password=PASSWORD)
-    assert (error.code, error.message) == ("CONFLICT", "SFTP is disabled on this node")
+    # Whatever the payload and the server: SFTP being off is the answer.
+    for server_id, params in (("srv1", {"password": PASSWORD}), ("nope", {"password": 5}),
+                              (None, {})):
+        error = rig.error(action, server_id, **params)
+        assert (error.code, error.message) == ("CONFLICT", "SFTP is disabled on this node")
+    assert "disabled" in rig.dispatcher.openapi_schemas()["ActionCommand"]["oneOf"][-1][
+        "description"]
 
 
-def test_the_openapi_document_describes_the_sftp_payloads(rig: Rig) -> None:
-    schemas = rig.dispatcher.openapi_schemas()
+def test_the_openapi_document_describes_the_sftp_payloads(srig: SftpRig) -> None:
+    schemas = srig.dispatcher.openapi_schemas()
     login = schemas["SetSftpCredentialsPayload"]
     assert set(login["properties"]) == {"password", "publicKeys", "readOnly"}
     assert login["properties"]["publicKeys"]["type"] == "array"
     assert login["properties"]["readOnly"]["type"] == "boolean"
     assert "RevokeSftpCredentialsPayload" in schemas
     assert "ListSftpSessionsPayload" in schemas
-    specs = {s.name: s for s in rig.dispatcher.specs()}
+    specs = {s.name: s for s in srig.dispatcher.specs()}
     assert specs["list_sftp_sessions"].payload.server == "optional"
     assert specs["set_sftp_credentials"].payload.server == "required"
 
