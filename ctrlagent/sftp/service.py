@@ -89,6 +89,7 @@ class SftpService(MultiService):
         self._prepared = False
         self._work: set[Deferred[Any]] = set()
         self._watch: LoopingCall | None = None
+        self._port_wanted: Deferred[Any] | None = None
         try:
             self.endpoint = serverFromString(reactor, config.endpoint_description())
         except (ValueError, TypeError, KeyError) as e:
@@ -99,6 +100,7 @@ class SftpService(MultiService):
     def privilegedStartService(self) -> None:  # noqa: N802 (Twisted hook)
         self._prepare()
         self._listen(super().privilegedStartService)
+        self._catch_port()
 
     def _listen(self, start: Any) -> None:
         """Run ``start``; a port that cannot be bound is one clear line (``StartupError``)."""
@@ -132,8 +134,7 @@ class SftpService(MultiService):
             self._prepare()
         self._listen(super().startService)
         self._prepared = False  # a stopped service prepares again when restarted
-        if self._endpoint_service is not None and self._endpoint_service._waitingForPort:
-            self._endpoint_service._waitingForPort.addCallback(self._listening)
+        self._catch_port()
         self.servers.add_listener(self._server_event)
         self._watch = LoopingCall(self._check_servers)
         self._watch.clock = self.reactor
@@ -144,6 +145,14 @@ class SftpService(MultiService):
         if self.port is not None:
             self.port.stopListening()
             self.port = None
+
+    def _catch_port(self) -> None:
+        """Learn the listening port once it is bound (once per listen)."""
+        svc = self._endpoint_service
+        waiting = svc._waitingForPort if svc is not None else None
+        if waiting is not None and waiting is not self._port_wanted:
+            self._port_wanted = waiting
+            waiting.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
         if port is None:  # the listener was stopped before this callback ran

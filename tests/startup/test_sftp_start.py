@@ -15,15 +15,17 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 
 from ctrlagent.config import AgentConfig, SftpConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.sftp.service import SftpService
+from ctrlagent.startup import StartupError
 from ctrlagent.tap import AgentService, build_service
 from ctrlagent.testing.servers import FakeServerManager
 from ctrlagent.wire.command import Command
-from tests.startup.test_manager_start import Logged
+from tests.startup.test_manager_start import Logged, _Failing
 
 
 def config_for(tmp_path: Path, **sftp: Any) -> AgentConfig:
@@ -96,4 +98,27 @@ def test_an_sftp_port_in_use_exits_with_one_critical_line(
         " is another agent or program using it?".format(port)
     )
     assert sftp.port is None
+    fail_on_logged_errors.clear()
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_start_after_sftp_bound_its_port_releases_it(
+    tmp_path: Path, fail_on_logged_errors: list[dict[str, Any]]
+) -> None:
+    # The API's port fails in the privileged phase, after SFTP bound its own:
+    # the agent exits, and SFTP's port is free again on the way out.
+    top = AgentService()
+    config = SftpConfig(endpoint="tcp:0:interface=127.0.0.1")
+    sftp = SftpService(reactor, config, str(tmp_path), servers=FakeServerManager())
+    sftp.setServiceParent(top)
+    _Failing(StartupError("cannot listen for the HTTP API"), "privileged").setServiceParent(top)
+    with Logged() as logged, pytest.raises(SystemExit):
+        top.privilegedStartService()
+    [port] = [e["port"] for e in logged.events if e.get("log_format", "").startswith(
+        "sftp: listening on")]
+    assert sftp.port is None  # released by abort_start
+    await deferLater(reactor, 0.05, lambda: None)  # the socket closes on the next turn
+    with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(("127.0.0.1", port))
     fail_on_logged_errors.clear()
