@@ -92,6 +92,7 @@ class AgentProcess:
             if self.panel_url
             else "[panel]\nenabled = false\n"
         )
+        # Before [docker] and [panel]: extra_config may continue the [panel] table.
         sftp = (
             ""
             if "[sftp]" in self.extra_config
@@ -99,8 +100,8 @@ class AgentProcess:
         )
         self.config_path.write_text(
             'node_id = "{node}"\nsecret_file = "{secret}"\nstate_dir = "{state}"\n'
-            'data_dir = "{data}"\n[http]\nport = {port}\nbind = "127.0.0.1"\n'
-            '[docker]\nhost = "{docker}"\n{panel}{sftp}{extra}\n'.format(
+            'data_dir = "{data}"\n[http]\nport = {port}\nbind = "127.0.0.1"\n{sftp}'
+            '[docker]\nhost = "{docker}"\n{panel}{extra}\n'.format(
                 node=self.node_id,
                 secret=secret_file,
                 state=self.state_dir,
