@@ -21,7 +21,9 @@ setup(
     packages=find_packages(include=["ctrlagent", "ctrlagent.*"]) + ["twisted.plugins"],
     include_package_data=True,
     install_requires=[
-        "twisted[tls]>=25.5",
+        # conch: the SFTP server (ctrlagent/sftp); bcrypt hashes its passwords.
+        "twisted[tls,conch]>=25.5",
+        "bcrypt>=4",
         "autobahn>=23.1",
         "treq>=23.11",
         "klein>=23.5",
@@ -36,7 +38,7 @@ setup(
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",
             "openapi-spec-validator>=0.7",
-            "bcrypt>=4",
+            "paramiko>=3",
         ],
     },
     zip_safe=False,

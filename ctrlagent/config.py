@@ -14,6 +14,7 @@ imports no reactor.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import stat
@@ -233,6 +234,60 @@ class TimeoutsConfig:
     console_reply_wait: float = 1.0
 
 
+# The SFTP server's host key, in the state directory unless ``sftp.host_key`` says.
+HOST_KEY_NAME = "sftp_host_ed25519_key"
+
+
+@dataclass(frozen=True)
+class SftpConfig:
+    """The SFTP server (docs/SFTP.md): one login reaches one server's files."""
+
+    enabled: bool = True
+    # Where to listen when ``endpoint`` is empty.
+    port: int = 2022
+    bind: str = "0.0.0.0"
+    # A Twisted server endpoint (tcp:2022, tcp6:2022:interface=\:\:,
+    # systemd:domain=INET:index=0); overrides port and bind.
+    endpoint: str = ""
+    # Empty: <state_dir>/sftp_host_ed25519_key, generated (ed25519, mode 600)
+    # on first start.  A key others may read is refused.
+    host_key: str = ""
+    # "local": credentials set by the Panel through set_sftp_credentials;
+    # "panel": the Panel's own accounts (POST /api/auth/login, GET /api/servers/<id>).
+    backend: str = "local"
+    # The Panel's HTTP base URL (required with backend "panel").
+    panel_url: str = ""
+    # Seconds a Panel grant is trusted before it is asked again.
+    grant_cache_seconds: float = 60.0
+    # Failed logins: the n-th failure in a row from one address (or for one
+    # username) delays the next answer by throttle_base * 2**(n-1), at most
+    # throttle_max; a failure older than throttle_forget is forgotten.
+    throttle_base: float = 1.0
+    throttle_max: float = 30.0
+    throttle_forget: float = 900.0
+    # Live SSH connections at once, all servers together, and per address.
+    max_sessions: int = 256
+    max_sessions_per_address: int = 16
+    # Seconds to finish authentication before the connection is dropped.
+    login_timeout: float = 60.0
+    # Seconds a walked disk-usage figure is trusted (our own writes keep it current).
+    disk_usage_ttl: float = 30.0
+    # Open file and directory handles per session.
+    max_handles: int = 256
+    # bcrypt cost of stored passwords.
+    bcrypt_rounds: int = 12
+
+    def endpoint_description(self) -> str:
+        """The Twisted endpoint string the server listens on."""
+        if self.endpoint:
+            return self.endpoint
+        return "tcp:{}:interface={}".format(self.port, _escape_endpoint(self.bind))
+
+    def host_key_path(self, state_dir: str) -> str:
+        """Where the host key lives."""
+        return self.host_key or os.path.join(state_dir, HOST_KEY_NAME)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """The whole configuration tree."""
@@ -250,6 +305,7 @@ class AgentConfig:
     servers: ServersConfig = field(default_factory=ServersConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    sftp: SftpConfig = field(default_factory=SftpConfig)
 
     def __repr__(self) -> str:
         # Never let the secret reach a log line through repr().
@@ -273,6 +329,9 @@ ENVIRONMENT: Mapping[str, str] = {
     "CTRLAGENT_HTTP_ENDPOINT": "http.endpoint",
     "CTRLAGENT_TLS_CERT": "http.tls_cert",
     "CTRLAGENT_TLS_KEY": "http.tls_key",
+    "CTRLAGENT_SFTP_ENABLED": "sftp.enabled",
+    "CTRLAGENT_SFTP_ENDPOINT": "sftp.endpoint",
+    "CTRLAGENT_SFTP_PORT": "sftp.port",
 }
 
 
@@ -290,6 +349,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
             return False
         raise ConfigInvalid("{}: expected a boolean, got {!r}".format(name, value))
+    if isinstance(default, (int, float)) and isinstance(value, bool):
+        # int(True) is 1: ``port = true`` is a mistake, not port 1.
+        kind = "a number" if isinstance(default, float) else "an integer"
+        raise ConfigInvalid("{}: expected {}, got {!r}".format(name, kind, value))
     if isinstance(default, int):
         try:
             if isinstance(value, float) and not value.is_integer():
@@ -461,6 +524,52 @@ def _validate_timeouts(timeouts: TimeoutsConfig) -> None:
             )
 
 
+_SFTP_SECONDS = (
+    "grant_cache_seconds", "throttle_base", "throttle_max", "throttle_forget",
+    "login_timeout", "disk_usage_ttl",
+)
+
+
+def validate_sftp(sftp: SftpConfig) -> None:
+    """Refuse ``[sftp]`` settings that cannot work, naming the setting."""
+    if not 0 < sftp.port < 65536:
+        raise ConfigInvalid("sftp.port: must be 1-65535")
+    if sftp.backend not in ("local", "panel"):
+        raise ConfigInvalid("sftp.backend: must be local or panel")
+    if sftp.backend == "panel" and not sftp.panel_url.startswith(("http://", "https://")):
+        raise ConfigInvalid("sftp.panel_url: an http(s) URL is required with backend panel")
+    for name in _SFTP_SECONDS:
+        value = getattr(sftp, name)
+        if not math.isfinite(value):
+            raise ConfigInvalid("sftp.{}: expected a finite number".format(name))
+        if value < 0:
+            raise ConfigInvalid("sftp.{}: must not be negative".format(name))
+    if sftp.throttle_max < sftp.throttle_base:
+        raise ConfigInvalid("sftp.throttle_max: must be at least sftp.throttle_base")
+    if sftp.login_timeout <= 0:
+        raise ConfigInvalid("sftp.login_timeout: must be positive")
+    for name in ("max_sessions", "max_sessions_per_address", "max_handles"):
+        if not 1 <= getattr(sftp, name) <= 1_000_000:
+            raise ConfigInvalid("sftp.{}: must be 1-1000000".format(name))
+    if not 4 <= sftp.bcrypt_rounds <= 31:
+        raise ConfigInvalid("sftp.bcrypt_rounds: must be 4-31")
+    if sftp.endpoint and ":" not in sftp.endpoint:
+        raise ConfigInvalid("sftp.endpoint: not a Twisted endpoint description (e.g. tcp:2022)")
+    if sftp.host_key and not Path(sftp.host_key).is_absolute():
+        raise ConfigInvalid("sftp.host_key: {!r} must be an absolute path".format(sftp.host_key))
+
+
+def parse_sftp_config(values: Mapping[str, Any] | None) -> SftpConfig:
+    """Build and validate the ``[sftp]`` section alone (as ``load_config`` does)."""
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigInvalid("sftp: expected a table")
+    sftp: SftpConfig = _build(SftpConfig, values, "sftp.")
+    validate_sftp(sftp)
+    return sftp
+
+
 def validate(config: AgentConfig) -> None:
     """Refuse a configuration the agent cannot run with."""
     if not config.secret and not config.development:
@@ -508,6 +617,7 @@ def validate(config: AgentConfig) -> None:
         if not 0 < value <= 86400:
             raise ConfigInvalid("{} must be between 0 and 86400 seconds".format(name))
     _validate_timeouts(config.timeouts)
+    validate_sftp(config.sftp)
     for name, path in (("state_dir", config.state_dir), ("data_dir", config.data_dir)):
         if not Path(path).is_absolute():
             raise ConfigInvalid("{} {!r} must be an absolute path".format(name, path))

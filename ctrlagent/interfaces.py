@@ -248,3 +248,24 @@ class IHost(Interface):
 
     def system_info(node_id: str | None = None) -> Awaitable[object]:
         """A ``HostInfo``: identity, hardware, engine version, capabilities, networks."""
+
+
+class ISftpService(Interface):
+    """
+    The node's SFTP server, as the SFTP actions see it (docs/SFTP.md).  The
+    provider is ``ctrlagent.sftp.service.SftpService``; ``server_id`` is the
+    canonical id the registry resolved.
+    """
+
+    def set_credentials(server_id: str, params: dict) -> Awaitable[object]:
+        """
+        Set the server's login from ``{password?, publicKeys?, readOnly?}``
+        (a missing key keeps its value; ``password: None`` removes the
+        password); the server's live sessions end.  ``{username, port}``.
+        """
+
+    def revoke_credentials(server_id: str) -> Awaitable[object]:
+        """Remove the server's login and end its sessions: ``{revoked, closedSessions}``."""
+
+    def list_sessions(server_id: str | None = None) -> object:
+        """``{sessions: [...]}``: the live sessions of one server, or of all."""

@@ -49,8 +49,10 @@ def os_error_text(error: OSError) -> str:
     return "{}: {}".format(text, path) if path is not None else text
 
 
-def listen_failure(description: str, error: BaseException) -> StartupError:
-    """The API cannot listen where ``description`` (a twisted endpoint) says."""
+def listen_failure(
+    description: str, error: BaseException, what: str = "the HTTP API"
+) -> StartupError:
+    """``what`` (the API, SFTP) cannot listen where ``description`` (a twisted endpoint) says."""
     reason = error.socketError if isinstance(error, CannotListenError) else error
     if isinstance(reason, OSError):
         why = os_error_text(reason)
@@ -60,7 +62,7 @@ def listen_failure(description: str, error: BaseException) -> StartupError:
     if isinstance(reason, OSError) and reason.errno == errno.EADDRINUSE:
         hint = "; is another agent or program using it?"
     return StartupError(
-        "cannot listen for the HTTP API on {} ({}){}".format(description, _lower_first(why), hint)
+        "cannot listen for {} on {} ({}){}".format(what, description, _lower_first(why), hint)
     )
 
 

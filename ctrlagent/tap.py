@@ -8,18 +8,19 @@ explicit dependencies and returns one named ``MultiService``:
     ctrlagent (AgentService, holding the root Tracker)
     +-- banner    logs what the agent serves, once
     +-- servers   ServerManager: containers, console, stats, crash recovery, store
+    +-- sftp      SftpService: SFTP on serverFromString(sftp endpoint), if enabled
     +-- panel     PanelLink: Autobahn WebSocket client to the Panel (ClientService)
     +-- http      Klein API on serverFromString(http endpoint)
     +-- heap      (twistd only) moves the startup heap out of the collector's way
 
 ``build_service`` is one ``_build_*`` function per area: the background work
 and deadlines (``work``), the container engine, the servers, the files and the
-host, the action registry, and the two transports.  Children start in the
-order above and stop in reverse: the API stops accepting first, then the Panel
-link closes, then the server manager detaches from the containers (game
-servers keep running); last, the work left in the root tracker is cancelled
-and waited for.  This module starts nothing itself and is the only one that
-imports the global reactor.
+host, the SFTP server, the action registry, and the two transports.  Children
+start in the order above and stop in reverse: the API stops accepting first,
+then the Panel link closes, then the SFTP sessions end, then the server
+manager detaches from the containers (game servers keep running); last, the
+work left in the root tracker is cancelled and waited for.  This module starts
+nothing itself and is the only one that imports the global reactor.
 
 Every startup failure ends the process non-zero with one line naming the
 problem (``ctrlagent: error: ...``) and no traceback: while the service tree is
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from ctrlagent.engine.docker import DockerClient
     from ctrlagent.files.manager import FileManager
     from ctrlagent.servers.manager import ServerManager
+    from ctrlagent.sftp.service import SftpService
     from ctrlagent.system import SystemInfo
 
 
@@ -267,7 +269,8 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     docker = _build_engine(reactor, config)
     servers = _build_servers(reactor, config, top, docker, tracker, deadlines)
     files, host = _build_files_and_host(reactor, config, docker)
-    dispatcher = _build_actions(servers, files, host, deadlines)
+    sftp = _build_sftp(reactor, config, top, servers, files)
+    dispatcher = _build_actions(servers, files, host, deadlines, sftp)
     _build_transports(reactor, config, top, dispatcher, servers, host, docker, tracker, deadlines)
     return top
 
@@ -320,13 +323,36 @@ def _build_files_and_host(
     return files, host
 
 
+def _build_sftp(
+    reactor: Any, config: AgentConfig, top: MultiService, servers: ServerManager, files: FileManager
+) -> SftpService | None:
+    """
+    The SFTP server (service ``sftp``, when ``sftp.enabled``): after the
+    servers, whose files it serves, and before the transports, so that it
+    stops after them; its file work runs in the file manager's thread pool.
+    """
+    if not config.sftp.enabled:
+        return None
+    from ctrlagent.sftp.service import make_sftp_service
+
+    sftp = make_sftp_service(
+        reactor, config.sftp, config.state_dir, servers=servers, threadpool=files.threadpool
+    )
+    sftp.setServiceParent(top)
+    return sftp
+
+
 def _build_actions(
-    servers: ServerManager, files: FileManager, host: SystemInfo, deadlines: Deadlines
+    servers: ServerManager,
+    files: FileManager,
+    host: SystemInfo,
+    deadlines: Deadlines,
+    sftp: SftpService | None = None,
 ) -> Dispatcher:
     """The one registry of actions both transports call."""
     from ctrlagent.actions import Dispatcher
 
-    return Dispatcher(servers=servers, files=files, system=host, deadlines=deadlines)
+    return Dispatcher(servers=servers, files=files, system=host, deadlines=deadlines, sftp=sftp)
 
 
 def _build_transports(

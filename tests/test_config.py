@@ -223,3 +223,41 @@ def test_unusable_deadlines_are_refused_naming_the_setting(
 ) -> None:
     with pytest.raises(ConfigInvalid, match=message):
         load_config(None, {"AGENT_SECRET": "s"}, {setting: value})
+
+
+def test_sftp_is_a_section_of_the_tree_set_by_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('[sftp]\nport = 2200\nbackend = "local"\n')
+    config = load_config(str(path), {}, {"development": True})
+    assert config.sftp.enabled is True and config.sftp.port == 2200
+    assert config.sftp.endpoint_description() == "tcp:2200:interface=0.0.0.0"
+    env = {
+        "CTRLAGENT_SFTP_ENABLED": "false",
+        "CTRLAGENT_SFTP_PORT": "2300",
+        "CTRLAGENT_SFTP_ENDPOINT": "tcp:0:interface=127.0.0.1",
+    }
+    config = load_config(str(path), env, {"development": True})
+    assert config.sftp.enabled is False and config.sftp.port == 2300
+    assert config.sftp.endpoint_description() == "tcp:0:interface=127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "dotted, value, needle",
+    [
+        ("sftp.port", 70000, "sftp.port"),
+        ("sftp.backend", "ldap", "sftp.backend"),
+        ("sftp.host_key", "relative/key", "sftp.host_key"),
+        ("sftp.nope", 1, "unknown configuration key 'sftp.nope'"),
+        ("sftp.throttle_max", float("nan"), "sftp.throttle_max"),
+        # int(True) is 1: a boolean is never a port (nor any other number).
+        ("sftp.port", True, "sftp.port: expected an integer"),
+        ("http.port", True, "http.port: expected an integer"),
+        ("files.disk_usage_ttl", False, "files.disk_usage_ttl: expected a number"),
+    ],
+)
+def test_bad_sftp_and_boolean_numbers_are_refused_by_load_config(
+    dotted: str, value: object, needle: str
+) -> None:
+    with pytest.raises(ConfigInvalid) as e:
+        load_config(None, {}, {"development": True, dotted: value})
+    assert needle in str(e.value)

@@ -73,13 +73,18 @@ def test_the_real_collector_is_the_default() -> None:
 async def test_twistd_service_tree_starts_the_heap_freeze_last(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(os, "environ", {"AGENT_SECRET": "s"})
+    monkeypatch.setattr(
+        os, "environ",
+        {"AGENT_SECRET": "s", "CTRLAGENT_SFTP_ENDPOINT": "tcp:0:interface=127.0.0.1"},
+    )
     options = Options()
     options.parseOptions(["--port", "18081", "--state-dir", str(tmp_path / "state"),
                           "--data-dir", str(tmp_path / "data")])
     top = makeService(options)  # built, not started
     try:
-        assert [child.name for child in top] == ["banner", "servers", "panel", "http", "heap"]
+        assert [child.name for child in top] == [
+            "banner", "servers", "sftp", "panel", "http", "heap"
+        ]
         assert isinstance(top.getServiceNamed("heap"), StartupHeapFreeze)
     finally:
         # The store opens its database thread when built.

@@ -10,7 +10,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ctrlagent.config import AgentConfig, TimeoutsConfig
+from ctrlagent.config import AgentConfig, SftpConfig, TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.tap import build_service
 from ctrlagent.work import Deadlines, DeferredTracker, Tracker
@@ -264,6 +264,7 @@ async def test_the_agent_shares_one_tracker_and_one_deadline_helper(tmp_path: Pa
         state_dir=str(tmp_path / "state"),
         data_dir=str(tmp_path / "data"),
         timeouts=TimeoutsConfig(command_answer=7, http_drain=4),
+        sftp=SftpConfig(endpoint="tcp:0:interface=127.0.0.1"),
     )
     (tmp_path / "state").mkdir()
     from twisted.internet import reactor

@@ -3,7 +3,7 @@ The actions of the protocol, behind both transports (PROTOCOL.md section 2).
 
 ``registry`` holds the one pipeline every command goes through; each family
 declares its actions once, in its own module (``servers``, ``console``,
-``files``, ``mods``, ``node``) with the payload declarations of ``payload``.
+``files``, ``mods``, ``node``, ``sftp``) with the payload declarations of ``payload``.
 ``build_registry`` is the one way to get them all.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import replace
 from twisted.internet.interfaces import IReactorTime
 
 from ctrlagent.config import TimeoutsConfig
-from ctrlagent.interfaces import IFileManager, IHost, IServerManager
+from ctrlagent.interfaces import IFileManager, IHost, IServerManager, ISftpService
 from ctrlagent.work import Deadlines, Tracker
 
 from .console import console_actions
@@ -23,28 +23,43 @@ from .mods import mod_actions
 from .node import node_actions
 from .registry import ActionRegistry
 from .servers import server_actions
+from .sftp import sftp_actions
 
 
 def register_all(
-    registry: ActionRegistry, *, servers: IServerManager, files: IFileManager, host: IHost
+    registry: ActionRegistry,
+    *,
+    servers: IServerManager,
+    files: IFileManager,
+    host: IHost,
+    sftp: ISftpService | None = None,
 ) -> None:
-    """Register every family's actions in ``registry``."""
+    """
+    Register every family's actions in ``registry``.  Without ``sftp`` (SFTP
+    disabled on this node) the SFTP actions answer ``CONFLICT``.
+    """
     for spec in [
         *server_actions(servers),
         *console_actions(servers),
         *file_actions(files, servers),
         *mod_actions(files, servers),
         *node_actions(host, servers),
+        *sftp_actions(sftp),
     ]:
         registry.register(spec)
 
 
 def build_registry(
-    *, servers: IServerManager, files: IFileManager, host: IHost, deadlines: Deadlines
+    *,
+    servers: IServerManager,
+    files: IFileManager,
+    host: IHost,
+    deadlines: Deadlines,
+    sftp: ISftpService | None = None,
 ) -> ActionRegistry:
-    """The registry of every action over the given domain."""
+    """The registry of every action over the given domain (``sftp``: the SFTP server, if any)."""
     registry = ActionRegistry(servers=servers, deadlines=deadlines)
-    register_all(registry, servers=servers, files=files, host=host)
+    register_all(registry, servers=servers, files=files, host=host, sftp=sftp)
     return registry
 
 
@@ -53,7 +68,8 @@ class Dispatcher(ActionRegistry):
     The registry of every action, built the way the agent always built it.
 
     ``servers`` and ``files`` provide ``IServerManager`` and ``IFileManager``;
-    ``system`` is the host view (``SystemInfo``); ``deadlines`` bounds long
+    ``system`` is the host view (``SystemInfo``); ``sftp`` the SFTP server
+    (``ISftpService``; None when disabled); ``deadlines`` bounds long
     actions and keeps the work that outlives its answer.  A dispatcher built
     without ``deadlines`` (tests) makes its own from ``clock``, ``tracker``
     and ``long_action_deadline`` (default: ``TimeoutsConfig.command_answer``).
@@ -69,6 +85,7 @@ class Dispatcher(ActionRegistry):
         clock: IReactorTime | None = None,
         tracker: Tracker | None = None,
         long_action_deadline: float | None = None,
+        sftp: ISftpService | None = None,
     ) -> None:
         if deadlines is None:
             if clock is None:
@@ -78,7 +95,7 @@ class Dispatcher(ActionRegistry):
                 timeouts = replace(timeouts, command_answer=long_action_deadline)
             deadlines = Deadlines(clock, tracker if tracker is not None else Tracker(), timeouts)
         super().__init__(servers=servers, deadlines=deadlines)
-        register_all(self, servers=servers, files=files, host=system)
+        register_all(self, servers=servers, files=files, host=system, sftp=sftp)
 
 
 __all__ = ["ActionRegistry", "Dispatcher", "build_registry", "register_all"]

@@ -5,32 +5,51 @@
 when it starts, listens on its Twisted endpoint, and on stop refuses new
 connections, disconnects every session and waits until their open files are
 closed.  It is also what the action registry calls for the three SFTP actions
-(``set_credentials``, ``revoke_credentials``, ``list_sessions``) and what the
-server manager's owner calls on suspend or delete (``close_sessions``).
+(``set_credentials``, ``revoke_credentials``, ``list_sessions``:
+``ISftpService``).
+
+It watches the servers itself, so that access ends with the server: a
+``StatusChanged`` to ``suspended`` from the server manager closes that
+server's sessions at once, and every ``CHECK_INTERVAL`` seconds each server
+with a live session is looked up again, closing the sessions of a server
+that was deleted (the manager announces no deletion) or is suspended.  The
+check costs one lookup per server with a live session, nothing when there
+is none.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from ctrlagent.asyncs import async_to_deferred
-from ctrlagent.errors import ConfigInvalid
+from ctrlagent.errors import ConfigInvalid, ServerNotFound
+from ctrlagent.events import StatusChanged
+from ctrlagent.interfaces import ISftpService
 from ctrlagent.sftp.config import CREDENTIALS_NAME, SftpConfig
 from ctrlagent.sftp.credentials import SftpCredentials
 from ctrlagent.sftp.quota import UsageTracker
 from ctrlagent.sftp.sessions import SessionRegistry
 from ctrlagent.sftp.throttle import LoginThrottle
+from ctrlagent.startup import listen_failure
+
+# Seconds between two looks at the servers of the live sessions (deleted or
+# suspended ones lose their sessions within that long).
+CHECK_INTERVAL = 0.5
 
 
+@implementer(ISftpService)
 class SftpService(MultiService):
     """The SFTP server (see the module).  ``servers`` provides ``IServerManager``."""
 
@@ -69,6 +88,8 @@ class SftpService(MultiService):
         self._endpoint_service: StreamServerEndpointService | None = None
         self._prepared = False
         self._work: set[Deferred[Any]] = set()
+        self._watch: LoopingCall | None = None
+        self._port_wanted: Deferred[Any] | None = None
         try:
             self.endpoint = serverFromString(reactor, config.endpoint_description())
         except (ValueError, TypeError, KeyError) as e:
@@ -78,7 +99,15 @@ class SftpService(MultiService):
 
     def privilegedStartService(self) -> None:  # noqa: N802 (Twisted hook)
         self._prepare()
-        super().privilegedStartService()
+        self._listen(super().privilegedStartService)
+        self._catch_port()
+
+    def _listen(self, start: Any) -> None:
+        """Run ``start``; a port that cannot be bound is one clear line (``StartupError``)."""
+        try:
+            start()
+        except Exception as e:
+            raise listen_failure(self.config.endpoint_description(), e, what="SFTP") from None
 
     def _prepare(self) -> None:
         """Load (or make) the host key and the credentials; build the listener once."""
@@ -103,10 +132,13 @@ class SftpService(MultiService):
     def startService(self) -> None:  # noqa: N802 (Twisted hook)
         if not self._prepared:
             self._prepare()
-        super().startService()
+        self._listen(super().startService)
         self._prepared = False  # a stopped service prepares again when restarted
-        if self._endpoint_service is not None and self._endpoint_service._waitingForPort:
-            self._endpoint_service._waitingForPort.addCallback(self._listening)
+        self._catch_port()
+        self.servers.add_listener(self._server_event)
+        self._watch = LoopingCall(self._check_servers)
+        self._watch.clock = self.reactor
+        self._watch.start(CHECK_INTERVAL, now=False)
 
     def abort_start(self) -> None:
         """Release the listening port when the agent's start fails (``tap.AgentService``)."""
@@ -114,8 +146,21 @@ class SftpService(MultiService):
             self.port.stopListening()
             self.port = None
 
+    def _catch_port(self) -> None:
+        """Learn the listening port once it is bound (once per listen)."""
+        svc = self._endpoint_service
+        waiting = svc._waitingForPort if svc is not None else None
+        if waiting is not None and waiting is not self._port_wanted:
+            self._port_wanted = waiting
+            waiting.addCallback(self._listening)
+
     def _listening(self, port: Any) -> Any:
+        if port is None:  # the listener was stopped before this callback ran
+            return port
         self.port = port
+        host = port.getHost()
+        self.log.info("sftp: listening on {host}:{port}", host=getattr(host, "host", host),
+                      port=getattr(host, "port", ""))
         return port
 
     def track(self, d: Deferred[Any]) -> None:
@@ -130,10 +175,37 @@ class SftpService(MultiService):
 
     @async_to_deferred
     async def stopService(self) -> None:  # noqa: N802 (Twisted hook)
+        if self._watch is not None:
+            if self._watch.running:
+                self._watch.stop()
+            self._watch = None
+            self.servers.remove_listener(self._server_event)
         await super().stopService()
         self.sessions.close_all("the agent is stopping")
         if self._work:
             await DeferredList(list(self._work), consumeErrors=True)
+
+    # -- access ends with the server ----------------------------------------------------
+
+    def _server_event(self, event: object) -> None:
+        """A server manager event: a suspended server's sessions end now."""
+        if isinstance(event, StatusChanged) and event.current == "suspended":
+            self.close_sessions(event.server_id, "server suspended")
+
+    def _check_servers(self) -> None:
+        """End the sessions of servers that are gone or suspended (see the module)."""
+        for server_id in {s.server_id for s in self.sessions.list()}:
+            try:
+                state = self.servers.status(server_id)
+            except ServerNotFound:
+                self.close_sessions(server_id, "server deleted")
+                continue
+            except Exception:
+                self.log.failure("sftp: looking up server {server_id} failed",
+                                 server_id=server_id)
+                continue
+            if isinstance(state, Mapping) and state.get("status") == "suspended":
+                self.close_sessions(server_id, "server suspended")
 
     # -- what the actions call ------------------------------------------------------------
 
@@ -195,7 +267,7 @@ def make_sftp_service(
     credentials: SftpCredentials | None = None,
     use_openat2: bool | None = None,
     panel_http: Any = None,
-) -> IService:
+) -> SftpService:
     """
     The SFTP server as a service named ``sftp`` (``tap.build_service`` adds it
     to the agent when ``sftp.enabled``).  ``servers`` provides

@@ -19,7 +19,10 @@ from twisted.logger import Logger
 
 
 class Login:
-    """What a successful login is: a server and whether it may write."""
+    """
+    What a successful login is: a server and whether it may write (made by
+    the local checker in ``ssh`` and the Panel's in ``panel``).
+    """
 
     def __init__(self, server_id: str, read_only: bool) -> None:
         self.server_id = server_id

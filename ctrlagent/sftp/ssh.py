@@ -142,6 +142,7 @@ def fingerprint(key: keys.Key) -> str:
 
 # -- logins ---------------------------------------------------------------------
 
+
 @implementer(ICredentialsChecker)
 class ServerLoginChecker:
     """Passwords and keys of the local backend (see the module)."""

@@ -441,7 +441,8 @@ def test_build_registry_answers_what_the_dispatcher_answers(rig: Rig) -> None:
     )
     assert registry.names() == rig.dispatcher.names()
     assert [s.name for s in registry.specs()] == [s.name for s in rig.dispatcher.specs()]
-    assert {s.family for s in registry.specs()} == {"servers", "console", "files", "mods", "node"}
+    families = {s.family for s in registry.specs()}
+    assert families == {"servers", "console", "files", "mods", "node", "sftp"}
     answered: list[Any] = []
     registry.dispatch(Command("system.ping", None, {})).addBoth(answered.append)
     assert answered[0].message == "pong"

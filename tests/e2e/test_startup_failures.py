@@ -5,7 +5,7 @@ Every startup failure must end the process non-zero within seconds, with one
 ``ctrlagent: error:`` line naming the problem and no traceback (a process that
 stays up holding its port, answering nothing, defeats ``Restart=always``):
 random bytes, a truncated store, a wrong schema, a read-only store, a state
-path that is a file, a data path that is a file, an API port in use.  A bad
+path that is a file, a data path that is a file, an API or SFTP port in use.  A bad
 stored server is not a startup failure: it is reported, quarantined, and the
 agent serves the others.  A full state disk makes ``create_server`` answer
 ``INSUFFICIENT_RESOURCES`` and loses nothing.
@@ -196,6 +196,19 @@ def test_the_api_port_in_use(agent: AgentProcess) -> None:
         assert_one_clear_line(
             *run_to_exit(agent),
             "cannot listen for the HTTP API on tcp:{}:interface=127.0.0.1".format(agent.port),
+            "address already in use",
+        )
+
+
+def test_the_sftp_port_in_use(make_agent: Callable[..., AgentProcess]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        agent = make_agent(sftp_endpoint="tcp:{}:interface=127.0.0.1".format(port))
+        assert_one_clear_line(
+            *run_to_exit(agent),
+            "cannot listen for SFTP on tcp:{}:interface=127.0.0.1".format(port),
             "address already in use",
         )
 

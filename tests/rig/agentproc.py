@@ -50,6 +50,7 @@ class AgentProcess:
         extra_config: str = "",
         env: dict[str, str] | None = None,
         panel_settings: str = "",
+        sftp_endpoint: str = "tcp:0:interface=127.0.0.1",
     ) -> None:
         self.workdir = workdir
         self.docker_host = docker_host
@@ -64,6 +65,9 @@ class AgentProcess:
         self.extra_config = extra_config
         self.panel_settings = panel_settings
         self.extra_env = env or {}
+        # SFTP is on by default (port 2022): each test agent listens on its own
+        # loopback port instead, so that agents never fight over one port.
+        self.sftp_endpoint = sftp_endpoint
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -88,9 +92,15 @@ class AgentProcess:
             if self.panel_url
             else "[panel]\nenabled = false\n"
         )
+        # Before [docker] and [panel]: extra_config may continue the [panel] table.
+        sftp = (
+            ""
+            if "[sftp]" in self.extra_config
+            else '[sftp]\nendpoint = "{}"\n'.format(self.sftp_endpoint)
+        )
         self.config_path.write_text(
             'node_id = "{node}"\nsecret_file = "{secret}"\nstate_dir = "{state}"\n'
-            'data_dir = "{data}"\n[http]\nport = {port}\nbind = "127.0.0.1"\n'
+            'data_dir = "{data}"\n[http]\nport = {port}\nbind = "127.0.0.1"\n{sftp}'
             '[docker]\nhost = "{docker}"\n{panel}{extra}\n'.format(
                 node=self.node_id,
                 secret=secret_file,
@@ -99,6 +109,7 @@ class AgentProcess:
                 port=self.port,
                 docker=self.docker_host,
                 panel=panel,
+                sftp=sftp,
                 extra=self.extra_config,
             )
         )

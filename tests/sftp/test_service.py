@@ -82,7 +82,8 @@ async def test_stopping_frees_the_port(rig):
 
 
 def test_a_port_in_use_fails_the_start_at_once(tmp_path):
-    from twisted.internet.error import CannotListenError
+    # A StartupError: the agent prints its text as its one line and exits 1.
+    from ctrlagent.startup import StartupError
 
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
@@ -92,8 +93,11 @@ def test_a_port_in_use_fails_the_start_at_once(tmp_path):
         config = make_config(endpoint="tcp:{}:interface=127.0.0.1".format(port))
         svc = make_sftp_service(reactor, config, str(tmp_path),
                                 servers=FakeServerManager(data_dir=str(tmp_path)))
-        with pytest.raises(CannotListenError):
+        with pytest.raises(StartupError) as e:
             svc.privilegedStartService()
+        assert str(e.value) == (
+            "cannot listen for SFTP on tcp:{}:interface=127.0.0.1 (address already in use);"
+            " is another agent or program using it?".format(port))
     finally:
         holder.close()
 

@@ -182,3 +182,62 @@ async def test_a_client_gone_before_its_login_succeeds_leaves_no_session(rig):
     await rig.set_login()
     await rig.in_thread(_leave_during_the_password_check, rig.port)
     assert rig.service.list_sessions()["sessions"] == []
+
+
+# -- access ends with the server, without anyone calling close_sessions ---------------
+
+
+@pytest.mark.parametrize("how", ["suspend", "delete"])
+@pytest_twisted.ensureDeferred
+async def test_suspending_or_deleting_the_server_ends_its_sessions_within_a_second(rig, how):
+    rig.add_server("other")
+    await rig.set_login()
+    await rig.set_login("other")
+    t, s = await _open(rig)
+    t2, s2 = await _open(rig, "other")
+    try:
+        await rig.in_thread(s.listdir, "/")
+        if how == "suspend":
+            await rig.servers.suspend("srv1")
+        else:
+            await rig.servers.delete("srv1")
+        elapsed = await rig.in_thread(_seconds_until_closed, t)
+        assert elapsed < 1.0
+        assert not t.is_active()
+        assert rig.service.list_sessions("other")["sessions"] != []
+        assert [x["serverId"] for x in rig.service.list_sessions()["sessions"]] == ["other"]
+        # The other server's session is untouched.
+        assert t2.is_active()
+        assert await rig.in_thread(s2.listdir, "/") == []
+    finally:
+        await rig.in_thread(t.close)
+        await rig.in_thread(t2.close)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_status_change_to_suspended_ends_the_sessions_at_once(rig):
+    # The real manager announces a suspension (StatusChanged to "suspended"):
+    # the sessions end on the event, without waiting for the next check.
+    from ctrlagent.events import StatusChanged
+
+    await rig.set_login()
+    t, s = await _open(rig)
+    try:
+        rig.service._watch.stop()  # only the event may close it now
+        rig.servers._emit(StatusChanged("srv1", "running", "stopping", 0.0))
+        assert len(rig.service.list_sessions("srv1")["sessions"]) == 1
+        rig.servers._emit(StatusChanged("srv1", "stopping", "suspended", 0.0))
+        assert rig.service.list_sessions("srv1")["sessions"] == []
+        assert await rig.in_thread(_seconds_until_closed, t) < 1.0
+    finally:
+        await rig.in_thread(t.close)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_service_no_longer_watches_the_servers(rig):
+    await rig.service.stopService()
+    assert rig.service._server_event not in rig.servers._listeners
+    assert rig.service._watch is None
+    rig.service.startService()  # the fixture stops it again
+    assert rig.service._server_event in rig.servers._listeners
+    assert rig.service._watch is not None and rig.service._watch.running
