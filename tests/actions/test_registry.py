@@ -235,7 +235,7 @@ def test_any_payload_is_answered_with_a_protocol_code(
         assert isinstance(result.value, CtrlAgentError), result.getTraceback()
         assert result.value.code != "EXECUTION_ERROR", result.getTraceback()
     else:
-        json.dumps(result.data, allow_nan=True)
+        json.dumps(to_json(result.data), allow_nan=True)
 
 
 def test_the_answer_deadlines_come_from_the_timeouts_section() -> None:
