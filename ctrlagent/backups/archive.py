@@ -55,6 +55,10 @@ class BackupCorrupt(CtrlAgentError):
     """A backup archive that is damaged, truncated, or not what was written."""
 
 
+class BackupCancelled(CtrlAgentError):
+    """The backup was stopped (the agent is shutting down)."""
+
+
 @dataclass
 class ArchiveStats:
     """What a written archive holds."""
@@ -152,18 +156,22 @@ def _tar_info(rel: str, st: os.stat_result) -> tarfile.TarInfo:
 def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRules, *,
                   level: int = 3, progress: Progress | None = None,
                   progress_interval: float = 1.0,
-                  on_member: Callable[[str], None] | None = None) -> ArchiveStats:
+                  on_member: Callable[[str], None] | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> ArchiveStats:
     """
     Write the archive of the directory ``root_fd`` to ``write``; return what
     it holds.  ``progress(bytes, files)`` is called at most every
     ``progress_interval`` seconds (thread-side); ``on_member`` after each
-    member (the seam where tests change the tree mid-walk).
+    member (the seam where tests change the tree mid-walk); ``cancelled()``
+    is asked between reads and stops the work with ``BackupCancelled``.
     """
     stats = ArchiveStats()
     sink = HashingSink(write)
     last = [time.monotonic()]
 
     def advance(n: int) -> None:
+        if cancelled is not None and cancelled():
+            raise BackupCancelled("the backup was cancelled: the agent is stopping")
         stats.bytes += n
         if progress is not None:
             now = time.monotonic()
@@ -208,6 +216,8 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
                         stats.note("special file left out: {}".format(rel))
                         continue
                 stats.entries += 1
+                if cancelled is not None and cancelled():
+                    raise BackupCancelled("the backup was cancelled: the agent is stopping")
                 if on_member is not None:
                     on_member(rel)
         except trees.TreeChanged:
