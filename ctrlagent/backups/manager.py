@@ -182,6 +182,7 @@ class BackupManager(service.Service):
         self._work: dict[str, Deferred[BackupRecord]] = {}
         self._waiters: dict[str, list[Deferred[BackupRecord]]] = {}
         self._stopping = False
+        self._ticking = False
         self._scheduler: LoopingCall | None = None
         self.ready: Deferred[None] = Deferred()
 
@@ -573,6 +574,15 @@ class BackupManager(service.Service):
 
     async def tick(self) -> None:
         """Start every scheduled backup that is due (once, however many runs were missed)."""
+        if self._ticking:
+            return  # one look at a time: two could both see a run as due
+        self._ticking = True
+        try:
+            await self._tick()
+        finally:
+            self._ticking = False
+
+    async def _tick(self) -> None:
         from croniter import croniter
 
         now = self.clock.seconds()
