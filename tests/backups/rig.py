@@ -94,10 +94,11 @@ class Rig:
     def root(self, server_id: str = "srv1") -> Path:
         return self.data_dir / server_id
 
-    def manager(self) -> BackupManager:
+    def manager(self, drivers: dict[str, Any] | None = None) -> BackupManager:
         """A (new) manager over the same state: what a restarted agent builds."""
         store = BackupStore(global_reactor, str(self.base / "state" / "backups.sqlite3"))
-        m = BackupManager(self.config, self.servers, store, {"local": self.driver},
+        m = BackupManager(self.config, self.servers, store,
+                          {"local": self.driver, **(drivers or {})},
                           reactor=global_reactor, clock=self.clock, threadpool=self.pool,
                           tracker=Tracker("backups-test"), data_dir=str(self.data_dir))
         m.add_listener(self.events.append)
