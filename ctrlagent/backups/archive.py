@@ -154,7 +154,7 @@ def _tar_info(rel: str, st: os.stat_result) -> tarfile.TarInfo:
 
 
 def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRules, *,
-                  level: int = 3, progress: Progress | None = None,
+                  level: int | None = 3, progress: Progress | None = None,
                   progress_interval: float = 1.0,
                   on_member: Callable[[str], None] | None = None,
                   cancelled: Callable[[], bool] | None = None) -> ArchiveStats:
@@ -164,6 +164,8 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
     ``progress_interval`` seconds (thread-side); ``on_member`` after each
     member (the seam where tests change the tree mid-walk); ``cancelled()``
     is asked between reads and stops the work with ``BackupCancelled``.
+    ``level=None`` writes a plain tar (for a store that compresses and
+    deduplicates itself, as restic).
     """
     stats = ArchiveStats()
     sink = HashingSink(write)
@@ -179,8 +181,10 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
                 last[0] = now
                 progress(stats.bytes, stats.files)
 
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-    zw = cctx.stream_writer(sink, closefd=False)  # type: ignore[arg-type]
+    zw: Any = sink
+    if level is not None:
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        zw = cctx.stream_writer(sink, closefd=False)  # type: ignore[arg-type]
     tf = tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
                       encoding="utf-8", errors="surrogateescape", copybufsize=COPY_CHUNK)
     with tf:
@@ -227,8 +231,9 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
             walk.close()
         if walk.truncated:
             stats.truncated = True
-    zw.flush(zstandard.FLUSH_FRAME)
-    zw.close()
+    if level is not None:
+        zw.flush(zstandard.FLUSH_FRAME)
+        zw.close()
     stats.size = sink.size
     stats.checksum = sink.sha.hexdigest()
     if progress is not None:
@@ -287,15 +292,17 @@ class ArchiveReader:
     ``BackupCorrupt`` unless the size and checksum are the recorded ones.
     """
 
-    def __init__(self, raw: IO[bytes], max_bytes: int) -> None:
+    def __init__(self, raw: IO[bytes], max_bytes: int, compressed: bool = True) -> None:
         self._raw = raw
         self.sha = hashlib.sha256()
         self.size = 0
         self.max_bytes = max_bytes
         self.total = 0
-        dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
-        self._z = dctx.stream_reader(_Raw(self),  # type: ignore[arg-type]
-                                     read_across_frames=False, closefd=False)
+        self._z: Any = _Raw(self)
+        if compressed:
+            dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+            self._z = dctx.stream_reader(_Raw(self),  # type: ignore[arg-type]
+                                         read_across_frames=False, closefd=False)
 
     # The raw side, as zstandard reads it.
     def read_raw(self, n: int) -> bytes:

@@ -74,6 +74,11 @@ MAX_ID_CHARS = 64
 STOP_POLL = 0.5
 
 
+def _compressed(drv: BackupDriver) -> bool:
+    """Whether archives of ``drv`` are zstd-compressed by us (restic compresses itself)."""
+    return bool(getattr(drv, "compressed", True))
+
+
 class RangeNotSatisfiable(InvalidInput):
     """A ``Range`` header that selects no byte of the archive (HTTP 416)."""
 
@@ -380,7 +385,8 @@ class BackupManager(service.Service):
                 writer = drv.open_writer(record.server_id, record.id)
                 try:
                     stats = write_archive(
-                        c.root_fd, writer.write, rules, level=self.config.compression_level,
+                        c.root_fd, writer.write, rules,
+                        level=self.config.compression_level if _compressed(drv) else None,
                         progress=self._progress_from_thread(record, usage, "backup"),
                         progress_interval=self.config.progress_interval,
                         cancelled=lambda: self._stopping)
@@ -516,7 +522,7 @@ class BackupManager(service.Service):
         try:
             return restore_root(root.path, raw, size=record.size, checksum=record.checksum,
                                 content_bytes=record.bytes, uid=root.uid, gid=root.gid,
-                                truncate=truncate)
+                                truncate=truncate, compressed=_compressed(drv))
         finally:
             raw.close()
 

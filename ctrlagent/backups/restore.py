@@ -302,7 +302,7 @@ def keep_unlisted(live_fd: int, top_fd: int, result: RestoreResult) -> None:
 
 def restore_root(root_path: str, raw: IO[bytes], *, size: int | None, checksum: str | None,
                  content_bytes: int | None, uid: int, gid: int, truncate: bool,
-                 on_member: Callable[[str], None] | None = None,
+                 compressed: bool = True, on_member: Callable[[str], None] | None = None,
                  before_swap: Callable[[], None] | None = None) -> RestoreResult:
     """
     Restore the archive ``raw`` into the server directory ``root_path``
@@ -329,7 +329,7 @@ def restore_root(root_path: str, raw: IO[bytes], *, size: int | None, checksum: 
             try:
                 max_bytes = (content_bytes if content_bytes is not None else 1 << 62) \
                     + MAX_OVERHEAD
-                reader = ArchiveReader(raw, max_bytes)
+                reader = ArchiveReader(raw, max_bytes, compressed)
                 with open_tar_checked(reader) as tf:
                     extract_into(top_fd, tf, uid, gid, result, on_member)
                 reader.finish(size, checksum)
