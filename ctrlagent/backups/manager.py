@@ -641,3 +641,31 @@ class BackupManager(service.Service):
             self.log.info("retention removed {count} backup(s) of {server_id}",
                           count=len(removed), server_id=server_id)
         return removed
+
+
+def build_drivers(config: cfg.BackupsConfig, state_dir: str) -> dict[str, BackupDriver]:
+    """Every driver the configuration makes usable: local always, s3 and restic when set."""
+    from ctrlagent.backups.drivers import LocalDriver
+
+    drivers: dict[str, BackupDriver] = {"local": LocalDriver(config.directory)}
+    if config.s3.bucket:
+        from ctrlagent.backups.s3 import S3Driver
+
+        drivers["s3"] = S3Driver(config.s3)
+    if config.restic.repository and (config.restic.password is not None
+                                     or config.restic.password_file is not None):
+        from ctrlagent.backups.restic import ResticDriver
+
+        drivers["restic"] = ResticDriver(config.restic,
+                                         cache_dir=os.path.join(state_dir, "restic-cache"))
+    return drivers
+
+
+def build_backup_manager(config: cfg.BackupsConfig, servers: Any, *, reactor: Any,
+                         clock: IReactorTime, threadpool: ThreadPool, tracker: Tracker,
+                         state_dir: str, data_dir: str | None) -> BackupManager:
+    """The service ``tap.py`` adds: store in ``<state_dir>/backups.sqlite3``, every driver."""
+    store = BackupStore(reactor, os.path.join(state_dir, "backups.sqlite3"))
+    return BackupManager(config, servers, store, build_drivers(config, state_dir),
+                         reactor=reactor, clock=clock, threadpool=threadpool, tracker=tracker,
+                         data_dir=data_dir)

@@ -56,3 +56,14 @@ def test_secret_key_file_must_not_be_world_readable(tmp_path: Path) -> None:
     os.chmod(f, 0o600)
     c = parse_backups_config({"s3": {"bucket": "b", "secret_key_file": str(f)}})
     assert c.s3.secret_key == "s3cr3t" and "s3cr3t" not in repr(c)
+
+
+def test_drivers_are_built_from_what_is_configured(tmp_path: Path) -> None:
+    from ctrlagent.backups.manager import build_drivers
+
+    c = parse_backups_config({"directory": str(tmp_path / "a")})
+    assert sorted(build_drivers(c, str(tmp_path))) == ["local"]
+    c = parse_backups_config({"directory": str(tmp_path / "a"),
+                              "s3": {"bucket": "b", "endpoint": "http://127.0.0.1:9"},
+                              "restic": {"repository": str(tmp_path / "r"), "password": "p"}})
+    assert sorted(build_drivers(c, str(tmp_path))) == ["local", "restic", "s3"]
