@@ -68,6 +68,22 @@ class ScheduleDefaults:
 
 
 @dataclass(frozen=True)
+class HooksConfig:
+    """
+    Console commands around a backup of a running server: ``before`` (for
+    example ``save-off``, ``save-all``), then wait until a console line
+    matches ``wait_for`` (a regular expression; at most ``wait_timeout``
+    seconds, then the backup goes on with a note), and ``after`` once the
+    archive is written, whatever its outcome (``save-on``).
+    """
+
+    before: tuple[str, ...] = ()
+    wait_for: str | None = None
+    wait_timeout: float = 60.0
+    after: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class BackupsConfig:
     """Every backup setting."""
 
@@ -84,6 +100,7 @@ class BackupsConfig:
     s3: S3Config = S3Config()
     restic: ResticConfig = ResticConfig()
     schedule: ScheduleDefaults = ScheduleDefaults()
+    hooks: HooksConfig = HooksConfig()
 
 
 def _section(mapping: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
@@ -127,6 +144,15 @@ def _bool(mapping: Mapping[str, Any], key: str, where: str, default: bool) -> bo
     if not isinstance(value, bool):
         raise ConfigInvalid("{}.{} must be true or false".format(where, key))
     return value
+
+
+def _commands(mapping: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = mapping.get(key, [])
+    if not isinstance(value, list) or not all(
+            isinstance(c, str) and c and "\n" not in c and len(c) <= 1024 for c in value):
+        raise ConfigInvalid("{}.{} must be a list of one-line console commands".format(
+            where, key))
+    return tuple(value)
 
 
 def parse_driver(value: object, where: str = "driver") -> str:
@@ -175,7 +201,7 @@ def parse_backups_config(mapping: Mapping[str, Any] | None,
         raise ConfigInvalid("backups must be a table")
     _unknown(mapping, {"directory", "driver", "concurrency", "compression_level",
                        "progress_interval", "stop_timeout", "schedule_interval", "s3",
-                       "restic", "schedule"}, where)
+                       "restic", "schedule", "hooks"}, where)
     directory = _str(mapping, "directory", where, os.path.join(state_dir, "backups"))
     if not os.path.isabs(directory):
         raise ConfigInvalid("backups.directory must be an absolute path")
@@ -226,6 +252,25 @@ def parse_backups_config(mapping: Mapping[str, Any] | None,
         driver=parse_driver(sm.get("driver", "local"), w + ".driver"),
     )
 
+    hm = _section(mapping, "hooks", where)
+    w = where + ".hooks"
+    _unknown(hm, {"before", "wait_for", "wait_timeout", "after"}, w)
+    wait_for = _str(hm, "wait_for", w, None)
+    if wait_for is not None:
+        import re
+
+        try:
+            re.compile(wait_for)
+        except re.error as e:
+            raise ConfigInvalid("backups.hooks.wait_for is not a regular expression: {}"
+                                .format(e)) from None
+    hooks = HooksConfig(
+        before=_commands(hm, "before", w),
+        wait_for=wait_for,
+        wait_timeout=_num(hm, "wait_timeout", w, 60.0, 0.1, 3600),
+        after=_commands(hm, "after", w),
+    )
+
     config = BackupsConfig(
         directory=directory,
         driver=parse_driver(mapping.get("driver", "local"), "backups.driver"),
@@ -237,6 +282,7 @@ def parse_backups_config(mapping: Mapping[str, Any] | None,
         s3=s3,
         restic=restic,
         schedule=schedule,
+        hooks=hooks,
     )
     for name in {config.driver, schedule.driver}:
         check_driver_configured(config, name)

@@ -28,13 +28,14 @@ rules:
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -58,6 +59,7 @@ from ctrlagent.errors import (
     InvalidInput,
     NotFound,
 )
+from ctrlagent.events import ConsoleOutput
 from ctrlagent.files import trees
 from ctrlagent.files.confined import Confined, os_error
 from ctrlagent.interfaces import ServerRoot
@@ -338,9 +340,19 @@ class BackupManager(service.Service):
     async def _run_backup(self, record: BackupRecord, root: ServerRoot, drv: BackupDriver,
                           patterns: list[str]) -> BackupRecord:
         try:
+            hooked = False
             try:
-                stats, location = await self._slots.run(
-                    self._in_thread, self._backup_in_thread, record, root, drv, patterns)
+                await self._slots.acquire()
+                try:
+                    hooked, hook_note = await self._before_hooks(record.server_id)
+                    stats, location = await self._in_thread(
+                        self._backup_in_thread, record, root, drv, patterns)
+                    if hook_note:
+                        stats.notes.insert(0, hook_note)
+                finally:
+                    self._slots.release()
+                    if hooked:
+                        await self._after_hooks(record.server_id)
             except Exception as e:
                 error = self._error_text(e, "backup {}".format(record.id))
                 failed = await self.store.update(record, status="failed", error=error,
@@ -361,6 +373,58 @@ class BackupManager(service.Service):
             return done
         finally:
             self._busy.pop(record.server_id, None)
+
+    async def _before_hooks(self, server_id: str) -> tuple[bool, str | None]:
+        """
+        Send the ``before`` commands to a running server and wait for
+        ``wait_for``; ``(whether hooks ran, a note)``.
+        """
+        hooks = self.config.hooks
+        if not (hooks.before or hooks.after):
+            return False, None
+        status = str(self.servers.status(server_id).get("status", "unknown"))
+        if status != "running":
+            return False, None
+        seen: Deferred[None] = Deferred()
+        pattern = re.compile(hooks.wait_for) if hooks.wait_for else None
+
+        def listener(event: object) -> None:
+            if (pattern is None or seen.called or not isinstance(event, ConsoleOutput)
+                    or event.server_id != server_id):
+                return
+            if any(pattern.search(line) for line in event.lines):
+                seen.callback(None)
+
+        if pattern is not None:
+            self.servers.add_listener(listener)
+        try:
+            try:
+                for command in hooks.before:
+                    await self.servers.send_command(server_id, command)
+            except CtrlAgentError as e:
+                return True, "backup hook failed ({}); backed up anyway".format(e)
+            if pattern is None:
+                return True, None
+            timeout: Deferred[None] = Deferred()
+            timer = self.clock.callLater(hooks.wait_timeout, timeout.callback, None)
+            await DeferredList([seen, timeout], fireOnOneCallback=True)
+            if timer.active():
+                timer.cancel()
+                return True, None
+            return True, "the console never printed {!r} within {} s; backed up anyway".format(
+                hooks.wait_for, hooks.wait_timeout)
+        finally:
+            if pattern is not None:
+                self.servers.remove_listener(listener)
+
+    async def _after_hooks(self, server_id: str) -> None:
+        for command in self.config.hooks.after:
+            try:
+                await self.servers.send_command(server_id, command)
+            except CtrlAgentError as e:
+                self.log.warn(  # noqa: G010 - twisted.logger's method
+                    "backup hook {command!r} of {server_id} failed: {error}",
+                    command=command, server_id=server_id, error=str(e))
 
     def _error_text(self, e: BaseException, what: str) -> str:
         if isinstance(e, CtrlAgentError):

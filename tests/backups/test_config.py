@@ -35,6 +35,9 @@ def test_defaults_put_backups_under_the_state_directory() -> None:
     ({"schedule": {"cron": "bad"}}, "cron"),
     ({"schedule": {"cron": "0 * * * *", "retain": {"weeks": 1}}}, "retain.weeks"),
     ({"s3": []}, "must be a table"),
+    ({"hooks": {"wait_for": "(unclosed"}}, "regular expression"),
+    ({"hooks": {"before": ["save-all\nstop"]}}, "one-line console commands"),
+    ({"hooks": {"after": "save-on"}}, "backups.hooks.after"),
 ])
 def test_bad_values_name_the_setting(mapping: dict[str, Any], words: str) -> None:
     with pytest.raises(ConfigInvalid, match=words.replace(".", r"\.")):

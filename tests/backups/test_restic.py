@@ -23,7 +23,8 @@ from ctrlagent.backups.restic import ResticDriver, ResticError
 from tests.backups.conftest import populate, tree
 from tests.backups.rig import Rig, make_rig
 
-pytestmark = pytest.mark.skipif(shutil.which("restic") is None, reason="restic not installed")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("restic") is None, reason="restic not installed")]
 
 PASSWORD = "correct horse battery staple"
 

@@ -163,6 +163,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     r.pool.stop()
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_backup_and_restore_through_s3(rig: Rig, moto_server: MotoServer,  # noqa: F811
                                              bucket: str) -> None:
