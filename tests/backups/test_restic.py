@@ -22,6 +22,7 @@ from ctrlagent.backups.config import ResticConfig
 from ctrlagent.backups.restic import ResticDriver, ResticError
 from tests.backups.conftest import populate, tree
 from tests.backups.rig import Rig, make_rig
+from tests.backups.s3rig import MotoServer, moto_server  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("restic") is None, reason="restic not installed")]
@@ -111,4 +112,27 @@ def test_an_aborted_backup_makes_no_snapshot(tmp_path: Path) -> None:
     w = driver.open_writer("srv1", "b1")
     w.write(os.urandom(100_000))
     w.abort()
+    assert snapshots(driver) == []
+
+
+def test_a_restic_repository_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   moto_server: MotoServer) -> None:  # noqa: F811
+    """restic's own S3 backend against moto (credentials from the agent's environment)."""
+    bucket = "restic-" + os.urandom(4).hex()
+    moto_server.client().create_bucket(Bucket=bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    driver = ResticDriver(ResticConfig(repository="s3:{}/{}/repo".format(
+        moto_server.endpoint, bucket), password=PASSWORD),
+        cache_dir=str(tmp_path / "restic-cache"))
+    data = os.urandom(300_000)
+    w = driver.open_writer("srv1", "b1")
+    w.write(data)
+    snap = w.commit()
+    with driver.open_reader(snap) as r:  # type: ignore[attr-defined]
+        got = b""
+        while chunk := r.read(65536):
+            got += chunk
+    assert got == data
+    driver.delete(snap)
     assert snapshots(driver) == []
