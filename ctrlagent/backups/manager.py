@@ -586,7 +586,10 @@ class BackupManager(service.Service):
         try:
             return restore_root(root.path, raw, size=record.size, checksum=record.checksum,
                                 content_bytes=record.bytes, uid=root.uid, gid=root.gid,
-                                truncate=truncate, compressed=_compressed(drv))
+                                truncate=truncate, compressed=_compressed(drv),
+                                progress=self._progress_from_thread(record, record.bytes,
+                                                                    "restore"),
+                                progress_interval=self.config.progress_interval)
         finally:
             raw.close()
 

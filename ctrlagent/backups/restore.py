@@ -32,6 +32,7 @@ import re
 import secrets
 import stat
 import tarfile
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -191,9 +192,16 @@ def _remove_name(dir_fd: int, name: str) -> None:
 
 
 def extract_into(top_fd: int, tf: tarfile.TarFile, uid: int, gid: int,
-                 result: RestoreResult, on_member: Callable[[str], None] | None = None) -> None:
-    """Extract every member of ``tf`` beneath the (empty, private) directory ``top_fd``."""
+                 result: RestoreResult, on_member: Callable[[str], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 progress_interval: float = 1.0) -> None:
+    """
+    Extract every member of ``tf`` beneath the (empty, private) directory
+    ``top_fd``; ``progress(bytes, files)`` at most every ``progress_interval`` s.
+    """
     chown = os.geteuid() == 0 and uid >= 0
+    written = 0
+    last = time.monotonic()
     dirs = _Dirs(top_fd, uid, gid, chown)
     try:
         for member in tf:
@@ -225,11 +233,17 @@ def extract_into(top_fd: int, tf: tarfile.TarFile, uid: int, gid: int,
                     raise BackupCorrupt("backup member {!r} has no data".format(member.name))
                 _write_file(parent, name, src, member, uid, gid, chown)
                 result.files += 1
+                written += member.size
+                if progress is not None and time.monotonic() - last >= progress_interval:
+                    last = time.monotonic()
+                    progress(written, result.files)
             else:
                 result.note("special member left out: {}".format("/".join(comps)))
                 continue
             if on_member is not None:
                 on_member("/".join(comps))
+        if progress is not None:
+            progress(written, result.files)
     except (tarfile.TarError, EOFError) as e:
         raise BackupCorrupt("backup archive is corrupt: {}".format(e)) from None
     finally:
@@ -309,7 +323,9 @@ def keep_unlisted(live_fd: int, top_fd: int, result: RestoreResult) -> None:
 def restore_root(root_path: str, raw: IO[bytes], *, size: int | None, checksum: str | None,
                  content_bytes: int | None, uid: int, gid: int, truncate: bool,
                  compressed: bool = True, on_member: Callable[[str], None] | None = None,
-                 before_swap: Callable[[], None] | None = None) -> RestoreResult:
+                 before_swap: Callable[[], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 progress_interval: float = 1.0) -> RestoreResult:
     """
     Restore the archive ``raw`` into the server directory ``root_path``
     (see the module docstring).  ``before_swap`` is a test seam.
@@ -337,7 +353,8 @@ def restore_root(root_path: str, raw: IO[bytes], *, size: int | None, checksum: 
                     + MAX_OVERHEAD
                 reader = ArchiveReader(raw, max_bytes, compressed)
                 with open_tar_checked(reader) as tf:
-                    extract_into(top_fd, tf, uid, gid, result, on_member)
+                    extract_into(top_fd, tf, uid, gid, result, on_member, progress,
+                                 progress_interval)
                 reader.finish(size, checksum)
                 if not truncate:
                     keep_unlisted(live_fd, top_fd, result)

@@ -170,6 +170,9 @@ async def test_restore_with_stop_stops_the_server_first_then_restores(rig: Rig) 
     rig.clock.advance(1)
     answer = await restoring
     assert answer["files"] == 7
+    restored = [e for e in rig.events if isinstance(e, BackupProgress)
+                and e.operation == "restore"]
+    assert restored and restored[-1].files == 7 and restored[-1].percent == 100.0
     assert ("stop", "srv1") in rig.servers.calls
     assert tree(rig.root()) == before
 
