@@ -320,6 +320,29 @@ def keep_unlisted(live_fd: int, top_fd: int, result: RestoreResult) -> None:
         raise CtrlAgentError("the server directory could not be read whole; nothing restored")
 
 
+def _unescape_mount(field: str) -> str:
+    """A mountinfo path field: octal escapes (``\\040`` for a space) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_beneath(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Mount points strictly beneath ``path`` (from the kernel's mount table)."""
+    prefix = os.path.normpath(path).rstrip("/") + "/"
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 4:
+            point = _unescape_mount(fields[4])
+            if point.startswith(prefix):
+                out.append(point)
+    return out
+
+
 def restore_root(root_path: str, raw: IO[bytes], *, size: int | None, checksum: str | None,
                  content_bytes: int | None, uid: int, gid: int, truncate: bool,
                  compressed: bool = True, on_member: Callable[[str], None] | None = None,
@@ -331,6 +354,10 @@ def restore_root(root_path: str, raw: IO[bytes], *, size: int | None, checksum: 
     (see the module docstring).  ``before_swap`` is a test seam.
     """
     root_path = os.path.normpath(root_path)
+    if mounts_beneath(root_path):
+        # The swap would leave the mount in the old tree, which could then
+        # never be removed: refused before anything is written.
+        raise PermissionDenied("the server directory holds a mount point; remove it first")
     parent_path, root_name = os.path.split(root_path)
     parent_fd = os.open(parent_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     staging = "{}{}-{}".format(STAGING_PREFIX, root_name, secrets.token_hex(6))

@@ -10,14 +10,22 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ctrlagent.backups.archive import BackupCorrupt
-from ctrlagent.backups.restore import STAGING_PREFIX, sweep_staging
+from ctrlagent.backups.restore import (
+    STAGING_PREFIX,
+    link_stays_inside,
+    member_components,
+    sweep_staging,
+)
 from ctrlagent.errors import PermissionDenied
 from tests.backups.conftest import Layout, populate, tree
 from tests.backups.helpers import archive_bytes, restore_bytes
@@ -337,3 +345,61 @@ def test_a_backup_that_is_empty_round_trips(layout: Layout) -> None:
     restore_bytes(layout.root, data, stats)
     assert os.listdir(layout.root) == []
     _ = Path
+
+
+def test_a_mount_inside_the_server_directory_refuses_the_restore(layout: Layout) -> None:
+    (layout.root / "a").write_text("x")
+    data, stats = archive_bytes(layout.root)
+    (layout.root / "mnt").mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(layout.root / "mnt")],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (layout.root / "mnt" / "on-the-mount").write_text("y")
+        before = tree(layout.root, mtimes=True)
+        for truncate in (True, False):
+            with pytest.raises(PermissionDenied, match="mount point"):
+                restore_bytes(layout.root, data, stats, truncate=truncate)
+            assert tree(layout.root, mtimes=True) == before
+    finally:
+        subprocess.run(["umount", "-l", str(layout.root / "mnt")], check=False)
+
+
+def test_mountinfo_paths_with_spaces_are_read(tmp_path: Path) -> None:
+    from ctrlagent.backups.restore import mounts_beneath
+
+    info = tmp_path / "mountinfo"
+    info.write_text("36 35 98:0 / /srv/data/my\\040server/x rw - ext4 /dev/x rw\n"
+                    "37 35 98:0 / /srv/data/my\\040server rw - ext4 /dev/x rw\n"
+                    "38 35 98:0 / /srv/data/other rw - ext4 /dev/x rw\n")
+    assert mounts_beneath("/srv/data/my server", str(info)) == ["/srv/data/my server/x"]
+    assert mounts_beneath("/srv/data/my", str(info)) == []
+
+
+@given(st.lists(st.sampled_from(["a", "b", ".", "..", ""]), max_size=8),
+       st.lists(st.sampled_from(["a", "b", ".", "..", ""]), min_size=1, max_size=8))
+def test_link_stays_inside_agrees_with_resolving_the_path(link_dir: list[str],
+                                                          target: list[str]) -> None:
+    rel = tuple(p for p in link_dir if p not in ("", ".", "..")) + ("link",)
+    text = "/".join(target)
+    # Reference: resolve step by step from the link's directory, failing on
+    # any climb above the root.
+    depth, inside = len(rel) - 1, bool(text) and not text.startswith("/")
+    for part in text.split("/"):
+        if part == "..":
+            depth -= 1
+            inside = inside and depth >= 0
+        elif part not in ("", "."):
+            depth += 1
+    assert link_stays_inside(rel, text) == inside
+
+
+@given(st.text(alphabet="ab./", max_size=20))
+def test_member_names_never_yield_climbing_or_empty_components(name: str) -> None:
+    try:
+        comps = member_components(name)
+    except PermissionDenied:
+        assert name.startswith("/") or ".." in name.split("/")
+        return
+    assert all(c not in ("", ".", "..") for c in comps)
