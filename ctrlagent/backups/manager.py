@@ -72,6 +72,8 @@ STOPPED_STATES = frozenset({"offline", "crashed", "install_failed", "suspended"}
 # States a stop moves away from (a stop then waits for one of STOPPED_STATES).
 RUNNING_STATES = frozenset({"starting", "running", "stopping"})
 MAX_NAME_CHARS = 200
+# A stored schedule of a server that opted out of the node's default one.
+OPTED_OUT = "-"
 MAX_ID_CHARS = 64
 STOP_POLL = 0.5
 
@@ -630,7 +632,13 @@ class BackupManager(service.Service):
         except ConfigInvalid as e:
             raise InvalidInput(str(e), field="cron" if "cron" in str(e) else "retain") from None
         if expr is None:
-            await self.store.remove_schedule(server_id)
+            if self.config.schedule.cron:
+                # Opted out of the node's default schedule: remembered as such.
+                await self.store.set_schedule(ScheduleRecord(
+                    server_id, OPTED_OUT, None, None, self.config.driver,
+                    self.clock.seconds()))
+            else:
+                await self.store.remove_schedule(server_id)
             return {}
         driver_name, _ = self._driver(driver if driver is None or isinstance(driver, str)
                                       else "?")
@@ -659,7 +667,13 @@ class BackupManager(service.Service):
         from croniter import croniter
 
         now = self.clock.seconds()
-        for schedule in await self.store.schedules():
+        schedules = await self.store.schedules()
+        if self.config.schedule.cron:
+            await self._adopt_default(schedules, now)
+            schedules = await self.store.schedules()
+        for schedule in schedules:
+            if schedule.cron == OPTED_OUT:
+                continue
             try:
                 due = croniter(schedule.cron, schedule.last_run).get_next(float)
             except (ValueError, KeyError):
@@ -681,6 +695,25 @@ class BackupManager(service.Service):
                 retention = Deferred.fromCoroutine(
                     self._retain_after(self.finished(answer["backupId"]), schedule))
                 self.tracker.track(retention, "retention of {}".format(schedule.server_id))
+
+    async def _adopt_default(self, schedules: list[ScheduleRecord], now: float) -> None:
+        """
+        Give every server without a schedule of its own the node's default
+        (``[backups.schedule]``), first due at its next time after now.
+        """
+        default = self.config.schedule
+        if not default.cron:
+            return
+        known = {s.server_id for s in schedules}
+        for status in self.servers.list_servers():
+            server_id = status.get("serverId") if isinstance(status, dict) else None
+            if not isinstance(server_id, str) or server_id in known:
+                continue
+            record = ScheduleRecord(server_id, default.cron, default.retain.last,
+                                    default.retain.days, default.driver, now)
+            # Never over a schedule set meanwhile (an opt-out, say).
+            await self.store.set_schedule(record, replace=False)
+            schedules.append(record)
 
     async def _retain_after(self, work: Deferred[BackupRecord], schedule: ScheduleRecord
                             ) -> None:

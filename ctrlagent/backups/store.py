@@ -238,10 +238,11 @@ class BackupStore:
 
     # -- schedules -----------------------------------------------------------
 
-    def set_schedule(self, schedule: ScheduleRecord) -> Deferred[None]:
-        """Store (or replace) a server's schedule."""
-        sql = ("INSERT OR REPLACE INTO schedules (server_id, cron, retain_last, retain_days,"
-               " driver, last_run) VALUES (?, ?, ?, ?, ?, ?)")
+    def set_schedule(self, schedule: ScheduleRecord, replace: bool = True) -> Deferred[None]:
+        """Store a server's schedule; with ``replace=False`` only if it has none."""
+        sql = ("INSERT OR {} INTO schedules (server_id, cron, retain_last, retain_days,"
+               " driver, last_run) VALUES (?, ?, ?, ?, ?, ?)").format(
+                   "REPLACE" if replace else "IGNORE")
         args = (schedule.server_id, schedule.cron, schedule.retain_last, schedule.retain_days,
                 schedule.driver, schedule.last_run)
         return self._run(lambda: self._write(sql, args), "the schedule")

@@ -117,8 +117,10 @@ async def test_node_wide_concurrency_limit_holds_other_servers_back(tmp_path: Pa
         records = [await m.finished(i) for i in ids]
         assert [r.status for r in records] == ["completed"] * 3
         assert rig.driver.most == 1
-        await m.stopService()
     finally:
+        for manager in rig.managers:
+            if manager.running:
+                await manager.stopService()
         rig.pool.stop()
 
 
@@ -361,6 +363,8 @@ async def test_a_full_disk_mid_write_fails_the_backup_and_leaves_nothing(
         assert record.status == "failed"
         assert "No space left" in (record.error or "") or "room" in (record.error or "")
         assert not partials(str(small_disk)) and not os.listdir(small_disk / "srv1")
-        await m.stopService()
     finally:
+        for manager in rig.managers:
+            if manager.running:
+                await manager.stopService()
         rig.pool.stop()

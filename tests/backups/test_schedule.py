@@ -118,3 +118,24 @@ async def test_schedule_payloads_are_validated_and_an_empty_cron_removes_it(rig:
     assert len(await m.store.schedules()) == 1
     await m.set_backup_schedule("srv1", "", None, None)
     assert await m.store.schedules() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_node_default_schedule_applies_unless_a_server_opts_out(
+        tmp_path: Path) -> None:
+    r = make_rig(tmp_path / "n", schedule={"cron": "0 * * * *", "retain": 2})
+    try:
+        (r.add_server("srv2") / "f").write_text("x")
+        (r.root() / "f").write_text("x")
+        m = await started(r)
+        await m.set_backup_schedule("srv2", "", None, None)
+        await until(lambda: not m._ticking, "the first tick")
+        r.clock.advance(HOUR)
+        await run_due(m)
+        rows = await m.store.find()
+        assert [row.server_id for row in rows if row.scheduled] == ["srv1"]
+    finally:
+        for manager in r.managers:
+            if manager.running:
+                await manager.stopService()
+        r.pool.stop()
