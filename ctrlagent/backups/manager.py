@@ -260,7 +260,10 @@ class BackupManager(service.Service):
 
     async def _start(self) -> None:
         await self.recover()
-        self._scheduler = LoopingCall(self._tick_safely)
+        # Each look is tracked, so that stopping waits for one in flight
+        # before the store closes under it.
+        self._scheduler = LoopingCall(lambda: self.tracker.track(
+            Deferred.fromCoroutine(self._tick_safely()), "backup schedules"))
         self._scheduler.clock = self.clock
         self._scheduler.start(self.config.schedule_interval, now=True)
 
