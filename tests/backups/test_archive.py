@@ -403,3 +403,25 @@ def test_member_names_never_yield_climbing_or_empty_components(name: str) -> Non
         assert name.startswith("/") or ".." in name.split("/")
         return
     assert all(c not in ("", ".", "..") for c in comps)
+
+
+def test_a_crash_after_the_swap_leaves_the_restored_files_and_the_sweep_the_rest(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    populate(layout.root)
+    restored = tree(layout.root)
+    data, stats = archive_bytes(layout.root)
+    (layout.root / "server.properties").write_text("motd=live\n")
+    from ctrlagent.backups import restore as rest
+
+    def dies(dir_fd: int, name: str, **kw: object) -> int:
+        raise OSError(5, "the agent died here")
+
+    monkeypatch.setattr(rest.trees, "remove_tree", dies)
+    result = restore_bytes(layout.root, data, stats)
+    monkeypatch.undo()
+    assert tree(layout.root) == restored
+    assert "old files not yet removed" in result.notes[-1]
+    (left,) = [n for n in os.listdir(layout.data_dir) if n.startswith(STAGING_PREFIX)]
+    assert (layout.data_dir / left / "server.properties").read_text() == "motd=live\n"
+    assert sweep_staging(str(layout.data_dir)) == 1
+    assert os.listdir(layout.data_dir) == ["srv1"]
