@@ -1,0 +1,314 @@
+"""
+The restic driver: our own tar stream, uncompressed, handed to
+``restic backup --stdin``; restored with ``restic dump``.  Blocking;
+thread-side.
+
+Why a stream rather than letting restic walk the server's directory:
+restic opens what it backs up by path, as root, while the game server
+(hostile) may swap any directory for a symlink to ``/etc`` in the middle of
+the walk.  Our walker (``archive.write_archive``) never follows a link and
+never leaves the root fd, so the stream holds only the server's files, with
+the same ignore rules as every other driver.  restic still deduplicates:
+its content-defined chunks find unchanged files inside the tar, so a second
+backup after a small change stores little (see ``bench/backups.py``), and it
+compresses the chunks itself (so the stream is not zstd-compressed by us).
+
+The password never appears on a command line or in a log: it is handed to
+restic through ``RESTIC_PASSWORD_FILE`` (the configured file), or in the
+child's environment (``RESTIC_PASSWORD``, readable only by the agent's own
+user through ``/proc``).  restic's ``--json`` output is read line by line,
+each line bounded, and only its summary is kept; stderr keeps a bounded
+tail for the error message.  A wrong password is ``ResticError`` saying so.
+Deleting a backup is ``restic forget <snapshot> --prune``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from typing import IO, Any
+
+from ctrlagent.backups.config import ResticConfig
+from ctrlagent.backups.drivers import safe_component
+from ctrlagent.errors import CtrlAgentError, NotFound
+
+MAX_LINE = 64 * 1024
+STDERR_TAIL = 4096
+STREAM_NAME = "/backup.tar"
+
+
+class ResticError(CtrlAgentError):
+    """restic failed; the message says why (never with the password)."""
+
+
+def _explain(stderr: str, code: int | None) -> str:
+    low = stderr.lower()
+    if "wrong password" in low or "no key found" in low:
+        return "restic: wrong repository password"
+    if "unable to open config file" in low or "does not exist" in low or \
+            "is there a repository" in low:
+        return "restic: no repository at the configured location"
+    last = " ".join(stderr.strip().splitlines()[-2:])[-300:]
+    return "restic failed (exit {}): {}".format(code, last or "no message")
+
+
+class _Output:
+    """Reads a child's stdout (JSON lines, bounded) and stderr (a tail) in threads."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.summary: dict[str, Any] | None = None
+        self.messages = 0
+        self.err = b""
+        self._threads = [threading.Thread(target=self._stdout, args=(proc.stdout,), daemon=True),
+                         threading.Thread(target=self._stderr, args=(proc.stderr,), daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _stdout(self, f: IO[bytes]) -> None:
+        while True:
+            line = f.readline(MAX_LINE)
+            if not line:
+                return
+            if not line.endswith(b"\n"):
+                # An overlong line: drop the rest of it.
+                while (more := f.readline(MAX_LINE)) and not more.endswith(b"\n"):
+                    pass
+                continue
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            self.messages += 1
+            if isinstance(msg, dict) and msg.get("message_type") == "summary":
+                self.summary = msg
+
+    def _stderr(self, f: IO[bytes]) -> None:
+        while chunk := f.read(4096):
+            self.err = (self.err + chunk)[-STDERR_TAIL:]
+
+    def join(self, timeout: float) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    @property
+    def stderr(self) -> str:
+        return self.err.decode("utf-8", "replace")
+
+
+class ResticDriver:
+    """Snapshots in one restic repository; a backup's location is its snapshot id."""
+
+    name = "restic"
+    compressed = False  # restic compresses (and deduplicates) itself
+
+    def __init__(self, config: ResticConfig, cache_dir: str | None = None) -> None:
+        self.config = config
+        self.cache_dir = cache_dir
+        self._ready = False
+        self._lock = threading.Lock()
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
+        env["RESTIC_REPOSITORY"] = self.config.repository or ""
+        if self.config.password_file is not None:
+            env["RESTIC_PASSWORD_FILE"] = self.config.password_file
+        elif self.config.password is not None:
+            env["RESTIC_PASSWORD"] = self.config.password
+        if self.cache_dir is not None:
+            env["RESTIC_CACHE_DIR"] = self.cache_dir
+        return env
+
+    def _popen(self, args: list[str], stdin: int | None = None) -> subprocess.Popen[bytes]:
+        try:
+            return subprocess.Popen([self.config.binary, *args], stdin=stdin,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=self._env(), close_fds=True)
+        except OSError as e:
+            raise ResticError("restic cannot be run ({}): is it installed?".format(
+                e.strerror)) from None
+
+    def run(self, args: list[str], timeout: float | None = None) -> tuple[str, str]:
+        """Run restic to its end; ``(stdout, stderr)``, or ``ResticError``."""
+        proc = self._popen(args)
+        try:
+            out, err = proc.communicate(timeout=timeout or self.config.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise ResticError("restic {} timed out".format(args[0])) from None
+        stderr = err[-STDERR_TAIL:].decode("utf-8", "replace")
+        if proc.returncode != 0:
+            raise ResticError(_explain(stderr, proc.returncode))
+        return out[-1024 * 1024:].decode("utf-8", "replace"), stderr
+
+    def ensure_repository(self) -> None:
+        """Open the repository (checks the password); create it when there is none."""
+        with self._lock:
+            if self._ready:
+                return
+            try:
+                self.run(["cat", "config"], timeout=120)
+            except ResticError as e:
+                if "no repository" not in str(e):
+                    raise
+                self.run(["init"], timeout=120)
+            self._ready = True
+
+    def open_writer(self, server_id: str, backup_id: str) -> _ResticUpload:
+        self.ensure_repository()
+        tags = "ctrlagent,server:{},backup:{}".format(safe_component(server_id),
+                                                      safe_component(backup_id))
+        proc = self._popen(["backup", "--json", "--stdin", "--stdin-filename",
+                            STREAM_NAME.lstrip("/"), "--host", "ctrlagent", "--tag", tags],
+                           stdin=subprocess.PIPE)
+        return _ResticUpload(self, proc)
+
+    def open_reader(self, location: str, start: int = 0, length: int | None = None
+                    ) -> IO[bytes]:
+        _check_snapshot(location)
+        self.ensure_repository()
+        proc = self._popen(["dump", location, STREAM_NAME])
+        return _Dump(proc, start, length)  # type: ignore[return-value]
+
+    def delete(self, location: str) -> None:
+        _check_snapshot(location)
+        self.ensure_repository()
+        try:
+            try:
+                self.run(["forget", "--prune", location])
+            except ResticError as e:
+                if "lock" not in str(e):
+                    raise
+                # A lock left by a restic that died: `unlock` removes only
+                # stale ones, then try once more.
+                self.run(["unlock"])
+                self.run(["forget", "--prune", location])
+        except ResticError as e:
+            if "no matching ID" not in str(e) and "not found" not in str(e):
+                raise
+
+    def discard_partial(self, server_id: str, backup_id: str) -> None:
+        # A killed `restic backup` makes no snapshot; its unreferenced data
+        # goes at the next prune (every delete prunes).
+        return None
+
+    def free_bytes(self) -> int | None:
+        return None
+
+
+def _end(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """
+    Stop a restic child: SIGTERM first, so that it removes its repository
+    lock (a SIGKILLed restic leaves a stale lock behind), then SIGKILL.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
+def _check_snapshot(location: str) -> None:
+    if not (8 <= len(location) <= 64) or any(c not in "0123456789abcdef" for c in location):
+        raise NotFound("restic snapshot id {!r} is not valid".format(location))
+
+
+class _ResticUpload:
+    """``restic backup --stdin`` running: write feeds it, commit waits for its snapshot."""
+
+    def __init__(self, driver: ResticDriver, proc: subprocess.Popen[bytes]) -> None:
+        self.driver = driver
+        self.proc = proc
+        self.out = _Output(proc)
+
+    def write(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(data)
+        except BrokenPipeError:
+            self.proc.wait(60)
+            self.out.join(10)
+            raise ResticError(_explain(self.out.stderr, self.proc.returncode)) from None
+
+    def commit(self) -> str:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            code = self.proc.wait(self.driver.config.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise ResticError("restic backup timed out") from None
+        self.out.join(30)
+        if code != 0:
+            raise ResticError(_explain(self.out.stderr, code))
+        summary = self.out.summary or {}
+        snapshot = summary.get("snapshot_id")
+        if not isinstance(snapshot, str):
+            raise ResticError("restic backup gave no snapshot id")
+        return snapshot
+
+    def abort(self) -> None:
+        _end(self.proc)
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        self.out.join(10)
+
+
+class _Dump:
+    """``restic dump`` stdout as a file; a failure at the end is ``ResticError``."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], start: int, length: int | None) -> None:
+        self.proc = proc
+        self.err = b""
+        self._t = threading.Thread(target=self._stderr, daemon=True)
+        self._t.start()
+        self.left = length
+        assert proc.stdout is not None
+        self.f = proc.stdout
+        while start > 0:
+            skipped = self.f.read(min(start, 1024 * 1024))
+            if not skipped:
+                break
+            start -= len(skipped)
+
+    def _stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while chunk := self.proc.stderr.read(4096):
+            self.err = (self.err + chunk)[-STDERR_TAIL:]
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1024 * 1024
+        if self.left is not None:
+            n = min(n, self.left)
+        data = self.f.read(n) if n else b""
+        if self.left is not None:
+            self.left -= len(data)
+        if not data and n:
+            code = self.proc.wait(60)
+            self._t.join(10)
+            if code != 0:
+                raise ResticError(_explain(self.err.decode("utf-8", "replace"), code))
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+        _end(self.proc)
+        self._t.join(10)
+
+    def __enter__(self) -> _Dump:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

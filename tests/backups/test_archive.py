@@ -1,0 +1,427 @@
+"""
+The archive format and its round trip: a server tree written to a
+tar+zstd stream and restored through a staging directory comes back whole
+(paths, contents, modes, links kept as links), and every fault leaves the
+server's files exactly as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ctrlagent.backups.archive import BackupCorrupt
+from ctrlagent.backups.restore import (
+    STAGING_PREFIX,
+    link_stays_inside,
+    member_components,
+    sweep_staging,
+)
+from ctrlagent.errors import PermissionDenied
+from tests.backups.conftest import Layout, populate, tree
+from tests.backups.helpers import archive_bytes, restore_bytes
+
+
+def _tamper(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    """A hand-made archive (as a hostile store could hold)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            else:
+                tf.addfile(info)
+    return zstandard.ZstdCompressor().compress(raw.getvalue())
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.mode = 0o644
+    return info
+
+
+def test_round_trip_brings_back_the_whole_tree(layout: Layout) -> None:
+    populate(layout.root)
+    before = tree(layout.root, mtimes=True)
+    data, stats = archive_bytes(layout.root)
+    assert stats.checksum == hashlib.sha256(data).hexdigest()
+    assert stats.size == len(data)
+    assert stats.files == 7 and stats.summary() is None
+    # Wreck the tree, then restore.
+    (layout.root / "server.properties").write_text("motd=broken\n")
+    (layout.root / "world" / "level.dat").unlink()
+    (layout.root / "new-file").write_text("made after the backup")
+    restore_bytes(layout.root, data, stats, truncate=True)
+    assert tree(layout.root, mtimes=True) == before
+    assert os.path.islink(layout.root / "level-link")
+    assert not [n for n in os.listdir(layout.data_dir) if n.startswith(STAGING_PREFIX)]
+
+
+def test_restore_without_truncate_keeps_files_the_backup_does_not_hold(layout: Layout) -> None:
+    populate(layout.root)
+    data, stats = archive_bytes(layout.root)
+    (layout.root / "server.properties").write_text("motd=changed\n")
+    (layout.root / "world" / "new-chunk").write_text("kept")
+    (layout.root / "newdir" / "deep").mkdir(parents=True)
+    (layout.root / "newdir" / "deep" / "f").write_text("kept too")
+    result = restore_bytes(layout.root, data, stats, truncate=False)
+    assert (layout.root / "server.properties").read_text() == "motd=hello\n"
+    assert (layout.root / "world" / "new-chunk").read_text() == "kept"
+    assert (layout.root / "newdir" / "deep" / "f").read_text() == "kept too"
+    assert result.kept == 2
+
+
+def test_restore_with_truncate_removes_files_the_backup_does_not_hold(layout: Layout) -> None:
+    populate(layout.root)
+    data, stats = archive_bytes(layout.root)
+    (layout.root / "world" / "new-chunk").write_text("gone")
+    restore_bytes(layout.root, data, stats, truncate=True)
+    assert not (layout.root / "world" / "new-chunk").exists()
+
+
+def test_links_are_stored_as_links_and_never_followed(layout: Layout) -> None:
+    (layout.root / "a").write_text("inside")
+    os.symlink(str(layout.outside), layout.root / "out-dir")
+    os.symlink(str(layout.outside / "secret.txt"), layout.root / "out-file")
+    data, stats = archive_bytes(layout.root)
+    with tarfile.open(fileobj=io.BytesIO(zstandard.ZstdDecompressor().decompressobj()
+                                         .decompress(data))) as tf:
+        names = {m.name: m for m in tf.getmembers()}
+    assert names["out-dir"].issym() and names["out-file"].issym()
+    assert not any("secret" in n for n in names)
+    assert stats.files == 1
+
+
+def test_links_leading_out_are_not_restored(layout: Layout) -> None:
+    (layout.root / "a").write_text("inside")
+    os.symlink(str(layout.outside), layout.root / "absolute")
+    os.symlink("../../outside", layout.root / "climbing")
+    os.symlink("a", layout.root / "fine")
+    data, stats = archive_bytes(layout.root)
+    result = restore_bytes(layout.root, data, stats)
+    assert sorted(os.listdir(layout.root)) == ["a", "fine"]
+    assert result.skipped == 2
+
+
+def test_ignore_rules_from_pteroignore_and_the_request(layout: Layout) -> None:
+    populate(layout.root)
+    (layout.root / ".pteroignore").write_text("logs/\n*.mca\n# comment\n")
+    data, stats = archive_bytes(layout.root, ignore=["private.key"])
+    restore_bytes(layout.root, data, stats, truncate=True)
+    names = set(tree(layout.root))
+    assert "logs" not in names and "world/region/r.0.0.mca" not in names
+    assert "private.key" not in names
+    assert "world/level.dat" in names and ".pteroignore" in names
+
+
+def test_pteroignore_that_is_a_link_is_not_read(layout: Layout) -> None:
+    (layout.outside / "rules").write_text("*\n")
+    os.symlink(str(layout.outside / "rules"), layout.root / ".pteroignore")
+    (layout.root / "keep").write_text("x")
+    _, stats = archive_bytes(layout.root)
+    assert stats.files == 1
+
+
+def test_special_files_are_left_out_with_a_note(layout: Layout) -> None:
+    (layout.root / "a").write_text("x")
+    os.mkfifo(layout.root / "pipe")
+    data, stats = archive_bytes(layout.root)
+    assert stats.skipped == 1 and "pipe" in stats.notes[0]
+    restore_bytes(layout.root, data, stats)
+    assert sorted(os.listdir(layout.root)) == ["a"]
+
+
+def test_a_file_changing_during_the_walk_completes_with_a_note(layout: Layout) -> None:
+    (layout.root / "a").write_bytes(b"1" * 10_000)
+    (layout.root / "b-shrinks").write_bytes(b"2" * 10_000)
+    (layout.root / "c-vanishes").write_bytes(b"3" * 10)
+    real_read = os.read
+
+    def read(fd: int, n: int) -> bytes:
+        # The shrink lands after the header promised 10,000 bytes.
+        if os.readlink("/proc/self/fd/{}".format(fd)).endswith("b-shrinks"):
+            with open(layout.root / "b-shrinks", "r+b") as f:
+                f.truncate(100)
+        return real_read(fd, n)
+
+    def meddle(rel: str) -> None:
+        if rel == "a":
+            (layout.root / "c-vanishes").unlink()
+
+    os.read = read  # type: ignore[assignment]
+    try:
+        data, stats = archive_bytes(layout.root, on_member=meddle)
+    finally:
+        os.read = real_read
+    assert stats.changed == 1 and stats.summary() is not None
+    assert "b-shrinks" in stats.notes[0]
+    restore_bytes(layout.root, data, stats)
+    # The shrunk file is padded to the size its header promised.
+    assert (layout.root / "b-shrinks").read_bytes() == b"2" * 100 + b"\x00" * 9_900
+    assert sorted(os.listdir(layout.root)) == ["a", "b-shrinks"]
+
+
+def test_a_file_growing_while_read_is_cut_at_its_size(layout: Layout) -> None:
+    (layout.root / "log").write_bytes(b"x" * 5000)
+    real_read = os.read
+    grown = []
+
+    def read(fd: int, n: int) -> bytes:
+        if not grown:
+            grown.append(1)
+            with open(layout.root / "log", "ab") as f:
+                f.write(b"y" * 5000)
+        return real_read(fd, n)
+
+    os.read = read  # type: ignore[assignment]
+    try:
+        data, stats = archive_bytes(layout.root)
+    finally:
+        os.read = real_read
+    restore_bytes(layout.root, data, stats)
+    assert (layout.root / "log").read_bytes() == b"x" * 5000
+    assert stats.changed == 1
+
+
+def test_names_that_are_not_utf8_round_trip(layout: Layout) -> None:
+    name = os.fsdecode(b"caf\xe9-\xff.txt")
+    (layout.root / name).write_text("bytes")
+    before = tree(layout.root)
+    data, stats = archive_bytes(layout.root)
+    (layout.root / name).unlink()
+    restore_bytes(layout.root, data, stats)
+    assert tree(layout.root) == before
+
+
+def test_a_deep_tree_round_trips(layout: Layout) -> None:
+    d = layout.root
+    for i in range(200):
+        d = d / "d{}".format(i % 7)
+    d.mkdir(parents=True)
+    (d / "bottom").write_text("deep")
+    before = tree(layout.root)
+    data, stats = archive_bytes(layout.root)
+    restore_bytes(layout.root, data, stats)
+    assert tree(layout.root) == before
+
+
+def test_a_truncated_archive_is_an_error_and_touches_nothing(layout: Layout) -> None:
+    populate(layout.root)
+    data, stats = archive_bytes(layout.root)
+    (layout.root / "after").write_text("still here")
+    before = tree(layout.root, mtimes=True)
+    for cut in (len(data) // 2, len(data) - 1, 10):
+        with pytest.raises(BackupCorrupt):
+            restore_bytes(layout.root, data[:cut], stats)
+        assert tree(layout.root, mtimes=True) == before
+    assert not [n for n in os.listdir(layout.data_dir) if n.startswith(STAGING_PREFIX)]
+
+
+def test_a_corrupted_archive_is_an_error_and_touches_nothing(layout: Layout) -> None:
+    populate(layout.root)
+    data, stats = archive_bytes(layout.root)
+    before = tree(layout.root, mtimes=True)
+    for pos in (20, len(data) // 2, len(data) - 5):
+        bad = bytearray(data)
+        bad[pos] ^= 0x55
+        with pytest.raises(BackupCorrupt):
+            restore_bytes(layout.root, bytes(bad), stats)
+        assert tree(layout.root, mtimes=True) == before
+
+
+def test_a_different_archive_of_the_right_shape_fails_its_checksum(layout: Layout) -> None:
+    (layout.root / "a").write_text("one")
+    data, stats = archive_bytes(layout.root)
+    (layout.root / "a").write_text("two")
+    other, _ = archive_bytes(layout.root)
+    with pytest.raises(BackupCorrupt, match="checksum|truncated"):
+        restore_bytes(layout.root, other, stats)
+    assert (layout.root / "a").read_text() == "two"
+
+
+@pytest.mark.parametrize("member", [
+    _member("/etc/evil"),
+    _member("../evil"),
+    _member("a/../../evil"),
+])
+def test_members_that_would_escape_refuse_the_whole_archive(
+        layout: Layout, member: tarfile.TarInfo) -> None:
+    (layout.root / "keep").write_text("mine")
+    data = _tamper([(_member("fine"), b"ok"), (member, b"evil")])
+    before = tree(layout.root, mtimes=True)
+    with pytest.raises(PermissionDenied):
+        restore_bytes(layout.root, data, None)
+    assert tree(layout.root, mtimes=True) == before
+    assert os.listdir(layout.outside) == ["secret.txt"]
+    assert not (layout.data_dir / "evil").exists()
+
+
+def test_a_link_then_a_file_through_it_cannot_write_outside(layout: Layout) -> None:
+    data = _tamper([
+        (_member("sub", tarfile.SYMTYPE, str(layout.outside)), None),
+        (_member("sub/secret.txt"), b"overwritten"),
+        (_member("up", tarfile.SYMTYPE, "../../outside"), None),
+        (_member("up/x"), b"x"),
+        (_member("dev", tarfile.CHRTYPE), None),
+        (_member("hard", tarfile.LNKTYPE, "/etc/passwd"), None),
+    ])
+    restore_bytes(layout.root, data, None)
+    assert (layout.outside / "secret.txt").read_text() == "not yours"
+    assert os.listdir(layout.outside) == ["secret.txt"]
+    assert (layout.root / "sub").is_dir() and not (layout.root / "sub").is_symlink()
+    assert not (layout.root / "dev").exists() and not (layout.root / "hard").exists()
+
+
+def test_setuid_bits_never_travel(layout: Layout) -> None:
+    info = _member("tool")
+    info.mode = 0o4755
+    restore_bytes(layout.root, _tamper([(info, b"#!")]), None)
+    assert os.stat(layout.root / "tool").st_mode & 0o7777 == 0o755
+
+
+def test_an_archive_expanding_beyond_its_record_is_refused(layout: Layout) -> None:
+    (layout.root / "big").write_bytes(b"\x00" * (1 << 20))
+    data, stats = archive_bytes(layout.root)
+    import io as _io
+
+    from ctrlagent.backups import archive as arch
+    from ctrlagent.backups.restore import restore_root
+
+    old = arch.MAX_OVERHEAD
+    import ctrlagent.backups.restore as rest
+    rest.MAX_OVERHEAD = 0  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(BackupCorrupt, match="expands"):
+            restore_root(str(layout.root), _io.BytesIO(data), size=None, checksum=None,
+                         content_bytes=1000, uid=os.getuid(), gid=os.getgid(), truncate=True)
+    finally:
+        rest.MAX_OVERHEAD = old  # type: ignore[attr-defined]
+    assert (layout.root / "big").stat().st_size == 1 << 20
+
+
+def test_a_crash_before_the_swap_leaves_the_tree_and_the_sweep_cleans_up(
+        layout: Layout) -> None:
+    populate(layout.root)
+    data, stats = archive_bytes(layout.root)
+    (layout.root / "server.properties").write_text("motd=live\n")
+    before = tree(layout.root, mtimes=True)
+
+    class Crash(BaseException):
+        pass
+
+    def crash() -> None:
+        raise Crash()
+
+    # A BaseException stands for the process dying: the cleanup in finally
+    # still runs here, so leave a staging directory behind by hand as well.
+    with pytest.raises(Crash):
+        restore_bytes(layout.root, data, stats, before_swap=crash)
+    assert tree(layout.root, mtimes=True) == before
+    leftover = layout.data_dir / (STAGING_PREFIX + "srv1-0123456789ab")
+    (leftover / "x").mkdir(parents=True)
+    other = layout.data_dir / (STAGING_PREFIX + "srv1-other-0123456789ab")
+    other.mkdir()
+    assert sweep_staging(str(layout.data_dir), "srv1") == 1
+    assert other.exists() and not leftover.exists()
+    assert sweep_staging(str(layout.data_dir)) == 1
+    assert sorted(os.listdir(layout.data_dir)) == ["srv1"]
+
+
+def test_a_backup_that_is_empty_round_trips(layout: Layout) -> None:
+    data, stats = archive_bytes(layout.root)
+    (layout.root / "x").write_text("x")
+    restore_bytes(layout.root, data, stats)
+    assert os.listdir(layout.root) == []
+    _ = Path
+
+
+def test_a_mount_inside_the_server_directory_refuses_the_restore(layout: Layout) -> None:
+    (layout.root / "a").write_text("x")
+    data, stats = archive_bytes(layout.root)
+    (layout.root / "mnt").mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(layout.root / "mnt")],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (layout.root / "mnt" / "on-the-mount").write_text("y")
+        before = tree(layout.root, mtimes=True)
+        for truncate in (True, False):
+            with pytest.raises(PermissionDenied, match="mount point"):
+                restore_bytes(layout.root, data, stats, truncate=truncate)
+            assert tree(layout.root, mtimes=True) == before
+    finally:
+        subprocess.run(["umount", "-l", str(layout.root / "mnt")], check=False)
+
+
+def test_mountinfo_paths_with_spaces_are_read(tmp_path: Path) -> None:
+    from ctrlagent.backups.restore import mounts_beneath
+
+    info = tmp_path / "mountinfo"
+    info.write_text("36 35 98:0 / /srv/data/my\\040server/x rw - ext4 /dev/x rw\n"
+                    "37 35 98:0 / /srv/data/my\\040server rw - ext4 /dev/x rw\n"
+                    "38 35 98:0 / /srv/data/other rw - ext4 /dev/x rw\n")
+    assert mounts_beneath("/srv/data/my server", str(info)) == ["/srv/data/my server/x"]
+    assert mounts_beneath("/srv/data/my", str(info)) == []
+
+
+@given(st.lists(st.sampled_from(["a", "b", ".", "..", ""]), max_size=8),
+       st.lists(st.sampled_from(["a", "b", ".", "..", ""]), min_size=1, max_size=8))
+def test_link_stays_inside_agrees_with_resolving_the_path(link_dir: list[str],
+                                                          target: list[str]) -> None:
+    rel = tuple(p for p in link_dir if p not in ("", ".", "..")) + ("link",)
+    text = "/".join(target)
+    # Reference: resolve step by step from the link's directory, failing on
+    # any climb above the root.
+    depth, inside = len(rel) - 1, bool(text) and not text.startswith("/")
+    for part in text.split("/"):
+        if part == "..":
+            depth -= 1
+            inside = inside and depth >= 0
+        elif part not in ("", "."):
+            depth += 1
+    assert link_stays_inside(rel, text) == inside
+
+
+@given(st.text(alphabet="ab./", max_size=20))
+def test_member_names_never_yield_climbing_or_empty_components(name: str) -> None:
+    try:
+        comps = member_components(name)
+    except PermissionDenied:
+        assert name.startswith("/") or ".." in name.split("/")
+        return
+    assert all(c not in ("", ".", "..") for c in comps)
+
+
+def test_a_crash_after_the_swap_leaves_the_restored_files_and_the_sweep_the_rest(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    populate(layout.root)
+    restored = tree(layout.root)
+    data, stats = archive_bytes(layout.root)
+    (layout.root / "server.properties").write_text("motd=live\n")
+    from ctrlagent.backups import restore as rest
+
+    def dies(dir_fd: int, name: str, **kw: object) -> int:
+        raise OSError(5, "the agent died here")
+
+    monkeypatch.setattr(rest.trees, "remove_tree", dies)
+    result = restore_bytes(layout.root, data, stats)
+    monkeypatch.undo()
+    assert tree(layout.root) == restored
+    assert "old files not yet removed" in result.notes[-1]
+    (left,) = [n for n in os.listdir(layout.data_dir) if n.startswith(STAGING_PREFIX)]
+    assert (layout.data_dir / left / "server.properties").read_text() == "motd=live\n"
+    assert sweep_staging(str(layout.data_dir)) == 1
+    assert os.listdir(layout.data_dir) == ["srv1"]
