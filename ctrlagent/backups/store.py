@@ -25,6 +25,7 @@ from twisted.python.threadpool import ThreadPool
 
 from ctrlagent.errors import CtrlAgentError, InsufficientResources
 from ctrlagent.startup import StartupError
+from ctrlagent.wire.time import iso_ms, iso_ms_or_none
 
 T = TypeVar("T")
 
@@ -84,8 +85,6 @@ class BackupRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The Panel's shape (PROTOCOL.md section 5)."""
-        from ctrlagent.files.fsops import iso
-
         out: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
@@ -94,8 +93,8 @@ class BackupRecord:
             "size": self.size,
             "files": self.files,
             "checksum": self.checksum,
-            "createdAt": iso(self.created),
-            "completedAt": iso(self.completed) if self.completed is not None else None,
+            "createdAt": iso_ms(self.created),
+            "completedAt": iso_ms_or_none(self.completed),
         }
         if self.error is not None:
             out["error"] = self.error
