@@ -224,7 +224,9 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     # Imported here so that `twistd ctrlagent --help` stays fast and cheap.
     from ctrlagent.actions.registry import Dispatcher
     from ctrlagent.api.app import AgentApi, make_http_service
+    from ctrlagent.engine import make_engine
     from ctrlagent.engine.docker import DockerClient
+    from ctrlagent.engine.service import EngineService
     from ctrlagent.files.manager import FileManager
     from ctrlagent.panel.link import PanelLink
     from ctrlagent.servers.manager import make_server_manager
@@ -242,8 +244,10 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     deadlines = Deadlines(reactor, tracker.scope("late answers"), config.timeouts)
 
     docker = DockerClient.from_config(reactor, config.docker)
+    engine = make_engine(reactor, config, docker)
+    EngineService(engine).setServiceParent(top)
     servers = make_server_manager(
-        reactor, config, docker, tracker=tracker.scope("servers"), deadlines=deadlines
+        reactor, config, engine, tracker=tracker.scope("servers"), deadlines=deadlines
     )
     servers.setName("servers")
     servers.setServiceParent(top)

@@ -4,7 +4,8 @@ The ``ServerManager`` service: every game server on this node.
 It implements ``IServerManager`` for the action dispatcher and publishes
 ``StatusChanged``/``ConsoleOutput``/``ResourceUpdate`` events to listeners
 (the Panel link).  Dependencies are explicit: the reactor (clock and
-threads), the config tree, the Docker client, the store and a thread pool for
+threads), the config tree, the container engine (``IContainerEngine``), the
+store and a thread pool for
 filesystem work (disk usage, chown, purges).
 
 The manager is the set of servers (ids, aliases, definitions in the store),
@@ -13,14 +14,14 @@ action is the ``Server``'s own (``ctrlagent.servers.server``): the manager
 finds the server and calls it, and a server never calls the manager back;
 what it uses is handed to it once (``ServerServices``).
 
-Start-up never blocks on Docker: definitions are loaded from the store
+Start-up never blocks on the engine: definitions are loaded from the store
 (milliseconds), the API can serve at once, and the engine is reconciled in the
 background: running containers are re-attached (console recovered from
-Docker's logs), servers that should run but do not are started, and
+the engine's kept output), servers that should run but do not are started, and
 containers with our label the store does not know are reported, not deleted.
 Stopping the service detaches from the containers and leaves them running.
 
-Container deaths arrive through Docker's event stream (``ResumableEvents``);
+Container deaths arrive through the engine's event stream (``engine.events``);
 when that stream breaks, the engine is gone: servers report ``unknown`` and
 the agent keeps serving; when it opens again, the manager reconciles.
 
@@ -49,23 +50,25 @@ from zope.interface import implementer
 
 from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.config import AgentConfig
+from ctrlagent.engine.interface import ContainerState, EngineEvent, IContainerEngine, IEventStream
 from ctrlagent.errors import (
     Conflict,
     CtrlAgentError,
-    DockerError,
-    DockerUnavailable,
+    EngineError,
+    EngineUnavailable,
     NotFound,
     ServerNotFound,
 )
 from ctrlagent.events import ServerEvent
 from ctrlagent.interfaces import IServerManager, ServerRoot
+from ctrlagent.servers import containers as boxes
 from ctrlagent.servers import spec as specs
+from ctrlagent.servers.containers import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
 from ctrlagent.servers.datadir import DataDirs
 from ctrlagent.servers.delivery import JOURNAL_NAME, ConsoleDelivery, EventBus, Mark, MarkJournal
 from ctrlagent.servers.lifecycle import parse_state
 from ctrlagent.servers.server import Server
 from ctrlagent.servers.services import RowWriter, ServerNetwork, ServerServices
-from ctrlagent.servers.spec import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
 from ctrlagent.startup import StartupError
 from ctrlagent.work import Deadlines, Tracker
@@ -73,7 +76,7 @@ from ctrlagent.work import Deadlines, Tracker
 
 @implementer(IServerManager)
 class ServerManager(service.Service):
-    """Owns one ``Server`` per game server and drives them through Docker."""
+    """Owns one ``Server`` per game server and drives them through the container engine."""
 
     log = Logger()
     name = "servers"
@@ -82,7 +85,7 @@ class ServerManager(service.Service):
         self,
         reactor: Any,
         config: AgentConfig,
-        docker: Any,
+        engine: IContainerEngine,
         store: ServerStore,
         disk_pool: ThreadPool | None = None,
         network_mode: str = "bridge",
@@ -94,7 +97,7 @@ class ServerManager(service.Service):
         # Time may come from elsewhere than threads (a Clock in unit tests).
         self.clock = clock if clock is not None else reactor
         self.config = config
-        self.docker = docker
+        self.engine = engine
         self.store = store
         self._own_pool = disk_pool is None
         self.disk_pool = disk_pool or ThreadPool(minthreads=0, maxthreads=2, name="ctrlagent-disk")
@@ -108,8 +111,8 @@ class ServerManager(service.Service):
         self._servers: dict[str, Server] = {}
         self._aliases: dict[str, str] = {}
         self.orphans: list[dict[str, Any]] = []
-        self.docker_up = True
-        self._events: Any = None
+        self.engine_up = True
+        self._events: IEventStream | None = None
         self._events_task: Deferred[None] | None = None
         self._disk_loop: LoopingCall | None = None
         self._disk_slots = DeferredSemaphore(2)
@@ -127,10 +130,10 @@ class ServerManager(service.Service):
         )
         self.rows = RowWriter(store, self.tracker)
         self.data = DataDirs(reactor, config.data_dir, self.disk_pool)
-        self.network = ServerNetwork(docker, network_mode, config.docker.network_subnet or None)
+        self.network = ServerNetwork(engine, network_mode, config.docker.network_subnet or None)
         # What every server uses: it never reaches back to the manager.
         self.services = ServerServices(
-            docker=docker,
+            engine=engine,
             clock=self.clock,
             deadlines=self.deadlines,
             tracker=self.tracker,
@@ -182,16 +185,13 @@ class ServerManager(service.Service):
         super().startService()
         if self._own_pool:
             self.disk_pool.start()
-        since = self.clock.seconds()
-        self._events = self.docker.resumable_events(
+        self._events = self.engine.events(
             {MANAGED_LABEL: "true"},
-            since=since,
-            retry_delay=self.config.timeouts.events_retry,
-            max_retry_delay=self.config.timeouts.events_retry_max,
+            since_ns=int(self.clock.seconds() * 1e9),
             on_break=self._engine_lost,
             on_resume=self._engine_back,
         )
-        self._events_task = self.tracker.run(self._watch_events(), "Docker event watcher")
+        self._events_task = self.tracker.run(self._watch_events(), "engine event watcher")
         self.reconcile()
         self.delivery.schedule()
         interval = self.config.servers.disk_check_interval
@@ -323,9 +323,9 @@ class ServerManager(service.Service):
             server = self._by_event(event)
             if server is None:
                 continue
-            server.on_event(event.action, event.exit_code, event.time)
+            server.on_event(event)
 
-    def _by_event(self, event: Any) -> Server | None:
+    def _by_event(self, event: EngineEvent) -> Server | None:
         sid = event.labels.get(SERVER_ID_LABEL)
         server = self._servers.get(sid) if sid else None
         if server is None:
@@ -338,19 +338,21 @@ class ServerManager(service.Service):
             return None
         return server
 
-    def _engine_lost(self, error: DockerError) -> None:
-        if not self.docker_up:
+    def _engine_lost(self, error: EngineError) -> None:
+        if not self.engine_up:
             return
-        self.docker_up = False
+        self.engine_up = False
         self.log.warn(  # noqa: G010 (twisted.logger has warn)
-            "Docker engine unreachable ({error}): servers are unknown", error=error
+            "container engine {engine} unreachable ({error}): servers are unknown",
+            engine=self.engine.name,
+            error=error,
         )
         for server in self._servers.values():
             server.mark_unknown()
 
     def _engine_back(self) -> None:
-        self.log.info("Docker engine is back: reconciling")
-        self.docker_up = True
+        self.log.info("container engine {engine} is back: reconciling", engine=self.engine.name)
+        self.engine_up = True
         self.reconcile()
 
     def reconcile(self) -> Deferred[None]:
@@ -375,25 +377,24 @@ class ServerManager(service.Service):
 
     async def _reconcile(self) -> None:
         try:
-            containers = await self.docker.container_list(labels={MANAGED_LABEL: "true"}, all=True)
-        except DockerUnavailable as e:
+            containers = await self.engine.list({MANAGED_LABEL: "true"})
+        except EngineUnavailable as e:
             self._engine_lost(e)
             return
-        self.docker_up = True
-        found: dict[str, dict[str, Any]] = {}
+        self.engine_up = True
+        found: dict[str, ContainerState] = {}
         orphans: list[dict[str, Any]] = []
         for c in containers:
-            labels = c.get("Labels") or {}
-            sid = labels.get(SERVER_ID_LABEL, "")
-            role = labels.get(ROLE_LABEL, "server")
+            sid = c.labels.get(SERVER_ID_LABEL, "")
+            role = c.labels.get(ROLE_LABEL, "server")
             server = self._servers.get(sid)
             if server is None:
                 orphans.append(
                     {
-                        "containerId": c.get("Id"),
-                        "names": c.get("Names") or [],
+                        "containerId": c.id,
+                        "names": list(c.names),
                         "serverId": sid,
-                        "state": c.get("State"),
+                        "state": c.status,
                     }
                 )
                 continue
@@ -401,7 +402,7 @@ class ServerManager(service.Service):
                 continue
             current = found.get(sid)
             # Prefer the container the store knows, then a running one.
-            if current is None or c.get("Id") == server.container_id or c.get("State") == "running":
+            if current is None or c.id == server.container_id or c.running:
                 found[sid] = c
         for orphan in orphans:
             if orphan not in self.orphans:
@@ -419,7 +420,7 @@ class ServerManager(service.Service):
         async def one(server: Server) -> None:
             try:
                 await server.reconcile(found.get(server.server_id))
-            except DockerUnavailable as e:
+            except EngineUnavailable as e:
                 self._engine_lost(e)
             except CtrlAgentError as e:
                 self.log.warn(  # noqa: G010 (twisted.logger has warn)
@@ -591,8 +592,8 @@ class ServerManager(service.Service):
         live = False
         if server.container_id and new.limits != old.limits:
             try:
-                await self.docker.container_update(
-                    server.container_id, specs.resources(new, self.config.servers)
+                await self.engine.update_limits(
+                    server.container_id, boxes.limits(new, self.config.servers)
                 )
                 live = True
             except NotFound:
@@ -685,7 +686,7 @@ def _ensure_data_root(path: str) -> None:
 def make_server_manager(
     reactor: Any,
     config: AgentConfig,
-    docker: Any,
+    engine: IContainerEngine,
     *,
     tracker: Tracker | None = None,
     deadlines: Deadlines | None = None,
@@ -694,7 +695,7 @@ def make_server_manager(
     return ServerManager(
         reactor,
         config,
-        docker,
+        engine,
         open_store(reactor, config.state_dir),
         network_mode=config.docker.network_name or "bridge",
         tracker=tracker,

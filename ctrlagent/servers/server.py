@@ -26,18 +26,20 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from ctrlagent.engine.interface import ContainerState, EngineEvent
 from ctrlagent.errors import (
     Conflict,
     CtrlAgentError,
-    DockerError,
-    DockerUnavailable,
+    EngineError,
+    EngineUnavailable,
     InsufficientResources,
     NotFound,
 )
 from ctrlagent.events import ResourceUpdate
 from ctrlagent.interfaces import ServerRoot
 from ctrlagent.servers import spec as specs
-from ctrlagent.servers.console import ConsoleLine, ConsolePipeline, split_timestamp
+from ctrlagent.servers.console import ConsoleLine, ConsolePipeline
+from ctrlagent.servers.containers import SPEC_HASH_LABEL, server_container
 from ctrlagent.servers.installer import Installer
 from ctrlagent.servers.lifecycle import (
     ACTIVE_STATES,
@@ -56,6 +58,8 @@ S = ServerState
 MB = 1024 * 1024
 # Lines of console kept with a crash report.
 CRASH_TAIL = 50
+# A run's events are those stamped from a millisecond before its start on.
+_RUN_SLACK_NS = 1_000_000
 
 
 def iso(ts: float | None) -> str | None:
@@ -63,14 +67,6 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
-
-
-def parse_docker_time(value: str | None) -> float | None:
-    """Epoch seconds of Docker's RFC 3339 ``StartedAt`` (None for the zero time)."""
-    if not value or value.startswith("0001-"):
-        return None
-    ns, _ = split_timestamp(value + " ")
-    return ns / 1e9 if ns else None
 
 
 @dataclass
@@ -132,7 +128,7 @@ class Server:
         self.exits = ExitWatch()
         self.console = ConsolePipeline(
             sid,
-            docker=services.docker,
+            engine=services.engine,
             clock=services.clock,
             tracker=services.tracker,
             deadlines=services.deadlines,
@@ -147,7 +143,7 @@ class Server:
         )
         self.sampler = StatsSampler(
             sid,
-            docker=services.docker,
+            engine=services.engine,
             clock=services.clock,
             tracker=services.tracker,
             config=config,
@@ -158,8 +154,8 @@ class Server:
         self.installer = Installer(sid, services, self.console)
         self._exit_waiters: list[Deferred[None]] = []
         self.started_at: float | None = None
-        # Engine time from which events belong to the current run.
-        self.run_since: float | None = None
+        # Engine time (ns) from which events belong to the current run.
+        self.run_since_ns: int | None = None
         self.disk_bytes: int = 0
         self.disk_checked: float | None = None
         self.installing = False
@@ -430,13 +426,13 @@ class Server:
             self.set_desired("offline")
             self.exits.expect()
             self.detach_output()
-            docker = self.services.docker
+            engine = self.services.engine
             for name in (self.container_id, self.spec.container_name,
                          self.spec.container_name + "-install"):
                 if not name:
                     continue
                 try:
-                    await docker.container_remove(name, force=True)
+                    await engine.remove(name)
                 except NotFound:
                     pass
             if purge_files:
@@ -543,32 +539,30 @@ class Server:
     async def ensure_container(self) -> str:
         """The server's container id, (re)created when missing or outdated."""
         services = self.services
-        docker = services.docker
+        engine = services.engine
         digest = self.spec.digest()
         if self.container_id is not None:
             try:
-                doc = await docker.container_inspect(self.container_id)
+                found = await engine.inspect(self.container_id)
             except NotFound:
                 self.container_id = None
             else:
-                labels = (doc.get("Config") or {}).get("Labels") or {}
-                if labels.get(specs.SPEC_HASH_LABEL) == digest:
+                if found.labels.get(SPEC_HASH_LABEL) == digest:
                     return self.container_id
-                await docker.container_remove(self.container_id, force=True)
+                await engine.remove(self.container_id)
                 self.container_id = None
         await services.data.prepare(self.server_id, self.owner)
         await services.network.ensure()
-        body = specs.container_body(
+        container = server_container(
             self.spec, self.data_path, services.config.servers, services.network.mode
         )
-        name = self.spec.container_name
         try:
-            cid = await docker.container_create(name, body)
+            cid = await engine.create(container)
         except Conflict:
             # A container of that name the store did not know (an earlier
             # agent died between create and commit): it is ours, replace it.
-            await docker.container_remove(name, force=True)
-            cid = await docker.container_create(name, body)
+            await engine.remove(container.name)
+            cid = await engine.create(container)
         self.container_id = cid
         self._persist(container_id=cid)
         return cid
@@ -597,10 +591,10 @@ class Server:
         cid = await self.ensure_container()
         self.exits.reset()
         self.lifecycle.fire(Input.START)
-        self.run_since = None
+        self.run_since_ns = None
         try:
-            await self.services.docker.container_start(cid)
-        except DockerError as e:
+            await self.services.engine.start(cid)
+        except EngineError as e:
             self.lifecycle.fire(Input.START_FAILED, error=e.message)
             raise
         await self._note_run_start(cid)
@@ -613,16 +607,15 @@ class Server:
         """
         Remember when this run started, on the engine's clock.
 
-        Events of this run are stamped at or after ``StartedAt``; comparing
+        Events of this run are stamped at or after its start; comparing
         engine times with engine times needs no agreement between clocks.
         """
         try:
-            doc = await self.services.docker.container_inspect(cid)
-        except DockerError:
+            found = await self.services.engine.inspect(cid)
+        except EngineError:
             return
-        started = parse_docker_time((doc.get("State") or {}).get("StartedAt"))
-        if started is not None:
-            self.run_since = started - 0.001
+        if found.started_at_ns is not None:
+            self.run_since_ns = found.started_at_ns - _RUN_SLACK_NS
 
     async def graceful_stop(self, signal: str | None, timeout: float | None) -> None:
         """Ask the server to stop, kill it after ``timeout``; returns once it is down."""
@@ -642,11 +635,11 @@ class Server:
             if use_command:
                 try:
                     await self.send_command(method.value)
-                except (DockerError, Conflict):
+                except (EngineError, Conflict):
                     use_command = False
             if not use_command:
                 default = method.value if method.kind == "signal" else "SIGTERM"
-                await self.services.docker.container_kill(self.container_id, signal or default)
+                await self.services.engine.kill(self.container_id, signal or default)
         except NotFound:
             await self._exited_without_event()
             return
@@ -666,7 +659,7 @@ class Server:
         self.exits.expect()
         exited = self.wait_exit()
         try:
-            await self.services.docker.container_kill(self.container_id, "SIGKILL")
+            await self.services.engine.kill(self.container_id, "SIGKILL")
         except (NotFound, Conflict):
             await self._exited_without_event()
             return
@@ -681,13 +674,13 @@ class Server:
         code: int | None = None
         if self.container_id is not None:
             try:
-                doc = await self.services.docker.container_inspect(self.container_id)
+                found = await self.services.engine.inspect(self.container_id)
             except NotFound:
-                doc = {}
-            state = doc.get("State") or {}
-            if state.get("Running"):
-                return
-            code = state.get("ExitCode")
+                found = None
+            if found is not None:
+                if found.running:
+                    return
+                code = found.exit_code
         await self.on_exit(code, oom=False)
 
     def wait_exit(self) -> Deferred[None]:
@@ -696,17 +689,17 @@ class Server:
         self._exit_waiters.append(d)
         return d
 
-    def on_event(
-        self, action: str, exit_code: int | None, when: float = 0.0
-    ) -> Deferred[None] | None:
+    def on_event(self, event: EngineEvent) -> Deferred[None] | None:
         """
-        Handle a Docker event about this server's container.
+        Handle an engine event about this server's container.
 
-        ``when`` is the event's engine time: an event older than the current
-        run (replayed after the event stream resumed) is about a previous run
-        and ignored, so an old ``die`` never reads as a crash of the new run.
+        An event older than the current run on the engine's clock (replayed
+        after the event stream resumed) is about a previous run and ignored,
+        so an old ``die`` never reads as a crash of the new run.
         """
-        if when and self.run_since is not None and when < self.run_since:
+        action = event.action
+        when = event.at_ns
+        if when and self.run_since_ns is not None and when < self.run_since_ns:
             self.log.debug(
                 "server {server_id}: stale {action} event ignored",
                 server_id=self.server_id,
@@ -715,7 +708,7 @@ class Server:
             return None
         if action == "die":
             return self.services.tracker.run(
-                self.on_exit(exit_code, oom=self.exits.oom),
+                self.on_exit(event.exit_code, oom=self.exits.oom),
                 "death of server {}".format(self.server_id),
             )
         self.exits.saw(action)
@@ -748,14 +741,13 @@ class Server:
         services = self.services
         if self.container_id is not None and not oom:
             try:
-                doc = await services.docker.container_inspect(self.container_id)
-                state = doc.get("State") or {}
-                oom = bool(state.get("OOMKilled"))
+                found = await services.engine.inspect(self.container_id)
+                oom = found.oom_killed
                 if exit_code is None:
-                    exit_code = state.get("ExitCode")
-            except DockerUnavailable:
+                    exit_code = found.exit_code
+            except EngineUnavailable:
                 raise
-            except DockerError:
+            except EngineError:
                 pass
         now = services.clock.seconds()
         window = services.config.servers.crash_restart_window
@@ -792,8 +784,8 @@ class Server:
             return
         self.lifecycle.fire(Input.ENGINE_LOST)
 
-    async def reconcile(self, container: dict[str, Any] | None) -> None:
-        """Bring this server in line with what the engine has (``container_list`` item)."""
+    async def reconcile(self, container: ContainerState | None) -> None:
+        """Bring this server in line with what the engine has (an ``engine.list`` item)."""
         if self.installing:
             return
         if self.state is S.INSTALLING:
@@ -810,18 +802,18 @@ class Server:
                 else:
                     self.lifecycle.fire(Input.FOUND_GONE)
             return
-        self.container_id = str(container.get("Id"))
-        running = container.get("State") == "running"
-        if running:
+        self.container_id = container.id
+        if container.running:
             if self.output_attached:
                 return
             try:
-                doc = await self.services.docker.container_inspect(self.container_id)
-                self.started_at = parse_docker_time((doc.get("State") or {}).get("StartedAt"))
-                if self.started_at is not None:
-                    self.run_since = self.started_at - 0.001
+                found = await self.services.engine.inspect(self.container_id)
             except NotFound:
                 return
+            started_ns = found.started_at_ns
+            self.started_at = started_ns / 1e9 if started_ns is not None else None
+            if started_ns is not None:
+                self.run_since_ns = started_ns - _RUN_SLACK_NS
             interrupted_stop = self.state is S.STOPPING or (
                 self.last_known is S.STOPPING and self.state is S.UNKNOWN
             )
@@ -867,24 +859,24 @@ class Server:
         lost engine or the agent's own shutdown leave ``installing``, which
         the next reconcile resumes.
         """
-        docker = self.services.docker
+        engine = self.services.engine
         fire = self.lifecycle.fire
         self.installing = True
         try:
             fire(Input.INSTALL)
             try:
                 await self.services.data.prepare(self.server_id, self.owner)
-                await docker.ensure_image(self.spec.image)
+                await engine.ensure_image(self.spec.image)
                 script = self.spec.install
                 if script is not None and not self.spec.skip_scripts:
                     if script.image:
-                        await docker.ensure_image(script.image)
+                        await engine.ensure_image(script.image)
                     code, reason = await self.installer.script(self.spec, self.owner)
                     if code != 0:
                         fire(Input.INSTALL_FAILED, error=reason, exit_code=code)
                         return
                 await self.ensure_container()
-            except (DockerUnavailable, CancelledError):
+            except (EngineUnavailable, CancelledError):
                 raise
             except CtrlAgentError as e:
                 fire(Input.INSTALL_FAILED, error=e.message)

@@ -17,16 +17,20 @@ import pytest
 import pytest_twisted
 
 from ctrlagent.config import ServersConfig
+from ctrlagent.engine.interface import EngineEvent, LogLine
 from ctrlagent.errors import Conflict, InsufficientResources, InvalidInput, ServerNotFound
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
+from ctrlagent.testing.engine import DEFAULT_STARTUP_LINE as STARTUP_LINE
 from tests.servers.conftest import Unit, sleep, until
 
 S = ServerState
 
 
+# The scripted game's first line (``ctrlagent.testing.engine``).
+STARTING = "Starting scripted game server (pid 1)"
 PARAMS = {"image": "img", "startup": "/game", "stop": "stop", "startupDone": "Done ("}
 
 
@@ -136,7 +140,7 @@ async def test_engine_loss_reports_unknown_and_return_reconciles(unit: Unit) -> 
     await until(lambda: m.get("s1").state is S.RUNNING, 2, "running again")
     await m.send_command("s1", "say hi")
     await until(lambda: "[Server] hi" in unit.lines("s1"), 2, "console")
-    assert unit.lines("s1").count("Done (0.1s)!") == 1  # re-attached, nothing duplicated
+    assert unit.lines("s1").count(STARTUP_LINE) == 1  # re-attached, nothing duplicated
 
 
 @pytest_twisted.ensureDeferred
@@ -189,8 +193,8 @@ async def test_install_failure_and_reinstall(unit: Unit) -> None:
     result = await m.create_server("s1", bad)
     assert result["status"] == "install_failed"
     # The install container joins the servers' network, as the server's own does.
-    installs = [body for name, body in unit.engine.created if (name or "").endswith("-install")]
-    assert installs and installs[0]["HostConfig"]["NetworkMode"] == "ctrl-alt-play"
+    installs = [spec for spec in unit.engine.created if spec.name.endswith("-install")]
+    assert installs and installs[0].network == "ctrl-alt-play"
     await m.update("s1", {"environment": {"INSTALL_EXIT": 0}})
     result = await m.reinstall("s1")
     assert result["status"] == "offline"
@@ -202,7 +206,7 @@ async def test_update_applies_limits_live(unit: Unit) -> None:
     result = await m.update("s1", {"limits": {"memory": 200}})
     assert result["limitsAppliedLive"] is True
     cid = m.get("s1").container_id or ""
-    assert unit.engine.containers[cid].body["HostConfig"]["Memory"] == 200 * 1024 * 1024
+    assert unit.engine.containers[cid].limits.memory_bytes == 200 * 1024 * 1024
 
 
 @pytest_twisted.ensureDeferred
@@ -228,7 +232,7 @@ async def test_new_manager_recovers_lines_once_from_the_mark(unit: Unit) -> None
     unit.engine.stdin(cid, "say b")
     second = unit.manager()
     await until(lambda: "[Server] b" in unit.lines("s1"), 2, "b recovered")
-    assert unit.lines("s1") == ["Starting", "Done (0.1s)!", "> say a", "[Server] a",
+    assert unit.lines("s1") == [STARTING, STARTUP_LINE, "> say a", "[Server] a",
                                 "> say b", "[Server] b"]
     assert second.console_history("s1", 10) == unit.lines("s1")
     assert second.get("s1").state is S.RUNNING
@@ -245,12 +249,11 @@ async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle
     unit.clock.advance(1.0)  # a fresh throttle interval
     before = len(unit.events)
     base = 1_795_000_000
-    stamp = "2026-11-18T11:06:40.{:09d}Z {}"
     assert calendar.timegm((2026, 11, 18, 11, 6, 40, 0, 0, 0)) == base
     texts = [("stdout", "a"), ("stdout", "b"), ("stderr", "oops"), ("stdout", "c"),
              ("stdout", "d"), ("stdout", "e")]
-    server.console.take([(stream, stamp.format(i + 1, text))
-                       for i, (stream, text) in enumerate(texts)], None)
+    server.console.take([LogLine(base * 10**9 + i + 1, stream, text)
+                         for i, (stream, text) in enumerate(texts)], None)
 
     def console() -> list[tuple[str, list[str], float]]:
         return [(e.stream, e.lines, e.timestamp) for e in unit.events[before:]
@@ -307,9 +310,11 @@ async def test_stop_interrupted_by_an_agent_crash_is_finished_after_restart(unit
 async def test_replayed_events_of_a_previous_run_are_ignored(unit: Unit) -> None:
     m = await running(unit)
     server = m.get("s1")
-    assert server.run_since is not None  # the engine's StartedAt of this run
-    assert server.on_event("die", 1, when=server.run_since - 5) is None
-    assert server.on_event("kill", None, when=server.run_since - 5) is None
+    cid = server.container_id or ""
+    assert server.run_since_ns is not None  # the engine's start of this run
+    old = server.run_since_ns - 5 * 10**9
+    assert server.on_event(EngineEvent("die", cid, {}, 1, old)) is None
+    assert server.on_event(EngineEvent("kill", cid, {}, None, old)) is None
     await sleep(0.05)
     assert server.state is S.RUNNING
     unit.engine.die(server.container_id or "", 1)  # a real death still counts
@@ -383,7 +388,7 @@ async def test_a_kill_whose_death_no_event_reports_settles_after_the_configured_
 ) -> None:
     unit.config = replace(unit.config, timeouts=replace(unit.config.timeouts, kill_grace=4.0))
     m = await running(unit)
-    unit.engine.events = None  # the engine's events are lost: no "die" comes
+    unit.engine.event_streams.clear()  # the engine's events are lost: no "die" comes
     killed = m.kill("s1")
     await sleep(0.05)
     assert not killed.called and m.get("s1").state is S.RUNNING
