@@ -259,14 +259,14 @@ async def test_docker_daemon_restarted_under_a_running_agent(
             lambda: manager.get(sid).state in (S.UNKNOWN, S.OFFLINE), 10, "engine loss noticed"
         )
         await until_state(manager, sid, S.UNKNOWN, timeout=10)
-        assert manager.docker_up is False
+        assert manager.engine_up is False
         # the agent keeps serving
         status = manager.status(sid)
         assert status["status"] == "unknown" and status["panelStatus"] in ("RUNNING", "OFFLINE")
 
         await deferToThread(engine.start)
         await until_state(manager, sid, S.RUNNING, timeout=20)
-        assert manager.docker_up is True
+        assert manager.engine_up is True
         assert manager.get(sid).container_id == old_cid
         reply = await manager.console_command(sid, "say back", wait=0.5)
         assert "[Server] back" in reply
