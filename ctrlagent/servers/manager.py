@@ -71,6 +71,16 @@ from ctrlagent.servers.server import Server
 from ctrlagent.servers.services import RowWriter, ServerNetwork, ServerServices
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
 from ctrlagent.startup import StartupError
+from ctrlagent.wire.servers import (
+    Ack,
+    ConsoleStatus,
+    Created,
+    Deleted,
+    Metrics,
+    ServerBrief,
+    ServerStatus,
+    Updated,
+)
 from ctrlagent.work import Deadlines, Tracker
 
 
@@ -491,7 +501,7 @@ class ServerManager(service.Service):
     # -- IServerManager ----------------------------------------------------
 
     @async_to_deferred
-    async def create_server(self, server_id: str, params: dict) -> dict[str, Any]:
+    async def create_server(self, server_id: str, params: dict) -> Created:
         """Define, install and create a server (answers within the Panel's 30 s)."""
         server_id = specs.validate_server_id(server_id)
         try:
@@ -513,36 +523,33 @@ class ServerManager(service.Service):
             self.delivery.forget(server_id)
             raise
         await server.install_for_answer()
-        return {
-            "serverId": server_id,
-            "containerId": server.container_id,
-            "status": server.state.value,
-        }
+        return Created(server_id=server_id, container_id=server.container_id,
+                       state=server.state.value)
 
     @async_to_deferred
-    async def start(self, server_id: str) -> dict[str, Any]:
+    async def start(self, server_id: str) -> ServerBrief:
         """Start; fires once the container runs (``starting`` or ``running``)."""
         return await self.get(server_id).start()
 
     @async_to_deferred
     async def stop(
         self, server_id: str, signal: str | None = None, timeout: float | None = None
-    ) -> dict[str, Any]:
+    ) -> ServerBrief:
         """Graceful stop in the background; ``SIGKILL`` kills at once."""
         return await self.get(server_id).stop(signal, timeout)
 
     @async_to_deferred
-    async def restart(self, server_id: str) -> dict[str, Any]:
+    async def restart(self, server_id: str) -> ServerBrief:
         """Stop (if running) then start, in the background."""
         return await self.get(server_id).restart()
 
     @async_to_deferred
-    async def kill(self, server_id: str) -> dict[str, Any]:
+    async def kill(self, server_id: str) -> ServerBrief:
         """SIGKILL the server; always allowed, never removes anything."""
         return await self.get(server_id).kill()
 
     @async_to_deferred
-    async def delete(self, server_id: str, purge_files: bool = False) -> dict[str, Any]:
+    async def delete(self, server_id: str, purge_files: bool = False) -> Deleted:
         """Remove the container (and data when ``purge_files``) and forget the server."""
         server = self.get(server_id)
 
@@ -557,22 +564,22 @@ class ServerManager(service.Service):
         return await server.retire(purge_files, forget)
 
     @async_to_deferred
-    async def suspend(self, server_id: str) -> dict[str, Any]:
+    async def suspend(self, server_id: str) -> ServerBrief:
         """Stop the server and refuse starts until unsuspended."""
         return await self.get(server_id).suspend()
 
     @async_to_deferred
-    async def unsuspend(self, server_id: str) -> dict[str, Any]:
+    async def unsuspend(self, server_id: str) -> ServerBrief:
         """Allow starts again."""
         return await self.get(server_id).unsuspend()
 
     @async_to_deferred
-    async def reinstall(self, server_id: str) -> dict[str, Any]:
+    async def reinstall(self, server_id: str) -> ServerBrief:
         """Run the install flow again (the server must not be running)."""
         return await self.get(server_id).reinstall()
 
     @async_to_deferred
-    async def update(self, server_id: str, params: dict) -> dict[str, Any]:
+    async def update(self, server_id: str, params: dict) -> Updated:
         """Apply changed settings; limits go live, the rest at the next start."""
         server = self.get(server_id)
         old = server.spec
@@ -598,26 +605,26 @@ class ServerManager(service.Service):
                 live = True
             except NotFound:
                 pass
-        return {**server.brief(), "limitsAppliedLive": live}
+        return Updated(brief=server.brief(), limits_applied_live=live)
 
-    def status(self, server_id: str) -> dict[str, Any]:
-        """The server's status dict."""
+    def status(self, server_id: str) -> ServerStatus:
+        """The server's status."""
         return self.get(server_id).status()
 
-    def list_servers(self) -> list[dict[str, Any]]:
+    def list_servers(self) -> list[ServerStatus]:
         """Status of every managed server."""
         return [s.status() for s in self._servers.values()]
 
-    def server_metrics(self, server_id: str) -> dict[str, Any]:
+    def server_metrics(self, server_id: str) -> Metrics:
         """The Panel's metrics shape from the latest sample."""
         return self.get(server_id).metrics()
 
     @async_to_deferred
-    async def send_command(self, server_id: str, command: str) -> dict[str, Any]:
+    async def send_command(self, server_id: str, command: str) -> Ack:
         """Write one line to the server's stdin."""
         server = self.get(server_id)
         await server.send_command(command)
-        return {"serverId": server.server_id}
+        return Ack(server_id=server.server_id)
 
     @async_to_deferred
     async def console_command(self, server_id: str, command: str, wait: float = 1.0) -> str:
@@ -628,7 +635,7 @@ class ServerManager(service.Service):
         """The last ``lines`` console lines."""
         return self.get(server_id).console_history(lines)
 
-    def console_status(self, server_id: str) -> dict[str, Any]:
+    def console_status(self, server_id: str) -> ConsoleStatus:
         """Console attachment and buffer state."""
         return self.get(server_id).console_status()
 

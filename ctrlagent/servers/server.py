@@ -18,8 +18,6 @@ background, holding the slot until they are done.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -53,6 +51,14 @@ from ctrlagent.servers.lifecycle import (
 from ctrlagent.servers.services import ServerServices
 from ctrlagent.servers.spec import ServerSpec
 from ctrlagent.servers.stats import StatsSampler
+from ctrlagent.wire.servers import (
+    ConsoleStatus,
+    CrashReport,
+    Deleted,
+    Metrics,
+    ServerBrief,
+    ServerStatus,
+)
 
 S = ServerState
 MB = 1024 * 1024
@@ -60,34 +66,6 @@ MB = 1024 * 1024
 CRASH_TAIL = 50
 # A run's events are those stamped from a millisecond before its start on.
 _RUN_SLACK_NS = 1_000_000
-
-
-def iso(ts: float | None) -> str | None:
-    """ISO-8601 UTC for an epoch time (None stays None)."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
-
-
-@dataclass
-class CrashReport:
-    """What the agent knows about a server's last crash."""
-
-    timestamp: float
-    exit_code: int | None
-    oom_killed: bool
-    lines: list[str]
-    restarted: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        """The report in the Panel's camelCase."""
-        return {
-            "timestamp": iso(self.timestamp),
-            "exitCode": self.exit_code,
-            "oomKilled": self.oom_killed,
-            "lines": list(self.lines),
-            "restarted": self.restarted,
-        }
 
 
 class Server:
@@ -236,63 +214,60 @@ class Server:
             self.desired = desired
             self._persist(desired=desired)
 
-    def status(self) -> dict[str, Any]:
-        """The status dict the Panel reads."""
-        out: dict[str, Any] = {
-            "serverId": self.server_id,
-            "name": self.spec.name,
-            "status": self.state.value,
-            "panelStatus": self.lifecycle.panel_status(),
-            "containerId": self.container_id,
-            "desiredState": self.desired,
-            "image": self.spec.image,
-            "aliases": list(self.spec.aliases),
-        }
-        if self.error:
-            out["error"] = self.error
-        if self.state in ACTIVE_STATES:
-            out["resources"] = self.metrics()
-            if self.started_at is not None:
-                out["uptime"] = max(0.0, self.services.clock.seconds() - self.started_at)
-        if self.crash_report is not None:
-            out["lastCrash"] = self.crash_report.as_dict()
-        if self.power:
-            out["powerAction"] = self.power
-        return out
+    def status(self) -> ServerStatus:
+        """The server's status as the Panel reads it."""
+        active = self.state in ACTIVE_STATES
+        uptime: float | None = None
+        if active and self.started_at is not None:
+            uptime = max(0.0, self.services.clock.seconds() - self.started_at)
+        return ServerStatus(
+            server_id=self.server_id,
+            name=self.spec.name,
+            state=self.state.value,
+            panel_status=self.lifecycle.panel_status(),
+            container_id=self.container_id,
+            desired_state=self.desired,
+            image=self.spec.image,
+            aliases=tuple(self.spec.aliases),
+            error=self.error or None,
+            resources=self.metrics() if active else None,
+            uptime=uptime,
+            last_crash=self.crash_report,
+            power_action=self.power or None,
+        )
 
-    def brief(self) -> dict[str, Any]:
+    def brief(self) -> ServerBrief:
         """The short answer of a power action."""
-        return {
-            "serverId": self.server_id,
-            "status": self.state.value,
-            "panelStatus": self.lifecycle.panel_status(),
-            "containerId": self.container_id,
-        }
+        return ServerBrief(
+            server_id=self.server_id,
+            state=self.state.value,
+            panel_status=self.lifecycle.panel_status(),
+            container_id=self.container_id,
+        )
 
-    def metrics(self) -> dict[str, Any]:
-        """The Panel's metrics shape from the latest sample (zeroes when stopped)."""
+    def metrics(self) -> Metrics:
+        """The latest sample in the Panel's units (zeroes when stopped)."""
         now = self.services.clock.seconds()
         running = self.state in ACTIVE_STATES and bool(self.stats)
         stats = self.stats if running else {}
-        return {
-            "cpu": float(stats.get("cpu", 0.0)),
-            "memory": float(stats.get("memory", 0.0)),
-            "memoryLimit": float(stats.get("memoryLimit", 0.0)),
-            "disk": round(self.disk_bytes / MB, 3),
-            "network": {"in": int(stats.get("rx", 0)), "out": int(stats.get("tx", 0))},
-            "blockIo": {
-                "read": int(stats.get("blkRead", 0)),
-                "write": int(stats.get("blkWrite", 0)),
-            },
-            "pids": int(stats.get("pids", 0)),
-            "uptime": (
+        return Metrics(
+            cpu=float(stats.get("cpu", 0.0)),
+            memory_mb=float(stats.get("memory", 0.0)),
+            memory_limit_mb=float(stats.get("memoryLimit", 0.0)),
+            disk_mb=round(self.disk_bytes / MB, 3),
+            rx=int(stats.get("rx", 0)),
+            tx=int(stats.get("tx", 0)),
+            blk_read=int(stats.get("blkRead", 0)),
+            blk_write=int(stats.get("blkWrite", 0)),
+            pids=int(stats.get("pids", 0)),
+            uptime=(
                 max(0.0, now - self.started_at)
                 if running and self.started_at is not None
                 else 0.0
             ),
-            "players": 0,
-            "timestamp": iso(now),
-        }
+            players=0,
+            at=now,
+        )
 
     def _sampled(self) -> None:
         self.services.bus.emit(ResourceUpdate(server_id=self.server_id, metrics=self.metrics()))
@@ -323,7 +298,7 @@ class Server:
 
     # -- power actions (the manager's IServerManager calls) -----------------
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> ServerBrief:
         """Start; returns once the container runs (``starting`` or ``running``)."""
         self.slot.claim("start")
         try:
@@ -332,7 +307,7 @@ class Server:
             self.slot.release()
         return self.brief()
 
-    async def stop(self, signal: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+    async def stop(self, signal: str | None = None, timeout: float | None = None) -> ServerBrief:
         """Graceful stop in the background; ``SIGKILL`` kills at once."""
         if signal == "SIGKILL":
             return await self.kill()
@@ -344,7 +319,7 @@ class Server:
         self._in_background("stop", lambda: self.graceful_stop(signal, timeout))
         return self.brief()
 
-    async def restart(self) -> dict[str, Any]:
+    async def restart(self) -> ServerBrief:
         """Stop (if running) then start, in the background."""
         self.slot.claim("restart")
         epoch = self.slot.kill_epoch
@@ -362,7 +337,7 @@ class Server:
         self._in_background("restart", work)
         return self.brief()
 
-    async def kill(self) -> dict[str, Any]:
+    async def kill(self) -> ServerBrief:
         """SIGKILL the server; always allowed, never removes anything."""
         self.slot.killed()
         self.set_desired("offline")
@@ -370,7 +345,7 @@ class Server:
             await self.hard_kill()
         return self.brief()
 
-    async def suspend(self) -> dict[str, Any]:
+    async def suspend(self) -> ServerBrief:
         """Stop the server and refuse starts until unsuspended."""
         self.slot.claim("suspend")
         self.set_desired("offline")
@@ -383,13 +358,13 @@ class Server:
         self._in_background("suspend", work)
         return self.brief()
 
-    async def unsuspend(self) -> dict[str, Any]:
+    async def unsuspend(self) -> ServerBrief:
         """Allow starts again."""
         if self.state is S.SUSPENDED:
             self.lifecycle.fire(Input.UNSUSPEND)
         return self.brief()
 
-    async def reinstall(self) -> dict[str, Any]:
+    async def reinstall(self) -> ServerBrief:
         """Run the install flow again (the server must not be running)."""
         if self.state in ACTIVE_STATES:
             raise Conflict("server {} must be stopped to reinstall".format(self.server_id))
@@ -412,7 +387,7 @@ class Server:
 
     async def retire(
         self, purge_files: bool, forget: Callable[[], Awaitable[None]]
-    ) -> dict[str, Any]:
+    ) -> Deleted:
         """
         Remove the containers (and the data when ``purge_files``), then
         ``forget`` the server (its owner's record of it), holding the slot.
@@ -442,7 +417,7 @@ class Server:
             await self.services.data.unlink(self.install_log_path)
         finally:
             self.slot.release()
-        return {"serverId": self.server_id, "status": "deleted", "purged": purge_files}
+        return Deleted(server_id=self.server_id, purged=purge_files)
 
     async def enforce_disk(self, used: int) -> int:
         """Keep the measured disk use; stop a running server over its limit."""
@@ -488,14 +463,14 @@ class Server:
         """The last ``lines`` console lines."""
         return self.console.history(lines)
 
-    def console_status(self) -> dict[str, Any]:
-        """``{"connected", "lastActivity", "bufferSize"}``."""
+    def console_status(self) -> ConsoleStatus:
+        """Whether the console is followed, its last activity and buffer size."""
         console = self.console
-        return {
-            "connected": console.stdin_connected or console.attached,
-            "lastActivity": iso(console.buffer.last_activity),
-            "bufferSize": len(console.buffer),
-        }
+        return ConsoleStatus(
+            connected=console.stdin_connected or console.attached,
+            last_activity=console.buffer.last_activity,
+            buffer_size=len(console.buffer),
+        )
 
     async def console_command(self, command: str, wait: float) -> str:
         """Send ``command``; what the console printed within ``wait`` s."""
@@ -754,10 +729,10 @@ class Server:
         recent = self.last_crash is not None and now - self.last_crash < window
         restart = self.spec.crash_restart and not recent and self.desired == "running"
         self.crash_report = CrashReport(
-            timestamp=now,
+            at=now,
             exit_code=exit_code,
             oom_killed=oom,
-            lines=self.console_history(CRASH_TAIL),
+            lines=tuple(self.console_history(CRASH_TAIL)),
             restarted=restart,
         )
         self.last_crash = now

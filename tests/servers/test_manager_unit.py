@@ -24,6 +24,7 @@ from ctrlagent.interfaces import IServerManager
 from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.testing.engine import DEFAULT_STARTUP_LINE as STARTUP_LINE
+from ctrlagent.wire.json import to_json
 from tests.servers.conftest import Unit, sleep, until
 
 S = ServerState
@@ -134,8 +135,8 @@ async def test_engine_loss_reports_unknown_and_return_reconciles(unit: Unit) -> 
     m = await running(unit)
     unit.engine.break_engine()
     assert m.get("s1").state is S.UNKNOWN
-    assert m.status("s1")["panelStatus"] == "RUNNING"
-    assert m.list_servers()[0]["status"] == "unknown"
+    assert to_json(m.status("s1"))["panelStatus"] == "RUNNING"
+    assert to_json(m.list_servers())[0]["status"] == "unknown"
     unit.engine.restore_engine()
     await until(lambda: m.get("s1").state is S.RUNNING, 2, "running again")
     await m.send_command("s1", "say hi")
@@ -165,11 +166,11 @@ async def test_stats_sampled_on_the_interval_and_metrics_shape(unit: Unit) -> No
     m = await running(unit)
     unit.clock.advance(2.1)
     await until(lambda: any(isinstance(e, ResourceUpdate) for e in unit.events), 2, "sample")
-    metrics = m.server_metrics("s1")
+    metrics = to_json(m.server_metrics("s1"))
     assert metrics["cpu"] == 12.5 and metrics["memory"] == 50.0
     assert metrics["network"] == {"in": 100, "out": 200} and metrics["players"] == 0
     await m.kill("s1")
-    assert m.server_metrics("s1")["cpu"] == 0.0
+    assert to_json(m.server_metrics("s1"))["cpu"] == 0.0
 
 
 @pytest_twisted.ensureDeferred
@@ -179,7 +180,7 @@ async def test_suspend_refuses_start_until_unsuspended(unit: Unit) -> None:
     await until(lambda: m.get("s1").state is S.SUSPENDED, 2, "suspended")
     with pytest.raises(Conflict):
         await m.start("s1")
-    assert m.status("s1")["panelStatus"] == "SUSPENDED"
+    assert to_json(m.status("s1"))["panelStatus"] == "SUSPENDED"
     await m.unsuspend("s1")
     await m.start("s1")
     await until(lambda: m.get("s1").state is S.RUNNING, 2, "running")
@@ -190,20 +191,20 @@ async def test_install_failure_and_reinstall(unit: Unit) -> None:
     m = unit.manager()
     m.network_mode = "ctrl-alt-play"
     bad = {**PARAMS, "install": {"script": "exit 3"}, "environment": {"INSTALL_EXIT": 3}}
-    result = await m.create_server("s1", bad)
+    result = to_json(await m.create_server("s1", bad))
     assert result["status"] == "install_failed"
     # The install container joins the servers' network, as the server's own does.
     installs = [spec for spec in unit.engine.created if spec.name.endswith("-install")]
     assert installs and installs[0].network == "ctrl-alt-play"
     await m.update("s1", {"environment": {"INSTALL_EXIT": 0}})
-    result = await m.reinstall("s1")
+    result = to_json(await m.reinstall("s1"))
     assert result["status"] == "offline"
 
 
 @pytest_twisted.ensureDeferred
 async def test_update_applies_limits_live(unit: Unit) -> None:
     m = await running(unit, limits={"memory": 100})
-    result = await m.update("s1", {"limits": {"memory": 200}})
+    result = to_json(await m.update("s1", {"limits": {"memory": 200}}))
     assert result["limitsAppliedLive"] is True
     cid = m.get("s1").container_id or ""
     assert unit.engine.containers[cid].limits.memory_bytes == 200 * 1024 * 1024
@@ -281,7 +282,7 @@ async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle
 @pytest_twisted.ensureDeferred
 async def test_console_status_and_clear(unit: Unit) -> None:
     m = await running(unit)
-    status = m.console_status("s1")
+    status = to_json(m.console_status("s1"))
     assert status["connected"] is True and status["bufferSize"] == 2
     assert status["lastActivity"].endswith("Z")
     m.console_clear("s1")
@@ -332,7 +333,7 @@ async def test_power_actions_on_different_servers_run_concurrently(unit: Unit) -
     await m.start("b")
     await until(lambda: m.get("b").state is S.RUNNING, 2, "b running")
     # the Panel's old kill form: stop_server with SIGKILL
-    result = await m.stop("a", signal="SIGKILL")
+    result = to_json(await m.stop("a", signal="SIGKILL"))
     assert result["status"] == "offline"
     cid = m.get("a").container_id
     assert unit.engine.kills[-1] == (cid, "SIGKILL")
@@ -350,7 +351,7 @@ async def test_kill_during_a_restart_cancels_the_restart(unit: Unit) -> None:
     unit.clock.advance(10)
     await sleep(0)
     assert m.get("s1").state is S.OFFLINE
-    assert m.status("s1")["desiredState"] == "offline"
+    assert to_json(m.status("s1"))["desiredState"] == "offline"
     assert "[ctrlagent] restart cancelled: the server was killed" in m.console_history("s1", 10)
 
 
@@ -397,6 +398,6 @@ async def test_a_kill_whose_death_no_event_reports_settles_after_the_configured_
     assert not killed.called  # still within timeouts.kill_grace
     unit.clock.advance(0.2)
     await until(lambda: killed.called, 2, "the kill settled after the grace")
-    result = await killed
+    result = to_json(await killed)
     assert result["status"] == "offline"  # settled from inspect, as expected
     assert ("running", "crashed") not in unit.statuses("s1")
