@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from zope.interface.verify import verifyObject
 
 from ctrlagent.config import ServersConfig
-from ctrlagent.engine.interface import EngineEvent, LogLine
+from ctrlagent.engine.interface import EngineEvent, IContainerEngine, LogLine
 from ctrlagent.errors import Conflict, InsufficientResources, InvalidInput, ServerNotFound
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
 from ctrlagent.interfaces import IServerManager
@@ -45,6 +46,13 @@ async def running(unit: Unit, sid: str = "s1", **extra: Any) -> ServerManager:
 
 def test_manager_provides_the_interface() -> None:
     assert IServerManager.implementedBy(ServerManager)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_manager_on_an_engine_has_every_method_of_the_interface(unit: Unit) -> None:
+    m = unit.manager()
+    assert verifyObject(IServerManager, m)
+    assert verifyObject(IContainerEngine, m.engine)
 
 
 @pytest_twisted.ensureDeferred
