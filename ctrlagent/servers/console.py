@@ -41,29 +41,37 @@ from ctrlagent.errors import EngineError, NotFound
 from ctrlagent.events import ConsoleOutput
 
 
-# Not frozen: a frozen dataclass costs four times as much to build, and one is
-# built for every console line of a flooding server.  Treat it as immutable.
+# Not frozen: a frozen dataclass costs four times as much to build.  Treat it
+# as immutable.
 @dataclass(slots=True)
 class ConsoleLine:
-    """One line of console output."""
+    """
+    A console line the engine did not stamp: an agent notice, an install
+    line, a line without the engine's time.  The engine's own lines are kept
+    as they come (``LogLine``, with the same ``at``/``stream``/``text``/``ns``).
+    """
 
-    timestamp: float  # seconds since the epoch
-    stream: str  # stdout | stderr | agent
+    at: float  # seconds since the epoch
+    stream: str  # stdout | stderr | agent | install
     text: str
-    mark: int = 0  # the engine's nanosecond timestamp; 0 for agent notices
+    ns: int = 0  # the engine's nanosecond timestamp; 0 when it gave none
+
+
+# A line of the console buffer: the engine's own, or one the agent made.
+Line = ConsoleLine | LogLine
 
 
 class ConsoleBuffer:
     """A bounded ring buffer of the latest console lines of one server."""
 
     def __init__(self, size: int) -> None:
-        self._lines: deque[ConsoleLine] = deque(maxlen=max(1, size))
+        self._lines: deque[Line] = deque(maxlen=max(1, size))
         self.last_activity: float | None = None
 
     def __len__(self) -> int:
         return len(self._lines)
 
-    def __iter__(self) -> Iterator[ConsoleLine]:
+    def __iter__(self) -> Iterator[Line]:
         return iter(self._lines)
 
     @property
@@ -71,18 +79,18 @@ class ConsoleBuffer:
         """How many lines the buffer holds at most."""
         return self._lines.maxlen or 0
 
-    def append(self, line: ConsoleLine) -> None:
+    def append(self, line: Line) -> None:
         """Add a line, dropping the oldest when full."""
         self._lines.append(line)
-        self.last_activity = line.timestamp
+        self.last_activity = line.at
 
-    def extend(self, lines: list[ConsoleLine]) -> None:
+    def extend(self, lines: list[Line]) -> None:
         """Add lines in order, dropping the oldest when full."""
         if lines:
             self._lines.extend(lines)
-            self.last_activity = lines[-1].timestamp
+            self.last_activity = lines[-1].at
 
-    def tail(self, count: int) -> list[ConsoleLine]:
+    def tail(self, count: int) -> list[Line]:
         """The last ``count`` lines, oldest first."""
         if count <= 0:
             return []
@@ -167,7 +175,7 @@ _STREAM = attrgetter("stream")
 Mark = tuple[int, int]
 
 
-def _marks_at(lines: list[ConsoleLine], ends: list[int], before: Mark) -> Iterator[Mark]:
+def _marks_at(lines: list[Line], ends: list[int], before: Mark) -> Iterator[Mark]:
     """
     The mark after ``lines[:end]`` for each of ``ends`` (ascending), starting
     from ``before``: the same arithmetic as ``ConsolePipeline.take``.
@@ -176,7 +184,7 @@ def _marks_at(lines: list[ConsoleLine], ends: list[int], before: Mark) -> Iterat
     i = 0
     for end in ends:
         for line in lines[i:end]:
-            ns = line.mark
+            ns = line.ns
             if ns > mark:
                 mark, count = ns, 1
             elif ns and ns == mark:
@@ -243,7 +251,7 @@ class ConsolePipeline:
         throttle_lines: int,
         throttle_interval: float,
         deliver: Deliver,
-        startup_seen: Callable[[list[ConsoleLine]], bool],
+        startup_seen: Callable[[list[Line]], bool],
         startup_done: Callable[[], None],
         mark: int = 0,
         mark_count: int = 0,
@@ -271,7 +279,7 @@ class ConsolePipeline:
     def notice(self, text: str) -> None:
         """Write an agent notice into the console (buffer and subscribers)."""
         now = self._clock.seconds()
-        line = ConsoleLine(timestamp=now, stream="agent", text="[ctrlagent] " + text)
+        line = ConsoleLine(at=now, stream="agent", text="[ctrlagent] " + text)
         self.buffer.append(line)
         self.lines_total += 1
         self._deliver(
@@ -290,10 +298,10 @@ class ConsolePipeline:
         Every line goes into the buffer; the throttle's share goes out as one
         ``ConsoleOutput`` per run of a stream, each with the mark that covers
         it.  This is the agent's hottest loop under a flood: per line it only
-        advances the read position (``self.mark``) and builds the buffer's
-        line.
+        advances the read position (``self.mark``); the engine's line itself
+        goes into the buffer.
         """
-        kept: list[ConsoleLine] = []
+        kept: list[Line] = []
         before = (self.mark, self.mark_count)
         mark, mark_count = before
         now: float | None = None
@@ -306,7 +314,7 @@ class ConsolePipeline:
                     mark, mark_count = ns, 1
                 elif ns == mark:
                     mark_count += 1
-                kept.append(ConsoleLine(ns / 1e9, line.stream, line.text, ns))
+                kept.append(line)
             else:
                 if now is None:
                     now = self._clock.seconds()
@@ -323,7 +331,7 @@ class ConsolePipeline:
             lines = list(group)
             events.append(
                 ConsoleOutput(
-                    self.server_id, stream, [line.text for line in lines], lines[0].timestamp
+                    self.server_id, stream, [line.text for line in lines], lines[0].at
                 )
             )
             ends.append((ends[-1] if ends else 0) + len(lines))
@@ -347,7 +355,7 @@ class ConsolePipeline:
             ns = line.ns
             if ns and not filt.seen(ns):
                 continue
-            self.buffer.append(ConsoleLine(ns / 1e9 if ns else 0.0, line.stream, line.text, ns))
+            self.buffer.append(line)
             self.lines_total += 1
 
     def history(self, lines: int) -> list[str]:

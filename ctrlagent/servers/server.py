@@ -36,7 +36,7 @@ from ctrlagent.errors import (
 from ctrlagent.events import ResourceUpdate
 from ctrlagent.interfaces import ServerRoot
 from ctrlagent.servers import spec as specs
-from ctrlagent.servers.console import ConsoleLine, ConsolePipeline
+from ctrlagent.servers.console import ConsolePipeline, Line
 from ctrlagent.servers.containers import SPEC_HASH_LABEL, server_container
 from ctrlagent.servers.installer import Installer
 from ctrlagent.servers.lifecycle import (
@@ -447,7 +447,7 @@ class Server:
         """Write an agent notice into the console (buffer and subscribers)."""
         self.console.notice(text)
 
-    def _startup_seen(self, lines: list[ConsoleLine]) -> bool:
+    def _startup_seen(self, lines: list[Line]) -> bool:
         done = self.spec.startup_done
         return (
             done is not None

@@ -17,7 +17,7 @@ from ctrlagent.config import ServersConfig
 from ctrlagent.engine.interface import LogLine, StatsSample
 from ctrlagent.events import ConsoleOutput, ServerEvent
 from ctrlagent.interfaces import IConsoleConsumer
-from ctrlagent.servers.console import ConsoleLine, ConsolePipeline, MarkFilter
+from ctrlagent.servers.console import ConsolePipeline, Line, MarkFilter
 from ctrlagent.servers.delivery import EventBus
 from ctrlagent.servers.stats import StatsSampler
 from ctrlagent.testing.engine import FakeEngine
@@ -44,7 +44,7 @@ class Delivered:
 
 def pipeline(clock: Clock, delivered: Delivered, done: list[str], limit: int = 100,
              starting: bool = True) -> ConsolePipeline:
-    def seen(lines: list[ConsoleLine]) -> bool:
+    def seen(lines: list[Line]) -> bool:
         return starting and any("Done" in line.text for line in lines)
 
     def startup_done() -> None:
