@@ -164,7 +164,7 @@ class ServerSpec:
 
     @property
     def container_name(self) -> str:
-        """The Docker name of the server's container."""
+        """The name of the server's container."""
         return container_name(self.server_id)
 
     def to_json(self) -> str:
@@ -177,7 +177,7 @@ class ServerSpec:
 
 
 def container_name(server_id: str) -> str:
-    """The Docker name of a server's container."""
+    """The name of a server's container."""
     return CONTAINER_PREFIX + server_id
 
 
