@@ -44,7 +44,7 @@ async def test_create_start_console_round_trip_and_graceful_stop(
     assert manager.resolve("ctrl-alt-play-" + sid) == sid
     assert manager.resolve(created["containerId"][:12]) == sid
 
-    started = await manager.start(sid)
+    started = to_json(await manager.start(sid))
     assert started["status"] == "starting"  # the startup line comes a second later
     await until_state(manager, sid, S.RUNNING)
 
@@ -55,7 +55,7 @@ async def test_create_start_console_round_trip_and_graceful_stop(
     data = os.path.join(rig.config.data_dir, sid, "commands.txt")
     assert open(data).read() == "say hello\n"
 
-    stopped = await manager.stop(sid)
+    stopped = to_json(await manager.stop(sid))
     assert stopped["status"] == "stopping"
     await until_state(manager, sid, S.OFFLINE)
     assert "Stopping server (console)" in manager.console_history(sid, 5)
