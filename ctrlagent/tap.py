@@ -226,7 +226,7 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     from ctrlagent.api.app import AgentApi, make_http_service
     from ctrlagent.engine import make_engine
     from ctrlagent.engine.docker import DockerClient
-    from ctrlagent.engine.service import EngineService
+    from ctrlagent.engine.lifetime import close_engine
     from ctrlagent.files.manager import FileManager
     from ctrlagent.panel.link import PanelLink
     from ctrlagent.servers.manager import make_server_manager
@@ -245,9 +245,9 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
 
     docker = DockerClient.from_config(reactor, config.docker)
     engine = make_engine(reactor, config, docker)
-    EngineService(engine).setServiceParent(top)
     servers = make_server_manager(
-        reactor, config, engine, tracker=tracker.scope("servers"), deadlines=deadlines
+        reactor, config, engine, tracker=tracker.scope("servers"), deadlines=deadlines,
+        close_engine=lambda: close_engine(engine),
     )
     servers.setName("servers")
     servers.setServiceParent(top)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.application import service
@@ -102,12 +103,15 @@ class ServerManager(service.Service):
         clock: Any = None,
         tracker: Tracker | None = None,
         deadlines: Deadlines | None = None,
+        close_engine: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.reactor = reactor
         # Time may come from elsewhere than threads (a Clock in unit tests).
         self.clock = clock if clock is not None else reactor
         self.config = config
         self.engine = engine
+        # Given by the owner of the engine: run once the manager stopped using it.
+        self._close_engine = close_engine
         self.store = store
         self._own_pool = disk_pool is None
         self.disk_pool = disk_pool or ThreadPool(minthreads=0, maxthreads=2, name="ctrlagent-disk")
@@ -294,6 +298,8 @@ class ServerManager(service.Service):
         await self.store.close()
         if self._own_pool:
             self.disk_pool.stop()
+        if self._close_engine is not None:
+            await self._close_engine()
 
     def simulate_crash(self) -> None:
         """
@@ -697,8 +703,12 @@ def make_server_manager(
     *,
     tracker: Tracker | None = None,
     deadlines: Deadlines | None = None,
+    close_engine: Callable[[], Awaitable[None]] | None = None,
 ) -> ServerManager:
-    """The manager with its store opened in ``config.state_dir``."""
+    """
+    The manager with its store opened in ``config.state_dir``;
+    ``close_engine`` runs when it stopped (the engine's owner closing it).
+    """
     return ServerManager(
         reactor,
         config,
@@ -707,5 +717,6 @@ def make_server_manager(
         network_mode=config.docker.network_name or "bridge",
         tracker=tracker,
         deadlines=deadlines,
+        close_engine=close_engine,
     )
 

@@ -49,6 +49,24 @@ def test_manager_provides_the_interface() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stopped_manager_then_closes_the_engine_as_its_owner_asked(unit: Unit) -> None:
+    from twisted.internet import reactor
+
+    from ctrlagent.servers.store import open_store
+
+    seen: list[bool] = []
+
+    async def close() -> None:
+        seen.append(m.running)
+
+    m = ServerManager(reactor, unit.config, unit.engine, open_store(reactor, unit.config.state_dir),
+                      clock=unit.clock, close_engine=close)
+    m.startService()
+    await m.stopService()
+    assert seen == [False]  # once, after the manager stopped
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_manager_on_an_engine_has_every_method_of_the_interface(unit: Unit) -> None:
     m = unit.manager()
     assert verifyObject(IServerManager, m)
