@@ -32,9 +32,11 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 
 from ctrlagent.config import AgentConfig, DockerConfig, ServersConfig
+from ctrlagent.engine import make_engine
+from ctrlagent.engine.docker.bodies import create_body
 from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.events import StatusChanged
-from ctrlagent.servers import spec as specs
+from ctrlagent.servers import containers
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.store import open_store
 from tests.rig.dockerd import PrivateDockerd, engine_answers
@@ -112,7 +114,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         servers=ServersConfig(stats_interval=2.0, disk_check_interval=60.0, stop_timeout=2.0),
     )
     client = DockerClient.from_config(reactor, config.docker)
-    manager = ServerManager(reactor, config, client, open_store(reactor, config.state_dir))
+    manager = ServerManager(reactor, config, make_engine(reactor, config, client),
+                            open_store(reactor, config.state_dir))
     running: set[str] = set()
 
     def on_event(event: Any) -> None:
@@ -135,9 +138,10 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         ids.append(sid)
         await manager.create_server(sid, payload(image))
         server = manager.get(sid)
-        body = specs.container_body(server.spec, server.data_path, config.servers)
-        body["Labels"] = {**body["Labels"], specs.SERVER_ID_LABEL: sid + "-direct",
-                          specs.MANAGED_LABEL: "bench"}
+        body = create_body(containers.server_container(server.spec, server.data_path,
+                                                       config.servers, "bridge"))
+        body["Labels"] = {**body["Labels"], containers.SERVER_ID_LABEL: sid + "-direct",
+                          containers.MANAGED_LABEL: "bench"}
         direct_name = "ctrl-alt-play-bench-{}-direct".format(tag)
         direct_cid = await client.container_create(direct_name, body)
         direct_ids.append(direct_cid)

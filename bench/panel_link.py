@@ -302,6 +302,7 @@ async def docker_agent(
     the console pipeline's that feeds it.
     """
     from ctrlagent.actions import Dispatcher
+    from ctrlagent.engine import make_engine
     from ctrlagent.engine.docker.client import DockerClient
     from ctrlagent.servers.manager import ServerManager
     from ctrlagent.servers.store import open_store
@@ -322,7 +323,7 @@ async def docker_agent(
     )
     client = DockerClient.from_config(reactor, config.docker)
     store = open_store(reactor, config.state_dir)
-    manager = ServerManager(reactor, config, client, store)
+    manager = ServerManager(reactor, config, make_engine(reactor, config, client), store)
     manager.startService()
     published = Published()
 

@@ -55,10 +55,14 @@ class ConsoleOutput:
 
 @dataclass(frozen=True)
 class ResourceUpdate:
-    """The latest resource sample of a running server, in the Panel's units."""
+    """
+    The latest resource sample of a running server, in the Panel's units:
+    a ``ctrlagent.wire.servers.Metrics`` record (or a mapping of its JSON
+    shape), read through ``ctrlagent.wire.json.to_json``.
+    """
 
     server_id: str
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: Any = field(default_factory=dict)
 
 
 ServerEvent = Union[StatusChanged, ConsoleOutput, ResourceUpdate]

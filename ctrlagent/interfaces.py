@@ -97,13 +97,13 @@ class IServerManager(Interface):
     def update(server_id: str, params: dict) -> object:
         """Apply changed limits/environment/startup; limits are applied live."""
 
-    def status(server_id: str) -> dict:
+    def status(server_id: str) -> object:
         """``{"serverId", "status", "panelStatus", "containerId", "resources"?}`` (sync)."""
 
     def list_servers() -> list:
         """Status dicts of every managed server (sync)."""
 
-    def server_metrics(server_id: str) -> dict:
+    def server_metrics(server_id: str) -> object:
         """
         The Panel's metrics shape (sync, from the latest sample):
         ``{"cpu": float, "memory": float MB, "disk": float MB,
@@ -119,7 +119,7 @@ class IServerManager(Interface):
     def console_history(server_id: str, lines: int = 100) -> list:
         """The last ``lines`` console lines (sync)."""
 
-    def console_status(server_id: str) -> dict:
+    def console_status(server_id: str) -> object:
         """``{"connected": bool, "lastActivity": ISO|None, "bufferSize": int}`` (sync)."""
 
     def console_clear(server_id: str) -> None:

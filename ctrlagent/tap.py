@@ -301,10 +301,14 @@ def _build_servers(
     deadlines: Deadlines,
 ) -> ServerManager:
     """The game servers (service ``servers``): containers, console, stats, store."""
+    from ctrlagent.engine import make_engine
+    from ctrlagent.engine.lifetime import close_engine
     from ctrlagent.servers.manager import make_server_manager
 
+    engine = make_engine(reactor, config, docker)
     servers = make_server_manager(
-        reactor, config, docker, tracker=tracker.scope("servers"), deadlines=deadlines
+        reactor, config, engine, tracker=tracker.scope("servers"), deadlines=deadlines,
+        close_engine=lambda: close_engine(engine),
     )
     servers.setName("servers")
     servers.setServiceParent(top)

@@ -220,6 +220,11 @@ class LogLine:
     stream: str
     text: str
 
+    @property
+    def at(self) -> float:
+        """``ns`` in seconds since the epoch (0.0 when the engine gave no time)."""
+        return self.ns / 1e9
+
 
 class ILogStream(Interface):
     """

@@ -11,22 +11,20 @@ crash report's tail); the throttle only limits what is fanned out to
 subscribers, which is where a flooding server would cost the agent and the
 Panel link most.  Dropped lines are counted and reported once per interval.
 
-Console output comes from Docker's *logs* (``follow=1&timestamps=1``), not
-from a plain attach: each line carries the engine's nanosecond timestamp,
-which is the line's identity across agent restarts.  The pipeline hands
+Console output comes from the engine's kept output (``IContainerEngine.
+output``), not from a plain attach: each line (``LogLine``) carries the
+engine's nanosecond timestamp, which is the line's identity across agent
+restarts.  The pipeline hands
 lines on at once (``ConsoleDelivery``), which records the *mark* of what was
 delivered (for the Panel link: what the kernel took; see
 ``ctrlagent.servers.delivery``); a re-attach after an agent restart replays
-``logs(since=mark - 1 s)`` dropping the lines the mark covers
+``output(since_ns=mark - 1 s)`` dropping the lines the mark covers
 (``MarkFilter``): lines printed while the agent was down, or not yet
 delivered when it died, are delivered, none twice, none lost.
 """
 
 from __future__ import annotations
 
-import calendar
-import functools
-import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,93 +36,42 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from ctrlagent.errors import DockerError, NotFound
+from ctrlagent.engine.interface import IContainerEngine, ILogStream, IStdinPipe, LogLine
+from ctrlagent.errors import EngineError, NotFound
 from ctrlagent.events import ConsoleOutput
 
-# Docker's ``timestamps=1`` prefix: RFC 3339 with up to nanoseconds, then a space.
-_TIMESTAMP = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2}) "
-)
 
-
-# Not frozen: a frozen dataclass costs four times as much to build, and one is
-# built for every console line of a flooding server.  Treat it as immutable.
+# Not frozen: a frozen dataclass costs four times as much to build.  Treat it
+# as immutable.
 @dataclass(slots=True)
 class ConsoleLine:
-    """One line of console output."""
+    """
+    A console line the engine did not stamp: an agent notice, an install
+    line, a line without the engine's time.  The engine's own lines are kept
+    as they come (``LogLine``, with the same ``at``/``stream``/``text``/``ns``).
+    """
 
-    timestamp: float  # seconds since the epoch
-    stream: str  # stdout | stderr | agent
+    at: float  # seconds since the epoch
+    stream: str  # stdout | stderr | agent | install
     text: str
-    mark: int = 0  # Docker's nanosecond timestamp; 0 for agent notices
+    ns: int = 0  # the engine's nanosecond timestamp; 0 when it gave none
 
 
-_SECOND = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
-# 10 ** (9 - n): scales a fraction of n digits to nanoseconds.
-_NANO_SCALE = tuple(10 ** (9 - n) for n in range(10))
-
-
-@functools.lru_cache(maxsize=64)
-def _utc_seconds(prefix: str) -> int | None:
-    """
-    Epoch seconds of ``YYYY-MM-DDTHH:MM:SS`` (UTC), or None when it is not one.
-
-    Cached: a flood's lines share their second, so this runs about once a second.
-    """
-    if _SECOND.fullmatch(prefix) is None:
-        return None
-    try:
-        return calendar.timegm(
-            (int(prefix[0:4]), int(prefix[5:7]), int(prefix[8:10]),
-             int(prefix[11:13]), int(prefix[14:16]), int(prefix[17:19]), 0, 0, 0)
-        )
-    except ValueError:
-        return None
-
-
-def split_timestamp(line: str) -> tuple[int, str]:
-    """
-    Split Docker's timestamp prefix off a log line.
-
-    Returns ``(nanoseconds since the epoch, rest)``; a line without a prefix
-    returns ``(0, line)``.  Exact integer arithmetic: the nanosecond is the
-    identity of a line across agent restarts, so no float rounding.
-    """
-    # Fast path for what the engine writes on every line of a flood: UTC with
-    # a fraction (RFC 3339, trailing zeros trimmed) and a space.  It runs once
-    # per console line, so it does the least work that still checks the form;
-    # anything else takes the general form below.
-    z = line.find("Z ", 21, 31)
-    if z > 0 and line[19] == ".":
-        fraction = line[20:z]
-        if fraction.isdigit() and fraction.isascii():
-            seconds = _utc_seconds(line[:19])
-            if seconds is not None:
-                return seconds * 1_000_000_000 + int(fraction) * _NANO_SCALE[z - 20], line[z + 2 :]
-    m = _TIMESTAMP.match(line)
-    if m is None:
-        return 0, line
-    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
-    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
-    zone = m.group(8)
-    if zone != "Z":
-        sign = 1 if zone[0] == "+" else -1
-        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    fraction = (m.group(7) or "").ljust(9, "0")
-    return seconds * 1_000_000_000 + int(fraction), line[m.end():]
+# A line of the console buffer: the engine's own, or one the agent made.
+Line = ConsoleLine | LogLine
 
 
 class ConsoleBuffer:
     """A bounded ring buffer of the latest console lines of one server."""
 
     def __init__(self, size: int) -> None:
-        self._lines: deque[ConsoleLine] = deque(maxlen=max(1, size))
+        self._lines: deque[Line] = deque(maxlen=max(1, size))
         self.last_activity: float | None = None
 
     def __len__(self) -> int:
         return len(self._lines)
 
-    def __iter__(self) -> Iterator[ConsoleLine]:
+    def __iter__(self) -> Iterator[Line]:
         return iter(self._lines)
 
     @property
@@ -132,18 +79,18 @@ class ConsoleBuffer:
         """How many lines the buffer holds at most."""
         return self._lines.maxlen or 0
 
-    def append(self, line: ConsoleLine) -> None:
+    def append(self, line: Line) -> None:
         """Add a line, dropping the oldest when full."""
         self._lines.append(line)
-        self.last_activity = line.timestamp
+        self.last_activity = line.at
 
-    def extend(self, lines: list[ConsoleLine]) -> None:
+    def extend(self, lines: list[Line]) -> None:
         """Add lines in order, dropping the oldest when full."""
         if lines:
             self._lines.extend(lines)
-            self.last_activity = lines[-1].timestamp
+            self.last_activity = lines[-1].at
 
-    def tail(self, count: int) -> list[ConsoleLine]:
+    def tail(self, count: int) -> list[Line]:
         """The last ``count`` lines, oldest first."""
         if count <= 0:
             return []
@@ -228,7 +175,7 @@ _STREAM = attrgetter("stream")
 Mark = tuple[int, int]
 
 
-def _marks_at(lines: list[ConsoleLine], ends: list[int], before: Mark) -> Iterator[Mark]:
+def _marks_at(lines: list[Line], ends: list[int], before: Mark) -> Iterator[Mark]:
     """
     The mark after ``lines[:end]`` for each of ``ends`` (ascending), starting
     from ``before``: the same arithmetic as ``ConsolePipeline.take``.
@@ -237,7 +184,7 @@ def _marks_at(lines: list[ConsoleLine], ends: list[int], before: Mark) -> Iterat
     i = 0
     for end in ends:
         for line in lines[i:end]:
-            ns = line.mark
+            ns = line.ns
             if ns > mark:
                 mark, count = ns, 1
             elif ns and ns == mark:
@@ -296,7 +243,7 @@ class ConsolePipeline:
         self,
         server_id: str,
         *,
-        docker: Any,
+        engine: IContainerEngine,
         clock: Any,
         tracker: Any,
         deadlines: Any,
@@ -304,13 +251,13 @@ class ConsolePipeline:
         throttle_lines: int,
         throttle_interval: float,
         deliver: Deliver,
-        startup_seen: Callable[[list[ConsoleLine]], bool],
+        startup_seen: Callable[[list[Line]], bool],
         startup_done: Callable[[], None],
         mark: int = 0,
         mark_count: int = 0,
     ) -> None:
         self.server_id = server_id
-        self._docker = docker
+        self._engine = engine
         self._clock = clock
         self._tracker = tracker
         self._deadlines = deadlines
@@ -322,17 +269,17 @@ class ConsolePipeline:
         self.throttle = ConsoleThrottle(clock, throttle_lines, throttle_interval, self._dropped)
         self.mark = mark
         self.mark_count = mark_count
-        self._output: Any = None
+        self._output: ILogStream | None = None
         self._attach_epoch = 0  # bumped by every detach (and so every attach)
         self._output_done: Deferred[None] | None = None
-        self._stdin: Any = None
+        self._stdin: IStdinPipe | None = None
 
     # -- lines ------------------------------------------------------------
 
     def notice(self, text: str) -> None:
         """Write an agent notice into the console (buffer and subscribers)."""
         now = self._clock.seconds()
-        line = ConsoleLine(timestamp=now, stream="agent", text="[ctrlagent] " + text)
+        line = ConsoleLine(at=now, stream="agent", text="[ctrlagent] " + text)
         self.buffer.append(line)
         self.lines_total += 1
         self._deliver(
@@ -344,22 +291,22 @@ class ConsolePipeline:
             "console throttled: {} lines not forwarded in the last {:g} s".format(count, interval)
         )
 
-    def take(self, batch: list[tuple[str, str]], filt: MarkFilter | None) -> None:
+    def take(self, batch: list[LogLine], filt: MarkFilter | None) -> None:
         """
-        Handle a batch of ``(stream, timestamped line)`` from the logs stream.
+        Handle a batch of ``LogLine`` from the followed output stream.
 
         Every line goes into the buffer; the throttle's share goes out as one
         ``ConsoleOutput`` per run of a stream, each with the mark that covers
         it.  This is the agent's hottest loop under a flood: per line it only
-        splits the stamp, advances the read position (``self.mark``) and
-        builds the buffer's line.
+        advances the read position (``self.mark``); the engine's line itself
+        goes into the buffer.
         """
-        kept: list[ConsoleLine] = []
+        kept: list[Line] = []
         before = (self.mark, self.mark_count)
         mark, mark_count = before
         now: float | None = None
-        for stream, raw in batch:
-            ns, text = split_timestamp(raw)
+        for line in batch:
+            ns = line.ns
             if ns:
                 if filt is not None and filt.seen(ns):
                     continue
@@ -367,11 +314,11 @@ class ConsolePipeline:
                     mark, mark_count = ns, 1
                 elif ns == mark:
                     mark_count += 1
-                kept.append(ConsoleLine(ns / 1e9, stream, text, ns))
+                kept.append(line)
             else:
                 if now is None:
                     now = self._clock.seconds()
-                kept.append(ConsoleLine(now, stream, text, 0))
+                kept.append(ConsoleLine(now, line.stream, line.text, 0))
         self.mark, self.mark_count = mark, mark_count
         self.buffer.extend(kept)
         self.lines_total += len(kept)
@@ -384,7 +331,7 @@ class ConsolePipeline:
             lines = list(group)
             events.append(
                 ConsoleOutput(
-                    self.server_id, stream, [line.text for line in lines], lines[0].timestamp
+                    self.server_id, stream, [line.text for line in lines], lines[0].at
                 )
             )
             ends.append((ends[-1] if ends else 0) + len(lines))
@@ -396,7 +343,7 @@ class ConsolePipeline:
         if started:
             self._startup_done()
 
-    def take_history(self, batch: list[tuple[str, str]], filt: MarkFilter) -> None:
+    def take_history(self, batch: list[LogLine], filt: MarkFilter) -> None:
         """
         Lines delivered before an agent restart: history only, no events.
 
@@ -404,11 +351,11 @@ class ConsolePipeline:
         sharing its nanosecond beyond the count, comes again from the live
         stream, as new, and must not be in the history twice.
         """
-        for stream, raw in batch:
-            ns, text = split_timestamp(raw)
+        for line in batch:
+            ns = line.ns
             if ns and not filt.seen(ns):
                 continue
-            self.buffer.append(ConsoleLine(ns / 1e9 if ns else 0.0, stream, text, ns))
+            self.buffer.append(line)
             self.lines_total += 1
 
     def history(self, lines: int) -> list[str]:
@@ -425,7 +372,7 @@ class ConsolePipeline:
     @property
     def stdin_connected(self) -> bool:
         """True while stdin is open."""
-        return self._stdin is not None and bool(getattr(self._stdin, "connected", False))
+        return self._stdin is not None and bool(self._stdin.connected)
 
     async def send_line(self, cid: str, line: str) -> None:
         """Write one line to the container's stdin (opened when needed)."""
@@ -434,8 +381,8 @@ class ConsolePipeline:
             pipe = await self._open_stdin(cid)
         pipe.write_line(line)
 
-    async def _open_stdin(self, cid: str) -> Any:
-        pipe = await self._docker.attach_stdin(cid)
+    async def _open_stdin(self, cid: str) -> IStdinPipe:
+        pipe = await self._engine.open_stdin(cid)
         old, self._stdin = self._stdin, pipe
         if old is not None and old is not pipe:
             old.close()
@@ -454,9 +401,9 @@ class ConsolePipeline:
         # (or a detach) overtook while it read the history gives up, or two
         # pumps would deliver every line twice.
         epoch = self._attach_epoch
-        docker = self._docker
+        engine = self._engine
         if recover and self.mark and not len(self.buffer):
-            history = docker.logs(cid, follow=False, tail=self.buffer.capacity, timestamps=True)
+            history = engine.output(cid, follow=False, tail=self.buffer.capacity)
             delivered = MarkFilter(self.mark, self.mark_count)
             try:
                 async for batch in history.batches():
@@ -468,12 +415,16 @@ class ConsolePipeline:
             if epoch != self._attach_epoch:
                 return False
         filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
-        since = (self.mark / 1e9 - 1.0) if self.mark else None
-        stream = docker.logs(cid, follow=True, since=since, timestamps=True)
+        # From a second before the mark: the engine's ``since`` may include
+        # lines stamped at it, and lines can share a nanosecond, so the
+        # filter, not the engine, drops exactly what was delivered.
+        since_ns = self.mark - 1_000_000_000 if self.mark else None
+        stream = engine.output(cid, follow=True, since_ns=since_ns)
         self._output = stream
         self._output_done = self._tracker.run(
             self._pump(stream, filt), "console of server {}".format(self.server_id)
         )
+        pipe: IStdinPipe | None
         try:
             pipe = await self._open_stdin(cid)
         except NotFound:
@@ -485,13 +436,13 @@ class ConsolePipeline:
             return False
         return True
 
-    async def _pump(self, stream: Any, filt: MarkFilter | None) -> None:
+    async def _pump(self, stream: ILogStream, filt: MarkFilter | None) -> None:
         try:
             async for batch in stream.batches(2000):
                 if self._output is not stream:
                     return  # detached (or replaced): the next attach resumes from the mark
                 self.take(batch, filt)
-        except DockerError as e:
+        except EngineError as e:
             # The engine went away or the container vanished: the manager
             # learns of it through events/reconcile; nothing is lost, the
             # next attach resumes from the mark.

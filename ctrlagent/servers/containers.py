@@ -27,6 +27,8 @@ from ctrlagent.engine.interface import (
     ResourceLimits,
 )
 from ctrlagent.errors import ConfigInvalid, InvalidInput
+from ctrlagent.servers import spec as specs
+from ctrlagent.servers.spec import CONTAINER_PREFIX
 
 __all__ = [
     "MANAGED_LABEL",
@@ -51,17 +53,11 @@ MANAGED_LABEL = "ctrl-alt-play.managed"
 SERVER_ID_LABEL = "ctrl-alt-play.server-id"
 ROLE_LABEL = "ctrl-alt-play.role"
 SPEC_HASH_LABEL = "ctrl-alt-play.spec-hash"
-CONTAINER_PREFIX = "ctrl-alt-play-"
 # Where the data directory is seen: by the server, and by its install script
 # (Pterodactyl's convention, with the script beside it).
 DATA_MOUNT = "/home/container"
 INSTALL_MOUNT = "/mnt/server"
 SCRIPT_MOUNT = "/mnt/install"
-
-# After the constants: ``servers.spec`` re-exports them (until every module
-# takes them from here), so whichever of the two is imported first, the other
-# finds them defined.  The module, not its names: they are read at call time.
-from ctrlagent.servers import spec as specs  # noqa: E402
 
 MB = 1024 * 1024
 

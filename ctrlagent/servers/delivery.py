@@ -3,7 +3,7 @@ When a console line counts as delivered, and how that survives a SIGKILL.
 
 A server's *mark* is the engine's nanosecond stamp of the newest console line
 delivered plus how many lines carried exactly that stamp (two lines may share
-a nanosecond).  A restarted agent replays Docker's log after the mark
+a nanosecond).  A restarted agent replays the engine's log after the mark
 (``MarkFilter``), so a mark that runs ahead of delivery loses lines and one
 that lags behind repeats them.  Three rules keep it exact.
 
@@ -15,7 +15,7 @@ consumer* (``IConsoleConsumer``): every ``ConsoleOutput`` it gets carries a
 after the frame was written (a pull producer on the socket's transport, see
 ``ctrlagent.panel.link``).  Lines waiting in the link's batcher, its outbox or
 Twisted's buffer are not delivered: a SIGKILL loses them with the process and
-the restart replays them from Docker.  Events the outbox drops (only while the
+the restart replays them from the engine.  Events the outbox drops (only while the
 link is down or the Panel is not reading; counted and reported to the Panel as
 ``events_dropped``) are settled as dropped, so a mark never stalls behind
 them.  Console frames still in Twisted's buffer when a connection fails are

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
-from ctrlagent.errors import Conflict, CtrlAgentError, DockerError, NotFound
-from ctrlagent.servers import spec as specs
+from ctrlagent.engine.interface import ILogStream
+from ctrlagent.errors import Conflict, CtrlAgentError, EngineError, NotFound
 from ctrlagent.servers.console import ConsoleLine, ConsolePipeline
+from ctrlagent.servers.containers import install_container
 from ctrlagent.servers.services import ServerServices
 from ctrlagent.servers.spec import ServerSpec
 
@@ -87,7 +87,7 @@ class Installer:
     async def _run(self, spec: ServerSpec) -> tuple[int, str]:
         """Run the install container; ``(exit code, reason)``."""
         services = self._services
-        docker = services.docker
+        engine = services.engine
         data = services.data
         config = services.config
         script = spec.install
@@ -98,31 +98,36 @@ class Installer:
         await data.in_thread(log.create)
         name = spec.container_name + "-install"
         try:
-            await docker.container_remove(name, force=True)
+            await engine.remove(name)
         except NotFound:
             pass
         await services.network.ensure()
-        body = specs.install_body(
+        container = install_container(
             spec, data.path(self.server_id), script_dir, config.servers, services.network.mode
         )
-        cid = await docker.container_create(name, body)
+        cid = await engine.create(container)
         timeout = script.timeout
         if timeout is None:
             timeout = config.servers.install_timeout
         deadlines = services.deadlines
         try:
-            await docker.container_start(cid)
+            await engine.start(cid)
             self._console.notice(
                 "install script running (log: {})".format(os.path.basename(log.path))
             )
-            stream = docker.logs(cid, follow=True, timestamps=False)
+            stream = engine.output(cid, follow=True)
             copied = services.tracker.run(self._copy_log(stream, log), "install log")
             result: list[int] = []
+            gone: list[str] = []
 
             async def wait() -> None:
                 try:
-                    result.append(await docker.container_wait(cid))
-                except DockerError:
+                    result.append(await engine.wait(cid))
+                except NotFound as e:
+                    # Removed behind the agent's back while it ran.
+                    gone.append(e.message)
+                    result.append(-1)
+                except EngineError:
                     result.append(-1)
 
             waiting = Deferred.fromCoroutine(wait())
@@ -130,7 +135,7 @@ class Installer:
                 waiting.cancel()
                 waiting.addErrback(lambda _: None)  # the cancellation is ours
                 try:
-                    await docker.container_kill(cid, "SIGKILL")
+                    await engine.kill(cid, "SIGKILL")
                 except (NotFound, Conflict):
                     pass
                 stream.close()
@@ -138,23 +143,25 @@ class Installer:
                 return -1, "install script timed out after {:g} s".format(timeout)
             code = result[0] if result else -1
             await deadlines.within(copied, config.timeouts.install_log_drain)
+            if gone:
+                return code, "install container gone: {}".format(gone[0])
             if code != 0:
                 return code, "install script exited with code {}".format(code)
             return 0, ""
         finally:
             try:
-                await docker.container_remove(cid, force=True)
+                await engine.remove(cid)
             except NotFound:
                 pass
             await data.in_thread(shutil.rmtree, script_dir, True)
 
-    async def _copy_log(self, stream: Any, log: InstallLog) -> None:
+    async def _copy_log(self, stream: ILogStream, log: InstallLog) -> None:
         clock = self._services.clock
         buffer = self._console.buffer
         writable = True
         try:
             async for batch in stream.batches(1000):
-                lines = [line for _, line in batch]
+                lines: list[str] = [line.text for line in batch]
                 for line in lines:
                     buffer.append(ConsoleLine(clock.seconds(), "install", line))
                 if not writable:
@@ -171,7 +178,7 @@ class Installer:
                         path=log.path,
                         error=e.strerror or e,
                     )
-        except DockerError:
+        except EngineError:
             return
 
 

@@ -4,7 +4,7 @@ one table of the moves allowed.
 
 ``ServerState`` is the state vocabulary (lowercase, as reported to the Panel)
 and ``panel_status`` its mapping onto the Panel's enum.  ``unknown`` is the
-agent's own state for "the Docker engine cannot be reached, so nobody knows";
+agent's own state for "the container engine cannot be reached, so nobody knows";
 the Panel has no such value, so it is reported with the Panel status the
 server had before.
 

@@ -4,7 +4,8 @@ The ``ServerManager`` service: every game server on this node.
 It implements ``IServerManager`` for the action dispatcher and publishes
 ``StatusChanged``/``ConsoleOutput``/``ResourceUpdate`` events to listeners
 (the Panel link).  Dependencies are explicit: the reactor (clock and
-threads), the config tree, the Docker client, the store and a thread pool for
+threads), the config tree, the container engine (``IContainerEngine``), the
+store and a thread pool for
 filesystem work (disk usage, chown, purges).
 
 The manager is the set of servers (ids, aliases, definitions in the store),
@@ -13,14 +14,14 @@ action is the ``Server``'s own (``ctrlagent.servers.server``): the manager
 finds the server and calls it, and a server never calls the manager back;
 what it uses is handed to it once (``ServerServices``).
 
-Start-up never blocks on Docker: definitions are loaded from the store
+Start-up never blocks on the engine: definitions are loaded from the store
 (milliseconds), the API can serve at once, and the engine is reconciled in the
 background: running containers are re-attached (console recovered from
-Docker's logs), servers that should run but do not are started, and
+the engine's kept output), servers that should run but do not are started, and
 containers with our label the store does not know are reported, not deleted.
 Stopping the service detaches from the containers and leaves them running.
 
-Container deaths arrive through Docker's event stream (``ResumableEvents``);
+Container deaths arrive through the engine's event stream (``engine.events``);
 when that stream breaks, the engine is gone: servers report ``unknown`` and
 the agent keeps serving; when it opens again, the manager reconciles.
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.application import service
@@ -49,31 +51,43 @@ from zope.interface import implementer
 
 from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.config import AgentConfig
+from ctrlagent.engine.interface import ContainerState, EngineEvent, IContainerEngine, IEventStream
 from ctrlagent.errors import (
     Conflict,
     CtrlAgentError,
-    DockerError,
-    DockerUnavailable,
+    EngineError,
+    EngineUnavailable,
     NotFound,
     ServerNotFound,
 )
 from ctrlagent.events import ServerEvent
 from ctrlagent.interfaces import IServerManager, ServerRoot
+from ctrlagent.servers import containers as boxes
 from ctrlagent.servers import spec as specs
+from ctrlagent.servers.containers import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
 from ctrlagent.servers.datadir import DataDirs
 from ctrlagent.servers.delivery import JOURNAL_NAME, ConsoleDelivery, EventBus, Mark, MarkJournal
 from ctrlagent.servers.lifecycle import parse_state
 from ctrlagent.servers.server import Server
 from ctrlagent.servers.services import RowWriter, ServerNetwork, ServerServices
-from ctrlagent.servers.spec import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
 from ctrlagent.startup import StartupError
+from ctrlagent.wire.servers import (
+    Ack,
+    ConsoleStatus,
+    Created,
+    Deleted,
+    Metrics,
+    ServerBrief,
+    ServerStatus,
+    Updated,
+)
 from ctrlagent.work import Deadlines, Tracker
 
 
 @implementer(IServerManager)
 class ServerManager(service.Service):
-    """Owns one ``Server`` per game server and drives them through Docker."""
+    """Owns one ``Server`` per game server and drives them through the container engine."""
 
     log = Logger()
     name = "servers"
@@ -82,19 +96,22 @@ class ServerManager(service.Service):
         self,
         reactor: Any,
         config: AgentConfig,
-        docker: Any,
+        engine: IContainerEngine,
         store: ServerStore,
         disk_pool: ThreadPool | None = None,
         network_mode: str = "bridge",
         clock: Any = None,
         tracker: Tracker | None = None,
         deadlines: Deadlines | None = None,
+        close_engine: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.reactor = reactor
         # Time may come from elsewhere than threads (a Clock in unit tests).
         self.clock = clock if clock is not None else reactor
         self.config = config
-        self.docker = docker
+        self.engine = engine
+        # Given by the owner of the engine: run once the manager stopped using it.
+        self._close_engine = close_engine
         self.store = store
         self._own_pool = disk_pool is None
         self.disk_pool = disk_pool or ThreadPool(minthreads=0, maxthreads=2, name="ctrlagent-disk")
@@ -108,8 +125,8 @@ class ServerManager(service.Service):
         self._servers: dict[str, Server] = {}
         self._aliases: dict[str, str] = {}
         self.orphans: list[dict[str, Any]] = []
-        self.docker_up = True
-        self._events: Any = None
+        self.engine_up = True
+        self._events: IEventStream | None = None
         self._events_task: Deferred[None] | None = None
         self._disk_loop: LoopingCall | None = None
         self._disk_slots = DeferredSemaphore(2)
@@ -127,10 +144,10 @@ class ServerManager(service.Service):
         )
         self.rows = RowWriter(store, self.tracker)
         self.data = DataDirs(reactor, config.data_dir, self.disk_pool)
-        self.network = ServerNetwork(docker, network_mode, config.docker.network_subnet or None)
+        self.network = ServerNetwork(engine, network_mode, config.docker.network_subnet or None)
         # What every server uses: it never reaches back to the manager.
         self.services = ServerServices(
-            docker=docker,
+            engine=engine,
             clock=self.clock,
             deadlines=self.deadlines,
             tracker=self.tracker,
@@ -182,16 +199,13 @@ class ServerManager(service.Service):
         super().startService()
         if self._own_pool:
             self.disk_pool.start()
-        since = self.clock.seconds()
-        self._events = self.docker.resumable_events(
+        self._events = self.engine.events(
             {MANAGED_LABEL: "true"},
-            since=since,
-            retry_delay=self.config.timeouts.events_retry,
-            max_retry_delay=self.config.timeouts.events_retry_max,
+            since_ns=int(self.clock.seconds() * 1e9),
             on_break=self._engine_lost,
             on_resume=self._engine_back,
         )
-        self._events_task = self.tracker.run(self._watch_events(), "Docker event watcher")
+        self._events_task = self.tracker.run(self._watch_events(), "engine event watcher")
         self.reconcile()
         self.delivery.schedule()
         interval = self.config.servers.disk_check_interval
@@ -284,6 +298,8 @@ class ServerManager(service.Service):
         await self.store.close()
         if self._own_pool:
             self.disk_pool.stop()
+        if self._close_engine is not None:
+            await self._close_engine()
 
     def simulate_crash(self) -> None:
         """
@@ -323,9 +339,9 @@ class ServerManager(service.Service):
             server = self._by_event(event)
             if server is None:
                 continue
-            server.on_event(event.action, event.exit_code, event.time)
+            server.on_event(event)
 
-    def _by_event(self, event: Any) -> Server | None:
+    def _by_event(self, event: EngineEvent) -> Server | None:
         sid = event.labels.get(SERVER_ID_LABEL)
         server = self._servers.get(sid) if sid else None
         if server is None:
@@ -338,19 +354,21 @@ class ServerManager(service.Service):
             return None
         return server
 
-    def _engine_lost(self, error: DockerError) -> None:
-        if not self.docker_up:
+    def _engine_lost(self, error: EngineError) -> None:
+        if not self.engine_up:
             return
-        self.docker_up = False
+        self.engine_up = False
         self.log.warn(  # noqa: G010 (twisted.logger has warn)
-            "Docker engine unreachable ({error}): servers are unknown", error=error
+            "container engine {engine} unreachable ({error}): servers are unknown",
+            engine=self.engine.name,
+            error=error,
         )
         for server in self._servers.values():
             server.mark_unknown()
 
     def _engine_back(self) -> None:
-        self.log.info("Docker engine is back: reconciling")
-        self.docker_up = True
+        self.log.info("container engine {engine} is back: reconciling", engine=self.engine.name)
+        self.engine_up = True
         self.reconcile()
 
     def reconcile(self) -> Deferred[None]:
@@ -375,25 +393,24 @@ class ServerManager(service.Service):
 
     async def _reconcile(self) -> None:
         try:
-            containers = await self.docker.container_list(labels={MANAGED_LABEL: "true"}, all=True)
-        except DockerUnavailable as e:
+            containers = await self.engine.list({MANAGED_LABEL: "true"})
+        except EngineUnavailable as e:
             self._engine_lost(e)
             return
-        self.docker_up = True
-        found: dict[str, dict[str, Any]] = {}
+        self.engine_up = True
+        found: dict[str, ContainerState] = {}
         orphans: list[dict[str, Any]] = []
         for c in containers:
-            labels = c.get("Labels") or {}
-            sid = labels.get(SERVER_ID_LABEL, "")
-            role = labels.get(ROLE_LABEL, "server")
+            sid = c.labels.get(SERVER_ID_LABEL, "")
+            role = c.labels.get(ROLE_LABEL, "server")
             server = self._servers.get(sid)
             if server is None:
                 orphans.append(
                     {
-                        "containerId": c.get("Id"),
-                        "names": c.get("Names") or [],
+                        "containerId": c.id,
+                        "names": list(c.names),
                         "serverId": sid,
-                        "state": c.get("State"),
+                        "state": c.status,
                     }
                 )
                 continue
@@ -401,7 +418,7 @@ class ServerManager(service.Service):
                 continue
             current = found.get(sid)
             # Prefer the container the store knows, then a running one.
-            if current is None or c.get("Id") == server.container_id or c.get("State") == "running":
+            if current is None or c.id == server.container_id or c.running:
                 found[sid] = c
         for orphan in orphans:
             if orphan not in self.orphans:
@@ -419,7 +436,7 @@ class ServerManager(service.Service):
         async def one(server: Server) -> None:
             try:
                 await server.reconcile(found.get(server.server_id))
-            except DockerUnavailable as e:
+            except EngineUnavailable as e:
                 self._engine_lost(e)
             except CtrlAgentError as e:
                 self.log.warn(  # noqa: G010 (twisted.logger has warn)
@@ -490,7 +507,7 @@ class ServerManager(service.Service):
     # -- IServerManager ----------------------------------------------------
 
     @async_to_deferred
-    async def create_server(self, server_id: str, params: dict) -> dict[str, Any]:
+    async def create_server(self, server_id: str, params: dict) -> Created:
         """Define, install and create a server (answers within the Panel's 30 s)."""
         server_id = specs.validate_server_id(server_id)
         try:
@@ -512,36 +529,33 @@ class ServerManager(service.Service):
             self.delivery.forget(server_id)
             raise
         await server.install_for_answer()
-        return {
-            "serverId": server_id,
-            "containerId": server.container_id,
-            "status": server.state.value,
-        }
+        return Created(server_id=server_id, container_id=server.container_id,
+                       state=server.state.value)
 
     @async_to_deferred
-    async def start(self, server_id: str) -> dict[str, Any]:
+    async def start(self, server_id: str) -> ServerBrief:
         """Start; fires once the container runs (``starting`` or ``running``)."""
         return await self.get(server_id).start()
 
     @async_to_deferred
     async def stop(
         self, server_id: str, signal: str | None = None, timeout: float | None = None
-    ) -> dict[str, Any]:
+    ) -> ServerBrief:
         """Graceful stop in the background; ``SIGKILL`` kills at once."""
         return await self.get(server_id).stop(signal, timeout)
 
     @async_to_deferred
-    async def restart(self, server_id: str) -> dict[str, Any]:
+    async def restart(self, server_id: str) -> ServerBrief:
         """Stop (if running) then start, in the background."""
         return await self.get(server_id).restart()
 
     @async_to_deferred
-    async def kill(self, server_id: str) -> dict[str, Any]:
+    async def kill(self, server_id: str) -> ServerBrief:
         """SIGKILL the server; always allowed, never removes anything."""
         return await self.get(server_id).kill()
 
     @async_to_deferred
-    async def delete(self, server_id: str, purge_files: bool = False) -> dict[str, Any]:
+    async def delete(self, server_id: str, purge_files: bool = False) -> Deleted:
         """Remove the container (and data when ``purge_files``) and forget the server."""
         server = self.get(server_id)
 
@@ -556,22 +570,22 @@ class ServerManager(service.Service):
         return await server.retire(purge_files, forget)
 
     @async_to_deferred
-    async def suspend(self, server_id: str) -> dict[str, Any]:
+    async def suspend(self, server_id: str) -> ServerBrief:
         """Stop the server and refuse starts until unsuspended."""
         return await self.get(server_id).suspend()
 
     @async_to_deferred
-    async def unsuspend(self, server_id: str) -> dict[str, Any]:
+    async def unsuspend(self, server_id: str) -> ServerBrief:
         """Allow starts again."""
         return await self.get(server_id).unsuspend()
 
     @async_to_deferred
-    async def reinstall(self, server_id: str) -> dict[str, Any]:
+    async def reinstall(self, server_id: str) -> ServerBrief:
         """Run the install flow again (the server must not be running)."""
         return await self.get(server_id).reinstall()
 
     @async_to_deferred
-    async def update(self, server_id: str, params: dict) -> dict[str, Any]:
+    async def update(self, server_id: str, params: dict) -> Updated:
         """Apply changed settings; limits go live, the rest at the next start."""
         server = self.get(server_id)
         old = server.spec
@@ -591,32 +605,32 @@ class ServerManager(service.Service):
         live = False
         if server.container_id and new.limits != old.limits:
             try:
-                await self.docker.container_update(
-                    server.container_id, specs.resources(new, self.config.servers)
+                await self.engine.update_limits(
+                    server.container_id, boxes.limits(new, self.config.servers)
                 )
                 live = True
             except NotFound:
                 pass
-        return {**server.brief(), "limitsAppliedLive": live}
+        return Updated(brief=server.brief(), limits_applied_live=live)
 
-    def status(self, server_id: str) -> dict[str, Any]:
-        """The server's status dict."""
+    def status(self, server_id: str) -> ServerStatus:
+        """The server's status."""
         return self.get(server_id).status()
 
-    def list_servers(self) -> list[dict[str, Any]]:
+    def list_servers(self) -> list[ServerStatus]:
         """Status of every managed server."""
         return [s.status() for s in self._servers.values()]
 
-    def server_metrics(self, server_id: str) -> dict[str, Any]:
+    def server_metrics(self, server_id: str) -> Metrics:
         """The Panel's metrics shape from the latest sample."""
         return self.get(server_id).metrics()
 
     @async_to_deferred
-    async def send_command(self, server_id: str, command: str) -> dict[str, Any]:
+    async def send_command(self, server_id: str, command: str) -> Ack:
         """Write one line to the server's stdin."""
         server = self.get(server_id)
         await server.send_command(command)
-        return {"serverId": server.server_id}
+        return Ack(server_id=server.server_id)
 
     @async_to_deferred
     async def console_command(self, server_id: str, command: str, wait: float = 1.0) -> str:
@@ -627,7 +641,7 @@ class ServerManager(service.Service):
         """The last ``lines`` console lines."""
         return self.get(server_id).console_history(lines)
 
-    def console_status(self, server_id: str) -> dict[str, Any]:
+    def console_status(self, server_id: str) -> ConsoleStatus:
         """Console attachment and buffer state."""
         return self.get(server_id).console_status()
 
@@ -685,19 +699,24 @@ def _ensure_data_root(path: str) -> None:
 def make_server_manager(
     reactor: Any,
     config: AgentConfig,
-    docker: Any,
+    engine: IContainerEngine,
     *,
     tracker: Tracker | None = None,
     deadlines: Deadlines | None = None,
+    close_engine: Callable[[], Awaitable[None]] | None = None,
 ) -> ServerManager:
-    """The manager with its store opened in ``config.state_dir``."""
+    """
+    The manager with its store opened in ``config.state_dir``;
+    ``close_engine`` runs when it stopped (the engine's owner closing it).
+    """
     return ServerManager(
         reactor,
         config,
-        docker,
+        engine,
         open_store(reactor, config.state_dir),
         network_mode=config.docker.network_name or "bridge",
         tracker=tracker,
         deadlines=deadlines,
+        close_engine=close_engine,
     )
 

@@ -18,26 +18,26 @@ background, holding the slot until they are done.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from ctrlagent.engine.interface import ContainerState, EngineEvent
 from ctrlagent.errors import (
     Conflict,
     CtrlAgentError,
-    DockerError,
-    DockerUnavailable,
+    EngineError,
+    EngineUnavailable,
     InsufficientResources,
     NotFound,
 )
 from ctrlagent.events import ResourceUpdate
 from ctrlagent.interfaces import ServerRoot
 from ctrlagent.servers import spec as specs
-from ctrlagent.servers.console import ConsoleLine, ConsolePipeline, split_timestamp
+from ctrlagent.servers.console import ConsolePipeline, Line
+from ctrlagent.servers.containers import SPEC_HASH_LABEL, server_container
 from ctrlagent.servers.installer import Installer
 from ctrlagent.servers.lifecycle import (
     ACTIVE_STATES,
@@ -51,47 +51,21 @@ from ctrlagent.servers.lifecycle import (
 from ctrlagent.servers.services import ServerServices
 from ctrlagent.servers.spec import ServerSpec
 from ctrlagent.servers.stats import StatsSampler
+from ctrlagent.wire.servers import (
+    ConsoleStatus,
+    CrashReport,
+    Deleted,
+    Metrics,
+    ServerBrief,
+    ServerStatus,
+)
 
 S = ServerState
 MB = 1024 * 1024
 # Lines of console kept with a crash report.
 CRASH_TAIL = 50
-
-
-def iso(ts: float | None) -> str | None:
-    """ISO-8601 UTC for an epoch time (None stays None)."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
-
-
-def parse_docker_time(value: str | None) -> float | None:
-    """Epoch seconds of Docker's RFC 3339 ``StartedAt`` (None for the zero time)."""
-    if not value or value.startswith("0001-"):
-        return None
-    ns, _ = split_timestamp(value + " ")
-    return ns / 1e9 if ns else None
-
-
-@dataclass
-class CrashReport:
-    """What the agent knows about a server's last crash."""
-
-    timestamp: float
-    exit_code: int | None
-    oom_killed: bool
-    lines: list[str]
-    restarted: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        """The report in the Panel's camelCase."""
-        return {
-            "timestamp": iso(self.timestamp),
-            "exitCode": self.exit_code,
-            "oomKilled": self.oom_killed,
-            "lines": list(self.lines),
-            "restarted": self.restarted,
-        }
+# A run's events are those stamped from a millisecond before its start on.
+_RUN_SLACK_NS = 1_000_000
 
 
 class Server:
@@ -132,7 +106,7 @@ class Server:
         self.exits = ExitWatch()
         self.console = ConsolePipeline(
             sid,
-            docker=services.docker,
+            engine=services.engine,
             clock=services.clock,
             tracker=services.tracker,
             deadlines=services.deadlines,
@@ -147,7 +121,7 @@ class Server:
         )
         self.sampler = StatsSampler(
             sid,
-            docker=services.docker,
+            engine=services.engine,
             clock=services.clock,
             tracker=services.tracker,
             config=config,
@@ -158,8 +132,8 @@ class Server:
         self.installer = Installer(sid, services, self.console)
         self._exit_waiters: list[Deferred[None]] = []
         self.started_at: float | None = None
-        # Engine time from which events belong to the current run.
-        self.run_since: float | None = None
+        # Engine time (ns) from which events belong to the current run.
+        self.run_since_ns: int | None = None
         self.disk_bytes: int = 0
         self.disk_checked: float | None = None
         self.installing = False
@@ -240,63 +214,60 @@ class Server:
             self.desired = desired
             self._persist(desired=desired)
 
-    def status(self) -> dict[str, Any]:
-        """The status dict the Panel reads."""
-        out: dict[str, Any] = {
-            "serverId": self.server_id,
-            "name": self.spec.name,
-            "status": self.state.value,
-            "panelStatus": self.lifecycle.panel_status(),
-            "containerId": self.container_id,
-            "desiredState": self.desired,
-            "image": self.spec.image,
-            "aliases": list(self.spec.aliases),
-        }
-        if self.error:
-            out["error"] = self.error
-        if self.state in ACTIVE_STATES:
-            out["resources"] = self.metrics()
-            if self.started_at is not None:
-                out["uptime"] = max(0.0, self.services.clock.seconds() - self.started_at)
-        if self.crash_report is not None:
-            out["lastCrash"] = self.crash_report.as_dict()
-        if self.power:
-            out["powerAction"] = self.power
-        return out
+    def status(self) -> ServerStatus:
+        """The server's status as the Panel reads it."""
+        active = self.state in ACTIVE_STATES
+        uptime: float | None = None
+        if active and self.started_at is not None:
+            uptime = max(0.0, self.services.clock.seconds() - self.started_at)
+        return ServerStatus(
+            server_id=self.server_id,
+            name=self.spec.name,
+            state=self.state.value,
+            panel_status=self.lifecycle.panel_status(),
+            container_id=self.container_id,
+            desired_state=self.desired,
+            image=self.spec.image,
+            aliases=tuple(self.spec.aliases),
+            error=self.error or None,
+            resources=self.metrics() if active else None,
+            uptime=uptime,
+            last_crash=self.crash_report,
+            power_action=self.power or None,
+        )
 
-    def brief(self) -> dict[str, Any]:
+    def brief(self) -> ServerBrief:
         """The short answer of a power action."""
-        return {
-            "serverId": self.server_id,
-            "status": self.state.value,
-            "panelStatus": self.lifecycle.panel_status(),
-            "containerId": self.container_id,
-        }
+        return ServerBrief(
+            server_id=self.server_id,
+            state=self.state.value,
+            panel_status=self.lifecycle.panel_status(),
+            container_id=self.container_id,
+        )
 
-    def metrics(self) -> dict[str, Any]:
-        """The Panel's metrics shape from the latest sample (zeroes when stopped)."""
+    def metrics(self) -> Metrics:
+        """The latest sample in the Panel's units (zeroes when stopped)."""
         now = self.services.clock.seconds()
         running = self.state in ACTIVE_STATES and bool(self.stats)
         stats = self.stats if running else {}
-        return {
-            "cpu": float(stats.get("cpu", 0.0)),
-            "memory": float(stats.get("memory", 0.0)),
-            "memoryLimit": float(stats.get("memoryLimit", 0.0)),
-            "disk": round(self.disk_bytes / MB, 3),
-            "network": {"in": int(stats.get("rx", 0)), "out": int(stats.get("tx", 0))},
-            "blockIo": {
-                "read": int(stats.get("blkRead", 0)),
-                "write": int(stats.get("blkWrite", 0)),
-            },
-            "pids": int(stats.get("pids", 0)),
-            "uptime": (
+        return Metrics(
+            cpu=float(stats.get("cpu", 0.0)),
+            memory_mb=float(stats.get("memory", 0.0)),
+            memory_limit_mb=float(stats.get("memoryLimit", 0.0)),
+            disk_mb=round(self.disk_bytes / MB, 3),
+            rx=int(stats.get("rx", 0)),
+            tx=int(stats.get("tx", 0)),
+            blk_read=int(stats.get("blkRead", 0)),
+            blk_write=int(stats.get("blkWrite", 0)),
+            pids=int(stats.get("pids", 0)),
+            uptime=(
                 max(0.0, now - self.started_at)
                 if running and self.started_at is not None
                 else 0.0
             ),
-            "players": 0,
-            "timestamp": iso(now),
-        }
+            players=0,
+            at=now,
+        )
 
     def _sampled(self) -> None:
         self.services.bus.emit(ResourceUpdate(server_id=self.server_id, metrics=self.metrics()))
@@ -327,7 +298,7 @@ class Server:
 
     # -- power actions (the manager's IServerManager calls) -----------------
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> ServerBrief:
         """Start; returns once the container runs (``starting`` or ``running``)."""
         self.slot.claim("start")
         try:
@@ -336,7 +307,7 @@ class Server:
             self.slot.release()
         return self.brief()
 
-    async def stop(self, signal: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+    async def stop(self, signal: str | None = None, timeout: float | None = None) -> ServerBrief:
         """Graceful stop in the background; ``SIGKILL`` kills at once."""
         if signal == "SIGKILL":
             return await self.kill()
@@ -348,7 +319,7 @@ class Server:
         self._in_background("stop", lambda: self.graceful_stop(signal, timeout))
         return self.brief()
 
-    async def restart(self) -> dict[str, Any]:
+    async def restart(self) -> ServerBrief:
         """Stop (if running) then start, in the background."""
         self.slot.claim("restart")
         epoch = self.slot.kill_epoch
@@ -366,7 +337,7 @@ class Server:
         self._in_background("restart", work)
         return self.brief()
 
-    async def kill(self) -> dict[str, Any]:
+    async def kill(self) -> ServerBrief:
         """SIGKILL the server; always allowed, never removes anything."""
         self.slot.killed()
         self.set_desired("offline")
@@ -374,7 +345,7 @@ class Server:
             await self.hard_kill()
         return self.brief()
 
-    async def suspend(self) -> dict[str, Any]:
+    async def suspend(self) -> ServerBrief:
         """Stop the server and refuse starts until unsuspended."""
         self.slot.claim("suspend")
         self.set_desired("offline")
@@ -387,13 +358,13 @@ class Server:
         self._in_background("suspend", work)
         return self.brief()
 
-    async def unsuspend(self) -> dict[str, Any]:
+    async def unsuspend(self) -> ServerBrief:
         """Allow starts again."""
         if self.state is S.SUSPENDED:
             self.lifecycle.fire(Input.UNSUSPEND)
         return self.brief()
 
-    async def reinstall(self) -> dict[str, Any]:
+    async def reinstall(self) -> ServerBrief:
         """Run the install flow again (the server must not be running)."""
         if self.state in ACTIVE_STATES:
             raise Conflict("server {} must be stopped to reinstall".format(self.server_id))
@@ -416,7 +387,7 @@ class Server:
 
     async def retire(
         self, purge_files: bool, forget: Callable[[], Awaitable[None]]
-    ) -> dict[str, Any]:
+    ) -> Deleted:
         """
         Remove the containers (and the data when ``purge_files``), then
         ``forget`` the server (its owner's record of it), holding the slot.
@@ -430,13 +401,13 @@ class Server:
             self.set_desired("offline")
             self.exits.expect()
             self.detach_output()
-            docker = self.services.docker
+            engine = self.services.engine
             for name in (self.container_id, self.spec.container_name,
                          self.spec.container_name + "-install"):
                 if not name:
                     continue
                 try:
-                    await docker.container_remove(name, force=True)
+                    await engine.remove(name)
                 except NotFound:
                     pass
             if purge_files:
@@ -446,7 +417,7 @@ class Server:
             await self.services.data.unlink(self.install_log_path)
         finally:
             self.slot.release()
-        return {"serverId": self.server_id, "status": "deleted", "purged": purge_files}
+        return Deleted(server_id=self.server_id, purged=purge_files)
 
     async def enforce_disk(self, used: int) -> int:
         """Keep the measured disk use; stop a running server over its limit."""
@@ -476,7 +447,7 @@ class Server:
         """Write an agent notice into the console (buffer and subscribers)."""
         self.console.notice(text)
 
-    def _startup_seen(self, lines: list[ConsoleLine]) -> bool:
+    def _startup_seen(self, lines: list[Line]) -> bool:
         done = self.spec.startup_done
         return (
             done is not None
@@ -492,14 +463,14 @@ class Server:
         """The last ``lines`` console lines."""
         return self.console.history(lines)
 
-    def console_status(self) -> dict[str, Any]:
-        """``{"connected", "lastActivity", "bufferSize"}``."""
+    def console_status(self) -> ConsoleStatus:
+        """Whether the console is followed, its last activity and buffer size."""
         console = self.console
-        return {
-            "connected": console.stdin_connected or console.attached,
-            "lastActivity": iso(console.buffer.last_activity),
-            "bufferSize": len(console.buffer),
-        }
+        return ConsoleStatus(
+            connected=console.stdin_connected or console.attached,
+            last_activity=console.buffer.last_activity,
+            buffer_size=len(console.buffer),
+        )
 
     async def console_command(self, command: str, wait: float) -> str:
         """Send ``command``; what the console printed within ``wait`` s."""
@@ -543,32 +514,30 @@ class Server:
     async def ensure_container(self) -> str:
         """The server's container id, (re)created when missing or outdated."""
         services = self.services
-        docker = services.docker
+        engine = services.engine
         digest = self.spec.digest()
         if self.container_id is not None:
             try:
-                doc = await docker.container_inspect(self.container_id)
+                found = await engine.inspect(self.container_id)
             except NotFound:
                 self.container_id = None
             else:
-                labels = (doc.get("Config") or {}).get("Labels") or {}
-                if labels.get(specs.SPEC_HASH_LABEL) == digest:
+                if found.labels.get(SPEC_HASH_LABEL) == digest:
                     return self.container_id
-                await docker.container_remove(self.container_id, force=True)
+                await engine.remove(self.container_id)
                 self.container_id = None
         await services.data.prepare(self.server_id, self.owner)
         await services.network.ensure()
-        body = specs.container_body(
+        container = server_container(
             self.spec, self.data_path, services.config.servers, services.network.mode
         )
-        name = self.spec.container_name
         try:
-            cid = await docker.container_create(name, body)
+            cid = await engine.create(container)
         except Conflict:
             # A container of that name the store did not know (an earlier
             # agent died between create and commit): it is ours, replace it.
-            await docker.container_remove(name, force=True)
-            cid = await docker.container_create(name, body)
+            await engine.remove(container.name)
+            cid = await engine.create(container)
         self.container_id = cid
         self._persist(container_id=cid)
         return cid
@@ -597,10 +566,10 @@ class Server:
         cid = await self.ensure_container()
         self.exits.reset()
         self.lifecycle.fire(Input.START)
-        self.run_since = None
+        self.run_since_ns = None
         try:
-            await self.services.docker.container_start(cid)
-        except DockerError as e:
+            await self.services.engine.start(cid)
+        except EngineError as e:
             self.lifecycle.fire(Input.START_FAILED, error=e.message)
             raise
         await self._note_run_start(cid)
@@ -613,16 +582,15 @@ class Server:
         """
         Remember when this run started, on the engine's clock.
 
-        Events of this run are stamped at or after ``StartedAt``; comparing
+        Events of this run are stamped at or after its start; comparing
         engine times with engine times needs no agreement between clocks.
         """
         try:
-            doc = await self.services.docker.container_inspect(cid)
-        except DockerError:
+            found = await self.services.engine.inspect(cid)
+        except EngineError:
             return
-        started = parse_docker_time((doc.get("State") or {}).get("StartedAt"))
-        if started is not None:
-            self.run_since = started - 0.001
+        if found.started_at_ns is not None:
+            self.run_since_ns = found.started_at_ns - _RUN_SLACK_NS
 
     async def graceful_stop(self, signal: str | None, timeout: float | None) -> None:
         """Ask the server to stop, kill it after ``timeout``; returns once it is down."""
@@ -642,11 +610,11 @@ class Server:
             if use_command:
                 try:
                     await self.send_command(method.value)
-                except (DockerError, Conflict):
+                except (EngineError, Conflict):
                     use_command = False
             if not use_command:
                 default = method.value if method.kind == "signal" else "SIGTERM"
-                await self.services.docker.container_kill(self.container_id, signal or default)
+                await self.services.engine.kill(self.container_id, signal or default)
         except NotFound:
             await self._exited_without_event()
             return
@@ -666,7 +634,7 @@ class Server:
         self.exits.expect()
         exited = self.wait_exit()
         try:
-            await self.services.docker.container_kill(self.container_id, "SIGKILL")
+            await self.services.engine.kill(self.container_id, "SIGKILL")
         except (NotFound, Conflict):
             await self._exited_without_event()
             return
@@ -681,13 +649,13 @@ class Server:
         code: int | None = None
         if self.container_id is not None:
             try:
-                doc = await self.services.docker.container_inspect(self.container_id)
+                found = await self.services.engine.inspect(self.container_id)
             except NotFound:
-                doc = {}
-            state = doc.get("State") or {}
-            if state.get("Running"):
-                return
-            code = state.get("ExitCode")
+                found = None
+            if found is not None:
+                if found.running:
+                    return
+                code = found.exit_code
         await self.on_exit(code, oom=False)
 
     def wait_exit(self) -> Deferred[None]:
@@ -696,17 +664,17 @@ class Server:
         self._exit_waiters.append(d)
         return d
 
-    def on_event(
-        self, action: str, exit_code: int | None, when: float = 0.0
-    ) -> Deferred[None] | None:
+    def on_event(self, event: EngineEvent) -> Deferred[None] | None:
         """
-        Handle a Docker event about this server's container.
+        Handle an engine event about this server's container.
 
-        ``when`` is the event's engine time: an event older than the current
-        run (replayed after the event stream resumed) is about a previous run
-        and ignored, so an old ``die`` never reads as a crash of the new run.
+        An event older than the current run on the engine's clock (replayed
+        after the event stream resumed) is about a previous run and ignored,
+        so an old ``die`` never reads as a crash of the new run.
         """
-        if when and self.run_since is not None and when < self.run_since:
+        action = event.action
+        when = event.at_ns
+        if when and self.run_since_ns is not None and when < self.run_since_ns:
             self.log.debug(
                 "server {server_id}: stale {action} event ignored",
                 server_id=self.server_id,
@@ -715,7 +683,7 @@ class Server:
             return None
         if action == "die":
             return self.services.tracker.run(
-                self.on_exit(exit_code, oom=self.exits.oom),
+                self.on_exit(event.exit_code, oom=self.exits.oom),
                 "death of server {}".format(self.server_id),
             )
         self.exits.saw(action)
@@ -748,24 +716,23 @@ class Server:
         services = self.services
         if self.container_id is not None and not oom:
             try:
-                doc = await services.docker.container_inspect(self.container_id)
-                state = doc.get("State") or {}
-                oom = bool(state.get("OOMKilled"))
+                found = await services.engine.inspect(self.container_id)
+                oom = found.oom_killed
                 if exit_code is None:
-                    exit_code = state.get("ExitCode")
-            except DockerUnavailable:
+                    exit_code = found.exit_code
+            except EngineUnavailable:
                 raise
-            except DockerError:
+            except EngineError:
                 pass
         now = services.clock.seconds()
         window = services.config.servers.crash_restart_window
         recent = self.last_crash is not None and now - self.last_crash < window
         restart = self.spec.crash_restart and not recent and self.desired == "running"
         self.crash_report = CrashReport(
-            timestamp=now,
+            at=now,
             exit_code=exit_code,
             oom_killed=oom,
-            lines=self.console_history(CRASH_TAIL),
+            lines=tuple(self.console_history(CRASH_TAIL)),
             restarted=restart,
         )
         self.last_crash = now
@@ -792,8 +759,8 @@ class Server:
             return
         self.lifecycle.fire(Input.ENGINE_LOST)
 
-    async def reconcile(self, container: dict[str, Any] | None) -> None:
-        """Bring this server in line with what the engine has (``container_list`` item)."""
+    async def reconcile(self, container: ContainerState | None) -> None:
+        """Bring this server in line with what the engine has (an ``engine.list`` item)."""
         if self.installing:
             return
         if self.state is S.INSTALLING:
@@ -810,18 +777,18 @@ class Server:
                 else:
                     self.lifecycle.fire(Input.FOUND_GONE)
             return
-        self.container_id = str(container.get("Id"))
-        running = container.get("State") == "running"
-        if running:
+        self.container_id = container.id
+        if container.running:
             if self.output_attached:
                 return
             try:
-                doc = await self.services.docker.container_inspect(self.container_id)
-                self.started_at = parse_docker_time((doc.get("State") or {}).get("StartedAt"))
-                if self.started_at is not None:
-                    self.run_since = self.started_at - 0.001
+                found = await self.services.engine.inspect(self.container_id)
             except NotFound:
                 return
+            started_ns = found.started_at_ns
+            self.started_at = started_ns / 1e9 if started_ns is not None else None
+            if started_ns is not None:
+                self.run_since_ns = started_ns - _RUN_SLACK_NS
             interrupted_stop = self.state is S.STOPPING or (
                 self.last_known is S.STOPPING and self.state is S.UNKNOWN
             )
@@ -867,24 +834,24 @@ class Server:
         lost engine or the agent's own shutdown leave ``installing``, which
         the next reconcile resumes.
         """
-        docker = self.services.docker
+        engine = self.services.engine
         fire = self.lifecycle.fire
         self.installing = True
         try:
             fire(Input.INSTALL)
             try:
                 await self.services.data.prepare(self.server_id, self.owner)
-                await docker.ensure_image(self.spec.image)
+                await engine.ensure_image(self.spec.image)
                 script = self.spec.install
                 if script is not None and not self.spec.skip_scripts:
                     if script.image:
-                        await docker.ensure_image(script.image)
+                        await engine.ensure_image(script.image)
                     code, reason = await self.installer.script(self.spec, self.owner)
                     if code != 0:
                         fire(Input.INSTALL_FAILED, error=reason, exit_code=code)
                         return
                 await self.ensure_container()
-            except (DockerUnavailable, CancelledError):
+            except (EngineUnavailable, CancelledError):
                 raise
             except CtrlAgentError as e:
                 fire(Input.INSTALL_FAILED, error=e.message)

@@ -13,17 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctrlagent.config import AgentConfig
+from ctrlagent.engine.interface import IContainerEngine
+from ctrlagent.servers.containers import MANAGED_LABEL
 from ctrlagent.servers.datadir import DataDirs
 from ctrlagent.servers.delivery import ConsoleDelivery, EventBus
-from ctrlagent.servers.spec import MANAGED_LABEL
 from ctrlagent.work import Deadlines, Tracker
 
 
 class ServerNetwork:
-    """The network the servers' containers join (``docker.network_name`` or a Docker mode)."""
+    """The network the servers' containers join (``docker.network_name`` or an engine mode)."""
 
-    def __init__(self, docker: Any, mode: str, subnet: str | None) -> None:
-        self.docker = docker
+    def __init__(self, engine: IContainerEngine, mode: str, subnet: str | None) -> None:
+        self.engine = engine
         self.mode = mode
         self.subnet = subnet
 
@@ -31,14 +32,12 @@ class ServerNetwork:
         """
         Make sure the servers' network exists before a container joins it.
 
-        Docker's own modes need nothing; the agent's network (``docker.
-        network_name``) is created, labelled as ours, when missing (an operator
-        may have removed it).  Called before every create, which is rare.
+        The engine's own modes need nothing (the engine knows them); the
+        agent's network (``docker.network_name``) is created, labelled as
+        ours, when missing (an operator may have removed it).  Called before
+        every create, which is rare.
         """
-        mode = self.mode
-        if mode in ("bridge", "host", "none", "default") or mode.startswith("container:"):
-            return
-        await self.docker.network_ensure(mode, self.subnet, labels={MANAGED_LABEL: "true"})
+        await self.engine.ensure_network(self.mode, self.subnet, {MANAGED_LABEL: "true"})
 
 
 class RowWriter:
@@ -64,7 +63,7 @@ class RowWriter:
 class ServerServices:
     """Everything a ``Server`` uses, shared by all servers of one manager."""
 
-    docker: Any
+    engine: IContainerEngine
     clock: Any
     deadlines: Deadlines
     tracker: Tracker

@@ -55,16 +55,9 @@ from typing import Any
 from ctrlagent.config import ServersConfig
 from ctrlagent.errors import InvalidInput
 
-# The containers' identity now lives in ``servers.containers``; these names
-# stay importable from here for the modules not yet moved onto it.
-from ctrlagent.servers.containers import (  # noqa: F401 (re-exported)
-    CONTAINER_PREFIX,
-    DATA_MOUNT,
-    MANAGED_LABEL,
-    ROLE_LABEL,
-    SERVER_ID_LABEL,
-    SPEC_HASH_LABEL,
-)
+# The prefix of a server's container name (``ServerSpec.container_name``);
+# the containers' labels and mounts live in ``servers.containers``.
+CONTAINER_PREFIX = "ctrl-alt-play-"
 
 MB = 1024 * 1024
 
@@ -171,7 +164,7 @@ class ServerSpec:
 
     @property
     def container_name(self) -> str:
-        """The Docker name of the server's container."""
+        """The name of the server's container."""
         return container_name(self.server_id)
 
     def to_json(self) -> str:
@@ -184,7 +177,7 @@ class ServerSpec:
 
 
 def container_name(server_id: str) -> str:
-    """The Docker name of a server's container."""
+    """The name of a server's container."""
     return CONTAINER_PREFIX + server_id
 
 
@@ -695,43 +688,6 @@ def startup_command(line: str) -> list[str] | None:
         except ValueError:
             pass
     return ["/bin/sh", "-c", line]
-
-
-# -- Docker bodies, for the modules not yet moved onto the engine seam --------
-# (``servers.containers`` builds the neutral ContainerSpec, ``engine/docker/
-# bodies`` its Docker body; these wrappers go when servers/ speak the seam.)
-
-
-def resources(spec: ServerSpec, defaults: ServersConfig) -> dict[str, Any]:
-    """The Docker resource fields of a create body (also what ``container_update`` takes)."""
-    from ctrlagent.engine.docker.bodies import resources_body
-    from ctrlagent.servers.containers import limits
-
-    return resources_body(limits(spec, defaults))
-
-
-def container_body(
-    spec: ServerSpec, data_path: str, defaults: ServersConfig, network_mode: str = "bridge"
-) -> dict[str, Any]:
-    """The Docker ``POST /containers/create`` body of the server's container."""
-    from ctrlagent.engine.docker.bodies import create_body
-    from ctrlagent.servers.containers import server_container
-
-    return create_body(server_container(spec, data_path, defaults, network_mode))
-
-
-def install_body(
-    spec: ServerSpec,
-    data_path: str,
-    script_dir: str,
-    defaults: ServersConfig,
-    network_mode: str = "bridge",
-) -> dict[str, Any]:
-    """The Docker create body of the one-shot install container (``install_container``)."""
-    from ctrlagent.engine.docker.bodies import create_body
-    from ctrlagent.servers.containers import install_container
-
-    return create_body(install_container(spec, data_path, script_dir, defaults, network_mode))
 
 
 def uid_gid(spec: ServerSpec) -> tuple[int, int] | None:

@@ -13,7 +13,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from ctrlagent.config import ServersConfig
-from ctrlagent.errors import DockerError
+from ctrlagent.engine.interface import IContainerEngine, ILogStream, StatsSample
+from ctrlagent.errors import EngineError
 from ctrlagent.work import Tracker
 
 MB = 1024 * 1024
@@ -28,7 +29,7 @@ class StatsSampler:
         self,
         server_id: str,
         *,
-        docker: Any,
+        engine: IContainerEngine,
         clock: Any,
         tracker: Tracker,
         config: ServersConfig,
@@ -37,7 +38,7 @@ class StatsSampler:
         on_sample: Callable[[], None],
     ) -> None:
         self.server_id = server_id
-        self._docker = docker
+        self._engine = engine
         self._clock = clock
         self._tracker = tracker
         self._config = config
@@ -47,14 +48,14 @@ class StatsSampler:
         self.latest: dict[str, Any] = {}
         self._call: IDelayedCall | None = None
         self._running = False
-        self._stream: Any = None
+        self._stream: ILogStream | None = None
 
     def start(self) -> None:
         """Sample resource use every ``stats_interval`` while active."""
         cid = self._container_id()
         if self._config.stats_mode == "stream":
             if self._stream is None and cid is not None:
-                stream = self._docker.stats_stream(cid)
+                stream = self._engine.stats_stream(cid)
                 self._stream = stream
                 self._tracker.run(self._pump(stream), "stats of server {}".format(self.server_id))
             return
@@ -73,7 +74,7 @@ class StatsSampler:
             stream, self._stream = self._stream, None
             stream.close()
 
-    async def _pump(self, stream: Any) -> None:
+    async def _pump(self, stream: ILogStream) -> None:
         """
         Keep the latest sample of the engine's stats stream.
 
@@ -89,10 +90,10 @@ class StatsSampler:
                 if now - last >= interval * 0.95:
                     last = now
                     self.apply(batch[-1])
-        except DockerError as e:
+        except EngineError as e:
             self.log.debug("stats of {server_id} ended: {e}", server_id=self.server_id, e=e)
         except (AttributeError, TypeError, ValueError, KeyError) as e:
-            # Shim: an empty (``null``) stats document the client cannot parse.
+            # Shim: an empty (``null``) stats document the engine cannot parse.
             self.log.debug("stats of {server_id} unreadable: {e}", server_id=self.server_id, e=e)
         finally:
             if self._stream is stream:
@@ -114,20 +115,20 @@ class StatsSampler:
                 return
             # Not one-shot: the engine samples twice (about a second apart,
             # on its side), so the CPU percent is real.
-            sample = await self._docker.stats_once(cid)
-        except DockerError:
+            sample = await self._engine.stats(cid)
+        except EngineError:
             return
         except (AttributeError, TypeError, ValueError, KeyError) as e:
             # Shim: the engine can answer an empty (``null``) stats document
             # for a container that is just starting or stopping, which the
-            # client does not parse; a missed sample is harmless.
+            # engine does not parse; a missed sample is harmless.
             self.log.debug("stats of {server_id} unreadable: {e}", server_id=self.server_id, e=e)
             return
         finally:
             self._running = False
         self.apply(sample)
 
-    def apply(self, sample: Any) -> None:
+    def apply(self, sample: StatsSample) -> None:
         """Keep a stats sample as the latest and publish it."""
         self.latest = {
             "at": self._clock.seconds(),

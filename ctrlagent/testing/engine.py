@@ -398,7 +398,7 @@ class FakeEngine:
         if any(c.name == spec.name for c in self.containers.values()):
             raise Conflict("the container name {} is already in use".format(spec.name))
         if not spec.interactive and spec.env.get("INSTALL_CREATE_FAILS") == "1":
-            raise EngineError("the engine refused the container")
+            raise EngineError("the engine refused the install container")
         cid = "{:064x}".format(next(self._ids))
         self.created.append(spec)
         self.containers[cid] = FakeContainer(cid, spec, spec.limits)

@@ -21,13 +21,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from ctrlagent.config import AgentConfig, DockerConfig, ServersConfig
+from ctrlagent.engine import make_engine
 from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.events import ConsoleOutput, ServerEvent, StatusChanged
 from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.store import open_store
+from ctrlagent.testing.engine import FakeEngine
 from tests.rig.waiting import sleep, until  # noqa: F401 - shared with the servers tests
-from tests.servers.fakes import FakeEngine
 
 
 def new_id() -> str:
@@ -113,7 +114,8 @@ class Rig:
         client = DockerClient.from_config(global_reactor, config.docker)
         self.clients.append(client)
         store = open_store(global_reactor, config.state_dir)
-        manager = ServerManager(global_reactor, config, client, store)
+        manager = ServerManager(global_reactor, config, make_engine(global_reactor, config, client),
+                                store)
         manager.add_listener(self.recorder)
         manager.startService()
         self.managers.append(manager)
@@ -180,7 +182,10 @@ class Unit:
     def __init__(self, tmp: str) -> None:
         self.tmp = tmp
         self.clock = Clock()
-        self.engine = FakeEngine()
+        # Today, not 1970: the engine stamps lines on this clock, and a stored
+        # console mark must be older than what a new run prints.
+        self.clock.advance(1_790_000_000)
+        self.engine = FakeEngine(self.clock)
         self.events: list[Any] = []
         self.config = AgentConfig(
             development=True,

@@ -35,6 +35,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from ctrlagent.config import AgentConfig, ServersConfig, validate
+from ctrlagent.engine.interface import LogLine
 from ctrlagent.errors import ConfigInvalid
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.interfaces import IConsoleConsumer
@@ -111,10 +112,8 @@ def stored_mark(unit: Unit, sid: str) -> int:
 
 
 def engine_texts(unit: Unit, cid: str) -> list[tuple[int, str]]:
-    from ctrlagent.servers.console import split_timestamp
-
     container = [c for c in unit.engine.containers.values() if c.cid == cid][0]
-    return [split_timestamp(raw) for _, raw in container.log]
+    return [(line.ns, line.text) for line in container.log]
 
 
 def burst(unit: Unit, cid: str, lines: list[tuple[str, str]]) -> None:
@@ -265,14 +264,13 @@ async def test_each_event_of_one_read_has_its_own_mark(unit: Unit) -> None:
     m, cid = await running_with(unit, link)
     link.drain()
     server = m.get("s1")
-    base = "2030-01-01T00:00:00.{:09d}Z "
+    ns = 1_893_456_000_000_000_000  # 2030-01-01T00:00:00Z
     # one read: stdout, stderr, stdout; three lines share a nanosecond
     server.console.take(
-        [("stdout", base.format(100) + "a"), ("stdout", base.format(100) + "b"),
-         ("stderr", base.format(100) + "c"), ("stdout", base.format(200) + "d")],
+        [LogLine(ns + 100, "stdout", "a"), LogLine(ns + 100, "stdout", "b"),
+         LogLine(ns + 100, "stderr", "c"), LogLine(ns + 200, "stdout", "d")],
         None,
     )
-    ns = 1_893_456_000_000_000_000
     assert [e.lines for e in link.held] == [["a", "b"], ["c"], ["d"]]
     link.drain(1)
     assert m.delivered_marks["s1"] == (ns + 100, 2)
@@ -548,12 +546,11 @@ async def test_history_holds_exactly_the_lines_the_mark_covers(unit: Unit) -> No
     m = unit.manager()
     await m.create_server("s1", PARAMS)
     server = m.get("s1")
-    base = "2026-11-18T11:06:40.000000100Z "
+    base = 1_795_000_000_000_000_000  # 2026-11-18T11:06:40Z
     server.console.take_history(
-        [("stdout", base + "a"), ("stdout", base + "b"),
-         ("stdout", "2026-11-18T11:06:40.000000099Z old"),
-         ("stdout", "2026-11-18T11:06:40.000000101Z new")],
-        MarkFilter(1_795_000_000_000_000_100, 1),
+        [LogLine(base + 100, "stdout", "a"), LogLine(base + 100, "stdout", "b"),
+         LogLine(base + 99, "stdout", "old"), LogLine(base + 101, "stdout", "new")],
+        MarkFilter(base + 100, 1),
     )
     # "b" shares the mark's nanosecond beyond its count: it comes again, live
     assert m.console_history("s1", 10) == ["a", "old"]

@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
+from ctrlagent.engine.docker.timefmt import split_timestamp
 from ctrlagent.servers.console import (
     ConsoleBuffer,
     ConsoleLine,
     ConsoleThrottle,
     MarkFilter,
-    split_timestamp,
 )
 from ctrlagent.servers.lifecycle import ServerState, panel_status
 from ctrlagent.servers.store import open_store

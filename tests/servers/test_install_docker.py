@@ -16,6 +16,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from ctrlagent.servers.lifecycle import ServerState
+from ctrlagent.wire.json import to_json
 from tests.servers.conftest import Rig, scripted, until
 
 pytestmark = pytest.mark.docker
@@ -82,7 +83,7 @@ async def test_install_scripts_run_confined_and_leave_no_device_or_setuid_file(
     assert host_config["Memory"] == 64 * 1024 * 1024 and host_config["NanoCpus"] == 500_000_000
     assert seen[0]["Config"]["User"] == "0:0"
 
-    result = await created
+    result = to_json(await created)
     assert result["status"] == "offline", manager.status(sid)
     log = open(manager.get(sid).install_log_path).read()
     # from the inside: exactly the configured capabilities, no new privileges
@@ -112,7 +113,7 @@ async def test_a_failing_install_is_swept_too(rig: Rig, scripted_image: str) -> 
     params["install"] = {
         "script": "cp /bin/busybox /mnt/server/suid && chmod 4755 /mnt/server/suid\nexit 9\n"
     }
-    result = await manager.create_server(sid, params)
+    result = to_json(await manager.create_server(sid, params))
     assert result["status"] == "install_failed"
     path = os.path.join(rig.config.data_dir, sid, "suid")
     st = os.lstat(path)

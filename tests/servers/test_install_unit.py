@@ -15,6 +15,7 @@ from ctrlagent.errors import InvalidInput
 from ctrlagent.servers.installer import InstallLog
 from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
+from ctrlagent.wire.json import to_json
 from tests.servers.conftest import Unit, until
 from tests.servers.test_manager_unit import PARAMS
 
@@ -67,9 +68,10 @@ async def test_every_install_ending_sweeps_the_data_directory_once_the_container
 ) -> None:
     m = unit.manager()
     sweeps = Sweeps(m, unit)
-    result = await m.create_server("s1", install_params(**env))
+    result = to_json(await m.create_server("s1", install_params(**env)))
     assert result["status"] == status
-    assert m.status("s1").get("error") == error or error in m.status("s1")["error"]
+    status = to_json(m.status("s1"))
+    assert status.get("error") == error or error in status["error"]
     # one recursive pass, after the install container was removed
     assert sweeps.recursive == [("s1", True, [])]
 
@@ -83,9 +85,9 @@ async def test_a_timed_out_install_is_killed_removed_then_swept(unit: Unit) -> N
                             for c in unit.engine.containers.values()), 2, "the install runs")
     assert sweeps.recursive == []
     unit.clock.advance(5.5)
-    result = await created
+    result = to_json(await created)
     assert result["status"] == "install_failed"
-    assert "timed out after 5 s" in m.status("s1")["error"]
+    assert "timed out after 5 s" in to_json(m.status("s1"))["error"]
     assert [kill[1] for kill in unit.engine.kills] == ["SIGKILL"]
     assert sweeps.recursive == [("s1", True, [])]
     with open(m.get("s1").install_log_path) as f:
@@ -97,9 +99,9 @@ async def test_a_timed_out_install_is_killed_removed_then_swept(unit: Unit) -> N
 async def test_a_sweep_that_fails_fails_the_install(unit: Unit, env: dict[str, str]) -> None:
     m = unit.manager()
     Sweeps(m, unit, fail=PermissionError(13, "Permission denied"))
-    result = await m.create_server("s1", install_params(**env))
+    result = to_json(await m.create_server("s1", install_params(**env)))
     assert result["status"] == "install_failed"
-    error = m.status("s1")["error"]
+    error = to_json(m.status("s1"))["error"]
     if env:
         assert error == ("install script exited with code 2; cleaning the data directory"
                          " after the install failed: Permission denied")
@@ -152,9 +154,9 @@ async def test_an_unwritable_data_directory_is_install_failed_not_installing(
     os.makedirs(unit.config.data_dir, exist_ok=True)
     with open(os.path.join(unit.config.data_dir, "s1"), "w") as f:
         f.write("a file where the directory should be")
-    result = await m.create_server("s1", PARAMS)
+    result = to_json(await m.create_server("s1", PARAMS))
     assert result["status"] == "install_failed"
-    error = m.status("s1")["error"]
+    error = to_json(m.status("s1"))["error"]
     assert "data directory" in error and "/s1" in error and "not a directory" in error
 
 

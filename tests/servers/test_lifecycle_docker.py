@@ -13,6 +13,7 @@ import pytest_twisted
 
 from ctrlagent.errors import Conflict
 from ctrlagent.servers.lifecycle import ServerState
+from ctrlagent.wire.json import to_json
 from tests.servers.conftest import Rig, scripted, sleep, until, until_state
 
 pytestmark = pytest.mark.docker
@@ -37,13 +38,13 @@ async def test_create_start_console_round_trip_and_graceful_stop(
     sid = rig.new_id()
     params = scripted(scripted_image, STARTUP_DELAY=1, DATA_FILE="/home/container/commands.txt")
     params["aliases"] = ["panel-" + sid]
-    created = await manager.create_server(sid, params)
+    created = to_json(await manager.create_server(sid, params))
     assert created["status"] == "offline" and created["containerId"]
     assert manager.resolve("panel-" + sid) == sid
     assert manager.resolve("ctrl-alt-play-" + sid) == sid
     assert manager.resolve(created["containerId"][:12]) == sid
 
-    started = await manager.start(sid)
+    started = to_json(await manager.start(sid))
     assert started["status"] == "starting"  # the startup line comes a second later
     await until_state(manager, sid, S.RUNNING)
 
@@ -54,7 +55,7 @@ async def test_create_start_console_round_trip_and_graceful_stop(
     data = os.path.join(rig.config.data_dir, sid, "commands.txt")
     assert open(data).read() == "say hello\n"
 
-    stopped = await manager.stop(sid)
+    stopped = to_json(await manager.stop(sid))
     assert stopped["status"] == "stopping"
     await until_state(manager, sid, S.OFFLINE)
     assert "Stopping server (console)" in manager.console_history(sid, 5)
@@ -66,7 +67,7 @@ async def test_create_start_console_round_trip_and_graceful_stop(
         ("running", "stopping"),
         ("stopping", "offline"),
     ]
-    assert manager.status(sid)["panelStatus"] == "OFFLINE"
+    assert to_json(manager.status(sid))["panelStatus"] == "OFFLINE"
     # the container stays (stop never removes), and it exited 0
     state = inspect(rig.host, created["containerId"])["State"]
     assert state["Running"] is False and state["ExitCode"] == 0
@@ -79,7 +80,7 @@ async def test_limits_visible_in_docker_inspect(rig: Rig, scripted_image: str) -
     params = scripted(scripted_image)
     params["limits"] = {"memory": 128, "swap": 64, "cpu": 150, "io": 5, "disk": 0}
     params["ports"] = [{"internal": 25565, "external": 42001, "ip": "127.0.0.1"}]
-    created = await manager.create_server(sid, params)
+    created = to_json(await manager.create_server(sid, params))
     doc = inspect(rig.host, created["containerId"])
     host = doc["HostConfig"]
     assert host["Memory"] == 128 * 1024 * 1024
@@ -146,7 +147,7 @@ async def test_kill_cuts_a_slow_stop_short_and_conflicts_are_refused(
     with pytest.raises(Conflict):
         await manager.restart(sid)
     # kill is always allowed, and ends the 30 s stop now
-    result = await manager.kill(sid)
+    result = to_json(await manager.kill(sid))
     assert result["status"] == "offline"
     assert manager.get(sid).power is None
     cid = manager.get(sid).container_id
@@ -184,7 +185,7 @@ async def test_crash_is_detected_restarted_and_the_loop_guard_holds(
     assert server.desired == "offline"
     assert server.crash_report.exit_code == 3 and not server.crash_report.restarted
     assert any("crash-loop guard" in line for line in manager.console_history(sid, 10))
-    assert manager.status(sid)["panelStatus"] == "CRASHED"
+    assert to_json(manager.status(sid))["panelStatus"] == "CRASHED"
     assert rig.recorder.statuses(sid).count(("starting", "running")) == 2
 
 
@@ -213,7 +214,7 @@ async def test_failing_install_script_is_install_failed(rig: Rig, scripted_image
     good, bad = rig.new_id(), rig.new_id()
     params = scripted(scripted_image)
     params["install"] = {"script": "echo installing > /mnt/server/installed.txt\necho done\n"}
-    result = await manager.create_server(good, params)
+    result = to_json(await manager.create_server(good, params))
     assert result["status"] == "offline"
     installed = os.path.join(rig.config.data_dir, good, "installed.txt")
     assert open(installed).read() == "installing\n"
@@ -222,9 +223,9 @@ async def test_failing_install_script_is_install_failed(rig: Rig, scripted_image
     assert "done" in log
 
     params["install"] = {"script": "echo about to fail\nexit 7\n"}
-    result = await manager.create_server(bad, params)
+    result = to_json(await manager.create_server(bad, params))
     assert result["status"] == "install_failed"
-    status = manager.status(bad)
+    status = to_json(manager.status(bad))
     assert status["panelStatus"] == "INSTALL_FAILED"
     assert "code 7" in status["error"]
     assert "about to fail" in open(manager.get(bad).install_log_path).read()
@@ -240,9 +241,9 @@ async def test_install_script_timeout_is_install_failed(rig: Rig, scripted_image
     sid = rig.new_id()
     params = scripted(scripted_image)
     params["install"] = {"script": "echo slow\nsleep 30\n", "timeout": 1}
-    result = await manager.create_server(sid, params)
+    result = to_json(await manager.create_server(sid, params))
     assert result["status"] == "install_failed"
-    assert "timed out" in manager.status(sid)["error"]
+    assert "timed out" in to_json(manager.status(sid))["error"]
     log = open(manager.get(sid).install_log_path).read()
     assert "slow" in log and "install timed out" in log
     # the install container is gone, the server container was never made

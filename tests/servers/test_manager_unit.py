@@ -15,18 +15,24 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from zope.interface.verify import verifyObject
 
 from ctrlagent.config import ServersConfig
+from ctrlagent.engine.interface import EngineEvent, IContainerEngine, LogLine
 from ctrlagent.errors import Conflict, InsufficientResources, InvalidInput, ServerNotFound
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
+from ctrlagent.testing.engine import DEFAULT_STARTUP_LINE as STARTUP_LINE
+from ctrlagent.wire.json import to_json
 from tests.servers.conftest import Unit, sleep, until
 
 S = ServerState
 
 
+# The scripted game's first line (``ctrlagent.testing.engine``).
+STARTING = "Starting scripted game server (pid 1)"
 PARAMS = {"image": "img", "startup": "/game", "stop": "stop", "startupDone": "Done ("}
 
 
@@ -40,6 +46,31 @@ async def running(unit: Unit, sid: str = "s1", **extra: Any) -> ServerManager:
 
 def test_manager_provides_the_interface() -> None:
     assert IServerManager.implementedBy(ServerManager)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_manager_then_closes_the_engine_as_its_owner_asked(unit: Unit) -> None:
+    from twisted.internet import reactor
+
+    from ctrlagent.servers.store import open_store
+
+    seen: list[bool] = []
+
+    async def close() -> None:
+        seen.append(m.running)
+
+    m = ServerManager(reactor, unit.config, unit.engine, open_store(reactor, unit.config.state_dir),
+                      clock=unit.clock, close_engine=close)
+    m.startService()
+    await m.stopService()
+    assert seen == [False]  # once, after the manager stopped
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_manager_on_an_engine_has_every_method_of_the_interface(unit: Unit) -> None:
+    m = unit.manager()
+    assert verifyObject(IServerManager, m)
+    assert verifyObject(IContainerEngine, m.engine)
 
 
 @pytest_twisted.ensureDeferred
@@ -130,13 +161,13 @@ async def test_engine_loss_reports_unknown_and_return_reconciles(unit: Unit) -> 
     m = await running(unit)
     unit.engine.break_engine()
     assert m.get("s1").state is S.UNKNOWN
-    assert m.status("s1")["panelStatus"] == "RUNNING"
-    assert m.list_servers()[0]["status"] == "unknown"
+    assert to_json(m.status("s1"))["panelStatus"] == "RUNNING"
+    assert to_json(m.list_servers())[0]["status"] == "unknown"
     unit.engine.restore_engine()
     await until(lambda: m.get("s1").state is S.RUNNING, 2, "running again")
     await m.send_command("s1", "say hi")
     await until(lambda: "[Server] hi" in unit.lines("s1"), 2, "console")
-    assert unit.lines("s1").count("Done (0.1s)!") == 1  # re-attached, nothing duplicated
+    assert unit.lines("s1").count(STARTUP_LINE) == 1  # re-attached, nothing duplicated
 
 
 @pytest_twisted.ensureDeferred
@@ -161,11 +192,11 @@ async def test_stats_sampled_on_the_interval_and_metrics_shape(unit: Unit) -> No
     m = await running(unit)
     unit.clock.advance(2.1)
     await until(lambda: any(isinstance(e, ResourceUpdate) for e in unit.events), 2, "sample")
-    metrics = m.server_metrics("s1")
+    metrics = to_json(m.server_metrics("s1"))
     assert metrics["cpu"] == 12.5 and metrics["memory"] == 50.0
     assert metrics["network"] == {"in": 100, "out": 200} and metrics["players"] == 0
     await m.kill("s1")
-    assert m.server_metrics("s1")["cpu"] == 0.0
+    assert to_json(m.server_metrics("s1"))["cpu"] == 0.0
 
 
 @pytest_twisted.ensureDeferred
@@ -175,7 +206,7 @@ async def test_suspend_refuses_start_until_unsuspended(unit: Unit) -> None:
     await until(lambda: m.get("s1").state is S.SUSPENDED, 2, "suspended")
     with pytest.raises(Conflict):
         await m.start("s1")
-    assert m.status("s1")["panelStatus"] == "SUSPENDED"
+    assert to_json(m.status("s1"))["panelStatus"] == "SUSPENDED"
     await m.unsuspend("s1")
     await m.start("s1")
     await until(lambda: m.get("s1").state is S.RUNNING, 2, "running")
@@ -186,23 +217,23 @@ async def test_install_failure_and_reinstall(unit: Unit) -> None:
     m = unit.manager()
     m.network_mode = "ctrl-alt-play"
     bad = {**PARAMS, "install": {"script": "exit 3"}, "environment": {"INSTALL_EXIT": 3}}
-    result = await m.create_server("s1", bad)
+    result = to_json(await m.create_server("s1", bad))
     assert result["status"] == "install_failed"
     # The install container joins the servers' network, as the server's own does.
-    installs = [body for name, body in unit.engine.created if (name or "").endswith("-install")]
-    assert installs and installs[0]["HostConfig"]["NetworkMode"] == "ctrl-alt-play"
+    installs = [spec for spec in unit.engine.created if spec.name.endswith("-install")]
+    assert installs and installs[0].network == "ctrl-alt-play"
     await m.update("s1", {"environment": {"INSTALL_EXIT": 0}})
-    result = await m.reinstall("s1")
+    result = to_json(await m.reinstall("s1"))
     assert result["status"] == "offline"
 
 
 @pytest_twisted.ensureDeferred
 async def test_update_applies_limits_live(unit: Unit) -> None:
     m = await running(unit, limits={"memory": 100})
-    result = await m.update("s1", {"limits": {"memory": 200}})
+    result = to_json(await m.update("s1", {"limits": {"memory": 200}}))
     assert result["limitsAppliedLive"] is True
     cid = m.get("s1").container_id or ""
-    assert unit.engine.containers[cid].body["HostConfig"]["Memory"] == 200 * 1024 * 1024
+    assert unit.engine.containers[cid].limits.memory_bytes == 200 * 1024 * 1024
 
 
 @pytest_twisted.ensureDeferred
@@ -228,7 +259,7 @@ async def test_new_manager_recovers_lines_once_from_the_mark(unit: Unit) -> None
     unit.engine.stdin(cid, "say b")
     second = unit.manager()
     await until(lambda: "[Server] b" in unit.lines("s1"), 2, "b recovered")
-    assert unit.lines("s1") == ["Starting", "Done (0.1s)!", "> say a", "[Server] a",
+    assert unit.lines("s1") == [STARTING, STARTUP_LINE, "> say a", "[Server] a",
                                 "> say b", "[Server] b"]
     assert second.console_history("s1", 10) == unit.lines("s1")
     assert second.get("s1").state is S.RUNNING
@@ -245,12 +276,11 @@ async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle
     unit.clock.advance(1.0)  # a fresh throttle interval
     before = len(unit.events)
     base = 1_795_000_000
-    stamp = "2026-11-18T11:06:40.{:09d}Z {}"
     assert calendar.timegm((2026, 11, 18, 11, 6, 40, 0, 0, 0)) == base
     texts = [("stdout", "a"), ("stdout", "b"), ("stderr", "oops"), ("stdout", "c"),
              ("stdout", "d"), ("stdout", "e")]
-    server.console.take([(stream, stamp.format(i + 1, text))
-                       for i, (stream, text) in enumerate(texts)], None)
+    server.console.take([LogLine(base * 10**9 + i + 1, stream, text)
+                         for i, (stream, text) in enumerate(texts)], None)
 
     def console() -> list[tuple[str, list[str], float]]:
         return [(e.stream, e.lines, e.timestamp) for e in unit.events[before:]
@@ -278,7 +308,7 @@ async def test_one_read_goes_out_as_one_event_per_stream_run_within_the_throttle
 @pytest_twisted.ensureDeferred
 async def test_console_status_and_clear(unit: Unit) -> None:
     m = await running(unit)
-    status = m.console_status("s1")
+    status = to_json(m.console_status("s1"))
     assert status["connected"] is True and status["bufferSize"] == 2
     assert status["lastActivity"].endswith("Z")
     m.console_clear("s1")
@@ -307,9 +337,11 @@ async def test_stop_interrupted_by_an_agent_crash_is_finished_after_restart(unit
 async def test_replayed_events_of_a_previous_run_are_ignored(unit: Unit) -> None:
     m = await running(unit)
     server = m.get("s1")
-    assert server.run_since is not None  # the engine's StartedAt of this run
-    assert server.on_event("die", 1, when=server.run_since - 5) is None
-    assert server.on_event("kill", None, when=server.run_since - 5) is None
+    cid = server.container_id or ""
+    assert server.run_since_ns is not None  # the engine's start of this run
+    old = server.run_since_ns - 5 * 10**9
+    assert server.on_event(EngineEvent("die", cid, {}, 1, old)) is None
+    assert server.on_event(EngineEvent("kill", cid, {}, None, old)) is None
     await sleep(0.05)
     assert server.state is S.RUNNING
     unit.engine.die(server.container_id or "", 1)  # a real death still counts
@@ -327,7 +359,7 @@ async def test_power_actions_on_different_servers_run_concurrently(unit: Unit) -
     await m.start("b")
     await until(lambda: m.get("b").state is S.RUNNING, 2, "b running")
     # the Panel's old kill form: stop_server with SIGKILL
-    result = await m.stop("a", signal="SIGKILL")
+    result = to_json(await m.stop("a", signal="SIGKILL"))
     assert result["status"] == "offline"
     cid = m.get("a").container_id
     assert unit.engine.kills[-1] == (cid, "SIGKILL")
@@ -345,7 +377,7 @@ async def test_kill_during_a_restart_cancels_the_restart(unit: Unit) -> None:
     unit.clock.advance(10)
     await sleep(0)
     assert m.get("s1").state is S.OFFLINE
-    assert m.status("s1")["desiredState"] == "offline"
+    assert to_json(m.status("s1"))["desiredState"] == "offline"
     assert "[ctrlagent] restart cancelled: the server was killed" in m.console_history("s1", 10)
 
 
@@ -383,7 +415,7 @@ async def test_a_kill_whose_death_no_event_reports_settles_after_the_configured_
 ) -> None:
     unit.config = replace(unit.config, timeouts=replace(unit.config.timeouts, kill_grace=4.0))
     m = await running(unit)
-    unit.engine.events = None  # the engine's events are lost: no "die" comes
+    unit.engine.event_streams.clear()  # the engine's events are lost: no "die" comes
     killed = m.kill("s1")
     await sleep(0.05)
     assert not killed.called and m.get("s1").state is S.RUNNING
@@ -392,6 +424,6 @@ async def test_a_kill_whose_death_no_event_reports_settles_after_the_configured_
     assert not killed.called  # still within timeouts.kill_grace
     unit.clock.advance(0.2)
     await until(lambda: killed.called, 2, "the kill settled after the grace")
-    result = await killed
+    result = to_json(await killed)
     assert result["status"] == "offline"  # settled from inspect, as expected
     assert ("running", "crashed") not in unit.statuses("s1")

@@ -14,16 +14,21 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from ctrlagent.config import ServersConfig
-from ctrlagent.engine.docker.stats import ContainerStats
+from ctrlagent.engine.interface import LogLine, StatsSample
 from ctrlagent.events import ConsoleOutput, ServerEvent
 from ctrlagent.interfaces import IConsoleConsumer
-from ctrlagent.servers.console import ConsoleLine, ConsolePipeline, MarkFilter
+from ctrlagent.servers.console import ConsolePipeline, Line, MarkFilter
 from ctrlagent.servers.delivery import EventBus
 from ctrlagent.servers.stats import StatsSampler
+from ctrlagent.testing.engine import FakeEngine
 from ctrlagent.work import Tracker
 
-STAMP = "2030-01-01T00:00:00.{:09d}Z {}"
 BASE_NS = 1_893_456_000_000_000_000
+
+
+def line(n: int, text: str, stream: str = "stdout") -> LogLine:
+    """A console line stamped ``n`` ns after ``BASE_NS`` (2030-01-01)."""
+    return LogLine(BASE_NS + n, stream, text)
 
 
 class Delivered:
@@ -39,7 +44,7 @@ class Delivered:
 
 def pipeline(clock: Clock, delivered: Delivered, done: list[str], limit: int = 100,
              starting: bool = True) -> ConsolePipeline:
-    def seen(lines: list[ConsoleLine]) -> bool:
+    def seen(lines: list[Line]) -> bool:
         return starting and any("Done" in line.text for line in lines)
 
     def startup_done() -> None:
@@ -47,7 +52,7 @@ def pipeline(clock: Clock, delivered: Delivered, done: list[str], limit: int = 1
         done.append("done")
 
     return ConsolePipeline(
-        "s1", docker=None, clock=clock, tracker=Tracker("test"), deadlines=None,
+        "s1", engine=FakeEngine(clock), clock=clock, tracker=Tracker("test"), deadlines=None,
         buffer_lines=10, throttle_lines=limit, throttle_interval=1.0,
         deliver=delivered, startup_seen=seen, startup_done=startup_done,
     )
@@ -56,9 +61,7 @@ def pipeline(clock: Clock, delivered: Delivered, done: list[str], limit: int = 1
 def test_taken_lines_are_delivered_before_the_startup_is_reported_done() -> None:
     clock, delivered, done = Clock(), Delivered(), []
     console = pipeline(clock, delivered, done)
-    console.take(
-        [("stdout", STAMP.format(5, "Starting")), ("stdout", STAMP.format(7, "Done (1s)"))], None
-    )
+    console.take([line(5, "Starting"), line(7, "Done (1s)")], None)
     assert done == ["done"] and delivered.order == ["deliver", "done"]
     events, marks, mark = delivered.calls[0]
     assert [(e.stream, e.lines) for e in events] == [("stdout", ["Starting", "Done (1s)"])]
@@ -70,7 +73,7 @@ def test_taken_lines_are_delivered_before_the_startup_is_reported_done() -> None
 def test_a_filter_drops_what_the_mark_covers_and_the_history_keeps_only_that() -> None:
     clock, delivered, done = Clock(), Delivered(), []
     console = pipeline(clock, delivered, done, starting=False)
-    batch = [("stdout", STAMP.format(n, "line {}".format(n))) for n in (1, 2, 2, 3)]
+    batch = [line(n, "line {}".format(n)) for n in (1, 2, 2, 3)]
     console.take_history(batch, MarkFilter(BASE_NS + 2, 1))
     assert console.history(10) == ["line 1", "line 2"]
     console.take(batch, MarkFilter(BASE_NS + 2, 1))
@@ -90,20 +93,22 @@ def test_notices_go_to_the_buffer_and_out_without_a_mark() -> None:
     assert console.lines_total == 1 and not console.attached and not console.stdin_connected
 
 
-class StatsDocker:
+class StatsEngine:
+    """Counts ``stats`` calls, answering one fixed sample."""
+
     def __init__(self) -> None:
         self.calls = 0
 
-    def stats_once(self, cid: str) -> Any:
+    def stats(self, cid: str) -> Any:
         self.calls += 1
-        return succeed(ContainerStats(12.5, 50 * 1024 * 1024, 64 * 1024 * 1024, 100, 200, 0, 0, 3))
+        return succeed(StatsSample(12.5, 50 * 1024 * 1024, 64 * 1024 * 1024, 100, 200, 0, 0, 3))
 
 
 def test_the_sampler_polls_on_the_interval_while_active_and_stops() -> None:
-    clock, docker, samples = Clock(), StatsDocker(), []
+    clock, docker, samples = Clock(), StatsEngine(), []
     active = [True]
     sampler = StatsSampler(
-        "s1", docker=docker, clock=clock, tracker=Tracker("test"),
+        "s1", engine=docker, clock=clock, tracker=Tracker("test"),
         config=ServersConfig(stats_interval=2.0, stats_mode="poll"),
         container_id=lambda: "c1", active=lambda: active[0],
         on_sample=lambda: samples.append(dict(sampler.latest)),

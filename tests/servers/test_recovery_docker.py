@@ -19,6 +19,7 @@ from ctrlagent.config import DockerConfig
 from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.events import ConsoleOutput, ResourceUpdate
 from ctrlagent.servers.lifecycle import ServerState
+from ctrlagent.wire.json import to_json
 from tests.rig.images import build_scripted_image
 from tests.servers.conftest import Rig, remove_containers, scripted, sleep, until, until_state
 
@@ -156,14 +157,14 @@ async def test_stats_are_sampled_while_running(rig: Rig, scripted_image: str) ->
                     for e in rig.recorder.events),
         8, "a stats sample",
     )
-    metrics = manager.server_metrics(sid)
+    metrics = to_json(manager.server_metrics(sid))
     assert metrics["memory"] > 0
     assert metrics["memoryLimit"] == 64.0
     assert set(metrics["network"]) == {"in", "out"}
     assert isinstance(metrics["players"], int)
     assert metrics["uptime"] > 0
     await manager.kill(sid)
-    assert manager.server_metrics(sid)["memory"] == 0.0
+    assert to_json(manager.server_metrics(sid))["memory"] == 0.0
 
 
 def _free_port() -> int:
@@ -259,14 +260,14 @@ async def test_docker_daemon_restarted_under_a_running_agent(
             lambda: manager.get(sid).state in (S.UNKNOWN, S.OFFLINE), 10, "engine loss noticed"
         )
         await until_state(manager, sid, S.UNKNOWN, timeout=10)
-        assert manager.docker_up is False
+        assert manager.engine_up is False
         # the agent keeps serving
-        status = manager.status(sid)
+        status = to_json(manager.status(sid))
         assert status["status"] == "unknown" and status["panelStatus"] in ("RUNNING", "OFFLINE")
 
         await deferToThread(engine.start)
         await until_state(manager, sid, S.RUNNING, timeout=20)
-        assert manager.docker_up is True
+        assert manager.engine_up is True
         assert manager.get(sid).container_id == old_cid
         reply = await manager.console_command(sid, "say back", wait=0.5)
         assert "[Server] back" in reply

@@ -1,18 +1,48 @@
-"""Unit tests of the pure create_server parser and Docker create body."""
+"""
+Unit tests of the pure create_server parser, and of the Docker create body a
+parsed spec ends as (``servers.containers`` then ``engine/docker/bodies``).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ctrlagent.config import ServersConfig
+from ctrlagent.engine.docker.bodies import create_body, resources_body
 from ctrlagent.errors import InvalidInput
+from ctrlagent.servers import containers
 from ctrlagent.servers import spec as specs
 from ctrlagent.servers.spec import ServerSpec, parse_spec, spec_from_json
 
 DEFAULTS = ServersConfig()
 MB = 1024 * 1024
+
+
+class bodies:  # noqa: N801 (reads as the module the Docker bodies used to come from)
+    """A spec's Docker bodies, through the engine seam."""
+
+    @staticmethod
+    def resources(spec: ServerSpec, defaults: ServersConfig) -> dict[str, Any]:
+        return resources_body(containers.limits(spec, defaults))
+
+    @staticmethod
+    def container_body(
+        spec: ServerSpec, data_path: str, defaults: ServersConfig, network: str = "bridge"
+    ) -> dict[str, Any]:
+        return create_body(containers.server_container(spec, data_path, defaults, network))
+
+    @staticmethod
+    def install_body(
+        spec: ServerSpec, data_path: str, script_dir: str, defaults: ServersConfig,
+        network: str = "bridge",
+    ) -> dict[str, Any]:
+        return create_body(
+            containers.install_container(spec, data_path, script_dir, defaults, network)
+        )
 
 
 def parse(**params: object) -> ServerSpec:
@@ -79,7 +109,7 @@ def test_create_body_limits_labels_ports_mount() -> None:
         ports=[{"internal": 27015, "external": 27016, "protocol": "udp"},
                {"internal": 27015, "external": 27016, "protocol": "tcp"}],
     )
-    body = specs.container_body(spec, "/data/srv-1", DEFAULTS)
+    body = bodies.container_body(spec, "/data/srv-1", DEFAULTS)
     host = body["HostConfig"]
     assert host["Memory"] == 1024 * MB and host["MemorySwap"] == 1024 * MB
     assert host["NanoCpus"] == 2_500_000_000
@@ -103,7 +133,7 @@ def test_create_body_limits_labels_ports_mount() -> None:
 
 def test_image_user_and_unlimited() -> None:
     spec = parse(user="image", limits={"memory": 0, "cpu": 0, "io": 1})
-    body = specs.container_body(spec, "/d", DEFAULTS)
+    body = bodies.container_body(spec, "/d", DEFAULTS)
     assert "User" not in body and "Cmd" not in body
     host = body["HostConfig"]
     assert "Memory" not in host and host["NanoCpus"] == 0 and host["BlkioWeight"] == 10
@@ -119,7 +149,7 @@ def test_image_user_and_unlimited() -> None:
 )
 def test_limit_conversions(memory: int, swap: int, cpu: int, io: int) -> None:
     spec = parse(limits={"memory": memory, "swap": swap, "cpu": cpu, "io": io})
-    res = specs.resources(spec, DEFAULTS)
+    res = bodies.resources(spec, DEFAULTS)
     assert res["Memory"] == memory * MB
     if swap == -1:
         assert res["MemorySwap"] == -1
@@ -218,7 +248,7 @@ def test_upper_bounds_are_inclusive_and_one_more_is_refused() -> None:
     spec = parse(limits={"memory": specs.MAX_MEMORY_MB, "swap": specs.MAX_MEMORY_MB,
                          "disk": specs.MAX_DISK_MB, "cpu": specs.MAX_CPU_PERCENT,
                          "io": specs.MAX_IO_WEIGHT, "pids": specs.MAX_PIDS})
-    res = specs.resources(spec, DEFAULTS)
+    res = bodies.resources(spec, DEFAULTS)
     assert res["Memory"] == specs.MAX_MEMORY_MB * MB < 2**63
     assert res["NanoCpus"] == specs.MAX_CPU_PERCENT * 10**7 < 2**63
     assert res["PidsLimit"] == specs.MAX_PIDS
@@ -256,7 +286,7 @@ def test_a_stored_definition_with_an_infinite_limit_is_refused_at_load() -> None
 
     bad = replace(spec, limits=replace(spec.limits, cpu_percent=float("inf")))
     with pytest.raises(InvalidInput) as info:
-        specs.resources(bad, DEFAULTS)
+        bodies.resources(bad, DEFAULTS)
     assert info.value.field == "limits.cpu"
 
 
@@ -276,7 +306,7 @@ def test_any_number_either_is_refused_by_name_or_converts_within_int64(
         assert e.code == "INVALID_PAYLOAD" and e.field in ("limits.cpu", "limits.memory",
                                                            "limits.pids")
         return
-    res = specs.resources(spec, DEFAULTS)
+    res = bodies.resources(spec, DEFAULTS)
     assert all(isinstance(v, int) and -1 <= v < 2**63 for v in res.values())
     assert res["PidsLimit"] > 0
 
@@ -288,7 +318,7 @@ def test_any_number_either_is_refused_by_name_or_converts_within_int64(
 def test_zero_null_or_negative_pids_keep_the_configured_default(value: object) -> None:
     spec = parse(limits={"pids": value})
     assert spec.limits.pids == DEFAULTS.pids_limit
-    assert specs.resources(spec, DEFAULTS)["PidsLimit"] == DEFAULTS.pids_limit
+    assert bodies.resources(spec, DEFAULTS)["PidsLimit"] == DEFAULTS.pids_limit
     assert parse(limits={"pids": 64}).limits.pids == 64
 
 
@@ -297,8 +327,8 @@ def test_a_stored_pids_zero_still_gets_the_default_limit() -> None:
 
     spec = parse()
     legacy = replace(spec, limits=replace(spec.limits, pids=0))
-    assert specs.resources(legacy, DEFAULTS)["PidsLimit"] == DEFAULTS.pids_limit
-    assert "PidsLimit" not in specs.resources(legacy, ServersConfig(pids_limit=0))
+    assert bodies.resources(legacy, DEFAULTS)["PidsLimit"] == DEFAULTS.pids_limit
+    assert "PidsLimit" not in bodies.resources(legacy, ServersConfig(pids_limit=0))
 
 
 # -- names are matched whole ----------------------------------------------------
@@ -341,7 +371,7 @@ def test_flags_must_be_booleans() -> None:
 def test_install_container_is_confined_with_the_games_limits() -> None:
     spec = parse(limits={"memory": 512, "cpu": 50, "pids": 0},
                  install={"script": "apt-get install -y curl"})
-    body = specs.install_body(spec, "/data/srv-1", "/state/install/srv-1", DEFAULTS)
+    body = bodies.install_body(spec, "/data/srv-1", "/state/install/srv-1", DEFAULTS)
     host = body["HostConfig"]
     assert host["CapDrop"] == ["ALL"]
     assert host["CapAdd"] == ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"]
@@ -349,7 +379,7 @@ def test_install_container_is_confined_with_the_games_limits() -> None:
     assert host["SecurityOpt"] == ["no-new-privileges"]
     assert host["Privileged"] is False and host["Devices"] == []
     assert "nosuid" in host["Tmpfs"]["/tmp"] and "nodev" in host["Tmpfs"]["/tmp"]
-    game = specs.resources(spec, DEFAULTS)
+    game = bodies.resources(spec, DEFAULTS)
     assert {k: host[k] for k in game} == game
     assert host["PidsLimit"] == DEFAULTS.pids_limit
     assert host["LogConfig"]["Config"]["max-size"]
@@ -360,12 +390,12 @@ def test_install_container_is_confined_with_the_games_limits() -> None:
 def test_install_user_and_capabilities_come_from_the_config() -> None:
     spec = parse(user="1234:5678", install={"script": "true"})
     own = ServersConfig(install_user="server", install_capabilities=("CHOWN",))
-    body = specs.install_body(spec, "/d", "/s", own)
+    body = bodies.install_body(spec, "/d", "/s", own)
     assert body["User"] == "1234:5678"
     assert body["HostConfig"]["CapAdd"] == ["CHOWN"]
     image_user = parse(user="image", install={"script": "true"})
-    assert specs.install_body(image_user, "/d", "/s", own)["User"] == "1000:1000"
-    assert specs.install_body(spec, "/d", "/s", ServersConfig(install_user="7:8"))["User"] == "7:8"
+    assert bodies.install_body(image_user, "/d", "/s", own)["User"] == "1000:1000"
+    assert bodies.install_body(spec, "/d", "/s", ServersConfig(install_user="7:8"))["User"] == "7:8"
 
 
 @pytest.mark.parametrize(

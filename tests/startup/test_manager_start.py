@@ -26,7 +26,7 @@ from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.store import open_store
 from ctrlagent.startup import StartupError
 from ctrlagent.tap import AgentService
-from tests.servers.fakes import FakeEngine
+from ctrlagent.testing.engine import FakeEngine
 from tests.startup.test_store_state import corrupt, raw_rows, spec_json
 
 
@@ -41,7 +41,8 @@ def config_for(tmp_path: Path) -> AgentConfig:
 
 def manager_for(config: AgentConfig) -> ServerManager:
     store = open_store(reactor, config.state_dir)
-    return ServerManager(reactor, config, FakeEngine(), store, clock=Clock())
+    clock = Clock()
+    return ServerManager(reactor, config, FakeEngine(clock), store, clock=clock)
 
 
 class Logged:

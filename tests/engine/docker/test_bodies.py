@@ -2,10 +2,10 @@
 The Docker create/update bodies of the agent's containers, pinned.
 
 ``golden_bodies.json`` holds the bodies the agent sent before the engine seam
-(``servers.spec.container_body``/``install_body``/``resources`` of issue 10)
-for a set of varied servers; the neutral ``ContainerSpec`` turned into a
-Docker body must give exactly the same, so the seam changed nothing the
-engine sees.
+(``servers.spec.container_body``/``install_body``/``resources`` of issue 10,
+since removed) for a set of varied servers; the neutral ``ContainerSpec``
+turned into a Docker body must give exactly the same, so the seam changed
+nothing the engine sees.
 """
 
 from __future__ import annotations
@@ -113,22 +113,9 @@ def case_spec(name: str) -> tuple[str, ServerSpec, ServersConfig, str]:
     return role, parse_spec("srv-" + name.replace("_", "-"), payload, config), config, network
 
 
-def legacy_bodies(name: str) -> dict[str, Any]:
-    """The bodies as the agent built them before the seam (kept in the golden file)."""
-    from ctrlagent.servers import spec as specs
-
-    role, spec, config, network = case_spec(name)
-    if role == "install":
-        create = specs.install_body(spec, "/data/" + name, "/state/install/" + name, config,
-                                    network)
-    else:
-        create = specs.container_body(spec, "/data/" + name, config, network)
-    return {"create": create, "update": specs.resources(spec, config)}
-
-
 def record() -> None:
     """Write the golden file from the current builders (run once, by hand)."""
-    golden = {name: legacy_bodies(name) for name in CASES}
+    golden = {name: neutral_bodies(name) for name in CASES}
     GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
 
 
@@ -165,8 +152,9 @@ def test_golden_bodies_are_compared_byte_for_byte() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_spec_wrappers_still_build_the_golden_bodies(name: str) -> None:
-    assert json.loads(json.dumps(legacy_bodies(name))) == golden()[name]
+def test_a_live_update_sets_the_limits_the_container_was_created_with(name: str) -> None:
+    bodies = golden()[name]
+    assert {k: bodies["create"]["HostConfig"].get(k) for k in bodies["update"]} == bodies["update"]
 
 
 def test_ulimits_become_host_config_ulimits_by_name_and_none_leave_the_engines() -> None:

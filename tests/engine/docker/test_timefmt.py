@@ -48,11 +48,11 @@ def test_offsets_no_prefix_and_impossible_dates() -> None:
 
 
 @given(LINES)
-def test_the_servers_copy_of_split_timestamp_agrees(line: str) -> None:
-    # servers/console.py keeps its own copy until servers/ speak the engine seam.
-    from ctrlagent.servers import console
+def test_the_engine_reads_every_log_line_as_split_timestamp_does(line: str) -> None:
+    # The console's LogLines come from here: the stamp is the line's identity.
+    from ctrlagent.engine.docker.engine import log_lines
 
-    assert split_timestamp(line) == console.split_timestamp(line)
+    assert [(x.ns, x.text) for x in log_lines([("stdout", line)], -1)] == [split_timestamp(line)]
 
 
 def test_started_at_of_a_container_and_of_one_never_started() -> None:
