@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -32,6 +31,17 @@ from ctrlagent.errors import (
 )
 from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerEvent, StatusChanged
 from ctrlagent.interfaces import IServerManager, ServerRoot
+from ctrlagent.wire.servers import (
+    Ack,
+    ConsoleStatus,
+    Created,
+    Deleted,
+    Metrics,
+    ServerBrief,
+    ServerStatus,
+    Updated,
+    coerce_metrics,
+)
 
 PANEL_STATUS = {
     "installing": "INSTALLING",
@@ -43,10 +53,6 @@ PANEL_STATUS = {
     "stopping": "STOPPING",
     "crashed": "CRASHED",
 }
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -155,16 +161,30 @@ class FakeServerManager:
             )
         server.busy = operation
 
-    def _state(self, server: FakeServer) -> dict[str, Any]:
-        status = "suspended" if server.suspended and server.status == "offline" else server.status
-        return {
-            "serverId": server.server_id,
-            "status": status,
-            "panelStatus": PANEL_STATUS.get(status, "OFFLINE"),
-            "containerId": server.container_id,
-            "name": server.params.get("name") or server.server_id,
-            "aliases": sorted(server.aliases),
-        }
+    def _state_of(self, server: FakeServer) -> str:
+        return "suspended" if server.suspended and server.status == "offline" else server.status
+
+    def _state(self, server: FakeServer) -> ServerStatus:
+        status = self._state_of(server)
+        return ServerStatus(
+            server_id=server.server_id,
+            name=str(server.params.get("name") or server.server_id),
+            state=status,
+            panel_status=PANEL_STATUS.get(status, "OFFLINE"),
+            container_id=server.container_id,
+            desired_state="running" if status in ("starting", "running") else "offline",
+            image=str(server.params.get("image") or ""),
+            aliases=tuple(sorted(server.aliases)),
+        )
+
+    def _brief(self, server: FakeServer) -> ServerBrief:
+        status = self._state_of(server)
+        return ServerBrief(
+            server_id=server.server_id,
+            state=status,
+            panel_status=PANEL_STATUS.get(status, "OFFLINE"),
+            container_id=server.container_id,
+        )
 
     # -- IServerManager --------------------------------------------------------
 
@@ -182,7 +202,7 @@ class FakeServerManager:
         raise ServerNotFound("server {} not found".format(server_id))
 
     @async_to_deferred
-    async def create_server(self, server_id: str, params: dict) -> dict[str, Any]:
+    async def create_server(self, server_id: str, params: dict) -> Created:
         """Define a server; waits on the ``create`` gate as a slow pull would."""
         self._enter("create", server_id)
         image = params.get("image")
@@ -210,14 +230,10 @@ class FakeServerManager:
         await self._gate("create")
         if server_id in self.servers:
             self._set_status(server, "offline")
-        return {
-            "serverId": server_id,
-            "containerId": server.container_id,
-            "status": server.status,
-        }
+        return Created(server_id=server_id, container_id=server.container_id, state=server.status)
 
     @async_to_deferred
-    async def start(self, server_id: str) -> dict[str, Any]:
+    async def start(self, server_id: str) -> ServerBrief:
         """Start: refused while suspended, installing or busy; idempotent when running."""
         server = self._get(server_id)
         self._enter("start", server.server_id)
@@ -226,7 +242,7 @@ class FakeServerManager:
         if server.status == "installing":
             raise Conflict("server {} is still installing".format(server.server_id))
         if server.status in ("running", "starting"):
-            return {"serverId": server.server_id, "status": server.status}
+            return self._brief(server)
         self._claim(server, "start")
         try:
             self._set_status(server, "starting")
@@ -235,19 +251,19 @@ class FakeServerManager:
             self._print(server, "[fake] server started")
         finally:
             server.busy = None
-        return {"serverId": server.server_id, "status": server.status}
+        return self._brief(server)
 
     @async_to_deferred
     async def stop(
         self, server_id: str, signal: str | None = None, timeout: float | None = None
-    ) -> dict[str, Any]:
+    ) -> ServerBrief:
         """Graceful stop (waits on the ``stop`` gate), or a kill for SIGKILL."""
         server = self._get(server_id)
         self._enter("stop", server.server_id)
         if signal == "SIGKILL":
             return await self.kill(server.server_id)
         if server.status in ("offline", "crashed", "install_failed"):
-            return {"serverId": server.server_id, "status": server.status}
+            return self._brief(server)
         self._claim(server, "stop")
         try:
             self._set_status(server, "stopping")
@@ -255,15 +271,15 @@ class FakeServerManager:
             self._set_status(server, "offline")
         finally:
             server.busy = None
-        return {"serverId": server.server_id, "status": server.status}
+        return self._brief(server)
 
     @async_to_deferred
-    async def restart(self, server_id: str) -> dict[str, Any]:
+    async def restart(self, server_id: str) -> ServerBrief:
         """Stop then start."""
         await self.stop(server_id)
         return await self.start(server_id)
 
-    def kill(self, server_id: str) -> Deferred[dict[str, Any]]:
+    def kill(self, server_id: str) -> Deferred[ServerBrief]:
         """Kill the process; the container and files stay."""
         try:
             server = self._get(server_id)
@@ -272,10 +288,10 @@ class FakeServerManager:
             return fail(e)
         if server.status not in ("offline", "installing"):
             self._set_status(server, "offline")
-        return succeed({"serverId": server.server_id, "status": server.status})
+        return succeed(self._brief(server))
 
     @async_to_deferred
-    async def delete(self, server_id: str, purge_files: bool = False) -> dict[str, Any]:
+    async def delete(self, server_id: str, purge_files: bool = False) -> Deleted:
         """Forget the server (its files too when ``purge_files``)."""
         server = self._get(server_id)
         self._enter("delete", server.server_id)
@@ -286,28 +302,28 @@ class FakeServerManager:
         del self.servers[server.server_id]
         if purge_files:
             self.purged.append(server.server_id)
-        return {"serverId": server.server_id, "status": "deleted", "purgedFiles": purge_files}
+        return Deleted(server_id=server.server_id, purged=purge_files)
 
     @async_to_deferred
-    async def suspend(self, server_id: str) -> dict[str, Any]:
+    async def suspend(self, server_id: str) -> ServerBrief:
         """Stop and refuse starts."""
         server = self._get(server_id)
         if server.status not in ("offline", "crashed"):
             await self.stop(server.server_id)
         server.suspended = True
-        return self._state(server)
+        return self._brief(server)
 
-    def unsuspend(self, server_id: str) -> Deferred[dict[str, Any]]:
+    def unsuspend(self, server_id: str) -> Deferred[ServerBrief]:
         """Allow starts again."""
         try:
             server = self._get(server_id)
         except Exception as e:
             return fail(e)
         server.suspended = False
-        return succeed(self._state(server))
+        return succeed(self._brief(server))
 
     @async_to_deferred
-    async def reinstall(self, server_id: str) -> dict[str, Any]:
+    async def reinstall(self, server_id: str) -> ServerBrief:
         """Install again; only while offline."""
         server = self._get(server_id)
         if server.status not in ("offline", "crashed", "install_failed"):
@@ -315,9 +331,9 @@ class FakeServerManager:
         self._set_status(server, "installing")
         await self._gate("reinstall")
         self._set_status(server, "offline")
-        return self._state(server)
+        return self._brief(server)
 
-    def update(self, server_id: str, params: dict) -> Deferred[dict[str, Any]]:
+    def update(self, server_id: str, params: dict) -> Deferred[Updated]:
         """Merge changed settings into the definition."""
         try:
             server = self._get(server_id)
@@ -334,37 +350,31 @@ class FakeServerManager:
                     return fail(Conflict("alias {} already names another server".format(alias)))
             server.aliases.update(str(a) for a in aliases if str(a) != server.server_id)
         server.params.update({k: v for k, v in params.items() if k != "aliases"})
-        return succeed(self._state(server))
+        return succeed(Updated(brief=self._brief(server), limits_applied_live=False))
 
-    def status(self, server_id: str) -> dict[str, Any]:
-        """The status dict (sync)."""
+    def status(self, server_id: str) -> ServerStatus:
+        """The status (sync)."""
         server = self._get(server_id)
         state = self._state(server)
         if server.status == "running":
-            state["resources"] = self.server_metrics(server.server_id)
+            state = replace(state, resources=self.server_metrics(server.server_id))
         return state
 
-    def list_servers(self) -> list[dict[str, Any]]:
-        """Every managed server's status dict."""
+    def list_servers(self) -> list[ServerStatus]:
+        """Every managed server's status."""
         return [self._state(s) for s in self.servers.values()]
 
-    def server_metrics(self, server_id: str) -> dict[str, Any]:
-        """The latest sample while running, zeroes otherwise."""
+    def server_metrics(self, server_id: str) -> Metrics:
+        """The latest sample (``set_metrics``, coerced) while running, zeroes otherwise."""
         server = self._get(server_id)
-        sample = {
-            "cpu": 0.0,
-            "memory": 0.0,
-            "disk": 0.0,
-            "network": {"in": 0, "out": 0},
-            "players": 0,
-            "timestamp": _iso(self.clock.seconds()),
-        }
-        if server.status == "running":
-            sample.update(self.metrics.get(server.server_id, {}))
-            self._emit(ResourceUpdate(server.server_id, dict(sample)))
+        now = self.clock.seconds()
+        if server.status != "running":
+            return Metrics(at=now)
+        sample = coerce_metrics(self.metrics.get(server.server_id, {}), now)
+        self._emit(ResourceUpdate(server.server_id, sample))
         return sample
 
-    def send_command(self, server_id: str, command: str) -> Deferred[dict[str, Any]]:
+    def send_command(self, server_id: str, command: str) -> Deferred[Ack]:
         """Write a line to stdin; the fake server echoes it."""
         try:
             server = self._get(server_id)
@@ -375,7 +385,7 @@ class FakeServerManager:
             return fail(e)
         server.stdin.append(command)
         self._print(server, "> " + command)
-        return succeed({"serverId": server.server_id})
+        return succeed(Ack(server_id=server.server_id))
 
     @async_to_deferred
     async def console_command(self, server_id: str, command: str, wait: float = 1.0) -> str:
@@ -390,14 +400,14 @@ class FakeServerManager:
         server = self._get(server_id)
         return list(server.console[-lines:]) if lines > 0 else []
 
-    def console_status(self, server_id: str) -> dict[str, Any]:
+    def console_status(self, server_id: str) -> ConsoleStatus:
         """Whether the console is attached (i.e. running) and its buffer size."""
         server = self._get(server_id)
-        return {
-            "connected": server.status in ("starting", "running", "stopping"),
-            "lastActivity": None if server.last_activity is None else _iso(server.last_activity),
-            "bufferSize": len(server.console),
-        }
+        return ConsoleStatus(
+            connected=server.status in ("starting", "running", "stopping"),
+            last_activity=server.last_activity,
+            buffer_size=len(server.console),
+        )
 
     def console_clear(self, server_id: str) -> None:
         """Empty the buffer."""

@@ -492,7 +492,7 @@ def test_handlers_read_domain_records_through_to_json(rig: Rig) -> None:
     rig.created("other", panelId="other-panel")
     listed = rig.servers.list_servers()
     rig.servers.list_servers = lambda: [  # type: ignore[method-assign]
-        Plain(s["serverId"], s["status"]) for s in listed
+        Plain(to_json(s)["serverId"], to_json(s)["status"]) for s in listed
     ]
     status = rig.ok("system.status")
     assert (status["serverCount"], status["runningServers"]) == (2, 1)

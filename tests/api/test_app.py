@@ -18,6 +18,7 @@ from ctrlagent.api.app import human_duration
 from ctrlagent.api.openapi import openapi_document
 from ctrlagent.config import TimeoutsConfig
 from ctrlagent.wire.command import Command
+from ctrlagent.wire.json import to_json
 from tests.api.conftest import PANEL_ID, SECRET, UUID, ApiRig, panel_headers
 
 
@@ -216,7 +217,9 @@ async def test_panel_flow_with_both_id_kinds(rig: ApiRig) -> None:
     await create(rig)
     code, body = await rig.command({"action": "start_server", "serverId": UUID, "payload": {}})
     assert code == 200 and body["success"] is True
-    assert body["data"] == {"serverId": UUID, "status": "running"}
+    assert {key: body["data"][key] for key in ("serverId", "status", "panelStatus")} == {
+        "serverId": UUID, "status": "running", "panelStatus": "RUNNING"
+    }
     code, body = await rig.command(
         {"action": "console:command", "serverId": PANEL_ID, "payload": {"command": "list"}}
     )
@@ -376,13 +379,13 @@ async def test_a_client_that_leaves_does_not_cancel_the_action(rig: ApiRig) -> N
     running = Deferred.fromCoroutine(rig.api._run(Command("stop_server", UUID, {})))
     running.cancel()
     running.addErrback(lambda f: None)
-    assert rig.servers.status(UUID)["status"] == "stopping"
+    assert to_json(rig.servers.status(UUID))["status"] == "stopping"
     # The abandoned stop is still the API's work: a stopping API waits for it.
     assert rig.api.in_flight == 1
     drained = rig.api.drain(5)
     assert not drained.called
     gate.callback(None)
-    assert rig.servers.status(UUID)["status"] == "offline"
+    assert to_json(rig.servers.status(UUID))["status"] == "offline"
     assert drained.called and rig.api.in_flight == 0
 
 
@@ -405,7 +408,7 @@ async def test_commands_answer_by_the_configured_deadline() -> None:
     assert len(rig.deadlines.tracker) == 1
     gate.callback(None)
     assert len(rig.deadlines.tracker) == 0
-    assert rig.servers.status(UUID)["status"] == "offline"
+    assert to_json(rig.servers.status(UUID))["status"] == "offline"
 
 
 # -- CORS --------------------------------------------------------------------------
