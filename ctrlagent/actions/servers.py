@@ -9,6 +9,7 @@ the same module's bounds: one declaration, nothing re-checked here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
@@ -16,10 +17,12 @@ from ctrlagent.config import ServersConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.servers import spec as specs
+from ctrlagent.wire.json import to_json
+from ctrlagent.wire.servers import coerce_metrics
 from ctrlagent.wire.tables import POWER_WORDS
 
 from .payload import Boolean, Choice, Definition, Number, Payload, Signal, whole
-from .registry import ActionSpec, Call, json_object, now_iso
+from .registry import ActionSpec, Call, json_object
 
 _POWER_ACTIONS = tuple(POWER_WORDS)
 
@@ -184,27 +187,6 @@ def _int(value: Any) -> int:
         return 0
 
 
-def coerce_metrics(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """
-    Coerce a metrics sample into exactly what the Panel parses: numbers, an
-    integer ``players`` and an always-present ``network``.  A missing or odd
-    field becomes zero rather than breaking the Panel's poller.
-    """
-    network = raw.get("network")
-    if not isinstance(network, Mapping):
-        network = {}
-    out = dict(raw)
-    out.update(
-        cpu=_float(raw.get("cpu")),
-        memory=_float(raw.get("memory")),
-        disk=_float(raw.get("disk")),
-        network={"in": _int(network.get("in")), "out": _int(network.get("out"))},
-        players=_int(raw.get("players")),
-        timestamp=raw.get("timestamp") or now_iso(),
-    )
-    return out
-
-
 def _awaited(result: object) -> Awaitable[object]:
     """The domain's asynchronous answer (``IServerManager``'s I/O methods return Deferreds)."""
     return cast(Awaitable[object], result)
@@ -272,7 +254,9 @@ def server_actions(servers: IServerManager) -> list[ActionSpec]:
         return {"servers": listed, "count": len(listed)}
 
     async def metrics(call: Call) -> object:
-        return coerce_metrics(json_object(servers.server_metrics(call.server)))
+        # A record (or a mapping from another provider) in the Panel's exact shape.
+        sample = json_object(servers.server_metrics(call.server))
+        return to_json(coerce_metrics(sample, time.time()))
 
     server = Payload()
     return [

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from ctrlagent.actions.servers import coerce_metrics
 from ctrlagent.wire.command import ActionResult
+from ctrlagent.wire.json import to_json
+from ctrlagent.wire.servers import coerce_metrics
 from tests.actions.rig import PANEL_ID, UUID, Rig
 
 
@@ -222,6 +223,6 @@ def test_metrics_coerce_to_the_panel_shape(rig: Rig) -> None:
 
 
 def test_metrics_coercion_never_drops_network() -> None:
-    out = coerce_metrics({"network": {"in": "10", "out": 2.9}, "players": None})
+    out = to_json(coerce_metrics({"network": {"in": "10", "out": 2.9}, "players": None}, 0.0))
     assert out["network"] == {"in": 10, "out": 2}
     assert out["players"] == 0
