@@ -113,8 +113,8 @@ class IServerManager(Interface):
     def send_command(server_id: str, command: str) -> object:
         """Write one line to the server's stdin."""
 
-    def console_command(server_id: str, command: str, wait: float = 1.0) -> object:
-        """Send ``command`` and fire with what the console printed within ``wait`` s."""
+    def console_command(server_id: str, command: str, wait: float | None = None) -> object:
+        """Send ``command``; fire with what the console printed within ``wait`` s."""
 
     def console_history(server_id: str, lines: int = 100) -> list:
         """The last ``lines`` console lines (sync)."""

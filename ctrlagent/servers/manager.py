@@ -633,8 +633,15 @@ class ServerManager(service.Service):
         return Ack(server_id=server.server_id)
 
     @async_to_deferred
-    async def console_command(self, server_id: str, command: str, wait: float = 1.0) -> str:
-        """Send ``command``; fire with what the console printed within ``wait`` s."""
+    async def console_command(
+        self, server_id: str, command: str, wait: float | None = None
+    ) -> str:
+        """
+        Send ``command``; fire with what the console printed within ``wait``
+        seconds (``timeouts.console_reply_wait`` when not given).
+        """
+        if wait is None:
+            wait = self.config.timeouts.console_reply_wait
         return await self.get(server_id).console_command(command, wait)
 
     def console_history(self, server_id: str, lines: int = 100) -> list[str]:

@@ -103,6 +103,8 @@ class Server:
             container_id=lambda: self.container_id,
         )
         self.slot = PowerSlot(sid)
+        # The background power work holding the slot (a stop, restart, suspend).
+        self._power_work: Deferred[Any] | None = None
         self.exits = ExitWatch()
         self.console = ConsolePipeline(
             sid,
@@ -294,7 +296,16 @@ class Server:
             finally:
                 self.slot.release()
 
-        return self.services.tracker.run(run(), "{} of server {}".format(action, self.server_id))
+        d = self.services.tracker.run(run(), "{} of server {}".format(action, self.server_id))
+        if not d.called:
+            self._power_work = d
+            d.addBoth(self._power_work_done, d)
+        return d
+
+    def _power_work_done(self, result: Any, d: Deferred[Any]) -> Any:
+        if self._power_work is d:
+            self._power_work = None
+        return result
 
     # -- power actions (the manager's IServerManager calls) -----------------
 
@@ -343,6 +354,13 @@ class Server:
         self.set_desired("offline")
         if self.state in ACTIVE_STATES or self.state is S.UNKNOWN:
             await self.hard_kill()
+        if self._power_work is not None:
+            # A stop (or restart, suspend) the kill cut short ends on the same
+            # exit: let it settle, so that the answer frees the slot and the
+            # next power action is not refused as "stop in progress".
+            await self.services.deadlines.within(
+                self._power_work, self.services.config.timeouts.exit_drain
+            )
         return self.brief()
 
     async def suspend(self) -> ServerBrief:

@@ -388,7 +388,9 @@ class FakeServerManager:
         return succeed(Ack(server_id=server.server_id))
 
     @async_to_deferred
-    async def console_command(self, server_id: str, command: str, wait: float = 1.0) -> str:
+    async def console_command(
+        self, server_id: str, command: str, wait: float | None = None
+    ) -> str:
         """Send ``command`` and answer with what the server printed in reply."""
         server = self._get(server_id)
         before = len(server.console)

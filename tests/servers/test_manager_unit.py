@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
 from ctrlagent.config import ServersConfig
@@ -379,6 +381,46 @@ async def test_kill_during_a_restart_cancels_the_restart(unit: Unit) -> None:
     assert m.get("s1").state is S.OFFLINE
     assert to_json(m.status("s1"))["desiredState"] == "offline"
     assert "[ctrlagent] restart cancelled: the server was killed" in m.console_history("s1", 10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kill_that_cuts_a_stop_short_answers_with_the_slot_free(unit: Unit) -> None:
+    # The kill's answer comes after the stop it ended has settled: a start
+    # sent right after it is not refused as "stop in progress".
+    m = await running(unit, environment={"IGNORE_SIGTERM": 1}, stop="SIGTERM")
+    server = m.get("s1")
+    graceful_stop = server.graceful_stop
+
+    async def slow_to_wake(*args: Any) -> None:
+        # The stop's own wake-up after the exit comes a moment later (a busy
+        # reactor), as it does on a real engine.
+        await graceful_stop(*args)
+        await deferLater(unit.clock, 0.5, lambda: None)
+
+    server.graceful_stop = slow_to_wake  # type: ignore[method-assign]
+    await m.stop("s1", timeout=30)
+    assert server.power == "stop"
+    killing = ensureDeferred(m.kill("s1"))
+    held_at_answer: list[str | None] = []
+    killing.addCallback(lambda brief: held_at_answer.append(server.power) or brief)
+    unit.clock.advance(0.5)
+    await killing
+    assert held_at_answer == [None]
+    await m.start("s1")
+    assert m.get("s1").state in (S.STARTING, S.RUNNING)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_console_command_waits_the_configured_reply_time(unit: Unit) -> None:
+    unit.config = replace(
+        unit.config, timeouts=replace(unit.config.timeouts, console_reply_wait=0.3)
+    )
+    m = await running(unit)
+    replying = ensureDeferred(m.console_command("s1", "say hi"))
+    unit.clock.advance(0.29)
+    assert not replying.called
+    unit.clock.advance(0.02)
+    assert "hi" in await replying
 
 
 @pytest_twisted.ensureDeferred
