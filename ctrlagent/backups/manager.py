@@ -42,6 +42,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.backups import config as cfg
@@ -62,7 +63,7 @@ from ctrlagent.errors import (
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.files import trees
 from ctrlagent.files.confined import Confined, os_error
-from ctrlagent.interfaces import ServerRoot
+from ctrlagent.interfaces import IBackupManager, ServerRoot
 from ctrlagent.work import Tracker
 
 T = TypeVar("T")
@@ -158,6 +159,7 @@ class BackupDownload:
         self._stream.close()
 
 
+@implementer(IBackupManager)
 class BackupManager(service.Service):
     """
     Backups of every server on this node.
