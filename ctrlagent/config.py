@@ -371,8 +371,8 @@ class HooksConfig:
 class BackupsConfig:
     """Every backup setting."""
 
-    # Local archives; default <state_dir>/backups.
-    directory: str = "/var/lib/ctrlagent/backups"
+    # Local archives; empty: <state_dir>/backups.
+    directory: str = ""
     # The default driver: local, s3 or restic.
     driver: str = "local"
     # Backups and restores at once on the node (the others wait).
@@ -389,6 +389,10 @@ class BackupsConfig:
     restic: ResticConfig = field(default_factory=ResticConfig)
     schedule: ScheduleDefaults = field(default_factory=ScheduleDefaults)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+
+    def directory_path(self, state_dir: str) -> str:
+        """Where local archives go."""
+        return self.directory or os.path.join(state_dir, "backups")
 
 
 @dataclass(frozen=True)
@@ -579,11 +583,10 @@ def load_config(
     tree = _merge(tree, layer)
 
     secret_file = tree.pop("secret_file", None)
-    # [backups] has its own parser: ``retain`` is a number or a table, and
-    # ``directory`` defaults to a place under state_dir.
+    # [backups] has its own parser: ``retain`` is a number or a table.
     backups_table = tree.pop("backups", None)
     config: AgentConfig = _build(AgentConfig, tree)
-    config = replace(config, backups=parse_backups_config(backups_table, config.state_dir))
+    config = replace(config, backups=parse_backups_config(backups_table, state_dir=None))
     if secret_file and not config.secret:
         config = replace(config, secret=read_secret_file(str(secret_file)))
     validate(config)
@@ -825,8 +828,12 @@ def parse_cron(value: object, where: str = "cron") -> str | None:
 
 
 def parse_backups_config(mapping: Mapping[str, Any] | None,
-                         state_dir: str = "/var/lib/ctrlagent") -> BackupsConfig:
-    """The ``[backups]`` table as a ``BackupsConfig`` (``directory`` under ``state_dir``)."""
+                         state_dir: str | None = "/var/lib/ctrlagent") -> BackupsConfig:
+    """
+    The ``[backups]`` table as a ``BackupsConfig``.  Without a ``directory``,
+    it is ``<state_dir>/backups``, or left empty (meaning just that, once
+    the state directory is known) when ``state_dir`` is None.
+    """
     where = "backups"
     mapping = mapping or {}
     if not isinstance(mapping, Mapping):
@@ -834,8 +841,9 @@ def parse_backups_config(mapping: Mapping[str, Any] | None,
     _b_unknown(mapping, {"directory", "driver", "concurrency", "compression_level",
                        "progress_interval", "stop_timeout", "schedule_interval", "s3",
                        "restic", "schedule", "hooks"}, where)
-    directory = _b_str(mapping, "directory", where, os.path.join(state_dir, "backups"))
-    if not os.path.isabs(directory):
+    directory = _b_str(mapping, "directory", where,
+                       "" if state_dir is None else os.path.join(state_dir, "backups"))
+    if directory and not os.path.isabs(directory):
         raise ConfigInvalid("backups.directory must be an absolute path")
 
     s3m = _b_section(mapping, "s3", where)
@@ -925,7 +933,7 @@ def validate_backups(backups: BackupsConfig) -> None:
     Refuse a ``[backups]`` tree (parsed, or built in code) the agent cannot
     run with: the checks ``parse_backups_config`` makes of the finished tree.
     """
-    if not os.path.isabs(backups.directory):
+    if backups.directory and not os.path.isabs(backups.directory):
         raise ConfigInvalid("backups.directory must be an absolute path")
     parse_backup_driver(backups.driver, "backups.driver")
     parse_backup_driver(backups.schedule.driver, "backups.schedule.driver")

@@ -281,7 +281,8 @@ def test_backups_is_a_section_of_the_tree_read_from_the_file(tmp_path: Path) -> 
     assert config.backups.s3.secret_key == "very-secret-key"
     assert config.backups.schedule.retain.last == 5
     # Without a directory, local archives go under the state directory.
-    assert config.backups.directory == str(tmp_path / "backups")
+    assert config.backups.directory == ""
+    assert config.backups.directory_path(config.state_dir) == str(tmp_path / "backups")
     # The secret never shows through repr, of the section or of the tree.
     assert "very-secret-key" not in repr(config.backups)
     assert "very-secret-key" not in repr(config)
@@ -289,7 +290,9 @@ def test_backups_is_a_section_of_the_tree_read_from_the_file(tmp_path: Path) -> 
 
 def test_backups_directory_follows_the_state_directory_by_default() -> None:
     config = load_config(None, {"CTRLAGENT_STATE_DIR": "/srv/agent"}, {"development": True})
-    assert config.backups.directory == "/srv/agent/backups"
+    assert config.backups.directory_path(config.state_dir) == "/srv/agent/backups"
+    chosen = dataclasses.replace(config.backups, directory="/srv/archives")
+    assert chosen.directory_path(config.state_dir) == "/srv/archives"
     assert load_config(None, {}, {"development": True}).backups == AgentConfig().backups
 
 

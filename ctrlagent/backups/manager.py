@@ -31,7 +31,7 @@ import os
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any, TypeVar
 
 from twisted.application import service
@@ -797,6 +797,8 @@ def build_backup_manager(config: cfg.BackupsConfig, servers: Any, *, reactor: An
     download), started and stopped with the service.  A database that cannot
     be used is ``BackupStoreUnusable`` (a ``StartupError``), raised here.
     """
+    if not config.directory:
+        config = replace(config, directory=config.directory_path(state_dir))
     store = BackupStore(reactor, os.path.join(state_dir, "backups.sqlite3"))
     owns = threadpool is None
     if threadpool is None:
