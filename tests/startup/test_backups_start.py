@@ -102,3 +102,46 @@ def test_a_corrupt_backups_database_ends_twistd_with_one_line_and_no_traceback(
     [line] = stderr.getvalue().splitlines()
     assert line.startswith("ctrlagent: error: backups database {} cannot be used".format(path))
     assert "Traceback" not in stderr.getvalue()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_managers_own_thread_pool_starts_and_stops_with_the_service(
+    tmp_path: Path,
+) -> None:
+    from ctrlagent.backups.manager import build_backup_manager
+    from ctrlagent.testing.servers import FakeServerManager
+    from ctrlagent.work import Tracker
+
+    config = AgentConfig().backups
+    manager = build_backup_manager(
+        config, FakeServerManager(clock=reactor, data_dir=str(tmp_path / "data")),
+        reactor=reactor, clock=reactor, tracker=Tracker("backups"),
+        state_dir=str(tmp_path / "state"), data_dir=str(tmp_path / "data"),
+    )
+    # Local archives under the state directory when backups.directory is empty.
+    assert manager.config.directory == str(tmp_path / "state" / "backups")
+    pool = manager.threadpool
+    assert manager.owns_threadpool and not pool.started
+    manager.startService()
+    await manager.ready
+    assert pool.started
+    await manager.stopService()
+    assert not pool.started
+    assert not [t for t in pool.threads if t.is_alive()]
+
+
+def test_a_failed_start_elsewhere_releases_the_backups_threads(tmp_path: Path) -> None:
+    from ctrlagent.backups.manager import build_backup_manager
+    from ctrlagent.testing.servers import FakeServerManager
+    from ctrlagent.work import Tracker
+
+    manager = build_backup_manager(
+        AgentConfig().backups, FakeServerManager(clock=reactor),
+        reactor=reactor, clock=reactor, tracker=Tracker("backups"),
+        state_dir=str(tmp_path / "state"), data_dir=None,
+    )
+    manager.threadpool.start()
+    manager.abort_start()
+    assert not manager.threadpool.started
+    with pytest.raises(CtrlAgentError, match="closed"):
+        manager.store.get("x")
