@@ -30,6 +30,12 @@ setup(
         "service-identity>=21.1",
         "attrs>=23.1",
         "hyperlink>=21.0",
+        # Backups (ctrlagent/backups): zstd archives, .pteroignore rules,
+        # cron schedules, the S3 driver.
+        "zstandard>=0.22",
+        "pathspec>=0.12",
+        "croniter>=2.0",
+        "boto3>=1.34",
     ],
     extras_require={
         "test": [
@@ -39,6 +45,8 @@ setup(
             "hypothesis>=6.100",
             "openapi-spec-validator>=0.7",
             "paramiko>=3",
+            # A real S3 on loopback for the backup tests (tests/backups/s3rig.py).
+            "moto[server]>=5",
         ],
     },
     zip_safe=False,

@@ -1,5 +1,6 @@
 """
-Domain events the server manager publishes and the Panel link forwards.
+Domain events the server manager and the backup manager publish and the
+Panel link forwards.
 
 Plain dataclasses, treated as immutable: no reactor, no I/O.  The Panel link turns them into
 the protocol's ``event`` frames (PROTOCOL.md section 3); tests subscribe to them
@@ -67,3 +68,36 @@ class ResourceUpdate:
 
 ServerEvent = Union[StatusChanged, ConsoleOutput, ResourceUpdate]
 EventListener = Callable[[ServerEvent], None]
+
+
+# --- backups (published by ctrlagent.backups.manager.BackupManager) ---
+
+
+@dataclass(frozen=True)
+class BackupProgress:
+    """How far a running backup (or restore) has come."""
+
+    server_id: str
+    backup_id: str
+    operation: str  # "backup" | "restore"
+    bytes: int
+    files: int
+    total_bytes: int
+    percent: float
+
+
+@dataclass(frozen=True)
+class BackupStatusChanged:
+    """A backup or restore finished (``completed`` / ``failed``) or started (``running``)."""
+
+    server_id: str
+    backup_id: str
+    operation: str  # "backup" | "restore"
+    status: str
+    error: str | None = None
+    size: int = 0
+    checksum: str | None = None
+
+
+BackupEvent = Union[BackupProgress, BackupStatusChanged]
+BackupListener = Callable[[BackupEvent], None]

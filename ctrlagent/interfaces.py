@@ -269,3 +269,43 @@ class ISftpService(Interface):
 
     def list_sessions(server_id: str | None = None) -> object:
         """``{sessions: [...]}``: the live sessions of one server, or of all."""
+
+
+class IBackupManager(Interface):
+    """
+    The node's backups, as the backup actions and the guards around restores
+    see them (docs/BACKUPS.md).  The provider is
+    ``ctrlagent.backups.manager.BackupManager``; ``server_id`` is the
+    canonical id the registry resolved.  Answers are the ``data`` of
+    PROTOCOL.md section 5.
+    """
+
+    def create_backup(
+        server_id: str, name: object = None, driver: object = None, ignore: object = None
+    ) -> Awaitable[object]:
+        """Start a backup: ``{backupId, status: "running"}`` at once; events follow."""
+
+    def list_backups(server_id: str) -> Awaitable[object]:
+        """``{backups: [...], count}``, newest first."""
+
+    def restore_backup(
+        server_id: str, backup_id: object, truncate: object = False, stop: object = False
+    ) -> Awaitable[object]:
+        """Put a backup back (``CONFLICT`` while the server runs unless ``stop``)."""
+
+    def delete_backup(server_id: str, backup_id: object) -> Awaitable[object]:
+        """Remove a backup and its archive."""
+
+    def set_backup_schedule(
+        server_id: str, cron: object, retain: object = None, driver: object = None
+    ) -> Awaitable[object]:
+        """Back the server up on a cron schedule (an empty ``cron`` removes it)."""
+
+    def busy(server_id: str) -> str | None:
+        """What backup work holds the server now: ``backup``, ``restore``, ``delete`` or None."""
+
+    def add_listener(listener: object) -> None:
+        """Subscribe ``listener(event)`` to ``BackupProgress`` / ``BackupStatusChanged``."""
+
+    def remove_listener(listener: object) -> None:
+        """Unsubscribe."""

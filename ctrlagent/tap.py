@@ -9,15 +9,17 @@ explicit dependencies and returns one named ``MultiService``:
     +-- banner    logs what the agent serves, once
     +-- servers   ServerManager: containers, console, stats, crash recovery, store
     +-- sftp      SftpService: SFTP on serverFromString(sftp endpoint), if enabled
+    +-- backups   BackupManager: archives, restores, schedules (its own thread pool)
     +-- panel     PanelLink: Autobahn WebSocket client to the Panel (ClientService)
     +-- http      Klein API on serverFromString(http endpoint)
     +-- heap      (twistd only) moves the startup heap out of the collector's way
 
 ``build_service`` is one ``_build_*`` function per area: the background work
 and deadlines (``work``), the container engine, the servers, the files and the
-host, the SFTP server, the action registry, and the two transports.  Children
+host, the SFTP server, the backups, the action registry, and the two transports.  Children
 start in the order above and stop in reverse: the API stops accepting first,
-then the Panel link closes, then the SFTP sessions end, then the server
+then the Panel link closes, then the backups finish or are cancelled, then
+the SFTP sessions end, then the server
 manager detaches from the containers (game servers keep running); last, the
 work left in the root tracker is cancelled and waited for.  This module starts
 nothing itself and is the only one that imports the global reactor.
@@ -49,6 +51,7 @@ from ctrlagent.work import Deadlines, Tracker, async_to_deferred
 
 if TYPE_CHECKING:
     from ctrlagent.actions import Dispatcher
+    from ctrlagent.backups.manager import BackupManager
     from ctrlagent.engine.docker import DockerClient
     from ctrlagent.files.manager import FileManager
     from ctrlagent.servers.manager import ServerManager
@@ -270,8 +273,11 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     servers = _build_servers(reactor, config, top, docker, tracker, deadlines)
     files, host = _build_files_and_host(reactor, config, docker)
     sftp = _build_sftp(reactor, config, top, servers, files)
-    dispatcher = _build_actions(servers, files, host, deadlines, sftp)
-    _build_transports(reactor, config, top, dispatcher, servers, host, docker, tracker, deadlines)
+    backups = _build_backups(reactor, config, top, servers, tracker)
+    dispatcher = _build_actions(servers, files, host, deadlines, sftp, backups)
+    _build_transports(
+        reactor, config, top, dispatcher, servers, host, docker, tracker, deadlines, backups
+    )
     return top
 
 
@@ -346,17 +352,46 @@ def _build_sftp(
     return sftp
 
 
+def _build_backups(
+    reactor: Any, config: AgentConfig, top: MultiService, servers: ServerManager, tracker: Tracker
+) -> BackupManager:
+    """
+    The backups (service ``backups``): after the servers and SFTP, whose
+    files they read and write, and before the transports, so that they stop
+    after the API stopped taking commands.  The manager's own thread pool
+    (``backups.concurrency + 2`` threads) starts and stops with it; a
+    backups database that cannot be used ends the start with one line
+    (``BackupStoreUnusable``), and never stops the servers' own store.
+    """
+    from ctrlagent.backups.manager import build_backup_manager
+
+    backups = build_backup_manager(
+        config.backups,
+        servers,
+        reactor=reactor,
+        clock=reactor,
+        tracker=tracker.scope("backups"),
+        state_dir=config.state_dir,
+        data_dir=config.data_dir,
+    )
+    backups.setServiceParent(top)
+    return backups
+
+
 def _build_actions(
     servers: ServerManager,
     files: FileManager,
     host: SystemInfo,
     deadlines: Deadlines,
     sftp: SftpService | None = None,
+    backups: BackupManager | None = None,
 ) -> Dispatcher:
     """The one registry of actions both transports call."""
     from ctrlagent.actions import Dispatcher
 
-    return Dispatcher(servers=servers, files=files, system=host, deadlines=deadlines, sftp=sftp)
+    return Dispatcher(
+        servers=servers, files=files, system=host, deadlines=deadlines, sftp=sftp, backups=backups
+    )
 
 
 def _build_transports(
@@ -369,8 +404,13 @@ def _build_transports(
     docker: DockerClient,
     tracker: Tracker,
     deadlines: Deadlines,
+    backups: BackupManager | None = None,
 ) -> None:
-    """The Panel link (service ``panel``, unless disabled) and the HTTP API (``http``)."""
+    """
+    The Panel link (service ``panel``, unless disabled) and the HTTP API
+    (``http``).  The link forwards the backups' events too; the API serves
+    their archives through the backups package's ``serve_download``.
+    """
     from ctrlagent.api.app import AgentApi, make_http_service
     from ctrlagent.panel.link import PanelLink
 
@@ -384,6 +424,7 @@ def _build_transports(
             system_info=lambda: host.system_info(config.node_id),
             load=host.system_load,
             tracker=tracker.scope("panel"),
+            backups=backups,
         )
         link.setName("panel")
         link.setServiceParent(top)
@@ -398,12 +439,23 @@ def _build_transports(
         version=__version__,
         tracker=tracker.scope("http"),
         deadlines=deadlines,
+        backup_download=None if backups is None else _backup_download(backups),
     )
     http: IService = make_http_service(
         reactor, config, api, drain_timeout=config.timeouts.http_drain
     )
     http.setName("http")
     http.setServiceParent(top)
+
+
+def _backup_download(backups: BackupManager) -> Any:
+    """The API's download handler over ``backups`` (the API does not import backups/)."""
+    from ctrlagent.backups.http import serve_download
+
+    def download(request: Any, server_id: str, backup_id: str) -> Any:
+        return serve_download(request, backups, server_id, backup_id)
+
+    return download
 
 
 @async_to_deferred

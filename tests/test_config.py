@@ -261,3 +261,68 @@ def test_bad_sftp_and_boolean_numbers_are_refused_by_load_config(
     with pytest.raises(ConfigInvalid) as e:
         load_config(None, {}, {"development": True, dotted: value})
     assert needle in str(e.value)
+
+
+def test_backups_is_a_section_of_the_tree_read_from_the_file(tmp_path: Path) -> None:
+    secret = tmp_path / "s3-secret"
+    secret.write_text("very-secret-key\n")
+    secret.chmod(0o600)
+    toml = tmp_path / "agent.toml"
+    toml.write_text(
+        'state_dir = "{state}"\n[backups]\ndriver = "s3"\nconcurrency = 3\n'
+        '[backups.s3]\nbucket = "b"\nsecret_key_file = "{secret}"\n'
+        '[backups.schedule]\ncron = "0 4 * * *"\nretain = 5\n'.format(
+            state=tmp_path, secret=secret
+        )
+    )
+    config = load_config(str(toml), {}, {"development": True})
+    assert config.backups.driver == "s3"
+    assert config.backups.concurrency == 3
+    assert config.backups.s3.secret_key == "very-secret-key"
+    assert config.backups.schedule.retain.last == 5
+    # Without a directory, local archives go under the state directory.
+    assert config.backups.directory == ""
+    assert config.backups.directory_path(config.state_dir) == str(tmp_path / "backups")
+    # The secret never shows through repr, of the section or of the tree.
+    assert "very-secret-key" not in repr(config.backups)
+    assert "very-secret-key" not in repr(config)
+
+
+def test_backups_directory_follows_the_state_directory_by_default() -> None:
+    config = load_config(None, {"CTRLAGENT_STATE_DIR": "/srv/agent"}, {"development": True})
+    assert config.backups.directory_path(config.state_dir) == "/srv/agent/backups"
+    chosen = dataclasses.replace(config.backups, directory="/srv/archives")
+    assert chosen.directory_path(config.state_dir) == "/srv/archives"
+    assert load_config(None, {}, {"development": True}).backups == AgentConfig().backups
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[backups]\ndriver = "tape"\n', "backups.driver must be one of local, s3, restic"),
+        ('[backups]\ndriver = "s3"\n', "backups.s3.bucket is required for the s3 driver"),
+        ("[backups]\nconcurrency = 0\n", "backups.concurrency must be between 1 and 64"),
+        ('[backups]\nnope = 1\n', "unknown setting backups.nope"),
+        ('[backups.schedule]\ncron = "every day"\n', "backups.schedule.cron is not a valid"),
+    ],
+)
+def test_bad_backup_settings_are_refused_by_load_config(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigInvalid, match=message):
+        load_config(str(path), {}, {"development": True})
+
+
+def test_validate_refuses_a_backups_tree_built_in_code() -> None:
+    from ctrlagent.config import validate
+
+    base = AgentConfig(development=True)
+    for backups, message in (
+        (dataclasses.replace(base.backups, directory="relative"), "must be an absolute path"),
+        (dataclasses.replace(base.backups, driver="restic"), "backups.restic.repository"),
+        (dataclasses.replace(base.backups, compression_level=42), "compression_level"),
+    ):
+        with pytest.raises(ConfigInvalid, match=message):
+            validate(dataclasses.replace(base, backups=backups))

@@ -47,15 +47,38 @@ script = _load_script()
 
 
 def _sections() -> dict[str, list[dataclasses.Field[Any]]]:
-    """Table name ("" for the top level) -> its scalar fields, in declaration order."""
-    out: dict[str, list[dataclasses.Field[Any]]] = {"": []}
-    for f in dataclasses.fields(AgentConfig):
-        default = getattr(AgentConfig(), f.name)
-        if dataclasses.is_dataclass(default):
-            out[f.name] = list(dataclasses.fields(default))
-        else:
-            out[""].append(f)
+    """
+    Table name ("" for the top level, dotted for a nested one such as
+    ``backups.s3``) -> its scalar fields, in declaration order (a table
+    before its sub-tables, as the example writes them).
+    """
+    out: dict[str, list[dataclasses.Field[Any]]] = {}
+
+    def walk(cls: type, table: str) -> None:
+        out[table] = []
+        nested = []
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            if dataclasses.is_dataclass(default):
+                nested.append((type(default), (table + "." if table else "") + f.name))
+            else:
+                out[table].append(f)
+        for sub, name in nested:
+            walk(sub, name)
+
+    walk(AgentConfig, "")
     return out
+
+
+def _table(tree: Any, table: str) -> Any:
+    """The mapping of ``table`` (dotted) inside ``tree``."""
+    for part in table.split(".") if table else []:
+        tree = tree[part]
+    return tree
+
+
+def _secret(table: str, name: str) -> bool:
+    return ((table + "." if table else "") + name) in script.SECRETS
 
 
 def _keys_by_table(text: str) -> dict[str, list[str]]:
@@ -63,7 +86,7 @@ def _keys_by_table(text: str) -> dict[str, list[str]]:
     keys: dict[str, list[str]] = {"": []}
     table = ""
     for line in text.splitlines():
-        header = re.fullmatch(r"\[([a-z_.]+)\]", line)
+        header = re.fullmatch(r"\[([a-z0-9_.]+)\]", line)
         if header:
             table = header.group(1)
             keys[table] = []
@@ -100,7 +123,7 @@ def test_script_is_an_executable_python_script() -> None:
 def test_every_field_is_shown_in_declaration_order() -> None:
     written = _keys_by_table(script.render())
     for table, fields in _sections().items():
-        expected = [f.name for f in fields if f.name != script.SECRET]
+        expected = [f.name for f in fields if not _secret(table, f.name)]
         if table == "":
             expected += list(script.EXTRA_KEYS)
         shown = [k for k in written.get(table, []) if k in expected]
@@ -123,6 +146,16 @@ def test_secret_never_gets_a_value_line_only_a_pointer_to_the_environment() -> N
     assert "AGENT_SECRET_FILE" in block[:300]
 
 
+def test_backup_secrets_never_get_a_value_line_only_a_pointer_to_their_file() -> None:
+    text = script.render()
+    for table, key in (("backups.s3", "secret_key"), ("backups.restic", "password")):
+        in_table = _lines_of_table(text.splitlines(), table)
+        assert not [line for line in in_table if re.match(r"(# )?{} = ".format(key), line)]
+        assert key not in _table(tomllib.loads(text), table)
+        pointer = [line for line in in_table if line.startswith("# {}: never".format(key))]
+        assert pointer and key + "_file" in pointer[0]
+
+
 def test_example_loads_to_exactly_the_default_config() -> None:
     environ = {"AGENT_SECRET": "s3cret"}
     loaded = load_config(str(EXAMPLE), environ, {})
@@ -134,8 +167,8 @@ def test_every_active_value_is_the_default_as_toml() -> None:
     parsed = tomllib.loads(script.render())
     defaults = dataclasses.asdict(AgentConfig())
     for table, fields in _sections().items():
-        values = parsed if table == "" else parsed[table]
-        want = defaults if table == "" else defaults[table]
+        values = _table(parsed, table)
+        want = _table(defaults, table)
         for f in fields:
             if f.name in values:
                 got = values[f.name]
@@ -147,6 +180,14 @@ def test_every_active_value_is_the_default_as_toml() -> None:
 
 def test_commented_out_examples_are_values_the_agent_accepts(tmp_path: Path) -> None:
     uncommented = re.sub(r"^# ([a-z_]+ = )", r"\1", script.render(), flags=re.MULTILINE)
+    # The S3 secret key file is read at load: give the example a real one (mode 600).
+    s3_secret = tmp_path / "s3-secret-key"
+    s3_secret.write_text("example-secret\n", encoding="utf-8")
+    s3_secret.chmod(0o600)
+    uncommented = uncommented.replace(
+        script.toml_value(script.EXAMPLES["backups.s3.secret_key_file"]),
+        script.toml_value(str(s3_secret)),
+    )
     toml = tmp_path / "agent.toml"
     toml.write_text(uncommented, encoding="utf-8")
     # The secret is set, so secret_file (an example path) is not read.
@@ -154,6 +195,9 @@ def test_commented_out_examples_are_values_the_agent_accepts(tmp_path: Path) -> 
     assert config.http.tls_cert == script.EXAMPLES["http.tls_cert"]
     assert config.docker.registry_auths == script.EXAMPLES["docker.registry_auths"]
     assert config.secret == "s3cret"
+    assert config.backups.s3.secret_key == "example-secret"
+    assert config.backups.schedule.cron == script.EXAMPLES["backups.schedule.cron"]
+    assert config.backups.schedule.retain.last == script.EXAMPLES["backups.schedule.retain.last"]
 
 
 def test_examples_name_only_keys_that_exist_and_are_unset_by_default() -> None:
@@ -164,7 +208,9 @@ def test_examples_name_only_keys_that_exist_and_are_unset_by_default() -> None:
         value: Any = defaults
         for part in dotted.split("."):
             value = getattr(value, part)
-        assert value in ("", {}), "{} has a default, show it instead of an example".format(dotted)
+        assert value in ("", {}, None), "{} has a default, show it instead of an example".format(
+            dotted
+        )
 
 
 def test_extra_keys_are_exactly_the_loader_keys_outside_the_tree() -> None:
@@ -208,7 +254,7 @@ def test_environment_and_options_are_noted_on_their_key() -> None:
     ways += [("--" + opt, path) for opt, path in overrides.items()]
     ways += [("--" + flag, path) for flag, (path, _) in script.FLAGS.items()]
     for way, dotted in ways:
-        if dotted == script.SECRET:
+        if dotted in script.SECRETS:
             continue
         table, _, key = dotted.rpartition(".")
         in_table = _lines_of_table(lines, table)
@@ -222,7 +268,7 @@ def _lines_of_table(lines: list[str], table: str) -> list[str]:
     out: list[str] = []
     current = ""
     for line in lines:
-        header = re.fullmatch(r"\[([a-z_.]+)\]", line)
+        header = re.fullmatch(r"\[([a-z0-9_.]+)\]", line)
         if header:
             current = header.group(1)
         elif current == table:
@@ -298,7 +344,7 @@ def _readme_settings() -> dict[str, str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     part = text[text.index("## Configuration") : text.index("### Logs")]
     out = {"": part[: part.index("Further TOML settings")]}
-    for table in re.findall(r"^- `\[([a-z_]+)\]`:", part, flags=re.MULTILINE):
+    for table in re.findall(r"^- `\[([a-z0-9_.]+)\]`:", part, flags=re.MULTILINE):
         start = part.index("- `[{}]`:".format(table))
         end = part.find("\n- `[", start + 1)
         out[table] = part[start : end if end != -1 else len(part)]

@@ -83,9 +83,10 @@ async def test_twistd_service_tree_starts_the_heap_freeze_last(
     top = makeService(options)  # built, not started
     try:
         assert [child.name for child in top] == [
-            "banner", "servers", "sftp", "panel", "http", "heap"
+            "banner", "servers", "sftp", "backups", "panel", "http", "heap"
         ]
         assert isinstance(top.getServiceNamed("heap"), StartupHeapFreeze)
     finally:
         # The store opens its database thread when built.
         await top.getServiceNamed("servers").store.close()  # type: ignore[attr-defined]
+        await top.getServiceNamed("backups").store.close()  # type: ignore[attr-defined]

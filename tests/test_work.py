@@ -280,14 +280,17 @@ async def test_the_agent_shares_one_tracker_and_one_deadline_helper(tmp_path: Pa
         assert servers.deadlines.timeouts.command_answer == 7
         assert top.getServiceNamed("http")._drain_timeout == 4
         # ... and one root tracker, of which each service holds its own scope.
-        scopes = [servers.tracker, api._tracker, link._tracker, servers.deadlines.tracker]
-        assert len({id(scope) for scope in scopes}) == 4
+        backups = top.getServiceNamed("backups")
+        scopes = [servers.tracker, api._tracker, link._tracker, servers.deadlines.tracker,
+                  backups.tracker]
+        assert len({id(scope) for scope in scopes}) == 5
         roots = {id(scope._parent) for scope in scopes}
         assert len(roots) == 1 and None not in {scope._parent for scope in scopes}
         # The root is the top service's, which waits for it after its children.
         assert roots == {id(top.tracker)}
     finally:
         await servers.store.close()
+        await top.getServiceNamed("backups").store.close()
 
 
 def test_a_coded_error_in_background_work_is_a_warning_without_a_traceback(

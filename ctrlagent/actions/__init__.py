@@ -3,7 +3,7 @@ The actions of the protocol, behind both transports (PROTOCOL.md section 2).
 
 ``registry`` holds the one pipeline every command goes through; each family
 declares its actions once, in its own module (``servers``, ``console``,
-``files``, ``mods``, ``node``, ``sftp``) with the payload declarations of ``payload``.
+``files``, ``mods``, ``node``, ``sftp``, ``backups``) with the payload declarations of ``payload``.
 ``build_registry`` is the one way to get them all.
 """
 
@@ -14,9 +14,10 @@ from dataclasses import replace
 from twisted.internet.interfaces import IReactorTime
 
 from ctrlagent.config import TimeoutsConfig
-from ctrlagent.interfaces import IFileManager, IHost, IServerManager, ISftpService
+from ctrlagent.interfaces import IBackupManager, IFileManager, IHost, IServerManager, ISftpService
 from ctrlagent.work import Deadlines, Tracker
 
+from .backups import backup_actions, guard_restores
 from .console import console_actions
 from .files import file_actions
 from .mods import mod_actions
@@ -33,19 +34,24 @@ def register_all(
     files: IFileManager,
     host: IHost,
     sftp: ISftpService | None = None,
+    backups: IBackupManager | None = None,
 ) -> None:
     """
     Register every family's actions in ``registry``.  Without ``sftp`` (SFTP
-    disabled on this node) the SFTP actions answer ``CONFLICT``.
+    disabled on this node) the SFTP actions answer ``CONFLICT``; without
+    ``backups`` the backup actions do.  With ``backups``, the actions that
+    start a server or write its files refuse while its restore runs.
     """
-    for spec in [
+    specs = [
         *server_actions(servers),
         *console_actions(servers),
         *file_actions(files, servers),
         *mod_actions(files, servers),
         *node_actions(host, servers),
         *sftp_actions(sftp),
-    ]:
+        *backup_actions(backups),
+    ]
+    for spec in guard_restores(specs, backups):
         registry.register(spec)
 
 
@@ -56,10 +62,14 @@ def build_registry(
     host: IHost,
     deadlines: Deadlines,
     sftp: ISftpService | None = None,
+    backups: IBackupManager | None = None,
 ) -> ActionRegistry:
-    """The registry of every action over the given domain (``sftp``: the SFTP server, if any)."""
+    """
+    The registry of every action over the given domain (``sftp``: the SFTP
+    server, ``backups``: the backup manager, if any).
+    """
     registry = ActionRegistry(servers=servers, deadlines=deadlines)
-    register_all(registry, servers=servers, files=files, host=host, sftp=sftp)
+    register_all(registry, servers=servers, files=files, host=host, sftp=sftp, backups=backups)
     return registry
 
 
@@ -69,7 +79,8 @@ class Dispatcher(ActionRegistry):
 
     ``servers`` and ``files`` provide ``IServerManager`` and ``IFileManager``;
     ``system`` is the host view (``SystemInfo``); ``sftp`` the SFTP server
-    (``ISftpService``; None when disabled); ``deadlines`` bounds long
+    (``ISftpService``; None when disabled); ``backups`` the backup manager
+    (``IBackupManager``; None: the backup actions answer ``CONFLICT``); ``deadlines`` bounds long
     actions and keeps the work that outlives its answer.  A dispatcher built
     without ``deadlines`` (tests) makes its own from ``clock``, ``tracker``
     and ``long_action_deadline`` (default: ``TimeoutsConfig.command_answer``).
@@ -86,6 +97,7 @@ class Dispatcher(ActionRegistry):
         tracker: Tracker | None = None,
         long_action_deadline: float | None = None,
         sftp: ISftpService | None = None,
+        backups: IBackupManager | None = None,
     ) -> None:
         if deadlines is None:
             if clock is None:
@@ -95,7 +107,9 @@ class Dispatcher(ActionRegistry):
                 timeouts = replace(timeouts, command_answer=long_action_deadline)
             deadlines = Deadlines(clock, tracker if tracker is not None else Tracker(), timeouts)
         super().__init__(servers=servers, deadlines=deadlines)
-        register_all(self, servers=servers, files=files, host=system, sftp=sftp)
+        register_all(
+            self, servers=servers, files=files, host=system, sftp=sftp, backups=backups
+        )
 
 
 __all__ = ["ActionRegistry", "Dispatcher", "build_registry", "register_all"]

@@ -43,6 +43,10 @@ __all__ = ["AgentApi", "authenticated", "make_http_service"]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[bytes]])
 
+# Fills a response with a backup's archive (``request, server_id, backup_id``),
+# returning the body left to write; raises ``CtrlAgentError`` before it writes.
+BackupDownload = Callable[[IRequest, str, str], Awaitable[bytes]]
+
 def human_duration(seconds: float) -> str:
     """``3d 4h 5m 6s`` (leading zero units left out)."""
     total = max(0, int(seconds))
@@ -86,7 +90,9 @@ class AgentApi:
     ``timeouts.engine_ping_cache`` so that frequent ``/health`` probes stay
     cheap.  ``tracker`` is the API's share of the agent's work (the commands
     in flight, which ``drain`` waits for); ``deadlines`` shields them from
-    clients that leave.  Both default to the API's own.
+    clients that leave.  Both default to the API's own.  ``backup_download``
+    answers ``GET /api/servers/{id}/backups/{backupId}/download`` (tap.py
+    passes the backups package's ``serve_download``; None: no backups here).
     """
 
     app = Klein()
@@ -104,8 +110,10 @@ class AgentApi:
         version: str,
         tracker: Tracker | None = None,
         deadlines: Deadlines | None = None,
+        backup_download: BackupDownload | None = None,
     ) -> None:
         self._config = config
+        self._backup_download = backup_download
         self._dispatcher = dispatcher
         self._servers = servers
         self._link_connected = link_connected
@@ -436,6 +444,37 @@ class AgentApi:
         if lines:
             params["lines"] = lines[0].decode("utf-8", "replace")
         return await self._rest(request, Command("get_server_logs", server_id, params))
+
+    @app.route("/api/servers/<server_id>/backups/<backup_id>/download", methods=["GET", "HEAD"])
+    @authenticated
+    async def backup_download(self, request: IRequest, server_id: str, backup_id: str) -> bytes:
+        """
+        A backup's archive: ``200`` whole, ``206`` for one ``Range: bytes=a-b``,
+        ``416`` for a range past its end; errors are JSON with their REST status.
+        """
+        if self._backup_download is None:
+            request.setResponseCode(envelopes.rest_status("CONFLICT"))
+            return self._json(
+                request,
+                envelopes.failure(
+                    CtrlAgentError("backups are not available on this node", code="CONFLICT")
+                ),
+            )
+        try:
+            return await self._backup_download(request, server_id, backup_id)
+        except CtrlAgentError as e:
+            if getattr(request, "startedWriting", False):
+                # Part of the archive is out: the only honest end is a cut
+                # connection (the client sees fewer bytes than Content-Length).
+                self.log.info(
+                    "download of backup {backup_id} stopped: {error}",
+                    backup_id=printable(backup_id),
+                    error=e.message,
+                )
+                request.loseConnection()  # type: ignore[attr-defined]
+                return b""
+            request.setResponseCode(envelopes.rest_status(e.code))
+            return self._json(request, envelopes.failure(e))
 
     # -- errors ----------------------------------------------------------------
 

@@ -183,6 +183,43 @@ _DOCUMENT: dict[str, Any] = {
                 },
             }
         },
+        "/api/servers/{serverId}/backups/{backupId}/download": {
+            "get": {
+                "summary": "A backup's archive (tar.zst), whole or one byte range",
+                "parameters": [
+                    _SERVER_ID,
+                    {
+                        "name": "backupId",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "Range",
+                        "in": "header",
+                        "required": False,
+                        "description": "One range: `bytes=a-b`, `bytes=a-` or `bytes=-n`.",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The whole archive.",
+                        "content": {"application/zstd": {
+                            "schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "206": {
+                        "description": "The range asked, with `Content-Range`.",
+                        "content": {"application/zstd": {
+                            "schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "401": _UNAUTHORIZED,
+                    "404": _FAILURE,
+                    "409": _FAILURE,
+                    "416": {"description": "The range is past the archive's end."},
+                },
+            }
+        },
     },
     "components": {
         "securitySchemes": {

@@ -31,7 +31,7 @@ import os
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any, TypeVar
 
 from twisted.application import service
@@ -42,6 +42,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.backups import config as cfg
@@ -62,7 +63,7 @@ from ctrlagent.errors import (
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.files import trees
 from ctrlagent.files.confined import Confined, os_error
-from ctrlagent.interfaces import ServerRoot
+from ctrlagent.interfaces import IBackupManager, ServerRoot
 from ctrlagent.work import Tracker
 
 T = TypeVar("T")
@@ -158,6 +159,7 @@ class BackupDownload:
         self._stream.close()
 
 
+@implementer(IBackupManager)
 class BackupManager(service.Service):
     """
     Backups of every server on this node.
@@ -175,7 +177,8 @@ class BackupManager(service.Service):
 
     def __init__(self, config: cfg.BackupsConfig, servers: Any, store: BackupStore,
                  drivers: Mapping[str, BackupDriver], *, reactor: Any, clock: IReactorTime,
-                 threadpool: ThreadPool, tracker: Tracker, data_dir: str | None = None) -> None:
+                 threadpool: ThreadPool, tracker: Tracker, data_dir: str | None = None,
+                 owns_threadpool: bool = False) -> None:
         self.config = config
         self.servers = servers
         self.store = store
@@ -183,6 +186,8 @@ class BackupManager(service.Service):
         self.reactor: IReactorThreads | IReactorFromThreads = reactor
         self.clock = clock
         self.threadpool = threadpool
+        # Started with the service and stopped once its work is done (tap.py's pool).
+        self.owns_threadpool = owns_threadpool
         self.tracker = tracker
         self.data_dir = data_dir
         self._busy: dict[str, str] = {}
@@ -253,6 +258,8 @@ class BackupManager(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.owns_threadpool and not self.threadpool.started:
+            self.threadpool.start()
         self._stopping = False
         d = Deferred.fromCoroutine(self._start())
         self.tracker.track(d, "backups recovery")
@@ -273,7 +280,22 @@ class BackupManager(service.Service):
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.stop()
         d = self.tracker.wait()
-        return d.addCallback(lambda _: self.store.close())
+        d.addCallback(lambda _: self.store.close())
+        d.addBoth(self._release_threadpool)
+        return d
+
+    def _release_threadpool(self, result: object) -> object:
+        if self.owns_threadpool and self.threadpool.started:
+            self.threadpool.stop()
+        return result
+
+    def abort_start(self) -> None:
+        """Another service failed to start: let go of the threads, so the process can exit."""
+        self._stopping = True
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.stop()
+        self._release_threadpool(None)
+        self.store.abort()
 
     async def recover(self) -> None:
         """Mark backups an earlier agent left running as failed; remove their partial files."""
@@ -765,10 +787,22 @@ def build_drivers(config: cfg.BackupsConfig, state_dir: str) -> dict[str, Backup
 
 
 def build_backup_manager(config: cfg.BackupsConfig, servers: Any, *, reactor: Any,
-                         clock: IReactorTime, threadpool: ThreadPool, tracker: Tracker,
-                         state_dir: str, data_dir: str | None) -> BackupManager:
-    """The service ``tap.py`` adds: store in ``<state_dir>/backups.sqlite3``, every driver."""
+                         clock: IReactorTime, threadpool: ThreadPool | None = None,
+                         tracker: Tracker, state_dir: str, data_dir: str | None
+                         ) -> BackupManager:
+    """
+    The service ``tap.py`` adds: store in ``<state_dir>/backups.sqlite3``,
+    every driver.  Without ``threadpool``, the manager gets its own
+    (``concurrency + 2`` threads: the backups and restores, a deletion and a
+    download), started and stopped with the service.  A database that cannot
+    be used is ``BackupStoreUnusable`` (a ``StartupError``), raised here.
+    """
+    if not config.directory:
+        config = replace(config, directory=config.directory_path(state_dir))
     store = BackupStore(reactor, os.path.join(state_dir, "backups.sqlite3"))
+    owns = threadpool is None
+    if threadpool is None:
+        threadpool = ThreadPool(0, config.concurrency + 2, "ctrlagent-backups")
     return BackupManager(config, servers, store, build_drivers(config, state_dir),
                          reactor=reactor, clock=clock, threadpool=threadpool, tracker=tracker,
-                         data_dir=data_dir)
+                         data_dir=data_dir, owns_threadpool=owns)

@@ -259,6 +259,15 @@ class BackupStore:
             return [ScheduleRecord(*r) for r in rows]
         return self._run(read, "a read")
 
+    def abort(self) -> None:
+        """Close at once, without waiting for queued work (the agent failed to start)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self._pool.stop()
+        self._db.close()
+
     def close(self) -> Deferred[None]:
         """Finish queued work, close the database and its thread."""
         if self._closed:

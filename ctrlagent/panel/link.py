@@ -68,7 +68,15 @@ from zope.interface import implementer
 
 from ctrlagent.config import AgentConfig
 from ctrlagent.errors import ConfigInvalid, CtrlAgentError
-from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerEvent, StatusChanged
+from ctrlagent.events import (
+    BackupEvent,
+    BackupProgress,
+    BackupStatusChanged,
+    ConsoleOutput,
+    ResourceUpdate,
+    ServerEvent,
+    StatusChanged,
+)
 from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.panel.backoff import ReconnectBackoff, panel_url, without_query
 from ctrlagent.panel.outbox import CommandIntake, ConsoleBatcher, Entry, Outbox, Receipts, settle
@@ -101,6 +109,14 @@ class EventSource(Protocol):
     def remove_listener(self, listener: Callable[[ServerEvent], None]) -> None: ...
 
     def list_servers(self) -> list[Any]: ...
+
+
+class BackupEventSource(Protocol):
+    """What the link needs from the backup manager (``IBackupManager``)."""
+
+    def add_listener(self, listener: Callable[[BackupEvent], None]) -> None: ...
+
+    def remove_listener(self, listener: Callable[[BackupEvent], None]) -> None: ...
 
 
 def _load_trust(path: str) -> Any:
@@ -149,6 +165,8 @@ class PanelLink(service.MultiService):
       data, e.g. ``lambda: system.system_info(config.node_id)``;
     - ``load``: returns ``{cpu, memory, disk}`` percents for pongs, e.g.
       ``system.system_load``;
+    - ``backups``: ``add_listener``/``remove_listener`` of the backup manager,
+      whose events become ``backup_progress``/``backup_status_changed`` frames;
     - ``endpoint``: overrides the endpoint built from the URL (tests);
     - ``random``: the jitter source;
     - ``max_in_flight`` / ``max_held_bytes``: the back-pressure bounds of each
@@ -176,9 +194,11 @@ class PanelLink(service.MultiService):
         max_in_flight: int = 128,
         max_held_bytes: int = 8 * 1024 * 1024,
         tracker: DeferredTracker | None = None,
+        backups: BackupEventSource | None = None,
     ) -> None:
         super().__init__()
         self.setName("panel-link")
+        self._backups = backups
         self.max_in_flight = max_in_flight
         self.max_held_bytes = max_held_bytes
         self._reactor = reactor
@@ -310,6 +330,8 @@ class PanelLink(service.MultiService):
         if not self._listening:
             self._listening = True
             self._servers.add_listener(self.consumer)
+            if self._backups is not None:
+                self._backups.add_listener(self._on_backup_event)
 
     @async_to_deferred
     async def stopService(self) -> None:  # noqa: N802 (Twisted hook)
@@ -317,6 +339,8 @@ class PanelLink(service.MultiService):
             service.Service.stopService(self)
             return
         self._servers.remove_listener(self.consumer)
+        if self._backups is not None:
+            self._backups.remove_listener(self._on_backup_event)
         self._listening = False
         self._batcher.flush_all()
         if self._protocol is not None:
@@ -768,6 +792,17 @@ class PanelLink(service.MultiService):
             self.log.failure("could not forward a server event to the Panel")
             if isinstance(event, ConsoleOutput) and event.receipt is not None:
                 event.receipt()  # never to be sent: dropped
+
+    def _on_backup_event(self, event: BackupEvent) -> None:
+        """Listener registered with the backup manager; must never raise into it."""
+        try:
+            now = self._reactor.seconds()
+            if isinstance(event, BackupProgress):
+                self._emit_frames([outgoing.backup_progress(event, now)])
+            elif isinstance(event, BackupStatusChanged):
+                self._emit_frames([outgoing.backup_status_changed(event, now)])
+        except Exception:
+            self.log.failure("could not forward a backup event to the Panel")
 
     def _console_batch(
         self, server_id: str, stream: str, lines: list[str], timestamp: float, receipts: Receipts

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ctrlagent.errors import CtrlAgentError
-from ctrlagent.events import ResourceUpdate, StatusChanged
+from ctrlagent.events import BackupProgress, BackupStatusChanged, ResourceUpdate, StatusChanged
 from ctrlagent.wire.command import ActionResult
 from ctrlagent.wire.json import to_json
 from ctrlagent.wire.time import iso_ms
@@ -272,7 +272,49 @@ def events_dropped(
     return event("events_dropped", data, now)
 
 
+def backup_progress(ev: BackupProgress, now: float) -> dict[str, Any]:
+    """
+    ``backup_progress``: how far a running backup or restore (``operation``)
+    has come: ``{serverId, backupId, operation, bytes, files, totalBytes, percent}``.
+    """
+    return event(
+        "backup_progress",
+        {
+            "serverId": ev.server_id,
+            "backupId": ev.backup_id,
+            "operation": ev.operation,
+            "bytes": ev.bytes,
+            "files": ev.files,
+            "totalBytes": ev.total_bytes,
+            "percent": _number(ev.percent),
+        },
+        now,
+    )
+
+
+def backup_status_changed(ev: BackupStatusChanged, now: float) -> dict[str, Any]:
+    """
+    ``backup_status_changed``: a backup or restore started (``running``) or
+    ended (``completed``/``failed``): ``{serverId, backupId, operation,
+    status, size, checksum?, error?}``.
+    """
+    data: dict[str, Any] = {
+        "serverId": ev.server_id,
+        "backupId": ev.backup_id,
+        "operation": ev.operation,
+        "status": ev.status,
+        "size": ev.size,
+    }
+    if ev.checksum is not None:
+        data["checksum"] = ev.checksum
+    if ev.error is not None:
+        data["error"] = ev.error
+    return event("backup_status_changed", data, now)
+
+
 __all__ = [
+    "backup_progress",
+    "backup_status_changed",
     "console_frames",
     "error_frame",
     "event",

@@ -442,7 +442,7 @@ def test_build_registry_answers_what_the_dispatcher_answers(rig: Rig) -> None:
     assert registry.names() == rig.dispatcher.names()
     assert [s.name for s in registry.specs()] == [s.name for s in rig.dispatcher.specs()]
     families = {s.family for s in registry.specs()}
-    assert families == {"servers", "console", "files", "mods", "node", "sftp"}
+    assert families == {"servers", "console", "files", "mods", "node", "sftp", "backups"}
     answered: list[Any] = []
     registry.dispatch(Command("system.ping", None, {})).addBoth(answered.append)
     assert answered[0].message == "pong"

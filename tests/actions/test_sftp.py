@@ -148,8 +148,9 @@ def test_without_sftp_the_actions_answer_conflict_not_unknown_action(
                               (None, {})):
         error = rig.error(action, server_id, **params)
         assert (error.code, error.message) == ("CONFLICT", "SFTP is disabled on this node")
-    assert "disabled" in rig.dispatcher.openapi_schemas()["ActionCommand"]["oneOf"][-1][
-        "description"]
+    commands = rig.dispatcher.openapi_schemas()["ActionCommand"]["oneOf"]
+    (command,) = [c for c in commands if action in c["properties"]["action"]["enum"]]
+    assert "disabled" in command["description"]
 
 
 def test_the_openapi_document_describes_the_sftp_payloads(srig: SftpRig) -> None:

@@ -532,7 +532,7 @@ async def test_openapi_document_describes_every_route(rig: ApiRig) -> None:
     assert "get_server_metrics" in schemas["Action"]["enum"]
     described = {(path, method) for path, item in document["paths"].items() for method in item}
     for rule in rig.api.app.url_map.iter_rules():
-        path = rule.rule.replace("<server_id>", "{serverId}")
+        path = rule.rule.replace("<server_id>", "{serverId}").replace("<backup_id>", "{backupId}")
         for method in rule.methods or ():
             if method in ("HEAD", "OPTIONS"):
                 continue

@@ -44,8 +44,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[MotoServer]:
     moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    if not os.path.exists(moto):
-        pytest.skip("moto[server] is not installed")
+    from tests.backups.conftest import require_tool
+
+    require_tool(os.path.exists(moto), "moto[server] (pip install moto[server])")
     port = _free_port()
     proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -12,8 +12,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from ctrlagent.actions.backups import backup_actions
 from ctrlagent.actions.registry import ActionRegistry
-from ctrlagent.backups.actions import backup_actions
 from ctrlagent.config import TimeoutsConfig
 from ctrlagent.errors import InvalidInput, NotFound
 from ctrlagent.wire.command import Command

@@ -52,6 +52,7 @@ class Harness:
         agent_secret: str = SECRET,
         panel_secret: str = SECRET,
         node_ids: set[str] | None = None,
+        backups: Any = None,
         **panel: Any,
     ) -> None:
         self.clock = Clock()
@@ -75,6 +76,7 @@ class Harness:
             self._load,
             endpoint=self.endpoint,
             random=lambda: 0.0,
+            backups=backups,
         )
         # Autobahn's close timers use the global reactor; the clock drives everything here.
         self.link.factory.setProtocolOptions(closeHandshakeTimeout=0, serverConnectionDropTimeout=0)

@@ -771,3 +771,54 @@ def test_a_pong_waiting_for_the_socket_keeps_its_slot_like_any_answer() -> None:
     rig.flush()
     assert [f["id"] for f in rig.panel.frames("pong")] == ["p"]
     assert list(rig.panel.responses()) == ["after-ping"]
+
+
+# --- backup events ----------------------------------------------------------------------------
+
+
+class BackupEvents:
+    """The backup manager's listener registry (``add_listener``/``remove_listener``)."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Any] = []
+
+    def add_listener(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def remove_listener(self, listener: Any) -> None:
+        self.listeners.remove(listener)
+
+    def emit(self, event: Any) -> None:
+        for listener in list(self.listeners):
+            listener(event)
+
+
+def test_backup_progress_and_status_reach_the_panel_as_event_frames() -> None:
+    from ctrlagent.events import BackupProgress, BackupStatusChanged
+
+    source = BackupEvents()
+    rig = Harness(backups=source)
+    rig.start()
+    rig.clock.advance(1_700_000_000)
+    assert len(source.listeners) == 1
+    source.emit(BackupStatusChanged("s1", "b1", "backup", "running"))
+    source.emit(BackupProgress("s1", "b1", "backup", 512, 3, 1024, 50.0))
+    source.emit(BackupStatusChanged("s1", "b1", "backup", "completed", size=900,
+                                    checksum="ab" * 32))
+    source.emit(BackupStatusChanged("s1", "b1", "restore", "failed", error="disk full"))
+    rig.flush()
+    frames = [f for f in rig.panel.frames() if str(f.get("event", "")).startswith("backup_")]
+    assert [(f["type"], f["event"]) for f in frames] == [
+        ("event", "backup_status_changed"), ("event", "backup_progress"),
+        ("event", "backup_status_changed"), ("event", "backup_status_changed")]
+    assert frames[1]["data"] == {"serverId": "s1", "backupId": "b1", "operation": "backup",
+                                 "bytes": 512, "files": 3, "totalBytes": 1024, "percent": 50.0}
+    assert frames[2]["data"] == {"serverId": "s1", "backupId": "b1", "operation": "backup",
+                                 "status": "completed", "size": 900, "checksum": "ab" * 32}
+    assert frames[3]["data"]["error"] == "disk full"
+    assert frames[3]["data"]["operation"] == "restore"
+    assert frames[0]["timestamp"].startswith("2023-11-14T22:13:20")
+    # Stopping the link unsubscribes it from the backups too.
+    rig.link.stopService()
+    rig.flush()
+    assert source.listeners == []

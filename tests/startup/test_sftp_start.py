@@ -51,7 +51,8 @@ async def test_the_agent_serves_sftp_between_the_servers_and_the_transports(
 ) -> None:
     top = build_service(reactor, config_for(tmp_path))  # built, not started
     try:
-        assert [child.name for child in top] == ["banner", "servers", "sftp", "panel", "http"]
+        assert [child.name for child in top] == [
+            "banner", "servers", "sftp", "backups", "panel", "http"]
         sftp = top.getServiceNamed("sftp")
         assert isinstance(sftp, SftpService)
         assert sftp.servers is top.getServiceNamed("servers")
@@ -60,6 +61,7 @@ async def test_the_agent_serves_sftp_between_the_servers_and_the_transports(
         assert await _answer(top, "set_sftp_credentials") == "SERVER_NOT_FOUND"
     finally:
         await top.getServiceNamed("servers").store.close()  # type: ignore[attr-defined]
+        await top.getServiceNamed("backups").store.close()  # type: ignore[attr-defined]
 
 
 @pytest_twisted.ensureDeferred
@@ -73,6 +75,7 @@ async def test_a_disabled_sftp_is_no_service_and_its_actions_answer_conflict(
             assert await _answer(top, action) == "CONFLICT"
     finally:
         await top.getServiceNamed("servers").store.close()  # type: ignore[attr-defined]
+        await top.getServiceNamed("backups").store.close()  # type: ignore[attr-defined]
 
 
 def test_an_sftp_port_in_use_exits_with_one_critical_line(
