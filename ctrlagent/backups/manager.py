@@ -64,6 +64,7 @@ from ctrlagent.events import ConsoleOutput
 from ctrlagent.files import trees
 from ctrlagent.files.confined import Confined, os_error
 from ctrlagent.interfaces import IBackupManager, ServerRoot
+from ctrlagent.wire.json import to_json
 from ctrlagent.work import Tracker
 
 T = TypeVar("T")
@@ -220,6 +221,11 @@ class BackupManager(service.Service):
                 listener(event)
             except Exception:
                 self.log.failure("backup event listener failed")
+
+    def _status(self, server_id: str) -> str:
+        """The server's state (``offline``, ``running``, ...), from its status record."""
+        shape = to_json(self.servers.status(server_id))
+        return str(shape.get("status", "unknown")) if isinstance(shape, dict) else "unknown"
 
     def busy(self, server_id: str) -> str | None:
         """What backup work holds the server (``backup``, ``restore``, ``delete``), if any."""
@@ -409,7 +415,7 @@ class BackupManager(service.Service):
         hooks = self.config.hooks
         if not (hooks.before or hooks.after):
             return False, None
-        status = str(self.servers.status(server_id).get("status", "unknown"))
+        status = self._status(server_id)
         if status != "running":
             return False, None
         seen: Deferred[None] = Deferred()
@@ -571,7 +577,7 @@ class BackupManager(service.Service):
                 "skipped": result.skipped, "notes": result.notes}
 
     async def _stopped(self, server_id: str, stop: bool) -> None:
-        status = str(self.servers.status(server_id).get("status", "unknown"))
+        status = self._status(server_id)
         if status in STOPPED_STATES:
             return
         if status not in RUNNING_STATES:
@@ -587,7 +593,7 @@ class BackupManager(service.Service):
         while True:
             if outcome and isinstance(outcome[0], Failure):
                 outcome[0].raiseException()
-            status = str(self.servers.status(server_id).get("status", "unknown"))
+            status = self._status(server_id)
             if status in STOPPED_STATES:
                 return
             if waited >= self.config.stop_timeout:
@@ -731,7 +737,8 @@ class BackupManager(service.Service):
             return
         known = {s.server_id for s in schedules}
         for status in self.servers.list_servers():
-            server_id = status.get("serverId") if isinstance(status, dict) else None
+            shape = to_json(status)
+            server_id = shape.get("serverId") if isinstance(shape, dict) else None
             if not isinstance(server_id, str) or server_id in known:
                 continue
             record = ScheduleRecord(server_id, default.cron, default.retain.last,

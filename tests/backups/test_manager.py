@@ -21,6 +21,7 @@ from ctrlagent.backups.events import BackupProgress, BackupStatusChanged
 from ctrlagent.backups.manager import BackupManager, RangeNotSatisfiable, parse_range
 from ctrlagent.backups.store import BackupRecord
 from ctrlagent.errors import Conflict, InvalidInput, NotFound, ServerNotFound
+from ctrlagent.wire.json import to_json
 from tests.backups.conftest import populate, tree
 from tests.backups.rig import Rig, make_rig, partials
 
@@ -164,7 +165,7 @@ async def test_restore_with_stop_stops_the_server_first_then_restores(rig: Rig) 
     (rig.root() / "server.properties").write_text("changed")
     gate = rig.servers.hold("stop")
     restoring = m.restore_backup("srv1", record.id, truncate=True, stop=True)
-    await until(lambda: rig.servers.status("srv1")["status"] == "stopping", "the stop")
+    await until(lambda: to_json(rig.servers.status("srv1"))["status"] == "stopping", "the stop")
     rig.clock.advance(1)
     assert not restoring.called and m.busy("srv1") == "restore"
     assert (rig.root() / "server.properties").read_text() == "changed"
@@ -187,7 +188,7 @@ async def test_restore_gives_up_when_the_server_does_not_stop(rig: Rig) -> None:
     await rig.servers.start("srv1")
     rig.servers.hold("stop")
     restoring = m.restore_backup("srv1", record.id, stop=True)
-    await until(lambda: rig.servers.status("srv1")["status"] == "stopping", "the stop")
+    await until(lambda: to_json(rig.servers.status("srv1"))["status"] == "stopping", "the stop")
     for _ in range(int(rig.config.stop_timeout * 2) + 2):
         rig.clock.advance(0.5)
     with pytest.raises(Conflict, match="did not stop"):
