@@ -102,6 +102,16 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """Which container runtime runs the game servers (docs/RUNTIMES.md)."""
+
+    # "docker" (the Docker Engine API at docker.host) or "podman" (Podman's
+    # service at podman_host; the [docker] client settings apply to it too).
+    kind: str = "docker"
+    podman_host: str = "unix:///run/podman/podman.sock"
+
+
+@dataclass(frozen=True)
 class DockerConfig:
     """How the agent reaches and uses the Docker engine."""
 
@@ -408,6 +418,7 @@ class AgentConfig:
     data_dir: str = "/var/lib/ctrlagent/servers"
     panel: PanelConfig = field(default_factory=PanelConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
     servers: ServersConfig = field(default_factory=ServersConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
@@ -430,6 +441,8 @@ ENVIRONMENT: Mapping[str, str] = {
     "AGENT_SECRET_FILE": "secret_file",
     "HEALTH_PORT": "http.port",
     "DOCKER_HOST": "docker.host",
+    "CTRLAGENT_RUNTIME": "runtime.kind",
+    "PODMAN_HOST": "runtime.podman_host",
     "CTRLAGENT_STATE_DIR": "state_dir",
     "CTRLAGENT_DATA_DIR": "data_dir",
     "CTRLAGENT_PANEL_ENABLED": "panel.enabled",
@@ -594,6 +607,7 @@ def load_config(
 
 
 _PULL_POLICIES = ("always", "if-not-present", "never")
+_RUNTIMES = ("docker", "podman")
 _CAPABILITY = re.compile(r"[A-Z][A-Z_]{1,31}")
 # Capabilities an install container never gets: device nodes, the host's
 # namespaces and mounts, everything at once.
@@ -695,10 +709,17 @@ def validate(config: AgentConfig) -> None:
     url = urlsplit(config.panel.url)
     if url.scheme not in ("ws", "wss") or not url.hostname:
         raise ConfigInvalid("panel.url {!r} must be a ws:// or wss:// URL".format(config.panel.url))
-    host = config.docker.host
-    if not host.startswith(("unix://", "tcp://", "http://", "https://")):
+    for name, host in (
+        ("docker.host", config.docker.host),
+        ("runtime.podman_host", config.runtime.podman_host),
+    ):
+        if not host.startswith(("unix://", "tcp://", "http://", "https://")):
+            raise ConfigInvalid(
+                "{} {!r} must start with unix://, tcp://, http:// or https://".format(name, host)
+            )
+    if config.runtime.kind not in _RUNTIMES:
         raise ConfigInvalid(
-            "docker.host {!r} must start with unix://, tcp://, http:// or https://".format(host)
+            "runtime.kind {!r} must be one of {}".format(config.runtime.kind, ", ".join(_RUNTIMES))
         )
     if config.docker.pull_policy not in _PULL_POLICIES:
         raise ConfigInvalid(

@@ -292,10 +292,14 @@ def _build_work(reactor: Any, config: AgentConfig) -> tuple[Tracker, Deadlines]:
 
 
 def _build_engine(reactor: Any, config: AgentConfig) -> DockerClient:
-    """The container engine's client (Docker Engine API at ``docker.host``)."""
+    """
+    The container engine's API client: Docker's at ``docker.host``, or
+    Podman's Docker-compatible one at ``runtime.podman_host``.
+    """
+    from ctrlagent.engine import engine_client_config
     from ctrlagent.engine.docker import DockerClient
 
-    return DockerClient.from_config(reactor, config.docker)
+    return DockerClient.from_config(reactor, engine_client_config(config))
 
 
 def _build_servers(

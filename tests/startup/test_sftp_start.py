@@ -18,8 +18,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 
-from ctrlagent.config import AgentConfig, SftpConfig
-from ctrlagent.errors import CtrlAgentError
+from ctrlagent.config import AgentConfig, RuntimeConfig, SftpConfig, load_config
+from ctrlagent.errors import ConfigInvalid, CtrlAgentError
 from ctrlagent.sftp.service import SftpService
 from ctrlagent.startup import StartupError
 from ctrlagent.tap import AgentService, build_service
@@ -125,3 +125,33 @@ async def test_a_failing_start_after_sftp_bound_its_port_releases_it(
     with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
         probe.connect(("127.0.0.1", port))
     fail_on_logged_errors.clear()
+
+
+@pytest.mark.parametrize(
+    ("kind", "engine", "socket_path"),
+    [("docker", "DockerEngine", "/var/run/docker.sock"),
+     ("podman", "PodmanEngine", "/run/user/podman.sock")],
+)
+@pytest_twisted.ensureDeferred
+async def test_the_runtime_section_picks_the_engine_and_its_socket(
+    tmp_path: Path, kind: str, engine: str, socket_path: str
+) -> None:
+    config = dataclasses.replace(
+        config_for(tmp_path),
+        runtime=RuntimeConfig(kind=kind, podman_host="unix:///run/user/podman.sock"),
+    )
+    top = build_service(reactor, config)  # built, not started
+    try:
+        servers = top.getServiceNamed("servers")
+        assert type(servers.engine).__name__ == engine  # type: ignore[attr-defined]
+        assert servers.engine.client.host.path == socket_path  # type: ignore[attr-defined]
+    finally:
+        await servers.store.close()  # type: ignore[attr-defined]
+        await top.getServiceNamed("backups").store.close()  # type: ignore[attr-defined]
+
+
+def test_an_unknown_runtime_is_refused_by_name() -> None:
+    with pytest.raises(ConfigInvalid, match="runtime.kind 'lxc' must be one of docker, podman"):
+        load_config(None, {"AGENT_SECRET": "s", "CTRLAGENT_RUNTIME": "lxc"}, {})
+    podman = load_config(None, {"AGENT_SECRET": "s", "CTRLAGENT_RUNTIME": "podman"}, {})
+    assert podman.runtime.kind == "podman"
