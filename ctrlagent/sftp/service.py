@@ -43,6 +43,7 @@ from ctrlagent.sftp.quota import UsageTracker
 from ctrlagent.sftp.sessions import SessionRegistry
 from ctrlagent.sftp.throttle import LoginThrottle
 from ctrlagent.startup import listen_failure
+from ctrlagent.wire.json import to_json
 
 # Seconds between two looks at the servers of the live sessions (deleted or
 # suspended ones lose their sessions within that long).
@@ -204,7 +205,8 @@ class SftpService(MultiService):
                 self.log.failure("sftp: looking up server {server_id} failed",
                                  server_id=server_id)
                 continue
-            if isinstance(state, Mapping) and state.get("status") == "suspended":
+            shape = to_json(state)
+            if isinstance(shape, Mapping) and shape.get("status") == "suspended":
                 self.close_sessions(server_id, "server suspended")
 
     # -- what the actions call ------------------------------------------------------------

@@ -63,6 +63,7 @@ from ctrlagent.sftp.filesystem import ServerFiles, ServerFileSystem
 from ctrlagent.sftp.protocol import SftpProtocol
 from ctrlagent.sftp.sessions import Login, Session
 from ctrlagent.sftp.throttle import LoginThrottle
+from ctrlagent.wire.json import to_json
 
 log = Logger(namespace="ctrlagent.sftp")
 
@@ -409,7 +410,8 @@ class SftpRealm:
             root = servers.server_root(login.server_id)
         except CtrlAgentError:
             raise UnauthorizedLogin("the server is gone") from None
-        if isinstance(state, dict) and state.get("status") == "suspended":
+        shape = to_json(state)
+        if isinstance(shape, dict) and shape.get("status") == "suspended":
             # As Wings does: a suspended server's files are out of reach too.
             raise UnauthorizedLogin("the server is suspended")
         user = SftpUser(self.service, login, root, username)
