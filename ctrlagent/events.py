@@ -66,7 +66,17 @@ class ResourceUpdate:
     metrics: Any = field(default_factory=dict)
 
 
-ServerEvent = Union[StatusChanged, ConsoleOutput, ResourceUpdate]
+@dataclass(frozen=True)
+class ServerRemoved:
+    """
+    A server was deleted and forgotten: what other parts keep for it (SFTP
+    logins, say) goes too, so a new server given the same id inherits nothing.
+    """
+
+    server_id: str
+
+
+ServerEvent = Union[StatusChanged, ConsoleOutput, ResourceUpdate, ServerRemoved]
 EventListener = Callable[[ServerEvent], None]
 
 

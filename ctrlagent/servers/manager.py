@@ -60,7 +60,7 @@ from ctrlagent.errors import (
     NotFound,
     ServerNotFound,
 )
-from ctrlagent.events import ServerEvent
+from ctrlagent.events import ServerEvent, ServerRemoved
 from ctrlagent.interfaces import IServerManager, ServerRoot
 from ctrlagent.servers import containers as boxes
 from ctrlagent.servers import spec as specs
@@ -566,6 +566,7 @@ class ServerManager(service.Service):
             await self.store.delete(server.server_id)
             self._remove(server)
             self.delivery.forget(server.server_id)
+            self.emit(ServerRemoved(server.server_id))
 
         return await server.retire(purge_files, forget)
 

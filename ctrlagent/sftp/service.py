@@ -25,7 +25,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.errors import ConfigInvalid, ServerNotFound
-from ctrlagent.events import StatusChanged
+from ctrlagent.events import ServerRemoved, StatusChanged
 from ctrlagent.interfaces import ISftpService
 from ctrlagent.sftp.config import CREDENTIALS_NAME, SftpConfig
 from ctrlagent.sftp.credentials import SftpCredentials
@@ -189,9 +189,22 @@ class SftpService(MultiService):
     # -- access ends with the server ----------------------------------------------------
 
     def _server_event(self, event: object) -> None:
-        """A server manager event: a suspended server's sessions end now."""
+        """
+        A server manager event: a suspended server's sessions end now; a
+        deleted one's end too, and its login is dropped, so that a server
+        created later under the same id inherits no credentials.
+        """
         if isinstance(event, StatusChanged) and event.current == "suspended":
             self.close_sessions(event.server_id, "server suspended")
+        elif isinstance(event, ServerRemoved):
+            forgotten = ensureDeferred(self.forget_server(event.server_id))
+            forgotten.addErrback(
+                lambda f: self.log.failure(
+                    "sftp: dropping the login of deleted server {server_id} failed",
+                    f, server_id=event.server_id,
+                )
+            )
+            self.track(forgotten)
 
     def _check_servers(self) -> None:
         """End the sessions of servers that are gone or suspended (see the module)."""

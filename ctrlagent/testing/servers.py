@@ -29,7 +29,13 @@ from ctrlagent.errors import (
     InvalidInput,
     ServerNotFound,
 )
-from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerEvent, StatusChanged
+from ctrlagent.events import (
+    ConsoleOutput,
+    ResourceUpdate,
+    ServerEvent,
+    ServerRemoved,
+    StatusChanged,
+)
 from ctrlagent.interfaces import IServerManager, ServerRoot
 from ctrlagent.wire.servers import (
     Ack,
@@ -302,6 +308,7 @@ class FakeServerManager:
         del self.servers[server.server_id]
         if purge_files:
             self.purged.append(server.server_id)
+        self._emit(ServerRemoved(server.server_id))
         return Deleted(server_id=server.server_id, purged=purge_files)
 
     @async_to_deferred

@@ -22,7 +22,7 @@ from zope.interface.verify import verifyObject
 from ctrlagent.config import ServersConfig
 from ctrlagent.engine.interface import EngineEvent, IContainerEngine, LogLine
 from ctrlagent.errors import Conflict, InsufficientResources, InvalidInput, ServerNotFound
-from ctrlagent.events import ConsoleOutput, ResourceUpdate, StatusChanged
+from ctrlagent.events import ConsoleOutput, ResourceUpdate, ServerRemoved, StatusChanged
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
@@ -248,6 +248,9 @@ async def test_delete_removes_container_and_optionally_files(unit: Unit) -> None
     assert not os.path.exists(path)
     with pytest.raises(ServerNotFound):
         m.status("s1")
+    # Told once, last: whatever else keeps something for the server drops it.
+    assert [e for e in unit.events if isinstance(e, ServerRemoved)] == [ServerRemoved("s1")]
+    assert unit.events[-1] == ServerRemoved("s1")
 
 
 @pytest_twisted.ensureDeferred

@@ -241,3 +241,22 @@ async def test_a_stopped_service_no_longer_watches_the_servers(rig):
     rig.service.startService()  # the fixture stops it again
     assert rig.service._server_event in rig.servers._listeners
     assert rig.service._watch is not None and rig.service._watch.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_server_under_a_deleted_ones_id_inherits_no_login(rig):
+    # The delete event drops the login (ServerRemoved), not only its sessions:
+    # a server created later under the same id starts with no credentials.
+    await rig.set_login()
+    t, _ = await _open(rig)
+    await rig.in_thread(t.close)
+    assert rig.service.credentials.get("srv1") is not None
+    await rig.servers.delete("srv1")
+    for _ in range(50):  # the drop runs in the thread pool: bounded wait
+        if rig.service.credentials.get("srv1") is None:
+            break
+        await deferLater(reactor, 0.02, lambda: None)
+    assert rig.service.credentials.get("srv1") is None
+    rig.add_server("srv1")
+    with pytest.raises(paramiko.AuthenticationException):
+        await _open(rig)
