@@ -29,12 +29,8 @@ PODMAN_SOCKET = "unix:///run/podman/podman.sock"
 
 
 def runtime_kind(config: AgentConfig) -> str:
-    """
-    The configured runtime: ``runtime.kind`` ("docker" when unset; the older
-    top-level ``engine`` is read too).  ``ConfigInvalid`` for an unknown one.
-    """
-    runtime = getattr(config, "runtime", None)
-    kind = str(getattr(runtime, "kind", "") or getattr(config, "engine", "") or "docker")
+    """The configured runtime: ``runtime.kind`` (empty: docker); an unknown one is ConfigInvalid."""
+    kind = config.runtime.kind or "docker"
     if kind not in ENGINES:
         raise ConfigInvalid(
             "unknown container runtime {!r} (known: {})".format(kind, ", ".join(ENGINES))
@@ -52,9 +48,7 @@ def engine_client_config(config: AgentConfig) -> DockerConfig:
     """
     if runtime_kind(config) != "podman":
         return config.docker
-    runtime = getattr(config, "runtime", None)
-    host = str(getattr(runtime, "podman_host", "") or PODMAN_SOCKET)
-    return replace(config.docker, host=host)
+    return replace(config.docker, host=config.runtime.podman_host or PODMAN_SOCKET)
 
 
 def make_engine(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from ctrlagent.config import AgentConfig, TimeoutsConfig
+from ctrlagent.config import AgentConfig, RuntimeConfig, TimeoutsConfig
 from ctrlagent.engine import make_engine
 from ctrlagent.engine.docker.engine import (
     DockerEngine,
@@ -110,8 +112,6 @@ def test_make_engine_builds_the_docker_engine_with_the_event_retry_pauses() -> N
 
 
 def test_make_engine_refuses_an_unknown_engine() -> None:
-    class Odd(AgentConfig):
-        engine = "lxc"
-
-    with pytest.raises(ConfigInvalid):
-        make_engine(Clock(), Odd())
+    odd = dataclasses.replace(AgentConfig(), runtime=RuntimeConfig(kind="lxc"))
+    with pytest.raises(ConfigInvalid, match="unknown container runtime 'lxc'"):
+        make_engine(Clock(), odd)

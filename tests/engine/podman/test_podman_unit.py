@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import dataclasses
 
 import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from ctrlagent.config import AgentConfig
+from ctrlagent.config import AgentConfig, RuntimeConfig
 from ctrlagent.engine import PODMAN_SOCKET, engine_client_config, make_engine, runtime_kind
 from ctrlagent.engine.docker.errors import DockerConflict, DockerError, ImageNotFound, PullFailed
 from ctrlagent.engine.interface import IContainerEngine, ResourceLimits
@@ -83,12 +83,9 @@ def test_dropped_limits_are_named() -> None:
     assert "Block I/O weight 300" in warnings[0] and "PID limit 100" in warnings[1]
 
 
-class _WithRuntime(AgentConfig):
-    """``AgentConfig`` plus a ``runtime`` table (until config.py has it)."""
-
-    def __init__(self, **runtime: str) -> None:
-        super().__init__()
-        object.__setattr__(self, "runtime", SimpleNamespace(**runtime))
+def _WithRuntime(**runtime: str) -> AgentConfig:  # noqa: N802 (reads as the config it builds)
+    """``AgentConfig`` with the given ``[runtime]`` table (not validated: odd kinds too)."""
+    return dataclasses.replace(AgentConfig(), runtime=RuntimeConfig(**runtime))
 
 
 def test_make_engine_builds_podman_on_its_socket_by_the_runtime_kind() -> None:
