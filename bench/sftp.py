@@ -78,7 +78,7 @@ def serve(args: argparse.Namespace) -> None:
 
     @implementer(IServerManager)
     class OneServer:
-        """Just ``resolve`` and ``server_root``: all the SFTP server asks for."""
+        """One running server: what the SFTP service asks of the server manager."""
 
         def resolve(self, server_id: str) -> str:
             if server_id != "bench":
@@ -87,6 +87,15 @@ def serve(args: argparse.Namespace) -> None:
 
         def server_root(self, server_id: str) -> ServerRoot:
             return ServerRoot("bench", args.data, None, os.getuid(), os.getgid())
+
+        def status(self, server_id: str) -> dict[str, str]:
+            return {"serverId": self.resolve(server_id), "status": "running"}
+
+        def add_listener(self, listener: object) -> None:
+            """No events: the bench's server never changes."""
+
+        def remove_listener(self, listener: object) -> None:
+            """No events: the bench's server never changes."""
 
     config = SftpConfig(endpoint="tcp:{}:interface=127.0.0.1".format(args.port),
                         bcrypt_rounds=4)
