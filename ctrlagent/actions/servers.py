@@ -172,21 +172,6 @@ CREATE = Definition(parse=_parse_create, schema=definition_schema())
 UPDATE = Definition(parse=_parse_update, schema=definition_schema(required=()))
 
 
-def _float(value: Any) -> float:
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return result if result == result else 0.0
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(float(value))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
 def _awaited(result: object) -> Awaitable[object]:
     """The domain's asynchronous answer (``IServerManager``'s I/O methods return Deferreds)."""
     return cast(Awaitable[object], result)

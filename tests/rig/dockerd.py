@@ -502,6 +502,36 @@ class RigRegistry:
         except FileNotFoundError:
             pass
 
+    def claim(self, bridge: str, octet: int, base: Path, made_dir: bool) -> EngineRecord:
+        """
+        For a private engine starting, under the registry's lock (which the
+        caller holds): clear dead engines' leftovers, keep ``octet`` unless its
+        range is taken (then pick a free one), and write the engine's record.
+        """
+        self.clean_stale()
+        claims = self.live_claims()
+        if octet not in _free_octets(_host_ipv4_networks() + claims.pools):
+            octet = _pick_subnet_octet(claims)
+        base.mkdir(parents=True, exist_ok=True)
+        owner = ProcessIdentity.of(os.getpid())
+        assert owner is not None  # this very process runs
+        record = EngineRecord(
+            bridge=bridge,
+            octet=octet,
+            base=str(base),
+            made_dir=made_dir,
+            boot_id=_boot_id(),
+            owner=owner,
+        )
+        try:
+            self.create(record)
+        except FileExistsError:
+            raise RuntimeError(
+                "bridge {} is recorded in {} by a running private engine, or by one "
+                "whose leftovers could not be removed yet".format(bridge, self.path)
+            ) from None
+        return record
+
     def live_claims(self, exclude: str | None = None) -> EngineClaims:
         """What running engines use: live records and every running ``dockerd``."""
         claims = running_dockerd_claims()
@@ -723,31 +753,8 @@ class PrivateDockerd:
         at any later point leaves nothing unrecorded.
         """
         with self.registry.locked():
-            self.registry.clean_stale()
-            claims = self.registry.live_claims()
-            taken = _host_ipv4_networks() + claims.pools
-            if self.octet not in _free_octets(taken):
-                self.octet = _pick_subnet_octet(claims)
-            self.base.mkdir(parents=True, exist_ok=True)
-            owner = ProcessIdentity.of(os.getpid())
-            assert owner is not None  # this very process runs
-            record = EngineRecord(
-                bridge=self.bridge,
-                octet=self.octet,
-                base=str(self.base),
-                made_dir=self._made_dir,
-                boot_id=_boot_id(),
-                owner=owner,
-            )
-            try:
-                self.registry.create(record)
-            except FileExistsError:
-                raise RuntimeError(
-                    "bridge {} is recorded in {} by a running private engine, or by one "
-                    "whose leftovers could not be removed yet".format(
-                        self.bridge, self.registry.path
-                    )
-                ) from None
+            record = self.registry.claim(self.bridge, self.octet, self.base, self._made_dir)
+            self.octet = record.octet
             self._record = record
             try:
                 self._make_bridge()

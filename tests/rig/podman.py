@@ -44,9 +44,6 @@ from pathlib import Path
 from tests.rig.dockerd import (
     EngineRecord,
     RigRegistry,
-    _boot_id,
-    _free_octets,
-    _host_ipv4_networks,
     _pick_subnet_octet,
     _pool_of,
     engine_answers,
@@ -275,28 +272,8 @@ class PrivatePodman:
     def _claim(self) -> None:
         """Under the registry's lock: clean dead engines' leftovers, write this one's record."""
         with self.registry.locked():
-            self.registry.clean_stale()
-            claims = self.registry.live_claims()
-            if self.octet not in _free_octets(_host_ipv4_networks() + claims.pools):
-                self.octet = _pick_subnet_octet(claims)
-            self.base.mkdir(parents=True, exist_ok=True)
-            owner = ProcessIdentity.of(os.getpid())
-            assert owner is not None  # this very process runs
-            record = EngineRecord(
-                bridge=self.bridge,
-                octet=self.octet,
-                base=str(self.base),
-                made_dir=self._made_dir,
-                boot_id=_boot_id(),
-                owner=owner,
-            )
-            try:
-                self.registry.create(record)
-            except FileExistsError:
-                raise RuntimeError(
-                    "bridge {} is recorded in {} by a running private engine".format(
-                        self.bridge, self.registry.path)
-                ) from None
+            record = self.registry.claim(self.bridge, self.octet, self.base, self._made_dir)
+            self.octet = record.octet
             self._record = record
 
     def _set_service(self, pid: int | None) -> None:

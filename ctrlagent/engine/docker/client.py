@@ -653,16 +653,7 @@ class DockerClient:
 
     async def container_stop(self, cid: str, timeout: float | None = None) -> None:
         """Stop with SIGTERM (or its stop signal), SIGKILL after ``timeout`` s."""
-        cid = self._object_id(cid, "container")
-        query = {"t": math.ceil(timeout)} if timeout is not None else None
-        grace = timeout if timeout is not None else 10.0
-        await self._call(
-            "POST",
-            ("containers", cid, "stop"),
-            query=query,
-            kind="container",
-            timeout=self.config.call_timeout + grace,
-        )
+        await self._stop_call(cid, "stop", timeout)
 
     async def container_kill(self, cid: str, signal: str = "SIGKILL") -> None:
         """Send ``signal`` to the container's main process."""
@@ -673,12 +664,16 @@ class DockerClient:
 
     async def container_restart(self, cid: str, timeout: float | None = None) -> None:
         """Stop (with ``timeout``) and start again."""
+        await self._stop_call(cid, "restart", timeout)
+
+    async def _stop_call(self, cid: str, verb: str, timeout: float | None) -> None:
+        """``stop`` or ``restart``: the call waits out the engine's own grace (10 s by default)."""
         cid = self._object_id(cid, "container")
         query = {"t": math.ceil(timeout)} if timeout is not None else None
         grace = timeout if timeout is not None else 10.0
         await self._call(
             "POST",
-            ("containers", cid, "restart"),
+            ("containers", cid, verb),
             query=query,
             kind="container",
             timeout=self.config.call_timeout + grace,
