@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.rig.dockerd import PrivateDockerd, engine_answers  # noqa: E402
 
-DEV = ROOT / ".dev"
+# CTRLAGENT_DEV_DIR moves the development state (tests run the demo in a temp dir).
+DEV = Path(os.environ.get("CTRLAGENT_DEV_DIR") or ROOT / ".dev").absolute()
 
 
 def _ensure_engine_binaries() -> None:
@@ -42,24 +43,42 @@ def _ensure_engine_binaries() -> None:
 
 
 def main() -> int:
-    DEV.mkdir(exist_ok=True)
+    args = sys.argv[1:]
+    demo = "--demo" in args
+    args = [a for a in args if a != "--demo"]
+    DEV.mkdir(parents=True, exist_ok=True)
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     if host.startswith("unix://") and engine_answers(host[len("unix://") :]):
-        return run_agent(host)
+        return run_agent(host, args, demo)
     _ensure_engine_binaries()
     sys.stderr.write("run-agent: no Docker engine at {}; starting a private one\n".format(host))
     # A start that fails (or is interrupted) removes what it made itself.
     private = PrivateDockerd().start()
     try:
         sys.stderr.write("run-agent: private engine at {}\n".format(private.host))
-        return run_agent(private.host)
+        return run_agent(private.host, args, demo)
     finally:
         sys.stderr.write("run-agent: stopping the private engine\n")
         private.stop()
 
 
-def run_agent(host: str) -> int:
+def _api_port(args: list[str]) -> int:
+    """The port the agent will listen on: ``--port``/``-p`` given to twistd, else HEALTH_PORT."""
+    for i, arg in enumerate(args):
+        if arg in ("--port", "-p") and i + 1 < len(args):
+            return int(args[i + 1])
+        if arg.startswith("--port="):
+            return int(arg.split("=", 1)[1])
+    return int(os.environ.get("HEALTH_PORT", "8081"))
+
+
+def run_agent(host: str, extra: list[str], demo: bool) -> int:
     """Run twistd against ``host`` until it exits or this runner is told to stop."""
+    image = None
+    if demo:
+        import demo as demo_run  # scripts/demo.py, beside this file
+
+        image = demo_run.prepare_image(host)
     secret_file = DEV / "secret"
     if not secret_file.exists():
         secret_file.write_text(secrets.token_urlsafe(32) + "\n")
@@ -83,11 +102,12 @@ def run_agent(host: str) -> int:
     ]
     if "PANEL_URL" not in os.environ:
         args.append("--no-panel")
-    args += sys.argv[1:]
+    args += extra
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    port = _api_port(extra)
     sys.stderr.write(
         "run-agent: http://127.0.0.1:{}/health ; the API secret is in {}\n".format(
-            os.environ.get("HEALTH_PORT", "8081"), secret_file
+            port, secret_file
         )
     )
     # Its own process group: a terminal's Ctrl-C reaches this runner alone, which
@@ -104,6 +124,20 @@ def run_agent(host: str) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, forward)
     try:
+        if demo and image is not None:
+            api = demo_run.Api("http://127.0.0.1:{}".format(port), secret_file.read_text().strip())
+            try:
+                demo_run.run(
+                    api,
+                    DEV,
+                    str(secret_file),
+                    image,
+                    lambda: child.poll() is None and not stopping,
+                    port,
+                )
+            except (OSError, RuntimeError, ValueError) as e:
+                if child.poll() is None and not stopping:
+                    demo_run.say("stopped: {}".format(e))
         code = child.wait()
     finally:
         if child.poll() is None:
