@@ -1,0 +1,251 @@
+"""
+Benchmark: one agent with many running idle servers, then restarted.
+
+Runs the agent for real (``twistd -n ctrlagent`` as a subprocess) on the
+engine at DOCKER_HOST, or on a private engine when none answers, and:
+
+1. creates and starts ``--servers`` scripted game servers (default 500) that
+   print ``tick <n>`` every ``--tick`` seconds (default 5), through
+   ``POST /api/command`` from 8 concurrent connections;
+2. steady state: the agent's RSS and CPU (percent of one core, from
+   ``/proc/<pid>/stat`` over ``--window`` seconds);
+3. ``get_server_status`` and ``get_server_metrics`` latency (p50/p99) from 1
+   and 16 concurrent keep-alive clients (``bench/http_latency.py``'s client);
+4. the agent stopped (SIGTERM) and started again on the same state: the time
+   from the new process's start to every server re-attached (its console
+   followed again, ``console:status`` connected), and every server's ticks
+   checked for a gap or a repeat across the restart (no line lost or
+   duplicated).
+
+Targets (issue 16): under 150 MB RSS and 5 % of one core at 500 servers,
+HTTP p99 under 10 ms at 16 clients, all re-attached within 10 s.  With
+``--servers 100,500`` it runs twice and prints the per-server growth, so
+that anything worse than linear shows.  Every server is deleted at the end.
+
+    python bench/scale.py [--servers 500] [--tick 5] [--window 30] [--requests 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from http_latency import Client, measure, rss_mb  # noqa: E402
+
+from tests.rig.agentproc import AgentProcess  # noqa: E402
+from tests.rig.dockerd import PrivateDockerd, engine_answers  # noqa: E402
+from tests.rig.images import build_scripted_image  # noqa: E402
+
+_TICK = re.compile(r"tick (\d+)$")
+_CLOCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open("/proc/{}/stat".format(pid)) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK
+
+
+async def _all(agent: AgentProcess, bodies: list[dict[str, Any]], clients: int = 8) -> list[Any]:
+    """Send every body from ``clients`` keep-alive connections; answers in order."""
+    conns = [Client(agent) for _ in range(clients)]
+    await asyncio.gather(*(c.connect() for c in conns))
+    answers: list[Any] = [None] * len(bodies)
+
+    async def worker(index: int, conn: Client) -> None:
+        for i in range(index, len(bodies), clients):
+            answers[i] = await conn.command(bodies[i])
+
+    try:
+        await asyncio.gather(*(worker(i, c) for i, c in enumerate(conns)))
+    finally:
+        for conn in conns:
+            conn.close()
+    return answers
+
+
+def send_all(agent: AgentProcess, bodies: list[dict[str, Any]]) -> list[Any]:
+    return asyncio.run(_all(agent, bodies))
+
+
+def _failed(answers: list[Any]) -> list[Any]:
+    return [a for a in answers if not (isinstance(a, dict) and a.get("success"))]
+
+
+def wait_until(check: Any, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise RuntimeError("{} not within {} s".format(what, timeout))
+
+
+def ticks(agent: AgentProcess, server_ids: list[str]) -> dict[str, list[int]]:
+    answers = send_all(
+        agent,
+        [{"action": "console:history", "serverId": sid, "payload": {"lines": 1000}}
+         for sid in server_ids],
+    )
+    found: dict[str, list[int]] = {}
+    for sid, answer in zip(server_ids, answers, strict=True):
+        numbers = []
+        for line in (answer.get("data") or {}).get("history") or []:
+            m = _TICK.search(line)
+            if m:
+                numbers.append(int(m.group(1)))
+        found[sid] = numbers
+    return found
+
+
+def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="ctrlagent-bench-scale-"))
+    agent = AgentProcess(workdir, host, extra_config="[servers]\nstop_timeout = 2.0\n").start()
+    server_ids = ["scale-" + uuid.uuid4().hex[:12] for _ in range(servers)]
+    result: dict[str, Any] = {"servers": servers}
+    try:
+        started = time.monotonic()
+        created = send_all(
+            agent,
+            [
+                {
+                    "action": "create_server",
+                    "serverId": sid,
+                    "payload": {
+                        "name": sid,
+                        "image": image,
+                        "startup": "/usr/local/bin/gameserver",
+                        "environment": {"TICK_INTERVAL": str(args.tick)},
+                        "limits": {"memory": 32, "cpu": 10},
+                    },
+                }
+                for sid in server_ids
+            ],
+        )
+        if _failed(created):
+            raise RuntimeError("create failed: {}".format(_failed(created)[:3]))
+        begun = send_all(agent, [{"action": "start_server", "serverId": sid}
+                                 for sid in server_ids])
+        if _failed(begun):
+            raise RuntimeError("start failed: {}".format(_failed(begun)[:3]))
+
+        def all_running() -> bool:
+            listed = agent.command_sync({"action": "list_servers"})["data"]["servers"]
+            return sum(1 for s in listed if s["status"] == "running") == servers
+
+        wait_until(all_running, 60 + servers, "all servers running")
+        result["create_and_start_s"] = time.monotonic() - started
+        time.sleep(5)  # stats sampling and consoles into their steady state
+        assert agent.process is not None
+        pid = agent.process.pid
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(args.window)
+        result["cpu_percent"] = 100.0 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+        result["rss_mb"] = rss_mb(pid)
+        runs = []
+        for clients in (1, 16):
+            for action in ("get_server_status", "get_server_metrics"):
+                runs.append(asyncio.run(measure(agent, server_ids, action, clients,
+                                                args.requests)))
+        result["http"] = runs
+
+        # Restart on the same state; time until every console is followed again.
+        agent.stop()
+        time.sleep(args.tick * 2)  # ticks printed while no agent runs must not be lost
+        restarted = time.monotonic()
+        agent.start(timeout=60)
+
+        def all_attached() -> bool:
+            answers = send_all(agent, [{"action": "console:status", "serverId": sid}
+                                       for sid in server_ids])
+            return all((a.get("data") or {}).get("connected") for a in answers)
+
+        wait_until(all_attached, 120, "all consoles re-attached")
+        result["reattach_s"] = time.monotonic() - restarted
+        time.sleep(args.tick * 2)
+        gaps = repeats = 0
+        for numbers in ticks(agent, server_ids).values():
+            repeats += len(numbers) - len(set(numbers))
+            if numbers:
+                gaps += (max(numbers) - min(numbers) + 1) - len(set(numbers))
+        result["ticks_lost"] = gaps
+        result["ticks_repeated"] = repeats
+        assert agent.process is not None
+        result["rss_after_restart_mb"] = rss_mb(agent.process.pid)
+        return result
+    finally:
+        if agent.process is not None:
+            send_all(
+                agent,
+                [{"action": "delete_server", "serverId": sid, "payload": {"purgeFiles": True}}
+                 for sid in server_ids],
+            )
+        agent.stop()
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        lines.append(
+            "{servers} servers: created+started in {create_and_start_s:.0f} s; agent RSS "
+            "{rss_mb:.0f} MB (target < 150), CPU {cpu_percent:.1f} % of a core (target < 5); "
+            "restart: all re-attached in {reattach_s:.1f} s (target < 10), RSS "
+            "{rss_after_restart_mb:.0f} MB, ticks lost {ticks_lost}, repeated "
+            "{ticks_repeated}".format(**r)
+        )
+        for h in r["http"]:
+            lines.append(
+                "  {action:<20} {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99 {p99_ms:6.2f} ms"
+                "  (target p99 < 10 ms at 16)  {per_s:6.0f} req/s".format(**h)
+            )
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        per = (b["rss_mb"] - a["rss_mb"]) / (b["servers"] - a["servers"])
+        lines.append(
+            "growth {} -> {} servers: RSS {:.2f} MB per server, CPU x{:.1f} for x{:.1f} servers,"
+            " re-attach x{:.1f}".format(
+                a["servers"], b["servers"], per,
+                b["cpu_percent"] / max(a["cpu_percent"], 0.01), b["servers"] / a["servers"],
+                b["reattach_s"] / max(a["reattach_s"], 0.01),
+            )
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", default="500", help="comma-separated counts")
+    parser.add_argument("--tick", type=float, default=5.0)
+    parser.add_argument("--window", type=float, default=30.0)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    host = os.environ.get("DOCKER_HOST", "")
+    private: PrivateDockerd | None = None
+    if not (host.startswith("unix://") and engine_answers(host[len("unix://"):])):
+        private = PrivateDockerd().start()
+        host = private.host
+    try:
+        image = build_scripted_image(host)
+        results = [run_once(host, image, int(n), args) for n in args.servers.split(",")]
+    finally:
+        if private is not None:
+            private.stop()
+    print(json.dumps(results, indent=2) if args.json else report(results))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
