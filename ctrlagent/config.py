@@ -675,7 +675,9 @@ def parse_ulimits(value: Any) -> dict[str, tuple[int, int]]:
     for name, limit in value.items():
         key = "servers.ulimits.{}".format(name)
         if name not in ULIMIT_NAMES:
-            raise ConfigInvalid("{}: unknown limit (known: {})".format(key, ", ".join(ULIMIT_NAMES)))
+            raise ConfigInvalid(
+                "{}: unknown limit (known: {})".format(key, ", ".join(ULIMIT_NAMES))
+            )
         pair = limit if isinstance(limit, (list, tuple)) else (limit, limit)
         if len(pair) != 2 or not all(type(v) is int and 0 <= v <= _ULIMIT_MAX for v in pair):
             raise ConfigInvalid("{}: {!r} is not a number or a [soft, hard] pair of "
