@@ -163,6 +163,8 @@ class ServerManager(service.Service):
         self.reconciled = 0
         # Ports for servers created without any (servers.port_range).
         self.ports = PortPool(config.servers)
+        # Ports an update gave a server whose new spec is not stored yet.
+        self._pending_ports: set[int] = set()
         # Every engine warning already logged (each distinct one is logged once).
         self._warned: set[str] = set()
 
@@ -548,7 +550,8 @@ class ServerManager(service.Service):
 
     def _held_ports(self) -> set[int]:
         """Every host port a server of this agent publishes (stopped ones too)."""
-        return {p.external for server in self._servers.values() for p in server.spec.ports}
+        held = {p.external for server in self._servers.values() for p in server.spec.ports}
+        return held | self._pending_ports
 
     def _engine_warnings(self, server: Server) -> tuple[str, ...]:
         """
@@ -637,9 +640,21 @@ class ServerManager(service.Service):
                 alias in self._servers and alias != server.server_id
             ):
                 raise Conflict("alias {} already names another server".format(alias))
-        # The store first: a write that fails (a full state disk) leaves
-        # the old definition in memory and on disk alike.
-        await self.store.update(server.server_id, spec=new.to_json())
+        if not new.ports and self.ports.enabled:
+            # An update leaves no server of a node with a range without a
+            # port: it keeps the one it had, or (a server defined before the
+            # range) gets one now.
+            new = replace(new, ports=old.ports or (self.ports.allocate(self._held_ports()),))
+        # Held until the server's spec says so (after the store's write), so
+        # that a create meanwhile does not pick it.
+        held = {p.external for p in new.ports} - {p.external for p in old.ports}
+        self._pending_ports |= held
+        try:
+            # The store first: a write that fails (a full state disk) leaves
+            # the old definition in memory and on disk alike.
+            await self.store.update(server.server_id, spec=new.to_json())
+        finally:
+            self._pending_ports -= held
         server.spec = new
         self._remove(server)
         self._add(server)

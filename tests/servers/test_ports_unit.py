@@ -299,3 +299,43 @@ def test_the_agent_refuses_to_start_on_bad_node_settings_with_one_line(
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err, err
+
+
+# -- updates ------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_update_keeps_the_allocation_even_when_it_clears_the_ports(unit: Unit) -> None:
+    first, last = free_block(2)
+    with_range(unit, first, last)
+    m = unit.manager()
+    created = to_json(await m.create_server("a", panel_payload(panelId="pa")))
+    await m.update("a", {"ports": [], "limits": {"memory": 128}})
+    assert to_json(m.status("a"))["allocations"] == created["allocations"]
+    await m.update("a", {"ports": [{"internal": 7777, "external": 30777}]})
+    assert ports_of(to_json(m.status("a"))) == [30777]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_defined_before_the_range_gets_a_port_at_its_next_update_not_twice(
+    unit: Unit,
+) -> None:
+    unit.config = replace(unit.config, servers=replace(unit.config.servers, port_range=""))
+    m = unit.manager()
+    await m.create_server("old", panel_payload(panelId="p-old"))
+    await m.stopService()
+    first, _ = free_block(1)
+    with_range(unit, first, first)
+    m2 = unit.manager()
+    assert "allocations" not in to_json(m2.status("old"))
+    # The update's pick is held while its store write is in flight: a create
+    # at the same time does not get the same port.
+    updating = ensureDeferred(_update(m2, "old"))
+    with pytest.raises(InsufficientResources):
+        await m2.create_server("new", panel_payload(panelId="p-new"))
+    await updating
+    assert ports_of(to_json(m2.status("old"))) == [first]
+
+
+async def _update(m: ServerManager, sid: str) -> Any:
+    return await m.update(sid, {"limits": {"memory": 256}})
