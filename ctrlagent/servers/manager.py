@@ -14,6 +14,11 @@ action is the ``Server``'s own (``ctrlagent.servers.server``): the manager
 finds the server and calls it, and a server never calls the manager back;
 what it uses is handed to it once (``ServerServices``).
 
+A server created without ports gets one of the node's range
+(``servers.ports``), picked and added in one reactor turn; the create and
+update answers carry what the engine warned of (a limit it dropped), each
+distinct warning logged once.
+
 Start-up never blocks on the engine: definitions are loaded from the store
 (milliseconds), the API can serve at once, and the engine is reconciled in the
 background: running containers are re-attached (console recovered from
