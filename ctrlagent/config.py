@@ -175,6 +175,20 @@ class ServersConfig:
     # "stream": one long-lived engine stats stream per running server (cheap);
     # "poll": one stats request per server every stats_interval.
     stats_mode: str = "stream"
+    # Node ports for servers created without ``ports`` (the Panel sends none):
+    # "first-last", each published on tcp and udp at default_bind_ip, free on
+    # the host and unused by any other server (stopped ones too), kept in the
+    # server's stored definition and released when it is deleted.  "" turns
+    # allocation off (such servers publish nothing).
+    port_range: str = "25565-25665"
+    # Process limits (rlimits) of every game and install container: name =
+    # number (soft and hard) or [soft, hard]; names as setrlimit's without
+    # RLIMIT_ (nofile, nproc, core, memlock, ...), the ones not named keep
+    # the engine's defaults.  nproc is not set by default: it counts every
+    # process of the container's uid on the whole host, not per container
+    # (servers.pids_limit is the per-container cap); set it where the host's
+    # hard limit is below the engine's default (docs/RUNTIMES.md).
+    ulimits: Mapping[str, Any] = field(default_factory=lambda: {"nofile": [8192, 8192]})
 
 
 @dataclass(frozen=True)
@@ -634,6 +648,84 @@ def _validate_install(servers: ServersConfig) -> None:
         raise ConfigInvalid("servers.install_log_max_bytes must not be negative")
 
 
+# --- [servers] port_range and ulimits ---
+
+# The process limits a container may set (``setrlimit`` names without
+# ``RLIMIT_``, as Docker's and Podman's ``--ulimit`` spell them); the same
+# table as ``engine.interface.ULIMIT_NAMES`` (config imports nothing of the
+# agent; a test holds the two equal).
+ULIMIT_NAMES = (
+    "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+    "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack",
+)
+# The largest limit taken (RLIM_INFINITY is 2**64-1; engines take int64).
+_ULIMIT_MAX = 2**62
+
+
+def parse_ulimits(value: Any) -> dict[str, tuple[int, int]]:
+    """
+    The process limits of a ``servers.ulimits`` setting: a table of name to a
+    number (soft and hard alike) or a pair ``[soft, hard]``.  ``ConfigInvalid``
+    with a message naming the entry for anything else (an unknown name, a
+    negative number, soft above hard).
+    """
+    if not isinstance(value, Mapping):
+        raise ConfigInvalid("servers.ulimits must be a table of name = limit")
+    out: dict[str, tuple[int, int]] = {}
+    for name, limit in value.items():
+        key = "servers.ulimits.{}".format(name)
+        if name not in ULIMIT_NAMES:
+            raise ConfigInvalid(
+                "{}: unknown limit (known: {})".format(key, ", ".join(ULIMIT_NAMES))
+            )
+        pair = limit if isinstance(limit, (list, tuple)) else (limit, limit)
+        if len(pair) != 2 or not all(type(v) is int and 0 <= v <= _ULIMIT_MAX for v in pair):
+            raise ConfigInvalid("{}: {!r} is not a number or a [soft, hard] pair of "
+                                "non-negative integers".format(key, limit))
+        soft, hard = pair
+        if soft > hard:
+            raise ConfigInvalid(
+                "{}: soft limit {} is above the hard limit {}".format(key, soft, hard)
+            )
+        out[str(name)] = (soft, hard)
+    return out
+
+
+_PORT_RANGE = re.compile(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*")
+
+
+def parse_port_range(value: str) -> tuple[int, int] | None:
+    """
+    ``servers.port_range`` as ``(first, last)``, None when empty (allocation
+    off); ``ConfigInvalid`` naming the setting for anything else.
+    """
+    if not value.strip():
+        return None
+    match = _PORT_RANGE.fullmatch(value)
+    if match is None:
+        raise ConfigInvalid(
+            'servers.port_range {!r} must be "first-last" (e.g. "25565-25665") or ""'.format(
+                value
+            )
+        )
+    first, last = int(match.group(1)), int(match.group(2))
+    if not 1 <= first <= last <= 65535:
+        raise ConfigInvalid(
+            "servers.port_range {!r}: ports are 1-65535, the first not above the last".format(
+                value
+            )
+        )
+    return first, last
+
+
+def _validate_allocations_and_limits(servers: ServersConfig) -> None:
+    parse_port_range(servers.port_range)
+    parse_ulimits(servers.ulimits)
+
+
+# --- end of [servers] port_range and ulimits ---
+
+
 def _validate_timeouts(timeouts: TimeoutsConfig) -> None:
     for f in fields(timeouts):
         value = getattr(timeouts, f.name)
@@ -738,6 +830,7 @@ def validate(config: AgentConfig) -> None:
     if not 0 <= config.servers.console_mark_interval <= 3600:
         raise ConfigInvalid("servers.console_mark_interval must be between 0 and 3600 seconds")
     _validate_install(config.servers)
+    _validate_allocations_and_limits(config.servers)
     if config.http.max_body_bytes < 1024:
         raise ConfigInvalid("http.max_body_bytes must be at least 1024")
     if config.http.max_connections < 16:

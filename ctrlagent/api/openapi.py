@@ -343,6 +343,21 @@ _DOCUMENT: dict[str, Any] = {
                     },
                     "containerId": {"type": "string", "nullable": True},
                     "resources": _ref("Metrics"),
+                    "allocations": {
+                        "type": "array",
+                        "description": "the ports it publishes (left out when none)",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "ip": {"type": "string"},
+                                "port": {"type": "integer", "description": "on the host"},
+                                "internal": {"type": "integer", "description": "in the container"},
+                                "protocol": {"type": "string", "example": "tcp/udp"},
+                                "protocols": {"type": "array", "items": {"type": "string"}},
+                                "primary": {"type": "boolean"},
+                            },
+                        },
+                    },
                 },
             },
             "Metrics": {

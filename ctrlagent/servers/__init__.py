@@ -12,6 +12,7 @@ service that owns them (PROTOCOL.md section 2).
 - ``stats``, ``installer``, ``datadir``: a server's resource samples, its
   install script, its data directory;
 - ``store``: the durable SQLite store of definitions and desired state;
+- ``ports``: the node's port range, allocated to servers created without ports;
 - ``services``: what a ``Server`` is given (it never reaches the manager);
 - ``server`` / ``manager``: one server's power orchestration / the set of servers.
 

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
-from ctrlagent.config import ServersConfig
+from ctrlagent.config import ServersConfig, parse_ulimits
 from ctrlagent.engine.interface import (
-    ULIMIT_NAMES,
     Confinement,
     ContainerSpec,
     Mount,
     PortBinding,
     ResourceLimits,
 )
-from ctrlagent.errors import ConfigInvalid, InvalidInput
+from ctrlagent.errors import InvalidInput
 from ctrlagent.servers import spec as specs
 from ctrlagent.servers.spec import CONTAINER_PREFIX
 
@@ -72,16 +70,15 @@ SERVER_CAP_DROP = (
 SERVER_OUTPUT = (20 * MB, 2)
 INSTALL_OUTPUT = (10 * MB, 1)
 
-# Process limits of every container (``servers.ulimits``), name to (soft,
-# hard).  Explicit, not the engine's: Podman asks for a million open files by
-# default, which a host whose own hard limit is lower refuses at start
-# ("error setting rlimits ... operation not permitted"), and no game server
-# needs that many.  ``nproc`` is left out on purpose: it counts every process
-# of the container's uid on the whole host (all servers running as uid 1000
-# share it), so a per-container cap is the PID limit (``servers.pids_limit``).
-DEFAULT_ULIMITS: Mapping[str, tuple[int, int]] = {"nofile": (8192, 8192)}
-# The largest value taken (RLIM_INFINITY is 2**64-1; engines take int64).
-_ULIMIT_MAX = 2**62
+# Process limits of every container (``servers.ulimits``, parsed by
+# ``config.parse_ulimits``), name to (soft, hard).  Explicit, not the
+# engine's: Podman asks for a million open files by default, which a host
+# whose own hard limit is lower refuses at start ("error setting rlimits ...
+# operation not permitted"), and no game server needs that many.  ``nproc``
+# is left out on purpose: it counts every process of the container's uid on
+# the whole host (all servers running as uid 1000 share it), so a
+# per-container cap is the PID limit (``servers.pids_limit``).
+DEFAULT_ULIMITS: Mapping[str, tuple[int, int]] = parse_ulimits(ServersConfig().ulimits)
 
 
 def labels(spec: specs.ServerSpec, role: str = "server") -> dict[str, str]:
@@ -130,39 +127,12 @@ def limits(spec: specs.ServerSpec, servers: ServersConfig) -> ResourceLimits:
     )
 
 
-def parse_ulimits(value: Any) -> dict[str, tuple[int, int]]:
-    """
-    The process limits of a ``servers.ulimits`` setting: a table of name to a
-    number (soft and hard alike) or a pair ``[soft, hard]``.  ``ValueError``
-    with a message naming the entry for anything else (an unknown name, a
-    negative number, soft above hard).
-    """
-    if not isinstance(value, Mapping):
-        raise ValueError("servers.ulimits must be a table of name = limit")
-    out: dict[str, tuple[int, int]] = {}
-    for name, limit in value.items():
-        key = "servers.ulimits.{}".format(name)
-        if name not in ULIMIT_NAMES:
-            raise ValueError("{}: unknown limit (known: {})".format(key, ", ".join(ULIMIT_NAMES)))
-        pair = limit if isinstance(limit, (list, tuple)) else (limit, limit)
-        if len(pair) != 2 or not all(
-            type(v) is int and 0 <= v <= _ULIMIT_MAX for v in pair
-        ):
-            raise ValueError("{}: {!r} is not a number or a [soft, hard] pair of "
-                             "non-negative integers".format(key, limit))
-        soft, hard = pair
-        if soft > hard:
-            raise ValueError("{}: soft limit {} is above the hard limit {}".format(key, soft, hard))
-        out[str(name)] = (soft, hard)
-    return out
-
-
 def ulimits(servers: ServersConfig) -> dict[str, tuple[int, int]]:
-    """The process limits of every container (``servers.ulimits``, else the defaults)."""
-    try:
-        return parse_ulimits(getattr(servers, "ulimits", DEFAULT_ULIMITS))
-    except ValueError as e:
-        raise ConfigInvalid(str(e)) from None
+    """
+    The process limits of every container (``servers.ulimits``);
+    ``ConfigInvalid`` naming the entry when the setting is not valid.
+    """
+    return parse_ulimits(servers.ulimits)
 
 
 def _tmpfs(servers: ServersConfig) -> dict[str, str]:

@@ -14,6 +14,11 @@ action is the ``Server``'s own (``ctrlagent.servers.server``): the manager
 finds the server and calls it, and a server never calls the manager back;
 what it uses is handed to it once (``ServerServices``).
 
+A server created without ports gets one of the node's range
+(``servers.ports``), picked and added in one reactor turn; the create and
+update answers carry what the engine warned of (a limit it dropped), each
+distinct warning logged once.
+
 Start-up never blocks on the engine: definitions are loaded from the store
 (milliseconds), the API can serve at once, and the engine is reconciled in the
 background: running containers are re-attached (console recovered from
@@ -40,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.application import service
@@ -68,6 +74,7 @@ from ctrlagent.servers.containers import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LA
 from ctrlagent.servers.datadir import DataDirs
 from ctrlagent.servers.delivery import JOURNAL_NAME, ConsoleDelivery, EventBus, Mark, MarkJournal
 from ctrlagent.servers.lifecycle import parse_state
+from ctrlagent.servers.ports import PortPool, allocations
 from ctrlagent.servers.server import Server
 from ctrlagent.servers.services import RowWriter, ServerNetwork, ServerServices
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
@@ -159,6 +166,12 @@ class ServerManager(service.Service):
             config=config,
         )
         self.reconciled = 0
+        # Ports for servers created without any (servers.port_range).
+        self.ports = PortPool(config.servers)
+        # Ports an update gave a server whose new spec is not stored yet.
+        self._pending_ports: set[int] = set()
+        # Every engine warning already logged (each distinct one is logged once).
+        self._warned: set[str] = set()
 
     @property
     def network_mode(self) -> str:
@@ -520,6 +533,9 @@ class ServerManager(service.Service):
         for alias in spec.aliases:
             if alias in self._servers or alias in self._aliases:
                 raise Conflict("alias {} already names another server".format(alias))
+        if not spec.ports and self.ports.enabled:
+            # No await between the pick and ``_add``: the next create sees it held.
+            spec = replace(spec, ports=(self.ports.allocate(self._held_ports()),))
         server = Server(spec, self.services)
         self._add(server)
         try:
@@ -529,8 +545,40 @@ class ServerManager(service.Service):
             self.delivery.forget(server_id)
             raise
         await server.install_for_answer()
-        return Created(server_id=server_id, container_id=server.container_id,
-                       state=server.state.value)
+        return Created(
+            server_id=server_id,
+            container_id=server.container_id,
+            state=server.state.value,
+            allocations=allocations(server.spec),
+            warnings=self._engine_warnings(server),
+        )
+
+    def _held_ports(self) -> set[int]:
+        """Every host port a server of this agent publishes (stopped ones too)."""
+        held = {p.external for server in self._servers.values() for p in server.spec.ports}
+        return held | self._pending_ports
+
+    def _engine_warnings(self, server: Server) -> tuple[str, ...]:
+        """
+        What the engine warned of when it last created or updated the
+        server's container (a limit it does not apply); each distinct
+        warning is logged once for the agent's life, not at every create.
+        """
+        cid = server.container_id
+        warnings = self.engine.last_warnings(cid) if cid else ()
+        for warning in warnings:
+            if warning in self._warned:
+                continue
+            if len(self._warned) < _WARNINGS_REMEMBERED:
+                self._warned.add(warning)
+            self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                "container engine {engine} accepted a setting of server {server_id} it does not"
+                " apply: {warning} (said once; create and update answers carry it as warnings)",
+                engine=self.engine.name,
+                server_id=server.server_id,
+                warning=warning,
+            )
+        return tuple(warnings)
 
     @async_to_deferred
     async def start(self, server_id: str) -> ServerBrief:
@@ -597,13 +645,26 @@ class ServerManager(service.Service):
                 alias in self._servers and alias != server.server_id
             ):
                 raise Conflict("alias {} already names another server".format(alias))
-        # The store first: a write that fails (a full state disk) leaves
-        # the old definition in memory and on disk alike.
-        await self.store.update(server.server_id, spec=new.to_json())
+        if not new.ports and self.ports.enabled:
+            # An update leaves no server of a node with a range without a
+            # port: it keeps the one it had, or (a server defined before the
+            # range) gets one now.
+            new = replace(new, ports=old.ports or (self.ports.allocate(self._held_ports()),))
+        # Held until the server's spec says so (after the store's write), so
+        # that a create meanwhile does not pick it.
+        held = {p.external for p in new.ports} - {p.external for p in old.ports}
+        self._pending_ports |= held
+        try:
+            # The store first: a write that fails (a full state disk) leaves
+            # the old definition in memory and on disk alike.
+            await self.store.update(server.server_id, spec=new.to_json())
+        finally:
+            self._pending_ports -= held
         server.spec = new
         self._remove(server)
         self._add(server)
         live = False
+        warnings: tuple[str, ...] = ()
         if server.container_id and new.limits != old.limits:
             try:
                 await self.engine.update_limits(
@@ -612,15 +673,17 @@ class ServerManager(service.Service):
                 live = True
             except NotFound:
                 pass
-        return Updated(brief=server.brief(), limits_applied_live=live)
+            else:
+                warnings = self._engine_warnings(server)
+        return Updated(brief=server.brief(), limits_applied_live=live, warnings=warnings)
 
     def status(self, server_id: str) -> ServerStatus:
-        """The server's status."""
-        return self.get(server_id).status()
+        """The server's status, with the ports it publishes."""
+        return _with_allocations(self.get(server_id))
 
     def list_servers(self) -> list[ServerStatus]:
         """Status of every managed server."""
-        return [s.status() for s in self._servers.values()]
+        return [_with_allocations(s) for s in self._servers.values()]
 
     def server_metrics(self, server_id: str) -> Metrics:
         """The Panel's metrics shape from the latest sample."""
@@ -672,6 +735,16 @@ class ServerManager(service.Service):
     def remove_listener(self, listener: Any) -> None:
         """Unsubscribe (a consumer's unsettled lines then count as not delivered)."""
         self.bus.remove(listener)
+
+
+# Distinct engine warnings remembered as logged (beyond, a new one is logged
+# every time it comes: a bound, not a behaviour any engine reaches).
+_WARNINGS_REMEMBERED = 256
+
+
+def _with_allocations(server: Server) -> ServerStatus:
+    """``server``'s status with its published ports."""
+    return replace(server.status(), allocations=allocations(server.spec))
 
 
 def _unusable(error: Exception) -> str:

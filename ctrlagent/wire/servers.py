@@ -26,6 +26,7 @@ from ctrlagent.wire.json import to_json
 from ctrlagent.wire.time import iso_ms, iso_ms_or_none, parse_timestamp
 
 __all__ = [
+    "Allocation",
     "Metrics",
     "CrashReport",
     "ServerBrief",
@@ -100,6 +101,33 @@ def _crash(c: CrashReport) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Allocation:
+    """
+    A port a server publishes: ``ip:port`` on the host, ``internal`` in the
+    container, on each of ``protocols``; the ``primary`` one is
+    ``{{SERVER_PORT}}``.
+    """
+
+    ip: str
+    port: int
+    internal: int
+    protocols: tuple[str, ...] = ("tcp", "udp")
+    primary: bool = False
+
+
+@to_json.register
+def _allocation(a: Allocation) -> dict[str, Any]:
+    return {
+        "ip": a.ip,
+        "port": a.port,
+        "internal": a.internal,
+        "protocol": "/".join(a.protocols),
+        "protocols": list(a.protocols),
+        "primary": a.primary,
+    }
+
+
+@dataclass(frozen=True)
 class ServerBrief:
     """The short answer of a power action: where the server is now."""
 
@@ -140,6 +168,7 @@ class ServerStatus:
     uptime: float | None = None
     last_crash: CrashReport | None = None
     power_action: str | None = None
+    allocations: tuple[Allocation, ...] = ()
 
 
 @to_json.register
@@ -154,6 +183,8 @@ def _status(s: ServerStatus) -> dict[str, Any]:
         "image": s.image,
         "aliases": list(s.aliases),
     }
+    if s.allocations:
+        out["allocations"] = [_allocation(a) for a in s.allocations]
     if s.error:
         out["error"] = s.error
     if s.resources is not None:
@@ -169,16 +200,36 @@ def _status(s: ServerStatus) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Created:
-    """A server was defined (and installed, or is still installing in the background)."""
+    """
+    A server was defined (and installed, or is still installing in the
+    background), publishing ``allocations``; ``warnings`` are what the
+    engine said it accepted but does not apply (a limit this kernel lacks).
+    """
 
     server_id: str
     container_id: str | None
     state: str
+    allocations: tuple[Allocation, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 @to_json.register
 def _created(c: Created) -> dict[str, Any]:
-    return {"serverId": c.server_id, "containerId": c.container_id, "status": c.state}
+    out: dict[str, Any] = {
+        "serverId": c.server_id, "containerId": c.container_id, "status": c.state,
+    }
+    return _extras(out, c.allocations, c.warnings)
+
+
+def _extras(
+    out: dict[str, Any], allocations: tuple[Allocation, ...], warnings: tuple[str, ...]
+) -> dict[str, Any]:
+    """``out`` with ``allocations`` and ``warnings`` when there are any."""
+    if allocations:
+        out["allocations"] = [_allocation(a) for a in allocations]
+    if warnings:
+        out["warnings"] = list(warnings)
+    return out
 
 
 @dataclass(frozen=True)
@@ -196,15 +247,20 @@ def _deleted(d: Deleted) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Updated:
-    """A server's definition changed (``limits_applied_live``: its container has the new limits)."""
+    """
+    A server's definition changed (``limits_applied_live``: its container
+    has the new limits; ``warnings``: what the engine said it does not apply).
+    """
 
     brief: ServerBrief
     limits_applied_live: bool
+    warnings: tuple[str, ...] = ()
 
 
 @to_json.register
 def _updated(u: Updated) -> dict[str, Any]:
-    return {**_brief(u.brief), "limitsAppliedLive": u.limits_applied_live}
+    return _extras({**_brief(u.brief), "limitsAppliedLive": u.limits_applied_live}, (),
+                   u.warnings)
 
 
 @dataclass(frozen=True)

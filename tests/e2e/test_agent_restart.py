@@ -95,6 +95,9 @@ def test_sigkilled_agent_reattaches_and_keeps_every_line_once(
     status = agent.command_sync({"action": "get_server_status", "serverId": server_id})["data"]
     assert status["status"] == "running"
     assert status["containerId"] == container_id  # the same container kept running
+    # Its allocated port (the payload had none) is the one it had before.
+    assert status["allocations"] == created["data"]["allocations"]
+    assert len(created["data"]["allocations"]) == 1
 
     stopped = agent.command_sync(
         {"action": "stop_server", "serverId": server_id, "payload": {"timeout": 5}}

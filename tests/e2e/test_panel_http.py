@@ -97,7 +97,11 @@ def test_panel_drives_a_server_from_create_to_delete(
     created = ok(agent, "create_server", UUID, **create_payload(scripted_image))
     assert created["serverId"] == UUID
     assert created["status"] in ("offline", "installing")
-    wait_status(agent, PANEL_ID, "offline")
+    # The Panel sends no ports: the agent allocates one of servers.port_range.
+    [allocation] = created["allocations"]
+    assert 25565 <= allocation["port"] <= 25665 and allocation["primary"] is True
+    offline = wait_status(agent, PANEL_ID, "offline")
+    assert offline["allocations"] == created["allocations"]
 
     started = ok(agent, "start_server", UUID)
     assert started["status"] in ("starting", "running")

@@ -103,6 +103,8 @@ async def test_agent_serves_a_panel_over_websocket(
         )
         created = await _within(_response(panel, "cmd_1"), 30, "create response")
         assert created["success"] is True, created
+        # The same record as over HTTP: the allocated port (the payload has none).
+        assert [a["protocols"] for a in created["data"]["allocations"]] == [["tcp", "udp"]]
         # The Go agent's nested shape, with a numeric timestamp.
         panel.send(
             {

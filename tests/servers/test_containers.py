@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from ctrlagent.config import ServersConfig
-from ctrlagent.engine.interface import Mount, PortBinding, ResourceLimits
+from ctrlagent import config
+from ctrlagent.config import ServersConfig, load_config, parse_ulimits
+from ctrlagent.engine.interface import ULIMIT_NAMES, Mount, PortBinding, ResourceLimits
 from ctrlagent.errors import ConfigInvalid, InvalidInput
 from ctrlagent.servers import containers
 from ctrlagent.servers import spec as specs
@@ -136,16 +137,6 @@ def test_install_container_of_a_server_without_script_is_refused() -> None:
         containers.install_container(parse(), "/d", "/s", DEFAULTS, "bridge")
 
 
-class _WithUlimits:
-    """``ServersConfig`` plus a ``ulimits`` setting (until config.py has the key)."""
-
-    def __init__(self, ulimits: object) -> None:
-        self.ulimits = ulimits
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(DEFAULTS, name)
-
-
 def test_both_containers_get_the_default_process_limits() -> None:
     spec = parse(install="true")
     server = containers.server_container(spec, "/d", DEFAULTS, "bridge")
@@ -155,10 +146,11 @@ def test_both_containers_get_the_default_process_limits() -> None:
 
 
 def test_the_operators_process_limits_replace_the_defaults() -> None:
-    servers = _WithUlimits({"nofile": [1024, 4096], "nproc": 2048})
-    c = containers.server_container(parse(), "/d", servers, "bridge")  # type: ignore[arg-type]
-    assert c.ulimits == {"nofile": (1024, 4096), "nproc": (2048, 2048)}
-    assert containers.ulimits(_WithUlimits({})) == {}  # type: ignore[arg-type]
+    servers = ServersConfig(ulimits={"nofile": [1024, 4096], "nproc": 2048})
+    c = containers.server_container(parse(install="true"), "/d", servers, "bridge")
+    i = containers.install_container(parse(install="true"), "/d", "/s", servers, "bridge")
+    assert c.ulimits == i.ulimits == {"nofile": (1024, 4096), "nproc": (2048, 2048)}
+    assert containers.ulimits(ServersConfig(ulimits={})) == {}
 
 
 @pytest.mark.parametrize(
@@ -177,7 +169,19 @@ def test_the_operators_process_limits_replace_the_defaults() -> None:
 def test_process_limits_that_are_not_limits_are_refused_naming_the_entry(
     value: object, words: str
 ) -> None:
-    with pytest.raises(ValueError, match=re.escape(words)):
-        containers.parse_ulimits(value)
     with pytest.raises(ConfigInvalid, match=re.escape(words)):
-        containers.ulimits(_WithUlimits(value))  # type: ignore[arg-type]
+        parse_ulimits(value)
+    with pytest.raises(ConfigInvalid, match=re.escape(words)):
+        containers.ulimits(ServersConfig(ulimits=value))  # type: ignore[arg-type]
+    with pytest.raises(ConfigInvalid, match=re.escape(words)):
+        load_config(environ={}, overrides={"development": True, "servers.ulimits": value})
+
+
+def test_the_configs_limit_names_are_the_engine_seams() -> None:
+    assert config.ULIMIT_NAMES == ULIMIT_NAMES
+
+
+def test_the_default_process_limits_are_eight_thousand_open_files() -> None:
+    assert containers.DEFAULT_ULIMITS == {"nofile": (8192, 8192)}
+    assert load_config(environ={}, overrides={"development": True}).servers.ulimits == {
+        "nofile": [8192, 8192]}
