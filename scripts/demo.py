@@ -28,7 +28,6 @@ from typing import Any
 from tests.rig.images import MINETEST_IMAGE, import_minetest
 
 SERVER_ID = "minetest-demo"
-GAME_PORT = 30000  # inside the container
 _HELLO = bytes.fromhex("4f457403" "0000" "00" "03ffdc01")
 
 
@@ -97,21 +96,6 @@ class Api:
         return self.call("POST", "/api/command", body)
 
 
-def free_port(ip: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on ``ip`` (bounded tries)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((ip, 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((ip, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port on {}".format(ip))
-
-
 def handshake(ip: str, port: int, tries: int = 10) -> bool:
     """Minetest's first reliable packet; the answer starts with its protocol id."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -143,28 +127,32 @@ def wait_for(check: Callable[[], bool], alive: Callable[[], bool], timeout: floa
     return False
 
 
-def create_payload(image: str, port: int) -> dict[str, Any]:
-    """What a Panel would send for a small Minetest server."""
+def create_payload(image: str) -> dict[str, Any]:
+    """
+    What the Panel sends for a small Minetest server: no ``ports``, so the
+    agent allocates one from ``servers.port_range`` on ``default_bind_ip``
+    (127.0.0.1 in the demo's config) and fills ``{{SERVER_PORT}}``.
+    """
     return {
         "name": "Minetest (ctrlagent demo)",
         "image": image,
         "startup": "/usr/games/minetestserver --port {{SERVER_PORT}}"
         " --world /home/container/world --logfile /home/container/minetest.log",
         "environment": {"HOME": "/home/container"},
-        "ports": [{"internal": GAME_PORT, "external": port, "ip": "127.0.0.1"}],
         "limits": {"memory": 512, "cpu": 100, "disk": 1024},
         "startupDone": {"pattern": r"listening on \[::\]:\d+", "regex": True},
         "stop": "SIGTERM",
     }
 
 
-def _published_port(status: dict[str, Any]) -> int | None:
-    for key in ("allocations", "ports"):
-        for entry in status.get(key) or []:
-            if isinstance(entry, dict):
-                port = entry.get("external") or entry.get("port")
-                if isinstance(port, int):
-                    return port
+def _published_port(data: dict[str, Any]) -> int | None:
+    """The primary allocation of a create answer or a status."""
+    entries = [e for e in data.get("allocations") or [] if isinstance(e, dict)]
+    entries.sort(key=lambda e: not e.get("primary"))
+    for entry in entries:
+        port = entry.get("port")
+        if isinstance(port, int):
+            return port
     return None
 
 
@@ -192,12 +180,13 @@ def run(
             " again".format(SERVER_ID, data.get("status"))
         )
     else:
-        port = free_port()
-        say("creating server {} on 127.0.0.1:{}/udp".format(SERVER_ID, port))
-        created = api.command("create_server", SERVER_ID, **create_payload(image, port))
+        say("creating server {}".format(SERVER_ID))
+        created = api.command("create_server", SERVER_ID, **create_payload(image))
         if not created.get("success"):
             say("create failed: {}".format(created.get("error") or created))
             return False
+        port = _published_port(created.get("data") or {})
+        say("the agent allocated port {} on 127.0.0.1 (tcp and udp)".format(port))
         record.write_text(json.dumps({"serverId": SERVER_ID, "port": port}) + "\n")
     if not isinstance(port, int):
         say("the server {} publishes no port; delete it to start over".format(SERVER_ID))

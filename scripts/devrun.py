@@ -102,6 +102,14 @@ def run_agent(host: str, extra: list[str], demo: bool) -> int:
     ]
     if "PANEL_URL" not in os.environ:
         args.append("--no-panel")
+    if demo and not any(a in ("--config", "-c") or a.startswith("--config=") for a in extra):
+        # The demo's game publishes on loopback only; its port comes from the range.
+        demo_config = DEV / "demo.toml"
+        demo_config.write_text(
+            "# written by run-agent --demo\n[servers]\ndefault_bind_ip = \"127.0.0.1\"\n"
+            'port_range = "30000-30100"\n'
+        )
+        args += ["--config", str(demo_config)]
     args += extra
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     port = _api_port(extra)

@@ -121,6 +121,9 @@ def test_the_demo_runs_a_minetest_server_and_a_second_run_reattaches_it(
         game_port = int(joined.group(1))
         assert _handshake(game_port)[:4] == bytes.fromhex("4f457403")
         assert "creating server minetest-demo" in first.text()
+        # The Panel's create sends no ports: the agent allocated one from the demo's range.
+        assert "the agent allocated port {} on 127.0.0.1".format(game_port) in first.text()
+        assert 30000 <= game_port <= 30100
         assert first.ctrl_c() == 0, first.text()
         assert "Traceback" not in first.text(), first.text()
         # The world stays for the next run.
