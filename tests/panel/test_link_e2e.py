@@ -38,10 +38,17 @@ async def health(agent: AgentProcess) -> dict[str, Any]:
 
 
 async def health_says(agent: AgentProcess, connected: bool, seconds: float = 10.0) -> None:
+    """/health follows the link under ``panelLink``; the node itself stays ``connected``."""
     deadline = reactor.seconds() + seconds
-    while (await health(agent))["connected"] is not connected:
+    while True:
+        body = await health(agent)
+        # The Panel drives the agent over HTTP: the link never makes the node offline.
+        assert body["connected"] is True, body
+        if body["panelLink"]["connected"] is connected:
+            assert body["panelLink"]["state"] == ("connected" if connected else "disconnected")
+            return
         if reactor.seconds() > deadline:
-            raise AssertionError("/health never said connected={}".format(connected))
+            raise AssertionError("/health never said panelLink.connected={}".format(connected))
         await sleep(0.05)
 
 
