@@ -457,6 +457,18 @@ class AgentApi:
             ),
         )
 
+    @app.route("/api/servers/<server_id>/aliases", methods=["POST"])
+    @authenticated
+    async def server_aliases(self, request: IRequest, server_id: str) -> bytes:
+        """
+        ``{"alias": "<the Panel's other id>"}``: record that the server is also
+        known by ``alias`` (``add_server_alias``); 409 when it names another server.
+        """
+        return await self._rest_with_body(
+            request,
+            lambda body: Command("add_server_alias", server_id, {"alias": body.get("alias")}),
+        )
+
     @app.route("/api/servers/<server_id>/logs", methods=["GET"])
     @authenticated
     async def server_logs(self, request: IRequest, server_id: str) -> bytes:

@@ -555,6 +555,38 @@ async def test_rest_errors_use_http_codes(rig: ApiRig) -> None:
     assert response.code == 401
 
 
+@pytest_twisted.ensureDeferred
+async def test_rest_aliases_record_the_panels_second_id_and_refuse_conflicts(
+    rig: ApiRig,
+) -> None:
+    # A create that told only the power id (server.uuid), as the Panel's does.
+    code, body = await rig.command({"action": "create_server", "serverId": UUID,
+                                    "payload": {"name": "s", "image": "img"}})
+    assert body["success"] is True
+    assert (await rest(rig, "GET", "/api/servers/" + PANEL_ID))[0] == 404
+    code, body = await rest(rig, "POST", "/api/servers/{}/aliases".format(UUID),
+                            {"alias": PANEL_ID})
+    assert (code, body["data"]["aliases"], body["data"]["added"]) == (200, [PANEL_ID], True)
+    # The Panel's console/files/metrics id now works on /api/command.
+    code, body = await rig.command({"action": "get_server_metrics", "serverId": PANEL_ID})
+    assert (code, body["success"]) == (200, True)
+    other = "b" * 32
+    await rig.command({"action": "create_server", "serverId": other,
+                       "payload": {"name": "t", "image": "img"}})
+    code, body = await rest(rig, "POST", "/api/servers/{}/aliases".format(other),
+                            {"alias": PANEL_ID})
+    assert (code, body["code"]) == (409, "CONFLICT")
+    code, body = await rest(rig, "POST", "/api/servers/{}/aliases".format(other), {"alias": UUID})
+    assert (code, body["code"]) == (409, "CONFLICT")
+    code, body = await rest(rig, "POST", "/api/servers/{}/aliases".format(other), {})
+    assert (code, body["details"]["field"]) == (400, "alias")
+    code, body = await rest(rig, "POST", "/api/servers/ghost/aliases", {"alias": "x1"})
+    assert (code, body["code"]) == (404, "SERVER_NOT_FOUND")
+    response = await rig.http.post("http://node.test:8081/api/servers/{}/aliases".format(UUID),
+                                   data=b'{"alias": "y"}')
+    assert response.code == 401
+
+
 # -- OpenAPI -------------------------------------------------------------------------
 
 

@@ -638,6 +638,25 @@ def test_a_link_without_a_url_is_disabled_and_never_dials() -> None:
     assert rig.link.is_connected()
 
 
+def test_an_alias_is_recorded_over_the_link_and_a_conflict_refused() -> None:
+    rig = Harness()
+    rig.create_server("s1")
+    rig.create_server("s2")
+    rig.start()
+    rig.panel.send({"id": "a1", "type": "command", "action": "add_server_alias",
+                    "serverId": "s1", "payload": {"alias": "cuid-1"}})
+    rig.panel.send({"id": "a2", "type": "command", "data": {"action": "add_alias",
+                                                            "serverId": "s2", "alias": "cuid-1"}})
+    rig.flush()
+    rig.panel.send({"id": "a3", "type": "command", "action": "get_server_status",
+                    "serverId": "cuid-1"})
+    rig.flush()
+    responses = rig.panel.responses()
+    assert responses["a1"][0]["data"]["aliases"] == ["cuid-1"]
+    assert responses["a2"][0]["error"]["code"] == "CONFLICT"
+    assert responses["a3"][0]["data"]["serverId"] == "s1"
+
+
 def test_legacy_frames_that_fail_are_answered_with_their_id_or_an_error_frame() -> None:
     rig = Harness()
     rig.create_server("s1")
