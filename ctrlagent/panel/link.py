@@ -809,10 +809,20 @@ class PanelLink(service.MultiService):
             if command_id is not None:
                 self._in_flight.discard(incoming.id_key(command_id))
         if command_id is None:
-            # Nothing to correlate a reply with (legacy frames come without an
-            # id), but a failure is still reported rather than lost.
+            # Nothing to correlate a reply with.  A command without an id
+            # wants none, but a legacy frame (they come without one) is
+            # answered in the shape its Panel reads (file_content,
+            # server_status), and a failure is reported rather than lost.
             if error is None:
-                done()
+                if frame.legacy is None:
+                    done()
+                    return
+                reply = self._legacy_answer(
+                    frame, result if isinstance(result, ActionResult) else ActionResult()
+                )
+                self._emit_answer(
+                    (self._encode_answer(reply, command_id, frame.id_field),), done
+                )
                 return
             reply = outgoing.error_frame(
                 error,
@@ -822,6 +832,23 @@ class PanelLink(service.MultiService):
                 frameType=frame.legacy,
             )
         self._emit_answer((self._encode_answer(reply, command_id, frame.id_field),), done)
+
+    def _legacy_answer(self, frame: incoming.CommandFrame, result: ActionResult) -> dict[str, Any]:
+        """The frame answering a legacy typed frame that worked (``wire.frames.legacy_answer``)."""
+        command = frame.command
+        data = to_json(result.data)
+        server_id = data.get("serverId") if isinstance(data, Mapping) else None
+        if not isinstance(server_id, str):
+            server_id = command.server_id
+        status = None
+        for listed in self._listing():
+            if isinstance(listed, Mapping) and listed.get("serverId") == server_id:
+                current = listed.get("status")
+                status = current if isinstance(current, str) else None
+        return outgoing.legacy_answer(
+            frame.legacy or "", data, command.params, server_id, self._reactor.seconds(),
+            status=status,
+        )
 
     def _encode_answer(self, frame: dict[str, Any], command_id: Any, id_field: str) -> bytes:
         """
