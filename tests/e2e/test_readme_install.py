@@ -23,6 +23,7 @@ import re
 import secrets
 import shlex
 import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from tests.rig.agentproc import ROOT, _twistd, free_port
+from tests.rig.agentproc import ROOT, _twistd, free_port, remove_containers_under
 from tests.rig.processes import spawn_logged, stop_process, wait_until_ready
 
 pytestmark = pytest.mark.e2e
@@ -95,6 +96,7 @@ class ReadmeAgent:
         etc = workdir / "etc"
         etc.mkdir(parents=True)
         state = workdir / "var-lib-ctrlagent"
+        self.data_dir = state / "servers"
         secret_file = etc / "secret"
         secret_file.write_text(self.secret + "\n")
         secret_file.chmod(0o600)
@@ -177,6 +179,7 @@ def readme_agent(tmp_path: Path, docker_engine: Any) -> Any:
     for agent in agents:
         if agent.process is not None:
             agent.stop()
+        remove_containers_under(docker_engine.host, agent.data_dir)
 
 
 def test_the_readme_install_sets_no_panel_websocket_the_current_panel_lacks() -> None:
@@ -199,6 +202,51 @@ def test_installed_the_readme_way_the_panel_discovers_the_node_online(readme_age
     listed = agent.call("/api/command", {"action": "list_servers"})
     assert listed["success"] is True and listed["data"]["servers"] == []
     assert "no WebSocket link" in agent.log_path.read_text()
+
+
+def readme_alias_call() -> str:
+    """The README's curl call that records a server's second id (its "Connecting the Panel")."""
+    section = README.read_text().split("## Connecting the Panel", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert "/aliases" in block and block.lstrip().startswith("curl ")
+    return block.replace("\\\n", " ")
+
+
+def test_the_readme_alias_call_makes_the_panels_second_id_work(
+    readme_agent: Any, scripted_image: str
+) -> None:
+    agent = readme_agent()
+    uuid, panel_id = "3f2b8c1e9d4a4b7f8e6c5d4b3a291807", "clx9k2m4p0000abcd1234efgh"
+    created = agent.call("/api/command", {
+        "action": "create_server", "serverId": uuid,
+        "payload": {"name": "Survival", "image": scripted_image, "startup": "./run.sh",
+                    "environment": {}, "limits": {"memory": 64, "swap": 0, "disk": 100,
+                                                  "cpu": 50, "io": 500}, "skipScripts": True},
+    })
+    assert created["success"] is True, created
+    try:
+        before = agent.call("/api/command", {"action": "list_files", "serverId": panel_id})
+        assert before["code"] == "SERVER_NOT_FOUND"
+        # The README's command, word for word but for its placeholders and this agent's port.
+        command = (
+            readme_alias_call()
+            .replace("<server uuid>", uuid)
+            .replace("<server id>", panel_id)
+            .replace("/etc/ctrlagent/secret", str(agent.workdir / "etc" / "secret"))
+            .replace("127.0.0.1:8081", "127.0.0.1:{}".format(agent.port))
+        )
+        out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+        answer = json.loads(out)
+        assert answer["success"] is True and answer["data"]["aliases"] == [panel_id], answer
+        files = agent.call("/api/command", {"action": "list_files", "serverId": panel_id})
+        assert files["success"] is True and files["data"]["serverId"] == uuid
+        again = json.loads(subprocess.run(["sh", "-c", command.replace(uuid, "nobody")],
+                                          capture_output=True, text=True, timeout=30).stdout)
+        assert again["code"] == "SERVER_NOT_FOUND"
+    finally:
+        agent.call("/api/command", {"action": "delete_server", "serverId": uuid,
+                                    "payload": {"purgeFiles": True}})
 
 
 def test_with_an_unreachable_panel_websocket_the_node_stays_online_and_shows_the_link(
