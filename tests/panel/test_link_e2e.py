@@ -87,6 +87,20 @@ async def test_twistd_agent_over_the_websocket_with_health_following_the_link(
                                 for f in panel.frames("server_status_changed")), 30)
         await until(lambda: "Done (0.1s)!" in panel.console_lines(UUID), 10)
 
+        # An older Panel's file frames (agent.ts readFile/writeFile: no id) get
+        # the file_content frames it reads.
+        panel.send({"type": "file_write",
+                    "data": {"serverId": UUID, "path": "motd.txt", "content": "hello\n"}})
+        await until(lambda: len(panel.frames("file_content")) == 1, 10)
+        panel.send({"type": "file_read", "data": {"serverId": UUID, "path": "motd.txt"}})
+        await until(lambda: len(panel.frames("file_content")) == 2, 10)
+        written, read = (f["data"] for f in panel.frames("file_content"))
+        assert (written["serverId"], written["written"], written["size"]) == (UUID, True, 6)
+        assert (read["serverId"], read["path"], read["content"]) == (UUID, "/motd.txt", "hello\n")
+        panel.send({"type": "file_read", "data": {"serverId": UUID, "path": "missing.txt"}})
+        await until(lambda: len(panel.frames("error")) == 1, 10)
+        assert panel.frames("error")[0]["data"]["frameType"] == "file_read"
+
         # The Panel goes away: /health must say so, then recover with it.
         await listening.stopListening()
         panel.drop()
