@@ -30,9 +30,16 @@ from ctrlagent.errors import ConfigInvalid
 
 @dataclass(frozen=True)
 class PanelConfig:
-    """The WebSocket link to the Panel (PROTOCOL.md section 3)."""
+    """
+    The optional WebSocket link to the Panel (PROTOCOL.md section 3).
 
-    url: str = "ws://localhost:8080"
+    The current Panel drives agents over HTTP alone and has no WebSocket for
+    them, so there is no link unless ``url`` names one (older Panels listen on
+    ``ws://<panel>:8080``); ``enabled = false`` turns a configured link off.
+    """
+
+    # The Panel's agent WebSocket (ws:// or wss://); empty: no link.
+    url: str = ""
     enabled: bool = True
     heartbeat_interval: float = 30.0
     backoff_initial: float = 1.0
@@ -63,6 +70,10 @@ class PanelConfig:
     # For wss:// only: a PEM file of the CA(s) to trust instead of the system
     # store (a Panel behind a private CA or a self-signed certificate).
     tls_ca: str = ""
+
+    def dials(self) -> bool:
+        """Whether the agent keeps a link to the Panel: a URL is set and the link is enabled."""
+        return self.enabled and bool(self.url.strip())
 
 
 @dataclass(frozen=True)
@@ -798,9 +809,12 @@ def validate(config: AgentConfig) -> None:
         raise ConfigInvalid("node_id must not be empty")
     if not 0 < config.http.port < 65536:
         raise ConfigInvalid("http.port {} is not a TCP port (1-65535)".format(config.http.port))
-    url = urlsplit(config.panel.url)
-    if url.scheme not in ("ws", "wss") or not url.hostname:
-        raise ConfigInvalid("panel.url {!r} must be a ws:// or wss:// URL".format(config.panel.url))
+    url = urlsplit(config.panel.url.strip())
+    if config.panel.url.strip() and (url.scheme not in ("ws", "wss") or not url.hostname):
+        raise ConfigInvalid(
+            "panel.url {!r} must be a ws:// or wss:// URL (the Panel's agent WebSocket), "
+            "or empty for no link: the Panel drives the agent over HTTP".format(config.panel.url)
+        )
     for name, host in (
         ("docker.host", config.docker.host),
         ("runtime.podman_host", config.runtime.podman_host),

@@ -65,7 +65,8 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Runs the Ctrl-Alt-Play node agent: an HTTP API for the Panel (default port 8081), "
-        "a WebSocket link to the Panel (PANEL_URL) and the game servers in Docker (DOCKER_HOST). "
+        "an optional WebSocket link to the Panel (PANEL_URL) "
+        "and the game servers in Docker (DOCKER_HOST). "
         "Settings come from defaults, then --config (TOML), then the environment "
         "(PANEL_URL, NODE_ID, AGENT_SECRET, AGENT_SECRET_FILE, HEALTH_PORT, DOCKER_HOST, "
         "CTRLAGENT_STATE_DIR, CTRLAGENT_DATA_DIR, ...), then these options. "
@@ -80,7 +81,8 @@ class Options(usage.Options):
             "panel-url",
             None,
             None,
-            "WebSocket URL of the Panel (PANEL_URL; default ws://localhost:8080).",
+            "The Panel's agent WebSocket URL, for Panels that have one "
+            "(PANEL_URL; default: none, the Panel drives the agent over HTTP).",
         ],
         [
             "secret-file",
@@ -243,6 +245,8 @@ class _StartupBanner(Service):
         self._config = config
 
     def startService(self) -> None:
+        from ctrlagent.panel.backoff import without_query
+
         super().startService()
         c = self._config
         log.info(
@@ -252,7 +256,7 @@ class _StartupBanner(Service):
             node_id=c.node_id,
             endpoint=c.http.endpoint_description(),
             docker=c.docker.host,
-            panel=c.panel.url if c.panel.enabled else "disabled",
+            panel=without_query(c.panel.url) if c.panel.dials() else "no WebSocket link",
             state_dir=c.state_dir,
             data_dir=c.data_dir,
             dev=" (development mode)" if c.development else "",
@@ -411,15 +415,17 @@ def _build_transports(
     backups: BackupManager | None = None,
 ) -> None:
     """
-    The Panel link (service ``panel``, unless disabled) and the HTTP API
-    (``http``).  The link forwards the backups' events too; the API serves
-    their archives through the backups package's ``serve_download``.
+    The Panel link (service ``panel``, only when a Panel WebSocket URL is
+    configured and the link is enabled) and the HTTP API (``http``).  The link
+    is optional: the API reports its state under ``panelLink`` and never as
+    the node's ``connected``.  The link forwards the backups' events too; the
+    API serves their archives through the backups package's ``serve_download``.
     """
     from ctrlagent.api.app import AgentApi, make_http_service
     from ctrlagent.panel.link import PanelLink
 
     link: PanelLink | None = None
-    if config.panel.enabled:
+    if config.panel.dials():
         link = PanelLink(
             reactor,
             config,
@@ -437,7 +443,7 @@ def _build_transports(
         config=config,
         dispatcher=dispatcher,
         servers=servers,
-        link_connected=(lambda: True) if link is None else link.is_connected,
+        panel_link=None if link is None else link.state,
         docker_ping=lambda: _engine_ping(docker),
         clock=reactor,
         version=__version__,

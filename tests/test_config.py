@@ -20,7 +20,9 @@ from ctrlagent.tap import Options
 
 def test_defaults_match_the_protocol() -> None:
     config = load_config(None, {}, {"development": True})
-    assert config.panel.url == "ws://localhost:8080"
+    # No WebSocket link unless one is configured: the current Panel has none
+    # and drives agents over HTTP (PROTOCOL.md section 0).
+    assert config.panel.url == "" and not config.panel.dials()
     assert config.node_id == "node-1"
     assert config.http.port == 8081
     assert config.docker.host == "unix:///var/run/docker.sock"
@@ -39,6 +41,17 @@ def test_environment_overrides_file_and_options_override_environment(tmp_path: P
     assert config.http.port == 9200
     assert config.panel.url == "ws://file:1/"
     assert config.secret == "s"
+
+
+def test_a_configured_panel_websocket_url_keeps_its_link(tmp_path: Path) -> None:
+    # An operator's existing config or environment naming the link still gets it.
+    toml = tmp_path / "agent.toml"
+    toml.write_text('secret = "s"\n[panel]\nurl = "wss://panel.example.com:8080"\n')
+    assert load_config(str(toml), {}, {}).panel.dials()
+    env = {"AGENT_SECRET": "s", "PANEL_URL": "ws://old-panel:8080"}
+    assert load_config(None, env, {}).panel.dials()
+    assert not load_config(None, {**env, "CTRLAGENT_PANEL_ENABLED": "0"}, {}).panel.dials()
+    assert not load_config(None, {**env, "PANEL_URL": ""}, {}).panel.dials()
 
 
 def test_missing_secret_refuses_to_start_unless_development() -> None:

@@ -10,7 +10,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ctrlagent.config import AgentConfig, SftpConfig, TimeoutsConfig
+from ctrlagent.config import AgentConfig, PanelConfig, SftpConfig, TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.tap import build_service
 from ctrlagent.work import Deadlines, DeferredTracker, Tracker
@@ -265,6 +265,7 @@ async def test_the_agent_shares_one_tracker_and_one_deadline_helper(tmp_path: Pa
         data_dir=str(tmp_path / "data"),
         timeouts=TimeoutsConfig(command_answer=7, http_drain=4),
         sftp=SftpConfig(endpoint="tcp:0:interface=127.0.0.1"),
+        panel=PanelConfig(url="ws://127.0.0.1:1/agent"),  # a link to build
     )
     (tmp_path / "state").mkdir()
     from twisted.internet import reactor

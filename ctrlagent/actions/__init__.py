@@ -2,7 +2,7 @@
 The actions of the protocol, behind both transports (PROTOCOL.md section 2).
 
 ``registry`` holds the one pipeline every command goes through; each family
-declares its actions once, in its own module (``servers``, ``console``,
+declares its actions once, in its own module (``servers``, ``aliases``, ``console``,
 ``files``, ``mods``, ``node``, ``sftp``, ``backups``) with the payload declarations of ``payload``.
 ``build_registry`` is the one way to get them all.
 """
@@ -17,6 +17,7 @@ from ctrlagent.config import TimeoutsConfig
 from ctrlagent.interfaces import IBackupManager, IFileManager, IHost, IServerManager, ISftpService
 from ctrlagent.work import Deadlines, Tracker
 
+from .aliases import alias_actions
 from .backups import backup_actions, guard_restores
 from .console import console_actions
 from .files import file_actions
@@ -44,6 +45,7 @@ def register_all(
     """
     specs = [
         *server_actions(servers),
+        *alias_actions(servers),
         *console_actions(servers),
         *file_actions(files, servers),
         *mod_actions(files, servers),

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from klein import Klein
@@ -84,8 +85,13 @@ class AgentApi:
     """
     The HTTP routes, over an injected dispatcher and server manager.
 
-    ``link_connected()`` tells whether the WebSocket link to the Panel is up
-    (True when that link is disabled); ``docker_ping()`` whether the Docker
+    ``panel_link()`` is the optional WebSocket link's own state
+    (``PanelLink.state``: ``{enabled, connected, state, url, lastError,
+    since}``), None when the agent has no link; ``link_connected()`` is the
+    older, up-or-down form of it (tests).  Either is reported under
+    ``panelLink`` and never as the node's ``connected``: the Panel drives the
+    agent over HTTP, and a node whose optional link is down is still online
+    (PROTOCOL.md section 1).  ``docker_ping()`` whether the Docker
     engine answers (waiting ``timeouts.engine_ping``), cached for
     ``timeouts.engine_ping_cache`` so that frequent ``/health`` probes stay
     cheap.  ``tracker`` is the API's share of the agent's work (the commands
@@ -104,10 +110,11 @@ class AgentApi:
         config: AgentConfig,
         dispatcher: IDispatcher,
         servers: IServerManager,
-        link_connected: Callable[[], bool],
         docker_ping: Callable[[], Deferred[bool]],
         clock: IReactorTime,
         version: str,
+        panel_link: Callable[[], Mapping[str, Any]] | None = None,
+        link_connected: Callable[[], bool] | None = None,
         tracker: Tracker | None = None,
         deadlines: Deadlines | None = None,
         backup_download: BackupDownload | None = None,
@@ -116,6 +123,7 @@ class AgentApi:
         self._backup_download = backup_download
         self._dispatcher = dispatcher
         self._servers = servers
+        self._panel_link = panel_link
         self._link_connected = link_connected
         self._docker_ping = docker_ping
         self._clock = clock
@@ -250,6 +258,20 @@ class AgentApi:
     def _uptime(self) -> float:
         return max(0.0, self._clock.seconds() - self._started)
 
+    def _link_state(self) -> dict[str, Any]:
+        """``panelLink``: the optional WebSocket link's own state (never raises)."""
+        try:
+            if self._panel_link is not None:
+                return dict(self._panel_link())
+            if self._link_connected is not None:
+                up = bool(self._link_connected())
+                return {**_NO_LINK, "enabled": True, "connected": up,
+                        "state": "connected" if up else "disconnected"}
+        except Exception:
+            self.log.failure("link state check failed")
+            return {**_NO_LINK, "enabled": True, "state": "unknown"}
+        return dict(_NO_LINK)
+
     # -- node routes ---------------------------------------------------------
 
     @app.route("/", methods=["GET", "HEAD"])
@@ -262,29 +284,28 @@ class AgentApi:
     @app.route("/health", methods=["GET", "HEAD"])
     async def health(self, request: IRequest) -> bytes:
         """
-        Discovery probe (no auth).  200 whenever the agent can serve; the body
-        says whether the Panel link and Docker are up.  503 only when the
-        Docker engine is unreachable, since then no server can be managed.
+        Discovery probe (no auth).  200 whenever the agent can serve; 503 only
+        when the Docker engine is unreachable, since then no server can be
+        managed.  ``connected`` says whether the Panel can command this agent,
+        which it does over this HTTP API: answering at all means it can.  The
+        Panel registers a node offline when ``connected`` is false, so the
+        optional WebSocket link's state goes under ``panelLink`` instead.
         """
         docker = await self._docker_ok()
-        try:
-            connected = bool(self._link_connected())
-        except Exception:
-            self.log.failure("link state check failed")
-            connected = False
         uptime = self._uptime()
         request.setResponseCode(200 if docker else 503)
         return self._json(
             request,
             {
-                "status": "healthy" if docker and connected else "degraded",
+                "status": "healthy" if docker else "degraded",
                 "nodeId": self._config.node_id,
                 "version": self._version,
                 "uptime": human_duration(uptime),
                 "uptimeSeconds": int(uptime),
                 "timestamp": iso_ms(self._clock.seconds()),
-                "connected": connected,
+                "connected": True,
                 "docker": docker,
+                "panelLink": self._link_state(),
             },
         )
 
@@ -336,6 +357,7 @@ class AgentApi:
                 "serverCount": len(to_json(self._servers.list_servers())),
                 "lastSeen": iso_ms(self._clock.seconds()),
                 "nodeId": self._config.node_id,
+                "panelLink": self._link_state(),
             },
         )
 
@@ -435,6 +457,18 @@ class AgentApi:
             ),
         )
 
+    @app.route("/api/servers/<server_id>/aliases", methods=["POST"])
+    @authenticated
+    async def server_aliases(self, request: IRequest, server_id: str) -> bytes:
+        """
+        ``{"alias": "<the Panel's other id>"}``: record that the server is also
+        known by ``alias`` (``add_server_alias``); 409 when it names another server.
+        """
+        return await self._rest_with_body(
+            request,
+            lambda body: Command("add_server_alias", server_id, {"alias": body.get("alias")}),
+        )
+
     @app.route("/api/servers/<server_id>/logs", methods=["GET"])
     @authenticated
     async def server_logs(self, request: IRequest, server_id: str) -> bytes:
@@ -505,6 +539,19 @@ class AgentApi:
         self.log.failure("unexpected error serving {path}", failure, path=request.path)
         request.setResponseCode(500)
         return self._json(request, envelopes.internal_error())
+
+
+# ``panelLink`` of an agent without a WebSocket link to the Panel.
+_NO_LINK: Mapping[str, Any] = MappingProxyType(
+    {
+        "enabled": False,
+        "connected": False,
+        "state": "disabled",
+        "url": None,
+        "lastError": None,
+        "since": None,
+    }
+)
 
 
 class _TooLarge(CtrlAgentError):

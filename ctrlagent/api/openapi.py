@@ -163,6 +163,23 @@ _DOCUMENT: dict[str, Any] = {
                 },
             }
         },
+        "/api/servers/{serverId}/aliases": {
+            "post": {
+                "summary": "Record another id the server is known by (the Panel's second id)",
+                "parameters": [_SERVER_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("AliasRequest")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Success"), "The alias names the server from now on."),
+                    "400": _FAILURE,
+                    "401": _UNAUTHORIZED,
+                    "404": _FAILURE,
+                    "409": _FAILURE,
+                },
+            }
+        },
         "/api/servers/{serverId}/logs": {
             "get": {
                 "summary": "The last console lines",
@@ -410,6 +427,17 @@ _DOCUMENT: dict[str, Any] = {
                 "type": "object",
                 "required": ["command"],
                 "properties": {"command": {"type": "string"}},
+            },
+            "AliasRequest": {
+                "type": "object",
+                "required": ["alias"],
+                "properties": {
+                    "alias": {
+                        "type": "string",
+                        "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+                        "description": "The server's other id (the Panel's server.id or uuid).",
+                    }
+                },
             },
             "LogsResponse": {
                 "allOf": [

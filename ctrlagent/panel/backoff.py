@@ -35,6 +35,13 @@ def without_query(url: str) -> str:
     return urlunsplit(parts._replace(query="", fragment=""))
 
 
+def without_credentials(url: str) -> str:
+    """The URL as ``/health`` may show it: no user, password, query or fragment."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
+
+
 class ReconnectBackoff:
     """
     The reconnect schedule, usable as ``ClientService``'s ``retryPolicy``.

@@ -78,13 +78,19 @@ from ctrlagent.events import (
     StatusChanged,
 )
 from ctrlagent.interfaces import IConsoleConsumer
-from ctrlagent.panel.backoff import ReconnectBackoff, panel_url, without_query
+from ctrlagent.panel.backoff import (
+    ReconnectBackoff,
+    panel_url,
+    without_credentials,
+    without_query,
+)
 from ctrlagent.panel.outbox import CommandIntake, ConsoleBatcher, Entry, Outbox, Receipts, settle
 from ctrlagent.panel.protocol import PanelClientFactory, PanelProtocol
 from ctrlagent.wire import frames as outgoing
 from ctrlagent.wire import incoming
 from ctrlagent.wire.command import ActionResult, IDispatcher, printable
 from ctrlagent.wire.json import encode, to_json
+from ctrlagent.wire.time import iso_ms
 from ctrlagent.work import DeferredTracker, async_to_deferred
 
 # How long gathering system_info / the load for a pong may take before the
@@ -137,6 +143,28 @@ def _load_trust(path: str) -> Any:
         raise ConfigInvalid("panel.tls_ca {}: not a PEM certificate ({})".format(path, e)) from None
 
 
+@implementer(IStreamClientEndpoint)
+class _ObservedEndpoint:
+    """
+    The link's endpoint, telling the link why a connection attempt failed
+    (``ClientService`` only logs it), so that ``panelLink.lastError`` says.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, failed: Callable[[str], None]) -> None:
+        self._endpoint = endpoint
+        self._failed = failed
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:  # noqa: N803 (Twisted's name)
+        d: Deferred[Any] = self._endpoint.connect(protocolFactory)
+
+        def failed(failure: Any) -> Any:
+            if not failure.check(CancelledError):
+                self._failed(printable(str(failure.value) or type(failure.value).__name__, 200))
+            return failure
+
+        return d.addErrback(failed)
+
+
 @implementer(IConsoleConsumer)
 class _ConsoleConsumer:
     """
@@ -174,8 +202,10 @@ class PanelLink(service.MultiService):
       waiting for a slot before reading from the Panel pauses).
 
     ``connected`` is true exactly between ``onOpen`` and ``onClose``;
-    ``is_connected()`` is what ``/health`` reports (true when the link is
-    disabled, as PROTOCOL.md section 1 asks).
+    ``is_connected()`` is that, or true when the link is disabled.  The link
+    is optional (the Panel drives the agent over HTTP): ``/health`` and
+    ``/api/status`` report ``state()`` under ``panelLink`` and never let it
+    make the node look offline.
     """
 
     log = Logger()
@@ -211,8 +241,15 @@ class PanelLink(service.MultiService):
         # The link's share of the agent's background work (tap.py passes a scope).
         self._tracker = tracker if tracker is not None else DeferredTracker()
 
-        self.url = panel_url(self._panel.url, config.node_id)
+        self._dials = self._panel.dials()
+        # Without a URL the link never dials; Autobahn still wants one to build on.
+        self.url = panel_url(self._panel.url.strip() or "ws://localhost/", config.node_id)
         self._log_url = without_query(self.url)
+        # What state() reports: "disabled", "connecting" (dialling, no failure
+        # yet), "connected", "disconnected" (since a failure or a close).
+        self._state = "connecting" if self._dials else "disabled"
+        self._state_since: float | None = None
+        self._last_error: str | None = None
         self.backoff = ReconnectBackoff(
             self._panel.backoff_initial,
             self._panel.backoff_max,
@@ -260,10 +297,13 @@ class PanelLink(service.MultiService):
         if endpoint is None:
             endpoint = self._endpoint_for(self.url)
         self._client = ClientService(
-            endpoint, self.factory, retryPolicy=self.backoff, clock=reactor
+            _ObservedEndpoint(endpoint, self._connect_failed),
+            self.factory,
+            retryPolicy=self.backoff,
+            clock=reactor,
         )
         self._client.setServiceParent(self)
-        if self._panel.enabled:
+        if self._dials:
             self._listen()
 
     def _endpoint_for(self, url: str) -> IStreamClientEndpoint:
@@ -292,8 +332,36 @@ class PanelLink(service.MultiService):
         return self._protocol is not None
 
     def is_connected(self) -> bool:
-        """What ``/health`` reports as ``connected``: the link state, or true when disabled."""
-        return self.connected or not self._panel.enabled
+        """The link is up, or there is no link to be up (disabled)."""
+        return self.connected or not self._dials
+
+    def state(self) -> dict[str, Any]:
+        """
+        The link's own state for ``/health`` and ``/api/status`` (``panelLink``):
+        ``{enabled, connected, state, url, lastError, since}``; ``url`` without
+        its query (which may carry a token), ``since`` when ``state`` began.
+        """
+        since = self._state_since
+        return {
+            "enabled": self._dials,
+            "connected": self.connected,
+            "state": self._state,
+            "url": without_credentials(self.url) if self._dials else None,
+            "lastError": self._last_error,
+            "since": iso_ms(since) if since is not None else None,
+        }
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if error is not None:
+            self._last_error = error
+        if state != self._state or self._state_since is None:
+            self._state = state
+            self._state_since = self._reactor.seconds()
+
+    def _connect_failed(self, reason: str) -> None:
+        """A TCP (or TLS) connection attempt failed: the link is down, and why."""
+        if self._protocol is None:
+            self._set_state("disconnected", "could not connect: " + reason)
 
     def stats(self) -> dict[str, Any]:
         """Diagnostics: link state, outbox depth and losses, failed handshakes, intake."""
@@ -316,13 +384,14 @@ class PanelLink(service.MultiService):
     # --- service ----------------------------------------------------------------------------
 
     def startService(self) -> None:
-        if not self._panel.enabled:
+        if not self._dials:
             # Still a service in the tree, so the composition root stays uniform;
             # it simply never dials.
             service.Service.startService(self)
             self.log.info("Panel WebSocket link disabled")
             return
         self._listen()
+        self._set_state("connecting")
         self.log.info("dialling the Panel at {url}", url=self._log_url)
         super().startService()
 
@@ -335,7 +404,7 @@ class PanelLink(service.MultiService):
 
     @async_to_deferred
     async def stopService(self) -> None:  # noqa: N802 (Twisted hook)
-        if not self._panel.enabled:
+        if not self._dials:
             service.Service.stopService(self)
             return
         self._servers.remove_listener(self.consumer)
@@ -393,6 +462,7 @@ class PanelLink(service.MultiService):
         )
         self._intakes.add(intake)
         self.backoff.opened()
+        self._set_state("connected")
         self.log.info("connected to the Panel at {url}", url=self._log_url)
         heartbeat = self._heartbeat = LoopingCall(self._send_heartbeat, protocol)
         heartbeat.clock = self._reactor
@@ -406,6 +476,14 @@ class PanelLink(service.MultiService):
         if protocol is not self._protocol:
             refused = status in _REFUSED_STATUSES
             self.backoff.handshake_failed(refused)
+            self._set_state(
+                "disconnected",
+                "the Panel refused the handshake with HTTP {}".format(status)
+                if refused
+                else "WebSocket handshake failed ({})".format(
+                    printable(reason or "no reason given", 200)
+                ),
+            )
             if refused:
                 self.log.warn(  # noqa: G010
                     "the Panel refused our handshake with HTTP {status}: check AGENT_SECRET and "
@@ -430,6 +508,10 @@ class PanelLink(service.MultiService):
         self._protocol = None
         self._ready = False
         self._paused = False
+        self._set_state(
+            "disconnected",
+            "closed with code {} ({})".format(code, printable(reason or "no reason given", 200)),
+        )
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         self._heartbeat = None
@@ -727,10 +809,20 @@ class PanelLink(service.MultiService):
             if command_id is not None:
                 self._in_flight.discard(incoming.id_key(command_id))
         if command_id is None:
-            # Nothing to correlate a reply with (legacy frames come without an
-            # id), but a failure is still reported rather than lost.
+            # Nothing to correlate a reply with.  A command without an id
+            # wants none, but a legacy frame (they come without one) is
+            # answered in the shape its Panel reads (file_content,
+            # server_status), and a failure is reported rather than lost.
             if error is None:
-                done()
+                if frame.legacy is None:
+                    done()
+                    return
+                reply = self._legacy_answer(
+                    frame, result if isinstance(result, ActionResult) else ActionResult()
+                )
+                self._emit_answer(
+                    (self._encode_answer(reply, command_id, frame.id_field),), done
+                )
                 return
             reply = outgoing.error_frame(
                 error,
@@ -740,6 +832,23 @@ class PanelLink(service.MultiService):
                 frameType=frame.legacy,
             )
         self._emit_answer((self._encode_answer(reply, command_id, frame.id_field),), done)
+
+    def _legacy_answer(self, frame: incoming.CommandFrame, result: ActionResult) -> dict[str, Any]:
+        """The frame answering a legacy typed frame that worked (``wire.frames.legacy_answer``)."""
+        command = frame.command
+        data = to_json(result.data)
+        server_id = data.get("serverId") if isinstance(data, Mapping) else None
+        if not isinstance(server_id, str):
+            server_id = command.server_id
+        status = None
+        for listed in self._listing():
+            if isinstance(listed, Mapping) and listed.get("serverId") == server_id:
+                current = listed.get("status")
+                status = current if isinstance(current, str) else None
+        return outgoing.legacy_answer(
+            frame.legacy or "", data, command.params, server_id, self._reactor.seconds(),
+            status=status,
+        )
 
     def _encode_answer(self, frame: dict[str, Any], command_id: Any, id_field: str) -> bytes:
         """

@@ -12,6 +12,16 @@ only in this process), so the password itself is never kept, and a changed
 password misses the cache.  Bodies are size-capped and every call has a
 timeout; an unreachable Panel refuses the login (logged without the
 password).
+
+Learning aliases.  The Panel names a server by two ids (its ``id`` and its
+``uuid``; PROTOCOL.md section 2) and its ``GET /api/servers/<id>`` answer
+(``{"data": {"id", "uuid", ..}}``) carries both.  When that answer is about
+the id the login asked for, and one of its two ids names a server here, the
+other id is recorded as that server's alias (``update(server, {"aliases":
+[..]})``, kept in the store), so the Panel's other id works everywhere from
+then on.  That is why a server id the agent does not know yet is still put
+to the Panel: a login whose ids name no server here is refused, as is one
+whose two ids name two different servers (logged, nothing recorded).
 """
 
 from __future__ import annotations
@@ -20,13 +30,14 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
 from twisted.cred import credentials as cred_credentials
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -79,27 +90,78 @@ class PanelLoginChecker:
         if parts is None:
             raise UnauthorizedLogin("the username must be <email>.<server id>")
         email, server_ref = parts
-        try:
-            server_id = str(self.servers.resolve(server_ref))
-        except CtrlAgentError:
-            raise UnauthorizedLogin("no such server") from None
+        server_id = self._resolve(server_ref)
         now = self.reactor.seconds()
         self._grants = {k: t for k, t in self._grants.items() if t > now}
         digest = self._digest(username, password)
-        if digest in self._grants:
+        if server_id is not None and digest in self._grants:
             return Login(server_id, read_only=False)
-        if not await self._ask_panel(email, password, server_ref):
+        record = await self._ask_panel(email, password, server_ref)
+        if record is None:
             raise UnauthorizedLogin("the Panel refused the login")
+        learnt = await self._learn_aliases(server_ref, record)
+        server_id = server_id or learnt
+        if server_id is None:
+            raise UnauthorizedLogin("no such server")
         if self.cache_seconds > 0:
             self._grants[digest] = now + self.cache_seconds
         return Login(server_id, read_only=False)
 
-    async def _ask_panel(self, email: str, password: bytes, server_ref: str) -> bool:
+    def _resolve(self, server_ref: str) -> str | None:
+        """The canonical id of the server ``server_ref`` names here, or None."""
+        try:
+            return str(self.servers.resolve(server_ref))
+        except CtrlAgentError:
+            return None
+
+    async def _learn_aliases(self, server_ref: str, record: Mapping[str, Any]) -> str | None:
+        """
+        Record the ids of the Panel's ``record`` that name no server here as
+        aliases of the one server its other id names (see the module); the
+        canonical id of that server, or None.
+        """
+        ids = [
+            value for value in (record.get("id"), record.get("uuid"))
+            if isinstance(value, str) and value
+        ]
+        if server_ref not in ids:
+            return None  # not an answer about the server asked for
+        owners = {value: self._resolve(value) for value in ids}
+        known = {owner for owner in owners.values() if owner is not None}
+        if len(known) != 1:
+            if len(known) > 1:
+                self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                    "sftp: the Panel's server {ids} names two servers here ({owners}); "
+                    "no alias recorded",
+                    ids=ids, owners=sorted(known))
+            return None
+        (server_id,) = known
+        unknown = [value for value, owner in owners.items() if owner is None]
+        if unknown:
+            try:
+                await maybeDeferred(self.servers.update, server_id, {"aliases": unknown})
+            except CtrlAgentError as e:
+                self.log.warn(  # noqa: G010
+                    "sftp: could not record {aliases} as aliases of server {server_id}: {error}",
+                    aliases=unknown, server_id=server_id, error=e.message)
+            else:
+                self.log.info(
+                    "sftp: the Panel says server {server_id} is also {aliases}; alias recorded",
+                    server_id=server_id, aliases=unknown)
+        return server_id
+
+    async def _ask_panel(
+        self, email: str, password: bytes, server_ref: str
+    ) -> Mapping[str, Any] | None:
+        """
+        The Panel's record of ``server_ref`` (``data`` of its answer; ``{}``
+        when it has none) if it accepts the login for it, else None.
+        """
         self.panel_calls += 1
         try:
             text = password.decode("utf-8")
         except UnicodeDecodeError:
-            return False
+            return None
         try:
             response = await self.http.post(
                 self.panel_url + "/api/auth/login",
@@ -107,21 +169,36 @@ class PanelLoginChecker:
                 headers={b"Content-Type": [b"application/json"]}, timeout=TIMEOUT)
             body = await self._body(response)
             if not 200 <= response.code < 300:
-                return False
+                return None
             token = self._token(body)
             if token is None:
-                return False
+                return None
             response = await self.http.get(
                 self.panel_url + "/api/servers/" + quote(server_ref, safe=""),
                 headers={b"Authorization": [b"Bearer " + token.encode("ascii", "replace")]},
                 timeout=TIMEOUT)
-            await self._body(response)
-            return 200 <= int(response.code) < 300
+            body = await self._body(response)
+            if not 200 <= int(response.code) < 300:
+                return None
+            return self._record(body)
         except Exception as e:
             self.log.warn(  # noqa: G010 (twisted.logger has warn)
                 "sftp: the Panel at {url} did not answer a login check: {error}",
                 url=self.panel_url, error=type(e).__name__)
-            return False
+            return None
+
+    @staticmethod
+    def _record(body: bytes) -> Mapping[str, Any]:
+        """The server record of a ``GET /api/servers/<id>`` answer (``{}`` if none)."""
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return {}
+        if isinstance(data, dict):
+            inner = data.get("data")
+            if isinstance(inner, dict):
+                return inner
+        return {}
 
     @staticmethod
     async def _body(response: Any) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from ctrlagent.errors import CtrlAgentError
@@ -136,6 +137,65 @@ def event(name: str, data: Mapping[str, Any], now: float) -> dict[str, Any]:
 def legacy(frame_type: str, data: Mapping[str, Any], now: float) -> dict[str, Any]:
     """A legacy typed frame ``{type, data}`` for older consumers."""
     return {"type": frame_type, "timestamp": iso_ms(now), "data": dict(data)}
+
+
+# The frame that answers each legacy typed frame that worked (and came
+# without an id: with one, a ``response`` answers it).  The Panels of that
+# generation read ``file_content`` for files and ``server_status`` for
+# servers; a failure is an ``error`` frame whatever the type.
+LEGACY_ANSWER_TYPES: Mapping[str, str] = MappingProxyType(
+    {
+        "file_read": "file_content",
+        "file_write": "file_content",
+        "server_create": "server_status",
+        "server_start": "server_status",
+        "server_stop": "server_status",
+        "server_restart": "server_status",
+        "server_delete": "server_status",
+        "server_command": "server_status",
+        "server_update": "server_status",
+        "server_suspend": "server_status",
+        "server_unsuspend": "server_status",
+        "server_reinstall": "server_status",
+        "server_power": "server_status",
+    }
+)
+
+
+def legacy_answer(
+    frame_type: str,
+    data: Any,
+    params: Mapping[str, Any],
+    server_id: str | None,
+    now: float,
+    *,
+    status: str | None = None,
+) -> dict[str, Any]:
+    """
+    The answer to a legacy typed frame (``frame_type``) whose action worked:
+    ``data`` is the action's answer, ``params`` what the frame asked.
+
+    - ``file_read``: ``file_content {serverId, path, content, encoding, size, modified}``;
+    - ``file_write``: ``file_content {serverId, path, size, modified, written: true}``
+      (no ``content``: the Panel just sent it);
+    - the server frames: ``server_status {serverId, status, ..}``, the status
+      from the answer, else ``status`` (the server's current one), else ``unknown``.
+    """
+    body = dict(_as_mapping(data))
+    answer = LEGACY_ANSWER_TYPES.get(frame_type, "server_status")
+    if server_id is not None:
+        body.setdefault("serverId", server_id)
+    if frame_type == "file_write":
+        body = {
+            "serverId": body.get("serverId"),
+            "path": body.get("path", params.get("path")),
+            "size": body.get("size"),
+            "modified": body.get("modified"),
+            "written": True,
+        }
+    elif answer == "server_status" and not isinstance(body.get("status"), str):
+        body["status"] = status or "unknown"
+    return legacy(answer, body, now)
 
 
 def status_changed_frames(
@@ -313,6 +373,7 @@ def backup_status_changed(ev: BackupStatusChanged, now: float) -> dict[str, Any]
 
 
 __all__ = [
+    "LEGACY_ANSWER_TYPES",
     "backup_progress",
     "backup_status_changed",
     "console_frames",
@@ -322,6 +383,7 @@ __all__ = [
     "frames_for_status",
     "heartbeat",
     "legacy",
+    "legacy_answer",
     "pong",
     "resource_frames",
     "response_failure",

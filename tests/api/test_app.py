@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from openapi_spec_validator import validate
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, DeferredList
 
 from ctrlagent import __version__
-from ctrlagent.api.app import human_duration
+from ctrlagent.api.app import AgentApi, human_duration
 from ctrlagent.api.openapi import openapi_document
 from ctrlagent.config import TimeoutsConfig
 from ctrlagent.wire.command import Command
@@ -68,15 +69,63 @@ async def test_timestamps_are_the_wire_format_with_milliseconds(rig: ApiRig) -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_health_without_the_link_is_degraded_but_200(rig: ApiRig) -> None:
+async def test_a_down_link_leaves_the_node_online_and_shows_under_panel_link(rig: ApiRig) -> None:
+    # The Panel drives the agent over HTTP and registers a node offline when
+    # ``connected`` is false: an optional WebSocket link that is down must not say so.
     rig.link_up = False
     code, body, _ = await rig.get("/health")
     assert (code, body["status"], body["connected"], body["docker"]) == (
         200,
-        "degraded",
-        False,
+        "healthy",
+        True,
         True,
     )
+    assert (body["panelLink"]["enabled"], body["panelLink"]["connected"]) == (True, False)
+    assert body["panelLink"]["state"] == "disconnected"
+    _, status, _ = await rig.get("/api/status", Authorization="Bearer " + SECRET)
+    assert status["online"] is True and status["panelLink"]["connected"] is False
+    rig.link_up = True
+    _, body, _ = await rig.get("/health")
+    assert body["panelLink"]["connected"] is True and body["panelLink"]["state"] == "connected"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_without_a_link_reports_it_disabled_and_is_online(rig: ApiRig) -> None:
+    link = {"enabled": False, "connected": False, "state": "disabled", "url": None,
+            "lastError": None, "since": None}
+    api = AgentApi(
+        config=rig.config, dispatcher=rig.dispatcher, servers=rig.servers,
+        docker_ping=rig.docker.ping, clock=rig.clock, version=__version__,
+    )
+    http = StubTreq(api.app.resource())
+    response = await http.get("http://node.test:8081/health")
+    body = json.loads(await response.content())
+    assert (response.code, body["connected"], body["status"]) == (200, True, "healthy")
+    assert body["panelLink"] == link
+    response = await http.get(
+        "http://node.test:8081/api/status", headers={"Authorization": "Bearer " + SECRET}
+    )
+    status = json.loads(await response.content())
+    assert status["online"] is True and status["panelLink"] == link
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_link_state_that_raises_is_reported_unknown_not_a_500(
+    rig: ApiRig, fail_on_logged_errors: list[dict[str, Any]]
+) -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("link went away")
+
+    api = AgentApi(
+        config=rig.config, dispatcher=rig.dispatcher, servers=rig.servers,
+        docker_ping=rig.docker.ping, clock=rig.clock, version=__version__, panel_link=broken,
+    )
+    response = await StubTreq(api.app.resource()).get("http://node.test:8081/health")
+    body = json.loads(await response.content())
+    assert (response.code, body["connected"], body["panelLink"]["state"]) == (200, True, "unknown")
+    # The bug is logged once, with its traceback, and nowhere else.
+    assert [e["log_format"] for e in fail_on_logged_errors] == ["link state check failed"]
+    fail_on_logged_errors.clear()
 
 
 @pytest_twisted.ensureDeferred
@@ -503,6 +552,38 @@ async def test_rest_errors_use_http_codes(rig: ApiRig) -> None:
     code, body = await rest(rig, "GET", "/api/servers/{}/logs?lines=abc".format(UUID))
     assert (code, body["details"]["field"]) == (400, "lines")
     response = await rig.http.get("http://node.test:8081/api/servers")
+    assert response.code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_rest_aliases_record_the_panels_second_id_and_refuse_conflicts(
+    rig: ApiRig,
+) -> None:
+    # A create that told only the power id (server.uuid), as the Panel's does.
+    code, body = await rig.command({"action": "create_server", "serverId": UUID,
+                                    "payload": {"name": "s", "image": "img"}})
+    assert body["success"] is True
+    assert (await rest(rig, "GET", "/api/servers/" + PANEL_ID))[0] == 404
+    code, body = await rest(rig, "POST", "/api/servers/{}/aliases".format(UUID),
+                            {"alias": PANEL_ID})
+    assert (code, body["data"]["aliases"], body["data"]["added"]) == (200, [PANEL_ID], True)
+    # The Panel's console/files/metrics id now works on /api/command.
+    code, body = await rig.command({"action": "get_server_metrics", "serverId": PANEL_ID})
+    assert (code, body["success"]) == (200, True)
+    other = "b" * 32
+    await rig.command({"action": "create_server", "serverId": other,
+                       "payload": {"name": "t", "image": "img"}})
+    code, body = await rest(rig, "POST", "/api/servers/{}/aliases".format(other),
+                            {"alias": PANEL_ID})
+    assert (code, body["code"]) == (409, "CONFLICT")
+    code, body = await rest(rig, "POST", "/api/servers/{}/aliases".format(other), {"alias": UUID})
+    assert (code, body["code"]) == (409, "CONFLICT")
+    code, body = await rest(rig, "POST", "/api/servers/{}/aliases".format(other), {})
+    assert (code, body["details"]["field"]) == (400, "alias")
+    code, body = await rest(rig, "POST", "/api/servers/ghost/aliases", {"alias": "x1"})
+    assert (code, body["code"]) == (404, "SERVER_NOT_FOUND")
+    response = await rig.http.post("http://node.test:8081/api/servers/{}/aliases".format(UUID),
+                                   data=b'{"alias": "y"}')
     assert response.code == 401
 
 

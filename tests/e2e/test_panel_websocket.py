@@ -82,6 +82,7 @@ async def test_agent_serves_a_panel_over_websocket(
         beats = [r.at for r in panel.received if r.frame.get("type") == "heartbeat"]
         assert all(0.3 < b - a < 1.5 for a, b in zip(beats, beats[1:], strict=False)), beats
         assert agent.health()["connected"] is True
+        assert agent.health()["panelLink"]["connected"] is True
 
         server_id = uuid.uuid4().hex
         panel.send(
@@ -147,7 +148,8 @@ async def test_agent_serves_a_panel_over_websocket(
         connections = len(panel.connections)
         panel.drop()
         await _until(
-            lambda: agent.health()["connected"] is False or len(panel.connections) > connections,
+            lambda: agent.health()["panelLink"]["connected"] is False
+            or len(panel.connections) > connections,
             10,
             "link down",
         )
@@ -163,7 +165,10 @@ async def test_agent_serves_a_panel_over_websocket(
             )
 
         await _within(panel.wait_for(snapshot), 10, "status snapshot after reconnect")
-        await _until(lambda: agent.health()["connected"] is True, 10, "connected again")
+        await _until(
+            lambda: agent.health()["panelLink"]["connected"] is True, 10, "connected again"
+        )
+        assert agent.health()["connected"] is True
 
         panel.send(
             {

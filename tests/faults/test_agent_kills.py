@@ -155,7 +155,10 @@ async def test_no_console_line_is_lost_or_repeated_across_sigkills_under_load(
             seed, [(round(o, 2), round(d, 2)) for o, d in plan], "\n".join(problems)
         )
         assert len(panel.connections) >= KILLS + 1
-        await until(lambda: agent.health()["connected"] is True, 10, "the link back up")
+        await until(
+            lambda: agent.health()["panelLink"]["connected"] is True, 10, "the link back up"
+        )
+        assert agent.health()["connected"] is True
         assert agent.health()["status"] == "healthy"
     finally:
         await port.stopListening()

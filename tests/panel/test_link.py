@@ -598,6 +598,65 @@ def test_a_binary_frame_holding_a_json_command_is_answered_like_text() -> None:
     assert rig.panel.responses()["b"][0]["success"] is True
 
 
+def test_link_state_names_its_state_its_last_error_and_when_it_began() -> None:
+    rig = Harness(agent_secret="wrong", refused_backoff=30.0)
+    state = rig.link.state()
+    assert (state["enabled"], state["connected"], state["state"]) == (True, False, "connecting")
+    # The query may carry a token; /health shows the URL without it.
+    assert state["url"] == "ws://panel.test:8080/ws"
+    rig.endpoint.refuse = True
+    rig.start()
+    state = rig.link.state()
+    assert (state["state"], state["connected"]) == ("disconnected", False)
+    assert state["lastError"].startswith("could not connect: ") and "refuses" in state["lastError"]
+    since = state["since"]
+    rig.endpoint.refuse = False
+    rig.advance(rig.next_retry_delay())
+    state = rig.link.state()
+    assert state["lastError"] == "the Panel refused the handshake with HTTP 401"
+    assert (state["state"], state["since"]) == ("disconnected", since)  # still the same outage
+    good = Harness()
+    good.clock.advance(100)
+    good.start()
+    state = good.link.state()
+    assert (state["state"], state["connected"], state["lastError"]) == ("connected", True, None)
+    assert state["since"] == "1970-01-01T00:01:40.000Z"
+    good.advance(5)
+    good.panel.drop()
+    good.flush()
+    state = good.link.state()
+    assert (state["state"], state["since"]) == ("disconnected", "1970-01-01T00:01:45.000Z")
+    assert state["lastError"].startswith("closed with code ")
+
+
+def test_a_link_without_a_url_is_disabled_and_never_dials() -> None:
+    rig = Harness(url="")
+    rig.start()
+    assert rig.endpoint.attempts == 0
+    assert rig.link.state() == {"enabled": False, "connected": False, "state": "disabled",
+                                "url": None, "lastError": None, "since": None}
+    assert rig.link.is_connected()
+
+
+def test_an_alias_is_recorded_over_the_link_and_a_conflict_refused() -> None:
+    rig = Harness()
+    rig.create_server("s1")
+    rig.create_server("s2")
+    rig.start()
+    rig.panel.send({"id": "a1", "type": "command", "action": "add_server_alias",
+                    "serverId": "s1", "payload": {"alias": "cuid-1"}})
+    rig.panel.send({"id": "a2", "type": "command", "data": {"action": "add_alias",
+                                                            "serverId": "s2", "alias": "cuid-1"}})
+    rig.flush()
+    rig.panel.send({"id": "a3", "type": "command", "action": "get_server_status",
+                    "serverId": "cuid-1"})
+    rig.flush()
+    responses = rig.panel.responses()
+    assert responses["a1"][0]["data"]["aliases"] == ["cuid-1"]
+    assert responses["a2"][0]["error"]["code"] == "CONFLICT"
+    assert responses["a3"][0]["data"]["serverId"] == "s1"
+
+
 def test_legacy_frames_that_fail_are_answered_with_their_id_or_an_error_frame() -> None:
     rig = Harness()
     rig.create_server("s1")

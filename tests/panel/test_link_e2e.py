@@ -38,10 +38,17 @@ async def health(agent: AgentProcess) -> dict[str, Any]:
 
 
 async def health_says(agent: AgentProcess, connected: bool, seconds: float = 10.0) -> None:
+    """/health follows the link under ``panelLink``; the node itself stays ``connected``."""
     deadline = reactor.seconds() + seconds
-    while (await health(agent))["connected"] is not connected:
+    while True:
+        body = await health(agent)
+        # The Panel drives the agent over HTTP: the link never makes the node offline.
+        assert body["connected"] is True, body
+        if body["panelLink"]["connected"] is connected:
+            assert body["panelLink"]["state"] == ("connected" if connected else "disconnected")
+            return
         if reactor.seconds() > deadline:
-            raise AssertionError("/health never said connected={}".format(connected))
+            raise AssertionError("/health never said panelLink.connected={}".format(connected))
         await sleep(0.05)
 
 
@@ -79,6 +86,20 @@ async def test_twistd_agent_over_the_websocket_with_health_following_the_link(
         await until(lambda: any(f["data"]["currentStatus"] == "running"
                                 for f in panel.frames("server_status_changed")), 30)
         await until(lambda: "Done (0.1s)!" in panel.console_lines(UUID), 10)
+
+        # An older Panel's file frames (agent.ts readFile/writeFile: no id) get
+        # the file_content frames it reads.
+        panel.send({"type": "file_write",
+                    "data": {"serverId": UUID, "path": "motd.txt", "content": "hello\n"}})
+        await until(lambda: len(panel.frames("file_content")) == 1, 10)
+        panel.send({"type": "file_read", "data": {"serverId": UUID, "path": "motd.txt"}})
+        await until(lambda: len(panel.frames("file_content")) == 2, 10)
+        written, read = (f["data"] for f in panel.frames("file_content"))
+        assert (written["serverId"], written["written"], written["size"]) == (UUID, True, 6)
+        assert (read["serverId"], read["path"], read["content"]) == (UUID, "/motd.txt", "hello\n")
+        panel.send({"type": "file_read", "data": {"serverId": UUID, "path": "missing.txt"}})
+        await until(lambda: len(panel.frames("error")) == 1, 10)
+        assert panel.frames("error")[0]["data"]["frameType"] == "file_read"
 
         # The Panel goes away: /health must say so, then recover with it.
         await listening.stopListening()

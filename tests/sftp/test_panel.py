@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.web import resource, server
 
 from ctrlagent.sftp.panel import split_username
+from ctrlagent.wire.json import to_json
 from tests.sftp.clients import connect
 from tests.sftp.conftest import make_config
 
@@ -35,6 +36,8 @@ class FakePanel(resource.Resource):
         self.calls: list[str] = []
         self.bodies: list[bytes] = []
         self.garbage = False
+        # GET /api/servers/<id> -> the Panel's server record (``data``).
+        self.records: dict[str, dict[str, str]] = {}
 
     def render(self, request):  # noqa: N802
         path = request.path.decode()
@@ -52,8 +55,10 @@ class FakePanel(resource.Resource):
         if request.method == b"GET" and path.startswith("/api/servers/"):
             auth = request.getHeader("authorization") or ""
             email = auth.removeprefix("Bearer tok-")
-            if path.rsplit("/", 1)[1] in self.owns.get(email, set()):
-                return b'{"success": true, "data": {"id": "srv1"}}'
+            asked = path.rsplit("/", 1)[1]
+            if asked in self.owns.get(email, set()):
+                record = self.records.get(asked, {"id": "srv1"})
+                return json.dumps({"success": True, "data": record}).encode()
             request.setResponseCode(403)
             return b'{"success": false}'
         request.setResponseCode(404)
@@ -118,10 +123,60 @@ async def test_the_panel_must_answer_the_server(rig, panel):
     with pytest.raises(paramiko.AuthenticationException):
         await _login(rig, "bob@example.com.srv1", "bob's password!")
     with pytest.raises(paramiko.AuthenticationException):
-        await _login(rig, ALICE[0] + ".no-such-server", ALICE[1])  # never asks the Panel
+        # Unknown here: put to the Panel (it may reveal an alias), which refuses it.
+        await _login(rig, ALICE[0] + ".no-such-server", ALICE[1])
+    calls = len(panel.calls)
     with pytest.raises(paramiko.AuthenticationException):
         await _login(rig, "srv1", ALICE[1])  # not the panel's username form
-    assert "GET /api/servers/no-such-server" not in panel.calls
+    assert len(panel.calls) == calls  # never asks the Panel
+    assert to_json(rig.servers.status("srv2"))["aliases"] == []
+    with pytest.raises(Exception, match="no-such-server"):
+        rig.servers.resolve("no-such-server")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_panel_answer_naming_both_ids_teaches_the_alias(rig, panel, log_lines):
+    # The agent knows the server by the Panel's uuid (create and power use it);
+    # SFTP users log in with the Panel's server.id, which the Panel answers with both.
+    rig.add_server("3f2b8c1e9d4a4b7f8e6c5d4b3a291807")
+    (rig.root("3f2b8c1e9d4a4b7f8e6c5d4b3a291807") / "world").mkdir()
+    panel.owns[ALICE[0]].add("clx9k2m4p0000abcd1234efgh")
+    panel.records["clx9k2m4p0000abcd1234efgh"] = {
+        "id": "clx9k2m4p0000abcd1234efgh", "uuid": "3f2b8c1e9d4a4b7f8e6c5d4b3a291807",
+        "name": "Survival", "nodeId": "node-1",
+    }
+    assert await _login(rig, ALICE[0] + ".clx9k2m4p0000abcd1234efgh", ALICE[1]) == ["world"]
+    assert rig.servers.resolve("clx9k2m4p0000abcd1234efgh") == "3f2b8c1e9d4a4b7f8e6c5d4b3a291807"
+    assert to_json(rig.servers.status("3f2b8c1e9d4a4b7f8e6c5d4b3a291807"))["aliases"] == [
+        "clx9k2m4p0000abcd1234efgh"]
+    assert any("alias recorded" in line for line in log_lines)
+    # From then on the grant is cached like any other.
+    calls = len(panel.calls)
+    assert await _login(rig, ALICE[0] + ".clx9k2m4p0000abcd1234efgh", ALICE[1]) == ["world"]
+    assert len(panel.calls) == calls
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_panel_answer_that_names_nothing_here_or_two_servers_teaches_nothing(
+    rig, panel, warnings
+):
+    rig.add_server("uuid-a")
+    rig.add_server("uuid-b")
+    panel.owns[ALICE[0]].update({"cuid-x", "cuid-y", "cuid-z"})
+    # Its ids name no server on this node.
+    panel.records["cuid-x"] = {"id": "cuid-x", "uuid": "uuid-elsewhere"}
+    # Not an answer about the id asked for.
+    panel.records["cuid-y"] = {"id": "cuid-other", "uuid": "uuid-a"}
+    for ref in ("cuid-x", "cuid-y"):
+        with pytest.raises(paramiko.AuthenticationException):
+            await _login(rig, ALICE[0] + "." + ref, ALICE[1])
+    # Its two ids name two different servers here: refused, nothing recorded.
+    rig.servers.servers["uuid-b"].aliases.add("cuid-z")
+    panel.records["cuid-z"] = {"id": "cuid-z", "uuid": "uuid-a"}
+    assert await _login(rig, ALICE[0] + ".cuid-z", ALICE[1]) == []
+    assert to_json(rig.servers.status("uuid-a"))["aliases"] == []
+    assert to_json(rig.servers.status("uuid-b"))["aliases"] == ["cuid-z"]
+    assert any("names two servers here" in str(w.get("log_format")) for w in warnings)
 
 
 @pytest_twisted.ensureDeferred

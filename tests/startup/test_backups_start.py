@@ -19,7 +19,7 @@ from twisted.internet import reactor
 
 from ctrlagent.backups.manager import BackupManager
 from ctrlagent.backups.store import BackupStoreUnusable
-from ctrlagent.config import AgentConfig
+from ctrlagent.config import AgentConfig, PanelConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.startup import StartupError, describe_startup_failure
 from ctrlagent.tap import AgentService, build_service, makeService
@@ -33,6 +33,8 @@ def config_for(tmp_path: Path) -> AgentConfig:
         state_dir=str(tmp_path / "state"),
         data_dir=str(tmp_path / "data"),
         sftp=AgentConfig().sftp.__class__(enabled=False),
+        # A configured Panel WebSocket: the link is built (never started here).
+        panel=PanelConfig(url="ws://127.0.0.1:1/agent"),
     )
 
 

@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 
-from ctrlagent.config import AgentConfig, RuntimeConfig, SftpConfig, load_config
+from ctrlagent.config import AgentConfig, PanelConfig, RuntimeConfig, SftpConfig, load_config
 from ctrlagent.errors import ConfigInvalid, CtrlAgentError
 from ctrlagent.sftp.service import SftpService
 from ctrlagent.startup import StartupError
@@ -35,6 +35,7 @@ def config_for(tmp_path: Path, **sftp: Any) -> AgentConfig:
         state_dir=str(tmp_path / "state"),
         data_dir=str(tmp_path / "data"),
         sftp=SftpConfig(endpoint="tcp:0:interface=127.0.0.1", **sftp),
+        panel=PanelConfig(url="ws://127.0.0.1:1/agent"),  # a link to build (never started)
     )
 
 
