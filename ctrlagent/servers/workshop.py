@@ -197,7 +197,13 @@ class SteamCmdDownloader:
         staging = await self._in_thread(_make_staging, self.staging_root, token, owner)
         try:
             await self._run(staging, token, app, item_id, owner)
-            return await use(staging, item_components(app, item_id))
+            try:
+                return await use(staging, item_components(app, item_id))
+            except WorkshopDownloadFailed as e:
+                # What steamcmd left was not an item (no folder, a link).
+                e.details = {"workshopId": item_id, "appId": app, "reason": e.message,
+                             **e.details}
+                raise
         finally:
             try:
                 await self._in_thread(_remove_staging, self.staging_root, token)

@@ -49,7 +49,7 @@ item() {
             echo 'name = "Stand-in Mod";' > "$dir/mod.cpp"
             dd if=/dev/zero bs=1000 count=3 2>/dev/null | tr '\0' 'p' > "$dir/addons/thing.pbo"
             echo key > "$dir/keys/a.bikey"
-            echo "Success. Downloaded item $id to \"$dir\" (3026 bytes)"
+            echo "Success. Downloaded item $id to \"$dir\" (3027 bytes)"
             ;;
         1002)
             mkdir -p "$dir"
