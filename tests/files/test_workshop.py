@@ -440,3 +440,44 @@ async def test_the_panels_payload_over_http_and_the_websocket_link(tmp_path: Pat
             await link.stopService()
         await listening.stopListening()
         await port.stopListening()
+
+
+def test_the_failure_code_is_a_listed_protocol_code() -> None:
+    from ctrlagent.wire.tables import ERROR_CODES, REST_STATUS
+
+    assert WorkshopDownloadFailed.code in ERROR_CODES
+    assert REST_STATUS[WorkshopDownloadFailed.code] == 502
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"app_id": -1}, "workshop.app_id"),
+    ({"app_id": 2**32}, "workshop.app_id"),
+    ({"timeout": 0}, "workshop.timeout"),
+    ({"timeout": "nan"}, "workshop.timeout"),
+    ({"image": " "}, "workshop.image"),
+    ({"steamcmd": ""}, "workshop.steamcmd"),
+    ({"max_item_bytes": 0}, "workshop.max_item_bytes"),
+    ({"max_item_entries": -5}, "workshop.max_item_entries"),
+    ({"network": ""}, "workshop.network"),
+    ({"imgae": "x"}, "workshop.imgae"),
+])
+def test_workshop_settings_that_cannot_work_are_refused(
+    tmp_path: Path, table: dict[str, Any], message: str
+) -> None:
+    from ctrlagent.config import load_config
+    from ctrlagent.errors import ConfigInvalid
+
+    lines = ["[workshop]"] + ["{} = {}".format(k, json.dumps(v)) for k, v in table.items()]
+    path = tmp_path / "agent.toml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigInvalid, match=message.replace(".", r"\.")):
+        load_config(str(path), environ={}, overrides={"development": True})
+
+
+def test_workshop_settings_are_read_from_the_file(tmp_path: Path) -> None:
+    from ctrlagent.config import load_config
+
+    path = tmp_path / "agent.toml"
+    path.write_text('[workshop]\nimage = "example/steamcmd:1"\napp_id = 107410\ntimeout = 90\n')
+    config = load_config(str(path), environ={}, overrides={"development": True}).workshop
+    assert (config.image, config.app_id, config.timeout) == ("example/steamcmd:1", 107410, 90.0)
