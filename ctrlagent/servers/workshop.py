@@ -23,7 +23,8 @@ used: the item is looked for where steamcmd was told to put it, read by the
 file manager's confined copy (``files.workshop.copy_item``).  Whatever
 happens (an error line, an exit code, ``workshop.timeout``, an engine
 failure, a copy refused), the helper container is removed and the staging
-directory deleted.
+directory deleted.  Waiting for the exit (and the kill past the deadline) is
+``oneshot.wait_for_exit``, as for a server's install script.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from ctrlagent.files import trees
 from ctrlagent.files.paths import Components
 from ctrlagent.files.workshop import IWorkshopDownloader, WorkshopDownloadFailed
 from ctrlagent.servers.containers import ROLE_LABEL
+from ctrlagent.servers.oneshot import wait_for_exit
 from ctrlagent.work import Deadlines
 
 # Where the staging directory is seen inside the helper container.
@@ -222,15 +224,17 @@ class SteamCmdDownloader:
             "ctrlagent-workshop-" + token, staging, app_id, item_id, owner))
         try:
             await engine.start(cid)
-            waiting: Deferred[int] = Deferred.fromCoroutine(self._wait(cid))
-            if not await self.deadlines.within(waiting, self.config.timeout):
-                waiting.cancel()
-                waiting.addErrback(lambda _: None)  # the cancellation is ours
+            ended = await wait_for_exit(engine, self.deadlines, cid, self.config.timeout)
+            if ended.timed_out:
                 raise WorkshopDownloadFailed(
                     "steamcmd did not download workshop item {} of app {} within {:g} s".format(
                         item_id, app_id, self.config.timeout),
                     details=dict(details, reason="timeout"))
-            code = await waiting
+            if ended.gone is not None:
+                raise WorkshopDownloadFailed(
+                    "the steamcmd helper container of workshop item {} vanished: {}".format(
+                        item_id, ended.gone), details=dict(details, reason="container gone"))
+            code = ended.code
             lines = await self._output(cid)
         finally:
             try:
@@ -247,12 +251,6 @@ class SteamCmdDownloader:
                 "steamcmd could not download workshop item {} of app {}: {}".format(
                     item_id, app_id, result.reason),
                 details=dict(details, reason=result.reason))
-
-    async def _wait(self, cid: str) -> int:
-        try:
-            return await self.engine.wait(cid)
-        except NotFound:
-            return -1  # removed behind the agent's back
 
     async def _output(self, cid: str) -> list[str]:
         """The helper's kept output (its last lines)."""
