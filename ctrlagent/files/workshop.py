@@ -126,27 +126,33 @@ class _Copier:
         if len(rel) > MAX_ITEM_DEPTH:
             raise WorkshopDownloadFailed(
                 "the item is nested deeper than {} folders".format(MAX_ITEM_DEPTH))
-        for name in sorted(os.listdir(src)):
-            here = rel + (name,)
-            self.result.entries += 1
-            if self.result.entries > self.max_entries:
-                raise InsufficientResources(
-                    "the item holds more than {} files and folders".format(self.max_entries))
-            try:
-                name.encode("utf-8")
-            except UnicodeEncodeError:
-                self.skip(here, "a name that is not UTF-8")
-                continue
-            if safe_file_name(name) != name:
-                self.skip(here, "a reserved name")
-                continue
-            st = os.stat(name, dir_fd=src, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                self.copy_subdir(src, dst, name, here)
-            elif stat.S_ISREG(st.st_mode):
-                self.copy_file(src, dst, name, here, st.st_mode)
-            else:
-                self.skip(here, "a link" if stat.S_ISLNK(st.st_mode) else "not a regular file")
+        # Streamed, not listed: a folder of millions of names stops at the bound.
+        with os.scandir(src) as listing:
+            for found in listing:
+                self.copy_entry(src, dst, found.name, rel)
+
+    def copy_entry(self, src: int, dst: int, name: str, rel: Components) -> None:
+        """Copy the entry ``name`` of ``src`` into ``dst`` (or leave it out)."""
+        here = rel + (name,)
+        self.result.entries += 1
+        if self.result.entries > self.max_entries:
+            raise InsufficientResources(
+                "the item holds more than {} files and folders".format(self.max_entries))
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            self.skip(here, "a name that is not UTF-8")
+            return
+        if safe_file_name(name) != name:
+            self.skip(here, "a reserved name")
+            return
+        st = os.stat(name, dir_fd=src, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            self.copy_subdir(src, dst, name, here)
+        elif stat.S_ISREG(st.st_mode):
+            self.copy_file(src, dst, name, here, st.st_mode)
+        else:
+            self.skip(here, "a link" if stat.S_ISLNK(st.st_mode) else "not a regular file")
 
     def copy_subdir(self, src: int, dst: int, name: str, rel: Components) -> None:
         try:

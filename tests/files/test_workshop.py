@@ -481,3 +481,26 @@ def test_workshop_settings_are_read_from_the_file(tmp_path: Path) -> None:
     path.write_text('[workshop]\nimage = "example/steamcmd:1"\napp_id = 107410\ntimeout = 90\n')
     config = load_config(str(path), environ={}, overrides={"development": True}).workshop
     assert (config.image, config.app_id, config.timeout) == ("example/steamcmd:1", 107410, 90.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_odd_names_are_left_out_and_a_too_deep_item_refused(
+    tree: Tree, tmp_path: Path
+) -> None:
+    def odd(item: Path) -> None:
+        (item / "ok.txt").write_text("ok")
+        os.close(os.open(os.path.join(os.fsencode(item), b"bad-\xff-name"),
+                         os.O_CREAT | os.O_WRONLY, 0o644))
+        (item / "..." ).write_text("dots are a name")
+
+    def deep(item: Path) -> None:
+        os.makedirs(item.joinpath(*["d"] * 70))
+
+    steam = StagedDownloader(tmp_path / "steam", {"11": odd, "12": deep})
+    fm = make_manager(workshop=steam)
+    await fm.install_mod(tree.root, {"type": "steam_workshop", "workshopId": "11"})
+    assert sorted(os.listdir(tree.root_path / "mods" / "11")) == ["...", "ok.txt"]
+    with pytest.raises(WorkshopDownloadFailed, match="deeper than 64"):
+        await fm.install_mod(tree.root, {"type": "steam_workshop", "workshopId": "12"})
+    assert set(os.listdir(tree.root_path / "mods")) == {"11", MANIFEST}
+    assert [m["id"] for m in to_json(await fm.list_mods(tree.root))["mods"]] == ["11"]
