@@ -29,6 +29,7 @@ directory deleted.  Waiting for the exit (and the kill past the deadline) is
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -60,6 +61,8 @@ from ctrlagent.work import Deadlines
 # Where the staging directory is seen inside the helper container.
 STEAM_MOUNT = "/steam"
 WORKSHOP_LABEL = "ctrl-alt-play.workshop-item"
+OWNER_LABEL = "ctrl-alt-play.workshop-owner"
+NAME_PREFIX = "ctrlagent-workshop-"
 # Output kept by the engine for the outcome (steamcmd says little).
 OUTPUT_MAX_BYTES = 1024 * 1024
 # Lines of output read back; the outcome is in the last ones.
@@ -159,6 +162,11 @@ class SteamCmdDownloader:
         self.threadpool = threadpool if threadpool is not None else reactor.getThreadPool()
         self.max_item_bytes = self.config.max_item_bytes
         self.max_item_entries = self.config.max_item_entries
+        # Which agent's helpers a container is: this state directory's (two
+        # agents may share an engine, never a state directory).
+        self.owner_label = hashlib.sha256(self.staging_root.encode()).hexdigest()[:16]
+        # The tokens of the downloads running now; anything else is a leftover.
+        self._active: set[str] = set()
 
     def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.threadpool, fn, *args)
@@ -169,7 +177,8 @@ class SteamCmdDownloader:
         return ContainerSpec(
             name=name,
             image=self.config.image,
-            labels={ROLE_LABEL: "workshop", WORKSHOP_LABEL: "{}/{}".format(app_id, item_id)},
+            labels={ROLE_LABEL: "workshop", WORKSHOP_LABEL: "{}/{}".format(app_id, item_id),
+                    OWNER_LABEL: self.owner_label},
             env={"HOME": STEAM_MOUNT},
             entrypoint=(self.config.steamcmd,),
             command=steamcmd_arguments(app_id, item_id),
@@ -196,6 +205,37 @@ class SteamCmdDownloader:
             raise InvalidInput("no Steam app id: give appId, or set workshop.app_id on the node",
                                field="appId")
         token = secrets.token_hex(8)
+        await self._sweep()
+        self._active.add(token)
+        try:
+            return await self._download(token, app, item_id, owner, use)
+        finally:
+            self._active.discard(token)
+
+    async def _sweep(self) -> None:
+        """
+        Remove what an agent killed mid-download left: its helper containers
+        (this agent's label, no running download of ours) and staging folders.
+        """
+        for state in await self.engine.list({OWNER_LABEL: self.owner_label}):
+            token = next((n.lstrip("/")[len(NAME_PREFIX):] for n in state.names
+                          if n.lstrip("/").startswith(NAME_PREFIX)), None)
+            if token is not None and token not in self._active:
+                try:
+                    await self.engine.remove(state.id)
+                except NotFound:
+                    pass
+        try:
+            # The live set: a download starting meanwhile is in it before
+            # its staging folder exists.
+            await self._in_thread(_remove_leftovers, self.staging_root, self._active)
+        except OSError as e:
+            self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                "workshop staging leftovers in {path} not removed: {error}",
+                path=self.staging_root, error=e.strerror or e)
+
+    async def _download(self, token: str, app: int, item_id: str, owner: tuple[int, int],
+                        use: Callable[[str, Components], Awaitable[Any]]) -> Any:
         staging = await self._in_thread(_make_staging, self.staging_root, token, owner)
         try:
             await self._run(staging, token, app, item_id, owner)
@@ -221,7 +261,7 @@ class SteamCmdDownloader:
         details = {"workshopId": item_id, "appId": app_id}
         await engine.ensure_image(self.config.image)
         cid = await engine.create(self.container(
-            "ctrlagent-workshop-" + token, staging, app_id, item_id, owner))
+            NAME_PREFIX + token, staging, app_id, item_id, owner))
         try:
             await engine.start(cid)
             ended = await wait_for_exit(engine, self.deadlines, cid, self.config.timeout)
@@ -281,5 +321,19 @@ def _remove_staging(root: str, token: str) -> None:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         trees.remove_tree(fd, token)
+    finally:
+        os.close(fd)
+
+
+def _remove_leftovers(root: str, active: set[str]) -> None:
+    """Delete every staging folder of ``root`` but the ``active`` ones."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        for name in os.listdir(fd):
+            if name not in active:
+                trees.remove_tree(fd, name)
     finally:
         os.close(fd)

@@ -212,3 +212,31 @@ async def test_without_an_app_id_nothing_runs(steam: Steam, tree: Tree) -> None:
     assert e.value.details["field"] == "appId"
     await _no_helper_left(none, before)
     assert not (tree.root_path / "mods" / MANIFEST).exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_leftovers_of_an_agent_killed_mid_download_are_swept(
+    steam: Steam, tree: Tree
+) -> None:
+    before = await _helpers(steam)
+    d = steam.downloader
+    # A helper still running its download, and its staging folder, as an
+    # agent killed mid-download leaves them.
+    os.makedirs(os.path.join(d.staging_root, "0123456789abcdef", "steamapps"))
+    cid = await steam.engine.create(d.container(
+        "ctrlagent-workshop-0123456789abcdef", os.path.join(d.staging_root, "0123456789abcdef"),
+        APP, "1006", (SERVER_UID, SERVER_GID)))
+    await steam.engine.start(cid)
+    # Another agent's helper (another state directory) is not ours to remove.
+    other = SteamCmdDownloader(reactor, steam.engine, replace(
+        steam.config, state_dir=steam.config.state_dir + "-other"), d.deadlines)
+    theirs = await steam.engine.create(other.container(
+        "ctrlagent-workshop-fedcba9876543210", str(tree.base), APP, "1006",
+        (SERVER_UID, SERVER_GID)))
+    try:
+        await steam.files.install_mod(tree.root, {"type": "steam_workshop", "workshopId": "1001"})
+        assert await _helpers(steam) - before == {theirs}
+        assert steam.staging_left() == []
+    finally:
+        await steam.engine.remove(theirs)
+    await _no_helper_left(steam, before)
