@@ -136,18 +136,24 @@ def _parse_workshop(params: dict[str, Any], url: str | None) -> ModRequest | Non
         return None
     if url is not None and not url.lower().startswith("steam:"):
         return None
-    item = _text(params, "workshopId", "modId", "id")
-    sent = "workshopId" if params.get("workshopId") not in (None, "") else "modId"
-    if not item:
-        if url is None:
+    sent = next((k for k in ("workshopId", "modId", "id") if params.get(k) not in (None, "")),
+                None)
+    in_url = url[len(STEAM_URL_PREFIX):].rstrip("/") if url is not None else None
+    if url is not None and (not url.startswith(STEAM_URL_PREFIX)
+                            or not _STEAM_ID_RE.fullmatch(in_url or "")):
+        raise InvalidInput("downloadUrl must be {}<workshopId>".format(STEAM_URL_PREFIX),
+                           field="downloadUrl")
+    if sent is None:
+        if in_url is None:
             raise InvalidInput("a Steam Workshop mod needs workshopId", field="workshopId")
-        item = url[len(STEAM_URL_PREFIX):] if url.startswith(STEAM_URL_PREFIX) else ""
-    _steam_number(item, sent, "a Steam Workshop item id (digits)", STEAM_ITEM_MAX)
-    item = str(int(item))
-    if url is not None:
-        if not url.startswith(STEAM_URL_PREFIX) or url[len(STEAM_URL_PREFIX):].rstrip("/") != item:
-            raise InvalidInput("downloadUrl must be {}{} for this item".format(
-                STEAM_URL_PREFIX, item), field="downloadUrl")
+        item, sent = in_url, "downloadUrl"
+    else:
+        item = _text(params, sent)
+    number = _steam_number(item, sent, "a Steam Workshop item id (digits)", STEAM_ITEM_MAX)
+    item = str(number)
+    if in_url is not None and int(in_url) != number:
+        raise InvalidInput("downloadUrl must be {}{} for this item".format(
+            STEAM_URL_PREFIX, item), field="downloadUrl")
     app = _text(params, "appId", "appid", limit=32)
     app_id = _steam_number(app, "appId", "a Steam app id (digits)", STEAM_APP_MAX) if app else None
     file_name = _text(params, "fileName", "filename") or item

@@ -504,3 +504,18 @@ async def test_odd_names_are_left_out_and_a_too_deep_item_refused(
         await fm.install_mod(tree.root, {"type": "steam_workshop", "workshopId": "12"})
     assert set(os.listdir(tree.root_path / "mods")) == {"11", MANIFEST}
     assert [m["id"] for m in to_json(await fm.list_mods(tree.root))["mods"]] == ["11"]
+
+
+def test_the_item_id_may_come_from_the_steam_url_alone() -> None:
+    req = parse_install({"type": "steam_workshop", "name": "From URL",
+                         "downloadUrl": "steam://workshop/download/0042"})
+    assert req.workshop == (None, "42") and req.mod_id == "42"
+    assert parse_install({"type": "steam_workshop", "workshopId": 42,
+                          "downloadUrl": "steam://workshop/download/042/"}).workshop == (None, "42")
+    with pytest.raises(InvalidInput) as e:
+        parse_install({"type": "steam_workshop", "downloadUrl": "steam://workshop/download/x"})
+    assert e.value.details["field"] == "downloadUrl"
+    with pytest.raises(InvalidInput) as e:
+        parse_install({"type": "steam_workshop", "modId": "7",
+                       "downloadUrl": "steam://rungame/4000"})
+    assert e.value.details["field"] == "downloadUrl"
