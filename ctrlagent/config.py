@@ -430,6 +430,53 @@ class BackupsConfig:
         return self.directory or os.path.join(state_dir, "backups")
 
 
+# --- [workshop]: Steam Workshop items through steamcmd (README, PROTOCOL.md) ---
+
+WORKSHOP_TIMEOUT_MAX = 24 * 3600.0
+STEAM_APP_ID_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class WorkshopConfig:
+    """
+    Steam Workshop installs (``install_mod`` with ``type: steam_workshop``):
+    ``steamcmd`` run once per item in a helper container, the item copied
+    into the server's mods folder.
+    """
+
+    # The image holding steamcmd (pulled by docker.pull_policy).
+    image: str = "steamcmd/steamcmd:latest"
+    # The steamcmd program inside the image, run as the helper's entrypoint.
+    steamcmd: str = "steamcmd"
+    # The game's Steam app id for payloads without appId; 0: every payload must give one.
+    app_id: int = 0
+    # Seconds a download may take; past it the helper container is killed.
+    timeout: float = 600.0
+    # Largest item copied into a server (its disk limit applies too).
+    max_item_bytes: int = 4 * 1024 * 1024 * 1024
+    # Files and directories one item may hold.
+    max_item_entries: int = 100_000
+    # The network the helper container joins (it must reach Steam).
+    network: str = "bridge"
+
+
+def validate_workshop(workshop: WorkshopConfig) -> None:
+    """Refuse ``[workshop]`` settings that cannot work, naming the setting."""
+    if not workshop.image.strip():
+        raise ConfigInvalid("workshop.image must not be empty")
+    if not workshop.steamcmd.strip() or "\x00" in workshop.steamcmd:
+        raise ConfigInvalid("workshop.steamcmd must name the steamcmd program")
+    if not 0 <= workshop.app_id <= STEAM_APP_ID_MAX:
+        raise ConfigInvalid("workshop.app_id must be a Steam app id (0: none)")
+    if not 0 < workshop.timeout <= WORKSHOP_TIMEOUT_MAX:
+        raise ConfigInvalid("workshop.timeout must be more than 0 and at most 86400 seconds")
+    for name in ("max_item_bytes", "max_item_entries"):
+        if getattr(workshop, name) < 1:
+            raise ConfigInvalid("workshop.{} must be positive".format(name))
+    if not workshop.network.strip():
+        raise ConfigInvalid("workshop.network must not be empty")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """The whole configuration tree."""
@@ -450,6 +497,7 @@ class AgentConfig:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     sftp: SftpConfig = field(default_factory=SftpConfig)
     backups: BackupsConfig = field(default_factory=BackupsConfig)
+    workshop: WorkshopConfig = field(default_factory=WorkshopConfig)
 
     def __repr__(self) -> str:
         # Never let the secret reach a log line through repr().
@@ -858,6 +906,7 @@ def validate(config: AgentConfig) -> None:
     _validate_timeouts(config.timeouts)
     validate_sftp(config.sftp)
     validate_backups(config.backups)
+    validate_workshop(config.workshop)
     for name, path in (("state_dir", config.state_dir), ("data_dir", config.data_dir)):
         if not Path(path).is_absolute():
             raise ConfigInvalid("{} {!r} must be an absolute path".format(name, path))

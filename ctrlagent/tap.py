@@ -275,7 +275,7 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     _StartupBanner(config).setServiceParent(top)
     docker = _build_engine(reactor, config)
     servers = _build_servers(reactor, config, top, docker, tracker, deadlines)
-    files, host = _build_files_and_host(reactor, config, docker)
+    files, host = _build_files_and_host(reactor, config, docker, servers, deadlines)
     sftp = _build_sftp(reactor, config, top, servers, files)
     backups = _build_backups(reactor, config, top, servers, tracker)
     dispatcher = _build_actions(servers, files, host, deadlines, sftp, backups)
@@ -330,13 +330,19 @@ def _build_servers(
 
 
 def _build_files_and_host(
-    reactor: Any, config: AgentConfig, docker: DockerClient
+    reactor: Any, config: AgentConfig, docker: DockerClient, servers: ServerManager,
+    deadlines: Deadlines,
 ) -> tuple[FileManager, SystemInfo]:
-    """The servers' files and the host's own figures (no services: called on demand)."""
+    """
+    The servers' files (Steam Workshop items through steamcmd on the servers'
+    engine) and the host's own figures (no services: called on demand).
+    """
     from ctrlagent.files.manager import FileManager
+    from ctrlagent.servers.workshop import SteamCmdDownloader
     from ctrlagent.system import make_host
 
-    files = FileManager(reactor=reactor, config=config.files)
+    workshop = SteamCmdDownloader(reactor, servers.engine, config, deadlines)
+    files = FileManager(reactor=reactor, config=config.files, workshop=workshop)
     host = make_host(reactor, config, engine_version=lambda: _engine_version(docker))
     return files, host
 

@@ -1,6 +1,7 @@
 """
-The mod actions: install (from the Steam workshop, a URL or an id), uninstall
-and list the mods of one server (PROTOCOL.md section 2).  Their fields are
+The mod actions: install (from the Steam workshop through steamcmd, a URL or
+an uploaded file), uninstall and list the mods of one server (PROTOCOL.md
+section 2).  Their fields are
 checked before the server is resolved, like the file actions'.
 """
 
@@ -46,13 +47,19 @@ def mod_actions(files: IFileManager, servers: IServerManager) -> list[ActionSpec
 
     return [
         ActionSpec(
-            "install_mod", "mods", "Fetch or copy a mod into the server's mods folder",
+            "install_mod", "mods",
+            "Fetch or copy a mod into the server's mods folder; a Steam Workshop item"
+            " (steam://workshop/download/<id>) is downloaded with steamcmd",
             Payload(
                 {
                     "type": Text(description="steam_workshop, url, ..."),
-                    "workshopId": Text(),
+                    "workshopId": Text(description="Steam published file id (digits)"),
+                    "appId": Identifier(
+                        description="Steam app id of the game (steam_workshop; default:"
+                                    " the node's workshop.app_id)"),
                     "name": Text(),
-                    "downloadUrl": Text(),
+                    "downloadUrl": Text(
+                        description="http(s) URL, or steam://workshop/download/<workshopId>"),
                     "modUrl": Text(),
                     "version": Text(),
                     "modId": Identifier(),

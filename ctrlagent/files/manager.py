@@ -61,7 +61,7 @@ from ctrlagent.errors import (
     InsufficientResources,
     InvalidInput,
 )
-from ctrlagent.files import archives, fsops, mods
+from ctrlagent.files import archives, fsops, mods, workshop
 from ctrlagent.files.confined import Confined, os_error
 from ctrlagent.files.paths import (
     Components,
@@ -212,7 +212,8 @@ class FileManager:
     ``reactor`` runs the Deferreds; ``threadpool`` does the blocking work
     (default: the reactor's); ``fetcher`` downloads mods (tests inject one
     that may reach a loopback server); ``use_openat2`` picks the resolver
-    (``None``: openat2 where the kernel allows it).
+    (``None``: openat2 where the kernel allows it); ``workshop`` downloads
+    Steam Workshop items (``files.workshop.IWorkshopDownloader``).
     """
 
     log = Logger()
@@ -224,6 +225,7 @@ class FileManager:
         threadpool: ThreadPool | None = None,
         fetcher: Any = None,
         use_openat2: bool | None = None,
+        workshop: Any = None,
     ) -> None:
         self.reactor = reactor
         self.config = config
@@ -233,6 +235,8 @@ class FileManager:
 
             fetcher = SafeFetcher(reactor, self.threadpool, max_redirects=config.mod_max_redirects)
         self.fetcher = fetcher
+        # Downloads Steam Workshop items (files.workshop.IWorkshopDownloader); None: refused.
+        self.workshop = workshop
         self.use_openat2 = use_openat2
         self._semaphore = DeferredSemaphore(config.max_concurrent_operations)
         self._usage: dict[str, tuple[float, int]] = {}
@@ -549,7 +553,10 @@ class FileManager:
             if (len(manifest.mods) >= mods.MAX_MODS
                     and all(m["id"] != req.mod_id for m in manifest.mods)):
                 raise InsufficientResources("a server has at most {} mods".format(mods.MAX_MODS))
-            if req.url is not None:
+            if req.workshop is not None:
+                size = await workshop.install_item(self.workshop, root, req, mods_dir,
+                                                   manifest.mods, self._run_quota)
+            elif req.url is not None:
                 size = await self._download_mod(root, req, mods_dir)
             else:
                 assert req.source is not None
@@ -569,8 +576,8 @@ class FileManager:
                         name = old.get("fileName")
                         if old["id"] == req.mod_id and name not in (None, req.file_name):
                             # A validated plain name, removed in the mods
-                            # folder only (mods.remove_file).
-                            self._account(root, -mods.remove_file(dir_fd, name))
+                            # folder only (mods.remove_mod).
+                            self._account(root, -mods.remove_mod(dir_fd, old))
                     current = [m for m in current if m["id"] != req.mod_id] + [entry]
                     mods.write_manifest(c, dir_fd, current)
                 finally:
@@ -624,9 +631,7 @@ class FileManager:
                 match = [m for m in current if m["id"] == wanted]
                 if not match:
                     raise FileNotFound("mod {} is not installed".format(wanted))
-                name = match[0].get("fileName")
-                if name is not None:
-                    self._account(root, -mods.remove_file(dir_fd, name))
+                self._account(root, -mods.remove_mod(dir_fd, match[0]))
                 remaining = [m for m in current if m["id"] != wanted]
                 mods.write_manifest(c, dir_fd, remaining)
                 return remaining, manifest

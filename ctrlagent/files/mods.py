@@ -12,7 +12,12 @@ Accepted ``install_mod`` payloads: the Panel's
 ``{type:"steam_workshop", workshopId, name, downloadUrl}``, the Go agent's
 ``{modId, modUrl?, version?}``, and ``{modId?, path}`` for an uploaded file.
 Optional ``fileName``, ``version``, ``description``.  A Steam Workshop mod
-without a ``downloadUrl`` is refused: this agent does not run steamcmd.
+whose ``downloadUrl`` is ``steam://workshop/download/<id>`` (the only form the
+Panel produces) or empty is downloaded with steamcmd (``files.workshop``,
+``servers.workshop``), for the app ``appId`` of the payload or
+``workshop.app_id``; one with an http(s) ``downloadUrl`` is fetched like any
+URL.  A workshop item is a folder: ``<mods_dir>/<workshopId>`` (or
+``fileName``), recorded with ``folder: true``.
 
 The manifest lives in the server's directory, so the game server can write
 it: it is input from the internet like any payload.  Every entry read back is
@@ -34,13 +39,13 @@ import os
 import re
 import secrets
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ctrlagent.errors import InvalidInput
-from ctrlagent.files import fsops
+from ctrlagent.files import fsops, trees
 from ctrlagent.files.confined import Confined, os_error
 from ctrlagent.files.paths import Components, normalise, safe_file_name
 from ctrlagent.files.urls import MAX_URL_CHARS, check_url
@@ -63,6 +68,11 @@ TEXT_LIMITS = {
 }
 MAX_MOD_BYTES = 2**53
 _URL_KEYS = ("downloadUrl", "modUrl", "url")
+# A Steam published file id and an app id: unsigned decimal numbers.
+_STEAM_ID_RE = re.compile(r"[0-9]{1,20}")
+STEAM_ITEM_MAX = 2**64 - 1
+STEAM_APP_MAX = 2**32 - 1
+STEAM_URL_PREFIX = "steam://workshop/download/"
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,8 @@ class ModRequest:
     url: str | None
     source: Components | None
     kind: str
+    # A Steam Workshop item for steamcmd: (app id or None for the node's default, item id).
+    workshop: tuple[int | None, str] | None = None
 
 
 def _valid_text(value: str) -> bool:
@@ -107,16 +119,69 @@ def _text(params: dict[str, Any], *keys: str, limit: int = 4096) -> str:
     return ""
 
 
+def _steam_number(value: str, field: str, what: str, high: int) -> int:
+    if not _STEAM_ID_RE.fullmatch(value) or not 0 < int(value) <= high:
+        raise InvalidInput("{} must be {}".format(field, what), field=field)
+    return int(value)
+
+
+def _parse_workshop(params: dict[str, Any], url: str | None) -> ModRequest | None:
+    """
+    The steamcmd request of a Steam Workshop payload, or None when the mod
+    comes from an http(s) URL or an upload like any other.
+    """
+    if _text(params, "type", limit=TEXT_LIMITS["type"]) != "steam_workshop":
+        return None
+    if _text(params, "path", "filePath", "uploadedFile"):
+        return None
+    if url is not None and not url.lower().startswith("steam:"):
+        return None
+    sent = next((k for k in ("workshopId", "modId", "id") if params.get(k) not in (None, "")),
+                None)
+    in_url = url[len(STEAM_URL_PREFIX):].rstrip("/") if url is not None else None
+    if url is not None and (not url.startswith(STEAM_URL_PREFIX)
+                            or not _STEAM_ID_RE.fullmatch(in_url or "")):
+        raise InvalidInput("downloadUrl must be {}<workshopId>".format(STEAM_URL_PREFIX),
+                           field="downloadUrl")
+    if sent is None:
+        if in_url is None:
+            raise InvalidInput("a Steam Workshop mod needs workshopId", field="workshopId")
+        item, sent = in_url, "downloadUrl"
+    else:
+        item = _text(params, sent)
+    number = _steam_number(item, sent, "a Steam Workshop item id (digits)", STEAM_ITEM_MAX)
+    item = str(number)
+    if in_url is not None and int(in_url) != number:
+        raise InvalidInput("downloadUrl must be {}{} for this item".format(
+            STEAM_URL_PREFIX, item), field="downloadUrl")
+    app = _text(params, "appId", "appid", limit=32)
+    app_id = _steam_number(app, "appId", "a Steam app id (digits)", STEAM_APP_MAX) if app else None
+    file_name = _text(params, "fileName", "filename") or item
+    if not _valid_text(file_name) or safe_file_name(file_name) != file_name:
+        raise InvalidInput("fileName is not a plain file name", field="fileName")
+    return ModRequest(
+        mod_id=item,
+        name=_text(params, "name", limit=TEXT_LIMITS["name"]) or item,
+        version=_text(params, "version", limit=TEXT_LIMITS["version"]),
+        description=_text(params, "description", limit=TEXT_LIMITS["description"]),
+        file_name=file_name,
+        url=None,
+        source=None,
+        kind="steam_workshop",
+        workshop=(app_id, item),
+    )
+
+
 def parse_install(params: dict[str, Any]) -> ModRequest:
     """Validate an ``install_mod`` payload (pure)."""
     url = _text(params, *_URL_KEYS, limit=MAX_URL_CHARS) or None
+    steam = _parse_workshop(params, url)
+    if steam is not None:
+        return steam
     source_path = _text(params, "path", "filePath", "uploadedFile")
     source = normalise(source_path, field="path") if source_path else None
     kind = _text(params, "type", limit=TEXT_LIMITS["type"]) or ("upload" if source else "url")
     if url is None and source is None:
-        if kind == "steam_workshop":
-            raise InvalidInput("a Steam Workshop mod needs a downloadUrl (steamcmd is not run)",
-                               field="downloadUrl")
         raise InvalidInput("install_mod needs downloadUrl (or modUrl) or path", field="downloadUrl")
     if url is not None and source is not None:
         raise InvalidInput("give either downloadUrl or path, not both", field="path")
@@ -194,10 +259,11 @@ def validate_entry(raw: object) -> dict[str, Any]:
             raise ValueError("mod {}: {} is not a text of at most {} characters".format(
                 mod_id, key, limit))
         out[key] = value
-    if "enabled" in raw:
-        if not isinstance(raw["enabled"], bool):
-            raise ValueError("mod {}: enabled is not true or false".format(mod_id))
-        out["enabled"] = raw["enabled"]
+    for flag in ("enabled", "folder"):
+        if flag in raw:
+            if not isinstance(raw[flag], bool):
+                raise ValueError("mod {}: {} is not true or false".format(mod_id, flag))
+            out[flag] = raw[flag]
     if "size" in raw:
         size = raw["size"]
         if (not isinstance(size, int) or isinstance(size, bool)
@@ -335,6 +401,24 @@ def write_manifest(c: Confined, dir_fd: int, mods: list[dict[str, Any]]) -> None
         raise os_error(e, "the mods manifest") from None
 
 
+def remove_mod(dir_fd: int, mod: dict[str, Any]) -> int:
+    """
+    Remove what a (validated) manifest entry names: its file, or for a
+    folder mod (a Steam Workshop item) its one plain-named folder of the mods
+    folder and everything beneath it (``trees.remove_tree``: by directory fd,
+    never following a link).  Returns the bytes freed.
+    """
+    name = mod.get("fileName")
+    if not isinstance(name, str) or safe_file_name(name) != name:
+        return 0
+    if not mod.get("folder"):
+        return remove_file(dir_fd, name)
+    try:
+        return trees.remove_tree(dir_fd, name)
+    except OSError as e:
+        raise os_error(e, name) from None
+
+
 def remove_file(dir_fd: int, name: str) -> int:
     """
     Remove a mod's file: the one plain name ``name`` of the mods folder
@@ -357,6 +441,10 @@ def remove_file(dir_fd: int, name: str) -> int:
 
 def record(req: ModRequest, size: int) -> dict[str, Any]:
     """The manifest entry for an installed mod."""
+    if req.workshop is not None:
+        entry = record(replace(req, workshop=None, url=STEAM_URL_PREFIX + req.workshop[1]), size)
+        entry["folder"] = True
+        return entry
     return {
         "id": req.mod_id,
         "name": req.name,

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import shutil
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from ctrlagent.engine.interface import ILogStream
-from ctrlagent.errors import Conflict, CtrlAgentError, EngineError, NotFound
+from ctrlagent.errors import CtrlAgentError, EngineError, NotFound
 from ctrlagent.servers.console import ConsoleLine, ConsolePipeline
 from ctrlagent.servers.containers import install_container
+from ctrlagent.servers.oneshot import wait_for_exit
 from ctrlagent.servers.services import ServerServices
 from ctrlagent.servers.spec import ServerSpec
 
@@ -117,34 +118,16 @@ class Installer:
             )
             stream = engine.output(cid, follow=True)
             copied = services.tracker.run(self._copy_log(stream, log), "install log")
-            result: list[int] = []
-            gone: list[str] = []
-
-            async def wait() -> None:
-                try:
-                    result.append(await engine.wait(cid))
-                except NotFound as e:
-                    # Removed behind the agent's back while it ran.
-                    gone.append(e.message)
-                    result.append(-1)
-                except EngineError:
-                    result.append(-1)
-
-            waiting = Deferred.fromCoroutine(wait())
-            if not await deadlines.within(waiting, timeout):
-                waiting.cancel()
-                waiting.addErrback(lambda _: None)  # the cancellation is ours
-                try:
-                    await engine.kill(cid, "SIGKILL")
-                except (NotFound, Conflict):
-                    pass
+            ended = await wait_for_exit(engine, deadlines, cid, timeout)
+            if ended.timed_out:
                 stream.close()
                 await data.in_thread(log.append, ["[ctrlagent] install timed out"])
                 return -1, "install script timed out after {:g} s".format(timeout)
-            code = result[0] if result else -1
+            code = ended.code
             await deadlines.within(copied, config.timeouts.install_log_drain)
-            if gone:
-                return code, "install container gone: {}".format(gone[0])
+            if ended.gone is not None:
+                # Removed behind the agent's back while it ran.
+                return code, "install container gone: {}".format(ended.gone)
             if code != 0:
                 return code, "install script exited with code {}".format(code)
             return 0, ""
