@@ -77,7 +77,7 @@ _DOCUMENT: dict[str, Any] = {
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus metrics (text format; metrics.token when set, not the secret)",
+                "summary": "Prometheus metrics (text format; metrics.token, not the secret)",
                 "security": [],
                 "responses": {
                     "200": {

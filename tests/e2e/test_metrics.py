@@ -26,7 +26,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(url: str, token: str | None = None) -> Samples:
-    """Every sample of ``url`` as ``{(name, sorted labels): value}``, parsed by prometheus_client."""
+    """Every sample of ``url`` as ``{(name, sorted labels): value}`` (prometheus_client parses)."""
     headers = {"Authorization": "Bearer " + token} if token else {}
     request = urllib.request.Request(url, headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
