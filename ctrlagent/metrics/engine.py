@@ -42,6 +42,8 @@ class MeteredEngine:
 
     def __init__(self, engine: Any, observe: EngineObserver, clock: IReactorTime) -> None:
         self._engine = engine
+        # The runtime's own engine, for those who ask which one it is.
+        self.wrapped = engine
         self._observe = observe
         self._clock = clock
 
