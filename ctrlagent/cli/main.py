@@ -31,8 +31,10 @@ from ctrlagent.cli.client import (
 from ctrlagent.config import AgentConfig, load_config
 from ctrlagent.errors import ConfigInvalid
 
-# Where the packaged unit's agent reads its configuration (packaging/ctrlagent.service).
+# Where the packaged unit's agent reads its configuration (packaging/ctrlagent.service):
+# the TOML file, and the environment file systemd hands it (EnvironmentFile=).
 DEFAULT_CONFIG = "/etc/ctrlagent/agent.toml"
+DEFAULT_ENV_FILE = "/etc/ctrlagent/env"
 POWER_WORDS = ("start", "stop", "restart", "kill")
 # Console lines asked for at each look (the API's history route).
 CONSOLE_WINDOW = 500
@@ -47,13 +49,43 @@ def config_path(given: str | None, environ: dict[str, str]) -> str | None:
     return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
 
 
+def environment(given: str | None, environ: dict[str, str]) -> dict[str, str]:
+    """
+    The agent's environment: the variables of its environment file (systemd's
+    ``EnvironmentFile=`` format: ``KEY=value`` lines, ``#`` comments), under
+    this process's own.  The file is ``--env-file``, else ``CTRLAGENT_ENV_FILE``,
+    else the packaged one when it exists.
+    """
+    path = given or environ.get("CTRLAGENT_ENV_FILE") or (
+        DEFAULT_ENV_FILE if os.path.exists(DEFAULT_ENV_FILE) else None)
+    merged: dict[str, str] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(1024 * 1024)
+        except OSError as e:
+            raise CliError("environment file {}: {}".format(path, e.strerror), EXIT_USAGE) from None
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith(("#", ";")) or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            merged[key.strip()] = value
+    merged.update(environ)
+    return merged
+
+
 def load(args: argparse.Namespace) -> AgentConfig:
     """The agent's configuration, loaded exactly as the agent loads it."""
     overrides: dict[str, Any] = {}
     if args.secret_file:
         overrides["secret_file"] = args.secret_file
+    environ = environment(args.env_file, dict(os.environ))
     try:
-        return load_config(config_path(args.config, dict(os.environ)), os.environ, overrides)
+        return load_config(config_path(args.config, environ), environ, overrides)
     except ConfigInvalid as e:
         raise CliError("configuration: {}".format(e), EXIT_USAGE) from None
 
@@ -277,10 +309,13 @@ def parser() -> argparse.ArgumentParser:
         prog="ctrlagent",
         description="Talk to this node's ctrlagent: status, servers, power, console, "
         "aliases, SFTP logins, diagnostics.  The agent's address and secret come from its "
-        "configuration (--config, CTRLAGENT_CONFIG, else {}; then the environment: "
-        "AGENT_SECRET, AGENT_SECRET_FILE, HEALTH_PORT, ...).".format(DEFAULT_CONFIG),
+        "configuration (--config, CTRLAGENT_CONFIG, else {}; then its environment file "
+        "--env-file, else {}, under this shell's environment: AGENT_SECRET, "
+        "AGENT_SECRET_FILE, HEALTH_PORT, ...).".format(DEFAULT_CONFIG, DEFAULT_ENV_FILE),
     )
     p.add_argument("-c", "--config", help="the agent's TOML configuration file")
+    p.add_argument("--env-file", help="the agent's environment file (default: {} when "
+                   "present)".format(DEFAULT_ENV_FILE))
     p.add_argument("--secret-file", help="file holding the node's secret (AGENT_SECRET_FILE)")
     p.add_argument("--url", help="the agent's API (default: from its configuration)")
     p.add_argument("--timeout", type=float, default=35.0, help="seconds to wait for an answer")

@@ -6,6 +6,7 @@ configuration), which console lines are new, and what the diagnostics hide.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from ctrlagent.cli.client import CliError, target_of
 from ctrlagent.cli.diagnostics import REDACTED, redacted
-from ctrlagent.cli.main import new_lines
+from ctrlagent.cli.main import environment, new_lines
 from ctrlagent.config import AgentConfig, HttpConfig, MetricsConfig
 
 
@@ -66,3 +67,20 @@ def test_diagnostics_redact_every_secret_of_the_tree() -> None:
     assert shown["docker"]["registry_auths"] == REDACTED
     assert "node-secret" not in str(shown) and "scrape-token" not in str(shown)
     assert shown["node_id"] == "node-1"
+
+
+def test_the_agents_environment_file_is_read_under_this_shells_environment(
+    tmp_path: Path,
+) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text(
+        "# as systemd's EnvironmentFile=\nAGENT_SECRET_FILE=/etc/ctrlagent/secret\n"
+        "NODE_ID=\"node-7\"\nHEALTH_PORT=9001\n\nnot a setting\n",
+        encoding="utf-8",
+    )
+    merged = environment(str(env_file), {"HEALTH_PORT": "9002"})
+    assert merged == {
+        "AGENT_SECRET_FILE": "/etc/ctrlagent/secret", "NODE_ID": "node-7", "HEALTH_PORT": "9002",
+    }
+    with pytest.raises(CliError, match="environment file"):
+        environment(str(tmp_path / "missing"), {})

@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("AGENT_SECRET", "AGENT_SECRET_FILE", "DOCKER_HOST", "CTRLAGENT_CONFIG")}
+           if k not in ("AGENT_SECRET", "AGENT_SECRET_FILE", "DOCKER_HOST", "CTRLAGENT_CONFIG",
+                         "CTRLAGENT_ENV_FILE")}
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env
