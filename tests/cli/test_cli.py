@@ -84,3 +84,13 @@ def test_the_agents_environment_file_is_read_under_this_shells_environment(
     }
     with pytest.raises(CliError, match="environment file"):
         environment(str(tmp_path / "missing"), {})
+
+
+def test_the_command_starts_without_twisted() -> None:
+    import subprocess
+    import sys
+
+    probe = "import sys, ctrlagent.cli.main; print(sorted(m for m in sys.modules if m.split('.')[0] in ('twisted', 'treq', 'klein', 'prometheus_client')))"  # noqa: E501
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert done.stdout.strip() == "[]"
