@@ -421,9 +421,11 @@ class AgentApi:
         try:
             command = build(self._rest_body(request))
         except _TooLarge as e:
+            self._observe(None, self._clock.seconds(), False)
             request.setResponseCode(413)
             return self._json(request, envelopes.too_large(e.limit))
         except CtrlAgentError as e:
+            self._observe(None, self._clock.seconds(), False)
             request.setResponseCode(envelopes.rest_status(e.code, 400))
             return self._json(request, envelopes.failure(e))
         return await self._rest(request, command)
