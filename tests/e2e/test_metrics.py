@@ -108,6 +108,13 @@ def test_metrics_follow_a_server_and_the_api_and_forget_a_deleted_server(
     assert value(after, "ctrlagent_engine_calls_total", operation="start", outcome="ok") >= 1
     assert value(after, "ctrlagent_engine_call_duration_seconds_count", operation="start") >= 1
 
+    # A restart is counted once the server starts again.
+    ok(agent, "restart_server", sid)
+    wait_for(lambda: value(scrape(url), "ctrlagent_server_restarts_total", server_id=sid) == 1,
+             30, "the restart to be counted")
+    wait_for(lambda: value(scrape(url), "ctrlagent_server_state", server_id=sid,
+                           state="running") == 1, 30, "the server to run again")
+
     # A crash (the scripted server exits 3 on "crash 3") is counted.
     ok(agent, "send_server_command", sid, command="crash 3")
     wait_status(agent, sid, "crashed")
@@ -115,6 +122,7 @@ def test_metrics_follow_a_server_and_the_api_and_forget_a_deleted_server(
     assert value(crashed, "ctrlagent_server_crashes_total", server_id=sid) == 1
     assert value(crashed, "ctrlagent_server_state", server_id=sid, state="crashed") == 1
     assert value(crashed, "ctrlagent_server_uptime_seconds", server_id=sid) == 0
+    assert value(crashed, "ctrlagent_server_restarts_total", server_id=sid) == 1
 
     # A deleted server's series go away.
     ok(agent, "delete_server", sid)
