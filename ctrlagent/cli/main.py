@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import re
 import secrets
 import select
 import sys
@@ -38,6 +39,8 @@ DEFAULT_ENV_FILE = "/etc/ctrlagent/env"
 POWER_WORDS = ("start", "stop", "restart", "kill")
 # Console lines asked for at each look (the API's history route).
 CONSOLE_WINDOW = 500
+# What a console line may keep of the terminal's control sequences: colours (SGR).
+_SGR = re.compile(r"\x1b\[[0-9;]{0,32}m")
 
 
 def config_path(given: str | None, environ: dict[str, str]) -> str | None:
@@ -213,7 +216,7 @@ def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
 
     seen = fetch()
     for line in seen[-args.lines:] if args.lines else []:
-        out.write(line + "\n")
+        out.write(terminal_safe(line) + "\n")
     out.flush()
     sys.stderr.write("[following the console of {}; type a command and Enter; Ctrl-C leaves, "
                      "the server keeps running]\n".format(_printable(args.server_id)))
@@ -243,9 +246,29 @@ def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
         return 0
 
 
+def terminal_safe(line: str) -> str:
+    """
+    A console line fit for the operator's terminal: the game server writes
+    it, so every character that does not print (controls, bidi overrides)
+    but tab becomes ``?``, and of the escape sequences only colours stay (no
+    cursor moves, title changes or other terminal tricks).
+    """
+    kept = _SGR.split(line)
+    colours = _SGR.findall(line)
+    parts = [_visible(kept[0])]
+    for colour, text in zip(colours, kept[1:], strict=True):
+        parts.append(colour)
+        parts.append(_visible(text))
+    return "".join(parts)
+
+
+def _visible(text: str) -> str:
+    return "".join(c if c == "\t" or c.isprintable() else "?" for c in text)
+
+
 def _print_new(out: TextIO, seen: list[str], current: list[str]) -> list[str]:
     for line in new_lines(seen, current):
-        out.write(line + "\n")
+        out.write(terminal_safe(line) + "\n")
     out.flush()
     return current
 

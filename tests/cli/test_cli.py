@@ -6,6 +6,7 @@ configuration), which console lines are new, and what the diagnostics hide.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from ctrlagent.cli.client import CliError, target_of
 from ctrlagent.cli.diagnostics import REDACTED, redacted
-from ctrlagent.cli.main import environment, new_lines
+from ctrlagent.cli.main import environment, new_lines, terminal_safe
 from ctrlagent.config import AgentConfig, HttpConfig, MetricsConfig
 
 
@@ -94,3 +95,20 @@ def test_the_command_starts_without_twisted() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True, timeout=60)
     assert done.stdout.strip() == "[]"
+
+
+CONSOLE_CHARS = ["a", " ", "\t", "\x1b", "[", "3", "1", ";", "m", "\x07", "\r", "\x9b", "]", "0",
+                 "\x00", "é", "\u202e"]
+
+
+@given(st.text(alphabet=st.sampled_from(CONSOLE_CHARS), max_size=40))
+def test_a_console_line_reaches_the_terminal_with_colours_at_most(line: str) -> None:
+    shown = terminal_safe(line)
+    # Without its colour sequences, nothing but printable text and tabs is left.
+    bare = re.sub(r"\x1b\[[0-9;]{0,32}m", "", shown)
+    assert all(c == "\t" or c.isprintable() for c in bare), repr(shown)
+
+
+def test_a_hostile_console_line_cannot_move_the_cursor_or_retitle_the_terminal() -> None:
+    assert terminal_safe("\x1b[31mred\x1b[0m") == "\x1b[31mred\x1b[0m"
+    assert terminal_safe("\x1b]0;owned\x07\x1b[2J\x1b[H") == "?]0;owned??[2J?[H"
