@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -26,6 +27,7 @@ class MetricsResource(Resource):
     """Renders ``registry``; with a ``token``, only for ``Authorization: Bearer <token>``."""
 
     isLeaf = True
+    log = Logger()
 
     def __init__(self, registry: CollectorRegistry, token: str = "") -> None:
         super().__init__()
@@ -51,7 +53,16 @@ class MetricsResource(Resource):
             request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
             request.setHeader(b"Content-Length", b"%d" % len(body))
             return body
-        body = generate_latest(self._registry)
+        try:
+            body = generate_latest(self._registry)
+        except Exception:
+            # A collector's bug: say so once in the log, answer 500 as JSON.
+            self.log.failure("rendering the metrics failed")
+            body = encode(envelopes.internal_error())
+            request.setResponseCode(500)
+            request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            return body
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body

@@ -186,7 +186,9 @@ def report(args: argparse.Namespace, config: AgentConfig | str) -> str:
     def section(title: str, lines: list[str]) -> None:
         out.append("")
         out.append("## " + title)
-        out.extend(lines)
+        # Log lines and names may hold what a game server wrote: nothing that does not print.
+        out.extend("".join(c if c == "\t" or c.isprintable() else "?" for c in line)
+                   for line in lines)
 
     section("versions", _versions())
     if isinstance(config, str):
