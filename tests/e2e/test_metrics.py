@@ -2,7 +2,8 @@
 ``GET /metrics`` of a real agent (``twistd -n ctrlagent``) driving a real
 container, read with ``prometheus_client``'s own text parser: the series
 move as the server and the API do, a crash is counted, the token is asked
-for, and a deleted server's series are gone.
+for, a deleted server's series are gone, and the Panel link's state and
+reconnects are seen.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
+from ctrlagent.testing.panel import FakePanel
 from tests.e2e.test_panel_http import create_payload, ok, post, wait_status
 from tests.rig.agentproc import AgentProcess, free_port
 
@@ -151,3 +157,35 @@ def test_metrics_ask_for_their_own_token_on_their_own_endpoint(
     with pytest.raises(urllib.error.HTTPError) as missing:
         scrape(agent.base_url + "/metrics", token="scrape-me")
     assert missing.value.code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_panel_links_state_and_reconnects_are_scraped(
+    make_agent: Callable[..., AgentProcess],
+) -> None:
+    agent = make_agent(
+        panel_settings="heartbeat_interval = 0.5\nbackoff_initial = 0.2\nbackoff_max = 1.0"
+    )
+    panel = FakePanel(reactor, agent.secret)
+    port = reactor.listenTCP(0, panel.factory, interface="127.0.0.1")
+    try:
+        agent.panel_url = "ws://127.0.0.1:{}/agent".format(port.getHost().port)
+        agent.start()
+        await panel.wait_for_frame("system_info")
+        url = agent.base_url + "/metrics"
+        first = await deferToThread(scrape, url)
+        assert value(first, "ctrlagent_panel_link_up") == 1
+        assert value(first, "ctrlagent_panel_link_connections_total") == 1
+        assert value(first, "ctrlagent_panel_link_reconnects_total") == 0
+        assert ("ctrlagent_panel_outbox_depth", ()) in first
+        panel.drop()
+        for _ in range(100):
+            if len(panel.frames("system_info")) >= 2:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        again = await deferToThread(scrape, url)
+        assert value(again, "ctrlagent_panel_link_reconnects_total") == 1
+        assert value(again, "ctrlagent_panel_link_up") == 1
+    finally:
+        agent.stop()
+        await port.stopListening()
