@@ -95,9 +95,12 @@ class ServerCollector(Collector):
         uptime = gauge("ctrlagent_server_uptime_seconds", "Seconds since this run started.")
         restarts = counter("ctrlagent_server_restarts", "Restarts (asked for or after a crash).")
         crashes = counter("ctrlagent_server_crashes", "Crashes seen by this agent.")
-        lines = counter("ctrlagent_server_console_lines", "Console lines read from the server.")
+        lines = counter(
+            "ctrlagent_server_console_lines", "Console lines read from the server (all kept)."
+        )
         dropped = counter(
-            "ctrlagent_server_console_lines_dropped", "Console lines dropped by the throttle."
+            "ctrlagent_server_console_lines_dropped",
+            "Of those, lines the console throttle did not forward to the Panel.",
         )
         for sid, server in sorted(self._manager.servers.items()):
             ids = [sid]

@@ -189,3 +189,29 @@ async def test_the_panel_links_state_and_reconnects_are_scraped(
     finally:
         agent.stop()
         await port.stopListening()
+
+
+def test_console_lines_in_and_dropped_by_the_throttle_are_counted(
+    make_agent: Callable[..., AgentProcess], scripted_image: str
+) -> None:
+    agent = make_agent(
+        extra_config="[servers]\nconsole_throttle_lines = 50\nconsole_throttle_interval = 1.0\n"
+    ).start()
+    sid = uuid.uuid4().hex
+    payload = create_payload(scripted_image)
+    payload["panelId"] = "clx" + uuid.uuid4().hex[:20]
+    payload["environment"] = dict(payload["environment"], FLOOD_LINES=3000)
+    ok(agent, "create_server", sid, **payload)
+    wait_status(agent, sid, "offline")
+    ok(agent, "start_server", sid)
+    url = agent.base_url + "/metrics"
+    flooded = wait_for(
+        lambda: (lambda s: s if value(
+            s, "ctrlagent_server_console_lines_dropped_total", server_id=sid) > 0 else None)(
+            scrape(url)),
+        30, "dropped console lines to be counted",
+    )
+    read = value(flooded, "ctrlagent_server_console_lines_total", server_id=sid)
+    dropped = value(flooded, "ctrlagent_server_console_lines_dropped_total", server_id=sid)
+    # Every line read is counted (and kept in the buffer); the throttle's drops are among them.
+    assert 0 < dropped < read <= 3000 + 20
