@@ -516,12 +516,10 @@ def _metrics_listener(reactor: Any, endpoint: str, page: Any) -> IService:
     """
     from twisted.application.internet import StreamServerEndpointService
     from twisted.internet.endpoints import serverFromString
-    from twisted.web.resource import Resource
-    from twisted.web.server import Site
 
-    root = Resource()
-    root.putChild(b"metrics", page)
-    service = StreamServerEndpointService(serverFromString(reactor, endpoint), Site(root))
+    from ctrlagent.api.metrics import metrics_site
+
+    service = StreamServerEndpointService(serverFromString(reactor, endpoint), metrics_site(page))
     service._raiseSynchronously = True
     service.setName("metrics")
     return service

@@ -13,11 +13,12 @@ or on a listener of its own (``metrics.endpoint``), built in tap.py.
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
 from ctrlagent.wire import http as envelopes
 from ctrlagent.wire.json import encode
@@ -68,3 +69,19 @@ class MetricsResource(Resource):
         return body
 
     render_HEAD = render_GET  # noqa: N815 (Twisted hook)
+
+
+class _QuietSite(Site):
+    """A ``Site`` without access log: a scraper comes every few seconds."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:  # type: ignore[override]
+        """No access log line per scrape."""
+
+
+def metrics_site(page: MetricsResource) -> Site:
+    """The site of ``metrics.endpoint``: ``/metrics`` and nothing else (404)."""
+    root = Resource()
+    root.putChild(b"metrics", page)
+    return _QuietSite(root)

@@ -157,6 +157,11 @@ def test_metrics_ask_for_their_own_token_on_their_own_endpoint(
     with pytest.raises(urllib.error.HTTPError) as missing:
         scrape(agent.base_url + "/metrics", token="scrape-me")
     assert missing.value.code == 404
+    # Only /metrics there, and no access log line per scrape.
+    with pytest.raises(urllib.error.HTTPError) as other:
+        scrape("http://127.0.0.1:{}/api/status".format(port), token="scrape-me")
+    assert other.value.code == 404
+    assert "GET /metrics" not in agent.log_text()
 
 
 @pytest_twisted.ensureDeferred
