@@ -468,7 +468,7 @@ def _build_transports(
     if metrics is not None:
         from ctrlagent.api.metrics import MetricsResource
 
-        metrics_page = MetricsResource(metrics.registry, config.metrics.token)
+        metrics_page = MetricsResource(metrics.registry, config.metrics.token, reactor)
 
     link: PanelLink | None = None
     if config.panel.enabled:
