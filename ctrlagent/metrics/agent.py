@@ -8,7 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -34,6 +40,10 @@ class AgentMetrics:
     def __init__(self, actions: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._actions = frozenset(actions)
+        # The agent process itself (process_resident_memory_bytes,
+        # process_cpu_seconds_total, open descriptors; python_info), read from /proc.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.http_requests = Counter(
             "ctrlagent_http_requests",
             "HTTP API commands answered, by action and outcome (ok or error).",

@@ -70,6 +70,9 @@ def test_metrics_follow_a_server_and_the_api_and_forget_a_deleted_server(
     url = agent.base_url + "/metrics"
     before = scrape(url)
     assert value(before, "ctrlagent_background_tasks") >= 0
+    # The agent process's own figures, from its registry (not the process-global one).
+    assert value(before, "process_resident_memory_bytes") > 0
+    assert value(before, "process_open_fds") > 0
     assert ("ctrlagent_panel_link_up", ()) not in before  # the link is disabled here
 
     sid = uuid.uuid4().hex
