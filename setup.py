@@ -36,7 +36,11 @@ setup(
         "pathspec>=0.12",
         "croniter>=2.0",
         "boto3>=1.34",
+        # GET /metrics (ctrlagent/metrics, ctrlagent/api/metrics.py).
+        "prometheus-client>=0.17",
     ],
+    # The operator's command on the node (ctrlagent/cli): plain stdlib, starts fast.
+    entry_points={"console_scripts": ["ctrlagent = ctrlagent.cli.main:main"]},
     extras_require={
         "test": [
             "pytest>=8",

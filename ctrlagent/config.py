@@ -475,6 +475,53 @@ def validate_workshop(workshop: WorkshopConfig) -> None:
             raise ConfigInvalid("workshop.{} must be positive".format(name))
     if not workshop.network.strip():
         raise ConfigInvalid("workshop.network must not be empty")
+# --- [metrics]: Prometheus (docs/METRICS.md) ---
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``GET /metrics`` in the Prometheus text format."""
+
+    # Serve /metrics at all.
+    enabled: bool = True
+    # Empty: /metrics on the API's own listener; else a listener of its own
+    # (a Twisted endpoint, e.g. tcp:9108:interface=127.0.0.1).
+    endpoint: str = ""
+    # The bearer token a scraper must send (Authorization: Bearer <token>);
+    # empty: /metrics asks for no credential.  Not the node's secret.
+    token: str = field(default="", repr=False)
+    # A file holding the token (not readable by others: mode 600).
+    token_file: str = ""
+
+
+def validate_metrics(metrics: MetricsConfig) -> None:
+    """Refuse ``[metrics]`` settings that cannot work, naming the setting."""
+    if metrics.endpoint and ":" not in metrics.endpoint:
+        raise ConfigInvalid(
+            "metrics.endpoint: not a Twisted endpoint description (e.g. tcp:9108)"
+        )
+    if metrics.token_file and not Path(metrics.token_file).is_absolute():
+        raise ConfigInvalid("metrics.token_file {!r} must be an absolute path".format(
+            metrics.token_file))
+
+
+def read_metrics_token(metrics: MetricsConfig) -> MetricsConfig:
+    """``metrics`` with its token read from ``token_file`` (when no token is given)."""
+    if not metrics.token_file or metrics.token:
+        return metrics
+    try:
+        st = os.stat(metrics.token_file)
+        if st.st_mode & stat.S_IROTH:
+            raise ConfigInvalid("metrics.token_file {} is world-readable; run: chmod 600 {}"
+                                .format(metrics.token_file, metrics.token_file))
+        with open(metrics.token_file, encoding="utf-8") as f:
+            token = f.read(4096).strip()
+    except OSError as e:
+        raise ConfigInvalid("metrics.token_file {}: {}".format(
+            metrics.token_file, e.strerror)) from None
+    if not token:
+        raise ConfigInvalid("metrics.token_file {} is empty".format(metrics.token_file))
+    return replace(metrics, token=token)
 
 
 @dataclass(frozen=True)
@@ -498,6 +545,7 @@ class AgentConfig:
     sftp: SftpConfig = field(default_factory=SftpConfig)
     backups: BackupsConfig = field(default_factory=BackupsConfig)
     workshop: WorkshopConfig = field(default_factory=WorkshopConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __repr__(self) -> str:
         # Never let the secret reach a log line through repr().
@@ -526,6 +574,7 @@ ENVIRONMENT: Mapping[str, str] = {
     "CTRLAGENT_SFTP_ENABLED": "sftp.enabled",
     "CTRLAGENT_SFTP_ENDPOINT": "sftp.endpoint",
     "CTRLAGENT_SFTP_PORT": "sftp.port",
+    "CTRLAGENT_METRICS_TOKEN": "metrics.token",
 }
 
 
@@ -675,6 +724,7 @@ def load_config(
     config = replace(config, backups=parse_backups_config(backups_table, state_dir=None))
     if secret_file and not config.secret:
         config = replace(config, secret=read_secret_file(str(secret_file)))
+    config = replace(config, metrics=read_metrics_token(config.metrics))
     validate(config)
     return config
 
@@ -907,6 +957,7 @@ def validate(config: AgentConfig) -> None:
     validate_sftp(config.sftp)
     validate_backups(config.backups)
     validate_workshop(config.workshop)
+    validate_metrics(config.metrics)
     for name, path in (("state_dir", config.state_dir), ("data_dir", config.data_dir)):
         if not Path(path).is_absolute():
             raise ConfigInvalid("{} {!r} must be an absolute path".format(name, path))

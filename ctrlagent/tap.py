@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from ctrlagent.backups.manager import BackupManager
     from ctrlagent.engine.docker import DockerClient
     from ctrlagent.files.manager import FileManager
+    from ctrlagent.metrics import AgentMetrics
+    from ctrlagent.panel.link import PanelLink
     from ctrlagent.servers.manager import ServerManager
     from ctrlagent.sftp.service import SftpService
     from ctrlagent.system import SystemInfo
@@ -273,16 +275,49 @@ def build_service(reactor: Any, config: AgentConfig) -> AgentService:
     top = AgentService(tracker)
     top.setName("ctrlagent")
     _StartupBanner(config).setServiceParent(top)
+    metrics = _build_metrics(config)
     docker = _build_engine(reactor, config)
-    servers = _build_servers(reactor, config, top, docker, tracker, deadlines)
+    servers = _build_servers(reactor, config, top, docker, tracker, deadlines, metrics)
     files, host = _build_files_and_host(reactor, config, docker, servers, deadlines)
     sftp = _build_sftp(reactor, config, top, servers, files)
     backups = _build_backups(reactor, config, top, servers, tracker)
     dispatcher = _build_actions(servers, files, host, deadlines, sftp, backups)
-    _build_transports(
-        reactor, config, top, dispatcher, servers, host, docker, tracker, deadlines, backups
+    link = _build_transports(
+        reactor, config, top, dispatcher, servers, host, docker, tracker, deadlines, backups,
+        metrics,
     )
+    if metrics is not None:
+        _watch_metrics(metrics, dispatcher, servers, link, tracker)
     return top
+
+
+def _build_metrics(config: AgentConfig) -> AgentMetrics | None:
+    """
+    The agent's Prometheus metrics (``metrics/``), one registry per agent,
+    unless ``metrics.enabled`` is false.  The engine seam and the API report
+    to it as things happen; ``_watch_metrics`` hands it what it reads at
+    scrape time once everything is built.
+    """
+    if not config.metrics.enabled:
+        return None
+    from ctrlagent.metrics import AgentMetrics
+
+    return AgentMetrics()
+
+
+def _watch_metrics(
+    metrics: AgentMetrics,
+    dispatcher: Dispatcher,
+    servers: ServerManager,
+    link: PanelLink | None,
+    tracker: Tracker,
+) -> None:
+    """What the metrics read at scrape time: the servers, the Panel link, the work."""
+    metrics.set_actions(dispatcher.actions())
+    metrics.watch_servers(servers)
+    if link is not None:
+        metrics.watch_link(link.stats)
+    metrics.watch_work(tracker)
 
 
 def _build_work(reactor: Any, config: AgentConfig) -> tuple[Tracker, Deadlines]:
@@ -313,13 +348,21 @@ def _build_servers(
     docker: DockerClient,
     tracker: Tracker,
     deadlines: Deadlines,
+    metrics: AgentMetrics | None = None,
 ) -> ServerManager:
-    """The game servers (service ``servers``): containers, console, stats, store."""
+    """
+    The game servers (service ``servers``): containers, console, stats, store;
+    with metrics, every engine call goes through ``MeteredEngine``.
+    """
     from ctrlagent.engine import make_engine
     from ctrlagent.engine.lifetime import close_engine
     from ctrlagent.servers.manager import make_server_manager
 
     engine = make_engine(reactor, config, docker)
+    if metrics is not None:
+        from ctrlagent.metrics import MeteredEngine
+
+        engine = MeteredEngine(engine, metrics.observe_engine, reactor)
     servers = make_server_manager(
         reactor, config, engine, tracker=tracker.scope("servers"), deadlines=deadlines,
         close_engine=lambda: close_engine(engine),
@@ -419,16 +462,25 @@ def _build_transports(
     tracker: Tracker,
     deadlines: Deadlines,
     backups: BackupManager | None = None,
-) -> None:
+    metrics: AgentMetrics | None = None,
+) -> PanelLink | None:
     """
     The Panel link (service ``panel``, only when a Panel WebSocket URL is
     configured and the link is enabled) and the HTTP API (``http``).  The link
     is optional: the API reports its state under ``panelLink`` and never as
     the node's ``connected``.  The link forwards the backups' events too; the
     API serves their archives through the backups package's ``serve_download``.
+    With metrics, ``GET /metrics`` is served by the API, or by a listener of
+    its own (service ``metrics``) when ``metrics.endpoint`` is set.
     """
     from ctrlagent.api.app import AgentApi, make_http_service
     from ctrlagent.panel.link import PanelLink
+
+    metrics_page: Any = None
+    if metrics is not None:
+        from ctrlagent.api.metrics import MetricsResource
+
+        metrics_page = MetricsResource(metrics.registry, config.metrics.token, reactor)
 
     link: PanelLink | None = None
     if config.panel.dials():
@@ -456,12 +508,33 @@ def _build_transports(
         tracker=tracker.scope("http"),
         deadlines=deadlines,
         backup_download=None if backups is None else _backup_download(backups),
+        metrics=None if config.metrics.endpoint else metrics_page,
+        observe_command=None if metrics is None else metrics.observe_request,
     )
     http: IService = make_http_service(
         reactor, config, api, drain_timeout=config.timeouts.http_drain
     )
     http.setName("http")
     http.setServiceParent(top)
+    if metrics_page is not None and config.metrics.endpoint:
+        _metrics_listener(reactor, config.metrics.endpoint, metrics_page).setServiceParent(top)
+    return link
+
+
+def _metrics_listener(reactor: Any, endpoint: str, page: Any) -> IService:
+    """
+    ``GET /metrics`` on a listener of its own (service ``metrics``); a port it
+    cannot bind ends the start, as the API's does.
+    """
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.internet.endpoints import serverFromString
+
+    from ctrlagent.api.metrics import metrics_site
+
+    service = StreamServerEndpointService(serverFromString(reactor, endpoint), metrics_site(page))
+    service._raiseSynchronously = True
+    service.setName("metrics")
+    return service
 
 
 def _backup_download(backups: BackupManager) -> Any:

@@ -188,6 +188,14 @@ def test_commented_out_examples_are_values_the_agent_accepts(tmp_path: Path) -> 
         script.toml_value(script.EXAMPLES["backups.s3.secret_key_file"]),
         script.toml_value(str(s3_secret)),
     )
+    # So is the metrics token file.
+    metrics_token = tmp_path / "metrics-token"
+    metrics_token.write_text("scrape-token\n", encoding="utf-8")
+    metrics_token.chmod(0o600)
+    uncommented = uncommented.replace(
+        script.toml_value(script.EXAMPLES["metrics.token_file"]),
+        script.toml_value(str(metrics_token)),
+    )
     toml = tmp_path / "agent.toml"
     toml.write_text(uncommented, encoding="utf-8")
     # The secret is set, so secret_file (an example path) is not read.
@@ -196,6 +204,7 @@ def test_commented_out_examples_are_values_the_agent_accepts(tmp_path: Path) -> 
     assert config.docker.registry_auths == script.EXAMPLES["docker.registry_auths"]
     assert config.secret == "s3cret"
     assert config.backups.s3.secret_key == "example-secret"
+    assert config.metrics.token == "scrape-token"
     assert config.backups.schedule.cron == script.EXAMPLES["backups.schedule.cron"]
     assert config.backups.schedule.retain.last == script.EXAMPLES["backups.schedule.retain.last"]
 

@@ -127,6 +127,11 @@ RULES: list[Rule] = [
         _only("testing", "interfaces", "engine.interface", "wire", "events", "work", "asyncs"),
     ),
     Rule(
+        "cli/ is a client of the API: it imports only config, errors and itself",
+        lambda m: _within(m, "cli"),
+        _only("cli"),
+    ),
+    Rule(
         "only tap.py sees everything: nothing imports it",
         lambda m: m != "tap",
         _never("tap"),

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
 from ctrlagent.api.openapi import openapi_document
@@ -47,6 +48,9 @@ F = TypeVar("F", bound=Callable[..., Awaitable[bytes]])
 # Fills a response with a backup's archive (``request, server_id, backup_id``),
 # returning the body left to write; raises ``CtrlAgentError`` before it writes.
 BackupDownload = Callable[[IRequest, str, str], Awaitable[bytes]]
+
+# Told of every HTTP command once answered: ``(action, seconds, ok)`` (the metrics).
+CommandObserver = Callable[[str, float, bool], None]
 
 def human_duration(seconds: float) -> str:
     """``3d 4h 5m 6s`` (leading zero units left out)."""
@@ -99,6 +103,8 @@ class AgentApi:
     clients that leave.  Both default to the API's own.  ``backup_download``
     answers ``GET /api/servers/{id}/backups/{backupId}/download`` (tap.py
     passes the backups package's ``serve_download``; None: no backups here).
+    ``metrics`` answers ``GET /metrics`` (None: 404) and ``observe_command``
+    is told of every command answered (both from tap.py's metrics).
     """
 
     app = Klein()
@@ -118,8 +124,12 @@ class AgentApi:
         tracker: Tracker | None = None,
         deadlines: Deadlines | None = None,
         backup_download: BackupDownload | None = None,
+        metrics: IResource | None = None,
+        observe_command: CommandObserver | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics
+        self._observe_command = observe_command
         self._backup_download = backup_download
         self._dispatcher = dispatcher
         self._servers = servers
@@ -206,14 +216,25 @@ class AgentApi:
         Dispatch ``command`` shielded from the client going away: a Panel that
         times out must not cancel a half-done create or stop.
         """
-        work = self._dispatcher.dispatch(command)
-        assert isinstance(work, Deferred)
-        result: ActionResult = await self._deadlines.shielded(
-            self._tracker.hold(work),
-            what="{} after its client left".format(printable(command.action)),
-            expected=(CtrlAgentError,),
-        )
-        return result
+        started = self._clock.seconds()
+        ok = False
+        try:
+            work = self._dispatcher.dispatch(command)
+            assert isinstance(work, Deferred)
+            result: ActionResult = await self._deadlines.shielded(
+                self._tracker.hold(work),
+                what="{} after its client left".format(printable(command.action)),
+                expected=(CtrlAgentError,),
+            )
+            ok = True
+            return result
+        finally:
+            self._observe(command.action, started, ok)
+
+    def _observe(self, action: str | None, started: float, ok: bool) -> None:
+        """Tell the metrics of one answered command (the one place that does)."""
+        if self._observe_command is not None:
+            self._observe_command(action or "", self._clock.seconds() - started, ok)
 
     @async_to_deferred
     async def drain(self, timeout: float) -> None:
@@ -336,6 +357,14 @@ class AgentApi:
             openapi_document(self._version, listed, schemas() if callable(schemas) else None),
         )
 
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics(self, request: IRequest) -> IResource | bytes:
+        """Prometheus metrics (``api/metrics.py``: its own token, not the secret)."""
+        if self._metrics is None:
+            request.setResponseCode(404)
+            return self._json(request, envelopes.route_error(404, "Not Found"))
+        return self._metrics
+
     @app.route("/api", methods=["OPTIONS"])
     @app.route("/api/<path:rest>", methods=["OPTIONS"])
     def preflight(self, request: IRequest, rest: str = "") -> bytes:
@@ -370,12 +399,15 @@ class AgentApi:
         try:
             command = parse_command(self._read_body(request))
         except _TooLarge as e:
+            self._observe(None, self._clock.seconds(), False)
             request.setResponseCode(413)
             return self._json(request, envelopes.too_large(e.limit))
         except ParseError as e:
+            self._observe(None, self._clock.seconds(), False)
             request.setResponseCode(400)
             return self._json(request, envelopes.failure(e))
         except CtrlAgentError as e:
+            self._observe(None, self._clock.seconds(), False)
             return self._json(request, envelopes.failure(e))
         try:
             result = await self._run(command)
@@ -411,9 +443,11 @@ class AgentApi:
         try:
             command = build(self._rest_body(request))
         except _TooLarge as e:
+            self._observe(None, self._clock.seconds(), False)
             request.setResponseCode(413)
             return self._json(request, envelopes.too_large(e.limit))
         except CtrlAgentError as e:
+            self._observe(None, self._clock.seconds(), False)
             request.setResponseCode(envelopes.rest_status(e.code, 400))
             return self._json(request, envelopes.failure(e))
         return await self._rest(request, command)

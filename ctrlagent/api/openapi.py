@@ -75,6 +75,20 @@ _DOCUMENT: dict[str, Any] = {
                 "responses": {"200": _json(_ref("Discovery"), "Agent identity.")},
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text format; metrics.token, not the secret)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The agent's series in the Prometheus text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "401": _UNAUTHORIZED,
+                    "404": {"description": "Metrics are off here, or on their own endpoint."},
+                },
+            }
+        },
         "/api/openapi.json": {
             "get": {
                 "summary": "This document",

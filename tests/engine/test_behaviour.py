@@ -157,14 +157,21 @@ def open_events(h: Harness, since_ns: int | None = None) -> Events:
 @pytest_twisted.async_yield_fixture(
     params=[
         "fake",
+        # The fake behind the metrics' wrapper at the seam (ctrlagent.metrics.MeteredEngine).
+        "metered",
         pytest.param("docker", marks=pytest.mark.docker),
         pytest.param("podman", marks=pytest.mark.docker),
     ]
 )
 async def engine(request: Any) -> AsyncIterator[Harness]:
-    if request.param == "fake":
+    if request.param in ("fake", "metered"):
         image = "ctrlagent-test/scripted:fake"
-        yield Harness(FakeEngine(reactor, images=(image,)), image, "fake")
+        fake: Any = FakeEngine(reactor, images=(image,))
+        if request.param == "metered":
+            from ctrlagent.metrics import MeteredEngine
+
+            fake = MeteredEngine(fake, lambda operation, seconds, ok: None, reactor)
+        yield Harness(fake, image, "fake")
         return
     from ctrlagent.config import DockerConfig
     from ctrlagent.engine.docker import DockerClient

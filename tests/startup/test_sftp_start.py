@@ -144,8 +144,11 @@ async def test_the_runtime_section_picks_the_engine_and_its_socket(
     top = build_service(reactor, config)  # built, not started
     try:
         servers = top.getServiceNamed("servers")
-        assert type(servers.engine).__name__ == engine  # type: ignore[attr-defined]
-        assert servers.engine.client.host.path == socket_path  # type: ignore[attr-defined]
+        # Every call is metered at the seam (metrics are on by default), over the runtime's engine.
+        assert type(servers.engine).__name__ == "MeteredEngine"  # type: ignore[attr-defined]
+        runtime = servers.engine.wrapped  # type: ignore[attr-defined]
+        assert type(runtime).__name__ == engine
+        assert runtime.client.host.path == socket_path
     finally:
         await servers.store.close()  # type: ignore[attr-defined]
         await top.getServiceNamed("backups").store.close()  # type: ignore[attr-defined]
