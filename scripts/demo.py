@@ -198,6 +198,7 @@ def run(
             say("start failed: {}".format(started.get("error") or started))
             return False
     say("waiting for the game to answer on 127.0.0.1:{}/udp".format(port))
+    cli = _cli(secret_file, api_port)
     logs = "/api/servers/{}/logs?lines=50".format(SERVER_ID)
     commands = "/api/servers/{}/commands".format(SERVER_ID)
     power = "/api/servers/{}/power".format(SERVER_ID)
@@ -211,6 +212,10 @@ def run(
             SERVER_ID
         ),
         "  join it:         a Minetest client, address 127.0.0.1, port {}".format(port),
+        "  follow its console and type commands (Ctrl-C leaves it running):",
+        "                   {} console {}".format(cli, SERVER_ID),
+        "  stop / start it: {} power {} stop|start".format(cli, SERVER_ID),
+        "  the same over the REST API:",
         "  its console:     " + _curl_hint(secret_file, api_port, "GET", logs),
         "  send a command:  "
         + _curl_hint(secret_file, api_port, "POST", commands, '{"command":"/status"}'),
@@ -223,6 +228,13 @@ def run(
     sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
     return True
+
+
+def _cli(secret_file: str, port: int) -> str:
+    """The operator CLI of the environment running the agent, pointed at it."""
+    exe = Path(sys.executable).with_name("ctrlagent")
+    prog = str(exe) if exe.exists() else "{} -m ctrlagent.cli".format(sys.executable)
+    return "{} --url http://127.0.0.1:{} --secret-file {}".format(prog, port, secret_file)
 
 
 def _curl_hint(

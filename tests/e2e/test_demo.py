@@ -135,6 +135,12 @@ def test_the_demo_runs_a_minetest_server_and_a_second_run_reattaches_it(
         assert "re-attached, not created again" in second.text()
         assert "creating server" not in second.text()
         assert _handshake(game_port)[:4] == bytes.fromhex("4f457403")
+        # The operator CLI line it prints works as printed.
+        cli = second.wait_for(r"(?m)^\s+(\S.*) console minetest-demo$", 5).group(1)
+        listed = subprocess.run(
+            cli.split() + ["servers"], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert listed.returncode == 0 and "minetest-demo" in listed.stdout, listed
         secret = (dev / "secret").read_text().strip()
         servers = _api(port, secret, "/api/servers")["data"]
         assert [s["serverId"] for s in servers["servers"]] == ["minetest-demo"]
