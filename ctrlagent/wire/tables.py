@@ -89,6 +89,7 @@ ERROR_CODES: tuple[str, ...] = (
     "AUTH_FAILED",
     "CONFLICT",
     "EXECUTION_ERROR",
+    "NOT_TEXT",
 )
 
 # The HTTP status of each error code on the REST surface for operators
@@ -111,6 +112,7 @@ REST_STATUS: Mapping[str, int] = MappingProxyType(
         "DOCKER_ERROR": 502,
         "CONFIG_INVALID": 500,
         "EXECUTION_ERROR": 500,
+        "NOT_TEXT": 415,
     }
 )
 

@@ -49,7 +49,7 @@ def test_upload_encodings(rig: Rig) -> None:
     err = rig.error("upload_file", PANEL_ID, path="/b", content="", encoding="rot13")
     assert err.details["field"] == "encoding"
     # a binary file cannot be read as text
-    assert rig.error("read_file", PANEL_ID, path="/world.bin").code == "INVALID_PAYLOAD"
+    assert rig.error("read_file", PANEL_ID, path="/world.bin").code == "NOT_TEXT"
 
 
 def test_file_payload_errors_name_the_field(rig: Rig) -> None:
