@@ -127,6 +127,24 @@ class IServerManager(Interface):
     def console_clear(server_id: str) -> None:
         """Empty the server's console buffer."""
 
+    def console_input(server_id: str, data: str) -> object:
+        """Write ``data`` to stdin exactly as given, no newline added: ``{"serverId", "bytes"}``."""
+
+    def console_interrupt(server_id: str) -> object:
+        """Ctrl+C: SIGINT to the server's process: ``{"serverId", "signal": "SIGINT"}``."""
+
+    def console_settings(server_id: str) -> object:
+        """
+        The console settings in force (sync): ``{"serverId", "settings":
+        {"historySize", "throttleLines", "throttleInterval", "timestamps"}}``.
+        """
+
+    def update_console_settings(server_id: str, settings: object) -> object:
+        """
+        Change some console settings (unknown keys and bad values are
+        ``InvalidInput``), stored and applied live; the answer of ``console_settings``.
+        """
+
     def server_root(server_id: str) -> ServerRoot:
         """Where the server's files live (for the file manager)."""
 
