@@ -683,7 +683,7 @@ def _copy_into(c: Confined, quota: Quota, count: CopyCount, src_dir: int, src_na
                st: os.stat_result, top_fd: int, dst_dir: int, dst_name: str,
                what: str) -> None:
     """Build the copy under a temp name in ``dst_dir``, then rename it to ``dst_name``."""
-    tmp = TMP_PREFIX + "copy-" + secrets.token_hex(8)
+    tmp = trees.COPY_PREFIX + secrets.token_hex(8)
     try:
         if stat.S_ISLNK(st.st_mode):
             _copy_link(src_dir, src_name, dst_dir, tmp, count)

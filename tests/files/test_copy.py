@@ -10,6 +10,7 @@ exactly as it was (``rolled_back_state``), and nothing outside ever changes.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from ctrlagent.errors import Conflict, InsufficientResources, InvalidInput, NotText
+from ctrlagent.errors import (
+    Conflict,
+    InsufficientResources,
+    InvalidInput,
+    NotText,
+    PermissionDenied,
+)
 from ctrlagent.files import fsops
 from ctrlagent.files.manager import FileManager
 from ctrlagent.files.paths import TMP_PREFIX
@@ -259,3 +266,32 @@ async def test_a_binary_file_is_refused_as_text_never_answered_corrupted(
     (tree.root_path / "motd.txt").write_text("héllo ✓ 世界\n", encoding="utf-8")
     text = to_json(await fm.read_file(tree.root, "/motd.txt"))
     assert text["content"] == "héllo ✓ 世界\n" and "lossy" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_destination_through_a_link_out_of_the_root_is_refused(
+        tree: Tree, fm: FileManager) -> None:
+    before = tree.all_state()
+    for dst in ("link_out_dir/copied", "link_rel_out/copied", "link_out_dir/a/b/copied"):
+        with pytest.raises(PermissionDenied):
+            await fm.copy_file(tree.root, "sub", dst)
+        with pytest.raises(PermissionDenied):
+            await fm.move_file(tree.root, "config.txt", dst)
+    assert tree.all_state() == before
+
+
+def test_the_tree_of_a_copy_the_agent_died_in_is_swept_by_the_usage_walk(tree: Tree) -> None:
+    left = tree.root_path / (TMP_PREFIX + "copy-0123456789abcdef")
+    (left / "a" / "b").mkdir(parents=True)
+    (left / "a" / "b" / "part").write_bytes(b"x" * 1000)
+    old = time.time() - fsops.STALE_TMP_SECONDS - 60
+    os.utime(left, (old, old))
+    fresh = tree.root_path / (TMP_PREFIX + "copy-fedcba9876543210")
+    fresh.mkdir()
+    (fresh / "part").write_bytes(b"y" * 10)
+    from ctrlagent.files.confined import Confined
+
+    with Confined(str(tree.root_path)) as c:
+        used = fsops.disk_usage(c)
+    assert not left.exists() and fresh.exists()  # a copy in progress stays
+    assert used == 6 + 6 + 10
