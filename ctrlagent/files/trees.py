@@ -422,8 +422,9 @@ def tree_usage(top_fd: int, *, allocated: bool = False,
     of regular files, or with ``allocated`` the blocks of every
     non-directory.  With ``sweep_before``, agent work files (temp files of
     interrupted writes, kept originals, the trees of interrupted copies)
-    untouched since then are leftovers of a crash and are removed on the way.  A tree that changes under the
-    walk gives what was counted (``complete`` False): usage is an estimate.
+    untouched since then are leftovers of a crash and are removed on the way.
+    A tree that changes under the walk gives what was counted (``complete``
+    False): usage is an estimate.
     """
     total = 0
     walk = Walk(top_fd)
