@@ -9,10 +9,17 @@ from __future__ import annotations
 import base64
 import re
 import time
+import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
 
+from ctrlagent.testing.panel import FakePanel
 from tests.e2e.test_panel_http import create_payload, ok, post, wait_status
+from tests.e2e.test_panel_websocket import _response, _until, _within
 from tests.rig.agentproc import AgentProcess
 
 pytestmark = pytest.mark.e2e
@@ -114,3 +121,71 @@ def test_console_input_interrupt_and_settings(
     _history_until(agent, "Stopping server (SIGINT)")
     wait_status(agent, PANEL_ID, "offline")
     ok(agent, "delete_server", UUID, purgeFiles=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_calls_over_the_panel_websocket(
+    make_agent: Callable[..., AgentProcess], scripted_image: str
+) -> None:
+    agent = make_agent(panel_settings="backoff_initial = 0.2\nbackoff_max = 1.0")
+    panel = FakePanel(reactor, agent.secret)
+    port = reactor.listenTCP(0, panel.factory, interface="127.0.0.1")
+    counter = iter(range(1, 1000))
+
+    async def command(action: str, server_id: str, **payload: Any) -> dict[str, Any]:
+        cid = "cmd_{}".format(next(counter))
+        panel.send({"id": cid, "type": "command", "action": action, "serverId": server_id,
+                    "payload": payload})
+        answer: dict[str, Any] = await _within(_response(panel, cid), 30, action)
+        return answer
+
+    try:
+        agent.panel_url = "ws://127.0.0.1:{}/agent".format(port.getHost().port)
+        agent.start()
+        await _within(panel.wait_for_frame("system_info"), 15, "system_info")
+        server_id = uuid.uuid4().hex
+        payload = create_payload(scripted_image)
+        payload["panelId"] = PANEL_ID
+        created = await command("create_server", server_id, **payload)
+        assert created["success"] is True, created
+        answer = await command("upload_file", PANEL_ID, path="/map.bin",
+                               content=base64.b64encode(b"\x00\xff\xfe" * 100).decode())
+        assert answer["success"] is True, answer
+        refused = await command("read_file", PANEL_ID, path="/map.bin")
+        assert refused["success"] is False and refused["error"]["code"] == "NOT_TEXT"
+        copied = await command("copy_file", PANEL_ID, sourcePath="/map.bin",
+                               destinationPath="/maps/map2.bin")
+        assert copied["success"] is True and copied["data"]["size"] == 300, copied
+        moved = await command("move_file", PANEL_ID, sourcePath="/maps/map2.bin",
+                              destinationPath="/map3.bin")
+        assert moved["data"]["destinationPath"] == "/map3.bin", moved
+        perms = await command("get_file_permissions", PANEL_ID, path="/map3.bin")
+        assert perms["data"]["permissions"] == "644", perms
+        updated = await command("console:settings:update", PANEL_ID,
+                                settings={"timestamps": True})
+        assert updated["data"]["settings"]["timestamps"] is True, updated
+        unknown = await command("console:settings:update", PANEL_ID, settings={"x": 1})
+        assert unknown["error"]["code"] == "INVALID_PAYLOAD", unknown
+        got = await command("console:settings:get", PANEL_ID)
+        assert got["data"]["settings"] == updated["data"]["settings"]
+        assert (await command("start_server", server_id))["success"] is True
+        await _until(lambda: any(f["data"]["currentStatus"] == "running"
+                                 for f in panel.frames("server_status_changed")), 20, "running")
+        sent = await command("console:input", PANEL_ID, input="say over the link\n")
+        assert sent["success"] is True, sent
+
+        def stamped_line() -> bool:
+            return any(re.match(r"\[\d\d:\d\d:\d\d\] \[Server\] over the link$", line)
+                       for f in panel.frames("server_log") for line in f["data"]["lines"])
+
+        await _until(stamped_line, 15, "the stamped console line")
+        seen = len(panel.frames("server_status_changed"))
+        interrupted = await command("console:interrupt", PANEL_ID)
+        assert interrupted["data"]["signal"] == "SIGINT", interrupted
+        await _until(lambda: any(f["data"]["currentStatus"] == "offline"
+                                 for f in panel.frames("server_status_changed")[seen:]),
+                     20, "offline after the Ctrl+C")
+        assert (await command("delete_server", server_id, purgeFiles=True))["success"] is True
+    finally:
+        agent.stop()
+        await port.stopListening()
