@@ -100,6 +100,15 @@ class FileNotFound(NotFound):
     code = "FILE_NOT_FOUND"
 
 
+class NotText(CtrlAgentError):
+    """
+    A file asked for as text that is not valid UTF-8 (a binary file): its
+    bytes come through ``download_file``, or as lossy text on request.
+    """
+
+    code = "NOT_TEXT"
+
+
 class Conflict(CtrlAgentError):
     """The request conflicts with work in progress (e.g. a second power action)."""
 

@@ -23,10 +23,12 @@ if TYPE_CHECKING:
     from ctrlagent.wire.files import (
         ArchiveCreated,
         ArchiveExtracted,
+        Copied,
         Done,
         FileBytes,
         FileInfo,
         FileListing,
+        FilePermissions,
         FileSearch,
         FileText,
         FileWritten,
@@ -125,6 +127,24 @@ class IServerManager(Interface):
     def console_clear(server_id: str) -> None:
         """Empty the server's console buffer."""
 
+    def console_input(server_id: str, data: str) -> object:
+        """Write ``data`` to stdin exactly as given, no newline added: ``{"serverId", "bytes"}``."""
+
+    def console_interrupt(server_id: str) -> object:
+        """Ctrl+C: SIGINT to the server's process: ``{"serverId", "signal": "SIGINT"}``."""
+
+    def console_settings(server_id: str) -> object:
+        """
+        The console settings in force (sync): ``{"serverId", "settings":
+        {"historySize", "throttleLines", "throttleInterval", "timestamps"}}``.
+        """
+
+    def update_console_settings(server_id: str, settings: object) -> object:
+        """
+        Change some console settings (unknown keys and bad values are
+        ``InvalidInput``), stored and applied live; the answer of ``console_settings``.
+        """
+
     def server_root(server_id: str) -> ServerRoot:
         """Where the server's files live (for the file manager)."""
 
@@ -173,8 +193,12 @@ class IFileManager(Interface):
     ) -> Awaitable[FileSearch]:
         """Entries under ``path`` whose name contains ``query``: ``{"files": [...], ...}``."""
 
-    def read_file(root: ServerRoot, path: str) -> Awaitable[FileText]:
-        """``{"serverId", "path", "content", "size", "modified", "encoding": "utf8"}``."""
+    def read_file(root: ServerRoot, path: str, lossy: bool = False) -> Awaitable[FileText]:
+        """
+        ``{"serverId", "path", "content", "size", "modified", "encoding": "utf8"}``.
+        A file that is not valid UTF-8 raises ``NotText`` unless ``lossy``
+        (then invalid bytes become U+FFFD and the answer has ``lossy: true``).
+        """
 
     def write_file(root: ServerRoot, path: str, content: str) -> Awaitable[FileWritten]:
         """Atomic write. ``{"path", "size", "modified"}``."""
@@ -187,6 +211,19 @@ class IFileManager(Interface):
 
     def rename_file(root: ServerRoot, old_path: str, new_path: str) -> Awaitable[Renamed]:
         """``{"oldPath", "newPath"}``."""
+
+    def copy_file(root: ServerRoot, source_path: str, destination_path: str) -> Awaitable[Copied]:
+        """
+        Copy a file, symlink (as a link) or directory tree to a path that does
+        not exist, all or nothing, within the disk limit:
+        ``{"sourcePath", "destinationPath", "files", "directories", "symlinks", "size"}``.
+        """
+
+    def move_file(root: ServerRoot, source_path: str, destination_path: str) -> Awaitable[Copied]:
+        """Move (rename) within the server directory: ``{"sourcePath", "destinationPath"}``."""
+
+    def get_file_permissions(root: ServerRoot, path: str) -> Awaitable[FilePermissions]:
+        """``{"path", "permissions": "644", "mode": "0644", "owner", "group"}``."""
 
     def download_file(root: ServerRoot, path: str) -> Awaitable[FileBytes]:
         """

@@ -1,6 +1,6 @@
 """
-The file actions: list, search, read, write, move, upload, download and
-archive the files of one server, confined to its directory by the file
+The file actions: list, search, read, write, copy, move, upload, download
+and archive the files of one server, confined to its directory by the file
 manager (PROTOCOL.md section 2).
 
 Their fields are checked before the server is resolved (the order the Panel
@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from ctrlagent.interfaces import IFileManager, IServerManager, ServerRoot
 
-from .payload import Array, Choice, Field, Integer, OctalMode, Payload, Text
+from .payload import Array, Boolean, Choice, Field, Integer, OctalMode, Payload, Text
 from .registry import ActionSpec, Call, json_object
 
 
@@ -79,7 +79,17 @@ def file_actions(files: IFileManager, servers: IServerManager) -> list[ActionSpe
             files.upload_file(root(call), p["path"], p["content"], p["encoding"], **chunks)
         )
 
+    async def read_file(call: Call) -> object:
+        p = call.params
+        if p["lossy"] or p["encoding"] == "lossy":
+            return await awaited(files.read_file(root(call), p["path"], lossy=True))
+        return await awaited(files.read_file(root(call), p["path"]))
+
     path = _files({"path": _path()})
+    moved = _files({
+        "sourcePath": _path("the file or directory, inside the server's directory"),
+        "destinationPath": _path("where it goes; must not exist (missing parents are made)"),
+    })
     return [
         ActionSpec(
             "list_files", "files", "A directory's entries",
@@ -100,8 +110,18 @@ def file_actions(files: IFileManager, servers: IServerManager) -> list[ActionSpe
             search_files,
         ),
         ActionSpec(
-            "read_file", "files", "A text file's content", path, simple("read_file", "path"),
-            ),
+            "read_file", "files",
+            "A text file's content (a file that is not UTF-8 is NOT_TEXT unless lossy)",
+            _files({
+                "path": _path(),
+                "lossy": Boolean(description="replace bytes that are not UTF-8 with U+FFFD"
+                                             " instead of refusing the file (NOT_TEXT)"),
+                "encoding": Choice("utf8", "lossy", default="utf8",
+                                   aliases={"utf-8": "utf8"},
+                                   description="lossy: the same as lossy: true"),
+            }),
+            read_file,
+        ),
         ActionSpec(
             "write_file", "files", "Write a text file (atomically)",
             _files({"path": _path(), "content": _content()}),
@@ -119,6 +139,20 @@ def file_actions(files: IFileManager, servers: IServerManager) -> list[ActionSpe
             "rename_file", "files", "Move or rename a file or directory",
             _files({"oldPath": _path(), "newPath": _path()}),
             simple("rename_file", "oldPath", "newPath"), message="renamed",
+        ),
+        ActionSpec(
+            "copy_file", "files",
+            "Copy a file or directory tree (symlinks as links), all or nothing, within the"
+            " disk limit",
+            moved, simple("copy_file", "sourcePath", "destinationPath"), message="copied",
+        ),
+        ActionSpec(
+            "move_file", "files", "Move or rename a file or directory",
+            moved, simple("move_file", "sourcePath", "destinationPath"), message="moved",
+        ),
+        ActionSpec(
+            "get_file_permissions", "files", "A path's permission bits, owner and group", path,
+            simple("get_file_permissions", "path"),
         ),
         ActionSpec(
             "download_file", "files", "A file's bytes, base64", path,

@@ -259,6 +259,9 @@ class IStdinPipe(Interface):
     def write_line(text: str) -> None:
         """Write one console command followed by a newline."""
 
+    def write(data: bytes) -> None:
+        """Write raw bytes, exactly as given (no newline added): partial input, Ctrl+D."""
+
     def close() -> Awaitable[None]:
         """Close the pipe (the container keeps running); fires once it is gone."""
 

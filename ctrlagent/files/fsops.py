@@ -18,6 +18,7 @@ hard-linked files).
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -26,6 +27,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from ctrlagent.errors import (
     Conflict,
@@ -536,12 +538,15 @@ def delete(c: Confined, comps: Components) -> int:
             raise os_error(e, display(comps)) from None
 
 
-def rename(c: Confined, src: Components, dst: Components) -> None:
-    """Move ``src`` to ``dst`` (never replacing an existing ``dst``)."""
+def rename(c: Confined, src: Components, dst: Components, dst_field: str = "newPath") -> None:
+    """
+    Move ``src`` to ``dst`` (never replacing an existing ``dst``); a link
+    moves as the link.  ``dst_field`` names the destination in errors.
+    """
     if not src or not dst:
         raise PermissionDenied("cannot move the server directory itself")
     if dst[:len(src)] == src:
-        raise InvalidInput("cannot move a directory into itself", field="newPath")
+        raise InvalidInput("cannot move a directory into itself", field=dst_field)
     with c.parent(src, follow_final=False) as (src_fd, src_name, _):
         assert src_name is not None
         with c.parent(dst, follow_final=False, create_dirs=True) as (dst_fd, dst_name, _):
@@ -550,7 +555,250 @@ def rename(c: Confined, src: Components, dst: Components) -> None:
                 os.stat(src_name, dir_fd=src_fd, follow_symlinks=False)
                 rename_noreplace(src_fd, src_name, dst_fd, dst_name)
             except OSError as e:
+                if e.errno == errno.EINVAL:
+                    # The kernel's word for a directory moved beneath itself
+                    # (through a link the lexical check cannot see).
+                    raise InvalidInput("cannot move a directory into itself",
+                                       field=dst_field) from None
                 raise os_error(e, display(src)) from None
+
+
+# -- copying ------------------------------------------------------------------
+
+@dataclass
+class CopyCount:
+    """What a copy made: regular files, directories, links, bytes written."""
+
+    files: int = 0
+    directories: int = 0
+    symlinks: int = 0
+    size: int = 0
+
+
+def copy(c: Confined, quota: Quota, src: Components, dst: Components,
+         src_field: str = "sourcePath", dst_field: str = "destinationPath") -> CopyCount:
+    """
+    Copy the file, link or directory tree ``src`` to ``dst``, which must not
+    exist, all or nothing.
+
+    - Confined: both paths resolve through ``c``; the tree is walked by
+      directory fd, never through a link (``trees.Walk``).  A symlink is
+      copied as a symlink with the same target, never followed, whatever it
+      points at: a link planted to leave the root stays a link that every
+      operation refuses to follow.  A file swapped for a link while it is
+      copied is met ``O_NOFOLLOW`` and copied as the link it has become.
+      FIFOs, sockets and device nodes are not copied (refused at the top).
+    - Never into itself: a directory cannot be copied beneath itself, by
+      name or through a link to one of its ancestors.
+    - Quota: the source's size is checked against the room left before
+      anything is written, and every byte is charged as it is written (the
+      source may grow meanwhile).
+    - All or nothing: the copy is built under a hidden temp name beside
+      ``dst`` and renamed into place (``RENAME_NOREPLACE``) at the end; on
+      any failure (quota, a tree too deep or changing, a disk error) the
+      temp tree and any parent directory the copy made are removed.  A
+      source deeper than ``MAX_DEPTH`` levels, holding a mount point or an
+      unreadable directory is refused rather than copied in part.
+    """
+    if not src:
+        raise PermissionDenied("cannot copy the server directory itself")
+    if not dst:
+        raise InvalidInput("the destination cannot be the server directory", field=dst_field)
+    if dst[:len(src)] == src:
+        raise InvalidInput("cannot copy a directory into itself", field=dst_field)
+    count = CopyCount()
+    created: list[Made] = []
+    with c.parent(src, follow_final=False) as (src_dir, src_name, _):
+        assert src_name is not None
+        try:
+            st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+        except OSError as e:
+            raise os_error(e, display(src)) from None
+        kind = stat.S_IFMT(st.st_mode)
+        if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
+            raise PermissionDenied("{} is not a regular file, directory or symlink"
+                                   .format(display(src)))
+        top_fd = -1
+        if kind == stat.S_IFDIR:
+            try:
+                top_fd = os.open(src_name, trees.DIR_FLAGS, dir_fd=src_dir)
+            except OSError as e:
+                raise os_error(e, display(src)) from None
+        try:
+            if top_fd >= 0:
+                if trees.ident(os.fstat(top_fd)) != trees.ident(st):
+                    raise Conflict("{} changed during the copy; try again".format(display(src)))
+                # What a mount point or an unreadable directory hides is not
+                # counted; the copy itself refuses those.
+                needed, _ = trees.tree_usage(top_fd)
+            else:
+                needed = st.st_size if kind == stat.S_IFREG else 0
+            if quota.room is not None and quota.delta + needed > quota.room:
+                raise InsufficientResources(
+                    "copying {} ({} bytes) would exceed the server's disk limit"
+                    .format(display(src), needed))
+            with c.parent(dst, follow_final=False, create_dirs=True, created=created) as (
+                    dst_dir, dst_name, _):
+                try:
+                    assert dst_name is not None
+                    if _existing(dst_dir, dst_name) is not None:
+                        raise Conflict("{} already exists".format(display(dst)))
+                    if top_fd >= 0:
+                        _refuse_inside(dst_dir, c.root_fd, trees.ident(st), dst_field)
+                    _copy_into(c, quota, count, src_dir, src_name, st, top_fd,
+                               dst_dir, dst_name, display(src))
+                except BaseException:
+                    undo_created(c, created)
+                    raise
+        finally:
+            if top_fd >= 0:
+                os.close(top_fd)
+    return count
+
+
+def _refuse_inside(dir_fd: int, root_fd: int, src: trees.Ident, field: str) -> None:
+    """
+    Refuse when the directory ``dir_fd`` is the directory ``src`` or lies
+    beneath it: climbs by ``..`` up to the server root (the path there may
+    have gone through links, so the names say nothing).
+    """
+    root = trees.ident(os.fstat(root_fd))
+    cur = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        for _ in range(trees.MAX_TREE_DEPTH):
+            here = trees.ident(os.fstat(cur))
+            if here == src:
+                raise InvalidInput("cannot copy a directory into itself", field=field)
+            if here == root:
+                return
+            up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur)
+            os.close(cur)
+            cur = up
+    finally:
+        os.close(cur)
+    raise PermissionDenied("the destination is not beneath the server directory")
+
+
+def _copy_into(c: Confined, quota: Quota, count: CopyCount, src_dir: int, src_name: str,
+               st: os.stat_result, top_fd: int, dst_dir: int, dst_name: str,
+               what: str) -> None:
+    """Build the copy under a temp name in ``dst_dir``, then rename it to ``dst_name``."""
+    tmp = trees.COPY_PREFIX + secrets.token_hex(8)
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            _copy_link(src_dir, src_name, dst_dir, tmp, count)
+        elif stat.S_ISREG(st.st_mode):
+            _copy_file(c, quota, count, src_dir, src_name, dst_dir, tmp)
+        else:
+            _copy_tree(c, quota, count, top_fd, st, dst_dir, tmp, what)
+        rename_noreplace(dst_dir, tmp, dst_dir, dst_name)
+    except BaseException as e:
+        try:
+            trees.remove_tree(dst_dir, tmp)
+        except (OSError, CtrlAgentError):
+            pass  # a leftover temp tree is swept by the next usage walk
+        quota.credit(count.size)
+        if isinstance(e, OSError):
+            raise os_error(e, what) from None
+        raise
+
+
+def _copy_link(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
+               count: CopyCount) -> None:
+    target = os.readlink(src_name, dir_fd=src_dir)
+    os.symlink(target, dst_name, dir_fd=dst_dir)
+    count.symlinks += 1
+
+
+def _copy_file(c: Confined, quota: Quota, count: CopyCount, src_dir: int, src_name: str,
+               dst_dir: int, dst_name: str) -> None:
+    """
+    Copy one regular file, opened ``O_NOFOLLOW``: swapped for a link since
+    it was listed, it is copied as that link; anything else that is not a
+    regular file any more is left out.
+    """
+    try:
+        fd = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC, dir_fd=src_dir)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            _copy_link(src_dir, src_name, dst_dir, dst_name, count)
+            return
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        out = os.open(dst_name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
+        try:
+            while True:
+                data = os.read(fd, COPY_CHUNK)
+                if not data:
+                    break
+                quota.charge(len(data))
+                count.size += len(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view):]
+            os.fchmod(out, stat.S_IMODE(st.st_mode) & 0o1777)
+            c.own(out)
+        finally:
+            os.close(out)
+        count.files += 1
+    finally:
+        os.close(fd)
+
+
+def _copy_tree(c: Confined, quota: Quota, count: CopyCount, top_fd: int,
+               top_st: os.stat_result, dst_dir: int, dst_name: str, what: str) -> None:
+    """
+    Copy the directory ``top_fd`` to a new directory ``dst_name``: one
+    destination fd per level walked (at most ``MAX_DEPTH`` + 1).  Each
+    directory keeps its mode, with the owner's ``rwx`` added so that the
+    copy can be filled (and removed again on failure).
+    """
+    os.mkdir(dst_name, 0o700, dir_fd=dst_dir)
+    stack = [os.open(dst_name, trees.DIR_FLAGS, dir_fd=dst_dir)]
+    try:
+        c.own(stack[0])
+        os.fchmod(stack[0], (stat.S_IMODE(top_st.st_mode) & 0o1777) | 0o700)
+        count.directories += 1
+        with trees.Walk(top_fd, max_depth=MAX_DEPTH, hide=WORK_PREFIXES) as walk:
+            for e in walk:
+                while len(stack) > e.depth + 1:
+                    os.close(stack.pop())
+                out = stack[-1]
+                try:
+                    st = e.lstat()
+                except FileNotFoundError:
+                    continue  # removed since the listing
+                if stat.S_ISDIR(st.st_mode):
+                    if e.depth + 1 > MAX_DEPTH:
+                        raise InsufficientResources(
+                            "{} is more than {} levels deep: not copied".format(what, MAX_DEPTH))
+                    os.mkdir(e.name, 0o700, dir_fd=out)
+                    fd = os.open(e.name, trees.DIR_FLAGS, dir_fd=out)
+                    stack.append(fd)
+                    c.own(fd)
+                    os.fchmod(fd, (stat.S_IMODE(st.st_mode) & 0o1777) | 0o700)
+                    e.is_dir = True
+                    count.directories += 1
+                elif stat.S_ISLNK(st.st_mode):
+                    e.is_dir = False
+                    _copy_link(e.dir_fd, e.name, out, e.name, count)
+                elif stat.S_ISREG(st.st_mode):
+                    e.is_dir = False
+                    _copy_file(c, quota, count, e.dir_fd, e.name, out, e.name)
+                else:
+                    e.is_dir = False  # FIFOs, sockets, devices: not copied
+            if walk.truncated:
+                raise Conflict(
+                    "{} holds a mount point or a directory that cannot be read: not copied"
+                    .format(what))
+    finally:
+        for fd in stack:
+            os.close(fd)
 
 
 def file_info(c: Confined, comps: Components) -> FileInfo:

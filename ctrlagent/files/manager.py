@@ -60,6 +60,7 @@ from ctrlagent.errors import (
     FileNotFound,
     InsufficientResources,
     InvalidInput,
+    NotText,
 )
 from ctrlagent.files import archives, fsops, mods, workshop
 from ctrlagent.files.confined import Confined, os_error
@@ -75,10 +76,12 @@ from ctrlagent.interfaces import IFileManager, ServerRoot
 from ctrlagent.wire.files import (
     ArchiveCreated,
     ArchiveExtracted,
+    Copied,
     Done,
     FileBytes,
     FileInfo,
     FileListing,
+    FilePermissions,
     FileSearch,
     FileText,
     FileWritten,
@@ -341,19 +344,32 @@ class FileManager:
     # -- reading ------------------------------------------------------------
 
     @async_to_deferred
-    async def read_file(self, root: ServerRoot, path: str) -> FileText:
-        """UTF-8 text of a file (invalid bytes replaced, then ``lossy``)."""
+    async def read_file(self, root: ServerRoot, path: str, lossy: bool = False) -> FileText:
+        """
+        UTF-8 text of a file.  A file that is not valid UTF-8 is refused with
+        ``NotText`` (its bytes come through ``download_file``), unless
+        ``lossy``: then invalid bytes are replaced with U+FFFD and the answer
+        says ``lossy``.  Text that goes back through ``write_file`` must never
+        have been read lossy, or the file is silently changed.
+        """
         comps = normalise(path)
 
         def read(c: Confined) -> FileText:
             data, st = fsops.read_bytes(c, comps, self.config.max_read_bytes)
             try:
                 text = data.decode("utf-8")
-                lossy = False
-            except UnicodeDecodeError:
+                replaced = False
+            except UnicodeDecodeError as e:
+                if not lossy:
+                    raise NotText(
+                        "{} is not UTF-8 text (byte {} is not valid UTF-8): read its bytes with"
+                        " download_file, or ask read_file for lossy text with lossy: true"
+                        .format(display(comps), e.start),
+                        details={"path": display(comps), "offset": e.start}) from None
                 text = data.decode("utf-8", "replace")
-                lossy = True
-            return FileText(root.server_id, display(comps), text, len(data), st.st_mtime, lossy)
+                replaced = True
+            return FileText(root.server_id, display(comps), text, len(data), st.st_mtime,
+                            replaced)
 
         return await self._run(root, read)
 
@@ -489,6 +505,39 @@ class FileManager:
         dst = normalise(new_path, field="newPath")
         await self._run(root, fsops.rename, src, dst)
         return Renamed(display(src), display(dst))
+
+    @async_to_deferred
+    async def move_file(self, root: ServerRoot, source_path: str,
+                        destination_path: str) -> Copied:
+        """``rename_file`` under the Panel's ``sourcePath``/``destinationPath`` names."""
+        src = normalise(source_path, field="sourcePath")
+        dst = normalise(destination_path, field="destinationPath")
+        await self._run(root, fsops.rename, src, dst, "destinationPath")
+        return Copied(display(src), display(dst))
+
+    @async_to_deferred
+    async def copy_file(self, root: ServerRoot, source_path: str,
+                        destination_path: str) -> Copied:
+        """
+        Copy a file, symlink or directory tree to a path that does not exist,
+        all or nothing, within the disk limit (``fsops.copy``).
+        """
+        src = normalise(source_path, field="sourcePath")
+        dst = normalise(destination_path, field="destinationPath")
+        count = await self._run_quota(root, fsops.copy, src, dst)
+        self.log.info("server {server_id}: copied {src} to {dst} ({size} bytes)",
+                      server_id=root.server_id, src=display(src), dst=display(dst),
+                      size=count.size)
+        return Copied(display(src), display(dst), count.files, count.directories,
+                      count.symlinks, count.size)
+
+    @async_to_deferred
+    async def get_file_permissions(self, root: ServerRoot, path: str) -> FilePermissions:
+        """A path's permission bits and owner (a link inside the root: its target's)."""
+        comps = normalise(path)
+        info = await self._run(root, fsops.file_info, comps)
+        e = info.entry
+        return FilePermissions(display(comps), e.mode, e.owner, e.group)
 
     @async_to_deferred
     async def set_file_permissions(self, root: ServerRoot, path: str,

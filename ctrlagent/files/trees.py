@@ -61,6 +61,10 @@ _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+# The hidden name a directory copy is built under (``fsops.copy``).
+COPY_PREFIX = TMP_PREFIX + "copy-"
+
+
 class TreeChanged(Conflict):
     """A directory being walked was moved or replaced meanwhile; try again."""
 
@@ -417,15 +421,24 @@ def tree_usage(top_fd: int, *, allocated: bool = False,
     ``(bytes, complete)`` beneath the directory ``top_fd``: the apparent size
     of regular files, or with ``allocated`` the blocks of every
     non-directory.  With ``sweep_before``, agent work files (temp files of
-    interrupted writes, kept originals) untouched since then are leftovers
-    of a crash and are removed on the way.  A tree that changes under the
-    walk gives what was counted (``complete`` False): usage is an estimate.
+    interrupted writes, kept originals, the trees of interrupted copies)
+    untouched since then are leftovers of a crash and are removed on the way.
+    A tree that changes under the walk gives what was counted (``complete``
+    False): usage is an estimate.
     """
     total = 0
     walk = Walk(top_fd)
     try:
         for e in walk:
             if e.is_dir:
+                if sweep_before is not None and e.name.startswith(COPY_PREFIX):
+                    # The tree of a copy the agent died in the middle of.
+                    try:
+                        if e.lstat().st_mtime < sweep_before:
+                            e.descend = False
+                            remove_tree(e.dir_fd, e.name)
+                    except (OSError, Conflict):
+                        pass  # the next walk tries again
                 continue
             try:
                 st = e.lstat()

@@ -25,9 +25,11 @@ delivered when it died, are delivered, none twice, none lost.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from itertools import groupby
 from operator import attrgetter
 from typing import Any
@@ -37,8 +39,86 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ctrlagent.engine.interface import IContainerEngine, ILogStream, IStdinPipe, LogLine
-from ctrlagent.errors import EngineError, NotFound
+from ctrlagent.errors import EngineError, InvalidInput, NotFound
 from ctrlagent.events import ConsoleOutput
+
+# Bounds of the per-server console settings (``console:settings:update``).
+HISTORY_MIN, HISTORY_MAX = 10, 100_000
+THROTTLE_LINES_MAX = 1_000_000
+THROTTLE_INTERVAL_MIN, THROTTLE_INTERVAL_MAX = 0.1, 60.0
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """
+    One server's console settings, applied live to its ``ConsolePipeline``
+    and kept in the store (``console_settings``):
+
+    - ``history_size``: lines the console buffer keeps (the history the
+      Panel reads, the replay after an agent restart, a crash report's tail);
+    - ``throttle_lines`` per ``throttle_interval`` seconds: the lines handed
+      on to the Panel at most (0: no throttle); every line is still kept in
+      the history;
+    - ``timestamps``: each line the Panel gets, and each line of the
+      history, starts with its time (``[HH:MM:SS] ``, UTC).
+    """
+
+    history_size: int
+    throttle_lines: int
+    throttle_interval: float
+    timestamps: bool = False
+
+    def to_wire(self) -> dict[str, object]:
+        """The Panel's shape: ``{historySize, throttleLines, throttleInterval, timestamps}``."""
+        return {"historySize": self.history_size, "throttleLines": self.throttle_lines,
+                "throttleInterval": self.throttle_interval, "timestamps": self.timestamps}
+
+    def changed(self, raw: object) -> ConsoleSettings:
+        """
+        These settings with the keys of ``raw`` (the Panel's ``settings``
+        object, or a stored one) changed, each checked; unknown keys are
+        refused, all named, and nothing changes.
+        """
+        if not isinstance(raw, Mapping):
+            raise InvalidInput("settings must be an object", field="settings")
+        unknown = sorted(str(k) for k in raw if k not in _SETTING_KEYS)
+        if unknown:
+            raise InvalidInput(
+                "unknown console settings: {} (known: {})".format(
+                    ", ".join(unknown), ", ".join(_SETTING_KEYS)),
+                field="settings", details={"unknown": unknown, "known": list(_SETTING_KEYS)})
+        changes: dict[str, Any] = {_SETTING_KEYS[key]: _setting(key, value)
+                                   for key, value in raw.items()}
+        return replace(self, **changes)
+
+
+_SETTING_KEYS = {"historySize": "history_size", "throttleLines": "throttle_lines",
+                 "throttleInterval": "throttle_interval", "timestamps": "timestamps"}
+
+
+def _setting(key: str, value: object) -> object:
+    where = "settings.{}".format(key)
+    if key == "timestamps":
+        if not isinstance(value, bool):
+            raise InvalidInput("{} must be true or false".format(where), field=where)
+        return value
+    if key == "throttleInterval":
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not THROTTLE_INTERVAL_MIN <= value <= THROTTLE_INTERVAL_MAX):
+            raise InvalidInput("{} must be a number of seconds from {:g} to {:g}".format(
+                where, THROTTLE_INTERVAL_MIN, THROTTLE_INTERVAL_MAX), field=where)
+        return float(value)
+    low, high = (HISTORY_MIN, HISTORY_MAX) if key == "historySize" else (0, THROTTLE_LINES_MAX)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInput("{} must be a whole number from {} to {}".format(where, low, high),
+                           field=where)
+    return value
+
+
+def stamp(at: float) -> str:
+    """The prefix of a line printed at ``at`` when timestamps are on."""
+    return time.strftime("[%H:%M:%S] ", time.gmtime(at))
 
 
 # Not frozen: a frozen dataclass costs four times as much to build.  Treat it
@@ -102,6 +182,12 @@ class ConsoleBuffer:
         """Forget every line."""
         self._lines.clear()
 
+    def resize(self, size: int) -> None:
+        """Keep at most ``size`` lines from now on (the newest, when it shrinks)."""
+        size = max(1, size)
+        if size != self._lines.maxlen:
+            self._lines = deque(self._lines, maxlen=size)
+
 
 class ConsoleThrottle:
     """
@@ -163,6 +249,11 @@ class ConsoleThrottle:
         if self._notice is not None and self._notice.active():
             self._notice.cancel()
         self._report()
+
+    def restart(self) -> None:
+        """Begin a new window now (the rule changed)."""
+        self._window_start = -1e18
+        self._admitted = 0
 
     def cancel(self) -> None:
         """Stop the pending notice timer (shutdown); drops are still counted."""
@@ -267,12 +358,39 @@ class ConsolePipeline:
         self.buffer = ConsoleBuffer(buffer_lines)
         self.lines_total = 0
         self.throttle = ConsoleThrottle(clock, throttle_lines, throttle_interval, self._dropped)
+        self.timestamps = False
         self.mark = mark
         self.mark_count = mark_count
         self._output: ILogStream | None = None
         self._attach_epoch = 0  # bumped by every detach (and so every attach)
         self._output_done: Deferred[None] | None = None
         self._stdin: IStdinPipe | None = None
+
+    # -- settings ---------------------------------------------------------
+
+    @property
+    def settings(self) -> ConsoleSettings:
+        """The settings in force."""
+        return ConsoleSettings(self.buffer.capacity, self.throttle.limit,
+                               self.throttle.interval, self.timestamps)
+
+    def apply(self, settings: ConsoleSettings) -> None:
+        """Put ``settings`` in force at once (the next line already follows them)."""
+        self.buffer.resize(settings.history_size)
+        throttle = self.throttle
+        if (throttle.limit, throttle.interval) != (settings.throttle_lines,
+                                                   settings.throttle_interval):
+            # A new window under the new rule; drops pending are still reported.
+            throttle.flush()
+            throttle.limit = settings.throttle_lines
+            throttle.interval = settings.throttle_interval
+            throttle.restart()
+        self.timestamps = settings.timestamps
+
+    def _texts(self, lines: list[Line]) -> list[str]:
+        if self.timestamps:
+            return [stamp(line.at) + line.text for line in lines]
+        return [line.text for line in lines]
 
     # -- lines ------------------------------------------------------------
 
@@ -283,7 +401,8 @@ class ConsolePipeline:
         self.buffer.append(line)
         self.lines_total += 1
         self._deliver(
-            self.server_id, [ConsoleOutput(self.server_id, "agent", [line.text], now)], [None], None
+            self.server_id, [ConsoleOutput(self.server_id, "agent", self._texts([line]), now)],
+            [None], None
         )
 
     def _dropped(self, count: int, interval: float) -> None:
@@ -331,7 +450,10 @@ class ConsolePipeline:
             lines = list(group)
             events.append(
                 ConsoleOutput(
-                    self.server_id, stream, [line.text for line in lines], lines[0].at
+                    self.server_id, stream,
+                    [stamp(line.at) + line.text for line in lines] if self.timestamps
+                    else [line.text for line in lines],
+                    lines[0].at,
                 )
             )
             ends.append((ends[-1] if ends else 0) + len(lines))
@@ -359,8 +481,8 @@ class ConsolePipeline:
             self.lines_total += 1
 
     def history(self, lines: int) -> list[str]:
-        """The last ``lines`` console lines."""
-        return [line.text for line in self.buffer.tail(lines)]
+        """The last ``lines`` console lines (stamped when timestamps are on)."""
+        return self._texts(self.buffer.tail(lines))
 
     # -- the followed stream and stdin -------------------------------------
 
@@ -380,6 +502,13 @@ class ConsolePipeline:
         if pipe is None or not pipe.connected:
             pipe = await self._open_stdin(cid)
         pipe.write_line(line)
+
+    async def send_raw(self, cid: str, data: bytes) -> None:
+        """Write ``data`` to the container's stdin as it is, no newline added."""
+        pipe = self._stdin
+        if pipe is None or not pipe.connected:
+            pipe = await self._open_stdin(cid)
+        pipe.write(data)
 
     async def _open_stdin(self, cid: str) -> IStdinPipe:
         pipe = await self._engine.open_stdin(cid)

@@ -63,6 +63,7 @@ from ctrlagent.errors import (
     CtrlAgentError,
     EngineError,
     EngineUnavailable,
+    InvalidInput,
     NotFound,
     ServerNotFound,
 )
@@ -261,6 +262,7 @@ class ServerManager(service.Service):
             if mark[0]:
                 console.mark, console.mark_count = mark
             self._add(server)
+        self._load_console_settings()
         # A fresh journal of exactly the servers served.
         self.journal.open(self.delivered_marks)
         for entry in store.quarantined:
@@ -271,6 +273,23 @@ class ServerManager(service.Service):
                 reason=entry.reason,
                 path=store.path,
             )
+
+    def _load_console_settings(self) -> None:
+        """Put each server's stored console settings in force; bad ones are reported."""
+        stored, bad = self.store.load_console_settings()
+        for server_id, settings in stored.items():
+            server = self._servers.get(server_id)
+            if server is None:
+                continue
+            try:
+                server.apply_console_settings(server.console_settings.changed(settings))
+            except InvalidInput as e:
+                bad.append((server_id, e.message))
+        for server_id, reason in bad:
+            self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                "stored console settings of server {server_id!r} cannot be used ({reason}):"
+                " it keeps the defaults until they are set again",
+                server_id=server_id, reason=reason)
 
     def _server_from_record(self, record: ServerRecord) -> Server:
         """A ``Server`` from its stored row; raises when the row cannot be trusted."""
@@ -611,6 +630,7 @@ class ServerManager(service.Service):
             # The record before memory: a store that cannot write (a full
             # state disk) leaves the server known, so the delete can be
             # tried again rather than the server coming back at restart.
+            await self.store.forget_console_settings(server.server_id)
             await self.store.delete(server.server_id)
             self._remove(server)
             self.delivery.forget(server.server_id)
@@ -711,6 +731,38 @@ class ServerManager(service.Service):
     def console_history(self, server_id: str, lines: int = 100) -> list[str]:
         """The last ``lines`` console lines."""
         return self.get(server_id).console_history(lines)
+
+    @async_to_deferred
+    async def console_input(self, server_id: str, data: str) -> dict[str, Any]:
+        """Write ``data`` to the server's stdin as it is (no newline added)."""
+        server = self.get(server_id)
+        written = await server.console_input(data)
+        return {"serverId": server.server_id, "bytes": written}
+
+    @async_to_deferred
+    async def console_interrupt(self, server_id: str) -> dict[str, Any]:
+        """Ctrl+C: SIGINT to the server's process."""
+        server = self.get(server_id)
+        await server.interrupt()
+        return {"serverId": server.server_id, "signal": "SIGINT"}
+
+    def console_settings(self, server_id: str) -> dict[str, Any]:
+        """The console settings in force."""
+        server = self.get(server_id)
+        return {"serverId": server.server_id, "settings": server.console_settings.to_wire()}
+
+    @async_to_deferred
+    async def update_console_settings(self, server_id: str, settings: object) -> dict[str, Any]:
+        """
+        Change some console settings: checked (unknown keys refused), stored,
+        then put in force; a store that cannot write changes nothing.
+        """
+        server = self.get(server_id)
+        new = server.console_settings.changed(settings)
+        await self.store.set_console_settings(server.server_id, new.to_wire())
+        if self._servers.get(server.server_id) is server:
+            server.apply_console_settings(new)
+        return {"serverId": server.server_id, "settings": new.to_wire()}
 
     def console_status(self, server_id: str) -> ConsoleStatus:
         """Console attachment and buffer state."""

@@ -36,7 +36,7 @@ from ctrlagent.errors import (
 from ctrlagent.events import ResourceUpdate
 from ctrlagent.interfaces import ServerRoot
 from ctrlagent.servers import spec as specs
-from ctrlagent.servers.console import ConsolePipeline, Line
+from ctrlagent.servers.console import ConsolePipeline, ConsoleSettings, Line
 from ctrlagent.servers.containers import SPEC_HASH_LABEL, server_container
 from ctrlagent.servers.installer import Installer
 from ctrlagent.servers.lifecycle import (
@@ -508,6 +508,39 @@ class Server:
         if self.state not in ACTIVE_STATES or self.container_id is None:
             raise Conflict("server {} is not running".format(self.server_id))
         await self.console.send_line(self.container_id, command)
+
+    async def console_input(self, data: str) -> int:
+        """
+        Write ``data`` to the server's stdin exactly as given (no newline
+        added: a prompt's answer, a partial line, Ctrl+D as ``\x04``); the
+        number of bytes written.
+        """
+        if self.state not in ACTIVE_STATES or self.container_id is None:
+            raise Conflict("server {} is not running".format(self.server_id))
+        raw = data.encode("utf-8", "surrogateescape")
+        await self.console.send_raw(self.container_id, raw)
+        return len(raw)
+
+    async def interrupt(self) -> None:
+        """
+        Ctrl+C: SIGINT to the server's main process.  Not a power action (no
+        slot, the desired state stays): the game decides what a Ctrl+C means,
+        as it would in a terminal; if it exits, the exit reads as a stop the
+        agent did not ask for.
+        """
+        if self.state not in ACTIVE_STATES or self.container_id is None:
+            raise Conflict("server {} is not running".format(self.server_id))
+        await self.services.engine.kill(self.container_id, "SIGINT")
+        self.notice("Ctrl+C (SIGINT) sent to the server's process")
+
+    @property
+    def console_settings(self) -> ConsoleSettings:
+        """The console settings in force."""
+        return self.console.settings
+
+    def apply_console_settings(self, settings: ConsoleSettings) -> None:
+        """Put console settings in force (the caller stores them)."""
+        self.console.apply(settings)
 
     async def attach(self, recover: bool) -> None:
         """

@@ -100,6 +100,16 @@ CREATE TABLE IF NOT EXISTS store_meta (
 );
 """.format(",\n    ".join(_COLUMNS))
 
+# Each server's console settings (``console:settings:update``), apart from
+# its row so that they never touch the definition.
+_CONSOLE_SETTINGS = """
+CREATE TABLE IF NOT EXISTS console_settings (
+    server_id  TEXT PRIMARY KEY,
+    settings   TEXT NOT NULL,
+    updated    REAL NOT NULL
+);
+"""
+
 _FIELDS = frozenset(
     {"spec", "desired", "state", "container_id", "console_mark", "last_crash", "extra"}
 )
@@ -224,6 +234,7 @@ class ServerStore:
         else:
             self._migrate(db)
         db.executescript(_QUARANTINE)
+        db.executescript(_CONSOLE_SETTINGS)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         info = db.execute("PRAGMA table_info(servers)").fetchall()
@@ -419,6 +430,53 @@ class ServerStore:
         if self._pool_started:
             self._pool.stop()
         _close_quietly(self._db)
+
+    # -- console settings (their own table) ---------------------------------
+
+    def load_console_settings(self) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
+        """
+        Every server's stored console settings (synchronous; at start, like
+        ``load``): ``({server_id: settings object}, [(server_id, why unusable)])``.
+        An unusable row is left as it is (the server gets the defaults) and
+        reported; the next update replaces it.
+        """
+        db = self._db
+        db.text_factory = bytes
+        try:
+            rows = db.execute("SELECT server_id, settings FROM console_settings").fetchall()
+        except sqlite3.Error as e:
+            raise StoreUnusable(_describe_open_failure(self.path, e)) from None
+        finally:
+            db.text_factory = str
+        good: dict[str, dict[str, Any]] = {}
+        bad: list[tuple[str, str]] = []
+        for raw_id, raw in rows:
+            server_id = _display_id(raw_id)
+            try:
+                value = json.loads(_text(raw, "settings") or "")
+            except (_BadRow, ValueError, RecursionError) as e:
+                bad.append((server_id, "settings are not valid JSON text ({})".format(
+                    str(e)[:100])))
+                continue
+            if not isinstance(value, dict):
+                bad.append((server_id, "settings are not a JSON object"))
+                continue
+            good[server_id] = value
+        return good, bad
+
+    def set_console_settings(self, server_id: str, settings: dict[str, Any]) -> Deferred[None]:
+        """Store a server's console settings (replacing what was stored)."""
+        sql = ("INSERT OR REPLACE INTO console_settings (server_id, settings, updated)"
+               " VALUES (?, ?, ?)")
+        args = (server_id, json.dumps(settings, sort_keys=True), time.time())
+        what = "the console settings of server {}".format(server_id)
+        return self._run(lambda: self._transaction([(sql, args)], what))
+
+    def forget_console_settings(self, server_id: str) -> Deferred[None]:
+        """Drop a server's console settings (it was deleted)."""
+        sql = "DELETE FROM console_settings WHERE server_id = ?"
+        what = "the removal of the console settings of server {}".format(server_id)
+        return self._run(lambda: self._transaction([(sql, (server_id,))], what))
 
     @staticmethod
     def _check(fields: dict[str, Any]) -> None:

@@ -123,6 +123,7 @@ class FakePipe:
         # Docker's attach, which waits for the next start).
         self._run = container.runs if container.running else container.runs + 1
         self._closed = False
+        self._pending = b""
 
     @property
     def connected(self) -> bool:
@@ -139,6 +140,17 @@ class FakePipe:
             raise EngineUnavailable("console stdin is closed")
         if self._container.running:
             self._engine.stdin(self._container.cid, text)
+
+    def write(self, data: bytes) -> None:
+        """Raw bytes: the game reads a line once its newline has come (as a shell's read)."""
+        if not self.connected:
+            raise EngineUnavailable("console stdin is closed")
+        self._pending += data
+        while b"\n" in self._pending:
+            line, self._pending = self._pending.split(b"\n", 1)
+            if self._container.running:
+                self._engine.stdin(self._container.cid,
+                                   line.decode("utf-8", "surrogateescape"))
 
     def close(self) -> Deferred[None]:
         self._closed = True

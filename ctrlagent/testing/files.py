@@ -27,17 +27,20 @@ from ctrlagent.errors import (
     InsufficientResources,
     InvalidInput,
     NotFound,
+    NotText,
     PermissionDenied,
 )
 from ctrlagent.interfaces import IFileManager, ServerRoot
 from ctrlagent.wire.files import (
     ArchiveCreated,
     ArchiveExtracted,
+    Copied,
     Done,
     FileBytes,
     FileEntry,
     FileInfo,
     FileListing,
+    FilePermissions,
     FileSearch,
     FileText,
     FileWritten,
@@ -209,8 +212,10 @@ class FakeFileManager:
 
         return _deferred(run)
 
-    def read_file(self, root: ServerRoot, path: str) -> Deferred[FileText]:
-        """UTF-8 text of a file."""
+    def read_file(
+        self, root: ServerRoot, path: str, lossy: bool = False
+    ) -> Deferred[FileText]:
+        """UTF-8 text of a file; not UTF-8 is ``NotText`` unless ``lossy``."""
 
         def run() -> FileText:
             rel = self._norm(path)
@@ -219,10 +224,16 @@ class FakeFileManager:
                 raise InvalidInput("{} is a directory".format("/" + rel), field="path")
             try:
                 text = node.data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidInput(
-                    "{} is not UTF-8 text; use download_file".format("/" + rel), field="path"
-                ) from None
+            except UnicodeDecodeError as e:
+                if not lossy:
+                    raise NotText(
+                        "{} is not UTF-8 text (byte {} is not valid UTF-8): read its bytes"
+                        " with download_file, or ask read_file for lossy text with lossy: true"
+                        .format("/" + rel, e.start),
+                        details={"path": "/" + rel, "offset": e.start},
+                    ) from None
+                return FileText(root.server_id, "/" + rel, node.data.decode("utf-8", "replace"),
+                                len(node.data), node.modified, True)
             return FileText(root.server_id, "/" + rel, text, len(node.data), node.modified)
 
         return _deferred(run)
@@ -278,22 +289,88 @@ class FakeFileManager:
         """Move a file or directory; the target must not exist."""
 
         def run() -> Renamed:
-            old, new = self._norm(old_path), self._norm(new_path)
-            if old == "" or new == "":
-                raise PermissionDenied("cannot rename the server directory itself")
-            node = self._node(root, old)
+            return Renamed(*self._rename(root, old_path, new_path, "newPath"))
+
+        return _deferred(run)
+
+    def _rename(self, root: ServerRoot, old_path: str, new_path: str,
+                field: str) -> tuple[str, str]:
+        old, new = self._norm(old_path), self._norm(new_path)
+        if old == "" or new == "":
+            raise PermissionDenied("cannot rename the server directory itself")
+        node = self._node(root, old)
+        tree = self._tree(root)
+        if new in tree:
+            raise Conflict("{} already exists".format("/" + new))
+        parent = posixpath.dirname(new)
+        if parent not in tree or not tree[parent].is_dir:
+            raise FileNotFound("directory {} does not exist".format("/" + parent))
+        if node.is_dir and (new + "/").startswith(old + "/"):
+            raise InvalidInput("cannot move a directory into itself", field=field)
+        moves = [(k, new + k[len(old) :]) for k in [old, *self._descendants(root, old)]]
+        for src, dst in moves:
+            tree[dst] = tree.pop(src)
+        return "/" + old, "/" + new
+
+    def move_file(
+        self, root: ServerRoot, source_path: str, destination_path: str
+    ) -> Deferred[Copied]:
+        """``rename_file`` under the Panel's names."""
+
+        def run() -> Copied:
+            old, new = self._rename(root, source_path, destination_path, "destinationPath")
+            return Copied(old, new)
+
+        return _deferred(run)
+
+    def copy_file(
+        self, root: ServerRoot, source_path: str, destination_path: str
+    ) -> Deferred[Copied]:
+        """Copy a file or a directory tree to a new path, all or nothing, within the limit."""
+
+        def run() -> Copied:
+            src, dst = self._norm(source_path), self._norm(destination_path)
+            if src == "":
+                raise PermissionDenied("cannot copy the server directory itself")
+            if dst == "":
+                raise InvalidInput("the destination cannot be the server directory",
+                                   field="destinationPath")
+            node = self._node(root, src)
             tree = self._tree(root)
-            if new in tree:
-                raise Conflict("{} already exists".format("/" + new))
-            parent = posixpath.dirname(new)
-            if parent not in tree or not tree[parent].is_dir:
-                raise FileNotFound("directory {} does not exist".format("/" + parent))
-            if node.is_dir and (new + "/").startswith(old + "/"):
-                raise InvalidInput("cannot move a directory into itself", field="newPath")
-            moves = [(k, new + k[len(old) :]) for k in [old, *self._descendants(root, old)]]
-            for src, dst in moves:
-                tree[dst] = tree.pop(src)
-            return Renamed("/" + old, "/" + new)
+            if (dst + "/").startswith(src + "/"):
+                raise InvalidInput("cannot copy a directory into itself",
+                                   field="destinationPath")
+            if dst in tree:
+                raise Conflict("{} already exists".format("/" + dst))
+            names = [src, *self._descendants(root, src)] if node.is_dir else [src]
+            size = sum(len(tree[k].data) for k in names)
+            if (root.disk_limit_bytes is not None
+                    and self._used(root) + size > root.disk_limit_bytes):
+                raise InsufficientResources("copying {} ({} bytes) would exceed the server's"
+                                            " disk limit".format("/" + src, size))
+            now = self.clock.seconds()
+            parts = dst.split("/")[:-1]
+            for i in range(1, len(parts) + 1):  # missing parents are made, as the real copy does
+                sub = "/".join(parts[:i])
+                if sub not in tree:
+                    tree[sub] = _Node(True, mode=0o755, modified=now)
+                elif not tree[sub].is_dir:
+                    raise FileNotFound("{} is not a directory".format("/" + sub))
+            for k in names:
+                old = tree[k]
+                tree[dst + k[len(src):]] = _Node(old.is_dir, old.data, old.mode, now)
+            dirs = sum(1 for k in names if tree[k].is_dir)
+            return Copied("/" + src, "/" + dst, len(names) - dirs, dirs, 0, size)
+
+        return _deferred(run)
+
+    def get_file_permissions(self, root: ServerRoot, path: str) -> Deferred[FilePermissions]:
+        """A path's mode bits and owner."""
+
+        def run() -> FilePermissions:
+            rel = self._norm(path)
+            node = self._node(root, rel)
+            return FilePermissions("/" + rel, node.mode, "container", "container")
 
         return _deferred(run)
 

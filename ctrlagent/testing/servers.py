@@ -75,6 +75,8 @@ class FakeServer:
     last_activity: float | None = None
     stdin: list[str] = field(default_factory=list)
     busy: str | None = None  # the power action in progress, if any
+    raw_stdin: bytes = b""  # raw console input not yet ended by a newline
+    console_settings: dict[str, Any] = field(default_factory=dict)
 
 
 @implementer(IServerManager)
@@ -155,7 +157,7 @@ class FakeServerManager:
 
     def _print(self, server: FakeServer, line: str, stream: str = "stdout") -> None:
         server.console.append(line)
-        del server.console[: -self.buffer_lines]
+        del server.console[: -self._console_settings(server)["historySize"]]
         server.last_activity = self.clock.seconds()
         self._emit(ConsoleOutput(server.server_id, stream, [line], self.clock.seconds()))
 
@@ -421,6 +423,63 @@ class FakeServerManager:
     def console_clear(self, server_id: str) -> None:
         """Empty the buffer."""
         self._get(server_id).console.clear()
+
+    def console_input(self, server_id: str, data: str) -> Deferred[dict[str, Any]]:
+        """Raw stdin: each line the input completes is echoed, as a shell's read sees it."""
+        try:
+            server = self._get(server_id)
+            self._enter("console_input", server.server_id)
+            if server.status != "running":
+                raise Conflict("server {} is not running".format(server.server_id))
+        except Exception as e:
+            return fail(e)
+        raw = data.encode("utf-8", "surrogateescape")
+        server.raw_stdin += raw
+        while b"\n" in server.raw_stdin:
+            line, server.raw_stdin = server.raw_stdin.split(b"\n", 1)
+            text = line.decode("utf-8", "surrogateescape")
+            server.stdin.append(text)
+            self._print(server, "> " + text)
+        return succeed({"serverId": server.server_id, "bytes": len(raw)})
+
+    def console_interrupt(self, server_id: str) -> Deferred[dict[str, Any]]:
+        """Ctrl+C: the fake game stops on SIGINT, as the scripted one does."""
+        try:
+            server = self._get(server_id)
+            self._enter("console_interrupt", server.server_id)
+            if server.status not in ("starting", "running", "stopping"):
+                raise Conflict("server {} is not running".format(server.server_id))
+        except Exception as e:
+            return fail(e)
+        self._print(server, "Stopping server (SIGINT)")
+        self._set_status(server, "offline")
+        return succeed({"serverId": server.server_id, "signal": "SIGINT"})
+
+    def _console_settings(self, server: FakeServer) -> dict[str, Any]:
+        defaults = {"historySize": self.buffer_lines, "throttleLines": 2000,
+                    "throttleInterval": 1.0, "timestamps": False}
+        return {**defaults, **server.console_settings}
+
+    def console_settings(self, server_id: str) -> dict[str, Any]:
+        """The settings in force (the registry checked every key of an update)."""
+        server = self._get(server_id)
+        return {"serverId": server.server_id, "settings": self._console_settings(server)}
+
+    def update_console_settings(
+        self, server_id: str, settings: object
+    ) -> Deferred[dict[str, Any]]:
+        """Merge checked settings; the history is cut to the new size at once."""
+        try:
+            server = self._get(server_id)
+            self._enter("update_console_settings", server.server_id)
+            if not isinstance(settings, dict):
+                raise InvalidInput("settings must be an object", field="settings")
+        except Exception as e:
+            return fail(e)
+        server.console_settings.update(settings)
+        size = self._console_settings(server)["historySize"]
+        del server.console[:-size]
+        return succeed(self.console_settings(server.server_id))
 
     def server_root(self, server_id: str) -> ServerRoot:
         """``<data_dir>/<canonical id>``, disk limit from ``limits.disk`` (MB)."""

@@ -167,7 +167,9 @@ def _file_info(r: FileInfo) -> dict[str, Any]:
 class FileText:
     """
     A file read as UTF-8 text (``read_file``); ``lossy`` when invalid bytes
-    were replaced.  ``size`` counts bytes on disk.
+    were replaced (only ever when the caller asked for lossy text: a file that
+    is not UTF-8 is otherwise refused with ``NOT_TEXT``).  ``size`` counts
+    bytes on disk.
     """
 
     server_id: str
@@ -293,6 +295,48 @@ class PermissionsSet:
 @to_json.register
 def _permissions_set(r: PermissionsSet) -> dict[str, Any]:
     return {"path": r.path, "mode": octal_mode(r.mode)}
+
+
+@dataclass(frozen=True, slots=True)
+class FilePermissions:
+    """
+    ``get_file_permissions``: the permission bits of one path, and who owns
+    it (names, or numeric ids when the host has no such user or group).
+    """
+
+    path: str
+    mode: int
+    owner: str
+    group: str
+
+
+@to_json.register
+def _file_permissions(r: FilePermissions) -> dict[str, Any]:
+    return {"path": r.path, "permissions": permissions(r.mode), "mode": octal_mode(r.mode),
+            "owner": r.owner, "group": r.group}
+
+
+@dataclass(frozen=True, slots=True)
+class Copied:
+    """
+    ``copy_file`` and ``move_file``: where from, where to; a copy also says
+    what it made (files, directories and symlinks, and the bytes written).
+    """
+
+    source_path: str
+    destination_path: str
+    files: int | None = None
+    directories: int | None = None
+    symlinks: int | None = None
+    size: int | None = None
+
+
+@to_json.register
+def _copied(r: Copied) -> dict[str, Any]:
+    out: dict[str, Any] = {"sourcePath": r.source_path, "destinationPath": r.destination_path}
+    if r.files is not None:
+        out.update(files=r.files, directories=r.directories, symlinks=r.symlinks, size=r.size)
+    return out
 
 
 # -- archives -------------------------------------------------------------------

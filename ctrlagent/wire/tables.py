@@ -90,6 +90,7 @@ ERROR_CODES: tuple[str, ...] = (
     "CONFLICT",
     "EXECUTION_ERROR",
     "WORKSHOP_DOWNLOAD_FAILED",
+    "NOT_TEXT",
 )
 
 # The HTTP status of each error code on the REST surface for operators
@@ -113,6 +114,7 @@ REST_STATUS: Mapping[str, int] = MappingProxyType(
         "CONFIG_INVALID": 500,
         "EXECUTION_ERROR": 500,
         "WORKSHOP_DOWNLOAD_FAILED": 502,
+        "NOT_TEXT": 415,
     }
 )
 

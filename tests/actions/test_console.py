@@ -44,3 +44,56 @@ def test_log_lines_accept_digit_strings_and_refuse_nonsense(rig: Rig) -> None:
     for bad in ("many", True, 0, 2.5, [1]):
         err = rig.error("get_server_logs", UUID, lines=bad)
         assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "lines")
+
+
+def test_raw_input_and_interrupt_with_the_panels_payloads(rig: Rig) -> None:
+    rig.created()
+    assert rig.error("console:input", PANEL_ID, input="x").code == "CONFLICT"  # not running
+    assert rig.error("console:interrupt", PANEL_ID).code == "CONFLICT"
+    rig.ok("start_server", UUID)
+    # externalAgentService.sendConsoleInput: {input}, raw, no newline added.
+    assert rig.ok("console:input", PANEL_ID, input="say he") == {"serverId": UUID, "bytes": 6}
+    assert rig.servers.servers[UUID].stdin == []
+    rig.ok("console:input", PANEL_ID, input="llo\n")
+    assert rig.servers.servers[UUID].stdin == ["say hello"]
+    assert rig.ok("console:input", PANEL_ID, input="")["bytes"] == 0
+    assert rig.error("console:input", PANEL_ID).details["field"] == "input"
+    assert rig.error("console:input", PANEL_ID, input=["a"]).details["field"] == "input"
+    # externalAgentService.sendConsoleInterrupt: {}.
+    assert rig.ok("console:interrupt", PANEL_ID) == {"serverId": UUID, "signal": "SIGINT"}
+    assert rig.ok("get_server_status", UUID)["status"] == "offline"
+
+
+def test_console_settings_with_the_panels_payloads(rig: Rig) -> None:
+    rig.created()
+    got = rig.ok("console:settings:get", PANEL_ID)
+    assert got == {"serverId": UUID, "settings": {
+        "historySize": 1000, "throttleLines": 2000, "throttleInterval": 1.0,
+        "timestamps": False}}
+    changed = rig.ok("console:settings:update", PANEL_ID,
+                     settings={"historySize": "500", "timestamps": "true"})
+    assert changed["settings"]["historySize"] == 500
+    assert changed["settings"]["timestamps"] is True
+    assert rig.ok("console:settings:get", UUID)["settings"] == changed["settings"]
+    err = rig.error("console:settings:update", PANEL_ID,
+                    settings={"historySize": 100, "fontSize": 12, "theme": "dark"})
+    assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "settings")
+    assert err.details["unknown"] == ["fontSize", "theme"]
+    assert "fontSize, theme" in err.message and "historySize" in err.message
+    for settings, field in (
+        (None, "settings"),
+        ("big", "settings"),
+        ({"historySize": 1}, "settings.historySize"),
+        ({"historySize": 100_001}, "settings.historySize"),
+        ({"throttleLines": -1}, "settings.throttleLines"),
+        ({"throttleInterval": 61}, "settings.throttleInterval"),
+        ({"throttleInterval": 0.01}, "settings.throttleInterval"),
+        ({"timestamps": 1}, "settings.timestamps"),
+        ({"timestamps": None}, "settings.timestamps"),
+    ):
+        params = {} if settings is None else {"settings": settings}
+        err = rig.error("console:settings:update", PANEL_ID, **params)
+        assert (settings, err.code, err.details.get("field")) == (
+            settings, "INVALID_PAYLOAD", field)
+    assert rig.ok("console:settings:get", UUID)["settings"] == changed["settings"]
+    assert rig.error("console:settings:get", "nope").code == "SERVER_NOT_FOUND"

@@ -49,7 +49,7 @@ def test_upload_encodings(rig: Rig) -> None:
     err = rig.error("upload_file", PANEL_ID, path="/b", content="", encoding="rot13")
     assert err.details["field"] == "encoding"
     # a binary file cannot be read as text
-    assert rig.error("read_file", PANEL_ID, path="/world.bin").code == "INVALID_PAYLOAD"
+    assert rig.error("read_file", PANEL_ID, path="/world.bin").code == "NOT_TEXT"
 
 
 def test_file_payload_errors_name_the_field(rig: Rig) -> None:
@@ -109,3 +109,67 @@ def test_upload_chunk_fields_are_checked_and_passed_on(rig: Rig) -> None:
         "upload_file", UUID, path="/big.zip", content=piece, chunkIndex=2, totalChunks=2
     )
     assert err.details["field"] == "chunkIndex"
+
+
+def test_copy_move_and_permissions_with_the_panels_payloads(rig: Rig) -> None:
+    rig.created()
+    rig.ok("create_directory", PANEL_ID, path="/world/region")
+    rig.ok("write_file", PANEL_ID, path="/world/level.dat", content="seed=1\n")
+    rig.ok("write_file", PANEL_ID, path="/world/region/r.0.0.mca", content="blocks")
+    # externalAgentService: copyFile / moveFile / getFilePermissions.
+    copied = rig.ok("copy_file", PANEL_ID, sourcePath="/world", destinationPath="/world-backup")
+    assert (copied["sourcePath"], copied["destinationPath"]) == ("/world", "/world-backup")
+    assert (copied["files"], copied["size"]) == (2, 13)
+    read = rig.ok("read_file", PANEL_ID, path="/world-backup/region/r.0.0.mca")
+    assert read["content"] == "blocks"
+    assert rig.ok("read_file", PANEL_ID, path="/world/level.dat")["content"] == "seed=1\n"
+    err = rig.error("copy_file", PANEL_ID, sourcePath="/world", destinationPath="/world-backup")
+    assert err.code == "CONFLICT"
+    err = rig.error("copy_file", PANEL_ID, sourcePath="/world", destinationPath="/world/inner")
+    assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "destinationPath")
+    moved = rig.ok("move_file", PANEL_ID, sourcePath="/world-backup/level.dat",
+                   destinationPath="/level.dat")
+    assert moved == {"sourcePath": "/world-backup/level.dat", "destinationPath": "/level.dat"}
+    assert rig.error("read_file", PANEL_ID, path="/world-backup/level.dat").code == \
+        "FILE_NOT_FOUND"
+    rig.ok("set_file_permissions", PANEL_ID, path="/level.dat", mode="640")
+    perms = rig.ok("get_file_permissions", PANEL_ID, path="/level.dat")
+    assert set(perms) == {"path", "permissions", "mode", "owner", "group"}
+    assert (perms["path"], perms["permissions"], perms["mode"]) == ("/level.dat", "640", "0640")
+    for action, params, field in (
+        ("copy_file", {"sourcePath": "/level.dat"}, "destinationPath"),
+        ("copy_file", {"destinationPath": "/x"}, "sourcePath"),
+        ("move_file", {"sourcePath": 7, "destinationPath": "/x"}, "sourcePath"),
+        ("get_file_permissions", {}, "path"),
+    ):
+        err = rig.error(action, UUID, **params)
+        assert (action, err.code, err.details.get("field")) == (action, "INVALID_PAYLOAD", field)
+    assert rig.error("copy_file", UUID, sourcePath="../../etc",
+                     destinationPath="/etc").code == "PERMISSION_DENIED"
+
+
+def test_copy_beyond_the_disk_limit_is_refused_and_leaves_nothing(rig: Rig) -> None:
+    rig.created(limits={"memory": 512, "disk": 1, "cpu": 100})
+    blob = base64.b64encode(b"x" * 600_000).decode()
+    rig.ok("upload_file", PANEL_ID, path="/big.bin", content=blob)
+    err = rig.error("copy_file", PANEL_ID, sourcePath="/big.bin", destinationPath="/big2.bin")
+    assert err.code == "INSUFFICIENT_RESOURCES"
+    names = [f["name"] for f in rig.ok("list_files", PANEL_ID)["files"]]
+    assert names == ["big.bin"]
+
+
+def test_read_file_refuses_a_binary_file_unless_lossy_is_asked(rig: Rig) -> None:
+    rig.created()
+    blob = bytes((i * 7 + 128) % 256 for i in range(3000))
+    rig.ok("upload_file", PANEL_ID, path="/map.bin", content=base64.b64encode(blob).decode())
+    err = rig.error("read_file", PANEL_ID, path="/map.bin")
+    assert err.code == "NOT_TEXT" and "download_file" in err.message
+    for params in ({"lossy": True}, {"encoding": "lossy"}):
+        lossy = rig.ok("read_file", PANEL_ID, path="/map.bin", **params)
+        assert lossy["lossy"] is True and lossy["size"] == 3000
+    err = rig.error("read_file", PANEL_ID, path="/map.bin", encoding="latin1")
+    assert (err.code, err.details["field"]) == ("INVALID_PAYLOAD", "encoding")
+    # The legacy frame's name reaches the same refusal.
+    assert rig.error("file_read", PANEL_ID, path="/map.bin").code == "NOT_TEXT"
+    down = rig.ok("download_file", PANEL_ID, path="/map.bin")
+    assert base64.b64decode(down["content"]) == blob

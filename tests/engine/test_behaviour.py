@@ -298,6 +298,30 @@ async def test_stdin_reaches_the_game_and_its_answer_comes_back(engine: Harness)
 
 
 @pytest_twisted.ensureDeferred
+async def test_raw_stdin_bytes_reach_the_game_exactly_as_written(engine: Harness) -> None:
+    e = engine.engine
+    cid = await engine.started()
+    pipe = await e.open_stdin(cid)
+    # No newline is added: the game reads its line only once one is written.
+    pipe.write(b"say half")
+    pipe.write(b" and half\nsay second\n")
+    seen = await lines_until(e, cid, "[Server] second")
+    texts = [line.text for line in seen]
+    assert "> say half and half" in texts and "[Server] half and half" in texts
+    assert "> say half" not in texts
+    await pipe.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigint_reaches_the_game_as_ctrl_c(engine: Harness) -> None:
+    e = engine.engine
+    cid = await engine.started()
+    await e.kill(cid, "SIGINT")
+    await lines_until(e, cid, "Stopping server (SIGINT)")
+    assert await within(15, e.wait(cid)) == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_sigterm_stops_the_game_with_exit_0_seen_by_die_and_wait(engine: Harness) -> None:
     e = engine.engine
     cid = await engine.started()

@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from ctrlagent.errors import NotFound
+from ctrlagent.errors import CtrlAgentError, NotFound
 from ctrlagent.interfaces import IFileManager, ServerRoot
 from ctrlagent.testing.files import FakeFileManager
 from ctrlagent.wire.files import ModList
@@ -29,7 +29,7 @@ def test_the_fake_provides_the_interface() -> None:
 
 async def _session(fm: Any, root: ServerRoot) -> list[tuple[str, Any]]:
     """Every action once, in an order that makes each one succeed."""
-    b64 = base64.b64encode(b"blocks").decode()
+    b64 = base64.b64encode(b"blocks\xff").decode()
     calls: list[tuple[str, Any]] = [
         ("create_directory", await fm.create_directory(root, "/world")),
         ("write_file", await fm.write_file(root, "/world/level.dat", "seed=1\n")),
@@ -41,6 +41,10 @@ async def _session(fm: Any, root: ServerRoot) -> list[tuple[str, Any]]:
         ("get_file_info", await fm.get_file_info(root, "/world/level.dat")),
         ("set_file_permissions", await fm.set_file_permissions(root, "/world/level.dat", "600")),
         ("rename_file", await fm.rename_file(root, "/world/r.mca", "/world/r0.mca")),
+        ("copy_file", await fm.copy_file(root, "/world", "/copies/world")),
+        ("move_file", await fm.move_file(root, "/copies/world/r0.mca", "/copies/r0.mca")),
+        ("get_file_permissions", await fm.get_file_permissions(root, "/world/level.dat")),
+        ("read_file", await fm.read_file(root, "/copies/r0.mca", lossy=True)),
         ("create_archive", await fm.create_archive(root, ["/world"], "/b.tar", "tar")),
         ("extract_archive", await fm.extract_archive(root, "/b.tar", "/restore")),
         ("delete_file", await fm.delete_file(root, "/restore")),
@@ -95,3 +99,30 @@ async def test_uninstall_answers_with_the_mods_left(tmp_path: Path) -> None:
             pass
         else:
             raise AssertionError("a second uninstall of {} succeeded".format(type(fm).__name__))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_fake_refuses_what_the_real_manager_refuses(tmp_path: Path) -> None:
+    """Binary text, copies into themselves, existing targets: the same codes on both."""
+    real_root = ServerRoot("srv", str(tmp_path), None, SERVER_UID, SERVER_GID)
+    fake_root = ServerRoot("srv", "/srv/x", None, SERVER_UID, SERVER_GID)
+    fm: Any
+    for fm, root in ((make_manager(), real_root), (FakeFileManager(Clock()), fake_root)):
+        await fm.create_directory(root, "/d")
+        await fm.upload_file(root, "/d/bin", base64.b64encode(b"\xff\xfe").decode())
+        await fm.write_file(root, "/d/t.txt", "text")
+        calls = [
+            (fm.read_file(root, "/d/bin"), "NOT_TEXT", None),
+            (fm.copy_file(root, "/d", "/d/inner"), "INVALID_PAYLOAD", "destinationPath"),
+            (fm.copy_file(root, "/d/bin", "/d/t.txt"), "CONFLICT", None),
+            (fm.move_file(root, "/d", "/d/inner"), "INVALID_PAYLOAD", "destinationPath"),
+            (fm.copy_file(root, "/", "/x"), "PERMISSION_DENIED", None),
+            (fm.get_file_permissions(root, "/nope"), "FILE_NOT_FOUND", None),
+        ]
+        for d, code, field in calls:
+            try:
+                await d
+            except CtrlAgentError as e:
+                assert (e.code, e.details.get("field")) == (code, field), type(fm).__name__
+            else:
+                raise AssertionError("{} answered for {}".format(type(fm).__name__, code))

@@ -18,6 +18,7 @@ from ctrlagent.errors import (
     FileNotFound,
     InsufficientResources,
     InvalidInput,
+    NotText,
     PermissionDenied,
 )
 from ctrlagent.files.manager import FileManager
@@ -140,7 +141,10 @@ async def test_read_refusals(tree: Tree) -> None:
     with pytest.raises(FileNotFound):
         await fm.read_file(tree.root, "missing.txt")
     (tree.root_path / "latin1.txt").write_bytes(b"caf\xe9")
-    data = to_json(await fm.read_file(tree.root, "latin1.txt"))
+    with pytest.raises(NotText) as refused:
+        await fm.read_file(tree.root, "latin1.txt")
+    assert "download_file" in refused.value.message and refused.value.code == "NOT_TEXT"
+    data = to_json(await fm.read_file(tree.root, "latin1.txt", lossy=True))
     assert data["lossy"] is True and data["content"] == "caf\ufffd"
 
 
