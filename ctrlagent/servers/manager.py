@@ -143,7 +143,7 @@ class ServerManager(service.Service):
             config.servers.console_mark_interval,
         )
         self.rows = RowWriter(store, self.tracker)
-        self.data = DataDirs(reactor, config.data_dir, self.disk_pool)
+        self.data = DataDirs(reactor, config.data_dir, self.disk_pool, config.disk)
         self.network = ServerNetwork(engine, network_mode, config.docker.network_subnet or None)
         # What every server uses: it never reaches back to the manager.
         self.services = ServerServices(
@@ -193,6 +193,7 @@ class ServerManager(service.Service):
         try:
             self._load_servers()
             _ensure_data_root(self.config.data_dir)
+            self.data.start()
         except BaseException:
             self.abort_start()
             raise
@@ -604,6 +605,8 @@ class ServerManager(service.Service):
         self._remove(server)
         self._add(server)
         live = False
+        if new.limits.disk_mb != old.limits.disk_mb:
+            await self.data.set_limit(server.server_id, server.root.disk_limit_bytes)
         if server.container_id and new.limits != old.limits:
             try:
                 await self.engine.update_limits(
