@@ -606,7 +606,7 @@ class ServerManager(service.Service):
         self._add(server)
         live = False
         if new.limits.disk_mb != old.limits.disk_mb:
-            await self.data.set_limit(server.server_id, server.root.disk_limit_bytes)
+            await self.data.set_limit(server.server_id, server.root().disk_limit_bytes)
         if server.container_id and new.limits != old.limits:
             try:
                 await self.engine.update_limits(
