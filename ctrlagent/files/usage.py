@@ -52,8 +52,12 @@ from ctrlagent.files.paths import KEEP_PREFIX, WORK_PREFIXES
 
 # RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH
 _RESOLVE = 0x01 | 0x02 | 0x04 | 0x08
-# Bytes of a relative path handed to openat2 at most (PATH_MAX is 4096).
+# Bytes of a relative path handed to openat2 at most (PATH_MAX is 4096), and
+# its components at most: resolving a path costs one lookup per component,
+# so deeper subtrees are walked by fd (uncached) rather than re-resolved
+# from the top for every directory (quadratic in a hostile chain).
 MAX_RELATIVE = 3800
+MAX_CACHED_DEPTH = 64
 # Seconds one pause of a budgeted walk lasts at most.
 MAX_PAUSE = 2.0
 
@@ -187,9 +191,9 @@ def cached_usage(top_fd: int, cache: dict[int, _Dir], *, budget: Budget,
         dev = os.fstat(top).st_dev
         apparent = allocated = 0
         complete = True
-        stack = [""]
+        stack = [("", 0)]
         while stack:
-            rel = stack.pop()
+            rel, depth = stack.pop()
             try:
                 fd = _openat2(top, rel or ".", trees.DIR_FLAGS, _RESOLVE)
             except OSError:
@@ -211,10 +215,10 @@ def cached_usage(top_fd: int, cache: dict[int, _Dir], *, budget: Budget,
                 allocated += d.allocated
                 for name in d.subdirs:
                     child = rel + "/" + name if rel else name
-                    if len(os.fsencode(child)) <= MAX_RELATIVE:
-                        stack.append(child)
+                    if depth < MAX_CACHED_DEPTH and len(os.fsencode(child)) <= MAX_RELATIVE:
+                        stack.append((child, depth + 1))
                         continue
-                    # Too deep for one path: measure that subtree whole.
+                    # Too deep: measure that subtree whole.
                     try:
                         sub = os.open(name, trees.DIR_FLAGS, dir_fd=fd)
                     except OSError:
