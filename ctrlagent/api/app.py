@@ -93,6 +93,7 @@ class AgentApi:
     clients that leave.  Both default to the API's own.  ``backup_download``
     answers ``GET /api/servers/{id}/backups/{backupId}/download`` (tap.py
     passes the backups package's ``serve_download``; None: no backups here).
+    ``disk_report`` gives ``/health``'s ``disk`` (the node's disk mode).
     """
 
     app = Klein()
@@ -111,8 +112,10 @@ class AgentApi:
         tracker: Tracker | None = None,
         deadlines: Deadlines | None = None,
         backup_download: BackupDownload | None = None,
+        disk_report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._config = config
+        self._disk_report = disk_report
         self._backup_download = backup_download
         self._dispatcher = dispatcher
         self._servers = servers
@@ -274,19 +277,21 @@ class AgentApi:
             connected = False
         uptime = self._uptime()
         request.setResponseCode(200 if docker else 503)
-        return self._json(
-            request,
-            {
-                "status": "healthy" if docker and connected else "degraded",
-                "nodeId": self._config.node_id,
-                "version": self._version,
-                "uptime": human_duration(uptime),
-                "uptimeSeconds": int(uptime),
-                "timestamp": iso_ms(self._clock.seconds()),
-                "connected": connected,
-                "docker": docker,
-            },
-        )
+        body: dict[str, Any] = {
+            "status": "healthy" if docker and connected else "degraded",
+            "nodeId": self._config.node_id,
+            "version": self._version,
+            "uptime": human_duration(uptime),
+            "uptimeSeconds": int(uptime),
+            "timestamp": iso_ms(self._clock.seconds()),
+            "connected": connected,
+            "docker": docker,
+        }
+        if self._disk_report is not None:
+            # How disk limits are enforced (docs/DISK.md): the mode, and the
+            # servers under each.
+            body["disk"] = self._disk_report()
+        return self._json(request, body)
 
     @app.route("/api/discovery", methods=["GET"])
     def discovery(self, request: IRequest) -> bytes:

@@ -233,9 +233,32 @@ class DataDirs:
         """
         def measure() -> int:
             self._resolve()
-            return _disk_usage(self.path(server_id), self.meter)
+            used = self.meter.measure_path(self.path(server_id))
+            if used.source == "qgroup":
+                self.subvolumes.add(server_id)
+            else:
+                self.subvolumes.discard(server_id)
+            return used.allocated
 
         return self.in_thread(measure)
+
+    def report(self, server_ids: list[str], max_listed: int = 20) -> dict[str, Any]:
+        """
+        The node's disk mode for ``/health``: the mode, why auto chose walk,
+        how many servers are limited by their qgroup and by the walk, and in
+        btrfs mode (a few of) the servers not converted yet.
+        """
+        mode = self._mode or "unresolved"
+        walked = sorted(sid for sid in server_ids if sid not in self.subvolumes)
+        out: dict[str, Any] = {
+            "mode": mode,
+            "servers": {"btrfs": len(server_ids) - len(walked), "walk": len(walked)},
+        }
+        if self.mode_reason:
+            out["reason"] = self.mode_reason
+        if mode == "btrfs" and walked:
+            out["walkServers"] = walked[:max_listed]
+        return out
 
     def purge(self, server_id: str) -> Deferred[None]:
         """Remove the server's data directory, however deep (a failure is raised)."""
