@@ -12,7 +12,7 @@ import pytest_twisted
 from ctrlagent.config import AgentConfig, DiskConfig
 from ctrlagent.system import disk_mode
 from tests.api.conftest import ApiRig
-from tests.disk.test_btrfs import MiB, OWNER, datadirs
+from tests.disk.test_btrfs import OWNER, MiB, datadirs
 
 
 @pytest_twisted.ensureDeferred
