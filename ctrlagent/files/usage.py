@@ -19,7 +19,9 @@ modes (``[disk] mode``, resolved by ``servers.datadir``):
      file *rewritten in place* (appended to, truncated, overwritten) changes
      its own size and times but not its directory's, so that growth shows
      up when the directory is next looked at in full, at most
-     ``walk_full_interval`` seconds later (0: every file every time).  The
+     ``walk_full_interval`` seconds later (0: every file every time); the
+     directories come due spread over the second half of that interval, so
+     that the full looks do not all fall in one refresh.  The
      agent's own writes keep the file manager's and SFTP's figures current
      in between (their deltas).
   2. **Budgeted.**  Between batches of ``walk_batch`` entries the walk
@@ -205,8 +207,11 @@ def cached_usage(top_fd: int, cache: dict[int, _Dir], *, budget: Budget,
                     complete = False  # another filesystem (or subvolume) inside
                     continue
                 d = cache.get(st.st_ino)
+                # Directories come due for a full look spread over the second
+                # half of the interval (by inode), not all in one refresh.
+                due = full_interval * (1.0 - (st.st_ino % 32) / 64.0)
                 if (d is None or d.mtime_ns != st.st_mtime_ns or d.ctime_ns != st.st_ctime_ns
-                        or now - d.looked_at >= full_interval):
+                        or now - d.looked_at >= due):
                     d = _look(fd, st, now, budget, sweep_before)
                 else:
                     budget.spend()

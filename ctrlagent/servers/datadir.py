@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -71,6 +71,9 @@ class DataDirs:
         self.mode_reason: str | None = None
         # Servers whose directory is a subvolume with a qgroup (as last seen).
         self.subvolumes: set[str] = set()
+        # One measure at a time in the disk pool: a budgeted walk sleeps in
+        # its thread, and must not hold every thread a start or purge needs.
+        self._measuring = DeferredSemaphore(1)
 
     # -- mode --------------------------------------------------------------
 
@@ -240,7 +243,7 @@ class DataDirs:
                 self.subvolumes.discard(server_id)
             return used.allocated
 
-        return self.in_thread(measure)
+        return self._measuring.run(self.in_thread, measure)
 
     def report(self, server_ids: list[str], max_listed: int = 20) -> dict[str, Any]:
         """
