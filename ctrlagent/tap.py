@@ -444,7 +444,7 @@ def _build_transports(
         tracker=tracker.scope("http"),
         deadlines=deadlines,
         backup_download=None if backups is None else _backup_download(backups),
-        disk_report=lambda: servers.data.report([s.server_id for s in servers.list_servers()]),
+        disk_report=lambda: servers.data.report(list(servers.servers)),
     )
     http: IService = make_http_service(
         reactor, config, api, drain_timeout=config.timeouts.http_drain
