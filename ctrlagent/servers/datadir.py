@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import subprocess
 import threading
 from collections.abc import Callable
@@ -44,6 +45,8 @@ T = TypeVar("T")
 # Where a conversion copies a plain data directory before the swap: beside
 # it in the data root, a name no server id can have (they never start with ".").
 CONVERT_PREFIX = ".ctrlagent-convert-"
+# Where an old tree is kept when it changed during its conversion.
+KEPT_PREFIX = ".ctrlagent-preconvert-"
 _RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -183,10 +186,15 @@ class DataDirs:
         if sub is None:
             try:
                 if os.path.lexists(path):
-                    convert_to_subvolume(path)
+                    kept = convert_to_subvolume(path)
                     self.meter.forget(path)
                     self.log.info("server {server_id}: data directory converted to a btrfs"
                                   " subvolume", server_id=server_id)
+                    if kept is not None:
+                        self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                            "server {server_id}: its files changed while its directory was"
+                            " converted; the tree as it was before is kept in {kept}",
+                            server_id=server_id, kept=kept)
                 else:
                     btrfs.create_subvolume(path)
             except (btrfs.BtrfsError, OSError) as e:
@@ -352,7 +360,7 @@ def copy_tree(src: str, dst: str) -> None:
         raise OSError("copy failed: {}".format(lines[-1] if lines else done.returncode))
 
 
-def convert_to_subvolume(path: str, copy: Callable[[str, str], None] = copy_tree) -> None:
+def convert_to_subvolume(path: str, copy: Callable[[str, str], None] = copy_tree) -> str | None:
     """
     Make the plain directory ``path`` a subvolume of the same content,
     atomically (the server must be stopped): the tree is copied (``copy``)
@@ -360,6 +368,11 @@ def convert_to_subvolume(path: str, copy: Callable[[str, str], None] = copy_tree
     in one ``renameat2(RENAME_EXCHANGE)``; the old tree is removed after.
     Any failure before the exchange removes the new subvolume and leaves
     ``path`` exactly as it was.
+
+    Should the old tree differ from the copy after the exchange (someone
+    wrote into it meanwhile: a file manager or SFTP session), it is kept
+    under ``KEPT_PREFIX + name`` beside it, never removed, and that path is
+    returned (else None).
     """
     parent, name = os.path.split(os.path.normpath(path))
     tmp_name = CONVERT_PREFIX + name
@@ -380,7 +393,33 @@ def convert_to_subvolume(path: str, copy: Callable[[str, str], None] = copy_tree
             pass
         raise
     # The old plain tree now has the temporary name.
+    if _signature(tmp) != _signature(path):
+        kept = os.path.join(parent, KEPT_PREFIX + name)
+        _remove_any(parent, KEPT_PREFIX + name)
+        os.rename(tmp, kept)
+        return kept
     _remove_any(parent, tmp_name)
+    return None
+
+
+def _signature(path: str) -> tuple[int, int, int]:
+    """(entries, bytes of regular files, newest mtime) beneath ``path``: what a write changes."""
+    count = size = newest = 0
+    fd = os.open(path, trees.DIR_FLAGS)
+    try:
+        for e in trees.Walk(fd):
+            count += 1
+            if e.is_dir:
+                continue
+            try:
+                st = e.lstat()
+            except OSError:
+                continue
+            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
+            newest = max(newest, st.st_mtime_ns)
+    finally:
+        os.close(fd)
+    return count, size, newest
 
 
 def stat_mode(st: os.stat_result) -> int:

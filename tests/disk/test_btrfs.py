@@ -21,7 +21,13 @@ from ctrlagent.files import btrfs
 from ctrlagent.files.manager import FileManager
 from ctrlagent.files.usage import Meter
 from ctrlagent.interfaces import ServerRoot
-from ctrlagent.servers.datadir import CONVERT_PREFIX, DataDirs, convert_to_subvolume, copy_tree
+from ctrlagent.servers.datadir import (
+    CONVERT_PREFIX,
+    KEPT_PREFIX,
+    DataDirs,
+    convert_to_subvolume,
+    copy_tree,
+)
 from ctrlagent.startup import StartupError
 
 MiB = 1024 * 1024
@@ -264,3 +270,25 @@ async def test_a_conversion_that_fails_keeps_the_server_on_the_walk(
     assert (plain / "f").read_bytes() == b"z" * 5000
     assert any("stays a plain directory" in str(w.get("log_format")) for w in warnings)
     assert await dirs.usage("s1") >= 5000
+
+
+def test_a_write_during_the_conversion_is_never_lost(data_root: Path) -> None:
+    btrfs.enable_quotas(str(data_root))
+    plain = data_root / "s1"
+    plain.mkdir()
+    build_tree(plain)
+
+    def copy_then_someone_writes(src: str, dst: str) -> None:
+        copy_tree(src, dst)
+        (Path(src) / "late.txt").write_text("written during the copy\n")
+
+    kept = convert_to_subvolume(str(plain), copy=copy_then_someone_writes)
+    assert kept == str(data_root / (KEPT_PREFIX + "s1"))
+    assert subvolume(plain) is not None
+    assert (Path(kept) / "late.txt").read_text() == "written during the copy\n"
+    # Without a late write, nothing is kept.
+    other = data_root / "s2"
+    other.mkdir()
+    build_tree(other)
+    assert convert_to_subvolume(str(other)) is None
+    assert sorted(n for n in os.listdir(data_root) if n.startswith(".")) == [KEPT_PREFIX + "s1"]
