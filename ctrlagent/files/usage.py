@@ -304,8 +304,13 @@ class Meter:
         self.batch = batch
         self.full_interval = full_interval
 
-    def measure(self, top_fd: int, sweep_before: float | None = None) -> Usage:
-        """The use of the directory ``top_fd`` (any fd of it, ``O_PATH`` included)."""
+    def measure(self, top_fd: int, sweep_before: float | None = None,
+                stop: threading.Event | None = None) -> Usage:
+        """
+        The use of the directory ``top_fd`` (any fd of it, ``O_PATH``
+        included).  Once ``stop`` is set (the agent stops), a walk no longer
+        pauses for its budget: it ends as soon as it can.
+        """
         st = os.fstat(top_fd)
         if self.mode == "btrfs":
             try:
@@ -334,7 +339,7 @@ class Meter:
             with self._lock:
                 self.walks += 1
                 cache = self._caches.get(key, {})
-            budget = Budget(self.share, self.batch, self.stopping)
+            budget = Budget(self.share, self.batch, stop if stop is not None else self.stopping)
             usage, cache = cached_usage(top_fd, cache, budget=budget,
                                         full_interval=self.full_interval, now=self.clock(),
                                         sweep_before=sweep_before)
@@ -350,14 +355,15 @@ class Meter:
                 del self._flights[key]
             flight.done.set()
 
-    def measure_path(self, path: str, sweep_before: float | None = None) -> Usage:
+    def measure_path(self, path: str, sweep_before: float | None = None,
+                     stop: threading.Event | None = None) -> Usage:
         """``measure`` of the directory ``path`` (never through a link); zero if absent."""
         try:
             fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return Usage(0, 0, True, "walk")
         try:
-            return self.measure(fd, sweep_before)
+            return self.measure(fd, sweep_before, stop)
         finally:
             os.close(fd)
 

@@ -77,6 +77,9 @@ class DataDirs:
         # One measure at a time in the disk pool: a budgeted walk sleeps in
         # its thread, and must not hold every thread a start or purge needs.
         self._measuring = DeferredSemaphore(1)
+        # Set while the agent stops: walks stop pausing, so the disk pool's
+        # threads are free to be joined.
+        self._stopping = threading.Event()
 
     # -- mode --------------------------------------------------------------
 
@@ -86,7 +89,12 @@ class DataDirs:
         enable quotas when it is btrfs.  ``StartupError`` when ``disk.mode``
         is "btrfs" and the data directory cannot have them.
         """
+        self._stopping.clear()
         return self._resolve()
+
+    def stop(self) -> None:
+        """The agent stops: a walk under way finishes without pausing for its budget."""
+        self._stopping.set()
 
     @property
     def mode(self) -> str:
@@ -244,7 +252,7 @@ class DataDirs:
         """
         def measure() -> int:
             self._resolve()
-            used = self.meter.measure_path(self.path(server_id))
+            used = self.meter.measure_path(self.path(server_id), stop=self._stopping)
             if used.source == "qgroup":
                 self.subvolumes.add(server_id)
             else:

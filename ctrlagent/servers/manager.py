@@ -285,6 +285,7 @@ class ServerManager(service.Service):
     async def stopService(self) -> None:  # noqa: N802 (Twisted hook)
         """Detach from every container (they keep running) and close the store."""
         super().stopService()
+        self.data.stop()
         if self._disk_loop is not None and self._disk_loop.running:
             self._disk_loop.stop()
         if self._events is not None:
@@ -313,6 +314,7 @@ class ServerManager(service.Service):
         self.running = False
         self.rows.halt()
         self.delivery.die()
+        self.data.stop()
         if self._disk_loop is not None and self._disk_loop.running:
             self._disk_loop.stop()
         if self._events is not None:

@@ -292,3 +292,14 @@ def test_a_write_during_the_conversion_is_never_lost(data_root: Path) -> None:
     build_tree(other)
     assert convert_to_subvolume(str(other)) is None
     assert sorted(n for n in os.listdir(data_root) if n.startswith(".")) == [KEPT_PREFIX + "s1"]
+
+
+def test_no_btrfs_fails_under_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.disk.conftest import _unavailable
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="cannot run in CI"):
+        _unavailable("no loop device")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="no btrfs here"):
+        _unavailable("no loop device")

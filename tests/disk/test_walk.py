@@ -175,3 +175,24 @@ def test_a_budgeted_walk_is_busy_at_most_its_share_of_the_time(tmp_path: Path) -
     finally:
         os.close(fd)
     assert unbudgeted.paused == 0
+
+
+def test_a_stopping_agent_ends_the_budget_pauses_of_a_walk(tmp_path: Path) -> None:
+    top = tmp_path / "srv"
+    build(top, dirs=15, files=60)
+    stop = threading.Event()
+    meter = Meter(share=0.01, batch=50)
+    done: list[float] = []
+
+    def walk() -> None:
+        t0 = time.monotonic()
+        meter.measure_path(str(top), stop=stop)
+        done.append(time.monotonic() - t0)
+
+    t = threading.Thread(target=walk)
+    t.start()
+    time.sleep(0.3)
+    assert not done  # 1 % of the time: it would take a hundred times its work
+    stop.set()
+    t.join(10)
+    assert done and done[0] < 10
