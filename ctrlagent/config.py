@@ -522,6 +522,46 @@ def read_metrics_token(metrics: MetricsConfig) -> MetricsConfig:
     if not token:
         raise ConfigInvalid("metrics.token_file {} is empty".format(metrics.token_file))
     return replace(metrics, token=token)
+# --- [disk]: how each server's disk use is measured and its limit enforced ---
+
+
+_DISK_MODES = ("auto", "btrfs", "walk")
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """
+    Disk limits and usage (docs/DISK.md).  ``mode``: "btrfs" makes every
+    server's data directory a subvolume whose qgroup limit is its disk limit
+    (the kernel refuses writes past it; usage is read from the qgroup), and
+    enables quotas on the data directory's filesystem; "walk" measures by
+    walking the files; "auto" is btrfs when the data directory is on btrfs
+    and quotas can be enabled there, else walk.
+    """
+
+    mode: str = "auto"
+    # Share of one core (and of the disk's time) a usage walk may take: it
+    # pauses between batches so that it is busy at most this fraction of the time.
+    walk_share: float = 0.25
+    # Entries a walk handles between two looks at its budget.
+    walk_batch: int = 2000
+    # Seconds a directory whose own mtime did not change keeps its counted
+    # total without its files being looked at again (0: every file every time).
+    # A file rewritten in place does not change its directory's mtime: its new
+    # size shows up at the next full look, at most this long after.
+    walk_full_interval: float = 300.0
+
+
+def validate_disk(disk: DiskConfig) -> None:
+    """Refuse ``[disk]`` settings that cannot work, naming the setting."""
+    if disk.mode not in _DISK_MODES:
+        raise ConfigInvalid("disk.mode must be one of {}".format(", ".join(_DISK_MODES)))
+    if not isinstance(disk.walk_share, (int, float)) or not 0.01 <= disk.walk_share <= 1:
+        raise ConfigInvalid("disk.walk_share must be between 0.01 and 1")
+    if not 1 <= disk.walk_batch <= 1_000_000:
+        raise ConfigInvalid("disk.walk_batch must be 1-1000000")
+    if not 0 <= disk.walk_full_interval <= 86400:
+        raise ConfigInvalid("disk.walk_full_interval must be between 0 and 86400 seconds")
 
 
 @dataclass(frozen=True)
@@ -546,6 +586,7 @@ class AgentConfig:
     backups: BackupsConfig = field(default_factory=BackupsConfig)
     workshop: WorkshopConfig = field(default_factory=WorkshopConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
 
     def __repr__(self) -> str:
         # Never let the secret reach a log line through repr().
@@ -958,6 +999,7 @@ def validate(config: AgentConfig) -> None:
     validate_backups(config.backups)
     validate_workshop(config.workshop)
     validate_metrics(config.metrics)
+    validate_disk(config.disk)
     for name, path in (("state_dir", config.state_dir), ("data_dir", config.data_dir)):
         if not Path(path).is_absolute():
             raise ConfigInvalid("{} {!r} must be an absolute path".format(name, path))

@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from ctrlagent import __version__
 from ctrlagent.config import AgentConfig
+from ctrlagent.files import btrfs
 from ctrlagent.interfaces import IHost
 from ctrlagent.wire.node import HostInfo, HostLoad, HostSnapshot, HostUsage, NetworkAddress
 
@@ -109,6 +110,18 @@ def disk_usage(path: str) -> tuple[int, int, int]:
     free = st.f_bavail * st.f_frsize
     used = total - st.f_bfree * st.f_frsize
     return total, used, free
+
+
+def disk_mode(config: AgentConfig) -> str:
+    """
+    How the node enforces disk limits (``[disk] mode`` as resolved at start):
+    "btrfs" when it may and the data directory's filesystem has quotas
+    enabled, else "walk".
+    """
+    if config.disk.mode == "walk":
+        return "walk"
+    fsid = btrfs.fsid_of(config.data_dir)
+    return "btrfs" if fsid is not None and btrfs.qgroups_enabled(fsid) else "walk"
 
 
 def read_uptime(path: str = "/proc/uptime") -> float:
@@ -241,6 +254,7 @@ class SystemInfo:
             "disk_free": free_disk,
             "uptime": read_uptime(),
             "load": _load(),
+            "disk_mode": disk_mode(self._config),
         }
 
     async def snapshot(self) -> HostSnapshot:
@@ -313,6 +327,7 @@ class SystemInfo:
             capabilities=tuple(CAPABILITIES),
             networks=networks,
             timestamp=_now_iso(),
+            disk_mode=host["disk_mode"],
         )
 
 

@@ -510,6 +510,7 @@ def _build_transports(
         backup_download=None if backups is None else _backup_download(backups),
         metrics=None if config.metrics.endpoint else metrics_page,
         observe_command=None if metrics is None else metrics.observe_request,
+        disk_report=lambda: servers.data.report(list(servers.servers)),
     )
     http: IService = make_http_service(
         reactor, config, api, drain_timeout=config.timeouts.http_drain

@@ -105,6 +105,7 @@ class AgentApi:
     passes the backups package's ``serve_download``; None: no backups here).
     ``metrics`` answers ``GET /metrics`` (None: 404) and ``observe_command``
     is told of every command answered (both from tap.py's metrics).
+    ``disk_report`` gives ``/health``'s ``disk`` (the node's disk mode).
     """
 
     app = Klein()
@@ -126,10 +127,12 @@ class AgentApi:
         backup_download: BackupDownload | None = None,
         metrics: IResource | None = None,
         observe_command: CommandObserver | None = None,
+        disk_report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._config = config
         self._metrics = metrics
         self._observe_command = observe_command
+        self._disk_report = disk_report
         self._backup_download = backup_download
         self._dispatcher = dispatcher
         self._servers = servers
@@ -315,20 +318,22 @@ class AgentApi:
         docker = await self._docker_ok()
         uptime = self._uptime()
         request.setResponseCode(200 if docker else 503)
-        return self._json(
-            request,
-            {
-                "status": "healthy" if docker else "degraded",
-                "nodeId": self._config.node_id,
-                "version": self._version,
-                "uptime": human_duration(uptime),
-                "uptimeSeconds": int(uptime),
-                "timestamp": iso_ms(self._clock.seconds()),
-                "connected": True,
-                "docker": docker,
-                "panelLink": self._link_state(),
-            },
-        )
+        body: dict[str, Any] = {
+            "status": "healthy" if docker else "degraded",
+            "nodeId": self._config.node_id,
+            "version": self._version,
+            "uptime": human_duration(uptime),
+            "uptimeSeconds": int(uptime),
+            "timestamp": iso_ms(self._clock.seconds()),
+            "connected": True,
+            "docker": docker,
+            "panelLink": self._link_state(),
+        }
+        if self._disk_report is not None:
+            # How disk limits are enforced (docs/DISK.md): the mode, and the
+            # servers under each.
+            body["disk"] = self._disk_report()
+        return self._json(request, body)
 
     @app.route("/api/discovery", methods=["GET"])
     def discovery(self, request: IRequest) -> bytes:

@@ -37,7 +37,7 @@ from ctrlagent.errors import (
     InvalidInput,
     PermissionDenied,
 )
-from ctrlagent.files import trees
+from ctrlagent.files import trees, usage
 from ctrlagent.files.confined import Confined, Made, os_error, rename_noreplace
 from ctrlagent.files.paths import (
     KEEP_PREFIX,
@@ -919,9 +919,11 @@ def existing_chunks(c: Confined, target: Components) -> list[tuple[int, str]]:
 
 def disk_usage(c: Confined) -> int:
     """
-    Apparent size in bytes of every regular file beneath the root, at any
-    depth (``trees.tree_usage``).  Removes stale temp files of interrupted
-    writes on the way.
+    Bytes used beneath the root, as the agent's shared ``usage.Meter``
+    measures them: the qgroup's figure of a btrfs subvolume, else the
+    apparent size of every regular file at any depth (a budgeted, cached,
+    coalesced walk).  A walk removes stale temp files of interrupted writes
+    on the way.
     """
-    used, _ = trees.tree_usage(c.root_fd, sweep_before=time.time() - STALE_TMP_SECONDS)
-    return used
+    meter = usage.shared_meter()
+    return meter.measure(c.root_fd, sweep_before=time.time() - STALE_TMP_SECONDS).apparent

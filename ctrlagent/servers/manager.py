@@ -151,7 +151,7 @@ class ServerManager(service.Service):
             config.servers.console_mark_interval,
         )
         self.rows = RowWriter(store, self.tracker)
-        self.data = DataDirs(reactor, config.data_dir, self.disk_pool)
+        self.data = DataDirs(reactor, config.data_dir, self.disk_pool, config.disk)
         self.network = ServerNetwork(engine, network_mode, config.docker.network_subnet or None)
         # What every server uses: it never reaches back to the manager.
         self.services = ServerServices(
@@ -207,6 +207,7 @@ class ServerManager(service.Service):
         try:
             self._load_servers()
             _ensure_data_root(self.config.data_dir)
+            self.data.start()
         except BaseException:
             self.abort_start()
             raise
@@ -316,6 +317,7 @@ class ServerManager(service.Service):
     async def stopService(self) -> None:  # noqa: N802 (Twisted hook)
         """Detach from every container (they keep running) and close the store."""
         super().stopService()
+        self.data.stop()
         if self._disk_loop is not None and self._disk_loop.running:
             self._disk_loop.stop()
         if self._events is not None:
@@ -344,6 +346,7 @@ class ServerManager(service.Service):
         self.running = False
         self.rows.halt()
         self.delivery.die()
+        self.data.stop()
         if self._disk_loop is not None and self._disk_loop.running:
             self._disk_loop.stop()
         if self._events is not None:
@@ -685,6 +688,8 @@ class ServerManager(service.Service):
         self._add(server)
         live = False
         warnings: tuple[str, ...] = ()
+        if new.limits.disk_mb != old.limits.disk_mb:
+            await self.data.set_limit(server.server_id, server.root().disk_limit_bytes)
         if server.container_id and new.limits != old.limits:
             try:
                 await self.engine.update_limits(

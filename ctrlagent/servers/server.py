@@ -577,7 +577,8 @@ class Server:
                     return self.container_id
                 await engine.remove(self.container_id)
                 self.container_id = None
-        await services.data.prepare(self.server_id, self.owner)
+        await services.data.prepare(self.server_id, self.owner, settle=True,
+                                    disk_limit=self.root().disk_limit_bytes)
         await services.network.ensure()
         container = server_container(
             self.spec, self.data_path, services.config.servers, services.network.mode
@@ -614,6 +615,10 @@ class Server:
         if self.state in (S.STARTING, S.RUNNING) and self.output_attached:
             return
         self.set_desired("running")
+        if self.state is S.OFFLINE:
+            # Stopped: the one time its directory may become a subvolume.
+            await self.services.data.prepare(self.server_id, self.owner, settle=True,
+                                             disk_limit=self.root().disk_limit_bytes)
         cid = await self.ensure_container()
         self.exits.reset()
         self.lifecycle.fire(Input.START)
@@ -891,7 +896,8 @@ class Server:
         try:
             fire(Input.INSTALL)
             try:
-                await self.services.data.prepare(self.server_id, self.owner)
+                await self.services.data.prepare(self.server_id, self.owner, settle=True,
+                                                 disk_limit=self.root().disk_limit_bytes)
                 await engine.ensure_image(self.spec.image)
                 script = self.spec.install
                 if script is not None and not self.spec.skip_scripts:

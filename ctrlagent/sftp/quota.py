@@ -5,10 +5,13 @@ Every write that makes a file bigger is charged here *before* it reaches the
 disk, under the server's lock, and refused with ``InsufficientResources`` when
 it would take the server's directory past ``ServerRoot.disk_limit_bytes``: a
 refused write writes nothing, so a file is never left bigger than the limit
-allows.  The usage figure is walked (``trees.tree_usage``, apparent sizes, as
-the file manager counts) at most every ``ttl`` seconds and kept current in
-between by the deltas of our own writes, truncations and removals; what the
-game server writes itself shows up at the next walk.
+allows.  The usage figure is measured (``fsops.disk_usage``: the qgroup of a
+btrfs subvolume, else a budgeted, cached walk of apparent sizes, as the file
+manager counts; docs/DISK.md) at most every ``ttl`` seconds and kept current
+in between by the deltas of our own writes, truncations and removals; what
+the game server writes itself shows up at the next measure.  On btrfs the
+kernel refuses writes past the qgroup limit too (``EDQUOT``, answered as a
+quota failure).
 """
 
 from __future__ import annotations

@@ -139,6 +139,8 @@ class HostInfo:
     # Interface name -> its addresses.
     networks: Mapping[str, tuple[NetworkAddress, ...]] = field(default_factory=dict)
     timestamp: str = ""
+    # How disk limits are enforced on this node: "btrfs" (qgroups) or "walk".
+    disk_mode: str = "walk"
 
 
 @to_json.register
@@ -171,6 +173,7 @@ def _info_shape(info: HostInfo) -> dict[str, Any]:
             for name, addresses in info.networks.items()
         },
         "timestamp": info.timestamp,
+        "diskMode": info.disk_mode,
     }
 
 

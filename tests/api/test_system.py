@@ -85,8 +85,9 @@ async def test_the_host_records_have_the_panels_keys(tmp_path: Path) -> None:
         "nodeId", "agentVersion", "version", "hostname", "os", "platform", "release", "arch",
         "cpu", "cpuCount", "cpus", "memory", "totalMemory", "freeMemory", "totalDisk",
         "freeDisk", "uptime", "loadAverage", "dockerVersion", "docker", "capabilities",
-        "networks", "timestamp",
+        "networks", "timestamp", "diskMode",
     ]
+    assert info["diskMode"] in ("btrfs", "walk")
     assert info["version"] == info["agentVersion"] and info["cpus"] == info["cpuCount"]
     assert isinstance(info["loadAverage"], list) and isinstance(info["capabilities"], list)
     # The whole answer is JSON as it stands (no record, tuple or NaN left in it).
