@@ -61,8 +61,8 @@ class ConsoleSettingsField(Field):
         unknown = sorted(str(k) for k in value if k not in SETTINGS)
         if unknown:
             raise InvalidInput(
-                "unknown console settings: {} (known: {})".format(
-                    ", ".join(unknown), ", ".join(SETTINGS)),
+                "{}: unknown console settings: {} (known: {})".format(
+                    where, ", ".join(repr(k) for k in unknown), ", ".join(SETTINGS)),
                 field=where, details={"unknown": unknown, "known": list(SETTINGS)})
         out: dict[str, Any] = {}
         for key, declared in SETTINGS.items():

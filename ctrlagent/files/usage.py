@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ctrlagent.errors import Conflict
 from ctrlagent.files import btrfs, trees
 from ctrlagent.files.confined import OPENAT2_AVAILABLE, _openat2
 from ctrlagent.files.paths import KEEP_PREFIX, WORK_PREFIXES
@@ -147,6 +148,8 @@ def plain_usage(top_fd: int, budget: Budget | None = None,
             if budget is not None:
                 budget.spend()
             if e.is_dir:
+                if _swept_copy(e.dir_fd, e.name, sweep_before):
+                    e.descend = False
                 continue
             try:
                 st = e.lstat()
@@ -160,6 +163,23 @@ def plain_usage(top_fd: int, budget: Budget | None = None,
     except trees.TreeChanged:
         complete = False
     return Usage(apparent, allocated, complete and not walk.truncated, "walk")
+
+
+def _swept_copy(dir_fd: int, name: str, sweep_before: float | None) -> bool:
+    """
+    Remove the tree of a directory copy the agent died in the middle of
+    (``trees.COPY_PREFIX``, untouched since ``sweep_before``; as
+    ``trees.tree_usage``).  A copy in progress keeps touching its tree.
+    """
+    if sweep_before is None or not name.startswith(trees.COPY_PREFIX):
+        return False
+    try:
+        if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime >= sweep_before:
+            return False
+        trees.remove_tree(dir_fd, name)
+    except (OSError, Conflict):
+        return False  # the next walk tries again
+    return True
 
 
 def _swept(st: os.stat_result, name: str, dir_fd: int, sweep_before: float | None) -> bool:
@@ -257,7 +277,8 @@ def _look(fd: int, st: os.stat_result, now: float, budget: Budget,
                 budget.spend()
                 try:
                     if e.is_dir(follow_symlinks=False):
-                        subdirs.append(e.name)
+                        if not _swept_copy(fd, e.name, sweep_before):
+                            subdirs.append(e.name)
                         continue
                     est = e.stat(follow_symlinks=False)
                 except OSError:

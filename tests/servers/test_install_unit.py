@@ -33,14 +33,14 @@ class Sweeps:
         manager.data.prepare = self  # type: ignore[method-assign]
 
     async def __call__(
-        self, server_id: str, owner: tuple[int, int], recursive: bool = False
+        self, server_id: str, owner: tuple[int, int], recursive: bool = False, **more: Any
     ) -> None:
         installs = [c.name for c in self.unit.engine.containers.values()
                     if c.name.endswith("-install")]
         self.calls.append((server_id, recursive, installs))
         if recursive and self.fail is not None:
             raise self.fail
-        await self.real(server_id, owner, recursive)
+        await self.real(server_id, owner, recursive, **more)
 
     @property
     def recursive(self) -> list[tuple[str, bool, list[str]]]:
