@@ -62,7 +62,7 @@ class ConsoleSettingsField(Field):
         if unknown:
             raise InvalidInput(
                 "{}: unknown console settings: {} (known: {})".format(
-                    where, ", ".join(repr(k) for k in unknown), ", ".join(SETTINGS)),
+                    where, ", ".join(unknown) or repr(""), ", ".join(SETTINGS)),
                 field=where, details={"unknown": unknown, "known": list(SETTINGS)})
         out: dict[str, Any] = {}
         for key, declared in SETTINGS.items():
