@@ -14,8 +14,10 @@ rules:
   progress and the end come as ``events`` to the listeners;
 - a restore is refused with ``Conflict`` while the server runs, unless
   ``stop`` asks to stop it first (then it waits until the server is
-  offline, at most ``stop_timeout``); ``busy(server_id)`` tells the server
-  manager not to start a server meanwhile;
+  offline, at most ``stop_timeout``); the restore locks the server's files
+  (``IServerManager.lock_files``, taken before the stop, released at the
+  end), so no start, crash auto-restart, file action or SFTP write happens
+  meanwhile; ``busy(server_id)`` tells what backup work holds the server;
 - on start, backups left ``running`` by an agent that died are marked
   ``failed`` and their partial files removed, and restore staging
   directories left in the data directory are swept;
@@ -346,6 +348,11 @@ class BackupManager(service.Service):
         root: ServerRoot = self.servers.server_root(server_id)
         if self._stopping:
             raise Conflict("the agent is stopping")
+        locked = self.servers.files_locked(server_id)
+        if locked is not None:
+            # The servers' one lock state (a restore here or of another
+            # manager's making): a backup of files being swapped is no backup.
+            raise Conflict("the server's files are being {}".format(locked))
         self._claim(server_id, "backup")
         backup_id = str(uuid.uuid4())
         record = BackupRecord(id=backup_id, server_id=server_id, name=name, driver=driver_name,
@@ -558,6 +565,14 @@ class BackupManager(service.Service):
                                         "limit".format(record.bytes))
         self._claim(server_id, "restore")
         try:
+            # The servers' one lock state: from here to the end, no start
+            # (power, crash auto-restart), no action writing the files, no
+            # SFTP write.  Taken before the stop, so nothing slips between.
+            release = self.servers.lock_files(server_id, "restored")
+        except BaseException:
+            self._busy.pop(server_id, None)
+            raise
+        try:
             await self._stopped(server_id, stop)
             self._emit(BackupStatusChanged(server_id, record.id, "restore", "running"))
             try:
@@ -569,6 +584,7 @@ class BackupManager(service.Service):
                                                error=error))
                 raise
         finally:
+            release()
             self._busy.pop(server_id, None)
         self._emit(BackupStatusChanged(server_id, record.id, "restore", "completed"))
         self.log.info("backup {backup_id} restored into {server_id}", backup_id=record.id,
@@ -709,7 +725,8 @@ class BackupManager(service.Service):
                 due = croniter(schedule.cron, schedule.last_run).get_next(float)
             except (ValueError, KeyError):
                 continue
-            if due > now or self.busy(schedule.server_id) or self._stopping:
+            if due > now or self.busy(schedule.server_id) or self._stopping \
+                    or self.servers.files_locked(schedule.server_id) is not None:
                 continue
             await self.store.set_schedule(ScheduleRecord(
                 schedule.server_id, schedule.cron, schedule.retain_last, schedule.retain_days,

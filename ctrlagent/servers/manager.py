@@ -68,6 +68,7 @@ from ctrlagent.servers.containers import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LA
 from ctrlagent.servers.datadir import DataDirs
 from ctrlagent.servers.delivery import JOURNAL_NAME, ConsoleDelivery, EventBus, Mark, MarkJournal
 from ctrlagent.servers.lifecycle import parse_state
+from ctrlagent.servers.locks import FileLocks
 from ctrlagent.servers.server import Server
 from ctrlagent.servers.services import RowWriter, ServerNetwork, ServerServices
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
@@ -145,6 +146,7 @@ class ServerManager(service.Service):
         self.rows = RowWriter(store, self.tracker)
         self.data = DataDirs(reactor, config.data_dir, self.disk_pool)
         self.network = ServerNetwork(engine, network_mode, config.docker.network_subnet or None)
+        self.locks = FileLocks()
         # What every server uses: it never reaches back to the manager.
         self.services = ServerServices(
             engine=engine,
@@ -157,6 +159,7 @@ class ServerManager(service.Service):
             data=self.data,
             network=self.network,
             config=config,
+            locks=self.locks,
         )
         self.reconciled = 0
 
@@ -531,6 +534,17 @@ class ServerManager(service.Service):
         await server.install_for_answer()
         return Created(server_id=server_id, container_id=server.container_id,
                        state=server.state.value)
+
+    def lock_files(self, server_id: str, reason: str) -> Callable[[], None]:
+        """Lock the server's files (``FileLocks.lock``); the release is returned."""
+        return self.locks.lock(self.resolve(server_id), reason)
+
+    def files_locked(self, server_id: str) -> str | None:
+        """Why the server's files are locked (``"restored"``), or None (unknown: None)."""
+        try:
+            return self.locks.locked(self.resolve(server_id))
+        except ServerNotFound:
+            return None
 
     @async_to_deferred
     async def start(self, server_id: str) -> ServerBrief:

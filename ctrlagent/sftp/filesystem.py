@@ -158,10 +158,15 @@ class ServerFiles:
     """The blocking operations of one session (thread-side)."""
 
     def __init__(self, root: ServerRoot, usage: UsageTracker, read_only: bool,
-                 use_openat2: bool | None = None) -> None:
+                 use_openat2: bool | None = None,
+                 locked: Callable[[], str | None] | None = None) -> None:
         self.root = root
         self.usage = usage
         self.read_only = read_only
+        # Why the server's files are locked now (a restore), or None: the
+        # servers' one lock state (IServerManager.files_locked), asked at
+        # every write, so a handle opened before the lock writes no more.
+        self.locked = locked
         self.use_openat2 = use_openat2
         self._c: Confined | None = None
         self._c_lock = threading.Lock()
@@ -185,6 +190,10 @@ class ServerFiles:
     def _writable(self) -> None:
         if self.read_only:
             raise PermissionDenied(_READ_ONLY)
+        reason = self.locked() if self.locked is not None else None
+        if reason is not None:
+            raise PermissionDenied(
+                "the server's files are being {}; try again once that has finished".format(reason))
 
     # -- files ---------------------------------------------------------------
 
