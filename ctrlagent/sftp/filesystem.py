@@ -173,12 +173,27 @@ class ServerFiles:
 
     @property
     def c(self) -> Confined:
-        """The root, opened once per session on first use."""
+        """
+        The root, opened once per session on first use, and again once the
+        directory at the root's path is another one (a restore swapped it
+        in): the session then sees the restored files, not the removed tree.
+        """
         with self._c_lock:
+            if self._c is not None and not self._same_root(self._c):
+                self._c.close()
+                self._c = None
             if self._c is None:
                 self._c = Confined(self.root.path, self.root.uid, self.root.gid,
                                    self.use_openat2)
             return self._c
+
+    def _same_root(self, c: Confined) -> bool:
+        try:
+            now = os.stat(self.root.path, follow_symlinks=False)
+            held = os.fstat(c.root_fd)
+        except OSError:
+            return True  # gone: the open root answers as it always did
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
     def shutdown(self) -> None:
         """Release the root fd."""
