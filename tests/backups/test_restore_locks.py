@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import paramiko
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
