@@ -143,10 +143,14 @@ class BackupDownload:
     _stream: IO[bytes]
     _manager: BackupManager
     content_type: str = "application/zstd"
+    # False: a stream of unknown length (no Content-Length, no ranges).
+    sized: bool = True
 
     @property
     def length(self) -> int:
-        """Bytes this answer carries."""
+        """Bytes this answer carries (-1: unknown until its end)."""
+        if not self.sized:
+            return -1
         return self.end - self.start + 1 if self.size else 0
 
     def content_range(self) -> str:
@@ -486,14 +490,24 @@ class BackupManager(service.Service):
                         "not enough room for the backup: it may need up to {} bytes and {} are "
                         "free".format(usage, free))
                 rules = load_rules(c.root_fd, patterns)
+                progress = self._progress_from_thread(record, usage, "backup")
+                cancelled = lambda: self._stopping  # noqa: E731
+                backup_tree = getattr(drv, "backup_tree", None)
+                if backup_tree is not None:
+                    # A store that snapshots a directory itself (restic:
+                    # incremental); None when it cannot here.
+                    done = backup_tree(record.server_id, record.id, root.path, c.root_fd,
+                                       rules, progress, cancelled)
+                    if done is not None:
+                        return done  # type: ignore[no-any-return]
                 writer = drv.open_writer(record.server_id, record.id)
                 try:
                     stats = write_archive(
                         c.root_fd, writer.write, rules,
                         level=self.config.compression_level if _compressed(drv) else None,
-                        progress=self._progress_from_thread(record, usage, "backup"),
+                        progress=progress,
                         progress_interval=self.config.progress_interval,
-                        cancelled=lambda: self._stopping)
+                        cancelled=cancelled)
                     location = writer.commit()
                 except BaseException:
                     writer.abort()
@@ -631,11 +645,19 @@ class BackupManager(service.Service):
         # The server directory exists (an empty one is made if need be).
         Confined(root.path, root.uid, root.gid).close()
         assert record.location is not None
+        # A directory snapshot (restic's own integrity checks) is dumped as a
+        # tar naming its directory: no archive checksum to compare, a prefix
+        # to strip.
+        tree_strip = getattr(drv, "tree_strip", None)
+        strip = tree_strip(record.location) if tree_strip is not None else None
         raw = drv.open_reader(record.location)
         try:
-            return restore_root(root.path, raw, size=record.size, checksum=record.checksum,
+            return restore_root(root.path, raw,
+                                size=record.size if strip is None else None,
+                                checksum=record.checksum if strip is None else None,
                                 content_bytes=record.bytes, uid=root.uid, gid=root.gid,
                                 truncate=truncate, compressed=_compressed(drv),
+                                strip=strip or (),
                                 progress=self._progress_from_thread(record, record.bytes,
                                                                     "restore"),
                                 progress_interval=self.config.progress_interval)
@@ -656,11 +678,20 @@ class BackupManager(service.Service):
         if drv is None:
             raise InvalidInput("backup {} was made with driver {!r}, not configured here"
                                .format(record.id, record.driver), field="backupId")
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in record.name)[:80]
+        tree_strip = getattr(drv, "tree_strip", None)
+        if tree_strip is not None and tree_strip(record.location) is not None:
+            # A directory snapshot is dumped as a tar whose length nobody
+            # knows beforehand: the whole of it, no range (RFC 9110 allows it).
+            stream = await self._in_thread(drv.open_reader, record.location)
+            return BackupDownload(backup_id=record.id, filename="{}-{}.tar".format(
+                safe or "backup", record.id[:8]), size=0, start=0, end=-1, partial=False,
+                checksum=None, _stream=stream, _manager=self,
+                content_type="application/x-tar", sized=False)
         wanted = parse_range(range_header, record.size)
         start, end = wanted if wanted is not None else (0, record.size - 1)
         stream = await self._in_thread(drv.open_reader, record.location, start,
                                        end - start + 1)
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in record.name)[:80]
         return BackupDownload(backup_id=record.id, filename="{}-{}.tar.zst".format(
             safe or "backup", record.id[:8]), size=record.size, start=start, end=end,
             partial=wanted is not None, checksum=record.checksum, _stream=stream,
@@ -806,7 +837,8 @@ def build_drivers(config: cfg.BackupsConfig, state_dir: str) -> dict[str, Backup
         from ctrlagent.backups.restic import ResticDriver
 
         drivers["restic"] = ResticDriver(config.restic,
-                                         cache_dir=os.path.join(state_dir, "restic-cache"))
+                                         cache_dir=os.path.join(state_dir, "restic-cache"),
+                                         source_dir=os.path.join(state_dir, "restic-source"))
     return drivers
 
 
