@@ -41,7 +41,11 @@ from ctrlagent.files.paths import WORK_PREFIXES
 
 COPY_CHUNK = 1024 * 1024
 # Compressed chunks waiting for the hash and the driver's write.
-OFFLOAD_DEPTH = 8
+OFFLOAD_DEPTH = 4
+# Bytes of one zstd worker's job (memory: a few of these per worker).
+ZSTD_JOB_SIZE = 2 * 1024 * 1024
+# Pieces smaller than this (headers, small files) are gathered into one write.
+SMALL_WRITE = 256 * 1024
 # Levels a backup descends; a deeper subtree is left out with a note.
 MAX_BACKUP_DEPTH = 1024
 # Notes kept per backup (the rest are counted).
@@ -199,8 +203,12 @@ def _write_tar(root_fd: int, offload: _Offload, rules: IgnoreRules, stats: Archi
     out: Any = offload
     if level is not None:
         # zstd's own worker threads (one per core, as ``zstd -T0``) compress
-        # while this thread walks and reads; 1 MiB writes to the sink.
-        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=-1)
+        # while this thread walks and reads; 1 MiB writes to the sink.  Jobs
+        # of ZSTD_JOB_SIZE keep their buffers small (the default for level 3,
+        # 8 MiB, costs some 65 MiB of memory; 2 MiB some 20, for 0.02 % of size).
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=-1, job_size=ZSTD_JOB_SIZE, write_checksum=True)
+        cctx = zstandard.ZstdCompressor(compression_params=params)
         out = cctx.stream_writer(offload, closefd=False,  # type: ignore[arg-type]
                                  write_size=COPY_CHUNK)
     tar = _TarWriter(out.write)
@@ -315,29 +323,90 @@ class _Offload:
             self._thread.join(60)  # a write stuck in a dead driver: given up
 
 
+_MAX_OCTAL_11 = 8 ** 11
+
+
+def ustar_header(info: tarfile.TarInfo) -> bytes | None:
+    """
+    The header ``info.tobuf(PAX_FORMAT, "utf-8", "surrogateescape")`` gives
+    for the common member (an ASCII name and link of at most 100 bytes, no
+    owner names, sizes and times in range), built at once rather than
+    field by field (tarfile's way costs more than reading a small file);
+    None for any other member (the caller then asks tarfile).
+    """
+    name, link = info.name, info.linkname
+    if info.isdir() and not name.endswith("/"):
+        name += "/"
+    if len(name) > 100 or len(link) > 100 or not name.isascii() or not link.isascii() \
+            or info.uname or info.gname or info.uid or info.gid or info.pax_headers:
+        return None
+    size = 0 if info.type in (tarfile.DIRTYPE, tarfile.SYMTYPE) else info.size
+    mtime = info.mtime
+    if not (0 <= size < _MAX_OCTAL_11 and 0 <= mtime < _MAX_OCTAL_11) \
+            or not isinstance(mtime, int):
+        return None
+    buf = b"".join((
+        name.encode("ascii").ljust(100, b"\0"),
+        b"%07o\0" % (info.mode & 0o7777),
+        b"0000000\x00",  # uid
+        b"0000000\x00",  # gid
+        b"%011o\0" % size,
+        b"%011o\0" % mtime,
+        b"        ",  # the checksum, counted as spaces
+        info.type,
+        link.encode("ascii").ljust(100, b"\0"),
+        tarfile.POSIX_MAGIC,
+        bytes(64),  # uname, gname
+        bytes(16),  # devmajor, devminor: only devices have them
+        bytes(167),  # prefix and the block's end
+    ))
+    chksum = sum(buf)
+    return buf[:148] + b"%06o\0" % chksum + buf[155:]
+
+
 class _TarWriter:
     """
-    A PAX tar stream written straight to ``write``: tarfile's own headers
-    (``TarInfo.tobuf``), the content in large chunks, no re-buffering (the
+    A PAX tar stream written straight to ``write``: tarfile's headers (or
+    ``ustar_header``'s, the same bytes, for the common member), the content
+    in large chunks, the small pieces gathered into 1 MiB writes.  (The
     stream mode of ``tarfile`` cuts everything into 10 KiB records and copies
-    its buffer at each, which made it most of a backup's time).
+    its buffer at each: most of a backup's time.)
     """
 
     def __init__(self, write: Callable[[Any], Any]) -> None:
         self.write = write
         self.offset = 0
+        self._pending: list[Any] = []
+        self._pending_bytes = 0
 
     def _out(self, data: Any) -> None:
-        self.write(data)
-        self.offset += len(data)
+        n = len(data)
+        self.offset += n
+        if n >= SMALL_WRITE:
+            self._flush()
+            self.write(data)
+            return
+        self._pending.append(data)
+        self._pending_bytes += n
+        if self._pending_bytes >= COPY_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.write(b"".join(self._pending))
+            self._pending = []
+            self._pending_bytes = 0
 
     def header(self, info: tarfile.TarInfo) -> None:
-        self._out(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        buf = ustar_header(info)
+        if buf is None:
+            buf = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        self._out(buf)
 
     def pad(self, size: int) -> None:
         rest = size % tarfile.BLOCKSIZE
         if rest:
-            self._out(bytes(tarfile.BLOCKSIZE - rest))
+            self._out(_ZEROS[:tarfile.BLOCKSIZE - rest])
 
     def close(self) -> None:
         """The end-of-archive blocks, padded to a whole record (as tar does)."""
@@ -345,6 +414,10 @@ class _TarWriter:
         rest = self.offset % tarfile.RECORDSIZE
         if rest:
             self._out(bytes(tarfile.RECORDSIZE - rest))
+        self._flush()
+
+
+_ZEROS = bytes(tarfile.BLOCKSIZE)
 
 
 def _add_link(tar: _TarWriter, e: trees.Entry, rel: str, st: os.stat_result,
