@@ -255,10 +255,14 @@ class ResticDriver:
                                                       safe_component(backup_id))
         args = [self.config.binary, "backup", "--json", "--host", "ctrlagent", "--tag", tags,
                 *excludes, target]
+        # The mount's source is the directory we walked, by its fd (the
+        # child's copy of it), not its path looked up once more.
+        source = "/proc/self/fd/{}".format(root_fd)
         try:
-            proc = subprocess.Popen(self._private_view(os.path.normpath(root_path), target, args),
+            proc = subprocess.Popen(self._private_view(source, target, args),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=self._env(), close_fds=True)
+                                    stderr=subprocess.PIPE, env=self._env(), close_fds=True,
+                                    pass_fds=(root_fd,))
         except OSError as e:
             raise ResticError("restic cannot be run ({})".format(e.strerror)) from None
         out = _Output(proc, progress)
