@@ -189,7 +189,7 @@ class ServerFiles:
 
     def _same_root(self, c: Confined) -> bool:
         try:
-            now = os.stat(self.root.path, follow_symlinks=False)
+            now = os.stat(self.root.path)  # as Confined opened it
             held = os.fstat(c.root_fd)
         except OSError:
             return True  # gone: the open root answers as it always did
