@@ -7,11 +7,13 @@ The tree is mixed: many small text files (configs, logs), a few large
 incompressible ones (region files), some compressible binaries.  Reported:
 seconds, MB/s of content, archive size, and the peak RSS of each of our
 steps (measured in a child process, so one step's memory does not hide
-another's).  Default 200 MiB; ``--size-mib 1024`` for the 1 GiB run.  The
-machine is shared: level 3, one zstd thread for ours (``zstd -T0`` uses
-every core for the baseline, which the report says).
+another's).  Default 200 MiB; ``--size-mib 1024`` for the 1 GiB run.  Both
+sides compress at level 3 with one zstd worker per core (ours:
+``threads=-1``; the baseline: ``zstd -T0``).  restic runs as the manager
+runs it: a directory snapshot through the private mount where the machine
+allows one (the report says ``tree``), the tar stream otherwise.
 
-    python bench/backups.py [--size-mib 200] [--no-restic] [--keep DIR]
+    python bench/backups.py [--size-mib 200] [--small N] [--rounds 2] [--no-restic] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ from pathlib import Path
 MiB = 1024 * 1024
 
 
-def make_tree(root: Path, size: int, seed: int = 1) -> int:
-    """A mixed tree of about ``size`` bytes; its file count."""
+def make_tree(root: Path, size: int, small: int = 0, seed: int = 1) -> int:
+    """A mixed tree of about ``size`` bytes, ``small`` small text files first; its file count."""
     rnd = random.Random(seed)
     files = 0
     total = 0
     words = ["w{}".format(i).encode() for i in range(500)]
     while total < size:
-        kind = rnd.random()
+        kind = 0.5 if files < small else rnd.random()
         d = root / "d{}".format(rnd.randrange(40)) / "s{}".format(rnd.randrange(10))
         d.mkdir(parents=True, exist_ok=True)
         if kind < 0.05:
@@ -89,12 +91,28 @@ def run_child(step: str, args: list[str]) -> None:
         from ctrlagent.backups.config import ResticConfig
         from ctrlagent.backups.restic import ResticDriver
 
-        driver = ResticDriver(ResticConfig(repository=repo, password_file=password_file),
-                              cache_dir=repo + "-cache")
+        config = ResticConfig(repository=repo, password_file=password_file)
+        try:
+            driver = ResticDriver(config, cache_dir=repo + "-cache", source_dir=repo + "-source")
+        except TypeError:  # an older checkout (before/after figures)
+            driver = ResticDriver(config, cache_dir=repo + "-cache")
+        # What the agent's long-lived driver does once, at its first backup
+        # (open the repository, probe the private mount), is not timed.
+        driver.ensure_repository()
+        getattr(driver, "tree_available", lambda: False)()
+        t0 = time.monotonic()
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-        w = driver.open_writer("bench", "b{}".format(time.time()))
-        stats = write_archive(fd, w.write, IgnoreRules([]), level=None)
-        result = {"snapshot": w.commit(), "bytes": stats.bytes}
+        backup_id = "b{}".format(time.time())
+        # As the manager: a directory snapshot where a private mount works.
+        backup_tree = getattr(driver, "backup_tree", None)
+        done = backup_tree("bench", backup_id, root, fd, IgnoreRules([])) if backup_tree else None
+        if done is not None:
+            stats, location = done
+            result = {"snapshot": location, "bytes": stats.bytes, "mode": "tree"}
+        else:
+            w = driver.open_writer("bench", backup_id)
+            stats = write_archive(fd, w.write, IgnoreRules([]), level=None)
+            result = {"snapshot": w.commit(), "bytes": stats.bytes, "mode": "stream"}
     else:
         raise SystemExit("unknown step")
     result["seconds"] = time.monotonic() - t0
@@ -109,7 +127,10 @@ def repo_size(repo: Path) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--size-mib", type=int, default=200)
+    p.add_argument("--small", type=int, default=None,
+                   help="small files first (default: 10,000 per GiB)")
     p.add_argument("--no-restic", action="store_true")
+    p.add_argument("--rounds", type=int, default=2, help="archive runs of each side")
     p.add_argument("--keep", default=None, help="work directory to keep (default: a temp one)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -121,22 +142,35 @@ def main() -> None:
     try:
         root = work / "servers" / "srv"
         root.mkdir(parents=True)
-        files = make_tree(root, a.size_mib * MiB)
+        small = a.small if a.small is not None else a.size_mib * 10_000 // 1024
+        files = make_tree(root, a.size_mib * MiB, small)
         content = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
         print("tree: {} files, {:.0f} MiB".format(files, content / MiB))
 
-        ours = child("archive", [str(root), str(work / "ours.tar.zst")])
-        rate = content / MiB / ours["seconds"]
-        print("ours   archive: {:.2f} s  {:.0f} MB/s  {:.1f} MiB  peak RSS {:.0f} MiB".format(
-            ours["seconds"], rate, ours["size"] / MiB, ours["peak_rss_mib"]))
-
-        t0 = time.monotonic()
-        subprocess.run(["tar", "-C", str(root), "-I", "zstd -T0 -3", "-cf",
-                        str(work / "gnu.tar.zst"), "."], check=True)
-        gnu = time.monotonic() - t0
-        print("tar+zstd -T0:   {:.2f} s  {:.0f} MB/s  {:.1f} MiB  ({} cores)".format(
+        # The new tree's dirty pages go to disk first (else the first step
+        # pays the write-back), then the two sides take turns, --rounds
+        # times each, and each side's best time is compared (the machine is
+        # shared: the best is the least disturbed).
+        os.sync()
+        runs: list[dict] = []
+        gnus: list[float] = []
+        for _ in range(a.rounds):
+            t0 = time.monotonic()
+            subprocess.run(["tar", "-C", str(root), "-I", "zstd -T0 -3", "-cf",
+                            str(work / "gnu.tar.zst"), "."], check=True)
+            gnus.append(time.monotonic() - t0)
+            runs.append(child("archive", [str(root), str(work / "ours.tar.zst")]))
+        ours = min(runs, key=lambda r: r["seconds"])
+        gnu = min(gnus)
+        print("ours   archive: {:.2f} s  {:.0f} MB/s  {:.1f} MiB  peak RSS {:.0f} MiB  "
+              "(runs: {})".format(ours["seconds"], content / MiB / ours["seconds"],
+                                  ours["size"] / MiB, max(r["peak_rss_mib"] for r in runs),
+                                  ", ".join("{:.2f}".format(r["seconds"]) for r in runs)))
+        print("tar+zstd -T0:   {:.2f} s  {:.0f} MB/s  {:.1f} MiB  ({} cores; runs: {})".format(
             gnu, content / MiB / gnu, (work / "gnu.tar.zst").stat().st_size / MiB,
-            os.cpu_count()))
+            os.cpu_count(), ", ".join("{:.2f}".format(g) for g in gnus)))
+        print("ratio (ours speed / tar+zstd speed): {:.2f}  (target >= 0.8)".format(
+            gnu / ours["seconds"]))
 
         back = child("restore", [str(root), str(work / "ours.tar.zst"), str(ours["size"]),
                                  ours["checksum"], str(ours["bytes"])])
@@ -148,6 +182,7 @@ def main() -> None:
             pw = work / "pw"
             pw.write_text("bench")
             os.chmod(pw, 0o600)
+            os.sync()
             first = child("restic", [str(root), str(repo), str(pw)])
             size1 = repo_size(repo)
             rnd = random.Random(2)
@@ -155,12 +190,15 @@ def main() -> None:
             for f in rnd.sample(all_files, max(1, len(all_files) // 100)):
                 f.write_bytes(os.urandom(min(f.stat().st_size, 64 * 1024)) +
                               f.read_bytes()[64 * 1024:])
+            os.sync()
             second = child("restic", [str(root), str(repo), str(pw)])
             size2 = repo_size(repo)
-            print("restic 1st:     {:.2f} s  repo {:.1f} MiB  peak RSS {:.0f} MiB".format(
-                first["seconds"], size1 / MiB, first["peak_rss_mib"]))
-            print("restic 2nd (1 % changed): {:.2f} s  repo grew {:.1f} MiB".format(
-                second["seconds"], (size2 - size1) / MiB))
+            print("restic 1st ({}): {:.2f} s  repo {:.1f} MiB  peak RSS {:.0f} MiB".format(
+                first["mode"], first["seconds"], size1 / MiB, first["peak_rss_mib"]))
+            print("restic 2nd (1 % changed): {:.2f} s ({:.0f} % of the 1st)  repo grew "
+                  "{:.1f} MiB".format(second["seconds"],
+                                      100 * second["seconds"] / first["seconds"],
+                                      (size2 - size1) / MiB))
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -13,7 +13,7 @@ lowercase status strings plus ``panelStatus``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -147,6 +147,17 @@ class IServerManager(Interface):
 
     def server_root(server_id: str) -> ServerRoot:
         """Where the server's files live (for the file manager)."""
+
+    def lock_files(server_id: str, reason: str) -> Callable[[], None]:
+        """
+        Lock the server's files while ``reason`` (``"restored"``) happens to
+        them: starts (power, reinstall, the crash auto-restart), deletion and
+        every writer (file actions, SFTP) refuse until the returned release
+        is called.  ``Conflict`` when they are locked already.
+        """
+
+    def files_locked(server_id: str) -> str | None:
+        """Why the server's files are locked, or None (sync; safe from threads)."""
 
     def add_listener(listener: object) -> None:
         """

@@ -40,8 +40,8 @@ def register_all(
     """
     Register every family's actions in ``registry``.  Without ``sftp`` (SFTP
     disabled on this node) the SFTP actions answer ``CONFLICT``; without
-    ``backups`` the backup actions do.  With ``backups``, the actions that
-    start a server or write its files refuse while its restore runs.
+    ``backups`` the backup actions do.  The actions that start a server or
+    write its files refuse while its files are locked (a restore runs).
     """
     specs = [
         *server_actions(servers),
@@ -53,7 +53,7 @@ def register_all(
         *sftp_actions(sftp),
         *backup_actions(backups),
     ]
-    for spec in guard_restores(specs, backups):
+    for spec in guard_restores(specs, servers):
         registry.register(spec)
 
 

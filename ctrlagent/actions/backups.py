@@ -4,10 +4,12 @@ The backup actions (PROTOCOL.md section 5, docs/BACKUPS.md):
 ``set_backup_schedule``, over an ``IBackupManager``.
 
 A restore may outlast the Panel's answer deadline: its ``pending`` answer
-says it goes on.  While a server's files are being restored, the actions
-that would run it or write its files (``GUARDED_DURING_RESTORE``) answer
-``CONFLICT``: ``guard_restores`` wraps them where the registry is built, so
-that neither the servers nor the file manager need to know about backups.
+says it goes on.  While a server's files are locked (a restore holds them,
+``IServerManager.lock_files``), the actions that would run it or write its
+files (``GUARDED_DURING_RESTORE``) answer ``CONFLICT``: ``guard_restores``
+wraps them where the registry is built, reading the servers' one lock state
+(the same one SFTP and the server's own starts read), so that the file
+manager need not know about backups.
 
 On a node without a backup manager (a registry built without one), the same
 names answer ``CONFLICT`` "backups are not available on this node" at once,
@@ -21,7 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from ctrlagent.errors import Conflict
-from ctrlagent.interfaces import IBackupManager
+from ctrlagent.interfaces import IBackupManager, IServerManager
 
 from .payload import MISSING, Array, Boolean, Field, Payload, Text
 from .registry import ActionSpec, Call
@@ -136,36 +138,34 @@ def _unavailable() -> list[ActionSpec]:
     ]
 
 
-def guard_restores(specs: Iterable[ActionSpec], backups: IBackupManager | None
-                   ) -> list[ActionSpec]:
+def guard_restores(specs: Iterable[ActionSpec], servers: IServerManager) -> list[ActionSpec]:
     """
     ``specs`` with those of ``GUARDED_DURING_RESTORE`` refusing, with
-    ``CONFLICT``, a server whose files a restore is putting back.  The check
-    comes after the registry resolved the server and parsed the payload, so
-    an unknown server or a bad payload still answers as it always did.
+    ``CONFLICT``, a server whose files are locked (a restore is putting them
+    back): the servers' one state (``IServerManager.files_locked``) that
+    SFTP, the starts and the crash auto-restart read too.  The check comes
+    after the registry resolved the server and parsed the payload, so an
+    unknown server or a bad payload still answers as it always did.
     """
-    if backups is None:
-        return list(specs)
-    manager = backups
     out = []
     for spec in specs:
         if spec.name not in GUARDED_DURING_RESTORE:
             out.append(spec)
             continue
-        out.append(replace(spec, handler=_guarded(spec, manager)))
+        out.append(replace(spec, handler=_guarded(spec, servers)))
     return out
 
 
-def _guarded(spec: ActionSpec, backups: IBackupManager) -> Any:
+def _guarded(spec: ActionSpec, servers: IServerManager) -> Any:
     handler = spec.handler
     name = spec.name
 
     async def guarded(call: Call) -> object:
-        if call.server_id is not None and backups.busy(call.server_id) == "restore":
-            raise Conflict(
-                "{}: a backup of this server is being restored; try again once it "
-                "has finished".format(name)
-            )
+        if call.server_id is not None:
+            reason = servers.files_locked(call.server_id)
+            if reason is not None:
+                raise Conflict("{}: the server's files are being {}; try again once that "
+                               "has finished".format(name, reason))
         return await handler(call)
 
     return guarded

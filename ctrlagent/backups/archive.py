@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import stat
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +40,12 @@ from ctrlagent.files import trees
 from ctrlagent.files.paths import WORK_PREFIXES
 
 COPY_CHUNK = 1024 * 1024
+# Compressed chunks waiting for the hash and the driver's write.
+OFFLOAD_DEPTH = 4
+# Bytes of one zstd worker's job (memory: a few of these per worker).
+ZSTD_JOB_SIZE = 2 * 1024 * 1024
+# Pieces smaller than this (headers, small files) are gathered into one write.
+SMALL_WRITE = 256 * 1024
 # Levels a backup descends; a deeper subtree is left out with a note.
 MAX_BACKUP_DEPTH = 1024
 # Notes kept per backup (the rest are counted).
@@ -99,7 +107,9 @@ class HashingSink:
 
     def write(self, data: bytes) -> int:
         self.sha.update(data)
-        self._write(bytes(data))
+        # zstandard hands a bytes object of its own: no copy.  Anything else
+        # (a view of a reused buffer) is copied, as a driver may keep it.
+        self._write(data if type(data) is bytes else bytes(data))
         self.size += len(data)
         return len(data)
 
@@ -107,40 +117,30 @@ class HashingSink:
         pass
 
 
-class _ExactReader:
+def _copy_exact(fd: int, size: int, out: Callable[[Any], Any],
+                advance: Callable[[int], None]) -> bool:
     """
-    Exactly ``size`` bytes of the open file ``fd``: zeros after a premature
-    end (the file shrank), nothing past ``size`` (it grew).
+    Write exactly ``size`` bytes of the open file ``fd`` to ``out``, in
+    chunks of up to ``COPY_CHUNK``: zeros after a premature end (the file
+    shrank), nothing past ``size`` (it grew).  True when it ended early.
     """
-
-    def __init__(self, fd: int, size: int, progress: Callable[[int], None]) -> None:
-        self.fd = fd
-        self.left = size
-        self.progress = progress
-        self.short = False
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > self.left:
-            n = self.left
-        if n <= 0:
-            return b""
-        parts = []
-        want = n
-        while want and not self.short:
+    left = size
+    short = False
+    while left > 0:
+        want = min(left, COPY_CHUNK)
+        data = b""
+        if not short:
             try:
-                data = os.read(self.fd, min(want, COPY_CHUNK))
+                data = os.read(fd, want)
             except OSError:
                 data = b""
-            if not data:
-                self.short = True
-                break
-            parts.append(data)
-            want -= len(data)
-        if want:
-            parts.append(bytes(want))
-        self.left -= n
-        self.progress(n)
-        return b"".join(parts)
+            short = not data
+        if short:
+            data = bytes(want)
+        out(data)
+        left -= len(data)
+        advance(len(data))
+    return short
 
 
 def _tar_info(rel: str, st: os.stat_result) -> tarfile.TarInfo:
@@ -169,6 +169,9 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
     """
     stats = ArchiveStats()
     sink = HashingSink(write)
+    # The sha256 and the driver's write run in a thread of their own (both
+    # release the GIL), beside the walk, the reads and zstd's workers.
+    offload = _Offload(sink.write)
     last = [time.monotonic()]
 
     def advance(n: int) -> None:
@@ -181,59 +184,11 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
                 last[0] = now
                 progress(stats.bytes, stats.files)
 
-    zw: Any = sink
-    if level is not None:
-        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        zw = cctx.stream_writer(sink, closefd=False)  # type: ignore[arg-type]
-    tf = tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
-                      encoding="utf-8", errors="surrogateescape", copybufsize=COPY_CHUNK)
-    with tf:
-        walk = trees.Walk(root_fd, max_depth=MAX_BACKUP_DEPTH, sort=True, hide=WORK_PREFIXES)
-        try:
-            for e in walk:
-                rel = "/".join(e.rel)
-                try:
-                    st = e.lstat()
-                except OSError:
-                    e.descend = False
-                    continue  # gone since the listing
-                if stat.S_ISDIR(st.st_mode):
-                    if not e.is_dir or rules.matches(rel + "/"):
-                        # Ignored, or a directory only since the listing
-                        # (the walk would not enter it): left out.
-                        e.descend = False
-                        continue
-                    info = _tar_info(rel, st)
-                    info.type = tarfile.DIRTYPE
-                    tf.addfile(info)
-                else:
-                    e.descend = False
-                    if rules.matches(rel):
-                        continue
-                    if stat.S_ISLNK(st.st_mode):
-                        _add_link(tf, e, rel, st, stats)
-                    elif stat.S_ISREG(st.st_mode):
-                        if not _add_file(tf, e, rel, stats, advance):
-                            continue
-                    else:
-                        stats.skipped += 1
-                        stats.note("special file left out: {}".format(rel))
-                        continue
-                stats.entries += 1
-                if cancelled is not None and cancelled():
-                    raise BackupCancelled("the backup was cancelled: the agent is stopping")
-                if on_member is not None:
-                    on_member(rel)
-        except trees.TreeChanged:
-            stats.truncated = True
-            stats.note("a directory was moved during the backup; the rest of it is left out")
-        finally:
-            walk.close()
-        if walk.truncated:
-            stats.truncated = True
-    if level is not None:
-        zw.flush(zstandard.FLUSH_FRAME)
-        zw.close()
+    try:
+        _write_tar(root_fd, offload, rules, stats, advance, level, on_member, cancelled)
+        offload.close()
+    finally:
+        offload.abort()
     stats.size = sink.size
     stats.checksum = sink.sha.hexdigest()
     if progress is not None:
@@ -241,7 +196,231 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
     return stats
 
 
-def _add_link(tf: tarfile.TarFile, e: trees.Entry, rel: str, st: os.stat_result,
+def _write_tar(root_fd: int, offload: _Offload, rules: IgnoreRules, stats: ArchiveStats,
+               advance: Callable[[int], None], level: int | None,
+               on_member: Callable[[str], None] | None,
+               cancelled: Callable[[], bool] | None) -> None:
+    out: Any = offload
+    if level is not None:
+        # zstd's own worker threads (one per core, as ``zstd -T0``) compress
+        # while this thread walks and reads; 1 MiB writes to the sink.  Jobs
+        # of ZSTD_JOB_SIZE keep their buffers small (the default for level 3,
+        # 8 MiB, costs some 65 MiB of memory; 2 MiB some 20, for 0.02 % of size).
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=-1, job_size=ZSTD_JOB_SIZE, write_checksum=True)
+        cctx = zstandard.ZstdCompressor(compression_params=params)
+        out = cctx.stream_writer(offload, closefd=False,  # type: ignore[arg-type]
+                                 write_size=COPY_CHUNK)
+    tar = _TarWriter(out.write)
+    walk = trees.Walk(root_fd, max_depth=MAX_BACKUP_DEPTH, sort=True, hide=WORK_PREFIXES)
+    try:
+        for e in walk:
+            rel = "/".join(e.rel)
+            try:
+                st = e.lstat()
+            except OSError:
+                e.descend = False
+                continue  # gone since the listing
+            if stat.S_ISDIR(st.st_mode):
+                if not e.is_dir or rules.matches(rel + "/"):
+                    # Ignored, or a directory only since the listing
+                    # (the walk would not enter it): left out.
+                    e.descend = False
+                    continue
+                info = _tar_info(rel, st)
+                info.type = tarfile.DIRTYPE
+                tar.header(info)
+            else:
+                e.descend = False
+                if rules.matches(rel):
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    _add_link(tar, e, rel, st, stats)
+                elif stat.S_ISREG(st.st_mode):
+                    if not _add_file(tar, e, rel, stats, advance):
+                        continue
+                else:
+                    stats.skipped += 1
+                    stats.note("special file left out: {}".format(rel))
+                    continue
+            stats.entries += 1
+            if cancelled is not None and cancelled():
+                raise BackupCancelled("the backup was cancelled: the agent is stopping")
+            if on_member is not None:
+                on_member(rel)
+    except trees.TreeChanged:
+        stats.truncated = True
+        stats.note("a directory was moved during the backup; the rest of it is left out")
+    finally:
+        walk.close()
+    if walk.truncated:
+        stats.truncated = True
+    tar.close()
+    if level is not None:
+        out.flush(zstandard.FLUSH_FRAME)
+        out.close()
+
+
+class _Offload:
+    """
+    ``write`` calls handed to one thread through a bounded queue (at most
+    ``OFFLOAD_DEPTH`` chunks, so memory stays bounded); its error is raised
+    at the next ``write`` or at ``close``.
+    """
+
+    def __init__(self, write: Callable[[bytes], Any]) -> None:
+        self._write = write
+        self._queue: queue.Queue[bytes | None] = queue.Queue(OFFLOAD_DEPTH)
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="backup-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None or self._stop:
+                return
+            if self._error is not None:
+                continue  # drain: the writer learns of the error at its next write
+            try:
+                self._write(data)
+            except BaseException as e:
+                self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._stop = True
+            raise error
+
+    def write(self, data: Any) -> int:
+        self._raise()
+        # The caller may reuse its buffer (the tar reader's): a copy unless bytes.
+        self._queue.put(data if type(data) is bytes else bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Wait until everything is written; raise the writer's error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        """Stop the thread without writing the rest (idempotent)."""
+        if self._thread.is_alive():
+            self._stop = True
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put(None)
+            self._thread.join(60)  # a write stuck in a dead driver: given up
+
+
+_MAX_OCTAL_11 = 8 ** 11
+
+
+def ustar_header(info: tarfile.TarInfo) -> bytes | None:
+    """
+    The header ``info.tobuf(PAX_FORMAT, "utf-8", "surrogateescape")`` gives
+    for the common member (an ASCII name and link of at most 100 bytes, no
+    owner names, sizes and times in range), built at once rather than
+    field by field (tarfile's way costs more than reading a small file);
+    None for any other member (the caller then asks tarfile).
+    """
+    name, link = info.name, info.linkname
+    if info.isdir() and not name.endswith("/"):
+        name += "/"
+    if len(name) > 100 or len(link) > 100 or not name.isascii() or not link.isascii() \
+            or info.uname or info.gname or info.uid or info.gid or info.pax_headers:
+        return None
+    size = 0 if info.type in (tarfile.DIRTYPE, tarfile.SYMTYPE) else info.size
+    mtime = info.mtime
+    if not (0 <= size < _MAX_OCTAL_11 and 0 <= mtime < _MAX_OCTAL_11) \
+            or not isinstance(mtime, int):
+        return None
+    buf = b"".join((
+        name.encode("ascii").ljust(100, b"\0"),
+        b"%07o\0" % (info.mode & 0o7777),
+        b"0000000\x00",  # uid
+        b"0000000\x00",  # gid
+        b"%011o\0" % size,
+        b"%011o\0" % mtime,
+        b"        ",  # the checksum, counted as spaces
+        info.type,
+        link.encode("ascii").ljust(100, b"\0"),
+        tarfile.POSIX_MAGIC,
+        bytes(64),  # uname, gname
+        bytes(16),  # devmajor, devminor: only devices have them
+        bytes(167),  # prefix and the block's end
+    ))
+    chksum = sum(buf)
+    return buf[:148] + b"%06o\0" % chksum + buf[155:]
+
+
+class _TarWriter:
+    """
+    A PAX tar stream written straight to ``write``: tarfile's headers (or
+    ``ustar_header``'s, the same bytes, for the common member), the content
+    in large chunks, the small pieces gathered into 1 MiB writes.  (The
+    stream mode of ``tarfile`` cuts everything into 10 KiB records and copies
+    its buffer at each: most of a backup's time.)
+    """
+
+    def __init__(self, write: Callable[[Any], Any]) -> None:
+        self.write = write
+        self.offset = 0
+        self._pending: list[Any] = []
+        self._pending_bytes = 0
+
+    def _out(self, data: Any) -> None:
+        n = len(data)
+        self.offset += n
+        if n >= SMALL_WRITE:
+            self._flush()
+            self.write(data)
+            return
+        self._pending.append(data)
+        self._pending_bytes += n
+        if self._pending_bytes >= COPY_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.write(b"".join(self._pending))
+            self._pending = []
+            self._pending_bytes = 0
+
+    def header(self, info: tarfile.TarInfo) -> None:
+        buf = ustar_header(info)
+        if buf is None:
+            buf = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        self._out(buf)
+
+    def pad(self, size: int) -> None:
+        rest = size % tarfile.BLOCKSIZE
+        if rest:
+            self._out(_ZEROS[:tarfile.BLOCKSIZE - rest])
+
+    def close(self) -> None:
+        """The end-of-archive blocks, padded to a whole record (as tar does)."""
+        self._out(bytes(2 * tarfile.BLOCKSIZE))
+        rest = self.offset % tarfile.RECORDSIZE
+        if rest:
+            self._out(bytes(tarfile.RECORDSIZE - rest))
+        self._flush()
+
+
+_ZEROS = bytes(tarfile.BLOCKSIZE)
+
+
+def _add_link(tar: _TarWriter, e: trees.Entry, rel: str, st: os.stat_result,
               stats: ArchiveStats) -> None:
     try:
         target = os.readlink(e.name, dir_fd=e.dir_fd)
@@ -251,10 +430,10 @@ def _add_link(tf: tarfile.TarFile, e: trees.Entry, rel: str, st: os.stat_result,
     info.mode = 0o777
     info.type = tarfile.SYMTYPE
     info.linkname = target
-    tf.addfile(info)
+    tar.header(info)
 
 
-def _add_file(tf: tarfile.TarFile, e: trees.Entry, rel: str, stats: ArchiveStats,
+def _add_file(tar: _TarWriter, e: trees.Entry, rel: str, stats: ArchiveStats,
               advance: Callable[[int], None]) -> bool:
     try:
         fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
@@ -272,10 +451,11 @@ def _add_file(tf: tarfile.TarFile, e: trees.Entry, rel: str, stats: ArchiveStats
             return False
         info = _tar_info(rel, st)
         info.size = st.st_size
-        src = _ExactReader(fd, st.st_size, advance)
-        tf.addfile(info, src)  # type: ignore[arg-type]
+        tar.header(info)
+        short = _copy_exact(fd, st.st_size, tar._out, advance)
+        tar.pad(st.st_size)
         after = os.fstat(fd)
-        if (src.short or after.st_size != st.st_size or after.st_mtime_ns != st.st_mtime_ns):
+        if short or after.st_size != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
             stats.changed += 1
             stats.note("changed while being backed up: {}".format(rel))
     finally:

@@ -79,11 +79,12 @@ async def serve_download(request: IRequest, backups: BackupManager, server_id: s
         req.setResponseCode(416)
         req.setHeader("content-range", "bytes */{}".format(e.size))
         return b"requested range not satisfiable\n"
-    req.setHeader("accept-ranges", "bytes")
+    req.setHeader("accept-ranges", "bytes" if download.sized else "none")
     req.setHeader("content-type", download.content_type)
     req.setHeader("content-disposition",
                   'attachment; filename="{}"'.format(download.filename))
-    req.setHeader("content-length", str(download.length))
+    if download.sized:
+        req.setHeader("content-length", str(download.length))
     if download.checksum:
         req.setHeader("etag", '"{}"'.format(download.checksum))
     if download.partial:

@@ -14,8 +14,10 @@ rules:
   progress and the end come as ``events`` to the listeners;
 - a restore is refused with ``Conflict`` while the server runs, unless
   ``stop`` asks to stop it first (then it waits until the server is
-  offline, at most ``stop_timeout``); ``busy(server_id)`` tells the server
-  manager not to start a server meanwhile;
+  offline, at most ``stop_timeout``); the restore locks the server's files
+  (``IServerManager.lock_files``, taken before the stop, released at the
+  end), so no start, crash auto-restart, file action or SFTP write happens
+  meanwhile; ``busy(server_id)`` tells what backup work holds the server;
 - on start, backups left ``running`` by an agent that died are marked
   ``failed`` and their partial files removed, and restore staging
   directories left in the data directory are swept;
@@ -141,10 +143,14 @@ class BackupDownload:
     _stream: IO[bytes]
     _manager: BackupManager
     content_type: str = "application/zstd"
+    # False: a stream of unknown length (no Content-Length, no ranges).
+    sized: bool = True
 
     @property
     def length(self) -> int:
-        """Bytes this answer carries."""
+        """Bytes this answer carries (-1: unknown until its end)."""
+        if not self.sized:
+            return -1
         return self.end - self.start + 1 if self.size else 0
 
     def content_range(self) -> str:
@@ -346,6 +352,11 @@ class BackupManager(service.Service):
         root: ServerRoot = self.servers.server_root(server_id)
         if self._stopping:
             raise Conflict("the agent is stopping")
+        locked = self.servers.files_locked(server_id)
+        if locked is not None:
+            # The servers' one lock state (a restore here or of another
+            # manager's making): a backup of files being swapped is no backup.
+            raise Conflict("the server's files are being {}".format(locked))
         self._claim(server_id, "backup")
         backup_id = str(uuid.uuid4())
         record = BackupRecord(id=backup_id, server_id=server_id, name=name, driver=driver_name,
@@ -479,14 +490,24 @@ class BackupManager(service.Service):
                         "not enough room for the backup: it may need up to {} bytes and {} are "
                         "free".format(usage, free))
                 rules = load_rules(c.root_fd, patterns)
+                progress = self._progress_from_thread(record, usage, "backup")
+                cancelled = lambda: self._stopping  # noqa: E731
+                backup_tree = getattr(drv, "backup_tree", None)
+                if backup_tree is not None:
+                    # A store that snapshots a directory itself (restic:
+                    # incremental); None when it cannot here.
+                    done = backup_tree(record.server_id, record.id, root.path, c.root_fd,
+                                       rules, progress, cancelled)
+                    if done is not None:
+                        return done  # type: ignore[no-any-return]
                 writer = drv.open_writer(record.server_id, record.id)
                 try:
                     stats = write_archive(
                         c.root_fd, writer.write, rules,
                         level=self.config.compression_level if _compressed(drv) else None,
-                        progress=self._progress_from_thread(record, usage, "backup"),
+                        progress=progress,
                         progress_interval=self.config.progress_interval,
-                        cancelled=lambda: self._stopping)
+                        cancelled=cancelled)
                     location = writer.commit()
                 except BaseException:
                     writer.abort()
@@ -558,6 +579,14 @@ class BackupManager(service.Service):
                                         "limit".format(record.bytes))
         self._claim(server_id, "restore")
         try:
+            # The servers' one lock state: from here to the end, no start
+            # (power, crash auto-restart), no action writing the files, no
+            # SFTP write.  Taken before the stop, so nothing slips between.
+            release = self.servers.lock_files(server_id, "restored")
+        except BaseException:
+            self._busy.pop(server_id, None)
+            raise
+        try:
             await self._stopped(server_id, stop)
             self._emit(BackupStatusChanged(server_id, record.id, "restore", "running"))
             try:
@@ -569,6 +598,7 @@ class BackupManager(service.Service):
                                                error=error))
                 raise
         finally:
+            release()
             self._busy.pop(server_id, None)
         self._emit(BackupStatusChanged(server_id, record.id, "restore", "completed"))
         self.log.info("backup {backup_id} restored into {server_id}", backup_id=record.id,
@@ -615,11 +645,19 @@ class BackupManager(service.Service):
         # The server directory exists (an empty one is made if need be).
         Confined(root.path, root.uid, root.gid).close()
         assert record.location is not None
+        # A directory snapshot (restic's own integrity checks) is dumped as a
+        # tar naming its directory: no archive checksum to compare, a prefix
+        # to strip.
+        tree_strip = getattr(drv, "tree_strip", None)
+        strip = tree_strip(record.location) if tree_strip is not None else None
         raw = drv.open_reader(record.location)
         try:
-            return restore_root(root.path, raw, size=record.size, checksum=record.checksum,
+            return restore_root(root.path, raw,
+                                size=record.size if strip is None else None,
+                                checksum=record.checksum if strip is None else None,
                                 content_bytes=record.bytes, uid=root.uid, gid=root.gid,
                                 truncate=truncate, compressed=_compressed(drv),
+                                strip=strip or (),
                                 progress=self._progress_from_thread(record, record.bytes,
                                                                     "restore"),
                                 progress_interval=self.config.progress_interval)
@@ -640,11 +678,20 @@ class BackupManager(service.Service):
         if drv is None:
             raise InvalidInput("backup {} was made with driver {!r}, not configured here"
                                .format(record.id, record.driver), field="backupId")
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in record.name)[:80]
+        tree_strip = getattr(drv, "tree_strip", None)
+        if tree_strip is not None and tree_strip(record.location) is not None:
+            # A directory snapshot is dumped as a tar whose length nobody
+            # knows beforehand: the whole of it, no range (RFC 9110 allows it).
+            stream = await self._in_thread(drv.open_reader, record.location)
+            return BackupDownload(backup_id=record.id, filename="{}-{}.tar".format(
+                safe or "backup", record.id[:8]), size=0, start=0, end=-1, partial=False,
+                checksum=None, _stream=stream, _manager=self,
+                content_type="application/x-tar", sized=False)
         wanted = parse_range(range_header, record.size)
         start, end = wanted if wanted is not None else (0, record.size - 1)
         stream = await self._in_thread(drv.open_reader, record.location, start,
                                        end - start + 1)
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in record.name)[:80]
         return BackupDownload(backup_id=record.id, filename="{}-{}.tar.zst".format(
             safe or "backup", record.id[:8]), size=record.size, start=start, end=end,
             partial=wanted is not None, checksum=record.checksum, _stream=stream,
@@ -709,7 +756,8 @@ class BackupManager(service.Service):
                 due = croniter(schedule.cron, schedule.last_run).get_next(float)
             except (ValueError, KeyError):
                 continue
-            if due > now or self.busy(schedule.server_id) or self._stopping:
+            if due > now or self.busy(schedule.server_id) or self._stopping \
+                    or self.servers.files_locked(schedule.server_id) is not None:
                 continue
             await self.store.set_schedule(ScheduleRecord(
                 schedule.server_id, schedule.cron, schedule.retain_last, schedule.retain_days,
@@ -789,7 +837,8 @@ def build_drivers(config: cfg.BackupsConfig, state_dir: str) -> dict[str, Backup
         from ctrlagent.backups.restic import ResticDriver
 
         drivers["restic"] = ResticDriver(config.restic,
-                                         cache_dir=os.path.join(state_dir, "restic-cache"))
+                                         cache_dir=os.path.join(state_dir, "restic-cache"),
+                                         source_dir=os.path.join(state_dir, "restic-source"))
     return drivers
 
 

@@ -26,17 +26,28 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from typing import IO, Any
 
+from ctrlagent.backups.archive import MAX_BACKUP_DEPTH, ArchiveStats, BackupCancelled, Progress
 from ctrlagent.backups.config import ResticConfig
 from ctrlagent.backups.drivers import safe_component
+from ctrlagent.backups.ignore import IgnoreRules
 from ctrlagent.errors import CtrlAgentError, NotFound
+from ctrlagent.files import trees
+from ctrlagent.files.paths import WORK_PREFIXES
 
 MAX_LINE = 64 * 1024
 STDERR_TAIL = 4096
 STREAM_NAME = "/backup.tar"
+TREE_PREFIX = "tree:"
+UNSHARE = "unshare"
+# Bytes of --exclude arguments beyond which a tar stream is made instead.
+MAX_EXCLUDE_ARGS = 512 * 1024
 
 
 class ResticError(CtrlAgentError):
@@ -57,7 +68,8 @@ def _explain(stderr: str, code: int | None) -> str:
 class _Output:
     """Reads a child's stdout (JSON lines, bounded) and stderr (a tail) in threads."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], progress: Progress | None = None) -> None:
+        self.progress = progress
         self.summary: dict[str, Any] | None = None
         self.messages = 0
         self.err = b""
@@ -83,6 +95,11 @@ class _Output:
             self.messages += 1
             if isinstance(msg, dict) and msg.get("message_type") == "summary":
                 self.summary = msg
+            elif isinstance(msg, dict) and msg.get("message_type") == "status" \
+                    and self.progress is not None:
+                done, files = msg.get("bytes_done", 0), msg.get("files_done", 0)
+                if isinstance(done, int) and isinstance(files, int):
+                    self.progress(done, files)
 
     def _stderr(self, f: IO[bytes]) -> None:
         while chunk := f.read(4096):
@@ -98,16 +115,26 @@ class _Output:
 
 
 class ResticDriver:
-    """Snapshots in one restic repository; a backup's location is its snapshot id."""
+    """
+    Snapshots in one restic repository.  A backup's location is its snapshot
+    id (a tar stream, ``--stdin``), or ``tree:<id>:<path>`` (a directory
+    snapshot of ``path``, the server's private view; see ``backup_tree``).
+    """
 
     name = "restic"
     compressed = False  # restic compresses (and deduplicates) itself
 
-    def __init__(self, config: ResticConfig, cache_dir: str | None = None) -> None:
+    def __init__(self, config: ResticConfig, cache_dir: str | None = None,
+                 source_dir: str | None = None) -> None:
         self.config = config
         self.cache_dir = cache_dir
+        # Where a server's private no-symlink view is mounted for restic
+        # (one fixed path per server, so restic finds its parent snapshot);
+        # None: tar streams only.
+        self.source_dir = source_dir
         self._ready = False
         self._lock = threading.Lock()
+        self._tree_ok: bool | None = None
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
@@ -165,14 +192,135 @@ class ResticDriver:
                            stdin=subprocess.PIPE)
         return _ResticUpload(self, proc)
 
+    # -- directory snapshots ---------------------------------------------------
+
+    def _private_view(self, source: str, target: str, args: list[str]) -> list[str]:
+        """
+        ``args`` (a restic command line) run in a mount namespace of its own
+        where ``target`` is a read-only, non-recursive, ``nosymfollow`` bind
+        mount of ``source``: restic opens paths there, and no symlink the
+        game server plants (or swaps in mid-walk) is ever followed, no mount
+        beneath is entered, and the view ends with the child.
+        """
+        script = ('mount --bind -- "$1" "$2" && '
+                  'mount -o remount,bind,ro,nosymfollow -- "$2" && shift 2 && exec "$@"')
+        return [UNSHARE, "--mount", "--propagation", "private", "--", "sh", "-c", script,
+                "sh", source, target, *args]
+
+    def tree_available(self) -> bool:
+        """Whether directory snapshots can be made here (a private nosymfollow mount works)."""
+        if self.source_dir is None:
+            return False
+        if self._tree_ok is None:
+            probe = os.path.join(self.source_dir, ".probe")
+            try:
+                os.makedirs(probe, 0o700, exist_ok=True)
+                ok = subprocess.run(self._private_view(probe, probe, ["true"]),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, timeout=30).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                ok = False
+            self._tree_ok = ok
+        return self._tree_ok
+
+    def backup_tree(self, server_id: str, backup_id: str, root_path: str, root_fd: int,
+                    rules: IgnoreRules, progress: Progress | None = None,
+                    cancelled: Callable[[], bool] | None = None
+                    ) -> tuple[ArchiveStats, str] | None:
+        """
+        Back the directory up as a restic directory snapshot: incremental
+        (restic reads only files whose size, mtime or inode changed since
+        the parent snapshot of the same path).  None when it cannot be done
+        here (no mount namespace, an excluded name restic cannot be told):
+        the caller then streams a tar as before.
+        """
+        if not self.tree_available():
+            return None
+        assert self.source_dir is not None
+        plan = plan_tree(root_fd, rules)
+        if plan is None:
+            return None
+        stats, excluded = plan
+        target = os.path.join(self.source_dir, safe_component(server_id))
+        os.makedirs(target, 0o700, exist_ok=True)
+        excludes: list[str] = []
+        for prefix in WORK_PREFIXES:
+            excludes += ["--exclude", _escape(prefix) + "*"]
+        for rel in excluded:
+            excludes += ["--exclude", _escape(target + "/" + rel)]
+        if sum(len(a) for a in excludes) > MAX_EXCLUDE_ARGS:
+            return None
+        self.ensure_repository()
+        tags = "ctrlagent,server:{},backup:{}".format(safe_component(server_id),
+                                                      safe_component(backup_id))
+        args = [self.config.binary, "backup", "--json", "--host", "ctrlagent", "--tag", tags,
+                *excludes, target]
+        # The mount's source is the directory we walked, by its fd (the
+        # child's copy of it), not its path looked up once more.
+        source = "/proc/self/fd/{}".format(root_fd)
+        try:
+            proc = subprocess.Popen(self._private_view(source, target, args),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=self._env(), close_fds=True,
+                                    pass_fds=(root_fd,))
+        except OSError as e:
+            raise ResticError("restic cannot be run ({})".format(e.strerror)) from None
+        out = _Output(proc, progress)
+        try:
+            deadline = time.monotonic() + self.config.timeout
+            while True:
+                try:
+                    code = proc.wait(0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if cancelled is not None and cancelled():
+                        raise BackupCancelled(
+                            "the backup was cancelled: the agent is stopping") from None
+                    if time.monotonic() > deadline:
+                        raise ResticError("restic backup timed out") from None
+        except BaseException:
+            _end(proc)
+            out.join(10)
+            raise
+        out.join(30)
+        # 3: some files could not be read (they changed or went meanwhile);
+        # the snapshot holds the rest.
+        if code not in (0, 3):
+            raise ResticError(_explain(out.stderr, code))
+        summary = out.summary or {}
+        snapshot = summary.get("snapshot_id")
+        if not isinstance(snapshot, str):
+            raise ResticError("restic backup gave no snapshot id")
+        if code == 3:
+            stats.changed += 1
+            stats.note("some files could not be read by restic (changed while being backed up)")
+        added = summary.get("data_added")
+        stats.size = added if isinstance(added, int) and added >= 0 else 0
+        stats.checksum = ""
+        return stats, "{}{}:{}".format(TREE_PREFIX, snapshot, target)
+
+    def tree_strip(self, location: str) -> tuple[str, ...] | None:
+        """The leading components a directory snapshot's dump names; None for a tar stream."""
+        if not location.startswith(TREE_PREFIX):
+            return None
+        _, path = _tree_location(location)
+        return tuple(p for p in path.split("/") if p)
+
     def open_reader(self, location: str, start: int = 0, length: int | None = None
                     ) -> IO[bytes]:
+        if location.startswith(TREE_PREFIX):
+            snapshot, path = _tree_location(location)
+            self.ensure_repository()
+            proc = self._popen(["dump", snapshot, path])
+            return _Dump(proc, start, length)  # type: ignore[return-value]
         _check_snapshot(location)
         self.ensure_repository()
         proc = self._popen(["dump", location, STREAM_NAME])
         return _Dump(proc, start, length)  # type: ignore[return-value]
 
     def delete(self, location: str) -> None:
+        if location.startswith(TREE_PREFIX):
+            location, _ = _tree_location(location)
         _check_snapshot(location)
         self.ensure_repository()
         try:
@@ -210,6 +358,68 @@ def _end(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     proc.wait()
+
+
+def _tree_location(location: str) -> tuple[str, str]:
+    """``tree:<snapshot>:<path>`` -> (snapshot, path); ``NotFound`` when malformed."""
+    snapshot, _, path = location[len(TREE_PREFIX):].partition(":")
+    _check_snapshot(snapshot)
+    if not path.startswith("/") or "\x00" in path:
+        raise NotFound("restic location {!r} is not valid".format(location))
+    return snapshot, path
+
+
+def _escape(path: str) -> str:
+    """``path`` as a restic exclude pattern matching it literally."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in path)
+
+
+def plan_tree(root_fd: int, rules: IgnoreRules) -> tuple[ArchiveStats, list[str]] | None:
+    """
+    Walk the directory as the tar writer would (confined, never through a
+    link) and list what restic must leave out: ignored paths and special
+    files.  Returns what the snapshot will hold and that list, or None when
+    a name cannot be handed to restic as a pattern (a control character).
+    """
+    stats = ArchiveStats()
+    excluded: list[str] = []
+    walk = trees.Walk(root_fd, max_depth=MAX_BACKUP_DEPTH, sort=False, hide=WORK_PREFIXES)
+    try:
+        for e in walk:
+            rel = "/".join(e.rel)
+            if any(ord(ch) < 32 for ch in rel):
+                return None
+            try:
+                st = e.lstat()
+            except OSError:
+                e.descend = False
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if not e.is_dir or rules.matches(rel + "/"):
+                    e.descend = False
+                    excluded.append(rel)
+                    continue
+            else:
+                e.descend = False
+                if rules.matches(rel):
+                    excluded.append(rel)
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    stats.files += 1
+                    stats.bytes += st.st_size
+                elif not stat.S_ISLNK(st.st_mode):
+                    stats.skipped += 1
+                    stats.note("special file left out: {}".format(rel))
+                    excluded.append(rel)
+                    continue
+            stats.entries += 1
+    except trees.TreeChanged:
+        return None
+    finally:
+        walk.close()
+    if walk.truncated:
+        return None  # a too deep subtree or a mount: the tar stream knows how to leave it out
+    return stats, excluded
 
 
 def _check_snapshot(location: str) -> None:

@@ -194,10 +194,12 @@ def _remove_name(dir_fd: int, name: str) -> None:
 def extract_into(top_fd: int, tf: tarfile.TarFile, uid: int, gid: int,
                  result: RestoreResult, on_member: Callable[[str], None] | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 progress_interval: float = 1.0) -> None:
+                 progress_interval: float = 1.0, strip: Components = ()) -> None:
     """
     Extract every member of ``tf`` beneath the (empty, private) directory
     ``top_fd``; ``progress(bytes, files)`` at most every ``progress_interval`` s.
+    ``strip``: leading components every member has (restic's dump of a
+    directory names it); a member outside them is a corrupt archive.
     """
     chown = os.geteuid() == 0 and uid >= 0
     written = 0
@@ -206,6 +208,13 @@ def extract_into(top_fd: int, tf: tarfile.TarFile, uid: int, gid: int,
     try:
         for member in tf:
             comps = member_components(member.name)
+            if strip:
+                if comps[:len(strip)] != strip:
+                    if strip[:len(comps)] == comps:
+                        continue  # a directory leading to the stripped one
+                    raise BackupCorrupt("backup member {!r} is outside the backed-up "
+                                        "directory".format(member.name))
+                comps = comps[len(strip):]
             if not comps:
                 continue
             parent = dirs.get(comps[:-1])
@@ -348,10 +357,11 @@ def restore_root(root_path: str, raw: IO[bytes], *, size: int | None, checksum: 
                  compressed: bool = True, on_member: Callable[[str], None] | None = None,
                  before_swap: Callable[[], None] | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 progress_interval: float = 1.0) -> RestoreResult:
+                 progress_interval: float = 1.0, strip: Components = ()) -> RestoreResult:
     """
     Restore the archive ``raw`` into the server directory ``root_path``
-    (see the module docstring).  ``before_swap`` is a test seam.
+    (see the module docstring).  ``before_swap`` is a test seam; ``strip``
+    as ``extract_into``.
     """
     root_path = os.path.normpath(root_path)
     if mounts_beneath(root_path):
@@ -381,7 +391,7 @@ def restore_root(root_path: str, raw: IO[bytes], *, size: int | None, checksum: 
                 reader = ArchiveReader(raw, max_bytes, compressed)
                 with open_tar_checked(reader) as tf:
                     extract_into(top_fd, tf, uid, gid, result, on_member, progress,
-                                 progress_interval)
+                                 progress_interval, strip)
                 reader.finish(size, checksum)
                 if not truncate:
                     keep_unlisted(live_fd, top_fd, result)

@@ -76,6 +76,7 @@ from ctrlagent.servers.datadir import DataDirs
 from ctrlagent.servers.delivery import JOURNAL_NAME, ConsoleDelivery, EventBus, Mark, MarkJournal
 from ctrlagent.servers.lifecycle import parse_state
 from ctrlagent.servers.ports import PortPool, allocations
+from ctrlagent.servers.locks import FileLocks
 from ctrlagent.servers.server import Server
 from ctrlagent.servers.services import RowWriter, ServerNetwork, ServerServices
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
@@ -153,6 +154,7 @@ class ServerManager(service.Service):
         self.rows = RowWriter(store, self.tracker)
         self.data = DataDirs(reactor, config.data_dir, self.disk_pool, config.disk)
         self.network = ServerNetwork(engine, network_mode, config.docker.network_subnet or None)
+        self.locks = FileLocks()
         # What every server uses: it never reaches back to the manager.
         self.services = ServerServices(
             engine=engine,
@@ -165,6 +167,7 @@ class ServerManager(service.Service):
             data=self.data,
             network=self.network,
             config=config,
+            locks=self.locks,
         )
         self.reconciled = 0
         # Ports for servers created without any (servers.port_range).
@@ -601,6 +604,17 @@ class ServerManager(service.Service):
                 warning=warning,
             )
         return tuple(warnings)
+
+    def lock_files(self, server_id: str, reason: str) -> Callable[[], None]:
+        """Lock the server's files (``FileLocks.lock``); the release is returned."""
+        return self.locks.lock(self.resolve(server_id), reason)
+
+    def files_locked(self, server_id: str) -> str | None:
+        """Why the server's files are locked (``"restored"``), or None (unknown: None)."""
+        try:
+            return self.locks.locked(self.resolve(server_id))
+        except ServerNotFound:
+            return None
 
     @async_to_deferred
     async def start(self, server_id: str) -> ServerBrief:

@@ -311,6 +311,7 @@ class Server:
 
     async def start(self) -> ServerBrief:
         """Start; returns once the container runs (``starting`` or ``running``)."""
+        self.services.locks.refuse(self.server_id, "start")
         self.slot.claim("start")
         try:
             await self.do_start()
@@ -332,6 +333,7 @@ class Server:
 
     async def restart(self) -> ServerBrief:
         """Stop (if running) then start, in the background."""
+        self.services.locks.refuse(self.server_id, "restart")
         self.slot.claim("restart")
         epoch = self.slot.kill_epoch
 
@@ -384,6 +386,7 @@ class Server:
 
     async def reinstall(self) -> ServerBrief:
         """Run the install flow again (the server must not be running)."""
+        self.services.locks.refuse(self.server_id, "reinstall")
         if self.state in ACTIVE_STATES:
             raise Conflict("server {} must be stopped to reinstall".format(self.server_id))
         if self.state is S.SUSPENDED:
@@ -414,6 +417,7 @@ class Server:
         so the delete can be tried again; likewise a ``forget`` that fails
         (a store that cannot write).
         """
+        self.services.locks.refuse(self.server_id, "delete")
         self.slot.claim("delete")
         try:
             self.set_desired("offline")
@@ -596,6 +600,9 @@ class Server:
 
     async def do_start(self) -> None:
         """Create/start the container and attach; returns once it runs."""
+        # Every start comes through here (power start, a restart's second
+        # half, the crash auto-restart): none while a restore holds the files.
+        self.services.locks.refuse(self.server_id, "start")
         if self.state is S.SUSPENDED:
             raise Conflict("server {} is suspended".format(self.server_id))
         if self.state is S.INSTALL_FAILED:
@@ -783,7 +790,9 @@ class Server:
         now = services.clock.seconds()
         window = services.config.servers.crash_restart_window
         recent = self.last_crash is not None and now - self.last_crash < window
-        restart = self.spec.crash_restart and not recent and self.desired == "running"
+        locked = services.locks.locked(self.server_id)
+        restart = (self.spec.crash_restart and not recent and self.desired == "running"
+                   and locked is None)
         self.crash_report = CrashReport(
             at=now,
             exit_code=exit_code,
@@ -802,7 +811,9 @@ class Server:
                 return
             self._in_background("crash-restart", self.do_start)
             return
-        if self.spec.crash_restart and recent:
+        if self.spec.crash_restart and locked is not None:
+            self.notice("not restarting: the server's files are being {}".format(locked))
+        elif self.spec.crash_restart and recent:
             self.notice(
                 "not restarting: it crashed twice within {:g} s (crash-loop guard)".format(window)
             )

@@ -17,6 +17,7 @@ from ctrlagent.engine.interface import IContainerEngine
 from ctrlagent.servers.containers import MANAGED_LABEL
 from ctrlagent.servers.datadir import DataDirs
 from ctrlagent.servers.delivery import ConsoleDelivery, EventBus
+from ctrlagent.servers.locks import FileLocks
 from ctrlagent.work import Deadlines, Tracker
 
 
@@ -73,3 +74,5 @@ class ServerServices:
     data: DataDirs
     network: ServerNetwork
     config: AgentConfig
+    # Servers whose files a restore holds: no start while locked.
+    locks: FileLocks

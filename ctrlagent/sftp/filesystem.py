@@ -158,22 +158,42 @@ class ServerFiles:
     """The blocking operations of one session (thread-side)."""
 
     def __init__(self, root: ServerRoot, usage: UsageTracker, read_only: bool,
-                 use_openat2: bool | None = None) -> None:
+                 use_openat2: bool | None = None,
+                 locked: Callable[[], str | None] | None = None) -> None:
         self.root = root
         self.usage = usage
         self.read_only = read_only
+        # Why the server's files are locked now (a restore), or None: the
+        # servers' one lock state (IServerManager.files_locked), asked at
+        # every write, so a handle opened before the lock writes no more.
+        self.locked = locked
         self.use_openat2 = use_openat2
         self._c: Confined | None = None
         self._c_lock = threading.Lock()
 
     @property
     def c(self) -> Confined:
-        """The root, opened once per session on first use."""
+        """
+        The root, opened once per session on first use, and again once the
+        directory at the root's path is another one (a restore swapped it
+        in): the session then sees the restored files, not the removed tree.
+        """
         with self._c_lock:
+            if self._c is not None and not self._same_root(self._c):
+                self._c.close()
+                self._c = None
             if self._c is None:
                 self._c = Confined(self.root.path, self.root.uid, self.root.gid,
                                    self.use_openat2)
             return self._c
+
+    def _same_root(self, c: Confined) -> bool:
+        try:
+            now = os.stat(self.root.path)  # as Confined opened it
+            held = os.fstat(c.root_fd)
+        except OSError:
+            return True  # gone: the open root answers as it always did
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
     def shutdown(self) -> None:
         """Release the root fd."""
@@ -185,6 +205,10 @@ class ServerFiles:
     def _writable(self) -> None:
         if self.read_only:
             raise PermissionDenied(_READ_ONLY)
+        reason = self.locked() if self.locked is not None else None
+        if reason is not None:
+            raise PermissionDenied(
+                "the server's files are being {}; try again once that has finished".format(reason))
 
     # -- files ---------------------------------------------------------------
 

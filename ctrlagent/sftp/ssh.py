@@ -340,8 +340,10 @@ class SftpSessionChannel(channel.SSHChannel):
         if name != b"sftp" or self.protocol is not None or not isinstance(user, SftpUser):
             return 0
         service = user.service
+        server_id = user.root.server_id
         files = ServerFiles(user.root, service.usage, user.login.read_only,
-                            use_openat2=service.use_openat2)
+                            use_openat2=service.use_openat2,
+                            locked=lambda: service.servers.files_locked(server_id))
         fs = ServerFileSystem(service.reactor, service.threadpool, files)
         tcp = _tcp(self)
         self.protocol = SftpProtocol(

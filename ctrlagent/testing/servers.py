@@ -100,6 +100,8 @@ class FakeServerManager:
         self._gates: dict[str, Deferred[None]] = {}
         self._failures: dict[str, Exception] = {}
         self._next_container = 1
+        # server id -> why its files are locked (the real FileLocks' state).
+        self.file_locks: dict[str, str] = {}
 
     # -- test controls -------------------------------------------------------
 
@@ -240,11 +242,30 @@ class FakeServerManager:
             self._set_status(server, "offline")
         return Created(server_id=server_id, container_id=server.container_id, state=server.status)
 
+    def lock_files(self, server_id: str, reason: str) -> Callable[[], None]:
+        """Lock the server's files (``Conflict`` when they are); the release is returned."""
+        server_id = self.resolve(server_id)
+        if server_id in self.file_locks:
+            raise Conflict("the server's files are being {}".format(self.file_locks[server_id]))
+        self.file_locks[server_id] = reason
+
+        def release() -> None:
+            self.file_locks.pop(server_id, None)
+
+        return release
+
+    def files_locked(self, server_id: str) -> str | None:
+        """Why the server's files are locked, or None."""
+        return self.file_locks.get(server_id)
+
     @async_to_deferred
     async def start(self, server_id: str) -> ServerBrief:
-        """Start: refused while suspended, installing or busy; idempotent when running."""
+        """Start: refused while suspended, installing, busy or locked; idempotent when running."""
         server = self._get(server_id)
         self._enter("start", server.server_id)
+        if server.server_id in self.file_locks:
+            raise Conflict("start: the server's files are being {}".format(
+                self.file_locks[server.server_id]))
         if server.suspended:
             raise Conflict("server {} is suspended".format(server.server_id))
         if server.status == "installing":

@@ -149,7 +149,7 @@ def test_starts_and_file_writes_are_refused_with_conflict_while_a_restore_runs(
     brig: Rig, backups: FakeBackups, action: str
 ) -> None:
     assert action in brig.dispatcher.names()
-    backups.holding[UUID] = "restore"
+    brig.servers.lock_files(UUID, "restored")
     error = brig.error(action, UUID, **_payload_for(action))
     assert error.code == "CONFLICT"
     assert "being restored" in error.message
@@ -158,7 +158,7 @@ def test_starts_and_file_writes_are_refused_with_conflict_while_a_restore_runs(
 def test_the_guard_also_holds_through_power_server_and_the_panels_second_id(
     brig: Rig, backups: FakeBackups
 ) -> None:
-    backups.holding[UUID] = "restore"
+    brig.servers.lock_files(UUID, "restored")
     from tests.actions.rig import PANEL_ID
 
     assert brig.error("power_server", PANEL_ID, action="start").code == "CONFLICT"
@@ -168,9 +168,10 @@ def test_the_guard_also_holds_through_power_server_and_the_panels_second_id(
 def test_reads_stops_and_a_running_backup_do_not_trip_the_guard(
     brig: Rig, backups: FakeBackups
 ) -> None:
-    backups.holding[UUID] = "restore"
+    release = brig.servers.lock_files(UUID, "restored")
     brig.ok("list_files", UUID, path="/")
     brig.ok("stop_server", UUID)
+    release()
     backups.holding[UUID] = "backup"
     brig.ok("start_server", UUID)
     brig.ok("write_file", UUID, path="a.txt", content="x")

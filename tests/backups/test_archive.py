@@ -19,7 +19,7 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ctrlagent.backups.archive import BackupCorrupt
+from ctrlagent.backups.archive import BackupCorrupt, ustar_header
 from ctrlagent.backups.restore import (
     STAGING_PREFIX,
     link_stays_inside,
@@ -425,3 +425,47 @@ def test_a_crash_after_the_swap_leaves_the_restored_files_and_the_sweep_the_rest
     assert (layout.data_dir / left / "server.properties").read_text() == "motd=live\n"
     assert sweep_staging(str(layout.data_dir)) == 1
     assert os.listdir(layout.data_dir) == ["srv1"]
+
+
+_NAMES = st.text(st.characters(min_codepoint=1, max_codepoint=0x2FF),
+                 min_size=1, max_size=120)
+
+
+@given(name=_NAMES, link=_NAMES, kind=st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE,
+                                                        tarfile.SYMTYPE]),
+       size=st.integers(0, 2 ** 40), mtime=st.integers(-5, 2 ** 34),
+       mode=st.integers(0, 0o7777))
+def test_the_fast_tar_header_is_byte_for_byte_tarfiles_or_none(
+    name: str, link: str, kind: bytes, size: int, mtime: int, mode: int
+) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.mtime = mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if kind == tarfile.SYMTYPE:
+        info.linkname = link
+    elif kind == tarfile.REGTYPE:
+        info.size = size
+    fast = ustar_header(info)
+    if fast is not None:
+        assert fast == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    elif name.isascii() and len(name) < 99 and 0 <= mtime < 8 ** 11 and size < 8 ** 11 \
+            and (kind != tarfile.SYMTYPE or (link.isascii() and len(link) <= 100)):
+        raise AssertionError("the common member took the slow path")
+
+
+def test_gnu_tar_reads_our_archive_as_we_wrote_it(layout: Layout) -> None:
+    populate(layout.root)
+    (layout.root / ("long-" * 30 + "name")).write_text("a name beyond 100 bytes")
+    (layout.root / "naïve.txt").write_text("not ascii")
+    for i in range(300):
+        (layout.root / "many{}".format(i)).write_bytes(os.urandom(i * 7))
+    data, stats = archive_bytes(layout.root)
+    plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    assert len(plain) % tarfile.RECORDSIZE == 0
+    listed = subprocess.run(["tar", "-tf", "-"], input=plain, capture_output=True, check=True)
+    names = {n.rstrip("/") for n in listed.stdout.decode().splitlines()}
+    assert names == set(tree(layout.root))
+    assert stats.files == sum(1 for v in tree(layout.root).values() if v[0] == "file")

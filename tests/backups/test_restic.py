@@ -141,3 +141,86 @@ def test_a_restic_repository_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert got == data
     driver.delete(snap)
     assert snapshots(driver) == []
+
+
+def tree_driver(tmp_path: Path) -> ResticDriver:
+    config = ResticConfig(repository=str(tmp_path / "repo"), password=PASSWORD)
+    driver = ResticDriver(config, cache_dir=str(tmp_path / "restic-cache"),
+                          source_dir=str(tmp_path / "restic-source"))
+    if not driver.tree_available():
+        pytest.skip("no private mount namespace here (needs CAP_SYS_ADMIN)")
+    return driver
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_directory_snapshot_is_incremental_and_round_trips(rig: Rig,
+                                                                   tmp_path: Path) -> None:
+    populate(rig.root())
+    (rig.root() / "cache").mkdir()
+    (rig.root() / "cache" / "junk.bin").write_bytes(b"j" * 1000)
+    os.mkfifo(rig.root() / "pipe")
+    os.symlink(str(tmp_path / "outside"), rig.root() / "escape")
+    (tmp_path / "outside").mkdir(exist_ok=True)
+    (tmp_path / "outside" / "secret.txt").write_text("not yours")
+    driver = tree_driver(tmp_path)
+    m = rig.manager({"restic": driver})
+    m.startService()
+    await m.ready
+    answer = await m.create_backup("srv1", driver="restic", ignore=["cache/"])
+    first = await m.finished(answer["backupId"])
+    assert first.status == "completed", first.error
+    assert (first.location or "").startswith("tree:")
+    assert first.files == 7  # the regular files, not the ignored, not the FIFO
+    before = tree(rig.root())
+    # Left out: the ignored, the FIFO, and (at restore, as for every
+    # driver) the link leading outside.
+    del before["cache"], before["cache/junk.bin"], before["pipe"], before["escape"]
+
+    (rig.root() / "server.properties").write_text("changed")
+    answer = await m.create_backup("srv1", driver="restic", ignore=["cache/"])
+    second = await m.finished(answer["backupId"])
+    assert second.status == "completed", second.error
+    out, _ = driver.run(["snapshots", "--json"])
+    shots = {s["short_id"]: s for s in json.loads(out)}
+    snap1 = (first.location or "").split(":")[1]
+    snap2 = (second.location or "").split(":")[1]
+    # The second found the first as its parent: unchanged files were not read again.
+    assert shots[snap2]["parent"].startswith(snap1)
+
+    (rig.root() / "world" / "level.dat").unlink()
+    restored = await m.restore_backup("srv1", first.id, truncate=True)
+    assert tree(rig.root()) == before
+    assert any("escape" in note for note in restored["notes"])
+
+    dl = await m.open_download("srv1", first.id, "bytes=0-99")
+    head = await dl.read()
+    dl.close()
+    assert not dl.sized and not dl.partial and dl.length == -1
+    assert head[257:262] == b"ustar"
+    await m.delete_backup("srv1", first.id)
+    assert snap1 not in " ".join(snapshots(driver))
+
+
+def test_restic_sees_the_server_directory_through_a_view_that_follows_no_link(
+    tmp_path: Path,
+) -> None:
+    driver = tree_driver(tmp_path)
+    source = tmp_path / "srv"
+    (source / "dir").mkdir(parents=True)
+    (source / "dir" / "f").write_text("mine")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_text("not yours")
+    # A directory swapped for a link to the host's files mid-walk: an
+    # intermediate component restic would resolve by path.
+    os.symlink(str(tmp_path / "outside"), source / "swapped")
+    target = tmp_path / "restic-source" / "view"
+    target.mkdir(parents=True)
+    script = 'cat "$0/dir/f"; cat "$0/swapped/secret.txt"; touch "$0/new"; true'
+    done = subprocess.run(driver._private_view(str(source), str(target),
+                                               ["sh", "-c", script, str(target)]),
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout == "mine"
+    assert "Too many levels of symbolic links" in done.stderr
+    assert "Read-only file system" in done.stderr
+    assert not (source / "new").exists()
+    assert os.listdir(target) == []  # the view ended with the child
