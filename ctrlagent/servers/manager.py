@@ -75,8 +75,8 @@ from ctrlagent.servers.containers import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LA
 from ctrlagent.servers.datadir import DataDirs
 from ctrlagent.servers.delivery import JOURNAL_NAME, ConsoleDelivery, EventBus, Mark, MarkJournal
 from ctrlagent.servers.lifecycle import parse_state
-from ctrlagent.servers.ports import PortPool, allocations
 from ctrlagent.servers.locks import FileLocks
+from ctrlagent.servers.ports import PortPool, allocations
 from ctrlagent.servers.server import Server
 from ctrlagent.servers.services import RowWriter, ServerNetwork, ServerServices
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
