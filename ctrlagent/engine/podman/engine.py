@@ -29,6 +29,14 @@ where they show (docs/RUNTIMES.md lists them with the evidence):
   ``POST /libpod/images/pull`` with ``tlsVerify=false``, which the compat
   endpoint does not take.  Short names are pulled from Docker Hub, as
   Docker does (Podman's compat API enforces that itself).
+- **Default rlimits above the host's.**  Docker starts a container with the
+  daemon's own open-file and process limits; rootful Podman asks for
+  1 048 576 of each, and where the host's hard limit is lower (and the
+  service may not raise it) runc refuses to start the container ("error
+  setting rlimits ... operation not permitted").  A spec that names no
+  ``nofile`` or ``nproc`` gets the service's own hard limit for it (found
+  through the socket's peer: Docker's behaviour, and what Podman itself
+  does rootless), else this process's.
 - **Event filters.**  An ``event=die`` filter matches nothing (Podman's own
   name is "died"): events are asked unfiltered by action and filtered here.
 
@@ -39,6 +47,9 @@ networks, attach for stdin, stats, event documents) behaves as Docker's.
 from __future__ import annotations
 
 import json
+import resource
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from ipaddress import ip_address
@@ -67,7 +78,7 @@ from ctrlagent.engine.interface import (
 )
 from ctrlagent.errors import EngineError, NotFound
 
-__all__ = ["PodmanEngine", "NumberedLines", "update_body", "dropped_limits"]
+__all__ = ["PodmanEngine", "NumberedLines", "update_body", "dropped_limits", "with_host_rlimits"]
 
 SECOND = 1_000_000_000
 # Words of Podman's 500 answers that are conflicts (a name in use, a
@@ -85,6 +96,68 @@ def _as_conflict(error: DockerError) -> DockerError:
     ):
         return DockerConflict(error.message)
     return error
+
+
+# The rlimits Podman would otherwise set to 1 048 576: the seam's name, the
+# resource, and its line in /proc/<pid>/limits.
+_HOST_RLIMITS = {
+    "nofile": (resource.RLIMIT_NOFILE, "Max open files"),
+    "nproc": (resource.RLIMIT_NPROC, "Max processes"),
+}
+
+
+def service_rlimits(socket_path: str) -> dict[str, int] | None:
+    """
+    The hard ``nofile``/``nproc`` limits of the process serving
+    ``socket_path`` (its pid from the socket's peer credentials, its limits
+    from ``/proc``; unlimited is ``RLIM_INFINITY``), or None when that cannot
+    be told (another host, no ``/proc``).  With systemd's socket activation
+    the peer is systemd, whose limits bound the service's.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(socket_path)
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+        with open("/proc/{}/limits".format(pid)) as f:
+            text = f.read(8192)
+    except (OSError, ValueError, struct.error):
+        return None
+    out: dict[str, int] = {}
+    for name, (_, label) in _HOST_RLIMITS.items():
+        for line in text.splitlines():
+            if line.startswith(label + " "):
+                fields = line[len(label):].split()
+                if len(fields) >= 2:
+                    hard = fields[1]
+                    out[name] = (resource.RLIM_INFINITY if hard == "unlimited"
+                                 else int(hard) if hard.isdigit() else -1)
+    return {k: v for k, v in out.items() if v != -1}
+
+
+def with_host_rlimits(
+    ulimits: Mapping[str, tuple[int, int]],
+    hard_limits: Mapping[str, int] | None = None,
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+) -> dict[str, tuple[int, int]]:
+    """
+    ``ulimits`` with a hard limit the service may grant (soft = hard) for
+    each of ``nofile`` and ``nproc`` it does not name: the service's own
+    (``hard_limits``, from ``service_rlimits``), else this process's (the
+    service is local: a Unix socket).  An unlimited one is left to Podman
+    (its default then fits).
+    """
+    out = dict(ulimits)
+    for name, (which, _) in _HOST_RLIMITS.items():
+        if name in out:
+            continue
+        hard = (hard_limits or {}).get(name)
+        if hard is None:
+            hard = getrlimit(which)[1]
+        if hard != resource.RLIM_INFINITY and hard >= 0:
+            out[name] = (hard, hard)
+    return out
 
 
 def update_body(limits: ResourceLimits) -> dict[str, Any]:
@@ -275,6 +348,15 @@ class PodmanEngine(DockerEngine):
         super().__init__(client, clock, **kw)
         # Container id -> (the run's start, the limits applied to it live).
         self._live: dict[str, tuple[int | None, ResourceLimits]] = {}
+        self._hard_limits: dict[str, int] | None = None
+
+    def _service_limits(self) -> dict[str, int]:
+        """The service's hard rlimits, read once (a local connect and a /proc read)."""
+        if self._hard_limits is None:
+            host = self.client.host
+            found = service_rlimits(host.path) if host.kind == "unix" else None
+            self._hard_limits = found or {}
+        return self._hard_limits
 
     async def ensure_image(self, ref: str) -> None:
         registry = parse_image_ref(ref).registry
@@ -303,6 +385,7 @@ class PodmanEngine(DockerEngine):
             raise error
 
     async def create(self, spec: ContainerSpec) -> str:
+        spec = replace(spec, ulimits=with_host_rlimits(spec.ulimits, self._service_limits()))
         try:
             cid, warnings = await self.client.container_create_warned(
                 spec.name, create_body(spec))
