@@ -29,6 +29,7 @@ Engine tests are marked ``docker`` (integration) or ``e2e`` (twistd subprocess).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -208,10 +209,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             _engine_tests.add(item.nodeid)
 
 
+# Tests run once per runtime carry it in their id: test_x[podman], test_y[spec-docker].
+_RUNTIME_PARAM = re.compile(r"\[(?:[^\]]*-)?(docker|podman)(?:-[^\]]*)?\]$")
+_runtime_counts = {kind: {"ran": 0, "skipped": 0} for kind in RUNTIMES}
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Count the engine-backed tests (marked docker or e2e) by outcome."""
+    """Count the engine-backed tests (marked docker or e2e) by outcome, and by runtime."""
     if report.nodeid not in _engine_tests:
         return
+    found = _RUNTIME_PARAM.search(report.nodeid)
+    if found and (report.skipped or report.when == "call"):
+        _runtime_counts[found.group(1)]["skipped" if report.skipped else "ran"] += 1
     if report.skipped:
         _engine_counts["skipped"] += 1
     elif report.when == "call":
@@ -223,6 +232,10 @@ def pytest_terminal_summary(terminalreporter: object) -> None:
     terminalreporter.write_line(  # type: ignore[attr-defined]
         "engine-backed tests: {passed} passed, {failed} failed, {skipped} skipped".format(**c)
     )
+    for kind, counts in _runtime_counts.items():
+        terminalreporter.write_line(  # type: ignore[attr-defined]
+            "  on {}: {ran} ran, {skipped} skipped".format(kind, **counts)
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
