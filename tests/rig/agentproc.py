@@ -202,14 +202,18 @@ def remove_containers_under(docker_host: str, data_dir: Path) -> None:
         env=env,
         check=False,
     ).stdout.split()
-    for cid in ids:
-        mounts = subprocess.run(
-            ["docker", "inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", cid],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        ).stdout
-        if str(data_dir) in mounts:
-            subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, env=env,
-                           check=False)
+    if not ids:
+        return
+    # One inspect for all of them (the engine may be shared: many containers).
+    listed = subprocess.run(
+        ["docker", "inspect", "-f", "{{.Id}} {{range .Mounts}}{{.Source}} {{end}}", *ids],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    ).stdout
+    mine = [line.split(" ", 1)[0] for line in listed.splitlines()
+            if str(data_dir) in line.partition(" ")[2]]
+    if mine:
+        subprocess.run(["docker", "rm", "-f", "-v", *mine], capture_output=True, env=env,
+                       check=False)
