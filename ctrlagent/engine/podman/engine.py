@@ -37,6 +37,13 @@ where they show (docs/RUNTIMES.md lists them with the evidence):
   ``nofile`` or ``nproc`` gets the service's own hard limit for it (found
   through the socket's peer: Docker's behaviour, and what Podman itself
   does rootless), else this process's.
+- **Stdin closes at the end of any attach.**  Conmon closes the
+  container's stdin when an attach connection ends (Podman 4.3 never asks
+  it to leave stdin open), so a closed pipe would end the game's console
+  input for the rest of its run.  The engine keeps one stdin attach per
+  container run and hands out views of it: closing a view leaves it open;
+  it ends with the run (or ``remove``).  An agent restart still ends it
+  (docs/RUNTIMES.md, "Known gap").
 - **Event filters.**  An ``event=die`` filter matches nothing (Podman's own
   name is "died"): events are asked unfiltered by action and filtered here.
 
@@ -55,13 +62,19 @@ from dataclasses import replace
 from ipaddress import ip_address
 from typing import Any
 
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from ctrlagent.engine.docker.bodies import blkio_weight, create_body
 from ctrlagent.engine.docker.client import CONTAINER_EVENTS, DockerClient
 from ctrlagent.engine.docker.engine import DockerEngine, _Events, container_state
-from ctrlagent.engine.docker.errors import DockerConflict, DockerError, ImageNotFound
+from ctrlagent.engine.docker.errors import (
+    DockerConflict,
+    DockerError,
+    DockerUnavailable,
+    ImageNotFound,
+)
 from ctrlagent.engine.docker.eventstream import ResumableEvents
 from ctrlagent.engine.docker.models import DockerEvent, parse_image_ref
 from ctrlagent.engine.docker.streams import ItemStream
@@ -73,12 +86,21 @@ from ctrlagent.engine.interface import (
     IContainerEngine,
     IEventStream,
     ILogStream,
+    IStdinPipe,
     LogLine,
     ResourceLimits,
 )
 from ctrlagent.errors import EngineError, NotFound
 
-__all__ = ["PodmanEngine", "NumberedLines", "update_body", "dropped_limits", "with_host_rlimits"]
+__all__ = [
+    "PodmanEngine",
+    "NumberedLines",
+    "SharedStdinView",
+    "update_body",
+    "dropped_limits",
+    "service_rlimits",
+    "with_host_rlimits",
+]
 
 SECOND = 1_000_000_000
 # Words of Podman's 500 answers that are conflicts (a name in use, a
@@ -158,6 +180,32 @@ def with_host_rlimits(
         if hard != resource.RLIM_INFINITY and hard >= 0:
             out[name] = (hard, hard)
     return out
+
+
+@implementer(IStdinPipe)
+class SharedStdinView:
+    """
+    One user's view of a container's one stdin attach (``PodmanEngine``):
+    ``close()`` ends the view, not the attach (which would close the
+    container's stdin for good on Podman).
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+        self._open = True
+
+    @property
+    def connected(self) -> bool:
+        return self._open and bool(self._pipe.connected)
+
+    def write_line(self, text: str) -> None:
+        if not self._open:
+            raise DockerUnavailable("console stdin is closed")
+        self._pipe.write_line(text)
+
+    def close(self) -> Deferred[None]:
+        self._open = False
+        return succeed(None)
 
 
 def update_body(limits: ResourceLimits) -> dict[str, Any]:
@@ -349,6 +397,10 @@ class PodmanEngine(DockerEngine):
         # Container id -> (the run's start, the limits applied to it live).
         self._live: dict[str, tuple[int | None, ResourceLimits]] = {}
         self._hard_limits: dict[str, int] | None = None
+        # Container id -> its one stdin attach of the current run, and the
+        # lock that makes concurrent opens share it.
+        self._stdin: dict[str, Any] = {}
+        self._stdin_locks: dict[str, DeferredLock] = {}
 
     def _service_limits(self) -> dict[str, int]:
         """The service's hard rlimits, read once (a local connect and a /proc read)."""
@@ -409,6 +461,27 @@ class PodmanEngine(DockerEngine):
     async def remove(self, cid_or_name: str) -> None:
         await super().remove(cid_or_name)
         self._live.pop(cid_or_name, None)
+        shared = self._stdin.pop(cid_or_name, None)
+        self._stdin_locks.pop(cid_or_name, None)
+        if shared is not None:
+            shared.close()
+
+    async def open_stdin(self, cid: str) -> IStdinPipe:
+        lock = self._stdin_locks.setdefault(cid, DeferredLock())
+        await lock.acquire()
+        try:
+            shared = self._stdin.get(cid)
+            if shared is None or not shared.connected:
+                shared = await self.client.attach_stdin(cid)
+                self._stdin[cid] = shared
+                shared.closed.addBoth(self._stdin_gone, cid, shared)
+        finally:
+            lock.release()
+        return SharedStdinView(shared)
+
+    def _stdin_gone(self, result: object, cid: str, shared: Any) -> None:
+        if self._stdin.get(cid) is shared:
+            del self._stdin[cid]
 
     async def inspect(self, cid: str) -> ContainerState:
         state = container_state(await self.client.container_inspect(cid))
