@@ -44,6 +44,8 @@ where they show (docs/RUNTIMES.md lists them with the evidence):
   container run and hands out views of it: closing a view leaves it open;
   it ends with the run (or ``remove``).  An agent restart still ends it
   (docs/RUNTIMES.md, "Known gap").
+- **Partial lines stamped twice.**  A line written in pieces comes back from
+  ``timestamps=1`` with each piece's stamp inside it (``join_partials``).
 - **Event filters.**  An ``event=die`` filter matches nothing (Podman's own
   name is "died"): events are asked unfiltered by action and filtered here.
 
@@ -54,6 +56,7 @@ networks, attach for stdin, stats, event documents) behaves as Docker's.
 from __future__ import annotations
 
 import json
+import re
 import resource
 import socket
 import struct
@@ -98,6 +101,7 @@ __all__ = [
     "SharedStdinView",
     "update_body",
     "dropped_limits",
+    "join_partials",
     "service_rlimits",
     "with_host_rlimits",
 ]
@@ -233,6 +237,39 @@ def dropped_limits(asked: ResourceLimits, got: ResourceLimits) -> list[str]:
     return warnings
 
 
+# A stamp as Podman writes it (whole seconds, UTC) followed by the space.
+_INNER_STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)Z ")
+# How far after its line's stamp an inner stamp may be to be Podman's own.
+_PARTIAL_WINDOW = 60
+
+
+def join_partials(text: str, ns: int) -> str:
+    """
+    ``text`` with the stamps Podman puts inside a line removed.
+
+    When a line reaches the log in pieces (a partial write: conmon's
+    ``P`` records), Podman 4.3's ``timestamps=1`` output stamps every piece
+    and joins them without a newline: ``...Z 3`` + ``...Z 499`` arrives as
+    one line ``...Z 32026-12-02T00:13:10Z 499``.  An inner stamp in that
+    exact form (whole seconds, ``Z``, a space) dated from the line's own
+    second to a minute after it is such a seam; anything else is the game's
+    text and stays.  (A game printing the current time in exactly that form
+    mid-line loses it: the price of not losing its lines.)
+    """
+    second = ns // SECOND
+    out: list[str] = []
+    pos = 0
+    for m in _INNER_STAMP.finditer(text):
+        inner = split_timestamp(m.group(0))[0] // SECOND
+        if second <= inner <= second + _PARTIAL_WINDOW:
+            out.append(text[pos:m.start()])
+            pos = m.end()
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
+
+
 class _Numbering:
     """Each line's nanosecond: its stamp plus its position among the lines of that stamp."""
 
@@ -248,6 +285,8 @@ class _Numbering:
                 # No stamp: no identity, and no break in the second's count.
                 out.append(LogLine(0, stream, text))
                 continue
+            if "Z " in text:
+                text = join_partials(text, ns)
             if ns == self._stamp:
                 self._seen += 1
             else:
