@@ -18,16 +18,20 @@ Console stream benchmark of the Docker client.
    pipe, each timed until its ``[Server] <i>`` line comes back through the
    attach stream.  Reported: p50/p99/max.
 
-Uses the engine at DOCKER_HOST when it answers, else a private dockerd.
+Runtime (``--runtime``): ``docker``, the engine at DOCKER_HOST when it
+answers, else a private dockerd; or ``podman``, a private ``podman system
+service`` (its Docker-compatible API; the raw reader and the engine seam,
+``PodmanEngine``, read the same service): each ratio is against the same
+runtime's raw stream.
 
-    python bench/console_stream.py [--lines 200000] [--rounds 3] [--commands 1000]
+    python bench/console_stream.py [--runtime docker|podman] [--lines 200000] [--rounds 3]
+                                   [--commands 1000]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import socket
 import statistics
@@ -42,9 +46,11 @@ from twisted.internet.protocol import Protocol
 
 from ctrlagent.config import DockerConfig
 from ctrlagent.engine.docker import DockerClient
+from ctrlagent.engine.docker.bodies import ulimits_body
 from ctrlagent.engine.docker.engine import DockerEngine
-from tests.rig.dockerd import PrivateDockerd, engine_answers
-from tests.rig.images import build_scripted_image
+from ctrlagent.engine.podman import PodmanEngine
+from ctrlagent.engine.podman.engine import service_rlimits, with_host_rlimits
+from tests.rig.runtime import RUNTIMES, Runtime, bench_runtime
 
 _HEADER = struct.Struct(">BxxxL")
 
@@ -159,13 +165,28 @@ async def treq_only_read(client: DockerClient, cid: str, endpoint: str) -> int:
     return await done
 
 
+def host_config(runtime: Runtime) -> dict[str, Any]:
+    """The ``HostConfig`` of a bench container: Podman's needs rlimits the host allows."""
+    if runtime.kind != "podman":
+        return {}
+    limits = with_host_rlimits({}, service_rlimits(runtime.host[len("unix://"):]))
+    return {"Ulimits": ulimits_body(limits)}
+
+
+def make_engine(runtime: Runtime, client: DockerClient, reactor: Any) -> DockerEngine:
+    return PodmanEngine(client, reactor) if runtime.kind == "podman" else DockerEngine(
+        client, reactor)
+
+
 async def measure_throughput(
-    reactor: Any, client: DockerClient, socket_path: str, image: str, n: int, rounds: int
+    reactor: Any, client: DockerClient, runtime: Runtime, image: str, n: int, rounds: int
 ) -> dict[str, Any]:
+    socket_path = runtime.host[len("unix://"):]
     cid = await client.container_create(
         "ctrlagent-t-bench-{}".format(secrets.token_hex(3)),
         {"Image": image, "Env": ["FLOOD_LINES={}".format(n)], "Cmd": [
-            "sh", "-c", "seq 1 {} ; echo flood done".format(n)]},
+            "sh", "-c", "seq 1 {} ; echo flood done".format(n)],
+         "HostConfig": host_config(runtime)},
     )
     try:
         await client.container_start(cid)
@@ -173,7 +194,7 @@ async def measure_throughput(
         assert exit_code == 0, exit_code
         api = client.api_version or "1.41"
         out: dict[str, Any] = {"lines": n + 1}
-        engine = DockerEngine(client, reactor)
+        engine = make_engine(runtime, client, reactor)
         for endpoint in ("attach", "logs"):
             results: dict[str, list[tuple[float, int, int]]] = {
                 "raw": [], "treq_only": [], "ours": [], "batches": []}
@@ -194,34 +215,46 @@ async def measure_throughput(
                     t0 = time.perf_counter()
                     lines, size = await engine_read_logs(engine, cid)
                     results["engine"].append((time.perf_counter() - t0, lines, size))
-            figures: dict[str, Any] = {}
-            for name, runs in results.items():
-                seconds, lines, size = min(runs)
-                if lines != n + 1:
-                    raise RuntimeError("{} read {} lines, expected {}".format(name, lines, n + 1))
-                figures[name] = {
-                    "seconds": round(seconds, 4),
-                    "lines_per_s": round(lines / seconds),
-                    "mb_per_s": round(size / seconds / 1e6, 2),
-                }
-            raw_rate = figures["raw"]["lines_per_s"]
-            figures["ratio_treq_only"] = round(figures["treq_only"]["lines_per_s"] / raw_rate, 3)
-            figures["ratio_per_line"] = round(figures["ours"]["lines_per_s"] / raw_rate, 3)
-            figures["ratio_batches"] = round(figures["batches"]["lines_per_s"] / raw_rate, 3)
-            if "engine" in figures:
-                figures["ratio_engine"] = round(figures["engine"]["lines_per_s"] / raw_rate, 3)
-            out[endpoint] = figures
+            try:
+                out[endpoint] = _figures(results, n)
+            except RuntimeError as e:
+                if runtime.kind != "podman" or endpoint != "attach":
+                    raise
+                # Podman 4.3's compat attach replays a stopped container's log
+                # with each frame's length one byte short (the newline
+                # follows outside the frame): no reader can count it.
+                out[endpoint] = {"error": "Podman mis-frames attach?logs=1: {}".format(e)}
     finally:
         await client.container_remove(cid, force=True)
     return out
 
 
+def _figures(results: dict[str, list[tuple[float, int, int]]], n: int) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for name, runs in results.items():
+        seconds, lines, size = min(runs)
+        if lines != n + 1:
+            raise RuntimeError("{} read {} lines, expected {}".format(name, lines, n + 1))
+        figures[name] = {
+            "seconds": round(seconds, 4),
+            "lines_per_s": round(lines / seconds),
+            "mb_per_s": round(size / seconds / 1e6, 2),
+        }
+    raw_rate = figures["raw"]["lines_per_s"]
+    figures["ratio_treq_only"] = round(figures["treq_only"]["lines_per_s"] / raw_rate, 3)
+    figures["ratio_per_line"] = round(figures["ours"]["lines_per_s"] / raw_rate, 3)
+    figures["ratio_batches"] = round(figures["batches"]["lines_per_s"] / raw_rate, 3)
+    if "engine" in figures:
+        figures["ratio_engine"] = round(figures["engine"]["lines_per_s"] / raw_rate, 3)
+    return figures
+
+
 async def measure_round_trip(
-    reactor: Any, client: DockerClient, image: str, commands: int
+    reactor: Any, client: DockerClient, runtime: Runtime, image: str, commands: int
 ) -> dict[str, Any]:
     cid = await client.container_create(
         "ctrlagent-t-bench-{}".format(secrets.token_hex(3)),
-        {"Image": image, "OpenStdin": True},
+        {"Image": image, "OpenStdin": True, "HostConfig": host_config(runtime)},
     )
     try:
         await client.container_start(cid)
@@ -259,16 +292,16 @@ async def measure_round_trip(
     }
 
 
-async def run(reactor: Any, args: argparse.Namespace, host: str, socket_path: str) -> None:
-    image = build_scripted_image(host)
-    client = DockerClient.from_config(reactor, DockerConfig(host=host, call_timeout=60))
+async def run(reactor: Any, args: argparse.Namespace, runtime: Runtime, image: str) -> None:
+    client = DockerClient.from_config(reactor, DockerConfig(host=runtime.host, call_timeout=60))
     version = await client.version()
     throughput = await measure_throughput(
-        reactor, client, socket_path, image, args.lines, args.rounds
+        reactor, client, runtime, image, args.lines, args.rounds
     )
-    round_trip = await measure_round_trip(reactor, client, image, args.commands)
+    round_trip = await measure_round_trip(reactor, client, runtime, image, args.commands)
     await client.close()
     report = {
+        "runtime": runtime.kind,
         "engine": version.get("Version"),
         "api": client.api_version,
         "reactor": type(reactor).__name__,
@@ -276,10 +309,14 @@ async def run(reactor: Any, args: argparse.Namespace, host: str, socket_path: st
         "round_trip": round_trip,
     }
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    lines = ["", "throughput over {} lines (best of {}):".format(throughput["lines"], args.rounds)]
+    lines = ["", "{}: throughput over {} lines (best of {}):".format(
+        runtime.kind, throughput["lines"], args.rounds)]
     for endpoint, label in (("attach", "attach (raw stream)"), ("logs", "logs (HTTP chunked)")):
         t = throughput[endpoint]
         lines.append("  {}".format(label))
+        if "error" in t:
+            lines.append("    n/a: {}".format(t["error"]))
+            continue
         for name, text, ratio in (
             ("raw", "raw reader    ", None),
             ("treq_only", "treq, no work ", t["ratio_treq_only"]),
@@ -306,21 +343,17 @@ async def run(reactor: Any, args: argparse.Namespace, host: str, socket_path: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtime", choices=RUNTIMES, default="docker")
     parser.add_argument("--lines", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--commands", type=int, default=1000)
     args = parser.parse_args()
-    host = os.environ.get("DOCKER_HOST", "")
-    private: PrivateDockerd | None = None
-    if not (host.startswith("unix://") and engine_answers(host[len("unix://"):])):
-        private = PrivateDockerd().start()
-        host = private.host
-    socket_path = host[len("unix://"):]
-    try:
-        task.react(lambda reactor: Deferred.fromCoroutine(run(reactor, args, host, socket_path)))
-    finally:
-        if private is not None:
-            private.stop()
+    with bench_runtime(args.runtime) as (runtime, image):
+        try:
+            task.react(lambda reactor: Deferred.fromCoroutine(run(reactor, args, runtime, image)))
+        except SystemExit as e:
+            if e.code:
+                raise
 
 
 if __name__ == "__main__":

@@ -9,10 +9,14 @@ Benchmark of the game-server lifecycle.
    client, i.e. the agent's server side) while managing 0, 10 and 50 running
    idle scripted servers with stats sampling on (the default 2 s interval).
 
-Engine: the one at ``DOCKER_HOST`` when it answers, else a private dockerd.
-Every container created is removed by id at the end.
+Runtime (``--runtime``): ``docker``, the engine at ``DOCKER_HOST`` when it
+answers, else a private dockerd; or ``podman``, a private ``podman system
+service`` (the agent with ``runtime.kind = "podman"``, the direct start
+through the same service's API).  Every container created is removed by id
+at the end.
 
-    python bench/lifecycle.py [--rounds 10] [--servers 0,10,50] [--window 20]
+    python bench/lifecycle.py [--runtime docker|podman] [--rounds 10] [--servers 0,10,50]
+                              [--window 20]
 """
 
 from __future__ import annotations
@@ -26,21 +30,22 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 
 from ctrlagent.config import AgentConfig, DockerConfig, ServersConfig
-from ctrlagent.engine import make_engine
+from ctrlagent.engine import engine_client_config, make_engine
 from ctrlagent.engine.docker.bodies import create_body
 from ctrlagent.engine.docker.client import DockerClient
+from ctrlagent.engine.podman.engine import service_rlimits, with_host_rlimits
 from ctrlagent.events import StatusChanged
 from ctrlagent.servers import containers
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.store import open_store
-from tests.rig.dockerd import PrivateDockerd, engine_answers
-from tests.rig.images import build_scripted_image
+from tests.rig.runtime import RUNTIMES, Runtime, bench_runtime
 
 STARTUP_LINE = "Done (0.1s)! For help, type help"
 
@@ -82,38 +87,38 @@ async def wait_for(reactor: Any, predicate: Any, timeout: float) -> None:
     raise RuntimeError("timed out")
 
 
-async def direct_start(reactor: Any, client: DockerClient, cid: str) -> float:
-    """Start ``cid`` through the API and follow its log until the startup line."""
-    wall = time.time()
+async def direct_start(reactor: Any, client: DockerClient, cid: str, run: int) -> float:
+    """
+    Start ``cid`` through the API and follow its log until the startup line
+    of its ``run``-th start (counted: Podman's log stamps are whole seconds,
+    so ``since`` cannot tell this run's lines from the last one's).
+    """
     t0 = time.perf_counter()
     await client.container_start(cid)
-    # Lines of this run only: they are all stamped after ``wall``.
-    stream = client.logs(cid, follow=True, since=wall, timestamps=True)
+    stream = client.logs(cid, follow=True)
+    seen = 0
     try:
         async for batch in stream.batches():
-            if any(STARTUP_LINE in line for _, line in batch):
+            seen += sum(STARTUP_LINE in line for _, line in batch)
+            if seen >= run:
                 break
     finally:
         stream.close()
     return time.perf_counter() - t0
 
 
-async def main(reactor: Any, args: argparse.Namespace) -> None:
-    host = os.environ.get("DOCKER_HOST", "")
-    private: PrivateDockerd | None = None
-    if not (host.startswith("unix://") and engine_answers(host[len("unix://"):])):
-        private = PrivateDockerd().start()
-        host = private.host
-    image = build_scripted_image(host)
+async def main(reactor: Any, args: argparse.Namespace, runtime: Runtime, image: str) -> None:
+    host = runtime.host
     tmp = tempfile.mkdtemp(prefix="ctrlagent-bench-")
     config = AgentConfig(
         development=True,
         state_dir=os.path.join(tmp, "state"),
         data_dir=os.path.join(tmp, "data"),
         docker=DockerConfig(host=host),
+        runtime=runtime.config(),
         servers=ServersConfig(stats_interval=2.0, disk_check_interval=60.0, stop_timeout=2.0),
     )
-    client = DockerClient.from_config(reactor, config.docker)
+    client = DockerClient.from_config(reactor, engine_client_config(config))
     manager = ServerManager(reactor, config, make_engine(reactor, config, client),
                             open_store(reactor, config.state_dir))
     running: set[str] = set()
@@ -131,15 +136,20 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     direct_ids: list[str] = []
     tag = uuid.uuid4().hex[:6]
     try:
-        print("engine: {}{}".format(host, " (private)" if private else ""))
+        print("runtime: {} at {}".format(runtime.kind, host))
 
         # -- 1. start overhead -------------------------------------------------
         sid = "bench-{}-start".format(tag)
         ids.append(sid)
         await manager.create_server(sid, payload(image))
         server = manager.get(sid)
-        body = create_body(containers.server_container(server.spec, server.data_path,
-                                                       config.servers, "bridge"))
+        spec = containers.server_container(server.spec, server.data_path, config.servers,
+                                           "bridge")
+        if runtime.kind == "podman":
+            # What PodmanEngine adds to every create (its default rlimits).
+            spec = replace(spec, ulimits=with_host_rlimits(
+                spec.ulimits, service_rlimits(host[len("unix://"):])))
+        body = create_body(spec)
         body["Labels"] = {**body["Labels"], containers.SERVER_ID_LABEL: sid + "-direct",
                           containers.MANAGED_LABEL: "bench"}
         direct_name = "ctrl-alt-play-bench-{}-direct".format(tag)
@@ -147,14 +157,14 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         direct_ids.append(direct_cid)
         agent_times: list[float] = []
         direct_times: list[float] = []
-        for _ in range(args.rounds):
+        for run in range(1, args.rounds + 1):
             t0 = time.perf_counter()
             await manager.start(sid)
             await wait_for(reactor, lambda: sid in running, 10)
             agent_times.append(time.perf_counter() - t0)
             await manager.kill(sid)
 
-            direct_times.append(await direct_start(reactor, client, direct_cid))
+            direct_times.append(await direct_start(reactor, client, direct_cid, run))
             await client.container_kill(direct_cid, "SIGKILL")
             await client.container_wait(direct_cid)
         agent = statistics.median(agent_times)
@@ -169,7 +179,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         ids.remove(sid)
 
         # -- 2. footprint ------------------------------------------------------
-        counts = [int(x) for x in args.servers.split(",")]
+        counts = [int(x) for x in args.servers.split(",") if x.strip()]
         made = 0
         print("footprint with stats sampling every {:g} s, {:g} s windows:".format(
             config.servers.stats_interval, args.window))
@@ -202,21 +212,26 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         await manager.stopService()
         await client.close()
         shutil.rmtree(tmp, ignore_errors=True)
-        if private is not None:
-            private.stop()
 
 
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtime", choices=RUNTIMES, default="docker")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--servers", default="0,10,50")
     parser.add_argument("--window", type=float, default=20.0)
     args = parser.parse_args()
 
-    def go(reactor: Any) -> Deferred[None]:
-        return defer.ensureDeferred(main(reactor, args))
+    with bench_runtime(args.runtime) as (runtime, image):
 
-    task.react(go)
+        def go(reactor: Any) -> Deferred[None]:
+            return defer.ensureDeferred(main(reactor, args, runtime, image))
+
+        try:
+            task.react(go)
+        except SystemExit as e:
+            if e.code:
+                raise
 
 
 if __name__ == "__main__":

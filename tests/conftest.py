@@ -9,6 +9,17 @@ The test rig: real parts shared by every test module.
   may stop and restart (daemon-restart tests); each is removed afterwards.
 - ``scripted_image`` / ``minetest_image`` (session): the test images, imported
   into ``docker_engine``.
+- ``podman_service`` (session): a private ``podman system service``
+  (``tests/rig/podman.py``) for the run, stopped at its end; without
+  ``podman`` the Podman tests skip, except in CI where that is an error.
+  ``podman_scripted_image`` / ``podman_minetest_image``: the test images in it.
+- ``runtime`` (session, parametrized): the container runtime an engine-backed
+  test runs on, ``docker`` (``docker_engine``) or ``podman``
+  (``podman_service``, holding the scripted image under the same name as
+  Docker).  Every test whose fixtures ask for it (the servers ``rig``, the
+  e2e and fault ``make_agent``) runs once per runtime, its id ending in
+  ``[docker]`` / ``[podman]``; see ``pytest_generate_tests`` for which tests
+  run on Docker only, and why.
 - ``fail_on_logged_errors`` (autouse): a test fails on any logged error event,
   "Unhandled error in Deferred" included.
 
@@ -18,6 +29,7 @@ Engine tests are marked ``docker`` (integration) or ``e2e`` (twistd subprocess).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +38,8 @@ import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
 from tests.rig.dockerd import PrivateDockerd, engine_answers
+from tests.rig.podman import PrivatePodman, podman_available
+from tests.rig.runtime import RUNTIMES, Runtime
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,69 @@ def minetest_image(docker_engine: Engine) -> str:
     return import_minetest(docker_engine.host)
 
 
+@pytest.fixture(scope="session")
+def podman_service() -> Iterator[PrivatePodman]:
+    if not podman_available() and not _ci():
+        pytest.skip("podman is not installed (apt-get install podman)")
+    service = PrivatePodman().start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def podman_scripted_image(
+    podman_service: PrivatePodman, docker_engine: Engine, scripted_image: str
+) -> str:
+    return podman_service.load_from_docker(docker_engine.host, scripted_image)
+
+
+@pytest.fixture(scope="session")
+def podman_minetest_image(podman_service: PrivatePodman) -> str:
+    return podman_service.import_minetest()
+
+
+# -- the runtime of the engine-backed suites ------------------------------------
+
+@pytest.fixture(scope="session")
+def runtime(request: pytest.FixtureRequest) -> Runtime:
+    """The runtime of this test's parameter (``docker`` when not parametrized)."""
+    kind = getattr(request, "param", "docker")
+    if kind == "podman":
+        service: PrivatePodman = request.getfixturevalue("podman_service")
+        # The scripted image under the name the tests pass (scripted_image).
+        request.getfixturevalue("podman_scripted_image")
+        return Runtime("podman", service.host)
+    engine: Engine = request.getfixturevalue("docker_engine")
+    return Runtime("docker", engine.host)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """
+    Run every test that uses ``runtime`` once per runtime, except:
+
+    - a test that runs no game container (no ``scripted_image`` among its
+      fixtures: start-up failures, slow clients) runs on Docker only: the
+      runtime is not what it tests;
+    - a test of a private Docker engine (``private_docker``: daemon restarts)
+      or of the Minetest image on the default network runs on Docker only
+      (Podman's service restart and its published UDP ports have their own
+      tests in ``tests/engine/podman/``);
+    - ``@pytest.mark.runtimes("docker", reason=...)`` narrows it by hand.
+    """
+    if "runtime" not in metafunc.fixturenames:
+        return
+    kinds: tuple[str, ...] = RUNTIMES
+    names = set(metafunc.fixturenames)
+    if "scripted_image" not in names or names & {"private_docker", "minetest_image"}:
+        kinds = ("docker",)
+    marker = metafunc.definition.get_closest_marker("runtimes")
+    if marker is not None:
+        kinds = tuple(k for k in kinds if k in marker.args)
+    metafunc.parametrize("runtime", kinds, indirect=True, scope="session")
+
+
 @pytest.fixture(autouse=True)
 def fail_on_logged_errors() -> Iterator[list[dict]]:
     """
@@ -132,10 +209,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             _engine_tests.add(item.nodeid)
 
 
+# Tests run once per runtime carry it in their id: test_x[podman], test_y[spec-docker].
+_RUNTIME_PARAM = re.compile(r"\[(?:[^\]]*-)?(docker|podman)(?:-[^\]]*)?\]$")
+_runtime_counts = {kind: {"ran": 0, "skipped": 0} for kind in RUNTIMES}
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Count the engine-backed tests (marked docker or e2e) by outcome."""
+    """Count the engine-backed tests (marked docker or e2e) by outcome, and by runtime."""
     if report.nodeid not in _engine_tests:
         return
+    found = _RUNTIME_PARAM.search(report.nodeid)
+    if found and (report.skipped or report.when == "call"):
+        _runtime_counts[found.group(1)]["skipped" if report.skipped else "ran"] += 1
     if report.skipped:
         _engine_counts["skipped"] += 1
     elif report.when == "call":
@@ -147,6 +232,10 @@ def pytest_terminal_summary(terminalreporter: object) -> None:
     terminalreporter.write_line(  # type: ignore[attr-defined]
         "engine-backed tests: {passed} passed, {failed} failed, {skipped} skipped".format(**c)
     )
+    for kind, counts in _runtime_counts.items():
+        terminalreporter.write_line(  # type: ignore[attr-defined]
+            "  on {}: {ran} ran, {skipped} skipped".format(kind, **counts)
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

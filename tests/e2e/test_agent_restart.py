@@ -74,8 +74,12 @@ def test_sigkilled_agent_reattaches_and_keeps_every_line_once(
     assert status["status"] == "running"
     # The server joined the agent's own network (docker.network_name).
     env = dict(os.environ, DOCKER_HOST=agent.docker_host)
+    # Podman's inspect says "bridge" for any bridge network: the network a
+    # container joined is then the one key of NetworkSettings.Networks.
+    template = ("{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}"
+                if agent.runtime == "podman" else "{{.HostConfig.NetworkMode}}")
     network = subprocess.run(
-        ["docker", "inspect", "-f", "{{.HostConfig.NetworkMode}}", container_id],
+        ["docker", "inspect", "-f", template, container_id],
         capture_output=True, text=True, env=env, check=True,
     ).stdout.strip()
     assert network == "ctrl-alt-play"

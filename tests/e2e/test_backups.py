@@ -22,7 +22,8 @@ import pytest
 from tests.e2e.test_panel_http import PANEL_ID, UUID, create_payload, ok, post, wait_status
 from tests.rig.agentproc import AgentProcess
 
-pytestmark = pytest.mark.e2e
+# Docker only: backups archive the data directory: the runtime only runs the game
+pytestmark = [pytest.mark.e2e, pytest.mark.runtimes("docker")]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 

@@ -19,7 +19,8 @@ import pytest
 from tests.e2e.test_panel_http import PANEL_ID, UUID, create_payload, ok, wait_status
 from tests.rig.agentproc import AgentProcess, free_port
 
-pytestmark = pytest.mark.e2e
+# Docker only: SFTP works on the data directory: the runtime only runs the game
+pytestmark = [pytest.mark.e2e, pytest.mark.runtimes("docker")]
 
 PASSWORD = "e2e sftp password, never logged"
 

@@ -30,7 +30,8 @@ from ctrlagent.config import ServersConfig
 from ctrlagent.servers import spec as specs
 from tests.rig.agentproc import ROOT, AgentProcess, _twistd
 
-pytestmark = pytest.mark.e2e
+# Docker only: store and start-up faults: the runtime only runs the game
+pytestmark = [pytest.mark.e2e, pytest.mark.runtimes("docker")]
 
 EXIT_WITHIN = 30.0  # seconds; the machine is shared, the agent takes ~2 s
 

@@ -6,8 +6,9 @@ subprocess) through a fault a node meets: SIGKILLs, an engine restart, full
 filesystems, a corrupt store, a flapping Panel link, hostile clients and a
 hostile game server.
 
-- ``make_agent``: builds ``FaultAgent``s (JSON logs) on the session's engine or
-  any other; stopped by pid afterwards, their containers removed.
+- ``make_agent``: builds ``FaultAgent``s (JSON logs) on the test's runtime
+  (``runtime``: Docker or the private Podman service) or any other engine;
+  stopped by pid afterwards, their containers removed.
 - ``no_logged_tracebacks`` (autouse): after the agents are stopped, fails the
   test on any traceback, "Unhandled error" or ``log_failure`` event in any of
   their logs.  Nothing a user, a game server or a faulty machine does may
@@ -28,6 +29,7 @@ from tests.faults.rig import (
     logged_tracebacks,
 )
 from tests.rig.agentproc import remove_containers_under
+from tests.rig.runtime import Runtime
 
 
 @pytest.fixture(autouse=True)
@@ -48,14 +50,17 @@ def no_logged_tracebacks() -> Iterator[list[Path]]:
 
 @pytest.fixture
 def make_agent(
-    tmp_path: Path, docker_engine: Any, no_logged_tracebacks: list[Path]
+    tmp_path: Path, runtime: Runtime, no_logged_tracebacks: list[Path]
 ) -> Iterator[Callable[..., FaultAgent]]:
     """``make_agent(workdir=..., docker_host=..., **AgentProcess kwargs)`` (not started)."""
     agents: list[FaultAgent] = []
 
     def make(**kwargs: Any) -> FaultAgent:
         workdir = Path(kwargs.pop("workdir", None) or tmp_path / "agent{}".format(len(agents)))
-        host = kwargs.pop("docker_host", None) or docker_engine.host
+        host = kwargs.pop("docker_host", None)
+        if host is None:
+            host = runtime.host
+            kwargs.setdefault("runtime", runtime.kind)
         agent = FaultAgent(workdir, host, **kwargs)
         agents.append(agent)
         no_logged_tracebacks.append(agent.log_path)

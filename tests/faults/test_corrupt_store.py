@@ -28,7 +28,10 @@ from tests.faults.rig import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker]
+# Docker only: store faults: the runtime only runs the game; Podman's share of the fault suite is
+# test_agent_kills
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker,
+              pytest.mark.runtimes("docker")]
 
 STORE = "servers.sqlite3"
 # A store the agent cannot use must be reported within this long.

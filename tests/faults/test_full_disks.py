@@ -32,7 +32,10 @@ from tests.faults.rig import (
 )
 from tests.rig.agentproc import remove_containers_under
 
-pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]
+# Docker only: full filesystems: the runtime only runs the game; Podman's share of the fault suite
+# is test_agent_kills
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow,
+              pytest.mark.runtimes("docker")]
 
 WORK_PREFIX = ".ctrlagent-"  # the agent's temp and keep files
 

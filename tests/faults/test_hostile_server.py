@@ -70,7 +70,10 @@ from tests.faults.rig import (
 )
 from tests.rig.agentproc import remove_containers_under
 
-pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow]
+# Docker only: file confinement on the data directory; Podman's share of the fault suite is
+# test_agent_kills
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.docker, pytest.mark.slow,
+              pytest.mark.runtimes("docker")]
 
 DEPTH = 1000
 CANARY_SECRET = "canary-secret-" + uuid.uuid4().hex

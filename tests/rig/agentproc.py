@@ -3,7 +3,8 @@ The agent as a real ``twistd -n ctrlagent`` subprocess, for end-to-end tests
 and benchmarks.
 
 ``AgentProcess`` writes a TOML config into a temp directory, starts twistd with
-the Docker engine and Panel URL it is given, waits until ``/health`` answers,
+the container engine (Docker, or Podman with ``runtime="podman"``) and Panel
+URL it is given, waits until ``/health`` answers,
 and can be stopped gracefully (SIGTERM), killed (SIGKILL) and started again on
 the same state, which is how restart-survival is tested.
 """
@@ -51,9 +52,13 @@ class AgentProcess:
         env: dict[str, str] | None = None,
         panel_settings: str = "",
         sftp_endpoint: str = "tcp:0:interface=127.0.0.1",
+        runtime: str = "docker",
     ) -> None:
         self.workdir = workdir
+        # The engine's API socket: Docker's, or Podman's service when
+        # ``runtime`` is "podman" (the docker CLI speaks to both).
         self.docker_host = docker_host
+        self.runtime = runtime
         self.panel_url = panel_url
         self.node_id = node_id
         self.secret = secrets.token_urlsafe(24)
@@ -101,7 +106,7 @@ class AgentProcess:
         self.config_path.write_text(
             'node_id = "{node}"\nsecret_file = "{secret}"\nstate_dir = "{state}"\n'
             'data_dir = "{data}"\n[http]\nport = {port}\nbind = "127.0.0.1"\n{sftp}'
-            '[docker]\nhost = "{docker}"\n{panel}{extra}\n'.format(
+            '{runtime}[docker]\nhost = "{docker}"\n{panel}{extra}\n'.format(
                 node=self.node_id,
                 secret=secret_file,
                 state=self.state_dir,
@@ -110,9 +115,16 @@ class AgentProcess:
                 docker=self.docker_host,
                 panel=panel,
                 sftp=sftp,
+                runtime=self._runtime_table(),
                 extra=self.extra_config,
             )
         )
+
+    def _runtime_table(self) -> str:
+        if self.runtime == "docker" or "[runtime]" in self.extra_config:
+            return ""
+        return '[runtime]\nkind = "{}"\npodman_host = "{}"\n'.format(
+            self.runtime, self.docker_host)
 
     def start(self, timeout: float = 30.0) -> AgentProcess:
         """Start twistd and wait until ``/health`` answers."""
@@ -190,14 +202,18 @@ def remove_containers_under(docker_host: str, data_dir: Path) -> None:
         env=env,
         check=False,
     ).stdout.split()
-    for cid in ids:
-        mounts = subprocess.run(
-            ["docker", "inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", cid],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        ).stdout
-        if str(data_dir) in mounts:
-            subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True, env=env,
-                           check=False)
+    if not ids:
+        return
+    # One inspect for all of them (the engine may be shared: many containers).
+    listed = subprocess.run(
+        ["docker", "inspect", "-f", "{{.Id}} {{range .Mounts}}{{.Source}} {{end}}", *ids],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    ).stdout
+    mine = [line.split(" ", 1)[0] for line in listed.splitlines()
+            if str(data_dir) in line.partition(" ")[2]]
+    if mine:
+        subprocess.run(["docker", "rm", "-f", "-v", *mine], capture_output=True, env=env,
+                       check=False)

@@ -1,9 +1,11 @@
 """
 Fixtures of the server-lifecycle tests: a ``ServerManager`` on a real engine.
 
-``rig`` builds managers on the ``docker_engine`` with a temporary state and
-data directory and short timeouts; every container a test's servers own is
-removed by id afterwards, whatever the test did.
+``rig`` builds managers on the test's runtime (``runtime``: the
+``docker_engine``, or the private Podman service through ``PodmanEngine``)
+with a temporary state and data directory and short timeouts; every
+container a test's servers own is removed by id afterwards, whatever the
+test did.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from ctrlagent.config import AgentConfig, DockerConfig, ServersConfig
-from ctrlagent.engine import make_engine
+from ctrlagent.config import AgentConfig, DockerConfig, RuntimeConfig, ServersConfig
+from ctrlagent.engine import engine_client_config, make_engine
 from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.events import ConsoleOutput, ServerEvent, StatusChanged
 from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.store import open_store
 from ctrlagent.testing.engine import FakeEngine
+from tests.rig.runtime import Runtime
 from tests.rig.waiting import sleep, until  # noqa: F401 - shared with the servers tests
 
 
@@ -76,10 +79,11 @@ class Recorder:
 class Rig:
     """Managers on one engine, with their config and cleanup."""
 
-    def __init__(self, host: str, tmp: str) -> None:
+    def __init__(self, host: str, tmp: str, runtime: RuntimeConfig | None = None) -> None:
         self.host = host
         self.config = AgentConfig(
             development=True,
+            runtime=runtime or RuntimeConfig(),
             state_dir=os.path.join(tmp, "state"),
             data_dir=os.path.join(tmp, "data"),
             docker=DockerConfig(host=host, call_timeout=10.0),
@@ -110,8 +114,10 @@ class Rig:
         """A started manager on the rig's store (a fresh one each call)."""
         config = self.config
         if docker_host is not None:
-            config = replace(config, docker=replace(config.docker, host=docker_host))
-        client = DockerClient.from_config(global_reactor, config.docker)
+            # Another Docker engine (a private one a test restarts).
+            config = replace(config, docker=replace(config.docker, host=docker_host),
+                             runtime=RuntimeConfig())
+        client = DockerClient.from_config(global_reactor, engine_client_config(config))
         self.clients.append(client)
         store = open_store(global_reactor, config.state_dir)
         manager = ServerManager(global_reactor, config, make_engine(global_reactor, config, client),
@@ -132,15 +138,15 @@ class Rig:
 
 
 @pytest_twisted.async_yield_fixture
-async def rig(docker_engine: Any, scripted_image: str, tmp_path: Any) -> AsyncIterator[Rig]:
-    r = Rig(docker_engine.host, str(tmp_path))
+async def rig(runtime: Runtime, scripted_image: str, tmp_path: Any) -> AsyncIterator[Rig]:
+    r = Rig(runtime.host, str(tmp_path), runtime.config())
     try:
         yield r
     finally:
         try:
             await r.close()
         finally:
-            remove_containers(docker_engine.host, r.server_ids)
+            remove_containers(runtime.host, r.server_ids)
 
 
 def scripted(image: str, **env: Any) -> dict[str, Any]:

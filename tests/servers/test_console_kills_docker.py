@@ -39,6 +39,7 @@ def delivered_ticks(rig: Rig, sid: str) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.runtimes("docker")  # Podman ends stdin with the old agent's attach (RUNTIMES.md)
 @pytest_twisted.ensureDeferred
 async def test_every_console_line_is_delivered_exactly_once_across_agent_kills_at_random_moments(
     rig: Rig, scripted_image: str

@@ -32,6 +32,7 @@ async def say_all(manager: Any, sid: str, prefix: str, count: int) -> None:
         await manager.send_command(sid, "say {}{}".format(prefix, i))
 
 
+@pytest.mark.runtimes("docker")  # Podman ends stdin with the old agent's attach (RUNTIMES.md)
 @pytest_twisted.ensureDeferred
 async def test_agent_killed_and_restarted_reattaches_with_every_line_once(
     rig: Rig, scripted_image: str

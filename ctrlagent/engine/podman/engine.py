@@ -29,6 +29,23 @@ where they show (docs/RUNTIMES.md lists them with the evidence):
   ``POST /libpod/images/pull`` with ``tlsVerify=false``, which the compat
   endpoint does not take.  Short names are pulled from Docker Hub, as
   Docker does (Podman's compat API enforces that itself).
+- **Default rlimits above the host's.**  Docker starts a container with the
+  daemon's own open-file and process limits; rootful Podman asks for
+  1 048 576 of each, and where the host's hard limit is lower (and the
+  service may not raise it) runc refuses to start the container ("error
+  setting rlimits ... operation not permitted").  A spec that names no
+  ``nofile`` or ``nproc`` gets the service's own hard limit for it (found
+  through the socket's peer: Docker's behaviour, and what Podman itself
+  does rootless), else this process's.
+- **Stdin closes at the end of any attach.**  Conmon closes the
+  container's stdin when an attach connection ends (Podman 4.3 never asks
+  it to leave stdin open), so a closed pipe would end the game's console
+  input for the rest of its run.  The engine keeps one stdin attach per
+  container run and hands out views of it: closing a view leaves it open;
+  it ends with the run (or ``remove``).  An agent restart still ends it
+  (docs/RUNTIMES.md, "Known gap").
+- **Partial lines stamped twice.**  A line written in pieces comes back from
+  ``timestamps=1`` with each piece's stamp inside it (``join_partials``).
 - **Event filters.**  An ``event=die`` filter matches nothing (Podman's own
   name is "died"): events are asked unfiltered by action and filtered here.
 
@@ -39,18 +56,28 @@ networks, attach for stdin, stats, event documents) behaves as Docker's.
 from __future__ import annotations
 
 import json
+import re
+import resource
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from ipaddress import ip_address
 from typing import Any
 
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from ctrlagent.engine.docker.bodies import blkio_weight, create_body
 from ctrlagent.engine.docker.client import CONTAINER_EVENTS, DockerClient
 from ctrlagent.engine.docker.engine import DockerEngine, _Events, container_state
-from ctrlagent.engine.docker.errors import DockerConflict, DockerError, ImageNotFound
+from ctrlagent.engine.docker.errors import (
+    DockerConflict,
+    DockerError,
+    DockerUnavailable,
+    ImageNotFound,
+)
 from ctrlagent.engine.docker.eventstream import ResumableEvents
 from ctrlagent.engine.docker.models import DockerEvent, parse_image_ref
 from ctrlagent.engine.docker.streams import ItemStream
@@ -62,12 +89,22 @@ from ctrlagent.engine.interface import (
     IContainerEngine,
     IEventStream,
     ILogStream,
+    IStdinPipe,
     LogLine,
     ResourceLimits,
 )
 from ctrlagent.errors import EngineError, NotFound
 
-__all__ = ["PodmanEngine", "NumberedLines", "update_body", "dropped_limits"]
+__all__ = [
+    "PodmanEngine",
+    "NumberedLines",
+    "SharedStdinView",
+    "update_body",
+    "dropped_limits",
+    "join_partials",
+    "service_rlimits",
+    "with_host_rlimits",
+]
 
 SECOND = 1_000_000_000
 # Words of Podman's 500 answers that are conflicts (a name in use, a
@@ -85,6 +122,94 @@ def _as_conflict(error: DockerError) -> DockerError:
     ):
         return DockerConflict(error.message)
     return error
+
+
+# The rlimits Podman would otherwise set to 1 048 576: the seam's name, the
+# resource, and its line in /proc/<pid>/limits.
+_HOST_RLIMITS = {
+    "nofile": (resource.RLIMIT_NOFILE, "Max open files"),
+    "nproc": (resource.RLIMIT_NPROC, "Max processes"),
+}
+
+
+def service_rlimits(socket_path: str) -> dict[str, int] | None:
+    """
+    The hard ``nofile``/``nproc`` limits of the process serving
+    ``socket_path`` (its pid from the socket's peer credentials, its limits
+    from ``/proc``; unlimited is ``RLIM_INFINITY``), or None when that cannot
+    be told (another host, no ``/proc``).  With systemd's socket activation
+    the peer is systemd, whose limits bound the service's.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(socket_path)
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+        with open("/proc/{}/limits".format(pid)) as f:
+            text = f.read(8192)
+    except (OSError, ValueError, struct.error):
+        return None
+    out: dict[str, int] = {}
+    for name, (_, label) in _HOST_RLIMITS.items():
+        for line in text.splitlines():
+            if line.startswith(label + " "):
+                fields = line[len(label):].split()
+                if len(fields) >= 2:
+                    hard = fields[1]
+                    out[name] = (resource.RLIM_INFINITY if hard == "unlimited"
+                                 else int(hard) if hard.isdigit() else -1)
+    return {k: v for k, v in out.items() if v != -1}
+
+
+def with_host_rlimits(
+    ulimits: Mapping[str, tuple[int, int]],
+    hard_limits: Mapping[str, int] | None = None,
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+) -> dict[str, tuple[int, int]]:
+    """
+    ``ulimits`` with a hard limit the service may grant (soft = hard) for
+    each of ``nofile`` and ``nproc`` it does not name: the service's own
+    (``hard_limits``, from ``service_rlimits``), else this process's (the
+    service is local: a Unix socket).  An unlimited one is left to Podman
+    (its default then fits).
+    """
+    out = dict(ulimits)
+    for name, (which, _) in _HOST_RLIMITS.items():
+        if name in out:
+            continue
+        hard = (hard_limits or {}).get(name)
+        if hard is None:
+            hard = getrlimit(which)[1]
+        if hard != resource.RLIM_INFINITY and hard >= 0:
+            out[name] = (hard, hard)
+    return out
+
+
+@implementer(IStdinPipe)
+class SharedStdinView:
+    """
+    One user's view of a container's one stdin attach (``PodmanEngine``):
+    ``close()`` ends the view, not the attach (which would close the
+    container's stdin for good on Podman).
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+        self._open = True
+
+    @property
+    def connected(self) -> bool:
+        return self._open and bool(self._pipe.connected)
+
+    def write_line(self, text: str) -> None:
+        if not self._open:
+            raise DockerUnavailable("console stdin is closed")
+        self._pipe.write_line(text)
+
+    def close(self) -> Deferred[None]:
+        self._open = False
+        return succeed(None)
 
 
 def update_body(limits: ResourceLimits) -> dict[str, Any]:
@@ -112,6 +237,39 @@ def dropped_limits(asked: ResourceLimits, got: ResourceLimits) -> list[str]:
     return warnings
 
 
+# A stamp as Podman writes it (whole seconds, UTC) followed by the space.
+_INNER_STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)Z ")
+# How far after its line's stamp an inner stamp may be to be Podman's own.
+_PARTIAL_WINDOW = 60
+
+
+def join_partials(text: str, ns: int) -> str:
+    """
+    ``text`` with the stamps Podman puts inside a line removed.
+
+    When a line reaches the log in pieces (a partial write: conmon's
+    ``P`` records), Podman 4.3's ``timestamps=1`` output stamps every piece
+    and joins them without a newline: ``...Z 3`` + ``...Z 499`` arrives as
+    one line ``...Z 32026-12-02T00:13:10Z 499``.  An inner stamp in that
+    exact form (whole seconds, ``Z``, a space) dated from the line's own
+    second to a minute after it is such a seam; anything else is the game's
+    text and stays.  (A game printing the current time in exactly that form
+    mid-line loses it: the price of not losing its lines.)
+    """
+    second = ns // SECOND
+    out: list[str] = []
+    pos = 0
+    for m in _INNER_STAMP.finditer(text):
+        inner = split_timestamp(m.group(0))[0] // SECOND
+        if second <= inner <= second + _PARTIAL_WINDOW:
+            out.append(text[pos:m.start()])
+            pos = m.end()
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
+
+
 class _Numbering:
     """Each line's nanosecond: its stamp plus its position among the lines of that stamp."""
 
@@ -127,6 +285,8 @@ class _Numbering:
                 # No stamp: no identity, and no break in the second's count.
                 out.append(LogLine(0, stream, text))
                 continue
+            if "Z " in text:
+                text = join_partials(text, ns)
             if ns == self._stamp:
                 self._seen += 1
             else:
@@ -275,6 +435,19 @@ class PodmanEngine(DockerEngine):
         super().__init__(client, clock, **kw)
         # Container id -> (the run's start, the limits applied to it live).
         self._live: dict[str, tuple[int | None, ResourceLimits]] = {}
+        self._hard_limits: dict[str, int] | None = None
+        # Container id -> its one stdin attach of the current run, and the
+        # lock that makes concurrent opens share it.
+        self._stdin: dict[str, Any] = {}
+        self._stdin_locks: dict[str, DeferredLock] = {}
+
+    def _service_limits(self) -> dict[str, int]:
+        """The service's hard rlimits, read once (a local connect and a /proc read)."""
+        if self._hard_limits is None:
+            host = self.client.host
+            found = service_rlimits(host.path) if host.kind == "unix" else None
+            self._hard_limits = found or {}
+        return self._hard_limits
 
     async def ensure_image(self, ref: str) -> None:
         registry = parse_image_ref(ref).registry
@@ -303,6 +476,7 @@ class PodmanEngine(DockerEngine):
             raise error
 
     async def create(self, spec: ContainerSpec) -> str:
+        spec = replace(spec, ulimits=with_host_rlimits(spec.ulimits, self._service_limits()))
         try:
             cid, warnings = await self.client.container_create_warned(
                 spec.name, create_body(spec))
@@ -326,6 +500,27 @@ class PodmanEngine(DockerEngine):
     async def remove(self, cid_or_name: str) -> None:
         await super().remove(cid_or_name)
         self._live.pop(cid_or_name, None)
+        shared = self._stdin.pop(cid_or_name, None)
+        self._stdin_locks.pop(cid_or_name, None)
+        if shared is not None:
+            shared.close()
+
+    async def open_stdin(self, cid: str) -> IStdinPipe:
+        lock = self._stdin_locks.setdefault(cid, DeferredLock())
+        await lock.acquire()
+        try:
+            shared = self._stdin.get(cid)
+            if shared is None or not shared.connected:
+                shared = await self.client.attach_stdin(cid)
+                self._stdin[cid] = shared
+                shared.closed.addBoth(self._stdin_gone, cid, shared)
+        finally:
+            lock.release()
+        return SharedStdinView(shared)
+
+    def _stdin_gone(self, result: object, cid: str, shared: Any) -> None:
+        if self._stdin.get(cid) is shared:
+            del self._stdin[cid]
 
     async def inspect(self, cid: str) -> ContainerState:
         state = container_state(await self.client.container_inspect(cid))
