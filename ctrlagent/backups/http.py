@@ -17,12 +17,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from ctrlagent.backups.manager import BackupDownload, BackupManager, RangeNotSatisfiable
 
 CHUNK = 256 * 1024
+_log = Logger(namespace="ctrlagent.backups")
 
 
 @implementer(IPushProducer)
@@ -94,9 +96,29 @@ async def serve_download(request: IRequest, backups: BackupManager, server_id: s
         download.close()
         return b""
     streamer = _Streamer(req, download)
+    gone: list[bool] = []
+
+    def lost(_: object) -> None:
+        # The client went away (or the request ended): stop reading; the
+        # channel is gone, so there is no producer left to unregister.
+        gone.append(True)
+        streamer.stopProducing()
+
+    req.notifyFinish().addBoth(lost)
     req.registerProducer(streamer, True)
     try:
         await streamer.run()
+    except Exception as e:  # noqa: BLE001 - the headers are out: no error answer is possible
+        # A read that fails mid-body (a vanished file, an unreachable store):
+        # the client must not take a short body for the archive, so the
+        # connection is cut and the reason logged on one line.
+        _log.warn(  # noqa: G010 (twisted.logger has warn)
+            "backup {backup_id} of server {server_id}: download cut short: {error}",
+            backup_id=backup_id, server_id=server_id, error=getattr(e, "message", None) or e,
+        )
+        if not gone and req.channel is not None and req.channel.transport is not None:
+            req.channel.transport.abortConnection()
     finally:
-        req.unregisterProducer()
+        if not gone and req.channel is not None:
+            req.unregisterProducer()
     return b""
