@@ -20,6 +20,7 @@ The test rig: real parts shared by every test module.
   e2e and fault ``make_agent``) runs once per runtime, its id ending in
   ``[docker]`` / ``[podman]``; see ``pytest_generate_tests`` for which tests
   run on Docker only, and why.
+- the hypothesis profile ``ctrlagent``: property tests have no deadline.
 - ``fail_on_logged_errors`` (autouse): a test fails on any logged error event,
   "Unhandled error in Deferred" included.
 
@@ -35,11 +36,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 from twisted.logger import LogLevel, globalLogPublisher
 
 from tests.rig.dockerd import PrivateDockerd, engine_answers
 from tests.rig.podman import PrivatePodman, podman_available
 from tests.rig.runtime import RUNTIMES, Runtime
+
+# Property tests assert behaviour, not speed: on a loaded CI machine one
+# example may take longer than hypothesis's default 200 ms deadline, which
+# would fail a correct test.  Every property test runs without a deadline.
+settings.register_profile(
+    "ctrlagent", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("ctrlagent")
 
 
 @dataclass(frozen=True)
