@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -20,10 +21,16 @@ async def until(
     predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition",
     interval: float = 0.05,
 ) -> T:
-    """Poll ``predicate`` (a bounded number of times) until it is truthy; its value."""
+    """
+    Poll ``predicate`` until it is truthy; its value.  Bounded in tries and in
+    time: a predicate that blocks (a socket's timeout) cannot stretch the wait.
+    """
+    deadline = time.monotonic() + timeout
     for _ in range(int(timeout / interval) + 1):
         value = predicate()
         if value:
             return value
+        if time.monotonic() >= deadline:
+            break
         await sleep(interval)
     raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
