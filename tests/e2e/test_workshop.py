@@ -26,6 +26,12 @@ def steamcmd_image(docker_engine: Any) -> str:
     return build_steamcmd_image(docker_engine.host)
 
 
+@pytest.mark.runtimes(
+    "docker",
+    reason="the steamcmd stand-in image is built on the Docker engine only (on Podman the agent"
+    " would try to pull it from a registry); the helper container's path is the engine seam's,"
+    " held to the same behaviour on both runtimes by tests/engine",
+)
 def test_the_panels_workshop_install_through_the_agent_process(
     make_agent: Callable[..., AgentProcess], scripted_image: str, steamcmd_image: str
 ) -> None:
