@@ -710,7 +710,10 @@ class ServerManager(service.Service):
                     server.container_id, boxes.limits(new, self.config.servers)
                 )
                 live = True
-            except NotFound:
+            except (NotFound, Conflict):
+                # Gone, or an engine that updates running containers only
+                # (Podman): the new limits apply when the start recreates the
+                # container from the changed definition.
                 pass
             else:
                 warnings = self._engine_warnings(server)
