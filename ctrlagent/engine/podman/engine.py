@@ -202,6 +202,11 @@ class SharedStdinView:
     def connected(self) -> bool:
         return self._open and bool(self._pipe.connected)
 
+    def write(self, data: bytes) -> None:
+        if not self._open:
+            raise DockerUnavailable("console stdin is closed")
+        self._pipe.write(data)
+
     def write_line(self, text: str) -> None:
         if not self._open:
             raise DockerUnavailable("console stdin is closed")
