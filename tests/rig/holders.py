@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from ctrlagent.engine.podman.holders import holder_pids
 
-__all__ = ["is_holder", "kill_left_holders"]
+__all__ = ["is_holder", "kill_left_holders", "end_holders"]
 
 
 def is_holder(pid: int) -> bool:
@@ -37,3 +38,17 @@ def kill_left_holders(directory: str) -> list[int]:
             except OSError:
                 pass
     return killed
+
+
+def end_holders(directory: str, seconds: float = 10.0) -> list[int]:
+    """
+    Test teardown, once the containers are removed: wait (bounded) for the
+    holders under ``directory`` to end with them, then SIGKILL those left;
+    the pids that had to be killed (a holder that outlived its container).
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(is_holder(pid) for pid in holder_pids(directory)):
+            return []
+        time.sleep(0.05)
+    return kill_left_holders(directory)
