@@ -83,7 +83,8 @@ async def test_every_console_line_is_delivered_exactly_once_across_agent_kills_a
         # Its console follows again (Podman's history read takes longer than
         # Docker's: a kill before it would test a death during the re-attach,
         # RUNTIMES.md "Known gap").
-        await until(lambda: last.get(sid).console.attached, 15, "console re-attached")
+        console = last.get(sid).console
+        await until(lambda: console.attached, 15, "console re-attached")  # noqa: B023
     await sleep(0.5)
     for sid in sids:
         await last.kill(sid)  # the ticks end; the console drains before "offline"
