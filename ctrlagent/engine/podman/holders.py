@@ -184,12 +184,34 @@ class StdinHolders:
         self._timeout = timeout
         self._python = python
         self._told: set[str] = set()
+        self._dir_fd: int | None = None
         # The holders this object started: socket path -> pid.
         self.started: dict[str, int] = {}
 
     def fits(self) -> bool:
-        """True when the holders' socket names fit a Unix socket address here."""
-        return len(self.socket_path("0" * 64, 2**63 - 1)) <= SOCKET_PATH_MAX
+        """
+        True when the holders' sockets can be reached: their paths fit a Unix
+        socket address, or ``/proc/self/fd`` reaches them through a
+        descriptor of their directory (``_address``).
+        """
+        return (len(self.socket_path("0" * 64, 2**63 - 1)) <= SOCKET_PATH_MAX
+                or os.path.isdir("/proc/self/fd"))
+
+    def _address(self, path: str) -> str:
+        """
+        ``path`` as a Unix socket address: itself when it fits, else through
+        ``/proc/self/fd/<a descriptor of its directory>`` (a state directory's
+        path may be longer than the 107 bytes of an address).
+        """
+        if len(path) <= SOCKET_PATH_MAX:
+            return path
+        if self._dir_fd is not None and os.fstat(self._dir_fd).st_ino != os.stat(
+                self.directory).st_ino:
+            os.close(self._dir_fd)  # the directory was made again
+            self._dir_fd = None
+        if self._dir_fd is None:
+            self._dir_fd = os.open(self.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return "/proc/self/fd/{}/{}".format(self._dir_fd, os.path.basename(path))
 
     def socket_path(self, cid: str, started_ns: int) -> str:
         """The holder's socket of the run of ``cid`` (a full id) started at ``started_ns``."""
@@ -200,6 +222,8 @@ class StdinHolders:
     async def open(self, cid: str, started_ns: int, attach_path: str) -> IStdinPipe:
         """A pipe to the stdin of ``cid``'s current run (started at ``started_ns``)."""
         path = self.socket_path(cid, started_ns)
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        os.chmod(self.directory, 0o700)
         try:
             return await self._connect(path)
         except ConnectError:
@@ -215,7 +239,8 @@ class StdinHolders:
             self._sweep(cid, keep=None)
 
     async def _connect(self, path: str) -> HolderPipe:
-        endpoint = UNIXClientEndpoint(self._reactor, path, timeout=int(self._timeout))
+        endpoint = UNIXClientEndpoint(self._reactor, self._address(path),
+                                      timeout=int(self._timeout))
         connection: _HolderConnection = await connectProtocol(endpoint, _HolderConnection())
         return HolderPipe(connection)
 
@@ -239,7 +264,7 @@ class StdinHolders:
             path = os.path.join(self.directory, name)
             if not name.startswith(prefix) or path == keep or not name.endswith(".sock"):
                 continue
-            if _answers(path):
+            if _answers(self._address(path)):
                 continue  # a holder still ending with its run: it removes its own files
             for stale in (path, path[:-len(".sock")] + ".pid"):
                 try:
@@ -249,8 +274,6 @@ class StdinHolders:
             self._told.discard(path)
 
     async def _start(self, path: str, attach_path: str) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        os.chmod(self.directory, 0o700)
         pidfile = path[:-len(".sock")] + ".pid"
         launch = _Launch()
         args = [self._python, "-I", "-S", stdinholder.__file__,

@@ -231,7 +231,10 @@ def main(argv: list[str]) -> int:
     try:
         attach = _attach(engine_socket, attach_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
+        # Bound by its name from within its directory: a socket address holds
+        # 107 bytes, a state directory's path may be longer.
+        os.chdir(os.path.dirname(path))
+        listener.bind(os.path.basename(path))
         listener.listen(MAX_CLIENTS)
     except (OSError, ValueError) as e:
         print("error {}".format(str(e)[:500]), flush=True)
