@@ -230,7 +230,12 @@ class StdinHolders:
             if os.path.lexists(path):
                 return self._closed(cid, path)
         self._sweep(cid, keep=path)
-        await self._start(path, attach_path)
+        try:
+            await self._start(path, attach_path)
+        except DockerError:
+            if not os.path.lexists(path):
+                raise
+            # Another holder of this run took the socket first: use it.
         return await self._connect(path)
 
     def forget(self, cid: str) -> None:

@@ -229,14 +229,21 @@ def main(argv: list[str]) -> int:
     os.setsid()
     os.umask(0o077)
     try:
-        attach = _attach(engine_socket, attach_path)
+        # The socket first: a second holder started for the same run (two
+        # agents at once) stops here, before an attach of its own whose end
+        # would close the run's stdin.  Bound by its name from within its
+        # directory: an address holds 107 bytes, a directory's path may not.
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Bound by its name from within its directory: a socket address holds
-        # 107 bytes, a state directory's path may be longer.
         os.chdir(os.path.dirname(path))
         listener.bind(os.path.basename(path))
         listener.listen(MAX_CLIENTS)
+    except OSError as e:
+        print("error {}".format(str(e)[:500]), flush=True)
+        return 1
+    try:
+        attach = _attach(engine_socket, attach_path)
     except (OSError, ValueError) as e:
+        os.unlink(os.path.basename(path))
         print("error {}".format(str(e)[:500]), flush=True)
         return 1
     sys.stdout.flush()
