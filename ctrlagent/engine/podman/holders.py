@@ -27,7 +27,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,6 +45,7 @@ __all__ = ["StdinHolders", "HolderPipe", "ClosedStdin", "StdinClosed", "holder_p
 SOCKET_PATH_MAX = 107
 _FULL_ID = re.compile(r"[0-9a-f]{64}")
 _OUTPUT_CAP = 4096
+_CONNECT_ERRORS = (ConnectError, TimeoutError, OSError)
 
 
 class StdinClosed(DockerConflict):
@@ -222,11 +223,15 @@ class StdinHolders:
     async def open(self, cid: str, started_ns: int, attach_path: str) -> IStdinPipe:
         """A pipe to the stdin of ``cid``'s current run (started at ``started_ns``)."""
         path = self.socket_path(cid, started_ns)
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        os.chmod(self.directory, 0o700)
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            os.chmod(self.directory, 0o700)
+        except OSError as e:
+            raise DockerError(0, "the stdin holders' directory {}: {}".format(
+                self.directory, e.strerror)) from None
         try:
             return await self._connect(path)
-        except ConnectError:
+        except _CONNECT_ERRORS:
             if os.path.lexists(path):
                 return self._closed(cid, path)
         self._sweep(cid, keep=path)
@@ -236,7 +241,12 @@ class StdinHolders:
             if not os.path.lexists(path):
                 raise
             # Another holder of this run took the socket first: use it.
-        return await self._connect(path)
+        try:
+            return await self._connect(path)
+        except _CONNECT_ERRORS as e:
+            # It ended at once: the run ended while it attached.
+            raise DockerUnavailable("console stdin of container {}: its holder ended: {}".format(
+                cid[:12], e)) from None
 
     def forget(self, cid: str) -> None:
         """Remove what holders of ``cid`` (a full id) left behind: the container is removed."""
@@ -283,8 +293,11 @@ class StdinHolders:
         launch = _Launch()
         args = [self._python, "-I", "-S", stdinholder.__file__,
                 self._engine_socket, attach_path, path, pidfile]
-        self._reactor.spawnProcess(launch, self._python, args, env={},
-                                   childFDs={0: "w", 1: "r", 2: "r"})
+        try:
+            self._reactor.spawnProcess(launch, self._python, args, env={},
+                                       childFDs={0: "w", 1: "r", 2: "r"})
+        except OSError as e:
+            raise DockerError(0, "could not start the stdin holder: {}".format(e)) from None
         timer = self._reactor.callLater(self._timeout, launch.done.cancel)
         try:
             await launch.done
