@@ -11,6 +11,7 @@ corrected.  ``make_engine`` picks one by the configuration's runtime kind
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +77,9 @@ def make_engine(
     if kind == "podman":
         from ctrlagent.engine.podman.engine import PodmanEngine
 
-        return PodmanEngine(client, reactor, **retry)
+        # Console input is held outside the agent, so that it outlives it.
+        stdin_dir = os.path.join(config.state_dir, "stdin")
+        return PodmanEngine(client, reactor, stdin_dir=stdin_dir, **retry)
     from ctrlagent.engine.docker.engine import DockerEngine
 
     return DockerEngine(client, reactor, **retry)

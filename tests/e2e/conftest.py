@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.rig.agentproc import AgentProcess, remove_containers_under
+from tests.rig.holders import end_holders
 from tests.rig.runtime import Runtime
 
 
@@ -32,13 +33,17 @@ def make_agent(tmp_path: Path, runtime: Runtime) -> Iterator[Callable[..., Agent
         return agent
 
     yield make
+    left: list[int] = []
     for agent in agents:
         agent.stop()
     for agent in agents:
         remove_containers_under(agent.docker_host, agent.data_dir)
+        # Podman's stdin holders end with the containers (and are killed if not).
+        left += end_holders(str(agent.state_dir / "stdin"))
         if agent.process is None and agent.log_path.exists():
             # Keep the agent's log in the test report when something failed.
             print("--- agent log {} ---\n{}".format(agent.workdir, agent.log_text()[-4000:]))  # noqa: T201
+    assert left == [], "stdin holders outlived their containers"
 
 
 @pytest.fixture

@@ -47,6 +47,16 @@ def _ticks(agent: AgentProcess, server_id: str) -> list[int]:
     return ticks
 
 
+def _say(agent: AgentProcess, server_id: str, text: str) -> None:
+    """A console command the game echoes; waits until its line is printed."""
+    answer = agent.command_sync({"action": "console:command", "serverId": server_id,
+                                 "payload": {"command": "say " + text}})
+    assert answer["success"] is True, answer
+    _wait_for(lambda: "[Server] " + text in agent.command_sync(
+        {"action": "console:history", "serverId": server_id, "payload": {"lines": 1000}}
+    )["data"]["history"], 10, "the game's echo of " + text)
+
+
 def test_sigkilled_agent_reattaches_and_keeps_every_line_once(
     make_agent: Callable[..., AgentProcess], scripted_image: str
 ) -> None:
@@ -83,6 +93,7 @@ def test_sigkilled_agent_reattaches_and_keeps_every_line_once(
         capture_output=True, text=True, env=env, check=True,
     ).stdout.strip()
     assert network == "ctrl-alt-play"
+    _say(agent, server_id, "before the kill")
 
     agent.kill()
     time.sleep(1.5)  # about 7 ticks are printed while no agent runs
@@ -102,6 +113,15 @@ def test_sigkilled_agent_reattaches_and_keeps_every_line_once(
     # Its allocated port (the payload had none) is the one it had before.
     assert status["allocations"] == created["data"]["allocations"]
     assert len(created["data"]["allocations"]) == 1
+
+    # Console input reaches the game after the SIGKILL (on Podman through the
+    # run's stdin holder, which outlived the killed agent), exactly once.
+    _say(agent, server_id, "after the kill")
+    history = agent.command_sync(
+        {"action": "console:history", "serverId": server_id, "payload": {"lines": 1000}}
+    )["data"]["history"]
+    for said in ("before the kill", "after the kill"):
+        assert history.count("[Server] " + said) == 1, history
 
     stopped = agent.command_sync(
         {"action": "stop_server", "serverId": server_id, "payload": {"timeout": 5}}

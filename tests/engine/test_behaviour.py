@@ -19,6 +19,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from zope.interface.verify import verifyObject
 
 from ctrlagent.engine.interface import (
@@ -189,7 +190,13 @@ async def engine(request: Any) -> AsyncIterator[Harness]:
     client = DockerClient.from_config(
         reactor, DockerConfig(host=host, call_timeout=15.0, pull_policy="never")
     )
-    harness = Harness(kind(client, reactor, events_retry=0.1, events_retry_max=0.5),
+    extra: dict[str, Any] = {}
+    stdin_dir = None
+    if request.param == "podman":
+        # Console input through stdin holders, as the agent's engine has it.
+        stdin_dir = str(request.getfixturevalue("tmp_path") / "stdin")
+        extra["stdin_dir"] = stdin_dir
+    harness = Harness(kind(client, reactor, events_retry=0.1, events_retry_max=0.5, **extra),
                       image, request.param)
     try:
         yield harness
@@ -205,6 +212,11 @@ async def engine(request: Any) -> AsyncIterator[Harness]:
             except NotFound:
                 pass
         await client.close()
+        if stdin_dir is not None:
+            from tests.rig.holders import end_holders
+
+            left = await deferToThread(end_holders, stdin_dir)
+            assert left == [], "stdin holders outlived their containers"
 
 
 def test_the_engine_provides_the_interface(engine: Harness) -> None:

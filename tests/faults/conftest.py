@@ -29,6 +29,7 @@ from tests.faults.rig import (
     logged_tracebacks,
 )
 from tests.rig.agentproc import remove_containers_under
+from tests.rig.holders import end_holders
 from tests.rig.runtime import Runtime
 
 
@@ -67,11 +68,15 @@ def make_agent(
         return agent
 
     yield make
+    left: list[int] = []
     for agent in agents:
         agent.stop(timeout=20)
     for agent in agents:
         remove_containers_under(agent.docker_host, agent.data_dir)
+        # Podman's stdin holders end with the containers (and are killed if not).
+        left += end_holders(str(agent.state_dir / "stdin"))
         if agent.log_path.exists():
             # In the report when the test failed.
             tail = "\n".join(log_messages(agent.log_path)[-40:])
             print("--- agent log {} ---\n{}".format(agent.workdir, tail))  # noqa: T201
+    assert left == [], "stdin holders outlived their containers"

@@ -30,6 +30,7 @@ from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import ServerManager
 from ctrlagent.servers.store import open_store
 from ctrlagent.testing.engine import FakeEngine
+from tests.rig.holders import end_holders
 from tests.rig.runtime import Runtime
 from tests.rig.waiting import sleep, until  # noqa: F401 - shared with the servers tests
 
@@ -147,6 +148,9 @@ async def rig(runtime: Runtime, scripted_image: str, tmp_path: Any) -> AsyncIter
             await r.close()
         finally:
             remove_containers(runtime.host, r.server_ids)
+            # Podman's stdin holders end with their containers (and are killed if not).
+            left = end_holders(os.path.join(r.config.state_dir, "stdin"))
+            assert left == [], "stdin holders outlived their containers"
 
 
 def scripted(image: str, **env: Any) -> dict[str, Any]:

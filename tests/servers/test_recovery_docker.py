@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from ctrlagent.config import DockerConfig
+from ctrlagent.engine import engine_client_config, make_engine
 from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.events import ConsoleOutput, ResourceUpdate
 from ctrlagent.servers.lifecycle import ServerState
@@ -32,7 +32,6 @@ async def say_all(manager: Any, sid: str, prefix: str, count: int) -> None:
         await manager.send_command(sid, "say {}{}".format(prefix, i))
 
 
-@pytest.mark.runtimes("docker")  # Podman ends stdin with the old agent's attach (RUNTIMES.md)
 @pytest_twisted.ensureDeferred
 async def test_agent_killed_and_restarted_reattaches_with_every_line_once(
     rig: Rig, scripted_image: str
@@ -50,10 +49,12 @@ async def test_agent_killed_and_restarted_reattaches_with_every_line_once(
     # The agent dies like a SIGKILLed process: nothing more is written.
     first.simulate_crash()
 
-    # While no agent runs, the game keeps running and printing.
-    client = DockerClient.from_config(reactor, DockerConfig(host=rig.host))
+    # While no agent runs, the game keeps running and printing, and takes
+    # input (through the engine, as an agent sends it: on Podman the run's
+    # stdin holder, which outlived the killed agent).
+    client = DockerClient.from_config(reactor, engine_client_config(rig.config))
     try:
-        pipe = await client.attach_stdin(cid)
+        pipe = await make_engine(reactor, rig.config, client).open_stdin(cid)
         for i in range(20):
             pipe.write_line("say b{}".format(i))
         await sleep(0.5)

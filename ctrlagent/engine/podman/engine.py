@@ -40,10 +40,12 @@ where they show (docs/RUNTIMES.md lists them with the evidence):
 - **Stdin closes at the end of any attach.**  Conmon closes the
   container's stdin when an attach connection ends (Podman 4.3 never asks
   it to leave stdin open), so a closed pipe would end the game's console
-  input for the rest of its run.  The engine keeps one stdin attach per
-  container run and hands out views of it: closing a view leaves it open;
-  it ends with the run (or ``remove``).  An agent restart still ends it
-  (docs/RUNTIMES.md, "Known gap").
+  input for the rest of its run.  With a state directory (``stdin_dir``)
+  the run's one stdin attach is held by a small process outside the agent
+  (``holders.py``, ``stdinholder.py``) that the agent, and the agent after
+  it, connects to; it ends with the run.  Without one (or on a TCP
+  service) the engine keeps one attach per run within its own process and
+  hands out views of it, which an agent restart ends.
 - **Partial lines stamped twice.**  A line written in pieces comes back from
   ``timestamps=1`` with each piece's stamp inside it (``join_partials``).
 - **Event filters.**  An ``event=die`` filter matches nothing (Podman's own
@@ -67,6 +69,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from ctrlagent.engine.docker.bodies import blkio_weight, create_body
@@ -93,6 +96,7 @@ from ctrlagent.engine.interface import (
     LogLine,
     ResourceLimits,
 )
+from ctrlagent.engine.podman.holders import StdinHolders
 from ctrlagent.errors import EngineError, NotFound
 
 __all__ = [
@@ -211,6 +215,11 @@ class SharedStdinView:
         if not self._open:
             raise DockerUnavailable("console stdin is closed")
         self._pipe.write_line(text)
+
+    def write(self, data: bytes) -> None:
+        if not self._open:
+            raise DockerUnavailable("console stdin is closed")
+        self._pipe.write(data)
 
     def close(self) -> Deferred[None]:
         self._open = False
@@ -435,9 +444,27 @@ class PodmanEngine(DockerEngine):
     """``IContainerEngine`` over a Podman service (see the module docstring)."""
 
     name = "podman"
+    log = Logger()
 
-    def __init__(self, client: DockerClient, clock: IReactorTime, **kw: Any) -> None:
+    def __init__(self, client: DockerClient, clock: IReactorTime, *,
+                 stdin_dir: str | None = None, **kw: Any) -> None:
+        """
+        ``stdin_dir``: where the stdin holders listen (the agent's state
+        directory's ``stdin``); None keeps console input within this process.
+        """
         super().__init__(client, clock, **kw)
+        self.holders: StdinHolders | None = None
+        host = client.host
+        if stdin_dir is not None and host.kind == "unix":
+            holders = StdinHolders(clock, stdin_dir, host.path,
+                                   timeout=client.config.call_timeout)
+            if holders.fits():
+                self.holders = holders
+            else:
+                self.log.warn(  # noqa: G010 - twisted.logger's method
+                    "the stdin holders' sockets would not fit a Unix socket "
+                    "address under {dir}: console input ends with the agent",
+                    dir=stdin_dir)
         # Container id -> (the run's start, the limits applied to it live).
         self._live: dict[str, tuple[int | None, ResourceLimits]] = {}
         self._hard_limits: dict[str, int] | None = None
@@ -509,11 +536,19 @@ class PodmanEngine(DockerEngine):
         self._stdin_locks.pop(cid_or_name, None)
         if shared is not None:
             shared.close()
+        if self.holders is not None:
+            self.holders.forget(cid_or_name)
 
     async def open_stdin(self, cid: str) -> IStdinPipe:
         lock = self._stdin_locks.setdefault(cid, DeferredLock())
         await lock.acquire()
         try:
+            if self.holders is not None:
+                state = await self.inspect(cid)
+                if state.running and state.started_at_ns:
+                    return await self.holders.open(
+                        state.id, state.started_at_ns, self._attach_path(state.id))
+                # Not running: the engine's own answer (as an attach gives it).
             shared = self._stdin.get(cid)
             if shared is None or not shared.connected:
                 shared = await self.client.attach_stdin(cid)
@@ -522,6 +557,13 @@ class PodmanEngine(DockerEngine):
         finally:
             lock.release()
         return SharedStdinView(shared)
+
+    def _attach_path(self, cid: str) -> str:
+        """The path and query of the stdin attach the holder sends."""
+        url = self.client.url(
+            "containers", cid, "attach", query={"stream": True, "stdin": True, "stderr": True})
+        text = url.to_uri().to_text()
+        return text[text.index("/", text.index("//") + 2):]
 
     def _stdin_gone(self, result: object, cid: str, shared: Any) -> None:
         if self._stdin.get(cid) is shared:
