@@ -216,11 +216,6 @@ class SharedStdinView:
             raise DockerUnavailable("console stdin is closed")
         self._pipe.write_line(text)
 
-    def write(self, data: bytes) -> None:
-        if not self._open:
-            raise DockerUnavailable("console stdin is closed")
-        self._pipe.write(data)
-
     def close(self) -> Deferred[None]:
         self._open = False
         return succeed(None)
