@@ -75,7 +75,9 @@ async def test_twistd_service_tree_starts_the_heap_freeze_last(
 ) -> None:
     monkeypatch.setattr(
         os, "environ",
-        {"AGENT_SECRET": "s", "CTRLAGENT_SFTP_ENDPOINT": "tcp:0:interface=127.0.0.1"},
+        # A Panel WebSocket URL: the link is built only when one is configured.
+        {"AGENT_SECRET": "s", "CTRLAGENT_SFTP_ENDPOINT": "tcp:0:interface=127.0.0.1",
+         "PANEL_URL": "ws://127.0.0.1:9/ws"},
     )
     options = Options()
     options.parseOptions(["--port", "18081", "--state-dir", str(tmp_path / "state"),
