@@ -252,6 +252,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In CI a skipped (or absent) engine test suite fails the run."""
     if not _ci() or session.config.option.collectonly:
         return
+    if os.environ.get("CTRLAGENT_NO_ENGINE_TESTS"):
+        # tox's `unit` env: the engine-backed tests run in the `engine` env
+        # beside it (.ci/run checks both reports together).
+        return
     if _engine_counts["skipped"] or not (_engine_counts["passed"] + _engine_counts["failed"]):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
