@@ -47,7 +47,7 @@ from http_latency import Client, measure, rss_mb  # noqa: E402
 
 from tests.rig.agentproc import AgentProcess  # noqa: E402
 from tests.rig.dockerd import PrivateDockerd, engine_answers  # noqa: E402
-from tests.rig.images import build_scripted_image  # noqa: E402
+from tests.rig.images import _docker, build_scripted_image  # noqa: E402
 
 _TICK = re.compile(r"tick (\d+)$")
 _CLOCK = os.sysconf("SC_CLK_TCK")
@@ -113,7 +113,9 @@ def ticks(agent: AgentProcess, server_ids: list[str]) -> dict[str, list[int]]:
 
 def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="ctrlagent-bench-scale-"))
-    agent = AgentProcess(workdir, host, extra_config="[servers]\nstop_timeout = 2.0\n").start()
+    # Idle servers publish no ports (500 of them would be 1,000 docker-proxy processes).
+    config = '[servers]\nstop_timeout = 2.0\nport_range = ""\n'
+    agent = AgentProcess(workdir, host, extra_config=config).start()
     server_ids = ["scale-" + uuid.uuid4().hex[:12] for _ in range(servers)]
     result: dict[str, Any] = {"servers": servers}
     try:
@@ -240,6 +242,14 @@ def main() -> None:
         host = private.host
     try:
         image = build_scripted_image(host)
+        if private is not None:
+            # The private engine's pools hand out /24 networks (253 addresses):
+            # the agent's network is made here first, a /22 inside the engine's
+            # pool, and the agent uses it as it finds it.  An operator's engine
+            # gives /16 or /20 networks by default (or docker.network_subnet).
+            octet = private.pool_base.split(".")[1]
+            _docker(host, "network", "create", "--subnet", "10.{}.64.0/22".format(octet),
+                    "--label", "ctrl-alt-play.managed=true", "ctrl-alt-play")
         results = [run_once(host, image, int(n), args) for n in args.servers.split(",")]
     finally:
         if private is not None:
