@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -63,10 +64,57 @@ def image_exists(host: str, image: str) -> bool:
     )
 
 
+def busybox_rootfs(
+    script: Path, program: str, applets: Sequence[str], *, container_user: bool
+) -> bytes:
+    """
+    A tar of a minimal busybox root: ``applets`` linked to busybox, ``script``
+    installed as ``/usr/local/bin/<program>``, and with ``container_user`` the
+    uid 1000 user ``container`` with its home ``/home/container``.
+    """
+    if not os.path.exists(BUSYBOX):
+        raise RuntimeError("{} missing: apt-get install busybox-static".format(BUSYBOX))
+    with tempfile.TemporaryDirectory(prefix="ctrlagent-rootfs-") as tmp:
+        root = Path(tmp)
+        for d in ("bin", "usr/local/bin", "tmp", "etc", "proc", "sys", "dev"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy(BUSYBOX, root / "bin" / "busybox")
+        for applet in applets:
+            os.symlink("busybox", root / "bin" / applet)
+        (root / "tmp").chmod(0o1777)
+        passwd = "root:x:0:0:root:/root:/bin/sh\n"
+        if container_user:
+            (root / "home" / "container").mkdir(parents=True)
+            (root / "home" / "container").chmod(0o777)
+            passwd += "container:x:1000:1000::/home/container:/bin/sh\n"
+            (root / "etc" / "group").write_text("root:x:0:\ncontainer:x:1000:\n")
+        (root / "etc" / "passwd").write_text(passwd)
+        target = root / "usr" / "local" / "bin" / program
+        shutil.copy(script, target)
+        target.chmod(0o755)
+        return subprocess.run(
+            ["tar", "-C", str(root), "-c", "."], capture_output=True, check=True
+        ).stdout
+
+
 def build_scripted_image(host: str, tag: str = SCRIPTED_IMAGE) -> str:
     """Import the busybox scripted game server into the engine at ``host``."""
     if image_exists(host, tag):
         return tag
+    tar = busybox_rootfs(
+        Path(__file__).with_name("gameserver.sh"), "gameserver", _APPLETS, container_user=True
+    )
+    _docker(
+        host,
+        "import",
+        "-c", "CMD [\"/usr/local/bin/gameserver\"]",
+        "-c", "WORKDIR /home/container",
+        "-c", "ENV PATH=/bin:/usr/local/bin",
+        "-",
+        tag,
+        input_bytes=tar,
+    )
+    return tag
     if not os.path.exists(BUSYBOX):
         raise RuntimeError("{} missing: apt-get install busybox-static".format(BUSYBOX))
     with tempfile.TemporaryDirectory(prefix="ctrlagent-rootfs-") as tmp:

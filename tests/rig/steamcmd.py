@@ -11,13 +11,9 @@ script's content, so an edited script never runs from a stale image.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
-from tests.rig.images import BUSYBOX, _docker, image_exists
+from tests.rig.images import _docker, busybox_rootfs, image_exists
 
 SCRIPT = Path(__file__).with_name("steamcmd.sh")
 _APPLETS = "sh echo mkdir dd tr ln mkfifo sleep cat rm".split()
@@ -34,23 +30,7 @@ def build_steamcmd_image(host: str, tag: str = STEAMCMD_IMAGE) -> str:
     """Import the stand-in steamcmd image into the engine at ``host``."""
     if image_exists(host, tag):
         return tag
-    if not os.path.exists(BUSYBOX):
-        raise RuntimeError("{} missing: apt-get install busybox-static".format(BUSYBOX))
-    with tempfile.TemporaryDirectory(prefix="ctrlagent-steamcmd-") as tmp:
-        root = Path(tmp)
-        for d in ("bin", "usr/local/bin", "tmp", "etc", "proc", "sys", "dev"):
-            (root / d).mkdir(parents=True, exist_ok=True)
-        shutil.copy(BUSYBOX, root / "bin" / "busybox")
-        for applet in _APPLETS:
-            os.symlink("busybox", root / "bin" / applet)
-        (root / "tmp").chmod(0o1777)
-        (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-        target = root / "usr" / "local" / "bin" / "steamcmd"
-        shutil.copy(SCRIPT, target)
-        target.chmod(0o755)
-        tar = subprocess.run(
-            ["tar", "-C", str(root), "-c", "."], capture_output=True, check=True
-        ).stdout
+    tar = busybox_rootfs(SCRIPT, "steamcmd", _APPLETS, container_user=False)
     _docker(
         host,
         "import",
