@@ -83,6 +83,9 @@ async def test_twistd_agent_over_the_websocket_with_health_following_the_link(
         assert panel.responses()["create"][0]["success"] is True, panel.responses()
         panel.send({"id": "start", "type": "command",
                     "data": {"action": "start_server", "serverId": UUID}})
+        # Its answer comes on this connection, before the Panel goes away below
+        # (an answer whose connection dropped is not replayed on the next one).
+        await until(lambda: "start" in panel.responses(), 30)
         await until(lambda: any(f["data"]["currentStatus"] == "running"
                                 for f in panel.frames("server_status_changed")), 30)
         await until(lambda: "Done (0.1s)!" in panel.console_lines(UUID), 10)
