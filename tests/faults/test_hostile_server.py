@@ -69,6 +69,7 @@ from tests.faults.rig import (
     wait_for,
 )
 from tests.rig.agentproc import remove_containers_under
+from tests.rig.sockets import bind_unix
 
 # Docker only: file confinement on the data directory; Podman's share of the fault suite is
 # test_agent_kills
@@ -417,8 +418,7 @@ def test_a_hostile_game_server_cannot_reach_the_host_through_any_file_action(
         os.mknod(server_dir / "null_dev", stat.S_IFCHR | 0o666, os.makedev(1, 3))
         os.mknod(server_dir / "zero_dev", stat.S_IFCHR | 0o666, os.makedev(1, 5))
         os.mknod(server_dir / "random_dev", stat.S_IFCHR | 0o666, os.makedev(1, 8))
-        unix = socket.socket(socket.AF_UNIX)
-        unix.bind(str(server_dir / "sock"))
+        unix = bind_unix(server_dir / "sock")
         archives = _evil_archives(canary)
         for name, data in archives.items():
             (server_dir / name).write_bytes(data)

@@ -71,6 +71,9 @@ async def test_real_server_over_the_link_survives_a_panel_dying_mid_flood(
 
         panel.send({"id": "c-start", "type": "command",
                     "data": {"action": "start_server", "serverId": sid}})
+        # The answer of a connection that drops is not replayed: wait for it
+        # (on Podman the flood can start before the start call returns).
+        await until(lambda: "c-start" in panel.responses(), 30)
         # The Panel dies once the flood is under way, and comes back 0.4 s later.
         await until(lambda: len(panel.console_lines(sid)) > 2_000, 30)
         await listening.stopListening()

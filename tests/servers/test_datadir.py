@@ -12,7 +12,6 @@ files, and trees thousands of levels deep.
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import stat
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +26,7 @@ from ctrlagent.files import trees
 from ctrlagent.servers import datadir as servers_datadir
 from ctrlagent.servers.datadir import _disk_usage, _prepare_dir
 from tests.files.test_trees import make_chain, remove_everything
+from tests.rig.sockets import bind_unix
 from tests.servers.test_manager_unit import PARAMS, Unit, running
 
 UID, GID = 1000, 1000
@@ -72,9 +72,7 @@ def plant(data: Path, host: Host) -> None:
     os.mknod(data / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     os.mknod(data / "disk", 0o660 | stat.S_IFBLK, os.makedev(7, 0))
     os.mkfifo(data / "pipe")
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(data / "sock"))
-    sock.close()
+    bind_unix(data / "sock").close()
     for name, mode in (("suid", 0o4755), ("sgid", 0o2755), ("sgid-noexec", 0o2644)):
         (data / name).write_text("#!/bin/sh\n")
         os.chmod(data / name, mode)
