@@ -37,9 +37,11 @@ from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from ctrlagent.config import TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError
@@ -70,6 +72,25 @@ def _deferred(work: Work[T]) -> Deferred[T]:
     if isinstance(work, Deferred):
         return work
     return Deferred.fromCoroutine(work)
+
+
+def is_cancellation(failure: Failure) -> bool:
+    """
+    True when ``failure`` is work being cancelled, however Twisted words it.
+
+    A cancelled connect fails with ``ConnectingCancelledError`` and a
+    cancelled HTTP request with ``ResponseNeverReceived``/``ResponseFailed``
+    wrapping a ``CancelledError``, neither a ``CancelledError`` itself:
+    shutting down mid-connect is not a bug to log with a traceback.
+    """
+    if failure.check(CancelledError, ConnectingCancelledError):
+        return True
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        reasons = getattr(failure.value, "reasons", None) or []
+        return bool(reasons) and all(
+            isinstance(r, Failure) and is_cancellation(r) for r in reasons
+        )
+    return False
 
 
 class Tracker:
@@ -137,7 +158,7 @@ class Tracker:
         """Track ``d``; a failure is logged with ``description`` and swallowed."""
 
         def logged(result: Any) -> None:
-            if not isinstance(result, Failure) or result.check(CancelledError):
+            if not isinstance(result, Failure) or is_cancellation(result):
                 return None
             if result.check(CtrlAgentError):
                 # A coded error (a full disk, a vanished container) is the

@@ -7,13 +7,15 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 
 from ctrlagent.config import AgentConfig, PanelConfig, SftpConfig, TimeoutsConfig
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.tap import build_service
-from ctrlagent.work import Deadlines, DeferredTracker, Tracker
+from ctrlagent.work import Deadlines, DeferredTracker, Tracker, is_cancellation
 
 
 def test_wait_fires_after_all_tracked_work(fail_on_logged_errors: list) -> None:
@@ -307,3 +309,19 @@ def test_a_coded_error_in_background_work_is_a_warning_without_a_traceback(
     assert event["description"] == "store s1"
     assert event["error"] == "the agent's state disk is full"
     assert "log_failure" not in event
+
+
+def test_a_cancelled_connect_or_request_is_not_an_error(fail_on_logged_errors: list) -> None:
+    """Shutdown cancels a connect or a request: Twisted words it differently, still no error."""
+    tracker = DeferredTracker()
+    connect: Deferred[int] = Deferred(lambda d: d.errback(ConnectingCancelledError("/x.sock")))
+    request: Deferred[int] = Deferred(
+        lambda d: d.errback(ResponseNeverReceived([Failure(CancelledError())])))
+    tracker.track(connect, "connect")
+    tracker.track(request, "request")
+    tracker.cancel_all()
+    assert len(tracker) == 0
+    assert fail_on_logged_errors == []
+    # A request that failed for another reason is still an error.
+    assert not is_cancellation(Failure(ResponseNeverReceived([Failure(ValueError("boom"))])))
+    assert not is_cancellation(Failure(ResponseNeverReceived([])))

@@ -189,9 +189,8 @@ def _listed_names(answer: dict[str, Any]) -> list[str]:
     return names
 
 
-def _file_bytes_with_members(path: Path) -> Iterator[bytes]:
-    """A file's bytes, and what is inside it when it is a gzip or a zip."""
-    data = path.read_bytes()
+def _file_bytes_with_members(data: bytes) -> Iterator[bytes]:
+    """A file's bytes, and what is inside them when they are a gzip or a zip."""
     yield data
     if data[:2] == b"\x1f\x8b":
         try:
@@ -207,45 +206,67 @@ def _file_bytes_with_members(path: Path) -> Iterator[bytes]:
             pass
 
 
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOFOLLOW_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def _scan_server_dir(root: Path, markers: list[str], planted_special: set[str]) -> list[str]:
     """
     Problems left inside the hostile server's directory: host bytes copied in
     (archives looked into), special files or set-id bits it did not plant.
-    Iterative, never following links.
+
+    Iterative, and it never follows a link, even one the still-racing game
+    swaps in between a look and a read: every directory and file is opened
+    relative to its parent's descriptor with ``O_NOFOLLOW``.
     """
-    problems = []
-    pending = [root]
+    problems: list[str] = []
+    pending: list[tuple[int, str]] = [(os.open(root, _NOFOLLOW_DIR), "")]
     seen = 0
-    while pending and seen < 50_000:
-        directory = pending.pop()
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            continue
-        for name in names:
-            seen += 1
-            path = directory / name
+    try:
+        while pending and seen < 50_000:
+            fd, prefix = pending.pop()
             try:
-                st = os.lstat(path)
+                entries = list(os.scandir(fd))
             except OSError:
+                os.close(fd)
                 continue
-            rel = str(path.relative_to(root))
-            if stat.S_ISDIR(st.st_mode):
-                pending.append(path)
-            elif stat.S_ISREG(st.st_mode):
-                if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                    problems.append("{}: set-id bits {:o}".format(rel, st.st_mode))
-                if st.st_size > 50 * 1024 * 1024:
-                    problems.append("{}: {} bytes".format(rel, st.st_size))
+            for entry in entries:
+                seen += 1
+                rel = prefix + entry.name
+                try:
+                    st = os.lstat(entry.name, dir_fd=fd)
+                except OSError:
                     continue
-                for blob in _file_bytes_with_members(path):
-                    text = blob.decode("latin-1")
-                    for marker in markers:
-                        if marker in text:
-                            problems.append("{} holds host data ({}...)".format(rel, marker[:20]))
-            elif not stat.S_ISLNK(st.st_mode) and rel not in planted_special:
-                problems.append("{}: a special file the game did not plant ({:o})".format(
-                    rel, st.st_mode))
+                if stat.S_ISDIR(st.st_mode):
+                    try:
+                        pending.append((os.open(entry.name, _NOFOLLOW_DIR, dir_fd=fd), rel + "/"))
+                    except OSError:
+                        continue  # swapped for a link or gone since
+                elif stat.S_ISREG(st.st_mode):
+                    if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                        problems.append("{}: set-id bits {:o}".format(rel, st.st_mode))
+                    if st.st_size > 50 * 1024 * 1024:
+                        problems.append("{}: {} bytes".format(rel, st.st_size))
+                        continue
+                    try:
+                        file_fd = os.open(entry.name, _NOFOLLOW_FILE, dir_fd=fd)
+                    except OSError:
+                        continue
+                    with os.fdopen(file_fd, "rb") as f:
+                        data = f.read(50 * 1024 * 1024 + 1)
+                    for blob in _file_bytes_with_members(data):
+                        text = blob.decode("latin-1")
+                        for marker in markers:
+                            if marker in text:
+                                problems.append("{} holds host data ({}...)".format(
+                                    rel, marker[:20]))
+                elif not stat.S_ISLNK(st.st_mode) and rel not in planted_special:
+                    problems.append("{}: a special file the game did not plant ({:o})".format(
+                        rel, st.st_mode))
+            os.close(fd)
+    finally:
+        for fd, _ in pending:
+            os.close(fd)
     return problems
 
 
