@@ -70,6 +70,12 @@ class PanelConfig:
     # For wss:// only: a PEM file of the CA(s) to trust instead of the system
     # store (a Panel behind a private CA or a self-signed certificate).
     tls_ca: str = ""
+    # Back-pressure on commands from the Panel: at most this many are handled
+    # at once; past it they wait in order, and once the waiting frames add up
+    # to ``max_held_bytes`` the agent stops reading the socket until half of
+    # them are taken (the Panel's TCP window then slows it down).
+    max_in_flight: int = 128
+    max_held_bytes: int = 8 * 1024 * 1024
 
     def dials(self) -> bool:
         """Whether the agent keeps a link to the Panel: a URL is set and the link is enabled."""
@@ -988,6 +994,10 @@ def validate(config: AgentConfig) -> None:
         raise ConfigInvalid("http.max_body_bytes must be at least 1024")
     if config.http.max_connections < 16:
         raise ConfigInvalid("http.max_connections must be at least 16")
+    if config.panel.max_in_flight < 1:
+        raise ConfigInvalid("panel.max_in_flight must be at least 1")
+    if config.panel.max_held_bytes < 64 * 1024:
+        raise ConfigInvalid("panel.max_held_bytes must be at least 65536 (64 KiB)")
     for name, value in (
         ("http.header_timeout", config.http.header_timeout),
         ("http.idle_timeout", config.http.idle_timeout),

@@ -169,6 +169,8 @@ def test_packaged_example_config_loads() -> None:
         ("http.header_timeout", float("nan"), "header_timeout must be between"),
         ("http.idle_timeout", float("inf"), "idle_timeout must be between"),
         ("http.idle_timeout", -1, "idle_timeout must be between"),
+        ("panel.max_in_flight", 0, "max_in_flight must be at least 1"),
+        ("panel.max_held_bytes", 1000, "max_held_bytes must be at least 65536"),
     ],
 )
 def test_connection_guards_refuse_unusable_values(setting: str, value: float, message: str) -> None:

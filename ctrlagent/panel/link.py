@@ -199,7 +199,8 @@ class PanelLink(service.MultiService):
     - ``random``: the jitter source;
     - ``max_in_flight`` / ``max_held_bytes``: the back-pressure bounds of each
       connection's ``CommandIntake`` (frames handled at once; bytes of frames
-      waiting for a slot before reading from the Panel pauses).
+      waiting for a slot before reading from the Panel pauses); by default
+      ``panel.max_in_flight`` / ``panel.max_held_bytes`` of the config.
 
     ``connected`` is true exactly between ``onOpen`` and ``onClose``;
     ``is_connected()`` is that, or true when the link is disabled.  The link
@@ -221,16 +222,20 @@ class PanelLink(service.MultiService):
         *,
         endpoint: IStreamClientEndpoint | None = None,
         random: Callable[[], float] = random.random,
-        max_in_flight: int = 128,
-        max_held_bytes: int = 8 * 1024 * 1024,
+        max_in_flight: int | None = None,
+        max_held_bytes: int | None = None,
         tracker: DeferredTracker | None = None,
         backups: BackupEventSource | None = None,
     ) -> None:
         super().__init__()
         self.setName("panel-link")
         self._backups = backups
-        self.max_in_flight = max_in_flight
-        self.max_held_bytes = max_held_bytes
+        self.max_in_flight = (
+            config.panel.max_in_flight if max_in_flight is None else max_in_flight
+        )
+        self.max_held_bytes = (
+            config.panel.max_held_bytes if max_held_bytes is None else max_held_bytes
+        )
         self._reactor = reactor
         self._config = config
         self._panel = config.panel

@@ -376,6 +376,27 @@ def test_a_command_in_flight_across_a_disconnect_is_answered_on_the_next_connect
     assert rig.panel.frames("response", connection=1)
 
 
+def test_commands_past_the_configured_in_flight_bound_wait_their_turn() -> None:
+    """``panel.max_in_flight`` bounds the commands handled at once; the rest wait, in order."""
+    rig = Harness(max_in_flight=1)
+    assert rig.link.max_in_flight == 1
+    assert rig.link.max_held_bytes == rig.config.panel.max_held_bytes
+    rig.create_server("s1")
+    rig.create_server("s2")
+    rig.servers.servers["s1"].status = "running"
+    rig.start()
+    gate = rig.servers.hold("stop")
+    rig.panel.send({"id": "stop", "type": "command", "action": "stop_server",
+                    "serverId": "s1", "payload": {"timeout": 30}})
+    rig.panel.send({"id": "status", "type": "command", "action": "get_server_status",
+                    "serverId": "s2", "payload": {}})
+    rig.flush()
+    assert rig.panel.responses() == {}  # the status waits behind the held stop
+    gate.callback(None)
+    rig.flush()
+    assert list(rig.panel.responses()) == ["stop", "status"]
+
+
 def test_a_dispatcher_bug_is_answered_as_execution_error(fail_on_logged_errors: list) -> None:
     rig = Harness()
     rig.start()
