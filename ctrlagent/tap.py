@@ -45,6 +45,7 @@ from twisted.python import usage
 
 from ctrlagent import __version__
 from ctrlagent.config import AgentConfig, load_config
+from ctrlagent.daemon import DaemonStatus, daemonizing, tell_the_parent_our_line
 from ctrlagent.errors import ConfigInvalid
 from ctrlagent.startup import describe_startup_failure
 from ctrlagent.work import Deadlines, Tracker, async_to_deferred
@@ -197,6 +198,9 @@ class AgentService(MultiService):
     def __init__(self, tracker: Tracker | None = None) -> None:
         super().__init__()
         self.tracker = tracker
+        # Set by makeService when twistd daemonizes: the waiting parent is
+        # told the critical line (ctrlagent.daemon).
+        self.daemon_status: DaemonStatus | None = None
 
     def privilegedStartService(self) -> None:  # noqa: N802 (Twisted hook)
         try:
@@ -232,9 +236,10 @@ class AgentService(MultiService):
                 except Exception as e:
                     log.info("releasing {name} failed: {error}", name=child.name, error=e)
         self.running = False
-        log.critical(
-            "ctrlagent: error: {problem}", problem=describe_startup_failure(error)
-        )
+        problem = describe_startup_failure(error)
+        log.critical("ctrlagent: error: {problem}", problem=problem)
+        if self.daemon_status is not None:
+            self.daemon_status.failed("ctrlagent: error: " + problem)
         raise SystemExit(1)
 
 
@@ -582,4 +587,8 @@ def makeService(options: Options) -> AgentService:
     # Only in the agent's own process: tests that build the service in
     # pytest's process should not freeze pytest's heap.
     StartupHeapFreeze(reactor).setServiceParent(top)
+    twistd_options = daemonizing(options)
+    if twistd_options is not None:
+        top.daemon_status = DaemonStatus(twistd_options)
+        tell_the_parent_our_line()
     return top

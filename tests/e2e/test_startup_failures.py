@@ -37,16 +37,27 @@ EXIT_WITHIN = 30.0  # seconds; the machine is shared, the agent takes ~2 s
 
 
 def run_to_exit(
-    agent: AgentProcess, timeout: float = EXIT_WITHIN, rewrite: bool = True
+    agent: AgentProcess, timeout: float = EXIT_WITHIN, rewrite: bool = True, daemon: bool = False
 ) -> tuple[int, str]:
-    """Start ``agent`` expecting it to fail: ``(exit code, everything it printed)``."""
+    """
+    Start ``agent`` expecting it to fail: ``(exit code, everything it printed)``.
+
+    ``daemon``: as ``twistd ctrlagent`` without ``-n``, which forks and
+    waits for the daemon's start; the exit code and output are the waiting
+    parent's.
+    """
     if rewrite:
         agent._write_config()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("AGENT_SECRET", None)
     started = time.monotonic()
+    twistd = (
+        ["--pidfile={}".format(agent.workdir / "agent.pid"),
+         "--logfile={}".format(agent.workdir / "agent.log")]
+        if daemon else ["--nodaemon", "--pidfile="]
+    )
     result = subprocess.run(
-        [_twistd(), "--nodaemon", "--pidfile=", "ctrlagent", "--config", str(agent.config_path)],
+        [_twistd(), *twistd, "ctrlagent", "--config", str(agent.config_path)],
         capture_output=True,
         text=True,
         env=env,
@@ -199,6 +210,49 @@ def test_the_api_port_in_use(agent: AgentProcess) -> None:
             "cannot listen for the HTTP API on tcp:{}:interface=127.0.0.1".format(agent.port),
             "address already in use",
         )
+
+
+def test_the_api_port_in_use_as_a_daemon(agent: AgentProcess) -> None:
+    """
+    Without ``-n`` twistd forks and waits for the daemon's start: the waiting
+    parent prints the daemon's one line and exits 1 (it used to wait forever).
+    """
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", agent.port))
+        taken.listen()
+        code, output = run_to_exit(agent, daemon=True)
+    line = assert_one_clear_line(code, output, "address already in use")
+    assert output.strip() == line, output  # twistd's own two lines are not added
+    log = (agent.workdir / "agent.log").read_text()
+    assert "cannot listen for the HTTP API" in log
+    assert "Traceback" not in log, log
+    assert not (agent.workdir / "agent.pid").exists()
+
+
+def test_a_daemon_that_starts_leaves_the_parent_with_0_and_serves(agent: AgentProcess) -> None:
+    agent._write_config()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("AGENT_SECRET", None)
+    pidfile = agent.workdir / "agent.pid"
+    try:
+        result = subprocess.run(
+            [_twistd(), "--pidfile={}".format(pidfile),
+             "--logfile={}".format(agent.workdir / "agent.log"),
+             "ctrlagent", "--config", str(agent.config_path)],
+            capture_output=True, text=True, env=env, cwd=str(agent.workdir),
+            timeout=3 * EXIT_WITHIN, check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert agent.health()["status"] in ("healthy", "degraded")
+    finally:
+        # The daemon is ours: stop it by the pid it recorded, whatever happened.
+        pid = int(pidfile.read_text()) if pidfile.exists() else None
+        if pid is not None:
+            os.kill(pid, 15)
+            deadline = time.monotonic() + EXIT_WITHIN
+            while time.monotonic() < deadline and os.path.exists("/proc/{}".format(pid)):
+                time.sleep(0.1)
+    assert pid is not None and not os.path.exists("/proc/{}".format(pid))
 
 
 def test_the_sftp_port_in_use(make_agent: Callable[..., AgentProcess]) -> None:
