@@ -14,12 +14,15 @@ stdin protocol asks the same factory for a raw connection.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from hyperlink import DecodedURL
 from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
@@ -110,6 +113,53 @@ def _tls_options(host: DockerHost, config: DockerConfig) -> Any:
     )
 
 
+# A Unix socket address holds 108 bytes, the terminating NUL included.
+SOCKET_PATH_MAX = 107
+
+
+@implementer(IStreamClientEndpoint)
+class UnixPathEndpoint:
+    """
+    A Unix socket at a path of any length.
+
+    A path longer than a socket address holds (a socket deep in a long state
+    or temp directory) is reached through ``/proc/self/fd/<a descriptor of
+    its directory>/<name>``, the descriptor held only while connecting;
+    otherwise the connect would fail inside the reactor with a ``TypeError``
+    (``OSError("AF_UNIX path too long")`` carries no errno) instead of a
+    clear connect error.
+    """
+
+    def __init__(self, reactor: Any, path: str, timeout: int = 30) -> None:
+        self._reactor = reactor
+        self.path = path
+        self._timeout = timeout
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:  # noqa: N803 (Twisted's name)
+        if len(os.fsencode(self.path)) <= SOCKET_PATH_MAX:
+            return UNIXClientEndpoint(self._reactor, self.path, timeout=self._timeout).connect(
+                protocolFactory
+            )
+        directory, name = os.path.split(self.path)
+        try:
+            fd = os.open(directory or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            return fail(ConnectError(string="{}: {}".format(directory, e.strerror or e)))
+        address = "/proc/self/fd/{}/{}".format(fd, name)
+        if len(os.fsencode(address)) > SOCKET_PATH_MAX:
+            os.close(fd)
+            return fail(ConnectError(string="socket name {!r} is too long".format(name)))
+
+        def close(result: Any) -> Any:
+            os.close(fd)
+            return result
+
+        d: Deferred[Any] = UNIXClientEndpoint(
+            self._reactor, address, timeout=self._timeout
+        ).connect(protocolFactory)
+        return d.addBoth(close)
+
+
 @implementer(IAgentEndpointFactory)
 class DockerEndpointFactory:
     """Every URI maps to the one engine endpoint (Unix socket, TCP or TLS)."""
@@ -137,7 +187,7 @@ class DockerEndpointFactory:
         """A fresh client endpoint to the engine."""
         if self.host.kind == "unix":
             timeout = max(1, int(self._timeout))
-            return UNIXClientEndpoint(self._reactor, self.host.path, timeout=timeout)
+            return UnixPathEndpoint(self._reactor, self.host.path, timeout=timeout)
         tcp = HostnameEndpoint(
             self._reactor, self.host.hostname, self.host.port, timeout=self._timeout
         )

@@ -10,6 +10,7 @@ broken connections) with a ``Clock`` and a fake transport.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import Any
 
@@ -244,6 +245,46 @@ async def test_a_missing_socket_is_docker_unavailable_at_once(tmp_path: Any) -> 
         await client.ping()
     with pytest.raises(DockerUnavailable):
         await client.container_list()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_path_longer_than_an_address_holds_is_reached(tmp_path: Any) -> None:
+    """A socket deep in a long directory: reached, or unavailable, never a reactor TypeError."""
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    sock = deep / "engine.sock"
+    assert len(str(sock)) > 107
+    missing = DockerClient.from_config(reactor, DockerConfig(host="unix://{}/nothing.sock".format(deep)))
+    with pytest.raises(DockerUnavailable, match="unavailable"):
+        await missing.ping()
+    gone = DockerClient.from_config(reactor, DockerConfig(host="unix://{}/x/y.sock".format(deep)))
+    with pytest.raises(DockerUnavailable, match="unavailable"):
+        await gone.ping()
+
+    class Ping(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:  # noqa: N802 (Twisted's name)
+            request.setHeader(b"Api-Version", b"1.45")
+            return b"OK"
+
+    # Listen through the directory too (bind has the same limit); the port
+    # unlinks its path on close, so the descriptor stays open until then.
+    fd = os.open(deep, os.O_PATH | os.O_DIRECTORY)
+    try:
+        port = reactor.listenUNIX("/proc/self/fd/{}/engine.sock".format(fd), Site(Ping()))
+        try:
+            client = DockerClient.from_config(reactor, DockerConfig(host="unix://{}".format(sock)))
+            assert await client.ping() is True
+            await client.close()
+        finally:
+            await port.stopListening()
+    finally:
+        os.close(fd)
 
 
 @pytest_twisted.ensureDeferred
