@@ -91,7 +91,7 @@ async def test_real_server_over_the_link_survives_a_panel_dying_mid_flood(
         await until(lambda: "c-stop" in panel.responses(), 15)
         await until(lambda: any(
             f["data"]["serverId"] == sid and f["data"]["currentStatus"] == "offline"
-            for f in panel.frames("server_status_changed", connection=1)), 15)
+            for f in panel.frames("server_status_changed", connection=1)), 30)
 
         responses = panel.responses()
         assert sorted(responses) == ["c-create", "c-start", "c-stop"]
