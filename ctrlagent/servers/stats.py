@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from ctrlagent.config import ServersConfig
 from ctrlagent.engine.interface import IContainerEngine, ILogStream, IStatsReader, StatsSample
-from ctrlagent.errors import EngineError
+from ctrlagent.errors import EngineError, NotFound
 from ctrlagent.work import Tracker
 
 MB = 1024 * 1024
@@ -145,7 +145,7 @@ class StatsSampler:
         """The kernel's figures if the engine offers them, else its stats API."""
         try:
             reader = await self._engine.stats_reader(cid)
-        except EngineError as e:
+        except (EngineError, NotFound) as e:
             self.log.debug("no stats reader for {server_id}: {e}", server_id=self.server_id, e=e)
             reader = None
         finally:
@@ -172,7 +172,7 @@ class StatsSampler:
             return
         try:
             sample = reader.read()
-        except EngineError as e:
+        except (EngineError, NotFound) as e:
             # The container's cgroup is gone (it stopped): its end stops us.
             self.log.debug("stats of {server_id} ended: {e}", server_id=self.server_id, e=e)
             self._drop_reader()
