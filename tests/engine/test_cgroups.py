@@ -21,12 +21,16 @@ from ctrlagent.errors import NotFound
 CID = "1b28a21ebf3eb7de2fb297c5910a2f09a6bc1af1d51b3b93f2deef4a6c346444"
 PID = 4242
 MB = 1024 * 1024
-NET_DEV = """Inter-|   Receive                                                |  Transmit
- face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
-    lo:    9999       5    0    0    0     0          0         0     9999       5    0    0    0     0       0          0
-  eth0:     426       5    0    0    0     0          0         0      100       2    0    0    0     0       0          0
-  eth1:      74       1    0    0    0     0          0         0       20       1    0    0    0     0       0          0
-"""
+NET_DEV = "".join(
+    line + "\n"
+    for line in [
+        "Inter-|   Receive                                                |  Transmit",
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets ...",
+        "    lo:    9999       5    0    0    0     0          0         0     9999       5",
+        "  eth0:     426       5    0    0    0     0          0         0      100       2",
+        "  eth1:      74       1    0    0    0     0          0         0       20       1",
+    ]
+)
 
 
 def _write(path: Path, text: str) -> None:

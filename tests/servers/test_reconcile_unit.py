@@ -7,6 +7,7 @@ servers are re-attached many at once, but never more than
 from __future__ import annotations
 
 from dataclasses import replace
+
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
@@ -54,11 +55,9 @@ async def test_reconcile_reattaches_at_most_the_configured_number_of_servers_at_
     await until(lambda: len(held) == 3, 5, "three re-attaches")
     await sleep(0.05)
     assert len(held) == 3  # the others wait for a slot
-    released = 0
-    while released < len(sids):
-        await until(lambda: len(held) > released, 5, "the next re-attach")
+    for released in range(len(sids)):
+        await until(lambda n=released: len(held) > n, 5, "the next re-attach")  # type: ignore[misc]
         held[released].callback(None)
-        released += 1
     await until(lambda: all(second.get(s).output_attached for s in sids), 5, "all re-attached")
     assert in_flight[1] == 3
     assert second.reconciled == 1
