@@ -49,7 +49,7 @@ __all__ = [
     "host_memory_bytes",
     "parse_blkio",
     "parse_io_stat",
-    "parse_keyed",
+    "keyed_value",
     "parse_net_dev",
 ]
 
@@ -137,17 +137,22 @@ def find_cgroup(
     return None
 
 
-def parse_keyed(text: str) -> dict[str, int]:
-    """``key value`` lines (``memory.stat``, ``cpu.stat``) as a mapping; other lines skipped."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                out[parts[0]] = int(parts[1])
-            except ValueError:
-                continue
-    return out
+def keyed_value(data: bytes, key: bytes) -> int | None:
+    """
+    The value of ``key`` in a ``key value`` file (``memory.stat``), found
+    without parsing the other lines (the file has dozens; one or two are read).
+    """
+    at = data.find(b"\n" + key + b" ")
+    if at < 0:
+        if not data.startswith(key + b" "):
+            return None
+        at = -1
+    start = at + len(key) + 2
+    end = data.find(b"\n", start)
+    try:
+        return int(data[start:] if end < 0 else data[start:end])
+    except ValueError:
+        return None
 
 
 def parse_blkio(text: str) -> tuple[int, int]:
@@ -263,29 +268,31 @@ class CgroupStatsReader:
         self._pids_file = os.path.join(paths.pids, "pids.current")
         self._net_file = os.path.join(proc, str(paths.pid), "net", "dev")
 
-    def _read(self, path: str, optional: bool = False) -> str:
+    def _read(self, path: str, optional: bool = False) -> bytes:
         fd = self._fds.get(path)
         try:
             if fd is None:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 self._fds[path] = fd
-            return os.pread(fd, _READ_SIZE, 0).decode("ascii", "replace")
+            return os.pread(fd, _READ_SIZE, 0)
         except OSError as e:
             if optional:
-                return ""
+                return b""
             self.close()
             raise NotFound("container cgroup gone ({})".format(e.strerror or e)) from None
+
+    def _text(self, path: str, optional: bool = False) -> str:
+        return self._read(path, optional).decode("ascii", "replace")
 
     def read(self) -> StatsSample:
         """One sample now; ``NotFound`` when the container's cgroup is gone."""
         if self._closed:
             raise NotFound("stats reader closed")
         v1 = self.paths.version == 1
-        cpu_text = self._read(self._cpu_file)
         if v1:
-            cpu_ns = _int(cpu_text)
+            cpu_ns = _int(self._read(self._cpu_file))
         else:
-            cpu_ns = parse_keyed(cpu_text).get("usage_usec", 0) * 1000
+            cpu_ns = (keyed_value(self._read(self._cpu_file), b"usage_usec") or 0) * 1000
         now = self._now()
         percent = 0.0
         if self._last_cpu is not None:
@@ -294,18 +301,25 @@ class CgroupStatsReader:
                 percent = (cpu_ns - before) / ((now - then) * 1e9) * 100.0
         self._last_cpu = (now, cpu_ns)
         usage = _int(self._read(self._usage_file))
-        stat = parse_keyed(self._read(self._stat_file))
-        inactive = stat.get("total_inactive_file" if v1 else "inactive_file", 0)
+        stat = self._read(self._stat_file)
+        inactive = keyed_value(stat, b"total_inactive_file" if v1 else b"inactive_file") or 0
         memory = usage - inactive if inactive < usage else usage
-        limit_text = self._read(self._limit_file).strip()
-        limit = 0 if limit_text == "max" else _int(limit_text)
+        if v1:
+            # The container's own limit, as memory.limit_in_bytes has it, in
+            # the file already read (its parents set none: the engine's).
+            limit = keyed_value(stat, b"hierarchical_memory_limit")
+            if limit is None:
+                limit = _int(self._read(self._limit_file))
+        else:
+            limit_text = self._read(self._limit_file).strip()
+            limit = 0 if limit_text == b"max" else _int(limit_text)
         if (limit == 0 or limit >= _UNLIMITED) or (self._host_memory and limit > self._host_memory):
             limit = self._host_memory
         if v1:
-            blk_read, blk_write = parse_blkio(self._read(self._blkio_file, optional=True))
+            blk_read, blk_write = parse_blkio(self._text(self._blkio_file, optional=True))
         else:
-            blk_read, blk_write = parse_io_stat(self._read(self._blkio_file, optional=True))
-        rx, tx = parse_net_dev(self._read(self._net_file, optional=True))
+            blk_read, blk_write = parse_io_stat(self._text(self._blkio_file, optional=True))
+        rx, tx = parse_net_dev(self._text(self._net_file, optional=True))
         return StatsSample(
             cpu_percent=round(percent, 3),
             memory_bytes=memory,
@@ -328,8 +342,8 @@ class CgroupStatsReader:
                 pass
 
 
-def _int(text: str) -> int:
+def _int(data: bytes) -> int:
     try:
-        return int(text.strip() or 0)
+        return int(data.strip() or 0)
     except ValueError:
         return 0

@@ -7,8 +7,9 @@ Where they come from, cheapest first:
 - the host's kernel (``servers.stats_from_kernel``), when the engine runs on
   this host and offers an ``IStatsReader`` for the container: a few small
   cgroup files read on the reactor thread, every server on one ``StatsHub``
-  timer that reads a tenth of them every tenth of the interval (so the reads
-  spread evenly, and 500 servers cost one timer, not 500);
+  timer that reads a fortieth of them every fortieth of the interval (so the
+  reads spread evenly, no reactor turn reads more than a few dozen
+  servers, and 500 servers cost one timer, not 500);
 - else the engine's stats API (``servers.stats_mode``): one stream per
   server, or a request per server every ``stats_interval``.
 """
@@ -41,7 +42,7 @@ class StatsHub:
     in the hub.
     """
 
-    def __init__(self, clock: Any, interval: float, slices: int = 10) -> None:
+    def __init__(self, clock: Any, interval: float, slices: int = 40) -> None:
         self._clock = clock
         self.interval = interval
         self._slices: list[dict[StatsSampler, None]] = [{} for _ in range(max(1, slices))]

@@ -53,7 +53,8 @@ def _v1(tmp: Path, limit: str = str(64 * MB)) -> tuple[Path, Path]:
     _write(root / "memory" / where / "memory.usage_in_bytes", str(30 * MB) + "\n")
     _write(root / "memory" / where / "memory.limit_in_bytes", limit + "\n")
     _write(root / "memory" / where / "memory.stat",
-           "cache 0\ninactive_file 1\ntotal_rss 1\ntotal_inactive_file {}\n".format(10 * MB))
+           "cache 0\ninactive_file 1\nhierarchical_memory_limit {}\ntotal_rss 1\n"
+           "total_inactive_file {}\n".format(limit, 10 * MB))
     _write(root / "pids" / where / "pids.current", "4\n")
     _write(root / "blkio" / where / "blkio.throttle.io_service_bytes_recursive",
            "8:0 Read 4096\n8:0 Write 8192\n8:16 Read 1\n8:0 Total 12288\nTotal 12289\n")
@@ -161,7 +162,10 @@ def test_a_container_whose_cgroup_went_away_is_not_found(tmp_path: Path) -> None
 
 
 def test_the_parsers_skip_what_they_do_not_know() -> None:
-    assert cgroups.parse_keyed("a 1\nb x\nc\nd 2 3\n") == {"a": 1}
+    stat = b"cache 5\ntotal_cache 7\nbad x\nlast 9"
+    assert cgroups.keyed_value(stat, b"cache") == 5 and cgroups.keyed_value(stat, b"last") == 9
+    assert cgroups.keyed_value(stat, b"total_cache") == 7
+    assert cgroups.keyed_value(stat, b"bad") is None and cgroups.keyed_value(stat, b"ache") is None
     assert cgroups.parse_blkio("8:0 Read x\n8:0 Async 5\nTotal 7\n") == (0, 0)
     assert cgroups.parse_io_stat("8:0 rbytes=x wbytes=3 dbytes=9\n") == (0, 3)
     assert cgroups.parse_net_dev("h\nh\n  eth0: 1 2\nnocolon\n") == (0, 0)
