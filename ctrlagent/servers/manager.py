@@ -228,13 +228,22 @@ class ServerManager(service.Service):
             on_resume=self._engine_back,
         )
         self._events_task = self.tracker.run(self._watch_events(), "engine event watcher")
-        self.reconcile()
+        reconciled = self.reconcile()
         self.delivery.schedule()
-        interval = self.config.servers.disk_check_interval
-        if interval > 0:
+        if self.config.servers.disk_check_interval > 0:
             self._disk_loop = LoopingCall(self._check_all_disks)
             self._disk_loop.clock = self.clock
-            self.tracker.track(self._disk_loop.start(interval, now=True), "disk usage checks")
+            # After the first reconcile: re-attaching every running server
+            # comes first at start-up, and hundreds of walks in the disk
+            # threads would compete with it for the interpreter.
+            reconciled.addBoth(self._start_disk_checks)
+
+    def _start_disk_checks(self, result: Any) -> Any:
+        loop = self._disk_loop
+        if self.running and loop is not None and not loop.running:
+            interval = self.config.servers.disk_check_interval
+            self.tracker.track(loop.start(interval, now=True), "disk usage checks")
+        return result
 
     def abort_start(self) -> None:
         """

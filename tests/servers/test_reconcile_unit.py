@@ -7,6 +7,7 @@ servers are re-attached many at once, but never more than
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest_twisted
 from twisted.internet.defer import Deferred
@@ -61,3 +62,25 @@ async def test_reconcile_reattaches_at_most_the_configured_number_of_servers_at_
     await until(lambda: all(second.get(s).output_attached for s in sids), 5, "all re-attached")
     assert in_flight[1] == 3
     assert second.reconciled == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_first_disk_checks_wait_for_the_first_reconcile(unit: Unit) -> None:
+    unit.config = replace(unit.config, servers=replace(unit.config.servers,
+                                                       disk_check_interval=60.0))
+    first = unit.manager()
+    await first.create_server("s1", PARAMS)
+    await first.stopService()
+    gate: Deferred[None] = Deferred()
+    real = unit.engine.list
+
+    async def held_list(labels: Any) -> list[ContainerState]:
+        await gate
+        return await real(labels)
+
+    unit.engine.list = held_list  # type: ignore[method-assign]
+    second = unit.manager()
+    await sleep(0.1)
+    assert second.get("s1").disk_checked is None  # re-attaching first
+    gate.callback(None)
+    await until(lambda: second.get("s1").disk_checked is not None, 5, "the first disk check")
