@@ -115,6 +115,11 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
     workdir = Path(tempfile.mkdtemp(prefix="ctrlagent-bench-scale-"))
     # Idle servers publish no ports (500 of them would be 1,000 docker-proxy processes).
     config = '[servers]\nstop_timeout = 2.0\nport_range = ""\n'
+    if args.network:
+        # A network of the benchmark's own, big enough for every server (a
+        # shared engine's default network may be a /24 others use too).
+        config += '[docker]\nnetwork_name = "{}"\nnetwork_subnet = "{}"\n'.format(
+            args.network, args.subnet)
     agent = AgentProcess(workdir, host, extra_config=config).start()
     server_ids = ["scale-" + uuid.uuid4().hex[:12] for _ in range(servers)]
     result: dict[str, Any] = {"servers": servers}
@@ -234,6 +239,10 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30.0)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--network", default="",
+                        help="the servers' network, created with --subnet and removed at the end"
+                        " (default: the agent's own, ctrl-alt-play)")
+    parser.add_argument("--subnet", default="10.184.0.0/22")
     args = parser.parse_args()
     host = os.environ.get("DOCKER_HOST", "")
     private: PrivateDockerd | None = None
@@ -250,8 +259,18 @@ def main() -> None:
             octet = private.pool_base.split(".")[1]
             _docker(host, "network", "create", "--subnet", "10.{}.64.0/22".format(octet),
                     "--label", "ctrl-alt-play.managed=true", "ctrl-alt-play")
-        results = [run_once(host, image, int(n), args) for n in args.servers.split(",")]
+        results = []
+        for n in args.servers.split(","):
+            results.append(run_once(host, image, int(n), args))
+            # Each run's figures as soon as they are known (a later run may fail).
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # noqa: T201
     finally:
+        if args.network and private is None:
+            try:
+                _docker(host, "network", "rm", args.network)
+            except RuntimeError as e:
+                print("network {} not removed: {}".format(args.network, e),  # noqa: T201
+                      file=sys.stderr)
         if private is not None:
             private.stop()
     print(json.dumps(results, indent=2) if args.json else report(results))  # noqa: T201
