@@ -237,9 +237,10 @@ class DockerEngine:
         # Container id -> its main process as the last inspect saw it running
         # (``stats_reader`` then needs no call of its own).
         self._pids: dict[str, int] = {}
-        # Kernel figures only for an engine on this host (a Unix socket);
-        # ``find_cgroup`` checks the rest (same pid namespace, cgroups readable).
-        self.local_stats = client.host.kind == "unix"
+        # Kernel figures (``stats_reader``) only for an engine on this host;
+        # None: decided at the first use (a Unix socket is local, and
+        # ``find_cgroup`` checks the rest: same pid namespace, cgroups readable).
+        self.local_stats: bool | None = None
         self._host_memory: int | None = None
 
     async def close(self) -> None:
@@ -357,6 +358,8 @@ class DockerEngine:
         return _StatsSamples(self.client.stats_stream(cid))
 
     async def stats_reader(self, cid: str) -> IStatsReader | None:
+        if self.local_stats is None:
+            self.local_stats = self.client.host.kind == "unix"
         if not self.local_stats:
             # Still says NotFound for a container that does not exist.
             await self.client.container_inspect(cid)
