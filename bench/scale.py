@@ -111,16 +111,34 @@ def ticks(agent: AgentProcess, server_ids: list[str]) -> dict[str, list[int]]:
     return found
 
 
+class BenchAgent(AgentProcess):
+    """
+    The agent on a network of the benchmark's own, big enough for every
+    server (a shared engine's default network may be a /24 others use too).
+    """
+
+    def __init__(self, *args: Any, network: str, subnet: str, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.network = network
+        self.subnet = subnet
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        text = self.config_path.read_text()
+        table = '[docker]\nhost = "{}"\n'.format(self.docker_host)
+        assert table in text
+        self.config_path.write_text(text.replace(
+            table, table + 'network_name = "{}"\nnetwork_subnet = "{}"\n'.format(
+                self.network, self.subnet)))
+
+
 def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="ctrlagent-bench-scale-"))
     # Idle servers publish no ports (500 of them would be 1,000 docker-proxy processes).
     config = '[servers]\nstop_timeout = 2.0\nport_range = ""\n'
-    if args.network:
-        # A network of the benchmark's own, big enough for every server (a
-        # shared engine's default network may be a /24 others use too).
-        config += '[docker]\nnetwork_name = "{}"\nnetwork_subnet = "{}"\n'.format(
-            args.network, args.subnet)
-    agent = AgentProcess(workdir, host, extra_config=config).start()
+    agent = (BenchAgent(workdir, host, extra_config=config, network=args.network,
+                        subnet=args.subnet) if args.network
+             else AgentProcess(workdir, host, extra_config=config)).start()
     server_ids = ["scale-" + uuid.uuid4().hex[:12] for _ in range(servers)]
     result: dict[str, Any] = {"servers": servers}
     try:
