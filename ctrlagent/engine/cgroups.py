@@ -33,6 +33,7 @@ no engine, no reactor.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from zope.interface import implementer
 
 from ctrlagent.engine.interface import IStatsReader, StatsSample
-from ctrlagent.errors import NotFound
+from ctrlagent.errors import EngineError, NotFound
 
 __all__ = [
     "CgroupPaths",
@@ -58,6 +59,8 @@ PROC_ROOT = "/proc"
 # A cgroup v1 "limit" at or above this is no limit (the kernel's page-rounded LONG_MAX).
 _UNLIMITED = 1 << 62
 _READ_SIZE = 64 * 1024
+# What reading a file of a container that is gone fails with.
+_GONE = frozenset((errno.ENOENT, errno.ENODEV, errno.ESRCH))
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,9 @@ class CgroupStatsReader:
 
     ``now`` is a monotonic clock in seconds (the CPU percent is CPU time over
     the time between two reads).  ``read`` raises ``NotFound`` once the
-    container is gone (its cgroup removed); ``close`` releases the files.
+    container is gone (its cgroup removed), ``EngineError`` when the files
+    cannot be read for another reason (no descriptor left, no permission);
+    either closes the reader.  ``close`` releases the files.
     """
 
     def __init__(
@@ -276,10 +281,15 @@ class CgroupStatsReader:
                 self._fds[path] = fd
             return os.pread(fd, _READ_SIZE, 0)
         except OSError as e:
-            if optional:
-                return b""
+            if e.errno in _GONE:
+                if optional:
+                    return b""
+                self.close()
+                raise NotFound("container cgroup gone ({})".format(e.strerror or e)) from None
+            # Not the container's end (out of descriptors, no permission):
+            # the caller falls back to the engine's stats API.
             self.close()
-            raise NotFound("container cgroup gone ({})".format(e.strerror or e)) from None
+            raise EngineError("cannot read {} ({})".format(path, e.strerror or e)) from None
 
     def _text(self, path: str, optional: bool = False) -> str:
         return self._read(path, optional).decode("ascii", "replace")

@@ -279,7 +279,9 @@ class IStatsReader(Interface):
     def read() -> StatsSample:
         """
         One sample now, CPU averaged since the previous read (0 at the first).
-        ``NotFound`` once the container is gone.
+        ``NotFound`` once the container is gone; ``EngineError`` when its
+        figures cannot be read any more for another reason (then ask the
+        engine's stats API).
         """
 
     def close() -> None:

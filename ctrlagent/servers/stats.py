@@ -173,10 +173,20 @@ class StatsSampler:
             return
         try:
             sample = reader.read()
-        except (EngineError, NotFound) as e:
+        except NotFound as e:
             # The container's cgroup is gone (it stopped): its end stops us.
             self.log.debug("stats of {server_id} ended: {e}", server_id=self.server_id, e=e)
             self._drop_reader()
+            return
+        except EngineError as e:
+            # Still running, but its files cannot be read (no descriptor
+            # left): the engine's stats API from now on, for this run.
+            self.log.info("stats of server {server_id} through the engine from now on: {e}",
+                          server_id=self.server_id, e=e)
+            self._drop_reader()
+            cid = self._container_id()
+            if cid is not None:
+                self._start_engine(cid)
             return
         self.apply(sample)
 

@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from ctrlagent.engine import cgroups
 from ctrlagent.engine.interface import IStatsReader
-from ctrlagent.errors import NotFound
+from ctrlagent.errors import EngineError, NotFound
 
 CID = "1b28a21ebf3eb7de2fb297c5910a2f09a6bc1af1d51b3b93f2deef4a6c346444"
 PID = 4242
@@ -169,3 +169,18 @@ def test_the_parsers_skip_what_they_do_not_know() -> None:
     assert cgroups.parse_blkio("8:0 Read x\n8:0 Async 5\nTotal 7\n") == (0, 0)
     assert cgroups.parse_io_stat("8:0 rbytes=x wbytes=3 dbytes=9\n") == (0, 3)
     assert cgroups.parse_net_dev("h\nh\n  eth0: 1 2\nnocolon\n") == (0, 0)
+
+
+def test_a_file_that_cannot_be_read_is_an_engine_error_not_the_end(tmp_path: Path) -> None:
+    # Out of descriptors or refused: the container still runs, its figures
+    # must come from elsewhere (the sampler then asks the engine's API).
+    root, proc = _v1(tmp_path)
+    paths = cgroups.find_cgroup(PID, CID, proc=str(proc), root=str(root))
+    assert paths is not None
+    usage = root / "memory" / "docker" / CID / "memory.usage_in_bytes"
+    usage.unlink()
+    usage.mkdir()  # read() of a directory fails with EISDIR
+    reader = cgroups.CgroupStatsReader(paths, Ticks(), proc=str(proc))
+    with pytest.raises(EngineError) as failure:
+        reader.read()
+    assert not isinstance(failure.value, NotFound)

@@ -223,3 +223,27 @@ def test_the_hub_spreads_servers_evenly_over_its_slices() -> None:
         clock.advance(INTERVAL / 4)
         sizes.append(len(reads) - before)
     assert sorted(sizes) == [2, 2, 3, 3] and sorted(reads) == list(range(10))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reader_that_cannot_read_any_more_hands_over_to_the_engines_stream() -> None:
+    from ctrlagent.errors import EngineError
+
+    clock = Clock()
+    engine = FakeEngine(clock)
+    counting = CountingEngine(engine)
+    hub = StatsHub(clock, INTERVAL, slices=SLICES)
+    (cid,) = await _running(engine, 1)
+    published: list[str] = []
+    sampler = _sampler(counting, clock, hub, cid, published)
+    sampler.start()
+    assert len(hub) == 1 and counting.streams == 0
+
+    def refused() -> Any:
+        raise EngineError("cannot read memory.stat (Too many open files)")
+
+    engine.stats_readers[0].read = refused  # type: ignore[method-assign]
+    run_for(clock, INTERVAL)
+    assert len(hub) == 0 and engine.stats_readers[0].closed
+    assert counting.streams == 1  # the same run goes on, sampled by the engine
+    sampler.stop()
