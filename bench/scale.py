@@ -277,6 +277,13 @@ def main() -> None:
             octet = private.pool_base.split(".")[1]
             _docker(host, "network", "create", "--subnet", "10.{}.64.0/22".format(octet),
                     "--label", "ctrl-alt-play.managed=true", "ctrl-alt-play")
+        if args.network and private is None:
+            # Made here, before the agent: its first creates run at once, and
+            # an engine refuses all but one of concurrent creates of a
+            # network with a subnet as an overlapping pool (not as a taken
+            # name), which fails those servers' installs.
+            _docker(host, "network", "create", "--subnet", args.subnet,
+                    "--label", "ctrl-alt-play.managed=true", args.network)
         results = []
         for n in args.servers.split(","):
             results.append(run_once(host, image, int(n), args))
