@@ -197,10 +197,16 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
         up = time.monotonic()
         result["agent_up_s"] = up - restarted
 
+        pending = list(server_ids)
+
         def all_attached() -> bool:
+            # Only the servers not seen attached yet: asking all 500 every
+            # round would itself take seconds, and hide when the last came.
             answers = send_all(agent, [{"action": "console:status", "serverId": sid}
-                                       for sid in server_ids])
-            return all((a.get("data") or {}).get("connected") for a in answers)
+                                       for sid in pending])
+            pending[:] = [sid for sid, a in zip(pending, answers, strict=True)
+                          if not (a.get("data") or {}).get("connected")]
+            return not pending
 
         wait_until(all_attached, 120, "all consoles re-attached")
         result["reattach_s"] = time.monotonic() - restarted
