@@ -206,6 +206,12 @@ class ServersConfig:
     # (servers.pids_limit is the per-container cap); set it where the host's
     # hard limit is below the engine's default (docs/RUNTIMES.md).
     ulimits: Mapping[str, Any] = field(default_factory=lambda: {"nofile": [8192, 8192]})
+    # Running servers' figures read straight from the host's cgroup files
+    # when the engine runs on this host (one timer for every server, no
+    # engine call per sample); false, or an engine elsewhere: stats_mode.
+    stats_from_kernel: bool = True
+    # Servers reconciled (re-attached after a restart, or started) at once.
+    reconcile_concurrency: int = 32
 
 
 @dataclass(frozen=True)
@@ -990,6 +996,8 @@ def validate(config: AgentConfig) -> None:
         raise ConfigInvalid("servers.console_mark_interval must be between 0 and 3600 seconds")
     _validate_install(config.servers)
     _validate_allocations_and_limits(config.servers)
+    if not 1 <= config.servers.reconcile_concurrency <= 1024:
+        raise ConfigInvalid("servers.reconcile_concurrency must be between 1 and 1024")
     if config.http.max_body_bytes < 1024:
         raise ConfigInvalid("http.max_body_bytes must be at least 1024")
     if config.http.max_connections < 16:

@@ -38,6 +38,7 @@ __all__ = [
     "ILogStream",
     "IEventStream",
     "IStdinPipe",
+    "IStatsReader",
     "IContainerEngine",
     "BUILTIN_NETWORKS",
     "is_builtin_network",
@@ -266,6 +267,27 @@ class IStdinPipe(Interface):
         """Close the pipe (the container keeps running); fires once it is gone."""
 
 
+class IStatsReader(Interface):
+    """
+    A running container's resource figures read straight from the host's
+    kernel (its cgroup files), without a call to the engine per sample.
+
+    ``read`` costs a few small in-memory file reads: cheap enough for the
+    reactor thread, as a socket read is.
+    """
+
+    def read() -> StatsSample:
+        """
+        One sample now, CPU averaged since the previous read (0 at the first).
+        ``NotFound`` once the container is gone; ``EngineError`` when its
+        figures cannot be read any more for another reason (then ask the
+        engine's stats API).
+        """
+
+    def close() -> None:
+        """Release what the reader holds (idempotent); reads then say ``NotFound``."""
+
+
 class IContainerEngine(Interface):
     """A container runtime, as the server domain uses it."""
 
@@ -340,6 +362,15 @@ class IContainerEngine(Interface):
 
     def stats_stream(cid: str) -> ILogStream:
         """A ``StatsSample`` about every second while the container runs."""
+
+    def stats_reader(cid: str) -> Awaitable[IStatsReader | None]:
+        """
+        A reader of the running container's figures from the host's kernel,
+        or None when this engine cannot offer one (it runs on another host,
+        its containers' cgroups are out of reach, the container does not
+        run): ``stats``/``stats_stream`` then.  ``NotFound`` when there is
+        no such container.
+        """
 
     def events(
         labels: Mapping[str, str],

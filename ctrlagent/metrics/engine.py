@@ -24,6 +24,7 @@ from ctrlagent.engine.interface import (
     IContainerEngine,
     IEventStream,
     ILogStream,
+    IStatsReader,
     IStdinPipe,
     ResourceLimits,
     StatsSample,
@@ -131,6 +132,10 @@ class MeteredEngine:
 
     def stats_stream(self, cid: str) -> ILogStream:
         return self._opened("stats_stream", lambda: self._engine.stats_stream(cid))
+
+    async def stats_reader(self, cid: str) -> IStatsReader | None:
+        # Counted when asked for; its reads are the kernel's, not engine calls.
+        return await self._timed("stats_reader", self._engine.stats_reader(cid))
 
     def events(
         self,

@@ -79,6 +79,7 @@ from ctrlagent.servers.locks import FileLocks
 from ctrlagent.servers.ports import PortPool, allocations
 from ctrlagent.servers.server import Server
 from ctrlagent.servers.services import RowWriter, ServerNetwork, ServerServices
+from ctrlagent.servers.stats import StatsHub
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
 from ctrlagent.startup import StartupError
 from ctrlagent.wire.servers import (
@@ -155,6 +156,8 @@ class ServerManager(service.Service):
         self.data = DataDirs(reactor, config.data_dir, self.disk_pool, config.disk)
         self.network = ServerNetwork(engine, network_mode, config.docker.network_subnet or None)
         self.locks = FileLocks()
+        # Every running server's kernel-read stats on one timer.
+        self.stats_hub = StatsHub(self.clock, config.servers.stats_interval)
         # What every server uses: it never reaches back to the manager.
         self.services = ServerServices(
             engine=engine,
@@ -168,6 +171,7 @@ class ServerManager(service.Service):
             network=self.network,
             config=config,
             locks=self.locks,
+            stats=self.stats_hub,
         )
         self.reconciled = 0
         # Ports for servers created without any (servers.port_range).
@@ -224,13 +228,22 @@ class ServerManager(service.Service):
             on_resume=self._engine_back,
         )
         self._events_task = self.tracker.run(self._watch_events(), "engine event watcher")
-        self.reconcile()
+        reconciled = self.reconcile()
         self.delivery.schedule()
-        interval = self.config.servers.disk_check_interval
-        if interval > 0:
+        if self.config.servers.disk_check_interval > 0:
             self._disk_loop = LoopingCall(self._check_all_disks)
             self._disk_loop.clock = self.clock
-            self.tracker.track(self._disk_loop.start(interval, now=True), "disk usage checks")
+            # After the first reconcile: re-attaching every running server
+            # comes first at start-up, and hundreds of walks in the disk
+            # threads would compete with it for the interpreter.
+            reconciled.addBoth(self._start_disk_checks)
+
+    def _start_disk_checks(self, result: Any) -> Any:
+        loop = self._disk_loop
+        if self.running and loop is not None and not loop.running:
+            interval = self.config.servers.disk_check_interval
+            self.tracker.track(loop.start(interval, now=True), "disk usage checks")
+        return result
 
     def abort_start(self) -> None:
         """
@@ -327,6 +340,7 @@ class ServerManager(service.Service):
             self._events.close()
         for server in self._servers.values():
             server.close()
+        self.stats_hub.stop()
         self.tracker.cancel_all()
         await self.tracker.wait()
         await self.delivery.flush()
@@ -356,6 +370,7 @@ class ServerManager(service.Service):
             self._events.close()
         for server in self._servers.values():
             server.close()
+        self.stats_hub.stop()
         self.tracker.cancel_all()
         # A dead process holds no threads: the store finishes the statement
         # in flight (as the kernel would flush an issued write) and closes.
@@ -468,7 +483,10 @@ class ServerManager(service.Service):
                     server_id=orphan["serverId"],
                 )
         self.orphans = orphans
-        slots = DeferredSemaphore(8)
+        # Re-attaching is mostly waiting on the engine (an inspect, the kept
+        # console, the live console, stdin): many at once, bounded.
+        slots = DeferredSemaphore(self.config.servers.reconcile_concurrency)
+        self.reconcile_slots = slots
 
         @async_to_deferred
         async def one(server: Server) -> None:

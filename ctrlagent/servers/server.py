@@ -130,6 +130,7 @@ class Server:
             container_id=lambda: self.container_id,
             active=lambda: self.state in ACTIVE_STATES,
             on_sample=self._sampled,
+            hub=services.stats,
         )
         self.installer = Installer(sid, services, self.console)
         self._exit_waiters: list[Deferred[None]] = []

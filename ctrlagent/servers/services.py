@@ -18,6 +18,7 @@ from ctrlagent.servers.containers import MANAGED_LABEL
 from ctrlagent.servers.datadir import DataDirs
 from ctrlagent.servers.delivery import ConsoleDelivery, EventBus
 from ctrlagent.servers.locks import FileLocks
+from ctrlagent.servers.stats import StatsHub
 from ctrlagent.work import Deadlines, Tracker
 
 
@@ -76,3 +77,6 @@ class ServerServices:
     config: AgentConfig
     # Servers whose files a restore holds: no start while locked.
     locks: FileLocks
+    # One timer reading every server's kernel figures (None: each server
+    # samples through the engine's stats API).
+    stats: StatsHub | None = None

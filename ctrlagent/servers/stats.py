@@ -1,7 +1,17 @@
 """
-A running server's resource samples: polled every ``stats_interval`` or read
-from the engine's stats stream (``servers.stats_mode``); the latest one is
-kept (``latest``) and handed to ``on_sample``.
+A running server's resource samples, one every ``stats_interval``; the
+latest is kept (``latest``) and handed to ``on_sample``.
+
+Where they come from, cheapest first:
+
+- the host's kernel (``servers.stats_from_kernel``), when the engine runs on
+  this host and offers an ``IStatsReader`` for the container: a few small
+  cgroup files read on the reactor thread, every server on one ``StatsHub``
+  timer that reads a fortieth of them every fortieth of the interval (so the
+  reads spread evenly, no reactor turn reads more than a few dozen
+  servers, and 500 servers cost one timer, not 500);
+- else the engine's stats API (``servers.stats_mode``): one stream per
+  server, or a request per server every ``stats_interval``.
 """
 
 from __future__ import annotations
@@ -13,11 +23,72 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from ctrlagent.config import ServersConfig
-from ctrlagent.engine.interface import IContainerEngine, ILogStream, StatsSample
-from ctrlagent.errors import EngineError
+from ctrlagent.engine.interface import IContainerEngine, ILogStream, IStatsReader, StatsSample
+from ctrlagent.errors import EngineError, NotFound
 from ctrlagent.work import Tracker
 
 MB = 1024 * 1024
+
+
+class StatsHub:
+    """
+    Every server's kernel-read samples on one timer.
+
+    The interval is cut into ``slices`` ticks; each sampler belongs to the
+    slice with the fewest members when it joins, and each tick reads the
+    samplers of one slice: every sampler is read exactly once per interval,
+    the reads are spread evenly over it, and no reactor turn reads more than
+    a ``slices``-th of the servers.  The timer runs only while a sampler is
+    in the hub.
+    """
+
+    def __init__(self, clock: Any, interval: float, slices: int = 40) -> None:
+        self._clock = clock
+        self.interval = interval
+        self._slices: list[dict[StatsSampler, None]] = [{} for _ in range(max(1, slices))]
+        self._where: dict[StatsSampler, int] = {}
+        self._next = 0
+        self._call: IDelayedCall | None = None
+        self.ticks = 0
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, sampler: object) -> bool:
+        return sampler in self._where
+
+    def add(self, sampler: StatsSampler) -> None:
+        """Read ``sampler`` once per interval from now on."""
+        if sampler in self._where:
+            return
+        index = min(range(len(self._slices)), key=lambda i: len(self._slices[i]))
+        self._slices[index][sampler] = None
+        self._where[sampler] = index
+        if self._call is None:
+            self._call = self._clock.callLater(self.interval / len(self._slices), self._tick)
+
+    def discard(self, sampler: StatsSampler) -> None:
+        """Read ``sampler`` no more; the timer stops with the last one."""
+        index = self._where.pop(sampler, None)
+        if index is not None:
+            self._slices[index].pop(sampler, None)
+        if not self._where:
+            self.stop()
+
+    def stop(self) -> None:
+        """Cancel the timer (the samplers still in the hub stay, unread)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _tick(self) -> None:
+        self._call = None
+        self.ticks += 1
+        index, self._next = self._next, (self._next + 1) % len(self._slices)
+        for sampler in list(self._slices[index]):
+            sampler.read_kernel()
+        if self._where and self._call is None:
+            self._call = self._clock.callLater(self.interval / len(self._slices), self._tick)
 
 
 class StatsSampler:
@@ -36,6 +107,7 @@ class StatsSampler:
         container_id: Callable[[], str | None],
         active: Callable[[], bool],
         on_sample: Callable[[], None],
+        hub: StatsHub | None = None,
     ) -> None:
         self.server_id = server_id
         self._engine = engine
@@ -49,10 +121,84 @@ class StatsSampler:
         self._call: IDelayedCall | None = None
         self._running = False
         self._stream: ILogStream | None = None
+        self._hub = hub
+        self._reader: IStatsReader | None = None
+        self._asking = False
+        # Bumped by ``stop``: a reader asked for before it is not used.
+        self._epoch = 0
 
     def start(self) -> None:
         """Sample resource use every ``stats_interval`` while active."""
         cid = self._container_id()
+        if cid is None:
+            return
+        if self._hub is not None and self._config.stats_from_kernel:
+            if self._reader is None and not self._asking:
+                self._asking = True
+                self._tracker.run(
+                    self._ask_reader(cid, self._epoch),
+                    "stats reader of server {}".format(self.server_id),
+                )
+            return
+        self._start_engine(cid)
+
+    async def _ask_reader(self, cid: str, epoch: int) -> None:
+        """The kernel's figures if the engine offers them, else its stats API."""
+        try:
+            reader = await self._engine.stats_reader(cid)
+        except (EngineError, NotFound) as e:
+            self.log.debug("no stats reader for {server_id}: {e}", server_id=self.server_id, e=e)
+            reader = None
+        finally:
+            if epoch == self._epoch:
+                self._asking = False
+        if epoch != self._epoch or cid != self._container_id():
+            # Stopped (or another run) meanwhile: that one asks for itself.
+            if reader is not None:
+                reader.close()
+            return
+        if reader is None:
+            self._start_engine(cid)
+            return
+        assert self._hub is not None
+        self._reader = reader
+        self._hub.add(self)
+        # At once: memory and the CPU baseline, rather than an interval later.
+        self.read_kernel()
+
+    def read_kernel(self) -> None:
+        """Read and publish one kernel sample (the hub's tick)."""
+        reader = self._reader
+        if reader is None:
+            return
+        try:
+            sample = reader.read()
+        except NotFound as e:
+            # The container's cgroup is gone (it stopped): its end stops us.
+            self.log.debug("stats of {server_id} ended: {e}", server_id=self.server_id, e=e)
+            self._drop_reader()
+            return
+        except EngineError as e:
+            # Still running, but its files cannot be read (no descriptor
+            # left): the engine's stats API from now on, for this run.
+            self.log.info("stats of server {server_id} through the engine from now on: {e}",
+                          server_id=self.server_id, e=e)
+            self._drop_reader()
+            cid = self._container_id()
+            if cid is not None:
+                self._start_engine(cid)
+            return
+        self.apply(sample)
+
+    def _drop_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if self._hub is not None:
+            self._hub.discard(self)
+        if reader is not None:
+            reader.close()
+
+    def _start_engine(self, cid: str) -> None:
+        """Sample through the engine's stats API (``servers.stats_mode``)."""
         if self._config.stats_mode == "stream":
             if self._stream is None and cid is not None:
                 stream = self._engine.stats_stream(cid)
@@ -67,6 +213,9 @@ class StatsSampler:
 
     def stop(self) -> None:
         """Stop sampling."""
+        self._epoch += 1
+        self._asking = False
+        self._drop_reader()
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None

@@ -27,13 +27,18 @@ streams report the break and resume without replaying anything);
 ``print()``/``die()`` let a test act as the game.  ``created`` records every
 ``ContainerSpec`` created, ``kills`` every ``(cid, signal)``; every create
 and update warns of ``warns`` (``last_warnings``).
+
+``stats_reader`` plays a local engine's kernel figures (a ``FakeStatsReader``
+reading the same sample as ``stats``, gone once the run ends) unless
+``local_stats`` is False (a remote engine: None); ``stats_readers`` records
+every reader handed out.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -47,6 +52,7 @@ from ctrlagent.engine.interface import (
     IContainerEngine,
     IEventStream,
     ILogStream,
+    IStatsReader,
     IStdinPipe,
     LogLine,
     ResourceLimits,
@@ -245,6 +251,35 @@ class FakeContainer:
         return self.status == "running"
 
 
+@implementer(IStatsReader)
+class FakeStatsReader:
+    """A container's figures "from the kernel": readable while its run lasts."""
+
+    def __init__(self, engine: FakeEngine, container: FakeContainer) -> None:
+        self._engine = engine
+        self._container = container
+        self._run = container.runs
+        self.reads = 0
+        self.closed = False
+
+    def read(self) -> StatsSample:
+        c = self._container
+        if (
+            self.closed
+            or not c.running
+            or c.runs != self._run
+            or self._engine.containers.get(c.cid) is not c
+        ):
+            raise NotFound("container cgroup gone")
+        self.reads += 1
+        sample = self._engine._sample(c)
+        # As the kernel's: CPU is a rate between two reads, 0 at the first.
+        return sample if self.reads > 1 else replace(sample, cpu_percent=0.0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
 @implementer(IContainerEngine)
 class FakeEngine:
     """``IContainerEngine`` in memory (see the module docstring)."""
@@ -270,6 +305,9 @@ class FakeEngine:
         # without block I/O weight).
         self.warns: tuple[str, ...] = ()
         self._warnings: dict[str, tuple[str, ...]] = {}
+        # False plays an engine on another host: no kernel figures.
+        self.local_stats = True
+        self.stats_readers: list[FakeStatsReader] = []
         self._ids = itertools.count(1)
         self._last_ns = 0
 
@@ -615,6 +653,15 @@ class FakeEngine:
         if c.running:
             c.stats_followers.append(stream)
         return stream
+
+    async def stats_reader(self, cid: str) -> IStatsReader | None:
+        self._check()
+        c = self.get(cid)
+        if not self.local_stats or not c.running:
+            return None
+        reader = FakeStatsReader(self, c)
+        self.stats_readers.append(reader)
+        return reader
 
     def tick_stats(self) -> None:
         """Every followed running container reports one more sample."""

@@ -28,6 +28,7 @@ from ctrlagent.engine.interface import (
     IContainerEngine,
     IEventStream,
     ILogStream,
+    IStatsReader,
     IStdinPipe,
     LogLine,
     ResourceLimits,
@@ -487,6 +488,66 @@ async def test_stats_of_a_running_game(engine: Harness) -> None:
         stream.close()
     assert batch and all(isinstance(s, StatsSample) for s in batch)
     assert batch[0].memory_limit_bytes == 64 * MB
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_kernel_reader_reads_what_the_stats_api_reports(engine: Harness) -> None:
+    # Every engine here runs on this host: each offers its containers'
+    # kernel figures, and they are the stats API's.
+    e = engine.engine
+    cid = await engine.started(limits=ResourceLimits(memory_bytes=64 * MB,
+                                                     memory_swap_bytes=64 * MB))
+    api = await within(20, e.stats(cid))
+    reader = await within(20, e.stats_reader(cid))
+    assert reader is not None and verifyObject(IStatsReader, reader)
+    try:
+        first = reader.read()
+        second = reader.read()
+    finally:
+        reader.close()
+    for sample in (first, second):
+        assert isinstance(sample, StatsSample)
+        assert sample.memory_limit_bytes == api.memory_limit_bytes == 64 * MB
+        assert sample.pids >= 1 and sample.memory_bytes > 0
+        # The same accounting: an idle game's memory moves by little.
+        assert abs(sample.memory_bytes - api.memory_bytes) < 16 * MB
+        # Received/sent as the container sees them (its own interfaces).
+        # Podman 4.3's stats API swaps the two (Docker's and the kernel's
+        # agree): their sum is compared.
+        assert sample.rx_bytes + sample.tx_bytes >= api.rx_bytes + api.tx_bytes
+        if engine.kind != "podman":
+            assert sample.rx_bytes >= api.rx_bytes and sample.tx_bytes >= api.tx_bytes
+        assert sample.blk_read >= 0 and sample.blk_write >= 0
+    assert first.cpu_percent == 0.0 <= second.cpu_percent
+    with pytest.raises(NotFound):
+        reader.read()  # closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_kernel_reader_ends_with_the_run_and_needs_one(engine: Harness) -> None:
+    e = engine.engine
+    with pytest.raises(NotFound):
+        await e.stats_reader("ctrlagent-t-no-such-container")
+    cid = await e.create(engine.spec())
+    assert await e.stats_reader(cid) is None  # created, not running: nothing to read
+    await e.start(cid)
+    await lines_until(e, cid, "Done (0.1s)! For help, type help")
+    reader = await within(20, e.stats_reader(cid))
+    assert reader is not None
+    reader.read()
+    await e.kill(cid, "SIGKILL")
+    await within(20, e.wait(cid))
+    # The run's cgroup goes with it (the engine removes it as the exit is
+    # reported; bounded wait for that).
+    for _ in range(50):
+        try:
+            reader.read()
+        except NotFound:
+            break
+        await sleep(0.1)
+    else:
+        raise AssertionError("the reader still reads a container that exited")
+    assert await e.stats_reader(cid) is None
 
 
 @pytest_twisted.ensureDeferred

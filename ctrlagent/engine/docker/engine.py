@@ -12,12 +12,14 @@ typed ones, all ``ctrlagent.errors`` categories (``NotFound``, ``Conflict``,
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import classImplements, implementer
 
+from ctrlagent.engine import cgroups
 from ctrlagent.engine.docker.bodies import create_body, resources_body
 from ctrlagent.engine.docker.client import DockerClient
 from ctrlagent.engine.docker.errors import DockerError
@@ -34,6 +36,7 @@ from ctrlagent.engine.interface import (
     IContainerEngine,
     IEventStream,
     ILogStream,
+    IStatsReader,
     IStdinPipe,
     LogLine,
     ResourceLimits,
@@ -48,6 +51,8 @@ classImplements(StdinPipe, IStdinPipe)
 
 # How many containers' create/update warnings an engine object keeps.
 _WARNINGS_KEPT = 1024
+# How many running containers' main pids an engine object remembers (from inspects).
+_PIDS_KEPT = 4096
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -229,6 +234,14 @@ class DockerEngine:
         self._events_retry_max = events_retry_max
         # Container id -> the engine's warnings of its last create or update.
         self._warnings: dict[str, tuple[str, ...]] = {}
+        # Container id -> its main process as the last inspect saw it running
+        # (``stats_reader`` then needs no call of its own).
+        self._pids: dict[str, int] = {}
+        # Kernel figures (``stats_reader``) only for an engine on this host;
+        # None: decided at the first use (a Unix socket is local, and
+        # ``find_cgroup`` checks the rest: same pid namespace, cgroups readable).
+        self.local_stats: bool | None = None
+        self._host_memory: int | None = None
 
     async def close(self) -> None:
         """Close the client's idle connections (open streams are their owners')."""
@@ -290,7 +303,19 @@ class DockerEngine:
         return await self.client.container_wait(cid)
 
     async def inspect(self, cid: str) -> ContainerState:
-        return container_state(await self.client.container_inspect(cid))
+        doc = await self.client.container_inspect(cid)
+        self._note_pid(doc)
+        return container_state(doc)
+
+    def _note_pid(self, doc: Mapping[str, Any]) -> None:
+        cid = str(doc.get("Id") or "")
+        state = doc.get("State") or {}
+        pid = _int_or_none(state.get("Pid")) if state.get("Running") else None
+        self._pids.pop(cid, None)
+        if cid and pid:
+            self._pids[cid] = pid
+            while len(self._pids) > _PIDS_KEPT:
+                del self._pids[next(iter(self._pids))]
 
     async def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
         found = await self.client.container_list(labels=dict(labels), all=True)
@@ -298,6 +323,7 @@ class DockerEngine:
 
     async def remove(self, cid_or_name: str) -> None:
         await self.client.container_remove(cid_or_name, force=True)
+        self._pids.pop(cid_or_name, None)
         self._warnings.pop(cid_or_name, None)
 
     async def update_limits(self, cid: str, limits: ResourceLimits) -> None:
@@ -330,6 +356,30 @@ class DockerEngine:
 
     def stats_stream(self, cid: str) -> ILogStream:
         return _StatsSamples(self.client.stats_stream(cid))
+
+    async def stats_reader(self, cid: str) -> IStatsReader | None:
+        if self.local_stats is None:
+            self.local_stats = self.client.host.kind == "unix"
+        if not self.local_stats:
+            # Still says NotFound for a container that does not exist.
+            await self.client.container_inspect(cid)
+            return None
+        pid = self._pids.get(cid)
+        paths = cgroups.find_cgroup(pid, cid) if pid else None
+        if paths is None:
+            # Not inspected yet, or a stale pid (a new run): ask the engine.
+            doc = await self.client.container_inspect(cid)
+            self._note_pid(doc)
+            full_id = str(doc.get("Id") or cid)
+            pid = self._pids.get(full_id)
+            paths = cgroups.find_cgroup(pid, full_id) if pid else None
+        if paths is None:
+            return None
+        if self._host_memory is None:
+            self._host_memory = cgroups.host_memory_bytes()
+        return cgroups.CgroupStatsReader(
+            paths, time.monotonic, host_memory=self._host_memory
+        )
 
     # -- events ------------------------------------------------------------
 

@@ -1,0 +1,249 @@
+"""
+Unit tests of the servers' stats sampling from the kernel: one ``StatsHub``
+timer for every server, each read once per ``stats_interval``, on the
+in-memory engine and a ``Clock``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from ctrlagent.config import ServersConfig
+from ctrlagent.engine.interface import ContainerSpec
+from ctrlagent.errors import NotFound
+from ctrlagent.servers.stats import StatsHub, StatsSampler
+from ctrlagent.testing.engine import FakeEngine
+from ctrlagent.work import Tracker
+
+INTERVAL = 2.0
+SLICES = 8  # ticks of 0.25 s: exact in binary, so a Clock advanced tick by tick meets each
+
+
+def run_for(clock: Clock, seconds: float) -> None:
+    """Advance tick by tick (a timer set during ``advance`` counts from its end)."""
+    for _ in range(round(seconds / (INTERVAL / SLICES))):
+        clock.advance(INTERVAL / SLICES)
+
+
+class Reader:
+    """Counts its reads; raises ``NotFound`` once ``gone``."""
+
+    def __init__(self, engine: FakeEngine, cid: str) -> None:
+        self._engine = engine
+        self._cid = cid
+        self.reads = 0
+        self.gone = False
+        self.closed = False
+
+    def read(self) -> Any:
+        if self.gone:
+            raise NotFound("gone")
+        self.reads += 1
+        return self._engine._sample(self._engine.get(self._cid))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def _running(engine: FakeEngine, n: int) -> list[str]:
+    cids = []
+    for i in range(n):
+        cid = await engine.create(ContainerSpec(name="c{}".format(i), image="img", labels={},
+                                                env={}, interactive=True))
+        await engine.start(cid)
+        cids.append(cid)
+    return cids
+
+
+def _sampler(engine: Any, clock: Clock, hub: StatsHub | None, cid: str, published: list[str],
+             **config: Any) -> StatsSampler:
+    return StatsSampler(
+        cid, engine=engine, clock=clock, tracker=Tracker("test"),
+        config=ServersConfig(stats_interval=INTERVAL, **config),
+        container_id=lambda: cid, active=lambda: True,
+        on_sample=lambda: published.append(cid), hub=hub,
+    )
+
+
+class CountingEngine:
+    """The fake engine, counting what the samplers ask of it."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self._engine = engine
+        self.streams = 0
+        self.polls = 0
+
+    def stats_stream(self, cid: str) -> Any:
+        self.streams += 1
+        return self._engine.stats_stream(cid)
+
+    def stats(self, cid: str) -> Any:
+        self.polls += 1
+        return self._engine.stats(cid)
+
+    def stats_reader(self, cid: str) -> Any:
+        return self._engine.stats_reader(cid)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_timer_reads_every_server_once_per_interval_and_no_engine_stream() -> None:
+    clock = Clock()
+    engine = FakeEngine(clock)
+    counting = CountingEngine(engine)
+    hub = StatsHub(clock, INTERVAL, slices=SLICES)
+    published: list[str] = []
+    cids = await _running(engine, 50)
+    samplers = [_sampler(counting, clock, hub, cid, published) for cid in cids]
+    for sampler in samplers:
+        sampler.start()
+    assert len(hub) == 50
+    # Every container's figures from its reader: no stream, no poll.
+    assert counting.streams == counting.polls == 0
+    assert len(engine.stats_readers) == 50
+    # One timer for all 50 servers (the fake's own game timers aside).
+    hub_calls = [c for c in clock.getDelayedCalls() if c.func == hub._tick]
+    assert len(hub_calls) == 1
+    assert all(r.reads == 1 for r in engine.stats_readers)  # the first read, at once
+    per_tick = []
+    for _ in range(SLICES):
+        before = sum(r.reads for r in engine.stats_readers)
+        clock.advance(INTERVAL / SLICES)
+        per_tick.append(sum(r.reads for r in engine.stats_readers) - before)
+    # One interval: each server read once more, an eighth of them per tick.
+    assert all(r.reads == 2 for r in engine.stats_readers)
+    assert sorted(per_tick) == [6] * 6 + [7] * 2
+    run_for(clock, INTERVAL * 3)
+    assert all(r.reads == 5 for r in engine.stats_readers)
+    # Every read is published (nothing read to be dropped), in the sample's shape.
+    assert len(published) == 50 * 5
+    assert samplers[0].latest["cpu"] == 12.5 and samplers[0].latest["memory"] == 50.0
+    assert set(samplers[0].latest) == {"at", "cpu", "memory", "memoryLimit", "rx", "tx",
+                                       "blkRead", "blkWrite", "pids"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopped_samplers_leave_the_hub_and_its_timer_stops_with_the_last() -> None:
+    clock = Clock()
+    engine = FakeEngine(clock)
+    hub = StatsHub(clock, INTERVAL, slices=SLICES)
+    cids = await _running(engine, 3)
+    samplers = [_sampler(engine, clock, hub, cid, []) for cid in cids]
+    for sampler in samplers:
+        sampler.start()
+    samplers[0].stop()
+    assert len(hub) == 2 and engine.stats_readers[0].closed
+    run_for(clock, INTERVAL)
+    assert engine.stats_readers[0].reads == 1 and engine.stats_readers[1].reads == 2
+    for sampler in samplers[1:]:
+        sampler.stop()
+    assert len(hub) == 0
+    assert not [c for c in clock.getDelayedCalls() if c.func == hub._tick]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reader_whose_container_is_gone_is_dropped_and_closed() -> None:
+    clock = Clock()
+    engine = FakeEngine(clock)
+    hub = StatsHub(clock, INTERVAL, slices=SLICES)
+    (cid,) = await _running(engine, 1)
+    sampler = _sampler(engine, clock, hub, cid, [])
+    sampler.start()
+    await engine.kill(cid, "SIGKILL")
+    run_for(clock, INTERVAL)
+    assert len(hub) == 0 and engine.stats_readers[0].closed
+    assert not [c for c in clock.getDelayedCalls() if c.func == hub._tick]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_engine_without_kernel_figures_falls_back_to_its_stats_stream() -> None:
+    clock = Clock()
+    engine = FakeEngine(clock)
+    engine.local_stats = False  # an engine on another host
+    counting = CountingEngine(engine)
+    hub = StatsHub(clock, INTERVAL, slices=SLICES)
+    (cid,) = await _running(engine, 1)
+    published: list[str] = []
+    sampler = _sampler(counting, clock, hub, cid, published)
+    sampler.start()
+    assert len(hub) == 0 and counting.streams == 1
+    sampler.stop()
+    # And with the kernel turned off by config, the engine's API is used as before.
+    engine.local_stats = True
+    sampler = _sampler(counting, clock, hub, cid, published, stats_from_kernel=False)
+    sampler.start()
+    assert len(hub) == 0 and counting.streams == 2 and engine.stats_readers == []
+    sampler.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reader_that_comes_after_the_sampler_stopped_is_closed_unused() -> None:
+    from twisted.internet.defer import Deferred
+
+    clock = Clock()
+    engine = FakeEngine(clock)
+    hub = StatsHub(clock, INTERVAL, slices=SLICES)
+    (cid,) = await _running(engine, 1)
+    pending: Deferred[Any] = Deferred()
+
+    class SlowEngine:
+        def stats_reader(self, cid: str) -> Any:
+            return pending
+
+    sampler = _sampler(SlowEngine(), clock, hub, cid, [])
+    sampler.start()
+    sampler.start()  # asked once, not twice
+    sampler.stop()
+    reader = Reader(engine, cid)
+    pending.callback(reader)
+    assert reader.closed and reader.reads == 0 and len(hub) == 0
+
+
+def test_the_hub_spreads_servers_evenly_over_its_slices() -> None:
+    clock = Clock()
+    hub = StatsHub(clock, INTERVAL, slices=4)
+    reads: list[int] = []
+
+    class Member:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def read_kernel(self) -> None:
+            reads.append(self.n)
+
+    members = [Member(n) for n in range(10)]
+    for m in members:
+        hub.add(m)  # type: ignore[arg-type]
+    hub.add(members[0])  # type: ignore[arg-type]  # twice: still once
+    sizes = []
+    for _ in range(4):
+        before = len(reads)
+        clock.advance(INTERVAL / 4)
+        sizes.append(len(reads) - before)
+    assert sorted(sizes) == [2, 2, 3, 3] and sorted(reads) == list(range(10))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reader_that_cannot_read_any_more_hands_over_to_the_engines_stream() -> None:
+    from ctrlagent.errors import EngineError
+
+    clock = Clock()
+    engine = FakeEngine(clock)
+    counting = CountingEngine(engine)
+    hub = StatsHub(clock, INTERVAL, slices=SLICES)
+    (cid,) = await _running(engine, 1)
+    published: list[str] = []
+    sampler = _sampler(counting, clock, hub, cid, published)
+    sampler.start()
+    assert len(hub) == 1 and counting.streams == 0
+
+    def refused() -> Any:
+        raise EngineError("cannot read memory.stat (Too many open files)")
+
+    engine.stats_readers[0].read = refused  # type: ignore[method-assign]
+    run_for(clock, INTERVAL)
+    assert len(hub) == 0 and engine.stats_readers[0].closed
+    assert counting.streams == 1  # the same run goes on, sampled by the engine
+    sampler.stop()
