@@ -376,6 +376,8 @@ class ConsolePipeline:
         self._attaching: Deferred[None] | None = None
         # One catch-up read at a time (two would deliver the same lines).
         self._catching_up = DeferredLock()
+        # The agent stops (or died): nothing is followed or opened any more.
+        self.closed = False
         self._stdin: IStdinPipe | None = None
 
     # -- settings ---------------------------------------------------------
@@ -538,6 +540,9 @@ class ConsolePipeline:
         up to the mark is read first (no events), then new lines from the mark.
         """
         self.detach()
+        if self.closed:
+            # Work of a stopped agent still under way (a reconcile): it opens nothing.
+            return False
         # One console stream delivers at a time: an attach that a newer one
         # (or a detach) overtook while it read the history gives up, or two
         # pumps would deliver every line twice.
@@ -614,6 +619,8 @@ class ConsolePipeline:
         """
         async with self._catching_up:
             for _ in range(_CATCH_UP_ROUNDS):
+                if self.closed:
+                    return
                 attaching = self._attaching
                 if attaching is not None and not attaching.called:
                     await self._deadlines.within(attaching, timeout)
@@ -697,6 +704,12 @@ class ConsolePipeline:
         if self._output is not None:
             self._output.close()
             self._output = None
+
+    def close(self) -> None:
+        """The agent stops (or died): detach, and never attach again."""
+        self.closed = True
+        self.detach()
+        self.throttle.cancel()
 
     def close_stdin(self) -> None:
         """Close stdin (the container died)."""

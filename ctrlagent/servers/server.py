@@ -465,9 +465,13 @@ class Server:
         return used
 
     def close(self) -> None:
-        """The agent stops (or dies): let go of the container's streams and timers."""
-        self.detach_output()
-        self.console.throttle.cancel()
+        """
+        The agent stops (or dies): let go of the container's streams and
+        timers.  Work of this agent still under way (a reconcile, a start)
+        opens no stream or stdin any more.
+        """
+        self.sampler.stop()
+        self.console.close()
 
     # -- console -----------------------------------------------------------
 
@@ -851,7 +855,7 @@ class Server:
 
     async def reconcile(self, container: ContainerState | None) -> None:
         """Bring this server in line with what the engine has (an ``engine.list`` item)."""
-        if self.installing:
+        if self.installing or self.console.closed:
             return
         if self.state is S.INSTALLING:
             self.start_install()
