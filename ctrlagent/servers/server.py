@@ -567,8 +567,14 @@ class Server:
         assert cid is not None
         self.sampler.stop()
         deaths = self._deaths
-        if await self.console.attach(cid, recover) and self._deaths == deaths:
-            self.sampler.start()
+        if not await self.console.attach(cid, recover):
+            return
+        if self._deaths != deaths:
+            # It died while the console attached: the stdin just opened is
+            # that dead run's (its death closed the one before).
+            self.console.close_stdin()
+            return
+        self.sampler.start()
 
     def detach_output(self) -> None:
         """Stop following the console (the container keeps running)."""
