@@ -242,6 +242,9 @@ async def test_a_game_killed_at_the_moment_of_the_reattach_has_every_line_delive
     (its death, or the restart of a server that should run).
     """
     first = rig.manager()
+    # (its first reconcile, with a list from before the create, would forget
+    # the container the start makes: a race of its own, not this test's)
+    await until(lambda: first.reconciled > 0, 15, "the first reconcile")
     sid = rig.new_id()
     params = scripted(scripted_image)
     params["startup"] = RUN_TICKS
