@@ -644,10 +644,14 @@ class ConsolePipeline:
         False when an attach overtook the read (it follows from there) or the
         read took longer than ``timeout``.
         """
-        if self.mark and not len(self.buffer):
-            # A restarted agent that never attached: its history first.
-            if not await self._read_history(cid, epoch):
-                return False
+        try:
+            if self.mark and not len(self.buffer):
+                # A restarted agent that never attached: its history first.
+                if not await self._read_history(cid, epoch):
+                    return False
+        except EngineError as e:
+            self.log.debug("console of {server_id}: reading the history failed: {e}",
+                           server_id=self.server_id, e=e)
         filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
         since_ns = self.mark - 1_000_000_000 if self.mark else None
         stream = self._engine.output(cid, follow=False, since_ns=since_ns)
