@@ -64,6 +64,8 @@ S = ServerState
 MB = 1024 * 1024
 # Lines of console kept with a crash report.
 CRASH_TAIL = 50
+# Power actions that create or start the container (a reconcile leaves them be).
+_MAKING_A_RUN = frozenset({"start", "restart", "crash-restart"})
 # A run's events are those stamped from a millisecond before its start on.
 _RUN_SLACK_NS = 1_000_000
 
@@ -863,9 +865,17 @@ class Server:
         """Bring this server in line with what the engine has (an ``engine.list`` item)."""
         if self.installing or self.console.closed:
             return
+        if self.power in _MAKING_A_RUN:
+            # The list may predate the container this action is creating or
+            # starting: reading it as gone (or down) would forget the container
+            # or stop following the run it starts.  The action settles the state.
+            return
         if self.state is S.INSTALLING:
             self.start_install()
             return
+        if (container is None or not container.running) and self.state in ACTIVE_STATES:
+            # Gone or down by a list that may predate a start just done: look again.
+            container = await self._look_again(container)
         if container is None:
             self.container_id = None
             self.detach_output()
@@ -898,6 +908,17 @@ class Server:
             await self._reconcile_start()
         elif self.state in ACTIVE_STATES or self.state is S.UNKNOWN:
             self.lifecycle.fire(Input.FOUND_DOWN)
+
+    async def _look_again(self, listed: ContainerState | None) -> ContainerState | None:
+        """The server's container as the engine has it now (``listed`` when unsure)."""
+        cid = self.container_id if listed is None else listed.id
+        if cid is None:
+            return listed
+        try:
+            found = await self.services.engine.inspect(cid)
+        except NotFound:
+            return None
+        return found if found.running else listed
 
     async def _reattach(self, found: ContainerState) -> None:
         """Follow a container found running (after an agent restart or an engine loss)."""
