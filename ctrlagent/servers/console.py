@@ -21,6 +21,11 @@ delivered (for the Panel link: what the kernel took; see
 ``output(since_ns=mark - 1 s)`` dropping the lines the mark covers
 (``MarkFilter``): lines printed while the agent was down, or not yet
 delivered when it died, are delivered, none twice, none lost.
+
+When the container dies, ``catch_up`` delivers what it printed after the
+mark up to the end of its output before the death is reported, whatever
+came first: the death, the re-attach of a restarted agent, or the end of
+the followed stream (see its docstring).
 """
 
 from __future__ import annotations
@@ -34,12 +39,12 @@ from itertools import groupby
 from operator import attrgetter
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ctrlagent.engine.interface import IContainerEngine, ILogStream, IStdinPipe, LogLine
-from ctrlagent.errors import EngineError, InvalidInput, NotFound
+from ctrlagent.errors import Conflict, EngineError, InvalidInput, NotFound
 from ctrlagent.events import ConsoleOutput
 
 # Bounds of the per-server console settings (``console:settings:update``).
@@ -315,6 +320,9 @@ class MarkFilter:
         return False
 
 
+# ``catch_up``: how many times it follows an attach that overtook its read.
+_CATCH_UP_ROUNDS = 4
+
 Deliver = Callable[[str, list[ConsoleOutput], list["Mark | None"], "Mark | None"], None]
 
 
@@ -364,6 +372,12 @@ class ConsolePipeline:
         self._output: ILogStream | None = None
         self._attach_epoch = 0  # bumped by every detach (and so every attach)
         self._output_done: Deferred[None] | None = None
+        # Fires when the attach in progress follows the stream (or gave up).
+        self._attaching: Deferred[None] | None = None
+        # One catch-up read at a time (two would deliver the same lines).
+        self._catching_up = DeferredLock()
+        # The agent stops (or died): nothing is followed or opened any more.
+        self.closed = False
         self._stdin: IStdinPipe | None = None
 
     # -- settings ---------------------------------------------------------
@@ -526,37 +540,29 @@ class ConsolePipeline:
         up to the mark is read first (no events), then new lines from the mark.
         """
         self.detach()
+        if self.closed:
+            # Work of a stopped agent still under way (a reconcile): it opens nothing.
+            return False
         # One console stream delivers at a time: an attach that a newer one
         # (or a detach) overtook while it read the history gives up, or two
         # pumps would deliver every line twice.
         epoch = self._attach_epoch
-        engine = self._engine
-        if recover and self.mark and not len(self.buffer):
-            history = engine.output(cid, follow=False, tail=self.buffer.capacity)
-            delivered = MarkFilter(self.mark, self.mark_count)
-            try:
-                async for batch in history.batches():
-                    if epoch != self._attach_epoch:
-                        return False
-                    self.take_history(batch, delivered)
-            finally:
-                history.close()
-            if epoch != self._attach_epoch:
+        attaching: Deferred[None] = Deferred()
+        self._attaching = attaching
+        try:
+            if not await self._follow(cid, recover, epoch):
                 return False
-        filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
-        # From a second before the mark: the engine's ``since`` may include
-        # lines stamped at it, and lines can share a nanosecond, so the
-        # filter, not the engine, drops exactly what was delivered.
-        since_ns = self.mark - 1_000_000_000 if self.mark else None
-        stream = engine.output(cid, follow=True, since_ns=since_ns)
-        self._output = stream
-        self._output_done = self._tracker.run(
-            self._pump(stream, filt), "console of server {}".format(self.server_id)
-        )
+        finally:
+            # A death seen meanwhile (``catch_up``) waits for this point.
+            if self._attaching is attaching:
+                self._attaching = None
+            attaching.callback(None)
         pipe: IStdinPipe | None
         try:
             pipe = await self._open_stdin(cid)
-        except NotFound:
+        except (NotFound, Conflict):
+            # Gone, or it died while the console attached: the next command
+            # opens stdin again (on the next run).
             pipe = None
         if epoch != self._attach_epoch:
             if pipe is not None and self._stdin is pipe:
@@ -564,6 +570,117 @@ class ConsolePipeline:
                 pipe.close()
             return False
         return True
+
+    async def _follow(self, cid: str, recover: bool, epoch: int) -> bool:
+        """The history (when recovering), then the followed stream from the mark."""
+        if recover and self.mark and not len(self.buffer):
+            if not await self._read_history(cid, epoch):
+                return False
+        filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
+        # From a second before the mark: the engine's ``since`` may include
+        # lines stamped at it, and lines can share a nanosecond, so the
+        # filter, not the engine, drops exactly what was delivered.
+        since_ns = self.mark - 1_000_000_000 if self.mark else None
+        stream = self._engine.output(cid, follow=True, since_ns=since_ns)
+        self._output = stream
+        self._output_done = self._tracker.run(
+            self._pump(stream, filt), "console of server {}".format(self.server_id)
+        )
+        return True
+
+    async def _read_history(self, cid: str, epoch: int) -> bool:
+        """The lines up to the mark into the buffer (no events); False when overtaken."""
+        history = self._engine.output(cid, follow=False, tail=self.buffer.capacity)
+        delivered = MarkFilter(self.mark, self.mark_count)
+        try:
+            async for batch in history.batches():
+                if epoch != self._attach_epoch:
+                    return False
+                self.take_history(batch, delivered)
+        finally:
+            history.close()
+        return epoch == self._attach_epoch
+
+    async def catch_up(self, cid: str, timeout: float) -> None:
+        """
+        The container died: deliver every line it printed after the mark, up
+        to the end of its output, before its death is reported.
+
+        Whatever the order of the death, the re-attach of a restarted agent
+        and the end of the followed stream: an attach in progress is waited
+        for (until it follows), then the followed stream's end (it ends with
+        the container), and then the rest is read from the mark to the end
+        of the kept output, without following (a death seen before any
+        attach, or a stream that did not end, leaves lines only that read
+        finds; otherwise it finds none).  An attach that overtakes the read
+        is waited for in turn.  Each wait is bounded by ``timeout``; the
+        rounds are bounded too.  Concurrent calls run one after the other:
+        the second finds nothing new.
+        """
+        async with self._catching_up:
+            for _ in range(_CATCH_UP_ROUNDS):
+                if self.closed:
+                    return
+                attaching = self._attaching
+                if attaching is not None and not attaching.called:
+                    await self._deadlines.within(attaching, timeout)
+                    continue
+                done = self._output_done
+                if done is not None and not done.called:
+                    await self._deadlines.within(done, timeout)
+                # Followed to its end (or for long enough): stop it, read the rest.
+                self.detach_output()
+                if await self._read_rest(cid, self._attach_epoch, timeout):
+                    return
+            self.log.info(
+                "console of server {server_id}: the last lines were not all read back"
+                " within {rounds} rounds of {timeout} s; the next start delivers them",
+                server_id=self.server_id, rounds=_CATCH_UP_ROUNDS, timeout=timeout,
+            )
+
+    async def _read_rest(self, cid: str, epoch: int, timeout: float) -> bool:
+        """
+        The lines after the mark to the end of the kept output, delivered;
+        False when an attach overtook the read (it follows from there) or the
+        read took longer than ``timeout``.
+        """
+        try:
+            if self.mark and not len(self.buffer):
+                # A restarted agent that never attached: its history first.
+                if not await self._read_history(cid, epoch):
+                    return False
+        except EngineError as e:
+            self.log.debug("console of {server_id}: reading the history failed: {e}",
+                           server_id=self.server_id, e=e)
+        filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
+        since_ns = self.mark - 1_000_000_000 if self.mark else None
+        stream = self._engine.output(cid, follow=False, since_ns=since_ns)
+        self._output = stream  # a detach (an attach, the agent stopping) ends it
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            stream.close()
+
+        timer = self._clock.callLater(timeout, expire)
+        try:
+            async for batch in stream.batches(2000):
+                if epoch != self._attach_epoch or expired:
+                    return False
+                self.take(batch, filt)
+        except EngineError as e:
+            # Removed meanwhile, or the engine went away: nothing more can be read.
+            self.log.debug("console of {server_id}: reading the last lines failed: {e}",
+                           server_id=self.server_id, e=e)
+            return True
+        finally:
+            if timer.active():
+                timer.cancel()
+            if self._output is stream:
+                self._output = None
+            stream.close()
+        return epoch == self._attach_epoch and not expired
 
     async def _pump(self, stream: ILogStream, filt: MarkFilter | None) -> None:
         try:
@@ -582,20 +699,24 @@ class ConsolePipeline:
 
     def detach(self) -> None:
         """Stop following the console and close stdin (the container keeps running)."""
+        self.detach_output()
+        self.close_stdin()
+
+    def detach_output(self) -> None:
+        """Stop following the console (and any attach or read in progress)."""
         self._attach_epoch += 1
         if self._output is not None:
             self._output.close()
             self._output = None
-        self.close_stdin()
+
+    def close(self) -> None:
+        """The agent stops (or died): detach, and never attach again."""
+        self.closed = True
+        self.detach()
+        self.throttle.cancel()
 
     def close_stdin(self) -> None:
         """Close stdin (the container died)."""
         if self._stdin is not None:
             self._stdin.close()
             self._stdin = None
-
-    async def drained(self, timeout: float) -> None:
-        """Wait (bounded) until the console stream has delivered its last lines."""
-        done = self._output_done
-        if done is not None and not done.called:
-            await self._deadlines.within(done, timeout)

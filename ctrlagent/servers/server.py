@@ -64,6 +64,8 @@ S = ServerState
 MB = 1024 * 1024
 # Lines of console kept with a crash report.
 CRASH_TAIL = 50
+# Power actions that create or start the container (a reconcile leaves them be).
+_MAKING_A_RUN = frozenset({"start", "restart", "crash-restart"})
 # A run's events are those stamped from a millisecond before its start on.
 _RUN_SLACK_NS = 1_000_000
 
@@ -134,6 +136,12 @@ class Server:
         )
         self.installer = Installer(sid, services, self.console)
         self._exit_waiters: list[Deferred[None]] = []
+        # Deaths seen (``on_exit``): an attach that saw one begin while it
+        # attached leaves the state to it.
+        self._deaths = 0
+        # Runs begun by this agent (``do_start``): a death judged late is not
+        # the new run's.
+        self._runs = 0
         self.started_at: float | None = None
         # Engine time (ns) from which events belong to the current run.
         self.run_since_ns: int | None = None
@@ -460,9 +468,13 @@ class Server:
         return used
 
     def close(self) -> None:
-        """The agent stops (or dies): let go of the container's streams and timers."""
-        self.detach_output()
-        self.console.throttle.cancel()
+        """
+        The agent stops (or dies): let go of the container's streams and
+        timers.  Work of this agent still under way (a reconcile, a start)
+        opens no stream or stdin any more.
+        """
+        self.sampler.stop()
+        self.console.close()
 
     # -- console -----------------------------------------------------------
 
@@ -557,8 +569,15 @@ class Server:
         cid = self.container_id
         assert cid is not None
         self.sampler.stop()
-        if await self.console.attach(cid, recover):
-            self.sampler.start()
+        deaths = self._deaths
+        if not await self.console.attach(cid, recover):
+            return
+        if self._deaths != deaths:
+            # It died while the console attached: the stdin just opened is
+            # that dead run's (its death closed the one before).
+            self.console.close_stdin()
+            return
+        self.sampler.start()
 
     def detach_output(self) -> None:
         """Stop following the console (the container keeps running)."""
@@ -629,6 +648,7 @@ class Server:
                                              disk_limit=self.root().disk_limit_bytes)
         cid = await self.ensure_container()
         self.exits.reset()
+        self._runs += 1
         self.lifecycle.fire(Input.START)
         self.run_since_ns = None
         try:
@@ -757,12 +777,23 @@ class Server:
         """The container died: settle the state, detect crashes, maybe restart."""
         if self.state not in ACTIVE_STATES and self.state is not S.UNKNOWN:
             return
+        self._deaths += 1
+        run = self._runs
         self.sampler.stop()
         self.started_at = None
-        # Let the console stream hand over the last lines before judging.
-        await self.console.drained(self.services.config.timeouts.exit_drain)
-        self.console.close_stdin()
+        # Every line it printed, delivered before its death is reported (an
+        # attach of a restarted agent may be under way: see ``catch_up``).
+        if self.container_id is not None:
+            await self.console.catch_up(
+                self.container_id, self.services.config.timeouts.exit_drain)
         waiters, self._exit_waiters = self._exit_waiters, []
+        if self._runs != run or (self.state not in ACTIVE_STATES and self.state is not S.UNKNOWN):
+            # Settled meanwhile by another report of this death (the event and
+            # a kill's own look, or a reconcile), or a new run began: nothing
+            # more to judge.
+            self._release(waiters)
+            return
+        self.console.close_stdin()
         verdict = self.exits.classify(oom)
         self.console.throttle.flush()
         if verdict is Exit.EXPECTED:
@@ -772,6 +803,10 @@ class Server:
             self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
         else:
             await self._crashed(exit_code, oom)
+        self._release(waiters)
+
+    @staticmethod
+    def _release(waiters: list[Deferred[None]]) -> None:
         for d in waiters:
             if not d.called:
                 d.callback(None)
@@ -829,11 +864,19 @@ class Server:
 
     async def reconcile(self, container: ContainerState | None) -> None:
         """Bring this server in line with what the engine has (an ``engine.list`` item)."""
-        if self.installing:
+        if self.installing or self.console.closed:
+            return
+        if self.power in _MAKING_A_RUN:
+            # The list may predate the container this action is creating or
+            # starting: reading it as gone (or down) would forget the container
+            # or stop following the run it starts.  The action settles the state.
             return
         if self.state is S.INSTALLING:
             self.start_install()
             return
+        if (container is None or not container.running) and self.state in ACTIVE_STATES:
+            # Gone or down by a list that may predate a start just done: look again.
+            container = await self._look_again(container)
         if container is None:
             self.container_id = None
             self.detach_output()
@@ -853,27 +896,53 @@ class Server:
                 found = await self.services.engine.inspect(self.container_id)
             except NotFound:
                 return
-            started_ns = found.started_at_ns
-            self.started_at = started_ns / 1e9 if started_ns is not None else None
-            if started_ns is not None:
-                self.run_since_ns = started_ns - _RUN_SLACK_NS
-            interrupted_stop = self.state is S.STOPPING or (
-                self.last_known is S.STOPPING and self.state is S.UNKNOWN
-            )
-            await self.attach(recover=True)
-            if self.state is not S.RUNNING:
-                self.lifecycle.fire(Input.FOUND_RUNNING)
-            if interrupted_stop and self.desired == "offline":
-                # The agent died (or lost the engine) mid-stop: finish the stop.
-                if not self.slot.try_claim("stop"):
-                    return
-                self._in_background("stop", lambda: self.graceful_stop(None, None))
-            return
+            if found.running:
+                await self._reattach(found)
+                return
+            # It died since the list: as a container found down, below.
         self.detach_output()
+        if self.state in ACTIVE_STATES or self.state is S.UNKNOWN:
+            # It died while no agent (or no engine) watched: the lines it
+            # printed since the mark come before anything else is reported.
+            await self.console.catch_up(container.id, self.services.config.timeouts.exit_drain)
         if self.desired == "running" and self.state is not S.SUSPENDED:
             await self._reconcile_start()
         elif self.state in ACTIVE_STATES or self.state is S.UNKNOWN:
             self.lifecycle.fire(Input.FOUND_DOWN)
+
+    async def _look_again(self, listed: ContainerState | None) -> ContainerState | None:
+        """The server's container as the engine has it now (``listed`` when unsure)."""
+        cid = self.container_id if listed is None else listed.id
+        if cid is None:
+            return listed
+        try:
+            found = await self.services.engine.inspect(cid)
+        except NotFound:
+            return None
+        return found if found.running else listed
+
+    async def _reattach(self, found: ContainerState) -> None:
+        """Follow a container found running (after an agent restart or an engine loss)."""
+        started_ns = found.started_at_ns
+        self.started_at = started_ns / 1e9 if started_ns is not None else None
+        if started_ns is not None:
+            self.run_since_ns = started_ns - _RUN_SLACK_NS
+        interrupted_stop = self.state is S.STOPPING or (
+            self.last_known is S.STOPPING and self.state is S.UNKNOWN
+        )
+        deaths = self._deaths
+        await self.attach(recover=True)
+        if self._deaths != deaths:
+            # It died while the console re-attached: its death (``on_exit``)
+            # drains the console and settles the state.
+            return
+        if self.state is not S.RUNNING:
+            self.lifecycle.fire(Input.FOUND_RUNNING)
+        if interrupted_stop and self.desired == "offline":
+            # The agent died (or lost the engine) mid-stop: finish the stop.
+            if not self.slot.try_claim("stop"):
+                return
+            self._in_background("stop", lambda: self.graceful_stop(None, None))
 
     async def _reconcile_start(self) -> None:
         if not self.slot.try_claim("start"):

@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import socket
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.address import UNIXAddress
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from ctrlagent.engine import engine_client_config, make_engine
 from ctrlagent.engine.docker.client import DockerClient
+from ctrlagent.engine.podman.holders import holder_pids
 from ctrlagent.events import ConsoleOutput, ResourceUpdate
 from ctrlagent.servers.lifecycle import ServerState
+from ctrlagent.servers.manager import ServerManager
+from ctrlagent.servers.store import open_store
 from ctrlagent.wire.json import to_json
 from tests.rig.images import build_scripted_image
 from tests.servers.conftest import Rig, remove_containers, scripted, sleep, until, until_state
@@ -275,3 +281,120 @@ async def test_docker_daemon_restarted_under_a_running_agent(
         assert "[Server] back" in reply
     finally:
         remove_containers(engine.host, [sid])
+
+
+class HeldConnects:
+    """
+    The reactor, except that Unix connects (``moment`` "connect") or process
+    launches ("start") never complete: the test holds them.
+    """
+
+    def __init__(self, reactor: Any, moment: str) -> None:
+        self._reactor = reactor
+        self.moment = moment
+        self.held: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def connectUNIX(self, address: str, factory: Any, timeout: int = 30,  # noqa: N802
+                    checkPID: int = 0) -> Any:  # noqa: N803
+        if self.moment != "connect":
+            return self._reactor.connectUNIX(address, factory, timeout=timeout,
+                                             checkPID=checkPID)
+        connector = HeldConnector(address)
+        factory.startedConnecting(connector)
+        self.held.append(connector)
+        return connector
+
+    def spawnProcess(self, protocol: Any, executable: Any, *args: Any,  # noqa: N802
+                     **kw: Any) -> None:
+        if self.moment != "start":
+            return self._reactor.spawnProcess(protocol, executable, *args, **kw)
+        self.held.append(protocol)  # launched, never ends (until the test says)
+        return None
+
+
+class HeldConnector:
+    """A connect under way until stopped; it never connects."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.stopped = False
+
+    def stopConnecting(self) -> None:  # noqa: N802
+        self.stopped = True
+
+    def disconnect(self) -> None:
+        self.stopped = True
+
+    def connect(self) -> None:
+        pass
+
+    def getDestination(self) -> UNIXAddress:  # noqa: N802
+        return UNIXAddress(self.address)
+
+
+@pytest.mark.runtimes("podman", reason="the stdin holder, and so its connect, is Podman's")
+@pytest.mark.parametrize("moment", ["connect", "start"])
+@pytest_twisted.ensureDeferred
+async def test_an_agent_stopping_while_it_reaches_a_stdin_holder_logs_nothing_and_leaks_nothing(
+    rig: Rig, scripted_image: str, moment: str
+) -> None:
+    """
+    The agent stops while its re-attach connects to the run's holder
+    ("connect"), or starts one because the run has none ("start": the holder
+    was killed and its files removed): cancellation, not a failure.
+    """
+    first = rig.manager()
+    await until(lambda: first.reconciled > 0, 15, "the first reconcile")
+    sid = rig.new_id()
+    await first.create_server(sid, scripted(scripted_image))
+    await first.start(sid)
+    await until_state(first, sid, S.RUNNING)
+    await first.stopService()  # the game and its stdin holder run on
+    stdin_dir = os.path.join(rig.config.state_dir, "stdin")
+    if moment == "start":
+        # No holder for the run any more: the next agent starts one.
+        for pid in holder_pids(stdin_dir):
+            os.kill(pid, signal.SIGKILL)
+        for name in os.listdir(stdin_dir):
+            os.unlink(os.path.join(stdin_dir, name))
+
+    client = DockerClient.from_config(reactor, engine_client_config(rig.config))
+    rig.clients.append(client)
+    engine: Any = make_engine(reactor, rig.config, client)
+    held = HeldConnects(reactor, moment)
+    engine.holders._reactor = held
+    second = ServerManager(reactor, rig.config, engine, open_store(reactor, rig.config.state_dir))
+    second.add_listener(rig.recorder)
+    rig.managers.append(second)
+    said: list[str] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical):
+            said.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        second.startService()
+        await until(lambda: held.held, 15, "the re-attach reaching the holder's " + moment)
+        await second.stopService()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    # Cancellation, not a failure: no traceback (the autouse fixture), no "engine
+    # unreachable", no "console input closed", no "holder did not answer".
+    assert said == []
+    assert second.get(sid).state is S.RUNNING
+    if moment == "connect":
+        # The connect was abandoned, not left half-open, and none was made after it.
+        assert [c.stopped for c in held.held] == [True]
+        # The holder kept the run's stdin: the next agent's commands reach the game.
+        third = rig.manager()
+        await until(lambda: third.get(sid).output_attached, 15, "re-attached")
+        reply = await third.console_command(sid, "say after the stop", wait=0.5)
+        assert "[Server] after the stop" in reply
+    else:
+        assert len(held.held) == 1  # one launch, abandoned: no second try after the stop
+        third = rig.manager()
+        await until(lambda: third.get(sid).output_attached, 15, "re-attached")

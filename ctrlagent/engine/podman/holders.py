@@ -25,9 +25,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectError, TimeoutError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -254,9 +254,18 @@ class StdinHolders:
             self._sweep(cid, keep=None)
 
     async def _connect(self, path: str) -> HolderPipe:
+        """
+        A connection to the holder at ``path``.  Cancelled (the agent stops
+        while it connects), it raises ``CancelledError``: the connect is
+        abandoned (no connection is left half-open) and nothing reads it as
+        a holder that is gone.
+        """
         endpoint = UNIXClientEndpoint(self._reactor, self._address(path),
                                       timeout=int(self._timeout))
-        connection: _HolderConnection = await connectProtocol(endpoint, _HolderConnection())
+        try:
+            connection: _HolderConnection = await connectProtocol(endpoint, _HolderConnection())
+        except ConnectingCancelledError:
+            raise CancelledError() from None
         return HolderPipe(connection)
 
     def _closed(self, cid: str, path: str) -> ClosedStdin:
@@ -298,10 +307,21 @@ class StdinHolders:
                                        childFDs={0: "w", 1: "r", 2: "r"})
         except OSError as e:
             raise DockerError(0, "could not start the stdin holder: {}".format(e)) from None
-        timer = self._reactor.callLater(self._timeout, launch.done.cancel)
+        timed_out = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            timed_out = True
+            launch.done.cancel()
+
+        timer = self._reactor.callLater(self._timeout, time_out)
         try:
             await launch.done
-        except BaseException:
+        except CancelledError:
+            if not timed_out:
+                # The agent stops: the holder starting goes on alone (it is
+                # the run's, found by the next agent, and ends with the run).
+                raise
             raise DockerUnavailable("the stdin holder did not answer in {:.0f} s".format(
                 self._timeout)) from None
         finally:
