@@ -242,8 +242,13 @@ def test_a_large_mostly_bound_range_costs_one_probe_a_port_and_n_log_n_steps() -
     # Exhausted: the same n probes, and the error's count of held ports.
     probes.clear()
     seen.clear()
+
+    def bound(ip: str, port: int) -> bool:
+        probes.append(port)
+        return False
+
     pool = PortPool(ServersConfig(port_range="{}-{}".format(first, last)),
-                    is_free=lambda ip, port: probes.append(port) is not None, choose=choose)
+                    is_free=bound, choose=choose)
     with pytest.raises(InsufficientResources, match="1000 held by servers"):
         pool.allocate(held | {1, 70000})
     assert len(probes) == len(set(probes)) == n
