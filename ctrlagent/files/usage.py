@@ -19,11 +19,15 @@ modes (``[disk] mode``, resolved by ``servers.datadir``):
      file *rewritten in place* (appended to, truncated, overwritten) changes
      its own size and times but not its directory's, so that growth shows
      up when the directory is next looked at in full, at most
-     ``walk_full_interval`` seconds later (0: every file every time); the
-     directories come due spread over the second half of that interval, so
-     that the full looks do not all fall in one refresh.  The
-     agent's own writes keep the file manager's and SFTP's figures current
-     in between (their deltas).
+     ``walk_full_interval`` seconds later (0: every file every time; plus
+     the time to the next measure when measures are further apart).  Each
+     directory is looked at in full once per interval, no more: its next
+     full look is due one interval after the last (after its first, at a
+     point of the first interval set by its inode, so that the full looks
+     are spread evenly over the measures, a fifth of the tree per measure
+     at the defaults, instead of all falling in one).  The agent's own
+     writes keep the file manager's and SFTP's figures current in between
+     (their deltas).
   2. **Budgeted.**  Between batches of ``walk_batch`` entries the walk
      pauses so that it is busy (CPU and disk waits together) at most
      ``walk_share`` of the time.
@@ -123,6 +127,8 @@ class _Dir:
     allocated: int
     subdirs: tuple[str, ...]
     looked_at: float
+    # When its files are next due for a full look (see ``_next_due``).
+    due: float
 
 
 @dataclass
@@ -227,12 +233,10 @@ def cached_usage(top_fd: int, cache: dict[int, _Dir], *, budget: Budget,
                     complete = False  # another filesystem (or subvolume) inside
                     continue
                 d = cache.get(st.st_ino)
-                # Directories come due for a full look spread over the second
-                # half of the interval (by inode), not all in one refresh.
-                due = full_interval * (1.0 - (st.st_ino % 32) / 64.0)
                 if (d is None or d.mtime_ns != st.st_mtime_ns or d.ctime_ns != st.st_ctime_ns
-                        or now - d.looked_at >= due):
-                    d = _look(fd, st, now, budget, sweep_before)
+                        or now >= d.due):
+                    d = _look(fd, st, now, budget, sweep_before,
+                              _next_due(d, st.st_ino, now, full_interval))
                 else:
                     budget.spend()
                 new[st.st_ino] = d
@@ -266,8 +270,26 @@ def cached_usage(top_fd: int, cache: dict[int, _Dir], *, budget: Budget,
     return Usage(apparent, allocated, complete, "cached"), new
 
 
+def _next_due(old: _Dir | None, ino: int, now: float, interval: float) -> float:
+    """
+    When a directory looked at in full ``now`` is next due for a full look:
+    one ``interval`` after the full look it was due for, so that it keeps
+    its place in the cycle (the measures that come after ``now`` look at
+    the same share of the tree each); one interval after ``now`` when a
+    change of its own made this look; the first time, at a point of the
+    first interval its inode sets (spread evenly).
+    """
+    if interval <= 0:
+        return now
+    if old is None:
+        return now + interval * (((ino * 0x9E3779B1) & 0xFFFF) + 1) / 0x10000
+    if now < old.due:
+        return now + interval
+    return old.due + interval * ((now - old.due) // interval + 1)
+
+
 def _look(fd: int, st: os.stat_result, now: float, budget: Budget,
-          sweep_before: float | None) -> _Dir:
+          sweep_before: float | None, due: float) -> _Dir:
     """List the directory ``fd`` and stat its files (never following a link)."""
     apparent = allocated = 0
     subdirs: list[str] = []
@@ -290,7 +312,7 @@ def _look(fd: int, st: os.stat_result, now: float, budget: Budget,
                     apparent += est.st_size
     except OSError:
         pass  # unreadable: counted as empty, as trees.Walk does
-    return _Dir(st.st_mtime_ns, st.st_ctime_ns, apparent, allocated, tuple(subdirs), now)
+    return _Dir(st.st_mtime_ns, st.st_ctime_ns, apparent, allocated, tuple(subdirs), now, due)
 
 
 class Meter:
