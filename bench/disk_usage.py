@@ -209,8 +209,8 @@ def agent_hour(top: str, fd: int, args: argparse.Namespace, ndirs: int) -> dict[
         cache = meter._caches[key]
         left = []
         for kind, ino, when in pending:
-            d = cache.get(ino)
-            if d is not None and d.looked_at >= when:
+            entry = cache.get(ino)
+            if entry is not None and entry.looked_at >= when:
                 stale[kind].append(clock.now - when + wall)
             else:
                 left.append((kind, ino, when))
