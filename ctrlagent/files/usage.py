@@ -6,8 +6,10 @@ manager's limit checks, the file manager's and SFTP's quotas), in one of two
 modes (``[disk] mode``, resolved by ``servers.datadir``):
 
 - ``btrfs``: a directory that is a subvolume with a readable qgroup is
-  measured by reading that qgroup (``files.btrfs.referenced``): no walk at
-  all.  Anything else falls back to the walk.
+  measured by reading that qgroup (``files.btrfs.referenced``), plus the
+  qgroups of the subvolumes nested beneath it (``nested_referenced``: one
+  search of the root tree per subvolume): no walk at all.  Anything else
+  falls back to the walk.
 - ``walk``: a walk of the tree, made cheap three ways:
 
   1. **Cached by directory.**  Each directory's own total (the files right
@@ -34,13 +36,15 @@ modes (``[disk] mode``, resolved by ``servers.datadir``):
   3. **Coalesced.**  Two measures of the same directory never run at once:
      a request arriving while a walk runs waits for it and shares its figure.
 
-The walk never follows a link and never leaves the directory's filesystem:
+The walk never follows a link and never leaves the directory's mount:
 every directory is opened with ``openat2(RESOLVE_BENEATH |
-RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)`` from the top and must be on the
-top's device.  A subtree deeper than a path ``openat2`` takes is measured
-whole by ``trees.Walk`` (uncached), so totals stay exact; without openat2
-the whole tree is.  The totals equal ``trees.tree_usage``'s: apparent size
-of regular files, and allocated blocks of every non-directory.
+RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)`` from the top; a btrfs subvolume
+nested inside (another device number, the same mount) is walked and counted
+like any directory.  A subtree deeper than a path ``openat2`` takes is
+measured whole by ``trees.Walk`` (uncached, on the top's device only), so
+totals stay exact; without openat2 the whole tree is.  The totals are
+``trees.tree_usage``'s (where no subvolume is nested): apparent size of
+regular files, and allocated blocks of every non-directory.
 """
 
 from __future__ import annotations
@@ -202,18 +206,18 @@ def _swept(st: os.stat_result, name: str, dir_fd: int, sweep_before: float | Non
     return True
 
 
-def cached_usage(top_fd: int, cache: dict[int, _Dir], *, budget: Budget,
-                 full_interval: float, now: float,
-                 sweep_before: float | None = None) -> tuple[Usage, dict[int, _Dir]]:
+def cached_usage(top_fd: int, cache: dict[tuple[int, int], _Dir], *, budget: Budget,
+                 full_interval: float, now: float, sweep_before: float | None = None,
+                 ) -> tuple[Usage, dict[tuple[int, int], _Dir]]:
     """
-    The tree ``top_fd``'s use, reusing ``cache`` (inode -> ``_Dir``) for
+    The tree ``top_fd``'s use, reusing ``cache`` ((device, inode) -> ``_Dir``) for
     directories unchanged since they were looked at (see the module's
     docstring); returns the figure and the cache for the next time (only
     the directories met this time).
     """
     if not OPENAT2_AVAILABLE:
         return plain_usage(top_fd, budget, sweep_before), {}
-    new: dict[int, _Dir] = {}
+    new: dict[tuple[int, int], _Dir] = {}
     top = os.open(".", trees.DIR_FLAGS, dir_fd=top_fd)
     try:
         dev = os.fstat(top).st_dev
@@ -229,17 +233,19 @@ def cached_usage(top_fd: int, cache: dict[int, _Dir], *, budget: Budget,
                 continue
             try:
                 st = os.fstat(fd)
-                if st.st_dev != dev:
-                    complete = False  # another filesystem (or subvolume) inside
-                    continue
-                d = cache.get(st.st_ino)
+                # openat2 crossed no mount (RESOLVE_NO_XDEV): a directory of
+                # another device here is a nested btrfs subvolume (any user
+                # may make one), part of the tree and counted with it.  Its
+                # inode numbers are its own: the cache is keyed by both.
+                key = (st.st_dev, st.st_ino)
+                d = cache.get(key)
                 if (d is None or d.mtime_ns != st.st_mtime_ns or d.ctime_ns != st.st_ctime_ns
                         or now >= d.due):
                     d = _look(fd, st, now, budget, sweep_before,
                               _next_due(d, st.st_ino, now, full_interval))
                 else:
                     budget.spend()
-                new[st.st_ino] = d
+                new[key] = d
                 apparent += d.apparent
                 allocated += d.allocated
                 for name in d.subdirs:
@@ -338,7 +344,7 @@ class Meter:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._flights: dict[tuple[int, int], _Flight] = {}
-        self._caches: dict[tuple[int, int], dict[int, _Dir]] = {}
+        self._caches: dict[tuple[int, int], dict[tuple[int, int], _Dir]] = {}
 
     def configure(self, mode: str, share: float, batch: int, full_interval: float) -> None:
         """Take the resolved mode and ``[disk]``'s walk settings."""
@@ -362,7 +368,11 @@ class Meter:
             except OSError:
                 used = None
             if used is not None:
-                return Usage(used, used, True, "qgroup")
+                assert sub is not None
+                # Subvolumes nested inside (the game may make them) have
+                # qgroups of their own, outside the server's: counted here.
+                nested, whole = btrfs.nested_referenced(top_fd, sub)
+                return Usage(used + nested, used + nested, whole, "qgroup")
         key = (st.st_dev, st.st_ino)
         with self._lock:
             flight = self._flights.get(key)
