@@ -180,8 +180,8 @@ def agent_hour(top: str, fd: int, args: argparse.Namespace, ndirs: int) -> dict[
     _, cold_cpu, cold_wall = timed(lambda: meter.measure(fd))
     say("cached walk, cold: {:.1f} s CPU, {:.1f} s elapsed".format(cold_cpu, cold_wall))
     load_cold = loadavg()
-    # (kind, directory inode, simulated time of the change)
-    pending: list[tuple[str, int, float]] = []
+    # (kind, directory (device, inode), simulated time of the change)
+    pending: list[tuple[str, tuple[int, int], float]] = []
     stale: dict[str, list[float]] = {"add": [], "rewrite": []}
     refreshes: list[tuple[float, float, str]] = []
     hour_cpu = 0.0
@@ -201,7 +201,8 @@ def agent_hour(top: str, fd: int, args: argparse.Namespace, ndirs: int) -> dict[
                     size = 4096
                 with open(name, "ab") as f:
                     f.write(b"n" * size)
-                pending.append((kind, os.stat(path).st_ino, start + rng.uniform(0, INTERVAL)))
+                st = os.stat(path)
+                pending.append((kind, (st.st_dev, st.st_ino), start + rng.uniform(0, INTERVAL)))
         clock.now = start + INTERVAL
         _, cpu, wall = timed(lambda: meter.measure(fd))
         hour_cpu += cpu
