@@ -16,9 +16,12 @@ figures are those of the last transaction commit (at most ``commit=`` seconds
 old, 30 by default).  Changing things (quota enable, subvolume create and
 delete, limits) goes through the ``btrfs`` command (btrfs-progs).
 
-Known limit: a subvolume created *inside* a server's directory (any user
-may create one) has a qgroup of its own that the server's does not include;
-the usage walk does not enter it either (another device number).
+A subvolume created *inside* a server's directory (any user may create
+one, a game in its container too) has a qgroup of its own that the
+server's limit does not include, whatever the agent does (docs/DISK.md):
+``nested_referenced`` finds such subvolumes (a search of the root tree,
+root only) so that the server's usage counts them, and
+``delete_subvolume`` deletes them with the server's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,18 @@ SUBVOLUME_ROOT_INO = 256
 _IOC_INO_LOOKUP = 0xD0009412
 # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args) (1024 bytes)
 _IOC_FS_INFO = 0x8400941F
+
+# _IOWR(0x94, 17, struct btrfs_ioctl_search_args) (4096 bytes; CAP_SYS_ADMIN)
+_IOC_TREE_SEARCH = 0xD0009411
+_ROOT_TREE_OBJECTID = 1
+_ROOT_REF_KEY = 156
+_SEARCH_KEY = struct.Struct("=7Q4I4Q")  # struct btrfs_ioctl_search_key (104 bytes)
+_SEARCH_HEADER = struct.Struct("=3Q2I")  # struct btrfs_ioctl_search_header (32 bytes)
+_U64_MAX = 2**64 - 1
+# Nested subvolumes looked for beneath one server's at most: past that the
+# figure is marked incomplete (a game making thousands is hostile, and each
+# costs the agent a read).
+MAX_NESTED = 1024
 
 SYSFS = "/sys/fs/btrfs"
 # Seconds one btrfs command may take (a subvolume delete or quota enable is
@@ -119,6 +134,82 @@ def subvolume_of(fd: int) -> Subvolume | None:
     finally:
         os.close(real)
     return Subvolume(fsid, subvolid)
+
+
+def child_subvolumes(fd: int, subvolid: int) -> list[int]:
+    """
+    The ids of the subvolumes whose root directory is right inside the
+    subvolume ``subvolid`` (its ``ROOT_REF`` items in the root tree), on the
+    filesystem of ``fd`` (a real fd, not ``O_PATH``).  Needs
+    ``CAP_SYS_ADMIN`` (``PermissionError`` otherwise).
+    """
+    found: list[int] = []
+    low = 0
+    while True:
+        args = bytearray(4096)
+        _SEARCH_KEY.pack_into(
+            args, 0, _ROOT_TREE_OBJECTID, subvolid, subvolid, low, _U64_MAX, 0, _U64_MAX,
+            _ROOT_REF_KEY, _ROOT_REF_KEY, 4096, 0, 0, 0, 0, 0)
+        fcntl.ioctl(fd, _IOC_TREE_SEARCH, args)
+        count = struct.unpack_from("=I", args, 64)[0]
+        if count == 0:
+            return found
+        pos = _SEARCH_KEY.size
+        offset = low
+        for _ in range(count):
+            _, objectid, offset, kind, length = _SEARCH_HEADER.unpack_from(args, pos)
+            pos += _SEARCH_HEADER.size + length
+            if objectid == subvolid and kind == _ROOT_REF_KEY:
+                found.append(offset)
+        if offset == _U64_MAX:
+            return found
+        low = offset + 1
+
+
+def nested_subvolumes(fd: int, subvolid: int, limit: int = MAX_NESTED) -> tuple[list[int], bool]:
+    """
+    Every subvolume beneath the subvolume ``subvolid``, at any depth, parents
+    before their children, and whether that is all of them (False past
+    ``limit``).  Any user may create a subvolume in a directory they can
+    write (a game in its container too): its qgroup is not the server's.
+    """
+    found: list[int] = []
+    queue = [subvolid]
+    while queue:
+        parent = queue.pop(0)
+        for child in child_subvolumes(fd, parent):
+            if len(found) >= limit:
+                return found, False
+            found.append(child)
+            queue.append(child)
+    return found, True
+
+
+def nested_referenced(fd: int, sub: Subvolume) -> tuple[int, bool]:
+    """
+    Bytes the subvolumes nested beneath ``sub`` reference (the sum of their
+    qgroups' ``referenced``), and whether all were counted (False when they
+    cannot be listed, not root, or past ``MAX_NESTED``).
+    """
+    try:
+        real = _real_fd(fd)
+    except OSError:
+        return 0, False
+    try:
+        ids, whole = nested_subvolumes(real, sub.subvolid)
+    except OSError:
+        return 0, False
+    finally:
+        os.close(real)
+    total = 0
+    for subvolid in ids:
+        value = _read_int(os.path.join(SYSFS, sub.fsid, "qgroups", "0_{}".format(subvolid),
+                                       "referenced"), None)
+        if value is None:
+            whole = False
+        else:
+            total += value
+    return total, whole
 
 
 def qgroups_enabled(fsid: str) -> bool:
@@ -221,20 +312,38 @@ def create_subvolume(path: str) -> None:
 
 
 def delete_subvolume(path: str) -> None:
-    """Delete the subvolume ``path`` and its qgroup (gone already is fine)."""
+    """
+    Delete the subvolume ``path``, the subvolumes nested inside it (the
+    kernel refuses to delete a subvolume that holds any), and their qgroups
+    (gone already is fine).
+    """
     if not os.path.lexists(path):
         return
     fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         sub = subvolume_of(fd)
+        nested: list[int] = []
+        if sub is not None:
+            real = _real_fd(fd)
+            try:
+                nested, _ = nested_subvolumes(real, sub.subvolid, limit=_U64_MAX)
+            except OSError:
+                nested = []  # not root: the delete below says what is wrong
+            finally:
+                os.close(real)
     finally:
         os.close(fd)
+    parent = os.path.dirname(path)
+    # Children before their parents (the list has parents first).
+    for subvolid in reversed(nested):
+        # By id, through the server's subvolume (btrfs-progs wants one).
+        run("subvolume", "delete", "--subvolid", str(subvolid), path)
     run("subvolume", "delete", path)
-    if sub is not None:
-        # The qgroup of a deleted subvolume stays until its blocks are freed
-        # (newer kernels drop it themselves): a failure here is only clutter.
+    # The qgroup of a deleted subvolume stays until its blocks are freed
+    # (newer kernels drop it themselves): a failure here is only clutter.
+    for subvolid in ([sub.subvolid] if sub is not None else []) + nested:
         try:
-            run("qgroup", "destroy", "0/{}".format(sub.subvolid), os.path.dirname(path))
+            run("qgroup", "destroy", "0/{}".format(subvolid), parent)
         except BtrfsError:
             pass
 

@@ -6,8 +6,10 @@ manager's limit checks, the file manager's and SFTP's quotas), in one of two
 modes (``[disk] mode``, resolved by ``servers.datadir``):
 
 - ``btrfs``: a directory that is a subvolume with a readable qgroup is
-  measured by reading that qgroup (``files.btrfs.referenced``): no walk at
-  all.  Anything else falls back to the walk.
+  measured by reading that qgroup (``files.btrfs.referenced``), plus the
+  qgroups of the subvolumes nested beneath it (``nested_referenced``: one
+  search of the root tree per subvolume): no walk at all.  Anything else
+  falls back to the walk.
 - ``walk``: a walk of the tree, made cheap three ways:
 
   1. **Cached by directory.**  Each directory's own total (the files right
@@ -19,24 +21,30 @@ modes (``[disk] mode``, resolved by ``servers.datadir``):
      file *rewritten in place* (appended to, truncated, overwritten) changes
      its own size and times but not its directory's, so that growth shows
      up when the directory is next looked at in full, at most
-     ``walk_full_interval`` seconds later (0: every file every time); the
-     directories come due spread over the second half of that interval, so
-     that the full looks do not all fall in one refresh.  The
-     agent's own writes keep the file manager's and SFTP's figures current
-     in between (their deltas).
+     ``walk_full_interval`` seconds later (0: every file every time; plus
+     the time to the next measure when measures are further apart).  Each
+     directory is looked at in full once per interval, no more: its next
+     full look is due one interval after the last (after its first, at a
+     point of the first interval set by its inode, so that the full looks
+     are spread evenly over the measures, a fifth of the tree per measure
+     at the defaults, instead of all falling in one).  The agent's own
+     writes keep the file manager's and SFTP's figures current in between
+     (their deltas).
   2. **Budgeted.**  Between batches of ``walk_batch`` entries the walk
      pauses so that it is busy (CPU and disk waits together) at most
      ``walk_share`` of the time.
   3. **Coalesced.**  Two measures of the same directory never run at once:
      a request arriving while a walk runs waits for it and shares its figure.
 
-The walk never follows a link and never leaves the directory's filesystem:
+The walk never follows a link and never leaves the directory's mount:
 every directory is opened with ``openat2(RESOLVE_BENEATH |
-RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)`` from the top and must be on the
-top's device.  A subtree deeper than a path ``openat2`` takes is measured
-whole by ``trees.Walk`` (uncached), so totals stay exact; without openat2
-the whole tree is.  The totals equal ``trees.tree_usage``'s: apparent size
-of regular files, and allocated blocks of every non-directory.
+RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)`` from the top; a btrfs subvolume
+nested inside (another device number, the same mount) is walked and counted
+like any directory.  A subtree deeper than a path ``openat2`` takes is
+measured whole by ``trees.Walk`` (uncached, on the top's device only), so
+totals stay exact; without openat2 the whole tree is.  The totals are
+``trees.tree_usage``'s (where no subvolume is nested): apparent size of
+regular files, and allocated blocks of every non-directory.
 """
 
 from __future__ import annotations
@@ -123,6 +131,8 @@ class _Dir:
     allocated: int
     subdirs: tuple[str, ...]
     looked_at: float
+    # When its files are next due for a full look (see ``_next_due``).
+    due: float
 
 
 @dataclass
@@ -196,18 +206,18 @@ def _swept(st: os.stat_result, name: str, dir_fd: int, sweep_before: float | Non
     return True
 
 
-def cached_usage(top_fd: int, cache: dict[int, _Dir], *, budget: Budget,
-                 full_interval: float, now: float,
-                 sweep_before: float | None = None) -> tuple[Usage, dict[int, _Dir]]:
+def cached_usage(top_fd: int, cache: dict[tuple[int, int], _Dir], *, budget: Budget,
+                 full_interval: float, now: float, sweep_before: float | None = None,
+                 ) -> tuple[Usage, dict[tuple[int, int], _Dir]]:
     """
-    The tree ``top_fd``'s use, reusing ``cache`` (inode -> ``_Dir``) for
+    The tree ``top_fd``'s use, reusing ``cache`` ((device, inode) -> ``_Dir``) for
     directories unchanged since they were looked at (see the module's
     docstring); returns the figure and the cache for the next time (only
     the directories met this time).
     """
     if not OPENAT2_AVAILABLE:
         return plain_usage(top_fd, budget, sweep_before), {}
-    new: dict[int, _Dir] = {}
+    new: dict[tuple[int, int], _Dir] = {}
     top = os.open(".", trees.DIR_FLAGS, dir_fd=top_fd)
     try:
         dev = os.fstat(top).st_dev
@@ -223,19 +233,19 @@ def cached_usage(top_fd: int, cache: dict[int, _Dir], *, budget: Budget,
                 continue
             try:
                 st = os.fstat(fd)
-                if st.st_dev != dev:
-                    complete = False  # another filesystem (or subvolume) inside
-                    continue
-                d = cache.get(st.st_ino)
-                # Directories come due for a full look spread over the second
-                # half of the interval (by inode), not all in one refresh.
-                due = full_interval * (1.0 - (st.st_ino % 32) / 64.0)
+                # openat2 crossed no mount (RESOLVE_NO_XDEV): a directory of
+                # another device here is a nested btrfs subvolume (any user
+                # may make one), part of the tree and counted with it.  Its
+                # inode numbers are its own: the cache is keyed by both.
+                key = (st.st_dev, st.st_ino)
+                d = cache.get(key)
                 if (d is None or d.mtime_ns != st.st_mtime_ns or d.ctime_ns != st.st_ctime_ns
-                        or now - d.looked_at >= due):
-                    d = _look(fd, st, now, budget, sweep_before)
+                        or now >= d.due):
+                    d = _look(fd, st, now, budget, sweep_before,
+                              _next_due(d, st.st_ino, now, full_interval))
                 else:
                     budget.spend()
-                new[st.st_ino] = d
+                new[key] = d
                 apparent += d.apparent
                 allocated += d.allocated
                 for name in d.subdirs:
@@ -266,8 +276,26 @@ def cached_usage(top_fd: int, cache: dict[int, _Dir], *, budget: Budget,
     return Usage(apparent, allocated, complete, "cached"), new
 
 
+def _next_due(old: _Dir | None, ino: int, now: float, interval: float) -> float:
+    """
+    When a directory looked at in full ``now`` is next due for a full look:
+    one ``interval`` after the full look it was due for, so that it keeps
+    its place in the cycle (the measures that come after ``now`` look at
+    the same share of the tree each); one interval after ``now`` when a
+    change of its own made this look; the first time, at a point of the
+    first interval its inode sets (spread evenly).
+    """
+    if interval <= 0:
+        return now
+    if old is None:
+        return now + interval * (((ino * 0x9E3779B1) & 0xFFFF) + 1) / 0x10000
+    if now < old.due:
+        return now + interval
+    return old.due + interval * ((now - old.due) // interval + 1)
+
+
 def _look(fd: int, st: os.stat_result, now: float, budget: Budget,
-          sweep_before: float | None) -> _Dir:
+          sweep_before: float | None, due: float) -> _Dir:
     """List the directory ``fd`` and stat its files (never following a link)."""
     apparent = allocated = 0
     subdirs: list[str] = []
@@ -290,7 +318,7 @@ def _look(fd: int, st: os.stat_result, now: float, budget: Budget,
                     apparent += est.st_size
     except OSError:
         pass  # unreadable: counted as empty, as trees.Walk does
-    return _Dir(st.st_mtime_ns, st.st_ctime_ns, apparent, allocated, tuple(subdirs), now)
+    return _Dir(st.st_mtime_ns, st.st_ctime_ns, apparent, allocated, tuple(subdirs), now, due)
 
 
 class Meter:
@@ -316,7 +344,7 @@ class Meter:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._flights: dict[tuple[int, int], _Flight] = {}
-        self._caches: dict[tuple[int, int], dict[int, _Dir]] = {}
+        self._caches: dict[tuple[int, int], dict[tuple[int, int], _Dir]] = {}
 
     def configure(self, mode: str, share: float, batch: int, full_interval: float) -> None:
         """Take the resolved mode and ``[disk]``'s walk settings."""
@@ -340,7 +368,11 @@ class Meter:
             except OSError:
                 used = None
             if used is not None:
-                return Usage(used, used, True, "qgroup")
+                assert sub is not None
+                # Subvolumes nested inside (the game may make them) have
+                # qgroups of their own, outside the server's: counted here.
+                nested, whole = btrfs.nested_referenced(top_fd, sub)
+                return Usage(used + nested, used + nested, whole, "qgroup")
         key = (st.st_dev, st.st_ino)
         with self._lock:
             flight = self._flights.get(key)

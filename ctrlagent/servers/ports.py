@@ -15,7 +15,10 @@ A pick is synchronous (two ``bind`` calls per port tried, microseconds):
 the manager allocates and adds the server in one reactor turn, so two
 creates at once never get the same port.  Among the free ports one is taken
 at random, not the lowest: two agents sharing a host (test rigs) rarely
-pick the same port before either publishes it.
+pick the same port before either publishes it.  Each port is tried at most
+once per pick, and keeping the untried ones costs O(log n) a try
+(``Untried``), so a range of n mostly bound ports costs n probes and
+O(n log n) steps, never O(n²).
 
 ``allocations(spec)`` gives a server's ports in the Panel's shape
 (``wire.servers.Allocation``).
@@ -27,13 +30,14 @@ import errno
 import random
 import socket
 from collections.abc import Callable, Iterable, Sequence
+from typing import overload
 
 from ctrlagent.config import ServersConfig, parse_port_range
 from ctrlagent.errors import InsufficientResources, PortConflict
 from ctrlagent.servers.spec import PortAllocation, ServerSpec
 from ctrlagent.wire.servers import Allocation
 
-__all__ = ["PortPool", "allocations", "port_is_free"]
+__all__ = ["PortPool", "Untried", "allocations", "port_is_free"]
 
 # What the host says when a port is taken (EACCES: a privileged port, or
 # one a security module keeps) rather than when the address is not its own.
@@ -94,7 +98,7 @@ class PortPool:
             raise InsufficientResources("no port range is configured (servers.port_range)")
         first, last = self.range
         held = set(taken)
-        candidates = [p for p in range(first, last + 1) if p not in held]
+        candidates = Untried([p for p in range(first, last + 1) if p not in held])
         while candidates:
             port = self._choose(candidates)
             candidates.remove(port)
@@ -103,9 +107,81 @@ class PortPool:
         raise InsufficientResources(
             "no free port left in servers.port_range {}-{} ({} held by servers of this node,"
             " the others bound on the host): delete a server or widen the range".format(
-                first, last, len(held & set(range(first, last + 1)))
+                first, last, sum(1 for p in held if first <= p <= last)
             )
         )
+
+
+class Untried(Sequence[int]):
+    """
+    The ports of a range not tried yet, in their order, as a sequence that
+    ``choose`` indexes: ``remove`` and indexing take O(log n) steps (a
+    Fenwick tree of which positions are left), where a list's ``remove``
+    takes O(n) and trying a whole range of n ports took O(n²), blocking the
+    reactor for a range of tens of thousands of bound ports.  The order is
+    the list's after the same removals, so a ``choose`` picks what it picked
+    from the list.  ``steps`` counts the tree's steps (for the tests).
+    """
+
+    def __init__(self, ports: list[int]) -> None:
+        self._ports = ports
+        self._where = {port: i for i, port in enumerate(ports)}
+        n = len(ports)
+        self._len = n
+        # tree[i] (1-based) counts the positions left in (i - lowbit(i), i].
+        tree = [0] + [1] * n
+        for i in range(1, n + 1):
+            parent = i + (i & -i)
+            if parent <= n:
+                tree[parent] += tree[i]
+        self._tree = tree
+        self._top = 1 << n.bit_length() if n else 0
+        self.steps = n
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | Sequence[int]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError("port index out of range")
+        # Descend the tree to the (index + 1)-th position left.
+        pos = 0
+        rest = index + 1
+        bit = self._top
+        tree = self._tree
+        n = len(tree) - 1
+        while bit:
+            self.steps += 1
+            nxt = pos + bit
+            if nxt <= n and tree[nxt] < rest:
+                pos = nxt
+                rest -= tree[nxt]
+            bit >>= 1
+        return self._ports[pos]
+
+    def remove(self, port: int) -> None:
+        """Take ``port`` out (``ValueError`` when it is not left)."""
+        try:
+            i = self._where.pop(port) + 1
+        except KeyError:
+            raise ValueError("port {} is not left".format(port)) from None
+        self._len -= 1
+        tree = self._tree
+        n = len(tree) - 1
+        while i <= n:
+            self.steps += 1
+            tree[i] -= 1
+            i += i & -i
 
 
 def allocations(spec: ServerSpec) -> tuple[Allocation, ...]:

@@ -10,8 +10,9 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from ctrlagent.files import trees
+from ctrlagent.files import trees, usage
 from ctrlagent.files.usage import Budget, Meter, Usage, plain_usage
 from tests.files.test_trees import make_chain, remove_everything
 
@@ -76,6 +77,11 @@ def test_a_file_rewritten_in_place_is_seen_at_the_next_full_look(tmp_path: Path)
     build(top, dirs=3, files=3)
     clock = Clock()
     meter = Meter(full_interval=300, clock=clock)
+    meter.measure_path(str(top))
+    # d1 changes (an entry added and removed): looked at in full now, so its
+    # next full look is a whole interval away.
+    (top / "d1" / "tmp").write_bytes(b"")
+    os.unlink(top / "d1" / "tmp")
     first = meter.measure_path(str(top))
     with open(top / "d1" / "f2", "ab") as f:  # grows; its directory's mtime does not change
         f.write(b"g" * 50_000)
@@ -90,6 +96,59 @@ def test_a_file_rewritten_in_place_is_seen_at_the_next_full_look(tmp_path: Path)
     with open(top / "d2" / "f1", "ab") as f:
         f.write(b"h" * 7000)
     assert figures(exact.measure_path(str(top))) == figures(full(top))
+
+
+def test_each_directory_is_looked_at_in_full_once_an_interval_spread_over_the_measures(
+    tmp_path: Path,
+) -> None:
+    # The agent's schedule: a measure every 60 s, walk_full_interval 300 s.
+    # Each unchanged directory's files are looked at once per interval (12
+    # times an hour, not more), a fifth of them at each measure rather than
+    # all at once, and a file rewritten in place anywhere shows within the
+    # interval.
+    top = tmp_path / "srv"
+    build(top, dirs=100, files=2)
+    clock = Clock()
+    meter = Meter(full_interval=300, clock=clock)
+    looks: dict[int, int] = {}
+    real_look = usage._look
+
+    def counted(fd: int, st: os.stat_result, *args: Any) -> Any:
+        looks[st.st_ino] = looks.get(st.st_ino, 0) + 1
+        return real_look(fd, st, *args)
+
+    usage._look = counted
+    try:
+        meter.measure_path(str(top))  # the first: every directory
+        ndirs = len(looks)
+        assert ndirs == 201
+        looks.clear()
+        per_measure = []
+        late = []
+        rewritten: dict[str, float] = {}
+        for minute in range(1, 61):
+            before = sum(looks.values())
+            clock.now += 60
+            u = meter.measure_path(str(top))
+            per_measure.append(sum(looks.values()) - before)
+            # Rewritten in place since the last measure: seen within 300 s.
+            for name, when in list(rewritten.items()):
+                if figures(u) == figures(full(top)):
+                    del rewritten[name]
+                elif clock.now - when >= 300:
+                    late.append(name)
+            if minute % 7 == 0 and not rewritten:
+                name = "d{}/f1".format(minute % 100)
+                with open(top / name, "ab") as f:
+                    f.write(b"r" * 3000)
+                rewritten[name] = clock.now
+        assert not late
+        assert sorted(set(looks.values())) == [12], looks
+        # A fifth of the tree at each measure, give or take the spread.
+        assert max(per_measure) <= ndirs * 0.35, per_measure
+        assert min(per_measure[5:]) >= ndirs * 0.1, per_measure
+    finally:
+        usage._look = real_look
 
 
 def test_the_walk_never_follows_links_nor_counts_what_they_point_at(tmp_path: Path) -> None:
