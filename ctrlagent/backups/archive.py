@@ -21,10 +21,13 @@ tampered archive can neither fill memory nor pass unnoticed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import queue
+import shutil
 import stat
+import subprocess
 import tarfile
 import threading
 import time
@@ -42,8 +45,9 @@ from ctrlagent.files.paths import WORK_PREFIXES
 COPY_CHUNK = 1024 * 1024
 # Compressed chunks waiting for the hash and the driver's write.
 OFFLOAD_DEPTH = 4
-# Bytes of one zstd worker's job (memory: a few of these per worker).
-ZSTD_JOB_SIZE = 2 * 1024 * 1024
+# Bytes of one zstd worker's job (memory: a few of these per worker; 4 MiB
+# costs zstd some 44 MiB and no more time than its default of 8).
+ZSTD_JOB_SIZE = 4 * 1024 * 1024
 # Pieces smaller than this (headers, small files) are gathered into one write.
 SMALL_WRITE = 256 * 1024
 # Levels a backup descends; a deeper subtree is left out with a note.
@@ -169,9 +173,14 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
     """
     stats = ArchiveStats()
     sink = HashingSink(write)
-    # The sha256 and the driver's write run in a thread of their own (both
-    # release the GIL), beside the walk, the reads and zstd's workers.
-    offload = _Offload(sink.write)
+    # Three stages run at once, as the processes of ``tar | zstd -T0 >
+    # file`` do: this thread walks, reads and builds the tar stream; zstd
+    # compresses it in a process of its own (``_Compressor``), or in
+    # zstandard's worker threads where there is no zstd program; a thread
+    # of ours hashes the archive and hands it to the driver.  Pipes and
+    # bounded queues between them bound the memory.
+    offload: _Offload | None = None
+    child: _Compressor | None = None
     last = [time.monotonic()]
 
     def advance(n: int) -> None:
@@ -185,10 +194,27 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
                 progress(stats.bytes, stats.files)
 
     try:
-        _write_tar(root_fd, offload, rules, stats, advance, level, on_member, cancelled)
-        offload.close()
+        zstd = shutil.which(ZSTD_PROGRAM) if level is not None else None
+        if level is not None and zstd is not None:
+            child = _Compressor([zstd, "-q", "-c", "-T0", "-{}".format(level),
+                                 "-B{}".format(ZSTD_JOB_SIZE)], sink.write)
+            _write_tar(root_fd, child.write, rules, stats, advance, on_member, cancelled)
+            child.close()
+        else:
+            offload = _Offload(sink.write, OFFLOAD_DEPTH, "backup-sink")
+            if level is None:
+                _write_tar(root_fd, offload.write, rules, stats, advance, on_member, cancelled)
+            else:
+                z = _in_process_compressor(level, offload)
+                _write_tar(root_fd, z.write, rules, stats, advance, on_member, cancelled)
+                z.flush(zstandard.FLUSH_FRAME)
+                z.close()
+            offload.close()
     finally:
-        offload.abort()
+        if child is not None:
+            child.abort()
+        if offload is not None:
+            offload.abort()
     stats.size = sink.size
     stats.checksum = sink.sha.hexdigest()
     if progress is not None:
@@ -196,22 +222,25 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
     return stats
 
 
-def _write_tar(root_fd: int, offload: _Offload, rules: IgnoreRules, stats: ArchiveStats,
-               advance: Callable[[int], None], level: int | None,
+def _in_process_compressor(level: int, out: _Offload) -> Any:
+    """
+    A zstd stream writer to ``out`` using zstandard's worker threads (one
+    per core, as ``zstd -T0``), for a host without the zstd program: the
+    same archive, but slower on a busy machine (its feeding shares our GIL
+    with the walk; see ``_Compressor``).
+    """
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=-1, job_size=ZSTD_JOB_SIZE, write_checksum=True)
+    cctx = zstandard.ZstdCompressor(compression_params=params)
+    return cctx.stream_writer(out, closefd=False,  # type: ignore[arg-type]
+                              write_size=COPY_CHUNK)
+
+
+def _write_tar(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRules,
+               stats: ArchiveStats, advance: Callable[[int], None],
                on_member: Callable[[str], None] | None,
                cancelled: Callable[[], bool] | None) -> None:
-    out: Any = offload
-    if level is not None:
-        # zstd's own worker threads (one per core, as ``zstd -T0``) compress
-        # while this thread walks and reads; 1 MiB writes to the sink.  Jobs
-        # of ZSTD_JOB_SIZE keep their buffers small (the default for level 3,
-        # 8 MiB, costs some 65 MiB of memory; 2 MiB some 20, for 0.02 % of size).
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level, threads=-1, job_size=ZSTD_JOB_SIZE, write_checksum=True)
-        cctx = zstandard.ZstdCompressor(compression_params=params)
-        out = cctx.stream_writer(offload, closefd=False,  # type: ignore[arg-type]
-                                 write_size=COPY_CHUNK)
-    tar = _TarWriter(out.write)
+    tar = _TarWriter(write)
     walk = trees.Walk(root_fd, max_depth=MAX_BACKUP_DEPTH, sort=True, hide=WORK_PREFIXES)
     try:
         for e in walk:
@@ -256,24 +285,21 @@ def _write_tar(root_fd: int, offload: _Offload, rules: IgnoreRules, stats: Archi
     if walk.truncated:
         stats.truncated = True
     tar.close()
-    if level is not None:
-        out.flush(zstandard.FLUSH_FRAME)
-        out.close()
 
 
 class _Offload:
     """
-    ``write`` calls handed to one thread through a bounded queue (at most
-    ``OFFLOAD_DEPTH`` chunks, so memory stays bounded); its error is raised
+    ``write`` calls handed to a thread of their own through a bounded queue
+    (at most ``depth`` chunks, so memory stays bounded); its error is raised
     at the next ``write`` or at ``close``.
     """
 
-    def __init__(self, write: Callable[[bytes], Any]) -> None:
+    def __init__(self, write: Callable[[bytes], Any], depth: int, name: str) -> None:
         self._write = write
-        self._queue: queue.Queue[bytes | None] = queue.Queue(OFFLOAD_DEPTH)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="backup-sink", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -293,12 +319,20 @@ class _Offload:
             error, self._error = self._error, None
             self._stop = True
             raise error
+        if self._stop:
+            raise BackupCancelled("the backup was stopped")
 
     def write(self, data: Any) -> int:
         self._raise()
-        # The caller may reuse its buffer (the tar reader's): a copy unless bytes.
-        self._queue.put(data if type(data) is bytes else bytes(data))
-        return len(data)
+        # The caller may reuse its buffer: a copy unless bytes.
+        item = data if type(data) is bytes else bytes(data)
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return len(data)
+            except queue.Full:
+                # A consumer that was stopped (``abort``) takes no more.
+                self._raise()
 
     def flush(self) -> None:
         pass
@@ -319,8 +353,126 @@ class _Offload:
                     self._queue.get_nowait()
                 except queue.Empty:
                     break
-            self._queue.put(None)
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass  # a producer refilled it meanwhile: the thread sees _stop
             self._thread.join(60)  # a write stuck in a dead driver: given up
+
+
+# The compressor, as the ``tar -I zstd`` a backup is measured against.
+ZSTD_PROGRAM = "zstd"
+# Bytes of each pipe to and from it (fcntl F_SETPIPE_SZ; 64 KiB by default).
+PIPE_SIZE = 1024 * 1024
+_F_SETPIPE_SZ = 1031
+STDERR_TAIL = 4096
+
+
+class CompressorFailed(CtrlAgentError):
+    """The compressor child ended before the archive was whole."""
+
+
+class _Compressor:
+    """
+    The zstd program running as a child: ``write`` feeds it the tar stream
+    through a pipe; a thread reads the compressed stream it writes and hands
+    it to ``sink``.  A failure on either side (the sink's error, the child's
+    death) ends the child and is raised at the next ``write`` or at
+    ``close``, so neither side is left blocked on a full pipe.
+    """
+
+    def __init__(self, argv: list[str], sink: Callable[[bytes], Any]) -> None:
+        self._sink = sink
+        self._error: BaseException | None = None
+        self._err = b""
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                close_fds=True, bufsize=0)
+        except OSError as e:
+            raise CompressorFailed("the backup compressor cannot be started ({})".format(
+                e.strerror)) from None
+        assert self._proc.stdin and self._proc.stdout and self._proc.stderr
+        self._in = self._proc.stdin.fileno()
+        self._out = self._proc.stdout.fileno()
+        for fd in (self._in, self._out):
+            try:
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # a smaller pipe only costs more switches
+        self._threads = [
+            threading.Thread(target=self._read_archive, name="backup-sink", daemon=True),
+            threading.Thread(target=self._read_errors, name="backup-zstd-err", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_archive(self) -> None:
+        assert self._proc.stdout is not None
+        try:
+            while data := self._proc.stdout.read(COPY_CHUNK):
+                self._sink(data)
+        except BaseException as e:
+            self._error = e
+            # The walk's next write then fails at once (EPIPE) rather than
+            # waiting on a pipe nobody drains.
+            self._proc.kill()
+
+    def _read_errors(self) -> None:
+        assert self._proc.stderr is not None
+        while chunk := self._proc.stderr.read(4096):
+            self._err = (self._err + chunk)[-STDERR_TAIL:]
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._in, view):]
+        except BrokenPipeError:
+            self._finish()
+        return len(data)
+
+    def close(self) -> None:
+        """End the stream; wait until the whole archive went to the sink."""
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.close()  # end of input: the child ends the frame
+        except BrokenPipeError:
+            pass
+        self._finish()
+
+    def _finish(self) -> None:
+        """Wait for the child and the threads; raise what went wrong."""
+        for t in self._threads:
+            t.join()
+        code = self._proc.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if code != 0:
+            tail = " ".join(self._err.decode("utf-8", "replace").strip().splitlines()[-2:])
+            raise CompressorFailed("the backup compressor failed (exit {}): {}".format(
+                code, tail[-300:] or "no message"))
+
+    def abort(self) -> None:
+        """End the child without waiting for the rest (idempotent)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        for t in self._threads:
+            t.join(60)  # a sink stuck in a dead driver: given up
+        # Closed only once their readers are gone (a closed fd's number
+        # may be reused by the time a reader reads it again).
+        pipes = [self._proc.stdin]
+        if not self._threads[0].is_alive():
+            pipes.append(self._proc.stdout)
+        if not self._threads[1].is_alive():
+            pipes.append(self._proc.stderr)
+        for f in pipes:
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        self._proc.wait()
 
 
 _MAX_OCTAL_11 = 8 ** 11
