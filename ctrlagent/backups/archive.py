@@ -21,6 +21,7 @@ tampered archive can neither fill memory nor pass unnoticed.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -33,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import zstandard
 
@@ -147,14 +148,34 @@ def _copy_exact(fd: int, size: int, out: Callable[[Any], Any],
     return short
 
 
-def _tar_info(rel: str, st: os.stat_result) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(rel)
-    info.mtime = int(st.st_mtime)
-    # Permission bits only: no setuid/setgid/sticky travels in a backup.
-    info.mode = stat.S_IMODE(st.st_mode) & 0o777
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
+def _splice_exact(fd: int, size: int, tar: _TarWriter, splice: Callable[[int, int], int],
+                  advance: Callable[[int], None]) -> bool:
+    """
+    ``_copy_exact`` through ``splice`` (the kernel moves the file's pages
+    into the compressor's pipe: no copy in and out of this process, no
+    GIL held meanwhile); zeros after a premature end, nothing past ``size``.
+    """
+    tar.flush()
+    left = size
+    short = False
+    while left > 0:
+        want = min(left, COPY_CHUNK)
+        if not short:
+            try:
+                n = splice(fd, want)
+            except OSError as e:
+                if left == size and e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    # A filesystem that cannot splice: read it instead.
+                    return _copy_exact(fd, size, tar._out, advance)
+                n = 0
+            short = not n
+        if short:
+            tar.write(bytes(want))
+            n = want
+        tar.offset += n
+        left -= n
+        advance(n)
+    return short
 
 
 def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRules, *,
@@ -198,7 +219,8 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
         if level is not None and zstd is not None:
             child = _Compressor([zstd, "-q", "-c", "-T0", "-{}".format(level),
                                  "-B{}".format(ZSTD_JOB_SIZE)], sink.write)
-            _write_tar(root_fd, child.write, rules, stats, advance, on_member, cancelled)
+            _write_tar(root_fd, child.write, rules, stats, advance, on_member, cancelled,
+                       child.splice)
             child.close()
         else:
             offload = _Offload(sink.write, OFFLOAD_DEPTH, "backup-sink")
@@ -239,8 +261,9 @@ def _in_process_compressor(level: int, out: _Offload) -> Any:
 def _write_tar(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRules,
                stats: ArchiveStats, advance: Callable[[int], None],
                on_member: Callable[[str], None] | None,
-               cancelled: Callable[[], bool] | None) -> None:
-    tar = _TarWriter(write)
+               cancelled: Callable[[], bool] | None,
+               splice: Callable[[int, int], int] | None = None) -> None:
+    tar = _TarWriter(write, splice)
     walk = trees.Walk(root_fd, max_depth=MAX_BACKUP_DEPTH, sort=True, hide=WORK_PREFIXES)
     try:
         for e in walk:
@@ -256,9 +279,7 @@ def _write_tar(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRules,
                     # (the walk would not enter it): left out.
                     e.descend = False
                     continue
-                info = _tar_info(rel, st)
-                info.type = tarfile.DIRTYPE
-                tar.header(info)
+                tar.member(rel, st, tarfile.DIRTYPE)
             else:
                 e.descend = False
                 if rules.matches(rel):
@@ -428,8 +449,23 @@ class _Compressor:
             while view:
                 view = view[os.write(self._in, view):]
         except BrokenPipeError:
-            self._finish()
+            self._broken()
         return len(data)
+
+    def _broken(self) -> NoReturn:
+        """The child stopped reading: raise why (never an ``OSError``, which
+        a read of the server's files may raise and be handled as such)."""
+        self._finish()
+        raise CompressorFailed("the backup compressor stopped reading")
+
+    def splice(self, fd: int, n: int) -> int:
+        """Move up to ``n`` bytes of the file ``fd`` (from its offset) into the pipe."""
+        try:
+            return os.splice(fd, self._in, n)
+        except BrokenPipeError:
+            # The file's side is not to blame: the next write (the zeros
+            # of a short file) meets the broken pipe and raises its reason.
+            return 0
 
     def close(self) -> None:
         """End the stream; wait until the whole archive went to the sink."""
@@ -476,44 +512,48 @@ class _Compressor:
 
 
 _MAX_OCTAL_11 = 8 ** 11
+# The header's fields that are the same for every member we build: uid and
+# gid 0, the checksum counted as spaces, the magic, empty owner names, no
+# device numbers, no prefix.
+_IDS = b"0000000\x00" * 2
+_TAIL = tarfile.POSIX_MAGIC + bytes(64 + 16 + 167)
+_FIXED_SUM = sum(_IDS) + sum(b" " * 8) + sum(_TAIL)
+
+
+def member_header(name: str, mode: int, size: int, mtime: int, typeflag: bytes,
+                  link: str = "") -> bytes | None:
+    """
+    The header ``tarfile`` writes (PAX format, ``utf-8``,
+    ``surrogateescape``) for the common member, built at once from its
+    fields (``tarfile``'s way, field by field through a ``TarInfo``, costs
+    more than reading a small file): an ASCII name (a directory's ending in
+    ``/``) and link of at most 100 bytes, owner 0 without names, size and
+    time in range.  None for any other member (the caller then asks tarfile).
+    """
+    if len(name) > 100 or len(link) > 100 or not name.isascii() or not link.isascii() \
+            or not (0 <= size < _MAX_OCTAL_11 and 0 <= mtime < _MAX_OCTAL_11):
+        return None
+    raw_name, raw_link = name.encode("ascii"), link.encode("ascii")
+    fields = b"%07o\0%011o\0%011o\0" % (mode & 0o7777, size, mtime)
+    chksum = _FIXED_SUM + sum(raw_name) + sum(fields) + typeflag[0] + sum(raw_link)
+    return b"".join((raw_name.ljust(100, b"\0"), fields[:8], _IDS, fields[8:],
+                     b"%06o\0 " % chksum, typeflag, raw_link.ljust(100, b"\0"), _TAIL))
 
 
 def ustar_header(info: tarfile.TarInfo) -> bytes | None:
     """
-    The header ``info.tobuf(PAX_FORMAT, "utf-8", "surrogateescape")`` gives
-    for the common member (an ASCII name and link of at most 100 bytes, no
-    owner names, sizes and times in range), built at once rather than
-    field by field (tarfile's way costs more than reading a small file);
-    None for any other member (the caller then asks tarfile).
+    ``member_header`` for ``info``: the header
+    ``info.tobuf(PAX_FORMAT, "utf-8", "surrogateescape")`` gives, or None
+    where it is not a common member.
     """
-    name, link = info.name, info.linkname
+    name = info.name
     if info.isdir() and not name.endswith("/"):
         name += "/"
-    if len(name) > 100 or len(link) > 100 or not name.isascii() or not link.isascii() \
-            or info.uname or info.gname or info.uid or info.gid or info.pax_headers:
+    if info.uname or info.gname or info.uid or info.gid or info.pax_headers \
+            or not isinstance(info.mtime, int):
         return None
     size = 0 if info.type in (tarfile.DIRTYPE, tarfile.SYMTYPE) else info.size
-    mtime = info.mtime
-    if not (0 <= size < _MAX_OCTAL_11 and 0 <= mtime < _MAX_OCTAL_11) \
-            or not isinstance(mtime, int):
-        return None
-    buf = b"".join((
-        name.encode("ascii").ljust(100, b"\0"),
-        b"%07o\0" % (info.mode & 0o7777),
-        b"0000000\x00",  # uid
-        b"0000000\x00",  # gid
-        b"%011o\0" % size,
-        b"%011o\0" % mtime,
-        b"        ",  # the checksum, counted as spaces
-        info.type,
-        link.encode("ascii").ljust(100, b"\0"),
-        tarfile.POSIX_MAGIC,
-        bytes(64),  # uname, gname
-        bytes(16),  # devmajor, devminor: only devices have them
-        bytes(167),  # prefix and the block's end
-    ))
-    chksum = sum(buf)
-    return buf[:148] + b"%06o\0" % chksum + buf[155:]
+    return member_header(name, info.mode, size, info.mtime, info.type, info.linkname)
 
 
 class _TarWriter:
@@ -525,8 +565,11 @@ class _TarWriter:
     its buffer at each: most of a backup's time.)
     """
 
-    def __init__(self, write: Callable[[Any], Any]) -> None:
+    def __init__(self, write: Callable[[Any], Any],
+                 splice: Callable[[int, int], int] | None = None) -> None:
         self.write = write
+        # (file fd, at most n bytes) -> bytes moved, where the output is a pipe.
+        self.splice = splice
         self.offset = 0
         self._pending: list[Any] = []
         self._pending_bytes = 0
@@ -535,23 +578,35 @@ class _TarWriter:
         n = len(data)
         self.offset += n
         if n >= SMALL_WRITE:
-            self._flush()
+            self.flush()
             self.write(data)
             return
         self._pending.append(data)
         self._pending_bytes += n
         if self._pending_bytes >= COPY_CHUNK:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the gathered small pieces now."""
         if self._pending:
             self.write(b"".join(self._pending))
             self._pending = []
             self._pending_bytes = 0
 
-    def header(self, info: tarfile.TarInfo) -> None:
-        buf = ustar_header(info)
+    def member(self, rel: str, st: os.stat_result, typeflag: bytes, size: int = 0,
+               link: str = "") -> None:
+        """The header of the member ``rel`` (``st`` its stat) of type ``typeflag``."""
+        # Permission bits only: no setuid/setgid/sticky travels in a backup.
+        mode = 0o777 if typeflag == tarfile.SYMTYPE else stat.S_IMODE(st.st_mode) & 0o777
+        mtime = int(st.st_mtime)
+        buf = member_header(rel + "/" if typeflag == tarfile.DIRTYPE else rel, mode, size,
+                            mtime, typeflag, link)
         if buf is None:
+            info = tarfile.TarInfo(rel)
+            info.mtime, info.mode, info.type, info.size, info.linkname = \
+                mtime, mode, typeflag, size, link
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
             buf = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         self._out(buf)
 
@@ -566,7 +621,7 @@ class _TarWriter:
         rest = self.offset % tarfile.RECORDSIZE
         if rest:
             self._out(bytes(tarfile.RECORDSIZE - rest))
-        self._flush()
+        self.flush()
 
 
 _ZEROS = bytes(tarfile.BLOCKSIZE)
@@ -578,11 +633,7 @@ def _add_link(tar: _TarWriter, e: trees.Entry, rel: str, st: os.stat_result,
         target = os.readlink(e.name, dir_fd=e.dir_fd)
     except OSError:
         target = ""
-    info = _tar_info(rel, st)
-    info.mode = 0o777
-    info.type = tarfile.SYMTYPE
-    info.linkname = target
-    tar.header(info)
+    tar.member(rel, st, tarfile.SYMTYPE, link=target)
 
 
 def _add_file(tar: _TarWriter, e: trees.Entry, rel: str, stats: ArchiveStats,
@@ -601,10 +652,11 @@ def _add_file(tar: _TarWriter, e: trees.Entry, rel: str, stats: ArchiveStats,
             stats.skipped += 1  # swapped for a FIFO or a device meanwhile
             stats.note("special file left out: {}".format(rel))
             return False
-        info = _tar_info(rel, st)
-        info.size = st.st_size
-        tar.header(info)
-        short = _copy_exact(fd, st.st_size, tar._out, advance)
+        tar.member(rel, st, tarfile.REGTYPE, st.st_size)
+        if tar.splice is not None and st.st_size >= SMALL_WRITE:
+            short = _splice_exact(fd, st.st_size, tar, tar.splice, advance)
+        else:
+            short = _copy_exact(fd, st.st_size, tar._out, advance)
         tar.pad(st.st_size)
         after = os.fstat(fd)
         if short or after.st_size != st.st_size or after.st_mtime_ns != st.st_mtime_ns:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
@@ -19,6 +20,7 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ctrlagent.backups import archive
 from ctrlagent.backups.archive import BackupCorrupt, ustar_header
 from ctrlagent.backups.restore import (
     STAGING_PREFIX,
@@ -456,6 +458,32 @@ def test_the_fast_tar_header_is_byte_for_byte_tarfiles_or_none(
     elif name.isascii() and len(name) < 99 and 0 <= mtime < 8 ** 11 and size < 8 ** 11 \
             and (kind != tarfile.SYMTYPE or (link.isascii() and len(link) <= 100)):
         raise AssertionError("the common member took the slow path")
+
+
+@given(name=_NAMES, link=_NAMES, kind=st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE,
+                                                        tarfile.SYMTYPE]),
+       size=st.integers(0, 2 ** 40), mtime=st.integers(-5, 2 ** 34),
+       mode=st.integers(0, 0o7777))
+def test_every_member_header_the_writer_builds_is_byte_for_byte_tarfiles(
+    name: str, link: str, kind: bytes, size: int, mtime: int, mode: int
+) -> None:
+    # What the archive writer emits for a member (its own header, or
+    # tarfile's for an uncommon one), from the member's stat.
+    file_type = {tarfile.REGTYPE: stat.S_IFREG, tarfile.DIRTYPE: stat.S_IFDIR,
+                 tarfile.SYMTYPE: stat.S_IFLNK}[kind]
+    st_ = os.stat_result((file_type | mode, 1, 1, 1, 0, 0, size, 0, mtime, 0))
+    size = size if kind == tarfile.REGTYPE else 0
+    link = link if kind == tarfile.SYMTYPE else ""
+    out: list[bytes] = []
+    writer = archive._TarWriter(out.append)
+    writer.member(name, st_, kind, size, link)
+    writer.flush()
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mtime, info.linkname = kind, size, mtime, link
+    info.mode = 0o777 if kind == tarfile.SYMTYPE else mode & 0o777
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    assert b"".join(out) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 def test_gnu_tar_reads_our_archive_as_we_wrote_it(layout: Layout) -> None:
