@@ -110,10 +110,10 @@ class HashingSink:
         self.sha = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: Any) -> int:
         self.sha.update(data)
-        # zstandard hands a bytes object of its own: no copy.  Anything else
-        # (a view of a reused buffer) is copied, as a driver may keep it.
+        # A bytes object (zstandard's output) goes as it is; a view of a
+        # reused buffer (the compressor's pipe) is copied: a driver may keep it.
         self._write(data if type(data) is bytes else bytes(data))
         self.size += len(data)
         return len(data)
@@ -384,7 +384,7 @@ class _Offload:
 # The compressor, as the ``tar -I zstd`` a backup is measured against.
 ZSTD_PROGRAM = "zstd"
 # Bytes of each pipe to and from it (fcntl F_SETPIPE_SZ; 64 KiB by default).
-PIPE_SIZE = 1024 * 1024
+PIPE_SIZE = 4 * 1024 * 1024
 _F_SETPIPE_SZ = 1031
 STDERR_TAIL = 4096
 
@@ -402,7 +402,7 @@ class _Compressor:
     ``close``, so neither side is left blocked on a full pipe.
     """
 
-    def __init__(self, argv: list[str], sink: Callable[[bytes], Any]) -> None:
+    def __init__(self, argv: list[str], sink: Callable[[Any], Any]) -> None:
         self._sink = sink
         self._error: BaseException | None = None
         self._err = b""
@@ -428,10 +428,14 @@ class _Compressor:
             t.start()
 
     def _read_archive(self) -> None:
-        assert self._proc.stdout is not None
+        # Large reads, so that this thread needs the GIL (which the walk
+        # holds most of the time) once per few MiB of archive; into one
+        # buffer, so that they cost no fresh memory each.
+        buf = bytearray(PIPE_SIZE)
+        view = memoryview(buf)
         try:
-            while data := self._proc.stdout.read(COPY_CHUNK):
-                self._sink(data)
+            while n := os.readv(self._out, [buf]):
+                self._sink(view[:n])
         except BaseException as e:
             self._error = e
             # The walk's next write then fails at once (EPIPE) rather than
