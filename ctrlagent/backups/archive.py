@@ -112,9 +112,9 @@ class HashingSink:
 
     def write(self, data: Any) -> int:
         self.sha.update(data)
-        # A bytes object (zstandard's output) goes as it is; a view of a
-        # reused buffer (the compressor's pipe) is copied: a driver may keep it.
-        self._write(data if type(data) is bytes else bytes(data))
+        # Handed on as it is (a view of the compressor pipe's buffer, no
+        # copy): a driver copies what it keeps (``ArchiveWriter.write``).
+        self._write(data)
         self.size += len(data)
         return len(data)
 
