@@ -7,11 +7,15 @@ The tree is mixed: many small text files (configs, logs), a few large
 incompressible ones (region files), some compressible binaries.  Reported:
 seconds, MB/s of content, archive size, and the peak RSS of each of our
 steps (measured in a child process, so one step's memory does not hide
-another's).  Default 200 MiB; ``--size-mib 1024`` for the 1 GiB run.  Both
-sides compress at level 3 with one zstd worker per core (ours:
-``threads=-1``; the baseline: ``zstd -T0``).  restic runs as the manager
-runs it: a directory snapshot through the private mount where the machine
-allows one (the report says ``tree``), the tar stream otherwise.
+another's; the zstd process our archive is compressed by is reported beside
+it), and the load average beside the figures.  Default 200 MiB;
+``--size-mib 1024`` for the 1 GiB run.  Both sides compress at level 3 with
+one zstd worker per core (ours: the zstd program fed by our walk, as
+``archive.py`` runs it; the baseline: ``zstd -T0``).  Our archive step times
+what the manager does: the measuring walk (free room, progress), then the
+archive.  restic runs as the manager runs it: a directory snapshot through
+the private mount where the machine allows one (the report says ``tree``),
+the tar stream otherwise; the report names each snapshot's parent.
 
     python bench/backups.py [--size-mib 200] [--small N] [--rounds 2] [--no-restic] [--keep DIR]
 """
@@ -70,11 +74,14 @@ def run_child(step: str, args: list[str]) -> None:
     from ctrlagent.backups.archive import write_archive
     from ctrlagent.backups.ignore import IgnoreRules
     from ctrlagent.backups.restore import restore_root
+    from ctrlagent.files import trees
 
     t0 = time.monotonic()
     if step == "archive":
         root, out = args
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+        # As the manager: the tree is measured (free room, progress) first.
+        trees.tree_usage(fd)
         with open(out, "wb") as f:
             stats = write_archive(fd, f.write, IgnoreRules([]), level=3)
         result = {"bytes": stats.bytes, "size": stats.size, "files": stats.files,
@@ -109,6 +116,11 @@ def run_child(step: str, args: list[str]) -> None:
         if done is not None:
             stats, location = done
             result = {"snapshot": location, "bytes": stats.bytes, "mode": "tree"}
+            seconds = time.monotonic() - t0
+            out, _ = driver.run(["snapshots", "--json", "--latest", "1"])
+            latest = json.loads(out)
+            result["parent"] = (latest[-1].get("parent") or "none")[:8] if latest else "?"
+            t0 = time.monotonic() - seconds
         else:
             w = driver.open_writer("bench", backup_id)
             stats = write_archive(fd, w.write, IgnoreRules([]), level=None)
@@ -117,7 +129,14 @@ def run_child(step: str, args: list[str]) -> None:
         raise SystemExit("unknown step")
     result["seconds"] = time.monotonic() - t0
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The zstd process the archive is compressed by (the largest child).
+    result["child_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps(result))
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def repo_size(repo: Path) -> int:
@@ -145,7 +164,8 @@ def main() -> None:
         small = a.small if a.small is not None else a.size_mib * 10_000 // 1024
         files = make_tree(root, a.size_mib * MiB, small)
         content = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
-        print("tree: {} files, {:.0f} MiB".format(files, content / MiB))
+        print("tree: {} files, {:.0f} MiB; loadavg {}".format(
+            files, content / MiB, _loadavg()))
 
         # The new tree's dirty pages go to disk first (else the first step
         # pays the write-back), then the two sides take turns, --rounds
@@ -162,15 +182,16 @@ def main() -> None:
             runs.append(child("archive", [str(root), str(work / "ours.tar.zst")]))
         ours = min(runs, key=lambda r: r["seconds"])
         gnu = min(gnus)
-        print("ours   archive: {:.2f} s  {:.0f} MB/s  {:.1f} MiB  peak RSS {:.0f} MiB  "
-              "(runs: {})".format(ours["seconds"], content / MiB / ours["seconds"],
-                                  ours["size"] / MiB, max(r["peak_rss_mib"] for r in runs),
-                                  ", ".join("{:.2f}".format(r["seconds"]) for r in runs)))
+        print("ours   archive: {:.2f} s  {:.0f} MB/s  {:.1f} MiB  peak RSS {:.0f} MiB "
+              "+ zstd child {:.0f} MiB  (runs: {})".format(
+                  ours["seconds"], content / MiB / ours["seconds"], ours["size"] / MiB,
+                  max(r["peak_rss_mib"] for r in runs), max(r["child_rss_mib"] for r in runs),
+                  ", ".join("{:.2f}".format(r["seconds"]) for r in runs)))
         print("tar+zstd -T0:   {:.2f} s  {:.0f} MB/s  {:.1f} MiB  ({} cores; runs: {})".format(
             gnu, content / MiB / gnu, (work / "gnu.tar.zst").stat().st_size / MiB,
             os.cpu_count(), ", ".join("{:.2f}".format(g) for g in gnus)))
-        print("ratio (ours speed / tar+zstd speed): {:.2f}  (target >= 0.8)".format(
-            gnu / ours["seconds"]))
+        print("ratio (ours speed / tar+zstd speed): {:.2f}  (target >= 0.8); loadavg {}".format(
+            gnu / ours["seconds"], _loadavg()))
 
         back = child("restore", [str(root), str(work / "ours.tar.zst"), str(ours["size"]),
                                  ours["checksum"], str(ours["bytes"])])
@@ -193,12 +214,14 @@ def main() -> None:
             os.sync()
             second = child("restic", [str(root), str(repo), str(pw)])
             size2 = repo_size(repo)
-            print("restic 1st ({}): {:.2f} s  repo {:.1f} MiB  peak RSS {:.0f} MiB".format(
-                first["mode"], first["seconds"], size1 / MiB, first["peak_rss_mib"]))
+            print("restic 1st ({}): {:.2f} s  repo {:.1f} MiB  peak RSS {:.0f} MiB  "
+                  "parent {}".format(first["mode"], first["seconds"], size1 / MiB,
+                                     first["peak_rss_mib"], first.get("parent")))
             print("restic 2nd (1 % changed): {:.2f} s ({:.0f} % of the 1st)  repo grew "
-                  "{:.1f} MiB".format(second["seconds"],
-                                      100 * second["seconds"] / first["seconds"],
-                                      (size2 - size1) / MiB))
+                  "{:.1f} MiB, parent {} (the 1st: {}); loadavg {}".format(
+                      second["seconds"], 100 * second["seconds"] / first["seconds"],
+                      (size2 - size1) / MiB, second.get("parent"),
+                      first.get("snapshot", "")[5:13], _loadavg()))
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)

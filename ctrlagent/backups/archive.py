@@ -21,16 +21,20 @@ tampered archive can neither fill memory nor pass unnoticed.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import queue
+import shutil
 import stat
+import subprocess
 import tarfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import zstandard
 
@@ -42,8 +46,9 @@ from ctrlagent.files.paths import WORK_PREFIXES
 COPY_CHUNK = 1024 * 1024
 # Compressed chunks waiting for the hash and the driver's write.
 OFFLOAD_DEPTH = 4
-# Bytes of one zstd worker's job (memory: a few of these per worker).
-ZSTD_JOB_SIZE = 2 * 1024 * 1024
+# Bytes of one zstd worker's job (memory: a few of these per worker; 4 MiB
+# costs zstd some 44 MiB and no more time than its default of 8).
+ZSTD_JOB_SIZE = 4 * 1024 * 1024
 # Pieces smaller than this (headers, small files) are gathered into one write.
 SMALL_WRITE = 256 * 1024
 # Levels a backup descends; a deeper subtree is left out with a note.
@@ -105,11 +110,11 @@ class HashingSink:
         self.sha = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: Any) -> int:
         self.sha.update(data)
-        # zstandard hands a bytes object of its own: no copy.  Anything else
-        # (a view of a reused buffer) is copied, as a driver may keep it.
-        self._write(data if type(data) is bytes else bytes(data))
+        # Handed on as it is (a view of the compressor pipe's buffer, no
+        # copy): a driver copies what it keeps (``ArchiveWriter.write``).
+        self._write(data)
         self.size += len(data)
         return len(data)
 
@@ -143,14 +148,34 @@ def _copy_exact(fd: int, size: int, out: Callable[[Any], Any],
     return short
 
 
-def _tar_info(rel: str, st: os.stat_result) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(rel)
-    info.mtime = int(st.st_mtime)
-    # Permission bits only: no setuid/setgid/sticky travels in a backup.
-    info.mode = stat.S_IMODE(st.st_mode) & 0o777
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
+def _splice_exact(fd: int, size: int, tar: _TarWriter, splice: Callable[[int, int], int],
+                  advance: Callable[[int], None]) -> bool:
+    """
+    ``_copy_exact`` through ``splice`` (the kernel moves the file's pages
+    into the compressor's pipe: no copy in and out of this process, no
+    GIL held meanwhile); zeros after a premature end, nothing past ``size``.
+    """
+    tar.flush()
+    left = size
+    short = False
+    while left > 0:
+        want = min(left, COPY_CHUNK)
+        if not short:
+            try:
+                n = splice(fd, want)
+            except OSError as e:
+                if left == size and e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    # A filesystem that cannot splice: read it instead.
+                    return _copy_exact(fd, size, tar._out, advance)
+                n = 0
+            short = not n
+        if short:
+            tar.write(bytes(want))
+            n = want
+        tar.offset += n
+        left -= n
+        advance(n)
+    return short
 
 
 def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRules, *,
@@ -169,9 +194,14 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
     """
     stats = ArchiveStats()
     sink = HashingSink(write)
-    # The sha256 and the driver's write run in a thread of their own (both
-    # release the GIL), beside the walk, the reads and zstd's workers.
-    offload = _Offload(sink.write)
+    # Three stages run at once, as the processes of ``tar | zstd -T0 >
+    # file`` do: this thread walks, reads and builds the tar stream; zstd
+    # compresses it in a process of its own (``_Compressor``), or in
+    # zstandard's worker threads where there is no zstd program; a thread
+    # of ours hashes the archive and hands it to the driver.  Pipes and
+    # bounded queues between them bound the memory.
+    offload: _Offload | None = None
+    child: _Compressor | None = None
     last = [time.monotonic()]
 
     def advance(n: int) -> None:
@@ -185,10 +215,28 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
                 progress(stats.bytes, stats.files)
 
     try:
-        _write_tar(root_fd, offload, rules, stats, advance, level, on_member, cancelled)
-        offload.close()
+        zstd = shutil.which(ZSTD_PROGRAM) if level is not None else None
+        if level is not None and zstd is not None:
+            child = _Compressor([zstd, "-q", "-c", "-T0", "-{}".format(level),
+                                 "-B{}".format(ZSTD_JOB_SIZE)], sink.write)
+            _write_tar(root_fd, child.write, rules, stats, advance, on_member, cancelled,
+                       child.splice)
+            child.close()
+        else:
+            offload = _Offload(sink.write, OFFLOAD_DEPTH, "backup-sink")
+            if level is None:
+                _write_tar(root_fd, offload.write, rules, stats, advance, on_member, cancelled)
+            else:
+                z = _in_process_compressor(level, offload)
+                _write_tar(root_fd, z.write, rules, stats, advance, on_member, cancelled)
+                z.flush(zstandard.FLUSH_FRAME)
+                z.close()
+            offload.close()
     finally:
-        offload.abort()
+        if child is not None:
+            child.abort()
+        if offload is not None:
+            offload.abort()
     stats.size = sink.size
     stats.checksum = sink.sha.hexdigest()
     if progress is not None:
@@ -196,22 +244,26 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
     return stats
 
 
-def _write_tar(root_fd: int, offload: _Offload, rules: IgnoreRules, stats: ArchiveStats,
-               advance: Callable[[int], None], level: int | None,
+def _in_process_compressor(level: int, out: _Offload) -> Any:
+    """
+    A zstd stream writer to ``out`` using zstandard's worker threads (one
+    per core, as ``zstd -T0``), for a host without the zstd program: the
+    same archive, but slower on a busy machine (its feeding shares our GIL
+    with the walk; see ``_Compressor``).
+    """
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=-1, job_size=ZSTD_JOB_SIZE, write_checksum=True)
+    cctx = zstandard.ZstdCompressor(compression_params=params)
+    return cctx.stream_writer(out, closefd=False,  # type: ignore[arg-type]
+                              write_size=COPY_CHUNK)
+
+
+def _write_tar(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRules,
+               stats: ArchiveStats, advance: Callable[[int], None],
                on_member: Callable[[str], None] | None,
-               cancelled: Callable[[], bool] | None) -> None:
-    out: Any = offload
-    if level is not None:
-        # zstd's own worker threads (one per core, as ``zstd -T0``) compress
-        # while this thread walks and reads; 1 MiB writes to the sink.  Jobs
-        # of ZSTD_JOB_SIZE keep their buffers small (the default for level 3,
-        # 8 MiB, costs some 65 MiB of memory; 2 MiB some 20, for 0.02 % of size).
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level, threads=-1, job_size=ZSTD_JOB_SIZE, write_checksum=True)
-        cctx = zstandard.ZstdCompressor(compression_params=params)
-        out = cctx.stream_writer(offload, closefd=False,  # type: ignore[arg-type]
-                                 write_size=COPY_CHUNK)
-    tar = _TarWriter(out.write)
+               cancelled: Callable[[], bool] | None,
+               splice: Callable[[int, int], int] | None = None) -> None:
+    tar = _TarWriter(write, splice)
     walk = trees.Walk(root_fd, max_depth=MAX_BACKUP_DEPTH, sort=True, hide=WORK_PREFIXES)
     try:
         for e in walk:
@@ -227,9 +279,7 @@ def _write_tar(root_fd: int, offload: _Offload, rules: IgnoreRules, stats: Archi
                     # (the walk would not enter it): left out.
                     e.descend = False
                     continue
-                info = _tar_info(rel, st)
-                info.type = tarfile.DIRTYPE
-                tar.header(info)
+                tar.member(rel, st, tarfile.DIRTYPE)
             else:
                 e.descend = False
                 if rules.matches(rel):
@@ -256,24 +306,21 @@ def _write_tar(root_fd: int, offload: _Offload, rules: IgnoreRules, stats: Archi
     if walk.truncated:
         stats.truncated = True
     tar.close()
-    if level is not None:
-        out.flush(zstandard.FLUSH_FRAME)
-        out.close()
 
 
 class _Offload:
     """
-    ``write`` calls handed to one thread through a bounded queue (at most
-    ``OFFLOAD_DEPTH`` chunks, so memory stays bounded); its error is raised
+    ``write`` calls handed to a thread of their own through a bounded queue
+    (at most ``depth`` chunks, so memory stays bounded); its error is raised
     at the next ``write`` or at ``close``.
     """
 
-    def __init__(self, write: Callable[[bytes], Any]) -> None:
+    def __init__(self, write: Callable[[bytes], Any], depth: int, name: str) -> None:
         self._write = write
-        self._queue: queue.Queue[bytes | None] = queue.Queue(OFFLOAD_DEPTH)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="backup-sink", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -293,12 +340,20 @@ class _Offload:
             error, self._error = self._error, None
             self._stop = True
             raise error
+        if self._stop:
+            raise BackupCancelled("the backup was stopped")
 
     def write(self, data: Any) -> int:
         self._raise()
-        # The caller may reuse its buffer (the tar reader's): a copy unless bytes.
-        self._queue.put(data if type(data) is bytes else bytes(data))
-        return len(data)
+        # The caller may reuse its buffer: a copy unless bytes.
+        item = data if type(data) is bytes else bytes(data)
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return len(data)
+            except queue.Full:
+                # A consumer that was stopped (``abort``) takes no more.
+                self._raise()
 
     def flush(self) -> None:
         pass
@@ -319,49 +374,190 @@ class _Offload:
                     self._queue.get_nowait()
                 except queue.Empty:
                     break
-            self._queue.put(None)
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass  # a producer refilled it meanwhile: the thread sees _stop
             self._thread.join(60)  # a write stuck in a dead driver: given up
 
 
+# The compressor, as the ``tar -I zstd`` a backup is measured against.
+ZSTD_PROGRAM = "zstd"
+# Bytes of each pipe to and from it (fcntl F_SETPIPE_SZ; 64 KiB by default).
+PIPE_SIZE = 4 * 1024 * 1024
+_F_SETPIPE_SZ = 1031
+STDERR_TAIL = 4096
+
+
+class CompressorFailed(CtrlAgentError):
+    """The compressor child ended before the archive was whole."""
+
+
+class _Compressor:
+    """
+    The zstd program running as a child: ``write`` feeds it the tar stream
+    through a pipe; a thread reads the compressed stream it writes and hands
+    it to ``sink``.  A failure on either side (the sink's error, the child's
+    death) ends the child and is raised at the next ``write`` or at
+    ``close``, so neither side is left blocked on a full pipe.
+    """
+
+    def __init__(self, argv: list[str], sink: Callable[[Any], Any]) -> None:
+        self._sink = sink
+        self._error: BaseException | None = None
+        self._err = b""
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                close_fds=True, bufsize=0)
+        except OSError as e:
+            raise CompressorFailed("the backup compressor cannot be started ({})".format(
+                e.strerror)) from None
+        assert self._proc.stdin and self._proc.stdout and self._proc.stderr
+        self._in = self._proc.stdin.fileno()
+        self._out = self._proc.stdout.fileno()
+        for fd in (self._in, self._out):
+            try:
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # a smaller pipe only costs more switches
+        self._threads = [
+            threading.Thread(target=self._read_archive, name="backup-sink", daemon=True),
+            threading.Thread(target=self._read_errors, name="backup-zstd-err", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_archive(self) -> None:
+        # Large reads, so that this thread needs the GIL (which the walk
+        # holds most of the time) once per few MiB of archive; into one
+        # buffer, so that they cost no fresh memory each.
+        buf = bytearray(PIPE_SIZE)
+        view = memoryview(buf)
+        try:
+            while n := os.readv(self._out, [buf]):
+                self._sink(view[:n])
+        except BaseException as e:
+            self._error = e
+            # The walk's next write then fails at once (EPIPE) rather than
+            # waiting on a pipe nobody drains.
+            self._proc.kill()
+
+    def _read_errors(self) -> None:
+        assert self._proc.stderr is not None
+        while chunk := self._proc.stderr.read(4096):
+            self._err = (self._err + chunk)[-STDERR_TAIL:]
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._in, view):]
+        except BrokenPipeError:
+            self._broken()
+        return len(data)
+
+    def _broken(self) -> NoReturn:
+        """The child stopped reading: raise why (never an ``OSError``, which
+        a read of the server's files may raise and be handled as such)."""
+        self._finish()
+        raise CompressorFailed("the backup compressor stopped reading")
+
+    def splice(self, fd: int, n: int) -> int:
+        """Move up to ``n`` bytes of the file ``fd`` (from its offset) into the pipe."""
+        try:
+            return os.splice(fd, self._in, n)
+        except BrokenPipeError:
+            # The file's side is not to blame: the next write (the zeros
+            # of a short file) meets the broken pipe and raises its reason.
+            return 0
+
+    def close(self) -> None:
+        """End the stream; wait until the whole archive went to the sink."""
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.close()  # end of input: the child ends the frame
+        except BrokenPipeError:
+            pass
+        self._finish()
+
+    def _finish(self) -> None:
+        """Wait for the child and the threads; raise what went wrong."""
+        for t in self._threads:
+            t.join()
+        code = self._proc.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if code != 0:
+            tail = " ".join(self._err.decode("utf-8", "replace").strip().splitlines()[-2:])
+            raise CompressorFailed("the backup compressor failed (exit {}): {}".format(
+                code, tail[-300:] or "no message"))
+
+    def abort(self) -> None:
+        """End the child without waiting for the rest (idempotent)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        for t in self._threads:
+            t.join(60)  # a sink stuck in a dead driver: given up
+        # Closed only once their readers are gone (a closed fd's number
+        # may be reused by the time a reader reads it again).
+        pipes = [self._proc.stdin]
+        if not self._threads[0].is_alive():
+            pipes.append(self._proc.stdout)
+        if not self._threads[1].is_alive():
+            pipes.append(self._proc.stderr)
+        for f in pipes:
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        self._proc.wait()
+
+
 _MAX_OCTAL_11 = 8 ** 11
+# The header's fields that are the same for every member we build: uid and
+# gid 0, the checksum counted as spaces, the magic, empty owner names, no
+# device numbers, no prefix.
+_IDS = b"0000000\x00" * 2
+_TAIL = tarfile.POSIX_MAGIC + bytes(64 + 16 + 167)
+_FIXED_SUM = sum(_IDS) + sum(b" " * 8) + sum(_TAIL)
+
+
+def member_header(name: str, mode: int, size: int, mtime: int, typeflag: bytes,
+                  link: str = "") -> bytes | None:
+    """
+    The header ``tarfile`` writes (PAX format, ``utf-8``,
+    ``surrogateescape``) for the common member, built at once from its
+    fields (``tarfile``'s way, field by field through a ``TarInfo``, costs
+    more than reading a small file): an ASCII name (a directory's ending in
+    ``/``) and link of at most 100 bytes, owner 0 without names, size and
+    time in range.  None for any other member (the caller then asks tarfile).
+    """
+    if len(name) > 100 or len(link) > 100 or not name.isascii() or not link.isascii() \
+            or not (0 <= size < _MAX_OCTAL_11 and 0 <= mtime < _MAX_OCTAL_11):
+        return None
+    raw_name, raw_link = name.encode("ascii"), link.encode("ascii")
+    fields = b"%07o\0%011o\0%011o\0" % (mode & 0o7777, size, mtime)
+    chksum = _FIXED_SUM + sum(raw_name) + sum(fields) + typeflag[0] + sum(raw_link)
+    return b"".join((raw_name.ljust(100, b"\0"), fields[:8], _IDS, fields[8:],
+                     b"%06o\0 " % chksum, typeflag, raw_link.ljust(100, b"\0"), _TAIL))
 
 
 def ustar_header(info: tarfile.TarInfo) -> bytes | None:
     """
-    The header ``info.tobuf(PAX_FORMAT, "utf-8", "surrogateescape")`` gives
-    for the common member (an ASCII name and link of at most 100 bytes, no
-    owner names, sizes and times in range), built at once rather than
-    field by field (tarfile's way costs more than reading a small file);
-    None for any other member (the caller then asks tarfile).
+    ``member_header`` for ``info``: the header
+    ``info.tobuf(PAX_FORMAT, "utf-8", "surrogateescape")`` gives, or None
+    where it is not a common member.
     """
-    name, link = info.name, info.linkname
+    name = info.name
     if info.isdir() and not name.endswith("/"):
         name += "/"
-    if len(name) > 100 or len(link) > 100 or not name.isascii() or not link.isascii() \
-            or info.uname or info.gname or info.uid or info.gid or info.pax_headers:
+    if info.uname or info.gname or info.uid or info.gid or info.pax_headers \
+            or not isinstance(info.mtime, int):
         return None
     size = 0 if info.type in (tarfile.DIRTYPE, tarfile.SYMTYPE) else info.size
-    mtime = info.mtime
-    if not (0 <= size < _MAX_OCTAL_11 and 0 <= mtime < _MAX_OCTAL_11) \
-            or not isinstance(mtime, int):
-        return None
-    buf = b"".join((
-        name.encode("ascii").ljust(100, b"\0"),
-        b"%07o\0" % (info.mode & 0o7777),
-        b"0000000\x00",  # uid
-        b"0000000\x00",  # gid
-        b"%011o\0" % size,
-        b"%011o\0" % mtime,
-        b"        ",  # the checksum, counted as spaces
-        info.type,
-        link.encode("ascii").ljust(100, b"\0"),
-        tarfile.POSIX_MAGIC,
-        bytes(64),  # uname, gname
-        bytes(16),  # devmajor, devminor: only devices have them
-        bytes(167),  # prefix and the block's end
-    ))
-    chksum = sum(buf)
-    return buf[:148] + b"%06o\0" % chksum + buf[155:]
+    return member_header(name, info.mode, size, info.mtime, info.type, info.linkname)
 
 
 class _TarWriter:
@@ -373,8 +569,11 @@ class _TarWriter:
     its buffer at each: most of a backup's time.)
     """
 
-    def __init__(self, write: Callable[[Any], Any]) -> None:
+    def __init__(self, write: Callable[[Any], Any],
+                 splice: Callable[[int, int], int] | None = None) -> None:
         self.write = write
+        # (file fd, at most n bytes) -> bytes moved, where the output is a pipe.
+        self.splice = splice
         self.offset = 0
         self._pending: list[Any] = []
         self._pending_bytes = 0
@@ -383,23 +582,35 @@ class _TarWriter:
         n = len(data)
         self.offset += n
         if n >= SMALL_WRITE:
-            self._flush()
+            self.flush()
             self.write(data)
             return
         self._pending.append(data)
         self._pending_bytes += n
         if self._pending_bytes >= COPY_CHUNK:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the gathered small pieces now."""
         if self._pending:
             self.write(b"".join(self._pending))
             self._pending = []
             self._pending_bytes = 0
 
-    def header(self, info: tarfile.TarInfo) -> None:
-        buf = ustar_header(info)
+    def member(self, rel: str, st: os.stat_result, typeflag: bytes, size: int = 0,
+               link: str = "") -> None:
+        """The header of the member ``rel`` (``st`` its stat) of type ``typeflag``."""
+        # Permission bits only: no setuid/setgid/sticky travels in a backup.
+        mode = 0o777 if typeflag == tarfile.SYMTYPE else stat.S_IMODE(st.st_mode) & 0o777
+        mtime = int(st.st_mtime)
+        buf = member_header(rel + "/" if typeflag == tarfile.DIRTYPE else rel, mode, size,
+                            mtime, typeflag, link)
         if buf is None:
+            info = tarfile.TarInfo(rel)
+            info.mtime, info.mode, info.type, info.size, info.linkname = \
+                mtime, mode, typeflag, size, link
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
             buf = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         self._out(buf)
 
@@ -414,7 +625,7 @@ class _TarWriter:
         rest = self.offset % tarfile.RECORDSIZE
         if rest:
             self._out(bytes(tarfile.RECORDSIZE - rest))
-        self._flush()
+        self.flush()
 
 
 _ZEROS = bytes(tarfile.BLOCKSIZE)
@@ -426,11 +637,7 @@ def _add_link(tar: _TarWriter, e: trees.Entry, rel: str, st: os.stat_result,
         target = os.readlink(e.name, dir_fd=e.dir_fd)
     except OSError:
         target = ""
-    info = _tar_info(rel, st)
-    info.mode = 0o777
-    info.type = tarfile.SYMTYPE
-    info.linkname = target
-    tar.header(info)
+    tar.member(rel, st, tarfile.SYMTYPE, link=target)
 
 
 def _add_file(tar: _TarWriter, e: trees.Entry, rel: str, stats: ArchiveStats,
@@ -449,10 +656,11 @@ def _add_file(tar: _TarWriter, e: trees.Entry, rel: str, stats: ArchiveStats,
             stats.skipped += 1  # swapped for a FIFO or a device meanwhile
             stats.note("special file left out: {}".format(rel))
             return False
-        info = _tar_info(rel, st)
-        info.size = st.st_size
-        tar.header(info)
-        short = _copy_exact(fd, st.st_size, tar._out, advance)
+        tar.member(rel, st, tarfile.REGTYPE, st.st_size)
+        if tar.splice is not None and st.st_size >= SMALL_WRITE:
+            short = _splice_exact(fd, st.st_size, tar, tar.splice, advance)
+        else:
+            short = _copy_exact(fd, st.st_size, tar._out, advance)
         tar.pad(st.st_size)
         after = os.fstat(fd)
         if short or after.st_size != st.st_size or after.st_mtime_ns != st.st_mtime_ns:

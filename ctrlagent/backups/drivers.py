@@ -31,7 +31,10 @@ class ArchiveWriter(Protocol):
     """An archive being written."""
 
     def write(self, data: bytes) -> None:
-        """Append ``data``."""
+        """
+        Append ``data``: a bytes-like object (often a view of a buffer the
+        caller reuses), valid only during the call: copy what you keep.
+        """
 
     def commit(self) -> str:
         """Make the archive whole and durable; its location."""

@@ -82,6 +82,11 @@ MAX_ID_CHARS = 64
 STOP_POLL = 0.5
 
 
+# The stamp the console puts before each line while the server's console
+# timestamps are on (``servers.console.stamp``: ``[HH:MM:SS] ``).
+_CONSOLE_STAMP = re.compile(r"\A\[\d\d:\d\d:\d\d\] ")
+
+
 def _compressed(drv: BackupDriver) -> bool:
     """Whether archives of ``drv`` are zstd-compressed by us (restic compresses itself)."""
     return bool(getattr(drv, "compressed", True))
@@ -436,7 +441,14 @@ class BackupManager(service.Service):
             if (pattern is None or seen.called or not isinstance(event, ConsoleOutput)
                     or event.server_id != server_id):
                 return
-            if any(pattern.search(line) for line in event.lines):
+            # The pattern is about what the game printed: with the server's
+            # console timestamps on, its listeners get each line behind a
+            # stamp, which would keep a ``^``-anchored pattern from ever
+            # matching.  Read now, as the lines were stamped (same turn).
+            lines = event.lines
+            if event.stream != "agent" and self._timestamps_on(server_id):
+                lines = [_CONSOLE_STAMP.sub("", line, count=1) for line in lines]
+            if any(pattern.search(line) for line in lines):
                 seen.callback(None)
 
         if pattern is not None:
@@ -460,6 +472,15 @@ class BackupManager(service.Service):
         finally:
             if pattern is not None:
                 self.servers.remove_listener(listener)
+
+    def _timestamps_on(self, server_id: str) -> bool:
+        """Whether the server's console lines reach listeners stamped."""
+        try:
+            answer = self.servers.console_settings(server_id)
+        except CtrlAgentError:
+            return False
+        settings = answer.get("settings") if isinstance(answer, dict) else None
+        return isinstance(settings, dict) and settings.get("timestamps") is True
 
     async def _after_hooks(self, server_id: str) -> None:
         for command in self.config.hooks.after:

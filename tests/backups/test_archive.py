@@ -10,16 +10,20 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ctrlagent.backups.archive import BackupCorrupt, ustar_header
+from ctrlagent.backups import archive
+from ctrlagent.backups.archive import BackupCorrupt, ustar_header, write_archive
+from ctrlagent.backups.ignore import load_rules
 from ctrlagent.backups.restore import (
     STAGING_PREFIX,
     link_stays_inside,
@@ -179,7 +183,9 @@ def test_a_file_growing_while_read_is_cut_at_its_size(layout: Layout) -> None:
     grown = []
 
     def read(fd: int, n: int) -> bytes:
-        if not grown:
+        # The first read of the log itself (os.read has other callers: the
+        # compressor child's start).
+        if not grown and os.readlink("/proc/self/fd/{}".format(fd)).endswith("/log"):
             grown.append(1)
             with open(layout.root / "log", "ab") as f:
                 f.write(b"y" * 5000)
@@ -456,6 +462,32 @@ def test_the_fast_tar_header_is_byte_for_byte_tarfiles_or_none(
         raise AssertionError("the common member took the slow path")
 
 
+@given(name=_NAMES, link=_NAMES, kind=st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE,
+                                                        tarfile.SYMTYPE]),
+       size=st.integers(0, 2 ** 40), mtime=st.integers(-5, 2 ** 34),
+       mode=st.integers(0, 0o7777))
+def test_every_member_header_the_writer_builds_is_byte_for_byte_tarfiles(
+    name: str, link: str, kind: bytes, size: int, mtime: int, mode: int
+) -> None:
+    # What the archive writer emits for a member (its own header, or
+    # tarfile's for an uncommon one), from the member's stat.
+    file_type = {tarfile.REGTYPE: stat.S_IFREG, tarfile.DIRTYPE: stat.S_IFDIR,
+                 tarfile.SYMTYPE: stat.S_IFLNK}[kind]
+    st_ = os.stat_result((file_type | mode, 1, 1, 1, 0, 0, size, 0, mtime, 0))
+    size = size if kind == tarfile.REGTYPE else 0
+    link = link if kind == tarfile.SYMTYPE else ""
+    out: list[bytes] = []
+    writer = archive._TarWriter(out.append)
+    writer.member(name, st_, kind, size, link)
+    writer.flush()
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mtime, info.linkname = kind, size, mtime, link
+    info.mode = 0o777 if kind == tarfile.SYMTYPE else mode & 0o777
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    assert b"".join(out) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
 def test_gnu_tar_reads_our_archive_as_we_wrote_it(layout: Layout) -> None:
     populate(layout.root)
     (layout.root / ("long-" * 30 + "name")).write_text("a name beyond 100 bytes")
@@ -469,3 +501,107 @@ def test_gnu_tar_reads_our_archive_as_we_wrote_it(layout: Layout) -> None:
     names = {n.rstrip("/") for n in listed.stdout.decode().splitlines()}
     assert names == set(tree(layout.root))
     assert stats.files == sum(1 for v in tree(layout.root).values() if v[0] == "file")
+
+
+# -- the compressor process ----------------------------------------------------
+
+
+def _children_named(name: str) -> list[int]:
+    """Live children of this process running ``name``."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/{}/stat".format(pid)) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open("/proc/{}/comm".format(pid)) as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and comm == name and fields[0] != "Z":
+            found.append(int(pid))
+    return found
+
+
+def test_the_archive_is_compressed_by_a_zstd_process_of_its_own(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    populate(layout.root)
+    seen: list[list[int]] = []
+    real_write = archive._Compressor.write
+
+    def write(self: Any, data: Any) -> int:
+        if not seen:
+            seen.append(_children_named("zstd"))
+        return real_write(self, data)
+
+    monkeypatch.setattr(archive._Compressor, "write", write)
+    data, stats = archive_bytes(layout.root)
+    assert len(seen[0]) == 1  # the zstd program, fed by the walk
+    assert _children_named("zstd") == []  # and gone once the archive is whole
+    assert stats.checksum == hashlib.sha256(data).hexdigest() and stats.size == len(data)
+    restore_bytes(layout.root, data, stats)
+
+
+def test_without_the_zstd_program_the_same_archive_is_made_in_process(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    populate(layout.root)
+    (layout.root / "big").write_bytes(os.urandom(3 * archive.SMALL_WRITE))
+    before = tree(layout.root)
+    monkeypatch.setattr(archive, "ZSTD_PROGRAM", "no-such-zstd-program")
+    data, stats = archive_bytes(layout.root)
+    plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    assert len(plain) % tarfile.RECORDSIZE == 0
+    restore_bytes(layout.root, data, stats)
+    assert tree(layout.root) == before
+
+
+def test_a_compressor_that_dies_fails_the_backup_with_its_message(
+        layout: Layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (layout.root / "big").write_bytes(os.urandom(8 * archive.SMALL_WRITE))
+    fake = tmp_path / "bin" / "zstd"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nhead -c 1000 >/dev/null\necho 'zstd: out of luck' >&2\nexit 7\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(archive, "ZSTD_PROGRAM", str(fake))
+    with pytest.raises(archive.CompressorFailed, match="exit 7.*out of luck"):
+        archive_bytes(layout.root)
+
+
+def test_a_driver_write_that_fails_ends_the_compressor_and_raises_its_error(
+        layout: Layout) -> None:
+    for i in range(4):
+        (layout.root / "big{}".format(i)).write_bytes(os.urandom(4 * 1024 * 1024))
+    fd = os.open(layout.root, os.O_PATH | os.O_DIRECTORY)
+
+    def write(data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            write_archive(fd, write, load_rules(fd, []))
+    finally:
+        os.close(fd)
+    assert _children_named("zstd") == []
+
+
+def test_a_large_file_shrinking_while_spliced_is_padded_to_its_size(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    size = 4 * archive.SMALL_WRITE
+    (layout.root / "region").write_bytes(b"r" * size)
+    real_splice = os.splice
+    calls = []
+
+    def splice(src: int, dst: int, count: int, *a: Any) -> int:
+        calls.append(count)
+        if len(calls) == 1:
+            with open(layout.root / "region", "r+b") as f:
+                f.truncate(1000)
+        return real_splice(src, dst, count, *a)
+
+    monkeypatch.setattr(os, "splice", splice)
+    data, stats = archive_bytes(layout.root)
+    assert calls  # the large file went through splice
+    assert stats.changed == 1 and "region" in stats.notes[0]
+    restore_bytes(layout.root, data, stats)
+    assert (layout.root / "region").read_bytes() == b"r" * 1000 + bytes(size - 1000)

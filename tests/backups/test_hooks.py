@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest_twisted
 
+from ctrlagent.servers.console import stamp
 from tests.backups.rig import Rig, make_rig
 from tests.backups.test_manager import until
 
@@ -90,3 +91,30 @@ async def test_no_hooks_for_a_stopped_server(rig: Rig) -> None:
     record = await m.finished(answer["backupId"])  # type: ignore[attr-defined]
     assert record.status == "completed"
     assert rig.servers.servers["srv1"].stdin == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_anchored_pattern_matches_the_games_line_while_console_timestamps_are_on(
+        tmp_path: Path) -> None:
+    r = make_rig(tmp_path, hooks={**HOOKS, "wait_for": r"^Saved the game$"})
+    (r.root() / "world").write_text("data")
+    m = r.manager()
+    m.startService()
+    await m.ready
+    try:
+        await r.servers.start("srv1")
+        await r.servers.update_console_settings("srv1", {"timestamps": True})
+        answer = await m.create_backup("srv1")  # type: ignore[attr-defined]
+        server = r.servers.servers["srv1"]
+        await until(lambda: server.stdin == ["save-off", "save-all"], "the before commands")
+        # What listeners get while timestamps are on: the console's stamp,
+        # then the game's line (a stamp-like start of the game's own stays).
+        r.servers.emit_console("srv1", stamp(r.clock.seconds()) + "[12:00:00] Saved the game")
+        r.servers.emit_console("srv1", stamp(r.clock.seconds()) + "Saved the game")
+        r.clock.advance(31)  # past wait_timeout: unseen, the backup would note it
+        record = await m.finished(answer["backupId"])  # type: ignore[attr-defined]
+        assert record.status == "completed" and not record.notes  # no timeout note
+        assert server.stdin == ["save-off", "save-all", "save-on"]
+    finally:
+        await m.stopService()
+        r.pool.stop()
