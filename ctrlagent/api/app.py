@@ -148,6 +148,7 @@ class AgentApi:
         self._docker_state: tuple[float, bool] | None = None
         self._docker_waiters: list[Deferred[bool]] | None = None
         self._secret = config.secret.encode("utf-8")
+        self._cors_origin = config.http.cors_origin.encode()
         # Commands still running (this API's share of the agent's work), so
         # that shutdown can let them finish.
         self._tracker = tracker if tracker is not None else Tracker("http")
@@ -167,7 +168,7 @@ class AgentApi:
         return data
 
     def _cors(self, request: IRequest) -> None:
-        request.setHeader(b"Access-Control-Allow-Origin", self._config.http.cors_origin.encode())
+        request.setHeader(b"Access-Control-Allow-Origin", self._cors_origin)
         request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, PUT, DELETE, OPTIONS")
         request.setHeader(
             b"Access-Control-Allow-Headers", b"Content-Type, Authorization, X-API-Key"
@@ -224,6 +225,12 @@ class AgentApi:
         try:
             work = self._dispatcher.dispatch(command)
             assert isinstance(work, Deferred)
+            if work.called:
+                # Answered at once (a status read): nothing is left to shield
+                # from a client that goes away, nor for a drain to wait for.
+                answered: ActionResult = await work
+                ok = True
+                return answered
             result: ActionResult = await self._deadlines.shielded(
                 self._tracker.hold(work),
                 what="{} after its client left".format(printable(command.action)),
