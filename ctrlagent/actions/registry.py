@@ -38,10 +38,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ctrlagent.asyncs import async_to_deferred
 from ctrlagent.errors import CtrlAgentError, InvalidInput, UnknownAction
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.wire.command import (
@@ -213,17 +213,19 @@ class ActionRegistry:
 
     # -- the pipeline ----------------------------------------------------
 
-    @async_to_deferred
-    async def dispatch(self, command: Command) -> ActionResult:
+    def dispatch(self, command: Command) -> Deferred[ActionResult]:
         """Run ``command``; see ``IDispatcher.dispatch``."""
-        spec = self._by_name.get(command.action)
-        if spec is None:
-            raise UnknownAction("unknown action: {}".format(command.action[:100]))
-        check_payload(command.params)
-        if command.server_id is not None and unusable_text(command.server_id):
-            raise InvalidInput(
-                "serverId holds a lone surrogate, which is not text", field="serverId"
-            )
+        work = Deferred.fromCoroutine(self._checked(command))
+        if work.called:
+            # Answered at once (a status or metrics read): no deadline to keep,
+            # so no timer, no second coroutine and no description to format.
+            return work
+        return Deferred.fromCoroutine(self._answer_by_deadline(command, work))
+
+    async def _answer_by_deadline(
+        self, command: Command, work: Deferred[ActionResult]
+    ) -> ActionResult:
+        """``work``, or ``EXECUTION_ERROR`` "still running" past the Panel's patience."""
         timeouts = self._deadlines.timeouts
         deadline = timeouts.command_answer + timeouts.command_margin
         action = command.action
@@ -239,11 +241,23 @@ class ActionRegistry:
             )
 
         return await self._deadlines.answer_by(
-            self._run(spec, command),
+            work,
             deadline,
             what=printable("{} {}".format(action, command.server_id or "")),
             fallback=still_running,
         )
+
+    async def _checked(self, command: Command) -> ActionResult:
+        """Steps 1-2 of the pipeline, then ``_run``."""
+        spec = self._by_name.get(command.action)
+        if spec is None:
+            raise UnknownAction("unknown action: {}".format(command.action[:100]))
+        check_payload(command.params)
+        if command.server_id is not None and unusable_text(command.server_id):
+            raise InvalidInput(
+                "serverId holds a lone surrogate, which is not text", field="serverId"
+            )
+        return await self._run(spec, command)
 
     async def _run(self, spec: ActionSpec, command: Command) -> ActionResult:
         try:

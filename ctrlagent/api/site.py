@@ -596,7 +596,8 @@ def make_http_service(
     The HTTP API as a service listening where ``config.http`` says.
 
     ``api`` is an ``AgentApi`` (anything with a Klein ``app``; its
-    ``authorized(request)``, when it has one, gates request bodies).
+    ``resource()``, when it has one, is served instead of the app's, and its
+    ``authorized(request)`` gates request bodies).
     """
     description = config.http.endpoint_description()
     try:
@@ -609,8 +610,9 @@ def make_http_service(
         ) from None
     authorize = getattr(api, "authorized", None)
     http_config = config.http
+    resource = getattr(api, "resource", None)
     site = GuardedSite(
-        api.app.resource(),
+        resource() if callable(resource) else api.app.resource(),
         max_body_bytes=http_config.max_body_bytes,
         clock=reactor,
         authorize=authorize if callable(authorize) else None,

@@ -70,6 +70,27 @@ class AgentMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # The labelled children, looked up once per label set: ``labels()``
+        # checks and joins its values and takes a lock on every call, which
+        # an answer to every HTTP command and engine call should not pay.
+        # The label values are bounded (the action table, the engine's
+        # operations), and so are these caches.
+        self._http_children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
+        self._engine_children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
+
+    @staticmethod
+    def _pair(
+        children: dict[tuple[str, bool], tuple[Counter, Histogram]],
+        counter: Counter,
+        histogram: Histogram,
+        name: str,
+        ok: bool,
+    ) -> tuple[Counter, Histogram]:
+        pair = children.get((name, ok))
+        if pair is None:
+            pair = (counter.labels(name, "ok" if ok else "error"), histogram.labels(name))
+            children[(name, ok)] = pair
+        return pair
 
     def set_actions(self, actions: Iterable[str]) -> None:
         """The fixed table of action names (known once the registry is built)."""
@@ -83,14 +104,23 @@ class AgentMetrics:
 
     def observe_request(self, action: object, seconds: float, ok: bool) -> None:
         """One HTTP command answered (the API calls this once per command)."""
-        label = self.action_label(action)
-        self.http_requests.labels(label, "ok" if ok else "error").inc()
-        self.http_latency.labels(label).observe(max(0.0, seconds))
+        count, latency = self._pair(
+            self._http_children,
+            self.http_requests,
+            self.http_latency,
+            self.action_label(action),
+            ok,
+        )
+        count.inc()
+        latency.observe(max(0.0, seconds))
 
     def observe_engine(self, operation: str, seconds: float, ok: bool) -> None:
         """One engine call finished (``MeteredEngine`` calls this)."""
-        self.engine_calls.labels(operation, "ok" if ok else "error").inc()
-        self.engine_latency.labels(operation).observe(max(0.0, seconds))
+        count, latency = self._pair(
+            self._engine_children, self.engine_calls, self.engine_latency, operation, ok
+        )
+        count.inc()
+        latency.observe(max(0.0, seconds))
 
     # -- collectors reading the live objects ------------------------------------
 

@@ -47,6 +47,38 @@ def test_an_action_outside_the_fixed_table_is_counted_as_unknown() -> None:
     assert not any("passwd" in str(key) for key in got)
 
 
+def test_each_label_set_is_looked_up_once_however_many_answers_it_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    metrics = AgentMetrics(actions=["get_server_status"])
+    looked_up: list[tuple[str, ...]] = []
+    for family in (metrics.http_requests, metrics.http_latency, metrics.engine_calls,
+                   metrics.engine_latency):
+        original = family.labels
+
+        def counting(*values: str, _original: Any = original) -> Any:
+            looked_up.append(values)
+            return _original(*values)
+
+        monkeypatch.setattr(family, "labels", counting)
+    for _ in range(50):
+        metrics.observe_request("get_server_status", 0.002, True)
+        metrics.observe_engine("inspect", 0.003, True)
+    metrics.observe_request("get_server_status", 0.5, False)
+    assert sorted(looked_up) == sorted([
+        ("get_server_status", "ok"), ("get_server_status",),
+        ("inspect", "ok"), ("inspect",),
+        ("get_server_status", "error"), ("get_server_status",),
+    ])
+    got = samples(metrics)
+    status = (("action", "get_server_status"),)
+    assert got[("ctrlagent_http_requests_total", status + (("outcome", "ok"),))] == 50
+    assert got[("ctrlagent_http_requests_total", status + (("outcome", "error"),))] == 1
+    assert got[("ctrlagent_http_request_duration_seconds_count", status)] == 51
+    inspect = (("operation", "inspect"), ("outcome", "ok"))
+    assert got[("ctrlagent_engine_calls_total", inspect)] == 50
+
+
 def test_two_agents_never_share_series() -> None:
     one, two = AgentMetrics(actions=["a"]), AgentMetrics(actions=["a"])
     one.observe_request("a", 0.1, True)
