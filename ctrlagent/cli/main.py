@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import select
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -205,6 +206,10 @@ def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
     Follow the server's console and send typed lines as commands.  Ctrl-C
     (or the end of input with ``--exit-on-eof``) leaves; the server goes on.
     """
+    # Ctrl-C leaves even when the shell that started us ignores SIGINT (a
+    # background job, a script without job control): Python then keeps it
+    # ignored and the console could only be killed.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     client = client_of(args, load(args))
     logs = server_path(args.server_id, "logs") + "?lines={}".format(CONSOLE_WINDOW)
     commands = server_path(args.server_id, "commands")

@@ -97,6 +97,8 @@ def test_power_and_console_drive_a_server_and_leaving_the_console_keeps_it_runni
         cli_args(agent.config_path, "console", sid, "--interval", "0.2"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=cli_env(),
+        # Started as a shell's background job would be: Ctrl-C must still leave.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     assert console.stdin is not None and console.stdout is not None
     seen = b""
