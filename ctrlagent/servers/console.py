@@ -649,12 +649,18 @@ class ConsolePipeline:
                 # A restarted agent that never attached: its history first.
                 if not await self._read_history(cid, epoch):
                     return False
-        except EngineError as e:
+        except (EngineError, NotFound) as e:
             self.log.debug("console of {server_id}: reading the history failed: {e}",
                            server_id=self.server_id, e=e)
         filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
         since_ns = self.mark - 1_000_000_000 if self.mark else None
-        stream = self._engine.output(cid, follow=False, since_ns=since_ns)
+        try:
+            stream = self._engine.output(cid, follow=False, since_ns=since_ns)
+        except (EngineError, NotFound) as e:
+            # Removed already: nothing more can be read.
+            self.log.debug("console of {server_id}: reading the last lines failed: {e}",
+                           server_id=self.server_id, e=e)
+            return True
         self._output = stream  # a detach (an attach, the agent stopping) ends it
         expired = False
 
@@ -669,7 +675,7 @@ class ConsolePipeline:
                 if epoch != self._attach_epoch or expired:
                     return False
                 self.take(batch, filt)
-        except EngineError as e:
+        except (EngineError, NotFound) as e:
             # Removed meanwhile, or the engine went away: nothing more can be read.
             self.log.debug("console of {server_id}: reading the last lines failed: {e}",
                            server_id=self.server_id, e=e)

@@ -42,6 +42,8 @@ class StatsHub:
     in the hub.
     """
 
+    log = Logger()
+
     def __init__(self, clock: Any, interval: float, slices: int = 40) -> None:
         self._clock = clock
         self.interval = interval
@@ -85,10 +87,20 @@ class StatsHub:
         self._call = None
         self.ticks += 1
         index, self._next = self._next, (self._next + 1) % len(self._slices)
-        for sampler in list(self._slices[index]):
-            sampler.read_kernel()
-        if self._where and self._call is None:
-            self._call = self._clock.callLater(self.interval / len(self._slices), self._tick)
+        try:
+            for sampler in list(self._slices[index]):
+                try:
+                    sampler.read_kernel()
+                except Exception:
+                    # A bug in one server's sample must not stop every
+                    # server's stats: that one leaves the hub, logged once.
+                    self.log.failure("stats of server {server_id} failed; its kernel"
+                                     " reader is dropped", server_id=sampler.server_id)
+                    sampler.drop_kernel_reader()
+        finally:
+            if self._where and self._call is None:
+                self._call = self._clock.callLater(
+                    self.interval / len(self._slices), self._tick)
 
 
 class StatsSampler:
@@ -189,6 +201,16 @@ class StatsSampler:
                 self._start_engine(cid)
             return
         self.apply(sample)
+
+    def drop_kernel_reader(self) -> None:
+        """Read this server's kernel files no more (the hub's tick failed on it)."""
+        try:
+            self._drop_reader()
+        except Exception:
+            self.log.failure("closing the kernel reader of {server_id} failed",
+                             server_id=self.server_id)
+            if self._hub is not None:
+                self._hub.discard(self)
 
     def _drop_reader(self) -> None:
         reader, self._reader = self._reader, None

@@ -125,3 +125,15 @@ async def test_one_death_reported_twice_is_judged_once(unit: Unit) -> None:
     assert [(e.previous, e.current) for e in unit.events[seen:]
             if isinstance(e, StatusChanged)] == [("running", "offline")]
     assert server.crash_report is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_container_gone_before_the_last_lines_are_read_ends_the_catch_up_quietly(
+    unit: Unit,
+) -> None:
+    m = unit.manager()
+    await m.create_server("s1", PARAMS)
+    console = m.get("s1").console
+    # The in-memory engine raises NotFound at once for a container it does not
+    # have (the real engines raise their EngineError kind later, from the stream).
+    assert await console._read_rest("no-such-container", console._attach_epoch, 1.0) is True

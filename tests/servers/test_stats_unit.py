@@ -247,3 +247,32 @@ async def test_a_reader_that_cannot_read_any_more_hands_over_to_the_engines_stre
     assert len(hub) == 0 and engine.stats_readers[0].closed
     assert counting.streams == 1  # the same run goes on, sampled by the engine
     sampler.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_in_one_servers_sample_never_stops_the_others_stats(
+    fail_on_logged_errors: list,
+) -> None:
+    clock = Clock()
+    engine = FakeEngine(clock)
+    hub = StatsHub(clock, INTERVAL, slices=1)  # every sampler on the same tick
+    published: list[str] = []
+    cids = await _running(engine, 3)
+    samplers = [_sampler(engine, clock, hub, cid, published) for cid in cids]
+    for sampler in samplers:
+        sampler.start()
+
+    def broken() -> Any:
+        raise ValueError("a bug while reading")
+
+    engine.stats_readers[0].read = broken  # type: ignore[method-assign]
+    run_for(clock, INTERVAL * 3)
+    # The broken one left the hub, its reader closed; the others go on being read.
+    assert len(hub) == 2 and engine.stats_readers[0].closed
+    assert [r.reads for r in engine.stats_readers[1:]] == [4, 4]
+    assert [c for c in clock.getDelayedCalls() if c.func == hub._tick]
+    [event] = fail_on_logged_errors  # logged once, as a bug
+    assert "stats of server" in event["log_format"]
+    fail_on_logged_errors.clear()
+    for sampler in samplers:
+        sampler.stop()
