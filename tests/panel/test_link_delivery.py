@@ -285,7 +285,7 @@ async def _flood_and_stop(link: Any, panel: FakePanel) -> None:
     finally:
         await link.stopService().addTimeout(10, reactor)
     assert receipts.settled == list(range(1, 211))
-    await until(lambda: len(panel.console_lines("s1")) == 210, 5)
+    await until(lambda: len(panel.console_lines("s1")) == 210, 15)
 
 
 @pytest_twisted.ensureDeferred

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 
 import pytest
 import pytest_twisted
@@ -212,6 +213,9 @@ async def test_a_link_swapped_in_during_writes_never_redirects_them(rig):
                 os.rename(tmp, real)
             except OSError:
                 pass
+            # /sub is a real directory for a moment of each cycle, so that
+            # some writes can land however the threads are scheduled.
+            time.sleep(0.0002)
 
     def work(s):
         ok = failed = 0
