@@ -184,3 +184,34 @@ def test_a_file_that_cannot_be_read_is_an_engine_error_not_the_end(tmp_path: Pat
     with pytest.raises(EngineError) as failure:
         reader.read()
     assert not isinstance(failure.value, NotFound)
+
+
+def test_readers_keep_at_most_their_share_of_descriptors_and_read_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the share, files are opened, read and closed: same figures, nothing kept."""
+    root, proc = _v1(tmp_path)
+    paths = cgroups.find_cgroup(PID, CID, proc=str(proc), root=str(root))
+    assert paths is not None
+    kept = cgroups.KeptFiles(limit=3)
+    monkeypatch.setattr(cgroups, "_KEPT", kept)
+    first = cgroups.CgroupStatsReader(paths, Ticks(), proc=str(proc))
+    second = cgroups.CgroupStatsReader(paths, Ticks(), proc=str(proc))
+    a, b = first.read(), second.read()
+    assert kept.kept == 3 and len(first._fds) + len(second._fds) == 3
+    assert a == b  # the one that keeps nothing reads the same figures
+    assert second.read() == b
+    first.close()
+    second.close()
+    assert kept.kept == 0
+    third = cgroups.CgroupStatsReader(paths, Ticks(), proc=str(proc))
+    third.read()
+    assert kept.kept == 3  # given back on close, taken again
+    third.close()
+
+
+def test_the_share_is_a_quarter_of_the_open_file_limit() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert cgroups._kept_share() == soft // 4
