@@ -185,22 +185,24 @@ def nested_subvolumes(fd: int, subvolid: int, limit: int = MAX_NESTED) -> tuple[
     return found, True
 
 
-def nested_referenced(fd: int, sub: Subvolume) -> tuple[int, bool]:
+def nested_referenced(fd: int, sub: Subvolume) -> tuple[int, bool, bool]:
     """
     Bytes the subvolumes nested beneath ``sub`` reference (the sum of their
-    qgroups' ``referenced``), and whether all were counted (False when they
-    cannot be listed, not root, or past ``MAX_NESTED``).
+    qgroups' ``referenced``), whether all were counted (False when they
+    cannot be listed, not root, or past ``MAX_NESTED``), and whether there
+    were more than ``MAX_NESTED`` (what only a hostile tree does).
     """
     try:
         real = _real_fd(fd)
     except OSError:
-        return 0, False
+        return 0, False, False
     try:
-        ids, whole = nested_subvolumes(real, sub.subvolid)
+        ids, whole = nested_subvolumes(real, sub.subvolid, limit=MAX_NESTED)
     except OSError:
-        return 0, False
+        return 0, False, False
     finally:
         os.close(real)
+    capped = not whole
     total = 0
     for subvolid in ids:
         value = _read_int(os.path.join(SYSFS, sub.fsid, "qgroups", "0_{}".format(subvolid),
@@ -209,7 +211,7 @@ def nested_referenced(fd: int, sub: Subvolume) -> tuple[int, bool]:
             whole = False
         else:
             total += value
-    return total, whole
+    return total, whole, capped
 
 
 def qgroups_enabled(fsid: str) -> bool:

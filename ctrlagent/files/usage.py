@@ -87,6 +87,11 @@ class Usage:
     allocated: int
     complete: bool = True
     source: str = "walk"
+    # Why a part could not be counted when the tree's own shape is the cause
+    # (what a hostile game can make: subvolumes nested past what is counted,
+    # another device below the walk's depth), not files changing meanwhile.
+    # The server manager treats such a figure as over the disk limit.
+    uncounted: str = ""
 
 
 class Budget:
@@ -172,7 +177,11 @@ def plain_usage(top_fd: int, budget: Budget | None = None,
                 apparent += st.st_size
     except trees.TreeChanged:
         complete = False
-    return Usage(apparent, allocated, complete and not walk.truncated, "walk")
+    uncounted = (
+        "{} directories on another device (nested subvolumes or mounts) inside it".format(
+            walk.mounts) if walk.mounts else ""
+    )
+    return Usage(apparent, allocated, complete and not walk.truncated, "walk", uncounted)
 
 
 def _swept_copy(dir_fd: int, name: str, sweep_before: float | None) -> bool:
@@ -223,6 +232,7 @@ def cached_usage(top_fd: int, cache: dict[tuple[int, int], _Dir], *, budget: Bud
         dev = os.fstat(top).st_dev
         apparent = allocated = 0
         complete = True
+        uncounted = ""
         stack = [("", 0)]
         while stack:
             rel, depth = stack.pop()
@@ -261,7 +271,12 @@ def cached_usage(top_fd: int, cache: dict[tuple[int, int], _Dir], *, budget: Bud
                         continue
                     try:
                         if os.fstat(sub).st_dev != dev:
+                            # A nested subvolume (or a mount) this deep is
+                            # not walked: its bytes would go uncounted.
                             complete = False
+                            uncounted = uncounted or (
+                                "a directory on another device (a nested subvolume or a"
+                                " mount) more than {} levels deep".format(MAX_CACHED_DEPTH))
                             continue
                         part = plain_usage(sub, budget, sweep_before)
                     finally:
@@ -269,11 +284,12 @@ def cached_usage(top_fd: int, cache: dict[tuple[int, int], _Dir], *, budget: Bud
                     apparent += part.apparent
                     allocated += part.allocated
                     complete = complete and part.complete
+                    uncounted = uncounted or part.uncounted
             finally:
                 os.close(fd)
     finally:
         os.close(top)
-    return Usage(apparent, allocated, complete, "cached"), new
+    return Usage(apparent, allocated, complete, "cached", uncounted), new
 
 
 def _next_due(old: _Dir | None, ino: int, now: float, interval: float) -> float:
@@ -371,8 +387,12 @@ class Meter:
                 assert sub is not None
                 # Subvolumes nested inside (the game may make them) have
                 # qgroups of their own, outside the server's: counted here.
-                nested, whole = btrfs.nested_referenced(top_fd, sub)
-                return Usage(used + nested, used + nested, whole, "qgroup")
+                nested, whole, capped = btrfs.nested_referenced(top_fd, sub)
+                uncounted = (
+                    "more than {} subvolumes nested in it".format(btrfs.MAX_NESTED)
+                    if capped else ""
+                )
+                return Usage(used + nested, used + nested, whole, "qgroup", uncounted)
         key = (st.st_dev, st.st_ino)
         with self._lock:
             flight = self._flights.get(key)

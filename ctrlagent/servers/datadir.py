@@ -36,7 +36,7 @@ from twisted.python.threadpool import ThreadPool
 from ctrlagent.config import DiskConfig
 from ctrlagent.files import btrfs, trees
 from ctrlagent.files.confined import os_error
-from ctrlagent.files.usage import Meter, shared_meter
+from ctrlagent.files.usage import Meter, Usage, shared_meter
 from ctrlagent.startup import StartupError
 
 T = TypeVar("T")
@@ -250,14 +250,19 @@ class DataDirs:
         Bytes used beneath the server's data directory (in a thread): its
         qgroup's in btrfs mode, else allocated blocks by a budgeted walk.
         """
-        def measure() -> int:
+        return self.measure(server_id).addCallback(lambda used: used.allocated)
+
+    def measure(self, server_id: str) -> Deferred[Usage]:
+        """``usage`` with what the figure is worth (``Usage.uncounted``: a part
+        the tree's shape kept from being counted)."""
+        def measure() -> Usage:
             self._resolve()
             used = self.meter.measure_path(self.path(server_id), stop=self._stopping)
             if used.source == "qgroup":
                 self.subvolumes.add(server_id)
             else:
                 self.subvolumes.discard(server_id)
-            return used.allocated
+            return used
 
         return self._measuring.run(self.in_thread, measure)
 

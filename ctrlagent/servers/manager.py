@@ -517,7 +517,8 @@ class ServerManager(service.Service):
 
     async def check_disk(self, server: Server) -> int:
         """Measure the data directory (in a thread), cache it, enforce the limit."""
-        return await server.enforce_disk(await self.data.usage(server.server_id))
+        used = await self.data.measure(server.server_id)
+        return await server.enforce_disk(used.allocated, uncounted=used.uncounted)
 
     # -- lookup ------------------------------------------------------------
 

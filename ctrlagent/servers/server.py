@@ -450,18 +450,31 @@ class Server:
             self.slot.release()
         return Deleted(server_id=self.server_id, purged=purge_files)
 
-    async def enforce_disk(self, used: int) -> int:
-        """Keep the measured disk use; stop a running server over its limit."""
+    async def enforce_disk(self, used: int, uncounted: str = "") -> int:
+        """
+        Keep the measured disk use; stop a running server over its limit.
+
+        ``uncounted`` says why part of its directory could not be measured
+        because of the tree's shape (what a game can make to hide bytes from
+        the count): with a limit set, that counts as over it.
+        """
         self.disk_bytes = used
         self.disk_checked = self.services.clock.seconds()
         limit = self.spec.limits.disk_mb
-        if limit > 0 and used > limit * MB and self.state in ACTIVE_STATES:
+        over = used > limit * MB or bool(uncounted)
+        if limit > 0 and over and self.state in ACTIVE_STATES:
             if self.power is None and self.state is not S.STOPPING:
-                self.notice(
-                    "disk usage {:.1f} MB is over the limit of {} MB: stopping".format(
-                        used / MB, limit
+                if uncounted:
+                    self.notice(
+                        "disk usage cannot be measured whole ({}): stopping, as over the"
+                        " limit of {} MB".format(uncounted, limit)
                     )
-                )
+                else:
+                    self.notice(
+                        "disk usage {:.1f} MB is over the limit of {} MB: stopping".format(
+                            used / MB, limit
+                        )
+                    )
                 self.slot.claim("stop")
                 self.set_desired("offline")
                 self._in_background("stop", lambda: self.graceful_stop(None, None))

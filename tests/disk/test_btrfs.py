@@ -411,3 +411,21 @@ def test_no_btrfs_fails_under_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception, match="no btrfs here"):
         _unavailable("no loop device")
+
+
+@pytest_twisted.ensureDeferred
+async def test_more_nested_subvolumes_than_are_counted_is_a_figure_the_manager_stops_on(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the cap the rest would go uncounted: the figure says so, and why."""
+    monkeypatch.setattr(btrfs, "MAX_NESTED", 2)
+    dirs = datadirs(data_root)
+    await dirs.prepare("s1", OWNER, settle=True, disk_limit=8 * MiB)
+    home = data_root / "s1"
+    assert (await dirs.measure("s1")).uncounted == ""
+    for name in ("n1", "n2", "n3"):
+        nest_subvolume(home, name)
+    used = await dirs.measure("s1")
+    assert used.source == "qgroup" and not used.complete
+    assert used.uncounted == "more than 2 subvolumes nested in it"
+    await dirs.purge("s1")

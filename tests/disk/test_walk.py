@@ -7,6 +7,7 @@ the test's own filesystem; the full-look interval runs on an injected clock.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -255,3 +256,33 @@ def test_a_stopping_agent_ends_the_budget_pauses_of_a_walk(tmp_path: Path) -> No
     stop.set()
     t.join(10)
     assert done and done[0] < 10
+
+
+def test_another_device_below_the_walks_depth_is_a_figure_that_says_what_it_missed(
+    tmp_path: Path,
+) -> None:
+    """
+    A nested subvolume (any user may make one on btrfs) or a mount deeper than
+    the cached walk goes is not walked: its bytes would go uncounted, so the
+    figure says so and why (the server manager then stops the server).
+    """
+    top = tmp_path / "srv"
+    top.mkdir()
+    make_chain(top, usage.MAX_CACHED_DEPTH + 3)
+    deep = top.joinpath(*["d"] * (usage.MAX_CACHED_DEPTH + 2))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(deep)], check=True,
+                   timeout=30)
+    try:
+        (deep / "hidden").write_bytes(b"h" * 100_000)
+        used = Meter().measure_path(str(top))
+        assert not used.complete
+        assert "another device" in used.uncounted
+        assert used.apparent < 100_000
+    finally:
+        subprocess.run(["umount", str(deep)], check=True, timeout=30)
+        remove_everything(tmp_path)
+    # A tree of one device has nothing uncounted.
+    top.mkdir()
+    make_chain(top, usage.MAX_CACHED_DEPTH + 3)
+    assert Meter().measure_path(str(top)).uncounted == ""
+    remove_everything(tmp_path)

@@ -173,6 +173,22 @@ async def test_engine_loss_reports_unknown_and_return_reconciles(unit: Unit) -> 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_disk_figure_missing_a_part_the_tree_hid_counts_as_over_the_limit(
+    unit: Unit,
+) -> None:
+    m = await running(unit, limits={"disk": 100})
+    server = m.get("s1")
+    await server.enforce_disk(1024)  # well under the limit: nothing happens
+    assert server.state is S.RUNNING
+    await server.enforce_disk(1024, uncounted="more than 1024 subvolumes nested in it")
+    await until(lambda: server.state is S.OFFLINE, 2, "stopped")
+    notices = [line for e in unit.events
+               if isinstance(e, ConsoleOutput) and e.stream == "agent" for line in e.lines]
+    assert any("cannot be measured whole (more than 1024 subvolumes nested in it)" in n
+               and "stopping" in n for n in notices), notices
+
+
+@pytest_twisted.ensureDeferred
 async def test_disk_over_limit_refuses_start_and_stops_a_running_server(unit: Unit) -> None:
     m = await running(unit, limits={"disk": 1})
     with open(os.path.join(unit.config.data_dir, "s1", "big"), "wb") as f:
