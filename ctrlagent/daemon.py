@@ -93,12 +93,7 @@ def tell_the_parent_our_line() -> None:
         # daemon that dies before writing would leave this parent waiting
         # forever instead of seeing EOF.
         _close_other_end(read_pipe)
-        while True:
-            try:
-                data = os.read(read_pipe, _MAX_LINE + 64)
-            except InterruptedError:
-                continue
-            break
+        data = os.read(read_pipe, _MAX_LINE + 64)  # retried on EINTR by Python (PEP 475)
         if data == b"0":
             return 0
         stderr = sys.__stderr__

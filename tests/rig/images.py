@@ -115,39 +115,6 @@ def build_scripted_image(host: str, tag: str = SCRIPTED_IMAGE) -> str:
         input_bytes=tar,
     )
     return tag
-    if not os.path.exists(BUSYBOX):
-        raise RuntimeError("{} missing: apt-get install busybox-static".format(BUSYBOX))
-    with tempfile.TemporaryDirectory(prefix="ctrlagent-rootfs-") as tmp:
-        root = Path(tmp)
-        for d in ("bin", "usr/local/bin", "tmp", "home/container", "etc", "proc", "sys", "dev"):
-            (root / d).mkdir(parents=True, exist_ok=True)
-        shutil.copy(BUSYBOX, root / "bin" / "busybox")
-        for applet in _APPLETS:
-            os.symlink("busybox", root / "bin" / applet)
-        (root / "tmp").chmod(0o1777)
-        (root / "home" / "container").chmod(0o777)
-        (root / "etc" / "passwd").write_text(
-            "root:x:0:0:root:/root:/bin/sh\ncontainer:x:1000:1000::/home/container:/bin/sh\n"
-        )
-        (root / "etc" / "group").write_text("root:x:0:\ncontainer:x:1000:\n")
-        script = Path(__file__).with_name("gameserver.sh")
-        target = root / "usr" / "local" / "bin" / "gameserver"
-        shutil.copy(script, target)
-        target.chmod(0o755)
-        tar = subprocess.run(
-            ["tar", "-C", str(root), "-c", "."], capture_output=True, check=True
-        ).stdout
-    _docker(
-        host,
-        "import",
-        "-c", "CMD [\"/usr/local/bin/gameserver\"]",
-        "-c", "WORKDIR /home/container",
-        "-c", "ENV PATH=/bin:/usr/local/bin",
-        "-",
-        tag,
-        input_bytes=tar,
-    )
-    return tag
 
 
 def _debian_mirror() -> str:
