@@ -160,6 +160,11 @@ class ServersConfig:
     # survives a power cut).  0: as fast as the disk commits.
     console_mark_interval: float = 1.0
     stats_interval: float = 2.0
+    # Seconds between kernel samples of a running server while nothing
+    # follows the figures live (no Panel link connected); a status, metrics
+    # or /metrics read still gets a sample at most stats_interval old, read
+    # when asked.  0: every stats_interval regardless.
+    stats_idle_interval: float = 30.0
     disk_check_interval: float = 60.0
     crash_restart_window: float = 60.0
     stop_timeout: float = 30.0
@@ -994,6 +999,8 @@ def validate(config: AgentConfig) -> None:
             raise ConfigInvalid("{} must be positive".format(name))
     if not 0 <= config.servers.console_mark_interval <= 3600:
         raise ConfigInvalid("servers.console_mark_interval must be between 0 and 3600 seconds")
+    if not 0 <= config.servers.stats_idle_interval <= 3600:
+        raise ConfigInvalid("servers.stats_idle_interval must be between 0 and 3600 seconds")
     _validate_install(config.servers)
     _validate_allocations_and_limits(config.servers)
     if not 1 <= config.servers.reconcile_concurrency <= 1024:

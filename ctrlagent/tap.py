@@ -501,6 +501,12 @@ def _build_transports(
         )
         link.setName("panel")
         link.setServiceParent(top)
+        panel = link
+        # The link forwards every sample while connected: then every server
+        # is sampled at the full rate; otherwise seldom, and when read.
+        servers.follow_figures(lambda: panel.connected)
+    else:
+        servers.follow_figures(lambda: False)
 
     api = AgentApi(
         config=config,

@@ -157,7 +157,11 @@ class ServerManager(service.Service):
         self.network = ServerNetwork(engine, network_mode, config.docker.network_subnet or None)
         self.locks = FileLocks()
         # Every running server's kernel-read stats on one timer.
-        self.stats_hub = StatsHub(self.clock, config.servers.stats_interval)
+        self.stats_hub = StatsHub(
+            self.clock,
+            config.servers.stats_interval,
+            idle_interval=config.servers.stats_idle_interval,
+        )
         # What every server uses: it never reaches back to the manager.
         self.services = ServerServices(
             engine=engine,
@@ -828,6 +832,15 @@ class ServerManager(service.Service):
     def remove_listener(self, listener: Any) -> None:
         """Unsubscribe (a consumer's unsettled lines then count as not delivered)."""
         self.bus.remove(listener)
+
+    def follow_figures(self, live: Callable[[], bool]) -> None:
+        """
+        Who says whether every server's figures are followed as they come
+        (the Panel link while connected): then running servers are sampled
+        every ``servers.stats_interval``, else every
+        ``servers.stats_idle_interval`` and when read.
+        """
+        self.stats_hub.live = live
 
 
 # Distinct engine warnings remembered as logged (beyond, a new one is logged

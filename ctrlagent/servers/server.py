@@ -258,6 +258,9 @@ class Server:
 
     def metrics(self) -> Metrics:
         """The latest sample in the Panel's units (zeroes when stopped)."""
+        if self.state in ACTIVE_STATES:
+            # Unwatched servers are sampled seldom: a reader gets a recent one.
+            self.sampler.fresh()
         now = self.services.clock.seconds()
         running = self.state in ACTIVE_STATES and bool(self.stats)
         stats = self.stats if running else {}

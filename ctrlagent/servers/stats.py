@@ -7,9 +7,14 @@ Where they come from, cheapest first:
 - the host's kernel (``servers.stats_from_kernel``), when the engine runs on
   this host and offers an ``IStatsReader`` for the container: a few small
   cgroup files read on the reactor thread, every server on one ``StatsHub``
-  timer that reads a fortieth of them every fortieth of the interval (so the
+  timer that visits a fortieth of them every fortieth of the interval (so the
   reads spread evenly, no reactor turn reads more than a few dozen
-  servers, and 500 servers cost one timer, not 500);
+  servers, and 500 servers cost one timer, not 500).  A server is read every
+  ``stats_interval`` while someone follows the figures live (the Panel link,
+  connected: it forwards every sample), else every ``stats_idle_interval``;
+  a read of the figures (status, metrics, a scrape) then reads the kernel
+  first when the latest sample is older than ``stats_interval``
+  (``StatsSampler.fresh``), so readers never see older figures than before;
 - else the engine's stats API (``servers.stats_mode``): one stream per
   server, or a request per server every ``stats_interval``.
 """
@@ -40,13 +45,25 @@ class StatsHub:
     the reads are spread evenly over it, and no reactor turn reads more than
     a ``slices``-th of the servers.  The timer runs only while a sampler is
     in the hub.
+
+    ``live()`` says whether someone follows every server's figures as they
+    come (the Panel link while connected; ``follow``): then every visit
+    reads.  Otherwise a visit reads only a sampler whose latest sample would
+    be ``idle_interval`` old by the next visit, so an unwatched server costs
+    one read per ``idle_interval`` (0: always read).
     """
 
     log = Logger()
 
-    def __init__(self, clock: Any, interval: float, slices: int = 40) -> None:
+    def __init__(
+        self, clock: Any, interval: float, slices: int = 40, idle_interval: float = 0.0
+    ) -> None:
         self._clock = clock
         self.interval = interval
+        self.idle_interval = max(idle_interval, interval) if idle_interval > 0 else 0.0
+        self.live: Callable[[], bool] = lambda: True
+        #: Kernel samples taken by the hub's visits (tests, benchmarks).
+        self.reads = 0
         self._slices: list[dict[StatsSampler, None]] = [{} for _ in range(max(1, slices))]
         self._where: dict[StatsSampler, int] = {}
         self._next = 0
@@ -87,8 +104,17 @@ class StatsHub:
         self._call = None
         self.ticks += 1
         index, self._next = self._next, (self._next + 1) % len(self._slices)
+        # Read unless nobody follows the figures and the sample will still be
+        # younger than the idle interval at the next visit.
+        stale_before = (
+            None if not self.idle_interval or self.live()
+            else self._clock.seconds() - (self.idle_interval - self.interval)
+        )
         try:
             for sampler in list(self._slices[index]):
+                if stale_before is not None and sampler.sampled_at > stale_before:
+                    continue
+                self.reads += 1
                 try:
                     sampler.read_kernel()
                 except Exception:
@@ -130,6 +156,8 @@ class StatsSampler:
         self._active = active
         self._on_sample = on_sample
         self.latest: dict[str, Any] = {}
+        #: When ``latest`` was taken (the clock's seconds; -inf: never).
+        self.sampled_at = float("-inf")
         self._call: IDelayedCall | None = None
         self._running = False
         self._stream: ILogStream | None = None
@@ -299,10 +327,24 @@ class StatsSampler:
             self._running = False
         self.apply(sample)
 
+    def fresh(self) -> None:
+        """
+        Read the kernel now if the latest sample is older than
+        ``stats_interval`` (the hub reads unwatched servers less often): what
+        a reader of the figures calls first.  Nothing for engine-API samples,
+        which keep their own pace.
+        """
+        if self._reader is None:
+            return
+        if self._clock.seconds() - self.sampled_at < self._config.stats_interval:
+            return
+        self.read_kernel()
+
     def apply(self, sample: StatsSample) -> None:
         """Keep a stats sample as the latest and publish it."""
+        self.sampled_at = now = self._clock.seconds()
         self.latest = {
-            "at": self._clock.seconds(),
+            "at": now,
             "cpu": round(float(sample.cpu_percent), 3),
             "memory": round(sample.memory_bytes / MB, 3),
             "memoryLimit": round(sample.memory_limit_bytes / MB, 3),

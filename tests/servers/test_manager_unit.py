@@ -488,3 +488,35 @@ async def test_a_kill_whose_death_no_event_reports_settles_after_the_configured_
     result = to_json(await killed)
     assert result["status"] == "offline"  # settled from inspect, as expected
     assert ("running", "crashed") not in unit.statuses("s1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_unfollowed_figures_are_read_seldom_and_when_asked_for(unit: Unit) -> None:
+    # Kernel stats (the fake engine offers a reader), 30 s apart while nothing
+    # follows the figures live; a read of them takes a sample if the latest
+    # is older than stats_interval (2 s).
+    unit.config = replace(unit.config, servers=replace(
+        unit.config.servers, stats_mode="stream", stats_idle_interval=30.0))
+    m = unit.manager()
+    m.follow_figures(lambda: following[0])
+    following = [False]
+    await m.create_server("s1", PARAMS)
+    await m.start("s1")
+    await until(lambda: m.get("s1").state is S.RUNNING, 2, "running")
+    await until(lambda: len(unit.engine.stats_readers) == 1, 2, "a kernel reader")
+    (reader,) = unit.engine.stats_readers
+    updates = lambda: [e for e in unit.events if isinstance(e, ResourceUpdate)]  # noqa: E731
+    first = reader.reads
+    ticks = lambda seconds: [unit.clock.advance(0.05) for _ in range(round(seconds / 0.05))]  # noqa: E731
+    ticks(10)  # the hub's timer: 40 visits per 2 s
+    assert reader.reads == first
+    # Asked for: read now, published as any sample.
+    published = len(updates())
+    figures = m.server_metrics("s1")
+    assert reader.reads == first + 1 and figures.at == unit.clock.seconds()
+    assert len(updates()) == published + 1
+    assert m.status("s1").resources is not None and reader.reads == first + 1
+    # The Panel link connects: every 2 s.
+    following[0] = True
+    ticks(10)
+    assert reader.reads == first + 1 + 5

@@ -276,3 +276,78 @@ async def test_a_bug_in_one_servers_sample_never_stops_the_others_stats(
     fail_on_logged_errors.clear()
     for sampler in samplers:
         sampler.stop()
+
+
+IDLE = 10.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_unwatched_servers_are_read_once_per_idle_interval_and_every_interval_when_watched(
+) -> None:
+    clock = Clock()
+    engine = FakeEngine(clock)
+    hub = StatsHub(clock, INTERVAL, slices=SLICES, idle_interval=IDLE)
+    watched = [False]
+    hub.live = lambda: watched[0]
+    published: list[str] = []
+    cids = await _running(engine, 16)
+    for cid in cids:
+        _sampler(engine, clock, hub, cid, published).start()
+    assert all(r.reads == 1 for r in engine.stats_readers)  # the first read, at once
+    # Nobody follows the figures: one more read per idle interval, no more.
+    run_for(clock, IDLE * 3)
+    assert all(r.reads == 4 for r in engine.stats_readers), [
+        r.reads for r in engine.stats_readers]
+    assert hub.reads == 16 * 3
+    # The Panel link connects: every server every interval from the next visit on.
+    watched[0] = True
+    before = [r.reads for r in engine.stats_readers]
+    run_for(clock, INTERVAL * 5)
+    assert [r.reads - b for r, b in zip(engine.stats_readers, before, strict=True)] == [5] * 16
+    # And back to the idle pace when it goes.
+    watched[0] = False
+    before = [r.reads for r in engine.stats_readers]
+    run_for(clock, IDLE * 2)
+    assert [r.reads - b for r, b in zip(engine.stats_readers, before, strict=True)] == [2] * 16
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_of_the_figures_gets_a_sample_at_most_one_interval_old() -> None:
+    clock = Clock()
+    engine = FakeEngine(clock)
+    hub = StatsHub(clock, INTERVAL, slices=SLICES, idle_interval=IDLE)
+    hub.live = lambda: False
+    published: list[str] = []
+    (cid,) = await _running(engine, 1)
+    sampler = _sampler(engine, clock, hub, cid, published)
+    sampler.start()
+    (reader,) = engine.stats_readers
+    # Just sampled: a reader takes it as it is.
+    sampler.fresh()
+    assert reader.reads == 1
+    run_for(clock, INTERVAL * 1.5)
+    assert reader.reads == 1
+    # Older than the interval: read now, published like any sample.
+    sampler.fresh()
+    assert reader.reads == 2 and sampler.sampled_at == clock.seconds()
+    assert published == [cid, cid]
+    sampler.fresh()
+    assert reader.reads == 2
+    # Stopped: nothing is read for a reader any more.
+    sampler.stop()
+    run_for(clock, IDLE)
+    sampler.fresh()
+    assert reader.reads == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_interval_of_zero_reads_every_interval_whoever_watches() -> None:
+    clock = Clock()
+    engine = FakeEngine(clock)
+    hub = StatsHub(clock, INTERVAL, slices=SLICES, idle_interval=0)
+    hub.live = lambda: False
+    cids = await _running(engine, 4)
+    for cid in cids:
+        _sampler(engine, clock, hub, cid, []).start()
+    run_for(clock, INTERVAL * 4)
+    assert all(r.reads == 5 for r in engine.stats_readers)
