@@ -47,10 +47,14 @@ class StatsHub:
     in the hub.
 
     ``live()`` says whether someone follows every server's figures as they
-    come (the Panel link while connected; ``follow``): then every visit
-    reads.  Otherwise a visit reads only a sampler whose latest sample would
-    be ``idle_interval`` old by the next visit, so an unwatched server costs
-    one read per ``idle_interval`` (0: always read).
+    come (the Panel link while connected; ``ServerManager.follow_figures``):
+    then the round of visits takes ``interval``.  Otherwise it takes
+    ``idle_interval`` (ticks that much further apart, so an unwatched node
+    costs a few ticks a minute, not 20 a second), and a visit skips a
+    sampler read less than ``interval`` ago (a reader asked for it, see
+    ``StatsSampler.fresh``).  ``live()`` is asked at every tick: the rate
+    follows the Panel link within one idle tick.  An ``idle_interval`` of 0
+    keeps the full rate.
     """
 
     log = Logger()
@@ -84,7 +88,8 @@ class StatsHub:
         self._slices[index][sampler] = None
         self._where[sampler] = index
         if self._call is None:
-            self._call = self._clock.callLater(self.interval / len(self._slices), self._tick)
+            live = not self.idle_interval or bool(self.live())
+            self._call = self._clock.callLater(self._period(live), self._tick)
 
     def discard(self, sampler: StatsSampler) -> None:
         """Read ``sampler`` no more; the timer stops with the last one."""
@@ -100,19 +105,21 @@ class StatsHub:
             self._call.cancel()
         self._call = None
 
+    def _period(self, live: bool) -> float:
+        """Seconds between two ticks."""
+        whole = self.interval if live or not self.idle_interval else self.idle_interval
+        return whole / len(self._slices)
+
     def _tick(self) -> None:
         self._call = None
         self.ticks += 1
         index, self._next = self._next, (self._next + 1) % len(self._slices)
-        # Read unless nobody follows the figures and the sample will still be
-        # younger than the idle interval at the next visit.
-        stale_before = (
-            None if not self.idle_interval or self.live()
-            else self._clock.seconds() - (self.idle_interval - self.interval)
-        )
+        live = not self.idle_interval or bool(self.live())
+        # Unwatched: a sample a reader just asked for is not taken again.
+        fresh_after = None if live else self._clock.seconds() - self.interval
         try:
             for sampler in list(self._slices[index]):
-                if stale_before is not None and sampler.sampled_at > stale_before:
+                if fresh_after is not None and sampler.sampled_at > fresh_after:
                     continue
                 self.reads += 1
                 try:
@@ -125,8 +132,7 @@ class StatsHub:
                     sampler.drop_kernel_reader()
         finally:
             if self._where and self._call is None:
-                self._call = self._clock.callLater(
-                    self.interval / len(self._slices), self._tick)
+                self._call = self._clock.callLater(self._period(live), self._tick)
 
 
 class StatsSampler:
