@@ -8,10 +8,17 @@ engine at DOCKER_HOST, or on a private engine when none answers, and:
    print ``tick <n>`` every ``--tick`` seconds (default 5), through
    ``POST /api/command`` from 8 concurrent connections;
 2. steady state: the agent's RSS and CPU (percent of one core, from
-   ``/proc/<pid>/stat`` over ``--window`` seconds);
+   ``/proc/<pid>/stat`` over ``--window`` seconds), with no Panel link up:
+   the servers are then sampled every ``servers.stats_idle_interval``;
 3. ``get_server_status`` and ``get_server_metrics`` latency (p50/p99) from 1
    and 16 concurrent keep-alive clients (``bench/http_latency.py``'s client);
-4. the agent stopped (SIGTERM) and started again on the same state: the time
+4. a Panel (``ctrlagent.testing.panel.FakePanel``, a real WebSocket server, in
+   a child process so that its parsing is not the agent's CPU) comes up on
+   the URL the agent dials: once the link is connected, the agent's CPU over
+   ``--window`` again, every server now sampled every ``stats_interval``
+   and its ``resource_update`` frames sent (counted by the Panel); the Panel
+   then goes away again;
+5. the agent stopped (SIGTERM) and started again on the same state: the time
    from the new process's start to every server re-attached (its console
    followed again, ``console:status`` connected), and every server's ticks
    checked for a gap or a repeat across the restart (no line lost or
@@ -32,6 +39,8 @@ import asyncio
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +54,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from http_latency import Client, measure, rss_mb  # noqa: E402
 
-from tests.rig.agentproc import AgentProcess  # noqa: E402
+from tests.rig.agentproc import AgentProcess, free_port  # noqa: E402
 from tests.rig.dockerd import PrivateDockerd, engine_answers  # noqa: E402
 from tests.rig.images import _docker, build_scripted_image  # noqa: E402
 
@@ -111,6 +120,57 @@ def ticks(agent: AgentProcess, server_ids: list[str]) -> dict[str, list[int]]:
     return found
 
 
+def serve_panel(secret: str, port: int) -> None:
+    """``--serve-panel``: a Panel counting the frames it gets; prints them at SIGTERM."""
+    from collections import Counter
+
+    from twisted.internet import reactor
+
+    from ctrlagent.testing.panel import FakePanel
+
+    kinds: Counter[str] = Counter()
+    panel = FakePanel(reactor, secret, request_system_info=False, parse=False)
+
+    def count(payload: bytes) -> None:
+        # An event's name, else the frame's type, without decoding it whole.
+        head = payload[:200]
+        found = re.search(rb'"event":"([a-z_]+)"', head) or re.search(rb'"type":"([a-z_]+)"', head)
+        kinds[found.group(1).decode() if found else "?"] += 1
+
+    panel.on_frame = count
+    reactor.listenTCP(port, panel.factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+
+    print("listening", flush=True)  # noqa: T201
+    reactor.run()  # type: ignore[attr-defined]  # until SIGTERM (Twisted's handler)
+    print(json.dumps(dict(kinds)), flush=True)  # noqa: T201
+
+
+class PanelChild:
+    """The counting Panel in a child process of ours."""
+
+    def __init__(self, secret: str, port: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve-panel", secret, str(port)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "listening":
+            raise RuntimeError("the benchmark's Panel did not start")
+
+    def stop(self) -> dict[str, int]:
+        """End it (our own child, by its handle); the frames it counted."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return dict(json.loads(out.splitlines()[-1])) if out.strip() else {}
+
+
+def link_connected(agent: AgentProcess) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen("{}/health".format(agent.base_url), timeout=10) as r:
+        return bool(json.load(r).get("panelLink", {}).get("connected"))
+
+
 class BenchAgent(AgentProcess):
     """
     The agent on a network of the benchmark's own, big enough for every
@@ -136,9 +196,14 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
     workdir = Path(tempfile.mkdtemp(prefix="ctrlagent-bench-scale-"))
     # Idle servers publish no ports (500 of them would be 1,000 docker-proxy processes).
     config = '[servers]\nstop_timeout = 2.0\nport_range = ""\n'
+    # The link dials a Panel that comes up only for step 4 (retrying every 2 s
+    # at most meanwhile).
+    panel_port = free_port()
+    link = dict(panel_url="ws://127.0.0.1:{}/ws".format(panel_port),
+                panel_settings="backoff_max = 2.0")
     agent = (BenchAgent(workdir, host, extra_config=config, network=args.network,
-                        subnet=args.subnet) if args.network
-             else AgentProcess(workdir, host, extra_config=config)).start()
+                        subnet=args.subnet, **link) if args.network
+             else AgentProcess(workdir, host, extra_config=config, **link)).start()
     server_ids = ["scale-" + uuid.uuid4().hex[:12] for _ in range(servers)]
     result: dict[str, Any] = {"servers": servers}
     try:
@@ -186,6 +251,20 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
                 runs.append(asyncio.run(measure(agent, server_ids, action, clients,
                                                 args.requests)))
         result["http"] = runs
+
+        # A Panel comes: every server sampled and forwarded every stats_interval.
+        panel = PanelChild(agent.secret, panel_port)
+        try:
+            wait_until(lambda: link_connected(agent), 30, "the Panel link connected")
+            time.sleep(5)
+            cpu0, t0 = cpu_seconds(pid), time.monotonic()
+            time.sleep(args.window)
+            result["cpu_percent_panel"] = (
+                100.0 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0))
+        finally:
+            frames = panel.stop()
+        result["panel_resource_updates"] = frames.get("resource_update", 0)
+        wait_until(lambda: not link_connected(agent), 30, "the Panel link down")
 
         # Restart on the same state; time until every console is followed again.
         agent.stop()
@@ -237,7 +316,9 @@ def report(results: list[dict[str, Any]]) -> str:
     for r in results:
         lines.append(
             "{servers} servers: created+started in {create_and_start_s:.0f} s; agent RSS "
-            "{rss_mb:.0f} MB (target < 150), CPU {cpu_percent:.1f} % of a core (target < 5); "
+            "{rss_mb:.0f} MB (target < 150), CPU {cpu_percent:.1f} % of a core (target < 5), "
+            "{cpu_percent_panel:.1f} % with a Panel connected ({panel_resource_updates} "
+            "resource updates sent); "
             "restart: all re-attached in {reattach_s:.1f} s (target < 10; {agent_up_s:.1f} s to "
             "answer /health, then {reattach_after_up_s:.1f} s), RSS "
             "{rss_after_restart_mb:.0f} MB, ticks lost {ticks_lost}, repeated "
@@ -273,7 +354,12 @@ def main() -> None:
                         help="the servers' network, created with --subnet and removed at the end"
                         " (default: the agent's own, ctrl-alt-play)")
     parser.add_argument("--subnet", default="10.184.0.0/22")
+    parser.add_argument("--serve-panel", nargs=2, metavar=("SECRET", "PORT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_panel:
+        serve_panel(args.serve_panel[0], int(args.serve_panel[1]))
+        return
     host = os.environ.get("DOCKER_HOST", "")
     private: PrivateDockerd | None = None
     if not (host.startswith("unix://") and engine_answers(host[len("unix://"):])):
