@@ -22,7 +22,7 @@ from ctrlagent.testing.panel import FakePanel
 
 SECRET = "frames-secret"
 # Every length encoding: 7-bit, 16-bit and 64-bit, at and around each edge.
-SIZES = [0, 1, 125, 126, 127, 65535, 65536, 300_000]
+SIZES = [0, 1, 125, 126, 127, 4095, 4096, 4097, 65535, 65536, 300_000]
 
 
 class Hooks:
