@@ -528,7 +528,7 @@ class BackupManager(service.Service):
                         level=self.config.compression_level if _compressed(drv) else None,
                         progress=progress,
                         progress_interval=self.config.progress_interval,
-                        cancelled=cancelled)
+                        cancelled=cancelled, file_fd=writer.file_fd)
                     location = writer.commit()
                 except BaseException:
                     writer.abort()

@@ -430,6 +430,8 @@ def _check_snapshot(location: str) -> None:
 class _ResticUpload:
     """``restic backup --stdin`` running: write feeds it, commit waits for its snapshot."""
 
+    file_fd = None  # a pipe to restic: written through ``write``
+
     def __init__(self, driver: ResticDriver, proc: subprocess.Popen[bytes]) -> None:
         self.driver = driver
         self.proc = proc
