@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import threading
@@ -48,6 +49,8 @@ TREE_PREFIX = "tree:"
 UNSHARE = "unshare"
 # Bytes of --exclude arguments beyond which a tar stream is made instead.
 MAX_EXCLUDE_ARGS = 512 * 1024
+# A name restic cannot be handed as an exclude pattern.
+_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 class ResticError(CtrlAgentError):
@@ -399,9 +402,11 @@ def plan_tree(root_fd: int, rules: IgnoreRules) -> tuple[ArchiveStats, list[str]
     walk = trees.Walk(root_fd, max_depth=MAX_BACKUP_DEPTH, sort=False, hide=WORK_PREFIXES)
     try:
         for e in walk:
-            rel = "/".join(e.rel)
-            if any(ord(ch) < 32 for ch in rel):
+            # Only the entry's own name: its directories' names were
+            # checked when they were met.
+            if _CONTROL.search(e.name):
                 return None
+            rel = "/".join(e.rel)
             try:
                 st = e.lstat()
             except OSError:

@@ -273,3 +273,22 @@ async def test_a_later_directory_snapshot_costs_one_restic_process_and_one_walk_
     progress = [e for e in rig.events if isinstance(e, BackupProgress)]
     assert {e.total_bytes for e in progress} == {second.bytes} and second.bytes > 0
     assert progress[-1].percent == 100.0
+
+
+@pytest.mark.parametrize("where", ["top\x01name", "d/inner\nname", "d/e\x1f/f"])
+def test_a_name_with_a_control_character_anywhere_falls_back_to_the_tar_stream(
+        tmp_path: Path, where: str) -> None:
+    from ctrlagent.backups.ignore import IgnoreRules
+    from ctrlagent.backups.restic import plan_tree
+
+    root = tmp_path / "srv"
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "d" / "e" / "plain").write_text("x")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert plan_tree(fd, IgnoreRules([])) is not None
+        (root / where).parent.mkdir(parents=True, exist_ok=True)
+        (root / where).write_text("x")
+        assert plan_tree(fd, IgnoreRules([])) is None
+    finally:
+        os.close(fd)
