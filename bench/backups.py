@@ -5,17 +5,40 @@ after 1 % of the files changed.
 
 The tree is mixed: many small text files (configs, logs), a few large
 incompressible ones (region files), some compressible binaries.  Reported:
-seconds, MB/s of content, archive size, and the peak RSS of each of our
-steps (measured in a child process, so one step's memory does not hide
-another's; the zstd process our archive is compressed by is reported beside
-it), and the load average beside the figures.  Default 200 MiB;
-``--size-mib 1024`` for the 1 GiB run.  Both sides compress at level 3 with
-one zstd worker per core (ours: the zstd program fed by our walk, as
-``archive.py`` runs it; the baseline: ``zstd -T0``).  Our archive step times
-what the manager does: the measuring walk (free room, progress), then the
-archive.  restic runs as the manager runs it: a directory snapshot through
-the private mount where the machine allows one (the report says ``tree``),
-the tar stream otherwise; the report names each snapshot's parent.
+seconds, MB/s of content, archive size, the CPU seconds of each side, the
+peak RSS of each of our steps (measured in a child process, so one step's
+memory does not hide another's; the zstd process our archive is compressed
+by is reported beside it), and the load average beside the figures.
+Default 200 MiB; ``--size-mib 1024`` for the 1 GiB run; ``--keep DIR``
+keeps the work directory and reuses its tree in a later run.
+
+What each side does, exactly (the same tree, the same level):
+
+- baseline: ``tar -C <tree> -I 'zstd -T0 -3' -cf <file> .``: GNU tar walks
+  and reads, zstd (level 3, one worker per core, its default job size)
+  compresses and writes the file (tar gives it the file as its stdout).
+  No hash, no sync.
+- ours, as the manager does it for the local driver: the measuring walk
+  (``trees.tree_usage``, for the free-room check and the progress total),
+  the local driver's temporary file opened, then ``write_archive``: our
+  confined walk builds the tar stream (files of 256 KiB or more spliced)
+  into a pipe to the zstd program (``zstd -q -c -T0 -3 -B4MiB
+  --no-sparse``), which writes the temporary file itself, while a thread of
+  ours reads that file back behind it and computes its sha256.  Timed up
+  to the archive being whole and hashed; the local driver's commit (fsync,
+  rename, fsync of the directory) follows untimed, as tar syncs nothing,
+  and its time is printed beside.
+
+The two sides take turns ``--rounds`` times; before each run the other
+side's output is removed and the disk synced (untimed), so neither pays
+for the other's write-back; each round's ratio and each side's CPU are
+printed, and the best time of each side is compared.
+
+restic runs as the manager runs it: a directory snapshot through the
+private mount where the machine allows one (the report says ``tree``), the
+tar stream otherwise; the report names each snapshot's parent.  What the
+agent's long-lived driver does once (open the repository, which derives
+the key, and probe the private mount) is not timed.
 
     python bench/backups.py [--size-mib 200] [--small N] [--rounds 2] [--no-restic] [--keep DIR]
 """
