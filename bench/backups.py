@@ -264,6 +264,10 @@ def main() -> None:
             os.cpu_count(), ", ".join("{:.2f}".format(g) for g, _ in gnus)))
         print("ratio (ours speed / tar+zstd speed): {:.2f}  (target >= 0.8); loadavg {}".format(
             gnu / ours["seconds"], _loadavg()))
+        # CPU seconds move less with the load than wall time: on a machine
+        # whose cores are all busy, the wall ratio tends to this one.
+        print("CPU ratio (tar+zstd CPU / ours agent+zstd CPU), least of each: {:.2f}".format(
+            min(c for _, c in gnus) / min(r["cpu_self"] + r["cpu_zstd"] for r in runs)))
 
         back = child("restore", [str(root), runs[-1]["path"], str(runs[-1]["size"]),
                                  runs[-1]["checksum"], str(runs[-1]["bytes"])])
