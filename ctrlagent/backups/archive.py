@@ -39,7 +39,7 @@ from typing import IO, Any, NoReturn
 import zstandard
 
 from ctrlagent.backups.ignore import IgnoreRules
-from ctrlagent.errors import CtrlAgentError
+from ctrlagent.errors import CtrlAgentError, InsufficientResources
 from ctrlagent.files import trees
 from ctrlagent.files.paths import WORK_PREFIXES
 
@@ -182,7 +182,8 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
                   level: int | None = 3, progress: Progress | None = None,
                   progress_interval: float = 1.0,
                   on_member: Callable[[str], None] | None = None,
-                  cancelled: Callable[[], bool] | None = None) -> ArchiveStats:
+                  cancelled: Callable[[], bool] | None = None,
+                  file_fd: int | None = None) -> ArchiveStats:
     """
     Write the archive of the directory ``root_fd`` to ``write``; return what
     it holds.  ``progress(bytes, files)`` is called at most every
@@ -191,15 +192,25 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
     is asked between reads and stops the work with ``BackupCancelled``.
     ``level=None`` writes a plain tar (for a store that compresses and
     deduplicates itself, as restic).
+
+    ``file_fd``, an empty regular file open for reading and writing (a
+    local driver's temporary file), is where the zstd program then writes
+    the archive itself, as ``tar -I zstd`` does: ``write`` is not called
+    (it still is where there is no zstd program, or for a plain tar).
     """
     stats = ArchiveStats()
-    sink = HashingSink(write)
+    zstd = shutil.which(ZSTD_PROGRAM) if level is not None else None
+    direct = file_fd is not None and zstd is not None
+    sink = HashingSink(_discard if direct else write)
     # Three stages run at once, as the processes of ``tar | zstd -T0 >
     # file`` do: this thread walks, reads and builds the tar stream; zstd
     # compresses it in a process of its own (``_Compressor``), or in
     # zstandard's worker threads where there is no zstd program; a thread
-    # of ours hashes the archive and hands it to the driver.  Pipes and
-    # bounded queues between them bound the memory.
+    # of ours hashes the archive and hands it to the driver, or, where
+    # zstd writes the file itself, reads it back behind zstd (from the
+    # page cache) to hash it: the compressed stream then never passes
+    # through a pipe into the agent and out again.  Pipes and bounded
+    # queues between them bound the memory.
     offload: _Offload | None = None
     child: _Compressor | None = None
     last = [time.monotonic()]
@@ -215,10 +226,12 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
                 progress(stats.bytes, stats.files)
 
     try:
-        zstd = shutil.which(ZSTD_PROGRAM) if level is not None else None
         if level is not None and zstd is not None:
+            # --no-sparse: every byte written in order (a hole would be
+            # skipped with a seek), so what the hasher reads behind is final.
             child = _Compressor([zstd, "-q", "-c", "-T0", "-{}".format(level),
-                                 "-B{}".format(ZSTD_JOB_SIZE)], sink.write)
+                                 "-B{}".format(ZSTD_JOB_SIZE), "--no-sparse"], sink.write,
+                                out_fd=file_fd if direct else None)
             _write_tar(root_fd, child.write, rules, stats, advance, on_member, cancelled,
                        child.splice)
             child.close()
@@ -242,6 +255,10 @@ def write_archive(root_fd: int, write: Callable[[bytes], Any], rules: IgnoreRule
     if progress is not None:
         progress(stats.bytes, stats.files)
     return stats
+
+
+def _discard(data: Any) -> None:
+    """The driver's ``write`` where the compressor writes the file itself."""
 
 
 def _in_process_compressor(level: int, out: _Offload) -> Any:
@@ -387,6 +404,10 @@ ZSTD_PROGRAM = "zstd"
 PIPE_SIZE = 4 * 1024 * 1024
 _F_SETPIPE_SZ = 1031
 STDERR_TAIL = 4096
+# Seconds the hasher of a file zstd writes waits once it has caught up.
+FOLLOW_POLL = 0.01
+# zstd's messages (strerror, in the C locale) for a disk that is full.
+_FULL_DISK = ("No space left on device", "Disk quota exceeded", "File too large")
 
 
 class CompressorFailed(CtrlAgentError):
@@ -397,32 +418,47 @@ class _Compressor:
     """
     The zstd program running as a child: ``write`` feeds it the tar stream
     through a pipe; a thread reads the compressed stream it writes and hands
-    it to ``sink``.  A failure on either side (the sink's error, the child's
-    death) ends the child and is raised at the next ``write`` or at
-    ``close``, so neither side is left blocked on a full pipe.
+    it to ``sink``.  With ``out_fd`` (a regular file, empty, open for
+    reading and writing) the child writes the archive there itself, and the
+    thread reads the file back behind it (``pread``, from the page cache)
+    for ``sink`` (the hash).  A failure on either side (the sink's error,
+    the child's death) ends the child and is raised at the next ``write``
+    or at ``close``, so neither side is left blocked on a full pipe.
     """
 
-    def __init__(self, argv: list[str], sink: Callable[[Any], Any]) -> None:
+    def __init__(self, argv: list[str], sink: Callable[[Any], Any],
+                 out_fd: int | None = None) -> None:
         self._sink = sink
         self._error: BaseException | None = None
         self._err = b""
+        # Set once the child has exited: nothing more comes to the file.
+        self._ended = threading.Event()
+        self._file = out_fd
         try:
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                close_fds=True, bufsize=0)
+                argv, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE if out_fd is None else out_fd,
+                stderr=subprocess.PIPE, close_fds=True, bufsize=0,
+                # Its messages in English: a full disk is told by them.
+                env=dict(os.environ, LC_ALL="C"))
         except OSError as e:
             raise CompressorFailed("the backup compressor cannot be started ({})".format(
                 e.strerror)) from None
-        assert self._proc.stdin and self._proc.stdout and self._proc.stderr
+        assert self._proc.stdin and self._proc.stderr
         self._in = self._proc.stdin.fileno()
-        self._out = self._proc.stdout.fileno()
-        for fd in (self._in, self._out):
+        pipes = [self._in]
+        if out_fd is None:
+            assert self._proc.stdout is not None
+            self._out = self._proc.stdout.fileno()
+            pipes.append(self._out)
+        for fd in pipes:
             try:
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass  # a smaller pipe only costs more switches
+        reader = self._read_archive if out_fd is None else self._follow_file
         self._threads = [
-            threading.Thread(target=self._read_archive, name="backup-sink", daemon=True),
+            threading.Thread(target=reader, name="backup-sink", daemon=True),
             threading.Thread(target=self._read_errors, name="backup-zstd-err", daemon=True)]
         for t in self._threads:
             t.start()
@@ -440,6 +476,30 @@ class _Compressor:
             self._error = e
             # The walk's next write then fails at once (EPIPE) rather than
             # waiting on a pipe nobody drains.
+            self._proc.kill()
+
+    def _follow_file(self) -> None:
+        # The child appends to the file in order (no seeks, ``--no-sparse``);
+        # every byte below the file's size has been written, so reading
+        # behind it sees the archive as it will stay.  Caught up, it waits
+        # a little (or for the child's end) and reads on.
+        assert self._file is not None
+        buf = bytearray(PIPE_SIZE)
+        view = memoryview(buf)
+        offset = 0
+        try:
+            while True:
+                ended = self._ended.is_set()  # before the read: then EOF is the end
+                n = os.preadv(self._file, [buf], offset)
+                if n:
+                    self._sink(view[:n])
+                    offset += n
+                elif ended:
+                    return
+                else:
+                    self._ended.wait(FOLLOW_POLL)
+        except BaseException as e:
+            self._error = e
             self._proc.kill()
 
     def _read_errors(self) -> None:
@@ -482,14 +542,20 @@ class _Compressor:
 
     def _finish(self) -> None:
         """Wait for the child and the threads; raise what went wrong."""
+        code = self._proc.wait()
+        self._ended.set()
         for t in self._threads:
             t.join()
-        code = self._proc.wait()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
         if code != 0:
             tail = " ".join(self._err.decode("utf-8", "replace").strip().splitlines()[-2:])
+            if any(text in tail for text in _FULL_DISK):
+                # Where the child writes the file itself, its write error
+                # is the driver's: the code a full disk has everywhere.
+                raise InsufficientResources("not enough room for the backup: {}".format(
+                    tail[-300:]))
             raise CompressorFailed("the backup compressor failed (exit {}): {}".format(
                 code, tail[-300:] or "no message"))
 
@@ -497,12 +563,14 @@ class _Compressor:
         """End the child without waiting for the rest (idempotent)."""
         if self._proc.poll() is None:
             self._proc.kill()
+        self._proc.wait()
+        self._ended.set()
         for t in self._threads:
             t.join(60)  # a sink stuck in a dead driver: given up
         # Closed only once their readers are gone (a closed fd's number
         # may be reused by the time a reader reads it again).
         pipes = [self._proc.stdin]
-        if not self._threads[0].is_alive():
+        if not self._threads[0].is_alive() and self._file is None:
             pipes.append(self._proc.stdout)
         if not self._threads[1].is_alive():
             pipes.append(self._proc.stderr)
@@ -512,7 +580,6 @@ class _Compressor:
                     f.close()
             except OSError:
                 pass
-        self._proc.wait()
 
 
 _MAX_OCTAL_11 = 8 ** 11

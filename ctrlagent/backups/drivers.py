@@ -30,6 +30,14 @@ def safe_component(name: str) -> str:
 class ArchiveWriter(Protocol):
     """An archive being written."""
 
+    @property
+    def file_fd(self) -> int | None:
+        """
+        The regular file (empty, open for reading and writing) the archive
+        is kept in, or None: the compressor may then write it there itself
+        rather than call ``write``.
+        """
+
     def write(self, data: bytes) -> None:
         """
         Append ``data``: a bytes-like object (often a view of a buffer the
@@ -71,8 +79,15 @@ class _LocalWriter:
         self.tmp = tmp
         self.final = final
         self.location = location
-        self.fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+        # Read and write: the archive's hash is read back behind the
+        # compressor that writes it (``write_archive``'s ``file_fd``).
+        self.fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+
+    @property
+    def file_fd(self) -> int | None:
+        """The temporary file, while it is open."""
+        return self.fd if self.fd >= 0 else None
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)

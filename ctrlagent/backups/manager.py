@@ -504,23 +504,33 @@ class BackupManager(service.Service):
         """Thread-side: measure, check the room, write the archive, commit it."""
         try:
             with Confined(root.path, root.uid, root.gid) as c:
-                usage, _ = trees.tree_usage(c.root_fd)
                 free = drv.free_bytes()
-                if free is not None and usage > free:
-                    raise InsufficientResources(
-                        "not enough room for the backup: it may need up to {} bytes and {} are "
-                        "free".format(usage, free))
-                rules = load_rules(c.root_fd, patterns)
-                progress = self._progress_from_thread(record, usage, "backup")
-                cancelled = lambda: self._stopping  # noqa: E731
                 backup_tree = getattr(drv, "backup_tree", None)
+                # The progress total: the tree's content bytes, from the
+                # measuring walk, or, for a directory snapshot with no room
+                # to check, from the driver's own planning walk (one walk
+                # of ours per backup, not two).
+                total = [0]
+                measured = free is not None or backup_tree is None
+                if measured:
+                    total[0], _ = trees.tree_usage(c.root_fd)
+                    if free is not None and total[0] > free:
+                        raise InsufficientResources(
+                            "not enough room for the backup: it may need up to {} bytes and {} "
+                            "are free".format(total[0], free))
+                rules = load_rules(c.root_fd, patterns)
+                progress = self._progress_from_thread(record, total, "backup")
+                cancelled = lambda: self._stopping  # noqa: E731
                 if backup_tree is not None:
                     # A store that snapshots a directory itself (restic:
                     # incremental); None when it cannot here.
                     done = backup_tree(record.server_id, record.id, root.path, c.root_fd,
-                                       rules, progress, cancelled)
+                                       rules, progress, cancelled,
+                                       planned=lambda n: total.__setitem__(0, n))
                     if done is not None:
                         return done  # type: ignore[no-any-return]
+                    if not measured:
+                        total[0], _ = trees.tree_usage(c.root_fd)
                 writer = drv.open_writer(record.server_id, record.id)
                 try:
                     stats = write_archive(
@@ -528,7 +538,7 @@ class BackupManager(service.Service):
                         level=self.config.compression_level if _compressed(drv) else None,
                         progress=progress,
                         progress_interval=self.config.progress_interval,
-                        cancelled=cancelled)
+                        cancelled=cancelled, file_fd=writer.file_fd)
                     location = writer.commit()
                 except BaseException:
                     writer.abort()
@@ -537,10 +547,17 @@ class BackupManager(service.Service):
         except OSError as e:
             raise os_error(e, "backup") from None
 
-    def _progress_from_thread(self, record: BackupRecord, total: int, operation: str) -> Any:
+    def _progress_from_thread(self, record: BackupRecord, total: int | list[int],
+                              operation: str) -> Any:
+        """
+        ``progress(done, files)`` for a thread, as events; ``total`` the
+        bytes of 100 %, or a one-item list holding them (read at each call:
+        a total known only once the work has begun).
+        """
         def progress(done: int, files: int) -> None:
-            percent = 100.0 if total <= 0 else min(100.0, round(done * 100.0 / total, 1))
-            event = BackupProgress(record.server_id, record.id, operation, done, files, total,
+            whole = total[0] if isinstance(total, list) else total
+            percent = 100.0 if whole <= 0 else min(100.0, round(done * 100.0 / whole, 1))
+            event = BackupProgress(record.server_id, record.id, operation, done, files, whole,
                                    percent)
             self.reactor.callFromThread(self._emit, event)  # type: ignore[union-attr]
         return progress
@@ -859,7 +876,8 @@ def build_drivers(config: cfg.BackupsConfig, state_dir: str) -> dict[str, Backup
 
         drivers["restic"] = ResticDriver(config.restic,
                                          cache_dir=os.path.join(state_dir, "restic-cache"),
-                                         source_dir=os.path.join(state_dir, "restic-source"))
+                                         source_dir=os.path.join(state_dir, "restic-source"),
+                                         progress_interval=config.progress_interval)
     return drivers
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import threading
@@ -48,6 +49,8 @@ TREE_PREFIX = "tree:"
 UNSHARE = "unshare"
 # Bytes of --exclude arguments beyond which a tar stream is made instead.
 MAX_EXCLUDE_ARGS = 512 * 1024
+# A name restic cannot be handed as an exclude pattern.
+_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 class ResticError(CtrlAgentError):
@@ -125,9 +128,13 @@ class ResticDriver:
     compressed = False  # restic compresses (and deduplicates) itself
 
     def __init__(self, config: ResticConfig, cache_dir: str | None = None,
-                 source_dir: str | None = None) -> None:
+                 source_dir: str | None = None, progress_interval: float = 1.0) -> None:
         self.config = config
         self.cache_dir = cache_dir
+        # restic's status lines per second: with --json it prints 60 (and
+        # we would parse and forward each), where the Panel gets one per
+        # ``progress_interval``.
+        self.progress_fps = max(0.01, min(60.0, 1.0 / max(progress_interval, 0.01)))
         # Where a server's private no-symlink view is mounted for restic
         # (one fixed path per server, so restic finds its parent snapshot);
         # None: tar streams only.
@@ -145,6 +152,7 @@ class ResticDriver:
             env["RESTIC_PASSWORD"] = self.config.password
         if self.cache_dir is not None:
             env["RESTIC_CACHE_DIR"] = self.cache_dir
+        env["RESTIC_PROGRESS_FPS"] = "{:g}".format(self.progress_fps)
         return env
 
     def _popen(self, args: list[str], stdin: int | None = None) -> subprocess.Popen[bytes]:
@@ -225,14 +233,18 @@ class ResticDriver:
 
     def backup_tree(self, server_id: str, backup_id: str, root_path: str, root_fd: int,
                     rules: IgnoreRules, progress: Progress | None = None,
-                    cancelled: Callable[[], bool] | None = None
+                    cancelled: Callable[[], bool] | None = None,
+                    planned: Callable[[int], None] | None = None
                     ) -> tuple[ArchiveStats, str] | None:
         """
         Back the directory up as a restic directory snapshot: incremental
         (restic reads only files whose size, mtime or inode changed since
         the parent snapshot of the same path).  None when it cannot be done
         here (no mount namespace, an excluded name restic cannot be told):
-        the caller then streams a tar as before.
+        the caller then streams a tar as before.  ``planned(bytes)`` is told
+        the content the snapshot will hold (from the planning walk, so the
+        caller needs no walk of its own for its progress total) before
+        restic starts.
         """
         if not self.tree_available():
             return None
@@ -241,6 +253,8 @@ class ResticDriver:
         if plan is None:
             return None
         stats, excluded = plan
+        if planned is not None:
+            planned(stats.bytes)
         target = os.path.join(self.source_dir, safe_component(server_id))
         os.makedirs(target, 0o700, exist_ok=True)
         excludes: list[str] = []
@@ -297,6 +311,8 @@ class ResticDriver:
         added = summary.get("data_added")
         stats.size = added if isinstance(added, int) and added >= 0 else 0
         stats.checksum = ""
+        if progress is not None:
+            progress(stats.bytes, stats.files)  # a final one always, as write_archive
         return stats, "{}{}:{}".format(TREE_PREFIX, snapshot, target)
 
     def tree_strip(self, location: str) -> tuple[str, ...] | None:
@@ -386,9 +402,11 @@ def plan_tree(root_fd: int, rules: IgnoreRules) -> tuple[ArchiveStats, list[str]
     walk = trees.Walk(root_fd, max_depth=MAX_BACKUP_DEPTH, sort=False, hide=WORK_PREFIXES)
     try:
         for e in walk:
-            rel = "/".join(e.rel)
-            if any(ord(ch) < 32 for ch in rel):
+            # Only the entry's own name: its directories' names were
+            # checked when they were met.
+            if _CONTROL.search(e.name):
                 return None
+            rel = "/".join(e.rel)
             try:
                 st = e.lstat()
             except OSError:
@@ -429,6 +447,8 @@ def _check_snapshot(location: str) -> None:
 
 class _ResticUpload:
     """``restic backup --stdin`` running: write feeds it, commit waits for its snapshot."""
+
+    file_fd = None  # a pipe to restic: written through ``write``
 
     def __init__(self, driver: ResticDriver, proc: subprocess.Popen[bytes]) -> None:
         self.driver = driver

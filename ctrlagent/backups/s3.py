@@ -78,6 +78,8 @@ def _describe(e: Exception) -> str:
 class _Upload:
     """One archive on its way up (see the module docstring)."""
 
+    file_fd = None  # parts go up from memory: written through ``write``
+
     def __init__(self, driver: S3Driver, key: str) -> None:
         self.driver = driver
         self.client = driver.client

@@ -8,6 +8,7 @@ Usage: python -m tests.backups.killed_agent <base directory>
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.python.threadpool import ThreadPool
 
+from ctrlagent.backups import archive
 from ctrlagent.backups.config import parse_backups_config
 from ctrlagent.backups.drivers import LocalDriver
 from ctrlagent.backups.manager import BackupManager
@@ -25,21 +27,37 @@ from ctrlagent.work import Tracker
 
 
 class SlowDriver(LocalDriver):
-    """Writes slowly, and says when the first bytes are on disk."""
+    """
+    Writes slowly, and says when the first bytes are on disk: through the
+    writer's ``write``, or, where the zstd program writes the partial file
+    itself (the local driver's way), by feeding zstd slowly.
+    """
 
     def open_writer(self, server_id: str, backup_id: str) -> Any:
         writer = super().open_writer(server_id, backup_id)
         inner = writer.write
         said = []
 
-        def write(data: bytes) -> None:
-            inner(data)
-            if not said:
+        def slow_down() -> None:
+            if not said and os.fstat(writer.fd).st_size > 0:
                 said.append(1)
                 print("writing", flush=True)
-            time.sleep(0.05)
+            time.sleep(0.05 if not said else 0.5)
+
+        def write(data: bytes) -> None:
+            inner(data)
+            slow_down()
+
+        def feed(method: Any) -> Any:
+            def slowly(*args: Any) -> Any:
+                result = method(*args)
+                slow_down()
+                return result
+            return slowly
 
         writer.write = write  # type: ignore[method-assign]
+        archive._Compressor.write = feed(archive._Compressor.write)  # type: ignore[method-assign]
+        archive._Compressor.splice = feed(archive._Compressor.splice)  # type: ignore[method-assign]
         return writer
 
 

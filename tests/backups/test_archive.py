@@ -12,6 +12,7 @@ import io
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -605,3 +606,96 @@ def test_a_large_file_shrinking_while_spliced_is_padded_to_its_size(
     assert stats.changed == 1 and "region" in stats.notes[0]
     restore_bytes(layout.root, data, stats)
     assert (layout.root / "region").read_bytes() == b"r" * 1000 + bytes(size - 1000)
+
+
+# -- the local driver's file, written by zstd itself ---------------------------
+
+
+def _archive_to_local(root: Path, directory: Path, write: Any = None
+                      ) -> tuple[archive.ArchiveStats, Path]:
+    """Archive ``root`` as the manager does for the local driver; (stats, the archive)."""
+    from ctrlagent.backups.drivers import LocalDriver
+
+    writer = LocalDriver(str(directory)).open_writer("srv1", "b1")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        stats = write_archive(fd, write or writer.write, load_rules(fd, []),
+                              file_fd=writer.file_fd)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        os.close(fd)
+    return stats, directory / writer.commit()
+
+
+def test_the_local_archive_is_written_by_zstd_and_hashed_behind_it(
+        layout: Layout, tmp_path: Path) -> None:
+    populate(layout.root)
+    (layout.root / "big").write_bytes(os.urandom(6 * 1024 * 1024))
+    before = tree(layout.root)
+    through_agent: list[int] = []
+    stats, path = _archive_to_local(layout.root, tmp_path / "archives",
+                                    write=lambda data: through_agent.append(len(data)))
+    data = path.read_bytes()
+    # Not one byte of the compressed stream passed through the agent's write.
+    assert through_agent == []
+    assert stats.size == len(data) and stats.checksum == hashlib.sha256(data).hexdigest()
+    restore_bytes(layout.root, data, stats)
+    assert tree(layout.root) == before
+
+
+def test_a_local_archive_trickling_out_of_zstd_is_hashed_whole(
+        layout: Layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A zstd that writes its output in small pieces with pauses longer than
+    # the hasher's wait: it catches up, waits, reads on, and reads the
+    # last pieces after the child's end.
+    (layout.root / "big").write_bytes(os.urandom(2 * 1024 * 1024))
+    fake = tmp_path / "bin" / "zstd"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!{}\nimport subprocess, sys, time\n"
+        "out = subprocess.run(['zstd'] + sys.argv[1:], stdin=sys.stdin,\n"
+        "                     capture_output=True, check=True).stdout\n"
+        "for i in range(0, len(out), 300 * 1024):\n"
+        "    sys.stdout.buffer.write(out[i:i + 300 * 1024])\n"
+        "    sys.stdout.buffer.flush()\n"
+        "    time.sleep(3 * {})\n".format(sys.executable, archive.FOLLOW_POLL))
+    fake.chmod(0o755)
+    monkeypatch.setattr(archive, "ZSTD_PROGRAM", str(fake))
+    stats, path = _archive_to_local(layout.root, tmp_path / "archives")
+    data = path.read_bytes()
+    assert len(data) > 6 * 300 * 1024
+    assert stats.size == len(data) and stats.checksum == hashlib.sha256(data).hexdigest()
+
+
+def test_without_the_zstd_program_the_local_archive_goes_through_the_driver(
+        layout: Layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    populate(layout.root)
+    before = tree(layout.root)
+    monkeypatch.setattr(archive, "ZSTD_PROGRAM", "no-such-zstd-program")
+    stats, path = _archive_to_local(layout.root, tmp_path / "archives")
+    data = path.read_bytes()
+    assert stats.size == len(data) and stats.checksum == hashlib.sha256(data).hexdigest()
+    restore_bytes(layout.root, data, stats)
+    assert tree(layout.root) == before
+
+
+def test_a_full_disk_under_zstd_is_insufficient_resources_and_leaves_nothing(
+        layout: Layout, tmp_path: Path) -> None:
+    from ctrlagent.errors import InsufficientResources
+
+    disk = tmp_path / "archives"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (layout.root / "noise").write_bytes(os.urandom(3 * 1024 * 1024))
+        with pytest.raises(InsufficientResources, match="No space left on device"):
+            _archive_to_local(layout.root, disk)
+        assert os.listdir(disk / "srv1") == []
+        assert _children_named("zstd") == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

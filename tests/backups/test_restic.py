@@ -224,3 +224,71 @@ def test_restic_sees_the_server_directory_through_a_view_that_follows_no_link(
     assert "Read-only file system" in done.stderr
     assert not (source / "new").exists()
     assert os.listdir(target) == []  # the view ended with the child
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_later_directory_snapshot_costs_one_restic_process_and_one_walk_of_ours(
+        rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrlagent.backups.events import BackupProgress
+    from ctrlagent.files import trees
+
+    populate(rig.root())
+    driver = tree_driver(tmp_path)
+    started: list[tuple[list[str], dict[str, str]]] = []
+    real = subprocess.Popen
+
+    def recording(args: list[str], **kw: Any) -> Any:
+        started.append((list(args), dict(kw.get("env") or {})))
+        return real(args, **kw)
+
+    walks: list[int] = []
+
+    class CountedWalk(trees.Walk):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            walks.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    monkeypatch.setattr(trees, "Walk", CountedWalk)
+    m = rig.manager({"restic": driver})
+    m.startService()
+    await m.ready
+    first = await m.finished((await m.create_backup("srv1", driver="restic"))["backupId"])
+    assert first.status == "completed", first.error
+    started.clear()
+    walks.clear()
+    rig.events.clear()
+    (rig.root() / "server.properties").write_text("changed")
+    second = await m.finished((await m.create_backup("srv1", driver="restic"))["backupId"])
+    assert second.status == "completed", second.error
+    # The repository was opened (the key derived) once, by the first backup;
+    # each later one is one restic process (each pays restic's key
+    # derivation), and one walk of ours (the plan), not a measuring walk too.
+    restics = [(args, env) for args, env in started if "restic" in args]
+    assert len(restics) == 1 and "backup" in restics[0][0]
+    assert len(walks) == 1
+    # restic prints a status line a second (progress_interval), not 60.
+    assert restics[0][1]["RESTIC_PROGRESS_FPS"] == "1"
+    # The progress total is the plan's: the last event says 100 % of it.
+    progress = [e for e in rig.events if isinstance(e, BackupProgress)]
+    assert {e.total_bytes for e in progress} == {second.bytes} and second.bytes > 0
+    assert progress[-1].percent == 100.0
+
+
+@pytest.mark.parametrize("where", ["top\x01name", "d/inner\nname", "d/e\x1f/f"])
+def test_a_name_with_a_control_character_anywhere_falls_back_to_the_tar_stream(
+        tmp_path: Path, where: str) -> None:
+    from ctrlagent.backups.ignore import IgnoreRules
+    from ctrlagent.backups.restic import plan_tree
+
+    root = tmp_path / "srv"
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "d" / "e" / "plain").write_text("x")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert plan_tree(fd, IgnoreRules([])) is not None
+        (root / where).parent.mkdir(parents=True, exist_ok=True)
+        (root / where).write_text("x")
+        assert plan_tree(fd, IgnoreRules([])) is None
+    finally:
+        os.close(fd)
