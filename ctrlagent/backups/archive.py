@@ -710,8 +710,10 @@ def _add_link(tar: _TarWriter, e: trees.Entry, rel: str, st: os.stat_result,
 def _add_file(tar: _TarWriter, e: trees.Entry, rel: str, stats: ArchiveStats,
               advance: Callable[[int], None]) -> bool:
     try:
-        fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=e.dir_fd)
+        # Never blocking on a FIFO, never a controlling terminal, whatever
+        # the game swapped in since the listing (checked by fstat below).
+        fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC, dir_fd=e.dir_fd)
     except OSError:
         # Gone, swapped for a link (ELOOP) or unreadable since the listing.
         stats.skipped += 1

@@ -63,8 +63,8 @@ def read_ignore_file(root_fd: int) -> list[str]:
     missing, not a regular file, or a link (never followed).
     """
     try:
-        fd = os.open(IGNORE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=root_fd)
+        fd = os.open(IGNORE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC, dir_fd=root_fd)
     except OSError:
         return []
     try:
