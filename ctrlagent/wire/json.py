@@ -49,13 +49,21 @@ from ctrlagent.wire.command import UnrepresentableNumber, printable, unusable_te
 # --- results as JSON values -----------------------------------------------------------------
 
 
+# Values of exactly these types are JSON as they are: a walk passes them on
+# without the dispatch (no record type is one of them).
+_LEAVES = frozenset((str, int, float, bool, type(None)))
+
+
 @functools.singledispatch
 def to_json(value: Any) -> Any:
     """``value`` as plain JSON values (dicts, lists, strings, numbers, booleans, null)."""
-    if isinstance(value, Mapping):
-        return {str(key): to_json(item) for key, item in value.items()}
+    if type(value) is dict or isinstance(value, Mapping):
+        return {
+            str(key): item if type(item) in _LEAVES else to_json(item)
+            for key, item in value.items()
+        }
     if isinstance(value, list | tuple):
-        return [to_json(item) for item in value]
+        return [item if type(item) in _LEAVES else to_json(item) for item in value]
     return value
 
 
@@ -265,7 +273,9 @@ def decode_body(raw: bytes) -> Any:
     except (ValueError, RecursionError, MemoryError) as e:
         # ValueError covers JSONDecodeError and integers past the digit limit.
         raise ParseError("request body is not valid JSON: {}".format(_short(e))) from None
-    _check_strings(value)
+    if b"\\u" in raw:
+        # Strict UTF-8 holds no surrogate: only a \u escape makes one.
+        _check_strings(value)
     return value
 
 
