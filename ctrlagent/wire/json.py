@@ -49,21 +49,30 @@ from ctrlagent.wire.command import UnrepresentableNumber, printable, unusable_te
 # --- results as JSON values -----------------------------------------------------------------
 
 
-# Values of exactly these types are JSON as they are: a walk passes them on
-# without the dispatch (no record type is one of them).
+# Values of exactly these types are JSON as they are, and plain dicts, lists
+# and tuples are walked: ``_walk`` takes them without the dispatch (no record
+# type is one of them; a subclass still goes through ``to_json``).
 _LEAVES = frozenset((str, int, float, bool, type(None)))
+
+
+def _walk(value: Any) -> Any:
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
+    if kind is dict:
+        return {str(key): _walk(item) for key, item in value.items()}
+    if kind is list or kind is tuple:
+        return [_walk(item) for item in value]
+    return to_json(value)
 
 
 @functools.singledispatch
 def to_json(value: Any) -> Any:
     """``value`` as plain JSON values (dicts, lists, strings, numbers, booleans, null)."""
-    if type(value) is dict or isinstance(value, Mapping):
-        return {
-            str(key): item if type(item) in _LEAVES else to_json(item)
-            for key, item in value.items()
-        }
+    if isinstance(value, Mapping):
+        return {str(key): _walk(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [item if type(item) in _LEAVES else to_json(item) for item in value]
+        return [_walk(item) for item in value]
     return value
 
 
