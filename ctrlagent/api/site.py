@@ -128,6 +128,20 @@ class _DateHeader:
 _date_header = _DateHeader()
 
 
+# The state of Twisted's HTTP parser that says whether it is between requests
+# (private to Twisted: a release without it leaves the plain path off).
+_PARSER_STATE = (
+    "_HTTPChannel__first_line",
+    "_HTTPChannel__header",
+    "_buffer",
+    "_busyReceiving",
+    "_waitingForTransport",
+    "line_mode",
+    "persistent",
+)
+PLAIN_PATH_FITS = all(hasattr(http.HTTPChannel, name) for name in _PARSER_STATE)
+
+
 class PlainCommand(NamedTuple):
     """A whole, plain ``POST /api/command`` at the start of some received bytes."""
 
@@ -486,7 +500,7 @@ class GuardedChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         self.bytes_read += len(data)
         handler = getattr(self.site, "plain_command", None)
-        if handler is not None:
+        if handler is not None and PLAIN_PATH_FITS:
             data = self._answer_plain(handler, data)
             if not data:
                 return
@@ -507,13 +521,13 @@ class GuardedChannel(http.HTTPChannel):
         """
         return (
             not self.requests
-            and not self._handlingRequest
+            and not getattr(self, "_handlingRequest", True)
             and self.line_mode == 1
             and not self._buffer
             and not self._busyReceiving
             and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
             and not self._HTTPChannel__header  # type: ignore[attr-defined]
-            and self._transferDecoder is None
+            and getattr(self, "_transferDecoder", True) is None
             and bool(self.persistent)
             and not self._waitingForTransport
             and not self._closing

@@ -36,7 +36,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from ctrlagent.api import GuardedChannel, GuardedSite, make_http_service
-from ctrlagent.api.site import HttpService, plain_command
+from ctrlagent.api.site import PLAIN_PATH_FITS, HttpService, plain_command
 from ctrlagent.wire.command import Command
 from tests.api.conftest import SECRET, ApiRig
 
@@ -593,3 +593,8 @@ def test_whatever_the_plain_parser_accepts_twisted_reads_alike(data: bytes) -> N
         }
     ]
     assert 0 < len(command.body) <= 64
+
+
+def test_this_twisted_has_the_parser_state_the_plain_path_reads() -> None:
+    # Without it the path stays off (and every answer comes from Twisted).
+    assert PLAIN_PATH_FITS
