@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from hypothesis import given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -598,3 +598,71 @@ def test_whatever_the_plain_parser_accepts_twisted_reads_alike(data: bytes) -> N
 def test_this_twisted_has_the_parser_state_the_plain_path_reads() -> None:
     # Without it the path stays off (and every answer comes from Twisted).
     assert PLAIN_PATH_FITS
+
+
+# -- any bytes: the plain listener writes what Twisted writes ------------------------
+
+
+_BODIES = st.sampled_from(
+    [
+        *[json.dumps(STATUS).encode(), json.dumps(METRICS).encode()] * 3,
+        json.dumps({"action": "get_server_status", "serverId": "nope"}).encode(),
+        json.dumps({"action": "no_such_action"}).encode(),
+        b"{not json",
+        b"[1, 2]",
+        b'{"action": "get_server_status", "serverId": "\\ud800"}',
+        b"",
+    ]
+)
+
+
+@st.composite
+def _command_bytes(draw: Any) -> bytes:
+    body = draw(_BODIES)
+    # Mostly plain requests, so that both paths are well exercised.
+    version = "HTTP/1.0" if draw(st.integers(0, 9)) == 0 else "HTTP/1.1"
+    lines = ["POST /api/command " + version]
+    headers = [
+        ("Host", "127.0.0.1"),
+        ("Authorization", "Bearer " + (SECRET if draw(st.integers(0, 5)) else "wrong")),
+        ("Content-Length", str(len(body))),
+    ]
+    if draw(st.integers(0, 3)) == 0:
+        headers.append((draw(_NAMES), draw(_VALUES)))
+    if draw(st.booleans()):
+        headers.append(("Accept", "application/json"))
+    headers = draw(st.permutations(headers))
+    for name, value in headers:
+        spelled = draw(st.sampled_from([name, name.lower(), name.upper()]))
+        space = draw(st.sampled_from(["", " ", "\t "]))
+        lines.append("{}:{}{}".format(spelled, space, value))
+    raw = "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n\r\n" + body
+    return raw
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(_command_bytes(), min_size=1, max_size=3),
+    st.one_of(st.just([]), st.lists(st.integers(1, 400), max_size=3)),
+)
+def test_for_any_requests_the_plain_listener_writes_what_twisted_writes(
+    requests: list[bytes], cuts: list[int]
+) -> None:
+    data = b"".join(requests)
+    written = []
+    for plain in (True, False):
+        rig = _rig()
+        site, channel, out = _channel(rig, Clock())
+        if not plain:
+            site.plain_command = None
+        start = 0
+        for cut in sorted(set(cuts)) + [len(data)]:
+            if cut > start:
+                if not out.disconnecting:
+                    channel.dataReceived(data[start:cut])
+                start = cut
+        written.append(_without_date(out.value()))
+        assert site.plain_answers <= len(requests)
+        if plain:
+            event("plain answers: {}".format(site.plain_answers))
+    assert written[0] == written[1]
