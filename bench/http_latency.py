@@ -137,6 +137,7 @@ async def measure(
     assert agent.process is not None
     cpu_before = cpu_seconds(agent.process.pid)
     client_before = time.process_time()
+    wall_started = time.time()
     started = time.perf_counter()
     await asyncio.gather(*(run(i, c) for i, c in enumerate(conns)))
     elapsed = time.perf_counter() - started
@@ -158,6 +159,8 @@ async def measure(
         "per_s": len(ms) / elapsed,
         "cpu_ms_per_request": cpu_ms / len(ms),
         "client_cpu_ms_per_request": client_ms / len(ms),
+        # Wall-clock bounds of the run, to line it up with the agent's log.
+        "window": [wall_started, wall_started + elapsed],
     }
 
 
