@@ -255,7 +255,8 @@ class AgentApi:
             assert isinstance(work, Deferred)
         except Exception:
             return _Dispatched(self, command, started, fail())
-        if not work.called:
+        if not work.called or work.paused:
+            # Not answered yet (or waiting for an inner Deferred): the route's.
             return _Dispatched(self, command, started, work)
         outcome: list[Any] = []
         work.addBoth(outcome.append)

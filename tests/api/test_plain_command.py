@@ -37,7 +37,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ctrlagent.api import GuardedChannel, GuardedSite, make_http_service
 from ctrlagent.api.site import PLAIN_PATH_FITS, HttpService, plain_command
-from ctrlagent.wire.command import Command
+from ctrlagent.wire.command import ActionResult, Command
 from tests.api.conftest import SECRET, ApiRig
 
 LIMIT = 16 * 1024
@@ -666,3 +666,28 @@ def test_for_any_requests_the_plain_listener_writes_what_twisted_writes(
         if plain:
             event("plain answers: {}".format(site.plain_answers))
     assert written[0] == written[1]
+
+
+def test_an_answer_still_waiting_on_an_inner_deferred_goes_to_the_route(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = _rig()
+    site, channel, out = _channel(rig, Clock())
+    inner: Deferred[ActionResult] = Deferred()
+
+    def dispatch(command: Command) -> Deferred[ActionResult]:
+        # Called, but paused on ``inner``: not an answer yet.
+        outer: Deferred[Any] = Deferred()
+        outer.callback(None)
+        outer.addCallback(lambda _: inner)
+        return outer
+
+    monkeypatch.setattr(rig.dispatcher, "dispatch", dispatch)
+    channel.dataReceived(_post(STATUS))
+    assert out.value() == b""
+    assert site.plain_answers == 0
+    inner.callback(ActionResult({"serverId": "s1"}, None))
+    assert json.loads(out.value().split(b"\r\n\r\n", 1)[1]) == {
+        "success": True,
+        "data": {"serverId": "s1"},
+    }
