@@ -20,10 +20,11 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
@@ -149,7 +150,12 @@ class AgentApi:
         self._docker_state: tuple[float, bool] | None = None
         self._docker_waiters: list[Deferred[bool]] | None = None
         self._secret = config.secret.encode("utf-8")
-        self._cors_origin = config.http.cors_origin.encode()
+        self._body_limit = config.http.max_body_bytes
+        self._cors_headers = (
+            (b"Access-Control-Allow-Origin", config.http.cors_origin.encode()),
+            *_CORS_HEADERS,
+        )
+        self._plain_head = self._plain_response_head()
         # Commands still running (this API's share of the agent's work), so
         # that shutdown can let them finish.
         self._tracker = tracker if tracker is not None else Tracker("http")
@@ -219,24 +225,85 @@ class AgentApi:
             request.write(body)
         request.finish()  # type: ignore[attr-defined]
 
+    def answer_plain_command(
+        self, authorization: bytes | None, api_key: bytes | None, body: bytes
+    ) -> bytes | _Dispatched | None:
+        """
+        ``POST /api/command`` as the listener's plain-command path asks it
+        (``api/site.py``), without a ``Request``: the response after its Date
+        line when the command succeeded at once (a status or metrics read),
+        recorded in the metrics as the route records it; the dispatched work
+        (a ``Handover``) when it did not, which the route then answers as
+        usual from its own ``Request``; or None, having done nothing, for
+        whatever the route answers without a dispatch (a wrong secret, a
+        body that does not parse): the route answers it.
+
+        The route stays the reference for every answer but a success at
+        once: nothing here writes an error, and no command is ever
+        dispatched twice.
+        """
+        if len(body) > self._body_limit or not self.offers_secret(authorization, api_key):
+            return None
+        try:
+            command = parse_command(decode_body(body))
+        except Exception:
+            # A 400, a coded failure, or a logged 500: the route's to answer.
+            return None
+        started = self._clock.seconds()
+        try:
+            work = self._dispatcher.dispatch(command)
+            assert isinstance(work, Deferred)
+        except Exception:
+            return _Dispatched(self, command, started, fail())
+        if not work.called or work.paused:
+            # Not answered yet (or waiting for an inner Deferred): the route's.
+            return _Dispatched(self, command, started, work)
+        outcome: list[Any] = []
+        work.addBoth(outcome.append)
+        result = outcome[0]
+        if isinstance(result, Failure):
+            # Failures are the route's to answer and log, as ever.
+            return _Dispatched(self, command, started, fail(result))
+        try:
+            answer = encode(envelopes.success(result))
+        except Exception:
+            # A result that cannot be written: the route logs it and answers 500.
+            return _Dispatched(self, command, started, succeed(result))
+        self._observe(command.action, started, True)
+        return self._plain_head + b"%d\r\n\r\n" % len(answer) + answer
+
+    def _unclaimed(self, handed: _Dispatched) -> None:
+        """A command the plain path started that no request took over (a bug)."""
+        what = "{} left without its request".format(printable(handed.command.action))
+        self.log.error("{what}", what=what)
+        self._deadlines.tracker.track(handed.work, what)
+
     # -- helpers -----------------------------------------------------------
 
     @staticmethod
     def _json(request: IRequest, body: Any) -> bytes:
-        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
+        for name, value in _JSON_HEADERS:
+            request.setHeader(name, value)
         data = encode(body)
         # A known length spares the client chunked framing.
         request.setHeader(b"Content-Length", b"%d" % len(data))
         return data
 
     def _cors(self, request: IRequest) -> None:
-        request.setHeader(b"Access-Control-Allow-Origin", self._cors_origin)
-        request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, PUT, DELETE, OPTIONS")
-        request.setHeader(
-            b"Access-Control-Allow-Headers", b"Content-Type, Authorization, X-API-Key"
-        )
-        request.setHeader(b"Access-Control-Max-Age", b"600")
+        for name, value in self._cors_headers:
+            request.setHeader(name, value)
+
+    def _plain_response_head(self) -> bytes:
+        """
+        The headers of a command's JSON answer as Twisted writes them after
+        its Date line (``_cors`` then ``_json``), up to the Content-Length
+        value: the plain-command path's answers are byte for byte the route's.
+        """
+        headers = Headers()
+        for name, value in (*self._cors_headers, *_JSON_HEADERS, (b"Content-Length", b"")):
+            headers.setRawHeaders(name, [value])
+        lines = [name + b": " + values[0] for name, values in headers.getAllRawHeaders()]
+        return b"\r\n".join(lines)
 
     def authorized(self, request: IRequest) -> bool:
         """
@@ -244,16 +311,23 @@ class AgentApi:
         Bearer`` or ``X-API-Key``).  The listener also asks this at the
         headers, before it reads any body.
         """
+        return self.offers_secret(
+            request.getHeader(b"authorization"), request.getHeader(b"x-api-key")
+        )
+
+    def offers_secret(self, auth: bytes | None, key: bytes | None) -> bool:
+        """
+        Whether an ``Authorization`` value (``Bearer <secret>``) or an
+        ``X-API-Key`` value is the node's secret, compared in constant time.
+        """
         if not self._secret:
             # validate() only allows an empty secret in development mode.
             return bool(self._config.development)
         offered: list[bytes] = []
-        auth = request.getHeader(b"authorization")
         if auth:
             scheme, _, token = auth.strip().partition(b" ")
             if scheme.lower() == b"bearer":
                 offered.append(token.strip())
-        key = request.getHeader(b"x-api-key")
         if key:
             offered.append(key.strip())
         # Compare every candidate so that timing does not reveal which one was checked.
@@ -278,15 +352,16 @@ class AgentApi:
         # Every way a body can fail to decode is a ParseError (400), never a 500.
         return decode_body(raw)
 
-    async def _run(self, command: Command) -> ActionResult:
+    async def _run(self, command: Command, handed: _Dispatched | None = None) -> ActionResult:
         """
-        Dispatch ``command`` shielded from the client going away: a Panel that
-        times out must not cancel a half-done create or stop.
+        Dispatch ``command`` (or take the work the plain-command path
+        ``handed`` over, already dispatched) shielded from the client going
+        away: a Panel that times out must not cancel a half-done create or stop.
         """
-        started = self._clock.seconds()
+        started = self._clock.seconds() if handed is None else handed.started
         ok = False
         try:
-            work = self._dispatcher.dispatch(command)
+            work = self._dispatcher.dispatch(command) if handed is None else handed.work
             assert isinstance(work, Deferred)
             if work.called:
                 # Answered at once (a status read): nothing is left to shield
@@ -471,21 +546,28 @@ class AgentApi:
     @authenticated
     async def command(self, request: IRequest) -> bytes:
         """Run one command; a failed command is still HTTP 200 (see module docstring)."""
+        handed = getattr(request, "handover", None)
+        if isinstance(handed, _Dispatched) and not handed.claimed:
+            # Parsed and dispatched on the plain-command path already.
+            handed.claimed = True
+            command = handed.command
+        else:
+            handed = None
+            try:
+                command = parse_command(self._read_body(request))
+            except _TooLarge as e:
+                self._observe(None, self._clock.seconds(), False)
+                request.setResponseCode(413)
+                return self._json(request, envelopes.too_large(e.limit))
+            except ParseError as e:
+                self._observe(None, self._clock.seconds(), False)
+                request.setResponseCode(400)
+                return self._json(request, envelopes.failure(e))
+            except CtrlAgentError as e:
+                self._observe(None, self._clock.seconds(), False)
+                return self._json(request, envelopes.failure(e))
         try:
-            command = parse_command(self._read_body(request))
-        except _TooLarge as e:
-            self._observe(None, self._clock.seconds(), False)
-            request.setResponseCode(413)
-            return self._json(request, envelopes.too_large(e.limit))
-        except ParseError as e:
-            self._observe(None, self._clock.seconds(), False)
-            request.setResponseCode(400)
-            return self._json(request, envelopes.failure(e))
-        except CtrlAgentError as e:
-            self._observe(None, self._clock.seconds(), False)
-            return self._json(request, envelopes.failure(e))
-        try:
-            result = await self._run(command)
+            result = await self._run(command, handed)
         except CtrlAgentError as e:
             self.log.debug(
                 "command {action} failed: {code} {message}",
@@ -648,6 +730,42 @@ class AgentApi:
         self.log.failure("unexpected error serving {path}", failure, path=request.path)
         request.setResponseCode(500)
         return self._json(request, envelopes.internal_error())
+
+
+# The headers ``AgentApi._cors`` sets after the configured origin, and those
+# of every JSON answer (``_json``, which adds the Content-Length).
+_CORS_HEADERS = (
+    (b"Access-Control-Allow-Methods", b"GET, POST, PUT, DELETE, OPTIONS"),
+    (b"Access-Control-Allow-Headers", b"Content-Type, Authorization, X-API-Key"),
+    (b"Access-Control-Max-Age", b"600"),
+)
+_JSON_HEADERS = (
+    (b"Content-Type", b"application/json; charset=utf-8"),
+    (b"Cache-Control", b"no-store"),
+)
+
+
+class _Dispatched:
+    """
+    A command the plain-command path parsed and dispatched without answering
+    it at once (``api/site.py``'s ``Handover``): the route's request for the
+    same bytes takes it (``claimed``) and answers it from ``work``, with the
+    shielding, tracking and deadline of any command.
+    """
+
+    claimed = False
+
+    def __init__(
+        self, api: AgentApi, command: Command, started: float, work: Deferred[ActionResult]
+    ) -> None:
+        self._api = api
+        self.command = command
+        self.started = started
+        self.work = work
+
+    def unclaimed(self) -> None:
+        """No request took the work: keep it tracked, and log the bug."""
+        self._api._unclaimed(self)
 
 
 # ``panelLink`` of an agent without a WebSocket link to the Panel.

@@ -34,14 +34,32 @@ never reaches a resource.  ``make_http_service`` binds the site to whatever
 ``ssl:8443:certKey=..``, ``unix:/run/x``), and a port it cannot bind is raised
 from ``privilegedStartService`` so that the agent exits instead of running
 without its API.
+
+**The plain command.**  Nearly every request a node gets is the Panel's
+``POST /api/command``, and Twisted's parser, ``Request`` and header objects
+cost more CPU than the command itself.  When a connection is idle and one
+``dataReceived`` holds such a request whole and plain (see
+``plain_command``), the channel hands its credentials and body to the site's
+``plain_command`` handler (``AgentApi.answer_plain_command``) without making
+a ``Request``.  The handler either answers at once (a status or metrics read:
+the channel writes the whole response in one write, with the very headers
+Twisted would), or declines before doing anything (Twisted then answers the
+same bytes as usual), or has started a command that is not answered at once:
+the bytes then go through Twisted's parser all the same, and the request it
+makes carries the started command (``GuardedRequest.handover``) so that it is
+never dispatched twice.  Every guard above holds on this path too: the
+secret is checked first, the body is within ``max_body_bytes`` and already
+read, the header deadline and idle timeout are reset as for any request.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import resource as rlimit
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import unquote_to_bytes
 
 from twisted.application.internet import StreamServerEndpointService
@@ -65,6 +83,151 @@ HEADER_READ_BYTES = 4096
 # Descriptors kept for everything but API connections (Docker streams, the
 # store, files being served), when the process limit is lower than wanted.
 _RESERVED_DESCRIPTORS = 256
+
+
+# The one request line the plain-command path reads; anything else is Twisted's.
+_COMMAND_LINE = b"POST /api/command HTTP/1.1\r\n"
+# A plain command's head is small (the Panel sends about 300 bytes); a larger
+# one, or one with many lines, goes to Twisted, whose own limits then apply.
+_PLAIN_HEAD_BYTES = 8192
+_PLAIN_HEADER_LINES = 64
+# Header lines whose names are RFC 9110 tokens (what Twisted's ``_istoken``
+# accepts) and whose values hold no CR, LF or NUL: no obs-fold, no bare line
+# ends, no space before the colon.
+_PLAIN_HEAD = re.compile(
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*\r\n)*"
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*"
+)
+# Headers that change how a request is read or answered: Twisted's business.
+_NOT_PLAIN = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
+# Longer Content-Length digits are refused by every limit long before.
+_LENGTH_DIGITS = 12
+
+
+# The start of a plain command's answer, as Twisted writes its status line and
+# Server header (read once: ``twisted.web.server`` is a deprecation proxy
+# whose every attribute read costs).
+_PLAIN_OK = b"HTTP/1.1 200 OK\r\nServer: " + server.version + b"\r\nDate: "
+_http_date = http.datetimeToString
+
+
+class _DateHeader:
+    """The value of the Date header now, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._second, self._value = second, _http_date(second)
+        return self._value
+
+
+_date_header = _DateHeader()
+
+
+# The state of Twisted's HTTP parser that says whether it is between requests
+# (private to Twisted: a release without it leaves the plain path off).
+_PARSER_STATE = (
+    "_HTTPChannel__first_line",
+    "_HTTPChannel__header",
+    "_buffer",
+    "_busyReceiving",
+    "_waitingForTransport",
+    "line_mode",
+    "persistent",
+)
+PLAIN_PATH_FITS = all(hasattr(http.HTTPChannel, name) for name in _PARSER_STATE)
+
+
+class PlainCommand(NamedTuple):
+    """A whole, plain ``POST /api/command`` at the start of some received bytes."""
+
+    #: The last ``Authorization`` value, stripped as Twisted strips it (None: absent).
+    authorization: bytes | None
+    #: The ``X-API-Key`` value (None: absent).
+    api_key: bytes | None
+    body: bytes
+    #: Where the request ends in the bytes (the next request starts there).
+    end: int
+
+
+def plain_command(data: bytes, max_body_bytes: int) -> PlainCommand | None:
+    """
+    The ``POST /api/command`` that ``data`` starts with, when it is there
+    whole and plain; else None (Twisted's parser then reads ``data``).
+
+    Plain means: exactly that request line; at most a few KiB of well-formed
+    header lines (token names, no obs-fold, no bare CR or LF, no NUL), each
+    name at most once; no ``Transfer-Encoding``, ``Expect`` or ``Upgrade``;
+    ``Connection`` absent or ``keep-alive``; a ``Host`` that is UTF-8; one
+    decimal ``Content-Length`` from 1 to ``max_body_bytes``, and that many
+    body bytes present.  Whatever Twisted would answer 400, 408 or 413, or
+    read differently, is therefore never plain.
+    """
+    if not data.startswith(_COMMAND_LINE):
+        return None
+    start = len(_COMMAND_LINE)
+    head_end = data.find(b"\r\n\r\n", start - 2, start + _PLAIN_HEAD_BYTES)
+    if head_end < start:
+        # No header at all (the blank line right after the request line), or
+        # not all of them yet.
+        return None
+    head = data[start:head_end]
+    if _PLAIN_HEAD.fullmatch(head) is None:
+        return None
+    lines = head.split(b"\r\n")
+    if len(lines) > _PLAIN_HEADER_LINES:
+        return None
+    fields: dict[bytes, bytes] = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        key = name.lower()
+        if key in fields or key in _NOT_PLAIN:
+            return None
+        fields[key] = value.strip(b" \t")
+    connection = fields.get(b"connection")
+    if connection is not None and connection.lower() != b"keep-alive":
+        return None
+    host = fields.get(b"host")
+    if host is not None:
+        try:
+            host.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    length = fields.get(b"content-length")
+    if length is None or not length.isdigit() or len(length) > _LENGTH_DIGITS:
+        return None
+    size = int(length)
+    body_start = head_end + 4
+    end = body_start + size
+    if not 0 < size <= max_body_bytes or len(data) < end:
+        return None
+    return PlainCommand(
+        fields.get(b"authorization"), fields.get(b"x-api-key"), data[body_start:end], end
+    )
+
+
+class Handover(Protocol):
+    """
+    A command the plain-command handler started but could not answer at
+    once.  The request Twisted makes of the same bytes carries it
+    (``GuardedRequest.handover``); whoever answers that request sets
+    ``claimed``.
+    """
+
+    claimed: bool
+
+    def unclaimed(self) -> None:
+        """No request took it (a bug): keep the command tracked and say so."""
+
+
+# ``(authorization, api_key, body)`` -> the response after its Date line
+# (headers, blank line, body) of a 200 answered at once; a ``Handover``; or
+# None: nothing was done, Twisted answers the request.
+PlainCommandHandler = Callable[[bytes | None, bytes | None, bytes], "bytes | Handover | None"]
 
 
 def _parse_error(message: str) -> bytes:
@@ -114,6 +277,13 @@ class GuardedRequest(server.Request):
     _limit: int | None = None
     _received = 0
     _refused = False
+    #: The command the channel already started for this request (see the module).
+    handover: Handover | None = None
+
+    def __init__(self, channel: http.HTTPChannel, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        if isinstance(channel, GuardedChannel):
+            self.handover = channel.take_handover()
 
     def _site(self) -> GuardedSite | None:
         site = getattr(self.channel, "site", None)
@@ -312,10 +482,13 @@ class GuardedChannel(http.HTTPChannel):
     bytes_read = 0
     #: Unauthenticated bodies this connection was refused.
     refused_unauthenticated = 0
+    #: Commands this connection answered on the plain-command path.
+    plain_answers = 0
     _is_authenticated = False
     _awaiting_headers = True
     _header_call: IDelayedCall | None = None
     _closing = False
+    _handover: Handover | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -326,10 +499,81 @@ class GuardedChannel(http.HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_read += len(data)
+        handler = getattr(self.site, "plain_command", None)
+        if handler is not None and PLAIN_PATH_FITS:
+            data = self._answer_plain(handler, data)
+            if not data:
+                return
         if self._awaiting_headers and self._header_call is None:
             # The first byte of the next request on a kept-alive connection.
             self._arm_header_deadline()
+        handover = self._handover
         super().dataReceived(data)
+        if handover is not None:
+            self._handover = None
+            if not handover.claimed:
+                handover.unclaimed()
+
+    def _idle(self) -> bool:
+        """
+        Whether Twisted's parser is between requests with nothing buffered and
+        nothing in flight, so that the next bytes start a request.
+        """
+        return (
+            not self.requests
+            and not getattr(self, "_handlingRequest", True)
+            and self.line_mode == 1
+            and not self._buffer
+            and not self._busyReceiving
+            and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
+            and not self._HTTPChannel__header  # type: ignore[attr-defined]
+            and getattr(self, "_transferDecoder", True) is None
+            and bool(self.persistent)
+            and not self._waitingForTransport
+            and not self._closing
+            and self.transport is not None
+            and not getattr(self.transport, "disconnecting", False)
+        )
+
+    def _answer_plain(self, handler: PlainCommandHandler, data: bytes) -> bytes:
+        """
+        Answer the plain commands ``data`` starts with (see the module);
+        return the bytes left for Twisted's parser.  On a handover the
+        command's bytes are left too, for the request that takes it.
+        """
+        while data and self._idle():
+            command = plain_command(data, self.site.max_body_bytes)
+            if command is None:
+                break
+            outcome = handler(command.authorization, command.api_key, command.body)
+            if outcome is None:
+                break
+            if not isinstance(outcome, bytes):
+                self._handover = outcome
+                break
+            self._answered_plain(outcome)
+            data = data[command.end :]
+        return data
+
+    def _answered_plain(self, response: bytes) -> None:
+        """Write a plain command's 200 and do what ending a request does."""
+        # What HTTPChannel.dataReceived and a request's end would do: restart
+        # the idle timeout; the headers came in time; the connection showed
+        # the secret; the next request's first byte arms a new deadline.
+        self.resetTimeout()
+        self.headers_complete()
+        self.authenticated()
+        self._awaiting_headers = True
+        self.plain_answers += 1
+        self.site.plain_answers += 1
+        transport = self.transport
+        assert transport is not None
+        transport.write(_PLAIN_OK + _date_header() + b"\r\n" + response)
+
+    def take_handover(self) -> Handover | None:
+        """The command started for the request being made now (once)."""
+        handover, self._handover = self._handover, None
+        return handover
 
     def headers_complete(self) -> None:
         """The current request's headers are in (called from ``gotLength``)."""
@@ -409,6 +653,8 @@ class GuardedSite(server.Site):
     A ``Site`` whose connections are counted and guarded (see the module
     docstring); ``authorize(request)`` says whether a request carries the
     node's secret (None: every request does, for tests of other behaviour).
+    ``plain_command`` answers plain commands without a ``Request`` (see the
+    module; None: Twisted reads every request).
     """
 
     requestFactory = GuardedRequest
@@ -423,6 +669,7 @@ class GuardedSite(server.Site):
         max_body_bytes: int,
         clock: IReactorTime,
         authorize: Callable[[IRequest], bool] | None = None,
+        plain_command: PlainCommandHandler | None = None,
         max_connections: int = 1024,
         header_timeout: float = 10.0,
         idle_timeout: float = 60.0,
@@ -444,6 +691,9 @@ class GuardedSite(server.Site):
         self.max_body_bytes = max_body_bytes
         self.clock = clock
         self._authorize = authorize
+        # Answers plain ``POST /api/command`` requests without a Request (None: none is).
+        self.plain_command = plain_command
+        self.plain_answers = 0
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         # A refused upload is drained until the client is quiet this long...
@@ -596,8 +846,9 @@ def make_http_service(
     The HTTP API as a service listening where ``config.http`` says.
 
     ``api`` is an ``AgentApi`` (anything with a Klein ``app``; its
-    ``resource()``, when it has one, is served instead of the app's, and its
-    ``authorized(request)`` gates request bodies).
+    ``resource()``, when it has one, is served instead of the app's, its
+    ``authorized(request)`` gates request bodies, and its
+    ``answer_plain_command`` answers plain commands: see the module).
     """
     description = config.http.endpoint_description()
     try:
@@ -609,6 +860,7 @@ def make_http_service(
             "the HTTP API endpoint {} cannot be set up ({})".format(description, why)
         ) from None
     authorize = getattr(api, "authorized", None)
+    answer_plain = getattr(api, "answer_plain_command", None)
     http_config = config.http
     resource = getattr(api, "resource", None)
     site = GuardedSite(
@@ -616,6 +868,7 @@ def make_http_service(
         max_body_bytes=http_config.max_body_bytes,
         clock=reactor,
         authorize=authorize if callable(authorize) else None,
+        plain_command=answer_plain if callable(answer_plain) else None,
         max_connections=http_config.max_connections,
         header_timeout=http_config.header_timeout,
         idle_timeout=http_config.idle_timeout,

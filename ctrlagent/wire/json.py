@@ -49,13 +49,30 @@ from ctrlagent.wire.command import UnrepresentableNumber, printable, unusable_te
 # --- results as JSON values -----------------------------------------------------------------
 
 
+# Values of exactly these types are JSON as they are, and plain dicts, lists
+# and tuples are walked: ``_walk`` takes them without the dispatch (no record
+# type is one of them; a subclass still goes through ``to_json``).
+_LEAVES = frozenset((str, int, float, bool, type(None)))
+
+
+def _walk(value: Any) -> Any:
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
+    if kind is dict:
+        return {str(key): _walk(item) for key, item in value.items()}
+    if kind is list or kind is tuple:
+        return [_walk(item) for item in value]
+    return to_json(value)
+
+
 @functools.singledispatch
 def to_json(value: Any) -> Any:
     """``value`` as plain JSON values (dicts, lists, strings, numbers, booleans, null)."""
     if isinstance(value, Mapping):
-        return {str(key): to_json(item) for key, item in value.items()}
+        return {str(key): _walk(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [to_json(item) for item in value]
+        return [_walk(item) for item in value]
     return value
 
 
@@ -265,7 +282,9 @@ def decode_body(raw: bytes) -> Any:
     except (ValueError, RecursionError, MemoryError) as e:
         # ValueError covers JSONDecodeError and integers past the digit limit.
         raise ParseError("request body is not valid JSON: {}".format(_short(e))) from None
-    _check_strings(value)
+    if b"\\u" in raw:
+        # Strict UTF-8 holds no surrogate: only a \u escape makes one.
+        _check_strings(value)
     return value
 
 

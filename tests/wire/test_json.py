@@ -9,6 +9,8 @@ can use decode to markers; nesting is measured without decoding.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
+from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -18,13 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctrlagent.errors import ParseError
-from ctrlagent.wire.command import UnrepresentableNumber
+from ctrlagent.wire import json as wire_json
+from ctrlagent.wire.command import UnrepresentableNumber, unusable_text
 from ctrlagent.wire.json import (
     MAX_BODY_DEPTH,
     decode_body,
     encode,
     nested_deeper_than,
     nesting_depth,
+    to_json,
 )
 from tests.wire.samples import BAD_BODIES
 
@@ -170,3 +174,96 @@ def test_values_other_than_objects_follow_the_same_policy() -> None:
     assert encode({"id": UnrepresentableNumber("1e999"), "x": float("inf")}) == (
         b'{"id":1e999,"x":null}'
     )
+
+
+# --- the plain-command path's shortcuts (``api/site.py``) --------------------------------------
+
+
+def _has_unusable_text(value: Any) -> bool:
+    if isinstance(value, str):
+        return unusable_text(value)
+    if isinstance(value, dict):
+        return any(unusable_text(k) or _has_unusable_text(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_unusable_text(v) for v in value)
+    return False
+
+
+# Text with lone surrogates now and then: high, low, and the U+DC80..U+DCFF
+# that spell a file name's bytes (accepted).
+_TEXT = st.text(
+    st.sampled_from("ab\u00e9\U0001f3ae\ud800\udbff\udc00\udc7f\udc80\udce9\udcff\udd00\udfff"),
+    max_size=6,
+)
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | _TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(_JSON_VALUES)
+def test_a_lone_surrogate_is_refused_wherever_it_is_and_nothing_else(value: Any) -> None:
+    # json.dumps writes every surrogate as a \u escape: the only way one reaches
+    # the decoder, as strict UTF-8 holds none.
+    raw = json.dumps(value).encode()
+    if _has_unusable_text(value):
+        with pytest.raises(ParseError, match="surrogate"):
+            decode_body(raw)
+    else:
+        assert decode_body(raw) == value
+
+
+def test_a_body_without_escapes_is_not_walked_for_surrogates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    walked: list[object] = []
+    monkeypatch.setattr(wire_json, "_check_strings", walked.append)
+    assert decode_body(b'{"action": "get_server_status", "serverId": "s1"}')
+    assert walked == []
+    decode_body(b'{"action": "get_server_status", "serverId": "\\u0073"}')
+    assert walked == [{"action": "get_server_status", "serverId": "s"}]
+
+
+class _Count(int):
+    """An int subclass a record module could register a shape for."""
+
+
+def _reference_to_json(value: Any) -> Any:
+    """``to_json`` as it walked every value before the shortcut."""
+    if isinstance(value, Mapping):
+        return {str(k): _reference_to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_reference_to_json(v) for v in value]
+    return value
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=4)
+        | st.integers().map(_Count),
+        lambda inner: st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=3) | st.integers(), inner, max_size=3)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=3).map(OrderedDict),
+        max_leaves=15,
+    )
+)
+def test_to_json_walks_plain_values_as_the_generic_walk_does(value: Any) -> None:
+    assert to_json(value) == _reference_to_json(value)
+
+
+class _Tally(int):
+    """A test-only int subclass with a registered shape."""
+
+
+@to_json.register
+def _tally(value: _Tally) -> str:
+    return "tally {}".format(int(value))
+
+
+def test_to_json_still_dispatches_registered_types_inside_plain_containers() -> None:
+    assert to_json({"a": [_Tally(3), 3], "b": (_Tally(1), {"c": _Tally(2)})}) == {
+        "a": ["tally 3", 3],
+        "b": ["tally 1", {"c": "tally 2"}],
+    }
