@@ -206,12 +206,15 @@ _JSON_VALUES = st.recursive(
 def test_a_lone_surrogate_is_refused_wherever_it_is_and_nothing_else(value: Any) -> None:
     # json.dumps writes every surrogate as a \u escape: the only way one reaches
     # the decoder, as strict UTF-8 holds none.
+    # A high surrogate escaped right before a low one is a pair: the decoder
+    # reads the one character they spell, so what it reads is what counts.
     raw = json.dumps(value).encode()
-    if _has_unusable_text(value):
+    read = json.loads(raw)
+    if _has_unusable_text(read):
         with pytest.raises(ParseError, match="surrogate"):
             decode_body(raw)
     else:
-        assert decode_body(raw) == value
+        assert decode_body(raw) == read
 
 
 def test_a_body_without_escapes_is_not_walked_for_surrogates(
