@@ -88,8 +88,7 @@ class StatsHub:
         self._slices[index][sampler] = None
         self._where[sampler] = index
         if self._call is None:
-            live = not self.idle_interval or bool(self.live())
-            self._call = self._clock.callLater(self._period(live), self._tick)
+            self._call = self._clock.callLater(self._period(self._full_rate()), self._tick)
 
     def discard(self, sampler: StatsSampler) -> None:
         """Read ``sampler`` no more; the timer stops with the last one."""
@@ -105,6 +104,10 @@ class StatsHub:
             self._call.cancel()
         self._call = None
 
+    def _full_rate(self) -> bool:
+        """Whether every visit reads (someone follows the figures, or no idle rate)."""
+        return not self.idle_interval or bool(self.live())
+
     def _period(self, live: bool) -> float:
         """Seconds between two ticks."""
         whole = self.interval if live or not self.idle_interval else self.idle_interval
@@ -114,7 +117,7 @@ class StatsHub:
         self._call = None
         self.ticks += 1
         index, self._next = self._next, (self._next + 1) % len(self._slices)
-        live = not self.idle_interval or bool(self.live())
+        live = self._full_rate()
         # Unwatched: a sample a reader just asked for is not taken again.
         fresh_after = None if live else self._clock.seconds() - self.interval
         try:
