@@ -9,9 +9,25 @@ directly.
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+# What the console puts before each line while a server's console timestamps
+# are on (``console:settings`` ``timestamps``): ``[HH:MM:SS] `` in UTC.
+_STAMP = re.compile(r"\A\[\d\d:\d\d:\d\d\] ")
+
+
+def console_stamp(at: float) -> str:
+    """The prefix of a console line printed at ``at`` when timestamps are on."""
+    return time.strftime("[%H:%M:%S] ", time.gmtime(at))
+
+
+def unstamp(line: str) -> str:
+    """``line`` without the prefix ``console_stamp`` put before it (if any)."""
+    return _STAMP.sub("", line, count=1)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ from ctrlagent.errors import (
     InvalidInput,
     NotFound,
 )
-from ctrlagent.events import ConsoleOutput
+from ctrlagent.events import ConsoleOutput, unstamp
 from ctrlagent.files import trees
 from ctrlagent.files.confined import Confined, os_error
 from ctrlagent.interfaces import IBackupManager, ServerRoot
@@ -80,11 +80,6 @@ MAX_NAME_CHARS = 200
 OPTED_OUT = "-"
 MAX_ID_CHARS = 64
 STOP_POLL = 0.5
-
-
-# The stamp the console puts before each line while the server's console
-# timestamps are on (``servers.console.stamp``: ``[HH:MM:SS] ``).
-_CONSOLE_STAMP = re.compile(r"\A\[\d\d:\d\d:\d\d\] ")
 
 
 def _compressed(drv: BackupDriver) -> bool:
@@ -447,7 +442,7 @@ class BackupManager(service.Service):
             # matching.  Read now, as the lines were stamped (same turn).
             lines = event.lines
             if event.stream != "agent" and self._timestamps_on(server_id):
-                lines = [_CONSOLE_STAMP.sub("", line, count=1) for line in lines]
+                lines = [unstamp(line) for line in lines]
             if any(pattern.search(line) for line in lines):
                 seen.callback(None)
 

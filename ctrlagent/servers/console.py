@@ -31,7 +31,6 @@ the followed stream (see its docstring).
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -45,7 +44,7 @@ from twisted.logger import Logger
 
 from ctrlagent.engine.interface import IContainerEngine, ILogStream, IStdinPipe, LogLine
 from ctrlagent.errors import Conflict, EngineError, InvalidInput, NotFound
-from ctrlagent.events import ConsoleOutput
+from ctrlagent.events import ConsoleOutput, console_stamp
 
 # Bounds of the per-server console settings (``console:settings:update``).
 HISTORY_MIN, HISTORY_MAX = 10, 100_000
@@ -121,9 +120,8 @@ def _setting(key: str, value: object) -> object:
     return value
 
 
-def stamp(at: float) -> str:
-    """The prefix of a line printed at ``at`` when timestamps are on."""
-    return time.strftime("[%H:%M:%S] ", time.gmtime(at))
+# The prefix of a line printed at ``at`` when timestamps are on.
+stamp = console_stamp
 
 
 # Not frozen: a frozen dataclass costs four times as much to build.  Treat it
