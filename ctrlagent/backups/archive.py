@@ -404,8 +404,9 @@ ZSTD_PROGRAM = "zstd"
 PIPE_SIZE = 4 * 1024 * 1024
 _F_SETPIPE_SZ = 1031
 STDERR_TAIL = 4096
-# Seconds the hasher of a file zstd writes waits once it has caught up.
-FOLLOW_POLL = 0.01
+# Seconds the hasher of a file zstd writes waits once it has caught up (only
+# how far it lags: zstd's end wakes it at once); each wake takes the GIL.
+FOLLOW_POLL = 0.1
 # zstd's messages (strerror, in the C locale) for a disk that is full.
 _FULL_DISK = ("No space left on device", "Disk quota exceeded", "File too large")
 
@@ -570,8 +571,8 @@ class _Compressor:
         # Closed only once their readers are gone (a closed fd's number
         # may be reused by the time a reader reads it again).
         pipes = [self._proc.stdin]
-        if not self._threads[0].is_alive() and self._file is None:
-            pipes.append(self._proc.stdout)
+        if not self._threads[0].is_alive():
+            pipes.append(self._proc.stdout)  # None when zstd writes the file
         if not self._threads[1].is_alive():
             pipes.append(self._proc.stderr)
         for f in pipes:
