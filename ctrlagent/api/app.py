@@ -150,7 +150,6 @@ class AgentApi:
         self._docker_state: tuple[float, bool] | None = None
         self._docker_waiters: list[Deferred[bool]] | None = None
         self._secret = config.secret.encode("utf-8")
-        self._body_limit = config.http.max_body_bytes
         self._cors_headers = (
             (b"Access-Control-Allow-Origin", config.http.cors_origin.encode()),
             *_CORS_HEADERS,
@@ -242,7 +241,8 @@ class AgentApi:
         once: nothing here writes an error, and no command is ever
         dispatched twice.
         """
-        if len(body) > self._body_limit or not self.offers_secret(authorization, api_key):
+        # The listener hands over bodies within http.max_body_bytes only.
+        if not self.offers_secret(authorization, api_key):
             return None
         try:
             command = parse_command(decode_body(body))
@@ -276,7 +276,7 @@ class AgentApi:
         """A command the plain path started that no request took over (a bug)."""
         what = "{} left without its request".format(printable(handed.command.action))
         self.log.error("{what}", what=what)
-        self._deadlines.tracker.track(handed.work, what)
+        self._tracker.track(handed.work, what)
 
     # -- helpers -----------------------------------------------------------
 
@@ -363,7 +363,7 @@ class AgentApi:
         try:
             work = self._dispatcher.dispatch(command) if handed is None else handed.work
             assert isinstance(work, Deferred)
-            if work.called:
+            if work.called and not work.paused:
                 # Answered at once (a status read): nothing is left to shield
                 # from a client that goes away, nor for a drain to wait for.
                 answered: ActionResult = await work

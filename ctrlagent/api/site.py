@@ -482,8 +482,6 @@ class GuardedChannel(http.HTTPChannel):
     bytes_read = 0
     #: Unauthenticated bodies this connection was refused.
     refused_unauthenticated = 0
-    #: Commands this connection answered on the plain-command path.
-    plain_answers = 0
     _is_authenticated = False
     _awaiting_headers = True
     _header_call: IDelayedCall | None = None
@@ -564,7 +562,6 @@ class GuardedChannel(http.HTTPChannel):
         self.headers_complete()
         self.authenticated()
         self._awaiting_headers = True
-        self.plain_answers += 1
         self.site.plain_answers += 1
         transport = self.transport
         assert transport is not None
