@@ -158,7 +158,7 @@ class ServersConfig:
     # Seconds between copies of the delivered console marks to the store (the
     # journal beside it has every mark at once; the store's copy is what
     # survives a power cut).  0: as fast as the disk commits.
-    console_mark_interval: float = 1.0
+    console_mark_interval: float = 10.0
     stats_interval: float = 2.0
     # Seconds between kernel samples of a running server while nothing
     # follows the figures live (no Panel link connected); a status, metrics

@@ -238,8 +238,29 @@ class ILogStream(Interface):
     def batches(max_items: int = 1000) -> AsyncIterator[list[Any]]:
         """Async iterator of item lists, at most ``max_items`` each, in order."""
 
+    def drain(sink: Callable[[list[Any]], None], max_items: int = 1000) -> Awaitable[None]:
+        """
+        Hand every item list (at most ``max_items`` each, in order) to
+        ``sink`` as it is read, instead of iterating: a consumer that never
+        waits (the console) is called directly, with no coroutine woken per
+        list.  Fires at the end; fails with the stream's error, or with what
+        ``sink`` raised (the stream is then closed).  ``sink`` may close it.
+        """
+
     def close() -> None:
         """End the stream from the consumer's side; iteration stops cleanly."""
+
+
+async def drain_batches(
+    stream: ILogStream, sink: Callable[[list[Any]], None], max_items: int = 1000
+) -> None:
+    """``ILogStream.drain`` for a stream that only iterates: each list to ``sink``."""
+    try:
+        async for batch in stream.batches(max_items):
+            sink(batch)
+    except BaseException:
+        stream.close()
+        raise
 
 
 class IEventStream(Interface):

@@ -687,11 +687,17 @@ class ConsolePipeline:
         return epoch == self._attach_epoch and not expired
 
     async def _pump(self, stream: ILogStream, filt: MarkFilter | None) -> None:
+        # Each batch is taken in the reactor turn it was read in (``drain``):
+        # no coroutine is woken per line, the console's cost at hundreds of
+        # servers.
+        def take(batch: list[LogLine]) -> None:
+            if self._output is not stream:
+                stream.close()  # detached (or replaced): the next attach resumes from the mark
+                return
+            self.take(batch, filt)
+
         try:
-            async for batch in stream.batches(2000):
-                if self._output is not stream:
-                    return  # detached (or replaced): the next attach resumes from the mark
-                self.take(batch, filt)
+            await stream.drain(take, 2000)
         except EngineError as e:
             # The engine went away or the container vanished: the manager
             # learns of it through events/reconcile; nothing is lost, the

@@ -57,6 +57,7 @@ from ctrlagent.engine.interface import (
     LogLine,
     ResourceLimits,
     StatsSample,
+    drain_batches,
     is_builtin_network,
 )
 from ctrlagent.errors import Conflict, CtrlAgentError, EngineError, EngineUnavailable, NotFound
@@ -111,6 +112,9 @@ class FakeStream:
                 return
             self._waiter = Deferred()
             await self._waiter
+
+    def drain(self, sink: Callable[[list[Any]], None], max_items: int = 1000) -> Deferred[None]:
+        return Deferred.fromCoroutine(drain_batches(self, sink, max_items))
 
     def close(self) -> None:
         self.items = []

@@ -102,6 +102,23 @@ async def read_all(stream: ILogStream) -> list[Any]:
     return items
 
 
+async def drain_all(stream: ILogStream) -> list[Any]:
+    """Every item of ``stream`` read with ``drain`` (each list handed to a function)."""
+    items: list[Any] = []
+    sizes: list[int] = []
+
+    def sink(batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        items.extend(batch)
+
+    try:
+        await stream.drain(sink, 7)
+    finally:
+        stream.close()
+    assert all(0 < size <= 7 for size in sizes), sizes
+    return items
+
+
 async def lines_until(engine: Any, cid: str, text: str, seconds: float = 15.0) -> list[LogLine]:
     """Follow the output until a line reads ``text``; every line up to it."""
 
@@ -294,6 +311,12 @@ async def test_output_since_returns_only_later_lines_in_order(engine: Harness) -
     assert [(x.ns, x.text) for x in later] == [(x.ns, x.text) for x in everything[6:]]
     last = await read_all(e.output(cid, follow=False, tail=3))
     assert [x.text for x in last] == ["19", "20", "flood done"]
+    # Drained rather than iterated: the very same lines.
+    for kw in ({}, {"since_ns": since}, {"tail": 3}):
+        drained = await drain_all(e.output(cid, follow=False, **kw))
+        iterated = await read_all(e.output(cid, follow=False, **kw))
+        assert [(x.ns, x.stream, x.text) for x in drained] == [
+            (x.ns, x.stream, x.text) for x in iterated], kw
 
 
 @pytest_twisted.ensureDeferred
@@ -402,6 +425,8 @@ async def test_removed_containers_are_not_found(engine: Harness) -> None:
             await e.wait(cid)
         with pytest.raises(NotFound):
             await read_all(e.output(cid, follow=True))
+        with pytest.raises(NotFound):
+            await drain_all(e.output(cid, follow=True))
     assert await e.list(engine.labels) == []
     with pytest.raises(NotFound):
         await e.remove(stopped)
@@ -416,6 +441,8 @@ async def test_following_an_exited_container_gives_its_lines_and_ends(engine: Ha
     lines = await within(15, read_all(e.output(cid, follow=True)))
     assert [x.text for x in lines][-2:] == [
         "Done (0.1s)! For help, type help", "Stopping server (SIGTERM)"]
+    drained = await within(15, drain_all(e.output(cid, follow=True)))
+    assert [(x.ns, x.text) for x in drained] == [(x.ns, x.text) for x in lines]
 
 
 @pytest_twisted.ensureDeferred

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import classImplements, implementer
 
@@ -161,6 +162,16 @@ class _LogLines:
             if lines:
                 yield lines
 
+    def drain(self, sink: Callable[[list[Any]], None], max_items: int = 1000) -> Deferred[None]:
+        since = self._since
+
+        def take(batch: list[tuple[str, str]]) -> None:
+            lines = log_lines(batch, since)
+            if lines:
+                sink(lines)
+
+        return self._stream.drain(take, max_items)
+
     def close(self) -> None:
         self._stream.close()
 
@@ -178,6 +189,10 @@ class _StatsSamples:
             if not batch:
                 return
             yield [stats_sample(s) for s in batch]
+
+    def drain(self, sink: Callable[[list[Any]], None], max_items: int = 1000) -> Deferred[None]:
+        return self._stream.drain(lambda batch: sink([stats_sample(s) for s in batch]),
+                                  max_items)
 
     def close(self) -> None:
         self._stream.close()

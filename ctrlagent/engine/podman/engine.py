@@ -364,7 +364,12 @@ class NumberedLines:
             after = second * SECOND - 1
         return second, after, kept
 
-    async def batches(self, max_items: int = 1000) -> AsyncIterator[list[Any]]:
+    async def _plan(self) -> tuple[int | None, int, list[LogLine] | None] | None:
+        """
+        ``(second, after, kept)``: the second to read from and the nanosecond
+        the lines come after; ``kept`` is the whole answer when there is no
+        stream to read (the last lines, not followed).  None once closed.
+        """
         after = -1
         second: int | None = None
         if self._tail is not None:
@@ -375,12 +380,21 @@ class NumberedLines:
                 second = max(second or 0, self._since // SECOND)
                 kept = [line for line in kept if line.ns > after]
             if not self._follow:
-                for start in range(0, len(kept), max_items):
-                    yield kept[start:start + max_items]
-                return
+                return second, after, kept
         elif self._since is not None:
             second, after = self._since // SECOND, self._since
         if self._closed:
+            return None
+        return second, after, None
+
+    async def batches(self, max_items: int = 1000) -> AsyncIterator[list[Any]]:
+        plan = await self._plan()
+        if plan is None:
+            return
+        second, after, kept = plan
+        if kept is not None:
+            for start in range(0, len(kept), max_items):
+                yield kept[start:start + max_items]
             return
         stream = self._open(follow=self._follow, second=second)
         numbering = _Numbering()
@@ -391,6 +405,29 @@ class NumberedLines:
             lines = [line for line in numbering.lines(batch) if line.ns > after or not line.ns]
             if lines:
                 yield lines
+
+    def drain(self, sink: Callable[[list[Any]], None], max_items: int = 1000) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._drain(sink, max_items))
+
+    async def _drain(self, sink: Callable[[list[Any]], None], max_items: int) -> None:
+        plan = await self._plan()
+        if plan is None:
+            return
+        second, after, kept = plan
+        if kept is not None:
+            for start in range(0, len(kept), max_items):
+                if self._closed:
+                    return
+                sink(kept[start:start + max_items])
+            return
+        numbering = _Numbering()
+
+        def take(batch: list[tuple[str, str]]) -> None:
+            lines = [line for line in numbering.lines(batch) if line.ns > after or not line.ns]
+            if lines:
+                sink(lines)
+
+        await self._open(follow=self._follow, second=second).drain(take, max_items)
 
     def close(self) -> None:
         self._closed = True

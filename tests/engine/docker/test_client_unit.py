@@ -577,6 +577,93 @@ async def test_chunks_of_one_reactor_turn_wake_the_consumer_once() -> None:
     await done
 
 
+def test_a_drained_stream_hands_each_reactor_turn_to_its_sink_once_and_in_order() -> None:
+    clock = Clock()
+    stream, response = fake_stream(clock)
+    response.protocol.dataReceived(lines(3))
+    clock.advance(0)  # queued before the drain: handed first, at once
+    batches: list[list[Any]] = []
+    done = stream.drain(batches.append, 40)
+    assert [len(b) for b in batches] == [3]
+    for i in range(3, 100):
+        response.protocol.dataReceived(b"%d\n" % i)
+    assert len(batches) == 1  # nothing until the reactor turn ends
+    clock.advance(0)
+    assert [len(b) for b in batches] == [3, 40, 40, 17]  # at most max_items each
+    response.protocol.dataReceived(b"100\nunterminated")
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert [line for batch in batches for _, line in batch] == (
+        [str(i) for i in range(101)] + ["unterminated"])
+    assert done.called and done.result is None
+    assert not response.transport.paused and response.transport.pauses == 0
+
+
+def test_a_drained_stream_fails_with_its_error_after_every_line_was_handed() -> None:
+    stream, response = fake_stream(Clock())
+    got: list[Any] = []
+    done = stream.drain(got.extend)
+    response.protocol.dataReceived(b"one\ntwo\npart")
+    response.protocol.connectionLost(Failure(ConnectionLost("engine went away")))
+    assert got == [("stdout", "one"), ("stdout", "two"), ("stdout", "part")]
+    failure = _failure_of(done)
+    assert failure.check(DockerUnavailable) and "broken" in failure.getErrorMessage()
+
+
+def test_a_drained_stream_that_never_opened_fails_with_the_open_error() -> None:
+    async def open() -> Any:
+        raise ContainerGone("No such container: x")
+
+    stream: ItemStream[Any] = LineStream.console(Clock(), open, tty=False, line_cap=10)
+    assert _failure_of(stream.drain(lambda batch: None)).check(ContainerGone)
+
+
+def test_a_sink_may_close_its_stream_and_nothing_more_is_handed() -> None:
+    clock = Clock()
+    stream, response = fake_stream(clock)
+    got: list[Any] = []
+
+    def sink(batch: list[Any]) -> None:
+        got.extend(batch)
+        stream.close()
+
+    done = stream.drain(sink, 2)
+    response.protocol.dataReceived(lines(6))
+    clock.advance(0)
+    assert got == [("stdout", "0"), ("stdout", "1")]
+    assert response.transport.stopped and done.called and done.result is None
+    response.protocol.dataReceived(lines(2))  # late bytes of a closed stream
+    clock.advance(0)
+    assert len(got) == 2
+
+
+def test_a_failing_sink_closes_the_stream_and_fails_the_drain_with_its_error() -> None:
+    clock = Clock()
+    stream, response = fake_stream(clock)
+
+    def sink(batch: list[Any]) -> None:
+        raise ValueError("consumer bug")
+
+    done = stream.drain(sink)
+    response.protocol.dataReceived(lines(2))
+    clock.advance(0)
+    assert _failure_of(done).check(ValueError)
+    assert response.transport.stopped and stream.done
+
+
+def test_a_stream_is_drained_by_one_consumer_only() -> None:
+    stream, _ = fake_stream(Clock())
+    stream.drain(lambda batch: None)
+    with pytest.raises(RuntimeError, match="drained already"):
+        stream.drain(lambda batch: None)
+
+
+def _failure_of(d: Deferred[Any]) -> Failure:
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert len(failures) == 1, "the Deferred did not fail"
+    return failures[0]
+
+
 @pytest_twisted.ensureDeferred
 async def test_how_a_stream_ended_is_decided_by_its_end_check() -> None:
     seen: list[Any] = []
