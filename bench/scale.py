@@ -7,9 +7,12 @@ engine at DOCKER_HOST, or on a private engine when none answers, and:
 1. creates and starts ``--servers`` scripted game servers (default 500) that
    print ``tick <n>`` every ``--tick`` seconds (default 5), through
    ``POST /api/command`` from 8 concurrent connections;
-2. steady state: the agent's RSS and CPU (percent of one core, from
+2. steady state, ``--settle`` seconds (default 30) after the last server
+   runs: the agent's RSS and CPU (percent of one core, from
    ``/proc/<pid>/stat`` over ``--window`` seconds), with no Panel link up:
-   the servers are then sampled every ``servers.stats_idle_interval``;
+   the servers are then sampled every ``servers.stats_idle_interval``.
+   Each server's ticks are console lines the agent reads and delivers
+   (``--servers`` / ``--tick`` lines a second in all);
 3. ``get_server_status`` and ``get_server_metrics`` latency (p50/p99) from 1
    and 16 concurrent keep-alive clients (``bench/http_latency.py``'s client);
 4. a Panel (``ctrlagent.testing.panel.FakePanel``, a real WebSocket server, in
@@ -29,7 +32,8 @@ HTTP p99 under 10 ms at 16 clients, all re-attached within 10 s.  With
 ``--servers 100,500`` it runs twice and prints the per-server growth, so
 that anything worse than linear shows.  Every server is deleted at the end.
 
-    python bench/scale.py [--servers 500] [--tick 5] [--window 30] [--requests 2000]
+    python bench/scale.py [--servers 500] [--tick 5] [--settle 30] [--window 30]
+                          [--requests 2000]
 """
 
 from __future__ import annotations
@@ -238,7 +242,9 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
 
         wait_until(all_running, 60 + servers, "all servers running")
         result["create_and_start_s"] = time.monotonic() - started
-        time.sleep(5)  # stats sampling and consoles into their steady state
+        # The steady state: past the start-up's tail (every server's first
+        # disk check, first kernel samples, the start events' work).
+        time.sleep(args.settle)
         assert agent.process is not None
         pid = agent.process.pid
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
@@ -348,6 +354,8 @@ def main() -> None:
     parser.add_argument("--servers", default="500", help="comma-separated counts")
     parser.add_argument("--tick", type=float, default=5.0)
     parser.add_argument("--window", type=float, default=30.0)
+    parser.add_argument("--settle", type=float, default=30.0,
+                        help="seconds from all running to the idle window (default 30)")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--network", default="",
@@ -389,11 +397,18 @@ def main() -> None:
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # noqa: T201
     finally:
         if args.network and private is None:
-            try:
-                _docker(host, "network", "rm", args.network)
-            except RuntimeError as e:
-                print("network {} not removed: {}".format(args.network, e),  # noqa: T201
-                      file=sys.stderr)
+            # The engine releases the endpoints of hundreds of removed
+            # containers in the background: "has active endpoints" for a while.
+            for attempt in range(30):
+                try:
+                    _docker(host, "network", "rm", args.network)
+                    break
+                except RuntimeError as e:
+                    if attempt == 29 or "active endpoints" not in str(e):
+                        print("network {} not removed: {}".format(args.network, e),  # noqa: T201
+                              file=sys.stderr)
+                        break
+                    time.sleep(2)
         if private is not None:
             private.stop()
     print(json.dumps(results, indent=2) if args.json else report(results))  # noqa: T201
