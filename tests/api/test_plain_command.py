@@ -702,3 +702,129 @@ def test_an_answer_still_waiting_on_an_inner_deferred_goes_to_the_route(
         "success": True,
         "data": {"serverId": "s1"},
     }
+
+
+# -- the answer's write ----------------------------------------------------------
+
+
+async def _server_channel(listener: Listener, client: RawClient) -> GuardedChannel:
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", listener.port), client)
+    for _ in range(250):
+        if listener.site.channels():
+            break
+        await _sleep(0.01)
+    [channel] = listener.site.channels()
+    return channel
+
+
+async def _answer_through(
+    listener: Listener, patch: Any = None
+) -> tuple[bytes, list[bytes], GuardedChannel]:
+    """One plain read; the bytes the client got and those that went through ``write``."""
+    client = RawClient()
+    channel = await _server_channel(listener, client)
+    transport: Any = channel.transport
+    queued: list[bytes] = []
+    write = transport.write
+
+    def recording(data: bytes) -> None:
+        queued.append(data)
+        write(data)
+
+    transport.write = recording
+    if patch is not None:
+        patch(transport)
+    client.transport.write(_post(STATUS) + _post(METRICS))  # type: ignore[union-attr]
+    for _ in range(250):
+        if _answers(client.received) >= 2:
+            break
+        await _sleep(0.01)
+    client.transport.loseConnection()  # type: ignore[union-attr]
+    await client.closed
+    return client.received, queued, channel
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plain_answer_is_sent_at_once_not_queued_for_the_reactor() -> None:
+    listener = await _listen(True)
+    try:
+        received, queued, _ = await _answer_through(listener)
+    finally:
+        await listener.service.stopService()
+    assert _answers(received) == 2 and received.count(b'"success":true') == 2
+    assert listener.site.plain_answers == 2
+    assert queued == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_socket_does_not_take_at_once_is_queued_in_order() -> None:
+    listener = await _listen(True)
+    reference = await _listen(False)
+    taken: list[int] = []
+
+    def partial(transport: Any) -> None:
+        send = transport.writeSomeData
+
+        def some(data: bytes) -> Any:
+            # The socket takes the first answer's first 10 bytes only.
+            taken.append(len(data))
+            return send(data[:10] if len(taken) == 1 else data)
+
+        transport.writeSomeData = some
+
+    try:
+        received, queued, _ = await _answer_through(listener, partial)
+        expected, _, _ = await _answer_through(reference)
+    finally:
+        await listener.service.stopService()
+        await reference.service.stopService()
+    assert _without_date(received) == _without_date(expected)
+    # The rest of the first answer, then the second behind it (the queue was
+    # not empty), both sent by Twisted.
+    assert len(queued) == 2 and not queued[0].startswith(b"HTTP/1.1")
+    assert queued[1].startswith(b"HTTP/1.1 200 OK")
+    assert len(taken) >= 2 and taken[1] == len(queued[0]) + len(queued[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_send_that_fails_leaves_the_answer_to_twisteds_own_write() -> None:
+    from twisted.internet import main
+
+    listener = await _listen(True)
+
+    def lost(transport: Any) -> None:
+        transport.writeSomeData = lambda data: main.CONNECTION_LOST
+
+    try:
+        client = RawClient()
+        channel = await _server_channel(listener, client)
+        transport: Any = channel.transport
+        queued: list[bytes] = []
+        write = transport.write
+        transport.write = lambda data: queued.append(data) or write(data)
+        lost(transport)
+        client.transport.write(_post(STATUS))  # type: ignore[union-attr]
+        # Twisted's own write then meets the lost connection and closes it.
+        await client.closed
+    finally:
+        await listener.service.stopService()
+    assert len(queued) == 1 and queued[0].startswith(b"HTTP/1.1 200 OK")
+    assert listener.site.plain_answers == 1
+
+
+def test_a_head_seen_before_is_judged_alike_and_the_body_limit_still_applies() -> None:
+    from ctrlagent.api.site import _plain_head
+
+    _plain_head.cache_clear()
+    data = _post(STATUS)
+    small = len(json.dumps(STATUS)) - 1
+    assert plain_command(data, small) is None
+    first = plain_command(data, LIMIT)
+    again = plain_command(data, LIMIT)
+    assert first is not None and first == again
+    assert plain_command(data, small) is None
+    assert _plain_head.cache_info().hits >= 3
+    # Bounded, whatever heads strangers send.
+    for n in range(200):
+        plain_command(_post(STATUS, head="X-N: {}\r\n".format(n)), LIMIT)
+    assert _plain_head.cache_info().currsize <= 64
