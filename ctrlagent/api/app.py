@@ -262,7 +262,7 @@ class AgentApi:
         if not work.called or work.paused:
             # Not answered yet (or waiting for an inner Deferred): the route's.
             return _Dispatched(self, command, started, work)
-        result = work.result
+        result: ActionResult | Failure = work.result
         if isinstance(result, Failure):
             # Failures are the route's to answer and log, as ever.
             work.addErrback(_handed_on)
