@@ -17,7 +17,7 @@ import functools
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -262,7 +262,7 @@ class AgentApi:
         if not work.called or work.paused:
             # Not answered yet (or waiting for an inner Deferred): the route's.
             return _Dispatched(self, command, started, work)
-        result: ActionResult | Failure = work.result
+        result = cast("ActionResult | Failure", work.result)
         if isinstance(result, Failure):
             # Failures are the route's to answer and log, as ever.
             work.addErrback(_handed_on)
