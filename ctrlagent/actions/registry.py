@@ -27,6 +27,11 @@ in this order (PROTOCOL.md section 2):
 6. anything but a ``CtrlAgentError`` is a bug: logged with its traceback and
    answered ``EXECUTION_ERROR`` without leaking the traceback to the Panel.
 
+``dispatch`` runs the pipeline itself up to its first wait: a command that
+never waits (a status or metrics read) is answered there and then, with no
+coroutine driver, timer or deadline; one that waits is handed to Twisted to
+drive from that wait on (``_Started``), under its deadline.
+
 ``Dispatcher`` is the registry under the name and constructor the rest of the
 agent grew up with.
 """

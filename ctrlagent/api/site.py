@@ -50,6 +50,9 @@ makes carries the started command (``GuardedRequest.handover``) so that it is
 never dispatched twice.  Every guard above holds on this path too: the
 secret is checked first, the body is within ``max_body_bytes`` and already
 read, the header deadline and idle timeout are reset as for any request.
+The answer is sent on the spot when the connection has nothing queued
+(``_write_now``), and the judgement of a head is remembered
+(``_plain_head``): the Panel sends the same head every time.
 """
 
 from __future__ import annotations
