@@ -329,7 +329,7 @@ def coerced_as_is(m: Metrics) -> bool:
     the Panel's shape has one, and a time ``iso_ms`` writes as it is.  Such a
     record (what the agent's own servers answer) needs no round trip.
     """
-    if type(m) is not Metrics or not 0.0 <= m.at <= MAX_EPOCH:
+    if type(m) is not Metrics or type(m.at) not in (float, int) or not 0 <= m.at <= MAX_EPOCH:
         return False
     for name in _FLOAT_FIELDS:
         value = getattr(m, name)

@@ -123,6 +123,8 @@ _FIGURE = st.one_of(
 )
 _WHEN = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-10, 2**40),
+    st.booleans(),
     st.floats(0, 253_402_300_799.0),
     st.sampled_from([0.0, 1_790_000_000.0005, 1_790_000_000.9995, 253_402_300_799.0]),
 )
@@ -149,3 +151,4 @@ def test_the_agents_own_figures_coerce_as_is_and_odd_ones_do_not() -> None:
     assert not coerced_as_is(Metrics(rx=2**60, at=AT))
     assert not coerced_as_is(Metrics(pids=True, at=AT))
     assert not coerced_as_is(Metrics(at=-1.0))
+    assert not coerced_as_is(Metrics(at="2026-01-01T00:00:00Z"))  # type: ignore[arg-type]
