@@ -105,12 +105,18 @@ class Client:
             self.writer.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) the process ``pid`` has used so far."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """CPU time (user, system) the process ``pid`` has used so far."""
     with open("/proc/{}/stat".format(pid)) as f:
         fields = f.read().rpartition(")")[2].split()
     # utime and stime are fields 14 and 15 of stat(5); the split starts at field 3.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process ``pid`` has used so far."""
+    return sum(cpu_split(pid))
 
 
 async def measure(
@@ -135,7 +141,7 @@ async def measure(
     for conn in conns:
         await conn.command({"action": action, "serverId": server_ids[0], "payload": {}})
     assert agent.process is not None
-    cpu_before = cpu_seconds(agent.process.pid)
+    user_before, system_before = cpu_split(agent.process.pid)
     client_before = time.process_time()
     wall_started = time.time()
     started = time.perf_counter()
@@ -143,7 +149,10 @@ async def measure(
     elapsed = time.perf_counter() - started
     # The agent's CPU per request, whatever share of a core the host left it
     # (its idle work during the run included).
-    cpu_ms = (cpu_seconds(agent.process.pid) - cpu_before) * 1000
+    user_after, system_after = cpu_split(agent.process.pid)
+    user_ms = (user_after - user_before) * 1000
+    system_ms = (system_after - system_before) * 1000
+    cpu_ms = user_ms + system_ms
     # This client's, which shares the host's cores with the agent.
     client_ms = (time.process_time() - client_before) * 1000
     for conn in conns:
@@ -158,6 +167,9 @@ async def measure(
         "max_ms": max(ms),
         "per_s": len(ms) / elapsed,
         "cpu_ms_per_request": cpu_ms / len(ms),
+        # Its two parts: the kernel's (sockets, epoll, waking up) and the rest.
+        "cpu_user_ms_per_request": user_ms / len(ms),
+        "cpu_system_ms_per_request": system_ms / len(ms),
         "client_cpu_ms_per_request": client_ms / len(ms),
         # Wall-clock bounds of the run, to line it up with the agent's log.
         "window": [wall_started, wall_started + elapsed],
@@ -260,7 +272,8 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             "  {action:<20} {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99 {p99_ms:6.2f} ms  "
             "max {max_ms:6.1f} ms  {per_s:7.0f} req/s  agent CPU {cpu_ms_per_request:5.2f} ms/req"
-            " ({cpu_ms_per_request_net:5.2f} less idle work), client CPU"
+            " ({cpu_ms_per_request_net:5.2f} less idle work; user {cpu_user_ms_per_request:4.2f}"
+            " + system {cpu_system_ms_per_request:4.2f}), client CPU"
             " {client_cpu_ms_per_request:5.2f} ms/req  ({requests} requests)".format(**r)
         )
     return "\n".join(lines)

@@ -27,6 +27,11 @@ in this order (PROTOCOL.md section 2):
 6. anything but a ``CtrlAgentError`` is a bug: logged with its traceback and
    answered ``EXECUTION_ERROR`` without leaking the traceback to the Panel.
 
+``dispatch`` runs the pipeline itself up to its first wait: a command that
+never waits (a status or metrics read) is answered there and then, with no
+coroutine driver, timer or deadline; one that waits is handed to Twisted to
+drive from that wait on (``_Started``), under its deadline.
+
 ``Dispatcher`` is the registry under the name and constructor the rest of the
 agent grew up with.
 """
@@ -34,11 +39,11 @@ agent grew up with.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -120,6 +125,44 @@ class ActionSpec:
     names_server: bool = False
     carries_aliases: bool = False
     forward: Callable[[Mapping[str, Any]], str] | None = None
+
+
+async def _resume(started: Coroutine[Any, Any, ActionResult], waits_on: Any) -> ActionResult:
+    """The rest of a coroutine already run up to its first wait (``waits_on``)."""
+    return await _Started(started, waits_on)
+
+
+class _Started:
+    """
+    Awaiting it goes on with a coroutine that has already run up to its first
+    wait, as ``await`` would have: what that wait gives is sent in, what it
+    raises thrown in, and the coroutine's next waits are the awaiter's, until
+    it returns.
+    """
+
+    def __init__(self, started: Coroutine[Any, Any, ActionResult], waits_on: Any) -> None:
+        self._coroutine = started
+        self._waits_on = waits_on
+
+    def __await__(self) -> Generator[Any, Any, ActionResult]:
+        coroutine, waits_on = self._coroutine, self._waits_on
+        while True:
+            try:
+                given = yield waits_on
+            except GeneratorExit:
+                # Closed (collected while waiting): close it too, as ``await`` does.
+                coroutine.close()
+                raise
+            except BaseException as error:
+                try:
+                    waits_on = coroutine.throw(error)
+                except StopIteration as done:
+                    return cast(ActionResult, done.value)
+            else:
+                try:
+                    waits_on = coroutine.send(given)
+                except StopIteration as done:
+                    return cast(ActionResult, done.value)
 
 
 def _schema_name(action: str) -> str:
@@ -215,11 +258,19 @@ class ActionRegistry:
 
     def dispatch(self, command: Command) -> Deferred[ActionResult]:
         """Run ``command``; see ``IDispatcher.dispatch``."""
-        work = Deferred.fromCoroutine(self._checked(command))
-        if work.called:
-            # Answered at once (a status or metrics read): no deadline to keep,
-            # so no timer, no second coroutine and no description to format.
-            return work
+        pipeline = self._checked(command)
+        try:
+            waits_on = pipeline.send(None)
+        except StopIteration as answered:
+            # Answered at once (a status or metrics read): no Deferred to
+            # drive it, no deadline to keep, so no timer, no second coroutine
+            # and no description to format.
+            return succeed(answered.value)
+        except BaseException:
+            return fail()
+        # It waits on something: Twisted drives the rest, as it would have
+        # from the start.
+        work = Deferred.fromCoroutine(_resume(pipeline, waits_on))
         return Deferred.fromCoroutine(self._answer_by_deadline(command, work))
 
     async def _answer_by_deadline(

@@ -18,7 +18,7 @@ from ctrlagent.errors import CtrlAgentError
 from ctrlagent.interfaces import IServerManager
 from ctrlagent.servers import spec as specs
 from ctrlagent.wire.json import to_json
-from ctrlagent.wire.servers import coerce_metrics
+from ctrlagent.wire.servers import Metrics, coerce_metrics, coerced_as_is
 from ctrlagent.wire.tables import POWER_WORDS
 
 from .payload import Boolean, Choice, Definition, Number, Payload, Signal, whole
@@ -240,8 +240,11 @@ def server_actions(servers: IServerManager) -> list[ActionSpec]:
 
     async def metrics(call: Call) -> object:
         # A record (or a mapping from another provider) in the Panel's exact shape.
-        sample = json_object(servers.server_metrics(call.server))
-        return to_json(coerce_metrics(sample, time.time()))
+        figures = servers.server_metrics(call.server)
+        if isinstance(figures, Metrics) and coerced_as_is(figures):
+            # The agent's own servers' record: already that shape.
+            return to_json(figures)
+        return to_json(coerce_metrics(json_object(figures), time.time()))
 
     server = Payload()
     return [

@@ -50,10 +50,15 @@ makes carries the started command (``GuardedRequest.handover``) so that it is
 never dispatched twice.  Every guard above holds on this path too: the
 secret is checked first, the body is within ``max_body_bytes`` and already
 read, the header deadline and idle timeout are reset as for any request.
+The judgement of a head is remembered (``_plain_head``): the Panel sends
+the same head every time.  The answer is written the usual way, which
+sends the answers of one reactor turn together: sending each at once
+(tried) cost a tenth more CPU per read with 16 clients.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import resource as rlimit
@@ -102,6 +107,8 @@ _PLAIN_HEAD = re.compile(
 _NOT_PLAIN = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 # Longer Content-Length digits are refused by every limit long before.
 _LENGTH_DIGITS = 12
+# Parsed heads kept (``_plain_head``): a few per client, at most 8 KiB each.
+_PLAIN_HEADS_KEPT = 64
 
 
 # The start of a plain command's answer, as Twisted writes its status line and
@@ -175,7 +182,27 @@ def plain_command(data: bytes, max_body_bytes: int) -> PlainCommand | None:
         # No header at all (the blank line right after the request line), or
         # not all of them yet.
         return None
-    head = data[start:head_end]
+    fields = _plain_head(data[start:head_end])
+    if fields is None:
+        return None
+    authorization, api_key, size = fields
+    body_start = head_end + 4
+    end = body_start + size
+    if not 0 < size <= max_body_bytes or len(data) < end:
+        return None
+    return PlainCommand(authorization, api_key, data[body_start:end], end)
+
+
+@functools.lru_cache(maxsize=_PLAIN_HEADS_KEPT)
+def _plain_head(head: bytes) -> tuple[bytes | None, bytes | None, int] | None:
+    """
+    ``(authorization, api_key, content_length)`` of a plain command's header
+    lines (``plain_command`` says what plain means), or None.
+
+    A pure function of the bytes, kept for the last few heads seen: the
+    Panel sends the same head again and again (only its Content-Length
+    follows the body), so most requests skip the parse.
+    """
     if _PLAIN_HEAD.fullmatch(head) is None:
         return None
     lines = head.split(b"\r\n")
@@ -200,14 +227,7 @@ def plain_command(data: bytes, max_body_bytes: int) -> PlainCommand | None:
     length = fields.get(b"content-length")
     if length is None or not length.isdigit() or len(length) > _LENGTH_DIGITS:
         return None
-    size = int(length)
-    body_start = head_end + 4
-    end = body_start + size
-    if not 0 < size <= max_body_bytes or len(data) < end:
-        return None
-    return PlainCommand(
-        fields.get(b"authorization"), fields.get(b"x-api-key"), data[body_start:end], end
-    )
+    return fields.get(b"authorization"), fields.get(b"x-api-key"), int(length)
 
 
 class Handover(Protocol):

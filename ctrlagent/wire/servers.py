@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctrlagent.wire.json import to_json
-from ctrlagent.wire.time import iso_ms, iso_ms_or_none, parse_timestamp
+from ctrlagent.wire.time import MAX_EPOCH, iso_ms, iso_ms_or_none, parse_timestamp
 
 __all__ = [
     "Allocation",
@@ -37,6 +37,7 @@ __all__ = [
     "Ack",
     "ConsoleStatus",
     "coerce_metrics",
+    "coerced_as_is",
 ]
 
 
@@ -313,6 +314,32 @@ def _int(value: Any) -> int:
 
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
+
+
+# Integers below this survive coerce_metrics's float conversion exactly.
+_EXACT_INT = 2**53
+_FLOAT_FIELDS = ("cpu", "memory_mb", "memory_limit_mb", "disk_mb", "uptime")
+_INT_FIELDS = ("rx", "tx", "blk_read", "blk_write", "pids", "players")
+
+
+def coerced_as_is(m: Metrics) -> bool:
+    """
+    Whether ``coerce_metrics`` of ``m``'s Panel shape gives ``m``'s very shape
+    back: every figure a finite float or an exactly convertible integer where
+    the Panel's shape has one, and a time ``iso_ms`` writes as it is.  Such a
+    record (what the agent's own servers answer) needs no round trip.
+    """
+    if type(m) is not Metrics or type(m.at) not in (float, int) or not 0 <= m.at <= MAX_EPOCH:
+        return False
+    for name in _FLOAT_FIELDS:
+        value = getattr(m, name)
+        if type(value) is not float or not math.isfinite(value):
+            return False
+    for name in _INT_FIELDS:
+        value = getattr(m, name)
+        if type(value) is not int or not -_EXACT_INT < value < _EXACT_INT:
+            return False
+    return True
 
 
 def coerce_metrics(raw: Mapping[str, Any], at: float) -> Metrics:

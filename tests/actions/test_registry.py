@@ -506,3 +506,101 @@ def test_handlers_read_domain_records_through_to_json(rig: Rig) -> None:
     assert answered[0].data == {
         "serverId": UUID, "status": "stopping", "kind": "record", "pending": True
     }
+
+
+# -- answers at once, and the rest of an action that waits ----------------------------
+
+
+def test_a_read_is_answered_at_once_without_a_coroutine_driver(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig.created()
+    driven: list[object] = []
+    from_coroutine = Deferred.fromCoroutine
+
+    def counting(coroutine: Any) -> Deferred[Any]:
+        driven.append(coroutine)
+        return from_coroutine(coroutine)
+
+    monkeypatch.setattr(Deferred, "fromCoroutine", counting)
+    status = rig.dispatcher.dispatch(Command("get_server_status", PANEL_ID, {}))
+    metrics = rig.dispatcher.dispatch(Command("get_server_metrics", UUID, {}))
+    assert status.result.data.server_id == UUID
+    assert to_json(metrics.result.data)["serverId"] == UUID
+    unknown = rig.dispatcher.dispatch(Command("get_server_status", "nope", {}))
+    failed: list[Any] = []
+    unknown.addErrback(failed.append)
+    assert failed[0].value.code == "SERVER_NOT_FOUND"
+    assert driven == []
+    # A command that waits is driven (and bounded by its deadline) as ever.
+    rig.servers.hold("start")
+    start = rig.dispatcher.dispatch(Command("start_server", UUID, {}))
+    assert not start.called
+    assert driven
+
+
+def _waiting_registry(handler: Any) -> tuple[Dispatcher, Clock]:
+    clock = Clock()
+    servers, files = FakeServerManager(clock), FakeFileManager(clock)
+    dispatcher = Dispatcher(servers=servers, files=files, system=FakeHost(), clock=clock,
+                            tracker=Tracker())
+    dispatcher.register(
+        ActionSpec("wait_twice", "node", "waits", Payload(server="none"), handler)
+    )
+    return dispatcher, clock
+
+
+def test_an_action_that_waits_gets_what_each_wait_gives_or_raises() -> None:
+    first: Deferred[str] = Deferred()
+    second: Deferred[str] = Deferred()
+    seen: list[object] = []
+
+    async def handler(call: Call) -> object:
+        seen.append(await first)
+        try:
+            await second
+        except CtrlAgentError as e:
+            seen.append(e.code)
+        return {"seen": list(seen)}
+
+    dispatcher, _ = _waiting_registry(handler)
+    answer = dispatcher.dispatch(Command("wait_twice", None, {}))
+    assert not answer.called
+    first.callback("one")
+    assert seen == ["one"] and not answer.called
+    second.errback(CtrlAgentError("no", code="CONFLICT"))
+    assert answer.result.data == {"seen": ["one", "CONFLICT"]}
+
+
+def test_an_error_after_a_wait_is_answered_with_its_code() -> None:
+    gate: Deferred[None] = Deferred()
+
+    async def handler(call: Call) -> object:
+        await gate
+        raise CtrlAgentError("taken", code="CONFLICT")
+
+    dispatcher, _ = _waiting_registry(handler)
+    answer = dispatcher.dispatch(Command("wait_twice", None, {}))
+    gate.callback(None)
+    failed: list[Any] = []
+    answer.addErrback(failed.append)
+    assert failed[0].value.code == "CONFLICT"
+
+
+def test_cancelling_the_answer_of_an_action_that_waits_leaves_its_work_going() -> None:
+    cancelled: list[object] = []
+    gate: Deferred[None] = Deferred(cancelled.append)
+    reached: list[str] = []
+
+    async def handler(call: Call) -> object:
+        await gate
+        reached.append("after the wait")
+        return {}
+
+    dispatcher, _ = _waiting_registry(handler)
+    answer = dispatcher.dispatch(Command("wait_twice", None, {}))
+    answer.addErrback(lambda failure: None)
+    answer.cancel()
+    assert cancelled == []
+    gate.callback(None)
+    assert reached == ["after the wait"]

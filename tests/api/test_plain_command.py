@@ -702,3 +702,57 @@ def test_an_answer_still_waiting_on_an_inner_deferred_goes_to_the_route(
         "success": True,
         "data": {"serverId": "s1"},
     }
+
+
+def test_a_head_seen_before_is_judged_alike_and_the_body_limit_still_applies() -> None:
+    from ctrlagent.api.site import _plain_head
+
+    _plain_head.cache_clear()
+    data = _post(STATUS)
+    small = len(json.dumps(STATUS)) - 1
+    assert plain_command(data, small) is None
+    first = plain_command(data, LIMIT)
+    again = plain_command(data, LIMIT)
+    assert first is not None and first == again
+    assert plain_command(data, small) is None
+    assert _plain_head.cache_info().hits >= 3
+    # Bounded, whatever heads strangers send.
+    for n in range(200):
+        plain_command(_post(STATUS, head="X-N: {}\r\n".format(n)), LIMIT)
+    assert _plain_head.cache_info().currsize <= 64
+
+
+_COMMAND_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "action": st.sampled_from(["get_server_status", " get_server_metrics ", "", 3]),
+        "serverId": st.one_of(
+            st.sampled_from(["s1", "", None, 7, True, 2**60]), st.text(max_size=5)
+        ),
+        "payload": st.one_of(st.just({}), st.none(), st.dictionaries(st.sampled_from(
+            ["serverId", "x", "panelId"]), st.sampled_from(["s2", "", None, 1]), max_size=2),
+            st.just([])),
+        "data": st.one_of(st.just({}), st.dictionaries(st.sampled_from(["serverId", "y"]),
+                                                        st.sampled_from(["s3", None]), max_size=2)),
+        "id": st.sampled_from([None, 1, "a"]),
+    },
+)
+
+
+@given(st.one_of(_COMMAND_FIELDS.map(lambda body: json.dumps(body).encode()),
+                 st.binary(max_size=40)))
+def test_a_remembered_bare_command_is_what_parsing_its_body_gives(body: bytes) -> None:
+    from ctrlagent.api.app import _bare_command
+    from ctrlagent.wire.command import parse_command
+    from ctrlagent.wire.json import decode_body
+
+    for _ in range(2):  # first judged, then remembered
+        bare = _bare_command(body)
+        try:
+            parsed: Command | None = parse_command(decode_body(body))
+        except Exception:
+            parsed = None
+        if bare is None:
+            assert parsed is None or parsed.params or parsed.command_id is not None
+        else:
+            assert parsed == Command(bare[0], bare[1], {})

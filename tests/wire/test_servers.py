@@ -26,6 +26,7 @@ from ctrlagent.wire.servers import (
     ServerStatus,
     Updated,
     coerce_metrics,
+    coerced_as_is,
 )
 
 AT = 1_795_000_000.25  # 2026-11-18T11:06:40.250Z
@@ -112,3 +113,42 @@ def test_coercion_keeps_good_values_and_a_stamped_time() -> None:
     assert (metrics.rx, metrics.tx) == (0, 0)
     assert metrics.at == AT
     assert coerce_metrics({}, AT) == Metrics(at=AT)
+
+
+_FIGURE = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**60), 2**60),
+    st.booleans(),
+    st.sampled_from([0.0, 1.5, 2**53 - 1, 2**53, -(2**53) + 1, 1e300]),
+)
+_WHEN = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-10, 2**40),
+    st.booleans(),
+    st.floats(0, 253_402_300_799.0),
+    st.sampled_from([0.0, 1_790_000_000.0005, 1_790_000_000.9995, 253_402_300_799.0]),
+)
+
+
+@given(st.lists(_FIGURE, min_size=11, max_size=11), _WHEN)
+def test_a_record_said_to_coerce_as_is_has_the_very_shape_coercion_gives(
+    figures: list[Any], at: float
+) -> None:
+    # What the metrics action relies on to skip the round trip: the answer
+    # is byte for byte the one the round trip gives.
+    record = Metrics(*figures, at=at)
+    shape = to_json(record)
+    if coerced_as_is(record):
+        assert encode(shape) == encode(to_json(coerce_metrics(shape, 0.0)))
+
+
+def test_the_agents_own_figures_coerce_as_is_and_odd_ones_do_not() -> None:
+    own = Metrics(cpu=12.5, memory_mb=64.0, memory_limit_mb=128.0, disk_mb=0.5, rx=10, tx=20,
+                  blk_read=0, blk_write=4096, pids=3, uptime=60.0, players=0, at=AT)
+    assert coerced_as_is(own)
+    assert not coerced_as_is(Metrics(cpu=math.nan, at=AT))
+    assert not coerced_as_is(Metrics(cpu=1, at=AT))  # type: ignore[arg-type]
+    assert not coerced_as_is(Metrics(rx=2**60, at=AT))
+    assert not coerced_as_is(Metrics(pids=True, at=AT))
+    assert not coerced_as_is(Metrics(at=-1.0))
+    assert not coerced_as_is(Metrics(at="2026-01-01T00:00:00Z"))  # type: ignore[arg-type]
