@@ -645,11 +645,14 @@ def test_the_local_archive_is_written_by_zstd_and_hashed_behind_it(
     assert tree(layout.root) == before
 
 
+@pytest.mark.parametrize("piece", [300 * 1024, archive.HASH_READ - 1,
+                                   2 * archive.HASH_READ + 1])
 def test_a_local_archive_trickling_out_of_zstd_is_hashed_whole(
-        layout: Layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A zstd that writes its output in small pieces with pauses longer than
-    # the hasher's wait: it catches up, waits, reads on, and reads the
-    # last pieces after the child's end.
+        layout: Layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int) -> None:
+    # A zstd that writes its output in pieces (shorter and longer than the
+    # hasher's read, never a multiple of it) with pauses longer than the
+    # hasher's wait: it catches up mid-read, waits, reads on, and reads
+    # the last pieces after the child's end.
     (layout.root / "big").write_bytes(os.urandom(2 * 1024 * 1024))
     fake = tmp_path / "bin" / "zstd"
     fake.parent.mkdir()
@@ -657,15 +660,16 @@ def test_a_local_archive_trickling_out_of_zstd_is_hashed_whole(
         "#!{}\nimport subprocess, sys, time\n"
         "out = subprocess.run(['zstd'] + sys.argv[1:], stdin=sys.stdin,\n"
         "                     capture_output=True, check=True).stdout\n"
-        "for i in range(0, len(out), 300 * 1024):\n"
-        "    sys.stdout.buffer.write(out[i:i + 300 * 1024])\n"
+        "for i in range(0, len(out), {piece}):\n"
+        "    sys.stdout.buffer.write(out[i:i + {piece}])\n"
         "    sys.stdout.buffer.flush()\n"
-        "    time.sleep(3 * {})\n".format(sys.executable, archive.FOLLOW_POLL))
+        "    time.sleep({pause})\n".format(sys.executable, piece=piece,
+                                           pause=1.5 * archive.FOLLOW_POLL))
     fake.chmod(0o755)
     monkeypatch.setattr(archive, "ZSTD_PROGRAM", str(fake))
     stats, path = _archive_to_local(layout.root, tmp_path / "archives")
     data = path.read_bytes()
-    assert len(data) > 6 * 300 * 1024
+    assert len(data) > 4 * archive.HASH_READ and len(data) % archive.HASH_READ != 0
     assert stats.size == len(data) and stats.checksum == hashlib.sha256(data).hexdigest()
 
 
