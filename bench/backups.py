@@ -22,7 +22,7 @@ What each side does, exactly (the same tree, the same level):
   (``trees.tree_usage``, for the free-room check and the progress total),
   the local driver's temporary file opened, then ``write_archive``: our
   confined walk builds the tar stream (files of 256 KiB or more spliced)
-  into a pipe to the zstd program (``zstd -q -c -T0 -3 -B4MiB
+  into a pipe to the zstd program (``zstd -q -c -T0 -3
   --no-sparse``), which writes the temporary file itself, while a thread of
   ours reads that file back behind it and computes its sha256.  Timed up
   to the archive being whole and hashed; the local driver's commit (fsync,

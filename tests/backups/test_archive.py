@@ -544,6 +544,24 @@ def test_the_archive_is_compressed_by_a_zstd_process_of_its_own(
     restore_bytes(layout.root, data, stats)
 
 
+def test_the_archive_is_the_frames_zstd_T0_makes_of_the_same_tar_stream(
+        layout: Layout) -> None:
+    # What ``tar -I 'zstd -T0 -3'`` gives for our tar stream, byte for byte:
+    # the same compression work (level, threads, job size) as the command
+    # a backup's speed is measured against.  More than two of zstd's
+    # default jobs (8 MiB), half compressible, so a job size of its own
+    # would show.
+    for i in range(3):
+        (layout.root / "half{}".format(i)).write_bytes(
+            os.urandom(3 * 1024 * 1024) + bytes(3 * 1024 * 1024))
+    data, stats = archive_bytes(layout.root)
+    plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    assert len(plain) > 2 * 8 * 1024 * 1024
+    again = subprocess.run(["zstd", "-q", "-c", "-T0", "-3"], input=plain,
+                           capture_output=True, check=True).stdout
+    assert data == again
+
+
 def test_without_the_zstd_program_the_same_archive_is_made_in_process(
         layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
     populate(layout.root)
