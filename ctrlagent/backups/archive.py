@@ -414,6 +414,7 @@ ZSTD_PROGRAM = "zstd"
 # Bytes of each pipe to and from it (fcntl F_SETPIPE_SZ; 64 KiB by default).
 PIPE_SIZE = 4 * 1024 * 1024
 _F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
 STDERR_TAIL = 4096
 # Seconds the hasher of a file zstd writes waits once it has caught up (only
 # how far it lags: zstd's end wakes it at once); each wake takes the GIL.
@@ -426,6 +427,36 @@ FOLLOW_POLL = 0.1
 HASH_READ = 128 * 1024
 # zstd's messages (strerror, in the C locale) for a disk that is full.
 _FULL_DISK = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def widen_pipe(fd: int) -> int:
+    """
+    Make the pipe ``fd`` ``PIPE_SIZE`` bytes, or as large as the host lets
+    an agent without ``CAP_SYS_RESOURCE`` make it (``fs.pipe-max-size``,
+    1 MiB by default: a container's agent, where 4 MiB is refused); its
+    size then.  A 64 KiB pipe (the default) makes the walk wait for zstd
+    at every 64 KiB: five times the context switches (16,000 against
+    3,000 per GiB) and 0.4-1.1 s more per GiB on a busy 2-core machine.
+    """
+    for size in (PIPE_SIZE, _pipe_max_size()):
+        if size > 0:
+            try:
+                return int(fcntl.fcntl(fd, _F_SETPIPE_SZ, size))
+            except OSError:
+                pass  # not allowed: the next size, or the pipe as it is
+    try:
+        return int(fcntl.fcntl(fd, _F_GETPIPE_SZ))
+    except OSError:
+        return 0
+
+
+def _pipe_max_size() -> int:
+    """The largest pipe an unprivileged process may make here (0: unknown)."""
+    try:
+        with open("/proc/sys/fs/pipe-max-size", "rb") as f:
+            return min(int(f.read().strip() or 0), PIPE_SIZE)
+    except (OSError, ValueError):
+        return 0
 
 
 class CompressorFailed(CtrlAgentError):
@@ -470,10 +501,7 @@ class _Compressor:
             self._out = self._proc.stdout.fileno()
             pipes.append(self._out)
         for fd in pipes:
-            try:
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass  # a smaller pipe only costs more switches
+            widen_pipe(fd)
         reader = self._read_archive if out_fd is None else self._follow_file
         self._threads = [
             threading.Thread(target=reader, name="backup-sink", daemon=True),

@@ -7,6 +7,7 @@ server's files exactly as they were.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
@@ -602,6 +603,28 @@ def test_a_driver_write_that_fails_ends_the_compressor_and_raises_its_error(
     finally:
         os.close(fd)
     assert _children_named("zstd") == []
+
+
+def test_the_pipe_to_zstd_is_as_wide_as_the_host_allows(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wider than fs.pipe-max-size: refused without CAP_SYS_RESOURCE (an
+    # agent in a container); the pipe is then the widest allowed, not
+    # the 64 KiB default.
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        allowed = int(f.read())
+    monkeypatch.setattr(archive, "PIPE_SIZE", 4 * allowed)
+    (layout.root / "big").write_bytes(os.urandom(2 * archive.SMALL_WRITE))
+    sizes: list[int] = []
+    real_write = archive._Compressor.write
+
+    def write(self: Any, data: Any) -> int:
+        sizes.append(fcntl.fcntl(self._in, 1032))  # F_GETPIPE_SZ
+        return real_write(self, data)
+
+    monkeypatch.setattr(archive._Compressor, "write", write)
+    data, stats = archive_bytes(layout.root)
+    assert sizes and min(sizes) >= allowed
+    restore_bytes(layout.root, data, stats)
 
 
 def test_a_large_file_shrinking_while_spliced_is_padded_to_its_size(
