@@ -38,7 +38,14 @@ restic runs as the manager runs it: a directory snapshot through the
 private mount where the machine allows one (the report says ``tree``), the
 tar stream otherwise; the report names each snapshot's parent.  What the
 agent's long-lived driver does once (open the repository, which derives
-the key, and probe the private mount) is not timed.
+the key, and probe the private mount) is not timed.  Then restic's own
+floor on the tree, without the agent: ``restic version`` (a process
+start), ``restic --no-lock cat config`` (+ the key derivation, scrypt with
+the parameters ``restic init`` calibrated), ``restic cat config`` (+ the
+lock and restic 0.14's fixed 200 ms wait after taking it), and a
+``restic backup`` with nothing changed since the one before (the same
+private view, so the same parent), each timed from outside with its CPU;
+and our planning walk alone.
 
     python bench/backups.py [--size-mib 200] [--small N] [--rounds 2] [--no-restic] [--keep DIR]
 """
@@ -339,7 +346,8 @@ def main() -> None:
             print("restic floor (restic alone, wall / CPU s): start {:.2f}/{:.2f}; + key "
                   "derivation {:.2f}/{:.2f}; + lock {:.2f}/{:.2f}; a backup with nothing "
                   "changed {:.2f}/{:.2f} ({:.0f} % of the 1st; restic's own total_duration "
-                  "{:.2f}, {} files unmodified); ours before restic: planning walk {:.2f} s; "
+                  "{:.2f}, {} files unmodified); our planning walk (run during restic's start, "
+                  "not after it) {:.2f} s; "
                   "loadavg {}".format(
                       *floor["start"], *floor["key"], *floor["key_lock"], *floor["backup"],
                       100 * floor["backup"][0] / first["seconds"], floor["restic_duration"],
