@@ -296,6 +296,11 @@ class ResticDriver:
                     _write_all(feed, lines)
                 except BrokenPipeError:
                     pass  # restic ended already: its exit says why
+            except BaseException:
+                # Ended before it reads the end of an unfinished list (it
+                # would back up what the list did not name yet).
+                _end(proc)
+                raise
             finally:
                 os.close(feed)
             deadline = time.monotonic() + self.config.timeout

@@ -400,3 +400,30 @@ def test_a_plan_that_falls_back_ends_the_started_restic_without_a_lock(
     out, _ = driver.run(["list", "locks", "--no-lock"])
     assert out.strip() == ""
     assert snapshots(driver) == []
+
+
+def test_a_planning_walk_that_fails_ends_restic_before_it_reads_an_unfinished_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrlagent.backups import restic
+    from ctrlagent.backups.ignore import IgnoreRules
+
+    driver = tree_driver(tmp_path)
+    driver.ensure_repository()
+    root = tmp_path / "srv"
+    root.mkdir()
+    (root / "f").write_text("x")
+
+    def plan(fd: int, rules: Any) -> Any:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(restic, "plan_tree", plan)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError, match="Input/output"):
+            driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([]))
+    finally:
+        os.close(fd)
+    assert _restic_children() == []
+    out, _ = driver.run(["list", "locks", "--no-lock"])
+    assert out.strip() == ""
+    assert snapshots(driver) == []
