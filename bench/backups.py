@@ -22,7 +22,7 @@ What each side does, exactly (the same tree, the same level):
   (``trees.tree_usage``, for the free-room check and the progress total),
   the local driver's temporary file opened, then ``write_archive``: our
   confined walk builds the tar stream (files of 256 KiB or more spliced)
-  into a pipe to the zstd program (``zstd -q -c -T0 -3 -B4MiB
+  into a pipe to the zstd program (``zstd -q -c -T0 -3
   --no-sparse``), which writes the temporary file itself, while a thread of
   ours reads that file back behind it and computes its sha256.  Timed up
   to the archive being whole and hashed; the local driver's commit (fsync,
@@ -38,7 +38,14 @@ restic runs as the manager runs it: a directory snapshot through the
 private mount where the machine allows one (the report says ``tree``), the
 tar stream otherwise; the report names each snapshot's parent.  What the
 agent's long-lived driver does once (open the repository, which derives
-the key, and probe the private mount) is not timed.
+the key, and probe the private mount) is not timed.  Then restic's own
+floor on the tree, without the agent: ``restic version`` (a process
+start), ``restic --no-lock cat config`` (+ the key derivation, scrypt with
+the parameters ``restic init`` calibrated), ``restic cat config`` (+ the
+lock and restic 0.14's fixed 200 ms wait after taking it), and a
+``restic backup`` with nothing changed since the one before (the same
+private view, so the same parent), each timed from outside with its CPU;
+and our planning walk alone.
 
     python bench/backups.py [--size-mib 200] [--small N] [--rounds 2] [--no-restic] [--keep DIR]
 """
@@ -162,6 +169,41 @@ def run_child(step: str, args: list[str]) -> None:
             w = driver.open_writer("bench", backup_id)
             stats = write_archive(fd, w.write, IgnoreRules([]), level=None)
             result = {"snapshot": w.commit(), "bytes": stats.bytes, "mode": "stream"}
+    elif step == "restic-floor":
+        # restic's own floor on this tree: the commands run exactly as the
+        # driver runs them (its environment, the same private view, so the
+        # same parent), each timed from the outside with its CPU; the last
+        # a backup with nothing changed since the one before.
+        root, repo, password_file = args
+        from ctrlagent.backups.config import ResticConfig
+        from ctrlagent.backups.drivers import safe_component
+        from ctrlagent.backups.restic import ResticDriver, plan_tree
+
+        config = ResticConfig(repository=repo, password_file=password_file)
+        driver = ResticDriver(config, cache_dir=repo + "-cache", source_dir=repo + "-source")
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+        target = os.path.join(repo + "-source", safe_component("bench"))
+        view = driver._private_view("/proc/self/fd/{}".format(fd), target, [])
+
+        def timed(argv: list[str], private: bool = False) -> tuple[float, float, str]:
+            c0, t0 = _cpu()[1], time.monotonic()
+            out = subprocess.run((view if private else []) + argv, env=driver._env(),
+                                 pass_fds=(fd,), capture_output=True, text=True, check=True)
+            return time.monotonic() - t0, _cpu()[1] - c0, out.stdout
+
+        result = {}
+        t0 = time.monotonic()
+        plan_tree(fd, IgnoreRules([]))
+        result["plan"] = time.monotonic() - t0
+        result["start"] = timed(["restic", "version"])[:2]
+        result["key"] = timed(["restic", "--no-lock", "cat", "config"])[:2]
+        result["key_lock"] = timed(["restic", "cat", "config"])[:2]
+        wall, cpu, out = timed(["restic", "backup", "--json", "--host", "ctrlagent", target],
+                               private=True)
+        summary = json.loads(out.strip().splitlines()[-1])
+        result["backup"] = (wall, cpu)
+        result["restic_duration"] = summary.get("total_duration", 0.0)
+        result["unmodified"] = summary.get("files_unmodified", 0)
     else:
         raise SystemExit("unknown step")
     result.setdefault("seconds", time.monotonic() - t0)
@@ -298,6 +340,18 @@ def main() -> None:
                       second["seconds"], 100 * second["seconds"] / first["seconds"],
                       (size2 - size1) / MiB, second.get("parent"),
                       first.get("snapshot", "")[5:13], _loadavg()))
+            # restic's own floor: what a backup with nothing changed costs
+            # restic alone (no agent), and its fixed parts.
+            floor = child("restic-floor", [str(root), str(repo), str(pw)])
+            print("restic floor (restic alone, wall / CPU s): start {:.2f}/{:.2f}; + key "
+                  "derivation {:.2f}/{:.2f}; + lock {:.2f}/{:.2f}; a backup with nothing "
+                  "changed {:.2f}/{:.2f} ({:.0f} % of the 1st; restic's own total_duration "
+                  "{:.2f}, {} files unmodified); our planning walk (run during restic's start, "
+                  "not after it) {:.2f} s; "
+                  "loadavg {}".format(
+                      *floor["start"], *floor["key"], *floor["key_lock"], *floor["backup"],
+                      100 * floor["backup"][0] / first["seconds"], floor["restic_duration"],
+                      floor["unmodified"], floor["plan"], _loadavg()))
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -7,6 +7,7 @@ server's files exactly as they were.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
@@ -544,6 +545,24 @@ def test_the_archive_is_compressed_by_a_zstd_process_of_its_own(
     restore_bytes(layout.root, data, stats)
 
 
+def test_the_archive_is_the_frames_zstd_T0_makes_of_the_same_tar_stream(
+        layout: Layout) -> None:
+    # What ``tar -I 'zstd -T0 -3'`` gives for our tar stream, byte for byte:
+    # the same compression work (level, threads, job size) as the command
+    # a backup's speed is measured against.  More than two of zstd's
+    # default jobs (8 MiB), half compressible, so a job size of its own
+    # would show.
+    for i in range(3):
+        (layout.root / "half{}".format(i)).write_bytes(
+            os.urandom(3 * 1024 * 1024) + bytes(3 * 1024 * 1024))
+    data, stats = archive_bytes(layout.root)
+    plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    assert len(plain) > 2 * 8 * 1024 * 1024
+    again = subprocess.run(["zstd", "-q", "-c", "-T0", "-3"], input=plain,
+                           capture_output=True, check=True).stdout
+    assert data == again
+
+
 def test_without_the_zstd_program_the_same_archive_is_made_in_process(
         layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
     populate(layout.root)
@@ -584,6 +603,28 @@ def test_a_driver_write_that_fails_ends_the_compressor_and_raises_its_error(
     finally:
         os.close(fd)
     assert _children_named("zstd") == []
+
+
+def test_the_pipe_to_zstd_is_as_wide_as_the_host_allows(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wider than fs.pipe-max-size: refused without CAP_SYS_RESOURCE (an
+    # agent in a container); the pipe is then the widest allowed, not
+    # the 64 KiB default.
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        allowed = int(f.read())
+    monkeypatch.setattr(archive, "PIPE_SIZE", 4 * allowed)
+    (layout.root / "big").write_bytes(os.urandom(2 * archive.SMALL_WRITE))
+    sizes: list[int] = []
+    real_write = archive._Compressor.write
+
+    def write(self: Any, data: Any) -> int:
+        sizes.append(fcntl.fcntl(self._in, 1032))  # F_GETPIPE_SZ
+        return real_write(self, data)
+
+    monkeypatch.setattr(archive._Compressor, "write", write)
+    data, stats = archive_bytes(layout.root)
+    assert sizes and min(sizes) >= allowed
+    restore_bytes(layout.root, data, stats)
 
 
 def test_a_large_file_shrinking_while_spliced_is_padded_to_its_size(
@@ -645,11 +686,14 @@ def test_the_local_archive_is_written_by_zstd_and_hashed_behind_it(
     assert tree(layout.root) == before
 
 
+@pytest.mark.parametrize("piece", [300 * 1024, archive.HASH_READ - 1,
+                                   2 * archive.HASH_READ + 1])
 def test_a_local_archive_trickling_out_of_zstd_is_hashed_whole(
-        layout: Layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A zstd that writes its output in small pieces with pauses longer than
-    # the hasher's wait: it catches up, waits, reads on, and reads the
-    # last pieces after the child's end.
+        layout: Layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int) -> None:
+    # A zstd that writes its output in pieces (shorter and longer than the
+    # hasher's read, never a multiple of it) with pauses longer than the
+    # hasher's wait: it catches up mid-read, waits, reads on, and reads
+    # the last pieces after the child's end.
     (layout.root / "big").write_bytes(os.urandom(2 * 1024 * 1024))
     fake = tmp_path / "bin" / "zstd"
     fake.parent.mkdir()
@@ -657,15 +701,16 @@ def test_a_local_archive_trickling_out_of_zstd_is_hashed_whole(
         "#!{}\nimport subprocess, sys, time\n"
         "out = subprocess.run(['zstd'] + sys.argv[1:], stdin=sys.stdin,\n"
         "                     capture_output=True, check=True).stdout\n"
-        "for i in range(0, len(out), 300 * 1024):\n"
-        "    sys.stdout.buffer.write(out[i:i + 300 * 1024])\n"
+        "for i in range(0, len(out), {piece}):\n"
+        "    sys.stdout.buffer.write(out[i:i + {piece}])\n"
         "    sys.stdout.buffer.flush()\n"
-        "    time.sleep(3 * {})\n".format(sys.executable, archive.FOLLOW_POLL))
+        "    time.sleep({pause})\n".format(sys.executable, piece=piece,
+                                           pause=1.5 * archive.FOLLOW_POLL))
     fake.chmod(0o755)
     monkeypatch.setattr(archive, "ZSTD_PROGRAM", str(fake))
     stats, path = _archive_to_local(layout.root, tmp_path / "archives")
     data = path.read_bytes()
-    assert len(data) > 6 * 300 * 1024
+    assert len(data) > 4 * archive.HASH_READ and len(data) % archive.HASH_READ != 0
     assert stats.size == len(data) and stats.checksum == hashlib.sha256(data).hexdigest()
 
 

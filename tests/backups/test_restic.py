@@ -292,3 +292,138 @@ def test_a_name_with_a_control_character_anywhere_falls_back_to_the_tar_stream(
         assert plan_tree(fd, IgnoreRules([])) is None
     finally:
         os.close(fd)
+
+
+def _snapshot_names(driver: ResticDriver, location: str) -> set[str]:
+    """The paths (relative to the snapshot's root) a directory snapshot holds."""
+    snapshot, _, path = location[len("tree:"):].partition(":")
+    out, _ = driver.run(["ls", "--json", snapshot])
+    names = set()
+    for line in out.splitlines():
+        item = json.loads(line)
+        if item.get("struct_type") == "node" and item["path"].startswith(path + "/"):
+            names.add(item["path"][len(path) + 1:])
+    return names
+
+
+def test_names_restic_would_read_otherwise_are_left_out_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrlagent.backups.ignore import IgnoreRules
+
+    # restic's exclude file trims white space, skips "#" lines, expands
+    # "$NAME" and reads globs: each name the plan leaves out (FIFOs here)
+    # leaves out itself only, and its plain twins stay.
+    monkeypatch.setenv("CTRL_EXPANDED", "pand")
+    driver = tree_driver(tmp_path)
+    root = tmp_path / "srv"
+    root.mkdir()
+    hostile = ["cost$CTRL_EXPANDED", "$", "trail ", "nbsp\xa0", "#hash", "star*", "[ab]",
+               "back\\", "d i r", "q?"]
+    kept = ["cost", "costpand", "cost$CTRL", "trail", "nbsp", "hash", "stars", "a",
+            "back", "d", "qq"]
+    for name in hostile:
+        os.mkfifo(root / name)
+    for name in kept:
+        (root / name).write_text("x")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        done = driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([]))
+    finally:
+        os.close(fd)
+    assert done is not None
+    stats, location = done
+    assert _snapshot_names(driver, location) == set(kept)
+    assert stats.files == len(kept) and stats.skipped == len(hostile)
+
+
+def test_the_planning_walk_runs_while_restic_starts(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrlagent.backups import restic
+    from ctrlagent.backups.ignore import IgnoreRules
+
+    driver = tree_driver(tmp_path)
+    driver.ensure_repository()
+    root = tmp_path / "srv"
+    root.mkdir()
+    (root / "f").write_text("x")
+    seen: list[list[str]] = []
+    real_plan = restic.plan_tree
+
+    def plan(fd: int, rules: Any) -> Any:
+        # restic is running (deriving its key) while we walk.
+        seen.append([cmd for cmd in _restic_children()])
+        return real_plan(fd, rules)
+
+    monkeypatch.setattr(restic, "plan_tree", plan)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        done = driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([]))
+    finally:
+        os.close(fd)
+    assert done is not None and done[0].files == 1
+    assert seen and seen[0], "no restic process while the plan was walked"
+
+
+def _restic_children() -> list[str]:
+    """Command lines of this process's descendants that run restic (or will: unshare)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/{}/cmdline".format(pid), "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            with open("/proc/{}/stat".format(pid)) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and "backup" in cmd and "restic" in cmd:
+            found.append(cmd)
+    return found
+
+
+def test_a_plan_that_falls_back_ends_the_started_restic_without_a_lock(
+        tmp_path: Path) -> None:
+    from ctrlagent.backups.ignore import IgnoreRules
+
+    driver = tree_driver(tmp_path)
+    driver.ensure_repository()
+    root = tmp_path / "srv"
+    root.mkdir()
+    (root / "bad\x01name").write_text("x")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([])) is None
+    finally:
+        os.close(fd)
+    assert _restic_children() == []
+    out, _ = driver.run(["list", "locks", "--no-lock"])
+    assert out.strip() == ""
+    assert snapshots(driver) == []
+
+
+def test_a_planning_walk_that_fails_ends_restic_before_it_reads_an_unfinished_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrlagent.backups import restic
+    from ctrlagent.backups.ignore import IgnoreRules
+
+    driver = tree_driver(tmp_path)
+    driver.ensure_repository()
+    root = tmp_path / "srv"
+    root.mkdir()
+    (root / "f").write_text("x")
+
+    def plan(fd: int, rules: Any) -> Any:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(restic, "plan_tree", plan)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError, match="Input/output"):
+            driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([]))
+    finally:
+        os.close(fd)
+    assert _restic_children() == []
+    out, _ = driver.run(["list", "locks", "--no-lock"])
+    assert out.strip() == ""
+    assert snapshots(driver) == []
