@@ -94,6 +94,10 @@ from ctrlagent.wire.servers import (
 )
 from ctrlagent.work import Deadlines, Tracker
 
+# Kernel stats reads in one reactor turn at most (about 0.1 ms each): a
+# request arriving meanwhile waits for them.
+STATS_READS_PER_TICK = 4
+
 
 @implementer(IServerManager)
 class ServerManager(service.Service):
@@ -161,6 +165,7 @@ class ServerManager(service.Service):
             self.clock,
             config.servers.stats_interval,
             idle_interval=config.servers.stats_idle_interval,
+            per_tick=STATS_READS_PER_TICK,
         )
         # What every server uses: it never reaches back to the manager.
         self.services = ServerServices(

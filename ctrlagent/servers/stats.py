@@ -43,8 +43,9 @@ class StatsHub:
     slice with the fewest members when it joins, and each tick reads the
     samplers of one slice: every sampler is read exactly once per interval,
     the reads are spread evenly over it, and no reactor turn reads more than
-    a ``slices``-th of the servers.  The timer runs only while a sampler is
-    in the hub.
+    a ``slices``-th of the servers, nor more than ``per_tick`` of them (more
+    servers add slices: 500 servers at 4 a tick are 125 ticks a round).  The
+    timer runs only while a sampler is in the hub.
 
     ``live()`` says whether someone follows every server's figures as they
     come (the Panel link while connected; ``ServerManager.follow_figures``):
@@ -60,7 +61,8 @@ class StatsHub:
     log = Logger()
 
     def __init__(
-        self, clock: Any, interval: float, slices: int = 40, idle_interval: float = 0.0
+        self, clock: Any, interval: float, slices: int = 40, idle_interval: float = 0.0,
+        per_tick: int = 0,
     ) -> None:
         self._clock = clock
         self.interval = interval
@@ -69,6 +71,11 @@ class StatsHub:
         #: Kernel samples taken by the hub's visits (tests, benchmarks).
         self.reads = 0
         self._slices: list[dict[StatsSampler, None]] = [{} for _ in range(max(1, slices))]
+        # At most this many reads a tick (0: no bound): when every slice holds
+        # that many, a new slice is added, so ticks come more often rather
+        # than longer (one tick's reads hold the reactor, and requests wait
+        # behind them).
+        self._per_tick = per_tick
         self._where: dict[StatsSampler, int] = {}
         self._next = 0
         self._call: IDelayedCall | None = None
@@ -85,6 +92,9 @@ class StatsHub:
         if sampler in self._where:
             return
         index = min(range(len(self._slices)), key=lambda i: len(self._slices[i]))
+        if self._per_tick and len(self._slices[index]) >= self._per_tick:
+            self._slices.append({})
+            index = len(self._slices) - 1
         self._slices[index][sampler] = None
         self._where[sampler] = index
         if self._call is None:

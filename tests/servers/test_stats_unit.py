@@ -225,6 +225,38 @@ def test_the_hub_spreads_servers_evenly_over_its_slices() -> None:
     assert sorted(sizes) == [2, 2, 3, 3] and sorted(reads) == list(range(10))
 
 
+def test_more_servers_than_the_slices_hold_add_slices_not_reads_per_tick() -> None:
+    clock = Clock()
+    hub = StatsHub(clock, INTERVAL, slices=40, per_tick=4)
+    reads: list[int] = []
+
+    class Member:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def read_kernel(self) -> None:
+            reads.append(self.n)
+
+    for n in range(500):
+        hub.add(Member(n))  # type: ignore[arg-type]
+    assert len(hub._slices) == 125
+    clock.advance(INTERVAL / 40)  # the first tick, timed when one slice of 40 was there
+    assert len(reads) == 4
+    reads.clear()
+    per_tick = []
+    for _ in range(125):
+        before = len(reads)
+        clock.advance(INTERVAL / 125)
+        per_tick.append(len(reads) - before)
+    # One interval: every server read once, never more than 4 in one tick.
+    assert sorted(reads) == list(range(500)) and max(per_tick) == 4
+    # Fewer servers than the slices hold at that bound: the slices stay.
+    small = StatsHub(clock, INTERVAL, slices=40, per_tick=4)
+    for n in range(160):
+        small.add(Member(n))  # type: ignore[arg-type]
+    assert len(small._slices) == 40
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_reader_that_cannot_read_any_more_hands_over_to_the_engines_stream() -> None:
     from ctrlagent.errors import EngineError
