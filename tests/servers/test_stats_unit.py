@@ -201,19 +201,23 @@ async def test_a_reader_that_comes_after_the_sampler_stopped_is_closed_unused() 
     assert reader.closed and reader.reads == 0 and len(hub) == 0
 
 
+class Member:
+    """A hub member that notes its number in ``reads`` when read."""
+
+    def __init__(self, n: int, reads: list[int]) -> None:
+        self.n = n
+        self.reads = reads
+
+    def read_kernel(self) -> None:
+        self.reads.append(self.n)
+
+
 def test_the_hub_spreads_servers_evenly_over_its_slices() -> None:
     clock = Clock()
     hub = StatsHub(clock, INTERVAL, slices=4)
     reads: list[int] = []
 
-    class Member:
-        def __init__(self, n: int) -> None:
-            self.n = n
-
-        def read_kernel(self) -> None:
-            reads.append(self.n)
-
-    members = [Member(n) for n in range(10)]
+    members = [Member(n, reads) for n in range(10)]
     for m in members:
         hub.add(m)  # type: ignore[arg-type]
     hub.add(members[0])  # type: ignore[arg-type]  # twice: still once
@@ -230,15 +234,8 @@ def test_more_servers_than_the_slices_hold_add_slices_not_reads_per_tick() -> No
     hub = StatsHub(clock, INTERVAL, slices=40, per_tick=4)
     reads: list[int] = []
 
-    class Member:
-        def __init__(self, n: int) -> None:
-            self.n = n
-
-        def read_kernel(self) -> None:
-            reads.append(self.n)
-
     for n in range(500):
-        hub.add(Member(n))  # type: ignore[arg-type]
+        hub.add(Member(n, reads))  # type: ignore[arg-type]
     assert len(hub._slices) == 125
     clock.advance(INTERVAL / 40)  # the first tick, timed when one slice of 40 was there
     assert len(reads) == 4
@@ -253,7 +250,7 @@ def test_more_servers_than_the_slices_hold_add_slices_not_reads_per_tick() -> No
     # Fewer servers than the slices hold at that bound: the slices stay.
     small = StatsHub(clock, INTERVAL, slices=40, per_tick=4)
     for n in range(160):
-        small.add(Member(n))  # type: ignore[arg-type]
+        small.add(Member(n, reads))  # type: ignore[arg-type]
     assert len(small._slices) == 40
 
 
