@@ -9,7 +9,10 @@ engine at DOCKER_HOST, or on a private engine when none answers, and:
    ``POST /api/command`` from 8 concurrent connections;
 2. steady state, ``--settle`` seconds (default 30) after the last server
    runs: the agent's RSS and CPU (percent of one core, from
-   ``/proc/<pid>/stat`` over ``--window`` seconds), with no Panel link up:
+   ``/proc/<pid>/stat`` over ``--window`` seconds, default 60: one whole
+   round of the disk checks, which come every ``servers.disk_check_interval``
+   for all servers at once, so a shorter window holds one or none), with no
+   Panel link up:
    the servers are then sampled every ``servers.stats_idle_interval``.
    Each server's ticks are console lines the agent reads and delivers
    (``--servers`` / ``--tick`` lines a second in all);
@@ -32,7 +35,7 @@ HTTP p99 under 10 ms at 16 clients, all re-attached within 10 s.  With
 ``--servers 100,500`` it runs twice and prints the per-server growth, so
 that anything worse than linear shows.  Every server is deleted at the end.
 
-    python bench/scale.py [--servers 500] [--tick 5] [--settle 30] [--window 30]
+    python bench/scale.py [--servers 500] [--tick 5] [--settle 30] [--window 60]
                           [--requests 2000]
 """
 
@@ -353,7 +356,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", default="500", help="comma-separated counts")
     parser.add_argument("--tick", type=float, default=5.0)
-    parser.add_argument("--window", type=float, default=30.0)
+    parser.add_argument("--window", type=float, default=60.0,
+                        help="seconds each CPU figure is measured over (default 60: one"
+                        " whole round of the disk checks, servers.disk_check_interval)")
     parser.add_argument("--settle", type=float, default=30.0,
                         help="seconds from all running to the idle window (default 30)")
     parser.add_argument("--requests", type=int, default=2000)
