@@ -382,6 +382,14 @@ def _restic_children() -> list[str]:
     return found
 
 
+def assert_nothing_left(driver: Any) -> None:
+    """No restic process, no lock and no snapshot left in the repository."""
+    assert _restic_children() == []
+    out, _ = driver.run(["list", "locks", "--no-lock"])
+    assert out.strip() == ""
+    assert snapshots(driver) == []
+
+
 def test_a_plan_that_falls_back_ends_the_started_restic_without_a_lock(
         tmp_path: Path) -> None:
     from ctrlagent.backups.ignore import IgnoreRules
@@ -396,10 +404,7 @@ def test_a_plan_that_falls_back_ends_the_started_restic_without_a_lock(
         assert driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([])) is None
     finally:
         os.close(fd)
-    assert _restic_children() == []
-    out, _ = driver.run(["list", "locks", "--no-lock"])
-    assert out.strip() == ""
-    assert snapshots(driver) == []
+    assert_nothing_left(driver)
 
 
 def test_a_planning_walk_that_fails_ends_restic_before_it_reads_an_unfinished_list(
@@ -423,7 +428,4 @@ def test_a_planning_walk_that_fails_ends_restic_before_it_reads_an_unfinished_li
             driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([]))
     finally:
         os.close(fd)
-    assert _restic_children() == []
-    out, _ = driver.run(["list", "locks", "--no-lock"])
-    assert out.strip() == ""
-    assert snapshots(driver) == []
+    assert_nothing_left(driver)

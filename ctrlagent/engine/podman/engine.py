@@ -303,6 +303,10 @@ class _Numbering:
             out.append(LogLine(ns + self._seen, stream, text))
         return out
 
+    def after(self, batch: list[tuple[str, str]], after: int) -> list[LogLine]:
+        """The numbered lines of ``batch`` stamped after ``after`` (or not stamped)."""
+        return [line for line in self.lines(batch) if line.ns > after or not line.ns]
+
 
 @implementer(ILogStream)
 class NumberedLines:
@@ -402,7 +406,7 @@ class NumberedLines:
             batch = await stream.next_batch(max_items)
             if not batch:
                 return
-            lines = [line for line in numbering.lines(batch) if line.ns > after or not line.ns]
+            lines = numbering.after(batch, after)
             if lines:
                 yield lines
 
@@ -423,7 +427,7 @@ class NumberedLines:
         numbering = _Numbering()
 
         def take(batch: list[tuple[str, str]]) -> None:
-            lines = [line for line in numbering.lines(batch) if line.ns > after or not line.ns]
+            lines = numbering.after(batch, after)
             if lines:
                 sink(lines)
 
