@@ -34,7 +34,13 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from ctrlagent.backups.archive import MAX_BACKUP_DEPTH, ArchiveStats, BackupCancelled, Progress
+from ctrlagent.backups.archive import (
+    MAX_BACKUP_DEPTH,
+    ArchiveStats,
+    BackupCancelled,
+    Progress,
+    widen_pipe,
+)
 from ctrlagent.backups.config import ResticConfig
 from ctrlagent.backups.drivers import safe_component
 from ctrlagent.backups.ignore import IgnoreRules
@@ -261,8 +267,13 @@ class ResticDriver:
         # runs while restic starts: restic reads its --exclude-file only
         # once it has derived the key and taken its lock (0.5-1 s; the
         # walk takes 0.1-0.2 s for 13,000 files), so the walk is off the
-        # backup's time.  The list goes through a pipe.
+        # backup's time.  The list goes through a pipe that holds it whole
+        # (a longer list falls back to a tar stream), so writing it never
+        # waits on a restic that has not come to read it yet: a restic
+        # stuck before that is ended by the deadline below, not by us
+        # blocked in a write.
         listing, feed = os.pipe()
+        room = widen_pipe(feed)
         args = [self.config.binary, "backup", "--json", "--host", "ctrlagent", "--tag", tags,
                 *excludes, "--exclude-file", "/proc/self/fd/{}".format(listing), target]
         # The mount's source is the directory we walked, by its fd (the
@@ -283,7 +294,7 @@ class ResticDriver:
             try:
                 plan = plan_tree(root_fd, rules)
                 lines = None if plan is None else exclude_file(target, plan[1])
-                if plan is None or lines is None:
+                if plan is None or lines is None or len(lines) > room:
                     # Not for restic after all: it ends (SIGTERM, so its lock
                     # goes) before it has read a single pattern.
                     _end(proc)

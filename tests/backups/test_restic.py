@@ -407,6 +407,29 @@ def test_a_plan_that_falls_back_ends_the_started_restic_without_a_lock(
     assert_nothing_left(driver)
 
 
+def test_an_exclude_list_the_pipe_cannot_hold_whole_falls_back_without_waiting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrlagent.backups import restic
+    from ctrlagent.backups.ignore import IgnoreRules
+
+    driver = tree_driver(tmp_path)
+    driver.ensure_repository()
+    root = tmp_path / "srv"
+    root.mkdir()
+    for n in range(20):
+        (root / "skip-{:02d}.log".format(n)).write_text("x")
+    (root / "kept").write_text("y")
+    # A pipe of 64 bytes: the list of 20 excluded paths does not fit, and
+    # writing it would wait for a restic that reads it only after its lock.
+    monkeypatch.setattr(restic, "widen_pipe", lambda fd: 64)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules(["*.log"])) is None
+    finally:
+        os.close(fd)
+    assert_nothing_left(driver)
+
+
 def test_a_planning_walk_that_fails_ends_restic_before_it_reads_an_unfinished_list(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ctrlagent.backups import restic
