@@ -60,6 +60,7 @@ a loss.
 from __future__ import annotations
 
 import binascii
+import functools
 import json
 import os
 from collections import deque
@@ -154,9 +155,15 @@ class MarkLedger:
             self._on_advance(server_id, newest)
 
 
+@functools.lru_cache(maxsize=8192)
+def _record_head(server_id: str) -> bytes:
+    """``["id",`` of a server's journal records (encoded once per server, not per line)."""
+    return b"[" + json.dumps(server_id).encode("ascii") + b","
+
+
 def encode_record(server_id: str, mark: Mark) -> bytes:
-    """One journal line: ``["id",ns,count] crc32``."""
-    payload = json.dumps([server_id, mark[0], mark[1]], separators=(",", ":")).encode("ascii")
+    """One journal line: ``["id",ns,count] crc32`` (the JSON of ``[id, ns, count]``)."""
+    payload = _record_head(server_id) + b"%d,%d]" % (mark[0], mark[1])
     return payload + b" %08x\n" % binascii.crc32(payload)
 
 
@@ -599,18 +606,15 @@ class ConsoleDelivery:
         """One store transaction of every pending mark; the next one queues behind it."""
         self._mark_timer = None
         marks, self.pending_marks = self.pending_marks, {}
-        changes = [
-            (sid, {"console_mark": ns, "extra": {"markCount": n}})
-            for sid, (ns, n) in marks.items()
-            if sid in self._served
-        ]
+        served = self._served
+        changes = {sid: mark for sid, mark in marks.items() if sid in served}
         if not changes or self.bus.dead:
             self._release_idle()
             return
         self._writing = True
         self._last_mark_write = self.clock.seconds()
         try:
-            d = self.store.update_many(changes)
+            d = self.store.update_marks(changes)
         except Exception:
             d = fail()
 

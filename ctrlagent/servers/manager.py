@@ -97,6 +97,8 @@ from ctrlagent.work import Deadlines, Tracker
 # Kernel stats reads in one reactor turn at most (about 0.1 ms each): a
 # request arriving meanwhile waits for them.
 STATS_READS_PER_TICK = 4
+# Disk-usage walks at once in a round of checks (each in the disk threads).
+DISK_WALKS = 2
 
 
 @implementer(IServerManager)
@@ -143,7 +145,6 @@ class ServerManager(service.Service):
         self._events: IEventStream | None = None
         self._events_task: Deferred[None] | None = None
         self._disk_loop: LoopingCall | None = None
-        self._disk_slots = DeferredSemaphore(2)
         self._reconciling: Deferred[None] | None = None
         self._reconcile_again = False
         self.crashed: Deferred[None] | None = None
@@ -518,11 +519,23 @@ class ServerManager(service.Service):
     # -- disk usage --------------------------------------------------------
 
     def _check_all_disks(self) -> Deferred[Any]:
-        check = async_to_deferred(self.check_disk)
-        work = [self._disk_slots.run(check, server) for server in list(self._servers.values())]
-        if not work:
+        # DISK_WALKS walks at a time, each taking the next server when its
+        # last ends: not hundreds of queued checks made in one reactor turn
+        # (6 ms at 500 servers, every interval, a stall every request felt).
+        servers = iter(list(self._servers.values()))
+
+        async def walk() -> None:
+            for server in servers:
+                try:
+                    await self.check_disk(server)
+                except Exception as e:  # noqa: BLE001 - one server's check never stops the round
+                    self.log.debug("disk check of {server_id} failed: {e}",
+                                   server_id=server.server_id, e=e)
+
+        if not self._servers:
             return succeed(None)
-        return DeferredList(work, consumeErrors=True)
+        return DeferredList([Deferred.fromCoroutine(walk()) for _ in range(DISK_WALKS)],
+                            consumeErrors=True)
 
     async def check_disk(self, server: Server) -> int:
         """Measure the data directory (in a thread), cache it, enforce the limit."""

@@ -43,7 +43,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -397,6 +397,26 @@ class ServerStore:
             )
         return self._run(lambda: self._transaction(statements, "the update"))
 
+    def update_marks(self, marks: Mapping[str, tuple[int, int]]) -> Deferred[None]:
+        """
+        Several servers' console marks (``(ns, count)``) in one durable
+        transaction: ``console_mark`` and the count in ``extra``, as
+        ``update_many`` would write them.  The rows are made in the store's
+        thread, not on the reactor: the marks of hundreds of servers come
+        every ``console_mark_interval``.
+        """
+        marks = dict(marks)
+
+        def write() -> None:
+            now = time.time()
+            rows = [(int(ns), _MARK_EXTRA % int(n), now, sid) for sid, (ns, n) in marks.items()]
+            try:
+                _execute_transaction(self._db, [], many=(_MARKS_SQL, rows))
+            except sqlite3.Error as e:
+                raise self._write_error(e, "the console marks") from None
+
+        return self._run(write)
+
     def delete(self, server_id: str) -> Deferred[None]:
         """Forget a server."""
         sql = "DELETE FROM servers WHERE server_id = ?"
@@ -495,14 +515,26 @@ def _encode(key: str, value: Any) -> Any:
     return value
 
 
+# What ``_encode`` makes of ``{"markCount": n}`` (json.dumps, sorted keys).
+_MARK_EXTRA = '{"markCount": %d}'
+_MARKS_SQL = "UPDATE servers SET console_mark = ?, extra = ?, updated = ? WHERE server_id = ?"
+
+
 def _execute_transaction(
-    db: sqlite3.Connection, statements: Iterable[tuple[str, tuple[Any, ...]]]
+    db: sqlite3.Connection,
+    statements: Iterable[tuple[str, tuple[Any, ...]]],
+    many: tuple[str, list[tuple[Any, ...]]] | None = None,
 ) -> None:
-    """Run ``statements`` in one transaction; on any failure nothing of it stays."""
+    """
+    Run ``statements`` (and ``many``'s one statement over its rows) in one
+    transaction; on any failure nothing of it stays.
+    """
     db.execute("BEGIN IMMEDIATE")
     try:
         for sql, args in statements:
             db.execute(sql, args)
+        if many is not None:
+            db.executemany(*many)
         db.execute("COMMIT")
     except BaseException:
         # SQLite may already have rolled back (a full disk does): a second

@@ -18,6 +18,8 @@ SIGKILL landing between the two system calls does (a repeat, never a loss).
 
 from __future__ import annotations
 
+import binascii
+import json
 import os
 import random
 import time
@@ -554,3 +556,16 @@ async def test_history_holds_exactly_the_lines_the_mark_covers(unit: Unit) -> No
     )
     # "b" shares the mark's nanosecond beyond its count: it comes again, live
     assert m.console_history("s1", 10) == ["a", "old"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(server_id=st.text(max_size=40), ns=st.integers(0, 2**63 - 1), count=st.integers(0, 2**32))
+def test_a_record_is_the_json_of_id_and_mark_with_its_crc(server_id: str, ns: int,
+                                                         count: int) -> None:
+    # The record's head is encoded once per server id: any id (quotes,
+    # backslashes, non-ASCII, surrogates) must still give exactly the JSON
+    # a reader parses back.
+    record = encode_record(server_id, (ns, count))
+    payload = json.dumps([server_id, ns, count], separators=(",", ":")).encode("ascii")
+    assert record == payload + b" %08x\n" % binascii.crc32(payload)
+    assert parse_journal(record)[0] == {server_id: (ns, count)}

@@ -138,3 +138,52 @@ async def test_store_is_durable_and_ordered(tmp_path: Any) -> None:
     await again.close()
     assert [(r.server_id, r.desired, r.state, r.console_mark, r.extra) for r in records] == [
         ("a", "running", "crashed", 123, {"markCount": 2})]
+
+
+@pytest_twisted.ensureDeferred
+async def test_marks_are_stored_as_update_many_stores_them(tmp_path: Any) -> None:
+    # update_marks (the marks of every server at once, rows made in the
+    # store's thread) leaves the very columns update_many leaves.
+    for name in ("one", "many"):
+        store = open_store(reactor, str(tmp_path / name))
+        for sid in ("a", "b", "c"):
+            await store.insert(sid, "{}", state="running")
+        marks = {"a": (10**18 + 7, 3), "b": (5, 0)}
+        if name == "one":
+            await store.update_many([(sid, {"console_mark": ns, "extra": {"markCount": n}})
+                                     for sid, (ns, n) in marks.items()])
+        else:
+            await store.update_marks(marks)
+        await store.close()
+    rows = []
+    for name in ("one", "many"):
+        db = sqlite3.connect(str(tmp_path / name / "servers.sqlite3"))
+        rows.append(db.execute(
+            "SELECT server_id, console_mark, extra FROM servers ORDER BY server_id").fetchall())
+        db.close()
+    assert rows[0] == rows[1]
+    again = open_store(reactor, str(tmp_path / "many"))
+    records = {r.server_id: (r.console_mark, r.extra) for r in again.load()}
+    await again.close()
+    assert records == {"a": (10**18 + 7, {"markCount": 3}), "b": (5, {"markCount": 0}),
+                       "c": (0, {})}
+
+
+@pytest_twisted.ensureDeferred
+async def test_marks_that_cannot_be_stored_change_nothing(tmp_path: Any) -> None:
+    store = open_store(reactor, str(tmp_path))
+    await store.insert("a", "{}")
+    await store.update_marks({"a": (100, 1)})
+    # A mark past SQLite's integer range fails the whole transaction: the
+    # first server's new mark does not stay either.
+    try:
+        await store.update_marks({"a": (200, 2), "b": (2**64, 1)})
+    except Exception as e:  # noqa: BLE001
+        failed: Exception | None = e
+    else:
+        failed = None
+    assert failed is not None
+    await store.close()
+    again = open_store(reactor, str(tmp_path))
+    assert [(r.console_mark, r.extra) for r in again.load()] == [(100, {"markCount": 1})]
+    await again.close()
