@@ -4,8 +4,11 @@ The agent's Docker Engine API client: typed, asynchronous, Twisted-native.
 ``DockerClient`` speaks the engine's HTTP API through an injected treq
 ``HTTPClient`` (see ``ctrlagent.engine.docker.transport``).  It negotiates the API
 version once (engines from API 1.41 up) and pins every path under
-``/v1.xx``.  Every call has a time limit, every stream a silence limit, error
-bodies are read with a size cap, and failures are typed:
+``/v1.xx``.  Long streams (logs, attach, events, stats) each get a connection
+of their own, read by ``rawhttp`` rather than treq (a console line's cost at
+hundreds of servers); a client built on an injected ``HTTPClient`` alone
+sends them through it too.  Every call has a time limit, every stream a
+silence limit, error bodies are read with a size cap, and failures are typed:
 
 - ``DockerUnavailable``: no socket, refused, dropped, timed out (the engine
   is stopped or restarting).  Calls fail fast and work again, without any
@@ -22,7 +25,7 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from hyperlink import DecodedURL
 from OpenSSL.SSL import Error as SSLError
@@ -76,6 +79,7 @@ from ctrlagent.engine.docker.models import (
     parse_image_ref,
     parse_pull_progress,
 )
+from ctrlagent.engine.docker.rawhttp import open_stream, request_bytes
 from ctrlagent.engine.docker.stats import ContainerStats, parse_stats
 from ctrlagent.engine.docker.stdin import AttachStdinProtocol, StdinPipe, attach_request
 from ctrlagent.engine.docker.streams import ItemStream, JsonLinesDecoder, LineStream
@@ -333,6 +337,33 @@ class DockerClient:
         except ConnectingCancelledError:
             # Our own cancellation while connecting (a shutdown): not the engine's fault.
             raise CancelledError() from None
+        except _UNAVAILABLE as e:
+            if _cancelled_by_us(e):
+                raise CancelledError() from None
+            raise _unavailable(self.host, e) from None
+        if response.code in ok:
+            return response
+        raw = await self._read(response, ERROR_BODY_CAP, truncate=True)
+        raise error_for_status(response.code, _error_message(raw), kind)
+
+    async def _send_streamed(self, method: str, url: DecodedURL, *, kind: str,
+                             ok: tuple[int, ...]) -> Any:
+        """
+        ``_send`` for a long stream, on a connection of its own read by
+        ``rawhttp`` (not twisted.web's client: a console line costs a fifth
+        of what it did there).  Returns the response of an ``ok`` status.
+        """
+        assert self._endpoints is not None
+        parts = urlsplit(url.to_uri().to_text())
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        try:
+            request = request_bytes(method, target, parts.netloc)
+        except ValueError as e:
+            raise DockerInvalidInput(str(e)) from None
+        try:
+            response = await open_stream(self._endpoints.endpoint(), request)
+        except CancelledError:
+            raise
         except _UNAVAILABLE as e:
             if _cancelled_by_us(e):
                 raise CancelledError() from None
@@ -795,8 +826,9 @@ class DockerClient:
         async def open() -> Any:
             await self._ensure_api()
             url = self.url(*segments, query=query)
+            send = self._send if self._endpoints is None else self._send_streamed
             return await self._timed(
-                self._send(method, url, kind=kind, ok=(200,)),
+                send(method, url, kind=kind, ok=(200,)),
                 self.config.call_timeout,
                 "{} /{}".format(method, "/".join(segments)),
             )

@@ -91,8 +91,10 @@ class JsonLinesDecoder:
 class _BodyProtocol(TwistedProtocol):
     """Forwards a response body to its ``ItemStream``."""
 
-    def __init__(self, stream: ItemStream[Any]) -> None:
+    def __init__(self, stream: ItemStream[Any], whole_reads: bool = False) -> None:
         self._stream = stream
+        if whole_reads:
+            self.dataReceived = stream._read_received  # type: ignore[method-assign]
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted hook)
         self._stream._make_connection(self.transport)
@@ -184,7 +186,9 @@ class ItemStream(Generic[T]):
             return
         self._last_data = self._clock.seconds()
         self._arm_timer()
-        response.deliverBody(_BodyProtocol(self))
+        # A body read without twisted.web (``rawhttp``) comes a whole read at
+        # a time: it is decoded at once, with no turn's gathering to wait for.
+        response.deliverBody(_BodyProtocol(self, getattr(response, "whole_reads", False)))
 
     # -- the producer side -------------------------------------------------
 
@@ -197,6 +201,12 @@ class ItemStream(Generic[T]):
         self._raw.append(data)
         if self._process_call is None:
             self._process_call = self._clock.callLater(0, self._process)
+
+    def _read_received(self, data: bytes) -> None:
+        if self._transport is None or self._closed:
+            return
+        self._raw.append(data)
+        self._process_now()
 
     def _process(self) -> None:
         self._process_call = None
