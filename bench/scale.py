@@ -75,6 +75,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK
 
 
+def host_speed() -> float:
+    """
+    Milliseconds of CPU a fixed pure-Python loop takes here (best of three).
+
+    Not the agent: the host's own pace, measured in the same run, so that
+    figures from runs on a busier or slower host can be told apart (on the
+    development VM the same loop takes 190-350 ms as load and the kernel's
+    own work vary).
+    """
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        sum(i * i for i in range(3_000_000))
+        best = min(best, time.process_time() - start)
+    return best * 1000.0
+
+
 async def _all(agent: AgentProcess, bodies: list[dict[str, Any]], clients: int = 8) -> list[Any]:
     """Send every body from ``clients`` keep-alive connections; answers in order."""
     conns = [Client(agent) for _ in range(clients)]
@@ -212,7 +229,7 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
                         subnet=args.subnet, **link) if args.network
              else AgentProcess(workdir, host, extra_config=config, **link)).start()
     server_ids = ["scale-" + uuid.uuid4().hex[:12] for _ in range(servers)]
-    result: dict[str, Any] = {"servers": servers}
+    result: dict[str, Any] = {"servers": servers, "host_loop_ms_before": host_speed()}
     try:
         started = time.monotonic()
         created = send_all(
@@ -259,6 +276,8 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
             thirds.append(100.0 * (cpu_seconds(pid) - c) / (time.monotonic() - t))
         result["cpu_percent"] = 100.0 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
         result["cpu_percent_thirds"] = thirds
+        result["host_loop_ms"] = host_speed()
+        result["loadavg"] = os.getloadavg()[0]
         result["rss_mb"] = rss_mb(pid)
         runs = []
         for clients in (1, 16):
@@ -338,7 +357,8 @@ def report(results: list[dict[str, Any]]) -> str:
             "restart: all re-attached in {reattach_s:.1f} s (target < 10; {agent_up_s:.1f} s to "
             "answer /health, then {reattach_after_up_s:.1f} s), RSS "
             "{rss_after_restart_mb:.0f} MB, ticks lost {ticks_lost}, repeated "
-            "{ticks_repeated}".format(
+            "{ticks_repeated}; host: a fixed Python loop {host_loop_ms:.0f} ms in the idle window "
+            "({host_loop_ms_before:.0f} ms before the servers), load {loadavg:.1f}".format(
                 thirds=" / ".join("{:.1f}".format(c) for c in r.get("cpu_percent_thirds", [])),
                 **r)
         )
