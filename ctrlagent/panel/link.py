@@ -84,7 +84,15 @@ from ctrlagent.panel.backoff import (
     without_credentials,
     without_query,
 )
-from ctrlagent.panel.outbox import CommandIntake, ConsoleBatcher, Entry, Outbox, Receipts, settle
+from ctrlagent.panel.outbox import (
+    CommandIntake,
+    ConsoleBatcher,
+    Entry,
+    Outbox,
+    Pending,
+    Receipts,
+    settle,
+)
 from ctrlagent.panel.protocol import PanelClientFactory, PanelProtocol
 from ctrlagent.wire import frames as outgoing
 from ctrlagent.wire import incoming
@@ -921,16 +929,19 @@ class PanelLink(service.MultiService):
     def _console_batch(
         self, server_id: str, stream: str, lines: list[str], timestamp: float, receipts: Receipts
     ) -> None:
-        try:
-            frames = outgoing.console_frames(
-                server_id, stream, lines, timestamp, with_legacy=self._panel.legacy_frames
+        legacy = self._panel.legacy_frames
+
+        def frames() -> Entry:
+            return tuple(
+                encode(frame)
+                for frame in outgoing.console_frames(
+                    server_id, stream, lines, timestamp, with_legacy=legacy
+                )
             )
-            entry = tuple(encode(frame) for frame in frames)
-        except Exception:
-            self.log.failure("could not encode console lines for the Panel")
-            settle(receipts)  # never to be sent: dropped
-            return
-        self._emit(entry, receipts)
+
+        # Encoded when written: now when the Panel is reading, else when the
+        # outbox is flushed to it (never, for lines the outbox drops).
+        self._emit(frames, receipts)
 
     def _emit_frames(self, frames: list[dict[str, Any]]) -> None:
         self._emit(tuple(encode(frame) for frame in frames))
@@ -944,8 +955,15 @@ class PanelLink(service.MultiService):
             and protocol.is_writable()
         )
 
-    def _write(self, protocol: PanelProtocol, entry: Entry, receipts: Receipts) -> None:
+    def _write(self, protocol: PanelProtocol, entry: Pending, receipts: Receipts) -> None:
         """Send an event's frames; its receipts settle once the kernel took them."""
+        if not isinstance(entry, tuple):
+            try:
+                entry = entry()
+            except Exception:
+                self.log.failure("could not encode console lines for the Panel")
+                settle(receipts)  # never to be sent: dropped
+                return
         for data in entry:
             protocol.send_frame(data)
         if receipts:
@@ -954,7 +972,7 @@ class PanelLink(service.MultiService):
             else:
                 settle(receipts)
 
-    def _emit(self, entry: Entry, receipts: Receipts = ()) -> None:
+    def _emit(self, entry: Pending, receipts: Receipts = ()) -> None:
         """An event: send now when the link is up and draining, else queue behind the outbox."""
         protocol = self._protocol
         if protocol is not None and self._can_send_now(protocol):

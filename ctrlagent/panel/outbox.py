@@ -33,6 +33,10 @@ from ctrlagent.events import ConsoleOutput
 # Frame groups: one logical event may be several frames (the event plus its
 # legacy twin); they are queued, dropped and sent together.
 Entry = tuple[bytes, ...]
+# A queued event group, or what makes it: console lines queued while the
+# link is down are encoded when they go out, not as they come (most are
+# dropped unencoded when the outbox overflows during a long outage).
+Pending = Entry | Callable[[], Entry]
 # The console receipts a frame group settles once it is delivered or dropped
 # (``ctrlagent.servers.delivery``).
 Receipts = tuple[Callable[[], None], ...]
@@ -59,7 +63,7 @@ class Outbox:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._events: deque[tuple[int, Entry, Receipts]] = deque()
+        self._events: deque[tuple[int, Pending, Receipts]] = deque()
         self._answers: deque[tuple[int, Entry, Callable[[], None] | None]] = deque()
         self._seq = 0
         self._front = 0  # sequence numbers of groups put back before all others
@@ -89,7 +93,7 @@ class Outbox:
         self.dropped_total += 1
         self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + 1
 
-    def append(self, entry: Entry, reason: str = "linkDown", receipts: Receipts = ()) -> bool:
+    def append(self, entry: Pending, reason: str = "linkDown", receipts: Receipts = ()) -> bool:
         """Queue an event group; True when an older one was dropped to make room."""
         if self.size <= 0:
             self._count_drop(reason)
@@ -127,20 +131,20 @@ class Outbox:
         """Queue an answer; never dropped."""
         self._answers.append((self._next(), entry, on_sent))
 
-    def pop_group(self) -> tuple[Entry, Callable[[], None] | None, Receipts]:
+    def pop_group(self) -> tuple[Pending, Callable[[], None] | None, Receipts]:
         """The oldest queued group, event or answer, with its ``on_sent`` and receipts."""
         if self._answers and (not self._events or self._answers[0][0] < self._events[0][0]):
-            _, entry, on_sent = self._answers.popleft()
-            return entry, on_sent, ()
-        _, entry, receipts = self._events.popleft()
-        return entry, None, receipts
+            _, answer, on_sent = self._answers.popleft()
+            return answer, on_sent, ()
+        _, event, receipts = self._events.popleft()
+        return event, None, receipts
 
-    def pop_next(self) -> tuple[Entry, Callable[[], None] | None]:
+    def pop_next(self) -> tuple[Pending, Callable[[], None] | None]:
         """The oldest queued group with its ``on_sent`` callback (receipts: the caller's)."""
         entry, on_sent, _ = self.pop_group()
         return entry, on_sent
 
-    def popleft(self) -> Entry:
+    def popleft(self) -> Pending:
         """The oldest queued group (its ``on_sent`` callback is the caller's to run)."""
         return self.pop_group()[0]
 

@@ -37,6 +37,7 @@ from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.panel.outbox import ConsoleBatcher
 from ctrlagent.panel.protocol import _Drain, _held_above, _socket_transport
 from ctrlagent.testing.panel import FakePanel
+from ctrlagent.wire import frames as outgoing
 
 from .harness import Harness
 from .test_link_loopback import Rig, make_rig, sleep, until  # noqa: F401 (fixture)
@@ -131,6 +132,41 @@ def test_lines_in_the_outbox_wait_and_one_the_outbox_drops_is_settled_as_dropped
     assert rig.panel.frames("events_dropped")[0]["data"]["dropped"] == 1
     assert rig.panel.console_lines("s1") == ["line 2", "line 3"]
     assert receipts.settled == [1, 2, 3]
+
+
+def test_lines_queued_while_the_link_is_down_are_encoded_only_when_they_go_out(
+    monkeypatch: Any, fail_on_logged_errors: list[dict[str, Any]],
+) -> None:
+    # At hundreds of servers a Panel outage queues a console frame per line:
+    # encoding those the outbox then drops was most of a line's cost.
+    encoded: list[int] = []
+    frames = outgoing.console_frames
+
+    def counting(server_id: str, stream: str, lines: list[str], *args: Any, **kw: Any) -> Any:
+        encoded.append(int(lines[0].split()[1]))
+        if lines[0] == "line 4":
+            raise ValueError("cannot encode this one")
+        return frames(server_id, stream, lines, *args, **kw)
+
+    monkeypatch.setattr(outgoing, "console_frames", counting)
+    rig = Harness(console_batch_window=0, outbox_size=3)
+    rig.endpoint.refuse = True
+    rig.start()
+    receipts = Receipts()
+    for n in (1, 2, 3, 4, 5):
+        rig.link.consumer(receipts.event(n))
+    assert encoded == []  # queued as they came, none encoded
+    assert receipts.settled == [1, 2]  # dropped unencoded
+    rig.endpoint.refuse = False
+    rig.advance(rig.next_retry_delay())
+    assert encoded == [3, 4, 5]
+    # the one that cannot be encoded is dropped (settled), the rest goes out in order
+    assert rig.panel.console_lines("s1") == ["line 3", "line 5"]
+    assert sorted(receipts.settled) == [1, 2, 3, 4, 5]
+    # (our own bug, not the input's: said with its traceback)
+    assert [e["log_format"] for e in fail_on_logged_errors] == [
+        "could not encode console lines for the Panel"]
+    fail_on_logged_errors.clear()
 
 
 def test_frames_the_kernel_never_took_go_out_first_on_the_next_connection() -> None:
