@@ -207,7 +207,11 @@ class ConsoleBatcher:
         self._window = window
         self._deliver = deliver
         self._pending: dict[str, _Batch] = {}
-        self._timers: dict[str, IDelayedCall] = {}
+        # When each pending batch is due, in the order the batches began:
+        # with one window for all, that is the order they are due in, so one
+        # timer (for the first) serves every server, not a timer per line.
+        self._due: dict[str, float] = {}
+        self._timer: IDelayedCall | None = None
 
     def add(self, event: ConsoleOutput) -> None:
         """Take one event's lines."""
@@ -228,8 +232,10 @@ class ConsoleBatcher:
             batch.receipts.append((len(batch.lines), event.receipt))
         if len(batch.lines) >= self._max_lines or self._window <= 0:
             self._deliver_full(server_id, batch)
-        if server_id in self._pending and server_id not in self._timers:
-            self._timers[server_id] = self._clock.callLater(self._window, self.flush, server_id)
+        if server_id in self._pending and server_id not in self._due:
+            self._due[server_id] = self._clock.seconds() + self._window
+            if self._timer is None:
+                self._timer = self._clock.callLater(self._window, self._expire)
 
     def _deliver_full(self, server_id: str, batch: _Batch) -> None:
         """Deliver every full frame; keep a partial rest waiting (unless no window)."""
@@ -262,9 +268,22 @@ class ConsoleBatcher:
 
     def _drop(self, server_id: str) -> None:
         self._pending.pop(server_id, None)
-        timer = self._timers.pop(server_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._due.pop(server_id, None)
+        if not self._due and self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        """Deliver every batch whose window is over; wait for the next one."""
+        self._timer = None
+        now = self._clock.seconds()
+        while self._due:
+            server_id, due = next(iter(self._due.items()))
+            if due > now + 1e-6:
+                self._timer = self._clock.callLater(due - now, self._expire)
+                return
+            self.flush(server_id)
 
     def flush(self, server_id: str) -> None:
         """Deliver the server's pending lines now."""

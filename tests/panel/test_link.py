@@ -279,6 +279,40 @@ def test_a_large_event_is_cut_into_frames_stamped_by_their_first_line() -> None:
     assert not clock.getDelayedCalls()
 
 
+def test_every_servers_batch_goes_out_when_its_own_window_ends_on_one_timer() -> None:
+    delivered: list[tuple[str, list[str], float]] = []
+    clock = Clock()
+    batcher = ConsoleBatcher(
+        clock, 100, 1.0,
+        lambda sid, stream, lines, ts, receipts: delivered.append((sid, lines, clock.seconds())),
+    )
+    for n in range(300):  # servers printing at different moments
+        clock.advance(0.01)
+        batcher.add(ConsoleOutput("s{}".format(n % 30), "stdout", [str(n)], clock.seconds()))
+        # one timer for every pending batch, never one per server or line
+        assert len(clock.getDelayedCalls()) == 1
+    clock.advance(1.0)
+    assert not clock.getDelayedCalls()
+    assert sorted(int(line) for _, lines, _ in delivered for line in lines) == list(range(300))
+    for sid, lines, at in delivered:
+        # each batch left when its first line's window was over, not later
+        due = (int(lines[0]) + 1) * 0.01 + 1.0
+        assert at >= due - 1e-6
+        assert at <= due + 0.011 or (due > 3.0 and at == pytest.approx(4.0))
+        assert all(int(line) % 30 == int(sid[1:]) for line in lines)
+    # a server flushed early (a status change) leaves the others' windows alone
+    batcher.add(ConsoleOutput("a", "stdout", ["x"], clock.seconds()))
+    clock.advance(0.5)
+    batcher.add(ConsoleOutput("b", "stdout", ["y"], clock.seconds()))
+    batcher.flush("a")
+    assert delivered[-1][:2] == ("a", ["x"])
+    clock.advance(0.9)
+    assert delivered[-1][:2] == ("a", ["x"])
+    clock.advance(0.1)
+    assert delivered[-1][:2] == ("b", ["y"])
+    assert not clock.getDelayedCalls()
+
+
 def test_without_a_window_every_event_goes_out_at_once_in_bounded_frames() -> None:
     delivered: list[list[str]] = []
     clock = Clock()
