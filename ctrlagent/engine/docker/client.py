@@ -326,32 +326,17 @@ class DockerClient:
         if body is not None:
             data = json.dumps(body).encode("utf-8")
             hdrs.setRawHeaders("Content-Type", ["application/json"])
-        try:
-            response = await self._http.request(
-                method, url, data=data, headers=hdrs, unbuffered=True
-            )
-        except CancelledError:
-            raise
-        except DockerError:
-            raise
-        except ConnectingCancelledError:
-            # Our own cancellation while connecting (a shutdown): not the engine's fault.
-            raise CancelledError() from None
-        except _UNAVAILABLE as e:
-            if _cancelled_by_us(e):
-                raise CancelledError() from None
-            raise _unavailable(self.host, e) from None
-        if response.code in ok:
-            return response
-        raw = await self._read(response, ERROR_BODY_CAP, truncate=True)
-        raise error_for_status(response.code, _error_message(raw), kind)
+        return await self._answer(
+            lambda: self._http.request(method, url, data=data, headers=hdrs, unbuffered=True),
+            kind, ok,
+        )
 
     async def _send_streamed(self, method: str, url: DecodedURL, *, kind: str,
                              ok: tuple[int, ...]) -> Any:
         """
         ``_send`` for a long stream, on a connection of its own read by
-        ``rawhttp`` (not twisted.web's client: a console line costs a fifth
-        of what it did there).  Returns the response of an ``ok`` status.
+        ``rawhttp`` (not twisted.web's client, whose layers a console line
+        went through one by one).  Returns the response of an ``ok`` status.
         """
         assert self._endpoints is not None
         parts = urlsplit(url.to_uri().to_text())
@@ -360,10 +345,21 @@ class DockerClient:
             request = request_bytes(method, target, parts.netloc)
         except ValueError as e:
             raise DockerInvalidInput(str(e)) from None
+        endpoint = self._endpoints.endpoint()
+        return await self._answer(lambda: open_stream(endpoint, request), kind, ok)
+
+    async def _answer(self, send: Callable[[], Awaitable[Any]], kind: str,
+                      ok: tuple[int, ...]) -> Any:
+        """The response ``send()`` brings when its status is ``ok``; else a typed error."""
         try:
-            response = await open_stream(self._endpoints.endpoint(), request)
+            response = await send()
         except CancelledError:
             raise
+        except DockerError:
+            raise
+        except ConnectingCancelledError:
+            # Our own cancellation while connecting (a shutdown): not the engine's fault.
+            raise CancelledError() from None
         except _UNAVAILABLE as e:
             if _cancelled_by_us(e):
                 raise CancelledError() from None
