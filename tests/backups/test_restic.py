@@ -152,6 +152,17 @@ def tree_driver(tmp_path: Path) -> ResticDriver:
     return driver
 
 
+def backup_dir(driver: ResticDriver, root: Path, patterns: list[str] | None = None) -> Any:
+    """``backup_tree`` of ``root`` through an O_PATH descriptor of it, as the agent calls it."""
+    from ctrlagent.backups.ignore import IgnoreRules
+
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        return driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules(patterns or []))
+    finally:
+        os.close(fd)
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_directory_snapshot_is_incremental_and_round_trips(rig: Rig,
                                                                    tmp_path: Path) -> None:
@@ -308,7 +319,6 @@ def _snapshot_names(driver: ResticDriver, location: str) -> set[str]:
 
 def test_names_restic_would_read_otherwise_are_left_out_exactly(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ctrlagent.backups.ignore import IgnoreRules
 
     # restic's exclude file trims white space, skips "#" lines, expands
     # "$NAME" and reads globs: each name the plan leaves out (FIFOs here)
@@ -325,11 +335,7 @@ def test_names_restic_would_read_otherwise_are_left_out_exactly(
         os.mkfifo(root / name)
     for name in kept:
         (root / name).write_text("x")
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        done = driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([]))
-    finally:
-        os.close(fd)
+    done = backup_dir(driver, root)
     assert done is not None
     stats, location = done
     assert _snapshot_names(driver, location) == set(kept)
@@ -339,7 +345,6 @@ def test_names_restic_would_read_otherwise_are_left_out_exactly(
 def test_the_planning_walk_runs_while_restic_starts(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from ctrlagent.backups import restic
-    from ctrlagent.backups.ignore import IgnoreRules
 
     driver = tree_driver(tmp_path)
     driver.ensure_repository()
@@ -355,11 +360,7 @@ def test_the_planning_walk_runs_while_restic_starts(tmp_path: Path,
         return real_plan(fd, rules)
 
     monkeypatch.setattr(restic, "plan_tree", plan)
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        done = driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([]))
-    finally:
-        os.close(fd)
+    done = backup_dir(driver, root)
     assert done is not None and done[0].files == 1
     assert seen and seen[0], "no restic process while the plan was walked"
 
@@ -392,25 +393,19 @@ def assert_nothing_left(driver: Any) -> None:
 
 def test_a_plan_that_falls_back_ends_the_started_restic_without_a_lock(
         tmp_path: Path) -> None:
-    from ctrlagent.backups.ignore import IgnoreRules
 
     driver = tree_driver(tmp_path)
     driver.ensure_repository()
     root = tmp_path / "srv"
     root.mkdir()
     (root / "bad\x01name").write_text("x")
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        assert driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([])) is None
-    finally:
-        os.close(fd)
+    assert backup_dir(driver, root) is None
     assert_nothing_left(driver)
 
 
 def test_an_exclude_list_the_pipe_cannot_hold_whole_falls_back_without_waiting(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ctrlagent.backups import restic
-    from ctrlagent.backups.ignore import IgnoreRules
 
     driver = tree_driver(tmp_path)
     driver.ensure_repository()
@@ -422,18 +417,13 @@ def test_an_exclude_list_the_pipe_cannot_hold_whole_falls_back_without_waiting(
     # A pipe of 64 bytes: the list of 20 excluded paths does not fit, and
     # writing it would wait for a restic that reads it only after its lock.
     monkeypatch.setattr(restic, "widen_pipe", lambda fd: 64)
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        assert driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules(["*.log"])) is None
-    finally:
-        os.close(fd)
+    assert backup_dir(driver, root, ["*.log"]) is None
     assert_nothing_left(driver)
 
 
 def test_a_planning_walk_that_fails_ends_restic_before_it_reads_an_unfinished_list(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ctrlagent.backups import restic
-    from ctrlagent.backups.ignore import IgnoreRules
 
     driver = tree_driver(tmp_path)
     driver.ensure_repository()
@@ -445,10 +435,6 @@ def test_a_planning_walk_that_fails_ends_restic_before_it_reads_an_unfinished_li
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(restic, "plan_tree", plan)
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        with pytest.raises(OSError, match="Input/output"):
-            driver.backup_tree("srv1", "b1", str(root), fd, IgnoreRules([]))
-    finally:
-        os.close(fd)
+    with pytest.raises(OSError, match="Input/output"):
+        backup_dir(driver, root)
     assert_nothing_left(driver)

@@ -91,10 +91,8 @@ class JsonLinesDecoder:
 class _BodyProtocol(TwistedProtocol):
     """Forwards a response body to its ``ItemStream``."""
 
-    def __init__(self, stream: ItemStream[Any], whole_reads: bool = False) -> None:
+    def __init__(self, stream: ItemStream[Any]) -> None:
         self._stream = stream
-        if whole_reads:
-            self.dataReceived = stream._read_received  # type: ignore[method-assign]
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted hook)
         self._stream._make_connection(self.transport)
@@ -104,6 +102,13 @@ class _BodyProtocol(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]  # noqa: N802
         self._stream._connection_lost(reason)
+
+
+class _WholeReadsProtocol(_BodyProtocol):
+    """A body whose pieces are whole reads already (``rawhttp``): decoded at once."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted hook)
+        self._stream._read_received(data)
 
 
 class ItemStream(Generic[T]):
@@ -188,7 +193,8 @@ class ItemStream(Generic[T]):
         self._arm_timer()
         # A body read without twisted.web (``rawhttp``) comes a whole read at
         # a time: it is decoded at once, with no turn's gathering to wait for.
-        response.deliverBody(_BodyProtocol(self, getattr(response, "whole_reads", False)))
+        body = _WholeReadsProtocol if getattr(response, "whole_reads", False) else _BodyProtocol
+        response.deliverBody(body(self))
 
     # -- the producer side -------------------------------------------------
 
