@@ -54,7 +54,9 @@ class PanelConfig:
     # Console lines per server_log frame, and how long the first line of a
     # frame may wait for more.  One window of a server printing at the default
     # throttle limit (2000 lines/s * 0.05 s) fits one frame, so a flooding
-    # server costs the Panel 20 frames a second.
+    # server costs the Panel 20 frames a second.  A frame leaves between one
+    # window and one and a half after its first line: the frames of servers
+    # due within half a window of each other leave together.
     console_batch_lines: int = 100
     console_batch_window: float = 0.05
     # Growth of the reconnect delay and the jitter added on top (a fraction of it).

@@ -277,6 +277,9 @@ class PanelLink(service.MultiService):
             self._panel.console_batch_lines,
             self._panel.console_batch_window,
             self._console_batch,
+            # Batches of many servers due within half a window of each other
+            # leave together: one reactor wake for them, not one per server.
+            slack=self._panel.console_batch_window / 2,
         )
 
         self._protocol: PanelProtocol | None = None
@@ -902,6 +905,13 @@ class PanelLink(service.MultiService):
                     outgoing.frames_for_status(event, with_legacy=self._panel.legacy_frames)
                 )
             elif isinstance(event, ResourceUpdate):
+                protocol = self._protocol
+                if protocol is None or not protocol.is_writable():
+                    # The link is down: figures queued now would be stale when
+                    # it is back (the servers are then sampled at the live
+                    # rate at once), and would crowd console lines out of the
+                    # outbox.
+                    return
                 self._emit_frames(
                     outgoing.resource_frames(
                         event,

@@ -186,7 +186,9 @@ class ConsoleBatcher:
     Groups console lines into batches per server.
 
     A batch is delivered when it holds ``max_lines`` lines, when ``window``
-    seconds have passed since its first line, when the stream changes (so
+    seconds have passed since its first line (at most ``slack`` seconds
+    more: batches of many servers due within ``slack`` of each other go out
+    on one timer, in one reactor wake), when the stream changes (so
     stdout/stderr interleaving survives), or when ``flush`` is called (before a
     status change of the same server, so a crash's last lines precede it).
     A batch never goes out with more than ``max_lines`` lines: a larger event
@@ -201,10 +203,12 @@ class ConsoleBatcher:
         max_lines: int,
         window: float,
         deliver: Callable[[str, str, list[str], float, Receipts], None],
+        slack: float = 0.0,
     ) -> None:
         self._clock = clock
         self._max_lines = max(1, max_lines)
         self._window = window
+        self._slack = max(0.0, slack)
         self._deliver = deliver
         self._pending: dict[str, _Batch] = {}
         # When each pending batch is due, in the order the batches began:
@@ -235,7 +239,7 @@ class ConsoleBatcher:
         if server_id in self._pending and server_id not in self._due:
             self._due[server_id] = self._clock.seconds() + self._window
             if self._timer is None:
-                self._timer = self._clock.callLater(self._window, self._expire)
+                self._timer = self._clock.callLater(self._window + self._slack, self._expire)
 
     def _deliver_full(self, server_id: str, batch: _Batch) -> None:
         """Deliver every full frame; keep a partial rest waiting (unless no window)."""
@@ -281,7 +285,7 @@ class ConsoleBatcher:
         while self._due:
             server_id, due = next(iter(self._due.items()))
             if due > now + 1e-6:
-                self._timer = self._clock.callLater(due - now, self._expire)
+                self._timer = self._clock.callLater(due - now + self._slack, self._expire)
                 return
             self.flush(server_id)
 

@@ -249,7 +249,7 @@ def test_console_lines_are_batched_by_count_and_window() -> None:
     rig.flush()
     sizes = [len(f["data"]["lines"]) for f in rig.panel.frames("server_log")]
     assert sizes == [50, 50]
-    rig.advance(0.05)
+    rig.advance(0.05 * 1.5)  # the window and its slack (half a window)
     sizes = [len(f["data"]["lines"]) for f in rig.panel.frames("server_log")]
     assert sizes == [50, 50, 20]
     assert rig.panel.console_lines() == ["line {}".format(i) for i in range(120)]
@@ -310,6 +310,36 @@ def test_every_servers_batch_goes_out_when_its_own_window_ends_on_one_timer() ->
     assert delivered[-1][:2] == ("a", ["x"])
     clock.advance(0.1)
     assert delivered[-1][:2] == ("b", ["y"])
+    assert not clock.getDelayedCalls()
+
+
+def test_batches_due_within_the_slack_leave_together_never_before_their_window() -> None:
+    delivered: list[tuple[str, float]] = []
+    clock = Clock()
+    batcher = ConsoleBatcher(
+        clock, 100, 1.0,
+        lambda sid, stream, lines, ts, receipts: delivered.append((sid, clock.seconds())),
+        slack=0.5,
+    )
+    fired: list[float] = []
+    expire = batcher._expire
+
+    def counted() -> None:
+        fired.append(clock.seconds())
+        expire()
+
+    batcher._expire = counted  # type: ignore[method-assign]
+    for n in range(100):  # 100 servers, a line each, 0.02 s apart
+        batcher.add(ConsoleOutput("s{}".format(n), "stdout", ["x"], clock.seconds()))
+        clock.advance(0.02)
+    for _ in range(200):
+        clock.advance(0.01)
+    assert sorted(sid for sid, _ in delivered) == sorted("s{}".format(n) for n in range(100))
+    for sid, at in delivered:
+        began = int(sid[1:]) * 0.02
+        assert began + 1.0 - 1e-6 <= at <= began + 1.5 + 0.011  # (the clock's 0.01 steps)
+    # 2 s of first lines, due within half a second of each other: four wakes
+    assert len(fired) == 4
     assert not clock.getDelayedCalls()
 
 

@@ -92,3 +92,21 @@ def test_records_from_the_domain_become_the_same_frames_as_mappings() -> None:
     (update,) = rig.panel.frames("resource_update")
     assert update["data"]["cpu"] == 12.5 and update["data"]["players"] == 3
     assert update["data"]["network"] == {"in": 0, "out": 0}
+
+
+def test_figures_are_not_queued_while_the_link_is_down() -> None:
+    # Stale when the link is back (the servers are sampled at the live rate
+    # then), and in the outbox they would push console lines out.
+    rig = Harness()
+    rig.endpoint.refuse = True
+    rig.start()
+    rig.link._on_event(ResourceUpdate("s1", _Metrics(12.5, 3)))  # type: ignore[arg-type]
+    assert rig.link.outbox.events == 0
+    rig.endpoint.refuse = False
+    rig.advance(rig.next_retry_delay())
+    assert rig.link.connected
+    assert rig.panel.frames("resource_update") == []
+    rig.link._on_event(ResourceUpdate("s1", _Metrics(13.0, 4)))  # type: ignore[arg-type]
+    rig.flush()
+    (update,) = rig.panel.frames("resource_update")
+    assert update["data"]["cpu"] == 13.0

@@ -27,6 +27,8 @@ from tests.servers.test_manager_unit import PARAMS
 
 S = ServerState
 WINDOW = 0.05
+# A batch leaves by then: its window and the batcher's slack (half a window).
+SENT = WINDOW * 1.5
 
 
 class Agent:
@@ -89,13 +91,13 @@ async def test_a_sigkill_with_lines_batched_or_in_the_socket_buffer_loses_and_re
         unit.engine.stdin(cid, "say " + word)
 
     say("delivered")
-    unit.clock.advance(WINDOW)
+    unit.clock.advance(SENT)
     endpoint.flush()
     assert "[Server] delivered" in server_lines(panel)
     delivered = journal(unit)["s1"]
 
     say("in-the-socket-buffer")
-    unit.clock.advance(WINDOW)  # the batch is written to the transport, not taken
+    unit.clock.advance(SENT)  # the batch is written to the transport, not taken
     assert endpoint.pumps[-1].clientIO.stream
     say("in-the-batch")
     assert journal(unit)["s1"] == delivered
@@ -106,7 +108,7 @@ async def test_a_sigkill_with_lines_batched_or_in_the_socket_buffer_loses_and_re
     agent = Agent(unit, endpoint)
     m = agent.manager
     await until(lambda: m.get("s1").output_attached, 2, "re-attached")
-    unit.clock.advance(WINDOW)
+    unit.clock.advance(SENT)
     endpoint.flush()
     # history: exactly what the mark covered, then the replay as new lines
     texts = [text for _, text in engine_texts(unit, cid)]
@@ -114,13 +116,13 @@ async def test_a_sigkill_with_lines_batched_or_in_the_socket_buffer_loses_and_re
     assert m.console_history("s1", 100)[-len(texts):] == texts
 
     say("after-a-drain")
-    unit.clock.advance(WINDOW)
+    unit.clock.advance(SENT)
     endpoint.flush()  # taken and settled: the journal has it in the same call
     settled = journal(unit)["s1"]
     await agent.sigkill()
     agent = Agent(unit, endpoint)
     await until(lambda: agent.manager.get("s1").output_attached, 2, "re-attached")
-    unit.clock.advance(WINDOW)
+    unit.clock.advance(SENT)
     endpoint.flush()
     assert journal(unit)["s1"] == settled
     assert server_lines(panel) == [text for _, text in engine_texts(unit, cid)]
