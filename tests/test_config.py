@@ -188,6 +188,15 @@ def test_connection_guards_have_safe_defaults(tmp_path: Path) -> None:
     assert (config.http.max_connections, config.http.header_timeout) == (4096, 5.0)
 
 
+@pytest.mark.parametrize("value", [-0.01, 1.5, float("nan"), float("inf")])
+def test_the_stream_read_interval_is_refused_outside_a_second(value: float) -> None:
+    with pytest.raises(ConfigInvalid, match="docker.stream_read_interval must be between 0 and 1"):
+        load_config(None, {"AGENT_SECRET": "s"}, {"docker.stream_read_interval": value})
+    assert load_config(None, {"AGENT_SECRET": "s"}, {}).docker.stream_read_interval == 0.025
+    config = load_config(None, {"AGENT_SECRET": "s"}, {"docker.stream_read_interval": 0})
+    assert config.docker.stream_read_interval == 0  # every stream read as its data comes
+
+
 def test_every_deadline_has_todays_default_and_reads_from_the_timeouts_table(
     tmp_path: Path,
 ) -> None:

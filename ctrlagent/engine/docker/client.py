@@ -42,7 +42,7 @@ from twisted.internet.error import (
     ConnectionLost,
 )
 from twisted.internet.error import TimeoutError as TwistedTimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -79,6 +79,7 @@ from ctrlagent.engine.docker.models import (
     parse_image_ref,
     parse_pull_progress,
 )
+from ctrlagent.engine.docker.pacing import ReadPacer
 from ctrlagent.engine.docker.rawhttp import open_stream, request_bytes
 from ctrlagent.engine.docker.stats import ContainerStats, parse_stats
 from ctrlagent.engine.docker.stdin import AttachStdinProtocol, StdinPipe, attach_request
@@ -231,11 +232,14 @@ class DockerClient:
         endpoints: DockerEndpointFactory | None = None,
         host: DockerHost | None = None,
         pool: Any = None,
+        pacer: ReadPacer | None = None,
     ) -> None:
         self._http = http
         self._clock = clock
         self.config = config
         self._endpoints = endpoints
+        # Reads the long streams' bodies together (``pacing``); None: the reactor does.
+        self.pacer = pacer
         self.host = host or (endpoints.host if endpoints else DockerHost(kind="unix", path="/"))
         self._pool = pool
         self._base = self.host.base_url
@@ -247,10 +251,19 @@ class DockerClient:
         """A client for ``config.host`` (unix://, tcp://, https://) on ``reactor``."""
         endpoints = DockerEndpointFactory.from_config(reactor, config)
         http, pool = make_http_client(reactor, endpoints)
-        return cls(http, reactor, config, endpoints=endpoints, pool=pool)
+        pacer = (ReadPacer(reactor, config.stream_read_interval)
+                 if config.stream_read_interval > 0 and IReactorFDSet.providedBy(reactor)
+                 else None)
+        return cls(http, reactor, config, endpoints=endpoints, pool=pool, pacer=pacer)
 
     async def close(self) -> None:
-        """Close the idle pooled connections (open streams are the caller's)."""
+        """
+        Close the idle pooled connections (open streams are the caller's: the
+        reactor reads them from now on).
+        """
+        if self.pacer is not None:
+            self.pacer.close()
+            self.pacer = None
         if self._pool is not None:
             await self._pool.closeCachedConnections()
 
@@ -346,7 +359,7 @@ class DockerClient:
         except ValueError as e:
             raise DockerInvalidInput(str(e)) from None
         endpoint = self._endpoints.endpoint()
-        return await self._answer(lambda: open_stream(endpoint, request), kind, ok)
+        return await self._answer(lambda: open_stream(endpoint, request, self.pacer), kind, ok)
 
     async def _answer(self, send: Callable[[], Awaitable[Any]], kind: str,
                       ok: tuple[int, ...]) -> Any:

@@ -22,6 +22,11 @@ malformed head or a broken chunk ends with ``ResponseFailed``.
 Only what the engine's streams use is understood: no request body, no
 ``Upgrade``, no ``1xx`` but the informational ones that are skipped, and one
 response per connection (the connection is closed after it).
+
+Given a ``ReadPacer`` (``pacing``), a body is read by it rather than by the
+reactor once the head is in: the streams of hundreds of servers are then
+read together, in one wake.  The body's consumer pauses, resumes and closes
+the connection through the response's transport, which knows who reads it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+
+from ctrlagent.engine.docker.pacing import PacedConnection, ReadPacer
 
 __all__ = ["HEAD_CAP", "StreamResponse", "open_stream", "request_bytes"]
 
@@ -69,11 +76,42 @@ class StreamResponse:
         self._reader.deliver(protocol)
 
 
+class _BodyTransport:
+    """
+    The transport a body's consumer is given: pausing, resuming and closing
+    go through the reader (to its pacer, when one reads the connection);
+    anything else is the connection's own.
+    """
+
+    def __init__(self, reader: _StreamReader) -> None:
+        self._reader = reader
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self._reader.pause_reading()
+
+    def resumeProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self._reader.resume_reading()
+
+    def stopProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self._reader.close(abort=False)
+
+    def loseConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        self._reader.close(abort=False)
+
+    def abortConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        self._reader.close(abort=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader.transport, name)
+
+
 class _StreamReader(Protocol):
     """One request, its answer's head, then its body to the consumer."""
 
-    def __init__(self, request: bytes) -> None:
+    def __init__(self, request: bytes, pacer: ReadPacer | None = None) -> None:
         self._request = request
+        self._pacer = pacer
+        self._paced: PacedConnection | None = None
         self.head: Deferred[StreamResponse] = Deferred(self._cancel)
         self._buffer = b""
         self._in_body = False
@@ -95,8 +133,34 @@ class _StreamReader(Protocol):
         self.transport.write(self._request)
 
     def _cancel(self, _: Deferred[StreamResponse]) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.close(abort=True)
+
+    # -- reading, paced or not ---------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if self._paced is not None:
+            self._paced.pause()
+        elif self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume_reading(self) -> None:
+        if self._paced is not None:
+            self._paced.resume()
+        elif self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def close(self, abort: bool) -> None:
+        """Close the connection (at once when ``abort``, else after what is being written)."""
+        paced, self._paced = self._paced, None
+        if paced is not None:
+            paced.release()
+        transport = self.transport
+        if transport is None:
+            return
+        if abort:
+            transport.abortConnection()  # type: ignore[attr-defined]
+        else:
+            transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted hook)
         if self._ended:
@@ -117,9 +181,12 @@ class _StreamReader(Protocol):
             self._hand(body)
         if self._ended:
             self._finish(Failure(ResponseDone()))
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.close(abort=False)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]  # noqa: N802
+        paced, self._paced = self._paced, None
+        if paced is not None:
+            paced.release()
         if reason is None:
             reason = Failure(ConnectionDone())
         if not self.head.called:
@@ -176,19 +243,22 @@ class _StreamReader(Protocol):
             if length == 0:
                 self._ended = True
         self._in_body = True
+        if not self._ended and self._pacer is not None and self.transport is not None:
+            # The body (a console, the events) may last for days: read it
+            # with the other streams' from the next read on (before the head
+            # goes out: its consumer may pause or close at once).
+            self._paced = self._pacer.adopt(self.transport, self)
         self.head.callback(StreamResponse(self, code, phrase, headers, length))
         if self._ended:
             self._finish(Failure(ResponseDone()))
-            if self.transport is not None:
-                self.transport.loseConnection()
+            self.close(abort=False)
         return not self._ended
 
     def _fail_head(self, why: str) -> None:
         self._ended = True
         if not self.head.called:
             self.head.errback(ResponseNeverReceived([Failure(ValueError(why))]))
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.close(abort=True)
 
     # -- the body ----------------------------------------------------------------
 
@@ -263,14 +333,14 @@ class _StreamReader(Protocol):
         if self._consumer is not None:
             raise RuntimeError("the body of a response is delivered once")
         self._consumer = protocol
-        protocol.makeConnection(self.transport)
+        protocol.makeConnection(_BodyTransport(self))
         early, self._early = self._early, []
         self._early_size = 0
         if early:
             protocol.dataReceived(b"".join(early))
-        if self._paused and not self._ended and self.transport is not None:
+        if self._paused and not self._ended:
             self._paused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.resume_reading()
         if self._end is not None:
             end, self._end = self._end, None
             protocol.connectionLost(end)
@@ -282,9 +352,9 @@ class _StreamReader(Protocol):
             return
         self._early.append(body)
         self._early_size += len(body)
-        if self._early_size > _EARLY_CAP and not self._paused and self.transport is not None:
+        if self._early_size > _EARLY_CAP and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.pause_reading()
 
     def _finish(self, reason: Failure) -> None:
         self._ended = True
@@ -296,8 +366,7 @@ class _StreamReader(Protocol):
 
     def _fail(self, error: Exception) -> None:
         self._finish(Failure(error))
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.close(abort=True)
 
 
 def _parse_head(head: bytes) -> tuple[int, bytes, Headers]:
@@ -328,12 +397,14 @@ def request_bytes(method: str, target: str, host: str) -> bytes:
     ).encode("ascii")
 
 
-def open_stream(endpoint: IStreamClientEndpoint, request: bytes) -> Deferred[StreamResponse]:
+def open_stream(endpoint: IStreamClientEndpoint, request: bytes,
+                pacer: ReadPacer | None = None) -> Deferred[StreamResponse]:
     """
     Connect, send ``request`` and fire with the answer's head (its body still
-    to come through ``deliverBody``).  Cancelling closes the connection.
+    to come through ``deliverBody``, read by ``pacer`` when given).
+    Cancelling closes the connection.
     """
-    reader = _StreamReader(request)
+    reader = _StreamReader(request, pacer)
     connecting = endpoint.connect(Factory.forProtocol(lambda: reader))
     result: Deferred[StreamResponse] = Deferred(lambda _: connecting.cancel()
                                                 if not connecting.called else reader.head.cancel())

@@ -63,11 +63,16 @@ async def test_logs_tail_since_and_follow(docker: DockerClient, containers: Cont
     later = time.time() + 0.5
     empty = await collect(docker.logs(cid, follow=False, since=later))
     assert empty == []
-    # follow keeps delivering new lines.
+    # follow keeps delivering new lines, read with every other stream's
+    # (``docker.stream_read_interval``) once its head is in.
+    assert docker.pacer is not None and len(docker.pacer) >= 1
+    reads = docker.pacer.reads
     pipe = await docker.attach_stdin(cid)
     pipe.write_line("say live")
     await wait_for_line(follow, "[Server] live")
+    assert docker.pacer.reads > reads
     follow.close()
+    assert len(docker.pacer) == 0
     await pipe.close()
     recent = await collect(docker.logs(cid, follow=False, since=later - 0.5))
     assert ("stdout", "[Server] live") in recent

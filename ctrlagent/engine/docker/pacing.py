@@ -1,0 +1,223 @@
+"""
+Many quiet engine streams read in one wake of the agent.
+
+At hundreds of servers each console stream brings a line every few seconds,
+and each line woke the reactor on its own: its poll, the logging context it
+calls every reader in, the transport's read.  A ``ReadPacer`` takes such
+connections out of the reactor's poll set into an epoll set of its own and
+reads every connection with data in one round, on a timer: ``interval``
+apart while data comes, slowing down to ``QUIET_ROUNDS`` intervals while
+none does.  So a busy node wakes about ``1 / interval`` times a second for
+all its streams together, whatever their number, and a line waits at most
+``QUIET_ROUNDS * interval`` (0.1 s by default).
+
+(Watching the set from the reactor as one descriptor instead of a timer
+costs more than it saves: an epoll set inside another is re-checked by the
+kernel each time it is added back, and the reactor still woke per line.)
+
+A connection's end is the transport's business: on an end of file or a
+socket error the pacer hands the connection back to the reactor without
+reading further, and Twisted reads the end again and reports it as for any
+connection.  A consumer that pauses takes the connection out of the rounds
+until it resumes.  Only plain sockets are paced (Unix and TCP; a TLS
+connection's bytes must go through its TLS layer, so it stays with the
+reactor).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+__all__ = ["ReadPacer", "PacedConnection"]
+
+# One read's size (Twisted's own), and at most this many reads of one
+# connection in a round: a backlog is still read at tens of MB/s.
+READ_SIZE = 65536
+READS_PER_ROUND = 16
+# While no connection has data, rounds slow down to this many intervals apart.
+QUIET_ROUNDS = 4
+
+
+class PacedConnection:
+    """One connection read by a ``ReadPacer`` (see ``ReadPacer.adopt``)."""
+
+    __slots__ = ("_pacer", "_transport", "_protocol", "_socket", "fd", "paused", "active")
+
+    def __init__(
+        self, pacer: ReadPacer, transport: Any, protocol: Any, sock: socket.socket
+    ) -> None:
+        self._pacer = pacer
+        self._transport = transport
+        self._protocol = protocol
+        self._socket = sock
+        self.fd = sock.fileno()
+        self.paused = False
+        self.active = True
+
+    def pause(self) -> None:
+        """Read nothing more until ``resume`` (the consumer's back-pressure)."""
+        if not self.active:
+            self._transport.pauseProducing()  # handed back: the reactor reads it
+        elif not self.paused:
+            self.paused = True
+            self._pacer._interest(self, 0)
+
+    def resume(self) -> None:
+        """Read again after ``pause``."""
+        if not self.active:
+            self._transport.resumeProducing()
+        elif self.paused:
+            self.paused = False
+            self._pacer._interest(self, select.EPOLLIN)
+
+    def release(self, read: bool = False) -> None:
+        """
+        Leave the pacer: before the connection is closed (``read`` False),
+        or (``read`` True) to be read by the reactor again (once resumed,
+        when paused: ``pause`` and ``resume`` then go to the transport).
+        """
+        if not self.active:
+            return
+        self.active = False
+        self._pacer._forget(self)
+        transport = self._transport
+        if read and not self.paused and transport.connected and not transport.disconnecting:
+            transport.startReading()
+
+    def _read(self) -> None:
+        """What is ready, at most ``READS_PER_ROUND`` reads."""
+        sock = self._socket
+        for _ in range(READS_PER_ROUND):
+            if not self.active or self.paused:
+                return
+            if sock.fileno() != self.fd:
+                self.release()  # closed under us: nothing of ours to read
+                return
+            try:
+                data = sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.release(read=True)  # the reactor reads the error (or the end) itself
+                return
+            if not data:
+                self.release(read=True)  # likewise the end of file
+                return
+            self._pacer.reads += 1
+            try:
+                self._protocol.dataReceived(data)
+            except Exception:
+                # As the reactor would: the connection ends, the others go on.
+                self._pacer.log.failure("reading an engine stream failed; it is closed")
+                self.release()
+                self._transport.abortConnection()
+                return
+            if len(data) < READ_SIZE:
+                return
+
+
+class ReadPacer:
+    """
+    Reads the connections it adopted in rounds on a timer, each round taking
+    every connection that has data: ``interval`` apart while data comes, up
+    to ``QUIET_ROUNDS`` times that while none does.
+
+    ``reactor`` needs ``callLater``, ``seconds`` and ``addSystemEventTrigger``.
+    ``rounds`` and ``reads`` count what it did.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, interval: float) -> None:
+        self._reactor = reactor
+        self.interval = interval
+        self._epoll = select.epoll()
+        self._paced: dict[int, PacedConnection] = {}
+        self._round: IDelayedCall | None = None
+        self._wait = interval
+        self.rounds = 0
+        self.reads = 0
+        # At shutdown every connection goes back to the reactor first, which
+        # then closes it like any other.
+        self._trigger = reactor.addSystemEventTrigger("before", "shutdown", self._at_shutdown)
+
+    def __len__(self) -> int:
+        return len(self._paced)
+
+    def adopt(self, transport: Any, protocol: Any) -> PacedConnection | None:
+        """
+        Read ``transport``'s connection here from now on, handing what is read
+        to ``protocol.dataReceived``; None when it cannot be (not a plain
+        socket, closing, or the pacer closed): the reactor reads it as before.
+        """
+        if self._epoll.closed or not getattr(transport, "connected", False) \
+                or getattr(transport, "disconnecting", True):
+            return None
+        get_handle = getattr(transport, "getHandle", None)
+        sock = get_handle() if get_handle is not None else None
+        if not isinstance(sock, socket.socket) or sock.fileno() < 0:
+            return None
+        paced = PacedConnection(self, transport, protocol, sock)
+        transport.stopReading()
+        self._epoll.register(paced.fd, select.EPOLLIN)
+        self._paced[paced.fd] = paced
+        self._wait = self.interval
+        if self._round is None:
+            self._round = self._reactor.callLater(self._wait, self._read_round)
+        return paced
+
+    def _at_shutdown(self) -> None:
+        self._trigger = None  # firing: not to be removed
+        self.close()
+
+    def close(self) -> None:
+        """Hand every connection back to the reactor; adopt no more."""
+        if self._trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
+        for paced in list(self._paced.values()):
+            paced.release(read=True)
+        if self._round is not None and self._round.active():
+            self._round.cancel()
+        self._round = None
+        self._epoll.close()
+
+    # -- rounds ------------------------------------------------------------------
+
+    def _read_round(self) -> None:
+        self._round = None
+        if self._epoll.closed:
+            return
+        self.rounds += 1
+        ready = self._epoll.poll(0)
+        for fd, _ in ready:
+            paced = self._paced.get(fd)
+            if paced is not None:
+                paced._read()
+        if not self._paced:
+            return
+        self._wait = self.interval if ready else min(self._wait * 2,
+                                                    self.interval * QUIET_ROUNDS)
+        self._round = self._reactor.callLater(self._wait, self._read_round)
+
+    def _interest(self, paced: PacedConnection, events: int) -> None:
+        try:
+            self._epoll.modify(paced.fd, events)
+        except (OSError, ValueError):
+            pass  # closed already: its end comes through the reactor
+
+    def _forget(self, paced: PacedConnection) -> None:
+        if self._paced.get(paced.fd) is paced:
+            del self._paced[paced.fd]
+            try:
+                self._epoll.unregister(paced.fd)
+            except (OSError, ValueError):
+                pass  # the descriptor is closed (and so left the set) already
+        if not self._paced and self._round is not None and self._round.active():
+            self._round.cancel()
+            self._round = None
