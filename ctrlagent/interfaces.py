@@ -159,10 +159,11 @@ class IServerManager(Interface):
     def files_locked(server_id: str) -> str | None:
         """Why the server's files are locked, or None (sync; safe from threads)."""
 
-    def add_listener(listener: object) -> None:
+    def add_listener(listener: object, console: bool = True) -> None:
         """
-        Subscribe ``listener(event)`` to every ``ctrlagent.events`` event.  A
-        listener providing ``IConsoleConsumer`` settles console receipts.
+        Subscribe ``listener(event)`` to every ``ctrlagent.events`` event
+        (but ``ConsoleOutput`` when ``console`` is False).  A listener
+        providing ``IConsoleConsumer`` settles console receipts.
         """
 
     def remove_listener(listener: object) -> None:

@@ -130,7 +130,7 @@ class AgentMetrics:
         crash and restart counters, counted from the manager's events.
         """
         counters = ServerCounters(manager)
-        manager.add_listener(counters)
+        manager.add_listener(counters, console=False)
         self.registry.register(ServerCollector(manager, counters))
         return counters
 

@@ -434,8 +434,10 @@ class EventBus:
     The listeners of the servers' events (the Panel link, tests).
 
     At most one of them is the acknowledging console consumer
-    (``IConsoleConsumer``), which settles console receipts.  A failing
-    listener is logged and the others still get the event.  ``dead``: the
+    (``IConsoleConsumer``), which settles console receipts.  A listener added
+    with ``console=False`` gets every event but the console's (at hundreds
+    of servers, a call per line saved for each).  A failing listener is
+    logged and the others still get the event.  ``dead``: the
     agent died (tests' SIGKILL), nothing is published any more.
     """
 
@@ -443,20 +445,30 @@ class EventBus:
 
     def __init__(self) -> None:
         self.listeners: list[EventListener] = []
+        # Those of them that get console events, in the same order.
+        self.console_listeners: list[EventListener] = []
         self.consumer: Any = None
         # Once a consumer was there and left (the agent is stopping), nothing
         # counts as delivered any more.
         self.had_consumer = False
         self.dead = False
 
-    def add(self, listener: Any) -> None:
-        """Subscribe ``listener`` (at most one acknowledging consumer)."""
+    def add(self, listener: Any, console: bool = True) -> None:
+        """
+        Subscribe ``listener`` (at most one acknowledging consumer, which
+        gets console events whatever ``console`` says).
+        """
         if IConsoleConsumer.providedBy(listener):
             if self.consumer is not None and self.consumer is not listener:
                 raise RuntimeError("the manager already has an acknowledging console consumer")
             self.consumer = listener
             self.had_consumer = True
+            console = True
+        if listener in self.listeners:
+            return
         self.listeners.append(listener)
+        if console:
+            self.console_listeners.append(listener)
 
     def remove(self, listener: Any) -> None:
         """Unsubscribe (a consumer's unsettled lines then count as not delivered)."""
@@ -464,6 +476,8 @@ class EventBus:
             self.consumer = None
         if listener in self.listeners:
             self.listeners.remove(listener)
+        if listener in self.console_listeners:
+            self.console_listeners.remove(listener)
 
     def emit(self, event: ServerEvent) -> None:
         """Publish an event to every listener; a failing listener is logged."""
@@ -478,7 +492,7 @@ class EventBus:
     def fan_out(self, events: list[ConsoleOutput]) -> None:
         """Publish console events; a receipt the failing consumer took is settled as dropped."""
         for event in events:
-            for listener in list(self.listeners):
+            for listener in list(self.console_listeners):
                 try:
                     listener(event)
                 except Exception:

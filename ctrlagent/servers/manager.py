@@ -839,13 +839,13 @@ class ServerManager(service.Service):
         """Where the server's files live."""
         return self.get(server_id).root()
 
-    def add_listener(self, listener: Any) -> None:
+    def add_listener(self, listener: Any, console: bool = True) -> None:
         """
-        Subscribe to every event.  An ``IConsoleConsumer`` (the Panel link;
-        at most one) settles console receipts: from then on, console marks
-        advance only as it does.
+        Subscribe to every event (but the console's, when ``console`` is
+        False).  An ``IConsoleConsumer`` (the Panel link; at most one) settles
+        console receipts: from then on, console marks advance only as it does.
         """
-        self.bus.add(listener)
+        self.bus.add(listener, console)
 
     def remove_listener(self, listener: Any) -> None:
         """Unsubscribe (a consumer's unsettled lines then count as not delivered)."""

@@ -136,7 +136,7 @@ class SftpService(MultiService):
         self._listen(super().startService)
         self._prepared = False  # a stopped service prepares again when restarted
         self._catch_port()
-        self.servers.add_listener(self._server_event)
+        self.servers.add_listener(self._server_event, console=False)
         self._watch = LoopingCall(self._check_servers)
         self._watch.clock = self.reactor
         self._watch.start(CHECK_INTERVAL, now=False)

@@ -97,6 +97,7 @@ class FakeServerManager:
         self.calls: list[tuple[str, str]] = []
         self.metrics: dict[str, dict[str, Any]] = {}
         self._listeners: list[Callable[[ServerEvent], None]] = []
+        self._quiet: list[object] = []  # the listeners without console events
         self._gates: dict[str, Deferred[None]] = {}
         self._failures: dict[str, Exception] = {}
         self._next_container = 1
@@ -140,8 +141,10 @@ class FakeServerManager:
         return self.servers[self.resolve(server_id)]
 
     def _emit(self, event: ServerEvent) -> None:
+        console = isinstance(event, ConsoleOutput)
         for listener in list(self._listeners):
-            listener(event)
+            if not (console and listener in self._quiet):
+                listener(event)
 
     def _set_status(self, server: FakeServer, status: str, error: str | None = None) -> None:
         previous, server.status = server.status, status
@@ -515,12 +518,16 @@ class FakeServerManager:
             gid=1000,
         )
 
-    def add_listener(self, listener: object) -> None:
-        """Subscribe ``listener(event)`` to events."""
+    def add_listener(self, listener: object, console: bool = True) -> None:
+        """Subscribe ``listener(event)`` to events (but the console's unless ``console``)."""
         assert callable(listener)
         self._listeners.append(listener)
+        if not console:
+            self._quiet.append(listener)
 
     def remove_listener(self, listener: object) -> None:
         """Unsubscribe."""
         if listener in self._listeners:
             self._listeners.remove(listener)
+        if listener in self._quiet:
+            self._quiet.remove(listener)

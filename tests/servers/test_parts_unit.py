@@ -154,3 +154,28 @@ def test_the_bus_takes_one_acknowledging_consumer_and_forgets_it_on_removal() ->
     bus.dead = True
     bus.emit(event)
     assert second.events == []
+
+
+def test_a_listener_without_the_console_gets_every_other_event() -> None:
+    from ctrlagent.events import StatusChanged
+
+    bus = EventBus()
+    quiet: list[ServerEvent] = []
+    everything: list[ServerEvent] = []
+    bus.add(quiet.append, console=False)
+    bus.add(everything.append)
+    bus.add(everything.append)  # once only
+    line_event = ConsoleOutput("s1", "stdout", ["x"], 1.0)
+    status = StatusChanged("s1", "starting", "running", 1.0)
+    bus.fan_out([line_event])
+    bus.emit(status)
+    assert quiet == [status]
+    assert everything == [line_event, status]
+    bus.remove(quiet.append)
+    bus.emit(status)
+    assert quiet == [status]
+    # an acknowledging consumer gets the console whatever it asks
+    consumer = Consumer()
+    bus.add(consumer, console=False)
+    bus.fan_out([line_event])
+    assert consumer.events == [line_event]

@@ -211,8 +211,11 @@ class ItemStream(Generic[T]):
     def _read_received(self, data: bytes) -> None:
         if self._transport is None or self._closed:
             return
-        self._raw.append(data)
-        self._process_now()
+        if self._raw:  # (never in this path: nothing gathered waits)
+            self._raw.append(data)
+            self._process_now()
+            return
+        self._take(data)
 
     def _process(self) -> None:
         self._process_call = None
@@ -220,8 +223,13 @@ class ItemStream(Generic[T]):
             return
         data = b"".join(self._raw) if len(self._raw) > 1 else self._raw[0]
         self._raw.clear()
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        """Decode ``data`` and hand its items on (or queue them)."""
         self.bytes_received += len(data)
-        self._last_data = self._clock.seconds()
+        if self._silence:
+            self._last_data = self._clock.seconds()
         items = self._decoder.feed(data)
         if items and self._sink is not None:
             self._hand(items)
