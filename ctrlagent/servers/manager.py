@@ -867,8 +867,8 @@ _WARNINGS_REMEMBERED = 256
 
 
 def _with_allocations(server: Server) -> ServerStatus:
-    """``server``'s status with its published ports."""
-    return replace(server.status(), allocations=allocations(server.spec))
+    """``server``'s status with its published ports (built once: a status read's cost)."""
+    return server.status(allocations(server.spec))
 
 
 def _unusable(error: Exception) -> str:

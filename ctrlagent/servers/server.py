@@ -52,6 +52,7 @@ from ctrlagent.servers.services import ServerServices
 from ctrlagent.servers.spec import ServerSpec
 from ctrlagent.servers.stats import StatsSampler
 from ctrlagent.wire.servers import (
+    Allocation,
     ConsoleStatus,
     CrashReport,
     Deleted,
@@ -225,8 +226,8 @@ class Server:
             self.desired = desired
             self._persist(desired=desired)
 
-    def status(self) -> ServerStatus:
-        """The server's status as the Panel reads it."""
+    def status(self, allocations: tuple[Allocation, ...] = ()) -> ServerStatus:
+        """The server's status as the Panel reads it (with its published ports, given)."""
         active = self.state in ACTIVE_STATES
         uptime: float | None = None
         if active and self.started_at is not None:
@@ -245,6 +246,7 @@ class Server:
             uptime=uptime,
             last_crash=self.crash_report,
             power_action=self.power or None,
+            allocations=allocations,
         )
 
     def brief(self) -> ServerBrief:
