@@ -909,8 +909,8 @@ class PanelLink(service.MultiService):
                 if protocol is None or not protocol.is_writable():
                     # The link is down: figures queued now would be stale when
                     # it is back (the servers are then sampled at the live
-                    # rate at once), and would crowd console lines out of the
-                    # outbox.
+                    # rate again, from the stats hub's next tick), and would
+                    # crowd console lines out of the outbox.
                     return
                 self._emit_frames(
                     outgoing.resource_frames(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import select
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
@@ -253,7 +254,7 @@ class DockerClient:
         http, pool = make_http_client(reactor, endpoints)
         pacer = (ReadPacer(reactor, config.stream_read_interval)
                  if config.stream_read_interval > 0 and IReactorFDSet.providedBy(reactor)
-                 else None)
+                 and hasattr(select, "epoll") else None)
         return cls(http, reactor, config, endpoints=endpoints, pool=pool, pacer=pacer)
 
     async def close(self) -> None:

@@ -15,13 +15,13 @@ all its streams together, whatever their number, and a line waits at most
 costs more than it saves: an epoll set inside another is re-checked by the
 kernel each time it is added back, and the reactor still woke per line.)
 
-A connection's end is the transport's business: on an end of file or a
-socket error the pacer hands the connection back to the reactor without
-reading further, and Twisted reads the end again and reports it as for any
-connection.  A consumer that pauses takes the connection out of the rounds
-until it resumes.  Only plain sockets are paced (Unix and TCP; a TLS
-connection's bytes must go through its TLS layer, so it stays with the
-reactor).
+A connection's end is the transport's business: on an end of file the
+pacer hands the connection back to the reactor, which reads the end again
+and reports it as for any connection; on a socket error (a reset) it ends
+the connection with that error, as the reactor would.  A consumer that
+pauses takes the connection out of the set until it resumes.  Only plain
+sockets are paced (Unix and TCP; a TLS connection's bytes must go through
+its TLS layer, so it stays with the reactor).
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ import select
 import socket
 from typing import Any
 
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 __all__ = ["ReadPacer", "PacedConnection"]
 
@@ -65,7 +67,7 @@ class PacedConnection:
             self._transport.pauseProducing()  # handed back: the reactor reads it
         elif not self.paused:
             self.paused = True
-            self._pacer._interest(self, 0)
+            self._pacer._interest(self, False)
 
     def resume(self) -> None:
         """Read again after ``pause``."""
@@ -73,7 +75,7 @@ class PacedConnection:
             self._transport.resumeProducing()
         elif self.paused:
             self.paused = False
-            self._pacer._interest(self, select.EPOLLIN)
+            self._pacer._interest(self, True)
 
     def release(self, read: bool = False) -> None:
         """
@@ -102,8 +104,11 @@ class PacedConnection:
                 data = sock.recv(READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                self.release(read=True)  # the reactor reads the error (or the end) itself
+            except OSError as e:
+                # Ended with the error itself, as the reactor would (read
+                # again, the socket would only report an end of file).
+                self.release()
+                self._transport.connectionLost(Failure(ConnectionLost(e.strerror or str(e))))
                 return
             if not data:
                 self.release(read=True)  # likewise the end of file
@@ -163,8 +168,11 @@ class ReadPacer:
         if not isinstance(sock, socket.socket) or sock.fileno() < 0:
             return None
         paced = PacedConnection(self, transport, protocol, sock)
+        try:
+            self._epoll.register(paced.fd, select.EPOLLIN)
+        except OSError:
+            return None  # (the watch limit reached, say): the reactor reads it
         transport.stopReading()
-        self._epoll.register(paced.fd, select.EPOLLIN)
         self._paced[paced.fd] = paced
         self._wait = self.interval
         if self._round is None:
@@ -194,20 +202,37 @@ class ReadPacer:
         if self._epoll.closed:
             return
         self.rounds += 1
-        ready = self._epoll.poll(0)
-        for fd, _ in ready:
-            paced = self._paced.get(fd)
-            if paced is not None:
-                paced._read()
-        if not self._paced:
-            return
-        self._wait = self.interval if ready else min(self._wait * 2,
-                                                    self.interval * QUIET_ROUNDS)
-        self._round = self._reactor.callLater(self._wait, self._read_round)
-
-    def _interest(self, paced: PacedConnection, events: int) -> None:
+        ready: list[tuple[int, int]] = []
         try:
-            self._epoll.modify(paced.fd, events)
+            ready = self._epoll.poll(0)
+            for fd, _ in ready:
+                paced = self._paced.get(fd)
+                if paced is not None:
+                    paced._read()
+            if not ready:
+                # Quiet: a connection closed without leaving (by someone
+                # else than its reader) is dropped.
+                for paced in list(self._paced.values()):
+                    if paced._socket.fileno() != paced.fd:
+                        paced.release()
+        except Exception:
+            self.log.failure("a round of engine stream reads failed")
+        finally:
+            if self._paced and self._round is None and not self._epoll.closed:
+                self._wait = self.interval if ready else min(self._wait * 2,
+                                                            self.interval * QUIET_ROUNDS)
+                self._round = self._reactor.callLater(self._wait, self._read_round)
+
+    def _interest(self, paced: PacedConnection, reading: bool) -> None:
+        """
+        A paused connection leaves the set (an interest of none would still
+        report a hung-up peer at every round), and comes back on resuming.
+        """
+        try:
+            if reading:
+                self._epoll.register(paced.fd, select.EPOLLIN)
+            else:
+                self._epoll.unregister(paced.fd)
         except (OSError, ValueError):
             pass  # closed already: its end comes through the reactor
 
@@ -215,7 +240,8 @@ class ReadPacer:
         if self._paced.get(paced.fd) is paced:
             del self._paced[paced.fd]
             try:
-                self._epoll.unregister(paced.fd)
+                if not paced.paused:  # (a paused one is out of the set already)
+                    self._epoll.unregister(paced.fd)
             except (OSError, ValueError):
                 pass  # the descriptor is closed (and so left the set) already
         if not self._paced and self._round is not None and self._round.active():

@@ -243,10 +243,12 @@ class _StreamReader(Protocol):
             if length == 0:
                 self._ended = True
         self._in_body = True
-        if not self._ended and self._pacer is not None and self.transport is not None:
-            # The body (a console, the events) may last for days: read it
-            # with the other streams' from the next read on (before the head
-            # goes out: its consumer may pause or close at once).
+        if code == 200 and length is None and not self._ended and self._pacer is not None \
+                and self.transport is not None:
+            # An open-ended body (a console, the events) may last for days:
+            # read it with the other streams' from the next read on (before
+            # the head goes out: its consumer may pause or close at once).
+            # An error's or a sized answer's is short: the reactor's.
             self._paced = self._pacer.adopt(self.transport, self)
         self.head.callback(StreamResponse(self, code, phrase, headers, length))
         if self._ended:
@@ -336,11 +338,13 @@ class _StreamReader(Protocol):
         protocol.makeConnection(_BodyTransport(self))
         early, self._early = self._early, []
         self._early_size = 0
-        if early:
-            protocol.dataReceived(b"".join(early))
         if self._paused and not self._ended:
+            # Before the held body goes out: a pause the consumer makes
+            # while taking it is its own, and stays.
             self._paused = False
             self.resume_reading()
+        if early:
+            protocol.dataReceived(b"".join(early))
         if self._end is not None:
             end, self._end = self._end, None
             protocol.connectionLost(end)

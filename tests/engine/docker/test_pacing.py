@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -325,3 +325,85 @@ async def test_a_streamed_answer_is_read_by_the_pacer_to_its_end(tmp_path: Any) 
     finally:
         pacer.close()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_paused_connection_whose_peer_hung_up_lets_the_rounds_slow_down(
+    pairs: Pairs, timed: Timed, pacer: ReadPacer
+) -> None:
+    transport, proto, far = pairs.open()
+    paced = pacer.adopt(transport, proto)
+    assert paced is not None
+    paced.pause()
+    far.close()  # reported whatever the interest, were it still in the set
+    waits = []
+    for _ in range(4):
+        (due,) = timed.clock.getDelayedCalls()
+        waits.append(round(due.getTime() - timed.clock.seconds(), 6))
+        timed.clock.advance(waits[-1])
+    assert waits == [0.01, 0.02, 0.04, 0.04]
+    assert proto.end is None
+    paced.resume()
+    timed.clock.advance(0.04)
+    await until(lambda: proto.end is not None, 10, "the end after resuming")
+    assert proto.end is not None and proto.end.check(ConnectionDone)
+    assert len(pacer) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reset_connection_ends_with_the_error_not_a_clean_end(
+    timed: Timed, pacer: ReadPacer
+) -> None:
+    import struct
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    near = socket.create_connection(listener.getsockname())
+    far, _ = listener.accept()
+    listener.close()
+    proto = Reads()
+    reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+        near.fileno(), socket.AF_INET, Factory.forProtocol(lambda: proto)
+    )
+    near.close()
+    pacer.adopt(proto.transport, proto)
+    far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    far.close()  # a reset
+    timed.clock.advance(0.01)
+    await until(lambda: proto.end is not None, 10, "the end")
+    assert proto.end is not None and proto.end.check(ConnectionLost)
+    assert len(pacer) == 0
+
+
+def test_a_connection_adopted_during_a_round_keeps_one_timer(
+    pairs: Pairs, timed: Timed, pacer: ReadPacer
+) -> None:
+    late_transport, late_proto, late_far = pairs.open()
+
+    class Adopts(Reads):
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            super().dataReceived(data)
+            pacer.adopt(late_transport, late_proto)
+
+    transport, proto, far = pairs.open(Adopts())
+    pacer.adopt(transport, proto)
+    far.sendall(b"x")
+    timed.clock.advance(0.01)
+    assert proto.data == b"x" and len(pacer) == 2
+    assert len(timed.clock.getDelayedCalls()) == 1
+    late_far.sendall(b"y")
+    timed.clock.advance(0.01)
+    assert late_proto.data == b"y"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_closed_behind_the_pacers_back_is_dropped(
+    pairs: Pairs, timed: Timed, pacer: ReadPacer
+) -> None:
+    transport, proto, far = pairs.open()
+    pacer.adopt(transport, proto)
+    transport.abortConnection()  # not through the pacer
+    await until(lambda: proto.end is not None, 10, "the abort")
+    timed.clock.advance(0.01)  # a quiet round notices
+    assert len(pacer) == 0 and not timed.clock.getDelayedCalls()

@@ -333,3 +333,47 @@ def test_the_head_fires_with_the_response_once_connected() -> None:
     consumer = Body()
     results[0].deliverBody(consumer)
     assert consumer.data == b"ok"
+
+
+def test_a_late_consumers_own_pause_is_kept_after_the_held_body() -> None:
+    from ctrlagent.engine.docker.rawhttp import _EARLY_CAP
+
+    reader, transport = connect()
+    reader.dataReceived(HEAD + b"\r\n" + b"x" * (_EARLY_CAP + 1))  # until close: held, paused
+    assert transport.producerState == "paused"
+
+    class Pauses(Body):
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            super().dataReceived(data)
+            self.transport.pauseProducing()
+
+    consumer = Pauses()
+    head_of(reader).deliverBody(consumer)
+    assert consumer.data == b"x" * (_EARLY_CAP + 1)
+    assert transport.producerState == "paused"  # the consumer's, not undone
+    consumer.transport.resumeProducing()
+    assert transport.producerState == "producing"
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+    b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n",
+])
+def test_only_an_open_ended_answer_is_read_by_the_pacer(head: bytes) -> None:
+    class Pacer:
+        adopted: list[Any] = []
+
+        def adopt(self, transport: Any, protocol: Any) -> None:
+            self.adopted.append(transport)
+
+    pacer = Pacer()
+    reader = _StreamReader(b"GET / HTTP/1.1\r\n\r\n", pacer)  # type: ignore[arg-type]
+    reader.makeConnection(StringTransport())
+    reader.dataReceived(head)
+    head_of(reader)
+    assert pacer.adopted == []
+    reader = _StreamReader(b"GET / HTTP/1.1\r\n\r\n", pacer)  # type: ignore[arg-type]
+    reader.makeConnection(StringTransport())
+    reader.dataReceived(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+    assert len(pacer.adopted) == 1
