@@ -521,6 +521,8 @@ class FakeServerManager:
     def add_listener(self, listener: object, console: bool = True) -> None:
         """Subscribe ``listener(event)`` to events (but the console's unless ``console``)."""
         assert callable(listener)
+        if listener in self._listeners:
+            return  # once, as the real bus
         self._listeners.append(listener)
         if not console:
             self._quiet.append(listener)

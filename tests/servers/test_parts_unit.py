@@ -179,3 +179,29 @@ def test_a_listener_without_the_console_gets_every_other_event() -> None:
     bus.add(consumer, console=False)
     bus.fan_out([line_event])
     assert consumer.events == [line_event]
+
+
+def test_the_fake_manager_subscribes_listeners_as_the_real_bus_does() -> None:
+    from ctrlagent.events import StatusChanged
+    from ctrlagent.testing.servers import FakeServerManager
+
+    fake = FakeServerManager()
+    bus = EventBus()
+    line_event = ConsoleOutput("s1", "stdout", ["x"], 1.0)
+    status = StatusChanged("s1", "starting", "running", 1.0)
+    got: dict[str, list[ServerEvent]] = {}
+    for name, add, publish in (
+        ("fake", fake.add_listener, lambda e: fake._emit(e)),
+        ("bus", bus.add, lambda e: bus.fan_out([e]) if isinstance(e, ConsoleOutput)
+         else bus.emit(e)),
+    ):
+        quiet: list[ServerEvent] = []
+        everything: list[ServerEvent] = []
+        add(quiet.append, False)
+        add(everything.append)
+        add(everything.append)
+        publish(line_event)
+        publish(status)
+        got[name + " quiet"], got[name + " all"] = quiet, everything
+    assert got["fake quiet"] == got["bus quiet"] == [status]
+    assert got["fake all"] == got["bus all"] == [line_event, status]
