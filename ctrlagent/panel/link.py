@@ -905,8 +905,7 @@ class PanelLink(service.MultiService):
                     outgoing.frames_for_status(event, with_legacy=self._panel.legacy_frames)
                 )
             elif isinstance(event, ResourceUpdate):
-                protocol = self._protocol
-                if protocol is None or not protocol.is_writable():
+                if self._link_down(self._protocol):
                     # The link is down: figures queued now would be stale when
                     # it is back (the servers are then sampled at the live
                     # rate again, from the stats hub's next tick), and would
@@ -956,6 +955,11 @@ class PanelLink(service.MultiService):
     def _emit_frames(self, frames: list[dict[str, Any]]) -> None:
         self._emit(tuple(encode(frame) for frame in frames))
 
+    @staticmethod
+    def _link_down(protocol: PanelProtocol | None) -> bool:
+        """No connection, or one that is closing (nothing written to it arrives)."""
+        return protocol is None or not protocol.is_writable()
+
     def _can_send_now(self, protocol: PanelProtocol | None) -> bool:
         return (
             protocol is not None
@@ -988,7 +992,7 @@ class PanelLink(service.MultiService):
         if protocol is not None and self._can_send_now(protocol):
             self._write(protocol, entry, receipts)
             return
-        if protocol is None or not protocol.is_writable():
+        if self._link_down(protocol):
             reason = "linkDown"
         elif not self._ready:
             reason = "synchronising"

@@ -91,14 +91,19 @@ class PacedConnection:
         if read and not self.paused and transport.connected and not transport.disconnecting:
             transport.startReading()
 
+    @property
+    def closed_elsewhere(self) -> bool:
+        """Its socket was closed without the pacer being told (nothing of ours to read)."""
+        return self._socket.fileno() != self.fd
+
     def _read(self) -> None:
         """What is ready, at most ``READS_PER_ROUND`` reads."""
         sock = self._socket
         for _ in range(READS_PER_ROUND):
             if not self.active or self.paused:
                 return
-            if sock.fileno() != self.fd:
-                self.release()  # closed under us: nothing of ours to read
+            if self.closed_elsewhere:
+                self.release()
                 return
             try:
                 data = sock.recv(READ_SIZE)
@@ -213,7 +218,7 @@ class ReadPacer:
                 # Quiet: a connection closed without leaving (by someone
                 # else than its reader) is dropped.
                 for paced in list(self._paced.values()):
-                    if paced._socket.fileno() != paced.fd:
+                    if paced.closed_elsewhere:
                         paced.release()
         except Exception:
             self.log.failure("a round of engine stream reads failed")

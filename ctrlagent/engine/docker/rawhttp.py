@@ -149,11 +149,15 @@ class _StreamReader(Protocol):
         elif self.transport is not None:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
-    def close(self, abort: bool) -> None:
-        """Close the connection (at once when ``abort``, else after what is being written)."""
+    def _unpace(self) -> None:
+        """The pacer reads this connection no more (before it closes)."""
         paced, self._paced = self._paced, None
         if paced is not None:
             paced.release()
+
+    def close(self, abort: bool) -> None:
+        """Close the connection (at once when ``abort``, else after what is being written)."""
+        self._unpace()
         transport = self.transport
         if transport is None:
             return
@@ -184,9 +188,7 @@ class _StreamReader(Protocol):
             self.close(abort=False)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]  # noqa: N802
-        paced, self._paced = self._paced, None
-        if paced is not None:
-            paced.release()
+        self._unpace()
         if reason is None:
             reason = Failure(ConnectionDone())
         if not self.head.called:

@@ -211,10 +211,6 @@ class ItemStream(Generic[T]):
     def _read_received(self, data: bytes) -> None:
         if self._transport is None or self._closed:
             return
-        if self._raw:  # (never in this path: nothing gathered waits)
-            self._raw.append(data)
-            self._process_now()
-            return
         self._take(data)
 
     def _process(self) -> None:
