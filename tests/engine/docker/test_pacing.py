@@ -23,7 +23,13 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from ctrlagent.engine.docker.pacing import QUIET_ROUNDS, READ_SIZE, READS_PER_ROUND, ReadPacer
+from ctrlagent.engine.docker.pacing import (
+    QUIET_ROUNDS,
+    READ_SIZE,
+    READS_PER_ROUND,
+    SWEEP_SECONDS,
+    ReadPacer,
+)
 from ctrlagent.engine.docker.rawhttp import open_stream
 from tests.rig.waiting import sleep, until
 
@@ -405,5 +411,12 @@ async def test_a_connection_closed_behind_the_pacers_back_is_dropped(
     pacer.adopt(transport, proto)
     transport.abortConnection()  # not through the pacer
     await until(lambda: proto.end is not None, 10, "the abort")
-    timed.clock.advance(0.01)  # a quiet round notices
+    timed.clock.advance(0.01)  # a quiet round, too soon for a look
+    assert len(pacer) == 1
+    # Quiet rounds go on; one of the first a second on looks, and drops it.
+    for _ in range(int(SWEEP_SECONDS / 0.01) + QUIET_ROUNDS):
+        timed.clock.advance(0.01)
+        if not len(pacer):
+            break
     assert len(pacer) == 0 and not timed.clock.getDelayedCalls()
+    assert timed.clock.seconds() - 1000.0 <= SWEEP_SECONDS + QUIET_ROUNDS * 0.01 + 0.02
