@@ -13,6 +13,11 @@ the host's load.  Targets: p99 under 10 ms with 1 client (issue 5) and with 16
 (issue 16: with one reactor thread, 16 clients wait about 16 times the CPU per
 request).  The servers publish no ports, so that hundreds fit.
 
+After each client count, the same client measures the host's floor
+(``bench/floor_server.py``: a bare Twisted responder, one thread, the same
+answer size, nothing else): what the host lets any such server reach in the
+same moment.  The report gives the agent's p99 as a multiple of the floor's.
+
 The client is a small asyncio HTTP/1.1 client in this process, so that client
 overhead stays far below the agent's.  Run: ``python bench/http_latency.py``.
 ``bench/panel_link.py`` runs it too, before its console floods.
@@ -25,6 +30,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +47,8 @@ from tests.rig.images import build_scripted_image  # noqa: E402
 
 # Seconds the agent's idle CPU is measured for, before the runs.
 IDLE_SECONDS = 3.0
+# The host's floor: the cheapest answer a Twisted reactor gives this client.
+FLOOR_SERVER = ROOT / "bench" / "floor_server.py"
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -53,7 +61,7 @@ def percentile(values: list[float], p: float) -> float:
 class Client:
     """One keep-alive HTTP/1.1 connection posting Panel commands."""
 
-    def __init__(self, agent: AgentProcess) -> None:
+    def __init__(self, agent: AgentProcess | FloorServer) -> None:
         self.agent = agent
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -120,7 +128,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure(
-    agent: AgentProcess, server_ids: list[str], action: str, clients: int, total: int
+    agent: AgentProcess | FloorServer,
+    server_ids: list[str],
+    action: str,
+    clients: int,
+    total: int,
 ) -> dict[str, Any]:
     """Send ``total`` ``action`` commands from ``clients`` concurrent connections."""
     conns = [Client(agent) for _ in range(clients)]
@@ -176,6 +188,64 @@ async def measure(
     }
 
 
+class FloorServer:
+    """
+    ``bench/floor_server.py`` in a child process, measured like an agent:
+    with the same client, right after the agent, its p50 and p99 are what
+    the host allows any one-threaded Twisted server in that moment.
+    """
+
+    def __init__(self, body_bytes: int) -> None:
+        self.body_bytes = body_bytes
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> FloorServer:
+        self.process = subprocess.Popen(
+            [sys.executable, str(FLOOR_SERVER), str(self.body_bytes)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError("the floor server did not start: {!r}".format(line))
+        self.port = int(line)
+        return self
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Type": "application/json"}
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()  # it stops when its stdin closes
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def answer_bytes(agent: AgentProcess, server_id: str, action: str) -> int:
+    """About how long the agent's answer to ``action`` is (its JSON body)."""
+    answer = agent.command_sync({"action": action, "serverId": server_id, "payload": {}})
+    return len(json.dumps(answer, separators=(",", ":")))
+
+
+def measure_floor(body_bytes: int, clients: int, total: int) -> dict[str, Any]:
+    """``measure`` against a ``FloorServer`` answering ``body_bytes`` bodies."""
+    floor = FloorServer(body_bytes).start()
+    try:
+        run = asyncio.run(measure(floor, ["floor"], "floor", clients, total))
+    finally:
+        floor.stop()
+    run["action"] = "floor"
+    return run
+
+
 def rss_mb(pid: int) -> float:
     with open("/proc/{}/status".format(pid)) as f:
         for line in f:
@@ -227,11 +297,15 @@ def run_benchmark(host: str, servers: int, requests: int) -> dict[str, Any]:
         time.sleep(IDLE_SECONDS)
         idle_cpu = (cpu_seconds(agent.process.pid) - idle_before) / IDLE_SECONDS
         results = []
+        floors = []
+        size = answer_bytes(agent, server_ids[0], "get_server_status")
         for clients in (1, 16):
             for action in ("get_server_status", "get_server_metrics"):
                 results.append(
                     asyncio.run(measure(agent, server_ids, action, clients, requests))
                 )
+            # The host's floor in the same moment (see FloorServer).
+            floors.append(measure_floor(size, clients, requests))
         assert agent.process is not None
         with open("/proc/loadavg") as f:
             loadavg = " ".join(f.read().split()[:3])
@@ -244,6 +318,7 @@ def run_benchmark(host: str, servers: int, requests: int) -> dict[str, Any]:
             "servers": servers,
             "idle_cpu_percent": idle_cpu * 100,
             "runs": results,
+            "floor": floors,
             "agent_rss_mb": rss_mb(agent.process.pid),
             "loadavg": loadavg,
         }
@@ -276,7 +351,27 @@ def report(results: dict[str, Any]) -> str:
             " + system {cpu_system_ms_per_request:4.2f}), client CPU"
             " {client_cpu_ms_per_request:5.2f} ms/req  ({requests} requests)".format(**r)
         )
+    lines.extend(floor_lines(results["runs"], results.get("floor", [])))
     return "\n".join(lines)
+
+
+def floor_lines(runs: list[dict[str, Any]], floors: list[dict[str, Any]]) -> list[str]:
+    """The floor's figures, and the agent's p99 as a multiple of the floor's."""
+    lines = []
+    for f in floors:
+        agent_p99 = [r["p99_ms"] for r in runs if r["clients"] == f["clients"]]
+        lines.append(
+            "  floor (a bare Twisted responder, same client and answer size, measured right"
+            " after) {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99 {p99_ms:6.2f} ms"
+            "  {per_s:7.0f} req/s  its CPU {cpu_ms_per_request:5.2f} ms/req;"
+            " the agent's p99 {ratio}".format(
+                ratio=" and ".join(
+                    "x{:.1f}".format(p / max(f["p99_ms"], 0.001)) for p in agent_p99
+                ) or "-",
+                **f,
+            )
+        )
+    return lines
 
 
 def run_benchmark_anywhere(host: str, servers: int, requests: int) -> dict[str, Any]:

@@ -17,7 +17,10 @@ engine at DOCKER_HOST, or on a private engine when none answers, and:
    Each server's ticks are console lines the agent reads and delivers
    (``--servers`` / ``--tick`` lines a second in all);
 3. ``get_server_status`` and ``get_server_metrics`` latency (p50/p99) from 1
-   and 16 concurrent keep-alive clients (``bench/http_latency.py``'s client);
+   and 16 concurrent keep-alive clients (``bench/http_latency.py``'s client),
+   each client count followed by the host's floor: the same client against a
+   bare Twisted responder (``bench/floor_server.py``), whose p99 is what the
+   host allows any one-threaded server in that moment;
 4. a Panel (``ctrlagent.testing.panel.FakePanel``, a real WebSocket server, in
    a child process so that its parsing is not the agent's CPU) comes up on
    the URL the agent dials: once the link is connected, the agent's CPU over
@@ -59,7 +62,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from http_latency import Client, measure, rss_mb  # noqa: E402
+from http_latency import (  # noqa: E402
+    Client,
+    answer_bytes,
+    floor_lines,
+    measure,
+    measure_floor,
+    rss_mb,
+)
 
 from tests.rig.agentproc import AgentProcess, free_port  # noqa: E402
 from tests.rig.dockerd import PrivateDockerd, engine_answers  # noqa: E402
@@ -280,11 +290,16 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
         result["loadavg"] = os.getloadavg()[0]
         result["rss_mb"] = rss_mb(pid)
         runs = []
+        floors = []
+        size = answer_bytes(agent, server_ids[0], "get_server_status")
         for clients in (1, 16):
             for action in ("get_server_status", "get_server_metrics"):
                 runs.append(asyncio.run(measure(agent, server_ids, action, clients,
                                                 args.requests)))
+            # The host's floor in the same moment (bench/floor_server.py).
+            floors.append(measure_floor(size, clients, args.requests))
         result["http"] = runs
+        result["floor"] = floors
 
         # A Panel comes: every server sampled and forwarded every stats_interval.
         panel = PanelChild(agent.secret, panel_port)
@@ -367,6 +382,7 @@ def report(results: list[dict[str, Any]]) -> str:
                 "  {action:<20} {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99 {p99_ms:6.2f} ms"
                 "  (target p99 < 10 ms at 16)  {per_s:6.0f} req/s".format(**h)
             )
+        lines.extend(floor_lines(r["http"], r.get("floor", [])))
     if len(results) > 1:
         a, b = results[0], results[-1]
         per = (b["rss_mb"] - a["rss_mb"]) / (b["servers"] - a["servers"])
