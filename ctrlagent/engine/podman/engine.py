@@ -598,8 +598,7 @@ class PodmanEngine(DockerEngine):
         """The path and query of the stdin attach the holder sends."""
         url = self.client.url(
             "containers", cid, "attach", query={"stream": True, "stdin": True, "stderr": True})
-        text = url.to_uri().to_text()
-        return text[text.index("/", text.index("//") + 2):]
+        return url[url.index("/", url.index("//") + 2):]
 
     def _stdin_gone(self, result: object, cid: str, shared: Any) -> None:
         if self._stdin.get(cid) is shared:
