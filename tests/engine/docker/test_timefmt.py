@@ -67,3 +67,23 @@ def test_since_values_have_nanosecond_precision() -> None:
     assert format_since(1700000000.5) == "1700000000.500000000"
     assert format_since(12) == "12.000000000"
     assert format_since_ns(1_700_000_000_000_000_001) == "1700000000.000000001"
+
+
+def test_lines_of_hundreds_of_minutes_interleaved_are_exact() -> None:
+    # A re-attach replays the kept lines of hundreds of servers, interleaved:
+    # far more distinct seconds and minutes than any cache holds.
+    base = calendar.timegm((2026, 12, 2, 17, 0, 0, 0, 0, 0))
+    for i in range(3000):
+        seconds = base + (i * 7919) % 40_000
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        line = "{}.{}Z tick {}".format(stamp, 100 + i, i)
+        assert split_timestamp(line) == (seconds * 10**9 + (100 + i) * 10**(9 - len(str(100 + i))),
+                                         "tick {}".format(i))
+
+
+def test_a_seconds_field_that_is_not_two_ascii_digits_is_not_taken_as_one() -> None:
+    assert split_timestamp("2026-01-02T03:04:5.5Z x") == (0, "2026-01-02T03:04:5.5Z x")
+    assert split_timestamp("2026-01-02T03:04-05.5Z x") == (0, "2026-01-02T03:04-05.5Z x")
+    minute = calendar.timegm((2026, 1, 2, 3, 4, 0, 0, 0, 0))
+    # What the engine never writes but the general form reads: a leap second.
+    assert split_timestamp("2026-01-02T03:04:60.5Z x") == ((minute + 60) * 10**9 + 5 * 10**8, "x")
