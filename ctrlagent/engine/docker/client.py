@@ -243,7 +243,7 @@ class DockerClient:
         self.host = host or (endpoints.host if endpoints else DockerHost(kind="unix", path="/"))
         self._pool = pool
         # Every API URL starts so (no slash at its end): "http://docker".
-        self._base_text = self.host.base_url.to_uri().to_text().rstrip("/")
+        self._base_text = self.host.base_text
         self._api: str | None = None
         self._api_lock = DeferredLock()
 

@@ -52,11 +52,22 @@ class DockerHost:
     @property
     def base_url(self) -> DecodedURL:
         """The URL every API path is appended to (the Host header it implies)."""
+        return DecodedURL.from_text(self.base_text + "/")
+
+    @property
+    def base_text(self) -> str:
+        """``base_url`` as ASCII text, without its closing slash: "http://docker"."""
         if self.kind == "unix":
-            return DecodedURL.from_text("http://docker/")
-        return DecodedURL.from_text("http://placeholder/").replace(
-            host=self.hostname, port=self.port
-        )
+            return "http://docker"
+        # An IPv6 address goes in brackets ("tcp://[::1]:2375"); a name that
+        # is not ASCII in its IDNA form.
+        if ":" in self.hostname:
+            host = "[{}]".format(self.hostname)
+        elif self.hostname.isascii():
+            host = self.hostname
+        else:
+            host = self.hostname.encode("idna").decode("ascii")
+        return "http://{}:{}".format(host, self.port)
 
     def describe(self) -> str:
         """A human description for error messages."""

@@ -146,6 +146,14 @@ def test_docker_host_values() -> None:
     assert parse_docker_host("https://docker.example:4443").kind == "tls"
     assert parse_docker_host("unix:///x").base_url.to_text() == "http://docker/"
     assert tcp.base_url.to_text() == "http://10.0.0.5:2375/"
+    six = parse_docker_host("tcp://[::1]:2375")
+    assert (six.hostname, six.port) == ("::1", 2375)
+    assert six.base_text == "http://[::1]:2375"
+    assert parse_docker_host("tcp://bücher.example:2375").base_text == (
+        "http://xn--bcher-kva.example:2375")
+    client = DockerClient(StubTreq(FakeEngine({})), Clock(), DockerConfig(), host=six)
+    client._api = "1.41"
+    assert client.url("containers", "json") == "http://[::1]:2375/v1.41/containers/json"
     with pytest.raises(DockerInvalidInput):
         parse_docker_host("ssh://host")
     with pytest.raises(DockerInvalidInput):
