@@ -31,7 +31,9 @@ engine at DOCKER_HOST, or on a private engine when none answers, and:
    from the new process's start to every server re-attached (its console
    followed again, ``console:status`` connected), and every server's ticks
    checked for a gap or a repeat across the restart (no line lost or
-   duplicated).
+   duplicated).  The re-attach reads each server's kept history back first:
+   ``--history N`` has every server print N lines at its start, as servers
+   that ran for days have a full history (``servers.console_buffer_lines``).
 
 Targets (issue 16): under 150 MB RSS and 5 % of one core at 500 servers,
 HTTP p99 under 10 ms at 16 clients, all re-attached within 10 s.  With
@@ -239,7 +241,13 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
                         subnet=args.subnet, **link) if args.network
              else AgentProcess(workdir, host, extra_config=config, **link)).start()
     server_ids = ["scale-" + uuid.uuid4().hex[:12] for _ in range(servers)]
-    result: dict[str, Any] = {"servers": servers, "host_loop_ms_before": host_speed()}
+    result: dict[str, Any] = {"servers": servers, "history_lines": args.history,
+                              "host_loop_ms_before": host_speed()}
+    environment = {"TICK_INTERVAL": str(args.tick)}
+    if args.history:
+        # Each server prints that many lines at its start: the kept history
+        # a server that ran for days has, which the re-attach reads back.
+        environment["FLOOD_LINES"] = str(args.history)
     try:
         started = time.monotonic()
         created = send_all(
@@ -252,7 +260,7 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
                         "name": sid,
                         "image": image,
                         "startup": "/usr/local/bin/gameserver",
-                        "environment": {"TICK_INTERVAL": str(args.tick)},
+                        "environment": environment,
                         "limits": {"memory": 32, "cpu": 10},
                     },
                 }
@@ -364,7 +372,8 @@ def report(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
         lines.append(
-            "{servers} servers: created+started in {create_and_start_s:.0f} s; agent RSS "
+            "{servers} servers ({history_lines} history lines each): created+started in"
+            " {create_and_start_s:.0f} s; agent RSS "
             "{rss_mb:.0f} MB (target < 150), CPU {cpu_percent:.1f} % of a core (target < 5; "
             "{thirds} in its thirds), "
             "{cpu_percent_panel:.1f} % with a Panel connected ({panel_resource_updates} "
@@ -407,6 +416,11 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=30.0,
                         help="seconds from all running to the idle window (default 30)")
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--history", type=int, default=0,
+                        help="lines each server prints at its start, so that the restart's"
+                        " re-attach reads back a kept history that long (up to"
+                        " servers.console_buffer_lines, 1000: servers that ran for days);"
+                        " default 0")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--network", default="",
                         help="the servers' network, created with --subnet and removed at the end"
