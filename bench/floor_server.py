@@ -20,7 +20,6 @@ import sys
 from typing import Any
 
 from twisted.internet import protocol, reactor, stdio
-from twisted.protocols.basic import LineReceiver
 
 # At most this many bytes of a request's head (the benchmark sends ~300).
 _MAX_HEAD = 65536
@@ -70,7 +69,9 @@ class Floor(protocol.Protocol):
         self._buffer = buffer
 
 
-class _StopOnClose(LineReceiver):
+class _StopOnClose(protocol.Protocol):
+    """Stops the reactor when the benchmark closes our stdin."""
+
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 (Twisted hook)
         if reactor.running:  # type: ignore[attr-defined]
             reactor.stop()  # type: ignore[attr-defined]

@@ -219,10 +219,11 @@ class ReadPacer:
                 paced = self._paced.get(fd)
                 if paced is not None:
                     paced._read()
-            if not ready and self._reactor.seconds() - self._swept_at >= SWEEP_SECONDS:
+            now = self._reactor.seconds()
+            if not ready and now - self._swept_at >= SWEEP_SECONDS:
                 # Quiet: a connection closed without leaving (by someone
                 # else than its reader) is dropped.
-                self._swept_at = self._reactor.seconds()
+                self._swept_at = now
                 for paced in list(self._paced.values()):
                     if paced.closed_elsewhere:
                         paced.release()

@@ -50,13 +50,11 @@ class DockerHost:
     port: int = 0
 
     @property
-    def base_url(self) -> DecodedURL:
-        """The URL every API path is appended to (the Host header it implies)."""
-        return DecodedURL.from_text(self.base_text + "/")
-
-    @property
     def base_text(self) -> str:
-        """``base_url`` as ASCII text, without its closing slash: "http://docker"."""
+        """
+        What every API URL starts with (the Host header it implies), as ASCII
+        text without a closing slash: "http://docker".
+        """
         if self.kind == "unix":
             return "http://docker"
         # An IPv6 address goes in brackets ("tcp://[::1]:2375"); a name that

@@ -144,8 +144,8 @@ def test_docker_host_values() -> None:
     assert parse_docker_host("tcp://docker.example", tls=True).kind == "tls"
     assert parse_docker_host("tcp://docker.example", tls=True).port == 2376
     assert parse_docker_host("https://docker.example:4443").kind == "tls"
-    assert parse_docker_host("unix:///x").base_url.to_text() == "http://docker/"
-    assert tcp.base_url.to_text() == "http://10.0.0.5:2375/"
+    assert parse_docker_host("unix:///x").base_text == "http://docker"
+    assert tcp.base_text == "http://10.0.0.5:2375"
     six = parse_docker_host("tcp://[::1]:2375")
     assert (six.hostname, six.port) == ("::1", 2375)
     assert six.base_text == "http://[::1]:2375"
