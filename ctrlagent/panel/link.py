@@ -101,8 +101,10 @@ from ctrlagent.wire.json import encode, to_json
 from ctrlagent.wire.time import iso_ms
 from ctrlagent.work import DeferredTracker, async_to_deferred
 
-# How long gathering system_info / the load for a pong may take before the
-# link sends what it has.
+# At a stop, how long the Panel has to take the last frames and answer the
+# close frame before the connection is aborted (Autobahn's default, one
+# second, cut off console lines a busy host had not yet delivered).
+CLOSE_TIMEOUT = 5.0
 
 # HTTP statuses that mean "your credentials are wrong", not "try again soon".
 _REFUSED_STATUSES = (401, 403)
@@ -304,6 +306,7 @@ class PanelLink(service.MultiService):
             openHandshakeTimeout=self._panel.open_handshake_timeout,
             autoPingInterval=self._panel.auto_ping_interval,
             autoPingTimeout=self._panel.auto_ping_timeout,
+            closeHandshakeTimeout=CLOSE_TIMEOUT,
             maxMessagePayloadSize=self._panel.max_message_bytes,
             # The link decodes every frame itself and answers a text frame that
             # is not UTF-8 with an error frame, instead of Autobahn failing the

@@ -290,6 +290,34 @@ class PanelProtocol(WebSocketClientProtocol):
         stats.outgoingOctetsWireLevel += len(wire)
 
 
+class _ExactTimer:
+    """
+    Autobahn's protocol timers (open and close handshakes, pings), each on its
+    own ``callLater``.  Autobahn's own batched timer rounds every deadline
+    down to a whole second: a one-second close handshake timeout could fire
+    a few milliseconds after the close frame, and its abort threw away the
+    last console lines still on their way to the Panel.  The link holds one
+    connection, so there is nothing to batch.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _ExactCall:
+        return _ExactCall(self._reactor.callLater(max(0.0, delay), func, *args, **kwargs))
+
+
+class _ExactCall:
+    """One of ``_ExactTimer``'s calls; cancelling it again or after it ran does nothing."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
 class PanelClientFactory(WebSocketClientFactory):
     """The Autobahn factory, knowing the link its protocols forward to."""
 
@@ -298,3 +326,5 @@ class PanelClientFactory(WebSocketClientFactory):
     def __init__(self, link: LinkHooks, url: str, reactor: Any) -> None:
         super().__init__(url, reactor=reactor, useragent="ctrlagent/" + __version__)
         self.link = link
+        # Private in Autobahn (txaio's IBatchedTimer); tests/panel pins the name.
+        self._batched_timer = _ExactTimer(reactor)

@@ -35,7 +35,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.panel.outbox import ConsoleBatcher
-from ctrlagent.panel.protocol import _Drain, _held_above, _socket_transport
+from ctrlagent.panel.protocol import PanelClientFactory, _Drain, _held_above, _socket_transport
 from ctrlagent.testing.panel import FakePanel
 from ctrlagent.wire import frames as outgoing
 
@@ -340,3 +340,77 @@ async def test_over_tls_receipts_settle_after_the_write_and_a_stop_still_closes(
     panel, port, ca_path = tls_panel
     link = make_link(port, tls_ca=str(ca_path), console_batch_window=0.05, console_batch_lines=7)
     await _flood_and_stop(link, panel)
+
+
+async def _stop_while_the_panel_is_not_reading(link: Any, panel: FakePanel) -> None:
+    """
+    The Panel stops reading; the agent writes until the kernel's buffers are
+    full and it holds the rest; the stop comes, and the Panel reads again only
+    1.5 s later, past Autobahn's default close handshake timeout.  Every line
+    whose receipt was settled (the kernel took it) reaches the Panel.
+    """
+    receipts = Receipts()
+    link.startService()
+    try:
+        await until(lambda: link.connected and link._ready and panel.current is not None, 10)
+        panel.current.transport.pauseProducing()
+        n = 0
+        blocked_since = None
+        while n < 20_000:  # bounded: the buffers fill after a few MB
+            for _ in range(50):
+                n += 1
+                link.consumer(receipts.event(n, width=4000))
+            await sleep(0.01)
+            if not link._paused:
+                blocked_since = None
+            elif blocked_since is None:
+                blocked_since = reactor.seconds()
+            elif reactor.seconds() - blocked_since > 0.3:
+                break  # the kernel takes no more: the rest waits in the agent
+        assert link._paused and len(receipts.settled) > 100
+        stopped = link.stopService()
+        await sleep(1.5)
+        panel.current.transport.resumeProducing()
+    finally:
+        await stopped.addTimeout(10, reactor)
+    settled = len(receipts.settled)
+    assert receipts.settled == list(range(1, settled + 1))
+    await until(lambda: len(panel.console_lines("s1")) >= settled, 10)
+    lines = panel.console_lines("s1")
+    assert lines[:settled] == ["line {} ".format(k) + "x" * 4000 for k in range(1, settled + 1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_loopback_tcp_a_stop_gives_a_panel_slow_to_read_its_last_lines(
+    make_rig: Callable[..., Rig],  # noqa: F811 (the fixture)
+) -> None:
+    rig = make_rig(console_batch_window=0.05, console_batch_lines=7)
+    await _stop_while_the_panel_is_not_reading(rig.link, rig.panel)
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_tls_a_stop_gives_a_panel_slow_to_read_its_last_lines(
+    tls_panel: tuple[FakePanel, int, Path],  # noqa: F811 (the fixture)
+) -> None:
+    panel, port, ca_path = tls_panel
+    link = make_link(port, tls_ca=str(ca_path), console_batch_window=0.05, console_batch_lines=7)
+    await _stop_while_the_panel_is_not_reading(link, panel)
+
+
+def test_the_links_protocol_timers_fire_on_time_not_rounded_to_a_second() -> None:
+    """Autobahn's batched timer rounds deadlines down to a whole second."""
+    clock = Clock()
+    factory = PanelClientFactory(None, "ws://127.0.0.1:1/ws", clock)  # type: ignore[arg-type]
+    fired: list[str] = []
+    clock.advance(0.99)
+    call = factory._batched_timer.call_later(1.0, fired.append, "close timeout")
+    clock.advance(0.5)
+    assert fired == []  # Autobahn's own would have fired at 1.0
+    clock.advance(0.5)
+    assert fired == ["close timeout"]
+    call.cancel()  # after it ran: nothing
+    other = factory._batched_timer.call_later(2.0, fired.append, "ping timeout")
+    other.cancel()
+    other.cancel()
+    clock.advance(5)
+    assert fired == ["close timeout"]
