@@ -31,14 +31,15 @@ the followed stream (see its docstring).
 from __future__ import annotations
 
 import math
-from collections import deque
+import struct
+from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from itertools import groupby
 from operator import attrgetter
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -144,52 +145,201 @@ class ConsoleLine:
 Line = ConsoleLine | LogLine
 
 
+# The streams a console line can come from, by their code in ``ConsoleBuffer``.
+_STREAMS: list[str] = ["stdout", "stderr", "agent", "install"]
+_CODES: dict[str, int] = {name: code for code, name in enumerate(_STREAMS)}
+# A line's code has this bit when the agent made it (no engine timestamp):
+# its ``ns`` slot then holds the bits of its ``at`` (a float).
+_MADE = 0x80
+_FLOAT_BITS = struct.Struct("=d")
+_INT_BITS = struct.Struct("=q")
+
+
+def _code(stream: str) -> int:
+    """The code of ``stream`` (streams are the agent's own names, never input)."""
+    code = _CODES.get(stream)
+    if code is None:
+        if len(_STREAMS) >= _MADE:
+            raise ValueError("too many console stream names")
+        code = _CODES[stream] = len(_STREAMS)
+        _STREAMS.append(stream)
+    return code
+
+
+def _encode(lines: list[Line]) -> tuple[list[str], array[int], bytearray]:
+    """The texts, stamps and codes of ``lines`` (``ConsoleBuffer``'s three rings)."""
+    texts = [line.text for line in lines]
+    stamps = array("q", [line.ns for line in lines])
+    try:
+        codes = bytearray([_CODES[line.stream] for line in lines])
+    except KeyError:
+        codes = bytearray([_code(line.stream) for line in lines])
+    if 0 in stamps:
+        # Lines without the engine's time keep their own ``at``.
+        for i, ns in enumerate(stamps):
+            if not ns:
+                stamps[i] = _INT_BITS.unpack(_FLOAT_BITS.pack(lines[i].at))[0]
+                codes[i] |= _MADE
+    return texts, stamps, codes
+
+
 class ConsoleBuffer:
-    """A bounded ring buffer of the latest console lines of one server."""
+    """
+    A bounded ring buffer of the latest console lines of one server.
+
+    It holds no line objects: a line's text, its engine timestamp and its
+    stream code sit in three parallel rings (a list of the texts, an
+    ``array`` of the stamps, a ``bytearray`` of the codes).  At 500 servers
+    keeping 1,000 lines each, line objects cost about 160 bytes a line and
+    every full collection walked all of them; this costs the text and 17
+    bytes, and the collector sees one list per server.  ``tail`` and
+    iteration build the lines again (``LogLine``, or ``ConsoleLine`` for the
+    lines the agent made), equal to those put in.
+    """
 
     def __init__(self, size: int) -> None:
-        self._lines: deque[Line] = deque(maxlen=max(1, size))
+        self._size = max(1, size)
+        self._texts: list[str] = []
+        self._ns = array("q")
+        self._codes = bytearray()
+        self._start = 0  # where the oldest line sits once the rings are full
         self.last_activity: float | None = None
+        self.clears = 0  # how many times it was emptied
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return len(self._texts)
 
     def __iter__(self) -> Iterator[Line]:
-        return iter(self._lines)
+        return iter(self.tail(len(self._texts)))
 
     @property
     def capacity(self) -> int:
         """How many lines the buffer holds at most."""
-        return self._lines.maxlen or 0
+        return self._size
 
     def append(self, line: Line) -> None:
         """Add a line, dropping the oldest when full."""
-        self._lines.append(line)
+        ns, code = line.ns, _CODES.get(line.stream)
+        if code is None:
+            code = _code(line.stream)
+        if not ns:
+            ns = _INT_BITS.unpack(_FLOAT_BITS.pack(line.at))[0]
+            code |= _MADE
         self.last_activity = line.at
+        texts = self._texts
+        if len(texts) < self._size:
+            texts.append(line.text)
+            self._ns.append(ns)
+            self._codes.append(code)
+            return
+        start = self._start
+        texts[start] = line.text
+        self._ns[start] = ns
+        self._codes[start] = code
+        self._start = (start + 1) % self._size
 
     def extend(self, lines: list[Line]) -> None:
         """Add lines in order, dropping the oldest when full."""
-        if lines:
-            self._lines.extend(lines)
+        if len(lines) <= 2:
+            # An idle server's usual batch: one line.
+            for line in lines:
+                self.append(line)
+            return
+        self.last_activity = lines[-1].at
+        self._put(*_encode(lines))
+
+    def prepend(self, lines: list[Line]) -> None:
+        """Put older lines in front of those held (the newest are kept when it overflows)."""
+        if not lines:
+            return
+        texts, stamps, codes = _encode(lines)
+        held = self._last(len(self._texts))
+        texts += held[0]
+        stamps += held[1]
+        codes += held[2]
+        size = self._size
+        self._texts, self._ns, self._codes = texts[-size:], stamps[-size:], codes[-size:]
+        self._start = 0
+        if self.last_activity is None:
             self.last_activity = lines[-1].at
+
+    def _put(self, texts: list[str], stamps: array[int], codes: bytearray) -> None:
+        size, count = self._size, len(texts)
+        if count >= size:
+            self._texts, self._ns, self._codes = texts[-size:], stamps[-size:], codes[-size:]
+            self._start = 0
+            return
+        room = size - len(self._texts)
+        if room > 0:
+            if count <= room:
+                self._texts.extend(texts)
+                self._ns.extend(stamps)
+                self._codes.extend(codes)
+                return
+            self._texts.extend(texts[:room])
+            self._ns.extend(stamps[:room])
+            self._codes.extend(codes[:room])
+            texts, stamps, codes = texts[room:], stamps[room:], codes[room:]
+            count -= room
+        # Full: overwrite the oldest, wrapping round the end once at most.
+        start = self._start
+        first = min(count, size - start)
+        self._texts[start:start + first] = texts[:first]
+        self._ns[start:start + first] = stamps[:first]
+        self._codes[start:start + first] = codes[:first]
+        rest = count - first
+        if rest:
+            self._texts[:rest] = texts[first:]
+            self._ns[:rest] = stamps[first:]
+            self._codes[:rest] = codes[first:]
+        self._start = (start + count) % size
+
+    def _last(self, count: int) -> tuple[list[str], array[int], bytearray]:
+        """The rings' last ``count`` entries, oldest first."""
+        total = len(self._texts)
+        count = min(count, total)
+        if count <= 0:
+            return [], array("q"), bytearray()
+        begin = (self._start + total - count) % total
+        end = begin + count
+        if end <= total:
+            return self._texts[begin:end], self._ns[begin:end], self._codes[begin:end]
+        end -= total
+        return (self._texts[begin:] + self._texts[:end], self._ns[begin:] + self._ns[:end],
+                self._codes[begin:] + self._codes[:end])
 
     def tail(self, count: int) -> list[Line]:
         """The last ``count`` lines, oldest first."""
-        if count <= 0:
-            return []
-        if count >= len(self._lines):
-            return list(self._lines)
-        return list(self._lines)[-count:]
+        texts, stamps, codes = self._last(count)
+        lines: list[Line] = []
+        for text, ns, code in zip(texts, stamps, codes, strict=True):
+            if code & _MADE:
+                at = _FLOAT_BITS.unpack(_INT_BITS.pack(ns))[0]
+                lines.append(ConsoleLine(at, _STREAMS[code & ~_MADE], text, 0))
+            else:
+                lines.append(LogLine(ns, _STREAMS[code], text))
+        return lines
+
+    def texts(self, count: int, stamped: bool = False) -> list[str]:
+        """The texts of the last ``count`` lines, oldest first; ``stamped``: each after its time."""
+        if not stamped:
+            return self._last(count)[0]
+        return [stamp(line.at) + line.text for line in self.tail(count)]
 
     def clear(self) -> None:
         """Forget every line."""
-        self._lines.clear()
+        self._texts, self._ns, self._codes = [], array("q"), bytearray()
+        self._start = 0
+        self.clears += 1
 
     def resize(self, size: int) -> None:
         """Keep at most ``size`` lines from now on (the newest, when it shrinks)."""
         size = max(1, size)
-        if size != self._lines.maxlen:
-            self._lines = deque(self._lines, maxlen=size)
+        if size != self._size:
+            texts, stamps, codes = self._last(size)
+            self._size = size
+            self._texts, self._ns, self._codes = texts, stamps, codes
+            self._start = 0
 
 
 class ConsoleThrottle:
@@ -352,6 +502,7 @@ class ConsolePipeline:
         startup_done: Callable[[], None],
         mark: int = 0,
         mark_count: int = 0,
+        history_slots: DeferredSemaphore | None = None,
     ) -> None:
         self.server_id = server_id
         self._engine = engine
@@ -367,6 +518,15 @@ class ConsolePipeline:
         self.timestamps = False
         self.mark = mark
         self.mark_count = mark_count
+        # What the agent before this one delivered (the mark before anything
+        # is followed): a restarted agent reads those lines back into the
+        # buffer (history only), once, behind the followed console
+        # (``_backfill``).
+        self._history_mark: Mark | None = None
+        self._history_read = False  # read back, or nothing to read
+        self._history_lock = DeferredLock()
+        self._history_slots = history_slots
+        self._history_stream: ILogStream | None = None
         self._output: ILogStream | None = None
         self._attach_epoch = 0  # bumped by every detach (and so every attach)
         self._output_done: Deferred[None] | None = None
@@ -479,22 +639,20 @@ class ConsolePipeline:
 
     def take_history(self, batch: list[LogLine], filt: MarkFilter) -> None:
         """
-        Lines delivered before an agent restart: history only, no events.
+        Lines delivered before an agent restart: history only, no events, in
+        front of the lines followed since.
 
         Exactly those the mark covers (``filt``): a line after it, or one
-        sharing its nanosecond beyond the count, comes again from the live
+        sharing its nanosecond beyond the count, comes from the followed
         stream, as new, and must not be in the history twice.
         """
-        for line in batch:
-            ns = line.ns
-            if ns and not filt.seen(ns):
-                continue
-            self.buffer.append(line)
-            self.lines_total += 1
+        kept: list[Line] = [line for line in batch if not line.ns or filt.seen(line.ns)]
+        self.buffer.prepend(kept)
+        self.lines_total += len(kept)
 
     def history(self, lines: int) -> list[str]:
         """The last ``lines`` console lines (stamped when timestamps are on)."""
-        return self._texts(self.buffer.tail(lines))
+        return self.buffer.texts(lines, self.timestamps)
 
     # -- the followed stream and stdin -------------------------------------
 
@@ -534,13 +692,19 @@ class ConsolePipeline:
         Follow the container's console and open stdin; False when a newer
         attach (or a detach) overtook this one.
 
-        ``recover``: the buffer is empty after an agent restart, so the history
-        up to the mark is read first (no events), then new lines from the mark.
+        ``recover``: after an agent restart, new lines are followed from the
+        mark, and the history up to the mark is read back behind them into
+        the buffer (no events; ``_backfill``).
         """
         self.detach()
         if self.closed:
             # Work of a stopped agent still under way (a reconcile): it opens nothing.
             return False
+        if self._history_mark is None:
+            self._history_mark = (self.mark, self.mark_count)
+        if not recover:
+            # A new run: the one the agent before this one saw is not read back.
+            self._history_read = True
         # One console stream delivers at a time: an attach that a newer one
         # (or a detach) overtook while it read the history gives up, or two
         # pumps would deliver every line twice.
@@ -570,10 +734,7 @@ class ConsolePipeline:
         return True
 
     async def _follow(self, cid: str, recover: bool, epoch: int) -> bool:
-        """The history (when recovering), then the followed stream from the mark."""
-        if recover and self.mark and not len(self.buffer):
-            if not await self._read_history(cid, epoch):
-                return False
+        """The followed stream from the mark; when recovering, the history read behind it."""
         filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
         # From a second before the mark: the engine's ``since`` may include
         # lines stamped at it, and lines can share a nanosecond, so the
@@ -584,20 +745,59 @@ class ConsolePipeline:
         self._output_done = self._tracker.run(
             self._pump(stream, filt), "console of server {}".format(self.server_id)
         )
+        if recover and not self._history_read:
+            self._tracker.run(self._backfill(cid),
+                              "console history of server {}".format(self.server_id))
         return True
 
-    async def _read_history(self, cid: str, epoch: int) -> bool:
-        """The lines up to the mark into the buffer (no events); False when overtaken."""
-        history = self._engine.output(cid, follow=False, tail=self.buffer.capacity)
-        delivered = MarkFilter(self.mark, self.mark_count)
+    async def _backfill(self, cid: str) -> None:
+        """
+        A restarted agent's history: the lines the agent before it delivered
+        (up to its mark), read back into the buffer in front of the lines
+        followed since; no events.  Once: a second call (the death's
+        ``catch_up`` while the attach's read runs) waits for the first and
+        finds it done.  A failed read is left for the next attach.
+        """
+        async with self._history_lock:
+            if self._history_mark is None:
+                self._history_mark = (self.mark, self.mark_count)
+            if not self._history_mark[0]:
+                self._history_read = True  # nothing was delivered before
+            if self._history_read or self.closed:
+                return
+            slots = self._history_slots
+            if slots is not None:
+                await slots.acquire()
+            try:
+                await self._read_history(cid)
+            except (EngineError, NotFound) as e:
+                self.log.debug("console of {server_id}: reading the history failed: {e}",
+                               server_id=self.server_id, e=e)
+            finally:
+                if slots is not None:
+                    slots.release()
+
+    async def _read_history(self, cid: str) -> None:
+        clears = self.buffer.clears
+        history = self._history_stream = self._engine.output(
+            cid, follow=False, tail=self.buffer.capacity)
+        assert self._history_mark is not None
+        delivered = MarkFilter(*self._history_mark)
+        lines: list[LogLine] = []
         try:
             async for batch in history.batches():
-                if epoch != self._attach_epoch:
-                    return False
-                self.take_history(batch, delivered)
+                if self.closed:
+                    return
+                lines.extend(batch)
         finally:
+            self._history_stream = None
             history.close()
-        return epoch == self._attach_epoch
+        if self.closed:
+            return
+        if self.buffer.clears == clears:
+            # Emptied meanwhile (``console:clear``): the history goes with it.
+            self.take_history(lines, delivered)
+        self._history_read = True
 
     async def catch_up(self, cid: str, timeout: float) -> None:
         """
@@ -642,14 +842,11 @@ class ConsolePipeline:
         False when an attach overtook the read (it follows from there) or the
         read took longer than ``timeout``.
         """
-        try:
-            if self.mark and not len(self.buffer):
-                # A restarted agent that never attached: its history first.
-                if not await self._read_history(cid, epoch):
-                    return False
-        except (EngineError, NotFound) as e:
-            self.log.debug("console of {server_id}: reading the history failed: {e}",
-                           server_id=self.server_id, e=e)
+        # A restarted agent's history first (read by the attach, or here
+        # when the agent never attached): a crash report's tail needs it.
+        await self._backfill(cid)
+        if epoch != self._attach_epoch:
+            return False
         filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
         since_ns = self.mark - 1_000_000_000 if self.mark else None
         try:
@@ -723,6 +920,8 @@ class ConsolePipeline:
         """The agent stops (or died): detach, and never attach again."""
         self.closed = True
         self.detach()
+        if self._history_stream is not None:
+            self._history_stream.close()
         self.throttle.cancel()
 
     def close_stdin(self) -> None:

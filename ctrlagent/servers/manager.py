@@ -99,6 +99,9 @@ from ctrlagent.work import Deadlines, Tracker
 STATS_READS_PER_TICK = 4
 # Disk-usage walks at once in a round of checks (each in the disk threads).
 DISK_WALKS = 2
+# Console histories read back at once by a restarted agent, behind the
+# followed consoles (each a read of up to ``console_buffer_lines`` lines).
+HISTORY_READS = 4
 
 
 @implementer(IServerManager)
@@ -182,6 +185,7 @@ class ServerManager(service.Service):
             config=config,
             locks=self.locks,
             stats=self.stats_hub,
+            history_slots=DeferredSemaphore(HISTORY_READS),
         )
         self.reconciled = 0
         # Ports for servers created without any (servers.port_range).

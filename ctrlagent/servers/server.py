@@ -123,6 +123,7 @@ class Server:
             startup_done=self._startup_done,
             mark=console_mark,
             mark_count=console_mark_count,
+            history_slots=services.history_slots,
         )
         self.sampler = StatsSampler(
             sid,

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import DeferredSemaphore
+
 from ctrlagent.config import AgentConfig
 from ctrlagent.engine.interface import IContainerEngine
 from ctrlagent.servers.containers import MANAGED_LABEL
@@ -80,3 +82,6 @@ class ServerServices:
     # One timer reading every server's kernel figures (None: each server
     # samples through the engine's stats API).
     stats: StatsHub | None = None
+    # The histories a restarted agent reads back behind the followed consoles,
+    # a few at a time (None: no bound).
+    history_slots: DeferredSemaphore | None = None

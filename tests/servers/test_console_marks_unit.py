@@ -508,7 +508,9 @@ def test_the_mark_interval_must_be_between_zero_and_an_hour(value: float) -> Non
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_attach_overtaken_while_reading_history_delivers_nothing(unit: Unit) -> None:
+async def test_an_attach_while_the_history_is_read_back_delivers_each_line_once(
+    unit: Unit,
+) -> None:
     first = unit.manager()
     await first.create_server("s1", PARAMS)
     await first.start("s1")
@@ -522,19 +524,25 @@ async def test_an_attach_overtaken_while_reading_history_delivers_nothing(unit: 
     unit.engine.history_gate = gate = Deferred()
     second = unit.manager()
     server = second.get("s1")
-    await until(lambda: second.reconciled == 0 and unit.engine.history_gate is gate
-                and server.container_id == cid, 2, "reconcile reading history")
+    await until(lambda: server.container_id == cid and server.output_attached, 2,
+                "re-attached, reading the history")
     await sleep(0.05)
-    assert not server.output_attached  # still reading the history
+    # The console is followed first; its history is read back behind it.
+    assert server.output_attached
+    assert "[Server] before" not in server.console_history(100)
+    unit.engine.stdin(cid, "say during")
+    await until(lambda: "[Server] during" in said(unit), 2, "during")
     # a start (say, the Panel's) attaches meanwhile
     await second.start("s1")
     assert server.output_attached
-    gate.callback(None)  # the overtaken attach resumes, and must give up
+    gate.callback(None)  # the history lands in front of what was followed
     await until(lambda: second.reconciled > 0, 2, "reconciled")
     unit.engine.stdin(cid, "say after")
     await until(lambda: "[Server] after" in said(unit), 2, "after")
     await sleep(0.05)
-    assert said(unit) == ["[Server] before", "[Server] after"]
+    assert said(unit) == ["[Server] before", "[Server] during", "[Server] after"]
+    history = [line for line in server.console_history(100) if line.startswith("[Server]")]
+    assert history == ["[Server] before", "[Server] during", "[Server] after"]
     followers = [c for c in unit.engine.containers.values() if c.cid == cid][0].followers
     assert len([f for f in followers if not f.ended]) == 1
 

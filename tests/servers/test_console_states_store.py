@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import calendar
+import gc
+import random
 import sqlite3
+from collections import deque
 from typing import Any
 
 import pytest_twisted
@@ -13,11 +16,13 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from ctrlagent.engine.docker.timefmt import split_timestamp
+from ctrlagent.engine.interface import LogLine
 from ctrlagent.servers.console import (
     ConsoleBuffer,
     ConsoleLine,
     ConsoleThrottle,
     MarkFilter,
+    stamp,
 )
 from ctrlagent.servers.lifecycle import ServerState, panel_status
 from ctrlagent.servers.store import open_store
@@ -68,6 +73,73 @@ def test_ring_buffer_keeps_the_latest() -> None:
     assert buf.last_activity == 4.0
     buf.clear()
     assert len(buf) == 0
+
+
+def test_the_ring_buffer_gives_back_exactly_what_a_plain_deque_of_lines_keeps() -> None:
+    """Random appends, batches larger than the ring, resizes and clears against a model."""
+    rng = random.Random(1616)
+    buf = ConsoleBuffer(7)
+    model: deque[Any] = deque(maxlen=7)
+    ns = 1_700_000_000_000_000_000
+    for step in range(3000):
+        action = rng.random()
+        if action < 0.6:
+            batch: list[Any] = []
+            for _ in range(rng.choice([0, 1, 2, 3, 6, 7, 8, 15, 40])):
+                ns += rng.choice([0, 1, 1000, 10**9])
+                kind = rng.random()
+                if kind < 0.7:
+                    batch.append(LogLine(ns, rng.choice(["stdout", "stderr"]), "l{}".format(step)))
+                elif kind < 0.8:
+                    batch.append(LogLine(0, "stdout", "no time {}".format(step)))
+                else:
+                    at = rng.uniform(0, 2e9)  # any float comes back bit for bit
+                    stream = rng.choice(["agent", "install"])
+                    batch.append(ConsoleLine(at, stream, "é {}".format(step)))
+            buf.extend(batch)
+            model.extend(batch)
+        elif action < 0.7:
+            older = [LogLine(rng.randint(1, 10**18), "stdout", "old {} {}".format(step, k))
+                     for k in range(rng.choice([0, 1, 3, 7, 20]))]
+            buf.prepend(older)  # a history read back behind the followed lines
+            model = deque(older + list(model), maxlen=model.maxlen)
+        elif action < 0.8:
+            line = ConsoleLine(rng.uniform(0, 2e9), "agent", "notice {}".format(step))
+            buf.append(line)
+            model.append(line)
+        elif action < 0.9:
+            size = rng.choice([1, 2, 5, 7, 12, 30])
+            buf.resize(size)
+            model = deque(model, maxlen=size)
+        elif action < 0.92:
+            buf.clear()
+            model.clear()
+        expected = [_same_kind(line) for line in model]
+        assert len(buf) == len(model) and buf.capacity == model.maxlen
+        assert list(buf) == expected
+        count = rng.randint(0, 35)
+        assert buf.tail(count) == (expected[-count:] if count else [])
+        assert buf.texts(count) == [line.text for line in (expected[-count:] if count else [])]
+    assert buf.texts(3, stamped=True) == [stamp(line.at) + line.text for line in list(buf)[-3:]]
+
+
+def _same_kind(line: Any) -> Any:
+    # A line without the engine's time comes back as the agent's own kind, same fields.
+    if isinstance(line, LogLine) and not line.ns:
+        return ConsoleLine(0.0, line.stream, line.text, 0)
+    return line
+
+
+def test_the_ring_buffer_holds_no_line_objects_for_the_collector() -> None:
+    buf = ConsoleBuffer(1000)
+    buf.extend([LogLine(10**18 + i, "stdout", "line {}".format(i)) for i in range(2500)])
+    buf.append(ConsoleLine(5.0, "agent", "notice"))
+    held = [obj for obj in gc.get_referents(buf) if not isinstance(obj, type)]
+    # Texts, stamps and codes: what the collector walks is strings, no line objects.
+    assert not [obj for obj in gc.get_referents(*held) if not isinstance(obj, (str, int, type))]
+    # Two containers the collector looks at (the texts, the stamps), however many lines.
+    assert sum(1 for obj in held if gc.is_tracked(obj)) == 2
+    assert buf.tail(2)[-1] == ConsoleLine(5.0, "agent", "notice")
 
 
 def test_throttle_reports_drops_once_per_interval() -> None:
