@@ -172,7 +172,8 @@ class HeldEngine:
 
     - ``inspect``: the reconcile has listed the containers and not looked at
       this one yet (nothing of the re-attach has begun);
-    - ``history``: the re-attach reads the history up to the mark;
+    - ``history``: the re-attach reads the history up to the mark (behind the
+      followed output);
     - ``stdin``: the console follows the output again, stdin is being opened.
     """
 

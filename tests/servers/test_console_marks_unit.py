@@ -45,7 +45,7 @@ from ctrlagent.servers import delivery
 from ctrlagent.servers.console import MarkFilter
 from ctrlagent.servers.delivery import JOURNAL_NAME, MarkJournal, encode_record, parse_journal
 from ctrlagent.servers.lifecycle import ServerState
-from ctrlagent.servers.manager import ServerManager
+from ctrlagent.servers.manager import HISTORY_READS, ServerManager
 from ctrlagent.servers.store import open_store
 from tests.servers.conftest import Unit, sleep, until
 from tests.servers.test_manager_unit import PARAMS
@@ -545,6 +545,46 @@ async def test_an_attach_while_the_history_is_read_back_delivers_each_line_once(
     assert history == ["[Server] before", "[Server] during", "[Server] after"]
     followers = [c for c in unit.engine.containers.values() if c.cid == cid][0].followers
     assert len([f for f in followers if not f.ended]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_agent_follows_every_console_before_reading_the_histories_back(
+    unit: Unit,
+) -> None:
+    """The histories are read behind the followed consoles, HISTORY_READS at a time."""
+    count = HISTORY_READS * 3
+    first = unit.manager()
+    for n in range(count):
+        await first.create_server("s{}".format(n), PARAMS)
+        await first.start("s{}".format(n))
+    await until(lambda: all(first.get("s{}".format(n)).state is S.RUNNING for n in range(count)),
+                5, "all running")
+    await sleep(0.05)  # the marks' commit
+    await crash(first)
+
+    reads: list[str] = []  # the containers whose kept output was read, not followed
+    output = unit.engine.output
+
+    def counted(cid: str, **kwargs: Any) -> Any:
+        if not kwargs.get("follow"):
+            reads.append(cid)
+        return output(cid, **kwargs)
+
+    unit.engine.output = counted  # type: ignore[method-assign]
+    unit.engine.history_gate = gate = Deferred()
+    second = unit.manager()
+    servers = [second.get("s{}".format(n)) for n in range(count)]
+    await until(lambda: all(s.output_attached for s in servers), 5, "every console followed")
+    await sleep(0.05)
+    assert len(reads) == HISTORY_READS  # the others wait for a slot
+    assert all(not any(line.endswith("For help, type help") for line in s.console_history(50))
+               for s in servers)
+    unit.engine.history_gate = None
+    gate.callback(None)
+    await until(lambda: all(any(line.endswith("For help, type help")
+                                for line in s.console_history(50)) for s in servers),
+                5, "every history read back")
+    assert sorted(reads) == sorted(s.container_id for s in servers)  # each read once
 
 
 def said(unit: Unit) -> list[str]:
