@@ -31,7 +31,8 @@ engine at DOCKER_HOST, or on a private engine when none answers, and:
    from the new process's start to every server re-attached (its console
    followed again, ``console:status`` connected), and every server's ticks
    checked for a gap or a repeat across the restart (no line lost or
-   duplicated).  The re-attach reads each server's kept history back first:
+   duplicated); then the time until every kept history was read back behind
+   the followed consoles (each buffer holds what it held before).
    ``--history N`` has every server print N lines at its start, as servers
    that ran for days have a full history (``servers.console_buffer_lines``).
 
@@ -324,6 +325,7 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
         wait_until(lambda: not link_connected(agent), 30, "the Panel link down")
 
         # Restart on the same state; time until every console is followed again.
+        held = buffer_sizes(agent, server_ids)
         agent.stop()
         time.sleep(args.tick * 2)  # ticks printed while no agent runs must not be lost
         restarted = time.monotonic()
@@ -347,6 +349,17 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
         wait_until(all_attached, 120, "all consoles re-attached")
         result["reattach_s"] = time.monotonic() - restarted
         result["reattach_after_up_s"] = time.monotonic() - up
+        # The kept histories are read back behind the followed consoles: the
+        # time until every buffer holds at least what it held before.
+        short = list(server_ids)
+
+        def all_histories_back() -> bool:
+            sizes = buffer_sizes(agent, short)
+            short[:] = [sid for sid in short if sizes[sid] < held[sid]]
+            return not short
+
+        wait_until(all_histories_back, 120, "all histories read back")
+        result["history_back_s"] = time.monotonic() - restarted
         time.sleep(args.tick * 2)
         gaps = repeats = 0
         for numbers in ticks(agent, server_ids).values():
@@ -368,6 +381,14 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
         agent.stop()
 
 
+def buffer_sizes(agent: AgentProcess, server_ids: list[str]) -> dict[str, int]:
+    """Each server's console buffer size (``console:status``)."""
+    answers = send_all(agent, [{"action": "console:status", "serverId": sid}
+                               for sid in server_ids])
+    return {sid: int((a.get("data") or {}).get("bufferSize") or 0)
+            for sid, a in zip(server_ids, answers, strict=True)}
+
+
 def report(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
@@ -379,7 +400,8 @@ def report(results: list[dict[str, Any]]) -> str:
             "{cpu_percent_panel:.1f} % with a Panel connected ({panel_resource_updates} "
             "resource updates sent); "
             "restart: all re-attached in {reattach_s:.1f} s (target < 10; {agent_up_s:.1f} s to "
-            "answer /health, then {reattach_after_up_s:.1f} s), RSS "
+            "answer /health, then {reattach_after_up_s:.1f} s; every history read back "
+            "{history_back_s:.1f} s after the start), RSS "
             "{rss_after_restart_mb:.0f} MB, ticks lost {ticks_lost}, repeated "
             "{ticks_repeated}; host: a fixed Python loop {host_loop_ms:.0f} ms in the idle window "
             "({host_loop_ms_before:.0f} ms before the servers), load {loadavg:.1f}".format(
