@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -325,21 +325,23 @@ async def _flood_and_stop(link: Any, panel: FakePanel) -> None:
     await until(lambda: len(panel.console_lines("s1")) == 210, 15)
 
 
-@pytest_twisted.ensureDeferred
-async def test_on_loopback_tcp_receipts_settle_after_the_write_and_a_stop_still_closes(
-    make_rig: Callable[..., Rig],  # noqa: F811 (the fixture)
-) -> None:
-    rig = make_rig(console_batch_window=0.05, console_batch_lines=7)
-    await _flood_and_stop(rig.link, rig.panel)
-
-
-@pytest_twisted.ensureDeferred
-async def test_over_tls_receipts_settle_after_the_write_and_a_stop_still_closes(
-    tls_panel: tuple[FakePanel, int, Path],  # noqa: F811 (the fixture)
-) -> None:
-    panel, port, ca_path = tls_panel
+@pytest.fixture(params=["loopback_tcp", "tls"])
+def batching_link(request: pytest.FixtureRequest) -> tuple[Any, FakePanel]:
+    """A link batching 7 lines or 0.05 s, and its Panel, over plain TCP or TLS."""
+    if request.param == "loopback_tcp":
+        rig = request.getfixturevalue("make_rig")(console_batch_window=0.05,
+                                                  console_batch_lines=7)
+        return rig.link, rig.panel
+    panel, port, ca_path = request.getfixturevalue("tls_panel")
     link = make_link(port, tls_ca=str(ca_path), console_batch_window=0.05, console_batch_lines=7)
-    await _flood_and_stop(link, panel)
+    return link, panel
+
+
+@pytest_twisted.ensureDeferred
+async def test_receipts_settle_after_the_write_and_a_stop_still_closes(
+    batching_link: tuple[Any, FakePanel],
+) -> None:
+    await _flood_and_stop(*batching_link)
 
 
 async def _stop_while_the_panel_is_not_reading(link: Any, panel: FakePanel) -> None:
@@ -381,20 +383,10 @@ async def _stop_while_the_panel_is_not_reading(link: Any, panel: FakePanel) -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_on_loopback_tcp_a_stop_gives_a_panel_slow_to_read_its_last_lines(
-    make_rig: Callable[..., Rig],  # noqa: F811 (the fixture)
+async def test_a_stop_gives_a_panel_slow_to_read_its_last_lines(
+    batching_link: tuple[Any, FakePanel],
 ) -> None:
-    rig = make_rig(console_batch_window=0.05, console_batch_lines=7)
-    await _stop_while_the_panel_is_not_reading(rig.link, rig.panel)
-
-
-@pytest_twisted.ensureDeferred
-async def test_over_tls_a_stop_gives_a_panel_slow_to_read_its_last_lines(
-    tls_panel: tuple[FakePanel, int, Path],  # noqa: F811 (the fixture)
-) -> None:
-    panel, port, ca_path = tls_panel
-    link = make_link(port, tls_ca=str(ca_path), console_batch_window=0.05, console_batch_lines=7)
-    await _stop_while_the_panel_is_not_reading(link, panel)
+    await _stop_while_the_panel_is_not_reading(*batching_link)
 
 
 def test_the_links_protocol_timers_fire_on_time_not_rounded_to_a_second() -> None:
