@@ -470,6 +470,8 @@ class MarkFilter:
 
 # ``catch_up``: how many times it follows an attach that overtook its read.
 _CATCH_UP_ROUNDS = 4
+# The longest read of a restarted agent's history (``_backfill``).
+HISTORY_READ_SECONDS = 60.0
 
 Deliver = Callable[[str, list[ConsoleOutput], list["Mark | None"], "Mark | None"], None]
 
@@ -523,6 +525,7 @@ class ConsolePipeline:
         # buffer (history only), once, behind the followed console
         # (``_backfill``).
         self._history_mark: Mark | None = None
+        self._history_clears = 0  # the buffer's clears when the mark was taken
         self._history_read = False  # read back, or nothing to read
         self._history_lock = DeferredLock()
         self._history_slots = history_slots
@@ -700,8 +703,7 @@ class ConsolePipeline:
         if self.closed:
             # Work of a stopped agent still under way (a reconcile): it opens nothing.
             return False
-        if self._history_mark is None:
-            self._history_mark = (self.mark, self.mark_count)
+        self._take_history_mark()
         if not recover:
             # A new run: the one the agent before this one saw is not read back.
             self._history_read = True
@@ -745,7 +747,7 @@ class ConsolePipeline:
         self._output_done = self._tracker.run(
             self._pump(stream, filt), "console of server {}".format(self.server_id)
         )
-        if recover and not self._history_read:
+        if recover and self._wants_history():
             self._tracker.run(self._backfill(cid),
                               "console history of server {}".format(self.server_id))
         return True
@@ -759,17 +761,15 @@ class ConsolePipeline:
         finds it done.  A failed read is left for the next attach.
         """
         async with self._history_lock:
-            if self._history_mark is None:
-                self._history_mark = (self.mark, self.mark_count)
-            if not self._history_mark[0]:
-                self._history_read = True  # nothing was delivered before
-            if self._history_read or self.closed:
+            self._take_history_mark()
+            if not self._wants_history():
                 return
             slots = self._history_slots
             if slots is not None:
                 await slots.acquire()
             try:
-                await self._read_history(cid)
+                if self._wants_history():  # again: it may have waited for its slot
+                    await self._read_history(cid)
             except (EngineError, NotFound) as e:
                 self.log.debug("console of {server_id}: reading the history failed: {e}",
                                server_id=self.server_id, e=e)
@@ -777,27 +777,57 @@ class ConsolePipeline:
                 if slots is not None:
                     slots.release()
 
+    def _take_history_mark(self) -> None:
+        """The mark the history ends at: the mark before anything is followed."""
+        if self._history_mark is None:
+            self._history_mark = (self.mark, self.mark_count)
+            self._history_clears = self.buffer.clears
+            if not self.mark:
+                self._history_read = True  # nothing was delivered before
+
+    def _wants_history(self) -> bool:
+        """
+        The history is still to be read: not read yet, the agent not
+        stopping, no new run attached, the buffer not emptied meanwhile
+        (``console:clear``: the history goes with it).
+        """
+        return (not self._history_read and not self.closed
+                and self.buffer.clears == self._history_clears)
+
     async def _read_history(self, cid: str) -> None:
-        clears = self.buffer.clears
         history = self._history_stream = self._engine.output(
             cid, follow=False, tail=self.buffer.capacity)
         assert self._history_mark is not None
         delivered = MarkFilter(*self._history_mark)
         lines: list[LogLine] = []
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            history.close()
+
+        # A read the engine never finishes must not hold its slot for ever.
+        timer = self._clock.callLater(HISTORY_READ_SECONDS, expire)
         try:
             async for batch in history.batches():
-                if self.closed:
-                    return
+                if self.closed or expired:
+                    break
                 lines.extend(batch)
         finally:
+            if timer.active():
+                timer.cancel()
             self._history_stream = None
             history.close()
-        if self.closed:
+        if expired:
+            self.log.info(
+                "console of server {server_id}: its history was not read back within {seconds} s;"
+                " the next re-attach reads it", server_id=self.server_id,
+                seconds=HISTORY_READ_SECONDS)
             return
-        if self.buffer.clears == clears:
-            # Emptied meanwhile (``console:clear``): the history goes with it.
+        if self._wants_history():
             self.take_history(lines, delivered)
-        self._history_read = True
+            self._history_read = True
 
     async def catch_up(self, cid: str, timeout: float) -> None:
         """
@@ -844,7 +874,12 @@ class ConsolePipeline:
         """
         # A restarted agent's history first (read by the attach, or here
         # when the agent never attached): a crash report's tail needs it.
-        await self._backfill(cid)
+        # Bounded: the reads of other servers may hold every slot, and the
+        # read goes on (in front of the buffer) when the wait ends.
+        await self._deadlines.within(
+            self._tracker.run(self._backfill(cid),
+                              "console history of server {}".format(self.server_id)),
+            timeout)
         if epoch != self._attach_epoch:
             return False
         filt = MarkFilter(self.mark, self.mark_count) if self.mark else None

@@ -352,6 +352,7 @@ async def _stop_while_the_panel_is_not_reading(link: Any, panel: FakePanel) -> N
     whose receipt was settled (the kernel took it) reaches the Panel.
     """
     receipts = Receipts()
+    stopped = None
     link.startService()
     try:
         await until(lambda: link.connected and link._ready and panel.current is not None, 10)
@@ -374,6 +375,8 @@ async def _stop_while_the_panel_is_not_reading(link: Any, panel: FakePanel) -> N
         await sleep(1.5)
         panel.current.transport.resumeProducing()
     finally:
+        if stopped is None:
+            stopped = link.stopService()
         await stopped.addTimeout(10, reactor)
     settled = len(receipts.settled)
     assert receipts.settled == list(range(1, settled + 1))

@@ -42,11 +42,12 @@ from ctrlagent.errors import ConfigInvalid
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.interfaces import IConsoleConsumer
 from ctrlagent.servers import delivery
-from ctrlagent.servers.console import MarkFilter
+from ctrlagent.servers.console import HISTORY_READ_SECONDS, MarkFilter
 from ctrlagent.servers.delivery import JOURNAL_NAME, MarkJournal, encode_record, parse_journal
 from ctrlagent.servers.lifecycle import ServerState
 from ctrlagent.servers.manager import HISTORY_READS, ServerManager
 from ctrlagent.servers.store import open_store
+from ctrlagent.testing.engine import FakeStream
 from tests.servers.conftest import Unit, sleep, until
 from tests.servers.test_manager_unit import PARAMS
 
@@ -532,8 +533,18 @@ async def test_an_attach_while_the_history_is_read_back_delivers_each_line_once(
     assert "[Server] before" not in server.console_history(100)
     unit.engine.stdin(cid, "say during")
     await until(lambda: "[Server] during" in said(unit), 2, "during")
-    # a start (say, the Panel's) attaches meanwhile
-    await second.start("s1")
+    # a re-attach meanwhile (as after an engine's restart): a second follow,
+    # and a second wish to read the history, which the first read answers
+    history_reads: list[str] = []
+    output = unit.engine.output
+
+    def counted(cid: str, **kwargs: Any) -> Any:
+        if not kwargs.get("follow") and kwargs.get("tail"):
+            history_reads.append(cid)
+        return output(cid, **kwargs)
+
+    unit.engine.output = counted  # type: ignore[method-assign]
+    await server.attach(recover=True)
     assert server.output_attached
     gate.callback(None)  # the history lands in front of what was followed
     await until(lambda: second.reconciled > 0, 2, "reconciled")
@@ -543,6 +554,7 @@ async def test_an_attach_while_the_history_is_read_back_delivers_each_line_once(
     assert said(unit) == ["[Server] before", "[Server] during", "[Server] after"]
     history = [line for line in server.console_history(100) if line.startswith("[Server]")]
     assert history == ["[Server] before", "[Server] during", "[Server] after"]
+    assert history_reads == []  # the first read served both attaches
     followers = [c for c in unit.engine.containers.values() if c.cid == cid][0].followers
     assert len([f for f in followers if not f.ended]) == 1
 
@@ -585,6 +597,77 @@ async def test_a_restarted_agent_follows_every_console_before_reading_the_histor
                                 for line in s.console_history(50)) for s in servers),
                 5, "every history read back")
     assert sorted(reads) == sorted(s.container_id for s in servers)  # each read once
+
+
+async def _restarted_with_history_reads_stuck(unit: Unit) -> tuple[ServerManager, Any]:
+    """
+    HISTORY_READS + 1 running servers and a restarted agent whose first
+    HISTORY_READS history reads never end (the engine never answers them):
+    the returned server's read waits for a slot.
+    """
+    count = HISTORY_READS + 1
+    first = unit.manager()
+    for n in range(count):
+        await first.create_server("s{}".format(n), PARAMS)
+        await first.start("s{}".format(n))
+    await until(lambda: all(first.get("s{}".format(n)).state is S.RUNNING for n in range(count)),
+                5, "all running")
+    await sleep(0.05)  # the marks' commit
+    await crash(first)
+    stuck: list[str] = []
+    output = unit.engine.output
+
+    def stalling(cid: str, **kwargs: Any) -> Any:
+        if not kwargs.get("follow") and kwargs.get("tail") and len(stuck) < HISTORY_READS:
+            stuck.append(cid)
+            return FakeStream([], follow=True)  # ends only when closed
+        return output(cid, **kwargs)
+
+    unit.engine.output = stalling  # type: ignore[method-assign]
+    second = unit.manager()
+    servers = [second.get("s{}".format(n)) for n in range(count)]
+    await until(lambda: all(s.output_attached for s in servers) and len(stuck) == HISTORY_READS,
+                5, "every console followed, the reads stuck")
+    (waiting,) = [s for s in servers if s.container_id not in stuck]
+    return second, waiting
+
+
+def _history_back(server: Any) -> bool:
+    return any(line.endswith("For help, type help") for line in server.console_history(50))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_death_is_reported_while_other_servers_hold_every_history_read(
+    unit: Unit,
+) -> None:
+    """The death's wait for its history is bounded; the stuck reads give up in time."""
+    second, server = await _restarted_with_history_reads_stuck(unit)
+    cid = server.container_id or ""
+    unit.engine.print(cid, "last words")
+    await until(lambda: "last words" in unit.lines(server.server_id), 2, "last words")
+    unit.engine.die(cid, 137, external_kill=True)
+    drain = unit.config.timeouts.exit_drain
+    for _ in range(40):  # bounded: about two exit_drain periods are needed
+        if server.state is S.OFFLINE:
+            break
+        unit.clock.advance(drain / 4)
+        await sleep(0.01)
+    assert server.state is S.OFFLINE
+    assert unit.lines(server.server_id).count("last words") == 1
+    assert not _history_back(server)  # its read still waits for a slot
+    unit.clock.advance(HISTORY_READ_SECONDS)  # the stuck reads expire, slots free up
+    await until(lambda: _history_back(server), 2, "its history read back after all")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_console_cleared_while_its_history_waits_for_a_slot_stays_cleared(
+    unit: Unit,
+) -> None:
+    second, server = await _restarted_with_history_reads_stuck(unit)
+    second.console_clear(server.server_id)
+    unit.clock.advance(HISTORY_READ_SECONDS)  # the stuck reads expire, slots free up
+    await sleep(0.1)
+    assert server.console_history(50) == []
 
 
 def said(unit: Unit) -> list[str]:
