@@ -47,6 +47,23 @@ def test_the_startup_heap_is_collected_then_frozen_after_the_delay_and_thawed_on
     assert fake.calls[-1] == "unfreeze" and heap.frozen == 0
 
 
+def test_the_freeze_is_renewed_and_every_so_often_thawed_for_one_full_pass() -> None:
+    clock, fake = Clock(), FakeCollector()
+    heap = StartupHeapFreeze(clock, delay=10.0, collector=fake, every=300.0, thaw_every=3)
+    heap.startService()
+    clock.advance(10)
+    assert fake.calls == ["collect", "freeze"]
+    clock.advance(299)
+    assert fake.calls == ["collect", "freeze"]
+    clock.advance(1)  # renewed: what is not frozen yet is collected, then frozen
+    assert fake.calls == ["collect", "freeze"] * 2
+    clock.advance(300)  # the third time: thawed first, so the pass walks everything
+    assert fake.calls == ["collect", "freeze"] * 2 + ["unfreeze", "collect", "freeze"]
+    assert heap.rounds == 3 and heap.frozen == 1234
+    heap.stopService()
+    assert fake.calls[-1] == "unfreeze" and not clock.getDelayedCalls()
+
+
 def test_stopping_before_the_delay_freezes_nothing() -> None:
     clock, fake = Clock(), FakeCollector()
     heap = StartupHeapFreeze(clock, delay=10.0, collector=fake)
@@ -64,6 +81,22 @@ def test_the_real_collector_is_the_default() -> None:
         clock.advance(0)
         # (Frozen objects freed by reference counting leave the count at once.)
         assert heap.frozen > 0 and gc.get_freeze_count() > 0
+    finally:
+        heap.stopService()
+    assert gc.get_freeze_count() == 0
+
+
+def test_objects_made_after_the_start_are_frozen_at_the_next_renewal() -> None:
+    clock = Clock()
+    heap = StartupHeapFreeze(clock, delay=0.0, every=300.0)
+    heap.startService()
+    try:
+        clock.advance(0)
+        first = gc.get_freeze_count()
+        servers = [{"id": n, "lines": [str(n)]} for n in range(20_000)]  # a fleet made later
+        clock.advance(300)
+        assert gc.get_freeze_count() >= first + 20_000
+        assert servers[-1]["id"] == 19_999
     finally:
         heap.stopService()
     assert gc.get_freeze_count() == 0
