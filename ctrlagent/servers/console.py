@@ -473,6 +473,24 @@ _CATCH_UP_ROUNDS = 4
 # The longest read of a restarted agent's history (``_backfill``).
 HISTORY_READ_SECONDS = 60.0
 
+class _Expiry:
+    """Closes ``stream`` once ``seconds`` have passed; ``expired`` then says so."""
+
+    def __init__(self, clock: IReactorTime, seconds: float, stream: ILogStream) -> None:
+        self.expired = False
+        self._stream = stream
+        self._timer = clock.callLater(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._stream.close()
+
+    def cancel(self) -> None:
+        """The read ended first."""
+        if self._timer.active():
+            self._timer.cancel()
+
+
 Deliver = Callable[[str, list[ConsoleOutput], list["Mark | None"], "Mark | None"], None]
 
 
@@ -800,26 +818,18 @@ class ConsolePipeline:
         assert self._history_mark is not None
         delivered = MarkFilter(*self._history_mark)
         lines: list[LogLine] = []
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            history.close()
-
         # A read the engine never finishes must not hold its slot for ever.
-        timer = self._clock.callLater(HISTORY_READ_SECONDS, expire)
+        expiry = _Expiry(self._clock, HISTORY_READ_SECONDS, history)
         try:
             async for batch in history.batches():
-                if self.closed or expired:
+                if self.closed or expiry.expired:
                     break
                 lines.extend(batch)
         finally:
-            if timer.active():
-                timer.cancel()
+            expiry.cancel()
             self._history_stream = None
             history.close()
-        if expired:
+        if expiry.expired:
             self.log.info(
                 "console of server {server_id}: its history was not read back within {seconds} s;"
                 " the next re-attach reads it", server_id=self.server_id,
@@ -892,17 +902,10 @@ class ConsolePipeline:
                            server_id=self.server_id, e=e)
             return True
         self._output = stream  # a detach (an attach, the agent stopping) ends it
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            stream.close()
-
-        timer = self._clock.callLater(timeout, expire)
+        expiry = _Expiry(self._clock, timeout, stream)
         try:
             async for batch in stream.batches(2000):
-                if epoch != self._attach_epoch or expired:
+                if epoch != self._attach_epoch or expiry.expired:
                     return False
                 self.take(batch, filt)
         except (EngineError, NotFound) as e:
@@ -911,12 +914,11 @@ class ConsolePipeline:
                            server_id=self.server_id, e=e)
             return True
         finally:
-            if timer.active():
-                timer.cancel()
+            expiry.cancel()
             if self._output is stream:
                 self._output = None
             stream.close()
-        return epoch == self._attach_epoch and not expired
+        return epoch == self._attach_epoch and not expiry.expired
 
     async def _pump(self, stream: ILogStream, filt: MarkFilter | None) -> None:
         # Each batch is taken in the reactor turn it was read in (``drain``):

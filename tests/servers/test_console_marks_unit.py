@@ -559,12 +559,8 @@ async def test_an_attach_while_the_history_is_read_back_delivers_each_line_once(
     assert len([f for f in followers if not f.ended]) == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_restarted_agent_follows_every_console_before_reading_the_histories_back(
-    unit: Unit,
-) -> None:
-    """The histories are read behind the followed consoles, HISTORY_READS at a time."""
-    count = HISTORY_READS * 3
+async def running_then_agent_killed(unit: Unit, count: int) -> None:
+    """Servers s0..s{count-1} running, their lines delivered, and the agent killed."""
     first = unit.manager()
     for n in range(count):
         await first.create_server("s{}".format(n), PARAMS)
@@ -573,6 +569,15 @@ async def test_a_restarted_agent_follows_every_console_before_reading_the_histor
                 5, "all running")
     await sleep(0.05)  # the marks' commit
     await crash(first)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_agent_follows_every_console_before_reading_the_histories_back(
+    unit: Unit,
+) -> None:
+    """The histories are read behind the followed consoles, HISTORY_READS at a time."""
+    count = HISTORY_READS * 3
+    await running_then_agent_killed(unit, count)
 
     reads: list[str] = []  # the containers whose kept output was read, not followed
     output = unit.engine.output
@@ -606,14 +611,7 @@ async def _restarted_with_history_reads_stuck(unit: Unit) -> tuple[ServerManager
     the returned server's read waits for a slot.
     """
     count = HISTORY_READS + 1
-    first = unit.manager()
-    for n in range(count):
-        await first.create_server("s{}".format(n), PARAMS)
-        await first.start("s{}".format(n))
-    await until(lambda: all(first.get("s{}".format(n)).state is S.RUNNING for n in range(count)),
-                5, "all running")
-    await sleep(0.05)  # the marks' commit
-    await crash(first)
+    await running_then_agent_killed(unit, count)
     stuck: list[str] = []
     output = unit.engine.output
 
