@@ -340,10 +340,8 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
         def all_attached() -> bool:
             # Only the servers not seen attached yet: asking all 500 every
             # round would itself take seconds, and hide when the last came.
-            answers = send_all(agent, [{"action": "console:status", "serverId": sid}
-                                       for sid in pending])
-            pending[:] = [sid for sid, a in zip(pending, answers, strict=True)
-                          if not (a.get("data") or {}).get("connected")]
+            statuses = console_statuses(agent, pending)
+            pending[:] = [sid for sid in pending if not statuses[sid].get("connected")]
             return not pending
 
         wait_until(all_attached, 120, "all consoles re-attached")
@@ -381,12 +379,17 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
         agent.stop()
 
 
-def buffer_sizes(agent: AgentProcess, server_ids: list[str]) -> dict[str, int]:
-    """Each server's console buffer size (``console:status``)."""
+def console_statuses(agent: AgentProcess, server_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Each server's ``console:status`` answer (its ``data``)."""
     answers = send_all(agent, [{"action": "console:status", "serverId": sid}
                                for sid in server_ids])
-    return {sid: int((a.get("data") or {}).get("bufferSize") or 0)
-            for sid, a in zip(server_ids, answers, strict=True)}
+    return {sid: a.get("data") or {} for sid, a in zip(server_ids, answers, strict=True)}
+
+
+def buffer_sizes(agent: AgentProcess, server_ids: list[str]) -> dict[str, int]:
+    """Each server's console buffer size."""
+    return {sid: int(data.get("bufferSize") or 0)
+            for sid, data in console_statuses(agent, server_ids).items()}
 
 
 def report(results: list[dict[str, Any]]) -> str:

@@ -155,6 +155,18 @@ _FLOAT_BITS = struct.Struct("=d")
 _INT_BITS = struct.Struct("=q")
 
 
+def _at_bits(at: float) -> int:
+    """``at`` as the stamp of a line the agent made (its float's bits)."""
+    bits: int = _INT_BITS.unpack(_FLOAT_BITS.pack(at))[0]
+    return bits
+
+
+def _bits_at(bits: int) -> float:
+    """The ``at`` that ``_at_bits`` gave ``bits``."""
+    at: float = _FLOAT_BITS.unpack(_INT_BITS.pack(bits))[0]
+    return at
+
+
 def _code(stream: str) -> int:
     """The code of ``stream`` (streams are the agent's own names, never input)."""
     code = _CODES.get(stream)
@@ -178,7 +190,7 @@ def _encode(lines: list[Line]) -> tuple[list[str], array[int], bytearray]:
         # Lines without the engine's time keep their own ``at``.
         for i, ns in enumerate(stamps):
             if not ns:
-                stamps[i] = _INT_BITS.unpack(_FLOAT_BITS.pack(lines[i].at))[0]
+                stamps[i] = _at_bits(lines[i].at)
                 codes[i] |= _MADE
     return texts, stamps, codes
 
@@ -223,7 +235,7 @@ class ConsoleBuffer:
         if code is None:
             code = _code(line.stream)
         if not ns:
-            ns = _INT_BITS.unpack(_FLOAT_BITS.pack(line.at))[0]
+            ns = _at_bits(line.at)
             code |= _MADE
         self.last_activity = line.at
         texts = self._texts
@@ -314,8 +326,7 @@ class ConsoleBuffer:
         lines: list[Line] = []
         for text, ns, code in zip(texts, stamps, codes, strict=True):
             if code & _MADE:
-                at = _FLOAT_BITS.unpack(_INT_BITS.pack(ns))[0]
-                lines.append(ConsoleLine(at, _STREAMS[code & ~_MADE], text, 0))
+                lines.append(ConsoleLine(_bits_at(ns), _STREAMS[code & ~_MADE], text, 0))
             else:
                 lines.append(LogLine(ns, _STREAMS[code], text))
         return lines
@@ -473,6 +484,7 @@ _CATCH_UP_ROUNDS = 4
 # The longest read of a restarted agent's history (``_backfill``).
 HISTORY_READ_SECONDS = 60.0
 
+
 class _Expiry:
     """Closes ``stream`` once ``seconds`` have passed; ``expired`` then says so."""
 
@@ -551,8 +563,6 @@ class ConsolePipeline:
         self._output: ILogStream | None = None
         self._attach_epoch = 0  # bumped by every detach (and so every attach)
         self._output_done: Deferred[None] | None = None
-        # Fires when the attach in progress follows the stream (or gave up).
-        self._attaching: Deferred[None] | None = None
         # One catch-up read at a time (two would deliver the same lines).
         self._catching_up = DeferredLock()
         # The agent stops (or died): nothing is followed or opened any more.
@@ -726,19 +736,10 @@ class ConsolePipeline:
             # A new run: the one the agent before this one saw is not read back.
             self._history_read = True
         # One console stream delivers at a time: an attach that a newer one
-        # (or a detach) overtook while it read the history gives up, or two
+        # (or a detach) overtook while it opened stdin gives up, or two
         # pumps would deliver every line twice.
         epoch = self._attach_epoch
-        attaching: Deferred[None] = Deferred()
-        self._attaching = attaching
-        try:
-            if not await self._follow(cid, recover, epoch):
-                return False
-        finally:
-            # A death seen meanwhile (``catch_up``) waits for this point.
-            if self._attaching is attaching:
-                self._attaching = None
-            attaching.callback(None)
+        self._follow(cid, recover)
         pipe: IStdinPipe | None
         try:
             pipe = await self._open_stdin(cid)
@@ -753,7 +754,7 @@ class ConsolePipeline:
             return False
         return True
 
-    async def _follow(self, cid: str, recover: bool, epoch: int) -> bool:
+    def _follow(self, cid: str, recover: bool) -> None:
         """The followed stream from the mark; when recovering, the history read behind it."""
         filt = MarkFilter(self.mark, self.mark_count) if self.mark else None
         # From a second before the mark: the engine's ``since`` may include
@@ -768,7 +769,6 @@ class ConsolePipeline:
         if recover and self._wants_history():
             self._tracker.run(self._backfill(cid),
                               "console history of server {}".format(self.server_id))
-        return True
 
     async def _backfill(self, cid: str) -> None:
         """
@@ -845,9 +845,10 @@ class ConsolePipeline:
         to the end of its output, before its death is reported.
 
         Whatever the order of the death, the re-attach of a restarted agent
-        and the end of the followed stream: an attach in progress is waited
-        for (until it follows), then the followed stream's end (it ends with
-        the container), and then the rest is read from the mark to the end
+        and the end of the followed stream (an attach follows at once; a
+        restarted agent's history is read behind it, and ``_read_rest``
+        waits for that read): the followed stream's end is waited for (it
+        ends with the container), and then the rest is read from the mark to the end
         of the kept output, without following (a death seen before any
         attach, or a stream that did not end, leaves lines only that read
         finds; otherwise it finds none).  An attach that overtakes the read
@@ -859,10 +860,6 @@ class ConsolePipeline:
             for _ in range(_CATCH_UP_ROUNDS):
                 if self.closed:
                     return
-                attaching = self._attaching
-                if attaching is not None and not attaching.called:
-                    await self._deadlines.within(attaching, timeout)
-                    continue
                 done = self._output_done
                 if done is not None and not done.called:
                     await self._deadlines.within(done, timeout)
