@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,7 +23,7 @@ import pytest
 import pytest_twisted
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor, tcp
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -37,7 +36,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from ctrlagent.api import GuardedChannel, GuardedSite, make_http_service
-from ctrlagent.api.site import PLAIN_PATH_FITS, HttpService, plain_command, write_now
+from ctrlagent.api.site import PLAIN_PATH_FITS, HttpService, plain_command
 from ctrlagent.wire.command import ActionResult, Command
 from tests.api.conftest import SECRET, ApiRig
 
@@ -412,145 +411,6 @@ async def test_a_slow_command_is_answered_by_its_deadline_on_the_plain_path() ->
 
 
 # -- the channel's guards, on a Clock ------------------------------------------------
-
-
-# -- a plain answer leaves at once --------------------------------------------------
-
-
-@pytest.mark.parametrize("plain", [True, False])
-@pytest_twisted.ensureDeferred
-async def test_a_plain_answer_is_sent_in_the_turn_that_makes_it(
-    plain: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Twisted queues a write until the socket is found writable (addWriter);
-    # a plain answer goes straight to the kernel instead.
-    waited: list[object] = []
-    add_writer = reactor.addWriter  # type: ignore[attr-defined]
-
-    def counting(selectable: Any) -> None:
-        if isinstance(selectable, tcp.Server):
-            waited.append(selectable)
-        add_writer(selectable)
-
-    monkeypatch.setattr(reactor, "addWriter", counting)
-    listener = await _listen(plain)
-    try:
-        answer = await _exchange(listener, Case([_post(STATUS) + _post(METRICS)] * 3, 6, 6))
-    finally:
-        await listener.service.stopService()
-    assert answer.count(b'"success":true') == 6
-    assert listener.site.plain_answers == (6 if plain else 0)
-    assert (waited == []) is plain
-
-
-def _kinds(raw: bytes) -> list[str]:
-    """The answers in ``raw`` in order: status or metrics, by their data."""
-    kinds = []
-    position = 0
-    while True:
-        end = raw.find(b"\r\n\r\n", position)
-        if end < 0:
-            return kinds
-        match = _LENGTH.search(raw[position:end])
-        assert match is not None
-        body = raw[end + 4 : end + 4 + int(match.group(1))]
-        position = end + 4 + int(match.group(1))
-        data = json.loads(body)["data"]
-        kinds.append("status" if "panelStatus" in data else "metrics")
-
-
-@pytest_twisted.ensureDeferred
-async def test_answers_the_kernel_cannot_take_yet_wait_in_order_for_a_slow_reader() -> None:
-    listener = await _listen(True)
-    client = RawClient()
-    try:
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", listener.port), client)
-        for _ in range(100):
-            if listener.site.channels():
-                break
-            await _sleep(0.01)
-        (channel,) = listener.site.channels()
-        server = channel.transport
-        assert isinstance(server, tcp.Server)
-        server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        client.transport.pauseProducing()  # type: ignore[union-attr]
-        count = 600
-        client.transport.write((_post(STATUS) + _post(METRICS)) * (count // 2))  # type: ignore[union-attr]
-        queued = False
-        for _ in range(250):
-            queued = bool(server._tempDataBuffer or server.dataBuffer)
-            if queued:
-                break
-            await _sleep(0.02)
-        # The kernel took what it could at once; the rest waits in Twisted's
-        # buffer, and the channel reads no more requests meanwhile.
-        assert queued
-        assert 0 < listener.site.plain_answers < count
-        client.transport.resumeProducing()  # type: ignore[union-attr]
-        for _ in range(250):
-            if _answers(client.received) >= count:
-                break
-            await _sleep(0.02)
-        # Every one answered once, in order (those read after the pause by
-        # Twisted's own path: the channel is not idle while its answers wait).
-        assert _kinds(client.received) == ["status", "metrics"] * (count // 2)
-        assert len(listener.dispatched) == count
-    finally:
-        if client.transport is not None:
-            client.transport.loseConnection()
-            await client.closed
-        await listener.service.stopService()
-
-
-class _FailingOnce:
-    """A socket whose first ``send`` fails as a reset peer's would."""
-
-    def __init__(self, real: socket.socket) -> None:
-        self.real = real
-        self.failed = 0
-
-    def send(self, data: bytes) -> int:
-        if not self.failed:
-            self.failed += 1
-            raise ConnectionResetError(104, "Connection reset by peer")
-        return self.real.send(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_send_that_fails_leaves_the_answer_to_twisted() -> None:
-    listener = await _listen(True)
-    client = RawClient()
-    try:
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", listener.port), client)
-        for _ in range(100):
-            if listener.site.channels():
-                break
-            await _sleep(0.01)
-        (channel,) = listener.site.channels()
-        server = channel.transport
-        assert isinstance(server, tcp.Server)
-        failing = server.socket = _FailingOnce(server.socket)  # type: ignore[assignment]
-        client.transport.write(_post(STATUS))  # type: ignore[union-attr]
-        for _ in range(250):
-            if _answers(client.received) >= 1:
-                break
-            await _sleep(0.02)
-        assert failing.failed == 1
-        assert _kinds(client.received) == ["status"]
-    finally:
-        if client.transport is not None:
-            client.transport.loseConnection()
-            await client.closed
-        await listener.service.stopService()
-
-
-def test_a_transport_that_is_not_plain_tcp_is_written_as_twisted_writes() -> None:
-    transport = StringTransport()
-    write_now(transport, b"answer")
-    assert transport.value() == b"answer"
 
 
 def _channel(
