@@ -7,9 +7,11 @@ engine at DOCKER_HOST, or on a private engine when none answers, and:
 1. creates and starts ``--servers`` scripted game servers (default 500) that
    print ``tick <n>`` every ``--tick`` seconds (default 5), through
    ``POST /api/command`` from 8 concurrent connections;
-2. steady state, ``--settle`` seconds (default 240: the agent past its
-   first heap renewal, ``ctrlagent.heap``) after the last server runs: the
-   agent's RSS and CPU (percent of one core, from
+2. steady state, ``--settle`` seconds (default 30) after the last server
+   runs, and at least until the agent is past its first heap renewal
+   (``ctrlagent.heap``, 310 s after its start: an agent that has run for a
+   while, whose full collections no longer walk the servers made after its
+   start): the agent's RSS and CPU (percent of one core, from
    ``/proc/<pid>/stat`` over ``--window`` seconds, default 60: one whole
    round of the disk checks, which come every ``servers.disk_check_interval``
    for all servers at once, so a shorter window holds one or none), with no
@@ -45,7 +47,7 @@ HTTP p99 under 10 ms at 16 clients, all re-attached within 10 s.  With
 ``--servers 100,500`` it runs twice and prints the per-server growth, so
 that anything worse than linear shows.  Every server is deleted at the end.
 
-    python bench/scale.py [--servers 500] [--tick 5] [--settle 240] [--window 60]
+    python bench/scale.py [--servers 500] [--tick 5] [--settle 30] [--window 60]
                           [--requests 2000] [--batches 5]
 """
 
@@ -79,6 +81,7 @@ from http_latency import (  # noqa: E402
     rss_mb,
 )
 
+from ctrlagent.heap import EVERY_SECONDS, FIRST_SECONDS  # noqa: E402
 from tests.rig.agentproc import AgentProcess, free_port  # noqa: E402
 from tests.rig.dockerd import PrivateDockerd, engine_answers  # noqa: E402
 from tests.rig.images import _docker, build_scripted_image  # noqa: E402
@@ -86,6 +89,8 @@ from tests.rig.images import _docker, build_scripted_image  # noqa: E402
 _TICK = re.compile(r"tick (\d+)$")
 # Seconds between two latency batches.
 BATCH_GAP_SECONDS = 2.0
+# Seconds from the agent's start until it is past its first heap renewal.
+PAST_HEAP_RENEWAL_SECONDS = FIRST_SECONDS + EVERY_SECONDS + 10.0
 _CLOCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -245,6 +250,7 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
     panel_port = free_port()
     link = dict(panel_url="ws://127.0.0.1:{}/ws".format(panel_port),
                 panel_settings="backoff_max = 2.0")
+    agent_started = time.monotonic()
     agent = (BenchAgent(workdir, host, extra_config=config, network=args.network,
                         subnet=args.subnet, **link) if args.network
              else AgentProcess(workdir, host, extra_config=config, **link)).start()
@@ -289,8 +295,11 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
         wait_until(all_running, 60 + servers, "all servers running")
         result["create_and_start_s"] = time.monotonic() - started
         # The steady state: past the start-up's tail (every server's first
-        # disk check, first kernel samples, the start events' work).
-        time.sleep(args.settle)
+        # disk check, first kernel samples, the start events' work) and past
+        # the heap's first renewal (before it, full collections walk every
+        # server made since the start: ctrlagent.heap).
+        time.sleep(max(args.settle,
+                       PAST_HEAP_RENEWAL_SECONDS - (time.monotonic() - agent_started)))
         assert agent.process is not None
         pid = agent.process.pid
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
@@ -449,6 +458,13 @@ def report(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", default="500", help="comma-separated counts")
@@ -456,13 +472,12 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=60.0,
                         help="seconds each CPU figure is measured over (default 60: one"
                         " whole round of the disk checks, servers.disk_check_interval)")
-    parser.add_argument("--settle", type=float, default=240.0,
-                        help="seconds from all running to the idle window (default 240:"
-                        " the agent is then past its first heap renewal, ctrlagent.heap,"
-                        " 5 min after its start, as an agent that has run for a while is)")
+    parser.add_argument("--settle", type=float, default=30.0,
+                        help="seconds from all running to the idle window (default 30), and"
+                        " at least until the agent is past its first heap renewal")
     parser.add_argument("--requests", type=int, default=2000,
                         help="requests in one batch (default 2000)")
-    parser.add_argument("--batches", type=int, default=5,
+    parser.add_argument("--batches", type=_at_least_one, default=5,
                         help="batches of --requests per action and client count, a few"
                         " seconds apart; the percentiles are over all of them (default 5)")
     parser.add_argument("--history", type=int, default=0,

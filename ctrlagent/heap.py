@@ -44,8 +44,10 @@ class Collector(Protocol):
     def get_freeze_count(self) -> int: ...
 
 
-# How often the freeze is renewed, and every how many renewals the heap is
-# thawed for one full collection.
+# Seconds from the start to the first freeze, how often the freeze is
+# renewed, and every how many renewals the heap is thawed for one full
+# collection.
+FIRST_SECONDS = 10.0
 EVERY_SECONDS = 300.0
 THAW_EVERY = 12
 
@@ -64,7 +66,7 @@ class StartupHeapFreeze(Service):
     def __init__(
         self,
         clock: IReactorTime,
-        delay: float = 10.0,
+        delay: float = FIRST_SECONDS,
         collector: Any = gc,
         every: float = EVERY_SECONDS,
         thaw_every: int = THAW_EVERY,
