@@ -6,23 +6,16 @@ with a body of the asked size that the benchmark's client accepts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 from types import ModuleType
 
 from twisted.internet.testing import StringTransport
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.rig.benchmods import load
 
 
 def _floor() -> ModuleType:
-    path = ROOT / "bench" / "floor_server.py"
-    spec = importlib.util.spec_from_file_location("floor_server", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("floor_server")
 
 
 def _responses(data: bytes) -> list[dict[str, object]]:

@@ -6,23 +6,14 @@ and CPU over all of them), with each batch's own p99 kept beside.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.rig.benchmods import load
 
 
 def _http_latency() -> ModuleType:
-    path = ROOT / "bench" / "http_latency.py"
-    spec = importlib.util.spec_from_file_location("bench_http_latency", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+    return load("http_latency")
 
 
 def _batch(latencies: list[float], seconds: float, cpu_ms: float, window: list[float]) -> Any:
