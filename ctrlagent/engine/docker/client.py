@@ -44,6 +44,7 @@ from twisted.internet.error import (
 from twisted.internet.error import TimeoutError as TwistedTimeoutError
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent
@@ -59,7 +60,6 @@ from twisted.web.http_headers import Headers
 from ctrlagent.config import DockerConfig
 from ctrlagent.engine.docker.errors import (
     ContainerGone,
-    DockerConflict,
     DockerError,
     DockerInvalidInput,
     DockerTimeout,
@@ -104,6 +104,9 @@ MAX_API_VERSION = "1.45"
 MANAGED_LABEL = "ctrl-alt-play.managed"
 MANAGED_LABEL_FILTER = MANAGED_LABEL + "=true"
 CONTAINER_EVENTS = ("start", "die", "oom", "kill", "destroy")
+# Pauses before each look for a network another process was creating when
+# this one's create was refused (the name may show a moment after the pool).
+NETWORK_RACE_LOOKS = (0.0, 0.1, 0.3, 0.6)
 
 ERROR_BODY_CAP = 64 * 1024
 JSON_BODY_CAP = 64 * 1024 * 1024
@@ -246,6 +249,8 @@ class DockerClient:
         self._base_text = self.host.base_text
         self._api: str | None = None
         self._api_lock = DeferredLock()
+        # One create of a network at a time per name (``network_ensure``).
+        self._network_locks: dict[str, DeferredLock] = {}
 
     @classmethod
     def from_config(cls, reactor: Any, config: DockerConfig) -> DockerClient:
@@ -808,8 +813,25 @@ class DockerClient:
         The agent's bridge network ``name``, created when missing.
 
         An existing network is returned as it is, even when its subnet differs
-        (changing it would cut running servers off).
+        (changing it would cut running servers off).  Callers of this client
+        wait for one another's create of the same name; a create refused while
+        another process made the network (the engine answers a taken name, or,
+        with a subnet, a pool overlapping the first's, possibly before the
+        name can be looked up) gets that network.  Any other refusal is the
+        engine's error.
         """
+        lock = self._network_locks.setdefault(name, DeferredLock())
+        await lock.acquire()
+        try:
+            return await self._network_ensure(name, subnet, labels)
+        finally:
+            lock.release()
+            if not lock.locked and self._network_locks.get(name) is lock:
+                del self._network_locks[name]
+
+    async def _network_ensure(
+        self, name: str, subnet: str | None, labels: dict[str, str] | None
+    ) -> dict[str, Any]:
         try:
             return await self.network_inspect(name)
         except NetworkNotFound:
@@ -824,8 +846,16 @@ class DockerClient:
             spec["IPAM"] = {"Driver": "default", "Config": [{"Subnet": subnet}]}
         try:
             await self._call("POST", ("networks", "create"), body=spec, kind="network")
-        except DockerConflict:
-            pass  # created concurrently: use it
+        except DockerError as refused:
+            for pause in NETWORK_RACE_LOOKS:
+                await deferLater(self._clock, pause, lambda: None)
+                try:
+                    return await self.network_inspect(name)  # made meanwhile: use it
+                except NetworkNotFound:
+                    continue
+                except DockerError:
+                    break
+            raise refused from None
         return await self.network_inspect(name)
 
     async def network_remove(self, name: str) -> None:

@@ -13,17 +13,18 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 
 from ctrlagent.engine.docker import (
     Conflict,
     ContainerGone,
     DockerClient,
+    DockerError,
     ImageNotFound,
     NotFound,
 )
 
-from .conftest import Containers, unique_name, wait_for_line
+from .conftest import Containers, make_client, unique_name, wait_for_line
 
 pytestmark = pytest.mark.docker
 
@@ -202,16 +203,20 @@ def _routes() -> str:
     return subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
 
 
-@pytest_twisted.ensureDeferred
-async def test_network_ensure_creates_once_with_subnet_and_labels(docker: DockerClient) -> None:
-    name = unique_name("net")
+def _free_subnet(taken: tuple[int, ...] = ()) -> str:
     routes = _routes()
-    subnet = next(
+    return next(
         "10.{}.{}.0/24".format(a, b)
         for a in range(200, 250)
         for b in (7, 77, 177)
-        if "10.{}.".format(a) not in routes
+        if "10.{}.".format(a) not in routes and a not in taken
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_network_ensure_creates_once_with_subnet_and_labels(docker: DockerClient) -> None:
+    name = unique_name("net")
+    subnet = _free_subnet()
     try:
         net = await docker.network_ensure(name, subnet, labels={"ctrl-alt-play.managed": "true"})
         assert net["Name"] == name and net["Driver"] == "bridge"
@@ -227,3 +232,53 @@ async def test_network_ensure_creates_once_with_subnet_and_labels(docker: Docker
             pass
     with pytest.raises(NotFound):
         await docker.network_inspect(name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_network_ensure_at_once_with_a_subnet_gives_every_caller_the_one_network(
+    docker: DockerClient, docker_engine: Any,
+) -> None:
+    # Callers of one client wait for each other.  Another client's create
+    # (another agent on the engine) is refused as a pool overlapping the
+    # first's, not as a taken name, and may come before the name shows: each
+    # caller still gets the network made.
+    others = [make_client(docker_engine.host) for _ in range(3)]
+    name = unique_name("net")
+    subnet = _free_subnet()
+    try:
+        nets = await gatherResults([
+            Deferred.fromCoroutine(client.network_ensure(name, subnet))
+            for client in [docker, docker, *others]
+        ])
+        assert len({net["Id"] for net in nets}) == 1
+        assert nets[0]["IPAM"]["Config"][0]["Subnet"] == subnet
+        assert docker._network_locks == {}  # nothing kept once the creates are done
+    finally:
+        for client in others:
+            await client.close()
+        try:
+            await docker.network_remove(name)
+        except NotFound:
+            pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_network_ensure_refused_for_a_subnet_another_network_holds(
+    docker: DockerClient,
+) -> None:
+    # A refusal that no concurrent create explains is the engine's own error.
+    first, second = unique_name("net"), unique_name("net")
+    subnet = _free_subnet()
+    try:
+        await docker.network_ensure(first, subnet)
+        with pytest.raises(DockerError) as refused:
+            await docker.network_ensure(second, subnet)
+        assert not isinstance(refused.value, NotFound)
+        with pytest.raises(NotFound):
+            await docker.network_inspect(second)
+    finally:
+        for name in (first, second):
+            try:
+                await docker.network_remove(name)
+            except NotFound:
+                pass
