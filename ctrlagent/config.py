@@ -176,6 +176,11 @@ class ServersConfig:
     stats_idle_interval: float = 30.0
     disk_check_interval: float = 60.0
     crash_restart_window: float = 60.0
+    # Whether a game that ends by itself with exit code 0 (not asked, not
+    # out of memory) has crashed, as Wings' detect_clean_exit_as_crash: on,
+    # it is restarted by its crash policy; off, it is simply offline.  The
+    # stop command typed in the console is never a crash: it is the Stop.
+    clean_exit_is_crash: bool = True
     stop_timeout: float = 30.0
     pids_limit: int = 512
     tmpfs_size_mb: int = 100

@@ -113,7 +113,11 @@ class IServerManager(Interface):
         """
 
     def send_command(server_id: str, command: str) -> object:
-        """Write one line to the server's stdin."""
+        """
+        Write one line to the server's stdin.  The server's own stop command,
+        typed while it runs and no power action is under way, runs as the
+        ``stop`` power action (which writes the line): not a crash.
+        """
 
     def console_command(server_id: str, command: str, wait: float | None = None) -> object:
         """Send ``command``; fire with what the console printed within ``wait`` s."""

@@ -540,10 +540,32 @@ class Server:
         return self.console.attached
 
     async def send_command(self, command: str) -> None:
-        """Write one line to the server's stdin."""
+        """
+        Write one line to the server's stdin.
+
+        The server's own stop command, typed while it starts or runs and no
+        power action is under way, is the Stop a player asked for (as in
+        Wings): it runs as the ``stop`` power action, which writes the line.
+        So the server shows ``stopping``, stays down (it is not restarted as
+        a crash, nor brought back by a reconcile), and is killed if it has
+        not stopped within the stop timeout.
+        """
         if self.state not in ACTIVE_STATES or self.container_id is None:
             raise Conflict("server {} is not running".format(self.server_id))
+        if self._is_typed_stop(command):
+            self.notice("the stop command was typed: stopping the server")
+            await self.stop()
+            return
         await self.console.send_line(self.container_id, command)
+
+    def _is_typed_stop(self, command: str) -> bool:
+        method = self.spec.stop
+        return (
+            method.kind == "command"
+            and command.strip() == method.value.strip()
+            and (self.state is S.RUNNING or self.state is S.STARTING)
+            and self.slot.action is None
+        )
 
     async def console_input(self, data: str) -> int:
         """
@@ -842,6 +864,12 @@ class Server:
                 raise
             except EngineError:
                 pass
+        if exit_code == 0 and not oom and not services.config.servers.clean_exit_is_crash:
+            self.notice("server exited by itself with code 0: offline"
+                        " (servers.clean_exit_is_crash is off)")
+            self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
+            self.set_desired("offline")
+            return
         now = services.clock.seconds()
         window = services.config.servers.crash_restart_window
         recent = self.last_crash is not None and now - self.last_crash < window

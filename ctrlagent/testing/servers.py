@@ -14,6 +14,7 @@ with ``manager.fail_next("start", SomeError(...))``.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -59,6 +60,20 @@ PANEL_STATUS = {
     "stopping": "STOPPING",
     "crashed": "CRASHED",
 }
+
+
+def _stop_command(params: dict[str, Any]) -> str | None:
+    """
+    The create payload's stop command, None when its stop is a signal (the
+    spec's rule: ``"^C"`` and ``SIG...`` names are signals unless typed).
+    """
+    raw = params.get("stop")
+    kind, value = (raw.get("type"), raw.get("value")) if isinstance(raw, dict) else (None, raw)
+    if not isinstance(value, str) or not value or value == "^C":
+        return None
+    if kind is None:
+        kind = "signal" if re.fullmatch(r"SIG[A-Z0-9]{1,16}", value) else "command"
+    return value if kind == "command" else None
 
 
 @dataclass
@@ -408,7 +423,11 @@ class FakeServerManager:
         return sample
 
     def send_command(self, server_id: str, command: str) -> Deferred[Ack]:
-        """Write a line to stdin; the fake server echoes it."""
+        """
+        Write a line to stdin; the fake server echoes it.  Its stop command
+        (the create payload's ``stop``), typed while it runs and no power
+        action is under way, is the ``stop`` action (on the ``stop`` gate).
+        """
         try:
             server = self._get(server_id)
             self._enter("send_command", server.server_id)
@@ -416,6 +435,14 @@ class FakeServerManager:
                 raise Conflict("server {} is not running".format(server.server_id))
         except Exception as e:
             return fail(e)
+        stop = _stop_command(server.params)
+        if stop is not None and command.strip() == stop.strip() and server.busy is None:
+            self._print(server, "[ctrlagent] the stop command was typed: stopping the server",
+                        "agent")
+            stopping = self.stop(server.server_id)
+            server.stdin.append(command)
+            self._print(server, "> " + command)
+            return stopping.addCallback(lambda _: Ack(server_id=server.server_id))
         server.stdin.append(command)
         self._print(server, "> " + command)
         return succeed(Ack(server_id=server.server_id))

@@ -209,6 +209,29 @@ async def test_console_crash_command_is_a_crash(rig: Rig, scripted_image: str) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_typed_stop_command_stops_the_real_game_and_is_no_crash(
+    rig: Rig, scripted_image: str
+) -> None:
+    # The Panel's console sends the stop command the egg names: the game
+    # exits 0 by itself, and that is the Stop a player asked for.
+    manager = rig.manager()
+    sid = rig.new_id()
+    await manager.create_server(sid, scripted(scripted_image))
+    await manager.start(sid)
+    await until_state(manager, sid, S.RUNNING)
+    await manager.send_command(sid, "stop")
+    await until_state(manager, sid, S.OFFLINE)
+    await sleep(0.5)
+    assert rig.recorder.statuses(sid)[-2:] == [("running", "stopping"), ("stopping", "offline")]
+    server = manager.get(sid)
+    assert server.crash_report is None and server.desired == "offline"
+    cid = server.container_id
+    assert cid is not None
+    state = inspect(rig.host, cid)["State"]
+    assert state["Status"] == "exited" and state["ExitCode"] == 0  # the game's own exit
+
+
+@pytest_twisted.ensureDeferred
 async def test_failing_install_script_is_install_failed(rig: Rig, scripted_image: str) -> None:
     manager = rig.manager()
     good, bad = rig.new_id(), rig.new_id()

@@ -150,6 +150,78 @@ async def test_stop_outside_the_agent_is_not_a_crash(unit: Unit) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_typed_stop_command_is_the_stop_action_not_a_crash(unit: Unit) -> None:
+    m = await running(unit)
+    await m.send_command("s1", " stop ")
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "offline")
+    await sleep(0.05)
+    assert unit.statuses("s1")[-2:] == [("running", "stopping"), ("stopping", "offline")]
+    assert ("running", "crashed") not in unit.statuses("s1")
+    server = m.get("s1")
+    assert server.desired == "offline" and server.crash_report is None
+    assert server.power is None
+    assert unit.engine.kills == []
+    history = m.console_history("s1", 20)
+    assert history.count("> stop") == 1  # the stop action wrote the line, once
+    assert any("stop command was typed" in line for line in history)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_typed_stop_the_game_ignores_is_killed_after_the_stop_timeout(unit: Unit) -> None:
+    m = await running(unit, environment={"STOP_COMMAND": "quit"})
+    await m.send_command("s1", "stop")
+    assert m.get("s1").state is S.STOPPING
+    assert m.get("s1").power == "stop"
+    with pytest.raises(Conflict):
+        await m.start("s1")
+    unit.clock.advance(5.1)  # the unit's stop_timeout
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "killed")
+    cid = m.get("s1").container_id
+    assert unit.engine.kills == [(cid, "SIGKILL")]
+    assert ("stopping", "crashed") not in unit.statuses("s1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stop_word_is_a_plain_line_when_the_stop_is_a_signal_or_a_power_action_runs(
+    unit: Unit,
+) -> None:
+    # With a signal as the stop method, "stop" is just a line: the game
+    # exiting 0 by itself is a crash (clean_exit_is_crash, the default).
+    m = await running(unit, stop="SIGTERM", crashRestart=False)
+    await m.send_command("s1", "stop")
+    await until(lambda: m.get("s1").state is S.CRASHED, 2, "crashed")
+    assert m.get("s1").crash_report is not None
+    assert m.get("s1").crash_report.exit_code == 0  # type: ignore[union-attr]
+    # While a power action runs, the typed line goes to the game as it is.
+    m2 = await running(unit, "s2", environment={"STOP_COMMAND": "quit", "IGNORE_SIGTERM": 1})
+    await m2.restart("s2")
+    await until(lambda: m2.get("s2").state is S.STOPPING, 2, "stopping")
+    await m2.send_command("s2", "stop")
+    assert m2.get("s2").power == "restart"
+    assert "> stop" in m2.console_history("s2", 5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_clean_exit_is_offline_when_clean_exit_is_crash_is_off(unit: Unit) -> None:
+    unit.config = replace(unit.config, servers=replace(unit.config.servers,
+                                                       clean_exit_is_crash=False))
+    m = await running(unit, stop="SIGTERM")
+    cid = m.get("s1").container_id or ""
+    unit.engine.die(cid, 0)
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "offline")
+    await sleep(0.05)
+    server = m.get("s1")
+    assert ("running", "crashed") not in unit.statuses("s1")
+    assert server.desired == "offline" and server.crash_report is None
+    assert any("clean_exit_is_crash is off" in line for line in m.console_history("s1", 5))
+    # Any other code is still a crash, restarted by the policy.
+    await m.start("s1")
+    await until(lambda: m.get("s1").state is S.RUNNING, 2, "running")
+    unit.engine.die(m.get("s1").container_id or "", 1)
+    await until(lambda: ("running", "crashed") in unit.statuses("s1"), 2, "crashed")
+
+
+@pytest_twisted.ensureDeferred
 async def test_oom_is_reported_as_crash_with_flag(unit: Unit) -> None:
     m = await running(unit, crashRestart=False)
     unit.engine.die(m.get("s1").container_id or "", 137, oom=True)
@@ -520,3 +592,37 @@ async def test_unfollowed_figures_are_read_seldom_and_when_asked_for(unit: Unit)
     following[0] = True
     ticks(10)
     assert reader.reads == first + 1 + 5
+
+
+@pytest.mark.parametrize("stop", [
+    "stop", "SIGTERM", "^C", "SIGINT ", {"type": "command", "value": "quit"},
+    {"type": "signal", "value": "SIGTERM"}, {"type": "command", "value": "SIGTERM"}, "", None,
+])
+def test_the_fake_manager_reads_a_stop_command_as_the_spec_does(stop: Any) -> None:
+    from ctrlagent.servers.spec import parse_spec
+    from ctrlagent.testing.servers import _stop_command
+
+    params = {**PARAMS, "stop": stop}
+    method = parse_spec("s1", params, ServersConfig()).stop
+    want = method.value if method.kind == "command" else None
+    assert _stop_command(params) == want
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_fake_manager_plays_a_typed_stop_as_the_stop_action() -> None:
+    from ctrlagent.testing.servers import FakeServerManager
+
+    fake = FakeServerManager()
+    await fake.create_server("s1", {**PARAMS, "stop": {"type": "command", "value": "end"}})
+    await fake.start("s1")
+    await fake.send_command("s1", "stop")  # not its stop command: a plain line
+    assert fake.servers["s1"].status == "running"
+    gate = fake.hold("stop")
+    answered = fake.send_command("s1", "end")
+    assert fake.servers["s1"].status == "stopping" and not answered.called
+    gate.callback(None)
+    await answered
+    assert fake.servers["s1"].status == "offline"
+    assert [c for c in fake.calls if c[0] == "stop"] == [("stop", "s1")]
+    assert fake.console_history("s1", 3)[-2:] == [
+        "[ctrlagent] the stop command was typed: stopping the server", "> end"]
