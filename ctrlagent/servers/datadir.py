@@ -104,6 +104,7 @@ class DataDirs:
     def _resolve(self) -> str:
         with self._mode_lock:
             if self._mode is None:
+                self._close_root()
                 self._mode = self._choose()
                 self.meter.configure(self._mode, self.disk.walk_share, self.disk.walk_batch,
                                      self.disk.walk_full_interval)
@@ -111,14 +112,38 @@ class DataDirs:
                               why=" ({})".format(self.mode_reason) if self.mode_reason else "")
             return self._mode
 
+    def _close_root(self) -> None:
+        """
+        The data root is reachable by the agent's user alone (0700): a game
+        writes whatever it likes in its directory (a setuid file, as root
+        in a ``user: "image"`` container, or as the server's uid), and no
+        host user but the agent's may reach it.  The containers see their
+        directory through a bind mount, the Panel and SFTP through the agent.
+        A root of another owner is left as it is (with a warning).
+        """
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            st = os.stat(self.root)
+            mode = st.st_mode & 0o7777
+            if not mode & 0o077:
+                return
+            if st.st_uid != os.geteuid():
+                self.log.warn(  # noqa: G010 (twisted.logger has warn)
+                    "data directory {root} is mode {mode:o} and owned by uid {uid}: host"
+                    " users may reach the servers' files; make it 0700 and the agent's",
+                    root=self.root, mode=mode, uid=st.st_uid)
+                return
+            os.chmod(self.root, mode & ~0o077)
+            self.log.info("data directory {root}: mode {mode:o} -> {new:o}, so that no host"
+                          " user but the agent's reaches the servers' files",
+                          root=self.root, mode=mode, new=mode & ~0o077)
+        except OSError:
+            pass  # made or reported at its first use, with the path
+
     def _choose(self) -> str:
         wanted = self.disk.mode
         if wanted == "walk":
             return "walk"
-        try:
-            os.makedirs(self.root, mode=0o755, exist_ok=True)
-        except OSError:
-            pass
         reason = None
         if not btrfs.is_btrfs(self.root):
             reason = "the data directory {} is not on btrfs".format(self.root)
@@ -306,7 +331,7 @@ def _prepare_dir(path: str, uid: int, gid: int, recursive: bool) -> trees.Reclai
     """
     parent, name = os.path.split(os.path.normpath(path))
     try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
+        os.makedirs(parent, mode=0o700, exist_ok=True)
         parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             try:
