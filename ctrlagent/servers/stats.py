@@ -44,8 +44,11 @@ class StatsHub:
     samplers of one slice: every sampler is read exactly once per interval,
     the reads are spread evenly over it, and no reactor turn reads more than
     a ``slices``-th of the servers, nor more than ``per_tick`` of them (more
-    servers add slices: 500 servers at 4 a tick are 125 ticks a round).  The
-    timer runs only while a sampler is in the hub.
+    servers add slices: 500 servers at 4 a tick are 125 ticks a round).  When
+    servers leave until the slices are twice what the rest need, the rest are
+    dealt again over that many (at least ``slices``), so a node that had many
+    servers does not keep ticking for them.  The timer runs only while a
+    sampler is in the hub.
 
     ``live()`` says whether someone follows every server's figures as they
     come (the Panel link while connected; ``ServerManager.follow_figures``):
@@ -70,7 +73,8 @@ class StatsHub:
         self.live: Callable[[], bool] = lambda: True
         #: Kernel samples taken by the hub's visits (tests, benchmarks).
         self.reads = 0
-        self._slices: list[dict[StatsSampler, None]] = [{} for _ in range(max(1, slices))]
+        self._base = max(1, slices)
+        self._slices: list[dict[StatsSampler, None]] = [{} for _ in range(self._base)]
         # At most this many reads a tick (0: no bound): when every slice holds
         # that many, a new slice is added, so ticks come more often rather
         # than longer (one tick's reads hold the reactor, and requests wait
@@ -107,6 +111,22 @@ class StatsHub:
             self._slices[index].pop(sampler, None)
         if not self._where:
             self.stop()
+        if len(self._slices) > self._base and len(self._slices) >= 2 * self._needed():
+            self._deal(self._needed())
+
+    def _needed(self) -> int:
+        """The slices the samplers in the hub need (``slices``, or more at ``per_tick``)."""
+        if not self._per_tick:
+            return self._base
+        return max(self._base, -(-len(self._where) // self._per_tick))
+
+    def _deal(self, count: int) -> None:
+        """Deal the samplers anew over ``count`` slices, evenly."""
+        self._slices = [{} for _ in range(count)]
+        for i, sampler in enumerate(self._where):
+            self._slices[i % count][sampler] = None
+            self._where[sampler] = i % count
+        self._next %= count
 
     def stop(self) -> None:
         """Cancel the timer (the samplers still in the hub stay, unread)."""

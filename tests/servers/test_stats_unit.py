@@ -387,3 +387,35 @@ async def test_an_idle_interval_of_zero_reads_every_interval_whoever_watches() -
         _sampler(engine, clock, hub, cid, []).start()
     run_for(clock, INTERVAL * 4)
     assert all(r.reads == 5 for r in engine.stats_readers)
+
+
+def test_slices_added_for_many_servers_go_when_most_of_them_leave() -> None:
+    clock = Clock()
+    hub = StatsHub(clock, INTERVAL, slices=40, per_tick=4)
+    reads: list[int] = []
+    members = [Member(n, reads) for n in range(500)]
+    for member in members:
+        hub.add(member)  # type: ignore[arg-type]
+    assert len(hub._slices) == 125
+    # 300 left need 75 slices: 125 is under twice that, they stay.
+    for member in members[:200]:
+        hub.discard(member)  # type: ignore[arg-type]
+    assert len(hub._slices) == 125
+    # 248 left need 62: 125 is twice that, the 248 are dealt over 62.
+    for member in members[200:252]:
+        hub.discard(member)  # type: ignore[arg-type]
+    assert len(hub._slices) == 62 and len(hub) == 248
+    assert {len(s) for s in hub._slices} == {4}
+    clock.advance(INTERVAL / 40)  # the tick timed before the dealing
+    reads.clear()
+    per_tick = []
+    for _ in range(62):
+        before = len(reads)
+        clock.advance(INTERVAL / 62)
+        per_tick.append(len(reads) - before)
+    # One interval at the new pace: each read once, 4 a tick.
+    assert sorted(reads) == [m.n for m in members[252:]] and set(per_tick) == {4}
+    # Never fewer than the base slices, however few servers are left.
+    for member in members[252:-1]:
+        hub.discard(member)  # type: ignore[arg-type]
+    assert len(hub) == 1 and len(hub._slices) >= 40
