@@ -50,6 +50,7 @@ import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 from ctrlagent.config import ServersConfig
@@ -129,8 +130,13 @@ class StartupDone:
     def matches(self, line: str) -> bool:
         """True when ``line`` shows that startup is complete."""
         if self.regex:
-            return re.search(self.pattern, line) is not None
+            return self._compiled.search(line) is not None
         return self.pattern in line
+
+    @cached_property
+    def _compiled(self) -> re.Pattern[str]:
+        """The regex, compiled once (not a field: the spec's JSON is its fields)."""
+        return re.compile(self.pattern)
 
 
 @dataclass(frozen=True)

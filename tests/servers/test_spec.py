@@ -5,6 +5,7 @@ parsed spec ends as (``servers.containers`` then ``engine/docker/bodies``).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -174,6 +175,13 @@ def test_startup_done_plain_and_regex() -> None:
     assert not plain.matches("Done")
     regex = parse(startupDone={"pattern": r"listening on \S+:\d+", "regex": True}).startup_done
     assert regex is not None and regex.matches("Server listening on [::]:30000.")
+    assert not regex.matches("Server listening on nothing")
+    # Compiled once, and not a part of the spec's JSON or of its equality.
+    assert regex._compiled is regex._compiled
+    spec = parse(startupDone={"pattern": r"listening on \S+:\d+", "regex": True})
+    assert spec_from_json(spec.to_json()) == spec
+    assert json.loads(spec.to_json())["startup_done"] == {
+        "pattern": r"listening on \S+:\d+", "regex": True}
 
 
 def test_aliases_from_list_and_panel_id() -> None:
