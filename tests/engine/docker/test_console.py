@@ -30,7 +30,7 @@ async def collect(stream: object, seconds: float = 10.0) -> list[tuple[str, str]
 @pytest_twisted.ensureDeferred
 async def test_stdin_round_trip_say_hello(docker: DockerClient, containers: Containers) -> None:
     cid = await containers.create()
-    out = docker.attach_output(cid)
+    out = docker.attach_output(cid, logs=True)  # may open after the reply: its past too
     pipe = await docker.attach_stdin(cid)
     pipe.write_line("say hello")
     seen = await wait_for_line(out, "[Server] hello")

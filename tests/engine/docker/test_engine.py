@@ -109,7 +109,9 @@ async def test_create_with_a_full_host_config_is_honoured(
     ports = doc["NetworkSettings"]["Ports"]
     assert ports["25565/tcp"][0]["HostPort"] == str(tcp_port)
     # The bind mount is the server's data directory, written as uid 1000.
-    out = docker.attach_output(cid)
+    # (The output attach may open after the reply is printed: with its past
+    # output, so that the reply is read either way.)
+    out = docker.attach_output(cid, logs=True)
     pipe = await docker.attach_stdin(cid)
     pipe.write_line("say persisted")
     await wait_for_line(out, "[Server] persisted")
@@ -203,13 +205,13 @@ def _routes() -> str:
     return subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
 
 
-def _free_subnet(taken: tuple[int, ...] = ()) -> str:
+def _free_subnet() -> str:
     routes = _routes()
     return next(
         "10.{}.{}.0/24".format(a, b)
         for a in range(200, 250)
         for b in (7, 77, 177)
-        if "10.{}.".format(a) not in routes and a not in taken
+        if "10.{}.".format(a) not in routes
     )
 
 

@@ -80,7 +80,7 @@ async def _round_trip(client: DockerClient, containers: Containers) -> None:
     )
     containers.ids.append(cid)
     await client.container_start(cid)
-    out = client.attach_output(cid)
+    out = client.attach_output(cid, logs=True)  # may open after the reply: its past too
     pipe = await client.attach_stdin(cid)
     pipe.write_line("say over the wire")
     await wait_for_line(out, "[Server] over the wire")
