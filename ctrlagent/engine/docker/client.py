@@ -249,6 +249,8 @@ class DockerClient:
         self._base_text = self.host.base_text
         self._api: str | None = None
         self._api_lock = DeferredLock()
+        # The engine's own version ("24.0.7", Podman's "4.3.1"), once asked.
+        self.engine_version: str | None = None
         # One create of a network at a time per name (``network_ensure``).
         self._network_locks: dict[str, DeferredLock] = {}
 
@@ -482,6 +484,8 @@ class DockerClient:
     async def version(self) -> dict[str, Any]:
         """The engine's version document; negotiates the API version once."""
         doc = await self._call("GET", ("version",), versioned=False)
+        if isinstance(doc.get("Version"), str):
+            self.engine_version = doc["Version"]
         if self._api is None:
             self._api = self._choose_api(doc)
         return dict(doc)

@@ -178,21 +178,31 @@ class _LogLines:
 
 @implementer(ILogStream)
 class _StatsSamples:
-    """A Docker stats stream read as ``StatsSample`` batches."""
+    """
+    A Docker stats stream read as ``StatsSample`` batches (each sample put
+    through ``fix`` when given: an engine's correction of its own figures).
+    """
 
-    def __init__(self, stream: ItemStream[ContainerStats]) -> None:
+    def __init__(self, stream: ItemStream[ContainerStats],
+                 fix: Callable[[StatsSample], StatsSample] | None = None) -> None:
         self._stream = stream
+        self._fix = fix
+
+    def _samples(self, batch: list[ContainerStats]) -> list[Any]:
+        fix = self._fix
+        if fix is None:
+            return [stats_sample(s) for s in batch]
+        return [fix(stats_sample(s)) for s in batch]
 
     async def batches(self, max_items: int = 1000) -> AsyncIterator[list[Any]]:
         while True:
             batch = await self._stream.next_batch(max_items)
             if not batch:
                 return
-            yield [stats_sample(s) for s in batch]
+            yield self._samples(batch)
 
     def drain(self, sink: Callable[[list[Any]], None], max_items: int = 1000) -> Deferred[None]:
-        return self._stream.drain(lambda batch: sink([stats_sample(s) for s in batch]),
-                                  max_items)
+        return self._stream.drain(lambda batch: sink(self._samples(batch)), max_items)
 
     def close(self) -> None:
         self._stream.close()

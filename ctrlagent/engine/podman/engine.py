@@ -50,6 +50,11 @@ where they show (docs/RUNTIMES.md lists them with the evidence):
   ``timestamps=1`` with each piece's stamp inside it (``join_partials``).
 - **Event filters.**  An ``event=die`` filter matches nothing (Podman's own
   name is "died"): events are asked unfiltered by action and filtered here.
+- **Received and sent swapped.**  Before 4.4 Podman's stats report the bytes
+  a container sent as received and the other way round (podman#16618, fixed
+  by #16628): the engine swaps them back for those versions
+  (``NET_SWAPPED_BEFORE``).  The kernel reader of a local service reads the
+  container's own interfaces and needs no correction.
 
 Everything else (create bodies, start, kill, wait, inspect, list, remove,
 networks, attach for stdin, stats, event documents) behaves as Docker's.
@@ -74,7 +79,7 @@ from zope.interface import implementer
 
 from ctrlagent.engine.docker.bodies import blkio_weight, create_body
 from ctrlagent.engine.docker.client import CONTAINER_EVENTS, DockerClient
-from ctrlagent.engine.docker.engine import DockerEngine, _Events, container_state
+from ctrlagent.engine.docker.engine import DockerEngine, _Events, _StatsSamples, container_state
 from ctrlagent.engine.docker.errors import (
     DockerConflict,
     DockerError,
@@ -95,6 +100,7 @@ from ctrlagent.engine.interface import (
     IStdinPipe,
     LogLine,
     ResourceLimits,
+    StatsSample,
 )
 from ctrlagent.engine.podman.holders import StdinHolders
 from ctrlagent.errors import EngineError, NotFound
@@ -111,6 +117,10 @@ __all__ = [
 ]
 
 SECOND = 1_000_000_000
+# The first Podman whose stats report received and sent bytes each as
+# itself (4.4: podman#16628); before it they are swapped.
+NET_SWAPPED_BEFORE = (4, 4)
+
 # Words of Podman's 500 answers that are conflicts (a name in use, a
 # container in the wrong state).
 _CONFLICT_WORDS = ("already in use", "container state improper")
@@ -613,6 +623,26 @@ class PodmanEngine(DockerEngine):
                 return replace(state, limits=limits)
             del self._live[state.id]  # a new run: back to the created limits
         return state
+
+    # -- stats -------------------------------------------------------------
+
+    def _net_swapped(self) -> bool:
+        version = self.client.engine_version
+        if version is None:
+            return False
+        found = re.match(r"(\d+)\.(\d+)", version)
+        return found is not None and (int(found[1]), int(found[2])) < NET_SWAPPED_BEFORE
+
+    def _fix_net(self, sample: StatsSample) -> StatsSample:
+        if not self._net_swapped():
+            return sample
+        return replace(sample, rx_bytes=sample.tx_bytes, tx_bytes=sample.rx_bytes)
+
+    async def stats(self, cid: str) -> StatsSample:
+        return self._fix_net(await super().stats(cid))
+
+    def stats_stream(self, cid: str) -> ILogStream:
+        return _StatsSamples(self.client.stats_stream(cid), fix=self._fix_net)
 
     async def update_limits(self, cid: str, limits: ResourceLimits) -> None:
         state = await self.inspect(cid)

@@ -128,3 +128,23 @@ def test_a_libpod_pull_answer_ends_in_an_error_or_an_image() -> None:
     error = _pull_error("r:3", "127.0.0.1:5000", refused)
     assert isinstance(error, PullFailed) and not isinstance(error, ImageNotFound)
     assert "127.0.0.1:5000" in error.message
+
+
+@pytest.mark.parametrize(
+    ("version", "swapped"),
+    [("4.3.1", True), ("4.0.0", True), ("3.4.4", True), ("4.4.0", False), ("4.4.0-rc1", False),
+     ("5.0.0-dev", False), ("10.1", False), (None, False), ("", False), ("podman", False)],
+)
+def test_received_and_sent_are_swapped_back_for_podman_before_4_4(
+    version: str | None, swapped: bool,
+) -> None:
+    from ctrlagent.engine.interface import StatsSample
+
+    engine = make_engine(Clock(), _WithRuntime(kind="podman"))
+    assert isinstance(engine, PodmanEngine)
+    engine.client.engine_version = version
+    sample = StatsSample(cpu_percent=1.0, memory_bytes=2, memory_limit_bytes=3, rx_bytes=10,
+                         tx_bytes=20, blk_read=4, blk_write=5, pids=6)
+    fixed = engine._fix_net(sample)
+    assert (fixed.rx_bytes, fixed.tx_bytes) == ((20, 10) if swapped else (10, 20))
+    assert dataclasses.replace(fixed, rx_bytes=10, tx_bytes=20) == sample
