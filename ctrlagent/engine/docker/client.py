@@ -104,9 +104,10 @@ MAX_API_VERSION = "1.45"
 MANAGED_LABEL = "ctrl-alt-play.managed"
 MANAGED_LABEL_FILTER = MANAGED_LABEL + "=true"
 CONTAINER_EVENTS = ("start", "die", "oom", "kill", "destroy")
-# Pauses before each look for a network another process was creating when
-# this one's create was refused (the name may show a moment after the pool).
-NETWORK_RACE_LOOKS = (0.0, 0.1, 0.3, 0.6)
+# How long a refused create of a network looks for the one another process
+# was making (its name shows only after its pool and bridge: a busy host's
+# firewall lock can hold that for a while).
+NETWORK_RACE_SECONDS = 5.0
 
 ERROR_BODY_CAP = 64 * 1024
 JSON_BODY_CAP = 64 * 1024 * 1024
@@ -818,26 +819,32 @@ class DockerClient:
 
         An existing network is returned as it is, even when its subnet differs
         (changing it would cut running servers off).  Callers of this client
-        wait for one another's create of the same name; a create refused while
-        another process made the network (the engine answers a taken name, or,
-        with a subnet, a pool overlapping the first's, possibly before the
-        name can be looked up) gets that network.  Any other refusal is the
-        engine's error.
+        that find it missing wait for one another's create; a create refused
+        while another process made the network (the engine answers a taken
+        name, or, with a subnet, a pool overlapping the first's, before the
+        name can be looked up) gets that network once its name shows, within
+        ``NETWORK_RACE_SECONDS``.  Any other refusal is the engine's error (at
+        once when another network has the subnet), and an engine that cannot
+        be reached says so.
         """
+        try:
+            return await self.network_inspect(name)
+        except NetworkNotFound:
+            pass
         lock = self._network_locks.setdefault(name, DeferredLock())
         await lock.acquire()
         try:
-            return await self._network_ensure(name, subnet, labels)
+            return await self._network_create(name, subnet, labels)
         finally:
             lock.release()
             if not lock.locked and self._network_locks.get(name) is lock:
                 del self._network_locks[name]
 
-    async def _network_ensure(
+    async def _network_create(
         self, name: str, subnet: str | None, labels: dict[str, str] | None
     ) -> dict[str, Any]:
         try:
-            return await self.network_inspect(name)
+            return await self.network_inspect(name)  # made by a caller before this one
         except NetworkNotFound:
             pass
         spec: dict[str, Any] = {
@@ -850,17 +857,33 @@ class DockerClient:
             spec["IPAM"] = {"Driver": "default", "Config": [{"Subnet": subnet}]}
         try:
             await self._call("POST", ("networks", "create"), body=spec, kind="network")
+        except DockerUnavailable:
+            raise
         except DockerError as refused:
-            for pause in NETWORK_RACE_LOOKS:
-                await deferLater(self._clock, pause, lambda: None)
+            if subnet and await self._subnet_held(subnet, name):
+                raise refused  # another network has that subnet: no race explains it
+            deadline = self._clock.seconds() + NETWORK_RACE_SECONDS
+            pause = 0.05
+            while True:
                 try:
                     return await self.network_inspect(name)  # made meanwhile: use it
                 except NetworkNotFound:
-                    continue
-                except DockerError:
-                    break
-            raise refused from None
+                    pass
+                if self._clock.seconds() >= deadline:
+                    raise refused from None
+                await deferLater(self._clock, pause, lambda: None)
+                pause = min(pause * 2, 0.5)
         return await self.network_inspect(name)
+
+    async def _subnet_held(self, subnet: str, name: str) -> bool:
+        """Whether a network other than ``name`` already has ``subnet``."""
+        for net in await self._call("GET", ("networks",), kind="network"):
+            if not isinstance(net, dict) or net.get("Name") == name:
+                continue
+            configs = (net.get("IPAM") or {}).get("Config") or []
+            if any(isinstance(c, dict) and c.get("Subnet") == subnet for c in configs):
+                return True
+        return False
 
     async def network_remove(self, name: str) -> None:
         """Remove a network."""

@@ -719,3 +719,98 @@ def test_console_lines_with_raw_byte_surrogates_reach_stdin_as_those_bytes() -> 
     pipe.write_line("say caf\udce9\r\n")
     pipe.write_line("say \ud800!")
     assert transport.value() == b"say caf\xe9\nsay ?!\n"
+
+
+class NetworkRace(Resource):
+    """An engine where network ``net`` is being made elsewhere: it shows after ``hidden`` looks."""
+
+    isLeaf = True
+
+    def __init__(self, hidden: int, create: tuple[int, Any],
+                 others: list[dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.create = create
+        self.others = others or []  # the networks listed (not ``net``)
+        self.creates = 0
+        self.looks = 0
+
+    def render(self, request: Request) -> bytes:
+        path = request.path.decode()
+        request.setHeader("content-type", "application/json")
+        if path == "/version":
+            return json.dumps({"ApiVersion": "1.43", "Version": "24.0"}).encode()
+        if request.method == b"POST" and path.endswith("/networks/create"):
+            self.creates += 1
+            status, body = self.create
+            request.setResponseCode(status)
+            return json.dumps(body).encode()
+        if path.endswith("/networks"):
+            return json.dumps(self.others).encode()
+        if path.endswith("/networks/net"):
+            self.looks += 1
+            if self.looks <= self.hidden:
+                request.setResponseCode(404)
+                return json.dumps({"message": "network net not found"}).encode()
+            return json.dumps({"Name": "net", "Id": "n1"}).encode()
+        request.setResponseCode(404)
+        return b"{}"
+
+
+OVERLAP = (403, {"message": "Pool overlaps with other one on this address space"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_create_refused_as_overlapping_gets_the_network_another_process_made() -> None:
+    from ctrlagent.engine.docker.client import NETWORK_RACE_SECONDS
+
+    engine = NetworkRace(hidden=6, create=OVERLAP)  # 2 looks before the create, 4 after
+    clock = Clock()
+    client = DockerClient(StubTreq(engine), clock, DockerConfig())
+    got = Deferred.fromCoroutine(client.network_ensure("net", "10.9.0.0/24"))
+    for _ in range(40):
+        if got.called:
+            break
+        clock.advance(0.1)
+    assert got.called and clock.seconds() < NETWORK_RACE_SECONDS
+    assert (await got)["Id"] == "n1" and engine.creates == 1
+    assert client._network_locks == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_no_other_process_explains_is_the_engines_error_after_the_window() -> None:
+    from ctrlagent.engine.docker.client import NETWORK_RACE_SECONDS
+
+    engine = NetworkRace(hidden=10**6, create=OVERLAP)
+    clock = Clock()
+    client = DockerClient(StubTreq(engine), clock, DockerConfig())
+    got = Deferred.fromCoroutine(client.network_ensure("net", "10.9.0.0/24"))
+    clock.advance(NETWORK_RACE_SECONDS - 0.6)
+    assert not got.called
+    for _ in range(20):
+        clock.advance(0.5)
+    with pytest.raises(DockerError, match="Pool overlaps") as refused:
+        await got
+    assert not isinstance(refused.value, NotFound)
+    assert engine.looks < 30  # the looks slow down: not a busy loop
+    assert client._network_locks == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_callers_of_one_client_make_a_missing_network_once() -> None:
+    engine = NetworkRace(hidden=2, create=(201, {"Id": "n1"}))  # missing until created
+    client = DockerClient(StubTreq(engine), Clock(), DockerConfig())
+    first = Deferred.fromCoroutine(client.network_ensure("net"))
+    second = Deferred.fromCoroutine(client.network_ensure("net"))
+    assert (await first)["Id"] == (await second)["Id"] == "n1"
+    assert engine.creates == 1 and client._network_locks == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_subnet_another_network_has_is_refused_at_once() -> None:
+    holder = {"Name": "other", "IPAM": {"Config": [{"Subnet": "10.9.0.0/24"}]}}
+    engine = NetworkRace(hidden=10**6, create=OVERLAP, others=[{"Name": "x"}, holder])
+    client = DockerClient(StubTreq(engine), Clock(), DockerConfig())
+    with pytest.raises(DockerError, match="Pool overlaps"):
+        await client.network_ensure("net", "10.9.0.0/24")  # no clock advanced: at once
+    assert engine.creates == 1 and client._network_locks == {}
