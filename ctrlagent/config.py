@@ -179,7 +179,8 @@ class ServersConfig:
     # Whether a game that ends by itself with exit code 0 (not asked, not
     # out of memory) has crashed, as Wings' detect_clean_exit_as_crash: on,
     # it is restarted by its crash policy; off, it is simply offline.  The
-    # stop command typed in the console is never a crash: it is the Stop.
+    # stop command typed in the console while no power action is under way
+    # is not a crash either way: it runs as the Stop action.
     clean_exit_is_crash: bool = True
     stop_timeout: float = 30.0
     pids_limit: int = 512

@@ -865,9 +865,11 @@ class Server:
             except EngineError:
                 pass
         if exit_code == 0 and not oom and not services.config.servers.clean_exit_is_crash:
-            self.notice("server exited by itself with code 0: offline"
-                        " (servers.clean_exit_is_crash is off)")
-            self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
+            if self.state in ACTIVE_STATES or self.state is S.UNKNOWN:
+                # (Settled meanwhile by another report of the death: nothing to fire.)
+                self.notice("server exited by itself with code 0: offline"
+                            " (servers.clean_exit_is_crash is off)")
+                self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
             self.set_desired("offline")
             return
         now = services.clock.seconds()

@@ -437,12 +437,16 @@ class FakeServerManager:
             return fail(e)
         stop = _stop_command(server.params)
         if stop is not None and command.strip() == stop.strip() and server.busy is None:
+            # The stop action in the background (its gate held or not), as
+            # the real manager answers once it has begun.
             self._print(server, "[ctrlagent] the stop command was typed: stopping the server",
                         "agent")
             stopping = self.stop(server.server_id)
             server.stdin.append(command)
             self._print(server, "> " + command)
-            return stopping.addCallback(lambda _: Ack(server_id=server.server_id))
+            stopping.addErrback(lambda f: self._print(
+                server, "[ctrlagent] stop failed: {}".format(f.getErrorMessage()), "agent"))
+            return succeed(Ack(server_id=server.server_id))
         server.stdin.append(command)
         self._print(server, "> " + command)
         return succeed(Ack(server_id=server.server_id))
