@@ -123,7 +123,12 @@ class DataDirs:
         """
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
-            st = os.stat(self.root)
+            # The directory itself, checked and changed through one descriptor.
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # made or reported at its first use, with the path
+        try:
+            st = os.fstat(fd)
             mode = st.st_mode & 0o7777
             if not mode & 0o077:
                 return
@@ -133,12 +138,14 @@ class DataDirs:
                     " users may reach the servers' files; make it 0700 and the agent's",
                     root=self.root, mode=mode, uid=st.st_uid)
                 return
-            os.chmod(self.root, mode & ~0o077)
+            os.fchmod(fd, mode & ~0o077)
             self.log.info("data directory {root}: mode {mode:o} -> {new:o}, so that no host"
                           " user but the agent's reaches the servers' files",
                           root=self.root, mode=mode, new=mode & ~0o077)
         except OSError:
-            pass  # made or reported at its first use, with the path
+            pass  # reported at its first use, with the path
+        finally:
+            os.close(fd)
 
     def _choose(self) -> str:
         wanted = self.disk.mode

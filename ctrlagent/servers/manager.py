@@ -898,7 +898,7 @@ def _ensure_data_root(path: str) -> None:
             "data directory {} is not a directory (data_dir must name a directory)".format(path)
         )
     try:
-        os.makedirs(path, mode=0o755, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # the agent's alone: see DataDirs
     except OSError as e:
         raise StartupError(
             "data directory {} cannot be created ({})".format(path, e.strerror or e)
