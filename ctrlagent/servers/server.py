@@ -843,7 +843,7 @@ class Server:
             self.notice("stopped outside the agent (exit code {})".format(exit_code))
             self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
         else:
-            await self._crashed(exit_code, oom)
+            await self._crashed(exit_code, oom, run)
         self._release(waiters)
 
     @staticmethod
@@ -852,7 +852,7 @@ class Server:
             if not d.called:
                 d.callback(None)
 
-    async def _crashed(self, exit_code: int | None, oom: bool) -> None:
+    async def _crashed(self, exit_code: int | None, oom: bool, run: int) -> None:
         services = self.services
         if self.container_id is not None and not oom:
             try:
@@ -865,11 +865,12 @@ class Server:
             except EngineError:
                 pass
         if exit_code == 0 and not oom and not services.config.servers.clean_exit_is_crash:
-            if self.state in ACTIVE_STATES or self.state is S.UNKNOWN:
-                # (Settled meanwhile by another report of the death: nothing to fire.)
-                self.notice("server exited by itself with code 0: offline"
-                            " (servers.clean_exit_is_crash is off)")
-                self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
+            if self._runs != run or (self.state not in ACTIVE_STATES
+                                     and self.state is not S.UNKNOWN):
+                return  # settled meanwhile (another report of the death), or a new run began
+            self.notice("server exited by itself with code 0: offline"
+                        " (servers.clean_exit_is_crash is off)")
+            self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
             self.set_desired("offline")
             return
         now = services.clock.seconds()

@@ -496,7 +496,7 @@ def _startup_done(params: Mapping[str, Any]) -> StartupDone | None:
     done = StartupDone(pattern=raw["pattern"], regex=regex)
     if done.regex:
         try:
-            re.compile(done.pattern)
+            done._compiled  # noqa: B018 (compiled once: refused here, kept for matching)
         except (re.error, RecursionError, OverflowError) as e:
             raise InvalidInput(
                 "startupDone.pattern is not a regular expression: {}".format(e),

@@ -21,6 +21,7 @@ silence limit, error bodies are read with a size cap, and failures are typed:
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import math
 import select
@@ -60,6 +61,7 @@ from twisted.web.http_headers import Headers
 from ctrlagent.config import DockerConfig
 from ctrlagent.engine.docker.errors import (
     ContainerGone,
+    DockerConflict,
     DockerError,
     DockerInvalidInput,
     DockerTimeout,
@@ -142,6 +144,14 @@ def _version_tuple(version: str) -> tuple[int, ...]:
         return tuple(int(p) for p in version.split("."))
     except ValueError:
         return (0,)
+
+
+def _maybe_raced(refused: DockerError) -> bool:
+    """
+    Whether a refused network create may be another process's create of the
+    same network: a taken name, or a pool overlapping one being made.
+    """
+    return isinstance(refused, DockerConflict) or "overlap" in str(refused).lower()
 
 
 def _unavailable(host: DockerHost, error: BaseException) -> DockerUnavailable:
@@ -823,9 +833,10 @@ class DockerClient:
         while another process made the network (the engine answers a taken
         name, or, with a subnet, a pool overlapping the first's, before the
         name can be looked up) gets that network once its name shows, within
-        ``NETWORK_RACE_SECONDS``.  Any other refusal is the engine's error (at
-        once when another network has the subnet), and an engine that cannot
-        be reached says so.
+        ``NETWORK_RACE_SECONDS``.  Any other refusal is the engine's error at
+        once (an invalid subnet, a predefined name, another network already
+        holding an overlapping subnet), and an engine that cannot be reached
+        says so.
         """
         try:
             return await self.network_inspect(name)
@@ -860,6 +871,8 @@ class DockerClient:
         except DockerUnavailable:
             raise
         except DockerError as refused:
+            if not _maybe_raced(refused):
+                raise  # an invalid subnet, a predefined name, the engine's own failure
             if subnet and await self._subnet_held(subnet, name):
                 raise refused  # another network has that subnet: no race explains it
             deadline = self._clock.seconds() + NETWORK_RACE_SECONDS
@@ -876,13 +889,22 @@ class DockerClient:
         return await self.network_inspect(name)
 
     async def _subnet_held(self, subnet: str, name: str) -> bool:
-        """Whether a network other than ``name`` already has ``subnet``."""
+        """Whether a network other than ``name`` already has a subnet overlapping ``subnet``."""
+        try:
+            wanted = ipaddress.ip_network(subnet, strict=False)
+        except ValueError:
+            return False
         for net in await self._call("GET", ("networks",), kind="network"):
             if not isinstance(net, dict) or net.get("Name") == name:
                 continue
-            configs = (net.get("IPAM") or {}).get("Config") or []
-            if any(isinstance(c, dict) and c.get("Subnet") == subnet for c in configs):
-                return True
+            for config in (net.get("IPAM") or {}).get("Config") or []:
+                held = config.get("Subnet") if isinstance(config, dict) else None
+                try:
+                    other = ipaddress.ip_network(str(held), strict=False)
+                except ValueError:
+                    continue
+                if other.version == wanted.version and other.overlaps(wanted):
+                    return True
         return False
 
     async def network_remove(self, name: str) -> None:

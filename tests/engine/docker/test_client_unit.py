@@ -9,6 +9,7 @@ broken connections) with a ``Clock`` and a fake transport.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -25,7 +26,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from ctrlagent.config import DockerConfig
 from ctrlagent.engine.docker import (
@@ -727,21 +728,35 @@ class NetworkRace(Resource):
     isLeaf = True
 
     def __init__(self, hidden: int, create: tuple[int, Any],
-                 others: list[dict[str, Any]] | None = None) -> None:
+                 others: list[dict[str, Any]] | None = None, hold_create: bool = False) -> None:
         super().__init__()
         self.hidden = hidden
         self.create = create
         self.others = others or []  # the networks listed (not ``net``)
+        self.hold_create = hold_create  # answer creates only when ``release`` is called
+        self.held: list[Request] = []
         self.creates = 0
         self.looks = 0
 
-    def render(self, request: Request) -> bytes:
+    def release(self) -> None:
+        status, body = self.create
+        for request in self.held:
+            request.setResponseCode(status)
+            request.setHeader("content-type", "application/json")
+            request.write(json.dumps(body).encode())
+            request.finish()
+        self.held.clear()
+
+    def render(self, request: Request) -> bytes | int:
         path = request.path.decode()
         request.setHeader("content-type", "application/json")
         if path == "/version":
             return json.dumps({"ApiVersion": "1.43", "Version": "24.0"}).encode()
         if request.method == b"POST" and path.endswith("/networks/create"):
             self.creates += 1
+            if self.hold_create:
+                self.held.append(request)
+                return NOT_DONE_YET
             status, body = self.create
             request.setResponseCode(status)
             return json.dumps(body).encode()
@@ -768,10 +783,10 @@ async def test_a_create_refused_as_overlapping_gets_the_network_another_process_
     clock = Clock()
     client = DockerClient(StubTreq(engine), clock, DockerConfig())
     got = Deferred.fromCoroutine(client.network_ensure("net", "10.9.0.0/24"))
-    for _ in range(40):
+    for _ in range(400):
         if got.called:
             break
-        clock.advance(0.1)
+        clock.advance(0.01)
     assert got.called and clock.seconds() < NETWORK_RACE_SECONDS
     assert (await got)["Id"] == "n1" and engine.creates == 1
     assert client._network_locks == {}
@@ -785,32 +800,65 @@ async def test_a_refusal_no_other_process_explains_is_the_engines_error_after_th
     clock = Clock()
     client = DockerClient(StubTreq(engine), clock, DockerConfig())
     got = Deferred.fromCoroutine(client.network_ensure("net", "10.9.0.0/24"))
-    clock.advance(NETWORK_RACE_SECONDS - 0.6)
-    assert not got.called
-    for _ in range(20):
-        clock.advance(0.5)
+    looked_at = []
+    seen = engine.looks
+    while not got.called and clock.seconds() < NETWORK_RACE_SECONDS + 1:
+        clock.advance(0.01)
+        if engine.looks != seen:
+            seen = engine.looks
+            looked_at.append(clock.seconds())
+    assert got.called
+    assert NETWORK_RACE_SECONDS <= clock.seconds() < NETWORK_RACE_SECONDS + 0.6
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(looked_at)]
+    assert gaps == sorted(gaps) and gaps[0] < 0.2 and max(gaps) >= 0.45  # slowing down
     with pytest.raises(DockerError, match="Pool overlaps") as refused:
         await got
     assert not isinstance(refused.value, NotFound)
-    assert engine.looks < 30  # the looks slow down: not a busy loop
     assert client._network_locks == {}
+
+
+@pytest.mark.parametrize("held", ["10.9.0.0/24", "10.0.0.0/8", "10.9.0.128/25"])
+def test_a_subnet_another_network_overlaps_is_refused_at_once(held: str) -> None:
+    holder = {"Name": "other", "IPAM": {"Config": [{"Subnet": held}]}}
+    engine = NetworkRace(hidden=10**6, create=OVERLAP, others=[{"Name": "x"}, holder])
+    client = DockerClient(StubTreq(engine), Clock(), DockerConfig())
+    got = Deferred.fromCoroutine(client.network_ensure("net", "10.9.0.0/24"))
+    assert got.called  # no clock advanced: at once
+    failure = got.result
+    got.addErrback(lambda _: None)
+    assert failure.check(DockerError) and "Pool overlaps" in str(failure.value)
+    assert engine.creates == 1 and client._network_locks == {}
+
+
+@pytest.mark.parametrize("answer", [
+    (400, {"message": "invalid CIDR address: 10.9.0.0/33"}),
+    (500, {"message": "failed to program the bridge"}),
+])
+def test_a_refusal_no_race_can_explain_is_the_engines_error_at_once(
+    answer: tuple[int, Any],
+) -> None:
+    engine = NetworkRace(hidden=10**6, create=answer)
+    client = DockerClient(StubTreq(engine), Clock(), DockerConfig())
+    got = Deferred.fromCoroutine(client.network_ensure("net", "10.9.0.0/33"))
+    assert got.called
+    failure = got.result
+    got.addErrback(lambda _: None)
+    assert failure.check(DockerError) and answer[1]["message"] in str(failure.value)
+    assert engine.looks == 2  # the looks before the create, none after
 
 
 @pytest_twisted.ensureDeferred
 async def test_callers_of_one_client_make_a_missing_network_once() -> None:
-    engine = NetworkRace(hidden=2, create=(201, {"Id": "n1"}))  # missing until created
-    client = DockerClient(StubTreq(engine), Clock(), DockerConfig())
+    engine = NetworkRace(hidden=3, create=(201, {"Id": "n1"}), hold_create=True)
+    stub = StubTreq(engine)
+    client = DockerClient(stub, Clock(), DockerConfig())
     first = Deferred.fromCoroutine(client.network_ensure("net"))
-    second = Deferred.fromCoroutine(client.network_ensure("net"))
+    stub.flush()
+    assert engine.creates == 1 and not first.called  # its create is in flight
+    second = Deferred.fromCoroutine(client.network_ensure("net"))  # missing: waits for the lock
+    stub.flush()
+    assert engine.creates == 1 and not second.called
+    engine.release()
+    stub.flush()
     assert (await first)["Id"] == (await second)["Id"] == "n1"
-    assert engine.creates == 1 and client._network_locks == {}
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_subnet_another_network_has_is_refused_at_once() -> None:
-    holder = {"Name": "other", "IPAM": {"Config": [{"Subnet": "10.9.0.0/24"}]}}
-    engine = NetworkRace(hidden=10**6, create=OVERLAP, others=[{"Name": "x"}, holder])
-    client = DockerClient(StubTreq(engine), Clock(), DockerConfig())
-    with pytest.raises(DockerError, match="Pool overlaps"):
-        await client.network_ensure("net", "10.9.0.0/24")  # no clock advanced: at once
     assert engine.creates == 1 and client._network_locks == {}
