@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.rig.dockerd import PrivateDockerd, engine_answers
 from tests.rig.podman import PrivatePodman, podman_available
@@ -258,6 +258,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if _engine_counts["skipped"] or not (_engine_counts["passed"] + _engine_counts["failed"]):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Every log line of the test, formatted."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
 
 
 @pytest.fixture

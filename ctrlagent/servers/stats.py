@@ -111,8 +111,9 @@ class StatsHub:
             self._slices[index].pop(sampler, None)
         if not self._where:
             self.stop()
-        if len(self._slices) > self._base and len(self._slices) >= 2 * self._needed():
-            self._deal(self._needed())
+        needed = self._needed()
+        if len(self._slices) > self._base and len(self._slices) >= 2 * needed:
+            self._deal(needed)
 
     def _needed(self) -> int:
         """The slices the samplers in the hub need (``slices``, or more at ``per_tick``)."""

@@ -13,11 +13,9 @@ import stat
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import formatEvent, globalLogPublisher
 
 from ctrlagent.config import DiskConfig
 from ctrlagent.files.usage import Meter
@@ -32,16 +30,6 @@ def datadirs(root: Path) -> DataDirs:
     return DataDirs(reactor, str(root), reactor.getThreadPool(), DiskConfig(mode="walk"), Meter())
 
 
-def logged(fn: Any) -> list[str]:
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
-    try:
-        fn()
-    finally:
-        globalLogPublisher.removeObserver(seen.append)
-    return [formatEvent(e) for e in seen]
-
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
@@ -52,35 +40,44 @@ def test_a_new_data_root_is_the_agents_alone(tmp_path: Path) -> None:
     assert mode(root) == 0o700
 
 
-def test_the_managers_new_data_root_is_made_closed_with_nothing_to_say(tmp_path: Path) -> None:
+def test_the_managers_new_data_root_is_made_closed_with_nothing_to_say(
+    tmp_path: Path, log_lines: list[str],
+) -> None:
     from ctrlagent.servers.manager import _ensure_data_root
 
     root = tmp_path / "fresh"
     _ensure_data_root(str(root))  # the manager's start, before the data dirs'
     assert mode(root) == 0o700
-    assert not [line for line in logged(datadirs(root).start) if "-> 700" in line]
+    datadirs(root).start()
+    assert not [line for line in log_lines if "-> 700" in line]
 
 
-def test_an_open_data_root_of_the_agents_is_closed_with_one_line(tmp_path: Path) -> None:
+def test_an_open_data_root_of_the_agents_is_closed_with_one_line(
+    tmp_path: Path, log_lines: list[str],
+) -> None:
     root = tmp_path / "servers"
     root.mkdir(mode=0o755)
     os.chmod(root, 0o755)
-    lines = logged(datadirs(root).start)
+    datadirs(root).start()
     assert mode(root) == 0o700
-    assert [line for line in lines if "data directory" in line and "755 -> 700" in line]
+    assert [line for line in log_lines if "data directory" in line and "755 -> 700" in line]
     # Closed already: nothing to say the next time.
-    assert not [line for line in logged(datadirs(root).start) if "-> 700" in line]
+    log_lines.clear()
+    datadirs(root).start()
+    assert not [line for line in log_lines if "-> 700" in line]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
-def test_an_open_data_root_of_another_owner_is_left_with_a_warning(tmp_path: Path) -> None:
+def test_an_open_data_root_of_another_owner_is_left_with_a_warning(
+    tmp_path: Path, log_lines: list[str],
+) -> None:
     root = tmp_path / "servers"
     root.mkdir()
     os.chmod(root, 0o755)
     os.chown(root, NOBODY, NOBODY)
-    lines = logged(datadirs(root).start)
+    datadirs(root).start()
     assert mode(root) == 0o755
-    assert [line for line in lines if "host users may reach the servers' files" in line]
+    assert [line for line in log_lines if "host users may reach the servers' files" in line]
 
 
 def as_nobody(path: Path) -> subprocess.CompletedProcess[bytes]:

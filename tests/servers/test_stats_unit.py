@@ -212,6 +212,16 @@ class Member:
         self.reads.append(self.n)
 
 
+def reads_per_tick(clock: Clock, reads: list[int], ticks: int, period: float) -> list[int]:
+    """How many members each of ``ticks`` ticks ``period`` apart read."""
+    counts = []
+    for _ in range(ticks):
+        before = len(reads)
+        clock.advance(period)
+        counts.append(len(reads) - before)
+    return counts
+
+
 def test_the_hub_spreads_servers_evenly_over_its_slices() -> None:
     clock = Clock()
     hub = StatsHub(clock, INTERVAL, slices=4)
@@ -221,11 +231,7 @@ def test_the_hub_spreads_servers_evenly_over_its_slices() -> None:
     for m in members:
         hub.add(m)  # type: ignore[arg-type]
     hub.add(members[0])  # type: ignore[arg-type]  # twice: still once
-    sizes = []
-    for _ in range(4):
-        before = len(reads)
-        clock.advance(INTERVAL / 4)
-        sizes.append(len(reads) - before)
+    sizes = reads_per_tick(clock, reads, 4, INTERVAL / 4)
     assert sorted(sizes) == [2, 2, 3, 3] and sorted(reads) == list(range(10))
 
 
@@ -240,11 +246,7 @@ def test_more_servers_than_the_slices_hold_add_slices_not_reads_per_tick() -> No
     clock.advance(INTERVAL / 40)  # the first tick, timed when one slice of 40 was there
     assert len(reads) == 4
     reads.clear()
-    per_tick = []
-    for _ in range(125):
-        before = len(reads)
-        clock.advance(INTERVAL / 125)
-        per_tick.append(len(reads) - before)
+    per_tick = reads_per_tick(clock, reads, 125, INTERVAL / 125)
     # One interval: every server read once, never more than 4 in one tick.
     assert sorted(reads) == list(range(500)) and max(per_tick) == 4
     # Fewer servers than the slices hold at that bound: the slices stay.
@@ -408,11 +410,7 @@ def test_slices_added_for_many_servers_go_when_most_of_them_leave() -> None:
     assert {len(s) for s in hub._slices} == {4}
     clock.advance(INTERVAL / 40)  # the tick timed before the dealing
     reads.clear()
-    per_tick = []
-    for _ in range(62):
-        before = len(reads)
-        clock.advance(INTERVAL / 62)
-        per_tick.append(len(reads) - before)
+    per_tick = reads_per_tick(clock, reads, 62, INTERVAL / 62)
     # One interval at the new pace: each read once, 4 a tick.
     assert sorted(reads) == [m.n for m in members[252:]] and set(per_tick) == {4}
     # Never fewer than the base slices, however few servers are left.

@@ -16,7 +16,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
 from ctrlagent.sftp.config import SftpConfig
@@ -110,14 +109,3 @@ def rig(tmp_path: Path, sftp_config: SftpConfig, use_openat2: bool | None) -> It
         pool.stop()
 
 
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    """Every log line of the test, formatted."""
-    lines: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)

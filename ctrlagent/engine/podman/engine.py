@@ -62,6 +62,7 @@ networks, attach for stdin, stats, event documents) behaves as Docker's.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import resource
@@ -120,6 +121,14 @@ SECOND = 1_000_000_000
 # The first Podman whose stats report received and sent bytes each as
 # itself (4.4: podman#16628); before it they are swapped.
 NET_SWAPPED_BEFORE = (4, 4)
+
+
+@functools.lru_cache(maxsize=8)
+def net_swapped(version: str | None) -> bool:
+    """Whether Podman ``version`` ("4.3.1", "4.4.0-rc1") reports rx and tx swapped."""
+    found = re.match(r"(\d+)\.(\d+)", version or "")
+    return found is not None and (int(found[1]), int(found[2])) < NET_SWAPPED_BEFORE
+
 
 # Words of Podman's 500 answers that are conflicts (a name in use, a
 # container in the wrong state).
@@ -626,15 +635,8 @@ class PodmanEngine(DockerEngine):
 
     # -- stats -------------------------------------------------------------
 
-    def _net_swapped(self) -> bool:
-        version = self.client.engine_version
-        if version is None:
-            return False
-        found = re.match(r"(\d+)\.(\d+)", version)
-        return found is not None and (int(found[1]), int(found[2])) < NET_SWAPPED_BEFORE
-
     def _fix_net(self, sample: StatsSample) -> StatsSample:
-        if not self._net_swapped():
+        if not net_swapped(self.client.engine_version):
             return sample
         return replace(sample, rx_bytes=sample.tx_bytes, tx_bytes=sample.rx_bytes)
 
