@@ -38,6 +38,8 @@ setup(
         "boto3>=1.34",
         # GET /metrics (ctrlagent/metrics, ctrlagent/api/metrics.py).
         "prometheus-client>=0.17",
+        # Every answer's and frame's JSON (ctrlagent/wire/json.py).
+        "orjson>=3.9",
     ],
     # The operator's command on the node (ctrlagent/cli): plain stdlib, starts fast.
     entry_points={"console_scripts": ["ctrlagent = ctrlagent.cli.main:main"]},

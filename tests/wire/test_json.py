@@ -8,6 +8,8 @@ can use decode to markers; nesting is measured without decoding.
 
 from __future__ import annotations
 
+import enum
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -270,3 +272,64 @@ def test_to_json_still_dispatches_registered_types_inside_plain_containers() -> 
         "a": ["tally 3", 3],
         "b": ["tally 1", {"c": "tally 2"}],
     }
+
+
+# --- the fast encoder agrees with the reference one ------------------------------------------
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+class _Name(str):
+    pass
+
+
+_FAST_OR_ODD = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats() | st.text(st.characters(blacklist_categories=()), max_size=8)
+    | st.sampled_from([_Colour.RED, _Level.HIGH, _Name("sub"), datetime(2026, 1, 1),
+                       frozenset({1}), UnrepresentableNumber("1e999"), "\x00\x1f\x7f\u2028"]),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=4) | st.integers(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(_FAST_OR_ODD)
+def test_the_fast_encoder_writes_what_the_reference_encoder_writes(value: Any) -> None:
+    """
+    Values go through orjson and fall back to ``json`` for what orjson
+    refuses: either way the same JSON value as ``json`` alone writes (the
+    same bytes unless a float is written, whose exponent orjson spells
+    without a leading zero), for every kind of value a result can hold.
+    (``encode`` then splices top-level number literals in: tested above.)
+    """
+    fast = wire_json._encode_value(value)
+    reference = wire_json._encode_odd(value)
+    read = functools.partial(json.loads, parse_float=Decimal, parse_int=Decimal)
+    assert read(fast.decode("utf-8")) == read(reference.decode("utf-8"))
+    if not _holds_float(value):
+        assert fast == reference
+
+
+def _holds_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_float(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_float(v) for v in value)
+    return False
+
+
+def test_a_status_answer_takes_the_fast_encoder() -> None:
+    answer = {"success": True, "data": {"serverId": "s1", "cpu": 0.5, "network": {"in": 1},
+                                        "aliases": [], "uptime": None, "name": "Überserver 🎮"}}
+    assert encode(answer) == json.dumps(answer, separators=(",", ":"),
+                                        ensure_ascii=False).encode()
+    assert wire_json.orjson.dumps(answer, option=wire_json._FAST_OPTIONS) == encode(answer)
