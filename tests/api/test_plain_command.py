@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,7 +24,7 @@ import pytest
 import pytest_twisted
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -36,7 +37,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from ctrlagent.api import GuardedChannel, GuardedSite, make_http_service
-from ctrlagent.api.site import PLAIN_PATH_FITS, HttpService, plain_command
+from ctrlagent.api.site import PLAIN_PATH_FITS, HttpService, plain_command, write_now
 from ctrlagent.wire.command import ActionResult, Command
 from tests.api.conftest import SECRET, ApiRig
 
@@ -155,6 +156,9 @@ CASES: dict[str, Case] = {
         [_post(STATUS) + _post(METRICS)[:30], _post(METRICS)[30:]], 2, 1
     ),
     "pipelined-after-wrong-secret": Case([_post(STATUS, secret="wrong") + _post(STATUS)], 1, 0),
+    # Twisted answers the second at once, in the turn the plain answer waits
+    # to be sent in: the plain one still leaves first.
+    "wrong-secret-after-plain": Case([_post(STATUS) + _post(STATUS, secret="wrong")], 2, 1),
     "slow-command": Case([_post({"action": "start_server", "serverId": "s1"})], 1, 0, slow=True),
     # The read after the slow command waits in Twisted's buffer; once the slow
     # one is answered Twisted hands it back to the channel, idle again: plain.
@@ -756,3 +760,175 @@ def test_a_remembered_bare_command_is_what_parsing_its_body_gives(body: bytes) -
             assert parsed is None or parsed.params or parsed.command_id is not None
         else:
             assert parsed == Command(bare[0], bare[1], {})
+
+
+# -- the answers of one reactor turn leave together, without a writer -------------------------
+
+
+@pytest.mark.parametrize("plain", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_a_turns_plain_answers_are_sent_without_waiting_for_a_writable_socket(
+    plain: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Twisted queues a write until the reactor finds the socket writable (two
+    # epoll_ctl calls and an event per answer); plain answers are handed to
+    # the kernel when the turn that made them is over.
+    waited: list[object] = []
+    sent_soon: list[int] = []
+    add_writer = reactor.addWriter  # type: ignore[attr-defined]
+
+    def counting(selectable: Any) -> None:
+        if isinstance(selectable, tcp.Server):
+            waited.append(selectable)
+        add_writer(selectable)
+
+    monkeypatch.setattr(reactor, "addWriter", counting)
+    listener = await _listen(plain)
+    send_soon = listener.site.send_soon
+
+    def recording(channel: GuardedChannel) -> None:
+        sent_soon.append(len(channel._unsent or ()))
+        send_soon(channel)
+
+    monkeypatch.setattr(listener.site, "send_soon", recording)
+    try:
+        answer = await _exchange(listener, Case([_post(STATUS) + _post(METRICS)] * 3, 6, 6))
+    finally:
+        await listener.service.stopService()
+    assert _kinds(answer) == ["status", "metrics"] * 3
+    assert listener.site.plain_answers == (6 if plain else 0)
+    assert (waited == []) is plain
+    # One send per turn (two answers each), arranged when its first answer is made.
+    assert (set(sent_soon) == {1} and len(sent_soon) <= 3) if plain else sent_soon == []
+
+
+def _kinds(raw: bytes) -> list[str]:
+    """The answers in ``raw`` in order: status or metrics, by their data."""
+    kinds = []
+    position = 0
+    while True:
+        end = raw.find(b"\r\n\r\n", position)
+        if end < 0:
+            return kinds
+        match = _LENGTH.search(raw[position:end])
+        assert match is not None
+        body = raw[end + 4 : end + 4 + int(match.group(1))]
+        position = end + 4 + int(match.group(1))
+        data = json.loads(body)["data"]
+        kinds.append("status" if "panelStatus" in data else "metrics")
+
+
+async def _one_channel(listener: Listener, client: RawClient) -> GuardedChannel:
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", listener.port), client)
+    for _ in range(100):
+        if listener.site.channels():
+            break
+        await _sleep(0.01)
+    (channel,) = listener.site.channels()
+    return channel
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_the_kernel_cannot_take_yet_wait_in_order_for_a_slow_reader() -> None:
+    listener = await _listen(True)
+    client = RawClient()
+    try:
+        channel = await _one_channel(listener, client)
+        server = channel.transport
+        assert isinstance(server, tcp.Server)
+        server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client.transport.pauseProducing()  # type: ignore[union-attr]
+        count = 600
+        client.transport.write((_post(STATUS) + _post(METRICS)) * (count // 2))  # type: ignore[union-attr]
+        queued = False
+        for _ in range(250):
+            queued = bool(server._tempDataBuffer or server.dataBuffer)
+            if queued:
+                break
+            await _sleep(0.02)
+        # The kernel took what it could; the rest waits in Twisted's buffer,
+        # and the channel reads no more requests meanwhile.
+        assert queued
+        assert 0 < listener.site.plain_answers < count
+        client.transport.resumeProducing()  # type: ignore[union-attr]
+        for _ in range(250):
+            if _answers(client.received) >= count:
+                break
+            await _sleep(0.02)
+        # Every one answered once, in order (those read after the pause by
+        # Twisted's own path: the channel is not idle while its answers wait).
+        assert _kinds(client.received) == ["status", "metrics"] * (count // 2)
+        assert len(listener.dispatched) == count
+    finally:
+        if client.transport is not None:
+            client.transport.loseConnection()
+            await client.closed
+        await listener.service.stopService()
+
+
+class _FailingOnce:
+    """A socket whose first ``send`` fails as a reset peer's would."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.failed = 0
+
+    def send(self, data: bytes) -> int:
+        if not self.failed:
+            self.failed += 1
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return self.real.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_send_that_fails_leaves_the_answer_to_twisted() -> None:
+    listener = await _listen(True)
+    client = RawClient()
+    try:
+        channel = await _one_channel(listener, client)
+        server = channel.transport
+        assert isinstance(server, tcp.Server)
+        failing = server.socket = _FailingOnce(server.socket)  # type: ignore[assignment]
+        client.transport.write(_post(STATUS))  # type: ignore[union-attr]
+        for _ in range(250):
+            if _answers(client.received) >= 1:
+                break
+            await _sleep(0.02)
+        assert failing.failed == 1
+        assert _kinds(client.received) == ["status"]
+    finally:
+        if client.transport is not None:
+            client.transport.loseConnection()
+            await client.closed
+        await listener.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_of_a_connection_gone_before_the_turn_ended_are_dropped_quietly(
+    log_lines: list[tuple[str, str]],
+) -> None:
+    listener = await _listen(True)
+    client = RawClient()
+    try:
+        channel = await _one_channel(listener, client)
+        # The answer is made; the connection goes before the turn ends.
+        channel.dataReceived(_post(STATUS))
+        assert channel._unsent
+        assert channel.transport is not None
+        channel.transport.abortConnection()  # type: ignore[attr-defined]
+        await client.closed
+        await _sleep(0.02)
+        assert channel._unsent is None
+        assert listener.site.plain_answers == 1
+        assert not [line for line in log_lines if "could not send" in line[1]]
+    finally:
+        await listener.service.stopService()
+
+
+def test_a_transport_that_is_not_plain_tcp_is_written_as_twisted_writes() -> None:
+    transport = StringTransport()
+    write_now(transport, b"answer")
+    assert transport.value() == b"answer"
