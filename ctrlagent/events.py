@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from ctrlagent.records import record
+
 # What the console puts before each line while a server's console timestamps
 # are on (``console:settings`` ``timestamps``): ``[HH:MM:SS] `` in UTC.
 _STAMP = re.compile(r"\A\[\d\d:\d\d:\d\d\] ")
@@ -45,8 +47,9 @@ class StatusChanged:
 
 
 # Not frozen, unlike the other events: a flooding server produces thousands a
-# second, and a frozen dataclass costs four times as much to build.  Treat it
-# as immutable all the same.
+# second, and a frozen dataclass costs four times as much to build; and the
+# manager sets ``receipt`` for its acknowledging consumer.  Treat the rest as
+# immutable all the same.
 @dataclass(slots=True)
 class ConsoleOutput:
     """
@@ -70,7 +73,7 @@ class ConsoleOutput:
     receipt: Callable[[], None] | None = None
 
 
-@dataclass(frozen=True)
+@record
 class ResourceUpdate:
     """
     The latest resource sample of a running server, in the Panel's units:

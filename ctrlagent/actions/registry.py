@@ -49,6 +49,7 @@ from zope.interface import implementer
 
 from ctrlagent.errors import CtrlAgentError, InvalidInput, UnknownAction
 from ctrlagent.interfaces import IServerManager
+from ctrlagent.records import record
 from ctrlagent.wire.command import (
     ActionResult,
     Command,
@@ -84,7 +85,7 @@ def json_object(result: object) -> dict[str, Any]:
     raise TypeError("domain returned {!r} where an object was expected".format(type(result)))
 
 
-@dataclass(frozen=True)
+@record
 class Call:
     """One command on its way to a handler: the server resolved, the payload parsed."""
 

@@ -23,6 +23,7 @@ from typing import Any
 from zope.interface import Attribute, Interface
 
 from ctrlagent.errors import EngineError
+from ctrlagent.records import record
 
 __all__ = [
     "Mount",
@@ -194,7 +195,7 @@ class EngineEvent:
         return self.at_ns / 1e9
 
 
-@dataclass(frozen=True)
+@record
 class StatsSample:
     """One sample of a container's resource use (CPU in percent of one core)."""
 
@@ -208,9 +209,9 @@ class StatsSample:
     pids: int
 
 
-# Not frozen: one is built for every console line of a flooding server, and a
-# frozen dataclass costs several times as much.  Treat it as immutable.
-@dataclass(slots=True)
+# One is built for every console line of a flooding server: a record (frozen
+# for mypy, a plain slotted dataclass at run time; ctrlagent.records).
+@record
 class LogLine:
     """
     One console line: ``stream`` is "stdout" or "stderr", ``ns`` its time on

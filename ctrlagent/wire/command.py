@@ -30,6 +30,7 @@ from typing import Any
 from zope.interface import Interface
 
 from ctrlagent.errors import InvalidInput, ParseError
+from ctrlagent.records import record
 
 # Largest magnitude a payload number may have: JavaScript's exact integer range,
 # far beyond any real limit, port, size or count the Panel sends.
@@ -66,7 +67,7 @@ class UnrepresentableNumber:
         return self.text not in ("NaN", "Infinity", "-Infinity")
 
 
-@dataclass(frozen=True)
+@record
 class Command:
     """One normalised command: an action, an optional server id and its params."""
 
@@ -78,7 +79,7 @@ class Command:
     command_id: Any = None
 
 
-@dataclass(frozen=True)
+@record
 class ActionResult:
     """What an action answers on success: the ``data`` object and an optional message."""
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ctrlagent.records import record
 from ctrlagent.wire.json import to_json
 from ctrlagent.wire.time import MAX_EPOCH, iso_ms, iso_ms_or_none, parse_timestamp
 
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@record
 class Metrics:
     """
     A server's latest resource sample in the Panel's units: CPU in percent
@@ -101,7 +102,7 @@ def _crash(c: CrashReport) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
+@record
 class Allocation:
     """
     A port a server publishes: ``ip:port`` on the host, ``internal`` in the
@@ -148,7 +149,7 @@ def _brief(b: ServerBrief) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
+@record
 class ServerStatus:
     """
     A server's status: ``resources`` and ``uptime`` while it is active,

@@ -10,7 +10,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from ctrlagent.wire import time as wiretime
@@ -40,6 +40,12 @@ def test_iso_ms_never_raises_and_ends_in_z(value: float) -> None:
 
 
 @given(st.floats(min_value=0, max_value=253402300799.0))
+# A fraction that rounds up to the next second (the short path leaves it to
+# the checked one), a whole second, the first and last representable times.
+@example(1795482053.9999996)
+@example(1795482053.0)
+@example(0.0)
+@example(253402300798.9999)
 def test_iso_ms_reads_as_datetime_would_write_it(value: float) -> None:
     expected = datetime.fromtimestamp(value, tz=UTC).isoformat(timespec="milliseconds")
     assert wiretime.iso_ms(value) == expected.replace("+00:00", "Z")
