@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import tracemalloc
 from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime
@@ -333,3 +334,19 @@ def test_a_status_answer_takes_the_fast_encoder() -> None:
     assert encode(answer) == json.dumps(answer, separators=(",", ":"),
                                         ensure_ascii=False).encode()
     assert wire_json.orjson.dumps(answer, option=wire_json._FAST_OPTIONS) == encode(answer)
+
+
+def test_a_kept_small_document_holds_about_its_own_size() -> None:
+    # orjson's own bytes hold its whole working buffer (4 KiB or more): a
+    # thousand queued frames would hold 4 MB.  What encode returns holds
+    # what it says.
+    frame = {"event": "console output", "args": ["tick 1"]}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [encode({**frame, "n": i}) for i in range(1000)]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == 1000
+    assert held < 1000 * 200
