@@ -172,9 +172,7 @@ class ServersConfig:
     # Seconds between kernel samples of a running server while nothing
     # follows the figures live (no Panel link connected); a status, metrics
     # or /metrics read still gets a sample at most stats_interval old, read
-    # when asked, and a server read again within 10 s is sampled ahead every
-    # stats_interval until 10 s after its last read.  0: every
-    # stats_interval regardless.
+    # when asked.  0: every stats_interval regardless.
     stats_idle_interval: float = 30.0
     disk_check_interval: float = 60.0
     crash_restart_window: float = 60.0

@@ -260,15 +260,10 @@ class Server:
         )
 
     def metrics(self) -> Metrics:
-        """The latest sample in the Panel's units (zeroes when stopped), for a reader."""
+        """The latest sample in the Panel's units (zeroes when stopped)."""
         if self.state in ACTIVE_STATES:
-            # Unwatched servers are sampled seldom: a reader gets a recent one
-            # (and one who reads often has the hub sample ahead: StatsSampler).
+            # Unwatched servers are sampled seldom: a reader gets a recent one.
             self.sampler.fresh()
-        return self._figures()
-
-    def _figures(self) -> Metrics:
-        """The latest sample in the Panel's units, as it is."""
         now = self.services.clock.seconds()
         running = self.state in ACTIVE_STATES and bool(self.stats)
         stats = self.stats if running else {}
@@ -292,8 +287,7 @@ class Server:
         )
 
     def _sampled(self) -> None:
-        # The sample just taken, published: not a reader's read (no fresh()).
-        self.services.bus.emit(ResourceUpdate(server_id=self.server_id, metrics=self._figures()))
+        self.services.bus.emit(ResourceUpdate(server_id=self.server_id, metrics=self.metrics()))
 
     # -- background power work ---------------------------------------------
 

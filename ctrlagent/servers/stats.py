@@ -33,12 +33,6 @@ from ctrlagent.errors import EngineError, NotFound
 from ctrlagent.work import Tracker
 
 MB = 1024 * 1024
-# A server whose figures are read again within this many seconds is being
-# watched (a dashboard, the CLI, a benchmark): the hub samples it ahead at the
-# full rate until this long after its last read, so that those reads find a
-# recent sample instead of taking one inline.  A Panel polling every 30 s is
-# not watching: each of its reads takes one sample when it comes.
-WATCH_SECONDS = 10.0
 
 
 class StatsHub:
@@ -65,13 +59,6 @@ class StatsHub:
     ``StatsSampler.fresh``).  ``live()`` is asked at every tick: the rate
     follows the Panel link within one idle tick.  An ``idle_interval`` of 0
     keeps the full rate.
-
-    While servers are watched (read again within ``WATCH_SECONDS``, see
-    ``StatsSampler.fresh``), the round takes ``interval`` again but a visit
-    reads only the watched samplers (unless read in the last half interval)
-    and the others at their idle pace (once their sample is about
-    ``idle_interval`` old): readers in bursts find their figures sampled
-    ahead, and the servers nobody reads cost what they cost before.
     """
 
     log = Logger()
@@ -97,8 +84,6 @@ class StatsHub:
         self._next = 0
         self._call: IDelayedCall | None = None
         self.ticks = 0
-        # Until when some sampler is watched (see ``watch``).
-        self._watched_until = float("-inf")
 
     def __len__(self) -> int:
         return len(self._where)
@@ -150,11 +135,6 @@ class StatsHub:
             self._call.cancel()
         self._call = None
 
-    def watch(self, until: float) -> None:
-        """A sampler is watched until ``until``: tick at the full rate till then."""
-        if until > self._watched_until:
-            self._watched_until = until
-
     def _full_rate(self) -> bool:
         """Whether every visit reads (someone follows the figures, or no idle rate)."""
         return not self.idle_interval or bool(self.live())
@@ -169,21 +149,11 @@ class StatsHub:
         self.ticks += 1
         index, self._next = self._next, (self._next + 1) % len(self._slices)
         live = self._full_rate()
-        now = self._clock.seconds()
-        watching = not live and self._watched_until > now
-        # Not live: a sample a reader just asked for is not taken again, and
-        # while some are watched (visits every interval) the others are read
-        # only once their sample is about an idle interval old.
-        fresh_after = None if live else now - self.interval
-        unwatched_after = now - self.idle_interval + self.interval / 2
-        watched_after = now - self.interval / 2
+        # Unwatched: a sample a reader just asked for is not taken again.
+        fresh_after = None if live else self._clock.seconds() - self.interval
         try:
             for sampler in list(self._slices[index]):
-                if watching:
-                    after = watched_after if sampler.watched_until > now else unwatched_after
-                    if sampler.sampled_at > after:
-                        continue
-                elif fresh_after is not None and sampler.sampled_at > fresh_after:
+                if fresh_after is not None and sampler.sampled_at > fresh_after:
                     continue
                 self.reads += 1
                 try:
@@ -196,7 +166,7 @@ class StatsHub:
                     sampler.drop_kernel_reader()
         finally:
             if self._where and self._call is None:
-                self._call = self._clock.callLater(self._period(live or watching), self._tick)
+                self._call = self._clock.callLater(self._period(live), self._tick)
 
 
 class StatsSampler:
@@ -228,10 +198,6 @@ class StatsSampler:
         self.latest: dict[str, Any] = {}
         #: When ``latest`` was taken (the clock's seconds; -inf: never).
         self.sampled_at = float("-inf")
-        #: When a reader last asked for the figures, and until when the hub
-        #: samples them ahead (see ``fresh``).
-        self.read_at = float("-inf")
-        self.watched_until = float("-inf")
         self._call: IDelayedCall | None = None
         self._running = False
         self._stream: ILogStream | None = None
@@ -406,19 +372,11 @@ class StatsSampler:
         Read the kernel now if the latest sample is older than
         ``stats_interval`` (the hub reads unwatched servers less often): what
         a reader of the figures calls first.  Nothing for engine-API samples,
-        which keep their own pace.  A read within ``WATCH_SECONDS`` of the
-        last one has the hub sample this server ahead, at the full rate,
-        until ``WATCH_SECONDS`` after it.
+        which keep their own pace.
         """
-        now = self._clock.seconds()
-        if now - self.read_at <= WATCH_SECONDS:
-            self.watched_until = now + WATCH_SECONDS
-            if self._hub is not None:
-                self._hub.watch(self.watched_until)
-        self.read_at = now
         if self._reader is None:
             return
-        if now - self.sampled_at < self._config.stats_interval:
+        if self._clock.seconds() - self.sampled_at < self._config.stats_interval:
             return
         self.read_kernel()
 

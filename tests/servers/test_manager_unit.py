@@ -607,44 +607,6 @@ async def test_unfollowed_figures_are_read_seldom_and_when_asked_for(unit: Unit)
     assert reader.reads == first + 1 + 5
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_server_read_again_soon_is_sampled_ahead_and_a_lone_read_is_not(
-    unit: Unit,
-) -> None:
-    unit.config = replace(unit.config, servers=replace(
-        unit.config.servers, stats_mode="stream", stats_idle_interval=30.0))
-    m = unit.manager()
-    m.follow_figures(lambda: False)
-    await m.create_server("s1", PARAMS)
-    await m.start("s1")
-    await until(lambda: m.get("s1").state is S.RUNNING, 2, "running")
-    await until(lambda: len(unit.engine.stats_readers) == 1, 2, "a kernel reader")
-    (reader,) = unit.engine.stats_readers
-    sampler = m.get("s1").sampler
-    ticks = lambda seconds: [unit.clock.advance(0.05) for _ in range(round(seconds / 0.05))]  # noqa: E731
-    ticks(10)
-    # A lone read takes its sample inline; publishing that sample is no read.
-    before = reader.reads
-    m.server_metrics("s1")
-    assert reader.reads == before + 1
-    assert sampler.watched_until < unit.clock.seconds()
-    ticks(12)
-    m.server_metrics("s1")
-    assert sampler.watched_until < unit.clock.seconds()
-    # Read again within WATCH_SECONDS: sampled ahead every stats_interval.
-    ticks(1)
-    m.status("s1")
-    assert sampler.watched_until > unit.clock.seconds()
-    before = reader.reads
-    ticks(8)
-    ahead = reader.reads - before
-    assert 3 <= ahead <= 5
-    figures = m.server_metrics("s1")
-    assert reader.reads == before + ahead  # a recent sample: none taken inline
-    assert unit.clock.seconds() - sampler.sampled_at < 2.0
-    assert figures.at == unit.clock.seconds()
-
-
 @pytest.mark.parametrize("stop", [
     "stop", "SIGTERM", "^C", "SIGINT ", {"type": "command", "value": "quit"},
     {"type": "signal", "value": "SIGTERM"}, {"type": "command", "value": "SIGTERM"}, "", None,

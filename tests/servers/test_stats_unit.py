@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from ctrlagent.config import ServersConfig
 from ctrlagent.engine.interface import ContainerSpec
 from ctrlagent.errors import NotFound
-from ctrlagent.servers.stats import WATCH_SECONDS, StatsHub, StatsSampler
+from ctrlagent.servers.stats import StatsHub, StatsSampler
 from ctrlagent.testing.engine import FakeEngine
 from ctrlagent.work import Tracker
 
@@ -417,73 +417,3 @@ def test_slices_added_for_many_servers_go_when_most_of_them_leave() -> None:
     for member in members[252:-1]:
         hub.discard(member)  # type: ignore[arg-type]
     assert len(hub) == 1 and len(hub._slices) >= 40
-
-
-@pytest_twisted.ensureDeferred
-async def test_servers_read_in_bursts_are_sampled_ahead_and_the_others_keep_the_idle_pace(
-) -> None:
-    clock = Clock()
-    engine = FakeEngine(clock)
-    hub = StatsHub(clock, INTERVAL, slices=SLICES, idle_interval=IDLE)
-    hub.live = lambda: False
-    cids = await _running(engine, 8)
-    samplers = [_sampler(engine, clock, hub, cid, []) for cid in cids]
-    for sampler in samplers:
-        sampler.start()
-    readers = engine.stats_readers
-    run_for(clock, IDLE)
-
-    def reads_over(seconds: float) -> list[int]:
-        before = [r.reads for r in readers]
-        run_for(clock, seconds)
-        return [r.reads - b for r, b in zip(readers, before, strict=True)]
-
-    # A dashboard reads the first two servers every second: the first read
-    # of each takes a sample inline, the second makes them watched.
-    def dashboard(seconds: int) -> list[int]:
-        inline = [0, 0]
-        for _ in range(seconds):
-            for i in (0, 1):
-                before = readers[i].reads
-                samplers[i].fresh()
-                inline[i] += readers[i].reads - before
-            run_for(clock, 1.0)
-        return inline
-
-    dashboard(2)
-    assert samplers[0].watched_until > clock.seconds()
-    ticks = hub.ticks
-    before = [r.reads for r in readers]
-    # From then on every read finds a sample the hub took ahead (at most an
-    # interval old: no inline sample), the hub reading those two every
-    # interval and the six others once per idle interval, as before.
-    assert dashboard(int(IDLE * 2)) == [0, 0]
-    read = [r.reads - b for r, b in zip(readers, before, strict=True)]
-    assert read[:2] == [IDLE * 2 / INTERVAL] * 2
-    assert all(n in (1, 2, 3) for n in read[2:])  # two idle rounds, give or take one
-    assert hub.ticks - ticks == SLICES * IDLE * 2 / INTERVAL
-    # Nobody reads any more: WATCH_SECONDS later, the idle pace again.
-    run_for(clock, WATCH_SECONDS + IDLE)
-    ticks = hub.ticks
-    assert reads_over(IDLE * 3) == [3] * 8
-    assert hub.ticks - ticks == SLICES * 3
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_panel_polling_every_thirty_seconds_watches_nothing() -> None:
-    clock = Clock()
-    engine = FakeEngine(clock)
-    hub = StatsHub(clock, INTERVAL, slices=SLICES, idle_interval=30.0)
-    hub.live = lambda: False
-    (cid,) = await _running(engine, 1)
-    sampler = _sampler(engine, clock, hub, cid, [])
-    sampler.start()
-    (reader,) = engine.stats_readers
-    for _ in range(4):
-        run_for(clock, 30.0)
-        sampler.fresh()
-        assert sampler.watched_until < clock.seconds()
-    # One read per idle round, each poll taking none or one sample: never
-    # the full rate's fifteen a round.
-    assert reader.reads <= 1 + 4 * 2
-    assert hub.ticks == SLICES * 4
