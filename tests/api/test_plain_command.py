@@ -932,3 +932,33 @@ def test_a_transport_that_is_not_plain_tcp_is_written_as_twisted_writes() -> Non
     transport = StringTransport()
     write_now(transport, b"answer")
     assert transport.value() == b"answer"
+
+
+class _Waiting:
+    """A channel with answers to send, counting the sends."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def send_unsent(self) -> None:
+        self.sent += 1
+
+
+def test_answers_waiting_when_the_wall_clock_steps_back_are_sent_with_the_next() -> None:
+    clock = Clock()
+    clock.advance(1000)
+    site, _, _ = _channel(_rig(), clock)
+    first, second = _Waiting(), _Waiting()
+    site.send_soon(first)  # type: ignore[arg-type]
+    # The reactor's clock is the wall clock: stepped back an hour before the
+    # turn ends, the call made for "now" would wait an hour.
+    clock.rightNow -= 3600
+    site.send_soon(second)  # type: ignore[arg-type]
+    assert (first.sent, second.sent) == (1, 1)
+    assert not [call for call in clock.getDelayedCalls() if call.active()
+                and call.func == site._send_unsent]
+    # And the next turn's answers are sent at its end, as ever.
+    site.send_soon(first)  # type: ignore[arg-type]
+    assert first.sent == 1
+    clock.advance(0)
+    assert first.sent == 2
