@@ -13,10 +13,11 @@ show which requests took the plain path and which did not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -828,14 +829,26 @@ async def _one_channel(listener: Listener, client: RawClient) -> GuardedChannel:
     return channel
 
 
-@pytest_twisted.ensureDeferred
-async def test_answers_the_kernel_cannot_take_yet_wait_in_order_for_a_slow_reader() -> None:
+@contextlib.asynccontextmanager
+async def _plain_tcp() -> AsyncIterator[tuple[Listener, RawClient, tcp.Server]]:
+    """A plain-path listener, a raw client on it, and the agent's side of that connection."""
     listener = await _listen(True)
     client = RawClient()
     try:
         channel = await _one_channel(listener, client)
         server = channel.transport
         assert isinstance(server, tcp.Server)
+        yield listener, client, server
+    finally:
+        if client.transport is not None:
+            client.transport.loseConnection()
+            await client.closed
+        await listener.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_the_kernel_cannot_take_yet_wait_in_order_for_a_slow_reader() -> None:
+    async with _plain_tcp() as (listener, client, server):
         server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         client.transport.pauseProducing()  # type: ignore[union-attr]
         count = 600
@@ -859,11 +872,6 @@ async def test_answers_the_kernel_cannot_take_yet_wait_in_order_for_a_slow_reade
         # Twisted's own path: the channel is not idle while its answers wait).
         assert _kinds(client.received) == ["status", "metrics"] * (count // 2)
         assert len(listener.dispatched) == count
-    finally:
-        if client.transport is not None:
-            client.transport.loseConnection()
-            await client.closed
-        await listener.service.stopService()
 
 
 class _FailingOnce:
@@ -885,12 +893,7 @@ class _FailingOnce:
 
 @pytest_twisted.ensureDeferred
 async def test_a_send_that_fails_leaves_the_answer_to_twisted() -> None:
-    listener = await _listen(True)
-    client = RawClient()
-    try:
-        channel = await _one_channel(listener, client)
-        server = channel.transport
-        assert isinstance(server, tcp.Server)
+    async with _plain_tcp() as (_, client, server):
         failing = server.socket = _FailingOnce(server.socket)  # type: ignore[assignment]
         client.transport.write(_post(STATUS))  # type: ignore[union-attr]
         for _ in range(250):
@@ -899,11 +902,6 @@ async def test_a_send_that_fails_leaves_the_answer_to_twisted() -> None:
             await _sleep(0.02)
         assert failing.failed == 1
         assert _kinds(client.received) == ["status"]
-    finally:
-        if client.transport is not None:
-            client.transport.loseConnection()
-            await client.closed
-        await listener.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
