@@ -71,6 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import wrk_client  # noqa: E402
 from http_latency import (  # noqa: E402
     Client,
     answer_bytes,
@@ -80,6 +81,7 @@ from http_latency import (  # noqa: E402
     pooled,
     rss_mb,
 )
+from wrk_client import measure_wrk, wrk_floor  # noqa: E402
 
 from ctrlagent.heap import EVERY_SECONDS, FIRST_SECONDS  # noqa: E402
 from tests.rig.agentproc import AgentProcess, free_port  # noqa: E402
@@ -334,6 +336,24 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
             floors.append(pooled(floor_batches))
         result["http"] = runs
         result["floor"] = floors
+        if args.wrk_seconds and wrk_client.available():
+            # The same reads from wrk (bench/wrk_client.py), a client that
+            # takes a fraction of the host's CPU the asyncio one takes.
+            wrk_runs: list[dict[str, Any]] = []
+            wrk_floor_runs: list[dict[str, Any]] = []
+            for clients in (1, 16):
+                wrk_batches: dict[str, list[dict[str, Any]]] = {a: [] for a in actions}
+                wrk_floors = []
+                for _ in range(args.batches):
+                    for action in actions:
+                        wrk_batches[action].append(measure_wrk(
+                            agent, server_ids, action, clients, args.wrk_seconds, keep=True))
+                    wrk_floors.append(wrk_floor(size, clients, args.wrk_seconds))
+                    time.sleep(BATCH_GAP_SECONDS)
+                wrk_runs.extend(pooled(wrk_batches[a]) for a in actions)
+                wrk_floor_runs.append(pooled(wrk_floors))
+            result["http_wrk"] = wrk_runs
+            result["floor_wrk"] = wrk_floor_runs
 
         # A Panel comes: every server sampled and forwarded every stats_interval.
         panel = PanelChild(agent.secret, panel_port)
@@ -444,6 +464,20 @@ def report(results: list[dict[str, Any]]) -> str:
                     low=min(h["batch_p99_ms"]), high=max(h["batch_p99_ms"]), **h)
             )
         lines.extend(floor_lines(r["http"], r.get("floor", [])))
+        if r.get("http_wrk"):
+            lines.append("  the same through wrk (bench/wrk_client.py: a C client, a third of the"
+                         " asyncio client's CPU per request):")
+            for h in r["http_wrk"]:
+                lines.append(
+                    "  {action:<20} {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99"
+                    " {p99_ms:6.2f} ms  (target p99 < 10 ms at 16)  {per_s:6.0f} req/s; agent CPU"
+                    " {cpu_ms_per_request:5.3f} ms/req; {requests} requests in {batches}"
+                    " batches, their own p99 {low:.1f}-{high:.1f} ms".format(
+                        low=min(h["batch_p99_ms"]), high=max(h["batch_p99_ms"]), **h)
+                )
+            lines.extend(floor_lines(r["http_wrk"], r.get("floor_wrk", [])))
+        else:
+            lines.append("  (wrk not installed or --wrk-seconds 0: the asyncio client only)")
     if len(results) > 1:
         a, b = results[0], results[-1]
         per = (b["rss_mb"] - a["rss_mb"]) / (b["servers"] - a["servers"])
@@ -485,6 +519,9 @@ def main() -> None:
                         " re-attach reads back a kept history that long (up to"
                         " servers.console_buffer_lines, 1000: servers that ran for days);"
                         " default 0")
+    parser.add_argument("--wrk-seconds", type=int, default=1,
+                        help="seconds in one wrk batch (bench/wrk_client.py), when wrk is"
+                        " installed; 0: the asyncio client only (default 1)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--network", default="",
                         help="the servers' network, created with --subnet and removed at the end"
