@@ -26,7 +26,12 @@ engine at DOCKER_HOST, or on a private engine when none answers, and:
    responder (``bench/floor_server.py``), whose p99 is what the host allows
    any one-threaded server in that moment.  The percentiles are over all
    batches together (``http_latency.pooled``), and each batch's own p99 is
-   reported beside them;
+   reported beside them.  Then the same again through ``wrk`` when Debian's
+   ``wrk`` is installed (``bench/wrk_client.py``: a C client spending a
+   fraction of the asyncio client's CPU, in ``--wrk-seconds`` batches),
+   with its own floor.  How busy the host's cores are (``/proc/stat``, and
+   the hypervisor's steal) is reported for the idle window and for each
+   client count's batches;
 4. a Panel (``ctrlagent.testing.panel.FakePanel``, a real WebSocket server, in
    a child process so that its parsing is not the agent's CPU) comes up on
    the URL the agent dials: once the link is connected, the agent's CPU over
@@ -48,7 +53,7 @@ HTTP p99 under 10 ms at 16 clients, all re-attached within 10 s.  With
 that anything worse than linear shows.  Every server is deleted at the end.
 
     python bench/scale.py [--servers 500] [--tick 5] [--settle 30] [--window 60]
-                          [--requests 2000] [--batches 5]
+                          [--requests 2000] [--batches 5] [--wrk-seconds 1]
 """
 
 from __future__ import annotations
@@ -100,6 +105,38 @@ def cpu_seconds(pid: int) -> float:
     with open("/proc/{}/stat".format(pid)) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLOCK
+
+
+def host_ticks() -> tuple[int, int, int]:
+    """
+    The host's CPU time so far, in clock ticks over all its cores: (busy,
+    stolen, all).  Busy is all but idle and I/O wait; stolen is what the
+    hypervisor gave other machines while this one had work (``steal``).
+    """
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    steal = fields[7] if len(fields) > 7 else 0
+    # guest time is already counted in user (fields 8 and 9).
+    total = sum(fields[:8])
+    return total - idle, steal, total
+
+
+class HostShare:
+    """The host's busy and stolen share of its CPUs over the spans added to it."""
+
+    def __init__(self) -> None:
+        self.busy = self.steal = self.total = 0
+
+    def span(self, before: tuple[int, int, int], after: tuple[int, int, int]) -> None:
+        self.busy += after[0] - before[0]
+        self.steal += after[1] - before[1]
+        self.total += after[2] - before[2]
+
+    def percent(self) -> dict[str, float]:
+        """Busy and stolen, in percent of all the host's cores."""
+        total = max(self.total, 1)
+        return {"busy": 100.0 * self.busy / total, "steal": 100.0 * self.steal / total}
 
 
 def host_speed() -> float:
@@ -307,16 +344,21 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         # The window in thirds as well: whether the CPU still falls after the starts.
         thirds = []
+        idle_host = HostShare()
+        host_before = host_ticks()
         for _ in range(3):
             c, t = cpu_seconds(pid), time.monotonic()
             time.sleep(args.window / 3)
             thirds.append(100.0 * (cpu_seconds(pid) - c) / (time.monotonic() - t))
         result["cpu_percent"] = 100.0 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
         result["cpu_percent_thirds"] = thirds
+        idle_host.span(host_before, host_ticks())
+        # The whole host meanwhile (the engine, its 500 containers, the agent).
+        result["host_idle_window"] = idle_host.percent()
         result["host_loop_ms"] = host_speed()
         result["loadavg"] = os.getloadavg()[0]
         result["rss_mb"] = rss_mb(pid)
-        runs = []
+        runs: list[dict[str, Any]] = []
         floors = []
         size = answer_bytes(agent, server_ids[0], "get_server_status")
         actions = ("get_server_status", "get_server_metrics")
@@ -325,14 +367,17 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
             # p99 is the host's longest preemptions of that third of a second.
             batches: dict[str, list[dict[str, Any]]] = {a: [] for a in actions}
             floor_batches = []
+            busy = HostShare()
             for _ in range(args.batches):
                 for action in actions:
+                    before = host_ticks()
                     batches[action].append(asyncio.run(measure(
                         agent, server_ids, action, clients, args.requests, keep=True)))
+                    busy.span(before, host_ticks())
                 # The host's floor in the same moment (bench/floor_server.py).
                 floor_batches.append(measure_floor(size, clients, args.requests, keep=True))
                 time.sleep(BATCH_GAP_SECONDS)
-            runs.extend(pooled(batches[a]) for a in actions)
+            runs.extend({**pooled(batches[a]), "host": busy.percent()} for a in actions)
             floors.append(pooled(floor_batches))
         result["http"] = runs
         result["floor"] = floors
@@ -344,13 +389,17 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
             for clients in (1, 16):
                 wrk_batches: dict[str, list[dict[str, Any]]] = {a: [] for a in actions}
                 wrk_floors = []
+                wrk_busy = HostShare()
                 for _ in range(args.batches):
                     for action in actions:
+                        before = host_ticks()
                         wrk_batches[action].append(measure_wrk(
                             agent, server_ids, action, clients, args.wrk_seconds, keep=True))
+                        wrk_busy.span(before, host_ticks())
                     wrk_floors.append(wrk_floor(size, clients, args.wrk_seconds))
                     time.sleep(BATCH_GAP_SECONDS)
-                wrk_runs.extend(pooled(wrk_batches[a]) for a in actions)
+                wrk_runs.extend({**pooled(wrk_batches[a]), "host": wrk_busy.percent()}
+                                for a in actions)
                 wrk_floor_runs.append(pooled(wrk_floors))
             result["http_wrk"] = wrk_runs
             result["floor_wrk"] = wrk_floor_runs
@@ -452,16 +501,20 @@ def report(results: list[dict[str, Any]]) -> str:
             "{history_back_s:.1f} s after the start), RSS "
             "{rss_after_restart_mb:.0f} MB, ticks lost {ticks_lost}, repeated "
             "{ticks_repeated}; host: a fixed Python loop {host_loop_ms:.0f} ms in the idle window "
-            "({host_loop_ms_before:.0f} ms before the servers), load {loadavg:.1f}".format(
+            "({host_loop_ms_before:.0f} ms before the servers), load {loadavg:.1f}, its cores"
+            " {busy:.0f} % busy ({steal:.1f} % stolen by the hypervisor)".format(
                 thirds=" / ".join("{:.1f}".format(c) for c in r.get("cpu_percent_thirds", [])),
+                busy=r.get("host_idle_window", {}).get("busy", float("nan")),
+                steal=r.get("host_idle_window", {}).get("steal", float("nan")),
                 **r)
         )
         for h in r["http"]:
             lines.append(
                 "  {action:<20} {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99 {p99_ms:6.2f} ms"
                 "  (target p99 < 10 ms at 16)  {per_s:6.0f} req/s; {requests} requests in"
-                " {batches} batches, their own p99 {low:.1f}-{high:.1f} ms".format(
-                    low=min(h["batch_p99_ms"]), high=max(h["batch_p99_ms"]), **h)
+                " {batches} batches, their own p99 {low:.1f}-{high:.1f} ms{host_note}".format(
+                    low=min(h["batch_p99_ms"]), high=max(h["batch_p99_ms"]),
+                    host_note=_host_note(h), **h)
             )
         lines.extend(floor_lines(r["http"], r.get("floor", [])))
         if r.get("http_wrk"):
@@ -472,8 +525,9 @@ def report(results: list[dict[str, Any]]) -> str:
                     "  {action:<20} {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99"
                     " {p99_ms:6.2f} ms  (target p99 < 10 ms at 16)  {per_s:6.0f} req/s; agent CPU"
                     " {cpu_ms_per_request:5.3f} ms/req; {requests} requests in {batches}"
-                    " batches, their own p99 {low:.1f}-{high:.1f} ms".format(
-                        low=min(h["batch_p99_ms"]), high=max(h["batch_p99_ms"]), **h)
+                    " batches, their own p99 {low:.1f}-{high:.1f} ms{host_note}".format(
+                        low=min(h["batch_p99_ms"]), high=max(h["batch_p99_ms"]),
+                        host_note=_host_note(h), **h)
                 )
             lines.extend(floor_lines(r["http_wrk"], r.get("floor_wrk", [])))
         else:
@@ -490,6 +544,13 @@ def report(results: list[dict[str, Any]]) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def _host_note(run: dict[str, Any]) -> str:
+    host = run.get("host")
+    if not host:
+        return ""
+    return "; the host's cores {:.0f} % busy, {:.1f} % stolen".format(host["busy"], host["steal"])
 
 
 def _at_least_one(text: str) -> int:
