@@ -864,10 +864,12 @@ class Server:
                 raise
             except EngineError:
                 pass
+        if self._runs != run or (self.state not in ACTIVE_STATES and self.state is not S.UNKNOWN):
+            # Settled during the inspect by another report of this death (a
+            # kill's own look, a reconcile), or a new run began: neither a
+            # clean exit nor a crash is left to judge.
+            return
         if exit_code == 0 and not oom and not services.config.servers.clean_exit_is_crash:
-            if self._runs != run or (self.state not in ACTIVE_STATES
-                                     and self.state is not S.UNKNOWN):
-                return  # settled meanwhile (another report of the death), or a new run began
             self.notice("server exited by itself with code 0: offline"
                         " (servers.clean_exit_is_crash is off)")
             self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
