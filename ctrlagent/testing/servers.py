@@ -61,6 +61,10 @@ PANEL_STATUS = {
     "crashed": "CRASHED",
 }
 
+# The states in which a server takes console input (the real manager's
+# ACTIVE_STATES: its container runs).
+_TAKES_INPUT = ("starting", "running", "stopping")
+
 
 def _stop_command(params: dict[str, Any]) -> str | None:
     """
@@ -424,19 +428,22 @@ class FakeServerManager:
 
     def send_command(self, server_id: str, command: str) -> Deferred[Ack]:
         """
-        Write a line to stdin; the fake server echoes it.  Its stop command
-        (the create payload's ``stop``), typed while it runs and no power
-        action is under way, is the ``stop`` action (on the ``stop`` gate).
+        Write a line to stdin; the fake server echoes it.  Taken while the
+        server starts, runs or stops, as the real manager takes it.  Its stop
+        command (the create payload's ``stop``), typed while it starts or
+        runs and no power action is under way, is the ``stop`` action (on
+        the ``stop`` gate).
         """
         try:
             server = self._get(server_id)
             self._enter("send_command", server.server_id)
-            if server.status != "running":
+            if server.status not in _TAKES_INPUT:
                 raise Conflict("server {} is not running".format(server.server_id))
         except Exception as e:
             return fail(e)
         stop = _stop_command(server.params)
-        if stop is not None and command.strip() == stop.strip() and server.busy is None:
+        if (stop is not None and command.strip() == stop.strip() and server.busy is None
+                and server.status in ("running", "starting")):
             # The stop action in the background (its gate held or not), as
             # the real manager answers once it has begun.
             self._print(server, "[ctrlagent] the stop command was typed: stopping the server",
@@ -484,7 +491,7 @@ class FakeServerManager:
         try:
             server = self._get(server_id)
             self._enter("console_input", server.server_id)
-            if server.status != "running":
+            if server.status not in _TAKES_INPUT:
                 raise Conflict("server {} is not running".format(server.server_id))
         except Exception as e:
             return fail(e)

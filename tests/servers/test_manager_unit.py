@@ -639,3 +639,86 @@ async def test_the_fake_manager_plays_a_typed_stop_as_the_stop_action() -> None:
     assert [c for c in fake.calls if c[0] == "stop"] == [("stop", "s1")]
     assert fake.console_history("s1", 3)[-2:] == [
         "[ctrlagent] the stop command was typed: stopping the server", "> end"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crash_judged_after_a_kill_settled_the_death_fires_nothing(unit: Unit) -> None:
+    # The game dies by itself; while the crash's inspect is under way, the
+    # operator's kill looks at the container, finds it down and settles the
+    # server offline.  The crash judgement then has nothing left to judge.
+    from twisted.internet.defer import Deferred
+
+    m = await running(unit)
+    server = m.get("s1")
+    cid = server.container_id or ""
+    held: Deferred[None] = Deferred()
+    inspect = unit.engine.inspect
+    calls: list[str] = []
+
+    async def first_inspect_held(container_id: str) -> Any:
+        calls.append(container_id)
+        if len(calls) == 1:
+            await held  # the crash's look, held until the kill has settled
+        return await inspect(container_id)
+
+    unit.engine.inspect = first_inspect_held  # type: ignore[method-assign]
+    unit.engine.die(cid, 1)
+    await until(lambda: len(calls) == 1, 2, "the crash's inspect")
+    await m.kill("s1")
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "offline by the kill")
+    held.callback(None)
+    await sleep(0.05)
+    assert m.get("s1").state is S.OFFLINE
+    assert ("offline", "crashed") not in unit.statuses("s1")
+    assert server.crash_report is None and server.desired == "offline"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_that_starts_or_stops_takes_console_lines(unit: Unit) -> None:
+    # The real manager: its container runs, so its stdin takes lines.
+    m = unit.manager()
+    await m.create_server("s1", {**PARAMS, "startupDone": "a line never printed",
+                                 "environment": {"STOP_COMMAND": "quit"}})
+    await m.start("s1")
+    assert m.get("s1").state is S.STARTING
+    await m.send_command("s1", "say early")
+    await until(lambda: "[Server] early" in unit.lines("s1"), 2, "the line while starting")
+    await m.send_command("s1", "stop")  # the stop, which this game ignores
+    assert m.get("s1").state is S.STOPPING
+    await m.send_command("s1", "say late")
+    await until(lambda: "[Server] late" in unit.lines("s1"), 2, "the line while stopping")
+    unit.clock.advance(5.1)  # killed after the stop timeout
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "offline")
+    with pytest.raises(Conflict):
+        await m.send_command("s1", "say gone")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_fake_manager_takes_console_lines_in_the_same_states() -> None:
+    from ctrlagent.testing.servers import FakeServerManager
+
+    fake = FakeServerManager()
+    await fake.create_server("s1", {**PARAMS, "stop": {"type": "command", "value": "end"}})
+    starting = fake.hold("start")
+    begun = fake.start("s1")
+    assert fake.servers["s1"].status == "starting"
+    await fake.send_command("s1", "say early")
+    await fake.console_input("s1", "raw early\n")
+    # Its stop command while the start action runs: a plain line, as the
+    # real manager's while its start holds the power slot.
+    await fake.send_command("s1", "end")
+    assert fake.servers["s1"].status == "starting"
+    starting.callback(None)
+    await begun
+    stopping = fake.hold("stop")
+    ended = fake.stop("s1")
+    assert fake.servers["s1"].status == "stopping"
+    await fake.send_command("s1", "say late")
+    stopping.callback(None)
+    await ended
+    assert fake.console_history("s1", 10)[:3] == ["> say early", "> raw early", "> end"]
+    assert "> say late" in fake.console_history("s1", 10)
+    with pytest.raises(Conflict):
+        await fake.send_command("s1", "say gone")
+    with pytest.raises(Conflict):
+        await fake.console_input("s1", "gone\n")
