@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from typing import IO, Protocol
 
 from ctrlagent.errors import NotFound
@@ -65,6 +66,12 @@ class BackupDriver(Protocol):
 
     def delete(self, location: str) -> None:
         """Remove the archive (nothing if it is gone already)."""
+
+    def delete_all(self, locations: Sequence[str]) -> None:
+        """
+        Remove several archives, as ``delete`` removes each: in one go where
+        the store can (restic forgets every snapshot and prunes once).
+        """
 
     def discard_partial(self, server_id: str, backup_id: str) -> None:
         """Remove what an interrupted ``open_writer`` left."""
@@ -179,6 +186,10 @@ class LocalDriver:
             os.unlink(self._path(location))
         except FileNotFoundError:
             pass
+
+    def delete_all(self, locations: Sequence[str]) -> None:
+        for location in locations:
+            self.delete(location)
 
     def discard_partial(self, server_id: str, backup_id: str) -> None:
         path = os.path.join(self.directory, safe_component(server_id),

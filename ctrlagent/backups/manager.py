@@ -842,13 +842,26 @@ class BackupManager(service.Service):
             return []
         now = self.clock.seconds()
         records = [r for r in await self.store.find(server_id, "completed") if r.scheduled]
+        going = [
+            record for i, record in enumerate(records)
+            if not ((last is not None and i < last)
+                    or (days is not None and record.created >= now - days * 86400))
+        ]
+        # Each driver's archives in one call (restic prunes once for all of
+        # them), then the records: a failure leaves every record, and the
+        # next retention deletes again what is still there.
+        by_driver: dict[str, list[str]] = {}
+        for record in going:
+            if record.location and record.driver in self.drivers:
+                by_driver.setdefault(record.driver, []).append(record.location)
+        for name, locations in by_driver.items():
+            await self._in_thread(self.drivers[name].delete_all, locations)
         removed = []
-        for i, record in enumerate(records):
-            keep = (last is not None and i < last) or (
-                days is not None and record.created >= now - days * 86400)
-            if keep:
-                continue
-            await self._delete_record(record)
+        for record in going:
+            drv = self.drivers.get(record.driver)
+            if not record.location and drv is not None:
+                await self._in_thread(drv.discard_partial, record.server_id, record.id)
+            await self.store.delete(record.id)
             removed.append(record.id)
         if removed:
             self.log.info("retention removed {count} backup(s) of {server_id}",

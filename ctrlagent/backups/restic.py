@@ -19,7 +19,8 @@ child's environment (``RESTIC_PASSWORD``, readable only by the agent's own
 user through ``/proc``).  restic's ``--json`` output is read line by line,
 each line bounded, and only its summary is kept; stderr keeps a bounded
 tail for the error message.  A wrong password is ``ResticError`` saying so.
-Deleting a backup is ``restic forget <snapshot> --prune``.
+Deleting a backup is ``restic forget <snapshot> --prune``; retention forgets all
+the snapshots it removes in one run, so the prune runs once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from ctrlagent.backups.archive import (
@@ -368,20 +369,34 @@ class ResticDriver:
         return _Dump(proc, start, length)  # type: ignore[return-value]
 
     def delete(self, location: str) -> None:
-        if location.startswith(TREE_PREFIX):
-            location, _ = _tree_location(location)
-        _check_snapshot(location)
+        self.delete_all([location])
+
+    def delete_all(self, locations: Sequence[str]) -> None:
+        """
+        ``restic forget --prune`` of every snapshot at once: the prune, which
+        reads the whole repository's index and rewrites its packs, runs once
+        however many backups go (a snapshot gone already is ignored).
+        """
+        snapshots: dict[str, None] = {}
+        for location in locations:
+            if location.startswith(TREE_PREFIX):
+                location, _ = _tree_location(location)
+            _check_snapshot(location)
+            snapshots[location] = None
+        if not snapshots:
+            return
         self.ensure_repository()
+        forget = ["forget", "--prune", *snapshots]
         try:
             try:
-                self.run(["forget", "--prune", location])
+                self.run(forget)
             except ResticError as e:
                 if "lock" not in str(e):
                     raise
                 # A lock left by a restic that died: `unlock` removes only
                 # stale ones, then try once more.
                 self.run(["unlock"])
-                self.run(["forget", "--prune", location])
+                self.run(forget)
         except ResticError as e:
             if "no matching ID" not in str(e) and "not found" not in str(e):
                 raise

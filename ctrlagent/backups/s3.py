@@ -23,7 +23,7 @@ client would have to redo.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from ctrlagent.backups.config import S3_MAX_PART, S3_MAX_PARTS, S3Config
@@ -227,6 +227,10 @@ class S3Driver:
     def delete(self, location: str) -> None:
         self.call(lambda: self.client.delete_object(Bucket=self.config.bucket, Key=location),
                   "deletion")
+
+    def delete_all(self, locations: Sequence[str]) -> None:
+        for location in locations:
+            self.delete(location)
 
     def discard_partial(self, server_id: str, backup_id: str) -> None:
         key = self.key(server_id, backup_id)

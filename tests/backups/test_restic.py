@@ -89,6 +89,44 @@ async def test_backup_and_restore_through_restic(rig: Rig, tmp_path: Path,
     assert argv and not any(PASSWORD in a for args in argv for a in args)
 
 
+@pytest_twisted.ensureDeferred
+async def test_retention_forgets_every_snapshot_it_removes_in_one_restic_run(
+        rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    populate(rig.root())
+    driver = restic_driver(tmp_path, password=PASSWORD)
+    m = rig.manager({"restic": driver})
+    m.startService()
+    await m.ready
+    made = []
+    for n in range(4):
+        (rig.root() / "server.properties").write_text("motd=run {}".format(n))
+        answer = await m.create_backup("srv1", name="scheduled", driver="restic",
+                                       scheduled=True)
+        record = await m.finished(answer["backupId"])
+        assert record.status == "completed", record.error
+        made.append(record)
+        rig.clock.advance(60)
+    # One of the snapshots retention will remove is gone already.
+    driver.delete(made[0].location or "")
+    argv: list[list[str]] = []
+    real = subprocess.Popen
+
+    def recording(args: list[str], **kw: Any) -> Any:
+        argv.append(list(args))
+        return real(args, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    removed = await m.apply_retention("srv1", 1, None)
+    assert sorted(removed) == sorted(r.id for r in made[:3])
+    forgets = [args for args in argv if "forget" in args]
+    assert len(forgets) == 1  # one forget, one prune, for all three
+    assert "--prune" in forgets[0]
+    assert sum(1 for a in forgets[0] for r in made[:3] if a == r.location) == 3
+    left = snapshots(driver)
+    assert len(left) == 1 and left[0].startswith(made[3].location or "-")
+    assert [r.id for r in await m.store.find("srv1")] == [made[3].id]
+
+
 def test_a_password_file_is_handed_over_by_name(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text(PASSWORD + "\n")
