@@ -166,14 +166,38 @@ async def measure(
     # The agent's CPU per request, whatever share of a core the host left it
     # (its idle work during the run included).
     user_after, system_after = cpu_split(agent.process.pid)
-    user_ms = (user_after - user_before) * 1000
-    system_ms = (system_after - system_before) * 1000
-    cpu_ms = user_ms + system_ms
     # This client's, which shares the host's cores with the agent.
     client_ms = (time.process_time() - client_before) * 1000
     for conn in conns:
         conn.close()
-    ms = [x * 1000 for x in latencies]
+    return figures(
+        action, clients, [x * 1000 for x in latencies],
+        per_s=len(latencies) / elapsed,
+        user_ms=(user_after - user_before) * 1000,
+        system_ms=(system_after - system_before) * 1000,
+        client_ms=client_ms,
+        window=[wall_started, wall_started + elapsed],
+        keep=keep,
+    )
+
+
+def figures(
+    action: str,
+    clients: int,
+    ms: list[float],
+    *,
+    per_s: float,
+    user_ms: float,
+    system_ms: float,
+    client_ms: float,
+    window: list[float],
+    keep: bool,
+) -> dict[str, Any]:
+    """
+    One batch's figures from its latencies (``ms``) and the CPU the agent
+    (``user_ms``, ``system_ms``) and the client (``client_ms``) spent on it:
+    what ``measure`` and ``wrk_client.measure_wrk`` both return.
+    """
     return {
         "action": action,
         "clients": clients,
@@ -181,14 +205,14 @@ async def measure(
         "p50_ms": statistics.median(ms),
         "p99_ms": percentile(ms, 99),
         "max_ms": max(ms),
-        "per_s": len(ms) / elapsed,
-        "cpu_ms_per_request": cpu_ms / len(ms),
+        "per_s": per_s,
+        "cpu_ms_per_request": (user_ms + system_ms) / len(ms),
         # Its two parts: the kernel's (sockets, epoll, waking up) and the rest.
         "cpu_user_ms_per_request": user_ms / len(ms),
         "cpu_system_ms_per_request": system_ms / len(ms),
         "client_cpu_ms_per_request": client_ms / len(ms),
         # Wall-clock bounds of the run, to line it up with the agent's log.
-        "window": [wall_started, wall_started + elapsed],
+        "window": window,
         **({"latencies_ms": ms} if keep else {}),
     }
 

@@ -69,6 +69,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,8 @@ from tests.rig.images import _docker, build_scripted_image  # noqa: E402
 _TICK = re.compile(r"tick (\d+)$")
 # Seconds between two latency batches.
 BATCH_GAP_SECONDS = 2.0
+# The reads measured, in this order in each batch.
+ACTIONS = ("get_server_status", "get_server_metrics")
 # Seconds from the agent's start until it is past its first heap renewal.
 PAST_HEAP_RENEWAL_SECONDS = FIRST_SECONDS + EVERY_SECONDS + 10.0
 _CLOCK = os.sysconf("SC_CLK_TCK")
@@ -137,6 +140,36 @@ class HostShare:
         """Busy and stolen, in percent of all the host's cores."""
         total = max(self.total, 1)
         return {"busy": 100.0 * self.busy / total, "steal": 100.0 * self.steal / total}
+
+
+def latency_runs(
+    batch: Callable[[str, int], dict[str, Any]],
+    floor_batch: Callable[[int], dict[str, Any]],
+    batches: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """
+    Both reads at 1 and 16 clients, ``batches`` batches each a few seconds
+    apart, each pair followed by the host's floor through the same client:
+    the pooled runs (with the host's share of its cores during the reads'
+    batches) and the pooled floors.  One batch's p99 is the host's longest
+    preemptions of that moment (http_latency.pooled).
+    """
+    runs: list[dict[str, Any]] = []
+    floors: list[dict[str, Any]] = []
+    for clients in (1, 16):
+        done: dict[str, list[dict[str, Any]]] = {a: [] for a in ACTIONS}
+        floor_done = []
+        busy = HostShare()
+        for _ in range(batches):
+            for action in ACTIONS:
+                before = host_ticks()
+                done[action].append(batch(action, clients))
+                busy.span(before, host_ticks())
+            floor_done.append(floor_batch(clients))
+            time.sleep(BATCH_GAP_SECONDS)
+        runs.extend({**pooled(done[a]), "host": busy.percent()} for a in ACTIONS)
+        floors.append(pooled(floor_done))
+    return runs, floors
 
 
 def host_speed() -> float:
@@ -358,51 +391,25 @@ def run_once(host: str, image: str, servers: int, args: argparse.Namespace) -> d
         result["host_loop_ms"] = host_speed()
         result["loadavg"] = os.getloadavg()[0]
         result["rss_mb"] = rss_mb(pid)
-        runs: list[dict[str, Any]] = []
-        floors = []
         size = answer_bytes(agent, server_ids[0], "get_server_status")
-        actions = ("get_server_status", "get_server_metrics")
-        for clients in (1, 16):
-            # Batches seconds apart, pooled (http_latency.pooled): one batch's
-            # p99 is the host's longest preemptions of that third of a second.
-            batches: dict[str, list[dict[str, Any]]] = {a: [] for a in actions}
-            floor_batches = []
-            busy = HostShare()
-            for _ in range(args.batches):
-                for action in actions:
-                    before = host_ticks()
-                    batches[action].append(asyncio.run(measure(
-                        agent, server_ids, action, clients, args.requests, keep=True)))
-                    busy.span(before, host_ticks())
-                # The host's floor in the same moment (bench/floor_server.py).
-                floor_batches.append(measure_floor(size, clients, args.requests, keep=True))
-                time.sleep(BATCH_GAP_SECONDS)
-            runs.extend({**pooled(batches[a]), "host": busy.percent()} for a in actions)
-            floors.append(pooled(floor_batches))
-        result["http"] = runs
-        result["floor"] = floors
+
+        def asyncio_batch(action: str, clients: int) -> dict[str, Any]:
+            return asyncio.run(measure(agent, server_ids, action, clients, args.requests,
+                                       keep=True))
+
+        # The host's floor in the same moment (bench/floor_server.py).
+        result["http"], result["floor"] = latency_runs(
+            asyncio_batch,
+            lambda clients: measure_floor(size, clients, args.requests, keep=True),
+            args.batches)
         if args.wrk_seconds and wrk_client.available():
             # The same reads from wrk (bench/wrk_client.py), a client that
             # takes a fraction of the host's CPU the asyncio one takes.
-            wrk_runs: list[dict[str, Any]] = []
-            wrk_floor_runs: list[dict[str, Any]] = []
-            for clients in (1, 16):
-                wrk_batches: dict[str, list[dict[str, Any]]] = {a: [] for a in actions}
-                wrk_floors = []
-                wrk_busy = HostShare()
-                for _ in range(args.batches):
-                    for action in actions:
-                        before = host_ticks()
-                        wrk_batches[action].append(measure_wrk(
-                            agent, server_ids, action, clients, args.wrk_seconds, keep=True))
-                        wrk_busy.span(before, host_ticks())
-                    wrk_floors.append(wrk_floor(size, clients, args.wrk_seconds))
-                    time.sleep(BATCH_GAP_SECONDS)
-                wrk_runs.extend({**pooled(wrk_batches[a]), "host": wrk_busy.percent()}
-                                for a in actions)
-                wrk_floor_runs.append(pooled(wrk_floors))
-            result["http_wrk"] = wrk_runs
-            result["floor_wrk"] = wrk_floor_runs
+            result["http_wrk"], result["floor_wrk"] = latency_runs(
+                lambda action, clients: measure_wrk(
+                    agent, server_ids, action, clients, args.wrk_seconds, keep=True),
+                lambda clients: wrk_floor(size, clients, args.wrk_seconds),
+                args.batches)
 
         # A Panel comes: every server sampled and forwarded every stats_interval.
         panel = PanelChild(agent.secret, panel_port)
@@ -508,27 +515,12 @@ def report(results: list[dict[str, Any]]) -> str:
                 steal=r.get("host_idle_window", {}).get("steal", float("nan")),
                 **r)
         )
-        for h in r["http"]:
-            lines.append(
-                "  {action:<20} {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99 {p99_ms:6.2f} ms"
-                "  (target p99 < 10 ms at 16)  {per_s:6.0f} req/s; {requests} requests in"
-                " {batches} batches, their own p99 {low:.1f}-{high:.1f} ms{host_note}".format(
-                    low=min(h["batch_p99_ms"]), high=max(h["batch_p99_ms"]),
-                    host_note=_host_note(h), **h)
-            )
+        lines.extend(_http_line(h) for h in r["http"])
         lines.extend(floor_lines(r["http"], r.get("floor", [])))
         if r.get("http_wrk"):
             lines.append("  the same through wrk (bench/wrk_client.py: a C client, a third of the"
                          " asyncio client's CPU per request):")
-            for h in r["http_wrk"]:
-                lines.append(
-                    "  {action:<20} {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99"
-                    " {p99_ms:6.2f} ms  (target p99 < 10 ms at 16)  {per_s:6.0f} req/s; agent CPU"
-                    " {cpu_ms_per_request:5.3f} ms/req; {requests} requests in {batches}"
-                    " batches, their own p99 {low:.1f}-{high:.1f} ms{host_note}".format(
-                        low=min(h["batch_p99_ms"]), high=max(h["batch_p99_ms"]),
-                        host_note=_host_note(h), **h)
-                )
+            lines.extend(_http_line(h, agent_cpu=True) for h in r["http_wrk"])
             lines.extend(floor_lines(r["http_wrk"], r.get("floor_wrk", [])))
         else:
             lines.append("  (wrk not installed or --wrk-seconds 0: the asyncio client only)")
@@ -544,6 +536,19 @@ def report(results: list[dict[str, Any]]) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def _http_line(run: dict[str, Any], agent_cpu: bool = False) -> str:
+    """One pooled run of a read (``agent_cpu``: with the agent's CPU per read)."""
+    return (
+        "  {action:<20} {clients:>2} client(s): p50 {p50_ms:6.2f} ms  p99 {p99_ms:6.2f} ms"
+        "  (target p99 < 10 ms at 16)  {per_s:6.0f} req/s;{cpu} {requests} requests in"
+        " {batches} batches, their own p99 {low:.1f}-{high:.1f} ms{host_note}".format(
+            low=min(run["batch_p99_ms"]), high=max(run["batch_p99_ms"]),
+            cpu=" agent CPU {:5.3f} ms/req;".format(run["cpu_ms_per_request"])
+            if agent_cpu else "",
+            host_note=_host_note(run), **run)
+    )
 
 
 def _host_note(run: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ batches pool as ``http_latency.pooled`` pools the asyncio client's.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, http_latency
 
-from http_latency import cpu_split, percentile  # noqa: E402
+from http_latency import FloorServer, cpu_split, figures  # noqa: E402
 
 __all__ = ["WRK", "available", "measure_wrk", "wrk_floor"]
 
@@ -42,7 +43,7 @@ _SCRIPT = r"""
 local bodies = {%(bodies)s}
 local headers = {%(headers)s}
 local reqs = {}
-local index = %(offset)d
+local index = 0
 failures = 0
 local threads = {}
 
@@ -105,8 +106,6 @@ def _lua_string(text: str) -> str:
 
 
 def _script(target: Target, server_ids: list[str], action: str) -> str:
-    import json
-
     bodies = ",\n".join(
         _lua_string(json.dumps({"action": action, "serverId": sid, "payload": {}}))
         for sid in server_ids
@@ -114,7 +113,7 @@ def _script(target: Target, server_ids: list[str], action: str) -> str:
     headers = ", ".join(
         "[ {} ] = {}".format(_lua_string(k), _lua_string(v)) for k, v in target.headers().items()
     )
-    return _SCRIPT % {"bodies": bodies, "headers": headers, "offset": 0}
+    return _SCRIPT % {"bodies": bodies, "headers": headers}
 
 
 def measure_wrk(
@@ -168,32 +167,20 @@ def measure_wrk(
     if failed or errors:
         raise RuntimeError("{}: {} failed answers, {} socket errors".format(
             action, failed, errors))
-    user_ms = (user_after - user_before) * 1000
-    system_ms = (system_after - system_before) * 1000
-    import statistics
-
-    return {
-        "action": action,
-        "clients": clients,
-        "requests": len(ms),
-        "p50_ms": statistics.median(ms),
-        "p99_ms": percentile(ms, 99),
-        "max_ms": max(ms),
-        "per_s": requests / (duration_us / 1e6),
-        # The agent's CPU over the whole wrk run (its start and end included).
-        "cpu_ms_per_request": (user_ms + system_ms) / requests,
-        "cpu_user_ms_per_request": user_ms / requests,
-        "cpu_system_ms_per_request": system_ms / requests,
-        "client_cpu_ms_per_request": (usage.ru_utime + usage.ru_stime) * 1000 / requests,
-        "window": [time.time() - elapsed, time.time()],
-        **({"latencies_ms": ms} if keep else {}),
-    }
+    # The agent's CPU over the whole wrk run (its start and end included).
+    return figures(
+        action, clients, ms,
+        per_s=requests / (duration_us / 1e6),
+        user_ms=(user_after - user_before) * 1000,
+        system_ms=(system_after - system_before) * 1000,
+        client_ms=(usage.ru_utime + usage.ru_stime) * 1000,
+        window=[time.time() - elapsed, time.time()],
+        keep=keep,
+    )
 
 
 def wrk_floor(body_bytes: int, clients: int, seconds: int = 1) -> dict[str, Any]:
     """``measure_wrk`` against a ``FloorServer`` (the host's floor for this client)."""
-    from http_latency import FloorServer
-
     floor = FloorServer(body_bytes).start()
     try:
         run = measure_wrk(floor, ["floor"], "floor", clients, seconds, keep=True)

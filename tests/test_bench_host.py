@@ -6,6 +6,7 @@ and how much the hypervisor took, over the spans the benchmark measured.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from tests.rig.benchmods import load
 
@@ -33,3 +34,29 @@ def test_spans_add_up_in_percent_of_all_cores() -> None:
     assert scale._host_note({"host": share.percent()}) == (
         "; the host's cores 40 % busy, 1.0 % stolen")
     assert scale._host_note({}) == ""
+
+
+def test_latency_runs_pool_each_read_and_client_count_with_its_floor(monkeypatch: Any) -> None:
+    scale = load("scale")
+    http_latency = load("http_latency")
+    monkeypatch.setattr(scale, "BATCH_GAP_SECONDS", 0.0)
+    asked: list[tuple[str, int]] = []
+
+    def batch(action: str, clients: int) -> dict[str, Any]:
+        asked.append((action, clients))
+        return http_latency.figures(
+            action, clients, [1.0, 2.0, float(clients)], per_s=100.0, user_ms=3.0,
+            system_ms=0.0, client_ms=1.5, window=[0.0, 0.03], keep=True)
+
+    def floor(clients: int) -> dict[str, Any]:
+        asked.append(("floor", clients))
+        return {**batch("floor", clients), "action": "floor"}
+
+    runs, floors = scale.latency_runs(batch, floor, 2)
+    reads = [a for a in asked if a[0] != "floor"]
+    assert reads == [(a, c) for c in (1, 16) for _ in range(2) for a in scale.ACTIONS]
+    assert [(r["action"], r["clients"], r["requests"], r["batches"]) for r in runs] == [
+        (a, c, 6, 2) for c in (1, 16) for a in scale.ACTIONS]
+    assert all(set(r["host"]) == {"busy", "steal"} for r in runs)
+    assert [(f["clients"], f["requests"]) for f in floors] == [(1, 6), (16, 6)]
+    assert runs[0]["cpu_ms_per_request"] == 1.0 and runs[0]["client_cpu_ms_per_request"] == 0.5

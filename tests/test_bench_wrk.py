@@ -17,15 +17,13 @@ from typing import Any
 
 import pytest
 
+from tests.backups.conftest import require_tool
 from tests.rig.benchmods import load
 
 
 def _wrk() -> ModuleType:
     module = load("wrk_client")
-    if not module.available():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("wrk is not installed (.ci/run installs it)")
-        pytest.skip("wrk is not installed (apt-get install wrk)")
+    require_tool(module.available(), "wrk (apt-get install wrk)")
     return module
 
 

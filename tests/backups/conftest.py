@@ -96,5 +96,5 @@ def require_tool(present: bool, what: str) -> None:
     if present:
         return
     if in_ci():
-        pytest.fail("{} is missing, and CI=true needs every backup test to run".format(what))
+        pytest.fail("{} is missing, and CI=true needs every such test to run".format(what))
     pytest.skip("{} is not installed".format(what))

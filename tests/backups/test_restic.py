@@ -50,6 +50,19 @@ def restic_driver(tmp_path: Path, **kw: Any) -> ResticDriver:
     return ResticDriver(config, cache_dir=str(tmp_path / "restic-cache"))
 
 
+def recorded_commands(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every command line started from now on (still run for real), in order."""
+    argv: list[list[str]] = []
+    real = subprocess.Popen
+
+    def recording(args: list[str], **kw: Any) -> Any:
+        argv.append(list(args))
+        return real(args, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    return argv
+
+
 def snapshots(driver: ResticDriver) -> list[str]:
     out, _ = driver.run(["snapshots", "--json"])
     return [s["id"] for s in json.loads(out)]
@@ -61,14 +74,7 @@ async def test_backup_and_restore_through_restic(rig: Rig, tmp_path: Path,
     populate(rig.root())
     before = tree(rig.root())
     driver = restic_driver(tmp_path, password=PASSWORD)
-    argv: list[list[str]] = []
-    real = subprocess.Popen
-
-    def recording(args: list[str], **kw: Any) -> Any:
-        argv.append(list(args))
-        return real(args, **kw)
-
-    monkeypatch.setattr(subprocess, "Popen", recording)
+    argv = recorded_commands(monkeypatch)
     m = rig.manager({"restic": driver})
     m.startService()
     await m.ready
@@ -108,14 +114,7 @@ async def test_retention_forgets_every_snapshot_it_removes_in_one_restic_run(
         rig.clock.advance(60)
     # One of the snapshots retention will remove is gone already.
     driver.delete(made[0].location or "")
-    argv: list[list[str]] = []
-    real = subprocess.Popen
-
-    def recording(args: list[str], **kw: Any) -> Any:
-        argv.append(list(args))
-        return real(args, **kw)
-
-    monkeypatch.setattr(subprocess, "Popen", recording)
+    argv = recorded_commands(monkeypatch)
     removed = await m.apply_retention("srv1", 1, None)
     assert sorted(removed) == sorted(r.id for r in made[:3])
     forgets = [args for args in argv if "forget" in args]
