@@ -112,6 +112,16 @@ class IServerManager(Interface):
         "network": {"in": int, "out": int}, "players": int, "timestamp": ISO}``.
         """
 
+    def read_answer(action: str, server_id: str) -> bytes | None:
+        """
+        The encoded success answer (the whole JSON body) of a bare
+        ``get_server_status`` or ``get_server_metrics`` of ``server_id``, when
+        the manager has it at hand without the registry, exactly as the
+        registry would write it now; None to have the registry answer (any
+        other action, an unknown server, an answer not kept).  The API's
+        plain-command path asks it first.
+        """
+
     def send_command(server_id: str, command: str) -> object:
         """
         Write one line to the server's stdin.  The server's own stop command,

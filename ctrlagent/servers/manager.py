@@ -46,7 +46,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
@@ -77,11 +77,15 @@ from ctrlagent.servers.delivery import JOURNAL_NAME, ConsoleDelivery, EventBus, 
 from ctrlagent.servers.lifecycle import parse_state
 from ctrlagent.servers.locks import FileLocks
 from ctrlagent.servers.ports import PortPool, allocations
+from ctrlagent.servers.reads import METRICS, STATUS, ReadAnswers
 from ctrlagent.servers.server import Server
 from ctrlagent.servers.services import RowWriter, ServerNetwork, ServerServices
 from ctrlagent.servers.stats import StatsHub
 from ctrlagent.servers.store import ServerRecord, ServerStore, open_store
 from ctrlagent.startup import StartupError
+from ctrlagent.wire import http as envelopes
+from ctrlagent.wire.command import ActionResult, unusable_text
+from ctrlagent.wire.json import encode, to_json
 from ctrlagent.wire.servers import (
     Ack,
     ConsoleStatus,
@@ -125,6 +129,8 @@ class ServerManager(service.Service):
         close_engine: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.reactor = reactor
+        #: Status and metrics answers kept between samples (``read_answer``).
+        self.reads = ReadAnswers(self._render_read)
         # Time may come from elsewhere than threads (a Clock in unit tests).
         self.clock = clock if clock is not None else reactor
         self.config = config
@@ -776,6 +782,37 @@ class ServerManager(service.Service):
         """The Panel's metrics shape from the latest sample."""
         return self.get(server_id).metrics()
 
+    def read_answer(self, action: str, server_id: str) -> bytes | None:
+        """
+        The encoded success answer of a bare ``get_server_status`` or
+        ``get_server_metrics`` of ``server_id`` (any of its names), filled
+        from the server's kept answer (``servers.reads``); None for any other
+        action, an unknown server, or an answer not kept: the registry
+        answers it as ever.
+        """
+        if action not in _READS:
+            return None
+        # As ``resolve`` does, ids first; an alias with a lone surrogate is the
+        # registry's to refuse.
+        server = self._servers.get(server_id)
+        if server is None:
+            canonical = self._aliases.get(server_id)
+            if canonical is None or unusable_text(server_id):
+                return None
+            server = self._servers.get(canonical)
+            if server is None:
+                return None
+        return self.reads.answer(action, server, self.clock.seconds())
+
+    @staticmethod
+    def _render_read(action: str, server: Server, now: float) -> bytes:
+        """A read's answer at ``now`` as the registry writes it (``actions/servers.py``)."""
+        if action == STATUS:
+            data: object = server.status(allocations(server.spec), now)
+        else:
+            data = {**to_json(server.metrics(now)), "serverId": server.server_id}
+        return encode(envelopes.success(ActionResult(cast(dict[str, Any], data))))
+
     @async_to_deferred
     async def send_command(self, server_id: str, command: str) -> Ack:
         """Write one line to the server's stdin."""
@@ -868,6 +905,10 @@ class ServerManager(service.Service):
 # Distinct engine warnings remembered as logged (beyond, a new one is logged
 # every time it comes: a bound, not a behaviour any engine reaches).
 _WARNINGS_REMEMBERED = 256
+
+
+# The reads ``read_answer`` may answer.
+_READS = frozenset((STATUS, METRICS))
 
 
 def _with_allocations(server: Server) -> ServerStatus:

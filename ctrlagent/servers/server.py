@@ -96,6 +96,8 @@ class Server:
         self.last_crash = last_crash
         self.crash_report: CrashReport | None = None
         self.retired = False
+        # The status and metrics answers kept by ``servers.reads`` (by action).
+        self.kept_answers: dict[str, Any] = {}
         config = services.config.servers
         self.lifecycle = Lifecycle(
             sid,
@@ -227,12 +229,20 @@ class Server:
             self.desired = desired
             self._persist(desired=desired)
 
-    def status(self, allocations: tuple[Allocation, ...] = ()) -> ServerStatus:
-        """The server's status as the Panel reads it (with its published ports, given)."""
+    def status(
+        self, allocations: tuple[Allocation, ...] = (), now: float | None = None
+    ) -> ServerStatus:
+        """
+        The server's status as the Panel reads it (with its published ports,
+        given) at ``now`` (the clock's time when not given).  ``read_key``
+        names everything it shows but the time.
+        """
+        if now is None:
+            now = self.services.clock.seconds()
         active = self.state in ACTIVE_STATES
         uptime: float | None = None
         if active and self.started_at is not None:
-            uptime = max(0.0, self.services.clock.seconds() - self.started_at)
+            uptime = max(0.0, now - self.started_at)
         return ServerStatus(
             server_id=self.server_id,
             name=self.spec.name,
@@ -243,11 +253,26 @@ class Server:
             image=self.spec.image,
             aliases=tuple(self.spec.aliases),
             error=self.error or None,
-            resources=self.metrics() if active else None,
+            resources=self.metrics(now) if active else None,
             uptime=uptime,
             last_crash=self.crash_report,
             power_action=self.power or None,
             allocations=allocations,
+        )
+
+    def read_key(self) -> tuple[object, ...]:
+        """
+        Everything ``status`` and ``metrics`` show but the time, sampling the
+        kernel first as they do: while it is the same (``==``), so are their
+        answers at the same ``now`` (``servers.reads`` keeps them by it).
+        ``tests/servers/test_read_answers.py`` holds it to the attributes they read.
+        """
+        if self.state in ACTIVE_STATES:
+            self.sampler.fresh()
+        return (
+            self.state, self.lifecycle.panel_status(), self.container_id, self.desired,
+            self.spec, self.error, self.crash_report, self.power, self.started_at,
+            self.disk_bytes, self.stats,
         )
 
     def brief(self) -> ServerBrief:
@@ -259,12 +284,13 @@ class Server:
             container_id=self.container_id,
         )
 
-    def metrics(self) -> Metrics:
-        """The latest sample in the Panel's units (zeroes when stopped)."""
+    def metrics(self, now: float | None = None) -> Metrics:
+        """The latest sample in the Panel's units (zeroes when stopped), at ``now``."""
         if self.state in ACTIVE_STATES:
             # Unwatched servers are sampled seldom: a reader gets a recent one.
             self.sampler.fresh()
-        now = self.services.clock.seconds()
+        if now is None:
+            now = self.services.clock.seconds()
         running = self.state in ACTIVE_STATES and bool(self.stats)
         stats = self.stats if running else {}
         return Metrics(

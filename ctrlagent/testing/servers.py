@@ -426,6 +426,10 @@ class FakeServerManager:
         self._emit(ResourceUpdate(server.server_id, sample))
         return sample
 
+    def read_answer(self, action: str, server_id: str) -> bytes | None:
+        """Never at hand: the registry answers every read (``IServerManager.read_answer``)."""
+        return None
+
     def send_command(self, server_id: str, command: str) -> Deferred[Ack]:
         """
         Write a line to stdin; the fake server echoes it.  Taken while the
