@@ -11,23 +11,26 @@ the encoded answer cut where the time goes (a template), and fills the
 template with the time of each read while the server's ``read_key`` (every
 other thing the answer shows) stays the same.
 
-A template is made from two renderings of the answer at two times far
-apart (``_FIRST``, ``_SECOND``): the first is cut wherever that time's
-``timestamp`` or ``uptime`` appears, and the template filled with the second
-time must give the second rendering byte for byte, else the answer is not
-kept (a name that holds such a time, a field that moves with the time in a
-way the template does not know) and every read of it takes the registry's
-path, as before.  An ``uptime`` outside the range where every JSON encoder
-writes a float alike (under a millisecond, or absurdly long) is not filled
-either.  The registry stays the reference: ``read_answer`` returning None
-means "answer as ever".
+The template costs no rendering of its own.  The first read of a key is
+rendered (as the registry would write it, at the time of that read) and
+remembered with its time; the next read of the same key, at least
+``_APART`` later, is rendered too, and the two make the template: the
+first is cut wherever its time's ``timestamp`` or ``uptime`` appears, and
+the template filled with the second read's time must give the second
+rendering byte for byte, else the answer is not kept (a name that holds such
+a time, a field that moves with the time in a way the template does not
+know) and every read of that key takes the registry's path, as before.  So
+a server read once per sample (a Panel polling) costs one rendering a read,
+and one read many times per sample costs two renderings, then fills.  An
+``uptime`` outside the range where every JSON encoder writes a float alike
+(under a millisecond, or absurdly long) is not filled either.  The registry
+stays the reference: ``read_answer`` returning None means "answer as ever".
 
 Pure but for the server it reads: no reactor, no I/O of its own.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -45,10 +48,10 @@ METRICS = "get_server_metrics"
 # ``(action, server, now)`` -> the encoded success answer of the read at ``now``.
 Render = Callable[[str, "Server", float], bytes]
 
-# The two times a template is made from: far from any real time (2100 and
-# 2101), with milliseconds that no rounding blurs.
-_FIRST = 4102444800.125
-_SECOND = 4133980800.375
+# Two renderings make a template only this far apart (seconds): their
+# times differ in their milliseconds, so that no field that holds one time
+# passes the check by chance.
+_APART = 0.002
 # An uptime is filled only in this range: there ``json`` and orjson write a
 # float the same way (no exponent).
 _UPTIME_MIN = 1e-3
@@ -69,16 +72,23 @@ Piece = bytes | _Now | _Uptime
 
 
 class _Kept:
-    """One read's answer for one ``read_key``: its template, or None (not kept)."""
+    """
+    One read's answer for one ``read_key``: its template (``pieces``), or
+    the first rendering and its time while there is none yet, or neither
+    (``refused``: not kept, the registry answers).
+    """
 
-    __slots__ = ("key", "pieces", "started_at")
+    __slots__ = ("key", "pieces", "started_at", "first", "at", "refused")
 
     def __init__(
-        self, key: tuple[object, ...], pieces: tuple[Piece, ...] | None, started_at: float | None
+        self, key: tuple[object, ...], started_at: float | None, first: bytes, at: float
     ) -> None:
         self.key = key
-        self.pieces = pieces
+        self.pieces: tuple[Piece, ...] | None = None
         self.started_at = started_at
+        self.first: bytes | None = first
+        self.at = at
+        self.refused = False
 
 
 def _marks(now: float, started_at: float | None) -> dict[bytes, Piece]:
@@ -104,25 +114,36 @@ def fill(pieces: tuple[Piece, ...], now: float, started_at: float | None) -> byt
     )
 
 
+def _cut(answer: bytes, marks: dict[bytes, Piece]) -> list[Piece]:
+    """``answer`` cut at every occurrence of a mark, left to right (the longer first)."""
+    found: list[tuple[int, int, Piece]] = []
+    for mark, piece in marks.items():
+        at = answer.find(mark)
+        while at >= 0:
+            found.append((at, -len(mark), piece))
+            at = answer.find(mark, at + len(mark))
+    pieces: list[Piece] = []
+    end = 0
+    for at, negative_length, piece in sorted(found, key=lambda f: (f[0], f[1])):
+        if at < end:
+            continue  # inside the mark just cut
+        pieces.append(answer[end:at])
+        pieces.append(piece)
+        end = at - negative_length
+    pieces.append(answer[end:])
+    return pieces
+
+
 def template(
-    first: bytes, second: bytes, started_at: float | None
+    first: bytes, first_at: float, second: bytes, second_at: float, started_at: float | None
 ) -> tuple[Piece, ...] | None:
     """
-    ``first`` (the answer at ``_FIRST``) cut where the time goes, checked
-    against ``second`` (the answer at ``_SECOND``); None when the cut does
-    not give ``second`` back.
+    ``first`` (the answer at ``first_at``) cut where the time goes, checked
+    against ``second`` (the answer at ``second_at``, ``_APART`` or more
+    later); None when the cut does not give ``second`` back.
     """
-    marks = _marks(_FIRST, started_at)
-    pattern = re.compile(b"|".join(re.escape(m) for m in sorted(marks, key=len, reverse=True)))
-    pieces: list[Piece] = []
-    at = 0
-    for found in pattern.finditer(first):
-        pieces.append(first[at : found.start()])
-        pieces.append(marks[found.group()])
-        at = found.end()
-    pieces.append(first[at:])
-    kept = tuple(p for p in pieces if p != b"")
-    if fill(kept, _SECOND, started_at) != second:
+    kept = tuple(p for p in _cut(first, _marks(first_at, started_at)) if p != b"")
+    if fill(kept, second_at, started_at) != second:
         return None
     return kept
 
@@ -145,18 +166,22 @@ class ReadAnswers:
         key = server.read_key()
         kept = server.kept_answers.get(action)
         if kept is None or kept.key != key:
-            kept = self._make(action, server, key)
-            server.kept_answers[action] = kept
-        if kept.pieces is None:
-            return None
-        answer = fill(kept.pieces, now, kept.started_at)
+            first = self._render(action, server, now)
+            server.kept_answers[action] = _Kept(key, server.started_at, first, now)
+            return first
+        pieces = kept.pieces
+        if pieces is None:
+            if kept.refused or kept.first is None:
+                return None
+            rendered = self._render(action, server, now)
+            if now - kept.at >= _APART:
+                pieces = template(kept.first, kept.at, rendered, now, kept.started_at)
+                kept.first = None
+                kept.pieces = pieces
+                kept.refused = pieces is None
+                self.made += 1
+            return rendered
+        answer = fill(pieces, now, kept.started_at)
         if answer is not None:
             self.filled += 1
         return answer
-
-    def _make(self, action: str, server: Server, key: tuple[object, ...]) -> _Kept:
-        self.made += 1
-        started_at = server.started_at
-        first = self._render(action, server, _FIRST)
-        second = self._render(action, server, _SECOND)
-        return _Kept(key, template(first, second, started_at), started_at)
