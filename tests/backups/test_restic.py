@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -392,14 +393,26 @@ def test_the_planning_walk_runs_while_restic_starts(tmp_path: Path,
     real_plan = restic.plan_tree
 
     def plan(fd: int, rules: Any) -> Any:
-        # restic is running (deriving its key) while we walk.
-        seen.append([cmd for cmd in _restic_children()])
+        # restic is running (deriving its key) while we walk.  Its child may
+        # not have exec'd yet (its command line is still this process's):
+        # wait for it a little, bounded.
+        seen.append(_restic_children_within(5.0))
         return real_plan(fd, rules)
 
     monkeypatch.setattr(restic, "plan_tree", plan)
     done = backup_dir(driver, root)
     assert done is not None and done[0].files == 1
     assert seen and seen[0], "no restic process while the plan was walked"
+
+
+def _restic_children_within(seconds: float) -> list[str]:
+    """``_restic_children()`` once there are any, or ``[]`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = _restic_children()
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.01)
 
 
 def _restic_children() -> list[str]:
