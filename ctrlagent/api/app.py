@@ -248,10 +248,10 @@ class AgentApi:
         # The listener hands over bodies within http.max_body_bytes only.
         if not self.offers_secret(authorization, api_key):
             return None
+        started = self._clock.seconds()
         plain = _bare_command(body) if len(body) <= _BARE_BODY_BYTES else None
         if plain is not None and plain[1] is not None:
             # A status or metrics read the manager keeps (servers/reads.py).
-            started = self._clock.seconds()
             kept = self._read_answer(plain[0], plain[1]) if self._read_answer else None
             if kept is not None:
                 self._observe(plain[0], started, True)
@@ -264,7 +264,6 @@ class AgentApi:
             except Exception:
                 # A 400, a coded failure, or a logged 500: the route's to answer.
                 return None
-        started = self._clock.seconds()
         try:
             work = self._dispatcher.dispatch(command)
             assert isinstance(work, Deferred)

@@ -808,7 +808,7 @@ class ServerManager(service.Service):
     def _render_read(action: str, server: Server, now: float) -> bytes:
         """A read's answer at ``now`` as the registry writes it (``actions/servers.py``)."""
         if action == STATUS:
-            data: object = server.status(allocations(server.spec), now)
+            data: object = _with_allocations(server, now)
         else:
             data = {**to_json(server.metrics(now)), "serverId": server.server_id}
         return encode(envelopes.success(ActionResult(cast(dict[str, Any], data))))
@@ -911,9 +911,9 @@ _WARNINGS_REMEMBERED = 256
 _READS = frozenset((STATUS, METRICS))
 
 
-def _with_allocations(server: Server) -> ServerStatus:
+def _with_allocations(server: Server, now: float | None = None) -> ServerStatus:
     """``server``'s status with its published ports (built once: a status read's cost)."""
-    return server.status(allocations(server.spec))
+    return server.status(allocations(server.spec), now)
 
 
 def _unusable(error: Exception) -> str:

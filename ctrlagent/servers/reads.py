@@ -75,10 +75,10 @@ class _Kept:
     """
     One read's answer for one ``read_key``: its template (``pieces``), or
     the first rendering and its time while there is none yet, or neither
-    (``refused``: not kept, the registry answers).
+    (not kept: the registry answers).
     """
 
-    __slots__ = ("key", "pieces", "started_at", "first", "at", "refused")
+    __slots__ = ("key", "pieces", "started_at", "first", "at")
 
     def __init__(
         self, key: tuple[object, ...], started_at: float | None, first: bytes, at: float
@@ -88,7 +88,6 @@ class _Kept:
         self.started_at = started_at
         self.first: bytes | None = first
         self.at = at
-        self.refused = False
 
 
 def _marks(now: float, started_at: float | None) -> dict[bytes, Piece]:
@@ -171,14 +170,12 @@ class ReadAnswers:
             return first
         pieces = kept.pieces
         if pieces is None:
-            if kept.refused or kept.first is None:
-                return None
+            if kept.first is None:
+                return None  # refused: no template for this key
             rendered = self._render(action, server, now)
             if now - kept.at >= _APART:
-                pieces = template(kept.first, kept.at, rendered, now, kept.started_at)
+                kept.pieces = template(kept.first, kept.at, rendered, now, kept.started_at)
                 kept.first = None
-                kept.pieces = pieces
-                kept.refused = pieces is None
                 self.made += 1
             return rendered
         answer = fill(pieces, now, kept.started_at)
