@@ -4,7 +4,7 @@ every callback is forwarded to the link through ``LinkHooks``), its factory,
 and the write flow of one connection (``_Drain``).
 
 ``_Drain`` is a pull producer on the connection's lowest transport that learns
-when the bytes written have been taken by the kernel.  It is the write flow
+when the bytes written have been taken by the kernel, send by send.  It is the write flow
 control (past a buffer's worth, events wait in the link's outbox) and it
 settles the receipts of the console frames written before: the link is the
 server manager's acknowledging consumer (``IConsoleConsumer``), whose marks
@@ -15,13 +15,16 @@ connection fails go out first on the next one.
 
 from __future__ import annotations
 
+import gc
 import os
 import struct
+from collections import deque
 from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectingRequest
 from autobahn.websocket.xormasker import create_xor_masker
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -63,6 +66,25 @@ class _Drain:
     same call (``ctrlagent.servers.delivery``).  Frames not taken when the
     connection fails are put back at the head of the outbox by the link.
 
+    **Each send, not only each drain.**  On a real socket (a Twisted
+    ``FileDescriptor``) the drain also counts the bytes written into the
+    socket's buffer (``write``/``writeSequence``, whoever writes: the link,
+    Autobahn's pongs, TLS) and the bytes each ``send`` took from it
+    (``writeSomeData``, which Twisted's ``doWrite`` calls).  A frame written
+    straight into that buffer (nothing held above it) ends at a known byte
+    offset, and it is settled by the very send that took its last byte, in
+    the same call as that system call: while the Panel reads slowly and the
+    buffer never empties, frames already taken are not held back to the
+    next full drain (a SIGKILL would repeat them all).  The count is checked
+    at every send that was handed the whole buffer (``len(data)`` under
+    ``SEND_LIMIT``: Twisted joined everything pending into it): a count that
+    disagrees is reported once and the drain falls back to settling at full
+    drains, which is always sound.  Counting starts at the first send that
+    emptied the buffer, where both counts are known to be equal.  The
+    collector is held off from the send to its settlement, so no collection
+    pause widens the gap between the kernel taking a frame and the journal
+    record of its lines.
+
     It is also the write flow control: past ``high_water`` bytes written and
     not yet drained, the link queues events in its outbox (``writes_paused``)
     until the next drain (``writes_resumed``).  A pull producer keeps a
@@ -77,9 +99,19 @@ class _Drain:
         self.socket: Any = _socket_transport(protocol.transport)
         self.high_water = int(getattr(self.socket, "bufferSize", 0) or 65536)
         self.unsent = 0  # bytes written since the last drain
-        self.groups: list[tuple[Entry, Receipts]] = []  # console frames written, not yet taken
+        # Console frames written, not yet taken, with the socket byte offset
+        # their last byte has (None: unknown, settled at a full drain).
+        self.groups: deque[tuple[Entry, Receipts, int | None]] = deque()
         self.paused = False
         self.registered = False
+        # Bytes written into the socket's buffer and taken from it by the
+        # kernel, since counting started (``counting``).
+        self.written = 0
+        self.taken = 0
+        self.counting = False
+        self.disagreed = False  # the counts disagreed once: full drains only, for good
+        self.watching = False  # the socket's sends are watched (a FileDescriptor)
+        self._send_limit = 0
 
     def start(self) -> None:
         """Register with the socket's transport (it calls ``resumeProducing`` at once)."""
@@ -95,6 +127,90 @@ class _Drain:
             )
             return
         self.registered = True
+        self._watch_sends()
+
+    def _watch_sends(self) -> None:
+        """Count the socket's writes and sends (see the class docstring)."""
+        socket = self.socket
+        if not isinstance(socket, FileDescriptor):
+            return  # in memory (tests' iosim): settled at full drains only
+        write = socket.write
+        write_sequence = socket.writeSequence
+        send = socket.writeSomeData
+        self._send_limit = int(socket.SEND_LIMIT)
+
+        def counted_write(data: bytes) -> None:
+            self.written += len(data)
+            write(data)
+
+        def counted_write_sequence(iovec: Any) -> None:
+            iovec = list(iovec)
+            self.written += sum(map(len, iovec))
+            write_sequence(iovec)
+
+        def counted_send(data: Any) -> Any:
+            holding = bool(self.groups) and gc.isenabled()
+            if holding:
+                gc.disable()
+            try:
+                size = len(data)
+                taken = send(data)
+                if type(taken) is int and taken >= 0:
+                    self._sent(size, taken)
+                return taken
+            finally:
+                if holding:
+                    gc.enable()
+
+        # On the instance: Twisted calls them as ``self.write`` and so on.
+        setattr(socket, "write", counted_write)  # noqa: B010
+        setattr(socket, "writeSequence", counted_write_sequence)  # noqa: B010
+        setattr(socket, "writeSomeData", counted_send)  # noqa: B010
+        self.watching = True
+
+    def _sent(self, offered: int, taken: int) -> None:
+        """A send was offered ``offered`` bytes of the buffer and the kernel took ``taken``."""
+        whole = offered < self._send_limit  # everything pending was offered
+        if self.counting:
+            if whole and self.written - self.taken != offered:
+                self._stop_counting(self.written - self.taken, offered)
+            else:
+                self.taken += taken
+                self._settle_taken()
+        if not (whole and taken == offered):
+            return
+        # The buffer is empty now.
+        if not self.counting and not self.disagreed:
+            self.written = self.taken = 0  # both counts start here, equal
+            self.counting = True
+        if self.groups and not _held_above(self._protocol, self.socket):
+            # What ``resumeProducing`` would settle next, settled here, before
+            # the collector may run again.
+            groups, self.groups = self.groups, deque()
+            for _, receipts, _ in groups:
+                settle(receipts)
+
+    def _stop_counting(self, counted: int, pending: int) -> None:
+        self.counting = False
+        self.disagreed = True
+        self.log.warn(  # noqa: G010
+            "the Panel connection's send count disagrees with its buffer ({counted} bytes"
+            " counted, {pending} pending): console lines are settled when its buffer"
+            " empties from now on",
+            counted=counted,
+            pending=pending,
+        )
+        self.groups = deque((entry, receipts, None) for entry, receipts, _ in self.groups)
+
+    def _settle_taken(self) -> None:
+        """Settle, in order, the frames whose last byte the kernel has taken."""
+        groups = self.groups
+        taken = self.taken
+        while groups:
+            end = groups[0][2]
+            if end is None or end > taken:
+                return
+            settle(groups.popleft()[1])
 
     def wrote(self, size: int) -> None:
         """``size`` bytes were written to the connection."""
@@ -105,26 +221,32 @@ class _Drain:
 
     def expect(self, entry: Entry, receipts: Receipts) -> None:
         """``entry`` was written: settle its receipts once the kernel has it."""
-        if self.registered:
-            self.groups.append((entry, receipts))
-        else:
+        if not self.registered:
             settle(receipts)
+            return
+        end = None
+        if self.counting and not _held_above(self._protocol, self.socket):
+            end = self.written
+        self.groups.append((entry, receipts, end))
 
     def take_unsent(self) -> list[tuple[Entry, Receipts]]:
         """The frames written and not yet taken by the kernel (the connection failed)."""
-        groups, self.groups = self.groups, []
-        return groups
+        groups, self.groups = self.groups, deque()
+        return [(entry, receipts) for entry, receipts, _ in groups]
 
     def resumeProducing(self) -> None:
         """The socket's write buffer is empty: what was written is the kernel's."""
         if not _held_above(self._protocol, self.socket):
-            groups, self.groups = self.groups, []
+            groups, self.groups = self.groups, deque()
             self.unsent = 0
-            for _, receipts in groups:
+            for _, receipts, _ in groups:
                 settle(receipts)
             if self.paused:
                 self.paused = False
                 self._link.writes_resumed(self._protocol)
+        else:
+            # Frames at known offsets are the kernel's (the buffer is empty).
+            self._settle_taken()
         if self.registered and getattr(self.socket, "disconnecting", False):
             self.registered = False
             self.socket.unregisterProducer()

@@ -47,14 +47,18 @@ record (a SIGKILL in the middle of a write), a damaged record or a file that
 is not a journal at all is skipped with one warning, never fatal; the store's
 mark then stands.
 
-**The two windows.**  The kernel takes a frame (``send``) and then the journal
-record (``write``): two system calls a few microseconds apart in one Python
-call, with no reactor turn between them.  A SIGKILL landing exactly between
-the two repeats that frame's lines after the restart (the opposite order
-would lose them instead).  Likewise, when the Panel's socket is backed up and
-the kernel took only part of the buffered frames when the SIGKILL came, the
-frames it took whole are repeated.  Both err on the side of a repeat, never
-a loss.
+**The one window.**  The kernel takes a frame (``send``) and then the
+journal record (``write``): two system calls in one Python call, with no
+reactor turn and no collection between them (the Panel link's drain holds the
+collector off from the send to the settlement).  A SIGKILL landing between
+the two repeats the lines of that one send after the restart (the opposite
+order would lose them instead).  The window is microseconds of the agent's
+time, but a busy host's scheduler may run another process in it (a loopback
+Panel's reader, which the send woke) for a few milliseconds.  Frames are
+settled send by send, so a Panel that reads slowly does not widen it: when
+the kernel takes the buffer a part at a time, each send settles the frames
+it took whole (``ctrlagent.panel.protocol._Drain``).  It errs on the side of
+a repeat, never a loss.
 """
 
 from __future__ import annotations

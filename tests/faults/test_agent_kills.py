@@ -11,8 +11,19 @@ SIGKILLs and restarts on the same state.
 
 Three servers print numbered lines at about 100 lines/s each; the agent is
 killed three times at random offsets (one in each third of the run, with a
-random time spent dead); every line must reach the Panel exactly once and in
-order.  The seed is in every failure message (``FAULTS_SEED`` replays it).
+random time spent dead); every line must reach the Panel, in order, and once,
+but for the one repeat the design allows (``_in_flight_repeats``).  The seed
+is in every failure message (``FAULTS_SEED`` replays it).
+
+The repeat allowed: the kernel takes a frame (``send``) and the journal
+records its lines (``write``) in one Python call, two system calls apart.  On
+a loopback Panel the ``send`` wakes the Panel's reader, and a busy host's
+scheduler may run it (and the test's killer) before the agent reaches the
+``write``: a SIGKILL there repeats the frames of that one send after the
+restart.  So at most one kill may show a repeat, and only of the frames the
+killed connection carried last: the tail of its console frames, sent again
+first on the next connection.  A mark that lags delivery in any other way
+repeats at every kill, or frames followed by later ones, and still fails.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from ctrlagent.testing.panel import FakePanel
+from ctrlagent.testing.panel import FakePanel, Received
 from tests.faults.rig import FaultAgent
 from tests.rig.waiting import sleep, until
 
@@ -69,6 +80,85 @@ def _kill_plan(rng: random.Random, duration: float) -> list[tuple[float, float]]
 
 def _numbers(lines: list[str]) -> list[int]:
     return [int(m.group(1)) for m in map(SEQ.match, lines) if m]
+
+
+def _log_frames(received: list[Received]) -> list[tuple[int, int, str, list[int]]]:
+    """``(index in received, connection, server id, line numbers)`` of each ``server_log``."""
+    out = []
+    for index, r in enumerate(received):
+        if r.frame.get("event") == "server_log":
+            data = r.frame["data"]
+            out.append((index, r.connection, data["serverId"], _numbers(data["lines"])))
+    return out
+
+
+def _lines_but(received: list[Received], server_id: str, skipped: dict[int, int]) -> list[str]:
+    """The server's console lines at the Panel, less ``skipped[i]`` leading lines of frame i."""
+    lines: list[str] = []
+    for index, r in enumerate(received):
+        if r.frame.get("event") == "server_log" and r.frame["data"]["serverId"] == server_id:
+            lines.extend(r.frame["data"]["lines"][skipped.get(index, 0):])
+    return lines
+
+
+def _in_flight_repeats(received: list[Received], servers: list[str]) -> dict[int, int] | str:
+    """
+    How many leading lines of which frames (by index in ``received``) repeat
+    the one send in flight at a kill, or what is wrong with the repeats.
+    Allowed: lines sent again first on the connection after the one that
+    carried them (a replayed frame may go on with new lines), all of them
+    from one connection, where they were whole frames and its last console
+    frames.
+    """
+    frames = _log_frames(received)
+    repeats: list[tuple[int, int]] = []  # (position in ``frames``, lines repeated)
+    for server_id in servers:
+        high = 0
+        carried: set[int] = set()  # connections that carried new lines of the server
+        for position, (_, connection, sid, numbers) in enumerate(frames):
+            if sid != server_id or not numbers:
+                continue
+            if numbers[0] > high:
+                high = numbers[-1]
+                carried.add(connection)
+                continue
+            again = len([n for n in numbers if n <= high])
+            if connection in carried or numbers[:again] != list(
+                range(numbers[0], numbers[0] + again)
+            ) or numbers[again:] != list(range(high + 1, high + 1 + len(numbers) - again)):
+                return "{}: frame {} ({}..{} on connection {}) is not a replay of the send" \
+                    " in flight followed by new lines".format(
+                        server_id, position, numbers[0], numbers[-1], connection
+                    )
+            repeats.append((position, again))
+            if again < len(numbers):
+                high = numbers[-1]
+                carried.add(connection)
+    if not repeats:
+        return {}
+    # What each repeat repeats: whole frames of an earlier connection.
+    originals: set[int] = set()
+    for position, again in repeats:
+        _, connection, sid, numbers = frames[position]
+        wanted = numbers[:again]
+        for earlier in range(position - 1, -1, -1):
+            _, c, s, n = frames[earlier]
+            if wanted and s == sid and c < connection and n and n == wanted[-len(n):]:
+                originals.add(earlier)
+                wanted = wanted[: -len(n)]
+        if wanted:
+            return "{}: frame {} repeats lines {}..{} that no earlier frame carried whole".format(
+                sid, position, numbers[0], numbers[again - 1]
+            )
+    connections = {frames[p][1] for p in originals}
+    if len(connections) != 1:
+        return "repeats after more than one kill (connections {})".format(sorted(connections))
+    (killed,) = connections
+    tail = {p for p, f in enumerate(frames) if f[1] == killed and p >= min(originals)}
+    if tail != originals:
+        return "the frames repeated after the kill that ended connection {} were followed" \
+            " there by frames that were not repeated: not the send in flight".format(killed)
+    return {frames[p][0]: again for p, again in repeats}
 
 
 def _docker_numbers(host: str, container_id: str) -> list[int]:
@@ -135,8 +225,12 @@ async def test_no_console_line_is_lost_or_repeated_across_sigkills_under_load(
             pass  # reported below, server by server, with what is missing
 
         problems = []
+        in_flight = _in_flight_repeats(panel.received, servers)
+        if isinstance(in_flight, str):
+            problems.append(in_flight)
+            in_flight = {}
         for server_id in servers:
-            numbers = _numbers(panel.console_lines(server_id))
+            numbers = _numbers(_lines_but(panel.received, server_id, in_flight))
             if numbers == list(range(1, LINES + 1)):
                 continue
             counts = Counter(numbers)
