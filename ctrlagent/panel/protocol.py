@@ -66,24 +66,20 @@ class _Drain:
     same call (``ctrlagent.servers.delivery``).  Frames not taken when the
     connection fails are put back at the head of the outbox by the link.
 
-    **Each send, not only each drain.**  On a real socket (a Twisted
-    ``FileDescriptor``) the drain also counts the bytes written into the
-    socket's buffer (``write``/``writeSequence``, whoever writes: the link,
-    Autobahn's pongs, TLS) and the bytes each ``send`` took from it
-    (``writeSomeData``, which Twisted's ``doWrite`` calls).  A frame written
-    straight into that buffer (nothing held above it) ends at a known byte
-    offset, and it is settled by the very send that took its last byte, in
-    the same call as that system call: while the Panel reads slowly and the
-    buffer never empties, frames already taken are not held back to the
-    next full drain (a SIGKILL would repeat them all).  The count is checked
-    at every send that was handed the whole buffer (``len(data)`` under
-    ``SEND_LIMIT``: Twisted joined everything pending into it): a count that
-    disagrees is reported once and the drain falls back to settling at full
-    drains, which is always sound.  Counting starts at the first send that
-    emptied the buffer, where both counts are known to be equal.  The
-    collector is held off from the send to its settlement, so no collection
-    pause widens the gap between the kernel taking a frame and the journal
-    record of its lines.
+    **Send by send, on a plain connection.**  When the WebSocket runs straight
+    on a Twisted TCP transport (``ws://``), a frame written into the socket's
+    buffer ends at a known byte offset: the bytes the kernel has taken so far
+    plus what Twisted's buffer holds (``_buffered``).  The drain counts what
+    each ``send`` takes (it wraps the transport's ``writeSomeData``, which
+    Twisted's ``doWrite`` calls) and settles every frame whose last byte it
+    took, in the same call as that system call.  So a Panel that reads slowly
+    and never lets the buffer empty does not hold back frames the kernel
+    already has (a SIGKILL would repeat them all), and from the send to the
+    settlement the collector is held off, so no collection pause widens the
+    gap between the kernel taking a frame and the journal record of its
+    lines.  Under TLS the bytes in the socket's buffer are ciphertext (and
+    some may still wait inside OpenSSL), so frames there settle at full
+    drains, as do frames Autobahn queued.
 
     It is also the write flow control: past ``high_water`` bytes written and
     not yet drained, the link queues events in its outbox (``writes_paused``)
@@ -99,19 +95,13 @@ class _Drain:
         self.socket: Any = _socket_transport(protocol.transport)
         self.high_water = int(getattr(self.socket, "bufferSize", 0) or 65536)
         self.unsent = 0  # bytes written since the last drain
-        # Console frames written, not yet taken, with the socket byte offset
-        # their last byte has (None: unknown, settled at a full drain).
+        # Console frames written, not yet taken, with the byte offset of
+        # their last byte (None: not known, settled at a full drain).
         self.groups: deque[tuple[Entry, Receipts, int | None]] = deque()
         self.paused = False
         self.registered = False
-        # Bytes written into the socket's buffer and taken from it by the
-        # kernel, since counting started (``counting``).
-        self.written = 0
-        self.taken = 0
-        self.counting = False
-        self.disagreed = False  # the counts disagreed once: full drains only, for good
-        self.watching = False  # the socket's sends are watched (a FileDescriptor)
-        self._send_limit = 0
+        self.watching = False  # each send is watched (a plain TCP transport)
+        self.taken = 0  # bytes the kernel took since the watch began
 
     def start(self) -> None:
         """Register with the socket's transport (it calls ``resumeProducing`` at once)."""
@@ -130,77 +120,33 @@ class _Drain:
         self._watch_sends()
 
     def _watch_sends(self) -> None:
-        """Count the socket's writes and sends (see the class docstring)."""
+        """Count what each send takes (see the class docstring)."""
         socket = self.socket
-        if not isinstance(socket, FileDescriptor):
-            return  # in memory (tests' iosim): settled at full drains only
-        write = socket.write
-        write_sequence = socket.writeSequence
+        if (
+            socket is not self._protocol.transport
+            or not isinstance(socket, FileDescriptor)
+            or _buffered(socket) is None
+        ):
+            return  # TLS, or in memory (tests' iosim): settled at full drains
         send = socket.writeSomeData
-        self._send_limit = int(socket.SEND_LIMIT)
-
-        def counted_write(data: bytes) -> None:
-            self.written += len(data)
-            write(data)
-
-        def counted_write_sequence(iovec: Any) -> None:
-            iovec = list(iovec)
-            self.written += sum(map(len, iovec))
-            write_sequence(iovec)
 
         def counted_send(data: Any) -> Any:
             holding = bool(self.groups) and gc.isenabled()
             if holding:
                 gc.disable()
             try:
-                size = len(data)
                 taken = send(data)
-                if type(taken) is int and taken >= 0:
-                    self._sent(size, taken)
+                if type(taken) is int and taken > 0:
+                    self.taken += taken
+                    self._settle_taken()
                 return taken
             finally:
                 if holding:
                     gc.enable()
 
-        # On the instance: Twisted calls them as ``self.write`` and so on.
-        setattr(socket, "write", counted_write)  # noqa: B010
-        setattr(socket, "writeSequence", counted_write_sequence)  # noqa: B010
+        # On the instance: ``doWrite`` calls it as ``self.writeSomeData``.
         setattr(socket, "writeSomeData", counted_send)  # noqa: B010
         self.watching = True
-
-    def _sent(self, offered: int, taken: int) -> None:
-        """A send was offered ``offered`` bytes of the buffer and the kernel took ``taken``."""
-        whole = offered < self._send_limit  # everything pending was offered
-        if self.counting:
-            if whole and self.written - self.taken != offered:
-                self._stop_counting(self.written - self.taken, offered)
-            else:
-                self.taken += taken
-                self._settle_taken()
-        if not (whole and taken == offered):
-            return
-        # The buffer is empty now.
-        if not self.counting and not self.disagreed:
-            self.written = self.taken = 0  # both counts start here, equal
-            self.counting = True
-        if self.groups and not _held_above(self._protocol, self.socket):
-            # What ``resumeProducing`` would settle next, settled here, before
-            # the collector may run again.
-            groups, self.groups = self.groups, deque()
-            for _, receipts, _ in groups:
-                settle(receipts)
-
-    def _stop_counting(self, counted: int, pending: int) -> None:
-        self.counting = False
-        self.disagreed = True
-        self.log.warn(  # noqa: G010
-            "the Panel connection's send count disagrees with its buffer ({counted} bytes"
-            " counted, {pending} pending): console lines are settled when its buffer"
-            " empties from now on",
-            counted=counted,
-            pending=pending,
-        )
-        self.groups = deque((entry, receipts, None) for entry, receipts, _ in self.groups)
 
     def _settle_taken(self) -> None:
         """Settle, in order, the frames whose last byte the kernel has taken."""
@@ -210,7 +156,14 @@ class _Drain:
             end = groups[0][2]
             if end is None or end > taken:
                 return
-            settle(groups.popleft()[1])
+            self._settle(groups.popleft()[1])
+
+    def _settle(self, receipts: Receipts) -> None:
+        """Settle receipts; one that fails is logged (it runs inside a send)."""
+        try:
+            settle(receipts)
+        except Exception:
+            self.log.failure("settling console receipts failed")
 
     def wrote(self, size: int) -> None:
         """``size`` bytes were written to the connection."""
@@ -225,8 +178,10 @@ class _Drain:
             settle(receipts)
             return
         end = None
-        if self.counting and not _held_above(self._protocol, self.socket):
-            end = self.written
+        if self.watching and not self._protocol.send_queue:
+            buffered = _buffered(self.socket)
+            if buffered is not None and not getattr(self.socket, "TLS", False):
+                end = self.taken + buffered
         self.groups.append((entry, receipts, end))
 
     def take_unsent(self) -> list[tuple[Entry, Receipts]]:
@@ -240,13 +195,12 @@ class _Drain:
             groups, self.groups = self.groups, deque()
             self.unsent = 0
             for _, receipts, _ in groups:
-                settle(receipts)
+                self._settle(receipts)
             if self.paused:
                 self.paused = False
                 self._link.writes_resumed(self._protocol)
         else:
-            # Frames at known offsets are the kernel's (the buffer is empty).
-            self._settle_taken()
+            self._settle_taken()  # frames at known offsets are the kernel's
         if self.registered and getattr(self.socket, "disconnecting", False):
             self.registered = False
             self.socket.unregisterProducer()
@@ -254,6 +208,19 @@ class _Drain:
     def stopProducing(self) -> None:
         """The connection is gone; ``connection_closed`` puts back what was not taken."""
         self.registered = False
+
+
+def _buffered(socket: Any) -> int | None:
+    """
+    The bytes waiting in a Twisted transport's write buffer (its private
+    attributes, pinned by ``tests/panel/test_drain_sends.py``), or None when
+    it does not have them.
+    """
+    try:
+        return int(len(socket.dataBuffer) - socket.offset + socket._tempDataLen)
+    except (AttributeError, TypeError):
+        return None
+
 
 
 def _socket_transport(transport: Any) -> Any:

@@ -49,16 +49,19 @@ mark then stands.
 
 **The one window.**  The kernel takes a frame (``send``) and then the
 journal record (``write``): two system calls in one Python call, with no
-reactor turn and no collection between them (the Panel link's drain holds the
-collector off from the send to the settlement).  A SIGKILL landing between
-the two repeats the lines of that one send after the restart (the opposite
-order would lose them instead).  The window is microseconds of the agent's
-time, but a busy host's scheduler may run another process in it (a loopback
-Panel's reader, which the send woke) for a few milliseconds.  Frames are
-settled send by send, so a Panel that reads slowly does not widen it: when
-the kernel takes the buffer a part at a time, each send settles the frames
-it took whole (``ctrlagent.panel.protocol._Drain``).  It errs on the side of
-a repeat, never a loss.
+reactor turn between them.  A SIGKILL landing between the two repeats, after
+the restart, the lines of the console events that send completed (an event
+cut across frames by the batcher repeats whole); the opposite order would
+lose them instead.  The window is microseconds of the agent's time, but a
+busy host's scheduler may run another process in it (a loopback Panel's
+reader, which the send woke) for a few milliseconds.  On a plain ``ws://``
+link frames are settled send by send, with the collector held off from the
+send to the settlement (``ctrlagent.panel.protocol._Drain``), so a Panel that
+reads slowly does not widen the window: when the kernel takes Twisted's
+buffer a part at a time, each send settles the frames it took whole.  Under
+TLS they settle when that buffer is empty, so a SIGKILL while a slow Panel
+lets the buffer fill can repeat the frames of several sends.  Every case
+errs on the side of a repeat, never a loss.
 """
 
 from __future__ import annotations

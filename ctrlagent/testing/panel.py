@@ -46,6 +46,7 @@ class Received:
     frame: Any
     connection: int  # index into FakePanel.connections
     raw: bytes = b""  # the message as it came, for byte-exact checks
+    read: int = 0  # which read of its connection's socket brought it (1, 2, ...)
 
 
 class FakePanelProtocol(WebSocketServerProtocol):
@@ -53,6 +54,11 @@ class FakePanelProtocol(WebSocketServerProtocol):
 
     factory: FakePanelFactory
     index = -1
+    reads = 0  # the socket reads so far (messages name the read that brought them)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reads += 1
+        super().dataReceived(data)
 
     def onConnect(self, request: ConnectionRequest) -> None:
         self.factory.panel.handshake(self, request)
@@ -138,7 +144,9 @@ class FakePanel:
                 self.on_frame(payload)
             return
         frame = _DECODER.decode(payload.decode("utf-8"))
-        self.received.append(Received(self.clock.seconds(), frame, protocol.index, payload))
+        self.received.append(
+            Received(self.clock.seconds(), frame, protocol.index, payload, protocol.reads)
+        )
         if self.on_frame is not None:
             self.on_frame(frame)
         self._check()

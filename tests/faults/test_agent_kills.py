@@ -20,10 +20,10 @@ records its lines (``write``) in one Python call, two system calls apart.  On
 a loopback Panel the ``send`` wakes the Panel's reader, and a busy host's
 scheduler may run it (and the test's killer) before the agent reaches the
 ``write``: a SIGKILL there repeats the frames of that one send after the
-restart.  So at most one kill may show a repeat, and only of the frames the
-killed connection carried last: the tail of its console frames, sent again
-first on the next connection.  A mark that lags delivery in any other way
-repeats at every kill, or frames followed by later ones, and still fails.
+restart.  So at most one kill may show a repeat, and only of the lines the
+killed connection carried last (in its last two socket reads at the Panel),
+sent again first on the next connection.  A mark that lags delivery in any
+other way repeats at every kill, or lines that came earlier, and still fails.
 """
 
 from __future__ import annotations
@@ -83,82 +83,85 @@ def _numbers(lines: list[str]) -> list[int]:
 
 
 def _log_frames(received: list[Received]) -> list[tuple[int, int, str, list[int]]]:
-    """``(index in received, connection, server id, line numbers)`` of each ``server_log``."""
+    """``(connection, socket read, server id, line numbers)`` of each ``server_log``."""
     out = []
-    for index, r in enumerate(received):
+    for r in received:
         if r.frame.get("event") == "server_log":
             data = r.frame["data"]
-            out.append((index, r.connection, data["serverId"], _numbers(data["lines"])))
+            out.append((r.connection, r.read, data["serverId"], _numbers(data["lines"])))
     return out
 
 
-def _lines_but(received: list[Received], server_id: str, skipped: dict[int, int]) -> list[str]:
-    """The server's console lines at the Panel, less ``skipped[i]`` leading lines of frame i."""
-    lines: list[str] = []
-    for index, r in enumerate(received):
-        if r.frame.get("event") == "server_log" and r.frame["data"]["serverId"] == server_id:
-            lines.extend(r.frame["data"]["lines"][skipped.get(index, 0):])
-    return lines
+def _first_times(numbers: list[int]) -> list[int]:
+    """``numbers`` without the ones seen before (once ``_in_flight_repeats`` allowed them)."""
+    seen: set[int] = set()
+    out = []
+    for n in numbers:
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
 
 
-def _in_flight_repeats(received: list[Received], servers: list[str]) -> dict[int, int] | str:
+def _in_flight_repeats(received: list[Received], servers: list[str]) -> str | None:
     """
-    How many leading lines of which frames (by index in ``received``) repeat
-    the one send in flight at a kill, or what is wrong with the repeats.
-    Allowed: lines sent again first on the connection after the one that
-    carried them (a replayed frame may go on with new lines), all of them
-    from one connection, where they were whole frames and its last console
-    frames.
+    What is wrong with the console lines the Panel got more than once, or
+    None.  Allowed: the one send in flight at a kill, sent again after the
+    restart.  So a server's repeated lines are one run at the head of its
+    lines on a connection (a replay may go on with new lines in the same
+    frame), ending at the newest line the connection before carried; every
+    repeated line came from one killed connection; and on that connection
+    they came in its last two socket reads (one send may take two).
     """
     frames = _log_frames(received)
-    repeats: list[tuple[int, int]] = []  # (position in ``frames``, lines repeated)
+    killed: set[int] = set()  # the connections whose lines were repeated
+    carriers: set[tuple[int, int]] = set()  # (connection, read) that first brought them
     for server_id in servers:
         high = 0
-        carried: set[int] = set()  # connections that carried new lines of the server
-        for position, (_, connection, sid, numbers) in enumerate(frames):
-            if sid != server_id or not numbers:
+        carried_by: dict[int, tuple[int, int]] = {}  # line -> (connection, read)
+        new_on: set[int] = set()  # connections that carried new lines of the server
+        run: list[int] = []  # the repeat being read
+        for connection, read, sid, numbers in frames:
+            if sid != server_id:
                 continue
-            if numbers[0] > high:
-                high = numbers[-1]
-                carried.add(connection)
-                continue
-            again = len([n for n in numbers if n <= high])
-            if connection in carried or numbers[:again] != list(
-                range(numbers[0], numbers[0] + again)
-            ) or numbers[again:] != list(range(high + 1, high + 1 + len(numbers) - again)):
-                return "{}: frame {} ({}..{} on connection {}) is not a replay of the send" \
-                    " in flight followed by new lines".format(
-                        server_id, position, numbers[0], numbers[-1], connection
-                    )
-            repeats.append((position, again))
-            if again < len(numbers):
-                high = numbers[-1]
-                carried.add(connection)
-    if not repeats:
-        return {}
-    # What each repeat repeats: whole frames of an earlier connection.
-    originals: set[int] = set()
-    for position, again in repeats:
-        _, connection, sid, numbers = frames[position]
-        wanted = numbers[:again]
-        for earlier in range(position - 1, -1, -1):
-            _, c, s, n = frames[earlier]
-            if wanted and s == sid and c < connection and n and n == wanted[-len(n):]:
-                originals.add(earlier)
-                wanted = wanted[: -len(n)]
-        if wanted:
-            return "{}: frame {} repeats lines {}..{} that no earlier frame carried whole".format(
-                sid, position, numbers[0], numbers[again - 1]
-            )
-    connections = {frames[p][1] for p in originals}
-    if len(connections) != 1:
-        return "repeats after more than one kill (connections {})".format(sorted(connections))
-    (killed,) = connections
-    tail = {p for p, f in enumerate(frames) if f[1] == killed and p >= min(originals)}
-    if tail != originals:
-        return "the frames repeated after the kill that ended connection {} were followed" \
-            " there by frames that were not repeated: not the send in flight".format(killed)
-    return {frames[p][0]: again for p, again in repeats}
+            for n in numbers:
+                if n > high:
+                    if run and run[-1] != high:
+                        return "{}: the lines repeated on connection {} ({}..{}) stop short" \
+                            " of the newest line before them ({})".format(
+                                server_id, connection, run[0], run[-1], high)
+                    run = []
+                    high = n
+                    carried_by[n] = (connection, read)
+                    new_on.add(connection)
+                    continue
+                origin = carried_by.get(n)
+                if (
+                    connection in new_on
+                    or origin is None
+                    or origin[0] >= connection
+                    or (run and n != run[-1] + 1)
+                ):
+                    return "{}: line {} repeated on connection {} is not a replay of the send" \
+                        " in flight at a kill".format(server_id, n, connection)
+                run.append(n)
+                killed.add(origin[0])
+                carriers.add(origin)
+        if run and run[-1] != high:
+            return "{}: the repeated lines {}..{} stop short of the newest line ({})".format(
+                server_id, run[0], run[-1], high)
+    if not killed:
+        return None
+    if len(killed) > 1:
+        return "lines repeated after more than one kill (connections {})".format(sorted(killed))
+    (connection,) = killed
+    last = max(read for c, read, _, _ in frames if c == connection)
+    early = sorted(read for c, read in carriers if read < last - 1)
+    if early:
+        return "lines repeated after the kill that ended connection {} came in its reads {}," \
+            " before its last two ({}): not the send in flight".format(
+                connection, early, [last - 1, last])
+    return None
 
 
 def _docker_numbers(host: str, container_id: str) -> list[int]:
@@ -225,12 +228,13 @@ async def test_no_console_line_is_lost_or_repeated_across_sigkills_under_load(
             pass  # reported below, server by server, with what is missing
 
         problems = []
-        in_flight = _in_flight_repeats(panel.received, servers)
-        if isinstance(in_flight, str):
-            problems.append(in_flight)
-            in_flight = {}
+        repeats = _in_flight_repeats(panel.received, servers)
+        if repeats is not None:
+            problems.append(repeats)
         for server_id in servers:
-            numbers = _numbers(_lines_but(panel.received, server_id, in_flight))
+            numbers = _numbers(panel.console_lines(server_id))
+            if repeats is None:
+                numbers = _first_times(numbers)  # the send in flight at a kill, once
             if numbers == list(range(1, LINES + 1)):
                 continue
             counts = Counter(numbers)
