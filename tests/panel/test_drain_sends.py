@@ -152,3 +152,37 @@ async def test_under_tls_frames_settle_at_full_drains(
         await until(lambda: len(panel.console_lines("s1")) == 20, 10)
     finally:
         await link.stopService().addTimeout(10, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_receipt_that_fails_inside_a_send_is_logged_and_the_link_goes_on(
+    make_rig: Any,  # noqa: F811 (the fixture)
+    fail_on_logged_errors: list[dict[str, Any]],
+) -> None:
+    rig: Rig = make_rig(console_batch_window=0)
+    link: Any = rig.link
+    panel: Any = rig.panel
+    settled: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("a broken receipt")
+
+    link.startService()
+    try:
+        await until(lambda: link.connected and link._ready, 10)
+        assert link._protocol.drain.watching
+        link.consumer(ConsoleOutput("s1", "stdout", ["line 1"], 1.0, receipt=broken))
+        link.consumer(ConsoleOutput("s1", "stdout", ["line 2"], 2.0,
+                                    receipt=lambda: settled.append(2)))
+        await until(lambda: settled == [2], 5)
+        assert len(fail_on_logged_errors) == 1
+        assert "settling console receipts failed" in str(fail_on_logged_errors[0]["log_format"])
+        fail_on_logged_errors.clear()
+        # The connection stayed up and goes on carrying lines.
+        link.consumer(ConsoleOutput("s1", "stdout", ["line 3"], 3.0,
+                                    receipt=lambda: settled.append(3)))
+        await until(lambda: settled == [2, 3], 5)
+        await until(lambda: panel.console_lines("s1") == ["line 1", "line 2", "line 3"], 5)
+        assert len(panel.connections) == 1
+    finally:
+        await link.stopService().addTimeout(10, reactor)
