@@ -59,6 +59,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from ctrlagent.config import DockerConfig
+from ctrlagent.engine.connecting import connect_protocol
 from ctrlagent.engine.docker.errors import (
     ContainerGone,
     DockerConflict,
@@ -1001,8 +1002,6 @@ class DockerClient:
         and closing it leaves the container running.  Attach again after every
         start: a pipe is bound to the process it was opened for.
         """
-        from twisted.internet.endpoints import connectProtocol
-
         cid = self._object_id(cid, "container")
         if self._endpoints is None:
             raise DockerError(0, "attach_stdin needs a client built with an endpoint factory")
@@ -1021,7 +1020,7 @@ class DockerClient:
         async def connect() -> StdinPipe:
             assert self._endpoints is not None
             try:
-                await connectProtocol(self._endpoints.endpoint(), protocol)
+                await connect_protocol(self._endpoints.endpoint(), protocol)
             except ConnectingCancelledError:
                 raise CancelledError() from None
             except _UNAVAILABLE as e:

@@ -36,13 +36,14 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
+from ctrlagent.engine.connecting import connect_protocol
 from ctrlagent.engine.docker.pacing import PacedConnection, ReadPacer
 
 __all__ = ["HEAD_CAP", "StreamResponse", "open_stream", "request_bytes"]
@@ -411,7 +412,7 @@ def open_stream(endpoint: IStreamClientEndpoint, request: bytes,
     Cancelling closes the connection.
     """
     reader = _StreamReader(request, pacer)
-    connecting = endpoint.connect(Factory.forProtocol(lambda: reader))
+    connecting = connect_protocol(endpoint, reader)
     result: Deferred[StreamResponse] = Deferred(lambda _: connecting.cancel()
                                                 if not connecting.called else reader.head.cancel())
 

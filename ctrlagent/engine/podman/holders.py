@@ -26,13 +26,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ctrlagent.engine.connecting import connect_protocol
 from ctrlagent.engine.docker.errors import DockerConflict, DockerError, DockerUnavailable
 from ctrlagent.engine.interface import IStdinPipe
 from ctrlagent.engine.podman import stdinholder
@@ -263,7 +264,7 @@ class StdinHolders:
         endpoint = UNIXClientEndpoint(self._reactor, self._address(path),
                                       timeout=int(self._timeout))
         try:
-            connection: _HolderConnection = await connectProtocol(endpoint, _HolderConnection())
+            connection: _HolderConnection = await connect_protocol(endpoint, _HolderConnection())
         except ConnectingCancelledError:
             raise CancelledError() from None
         return HolderPipe(connection)
