@@ -4,8 +4,8 @@ every callback is forwarded to the link through ``LinkHooks``), its factory,
 and the write flow of one connection (``_Drain``).
 
 ``_Drain`` is a pull producer on the connection's lowest transport that learns
-when the bytes written have been taken by the kernel, send by send.  It is the write flow
-control (past a buffer's worth, events wait in the link's outbox) and it
+when the bytes written have been taken by the kernel, send by send.  It is the
+write flow control (past a buffer's worth, events wait in the link's outbox) and it
 settles the receipts of the console frames written before: the link is the
 server manager's acknowledging consumer (``IConsoleConsumer``), whose marks
 advance only on those receipts, or on the outbox dropping a frame
@@ -126,6 +126,7 @@ class _Drain:
             socket is not self._protocol.transport
             or not isinstance(socket, FileDescriptor)
             or _buffered(socket) is None
+            or getattr(socket, "TLS", False)  # startTLS: its buffer holds ciphertext
         ):
             return  # TLS, or in memory (tests' iosim): settled at full drains
         send = socket.writeSomeData
@@ -180,7 +181,7 @@ class _Drain:
         end = None
         if self.watching and not self._protocol.send_queue:
             buffered = _buffered(self.socket)
-            if buffered is not None and not getattr(self.socket, "TLS", False):
+            if buffered is not None:
                 end = self.taken + buffered
         self.groups.append((entry, receipts, end))
 
@@ -220,7 +221,6 @@ def _buffered(socket: Any) -> int | None:
         return int(len(socket.dataBuffer) - socket.offset + socket._tempDataLen)
     except (AttributeError, TypeError):
         return None
-
 
 
 def _socket_transport(transport: Any) -> Any:

@@ -27,6 +27,7 @@ from twisted.internet.abstract import FileDescriptor
 from ctrlagent.events import ConsoleOutput
 from ctrlagent.panel.protocol import _buffered
 
+from .test_link_delivery import fill_until_blocked
 from .test_link_loopback import Rig, make_rig, sleep, until  # noqa: F401, F811 (fixture)
 from .test_link_tls import make_link, tls_panel  # noqa: F401 (fixture)
 
@@ -93,19 +94,7 @@ async def test_a_kill_while_the_kernel_took_part_of_the_buffer_repeats_and_loses
         # Twisted's buffer a part at a time.
         drain.socket.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         panel.current.transport.pauseProducing()
-        n = 0
-        blocked_since = None
-        while n < 5_000:  # bounded: the kernel's buffers fill after a few dozen KB
-            for _ in range(5):
-                n += 1
-                link.consumer(event(n))
-            await sleep(0.01)
-            if not link._paused:
-                blocked_since = None
-            elif blocked_since is None:
-                blocked_since = reactor.seconds()
-            elif reactor.seconds() - blocked_since > 0.3:
-                break  # the kernel takes no more
+        n = await fill_until_blocked(link, event, per_turn=5, limit=5_000)
         # Read a little, so that the kernel takes part of the buffer again, then stall.
         panel.current.transport.resumeProducing()
         await sleep(0.002)

@@ -344,6 +344,30 @@ async def test_receipts_settle_after_the_write_and_a_stop_still_closes(
     await _flood_and_stop(*batching_link)
 
 
+async def fill_until_blocked(
+    link: Any, event: Callable[[int], ConsoleOutput], per_turn: int, limit: int
+) -> int:
+    """
+    Hand the link events 1, 2, ... (``per_turn`` a reactor turn, at most
+    ``limit``) until its writes have stayed paused for 0.3 s: the kernel
+    takes no more, and the rest waits in the agent.  Returns the last event.
+    """
+    n = 0
+    blocked_since = None
+    while n < limit:  # bounded: the kernel's buffers fill after a few MB at most
+        for _ in range(per_turn):
+            n += 1
+            link.consumer(event(n))
+        await sleep(0.01)
+        if not link._paused:
+            blocked_since = None
+        elif blocked_since is None:
+            blocked_since = reactor.seconds()
+        elif reactor.seconds() - blocked_since > 0.3:
+            break
+    return n
+
+
 async def _stop_while_the_panel_is_not_reading(link: Any, panel: FakePanel) -> None:
     """
     The Panel stops reading; the agent writes until the kernel's buffers are
@@ -357,19 +381,9 @@ async def _stop_while_the_panel_is_not_reading(link: Any, panel: FakePanel) -> N
     try:
         await until(lambda: link.connected and link._ready and panel.current is not None, 10)
         panel.current.transport.pauseProducing()
-        n = 0
-        blocked_since = None
-        while n < 20_000:  # bounded: the buffers fill after a few MB
-            for _ in range(50):
-                n += 1
-                link.consumer(receipts.event(n, width=4000))
-            await sleep(0.01)
-            if not link._paused:
-                blocked_since = None
-            elif blocked_since is None:
-                blocked_since = reactor.seconds()
-            elif reactor.seconds() - blocked_since > 0.3:
-                break  # the kernel takes no more: the rest waits in the agent
+        await fill_until_blocked(
+            link, lambda n: receipts.event(n, width=4000), per_turn=50, limit=20_000
+        )
         assert link._paused and len(receipts.settled) > 100
         stopped = link.stopService()
         await sleep(1.5)
