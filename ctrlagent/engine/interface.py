@@ -376,7 +376,10 @@ class IContainerEngine(Interface):
     def open_stdin(cid: str) -> Awaitable[IStdinPipe]:
         """
         A pipe to the container's stdin, bound to one run of its process:
-        the current one, or the next start when it does not run.
+        the current one, or the next start when it does not run.  An engine
+        that would have to prepare the container for that start (Podman:
+        its attach initializes it, mounts and all) refuses with ``Conflict``
+        instead.
         """
 
     def stats(cid: str) -> Awaitable[StatsSample]:

@@ -446,12 +446,30 @@ async def test_following_an_exited_container_gives_its_lines_and_ends(engine: Ha
     assert [(x.ns, x.text) for x in drained] == [(x.ns, x.text) for x in lines]
 
 
+async def _stdin_before_the_start(engine: Harness, cid: str) -> Any:
+    """
+    Stdin opened while ``cid`` does not run, then the start: a pipe bound to
+    that start.  Podman refuses (``Conflict``): its attach would initialize
+    the container for the next start, its mounts fixed until then, and
+    nothing says that start ever comes; the pipe is opened after the start.
+    """
+    e = engine.engine
+    if engine.kind == "podman":
+        with pytest.raises(Conflict):
+            await e.open_stdin(cid)
+        assert not (await e.inspect(cid)).running
+        await e.start(cid)
+        return await e.open_stdin(cid)
+    pipe = await e.open_stdin(cid)
+    await e.start(cid)
+    return pipe
+
+
 @pytest_twisted.ensureDeferred
 async def test_stdin_opened_before_the_start_reaches_the_game(engine: Harness) -> None:
     e = engine.engine
     cid = await e.create(engine.spec())
-    pipe = await e.open_stdin(cid)
-    await e.start(cid)
+    pipe = await _stdin_before_the_start(engine, cid)
     await lines_until(e, cid, "Done (0.1s)! For help, type help")
     pipe.write_line("say early")
     await lines_until(e, cid, "[Server] early")
@@ -470,8 +488,7 @@ async def test_stdin_opened_after_the_exit_reaches_the_next_run(engine: Harness)
             break
         await sleep(0.02)
     assert not old.connected  # bound to the run that ended
-    pipe = await e.open_stdin(cid)
-    await e.start(cid)
+    pipe = await _stdin_before_the_start(engine, cid)
     await sleep(0.5)
     pipe.write_line("say again")
     await lines_until(e, cid, "[Server] again")

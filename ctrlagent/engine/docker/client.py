@@ -721,12 +721,16 @@ class DockerClient:
         """Stop with SIGTERM (or its stop signal), SIGKILL after ``timeout`` s."""
         await self._stop_call(cid, "stop", timeout)
 
-    async def container_kill(self, cid: str, signal: str = "SIGKILL") -> None:
-        """Send ``signal`` to the container's main process."""
+    async def container_kill(self, cid: str, signal: str = "SIGKILL", *,
+                             libpod: bool = False) -> None:
+        """
+        Send ``signal`` to the container's main process.  ``libpod``: through
+        Podman's own endpoint, which answers once the signal is sent (its
+        compatible one, like Docker, waits for a SIGKILL's exit).
+        """
         cid = self._object_id(cid, "container")
-        await self._call(
-            "POST", ("containers", cid, "kill"), query={"signal": signal}, kind="container"
-        )
+        path = ("libpod", "containers", cid, "kill") if libpod else ("containers", cid, "kill")
+        await self._call("POST", path, query={"signal": signal}, kind="container")
 
     async def container_restart(self, cid: str, timeout: float | None = None) -> None:
         """Stop (with ``timeout``) and start again."""

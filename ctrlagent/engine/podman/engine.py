@@ -46,6 +46,14 @@ where they show (docs/RUNTIMES.md lists them with the evidence):
   it, connects to; it ends with the run.  Without one (or on a TCP
   service) the engine keeps one attach per run within its own process and
   hands out views of it, which an agent restart ends.
+- **An attach re-initializes a dead run.**  An attach that reaches a
+  container whose run ended makes Podman initialize it again (a conmon and
+  ``runc init`` waiting for a start; inspect says "created", the exit code
+  gone), and the compatible SIGKILL's wait for the exit can then last for
+  good.  ``open_stdin`` never attaches to a container that does not run,
+  undoes a re-initialization its own attach raced into, and starts wait
+  for it; the events drop that undo's ``die``; kills go through libpod's
+  endpoint, which does not wait.
 - **Partial lines stamped twice.**  A line written in pieces comes back from
   ``timestamps=1`` with each piece's stamp inside it (``join_partials``).
 - **Event filters.**  An ``event=die`` filter matches nothing (Podman's own
@@ -56,7 +64,7 @@ where they show (docs/RUNTIMES.md lists them with the evidence):
   (``NET_SWAPPED_BEFORE``).  The kernel reader of a local service reads the
   container's own interfaces and needs no correction.
 
-Everything else (create bodies, start, kill, wait, inspect, list, remove,
+Everything else (create bodies, start, wait, inspect, list, remove,
 networks, attach for stdin, stats, event documents) behaves as Docker's.
 """
 
@@ -103,7 +111,7 @@ from ctrlagent.engine.interface import (
     ResourceLimits,
     StatsSample,
 )
-from ctrlagent.engine.podman.holders import StdinHolders
+from ctrlagent.engine.podman.holders import HolderPipe, StdinHolders
 from ctrlagent.errors import EngineError, NotFound
 
 __all__ = [
@@ -460,13 +468,35 @@ class NumberedLines:
 
 @implementer(IEventStream)
 class _PodmanEvents(_Events):
-    """Events asked without an action filter, the container actions kept here."""
+    """
+    Events asked without an action filter, the container actions kept here.
+
+    A ``die`` of a container initialized but not started since is not the
+    end of a run: it is the end of a re-initialization (an attach that
+    reached a dead run, ``PodmanEngine.open_stdin``), and is dropped.
+    """
+
+    def __init__(self, events: ResumableEvents, since_ns: int) -> None:
+        super().__init__(events, since_ns)
+        # Containers whose last lifecycle event was an ``init``.
+        self._initialized: set[str] = set()
 
     async def __anext__(self) -> EngineEvent:
         while True:
             event = await super().__anext__()
-            if event.action in CONTAINER_EVENTS:
+            action, cid = event.action, event.container_id
+            if action == "init":
+                self._initialized.add(cid)
+            elif action in ("start", "destroy"):
+                self._initialized.discard(cid)
+            elif action == "die" and cid in self._initialized:
+                continue
+            if action in CONTAINER_EVENTS:
                 return event
+
+
+def _not_running(cid: str) -> str:
+    return "container {} is not running: its console input cannot be opened".format(cid[:12])
 
 
 def _loopback(registry: str) -> bool:
@@ -578,9 +608,30 @@ class PodmanEngine(DockerEngine):
         self._remember(cid, warnings)
         return cid
 
-    async def kill(self, cid: str, signal: str = "SIGKILL") -> None:
+    async def start(self, cid: str) -> None:
+        # Not while ``open_stdin`` of the container may undo a
+        # re-initialization: that would stop the run this starts.
+        lock = self._stdin_locks.setdefault(cid, DeferredLock())
+        await lock.acquire()
         try:
-            await self.client.container_kill(cid, signal)
+            # A container another client's attach re-initialized would start
+            # with the mounts of that moment (a data directory swapped since
+            # would not be the one the game writes to): undone first.
+            await self._undo_reinit(await self.client.container_inspect(cid),
+                                    "another client's attach")
+            await super().start(cid)
+        finally:
+            lock.release()
+
+    async def kill(self, cid: str, signal: str = "SIGKILL") -> None:
+        # libpod's kill answers once the signal is sent.  The compatible
+        # endpoint's SIGKILL then waits for Podman to see the container
+        # exited, which a re-initialization (see ``open_stdin``) can hold
+        # off for good; the agent waits for the death itself, bounded.
+        try:
+            await self.client.container_kill(cid, signal, libpod=True)
+        except NotFound:
+            raise
         except DockerError as e:
             raise _as_conflict(e) from None
 
@@ -595,23 +646,84 @@ class PodmanEngine(DockerEngine):
             self.holders.forget(cid_or_name)
 
     async def open_stdin(self, cid: str) -> IStdinPipe:
+        """
+        A pipe to the stdin of the container's current run.
+
+        Podman re-initializes a container that an attach reaches after its
+        run ended (for Docker clients, which attach before they start): a
+        new conmon and ``runc init`` wait for a start, inspect says
+        "created" without an exit code, its mounts are fixed until that
+        start, and the compatible kill's wait for the exit may never end.
+        So a container that does not run is refused (``Conflict``), never
+        attached to; and when the run ends between the look and an attach
+        made now, the re-initialization is undone (a stop of the initialized
+        container, whose ``die`` the events drop) and the open is refused
+        the same way.  Starts of the container wait for
+        this (``start``), so the undo never stops a new run.
+        """
         lock = self._stdin_locks.setdefault(cid, DeferredLock())
         await lock.acquire()
         try:
-            if self.holders is not None:
-                state = await self.inspect(cid)
-                if state.running and state.started_at_ns:
-                    return await self.holders.open(
-                        state.id, state.started_at_ns, self._attach_path(state.id))
-                # Not running: the engine's own answer (as an attach gives it).
+            state = await self.inspect(cid)
+            if not state.running:
+                raise DockerConflict(_not_running(cid))
+            if self.holders is not None and state.started_at_ns:
+                pipe = await self.holders.open(
+                    state.id, state.started_at_ns, self._attach_path(state.id))
+                if isinstance(pipe, HolderPipe) and pipe.attached_now:
+                    await self._still_running(state.id, pipe)
+                return pipe
             shared = self._stdin.get(cid)
             if shared is None or not shared.connected:
                 shared = await self.client.attach_stdin(cid)
+                await self._still_running(state.id, shared)
                 self._stdin[cid] = shared
                 shared.closed.addBoth(self._stdin_gone, cid, shared)
         finally:
             lock.release()
         return SharedStdinView(shared)
+
+    async def _still_running(self, cid: str, pipe: IStdinPipe) -> None:
+        """
+        After an attach made now: refuse it (and undo a re-initialization)
+        if the run ended.  An engine that does not answer leaves the pipe as
+        it is (closing an attach would close a running game's stdin; the
+        next start undoes a re-initialization anyway).
+        """
+        try:
+            doc = await self.client.container_inspect(cid)
+        except NotFound:
+            pipe.close()
+            raise
+        except DockerError:
+            return
+        if (doc.get("State") or {}).get("Running"):
+            return
+        pipe.close()
+        await self._undo_reinit(doc, "the attach that opened its stdin after its run ended")
+        raise DockerConflict(_not_running(cid))
+
+    async def _undo_reinit(self, doc: Mapping[str, Any], by: str) -> None:
+        """
+        Stop the container of inspect document ``doc`` if an attach
+        re-initialized it ("created" with a process: ``runc init`` waiting
+        for a start); its ``die`` is dropped by the events.
+        """
+        state = doc.get("State") or {}
+        if state.get("Running") or state.get("Status") != "created" or not state.get("Pid"):
+            return
+        cid = str(doc.get("Id") or "")
+        self.log.info(  # noqa: G010 - twisted.logger's method
+            "container {cid}: re-initialized by {by}: stopping that", cid=cid[:12], by=by)
+        try:
+            await self.client.call("POST", ("libpod", "containers", cid, "stop"),
+                                   query={"timeout": 0}, kind="container", raw=True)
+        except NotFound:
+            raise
+        except DockerError as e:
+            self.log.warn(  # noqa: G010 - twisted.logger's method
+                "container {cid}: the re-initialized container could not be stopped: "
+                "{error}", cid=cid[:12], error=e.message)
 
     def _attach_path(self, cid: str) -> str:
         """The path and query of the stdin attach the holder sends."""

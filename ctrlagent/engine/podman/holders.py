@@ -81,8 +81,10 @@ class _HolderConnection(Protocol):
 class HolderPipe:
     """A connection to a stdin holder: every ``write`` reaches the container whole."""
 
-    def __init__(self, connection: _HolderConnection) -> None:
+    def __init__(self, connection: _HolderConnection, attached_now: bool = False) -> None:
         self._connection = connection
+        # True when this open started the holder: its attach was made now.
+        self.attached_now = attached_now
 
     @property
     def closed(self) -> Deferred[None]:
@@ -236,18 +238,22 @@ class StdinHolders:
             if os.path.lexists(path):
                 return self._closed(cid, path)
         self._sweep(cid, keep=path)
+        started = True
         try:
             await self._start(path, attach_path)
         except DockerError:
             if not os.path.lexists(path):
                 raise
             # Another holder of this run took the socket first: use it.
+            started = False
         try:
-            return await self._connect(path)
+            pipe = await self._connect(path)
         except _CONNECT_ERRORS as e:
             # It ended at once: the run ended while it attached.
             raise DockerUnavailable("console stdin of container {}: its holder ended: {}".format(
                 cid[:12], e)) from None
+        pipe.attached_now = started
+        return pipe
 
     def forget(self, cid: str) -> None:
         """Remove what holders of ``cid`` (a full id) left behind: the container is removed."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,11 +28,11 @@ from twisted.internet.threads import deferToThread
 
 from ctrlagent.config import DockerConfig
 from ctrlagent.engine.docker import DockerClient
-from ctrlagent.engine.interface import ContainerSpec
+from ctrlagent.engine.interface import ContainerSpec, ContainerState, Mount
 from ctrlagent.engine.podman import PodmanEngine
 from ctrlagent.engine.podman.holders import StdinClosed, holder_pids
-from ctrlagent.errors import NotFound
-from tests.engine.test_behaviour import lines_until
+from ctrlagent.errors import Conflict, NotFound
+from tests.engine.test_behaviour import Events, lines_until, within
 from tests.rig.holders import is_holder, kill_left_holders
 from tests.rig.podman import PrivatePodman
 
@@ -79,11 +80,11 @@ class Game:
     def engine(self) -> PodmanEngine:
         return PodmanEngine(self.client, reactor, stdin_dir=self.stdin_dir)
 
-    async def started(self, engine: PodmanEngine) -> str:
-        cid = await engine.create(ContainerSpec(
+    async def started(self, engine: PodmanEngine, **changes: Any) -> str:
+        cid = await engine.create(ContainerSpec(**{**dict(
             name="ctrlagent-t-stdin-{}".format(secrets.token_hex(4)), image=self.image,
             labels=self.labels, env={}, working_dir="/home/container", interactive=True,
-            output_max_bytes=1024 * 1024, ulimits=ULIMITS))
+            output_max_bytes=1024 * 1024, ulimits=ULIMITS), **changes}))
         await engine.start(cid)
         await lines_until(engine, cid, "Done (0.1s)! For help, type help")
         return cid
@@ -246,3 +247,129 @@ async def test_a_killed_holder_is_a_precise_error_logged_once_not_a_silent_drop(
     assert len(warned) == 1
     await after.remove(cid)
     assert os.listdir(game.stdin_dir) == []
+
+
+# -- attaches that reach a dead run ------------------------------------------
+#
+# Podman re-initializes a container that an attach reaches after its run ended
+# (a new conmon and "runc init" wait for a start; inspect says "created" with
+# no exit code; the compatible kill's wait for the exit never ends).
+
+
+def _state(doc: dict[str, Any]) -> tuple[str, int, int]:
+    state = doc["State"]
+    return state["Status"], state["Pid"], state["ExitCode"]
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["holder", "in-process"])
+@pytest_twisted.ensureDeferred
+async def test_a_run_that_ends_between_the_look_and_the_attach_is_not_left_reinitialized(
+    game: Game, held: bool,
+) -> None:
+    engine = game.engine() if held else PodmanEngine(game.client, reactor)
+    cid = await game.started(engine)
+    events = Events(engine.events(game.labels, since_ns=None, on_break=lambda e: None,
+                                  on_resume=lambda: None))
+    looked = engine.inspect
+
+    async def look_then_die(ref: str) -> ContainerState:
+        state = await looked(ref)
+        # The compatible kill answers once the run has exited.
+        await game.client.container_kill(cid)
+        return state
+
+    engine.inspect = look_then_die  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Conflict) as caught:
+            await engine.open_stdin(cid)
+    finally:
+        del engine.inspect
+    assert caught.value.message.endswith("is not running: its console input cannot be opened")
+    assert _state(await game.client.container_inspect(cid)) == ("exited", 0, 137)
+    await _until(lambda: game.pids() == [])  # the dead run's holder ended
+
+    # The next run is whole: started, its input open, and the one death seen.
+    await engine.start(cid)
+    await events.wait_for("start", cid)
+    pipe = await engine.open_stdin(cid)
+    pipe.write_line("say next run")
+    await lines_until(engine, cid, "[Server] next run")
+    await events.close()
+    assert [(e.action, e.exit_code) for e in events.got] == [
+        ("kill", None), ("die", 137), ("start", None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_input_of_a_container_that_does_not_run_is_refused_without_an_attach(
+    game: Game,
+) -> None:
+    engine = game.engine()
+    cid = await game.started(engine)
+    await engine.kill(cid)
+    await _until_exited(game, cid)
+    for _ in range(2):
+        with pytest.raises(Conflict):
+            await engine.open_stdin(cid)
+    # Not re-initialized: the run's exit code is still there.
+    assert _state(await game.client.container_inspect(cid)) == ("exited", 0, 137)
+    assert game.pids() == []
+
+
+async def _until_exited(game: Game, cid: str) -> None:
+    for _ in range(300):
+        if _state(await game.client.container_inspect(cid))[0] == "exited":
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("container {} did not exit".format(cid[:12]))
+
+
+def _attach_once(socket_path: str, cid: str) -> bytes:
+    """Another client's output attach (an operator's ``docker attach``), until it ends."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(30.0)  # bounded: the test stops the container well before
+    got = b""
+    try:
+        conn.connect(socket_path)
+        conn.sendall("POST /containers/{}/attach?stream=1&stdout=1 HTTP/1.1\r\n"
+                     "Host: podman\r\n\r\n".format(cid).encode("ascii"))
+        while chunk := conn.recv(65536):
+            got += chunk
+    finally:
+        conn.close()
+    return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_container_another_client_reinitialized_starts_with_its_data_directory_of_now(
+    game: Game, podman_service: PrivatePodman, tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    engine = game.engine()
+    cid = await game.started(engine, env={"DATA_FILE": "/data/commands"},
+                             mounts=(Mount(str(data), "/data"),))
+    await engine.kill(cid)
+    await _until_exited(game, cid)
+    other = deferToThread(_attach_once, podman_service.socket_path, cid)
+    for _ in range(200):
+        if _state(await game.client.container_inspect(cid))[0] == "created":
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    assert _state(await game.client.container_inspect(cid))[0] == "created"  # re-initialized
+    # The directory is replaced while the server is stopped (a restore, a
+    # conversion to a subvolume): the next run must use the new one.
+    data.rename(tmp_path / "data.old")
+    data.mkdir()
+
+    try:
+        await engine.start(cid)
+        await lines_until(engine, cid, "Done (0.1s)! For help, type help")
+        pipe = await engine.open_stdin(cid)
+        pipe.write_line("say where")
+        await lines_until(engine, cid, "[Server] where")
+        assert (data / "commands").read_text() == "say where\n"
+        assert not (tmp_path / "data.old" / "commands").exists()
+    finally:
+        await engine.remove(cid)  # ends the other client's attach, whatever it reached
+        await within(30, other)
+

@@ -1,27 +1,39 @@
-"""Unit tests of PodmanEngine's corrections (engine/podman/engine.py): no engine, no reactor."""
+"""Unit tests of PodmanEngine's corrections (engine/podman/engine.py): no engine."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from ctrlagent.config import AgentConfig, RuntimeConfig
 from ctrlagent.engine import PODMAN_SOCKET, engine_client_config, make_engine, runtime_kind
-from ctrlagent.engine.docker.errors import DockerConflict, DockerError, ImageNotFound, PullFailed
+from ctrlagent.engine.docker.errors import (
+    DockerConflict,
+    DockerError,
+    DockerInvalidInput,
+    ImageNotFound,
+    PullFailed,
+)
+from ctrlagent.engine.docker.models import DockerEvent
 from ctrlagent.engine.interface import IContainerEngine, ResourceLimits
 from ctrlagent.engine.podman.engine import (
     PodmanEngine,
     _as_conflict,
     _loopback,
     _Numbering,
+    _PodmanEvents,
     _pull_error,
     dropped_limits,
     update_body,
 )
-from ctrlagent.errors import ConfigInvalid
+from ctrlagent.errors import ConfigInvalid, NotFound
+from tests.engine.docker.test_client_unit import stub_client
 
 MB = 1024 * 1024
 SECOND = 1_000_000_000
@@ -148,3 +160,89 @@ def test_received_and_sent_are_swapped_back_for_podman_before_4_4(
     fixed = engine._fix_net(sample)
     assert (fixed.rx_bytes, fixed.tx_bytes) == ((20, 10) if swapped else (10, 20))
     assert dataclasses.replace(fixed, rx_bytes=10, tx_bytes=20) == sample
+
+
+class _Replay:
+    """Docker event documents handed out in order, as ``ResumableEvents`` would."""
+
+    def __init__(self, events: list[Any]) -> None:
+        self._events = list(events)
+
+    def __aiter__(self) -> _Replay:
+        return self
+
+    async def __anext__(self) -> Any:
+        if not self._events:
+            raise StopAsyncIteration
+        return self._events.pop(0)
+
+    reconnects = 0
+
+    def close(self) -> None:
+        self._events = []
+
+
+def _podman_actions(events: list[tuple[str, str, int | None]]) -> list[tuple[str, str, int | None]]:
+    stream = _PodmanEvents(_Replay([  # type: ignore[arg-type]
+        DockerEvent(action, cid, exit_code=code, time_nano=(i + 1) * SECOND)
+        for i, (action, cid, code) in enumerate(events)
+    ]), 0)
+
+    async def collect() -> list[tuple[str, str, int | None]]:
+        return [(e.action, e.container_id, e.exit_code) async for e in stream]
+
+    got: list[list[tuple[str, str, int | None]]] = []
+    Deferred.fromCoroutine(collect()).addCallback(got.append)
+    return got[0]
+
+
+def test_the_death_of_a_reinitialized_container_is_not_the_death_of_a_run() -> None:
+    # A run (init, start, die), then an attach re-initializes the dead
+    # container (init, attach) and the engine stops that (die): one death.
+    got = _podman_actions([
+        ("create", "a", None), ("init", "a", None), ("start", "a", None),
+        ("kill", "a", None), ("die", "a", 137), ("cleanup", "a", None),
+        ("init", "a", None), ("attach", "a", None), ("die", "a", 137),
+        ("init", "b", None), ("start", "b", None), ("die", "b", 1),
+        # The next start of the re-initialized container is a run again.
+        ("start", "a", None), ("die", "a", 0), ("destroy", "a", None),
+    ])
+    assert got == [
+        ("start", "a", None), ("kill", "a", None), ("die", "a", 137),
+        ("start", "b", None), ("die", "b", 1),
+        ("start", "a", None), ("die", "a", 0), ("destroy", "a", None),
+    ]
+
+
+def test_a_death_whose_init_came_before_the_stream_opened_is_kept() -> None:
+    assert _podman_actions([("die", "a", 2)]) == [("die", "a", 2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kill_goes_through_libpod_which_answers_once_the_signal_is_sent() -> None:
+    # Podman's compatible SIGKILL also waits for conmon to exit, and a
+    # re-initialization by an attach gives it a conmon that does not (seen:
+    # no answer in 30 s).  libpod's kill does not wait: the agent waits for
+    # the die event itself, bounded (Server.hard_kill).
+    improper = ("can only kill running containers. c2 is in state exited: "
+                "container state improper")
+    client, api = stub_client({
+        "/v1.43/libpod/containers/c1/kill": (204, b""),
+        "/v1.43/libpod/containers/c2/kill": (500, {"message": improper}),
+    })
+    engine = PodmanEngine(client, Clock())
+    await engine.kill("c1")
+    await engine.kill("c1", "SIGTERM")
+    with pytest.raises(DockerConflict):
+        await engine.kill("c2")
+    with pytest.raises(NotFound):
+        await engine.kill("c3")
+    with pytest.raises(DockerInvalidInput):
+        await engine.kill("..")
+    assert [uri for _, uri in api.seen if b"kill" in uri] == [
+        b"/v1.43/libpod/containers/c1/kill?signal=SIGKILL",
+        b"/v1.43/libpod/containers/c1/kill?signal=SIGTERM",
+        b"/v1.43/libpod/containers/c2/kill?signal=SIGKILL",
+        b"/v1.43/libpod/containers/c3/kill?signal=SIGKILL",
+    ]
+
