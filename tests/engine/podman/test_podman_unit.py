@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
 import pytest_twisted
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from ctrlagent.config import AgentConfig, RuntimeConfig
+from ctrlagent.config import AgentConfig, DockerConfig, RuntimeConfig
 from ctrlagent.engine import PODMAN_SOCKET, engine_client_config, make_engine, runtime_kind
+from ctrlagent.engine.docker import DockerClient
 from ctrlagent.engine.docker.errors import (
     DockerConflict,
     DockerError,
@@ -33,7 +36,7 @@ from ctrlagent.engine.podman.engine import (
     update_body,
 )
 from ctrlagent.errors import ConfigInvalid, NotFound
-from tests.engine.docker.test_client_unit import stub_client
+from tests.engine.docker.test_client_unit import FakeEngine, stub_client
 
 MB = 1024 * 1024
 SECOND = 1_000_000_000
@@ -246,3 +249,45 @@ async def test_a_kill_goes_through_libpod_which_answers_once_the_signal_is_sent(
         b"/v1.43/libpod/containers/c3/kill?signal=SIGKILL",
     ]
 
+
+class _Sequenced(FakeEngine):
+    """``FakeEngine`` whose answers to some paths come in turn, their bodies kept."""
+
+    def __init__(self, answers: dict[str, tuple[int, Any]],
+                 queued: dict[str, list[tuple[int, Any]]]) -> None:
+        super().__init__(answers)
+        self.queued = queued
+        self.bodies: list[Any] = []
+
+    def render(self, request: Any) -> bytes:
+        path = request.path.decode()
+        if self.queued.get(path):
+            self.bodies.append(json.loads(request.content.read() or b"null"))
+            self.answers[path] = self.queued[path].pop(0)
+        return super().render(request)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_live_update_on_a_kernel_without_block_io_weight_goes_in_without_it() -> None:
+    # runc's update fails as a whole when the kernel has no blkio.weight
+    # (seen on this kind of host): the rest is applied and the weight warned of.
+    failed = ("`/usr/bin/runc update --resources=/tmp/podman1 c1` failed: exit status 1")
+    running = {"Id": "c1", "State": {"Running": True, "Status": "running",
+                                     "StartedAt": "2026-12-03T19:00:00.5Z"},
+               "HostConfig": {"Memory": 64 * MB, "BlkioWeight": 0}}
+    api = _Sequenced(
+        {"/version": (200, {"ApiVersion": "1.43", "Version": "4.3.1"}),
+         "/v1.43/containers/c1/json": (200, running)},
+        {"/v1.43/libpod/containers/c1/update": [(500, {"message": failed}), (201, b"")]})
+    engine = PodmanEngine(DockerClient(StubTreq(api), Clock(), DockerConfig()), Clock())
+    limits = ResourceLimits(memory_bytes=128 * MB, memory_swap_bytes=256 * MB,
+                            cpu_percent=50.0, io_weight=300, pids=100)
+    await engine.update_limits("c1", limits)
+    first, second = api.bodies
+    assert first["blockIO"] == {"weight": 300}
+    assert "blockIO" not in second and second["memory"] == first["memory"]
+    assert second["pids"] == {"limit": 100}
+    warnings = engine.last_warnings("c1")
+    assert "Block I/O weight 300 was discarded: the kernel does not support it" in warnings
+    live = (await engine.inspect("c1")).limits
+    assert live is not None and (live.memory_bytes, live.io_weight) == (128 * MB, 0)
