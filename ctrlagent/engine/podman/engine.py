@@ -471,26 +471,37 @@ class _PodmanEvents(_Events):
     """
     Events asked without an action filter, the container actions kept here.
 
-    A ``die`` of a container initialized but not started since is not the
-    end of a run: it is the end of a re-initialization (an attach that
-    reached a dead run, ``PodmanEngine.open_stdin``), and is dropped.
+    The ``die`` of a re-initialized container (``PodmanEngine._undo_reinit``
+    stops it) is not the end of a run, and is dropped: a ``die`` whose
+    container's last lifecycle event was an ``init`` (no ``start`` since),
+    or one of a container whose re-initialization the engine undoes
+    (``undoing``) when this stream has seen nothing of it yet (its ``init``
+    came before the stream opened: an agent started since).
     """
 
-    def __init__(self, events: ResumableEvents, since_ns: int) -> None:
+    def __init__(self, events: ResumableEvents, since_ns: int, undoing: set[str]) -> None:
         super().__init__(events, since_ns)
-        # Containers whose last lifecycle event was an ``init``.
-        self._initialized: set[str] = set()
+        self._undoing = undoing
+        # Container id -> its last lifecycle event seen here: init, start or die.
+        self._last: dict[str, str] = {}
 
     async def __anext__(self) -> EngineEvent:
         while True:
             event = await super().__anext__()
             action, cid = event.action, event.container_id
-            if action == "init":
-                self._initialized.add(cid)
-            elif action in ("start", "destroy"):
-                self._initialized.discard(cid)
-            elif action == "die" and cid in self._initialized:
-                continue
+            if action in ("init", "start"):
+                self._last[cid] = action
+                if action == "start":
+                    self._undoing.discard(cid)
+            elif action == "die":
+                last = self._last.get(cid)
+                self._last[cid] = action
+                if last == "init" or (last is None and cid in self._undoing):
+                    self._undoing.discard(cid)
+                    continue
+            elif action in ("remove", "destroy"):
+                self._last.pop(cid, None)
+                self._undoing.discard(cid)
             if action in CONTAINER_EVENTS:
                 return event
 
@@ -557,6 +568,9 @@ class PodmanEngine(DockerEngine):
         # lock that makes concurrent opens share it.
         self._stdin: dict[str, Any] = {}
         self._stdin_locks: dict[str, DeferredLock] = {}
+        # Full ids of containers whose re-initialization is being undone:
+        # their next ``die`` is that stop's (``_PodmanEvents``).
+        self._undoing: set[str] = set()
 
     def _service_limits(self) -> dict[str, int]:
         """The service's hard rlimits, read once (a local connect and a /proc read)."""
@@ -617,8 +631,14 @@ class PodmanEngine(DockerEngine):
             # A container another client's attach re-initialized would start
             # with the mounts of that moment (a data directory swapped since
             # would not be the one the game writes to): undone first.
-            await self._undo_reinit(await self.client.container_inspect(cid),
-                                    "another client's attach")
+            try:
+                doc = await self.client.container_inspect(cid)
+            except NotFound:
+                raise
+            except DockerError:
+                pass  # the start itself says what the engine has to say
+            else:
+                await self._undo_reinit(doc, "another client's attach")
             await super().start(cid)
         finally:
             lock.release()
@@ -715,6 +735,7 @@ class PodmanEngine(DockerEngine):
         cid = str(doc.get("Id") or "")
         self.log.info(  # noqa: G010 - twisted.logger's method
             "container {cid}: re-initialized by {by}: stopping that", cid=cid[:12], by=by)
+        self._undoing.add(cid)
         try:
             await self.client.call("POST", ("libpod", "containers", cid, "stop"),
                                    query={"timeout": 0}, kind="container", raw=True)
@@ -768,9 +789,12 @@ class PodmanEngine(DockerEngine):
             await self._update(state.id, body)
         except NotFound:
             raise
-        except DockerError:
-            # A kernel without block I/O weight (no blkio.weight) makes runc's
-            # update fail as a whole: the rest goes in without it.
+        except DockerError as e:
+            if e.status != 500 or "exit status" not in e.message:
+                raise
+            # The OCI runtime's update failed.  A kernel without block I/O
+            # weight (no blkio.weight) makes runc's fail as a whole: the rest
+            # goes in without it (a failure of its own is raised).
             del body["blockIO"]
             await self._update(state.id, body)
             weightless = True
@@ -824,4 +848,4 @@ class PodmanEngine(DockerEngine):
             on_break=on_break,
             on_resume=on_resume,
         )
-        return _PodmanEvents(events, since_ns or 0)
+        return _PodmanEvents(events, since_ns or 0, self._undoing)

@@ -185,11 +185,12 @@ class _Replay:
         self._events = []
 
 
-def _podman_actions(events: list[tuple[str, str, int | None]]) -> list[tuple[str, str, int | None]]:
+def _podman_actions(events: list[tuple[str, str, int | None]],
+                   undoing: set[str] | None = None) -> list[tuple[str, str, int | None]]:
     stream = _PodmanEvents(_Replay([  # type: ignore[arg-type]
         DockerEvent(action, cid, exit_code=code, time_nano=(i + 1) * SECOND)
         for i, (action, cid, code) in enumerate(events)
-    ]), 0)
+    ]), 0, set() if undoing is None else undoing)
 
     async def collect() -> list[tuple[str, str, int | None]]:
         return [(e.action, e.container_id, e.exit_code) async for e in stream]
@@ -208,13 +209,40 @@ def test_the_death_of_a_reinitialized_container_is_not_the_death_of_a_run() -> N
         ("init", "a", None), ("attach", "a", None), ("die", "a", 137),
         ("init", "b", None), ("start", "b", None), ("die", "b", 1),
         # The next start of the re-initialized container is a run again.
-        ("start", "a", None), ("die", "a", 0), ("destroy", "a", None),
+        ("start", "a", None), ("die", "a", 0), ("remove", "a", None),
     ])
     assert got == [
         ("start", "a", None), ("kill", "a", None), ("die", "a", 137),
         ("start", "b", None), ("die", "b", 1),
-        ("start", "a", None), ("die", "a", 0), ("destroy", "a", None),
+        ("start", "a", None), ("die", "a", 0),
     ]
+
+
+def test_an_undo_whose_init_came_before_the_stream_opened_is_dropped_once() -> None:
+    # An agent started after another client's attach re-initialized the
+    # container: its start undoes that first, and the stop's die is no run's.
+    undoing = {"a"}
+    got = _podman_actions([("die", "a", 137), ("init", "a", None), ("start", "a", None),
+                           ("die", "a", 1)], undoing)
+    assert got == [("start", "a", None), ("die", "a", 1)]
+    assert undoing == set()
+
+
+def test_a_run_death_read_late_is_kept_while_its_undo_is_under_way() -> None:
+    # The stream lags: the run's own death comes after the engine began the
+    # undo; it is kept, the undo's (after the init) is dropped.
+    undoing = {"a"}
+    got = _podman_actions([("start", "a", None), ("die", "a", 1), ("init", "a", None),
+                           ("attach", "a", None), ("die", "a", 137), ("start", "a", None)],
+                          undoing)
+    assert got == [("start", "a", None), ("die", "a", 1), ("start", "a", None)]
+
+
+def test_an_undo_that_stopped_nothing_is_forgotten_at_the_next_start() -> None:
+    undoing = {"a"}
+    got = _podman_actions([("init", "a", None), ("start", "a", None), ("die", "a", 3)], undoing)
+    assert got == [("start", "a", None), ("die", "a", 3)]
+    assert undoing == set()
 
 
 def test_a_death_whose_init_came_before_the_stream_opened_is_kept() -> None:
@@ -291,3 +319,94 @@ async def test_a_live_update_on_a_kernel_without_block_io_weight_goes_in_without
     assert "Block I/O weight 300 was discarded: the kernel does not support it" in warnings
     live = (await engine.inspect("c1")).limits
     assert live is not None and (live.memory_bytes, live.io_weight) == (128 * MB, 0)
+
+
+def _inspected(status: str, pid: int, running: bool = False) -> dict[str, Any]:
+    return {"Id": "c1", "State": {"Running": running, "Status": status, "Pid": pid,
+                                  "ExitCode": 0, "StartedAt": "2026-12-03T19:00:00.5Z"}}
+
+
+def _podman(answers: dict[str, tuple[int, Any]]) -> tuple[PodmanEngine, FakeEngine]:
+    client, api = stub_client(answers)
+    return PodmanEngine(client, Clock()), api
+
+
+def _posts(api: FakeEngine) -> list[bytes]:
+    return [uri for method, uri in api.seen if method == "POST"]
+
+
+@pytest.mark.parametrize(
+    ("inspect", "posts"),
+    [
+        # Re-initialized by another client's attach: stopped, then started afresh.
+        ((200, _inspected("created", 4242)),
+         [b"/v1.43/libpod/containers/c1/stop?timeout=0", b"/v1.43/containers/c1/start"]),
+        # Created and never started, or exited: started as it is.
+        ((200, _inspected("created", 0)), [b"/v1.43/containers/c1/start"]),
+        ((200, _inspected("exited", 0)), [b"/v1.43/containers/c1/start"]),
+        # The engine cannot say: the start itself answers.
+        ((500, {"message": "boom"}), [b"/v1.43/containers/c1/start"]),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_start_undoes_a_reinitialization_first(
+    inspect: tuple[int, Any], posts: list[bytes],
+) -> None:
+    engine, api = _podman({
+        "/v1.43/containers/c1/json": inspect,
+        "/v1.43/libpod/containers/c1/stop": (204, b""),
+        "/v1.43/containers/c1/start": (204, b""),
+    })
+    await engine.start("c1")
+    assert _posts(api) == posts
+    assert engine._undoing == ({"c1"} if len(posts) == 2 else set())
+
+
+class _Pipe:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    ("inspect", "error", "closed", "stopped"),
+    [
+        ((200, _inspected("running", 7, running=True)), None, False, False),
+        ((200, _inspected("created", 4242)), DockerConflict, True, True),
+        ((200, _inspected("exited", 0)), DockerConflict, True, False),
+        ((404, {"message": "no such container"}), NotFound, True, False),
+        # No answer: an attach is not closed on a guess (it would end a
+        # running game's stdin); the next start undoes what it must.
+        ((500, {"message": "boom"}), None, False, False),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_attach_made_now_is_kept_only_while_its_run_runs(
+    inspect: tuple[int, Any], error: type[Exception] | None, closed: bool, stopped: bool,
+) -> None:
+    engine, api = _podman({
+        "/v1.43/containers/c1/json": inspect,
+        "/v1.43/libpod/containers/c1/stop": (204, b""),
+    })
+    pipe = _Pipe()
+    if error is None:
+        await engine._still_running("c1", pipe)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(error):
+            await engine._still_running("c1", pipe)  # type: ignore[arg-type]
+    assert pipe.closed is closed
+    assert _posts(api) == ([b"/v1.43/libpod/containers/c1/stop?timeout=0"] if stopped else [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_live_update_refused_for_another_reason_is_not_sent_again() -> None:
+    improper = "container state improper"
+    engine, api = _podman({
+        "/v1.43/containers/c1/json": (200, _inspected("running", 7, running=True)),
+        "/v1.43/libpod/containers/c1/update": (500, {"message": improper}),
+    })
+    with pytest.raises(DockerConflict):
+        await engine.update_limits("c1", ResourceLimits(memory_bytes=128 * MB, io_weight=300))
+    assert _posts(api) == [b"/v1.43/libpod/containers/c1/update"]
+
