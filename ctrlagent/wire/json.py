@@ -131,6 +131,8 @@ def _sanitise(value: Any, depth: int = 0) -> Any:
         return [_sanitise(item, depth + 1) for item in value]
     if isinstance(value, UnrepresentableNumber):
         return None
+    if isinstance(value, enum.Enum):
+        return _sanitise(value.value, depth + 1)  # as _default writes one
     try:
         return str(value)
     except Exception:
