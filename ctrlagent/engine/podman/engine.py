@@ -76,6 +76,7 @@ import re
 import resource
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from ipaddress import ip_address
@@ -473,13 +474,16 @@ class _PodmanEvents(_Events):
 
     The ``die`` of a re-initialized container (``PodmanEngine._undo_reinit``
     stops it) is not the end of a run, and is dropped: a ``die`` whose
-    container's last lifecycle event was an ``init`` (no ``start`` since),
-    or one of a container whose re-initialization the engine undoes
-    (``undoing``) when this stream has seen nothing of it yet (its ``init``
-    came before the stream opened: an agent started since).
+    container's last lifecycle event was an ``init`` (no ``start`` since);
+    or, when this stream has seen nothing of the container (its ``init``
+    came before an agent restart), a ``die`` stamped after the engine began
+    undoing it (``undoing``: full id -> nanoseconds on the engine host's
+    clock, kept for a local engine only).  A run's own ``die`` read late is
+    stamped before that, and kept.
     """
 
-    def __init__(self, events: ResumableEvents, since_ns: int, undoing: set[str]) -> None:
+    def __init__(self, events: ResumableEvents, since_ns: int,
+                 undoing: dict[str, int]) -> None:
         super().__init__(events, since_ns)
         self._undoing = undoing
         # Container id -> its last lifecycle event seen here: init, start or die.
@@ -492,16 +496,18 @@ class _PodmanEvents(_Events):
             if action in ("init", "start"):
                 self._last[cid] = action
                 if action == "start":
-                    self._undoing.discard(cid)
+                    self._undoing.pop(cid, None)
             elif action == "die":
                 last = self._last.get(cid)
                 self._last[cid] = action
-                if last == "init" or (last is None and cid in self._undoing):
-                    self._undoing.discard(cid)
+                began = self._undoing.get(cid)
+                if last == "init" or (last is None and began is not None
+                                      and event.at_ns >= began):
+                    self._undoing.pop(cid, None)
                     continue
             elif action in ("remove", "destroy"):
                 self._last.pop(cid, None)
-                self._undoing.discard(cid)
+                self._undoing.pop(cid, None)
             if action in CONTAINER_EVENTS:
                 return event
 
@@ -568,9 +574,10 @@ class PodmanEngine(DockerEngine):
         # lock that makes concurrent opens share it.
         self._stdin: dict[str, Any] = {}
         self._stdin_locks: dict[str, DeferredLock] = {}
-        # Full ids of containers whose re-initialization is being undone:
-        # their next ``die`` is that stop's (``_PodmanEvents``).
-        self._undoing: set[str] = set()
+        # Full id -> when (wall clock, ns) the engine began undoing its
+        # re-initialization: the ``die`` stamped after is that stop's
+        # (``_PodmanEvents``).  A local engine only: its clock is this host's.
+        self._undoing: dict[str, int] = {}
 
     def _service_limits(self) -> dict[str, int]:
         """The service's hard rlimits, read once (a local connect and a /proc read)."""
@@ -735,7 +742,8 @@ class PodmanEngine(DockerEngine):
         cid = str(doc.get("Id") or "")
         self.log.info(  # noqa: G010 - twisted.logger's method
             "container {cid}: re-initialized by {by}: stopping that", cid=cid[:12], by=by)
-        self._undoing.add(cid)
+        if self.client.host.kind == "unix":
+            self._undoing[cid] = time.time_ns()
         try:
             await self.client.call("POST", ("libpod", "containers", cid, "stop"),
                                    query={"timeout": 0}, kind="container", raw=True)

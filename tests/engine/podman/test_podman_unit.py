@@ -186,11 +186,12 @@ class _Replay:
 
 
 def _podman_actions(events: list[tuple[str, str, int | None]],
-                   undoing: set[str] | None = None) -> list[tuple[str, str, int | None]]:
+                   undoing: dict[str, int] | None = None) -> list[tuple[str, str, int | None]]:
+    """What the stream hands on of ``events``, the i-th stamped at i + 1 seconds."""
     stream = _PodmanEvents(_Replay([  # type: ignore[arg-type]
         DockerEvent(action, cid, exit_code=code, time_nano=(i + 1) * SECOND)
         for i, (action, cid, code) in enumerate(events)
-    ]), 0, set() if undoing is None else undoing)
+    ]), 0, {} if undoing is None else undoing)
 
     async def collect() -> list[tuple[str, str, int | None]]:
         return [(e.action, e.container_id, e.exit_code) async for e in stream]
@@ -220,29 +221,33 @@ def test_the_death_of_a_reinitialized_container_is_not_the_death_of_a_run() -> N
 
 def test_an_undo_whose_init_came_before_the_stream_opened_is_dropped_once() -> None:
     # An agent started after another client's attach re-initialized the
-    # container: its start undoes that first, and the stop's die is no run's.
-    undoing = {"a"}
+    # container: its start undoes that first (from 1 s on), and the stop's
+    # die is no run's.
+    undoing = {"a": SECOND}
     got = _podman_actions([("die", "a", 137), ("init", "a", None), ("start", "a", None),
                            ("die", "a", 1)], undoing)
     assert got == [("start", "a", None), ("die", "a", 1)]
-    assert undoing == set()
+    assert undoing == {}
 
 
-def test_a_run_death_read_late_is_kept_while_its_undo_is_under_way() -> None:
-    # The stream lags: the run's own death comes after the engine began the
-    # undo; it is kept, the undo's (after the init) is dropped.
-    undoing = {"a"}
-    got = _podman_actions([("start", "a", None), ("die", "a", 1), ("init", "a", None),
+@pytest.mark.parametrize("seen_start", [True, False])
+def test_a_run_death_read_late_is_kept_while_its_undo_is_under_way(seen_start: bool) -> None:
+    # The stream lags: the run's own death (stamped before the undo began at
+    # 3 s) is read after the engine began the undo; it is kept, whether or
+    # not the stream saw the run start.  The undo's (after the init) is not.
+    head = [("start", "a", None)] if seen_start else [("kill", "a", None)]
+    undoing = {"a": 3 * SECOND}
+    got = _podman_actions([*head, ("die", "a", 137), ("init", "a", None),
                            ("attach", "a", None), ("die", "a", 137), ("start", "a", None)],
                           undoing)
-    assert got == [("start", "a", None), ("die", "a", 1), ("start", "a", None)]
+    assert got == [*head, ("die", "a", 137), ("start", "a", None)]
 
 
 def test_an_undo_that_stopped_nothing_is_forgotten_at_the_next_start() -> None:
-    undoing = {"a"}
+    undoing = {"a": SECOND}
     got = _podman_actions([("init", "a", None), ("start", "a", None), ("die", "a", 3)], undoing)
     assert got == [("start", "a", None), ("die", "a", 3)]
-    assert undoing == set()
+    assert undoing == {}
 
 
 def test_a_death_whose_init_came_before_the_stream_opened_is_kept() -> None:
@@ -359,7 +364,7 @@ async def test_a_start_undoes_a_reinitialization_first(
     })
     await engine.start("c1")
     assert _posts(api) == posts
-    assert engine._undoing == ({"c1"} if len(posts) == 2 else set())
+    assert set(engine._undoing) == ({"c1"} if len(posts) == 2 else set())
 
 
 class _Pipe:
