@@ -657,8 +657,6 @@ class PodmanEngine(DockerEngine):
         # off for good; the agent waits for the death itself, bounded.
         try:
             await self.client.container_kill(cid, signal, libpod=True)
-        except NotFound:
-            raise
         except DockerError as e:
             raise _as_conflict(e) from None
 
@@ -685,8 +683,8 @@ class PodmanEngine(DockerEngine):
         attached to; and when the run ends between the look and an attach
         made now, the re-initialization is undone (a stop of the initialized
         container, whose ``die`` the events drop) and the open is refused
-        the same way.  Starts of the container wait for
-        this (``start``), so the undo never stops a new run.
+        the same way.  Starts of the container wait for this (``start``),
+        so the undo never stops a new run.
         """
         lock = self._stdin_locks.setdefault(cid, DeferredLock())
         await lock.acquire()

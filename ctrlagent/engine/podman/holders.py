@@ -81,10 +81,10 @@ class _HolderConnection(Protocol):
 class HolderPipe:
     """A connection to a stdin holder: every ``write`` reaches the container whole."""
 
-    def __init__(self, connection: _HolderConnection, attached_now: bool = False) -> None:
+    def __init__(self, connection: _HolderConnection) -> None:
         self._connection = connection
-        # True when this open started the holder: its attach was made now.
-        self.attached_now = attached_now
+        # True when the open that made it started the holder: its attach was made now.
+        self.attached_now = False
 
     @property
     def closed(self) -> Deferred[None]:

@@ -306,7 +306,7 @@ async def test_the_input_of_a_container_that_does_not_run_is_refused_without_an_
     engine = game.engine()
     cid = await game.started(engine)
     await engine.kill(cid)
-    await _until_exited(game, cid)
+    await _until_status(game, cid, "exited")
     for _ in range(2):
         with pytest.raises(Conflict):
             await engine.open_stdin(cid)
@@ -315,12 +315,13 @@ async def test_the_input_of_a_container_that_does_not_run_is_refused_without_an_
     assert game.pids() == []
 
 
-async def _until_exited(game: Game, cid: str) -> None:
+async def _until_status(game: Game, cid: str, status: str) -> None:
+    """Until the engine says the container is in ``status`` (bounded: 15 s)."""
     for _ in range(300):
-        if _state(await game.client.container_inspect(cid))[0] == "exited":
+        if _state(await game.client.container_inspect(cid))[0] == status:
             return
         await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError("container {} did not exit".format(cid[:12]))
+    raise AssertionError("container {} is not {}".format(cid[:12], status))
 
 
 def _attach_once(socket_path: str, cid: str) -> bytes:
@@ -349,13 +350,9 @@ async def test_a_container_another_client_reinitialized_starts_with_its_data_dir
     cid = await game.started(engine, env={"DATA_FILE": "/data/commands"},
                              mounts=(Mount(str(data), "/data"),))
     await engine.kill(cid)
-    await _until_exited(game, cid)
+    await _until_status(game, cid, "exited")
     other = deferToThread(_attach_once, podman_service.socket_path, cid)
-    for _ in range(200):
-        if _state(await game.client.container_inspect(cid))[0] == "created":
-            break
-        await deferLater(reactor, 0.05, lambda: None)
-    assert _state(await game.client.container_inspect(cid))[0] == "created"  # re-initialized
+    await _until_status(game, cid, "created")  # re-initialized by that attach
     # The directory is replaced while the server is stopped (a restore, a
     # conversion to a subvolume): the next run must use the new one.
     data.rename(tmp_path / "data.old")
