@@ -175,6 +175,11 @@ class ServersConfig:
     # when asked.  0: every stats_interval regardless.
     stats_idle_interval: float = 30.0
     disk_check_interval: float = 60.0
+    # Seconds between the looks at the engine's list of containers that
+    # catch a game's end no engine event told (a lost event): a server found
+    # down at two looks in a row, with no news of it between them, is settled
+    # as the event would have (ctrlagent/servers/drift.py).  0: never.
+    drift_check_interval: float = 60.0
     crash_restart_window: float = 60.0
     # Whether a game that ends by itself with exit code 0 (not asked, not
     # out of memory) has crashed, as Wings' detect_clean_exit_as_crash: on,
@@ -1018,6 +1023,8 @@ def validate(config: AgentConfig) -> None:
         raise ConfigInvalid("servers.console_mark_interval must be between 0 and 3600 seconds")
     if not 0 <= config.servers.stats_idle_interval <= 3600:
         raise ConfigInvalid("servers.stats_idle_interval must be between 0 and 3600 seconds")
+    if not 0 <= config.servers.drift_check_interval <= 3600:
+        raise ConfigInvalid("servers.drift_check_interval must be between 0 and 3600 seconds")
     _validate_install(config.servers)
     _validate_allocations_and_limits(config.servers)
     if not 1 <= config.servers.reconcile_concurrency <= 1024:

@@ -127,3 +127,11 @@ class ServerCollector(Collector):
             state, cpu, memory, memory_limit, rx, tx, disk, disk_limit, uptime, restarts,
             crashes, lines, dropped,
         )
+        drift = getattr(self._manager, "drift", None)
+        if drift is not None:
+            yield CounterMetricFamily(
+                "ctrlagent_engine_unheard_ends",
+                "Servers' ends the engine sent no event of, found by the drift check and"
+                " settled.",
+                value=drift.settled,
+            )

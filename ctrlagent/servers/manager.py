@@ -74,6 +74,7 @@ from ctrlagent.servers import spec as specs
 from ctrlagent.servers.containers import MANAGED_LABEL, ROLE_LABEL, SERVER_ID_LABEL
 from ctrlagent.servers.datadir import DataDirs
 from ctrlagent.servers.delivery import JOURNAL_NAME, ConsoleDelivery, EventBus, Mark, MarkJournal
+from ctrlagent.servers.drift import DriftCheck
 from ctrlagent.servers.lifecycle import parse_state
 from ctrlagent.servers.locks import FileLocks
 from ctrlagent.servers.ports import PortPool, allocations
@@ -194,6 +195,15 @@ class ServerManager(service.Service):
             history_slots=DeferredSemaphore(HISTORY_READS),
         )
         self.reconciled = 0
+        # A game's end no engine event told, caught by looking at the list.
+        self.drift = DriftCheck(
+            self.clock,
+            engine,
+            self._servers.values,
+            lambda: self.engine_up and self._reconciling is None,
+            self.tracker,
+            config.servers.drift_check_interval,
+        )
         # Ports for servers created without any (servers.port_range).
         self.ports = PortPool(config.servers)
         # Ports an update gave a server whose new spec is not stored yet.
@@ -257,12 +267,18 @@ class ServerManager(service.Service):
             # comes first at start-up, and hundreds of walks in the disk
             # threads would compete with it for the interpreter.
             reconciled.addBoth(self._start_disk_checks)
+        reconciled.addBoth(self._start_drift_checks)
 
     def _start_disk_checks(self, result: Any) -> Any:
         loop = self._disk_loop
         if self.running and loop is not None and not loop.running:
             interval = self.config.servers.disk_check_interval
             self.tracker.track(loop.start(interval, now=True), "disk usage checks")
+        return result
+
+    def _start_drift_checks(self, result: Any) -> Any:
+        if self.running:
+            self.drift.start()
         return result
 
     def abort_start(self) -> None:
@@ -356,6 +372,7 @@ class ServerManager(service.Service):
         self.data.stop()
         if self._disk_loop is not None and self._disk_loop.running:
             self._disk_loop.stop()
+        self.drift.stop()
         if self._events is not None:
             self._events.close()
         for server in self._servers.values():
@@ -386,6 +403,7 @@ class ServerManager(service.Service):
         self.data.stop()
         if self._disk_loop is not None and self._disk_loop.running:
             self._disk_loop.stop()
+        self.drift.stop()
         if self._events is not None:
             self._events.close()
         for server in self._servers.values():

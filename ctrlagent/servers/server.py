@@ -146,6 +146,8 @@ class Server:
         # Runs begun by this agent (``do_start``): a death judged late is not
         # the new run's.
         self._runs = 0
+        # Engine events heard about this server's containers (``drift_key``).
+        self.heard = 0
         self.started_at: float | None = None
         # Engine time (ns) from which events belong to the current run.
         self.run_since_ns: int | None = None
@@ -823,6 +825,7 @@ class Server:
         after the event stream resumed) is about a previous run and ignored,
         so an old ``die`` never reads as a crash of the new run.
         """
+        self.heard += 1
         action = event.action
         when = event.at_ns
         if when and self.run_since_ns is not None and when < self.run_since_ns:
@@ -987,6 +990,50 @@ class Server:
             await self._reconcile_start()
         elif self.state in ACTIVE_STATES or self.state is S.UNKNOWN:
             self.lifecycle.fire(Input.FOUND_DOWN)
+
+    def drift_key(self) -> tuple[Any, ...] | None:
+        """
+        What the drift check (``ctrlagent.servers.drift``) compares between
+        two looks at the engine: ``None`` unless the server's container should
+        be running with nothing under way (no install, no power action); else
+        its container, state, runs, deaths and the events heard, so that any
+        news of the server between the looks makes them differ.
+        """
+        if self.installing or self.console.closed or self.power is not None:
+            return None
+        if self.state not in ACTIVE_STATES or self.container_id is None:
+            return None
+        return (self.container_id, self.state, self._runs, self._deaths, self.heard)
+
+    async def settle_unheard_end(self, key: tuple[Any, ...]) -> bool:
+        """
+        The drift check found the container down (or gone) twice, ``key``
+        unchanged in between: its end was never told by an event (one the
+        engine lost).  Settle it as that event would have: a death is judged
+        as ``on_exit`` judges one (crash report, crash policy), a container
+        gone is reconciled as an agent start finds it.  Nothing is done (and
+        False returned) when the server moved meanwhile or the container runs
+        after all.
+        """
+        cid = key[0]
+        try:
+            found: ContainerState | None = await self.services.engine.inspect(cid)
+        except NotFound:
+            found = None
+        if self.drift_key() != key or (found is not None and found.running):
+            return False
+        self.log.warn(  # noqa: G010 (twisted.logger has warn)
+            "server {server_id}: its container {cid} is {status} but the engine sent no event"
+            " of its end (one was lost): settled now",
+            server_id=self.server_id,
+            cid=cid[:12],
+            status=found.status if found is not None else "gone",
+        )
+        if found is None:
+            await self.reconcile(None)
+        else:
+            await self.on_exit(found.exit_code, oom=found.oom_killed or self.exits.oom)
+        return True
 
     async def _look_again(self, listed: ContainerState | None) -> ContainerState | None:
         """The server's container as the engine has it now (``listed`` when unsure)."""

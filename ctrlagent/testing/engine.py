@@ -348,8 +348,14 @@ class FakeEngine:
             follower.push(line)
         return line
 
-    def die(self, cid: str, code: int, oom: bool = False, external_kill: bool = False) -> None:
-        """The container's process ends with ``code`` (``oom``: killed for memory)."""
+    def die(
+        self, cid: str, code: int, oom: bool = False, external_kill: bool = False,
+        silent: bool = False,
+    ) -> None:
+        """
+        The container's process ends with ``code`` (``oom``: killed for
+        memory); ``silent``: the engine loses the events of it (none is sent).
+        """
         c = self.get(cid)
         if not c.running:
             return
@@ -366,6 +372,8 @@ class FakeEngine:
         waiters, c.waiters = c.waiters, []
         for waiter in waiters:
             waiter.callback(code)
+        if silent:
+            return
         if external_kill:
             self._event("kill", c)
         if oom:

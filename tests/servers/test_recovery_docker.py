@@ -398,3 +398,35 @@ async def test_an_agent_stopping_while_it_reaches_a_stdin_holder_logs_nothing_an
         assert len(held.held) == 1  # one launch, abandoned: no second try after the stop
         third = rig.manager()
         await until(lambda: third.get(sid).output_attached, 15, "re-attached")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_death_whose_event_never_came_is_settled_by_the_drift_check(
+    rig: Rig, scripted_image: str
+) -> None:
+    rig.servers_config(drift_check_interval=0.5)
+    manager = rig.manager()
+    sid = rig.new_id()
+    await manager.create_server(sid, {**scripted(scripted_image), "crashRestart": False})
+    await manager.start(sid)
+    await until_state(manager, sid, S.RUNNING)
+    server = manager.get(sid)
+    # The engine's die event is lost on its way (the server never hears it);
+    # every other event still comes.
+    hear = server.on_event
+    lost: list[Any] = []
+
+    def deaf_to_deaths(event: Any) -> Any:
+        if event.action == "die":
+            lost.append(event)
+            return None
+        return hear(event)
+
+    server.on_event = deaf_to_deaths  # type: ignore[method-assign]
+    await manager.send_command(sid, "crash 7")
+    await until(lambda: bool(lost), 10, "the die event (dropped)")
+    await until_state(manager, sid, S.CRASHED, 10)
+    report = server.crash_report
+    assert report is not None and report.exit_code == 7
+    assert any("Crashing with exit code 7" in line for line in report.lines)
+    assert [s for s in rig.recorder.statuses(sid) if s[1] == "crashed"] == [("running", "crashed")]
