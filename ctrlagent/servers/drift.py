@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -65,20 +64,31 @@ class DriftCheck:
         self.looks = 0
         # Ends settled so (``ctrlagent_engine_unheard_ends_total``).
         self.settled = 0
+        # Servers whose settling is under way (a slow inspect): not noted again.
+        self._settling: set[str] = set()
         self._loop: LoopingCall | None = None
 
     def start(self) -> None:
         """Look every ``interval`` seconds, the first one ``interval`` from now."""
         if self.interval <= 0 or self._loop is not None:
             return
-        loop = LoopingCall(lambda: Deferred.fromCoroutine(self.look()))
+        # Each look is the tracker's: shutdown cancels it and waits for it to
+        # end before the engine and the store close (had the tracker held the
+        # loop's own Deferred, a look under way would outlive the manager).
+        loop = LoopingCall(lambda: self.tracker.run(self.look(), "drift check"))
         loop.clock = self.clock
         self._loop = loop
-        self.tracker.track(loop.start(self.interval, now=False), "drift checks")
+        loop.start(self.interval, now=False)
+
+    @property
+    def running(self) -> bool:
+        """Whether looks are scheduled."""
+        return self._loop is not None and self._loop.running
 
     def stop(self) -> None:
-        """Look no more."""
-        if self._loop is not None and self._loop.running:
+        """Look no more (a look under way is the tracker's to cancel)."""
+        if self.running:
+            assert self._loop is not None
             self._loop.stop()
 
     async def look(self) -> None:
@@ -100,7 +110,7 @@ class DriftCheck:
         noted: dict[str, tuple[Any, ...]] = {}
         for server in self._servers():
             key = server.drift_key()
-            if key is None or key[0] in running:
+            if key is None or key[0] in running or server.server_id in self._settling:
                 continue
             if self.noted.get(server.server_id) == key:
                 self.tracker.run(
@@ -111,8 +121,9 @@ class DriftCheck:
         self.noted = noted
 
     async def _settle(self, server: Server, key: tuple[Any, ...]) -> None:
+        self._settling.add(server.server_id)
         try:
-            if await server.settle_unheard_end(key):
+            if await server.settle_unheard_end(key, late=2 * self.interval):
                 self.settled += 1
         except CtrlAgentError as e:
             self.log.warn(  # noqa: G010 (twisted.logger has warn)
@@ -120,3 +131,5 @@ class DriftCheck:
                 server_id=server.server_id,
                 error=e.message,
             )
+        finally:
+            self._settling.discard(server.server_id)

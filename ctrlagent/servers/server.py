@@ -67,6 +67,9 @@ MB = 1024 * 1024
 CRASH_TAIL = 50
 # Power actions that create or start the container (a reconcile leaves them be).
 _MAKING_A_RUN = frozenset({"start", "restart", "crash-restart"})
+# A container's status once its run has ended (Docker's and Podman's words):
+# not "stopping", "paused", "restarting" or "removing", which may still run.
+_ENDED = frozenset({"exited", "dead", "created", "stopped", "configured"})
 # A run's events are those stamped from a millisecond before its start on.
 _RUN_SLACK_NS = 1_000_000
 
@@ -843,8 +846,11 @@ class Server:
         self.exits.saw(action)
         return None
 
-    async def on_exit(self, exit_code: int | None, oom: bool) -> None:
-        """The container died: settle the state, detect crashes, maybe restart."""
+    async def on_exit(self, exit_code: int | None, oom: bool, late: float = 0.0) -> None:
+        """
+        The container died: settle the state, detect crashes, maybe restart
+        (``late``: up to how long after the death this is judged).
+        """
         if self.state not in ACTIVE_STATES and self.state is not S.UNKNOWN:
             return
         self._deaths += 1
@@ -872,7 +878,7 @@ class Server:
             self.notice("stopped outside the agent (exit code {})".format(exit_code))
             self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
         else:
-            await self._crashed(exit_code, oom, run)
+            await self._crashed(exit_code, oom, run, late)
         self._release(waiters)
 
     @staticmethod
@@ -881,7 +887,7 @@ class Server:
             if not d.called:
                 d.callback(None)
 
-    async def _crashed(self, exit_code: int | None, oom: bool, run: int) -> None:
+    async def _crashed(self, exit_code: int | None, oom: bool, run: int, late: float) -> None:
         services = self.services
         if self.container_id is not None and not oom:
             try:
@@ -906,7 +912,9 @@ class Server:
             return
         now = services.clock.seconds()
         window = services.config.servers.crash_restart_window
-        recent = self.last_crash is not None and now - self.last_crash < window
+        # A death judged late (the drift check) may have come sooner after the
+        # last crash than the judgements did: the guard allows for that.
+        recent = self.last_crash is not None and now - self.last_crash < window + late
         locked = services.locks.locked(self.server_id)
         restart = (self.spec.crash_restart and not recent and self.desired == "running"
                    and locked is None)
@@ -999,28 +1007,32 @@ class Server:
         its container, state, runs, deaths and the events heard, so that any
         news of the server between the looks makes them differ.
         """
-        if self.installing or self.console.closed or self.power is not None:
+        if self.installing or self.retired or self.console.closed or self.power is not None:
             return None
         if self.state not in ACTIVE_STATES or self.container_id is None:
             return None
         return (self.container_id, self.state, self._runs, self._deaths, self.heard)
 
-    async def settle_unheard_end(self, key: tuple[Any, ...]) -> bool:
+    async def settle_unheard_end(self, key: tuple[Any, ...], late: float = 0.0) -> bool:
         """
         The drift check found the container down (or gone) twice, ``key``
         unchanged in between: its end was never told by an event (one the
         engine lost).  Settle it as that event would have: a death is judged
-        as ``on_exit`` judges one (crash report, crash policy), a container
-        gone is reconciled as an agent start finds it.  Nothing is done (and
-        False returned) when the server moved meanwhile or the container runs
-        after all.
+        as ``on_exit`` judges one (crash report, crash policy; ``late``: how
+        much later than the death it may be judged, which the crash-loop
+        guard allows for), a container gone is reconciled as an agent start
+        finds it.  Nothing is done (and False returned) when the server moved
+        meanwhile or the container has not ended after all (it runs, or is
+        stopping, paused or restarting).
         """
         cid = key[0]
         try:
             found: ContainerState | None = await self.services.engine.inspect(cid)
         except NotFound:
             found = None
-        if self.drift_key() != key or (found is not None and found.running):
+        if self.drift_key() != key:
+            return False
+        if found is not None and (found.running or found.status not in _ENDED):
             return False
         self.log.warn(  # noqa: G010 (twisted.logger has warn)
             "server {server_id}: its container {cid} is {status} but the engine sent no event"
@@ -1032,7 +1044,7 @@ class Server:
         if found is None:
             await self.reconcile(None)
         else:
-            await self.on_exit(found.exit_code, oom=found.oom_killed or self.exits.oom)
+            await self.on_exit(found.exit_code, oom=found.oom_killed or self.exits.oom, late=late)
         return True
 
     async def _look_again(self, listed: ContainerState | None) -> ContainerState | None:

@@ -6,6 +6,7 @@ and never judged twice.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import replace
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import pytest_twisted
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
 
 from ctrlagent.config import AgentConfig, ConfigInvalid, ServersConfig, validate
 from ctrlagent.engine.interface import ContainerState
@@ -119,14 +121,16 @@ async def test_any_event_between_the_looks_puts_off_the_settling(unit: Unit) -> 
     cid = server.container_id or ""
     unit.engine.die(cid, 3, silent=True)
     await look(unit, m)
-    # Something is still heard of the container (a stale event, say): the
-    # second look notes it again instead of settling.
-    unit.engine._event("exec_die", unit.engine.get(cid))
+    # The engine still tells something of the container (an operator's
+    # `docker kill`, whose die is the one lost): the second look notes it
+    # again instead of settling, and the third judges the death by it.
+    unit.engine._event("kill", unit.engine.get(cid))
     await until(lambda: server.heard > 0, 2, "the event heard")
     await look(unit, m)
     assert server.state is S.RUNNING
     await look(unit, m)
-    await until(lambda: server.state is S.CRASHED, 2, "crashed")
+    await until(lambda: server.state is S.OFFLINE, 2, "offline: stopped outside the agent")
+    assert server.crash_report is None
 
 
 @pytest_twisted.ensureDeferred
@@ -228,3 +232,125 @@ def test_the_interval_is_checked(value: float) -> None:
                          servers=ServersConfig(drift_check_interval=value))
     with pytest.raises(ConfigInvalid, match="servers.drift_check_interval"):
         validate(config)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_while_a_look_waits_for_the_engine_ends_it_quietly(
+    unit: Unit, fail_on_logged_errors: list[dict],
+) -> None:
+    m, _ = await running(unit)
+    gate: Deferred[None] = Deferred()
+    asked: list[bool] = []
+    real = unit.engine.list
+
+    async def held_list(labels: Any) -> list[ContainerState]:
+        asked.append(True)
+        await gate
+        return await real(labels)
+
+    unit.engine.list = held_list  # type: ignore[method-assign]
+    unit.clock.advance(INTERVAL)
+    await until(lambda: bool(asked), 2, "a look asking the engine")
+    await m.stopService()
+    # The look was the manager's work: cancelled, and over before the engine
+    # and the store close, not left to run after them.
+    assert gate.called
+    assert not m.drift.running
+    gc.collect()  # an unhandled failure is logged when its Deferred is collected
+    await sleep(0)
+    assert fail_on_logged_errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_settle_under_way_is_not_started_twice_and_a_late_die_wins(unit: Unit) -> None:
+    m, server = await running(unit, crash_restart=False)
+    seen = len(unit.events)
+    cid = server.container_id or ""
+    unit.engine.die(cid, 3, silent=True)
+    await look(unit, m)
+    # The settle's inspect is slow; the die event comes while it waits.
+    gate: Deferred[None] = Deferred()
+    inspects: list[str] = []
+    real = unit.engine.inspect
+
+    async def held_inspect(cid: str) -> ContainerState:
+        inspects.append(cid)
+        if len(inspects) == 1:
+            await gate
+        return await real(cid)
+
+    unit.engine.inspect = held_inspect  # type: ignore[method-assign]
+    await look(unit, m)
+    await until(lambda: len(inspects) == 1, 2, "the settle's inspect")
+    # Looks while it waits (one notes the server again, the next would
+    # settle it): no second settle.
+    await look(unit, m)
+    await look(unit, m)
+    assert len(inspects) == 1
+    unit.engine._event("die", unit.engine.get(cid), 3)
+    await until(lambda: server.state is S.CRASHED, 2, "crashed by the late event")
+    gate.callback(None)
+    await sleep(0.05)
+    assert moves(unit, "s1", seen) == [("running", "crashed")]
+    assert unheard_ends(m) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_container_still_stopping_is_not_taken_for_ended(unit: Unit) -> None:
+    m, server = await running(unit, crash_restart=False)
+    cid = server.container_id or ""
+    unit.engine.die(cid, 0, silent=True)
+    # Podman says so of a container an outside `podman stop -t 300` is
+    # stopping: not running, not ended.
+    unit.engine.get(cid).status = "stopping"
+    for _ in range(3):
+        await look(unit, m)
+    assert server.state is S.RUNNING
+    unit.engine.get(cid).status = "exited"
+    await look(unit, m)
+    await look(unit, m)
+    await until(lambda: server.state is S.CRASHED, 2, "crashed once it ended")
+
+
+@pytest_twisted.ensureDeferred
+async def test_crashes_found_late_still_trip_the_crash_loop_guard(unit: Unit) -> None:
+    m, server = await running(unit)  # crash_restart on, a window of 30 s
+    first = server.container_id or ""
+    unit.engine.die(first, 1, silent=True)
+    await look(unit, m)
+    await look(unit, m)
+    await until(lambda: server.container_id is not None and server.state is S.RUNNING
+                and unit.engine.get(server.container_id).running, 2, "restarted once")
+    # The new run crashes at once, its event lost too: judged two looks
+    # (120 s) after the first judgement, yet only a moment after the restart.
+    unit.engine.die(server.container_id or "", 1, silent=True)
+    await look(unit, m)
+    await look(unit, m)
+    await until(lambda: server.state is S.CRASHED, 2, "crashed again")
+    assert server.crash_report is not None and not server.crash_report.restarted
+    assert server.desired == "offline"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_deleted_during_the_settle_is_left_alone(unit: Unit) -> None:
+    m, server = await running(unit, crash_restart=False)
+    seen = len(unit.events)
+    unit.engine.die(server.container_id or "", 3, silent=True)
+    await look(unit, m)
+    gate: Deferred[None] = Deferred()
+    real = unit.engine.inspect
+    asked: list[str] = []
+
+    async def held_inspect(cid: str) -> ContainerState:
+        asked.append(cid)
+        await gate
+        return await real(cid)
+
+    unit.engine.inspect = held_inspect  # type: ignore[method-assign]
+    await look(unit, m)
+    await until(lambda: bool(asked), 2, "the settle's inspect")
+    server.retired = True  # a delete finished meanwhile (the Panel was told)
+    gate.callback(None)
+    await sleep(0.05)
+    assert moves(unit, "s1", seen) == []
+    assert unheard_ends(m) == 0
