@@ -49,7 +49,13 @@ from dataclasses import replace
 from typing import Any, cast
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    succeed,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -261,7 +267,11 @@ class ServerManager(service.Service):
         reconciled = self.reconcile()
         self.delivery.schedule()
         if self.config.servers.disk_check_interval > 0:
-            self._disk_loop = LoopingCall(self._check_all_disks)
+            # Each round is the tracker's work: shutdown cancels it and waits
+            # for it, instead of leaving its walks to go on after the manager.
+            self._disk_loop = LoopingCall(
+                lambda: self.tracker.run(self._check_all_disks(), "disk usage checks")
+            )
             self._disk_loop.clock = self.clock
             # After the first reconcile: re-attaching every running server
             # comes first at start-up, and hundreds of walks in the disk
@@ -273,7 +283,7 @@ class ServerManager(service.Service):
         loop = self._disk_loop
         if self.running and loop is not None and not loop.running:
             interval = self.config.servers.disk_check_interval
-            self.tracker.track(loop.start(interval, now=True), "disk usage checks")
+            loop.start(interval, now=True)
         return result
 
     def _start_drift_checks(self, result: Any) -> Any:
@@ -556,8 +566,12 @@ class ServerManager(service.Service):
 
         async def walk() -> None:
             for server in servers:
+                if not self.running:
+                    return
                 try:
                     await self.check_disk(server)
+                except CancelledError:
+                    return
                 except Exception as e:  # noqa: BLE001 - one server's check never stops the round
                     self.log.debug("disk check of {server_id} failed: {e}",
                                    server_id=server.server_id, e=e)

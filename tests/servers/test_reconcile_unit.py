@@ -6,6 +6,7 @@ servers are re-attached many at once, but never more than
 
 from __future__ import annotations
 
+import gc
 from dataclasses import replace
 from typing import Any
 
@@ -84,3 +85,34 @@ async def test_the_first_disk_checks_wait_for_the_first_reconcile(unit: Unit) ->
     assert second.get("s1").disk_checked is None  # re-attaching first
     gate.callback(None)
     await until(lambda: second.get("s1").disk_checked is not None, 5, "the first disk check")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_during_a_round_of_disk_checks_ends_the_round(
+    unit: Unit, fail_on_logged_errors: list[dict],
+) -> None:
+    unit.config = replace(unit.config, servers=replace(unit.config.servers,
+                                                       disk_check_interval=60.0))
+    first = unit.manager()
+    for i in range(6):
+        await first.create_server("s{}".format(i), PARAMS)
+    await first.stopService()
+    second = unit.manager()
+    held: list[Deferred[Any]] = []
+
+    def held_measure(server_id: str) -> Deferred[Any]:
+        gate: Deferred[Any] = Deferred()
+        held.append(gate)
+        return gate
+
+    second.data.measure = held_measure  # type: ignore[method-assign]
+    await until(lambda: len(held) == 2, 5, "the round's first walks")
+    await second.stopService()
+    # The round's walks were cancelled and waited for: none goes on to the
+    # next server after the manager stopped.
+    assert all(gate.called for gate in held)
+    await sleep(0.05)
+    assert len(held) == 2
+    gc.collect()
+    await sleep(0)
+    assert fail_on_logged_errors == []
