@@ -51,6 +51,7 @@ from ctrlagent.servers.lifecycle import (
 from ctrlagent.servers.services import ServerServices
 from ctrlagent.servers.spec import ServerSpec
 from ctrlagent.servers.stats import StatsSampler
+from ctrlagent.servers.typed import TypedLine
 from ctrlagent.wire.servers import (
     Allocation,
     ConsoleStatus,
@@ -149,6 +150,8 @@ class Server:
         # Runs begun by this agent (``do_start``): a death judged late is not
         # the new run's.
         self._runs = 0
+        # The line raw console input has typed on the run's stdin so far.
+        self.typed = TypedLine()
         # Engine events heard about this server's containers (``drift_key``).
         self.heard = 0
         self.started_at: float | None = None
@@ -365,8 +368,14 @@ class Server:
             self.slot.release()
         return self.brief()
 
-    async def stop(self, signal: str | None = None, timeout: float | None = None) -> ServerBrief:
-        """Graceful stop in the background; ``SIGKILL`` kills at once."""
+    async def stop(
+        self, signal: str | None = None, timeout: float | None = None, typed: bytes | None = None,
+    ) -> ServerBrief:
+        """
+        Graceful stop in the background; ``SIGKILL`` kills at once
+        (``typed``: the stop command was typed on the console up to its line
+        end, which are these bytes, written instead of the command).
+        """
         if signal == "SIGKILL":
             return await self.kill()
         if self.state not in ACTIVE_STATES:
@@ -374,7 +383,7 @@ class Server:
             return self.brief()
         self.slot.claim("stop")
         self.set_desired("offline")
-        self._in_background("stop", lambda: self.graceful_stop(signal, timeout))
+        self._in_background("stop", lambda: self.graceful_stop(signal, timeout, typed))
         return self.brief()
 
     async def restart(self) -> ServerBrief:
@@ -588,6 +597,7 @@ class Server:
             await self.stop()
             return
         await self.console.send_line(self.container_id, command)
+        self.typed.ended(self._runs)
 
     def _is_typed_stop(self, command: str) -> bool:
         method = self.spec.stop
@@ -603,11 +613,32 @@ class Server:
         Write ``data`` to the server's stdin exactly as given (no newline
         added: a prompt's answer, a partial line, Ctrl+D as ``\x04``); the
         number of bytes written.
+
+        Input that completes the server's stop command (typed key by key, as
+        a terminal-like console sends it, or whole) is the Stop a player
+        asked for, as through ``send_command``: the characters up to the
+        line end go as they are, and the Stop action writes the line end and
+        whatever follows it.
         """
         if self.state not in ACTIVE_STATES or self.container_id is None:
             raise Conflict("server {} is not running".format(self.server_id))
         raw = data.encode("utf-8", "surrogateescape")
+        run = self._runs
+        line, end = self.typed.first_line(run, data)
+        if line is not None and self._is_typed_stop(line):
+            if end:
+                await self.console.send_raw(self.container_id, data[:end].encode(
+                    "utf-8", "surrogateescape"))
+            rest = data[end:].encode("utf-8", "surrogateescape")
+            self.typed.wrote(run, data)
+            if self._is_typed_stop(line):
+                self.notice("the stop command was typed: stopping the server")
+                await self.stop(typed=rest)
+            elif self.container_id is not None and self.state in ACTIVE_STATES:
+                await self.console.send_raw(self.container_id, rest)
+            return len(raw)
         await self.console.send_raw(self.container_id, raw)
+        self.typed.wrote(run, data)
         return len(raw)
 
     async def interrupt(self) -> None:
@@ -748,8 +779,13 @@ class Server:
         if found.started_at_ns is not None:
             self.run_since_ns = found.started_at_ns - _RUN_SLACK_NS
 
-    async def graceful_stop(self, signal: str | None, timeout: float | None) -> None:
-        """Ask the server to stop, kill it after ``timeout``; returns once it is down."""
+    async def graceful_stop(
+        self, signal: str | None, timeout: float | None, typed: bytes | None = None,
+    ) -> None:
+        """
+        Ask the server to stop, kill it after ``timeout``; returns once it is
+        down (``typed``: what ends the stop command already typed, see ``stop``).
+        """
         if self.container_id is None or self.state not in ACTIVE_STATES:
             if self.state is not S.CRASHED and self.state is not S.SUSPENDED:
                 self.lifecycle.fire(Input.FOUND_DOWN)
@@ -765,7 +801,10 @@ class Server:
         try:
             if use_command:
                 try:
-                    await self.send_command(method.value)
+                    if typed is None:
+                        await self.send_command(method.value)
+                    else:
+                        await self.console.send_raw(self.container_id, typed)
                 except (EngineError, Conflict):
                     use_command = False
             if not use_command:

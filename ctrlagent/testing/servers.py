@@ -95,6 +95,7 @@ class FakeServer:
     stdin: list[str] = field(default_factory=list)
     busy: str | None = None  # the power action in progress, if any
     raw_stdin: bytes = b""  # raw console input not yet ended by a newline
+    typed: str = ""  # raw console input since its last CR or LF: a stop typed key by key
     console_settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -500,6 +501,19 @@ class FakeServerManager:
         except Exception as e:
             return fail(e)
         raw = data.encode("utf-8", "surrogateescape")
+        ends = [i for i in (data.find("\r"), data.find("\n")) if i >= 0]
+        typed = server.typed + data[:min(ends)] if ends else None
+        server.typed = re.split("[\r\n]", server.typed + data)[-1][-256:]
+        stop = _stop_command(server.params)
+        if (typed is not None and stop is not None and typed.strip() == stop.strip()
+                and server.busy is None and server.status in ("running", "starting")):
+            # Input that completes the stop command is the stop action, as
+            # the real manager reads it (a CR ends the line too).
+            self._print(server, "[ctrlagent] the stop command was typed: stopping the server",
+                        "agent")
+            stopping = self.stop(server.server_id)
+            stopping.addErrback(lambda f: self._print(
+                server, "[ctrlagent] stop failed: {}".format(f.getErrorMessage()), "agent"))
         server.raw_stdin += raw
         while b"\n" in server.raw_stdin:
             line, server.raw_stdin = server.raw_stdin.split(b"\n", 1)

@@ -164,3 +164,102 @@ def test_the_actions_check_the_bounds_the_console_keeps() -> None:
     assert THROTTLE_INTERVAL_MAX == consoles.THROTTLE_INTERVAL_MAX
     base = ConsoleSettings(1000, 2000, 1.0)
     assert base.changed({}) == base
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stop_command_typed_key_by_key_is_the_stop_action(unit: Unit) -> None:
+    m = await running(unit)
+    for key in "stop":
+        await m.console_input("s1", key)
+    assert m.get("s1").state is S.RUNNING  # no line yet
+    assert await m.console_input("s1", "\n") == {"serverId": "s1", "bytes": 1}
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "offline")
+    assert unit.statuses("s1")[-2:] == [("running", "stopping"), ("stopping", "offline")]
+    server = m.get("s1")
+    assert server.desired == "offline" and server.crash_report is None
+    assert unit.engine.kills == []
+    history = m.console_history("s1", 20)
+    assert history.count("> stop") == 1  # the game read the line once
+    assert any("stop command was typed" in line for line in history)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_typed_with_a_carriage_return_is_the_stop_action_too(unit: Unit) -> None:
+    # A terminal's Enter is a CR.  Without a terminal the game may not take
+    # it for a line end (this one does not): the Stop action then kills it
+    # after the stop timeout, and it is still no crash.
+    m = await running(unit)
+    await m.console_input("s1", "sto")
+    await m.console_input("s1", "p\rsay after")
+    assert m.get("s1").state is S.STOPPING and m.get("s1").power == "stop"
+    unit.clock.advance(5.1)  # the unit's stop_timeout
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "killed")
+    assert unit.engine.kills == [(m.get("s1").container_id, "SIGKILL")]
+    assert ("stopping", "crashed") not in unit.statuses("s1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_input_that_only_looks_like_the_stop_is_plain_input(unit: Unit) -> None:
+    m = await running(unit)
+    server = m.get("s1")
+    await m.console_input("s1", "x")
+    await m.console_input("s1", "stop\n")  # the game reads "xstop"
+    await m.send_command("s1", "say mid")
+    await m.console_input("s1", "say " + "y" * 300)
+    await m.console_input("s1", "\nsay stop\n")  # a long line, then not the stop
+    await until(lambda: "[Server] stop" in unit.lines("s1"), 2, "the last line")
+    assert "> xstop" in unit.lines("s1")
+    assert server.state is S.RUNNING and server.power is None
+    # A power action under way: the stop word is a plain line.
+    server.slot.claim("restart")
+    await m.console_input("s1", "stop\n")
+    await until(lambda: unit.lines("s1").count("> stop") == 1, 2, "the plain line")
+    server.slot.release()
+    # A new run's stdin starts with an empty line: what the last run had
+    # typed does not count.
+    await until(lambda: server.state is S.CRASHED or server.state is S.OFFLINE, 2, "it ended")
+    await m.start("s1")
+    await until(lambda: server.state is S.RUNNING, 2, "running again")
+    await m.console_input("s1", "st")
+    await m.kill("s1")
+    await m.start("s1")
+    await until(lambda: server.state is S.RUNNING, 2, "running a third time")
+    await m.console_input("s1", "op\n")
+    await until(lambda: "> op" in unit.lines("s1"), 2, "the new run's line")
+    assert server.state is S.RUNNING
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_fake_manager_plays_a_typed_stop_on_raw_input_too() -> None:
+    from ctrlagent.testing.servers import FakeServerManager
+
+    fake = FakeServerManager()
+    await fake.create_server("s1", {**PARAMS, "stop": {"type": "command", "value": "end"}})
+    await fake.start("s1")
+    await fake.console_input("s1", "xend\n")  # not its stop command
+    assert fake.servers["s1"].status == "running"
+    await fake.console_input("s1", "e")
+    await fake.console_input("s1", "nd\n")
+    assert fake.servers["s1"].status == "offline"
+    assert [c for c in fake.calls if c[0] == "stop"] == [("stop", "s1")]
+    assert fake.console_history("s1", 3)[-2:] == [
+        "[ctrlagent] the stop command was typed: stopping the server", "> end"]
+
+
+def test_the_typed_line_follows_line_ends_runs_and_its_limit() -> None:
+    from ctrlagent.servers.typed import TypedLine
+
+    typed = TypedLine(limit=8)
+    assert typed.first_line(1, "sto") == (None, -1)
+    typed.wrote(1, "sto")
+    assert typed.first_line(1, "p\r\nx") == ("stop", 1)
+    typed.wrote(1, "p\r\nx")
+    assert typed.first_line(1, "\n") == ("x", 0)
+    assert typed.first_line(2, "y\n") == ("y", 1)  # a new run: nothing before
+    typed.wrote(1, "123456789")  # longer than the limit: never a stop
+    assert typed.first_line(1, "\n") == (None, 0)
+    typed.wrote(1, "\nab")
+    assert typed.first_line(1, "c\n") == ("abc", 1)
+    typed.ended(1)
+    assert typed.first_line(1, "\n") == ("", 0)
+    assert typed.first_line(1, "a" * 9 + "\n") == (None, 9)

@@ -208,18 +208,24 @@ async def test_console_crash_command_is_a_crash(rig: Rig, scripted_image: str) -
     assert server.crash_report.exit_code == inspect(rig.host, cid)["State"]["ExitCode"] != 0
 
 
+@pytest.mark.parametrize("typed", ["a line", "key by key"])
 @pytest_twisted.ensureDeferred
 async def test_a_typed_stop_command_stops_the_real_game_and_is_no_crash(
-    rig: Rig, scripted_image: str
+    rig: Rig, scripted_image: str, typed: str
 ) -> None:
-    # The Panel's console sends the stop command the egg names: the game
-    # exits 0 by itself, and that is the Stop a player asked for.
+    # The Panel's console sends the stop command the egg names, as a line or
+    # as raw keys (a terminal-like console): the game exits 0 by itself, and
+    # that is the Stop a player asked for.
     manager = rig.manager()
     sid = rig.new_id()
     await manager.create_server(sid, scripted(scripted_image))
     await manager.start(sid)
     await until_state(manager, sid, S.RUNNING)
-    await manager.send_command(sid, "stop")
+    if typed == "a line":
+        await manager.send_command(sid, "stop")
+    else:
+        for key in ("s", "t", "o", "p", "\n"):
+            await manager.console_input(sid, key)
     await until_state(manager, sid, S.OFFLINE)
     await sleep(0.5)
     assert rig.recorder.statuses(sid)[-2:] == [("running", "stopping"), ("stopping", "offline")]

@@ -1,0 +1,67 @@
+"""
+The line raw console input has typed so far (``TypedLine``).
+
+``console:input`` writes characters to a game's stdin exactly as given: a
+terminal-like console sends each key as it is pressed, so the server's stop
+command may arrive as ``s``, ``t``, ``o``, ``p``, then a line end.  The game
+reads its stdin as a pipe (the container has no terminal, so no line
+editing): the line it reads is every character since the last CR or LF.  The
+server uses this to know when raw input completes the stop command, which is
+then the Stop a player asked for, as when it comes whole through
+``send_server_command``.
+
+Only a short tail is kept: a line longer than ``limit`` characters cannot be
+anybody's stop command, and is remembered as such, not stored.
+"""
+
+from __future__ import annotations
+
+_ENDS = ("\r", "\n")
+
+
+class TypedLine:
+    """What the current run's stdin holds since its last line end."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._run: object = None
+        # The characters since the last line end; None: more than ``limit``.
+        self._tail: str | None = ""
+
+    def _since_end(self, run: object) -> str | None:
+        return self._tail if run == self._run else ""
+
+    def first_line(self, run: object, data: str) -> tuple[str | None, int]:
+        """
+        The first line ``data`` ends on ``run``'s stdin, and the index of its
+        end in ``data``: ``(None, -1)`` when ``data`` ends none; the line is
+        ``None`` when it is longer than ``limit``.
+        """
+        end = _first_end(data)
+        if end < 0:
+            return None, -1
+        before = self._since_end(run)
+        if before is None or len(before) + end > self.limit:
+            return None, end
+        return before + data[:end], end
+
+    def wrote(self, run: object, data: str) -> None:
+        """``data`` went to ``run``'s stdin."""
+        tail = self._since_end(run)
+        last = max(data.rfind(end) for end in _ENDS)
+        if last >= 0:
+            tail, data = "", data[last + 1:]
+        if tail is not None and len(tail) + len(data) <= self.limit:
+            tail += data
+        else:
+            tail = None
+        self._run, self._tail = run, tail
+
+    def ended(self, run: object) -> None:
+        """A whole line (ending with LF) went to ``run``'s stdin."""
+        self._run, self._tail = run, ""
+
+
+def _first_end(data: str) -> int:
+    ends = [i for i in (data.find(end) for end in _ENDS) if i >= 0]
+    return min(ends) if ends else -1
