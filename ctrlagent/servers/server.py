@@ -885,10 +885,13 @@ class Server:
         self.exits.saw(action)
         return None
 
-    async def on_exit(self, exit_code: int | None, oom: bool, late: float = 0.0) -> None:
+    async def on_exit(
+        self, exit_code: int | None, oom: bool, late: float = 0.0, removed: bool = False,
+    ) -> None:
         """
         The container died: settle the state, detect crashes, maybe restart
-        (``late``: up to how long after the death this is judged).
+        (``late``: up to how long after the death this is judged; ``removed``:
+        the container is gone too, removed by someone else).
         """
         if self.state not in ACTIVE_STATES and self.state is not S.UNKNOWN:
             return
@@ -914,7 +917,8 @@ class Server:
         if verdict is Exit.EXPECTED:
             self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
         elif verdict is Exit.EXTERNAL:
-            self.notice("stopped outside the agent (exit code {})".format(exit_code))
+            self.notice("stopped outside the agent ({})".format(
+                "its container was removed" if removed else "exit code {}".format(exit_code)))
             self.lifecycle.fire(Input.EXITED, exit_code=exit_code)
         else:
             await self._crashed(exit_code, oom, run, late)
@@ -1059,8 +1063,12 @@ class Server:
         engine lost).  Settle it as that event would have: a death is judged
         as ``on_exit`` judges one (crash report, crash policy; ``late``: how
         much later than the death it may be judged, which the crash-loop
-        guard allows for), a container gone is reconciled as an agent start
-        finds it.  Nothing is done (and False returned) when the server moved
+        guard allows for).  A container gone was removed by someone else (an
+        engine that lost its state is lost to the agent too, and reconciled
+        when it is back, so no look comes meanwhile): its lost events were a
+        kill, a die and a destroy, which read as a stop outside the agent, so
+        the server is settled offline as they would have left it, and its next
+        start makes a new container.  Nothing is done (and False returned) when the server moved
         meanwhile or the container has not ended after all (it runs, or is
         stopping, paused or restarting).
         """
@@ -1081,7 +1089,8 @@ class Server:
             status=found.status if found is not None else "gone",
         )
         if found is None:
-            await self.reconcile(None)
+            self.exits.saw("kill")
+            await self.on_exit(None, oom=False, late=late, removed=True)
         else:
             await self.on_exit(found.exit_code, oom=found.oom_killed or self.exits.oom, late=late)
         return True

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 
 from ctrlagent.config import AgentConfig, ConfigInvalid, ServersConfig, validate
 from ctrlagent.engine.interface import ContainerState
-from ctrlagent.events import StatusChanged
+from ctrlagent.events import ConsoleOutput, StatusChanged
 from ctrlagent.metrics import AgentMetrics
 from ctrlagent.servers.lifecycle import ServerState as S
 from ctrlagent.servers.manager import ServerManager
@@ -134,18 +134,31 @@ async def test_any_event_between_the_looks_puts_off_the_settling(unit: Unit) -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_container_removed_unheard_is_reconciled_as_an_agent_start_finds_it(
+async def test_a_container_removed_unheard_is_settled_as_its_lost_events_would_have(
     unit: Unit,
 ) -> None:
-    m, server = await running(unit, crash_restart=False)
+    m, server = await running(unit)
     first = server.container_id or ""
     unit.engine.die(first, 137, silent=True)
     del unit.engine.containers[first]
+    seen = len(unit.events)
     await look(unit, m)
     await look(unit, m)
-    # Wanted running: started again in a new container, as a reconcile does.
-    await until(lambda: server.container_id not in (None, first) and server.state is S.RUNNING,
-                2, "a new container running")
+    # Its kill, die and destroy were lost: heard, they read as a stop outside
+    # the agent (no crash, no restart even with crashRestart on), and so does
+    # their loss.
+    await until(lambda: server.state is S.OFFLINE, 2, "offline: removed outside the agent")
+    assert moves(unit, "s1", seen) == [("running", "offline")]
+    assert server.crash_report is None
+    assert unheard_ends(m) == 1
+    notices = [line for e in unit.events[seen:]
+               if isinstance(e, ConsoleOutput) and e.stream == "agent" for line in e.lines]
+    assert any("stopped outside the agent (its container was removed)" in n
+               for n in notices), notices
+    # The next start makes a new container.
+    await m.start("s1")
+    await until(lambda: server.state is S.RUNNING, 2, "running again")
+    assert server.container_id not in (None, first)
 
 
 @pytest_twisted.ensureDeferred

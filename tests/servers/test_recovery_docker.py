@@ -430,3 +430,38 @@ async def test_a_death_whose_event_never_came_is_settled_by_the_drift_check(
     assert report is not None and report.exit_code == 7
     assert any("Crashing with exit code 7" in line for line in report.lines)
     assert [s for s in rig.recorder.statuses(sid) if s[1] == "crashed"] == [("running", "crashed")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_container_removed_unheard_is_settled_as_a_stop_outside_the_agent(
+    rig: Rig, scripted_image: str
+) -> None:
+    rig.servers_config(drift_check_interval=0.5)
+    manager = rig.manager()
+    sid = rig.new_id()
+    await manager.create_server(sid, scripted(scripted_image))  # crashRestart on
+    await manager.start(sid)
+    await until_state(manager, sid, S.RUNNING)
+    server = manager.get(sid)
+    first = server.container_id
+    # Someone removes the container, and the engine's kill, die and destroy
+    # events for it are all lost on their way.
+    lost: list[Any] = []
+
+    def deaf(event: Any) -> Any:
+        lost.append(event)
+        return None
+
+    server.on_event = deaf  # type: ignore[method-assign]
+    await deferToThread(remove_containers, rig.host, [sid])
+    await until_state(manager, sid, S.OFFLINE, 10)
+    assert "die" in [e.action for e in lost]  # settled without it
+    assert server.crash_report is None
+    assert not any(s[1] == "crashed" for s in rig.recorder.statuses(sid))
+    assert any("stopped outside the agent (its container was removed)" in line
+               for line in manager.console_history(sid, 20))
+    # The next start makes a new container.
+    del server.on_event
+    await manager.start(sid)
+    await until_state(manager, sid, S.RUNNING)
+    assert server.container_id not in (None, first)
