@@ -624,8 +624,11 @@ class Server:
             raise Conflict("server {} is not running".format(self.server_id))
         raw = data.encode("utf-8", "surrogateescape")
         run = self._runs
-        line, end = self.typed.first_line(run, data)
-        if line is not None and self._is_typed_stop(line):
+        line, end = next(((line, end) for line, end in self.typed.lines(run, data)
+                          if line is not None and self._is_typed_stop(line)), (None, -1))
+        if line is not None:
+            # The first line of it that is the stop command: what comes
+            # before its end goes as typed, the rest is the Stop's to write.
             if end:
                 await self.console.send_raw(self.container_id, data[:end].encode(
                     "utf-8", "surrogateescape"))

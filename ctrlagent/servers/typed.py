@@ -16,6 +16,8 @@ anybody's stop command, and is remembered as such, not stored.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 _ENDS = ("\r", "\n")
 
 
@@ -31,19 +33,22 @@ class TypedLine:
     def _since_end(self, run: object) -> str | None:
         return self._tail if run == self._run else ""
 
-    def first_line(self, run: object, data: str) -> tuple[str | None, int]:
+    def lines(self, run: object, data: str) -> Iterator[tuple[str | None, int]]:
         """
-        The first line ``data`` ends on ``run``'s stdin, and the index of its
-        end in ``data``: ``(None, -1)`` when ``data`` ends none; the line is
-        ``None`` when it is longer than ``limit``.
+        Each line ``data`` ends on ``run``'s stdin, with the index of its
+        end in ``data``; a line is ``None`` when it is longer than ``limit``.
         """
-        end = _first_end(data)
-        if end < 0:
-            return None, -1
         before = self._since_end(run)
-        if before is None or len(before) + end > self.limit:
-            return None, end
-        return before + data[:end], end
+        start = 0
+        while True:
+            end = _first_end(data, start)
+            if end < 0:
+                return
+            if before is None or len(before) + end - start > self.limit:
+                yield None, end
+            else:
+                yield before + data[start:end], end
+            before, start = "", end + 1
 
     def wrote(self, run: object, data: str) -> None:
         """``data`` went to ``run``'s stdin."""
@@ -62,6 +67,6 @@ class TypedLine:
         self._run, self._tail = run, ""
 
 
-def _first_end(data: str) -> int:
-    ends = [i for i in (data.find(end) for end in _ENDS) if i >= 0]
+def _first_end(data: str, start: int) -> int:
+    ends = [i for i in (data.find(end, start) for end in _ENDS) if i >= 0]
     return min(ends) if ends else -1

@@ -501,11 +501,10 @@ class FakeServerManager:
         except Exception as e:
             return fail(e)
         raw = data.encode("utf-8", "surrogateescape")
-        ends = [i for i in (data.find("\r"), data.find("\n")) if i >= 0]
-        typed = server.typed + data[:min(ends)] if ends else None
-        server.typed = re.split("[\r\n]", server.typed + data)[-1][-256:]
+        *ended, server.typed = re.split("[\r\n]", server.typed + data)
+        server.typed = server.typed[-256:]
         stop = _stop_command(server.params)
-        if (typed is not None and stop is not None and typed.strip() == stop.strip()
+        if (stop is not None and any(line.strip() == stop.strip() for line in ended)
                 and server.busy is None and server.status in ("running", "starting")):
             # Input that completes the stop command is the stop action, as
             # the real manager reads it (a CR ends the line too).

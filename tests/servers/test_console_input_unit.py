@@ -184,6 +184,17 @@ async def test_the_stop_command_typed_key_by_key_is_the_stop_action(unit: Unit) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stop_pasted_among_other_lines_is_the_stop_action(unit: Unit) -> None:
+    m = await running(unit)
+    await m.console_input("s1", "say before\nstop\nsay after\n")
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "offline")
+    assert unit.statuses("s1")[-2:] == [("running", "stopping"), ("stopping", "offline")]
+    assert m.get("s1").crash_report is None and m.get("s1").desired == "offline"
+    lines = unit.lines("s1")
+    assert "[Server] before" in lines and lines.count("> stop") == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stop_typed_with_a_carriage_return_is_the_stop_action_too(unit: Unit) -> None:
     # A terminal's Enter is a CR.  Without a terminal the game may not take
     # it for a line end (this one does not): the Stop action then kills it
@@ -244,22 +255,26 @@ async def test_the_fake_manager_plays_a_typed_stop_on_raw_input_too() -> None:
     assert [c for c in fake.calls if c[0] == "stop"] == [("stop", "s1")]
     assert fake.console_history("s1", 3)[-2:] == [
         "[ctrlagent] the stop command was typed: stopping the server", "> end"]
+    await fake.create_server("s2", {**PARAMS, "stop": {"type": "command", "value": "end"}})
+    await fake.start("s2")
+    await fake.console_input("s2", "say a\nend\n")  # pasted among other lines
+    assert fake.servers["s2"].status == "offline"
 
 
 def test_the_typed_line_follows_line_ends_runs_and_its_limit() -> None:
     from ctrlagent.servers.typed import TypedLine
 
     typed = TypedLine(limit=8)
-    assert typed.first_line(1, "sto") == (None, -1)
+    assert list(typed.lines(1, "sto")) == []
     typed.wrote(1, "sto")
-    assert typed.first_line(1, "p\r\nx") == ("stop", 1)
+    assert list(typed.lines(1, "p\r\nx")) == [("stop", 1), ("", 2)]
     typed.wrote(1, "p\r\nx")
-    assert typed.first_line(1, "\n") == ("x", 0)
-    assert typed.first_line(2, "y\n") == ("y", 1)  # a new run: nothing before
+    assert list(typed.lines(1, "\n")) == [("x", 0)]
+    assert list(typed.lines(2, "y\n")) == [("y", 1)]  # a new run: nothing before
     typed.wrote(1, "123456789")  # longer than the limit: never a stop
-    assert typed.first_line(1, "\n") == (None, 0)
+    assert list(typed.lines(1, "\nstop\n")) == [(None, 0), ("stop", 5)]
     typed.wrote(1, "\nab")
-    assert typed.first_line(1, "c\n") == ("abc", 1)
+    assert list(typed.lines(1, "c\n")) == [("abc", 1)]
     typed.ended(1)
-    assert typed.first_line(1, "\n") == ("", 0)
-    assert typed.first_line(1, "a" * 9 + "\n") == (None, 9)
+    assert list(typed.lines(1, "\n")) == [("", 0)]
+    assert list(typed.lines(1, "a" * 9 + "\n" + "b" * 8 + "\r")) == [(None, 9), ("b" * 8, 18)]
