@@ -569,6 +569,8 @@ class ConsolePipeline:
         # The agent stops (or died): nothing is followed or opened any more.
         self.closed = False
         self._stdin: IStdinPipe | None = None
+        # Held by a write that (re)opens stdin; later writes queue behind it.
+        self._writing = DeferredLock()
 
     # -- settings ---------------------------------------------------------
 
@@ -700,17 +702,28 @@ class ConsolePipeline:
 
     async def send_line(self, cid: str, line: str) -> None:
         """Write one line to the container's stdin (opened when needed)."""
-        pipe = self._stdin
-        if pipe is None or not pipe.connected:
-            pipe = await self._open_stdin(cid)
-        pipe.write_line(line)
+        await self._write(cid, lambda pipe: pipe.write_line(line))
 
     async def send_raw(self, cid: str, data: bytes) -> None:
         """Write ``data`` to the container's stdin as it is, no newline added."""
+        await self._write(cid, lambda pipe: pipe.write(data))
+
+    async def _write(self, cid: str, write: Callable[[IStdinPipe], None]) -> None:
+        """
+        Writes go in the order they are asked: one that finds stdin closed
+        opens it again holding ``_writing``, and every write asked meanwhile
+        waits its turn behind it (the Panel's commands run side by side: a
+        key typed after another must not overtake it).
+        """
         pipe = self._stdin
-        if pipe is None or not pipe.connected:
-            pipe = await self._open_stdin(cid)
-        pipe.write(data)
+        if pipe is not None and pipe.connected and not self._writing.locked:
+            write(pipe)
+            return
+        async with self._writing:
+            pipe = self._stdin
+            if pipe is None or not pipe.connected:
+                pipe = await self._open_stdin(cid)
+            write(pipe)
 
     async def _open_stdin(self, cid: str) -> IStdinPipe:
         pipe = await self._engine.open_stdin(cid)

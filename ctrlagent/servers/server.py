@@ -373,8 +373,9 @@ class Server:
     ) -> ServerBrief:
         """
         Graceful stop in the background; ``SIGKILL`` kills at once
-        (``typed``: the stop command was typed on the console up to its line
-        end, which are these bytes, written instead of the command).
+        (``typed``: the stop command was typed on the console but for its
+        line end; these bytes, that end and what followed it, are written
+        instead of the command).
         """
         if signal == "SIGKILL":
             return await self.kill()
@@ -597,7 +598,7 @@ class Server:
             await self.stop()
             return
         await self.console.send_line(self.container_id, command)
-        self.typed.ended(self._runs)
+        self.typed.ended(self._stdin_run())
 
     def _is_typed_stop(self, command: str) -> bool:
         method = self.spec.stop
@@ -612,37 +613,45 @@ class Server:
         """
         Write ``data`` to the server's stdin exactly as given (no newline
         added: a prompt's answer, a partial line, Ctrl+D as ``\x04``); the
-        number of bytes written.
+        number of bytes accepted.
 
         Input that completes the server's stop command (typed key by key, as
-        a terminal-like console sends it, or whole) is the Stop a player
-        asked for, as through ``send_command``: the characters up to the
-        line end go as they are, and the Stop action writes the line end and
-        whatever follows it.
+        a terminal-like console sends it, or pasted among other lines) is the
+        Stop a player asked for, as through ``send_command``: the characters
+        up to that line's end go as they are, and the Stop action writes a
+        LF for its end (a terminal's Enter is a CR, which a game reading a
+        pipe may not take for one) and then whatever followed it.
         """
         if self.state not in ACTIVE_STATES or self.container_id is None:
             raise Conflict("server {} is not running".format(self.server_id))
         raw = data.encode("utf-8", "surrogateescape")
-        run = self._runs
+        cid, run = self.container_id, self._stdin_run()
         line, end = next(((line, end) for line, end in self.typed.lines(run, data)
                           if line is not None and self._is_typed_stop(line)), (None, -1))
-        if line is not None:
-            # The first line of it that is the stop command: what comes
-            # before its end goes as typed, the rest is the Stop's to write.
-            if end:
-                await self.console.send_raw(self.container_id, data[:end].encode(
-                    "utf-8", "surrogateescape"))
-            rest = data[end:].encode("utf-8", "surrogateescape")
-            self.typed.wrote(run, data)
-            if self._is_typed_stop(line):
-                self.notice("the stop command was typed: stopping the server")
-                await self.stop(typed=rest)
-            elif self.container_id is not None and self.state in ACTIVE_STATES:
-                await self.console.send_raw(self.container_id, rest)
-            return len(raw)
-        await self.console.send_raw(self.container_id, raw)
+        # Before any wait: the next input (the Panel's commands run side by
+        # side) must find the line this one typed.
         self.typed.wrote(run, data)
+        if line is None:
+            await self.console.send_raw(cid, raw)
+            return len(raw)
+        head = data[:end].encode("utf-8", "surrogateescape")
+        if head:
+            await self.console.send_raw(cid, head)
+        after = end + 2 if data.startswith("\r\n", end) else end + 1
+        rest = ("\n" + data[after:]).encode("utf-8", "surrogateescape")
+        if self._stdin_run() != run or self.container_id != cid:
+            return len(head)  # the run ended meanwhile: the rest has nowhere to go
+        if self._is_typed_stop(line):
+            self.notice("the stop command was typed: stopping the server")
+            await self.stop(typed=rest)
+        else:
+            # A power action took the server meanwhile: a plain line.
+            await self.console.send_raw(cid, data[end:].encode("utf-8", "surrogateescape"))
         return len(raw)
+
+    def _stdin_run(self) -> tuple[int, int]:
+        """Which run's stdin input goes to: a new one after each start or death."""
+        return self._runs, self._deaths
 
     async def interrupt(self) -> None:
         """

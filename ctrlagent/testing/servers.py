@@ -95,7 +95,9 @@ class FakeServer:
     stdin: list[str] = field(default_factory=list)
     busy: str | None = None  # the power action in progress, if any
     raw_stdin: bytes = b""  # raw console input not yet ended by a newline
-    typed: str = ""  # raw console input since its last CR or LF: a stop typed key by key
+    # Raw console input since its last CR or LF (a stop typed key by key);
+    # None: over 256 characters, which no stop command is.
+    typed: str | None = ""
     console_settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -296,6 +298,7 @@ class FakeServerManager:
         if server.status in ("running", "starting"):
             return self._brief(server)
         self._claim(server, "start")
+        server.typed, server.raw_stdin = "", b""  # a new run's stdin
         try:
             self._set_status(server, "starting")
             await self._gate("start")
@@ -455,11 +458,13 @@ class FakeServerManager:
                         "agent")
             stopping = self.stop(server.server_id)
             server.stdin.append(command)
+            server.typed = ""
             self._print(server, "> " + command)
             stopping.addErrback(lambda f: self._print(
                 server, "[ctrlagent] stop failed: {}".format(f.getErrorMessage()), "agent"))
             return succeed(Ack(server_id=server.server_id))
         server.stdin.append(command)
+        server.typed = ""
         self._print(server, "> " + command)
         return succeed(Ack(server_id=server.server_id))
 
@@ -501,10 +506,12 @@ class FakeServerManager:
         except Exception as e:
             return fail(e)
         raw = data.encode("utf-8", "surrogateescape")
-        *ended, server.typed = re.split("[\r\n]", server.typed + data)
-        server.typed = server.typed[-256:]
+        before = "x" * 257 if server.typed is None else server.typed
+        *ended, tail = re.split("[\r\n]", before + data)
+        server.typed = tail if len(tail) <= 256 else None
         stop = _stop_command(server.params)
-        if (stop is not None and any(line.strip() == stop.strip() for line in ended)
+        if (stop is not None and any(len(line) <= 256 and line.strip() == stop.strip()
+                                     for line in ended)
                 and server.busy is None and server.status in ("running", "starting")):
             # Input that completes the stop command is the stop action, as
             # the real manager reads it (a CR ends the line too).

@@ -195,18 +195,51 @@ async def test_a_stop_pasted_among_other_lines_is_the_stop_action(unit: Unit) ->
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_stop_typed_with_a_carriage_return_is_the_stop_action_too(unit: Unit) -> None:
-    # A terminal's Enter is a CR.  Without a terminal the game may not take
-    # it for a line end (this one does not): the Stop action then kills it
-    # after the stop timeout, and it is still no crash.
+async def test_a_stop_typed_with_a_carriage_return_is_ended_with_a_line_feed(unit: Unit) -> None:
+    # A terminal's Enter is a CR, which a game reading a pipe (as this one,
+    # a shell's read) does not take for a line end: the Stop writes a LF for
+    # it, so the game reads its stop command and ends by itself.
     m = await running(unit)
     await m.console_input("s1", "sto")
-    await m.console_input("s1", "p\rsay after")
-    assert m.get("s1").state is S.STOPPING and m.get("s1").power == "stop"
-    unit.clock.advance(5.1)  # the unit's stop_timeout
-    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "killed")
-    assert unit.engine.kills == [(m.get("s1").container_id, "SIGKILL")]
+    assert await m.console_input("s1", "p\rsay after") == {"serverId": "s1", "bytes": 11}
+    await until(lambda: m.get("s1").state is S.OFFLINE, 2, "offline")
+    assert unit.engine.kills == []
     assert ("stopping", "crashed") not in unit.statuses("s1")
+    assert unit.lines("s1").count("> stop") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_typed_while_stdin_reopens_keep_their_order(unit: Unit) -> None:
+    # The Panel's commands run side by side: "stop" and then Enter, sent
+    # while the console's stdin is being opened again, are still the stop
+    # command typed, in that order.
+    from twisted.internet.defer import Deferred
+
+    m = await running(unit)
+    server = m.get("s1")
+    pipe = server.console._stdin
+    assert pipe is not None
+    await pipe.close()
+    opened: Deferred[None] = Deferred()
+    open_stdin = unit.engine.open_stdin
+
+    async def held_open(cid: str) -> Any:
+        await opened
+        return await open_stdin(cid)
+
+    unit.engine.open_stdin = held_open  # type: ignore[method-assign]
+    first = m.console_input("s1", "say one\nsto")
+    second = m.console_input("s1", "p")
+    third = m.console_input("s1", "\n")
+    assert not first.called
+    opened.callback(None)
+    await first
+    await second
+    await third
+    await until(lambda: server.state is S.OFFLINE, 2, "offline")
+    assert unit.engine.kills == [] and server.crash_report is None
+    lines = unit.lines("s1")
+    assert lines.index("> say one") < lines.index("> stop")
 
 
 @pytest_twisted.ensureDeferred
