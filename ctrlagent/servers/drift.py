@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ctrlagent.engine.interface import IContainerEngine
+from ctrlagent.engine.interface import ContainerState, IContainerEngine
 from ctrlagent.errors import CtrlAgentError
 from ctrlagent.servers.containers import MANAGED_LABEL
 from ctrlagent.servers.server import Server
@@ -59,8 +59,9 @@ class DriftCheck:
         self._settled = settled
         self.tracker = tracker
         self.interval = interval
-        # server id -> its drift key when it was first found down
-        self.noted: dict[str, tuple[Any, ...]] = {}
+        # server id -> its drift key when it was first found down, and its
+        # container as listed then (None: absent)
+        self.noted: dict[str, tuple[tuple[Any, ...], ContainerState | None]] = {}
         self.looks = 0
         # Ends settled so (``ctrlagent_engine_unheard_ends_total``).
         self.settled = 0
@@ -106,24 +107,29 @@ class DriftCheck:
             self.noted.clear()
             return
         self.looks += 1
-        running = {c.id for c in containers if c.running}
-        noted: dict[str, tuple[Any, ...]] = {}
+        listed = {c.id: c for c in containers}
+        noted: dict[str, tuple[tuple[Any, ...], ContainerState | None]] = {}
         for server in self._servers():
             key = server.drift_key()
-            if key is None or key[0] in running or server.server_id in self._settling:
+            if key is None or server.server_id in self._settling:
                 continue
-            if self.noted.get(server.server_id) == key:
-                self.tracker.run(
-                    self._settle(server, key), "settling server {}".format(server.server_id)
-                )
+            found = listed.get(key[0])
+            if found is not None and found.running:
+                continue
+            first = self.noted.get(server.server_id)
+            if first is not None and first[0] == key:
+                self.tracker.run(self._settle(server, key, first[1]),
+                                 "settling server {}".format(server.server_id))
             else:
-                noted[server.server_id] = key
+                noted[server.server_id] = (key, found)
         self.noted = noted
 
-    async def _settle(self, server: Server, key: tuple[Any, ...]) -> None:
+    async def _settle(
+        self, server: Server, key: tuple[Any, ...], first: ContainerState | None,
+    ) -> None:
         self._settling.add(server.server_id)
         try:
-            if await server.settle_unheard_end(key, late=2 * self.interval):
+            if await server.settle_unheard_end(key, late=2 * self.interval, first=first):
                 self.settled += 1
         except CtrlAgentError as e:
             self.log.warn(  # noqa: G010 (twisted.logger has warn)

@@ -952,7 +952,9 @@ class Server:
                     exit_code = found.exit_code
             except EngineUnavailable:
                 raise
-            except EngineError:
+            except (EngineError, NotFound):
+                # Gone already (removed right after its death): judged by
+                # what the death's report said.
                 pass
         if self._runs != run or (self.state not in ACTIVE_STATES and self.state is not S.UNKNOWN):
             # Settled during the inspect by another report of this death (a
@@ -1068,21 +1070,27 @@ class Server:
             return None
         return (self.container_id, self.state, self._runs, self._deaths, self.heard)
 
-    async def settle_unheard_end(self, key: tuple[Any, ...], late: float = 0.0) -> bool:
+    async def settle_unheard_end(
+        self, key: tuple[Any, ...], late: float = 0.0, first: ContainerState | None = None,
+    ) -> bool:
         """
         The drift check found the container down (or gone) twice, ``key``
         unchanged in between: its end was never told by an event (one the
         engine lost).  Settle it as that event would have: a death is judged
         as ``on_exit`` judges one (crash report, crash policy; ``late``: how
         much later than the death it may be judged, which the crash-loop
-        guard allows for).  A container gone was removed by someone else (an
-        engine that lost its state is lost to the agent too, and reconciled
-        when it is back, so no look comes meanwhile): its lost events were a
-        kill, a die and a destroy, which read as a stop outside the agent, so
-        the server is settled offline as they would have left it, and its next
-        start makes a new container.  Nothing is done (and False returned) when the server moved
-        meanwhile or the container has not ended after all (it runs, or is
-        stopping, paused or restarting).
+        guard allows for).  ``first`` is the container as the first look
+        listed it: ended then and gone now (a prune since), its death is
+        judged all the same.  Gone at both looks, it was removed by someone
+        else while it ran (an engine that lost its state is lost to the agent
+        too, and reconciled when it is back, so no look comes meanwhile): on
+        Docker its lost events were a kill, a die and a destroy, which read
+        as a stop outside the agent, so the server is settled offline as they
+        would have left it (its desired state kept, as for any stop outside
+        the agent), and its next start makes a new container.  Nothing is
+        done (and False returned) when the server moved meanwhile or the
+        container has not ended after all (it runs, or is stopping, paused or
+        restarting).
         """
         cid = key[0]
         try:
@@ -1100,11 +1108,14 @@ class Server:
             cid=cid[:12],
             status=found.status if found is not None else "gone",
         )
-        if found is None:
-            self.exits.saw("kill")
-            await self.on_exit(None, oom=False, late=late, removed=True)
+        ended = found if found is not None else first
+        if ended is not None:
+            await self.on_exit(ended.exit_code, oom=ended.oom_killed or self.exits.oom, late=late)
         else:
-            await self.on_exit(found.exit_code, oom=found.oom_killed or self.exits.oom, late=late)
+            self.exits.saw("kill")
+            await self.on_exit(None, oom=self.exits.oom, late=late, removed=True)
+            if self.container_id == cid and self.state not in ACTIVE_STATES:
+                self.container_id = None
         return True
 
     async def _look_again(self, listed: ContainerState | None) -> ContainerState | None:

@@ -155,10 +155,28 @@ async def test_a_container_removed_unheard_is_settled_as_its_lost_events_would_h
                if isinstance(e, ConsoleOutput) and e.stream == "agent" for line in e.lines]
     assert any("stopped outside the agent (its container was removed)" in n
                for n in notices), notices
+    # As for any stop outside the agent, the desired state stays (an agent
+    # restart brings it back); the gone container is forgotten.
+    assert server.desired == "running" and server.container_id is None
     # The next start makes a new container.
     await m.start("s1")
     await until(lambda: server.state is S.RUNNING, 2, "running again")
     assert server.container_id not in (None, first)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crash_pruned_between_the_looks_is_still_judged_a_crash(unit: Unit) -> None:
+    m, server = await running(unit)  # crashRestart on
+    first = server.container_id or ""
+    unit.engine.die(first, 3, silent=True)
+    await look(unit, m)  # listed exited (3)
+    del unit.engine.containers[first]  # a prune of stopped containers
+    await look(unit, m)
+
+    await until(lambda: server.crash_report is not None, 2, "the crash judged")
+    assert server.crash_report is not None and server.crash_report.exit_code == 3
+    await until(lambda: server.state is S.RUNNING and server.container_id not in (None, first),
+                2, "restarted by its crash policy, in a new container")
 
 
 @pytest_twisted.ensureDeferred

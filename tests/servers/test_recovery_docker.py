@@ -465,3 +465,31 @@ async def test_a_container_removed_unheard_is_settled_as_a_stop_outside_the_agen
     await manager.start(sid)
     await until_state(manager, sid, S.RUNNING)
     assert server.container_id not in (None, first)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_container_removed_outside_the_agent_is_settled_as_its_events_say(
+    rig: Rig, scripted_image: str
+) -> None:
+    # `docker rm -f` of a running server, every event heard.  Docker sends a
+    # kill before the die: a stop outside the agent.  Podman 4.3 sends no
+    # kill for a forced removal (nor for a stop), only the die: a crash.
+    # Either way the container is gone by the time the death is judged,
+    # which must not leave the server stuck in `running`.
+    manager = rig.manager()
+    sid = rig.new_id()
+    await manager.create_server(sid, {**scripted(scripted_image), "crashRestart": False})
+    await manager.start(sid)
+    await until_state(manager, sid, S.RUNNING)
+    server = manager.get(sid)
+    await deferToThread(remove_containers, rig.host, [sid])
+    if rig.config.runtime.kind == "podman":
+        await until_state(manager, sid, S.CRASHED, 10)
+        assert server.crash_report is not None and not server.crash_report.restarted
+    else:
+        await until_state(manager, sid, S.OFFLINE, 10)
+        assert server.crash_report is None
+        assert any("stopped outside the agent (exit code 137)" in line
+                   for line in manager.console_history(sid, 20))
+    await manager.start(sid)
+    await until_state(manager, sid, S.RUNNING)

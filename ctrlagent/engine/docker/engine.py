@@ -12,6 +12,7 @@ typed ones, all ``ctrlagent.errors`` categories (``NotFound``, ``Conflict``,
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
@@ -95,15 +96,24 @@ def container_state(doc: Mapping[str, Any]) -> ContainerState:
 
 
 def summary_state(doc: Mapping[str, Any]) -> ContainerState:
-    """A ``ContainerState`` from one entry of a container list (no exit code, no limits)."""
+    """
+    A ``ContainerState`` from one entry of a container list (no limits; the
+    exit code of an exited one as its ``Status`` words it, "Exited (137) 5
+    seconds ago", Docker's and Podman's alike).
+    """
     status = str(doc.get("State") or "")
+    worded = _EXITED.match(str(doc.get("Status") or ""))
     return ContainerState(
         id=str(doc.get("Id") or ""),
         names=tuple(str(n).lstrip("/") for n in doc.get("Names") or ()),
         labels={str(k): str(v) for k, v in (doc.get("Labels") or {}).items()},
         running=status == "running",
         status=status,
+        exit_code=int(worded.group(1)) if worded is not None and status == "exited" else None,
     )
+
+
+_EXITED = re.compile(r"Exited \((-?[0-9]{1,10})\)")
 
 
 def stats_sample(stats: ContainerStats) -> StatsSample:

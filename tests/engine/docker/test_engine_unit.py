@@ -77,6 +77,15 @@ def test_list_entries() -> None:
     assert (state.id, state.names, state.running, state.labels) == (
         "y", ("a", "b"), True, {"k": "v"})
     assert not summary_state({"State": "exited"}).running
+    # An exited container's code, as the list words it (Docker and Podman).
+    exited = {"State": "exited", "Status": "Exited (137) 5 seconds ago"}
+    assert summary_state(exited).exit_code == 137
+    assert summary_state({"State": "exited", "Status": "Exited (-1) 2 hours ago"}).exit_code == -1
+    for doc in ({"State": "exited"}, {"State": "exited", "Status": "Exited (x)"},
+                {"State": "running", "Status": "Up 5 seconds"},
+                {"State": "created", "Status": "Exited (3) ago"},
+                {"State": "exited", "Status": "Exited (" + "9" * 400 + ")"}):
+        assert summary_state(doc).exit_code is None, doc
 
 
 def test_log_lines_keep_lines_after_since_and_lines_without_a_stamp() -> None:
