@@ -482,7 +482,15 @@ async def test_a_container_removed_outside_the_agent_is_settled_as_its_events_sa
     await manager.start(sid)
     await until_state(manager, sid, S.RUNNING)
     server = manager.get(sid)
+    first = server.container_id or ""
+    engine: Any = server.services.engine
+    kept = [name for name in ("_pids", "_warnings", "_live", "_stdin")
+            if first in getattr(engine, name, {})]
+    assert kept, "the engine keeps something of a running container"
     await deferToThread(remove_containers, rig.host, [sid])
+    # The engine forgets what it kept of the container once its removal is read.
+    await until(lambda: not any(first in getattr(engine, name) for name in kept), 10,
+                "the engine to forget the container")
     if rig.config.runtime.kind == "podman":
         await until_state(manager, sid, S.CRASHED, 10)
         assert server.crash_report is not None and not server.crash_report.restarted

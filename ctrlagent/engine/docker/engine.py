@@ -220,11 +220,18 @@ class _StatsSamples:
 
 @implementer(IEventStream)
 class _Events:
-    """Resumable Docker events read as ``EngineEvent``s, those after ``since_ns`` only."""
+    """
+    Resumable Docker events read as ``EngineEvent``s, those after ``since_ns``
+    only.  Every removal read (``destroy``; Podman's ``remove``), whoever made
+    it, is told to ``removed`` with the container's id, so that the engine
+    forgets what it kept of the container.
+    """
 
-    def __init__(self, events: ResumableEvents, since_ns: int) -> None:
+    def __init__(self, events: ResumableEvents, since_ns: int,
+                 removed: Callable[[str], None] = lambda cid: None) -> None:
         self._events = events
         self._since = since_ns
+        self._removed = removed
 
     def __aiter__(self) -> _Events:
         return self
@@ -232,6 +239,8 @@ class _Events:
     async def __anext__(self) -> EngineEvent:
         while True:
             event = engine_event(await self._events.__anext__())
+            if event.action in ("destroy", "remove") and event.container_id:
+                self._removed(event.container_id)
             if event.at_ns > self._since:
                 return event
 
@@ -358,6 +367,10 @@ class DockerEngine:
 
     async def remove(self, cid_or_name: str) -> None:
         await self.client.container_remove(cid_or_name, force=True)
+        self.forget(cid_or_name)
+
+    def forget(self, cid_or_name: str) -> None:
+        """Drop what is kept of a removed container (by the agent or anyone else)."""
         self._pids.pop(cid_or_name, None)
         self._warnings.pop(cid_or_name, None)
 
@@ -436,4 +449,4 @@ class DockerEngine:
             on_break=on_break,
             on_resume=on_resume,
         )
-        return _Events(events, since_ns or 0)
+        return _Events(events, since_ns or 0, self.forget)

@@ -483,8 +483,9 @@ class _PodmanEvents(_Events):
     """
 
     def __init__(self, events: ResumableEvents, since_ns: int,
-                 undoing: dict[str, int]) -> None:
-        super().__init__(events, since_ns)
+                 undoing: dict[str, int],
+                 removed: Callable[[str], None] = lambda cid: None) -> None:
+        super().__init__(events, since_ns, removed)
         self._undoing = undoing
         # Container id -> its last lifecycle event seen here: init, start or die.
         self._last: dict[str, str] = {}
@@ -660,8 +661,8 @@ class PodmanEngine(DockerEngine):
         except DockerError as e:
             raise _as_conflict(e) from None
 
-    async def remove(self, cid_or_name: str) -> None:
-        await super().remove(cid_or_name)
+    def forget(self, cid_or_name: str) -> None:
+        super().forget(cid_or_name)
         self._live.pop(cid_or_name, None)
         shared = self._stdin.pop(cid_or_name, None)
         self._stdin_locks.pop(cid_or_name, None)
@@ -854,4 +855,4 @@ class PodmanEngine(DockerEngine):
             on_break=on_break,
             on_resume=on_resume,
         )
-        return _PodmanEvents(events, since_ns or 0, self._undoing)
+        return _PodmanEvents(events, since_ns or 0, self._undoing, self.forget)

@@ -186,12 +186,14 @@ class _Replay:
 
 
 def _podman_actions(events: list[tuple[str, str, int | None]],
-                   undoing: dict[str, int] | None = None) -> list[tuple[str, str, int | None]]:
+                   undoing: dict[str, int] | None = None,
+                   removed: list[str] | None = None) -> list[tuple[str, str, int | None]]:
     """What the stream hands on of ``events``, the i-th stamped at i + 1 seconds."""
     stream = _PodmanEvents(_Replay([  # type: ignore[arg-type]
         DockerEvent(action, cid, exit_code=code, time_nano=(i + 1) * SECOND)
         for i, (action, cid, code) in enumerate(events)
-    ]), 0, {} if undoing is None else undoing)
+    ]), 0, {} if undoing is None else undoing,
+        (removed if removed is not None else []).append)
 
     async def collect() -> list[tuple[str, str, int | None]]:
         return [(e.action, e.container_id, e.exit_code) async for e in stream]
@@ -415,3 +417,27 @@ async def test_a_live_update_refused_for_another_reason_is_not_sent_again() -> N
         await engine.update_limits("c1", ResourceLimits(memory_bytes=128 * MB, io_weight=300))
     assert _posts(api) == [b"/v1.43/libpod/containers/c1/update"]
 
+
+
+def test_every_removal_read_is_told_so_the_engine_forgets_the_container() -> None:
+    # Removed by another client (`podman rm -f`): Podman's own `remove`, and
+    # Docker's `destroy` through the compatible API, are both told.
+    removed: list[str] = []
+    got = _podman_actions([
+        ("start", "a", None), ("died", "a", 137), ("remove", "a", None),
+        ("destroy", "b", None), ("start", "c", None),
+    ], removed=removed)
+    assert removed == ["a", "b"]
+    assert got == [("start", "a", None), ("destroy", "b", None), ("start", "c", None)]
+
+
+def test_forget_drops_what_the_engine_kept_of_a_container() -> None:
+    engine = make_engine(Clock(), _WithRuntime(kind="podman"))
+    assert isinstance(engine, PodmanEngine)
+    cid = "f" * 64
+    engine._live[cid] = (1, ResourceLimits())
+    engine._pids[cid] = 42
+    engine._warnings[cid] = ("w",)
+    engine.forget(cid)
+    assert cid not in engine._live and cid not in engine._pids and cid not in engine._warnings
+    engine.forget(cid)  # twice, or never kept: nothing to do
