@@ -449,24 +449,28 @@ class FakeServerManager:
                 raise Conflict("server {} is not running".format(server.server_id))
         except Exception as e:
             return fail(e)
-        stop = _stop_command(server.params)
-        if (stop is not None and command.strip() == stop.strip() and server.busy is None
-                and server.status in ("running", "starting")):
-            # The stop action in the background (its gate held or not), as
-            # the real manager answers once it has begun.
-            self._print(server, "[ctrlagent] the stop command was typed: stopping the server",
-                        "agent")
-            stopping = self.stop(server.server_id)
-            server.stdin.append(command)
-            server.typed = ""
-            self._print(server, "> " + command)
-            stopping.addErrback(lambda f: self._print(
-                server, "[ctrlagent] stop failed: {}".format(f.getErrorMessage()), "agent"))
-            return succeed(Ack(server_id=server.server_id))
+        if self._typed_stop(server, [command]):
+            # The stop action runs in the background (its gate held or not),
+            # as the real manager answers once it has begun.
+            self._stop_typed(server)
         server.stdin.append(command)
         server.typed = ""
         self._print(server, "> " + command)
         return succeed(Ack(server_id=server.server_id))
+
+    @staticmethod
+    def _typed_stop(server: FakeServer, lines: list[str]) -> bool:
+        """Whether one of ``lines``, typed now, is the server's stop action."""
+        stop = _stop_command(server.params)
+        return (stop is not None and any(line.strip() == stop.strip() for line in lines)
+                and server.busy is None and server.status in ("running", "starting"))
+
+    def _stop_typed(self, server: FakeServer) -> None:
+        """The stop action, begun in the background for a typed stop command."""
+        self._print(server, "[ctrlagent] the stop command was typed: stopping the server",
+                    "agent")
+        self.stop(server.server_id).addErrback(lambda f: self._print(
+            server, "[ctrlagent] stop failed: {}".format(f.getErrorMessage()), "agent"))
 
     @async_to_deferred
     async def console_command(
@@ -509,17 +513,10 @@ class FakeServerManager:
         before = "x" * 257 if server.typed is None else server.typed
         *ended, tail = re.split("[\r\n]", before + data)
         server.typed = tail if len(tail) <= 256 else None
-        stop = _stop_command(server.params)
-        if (stop is not None and any(len(line) <= 256 and line.strip() == stop.strip()
-                                     for line in ended)
-                and server.busy is None and server.status in ("running", "starting")):
+        if self._typed_stop(server, [line for line in ended if len(line) <= 256]):
             # Input that completes the stop command is the stop action, as
             # the real manager reads it (a CR ends the line too).
-            self._print(server, "[ctrlagent] the stop command was typed: stopping the server",
-                        "agent")
-            stopping = self.stop(server.server_id)
-            stopping.addErrback(lambda f: self._print(
-                server, "[ctrlagent] stop failed: {}".format(f.getErrorMessage()), "agent"))
+            self._stop_typed(server)
         server.raw_stdin += raw
         while b"\n" in server.raw_stdin:
             line, server.raw_stdin = server.raw_stdin.split(b"\n", 1)

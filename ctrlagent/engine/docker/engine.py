@@ -95,6 +95,10 @@ def container_state(doc: Mapping[str, Any]) -> ContainerState:
     )
 
 
+# A list entry's Status of an exited container: "Exited (137) 5 seconds ago".
+_EXITED = re.compile(r"Exited \((-?[0-9]{1,10})\)")
+
+
 def summary_state(doc: Mapping[str, Any]) -> ContainerState:
     """
     A ``ContainerState`` from one entry of a container list (no limits; the
@@ -111,9 +115,6 @@ def summary_state(doc: Mapping[str, Any]) -> ContainerState:
         status=status,
         exit_code=int(worded.group(1)) if worded is not None and status == "exited" else None,
     )
-
-
-_EXITED = re.compile(r"Exited \((-?[0-9]{1,10})\)")
 
 
 def stats_sample(stats: ContainerStats) -> StatsSample:
